@@ -1,0 +1,217 @@
+"""The one entry point: :func:`compress`.
+
+Example::
+
+    >>> import torch, torch.nn as nn, spectrim
+    >>> net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    >>> small, report = spectrim.compress(net, torch.randn(256, 8), target="width=0.5")
+    >>> small[0].out_features, net[0].out_features
+    (16, 32)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from spectrim.budget import CostModel, allocate
+from spectrim.calibration import collect_statistics
+from spectrim.config import CompressConfig, Target
+from spectrim.evaluation.flops import profile
+from spectrim.graph import GroupPlan, analyze_channels, apply_plan
+from spectrim.graph.verify import self_check
+from spectrim.methods import get_method
+from spectrim.report import CompressionReport, GroupReport
+
+__all__ = ["compress", "inputs_only", "as_batches"]
+
+
+def inputs_only(batches: Iterable[Any]) -> Iterator[Any]:
+    """Drop labels from ``(x, y)`` batches (e.g. a labelled DataLoader)."""
+    for b in batches:
+        yield b[0] if isinstance(b, (tuple, list)) else b
+
+
+def as_batches(data: Any, batch_size: int = 64) -> list[Any]:
+    """Materialise calibration data as a list of batches.
+
+    Accepts a tensor of inputs (split into batches), a :class:`~torch.utils.data.Dataset`
+    whose items are inputs or ``(input, label)`` pairs (labels are dropped), or any
+    iterable of batches (tensor, tuple of positional args, or dict of keyword args).
+    """
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise ValueError("calibration tensor is empty")
+        return list(data.split(batch_size))
+    if isinstance(data, Dataset) and not isinstance(data, Iterable):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        return list(inputs_only(loader))
+    if isinstance(data, Iterable):
+        batches = list(data)
+        if not batches:
+            raise ValueError("calibration data yielded no batches")
+        return batches
+    raise TypeError(
+        f"calibration data of type {type(data).__name__} is not supported: pass a tensor, "
+        "a Dataset or an iterable of batches"
+    )
+
+
+def _head(batch: Any, n: int = 2) -> Any:
+    """The first ``n`` examples of a batch (cheap tracing and self-checks)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: _head(v, n) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_head(v, n) for v in batch)
+    return batch
+
+
+def compress(
+    model: nn.Module,
+    calibration: Any,
+    method: str | None = None,
+    target: str | Target | None = None,
+    *,
+    config: CompressConfig | None = None,
+    inplace: bool = False,
+    progress: bool | Callable[[Iterable[Any]], Iterable[Any]] = False,
+    **options: Any,
+) -> tuple[nn.Module, CompressionReport]:
+    """Compress ``model`` with ``method`` to ``target``; return ``(new_model, report)``.
+
+    Args:
+        model: a trained model.  Not modified unless ``inplace=True``.
+        calibration: unlabelled inputs (see :func:`as_batches`); a few hundred examples
+            are enough for most CNNs.
+        method: registered method name (default ``"id"``); overrides ``config.method``.
+        target: ``"macs=F"``, ``"params=F"``, ``"width=F"`` or ``"error=E"`` (or a
+            :class:`~spectrim.config.Target`); overrides ``config.target``.
+        config: a full :class:`~spectrim.config.CompressConfig`.
+        inplace: prune ``model`` itself instead of a deep copy.
+        progress: show a progress bar over calibration batches (or pass a wrapper).
+        **options: extra :class:`~spectrim.config.CompressConfig` fields
+            (``round_to``, ``min_width``, ``verify``, ``seed``) or method options.
+    """
+    t0 = time.perf_counter()
+    cfg_fields = {"round_to", "min_width", "verify", "seed"}
+    base = config or CompressConfig()
+    d = base.to_dict()
+    if method is not None:
+        d["method"] = method
+    if target is not None:
+        d["target"] = str(target)
+    for k in list(options):
+        if k in cfg_fields:
+            d[k] = options.pop(k)
+    d["options"] = {**d.get("options", {}), **options}
+    cfg = CompressConfig.from_dict(d)
+    tgt = cfg.parsed_target
+    algo = (
+        get_method(cfg.method, **cfg.options)
+        if cfg.method != "random"
+        else get_method("random", seed=cfg.seed, **cfg.options)
+    )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+    batches = as_batches(calibration)
+    example = _head(batches[0])
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    try:
+        analysis = analyze_channels(work, example)
+    except Exception as exc:
+        raise RuntimeError(
+            f"spectrim could not trace the model on the calibration batch: {exc}"
+        ) from exc
+    cost0 = profile(work, example)
+    report = CompressionReport(method=cfg.method, target=str(tgt), config=cfg.to_dict())
+    if cfg.verify:
+        for name, why in self_check(work, analysis, example, seed=cfg.seed):
+            report.warnings.append(f"unit group '{name}' pinned: {why}")
+    timings["analysis"] = time.perf_counter() - t
+
+    groups = analysis.prunable
+    t = time.perf_counter()
+    stats: dict[tuple[int, str], Any] = {}
+    if algo.needs_statistics and groups:
+        wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            def wrap(it: Iterable[Any]) -> Iterable[Any]:
+                return tqdm(it, total=len(batches), desc="calibration", unit="batch")
+        elif callable(progress):
+            wrap = progress
+        stats = collect_statistics(work, analysis, batches, groups, progress=wrap)
+        report.calibration_rows = sum(int(batch_len(b)) for b in batches)
+    timings["statistics"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    solvers = {}
+    for g in groups:
+        gstats = {
+            slot.module: stats[(g.index, slot.module)]
+            for slot in g.consumers
+            if (g.index, slot.module) in stats
+        }
+        solvers[g.index] = algo.solver(g, gstats, work)
+    curves = {gi: s.error_curve() for gi, s in solvers.items()}
+    other = cost0.macs - sum(cost0.per_module.values())
+    cost_model = CostModel(work, analysis, cost0.per_module, other_macs=max(other, 0))
+    widths = allocate(tgt, curves, cost_model, round_to=cfg.round_to, min_width=cfg.min_width)
+    plans: dict[int, GroupPlan] = {}
+    for gi, k in widths.items():
+        if k < analysis.groups[gi].width:
+            plans[gi] = solvers[gi].plan(k)
+    timings["selection"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    apply_plan(work, analysis, plans)
+    timings["surgery"] = time.perf_counter() - t
+    cost1 = profile(work, example)
+
+    for g in analysis.groups:
+        k = widths.get(g.index, g.width)
+        gr = GroupReport(
+            name=g.name,
+            width_before=g.width,
+            width_after=k,
+            producers=list(g.producers),
+            consumers=[c.module for c in g.consumers],
+            pinned=g.pinned,
+        )
+        if g.index in curves:
+            gr.predicted_error = float(np.sqrt(max(curves[g.index][k], 0.0)))
+        if g.index in plans:
+            gr.consumer_errors = solvers[g.index].reconstruction_errors(plans[g.index])
+        report.groups.append(gr)
+    report.params_before, report.params_after = cost0.params, cost1.params
+    report.macs_before, report.macs_after = cost0.macs, cost1.macs
+    report.timings = timings
+    report.seconds = time.perf_counter() - t0
+    return work, report
+
+
+def batch_len(batch: Any) -> int:
+    """Number of examples in a batch (first dimension of its first tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, dict):
+        for v in batch.values():
+            return batch_len(v)
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch_len(batch[0])
+    return 0

@@ -1,0 +1,233 @@
+"""Per-group widths from a target: uniform width, per-layer error, or a global
+MACs/params budget allocated from the groups' error curves in one pass.
+
+The cost model is exact for the module costs it is given: a module's MACs (and each
+parameter tensor's size) scale with the kept fraction of every channel axis it has
+(input features of a consumer, outputs of a producer, channels of a depthwise conv
+or BatchNorm).  The global allocator is a lazy greedy on marginal error per marginal
+cost: repeatedly remove the channel (or ``round_to`` channels) whose removal raises
+the summed relative error the least per MAC (or parameter) saved, until the target is
+met.  Error curves come from one factorisation per group, so no forward pass and no
+re-pruning happens inside the loop.
+
+Example::
+
+    >>> import numpy as np
+    >>> curves = {0: np.array([1.0, 0.2, 0.0]), 1: np.array([1.0, 0.5, 0.1, 0.0])}
+    >>> widths_for_error(curves, 0.5, round_to=1, min_width=1)
+    {0: 1, 1: 1}
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from spectrim.config import Target
+from spectrim.graph.channels import Analysis
+
+__all__ = ["CostModel", "allocate", "uniform_widths", "widths_for_error"]
+
+
+def _allowed(m: int, round_to: int, min_width: int) -> list[int]:
+    """Allowed widths of an ``m``-channel group, descending (``m`` always allowed)."""
+    lo = min(m, max(min_width, round_to))
+    ks = {m}
+    k = (m // round_to) * round_to
+    while k >= lo:
+        ks.add(k)
+        k -= round_to
+    return sorted((k for k in ks if k >= 1), reverse=True)
+
+
+def _round_up(k: int, m: int, round_to: int, min_width: int) -> int:
+    k = max(k, min_width, 1)
+    if round_to > 1:
+        k = int(math.ceil(k / round_to) * round_to)
+    return min(k, m)
+
+
+def uniform_widths(
+    widths: Mapping[int, int], fraction: float, round_to: int = 1, min_width: int = 1
+) -> dict[int, int]:
+    """Keep ``round(fraction·m)`` channels of every group (rounded up to ``round_to``)."""
+    return {
+        g: _round_up(round(fraction * m), m, round_to, min_width) for g, m in widths.items()
+    }
+
+
+def widths_for_error(
+    curves: Mapping[int, np.ndarray], error: float, round_to: int = 1, min_width: int = 1
+) -> dict[int, int]:
+    """Fewest channels per group with relative error ``sqrt(e[k]) <= error``."""
+    out = {}
+    for g, e in curves.items():
+        m = len(e) - 1
+        ok = np.nonzero(np.sqrt(np.maximum(e, 0.0)) <= error + 1e-12)[0]
+        k = int(ok[0]) if len(ok) else m
+        out[g] = _round_up(k, m, round_to, min_width)
+    return out
+
+
+@dataclass
+class _Axis:
+    length: int
+    per_class: dict[int, int]  # group index -> occurrences of each of its channels
+
+
+class CostModel:
+    """MACs and parameter counts of the pruned model as a function of group widths.
+
+    Args:
+        model: the (unpruned) model.
+        analysis: its channel analysis.
+        module_macs: MACs per module qualified name (from
+            :func:`spectrim.evaluation.profile`); MACs not attributed to a module
+            (functional matmuls) are passed as ``other_macs`` and stay constant.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        analysis: Analysis,
+        module_macs: Mapping[str, int],
+        other_macs: int = 0,
+    ) -> None:
+        self.widths = {g.index: g.width for g in analysis.groups}
+        group_of = analysis.class_group
+        self.other_macs = other_macs
+
+        def axis(labels: np.ndarray) -> _Axis:
+            per: dict[int, int] = {}
+            for c in labels.tolist():
+                gi = group_of.get(c)
+                if gi is not None:
+                    per[gi] = per.get(gi, 0) + 1
+            return _Axis(len(labels), {g: n // self.widths[g] for g, n in per.items()})
+
+        # each entry: (base cost, [axes]) for MACs and for params
+        self.mac_terms: list[tuple[float, list[_Axis]]] = []
+        self.param_terms: list[tuple[float, list[_Axis]]] = []
+        seen_params: set[int] = set()
+        modules = dict(model.named_modules())
+        for name, mod in modules.items():
+            axes_in = analysis.in_labels.get(name)
+            axes_out = analysis.out_labels.get(name)
+            axes_chan = analysis.chan_labels.get(name)
+            mod_axes = [axis(a) for a in (axes_in, axes_out, axes_chan) if a is not None]
+            if name in module_macs:
+                self.mac_terms.append((float(module_macs[name]), mod_axes))
+            for pname, p in mod.named_parameters(recurse=False):
+                if id(p) in seen_params:
+                    continue
+                seen_params.add(id(p))
+                full = f"{name}.{pname}" if name else pname
+                if full in analysis.param_dims:
+                    self.param_terms.append((float(p.numel()), [axis(analysis.chan_labels[full])]))
+                    continue
+                axes = []
+                if axes_chan is not None:
+                    axes.append(axis(axes_chan))
+                else:
+                    if axes_out is not None and p.dim() >= 1:
+                        if isinstance(mod, nn.Embedding):
+                            if p.dim() == 2:
+                                axes.append(axis(axes_out))
+                        else:
+                            axes.append(axis(axes_out))
+                    if axes_in is not None and p.dim() >= 2:
+                        axes.append(axis(axes_in))
+                self.param_terms.append((float(p.numel()), axes))
+
+    @staticmethod
+    def _eval(
+        terms: list[tuple[float, list[_Axis]]], widths: Mapping[int, int], full: Mapping[int, int]
+    ) -> float:
+        total = 0.0
+        for base, axes in terms:
+            f = base
+            for ax in axes:
+                removed = sum(
+                    r * (full[g] - widths.get(g, full[g])) for g, r in ax.per_class.items()
+                )
+                f *= (ax.length - removed) / ax.length
+            total += f
+        return total
+
+    def macs(self, widths: Mapping[int, int]) -> float:
+        return self._eval(self.mac_terms, widths, self.widths) + self.other_macs
+
+    def params(self, widths: Mapping[int, int]) -> float:
+        return self._eval(self.param_terms, widths, self.widths)
+
+    def cost(self, kind: str, widths: Mapping[int, int]) -> float:
+        return self.macs(widths) if kind == "macs" else self.params(widths)
+
+
+def allocate(
+    target: Target,
+    curves: Mapping[int, np.ndarray],
+    cost_model: CostModel | None = None,
+    round_to: int = 1,
+    min_width: int = 1,
+) -> dict[int, int]:
+    """Widths for every group in ``curves`` that reach ``target``.
+
+    For ``macs``/``params`` targets the greedy stops as soon as the modelled cost is
+    at or below ``target.value`` times the full cost; if even the minimum widths cannot
+    reach it, the minimum widths are returned (the report shows the cost reached).
+    """
+    widths = {g: len(e) - 1 for g, e in curves.items()}
+    if target.kind == "width":
+        return uniform_widths(widths, target.value, round_to, min_width)
+    if target.kind == "error":
+        return widths_for_error(curves, target.value, round_to, min_width)
+    if cost_model is None:
+        raise ValueError(f"target {target} needs a cost model")
+    kind = target.kind
+    full_w = dict(cost_model.widths)
+    current = dict(full_w)
+    budget = target.value * cost_model.cost(kind, full_w)
+    cost = cost_model.cost(kind, current)
+    allowed = {g: _allowed(widths[g], round_to, min_width) for g in curves}
+    step = {g: 0 for g in curves}  # index into allowed[g] of the current width
+
+    def priority(g: int) -> float | None:
+        i = step[g]
+        if i + 1 >= len(allowed[g]):
+            return None
+        k, k2 = allowed[g][i], allowed[g][i + 1]
+        e = curves[g]
+        d_err = float(e[k2] - e[k])
+        trial = dict(current)
+        trial[g] = k2
+        d_cost = cost - cost_model.cost(kind, trial)
+        if d_cost <= 0:
+            return math.inf
+        return max(d_err, 0.0) / d_cost
+
+    heap: list[tuple[float, int]] = []
+    for g in curves:
+        p = priority(g)
+        if p is not None:
+            heapq.heappush(heap, (p, g))
+    while cost > budget and heap:
+        p, g = heapq.heappop(heap)
+        fresh = priority(g)
+        if fresh is None:
+            continue
+        if fresh > p * (1 + 1e-9) + 1e-300 and heap and fresh > heap[0][0]:
+            heapq.heappush(heap, (fresh, g))  # stale: neighbours changed its cost
+            continue
+        step[g] += 1
+        current[g] = allowed[g][step[g]]
+        cost = cost_model.cost(kind, current)
+        nxt = priority(g)
+        if nxt is not None:
+            heapq.heappush(heap, (nxt, g))
+    return {g: current[g] for g in curves}

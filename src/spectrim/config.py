@@ -1,0 +1,123 @@
+"""Typed, serialisable configuration: the compression target and the run options.
+
+Example::
+
+    >>> from spectrim.config import CompressConfig, Target
+    >>> Target.parse("macs=0.5")
+    Target(kind='macs', value=0.5)
+    >>> cfg = CompressConfig(method="id", target="params=0.4", round_to=8)
+    >>> CompressConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = ["CompressConfig", "Target", "TargetKind"]
+
+TargetKind = Literal["macs", "params", "width", "error"]
+_KINDS = ("macs", "params", "width", "error")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to reach.
+
+    * ``macs=F`` / ``params=F``: keep a fraction ``F`` of the model's MACs / parameters,
+      allocated across layers from their error curves (one pass, no re-pruning loop);
+    * ``width=F``: keep a fraction ``F`` of every prunable layer's channels;
+    * ``error=E``: per layer, the fewest channels whose relative reconstruction error
+      on the calibration data is at most ``E``.
+    """
+
+    kind: TargetKind
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"target kind {self.kind!r} is not one of {', '.join(_KINDS)}")
+        v = float(self.value)
+        if self.kind == "error":
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"target error={v} must be in [0, 1)")
+        elif not 0.0 < v <= 1.0:
+            raise ValueError(f"target {self.kind}={v} must be a fraction in (0, 1]")
+
+    @classmethod
+    def parse(cls, text: str | Target) -> Target:
+        """Parse ``"macs=0.5"``-style text (also accepts a Target)."""
+        if isinstance(text, Target):
+            return text
+        if not isinstance(text, str) or "=" not in text:
+            raise ValueError(
+                f"target {text!r} must look like 'macs=0.5', 'params=0.5', 'width=0.5' "
+                "or 'error=0.05'"
+            )
+        kind, _, value = text.partition("=")
+        kind = kind.strip().lower()
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"target {text!r}: {value!r} is not a number") from None
+        return cls(kind, number)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything that defines a compression run (JSON round-trips via to/from_dict).
+
+    Attributes:
+        method: registered method name (``spectrim.methods.available()``).
+        target: a :class:`Target` or its text form.
+        round_to: kept widths are multiples of this (hardware friendliness).
+        min_width: never keep fewer channels than this in a group.
+        verify: run the graph self-checks (permutation and shrink tests) before
+            pruning, pinning any group that fails them.
+        seed: seed for randomised methods and self-checks.
+        options: method-specific options (e.g. ``{"ridge": 1e-6}``).
+    """
+
+    method: str = "id"
+    target: Target | str = "macs=0.5"
+    round_to: int = 1
+    min_width: int = 1
+    verify: bool = True
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", Target.parse(self.target))
+        if int(self.round_to) < 1:
+            raise ValueError(f"round_to={self.round_to} must be a positive integer")
+        if int(self.min_width) < 1:
+            raise ValueError(f"min_width={self.min_width} must be a positive integer")
+
+    @property
+    def parsed_target(self) -> Target:
+        assert isinstance(self.target, Target)
+        return self.target
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target"] = str(self.target)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompressConfig:
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown CompressConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CompressConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,19 @@
+"""Graph analysis and surgery: trace a model, find unit groups, remove channels."""
+
+from spectrim.graph.channels import Analysis, ConsumerSlot, UnitGroup, analyze_channels
+from spectrim.graph.surgery import GroupPlan, apply_plan
+from spectrim.graph.trace import Graph, Op, Value, call_model, trace
+
+__all__ = [
+    "Analysis",
+    "ConsumerSlot",
+    "Graph",
+    "GroupPlan",
+    "Op",
+    "UnitGroup",
+    "Value",
+    "analyze_channels",
+    "apply_plan",
+    "call_model",
+    "trace",
+]

@@ -1,0 +1,226 @@
+"""Surgery: physically remove channels and fold the correction into every consumer.
+
+Given, per unit group, the kept channels ``S`` and per consumer a reconstruction
+matrix ``B`` (``z ≈ B z_S``, shape ``m × k``), :func:`apply_plan`
+
+* slices every producer (conv filters, linear rows, embedding columns) to ``S``;
+* slices every passenger (BatchNorm statistics and affine, depthwise filters, PReLU
+  slopes, per-channel parameters) to ``S``;
+* replaces every consumer's input weights ``W`` by ``W B`` on the group's columns,
+  as ``W (B ⊗ I)`` when the consumer reads the channels through a flatten.
+
+Only module parameters, buffers and size attributes change, so the result is the
+user's own module tree, smaller, and a plain state_dict plus a shape manifest rebuilds
+it.  Example::
+
+    >>> import torch, torch.nn as nn, numpy as np
+    >>> from spectrim.graph import analyze_channels
+    >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    >>> a = analyze_channels(net, torch.randn(3, 4))
+    >>> g = a.prunable[0]
+    >>> apply_plan(net, a, {g.index: GroupPlan(keep=np.arange(3))})
+    >>> net[0].out_features, net[2].in_features
+    (3, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectrim.graph.channels import Analysis
+
+__all__ = ["GroupPlan", "apply_plan"]
+
+
+@dataclass
+class GroupPlan:
+    """What to do with one unit group.
+
+    Attributes:
+        keep: indices (into ``group.classes``) of the channels to keep.
+        folds: consumer module name -> reconstruction ``B`` of shape ``(m, k)``
+            (rows: all ``m`` channels of the group; columns: kept channels in the order
+            of ``keep`` sorted ascending).  A consumer without an entry is sliced
+            without correction (magnitude-pruning baselines).
+        perm: optional permutation of the group's channels (self-checks only).
+    """
+
+    keep: np.ndarray
+    folds: dict[str, np.ndarray] = field(default_factory=dict)
+    perm: np.ndarray | None = None
+
+
+def _gather_index(labels: np.ndarray, dropped: set[int], sub: Mapping[int, int]) -> np.ndarray:
+    """Source position of every position that survives, after substitution."""
+    occ: dict[tuple[int, int], int] = {}
+    count: dict[int, int] = {}
+    reps = np.empty(len(labels), dtype=np.int64)
+    for p, c in enumerate(labels.tolist()):
+        r = count.get(c, 0)
+        count[c] = r + 1
+        occ[(c, r)] = p
+        reps[p] = r
+    src = [
+        occ[(sub.get(c, c), r)] for c, r in zip(labels.tolist(), reps.tolist()) if c not in dropped
+    ]
+    return np.asarray(src, dtype=np.int64)
+
+
+def _new_positions(labels: np.ndarray, dropped: set[int]) -> np.ndarray:
+    """old position -> new position (or -1 when dropped)."""
+    keep = np.array([c not in dropped for c in labels.tolist()], dtype=bool)
+    newpos = np.full(len(labels), -1, dtype=np.int64)
+    newpos[keep] = np.arange(int(keep.sum()))
+    return newpos
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, value.contiguous())
+
+
+def _index(t: torch.Tensor, dim: int, idx: np.ndarray) -> torch.Tensor:
+    return t.index_select(dim, torch.as_tensor(idx, device=t.device))
+
+
+def _slice_module(module: nn.Module, idx: np.ndarray, role: str) -> None:
+    """Slice a producer's outputs (role 'out') or a passenger's channels (role 'chan')."""
+    k = len(idx)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        _set_param(module, "weight", _index(module.weight.data, 0, idx))
+        if module.bias is not None:
+            _set_param(module, "bias", _index(module.bias.data, 0, idx))
+        module.out_channels = k
+        if role == "chan":  # depthwise: one filter per channel
+            module.in_channels = k
+            module.groups = k
+    elif isinstance(module, nn.Linear):
+        _set_param(module, "weight", _index(module.weight.data, 0, idx))
+        if module.bias is not None:
+            _set_param(module, "bias", _index(module.bias.data, 0, idx))
+        module.out_features = k
+    elif isinstance(module, nn.Embedding):
+        _set_param(module, "weight", _index(module.weight.data, 1, idx))
+        module.embedding_dim = k
+    elif isinstance(module, (nn.modules.batchnorm._NormBase,)):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(module, name, None)
+            if t is not None:
+                _set_param(module, name, _index(t.data, 0, idx))
+        module.num_features = k
+    elif isinstance(module, nn.PReLU):
+        _set_param(module, "weight", _index(module.weight.data, 0, idx))
+        module.num_parameters = k
+    else:  # pragma: no cover - the analysis only registers the types above
+        raise TypeError(f"cannot slice module of type {type(module).__name__}")
+
+
+def _fold_consumer(
+    module: nn.Module,
+    labels: np.ndarray,
+    dropped: set[int],
+    sub: Mapping[int, int],
+    folds: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> None:
+    """Gather the consumer's input columns, then apply each group's ``B`` on its columns.
+
+    ``folds`` holds ``(positions (m, r), kept (k,), B (m, k))`` per group with a fold.
+    """
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        attr = "in_channels"
+    elif isinstance(module, nn.Linear):
+        attr = "in_features"
+    else:  # pragma: no cover
+        raise TypeError(f"cannot fold into module of type {type(module).__name__}")
+    w = module.weight.data
+    src = _gather_index(labels, dropped, sub)
+    new_w = _index(w, 1, src)
+    if folds:
+        newpos = _new_positions(labels, dropped)
+        w64 = w.double()
+        new_w = new_w.double()
+        for pos, kept, b in folds:
+            m, r = pos.shape
+            cols = w64[:, torch.as_tensor(pos.reshape(-1))]  # (out, m*r, ...)
+            cols = cols.reshape(w.shape[0], m, r, *w.shape[2:])
+            bt = torch.as_tensor(b, dtype=torch.float64, device=w.device)
+            folded = torch.einsum("om r..., mk -> okr...".replace(" ", ""), cols, bt)
+            target = newpos[pos[kept]]  # (k, r)
+            if (target < 0).any():  # pragma: no cover - kept columns always survive
+                raise RuntimeError("internal error: kept channel has no new position")
+            new_w[:, torch.as_tensor(target.reshape(-1))] = folded.reshape(
+                w.shape[0], -1, *w.shape[2:]
+            )
+        new_w = new_w.to(w.dtype)
+    _set_param(module, "weight", new_w)
+    setattr(module, attr, new_w.shape[1])
+
+
+def apply_plan(model: nn.Module, analysis: Analysis, plans: Mapping[int, GroupPlan]) -> None:
+    """Apply per-group plans to ``model`` in place (pass a copy to keep the original).
+
+    ``plans`` maps group index to :class:`GroupPlan`; groups without a plan keep all
+    their channels.  Pinned groups must not appear.
+    """
+    dropped: set[int] = set()
+    sub: dict[int, int] = {}
+    fold_at: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for gi, plan in plans.items():
+        g = analysis.groups[gi]
+        if g.pinned is not None:
+            raise ValueError(f"unit group '{g.name}' is pinned ({g.pinned}) and cannot be pruned")
+        keep = np.sort(np.asarray(plan.keep, dtype=np.int64))
+        if keep.size == 0:
+            raise ValueError(f"unit group '{g.name}': at least one channel must be kept")
+        if keep.min() < 0 or keep.max() >= g.width or len(np.unique(keep)) != len(keep):
+            raise ValueError(f"unit group '{g.name}': keep indices out of range or repeated")
+        mask = np.ones(g.width, dtype=bool)
+        mask[keep] = False
+        dropped.update(int(c) for c in g.classes[mask])
+        if plan.perm is not None:
+            perm = np.asarray(plan.perm)
+            for i, j in enumerate(perm.tolist()):
+                sub[int(g.classes[i])] = int(g.classes[j])
+        for slot in g.consumers:
+            b = plan.folds.get(slot.module)
+            if b is None:
+                continue
+            if b.shape != (g.width, len(keep)):
+                raise ValueError(
+                    f"unit group '{g.name}': fold for consumer '{slot.module}' has shape "
+                    f"{b.shape}, expected {(g.width, len(keep))}"
+                )
+            fold_at.setdefault(slot.module, []).append((slot.positions, keep, b))
+    if not dropped and not sub:
+        return
+    modules = dict(model.named_modules())
+    for name, labels in analysis.in_labels.items():
+        if (
+            np.isin(labels, list(dropped)).any()
+            or fold_at.get(name)
+            or any(int(c) in sub for c in labels)
+        ):
+            _fold_consumer(modules[name], labels, dropped, sub, fold_at.get(name, []))
+    for name, labels in analysis.out_labels.items():
+        if np.isin(labels, list(dropped)).any() or any(int(c) in sub for c in labels):
+            _slice_module(modules[name], _gather_index(labels, dropped, sub), "out")
+    for name, labels in analysis.chan_labels.items():
+        if not (np.isin(labels, list(dropped)).any() or any(int(c) in sub for c in labels)):
+            continue
+        idx = _gather_index(labels, dropped, sub)
+        if name in analysis.param_dims:
+            owner_name, _, attr = name.rpartition(".")
+            owner = modules[owner_name]
+            _set_param(
+                owner, attr, _index(getattr(owner, attr).data, analysis.param_dims[name], idx)
+            )
+        else:
+            _slice_module(modules[name], idx, "chan")

@@ -1,0 +1,361 @@
+"""Concrete tracing of a PyTorch model into a flat dataflow graph.
+
+The model is run once on a small example batch.  Calls of known leaf modules
+(``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d`` ...) are recorded through module
+hooks, everything else (``torch.cat``, ``x + y``, ``F.pad``, ``x.view`` ...) through a
+:class:`torch.overrides.TorchFunctionMode`.  Because the model really runs, Python
+control flow, Hugging Face models and ``**kwargs`` inputs need no special tracer; the
+price is that a data-dependent graph is captured for the example only.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> g = trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), torch.randn(2, 4))
+    >>> [op.name for op in g.ops]
+    ['0', '1']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["Graph", "Op", "Value", "call_model", "trace", "LEAF_TYPES"]
+
+# Modules recorded as single ops.  Anything else is traced through.
+LEAF_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+    nn.Bilinear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LocalResponseNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+    nn.PReLU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Flatten,
+    nn.Upsample,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.ChannelShuffle,
+    nn.PixelShuffle,
+)
+
+
+@dataclass(eq=False)
+class Value:
+    """A tensor flowing through the graph."""
+
+    index: int
+    shape: tuple[int, ...]
+    producer: Op | None = None
+    kind: str = "tensor"  # "tensor" | "input" | "param" | "const"
+    name: str = ""  # parameter/buffer qualified name for kind == "param"
+
+    def __repr__(self) -> str:
+        src = self.producer.name if self.producer is not None else self.kind
+        return f"Value({self.index}, {list(self.shape)}, from={src})"
+
+
+@dataclass(eq=False)
+class Op:
+    """One recorded call: a leaf module call or a torch function."""
+
+    index: int
+    kind: str  # "module" | "function"
+    name: str  # module qualified name, or normalised function name
+    target: Any  # the nn.Module or the callable
+    inputs: list[Value]
+    outputs: list[Value]
+    args: tuple[Any, ...] = ()  # with Value placeholders for tensors
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def module(self) -> nn.Module | None:
+        return self.target if self.kind == "module" else None
+
+    def describe(self) -> str:
+        if self.kind == "module":
+            return f"module '{self.name}' ({type(self.target).__name__})"
+        return f"function '{self.name}'"
+
+    def __repr__(self) -> str:
+        return f"Op({self.index}, {self.describe()})"
+
+
+@dataclass
+class Graph:
+    """The recorded dataflow graph (ops in execution order)."""
+
+    ops: list[Op]
+    values: list[Value]
+    inputs: list[Value]
+    outputs: list[Value]
+    module_names: dict[int, str]  # id(module) -> qualified name
+
+    def module_calls(self) -> dict[str, list[Op]]:
+        calls: dict[str, list[Op]] = {}
+        for op in self.ops:
+            if op.kind == "module":
+                calls.setdefault(op.name, []).append(op)
+        return calls
+
+    def consumers_of(self) -> dict[int, list[Op]]:
+        uses: dict[int, list[Op]] = {}
+        for op in self.ops:
+            for v in op.inputs:
+                uses.setdefault(v.index, []).append(op)
+        return uses
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on one calibration batch.
+
+    A tensor is passed as the single positional argument, a tuple/list as positional
+    arguments and a mapping as keyword arguments (Hugging Face style).
+    """
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise TypeError(
+        f"calibration batch of type {type(batch).__name__} is not supported: "
+        "use a tensor, a tuple of tensors (positional args) or a dict (keyword args)"
+    )
+
+
+_RENAME = {
+    "__add__": "add",
+    "__radd__": "add",
+    "__iadd__": "add",
+    "__sub__": "sub",
+    "__rsub__": "rsub",
+    "__isub__": "sub",
+    "__mul__": "mul",
+    "__rmul__": "mul",
+    "__imul__": "mul",
+    "__truediv__": "div",
+    "__itruediv__": "div",
+    "__rtruediv__": "rdiv",
+    "__neg__": "neg",
+    "__pow__": "pow",
+    "__matmul__": "matmul",
+    "__rmatmul__": "matmul",
+    "multiply": "mul",
+    "divide": "div",
+    "true_divide": "div",
+    "subtract": "sub",
+    "concat": "cat",
+    "concatenate": "cat",
+}
+
+
+def _func_name(func: Callable[..., Any]) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    if name in _RENAME:
+        return _RENAME[name]
+    if name.endswith("_") and not name.startswith("_"):
+        name = name[:-1]  # in-place variant: add_ -> add
+    return _RENAME.get(name, name)
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, tracer: _Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.tracer.depth == 0:
+            self.tracer.record_function(func, args, kwargs, out)
+        return out
+
+
+class _Tracer:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.depth = 0
+        self.ops: list[Op] = []
+        self.values: list[Value] = []
+        self.by_id: dict[int, Value] = {}
+        self.keep: list[torch.Tensor] = []  # keep tensors alive so ids stay unique
+        self.module_names = {id(m): n for n, m in model.named_modules()}
+        self.param_names: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            self.param_names.setdefault(id(p), n)
+        for n, b in model.named_buffers(remove_duplicate=False):
+            self.param_names.setdefault(id(b), n)
+        self.pending: list[tuple[nn.Module, list[Value]]] = []
+
+    # -- values -------------------------------------------------------------------
+    def new_value(self, t: torch.Tensor, producer: Op | None, kind: str = "tensor") -> Value:
+        v = Value(len(self.values), tuple(t.shape), producer, kind)
+        self.values.append(v)
+        self.by_id[id(t)] = v
+        self.keep.append(t)
+        return v
+
+    def lookup(self, t: torch.Tensor) -> Value:
+        v = self.by_id.get(id(t))
+        if v is not None:
+            return v
+        name = self.param_names.get(id(t))
+        v = self.new_value(t, None, "param" if name is not None else "const")
+        if name is not None:
+            v.name = name
+        return v
+
+    def _template(self, obj: Any) -> Any:
+        return tree_map(lambda x: self.lookup(x) if isinstance(x, torch.Tensor) else x, obj)
+
+    # -- recording ----------------------------------------------------------------
+    def record_function(self, func: Callable[..., Any], args: Any, kwargs: Any, out: Any) -> None:
+        flat_in = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        flat_out = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+        if not flat_out:
+            return
+        inputs = [self.lookup(t) for t in flat_in]
+        targs = self._template(args)
+        tkwargs = self._template(kwargs)
+        op = Op(len(self.ops), "function", _func_name(func), func, inputs, [], targs, tkwargs)
+        self.ops.append(op)
+        op.outputs = [self.new_value(t, op) for t in flat_out]
+
+    def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.depth == 0:
+            flat_in = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+            self.pending.append((module, [self.lookup(t) for t in flat_in]))
+        self.depth += 1
+
+    def post_hook(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        self.depth -= 1
+        if self.depth != 0:
+            return
+        mod, inputs = self.pending.pop()
+        assert mod is module
+        name = self.module_names.get(id(module), type(module).__name__)
+        op = Op(len(self.ops), "module", name, module, inputs, [], (), {})
+        self.ops.append(op)
+        flat_out = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+        op.outputs = [self.new_value(t, op) for t in flat_out]
+
+
+def _is_leaf(module: nn.Module, leaf_types: Sequence[type[nn.Module]]) -> bool:
+    return isinstance(module, tuple(leaf_types))
+
+
+def _iter_leaves(model: nn.Module, leaf_types: Sequence[type[nn.Module]]) -> Iterator[nn.Module]:
+    def visit(m: nn.Module) -> Iterator[nn.Module]:
+        if _is_leaf(m, leaf_types):
+            yield m
+            return
+        for child in m.children():
+            yield from visit(child)
+
+    yield from visit(model)
+
+
+def trace(
+    model: nn.Module,
+    example: Any,
+    leaf_types: Sequence[type[nn.Module]] = LEAF_TYPES,
+) -> Graph:
+    """Run ``model`` once on ``example`` and record its dataflow graph.
+
+    Args:
+        model: the network (left unchanged; run in eval mode under ``no_grad``).
+        example: one calibration batch (tensor, tuple of positional args or dict of
+            keyword args).
+        leaf_types: module types recorded as single ops.
+    """
+    tracer = _Tracer(model)
+    handles = []
+    for m in _iter_leaves(model, leaf_types):
+        handles.append(m.register_forward_pre_hook(tracer.pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(tracer.post_hook, with_kwargs=True))
+    flat_args = [x for x in tree_flatten(example)[0] if isinstance(x, torch.Tensor)]
+    inputs = [tracer.new_value(t, None, "input") for t in flat_args]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _Recorder(tracer):
+            out = call_model(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    outputs = [
+        tracer.lookup(t) for t in tree_flatten(_plain(out))[0] if isinstance(t, torch.Tensor)
+    ]
+    return Graph(tracer.ops, tracer.values, inputs, outputs, tracer.module_names)
+
+
+def _plain(out: Any) -> Any:
+    """Turn Hugging Face ModelOutput-like objects into plain containers."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return {k: _plain(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return [_plain(v) for v in out]
+    if hasattr(out, "to_tuple"):
+        return [_plain(v) for v in out.to_tuple()]
+    return out

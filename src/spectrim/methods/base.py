@@ -1,0 +1,132 @@
+"""The method interface and registry.
+
+A method turns one unit group (and, if it needs them, the group's calibration
+statistics) into a :class:`GroupSolver`, which exposes an error curve for the budget
+allocator and a :class:`~spectrim.graph.GroupPlan` for any kept width.  Registering a
+new method touches no core file::
+
+    >>> import numpy as np
+    >>> from spectrim.methods import Method, register_method
+    >>> @register_method("first-k")
+    ... class FirstK(Method):
+    ...     needs_statistics = False
+    ...     def solver(self, group, stats, model):
+    ...         return OrderSolver(group, np.arange(group.width))
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+from torch import nn
+
+from spectrim.calibration.gram import GramAccumulator
+from spectrim.graph.channels import UnitGroup
+from spectrim.graph.surgery import GroupPlan
+
+__all__ = [
+    "GroupSolver",
+    "Method",
+    "OrderSolver",
+    "available",
+    "get_method",
+    "register_method",
+]
+
+
+class GroupSolver(ABC):
+    """Per-group answers a method gives the pipeline."""
+
+    group: UnitGroup
+
+    @abstractmethod
+    def error_curve(self) -> np.ndarray:
+        """``e[k]`` for ``k = 0..m``: relative (squared) error when keeping ``k``
+        channels, non-increasing, ``e[m] == 0``."""
+
+    @abstractmethod
+    def plan(self, k: int) -> GroupPlan:
+        """Kept channels and consumer corrections for width ``k``."""
+
+    def reconstruction_errors(self, plan: GroupPlan) -> dict[str, float]:
+        """Relative reconstruction error per consumer (empty if unknown)."""
+        return {}
+
+
+class OrderSolver(GroupSolver):
+    """Keep the first ``k`` channels of a fixed priority order, no correction."""
+
+    def __init__(self, group: UnitGroup, order: np.ndarray, weights: np.ndarray | None = None):
+        self.group = group
+        self.order = np.asarray(order, dtype=np.int64)
+        w = np.ones(group.width) if weights is None else np.asarray(weights, dtype=np.float64)
+        kept = np.concatenate([[0.0], np.cumsum(w[self.order])])
+        total = kept[-1]
+        self._curve = 1.0 - kept / total if total > 0 else np.zeros(group.width + 1)
+        self._curve = np.maximum.accumulate(self._curve[::-1])[::-1]
+
+    def error_curve(self) -> np.ndarray:
+        return self._curve
+
+    def plan(self, k: int) -> GroupPlan:
+        return GroupPlan(keep=np.sort(self.order[:k]))
+
+
+class Method(ABC):
+    """A compression method: build one solver per unit group.
+
+    Subclasses set ``needs_statistics`` and implement :meth:`solver`; options arrive as
+    keyword arguments and must be validated in ``__init__``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_statistics: ClassVar[bool] = True
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise ValueError(f"method '{self.name}' takes no options, got {sorted(options)}")
+
+    @abstractmethod
+    def solver(
+        self,
+        group: UnitGroup,
+        stats: Mapping[str, GramAccumulator],
+        model: nn.Module,
+    ) -> GroupSolver:
+        """Solver for ``group``; ``stats`` maps consumer module name to its Gram."""
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator registering a :class:`Method` under ``name``."""
+
+    def deco(cls: M) -> M:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """Instantiate a registered method by name."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+    return cls(**options)
+
+
+def available() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_REGISTRY)

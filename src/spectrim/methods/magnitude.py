@@ -1,0 +1,76 @@
+"""Baselines: keep the filters of largest norm (``l1``, ``l2``) or random ones, without
+any correction of the consumers (what Torch-Pruning and ``torch.nn.utils.prune`` do).
+
+For a group with several producers (a residual stream) a channel's score is the sum of
+its filter norms over all producers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from spectrim.calibration.gram import GramAccumulator
+from spectrim.graph.channels import UnitGroup
+from spectrim.methods.base import GroupSolver, Method, OrderSolver, register_method
+
+__all__ = ["L1Method", "L2Method", "RandomMethod", "filter_norms"]
+
+
+def filter_norms(group: UnitGroup, model: nn.Module, p: float) -> np.ndarray:
+    """Sum over the group's producers of each output filter's ``p``-norm."""
+    modules = dict(model.named_modules())
+    score = np.zeros(group.width)
+    for name in group.producers:
+        mod = modules[name]
+        w = mod.weight.detach().double()
+        if isinstance(mod, nn.Embedding):
+            w = w.t()
+        norms = w.reshape(w.shape[0], -1).norm(p=p, dim=1).cpu().numpy()
+        score += norms[group.producer_channels[name]]
+    return score
+
+
+class _NormMethod(Method):
+    needs_statistics = False
+    p: float = 1.0
+
+    def solver(
+        self, group: UnitGroup, stats: Mapping[str, GramAccumulator], model: nn.Module
+    ) -> GroupSolver:
+        score = filter_norms(group, model, self.p)
+        order = np.argsort(-score, kind="stable")
+        return OrderSolver(group, order, weights=score**2)
+
+
+@register_method("l1")
+class L1Method(_NormMethod):
+    """Largest L1 filter norm first."""
+
+    p = 1.0
+
+
+@register_method("l2")
+class L2Method(_NormMethod):
+    """Largest L2 filter norm first."""
+
+    p = 2.0
+
+
+@register_method("random")
+class RandomMethod(Method):
+    """Random channels (seeded); the floor every method must beat."""
+
+    needs_statistics = False
+
+    def __init__(self, seed: int = 0, **options: Any) -> None:
+        super().__init__(**options)
+        self.rng = np.random.default_rng(seed)
+
+    def solver(
+        self, group: UnitGroup, stats: Mapping[str, GramAccumulator], model: nn.Module
+    ) -> GroupSolver:
+        return OrderSolver(group, self.rng.permutation(group.width))
