@@ -1,0 +1,313 @@
+"""Streaming second-moment statistics of layer activations.
+
+:class:`GramAccumulator` sums ``XᵀX`` (and optionally a cross term ``XᵀY``), the row count
+and the column sums over any number of batches, in O(dim²) memory and without keeping the
+rows. Each chunk of at most ``chunk_rows`` rows is multiplied in float32 with ``torch.mm``
+(fast BLAS / cuBLAS) and the chunk product is added into a float64 accumulator, so rounding
+error is bounded per chunk and does not grow with the total number of rows.
+``exact=True`` multiplies in float64 instead (for tests and small problems).
+
+:func:`rows_from_activation` flattens an activation tensor into the (rows, channels) matrix
+whose Gram the :mod:`spectrim.linalg` kernels consume (papers §1.2: for a conv layer the rows
+are (example, position) pairs).
+
+Example::
+
+    >>> import torch
+    >>> acc = GramAccumulator(dim=3)
+    >>> for _ in range(4):
+    ...     acc.update(rows_from_activation(torch.randn(2, 3, 5, 5), channel_dim=1))
+    >>> acc.count, tuple(acc.gram.shape), acc.gram.dtype
+    (200, (3, 3), torch.float64)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["GramAccumulator", "rows_from_activation"]
+
+
+def rows_from_activation(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Reshape an activation tensor into a (rows, channels) matrix.
+
+    The channel axis is moved last and all other axes are flattened in their original
+    (row-major) order: (N, C, H, W) with ``channel_dim=1`` → (N·H·W, C) with row index
+    ``n·H·W + h·W + w``; (B, T, H) with ``channel_dim=-1`` → (B·T, H); (N, C) → (N, C).
+    Returns a view when possible, a copy otherwise; dtype and device are unchanged.
+
+    Args:
+        t: activation tensor with at least one dimension.
+        channel_dim: the channel (unit) axis; negative values count from the end.
+
+    Example::
+
+        >>> import torch
+        >>> rows_from_activation(torch.zeros(2, 3, 4, 5), channel_dim=1).shape
+        torch.Size([40, 3])
+        >>> rows_from_activation(torch.zeros(2, 7, 16), channel_dim=-1).shape
+        torch.Size([14, 16])
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 0:
+        raise ValueError("t must have at least one dimension, got a 0-d tensor")
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    nd = t.dim()
+    if not -nd <= channel_dim < nd:
+        raise ValueError(
+            f"channel_dim must be in [{-nd}, {nd}) for a {nd}-D tensor, got {channel_dim}"
+        )
+    cd = channel_dim % nd
+    channels = t.shape[cd]
+    moved = t.movedim(cd, -1)
+    rows = 1
+    for size in moved.shape[:-1]:
+        rows *= int(size)
+    return moved.reshape(rows, channels)
+
+
+class GramAccumulator:
+    """Accumulate ``XᵀX`` (and optionally ``XᵀY``) over batches of rows, in float64.
+
+    Args:
+        dim: number of columns of ``x`` (units / channels).
+        cross_dim: number of columns of ``y`` for the cross term ``XᵀY``; ``None`` disables it.
+        device: where the float64 accumulators live and where chunk products are computed
+            (e.g. ``"cuda"`` to use the GPU; rows are moved chunk by chunk).
+        chunk_rows: at most this many rows per ``torch.mm`` call (bounds float32 error
+            growth and temporary memory).
+        exact: multiply chunks in float64 instead of float32 (slower; for tests).
+
+    Attributes (read-only properties): ``count`` (rows seen), ``gram`` (``ΣXᵀX``), ``cross``
+    (``ΣXᵀY``), ``sums`` / ``y_sums`` (column sums), ``mean`` / ``y_mean``,
+    ``second_moment`` (``gram / count``, Paper 1's uncentred ``Σ̂``).
+
+    Accuracy: each float32 chunk product has relative error about ``1e-7``–``1e-6``; summing in
+    float64 keeps the total at that level for any number of rows. Under CUDA with TF32 matmuls
+    enabled (``torch.set_float32_matmul_precision("high")``) products lose ~3 digits; use
+    ``exact=True`` or keep the default ``"highest"`` precision.
+
+    Example::
+
+        >>> import torch
+        >>> x, y = torch.randn(1000, 4), torch.randn(1000, 2)
+        >>> acc = GramAccumulator(4, cross_dim=2, chunk_rows=256)
+        >>> acc.update(x[:300], y[:300]); acc.update(x[300:], y[300:])
+        >>> bool(torch.allclose(acc.gram, x.double().T @ x.double(), rtol=1e-5, atol=1e-3))
+        True
+        >>> tuple(acc.cross.shape), acc.count
+        ((4, 2), 1000)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        cross_dim: int | None = None,
+        device: str | torch.device = "cpu",
+        chunk_rows: int = 8192,
+        exact: bool = False,
+    ) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if cross_dim is not None and (
+            isinstance(cross_dim, bool) or not isinstance(cross_dim, int) or cross_dim < 1
+        ):
+            raise ValueError(f"cross_dim must be a positive int or None, got {cross_dim!r}")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+        self.dim = dim
+        self.cross_dim = cross_dim
+        self.device = torch.device(device)
+        self.chunk_rows = chunk_rows
+        self.exact = bool(exact)
+        self._count = 0
+        f64 = torch.float64
+        self._gram = torch.zeros(dim, dim, dtype=f64, device=self.device)
+        self._sums = torch.zeros(dim, dtype=f64, device=self.device)
+        self._cross: torch.Tensor | None = None
+        self._y_sums: torch.Tensor | None = None
+        if cross_dim is not None:
+            self._cross = torch.zeros(dim, cross_dim, dtype=f64, device=self.device)
+            self._y_sums = torch.zeros(cross_dim, dtype=f64, device=self.device)
+
+    def __repr__(self) -> str:
+        return (
+            f"GramAccumulator(dim={self.dim}, cross_dim={self.cross_dim}, "
+            f"device='{self.device}', count={self._count}, exact={self.exact})"
+        )
+
+    # ------------------------------------------------------------------ updating
+
+    @staticmethod
+    def _check_rows(t: object, width: int, name: str) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[1] != width:
+            raise ValueError(
+                f"{name} must have shape (n, {width}), got {tuple(t.shape)} "
+                "(use rows_from_activation to flatten activation tensors)"
+            )
+        if not (t.is_floating_point()):
+            raise ValueError(f"{name} must have a floating-point dtype, got {t.dtype}")
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        return t.detach()
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x`` (n×dim; and ``y``, n×cross_dim) to the statistics.
+
+        ``x`` may have any floating dtype and live on any device. Validation (shape, dtype,
+        finiteness) happens before anything is accumulated, so a rejected batch leaves the
+        accumulator unchanged. O(n·dim·(dim + cross_dim)).
+        """
+        x = self._check_rows(x, self.dim, "x")
+        if self.cross_dim is None:
+            if y is not None:
+                raise ValueError(
+                    "y was given but this accumulator has no cross term (cross_dim=None)"
+                )
+        else:
+            if y is None:
+                raise ValueError(f"y is required because cross_dim={self.cross_dim} was set")
+            y = self._check_rows(y, self.cross_dim, "y")
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}"
+                )
+        n = int(x.shape[0])
+        cdt = torch.float64 if self.exact else torch.float32
+        f64 = torch.float64
+        for start in range(0, n, self.chunk_rows):
+            stop = min(start + self.chunk_rows, n)
+            xc = x[start:stop].to(device=self.device, dtype=cdt)
+            self._gram += torch.mm(xc.T, xc).to(f64)
+            self._sums += xc.sum(dim=0, dtype=f64)
+            if y is not None:
+                assert self._cross is not None and self._y_sums is not None
+                yc = y[start:stop].to(device=self.device, dtype=cdt)
+                self._cross += torch.mm(xc.T, yc).to(f64)
+                self._y_sums += yc.sum(dim=0, dtype=f64)
+        self._count += n
+
+    def merge(self, other: GramAccumulator) -> GramAccumulator:
+        """Add another accumulator's statistics into this one (in place); returns ``self``.
+
+        Both must have the same ``dim`` and ``cross_dim``. Useful for data-parallel or
+        per-worker accumulation.
+
+        Example::
+
+            >>> import torch
+            >>> a, b = GramAccumulator(2), GramAccumulator(2)
+            >>> a.update(torch.ones(3, 2)); b.update(torch.ones(2, 2))
+            >>> a.merge(b).count
+            5
+        """
+        if not isinstance(other, GramAccumulator):
+            raise TypeError(f"other must be a GramAccumulator, got {type(other).__name__}")
+        if other.dim != self.dim or other.cross_dim != self.cross_dim:
+            raise ValueError(
+                f"other must have dim={self.dim}, cross_dim={self.cross_dim}; "
+                f"got dim={other.dim}, cross_dim={other.cross_dim}"
+            )
+        self._gram += other._gram.to(self.device)
+        self._sums += other._sums.to(self.device)
+        if self._cross is not None:
+            assert other._cross is not None and self._y_sums is not None
+            assert other._y_sums is not None
+            self._cross += other._cross.to(self.device)
+            self._y_sums += other._y_sums.to(self.device)
+        self._count += other._count
+        return self
+
+    def reset(self) -> None:
+        """Zero all statistics (keeps dims, device and options)."""
+        self._count = 0
+        self._gram.zero_()
+        self._sums.zero_()
+        if self._cross is not None and self._y_sums is not None:
+            self._cross.zero_()
+            self._y_sums.zero_()
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def count(self) -> int:
+        """Number of rows accumulated so far."""
+        return self._count
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """``Σ xᵀx`` over all rows: a float64 (dim, dim) tensor (a symmetrised copy)."""
+        return 0.5 * (self._gram + self._gram.T)
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """``Σ xᵀy`` over all rows: a float64 (dim, cross_dim) tensor (a copy)."""
+        if self._cross is None:
+            raise ValueError("this accumulator has no cross term (cross_dim=None)")
+        return self._cross.clone()
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """Column sums of ``x`` (float64, length dim; a copy)."""
+        return self._sums.clone()
+
+    @property
+    def y_sums(self) -> torch.Tensor:
+        """Column sums of ``y`` (float64, length cross_dim; a copy)."""
+        if self._y_sums is None:
+            raise ValueError("this accumulator has no cross term (cross_dim=None)")
+        return self._y_sums.clone()
+
+    def _require_rows(self) -> None:
+        if self._count == 0:
+            raise ValueError("no rows have been accumulated yet (count == 0)")
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Column means of ``x`` (float64). Raises ``ValueError`` if no rows were seen."""
+        self._require_rows()
+        return self._sums / self._count
+
+    @property
+    def y_mean(self) -> torch.Tensor:
+        """Column means of ``y`` (float64). Raises ``ValueError`` if no rows were seen."""
+        self._require_rows()
+        return self.y_sums / self._count
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """Uncentred second moment ``gram / count`` (Paper 1's ``Σ̂``)."""
+        self._require_rows()
+        return self.gram / self._count
+
+    def gram_numpy(self, normalize: bool = False) -> np.ndarray:
+        """``gram`` as a float64 numpy array (divided by ``count`` if ``normalize``).
+
+        Example::
+
+            >>> import torch
+            >>> acc = GramAccumulator(2, exact=True)
+            >>> acc.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+            >>> acc.gram_numpy().tolist()
+            [[10.0, 14.0], [14.0, 20.0]]
+        """
+        g = self.second_moment if normalize else self.gram
+        return g.cpu().numpy()
+
+    def cross_numpy(self, normalize: bool = False) -> np.ndarray:
+        """``cross`` as a float64 numpy array (divided by ``count`` if ``normalize``)."""
+        c = self.cross
+        if normalize:
+            self._require_rows()
+            c = c / self._count
+        return c.cpu().numpy()
+
+    def mean_numpy(self) -> np.ndarray:
+        """``mean`` as a float64 numpy array."""
+        return self.mean.cpu().numpy()

@@ -1,0 +1,55 @@
+"""Float64 linear-algebra kernels on Gram matrices (numpy / scipy LAPACK, CPU).
+
+Every kernel takes a symmetric PSD Gram matrix ``G = ZᵀZ`` (m×m) of a layer's activations
+``Z`` (rows = samples or sample·positions, columns = units), never the activations themselves.
+See :mod:`spectrim.calibration` for streaming such Grams out of a model.
+
+* Interpolative decomposition (Paper 2): :func:`id_factorize` → :class:`IDFactorization`,
+  :func:`gram_sqrt`.
+* Reconstruction of all units from kept ones (Papers 1 and 2): :func:`fit_reconstruction`,
+  :func:`fit_cross_reconstruction`, :func:`residual_of`, :func:`cross_residual_of`.
+* Spectra (Paper 1): :func:`gram_spectrum`, :func:`degrees_of_freedom`,
+  :func:`ridge_leverage_scores`, :func:`effective_rank`.
+
+Example::
+
+    >>> import numpy as np
+    >>> from spectrim.linalg import id_factorize, fit_reconstruction
+    >>> Z = np.random.default_rng(0).standard_normal((64, 10))
+    >>> G = Z.T @ Z
+    >>> fac = id_factorize(G)
+    >>> k = fac.smallest_k(0.5)
+    >>> B = fit_reconstruction(G, fac.selected(k))  # == fac.interpolation(k).T
+    >>> bool(np.allclose(B, fac.interpolation(k).T))
+    True
+"""
+
+from spectrim.linalg._validation import default_rtol
+from spectrim.linalg.interpolative import IDFactorization, gram_sqrt, id_factorize
+from spectrim.linalg.reconstruction import (
+    cross_residual_of,
+    fit_cross_reconstruction,
+    fit_reconstruction,
+    residual_of,
+)
+from spectrim.linalg.spectrum import (
+    degrees_of_freedom,
+    effective_rank,
+    gram_spectrum,
+    ridge_leverage_scores,
+)
+
+__all__ = [
+    "IDFactorization",
+    "cross_residual_of",
+    "default_rtol",
+    "degrees_of_freedom",
+    "effective_rank",
+    "fit_cross_reconstruction",
+    "fit_reconstruction",
+    "gram_spectrum",
+    "gram_sqrt",
+    "id_factorize",
+    "residual_of",
+    "ridge_leverage_scores",
+]
