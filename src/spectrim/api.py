@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from spectrim.budget import CostModel, allocate
 from spectrim.calibration import collect_statistics
+from spectrim.calibration.sequential import concat_batches, original_rows, sequential_folds
 from spectrim.config import CompressConfig, Target
 from spectrim.evaluation.flops import profile
 from spectrim.graph import GroupPlan, analyze_channels, apply_plan
@@ -99,10 +100,11 @@ def compress(
         inplace: prune ``model`` itself instead of a deep copy.
         progress: show a progress bar over calibration batches (or pass a wrapper).
         **options: extra :class:`~spectrim.config.CompressConfig` fields
-            (``round_to``, ``min_width``, ``verify``, ``seed``) or method options.
+            (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``) or
+            method options (e.g. ``ridge`` for ``id``).
     """
     t0 = time.perf_counter()
-    cfg_fields = {"round_to", "min_width", "verify", "seed"}
+    cfg_fields = {"round_to", "min_width", "verify", "seed", "sequential"}
     base = config or CompressConfig()
     d = base.to_dict()
     if method is not None:
@@ -146,7 +148,14 @@ def compress(
     groups = analysis.prunable
     t = time.perf_counter()
     stats: dict[tuple[int, str], Any] = {}
-    if algo.needs_statistics and groups:
+    sequential = cfg.sequential and algo.needs_statistics and bool(groups)
+    big: Any = None
+    rows: dict[tuple[int, str], torch.Tensor] = {}
+    if sequential:
+        big = concat_batches(batches)
+        rows, stats = original_rows(work, analysis, big, groups)
+        report.calibration_rows = batch_len(big)
+    elif algo.needs_statistics and groups:
         wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None
         if progress is True:
             from tqdm.auto import tqdm
@@ -177,6 +186,16 @@ def compress(
         if k < analysis.groups[gi].width:
             plans[gi] = solvers[gi].plan(k)
     timings["selection"] = time.perf_counter() - t
+    seq_errors: dict[tuple[int, str], float] = {}
+    if sequential and plans and any(p.folds for p in plans.values()):
+        t = time.perf_counter()
+        keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
+        ridge = float(cfg.options.get("ridge", 0.0))
+        folds, seq_errors = sequential_folds(work, analysis, big, keep, rows, ridge=ridge)
+        for gi, f in folds.items():
+            plans[gi].folds = f
+        timings["sequential"] = time.perf_counter() - t
+    rows.clear()
 
     t = time.perf_counter()
     apply_plan(work, analysis, plans)
@@ -196,7 +215,14 @@ def compress(
         if g.index in curves:
             gr.predicted_error = float(np.sqrt(max(curves[g.index][k], 0.0)))
         if g.index in plans:
-            gr.consumer_errors = solvers[g.index].reconstruction_errors(plans[g.index])
+            if seq_errors:
+                gr.consumer_errors = {
+                    c.module: seq_errors[(g.index, c.module)]
+                    for c in g.consumers
+                    if (g.index, c.module) in seq_errors
+                }
+            else:
+                gr.consumer_errors = solvers[g.index].reconstruction_errors(plans[g.index])
         report.groups.append(gr)
     report.params_before, report.params_after = cost0.params, cost1.params
     report.macs_before, report.macs_after = cost0.macs, cost1.macs

@@ -80,6 +80,9 @@ class CompressConfig:
         verify: run the graph self-checks (permutation and shrink tests) before
             pruning, pinning any group that fails them.
         seed: seed for randomised methods and self-checks.
+        sequential: fit each consumer's correction on the activations of the already
+            compressed prefix, reconstructing the original model's activations
+            (cross-covariance least squares); two forward passes instead of one.
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 
@@ -89,6 +92,7 @@ class CompressConfig:
     min_width: int = 1
     verify: bool = True
     seed: int = 0
+    sequential: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
