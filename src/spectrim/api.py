@@ -153,7 +153,7 @@ def compress(
     rows: dict[tuple[int, str], torch.Tensor] = {}
     if sequential:
         big = concat_batches(batches)
-        rows, stats = original_rows(work, analysis, big, groups)
+        rows, stats = original_rows(work, analysis, batches, groups)
         report.calibration_rows = batch_len(big)
     elif algo.needs_statistics and groups:
         wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None
@@ -191,7 +191,7 @@ def compress(
         t = time.perf_counter()
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
         ridge = float(cfg.options.get("ridge", 0.0))
-        folds, seq_errors = sequential_folds(work, analysis, big, keep, rows, ridge=ridge)
+        folds, seq_errors = sequential_folds(work, analysis, big, keep, rows, stats, ridge=ridge)
         for gi, f in folds.items():
             plans[gi].folds = f
         timings["sequential"] = time.perf_counter() - t

@@ -41,9 +41,9 @@ def test_streamed_float32_matches_float64_reference(chunk_rows: int) -> None:
     assert acc.count == n
     assert _rel_fro(acc.gram, ref) < 1e-6
     assert _rel_fro(acc.cross, x.double().T @ y.double()) < 1e-6
-    torch.testing.assert_close(acc.sums, x.double().sum(0), rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(acc.mean, x.double().mean(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(acc.y_mean, y.double().mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.sums, x.double().sum(0), rtol=1e-6, atol=1e-6)  # f32 chunks
+    torch.testing.assert_close(acc.mean, x.double().mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(acc.y_mean, y.double().mean(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(acc.second_moment, acc.gram / n)
     assert torch.equal(acc.gram, acc.gram.T)
 

@@ -38,7 +38,11 @@ def group_rows(x: torch.Tensor, channel_dim: int, positions: torch.Tensor) -> to
     """Rows of the group's channels: ``(rows · r, m)`` for ``positions`` of shape ``(m, r)``."""
     moved = x.movedim(channel_dim, -1)
     m, r = positions.shape
-    sel = moved.index_select(-1, positions.reshape(-1))  # (..., m*r)
+    length = moved.shape[-1]
+    flat = positions.reshape(-1)
+    if r == 1 and m == length and bool((flat == torch.arange(m, device=flat.device)).all()):
+        return moved.reshape(-1, m)  # the group is the whole channel axis, in order
+    sel = moved.reshape(-1, length).index_select(-1, flat)  # (rows, m*r)
     sel = sel.reshape(-1, m, r).transpose(1, 2)  # (rows, r, m)
     return sel.reshape(-1, m)
 

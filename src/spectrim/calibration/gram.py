@@ -152,8 +152,6 @@ class GramAccumulator:
             )
         if not (t.is_floating_point()):
             raise ValueError(f"{name} must have a floating-point dtype, got {t.dtype}")
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
         return t.detach()
 
     @torch.no_grad()
@@ -181,16 +179,30 @@ class GramAccumulator:
         n = int(x.shape[0])
         cdt = torch.float64 if self.exact else torch.float32
         f64 = torch.float64
+        gram = torch.zeros_like(self._gram)
+        sums = torch.zeros_like(self._sums)
+        cross = None if self._cross is None else torch.zeros_like(self._cross)
+        y_sums = None if self._y_sums is None else torch.zeros_like(self._y_sums)
         for start in range(0, n, self.chunk_rows):
             stop = min(start + self.chunk_rows, n)
             xc = x[start:stop].to(device=self.device, dtype=cdt)
-            self._gram += torch.mm(xc.T, xc).to(f64)
-            self._sums += xc.sum(dim=0, dtype=f64)
+            gram += torch.mm(xc.T, xc).to(f64)
+            sums += xc.sum(dim=0).to(f64)  # chunk sums in the compute dtype, total in f64
             if y is not None:
-                assert self._cross is not None and self._y_sums is not None
+                assert cross is not None and y_sums is not None
                 yc = y[start:stop].to(device=self.device, dtype=cdt)
-                self._cross += torch.mm(xc.T, yc).to(f64)
-                self._y_sums += yc.sum(dim=0, dtype=f64)
+                cross += torch.mm(xc.T, yc).to(f64)
+                y_sums += yc.sum(dim=0).to(f64)
+        # Non-finite rows make the (small) products non-finite: check those, not the rows.
+        for name, t in (("x", gram), ("x", sums), ("y", cross), ("y", y_sums)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        self._gram += gram
+        self._sums += sums
+        if cross is not None and y_sums is not None:
+            assert self._cross is not None and self._y_sums is not None
+            self._cross += cross
+            self._y_sums += y_sums
         self._count += n
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:

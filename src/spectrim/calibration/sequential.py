@@ -33,7 +33,7 @@ from spectrim.calibration.collect import _channel_dim, group_rows
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.graph.trace import call_model
-from spectrim.linalg import fit_cross_reconstruction
+from spectrim.linalg import cross_residual_of, fit_cross_reconstruction
 
 __all__ = ["concat_batches", "original_rows", "sequential_folds"]
 
@@ -59,11 +59,13 @@ def concat_batches(batches: Sequence[Any]) -> Any:
 
 
 def original_rows(
-    model: nn.Module, analysis: Analysis, batch: Any, groups: Sequence[UnitGroup]
+    model: nn.Module, analysis: Analysis, batches: Sequence[Any], groups: Sequence[UnitGroup]
 ) -> tuple[dict[Key, torch.Tensor], dict[Key, GramAccumulator]]:
-    """Run the original model once; keep each (group, consumer) input rows and Gram."""
+    """Run the original model once over ``batches``; keep each (group, consumer) input
+    rows (in batch order) and their Gram."""
     modules = dict(model.named_modules())
-    rows: dict[Key, torch.Tensor] = {}
+    parts: dict[Key, list[torch.Tensor]] = {}
+    done: set[Key] = set()
     grams: dict[Key, GramAccumulator] = {}
     per_module: dict[str, list[tuple[Key, torch.Tensor]]] = {}
     for g in groups:
@@ -75,23 +77,28 @@ def original_rows(
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             for key, pos in per_module[name]:
-                if key in rows:
+                if key in done:
                     continue  # shared module: first call only
+                done.add(key)
                 r = group_rows(x, _channel_dim(module, x), pos).float().contiguous()
-                rows[key] = r
-                acc = GramAccumulator(r.shape[1])
-                acc.update(r)
-                grams[key] = acc
+                parts.setdefault(key, []).append(r)
+                if key not in grams:
+                    grams[key] = GramAccumulator(r.shape[1])
+                grams[key].update(r)
 
         return hook
 
     handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in per_module]
     try:
         with torch.no_grad():
-            call_model(model, batch)
+            for batch in batches:
+                done.clear()
+                call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
+    rows = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+    parts.clear()
     return rows, grams
 
 
@@ -119,6 +126,7 @@ def sequential_folds(
     batch: Any,
     keep: Mapping[int, np.ndarray],
     rows: Mapping[Key, torch.Tensor],
+    original: Mapping[Key, GramAccumulator],
     ridge: float = 0.0,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
     """Cross-covariance corrections for every pruned group, fitted in execution order.
@@ -129,6 +137,7 @@ def sequential_folds(
         batch: the whole calibration set as one batch.
         keep: group index -> kept channel indices (sorted) for every pruned group.
         rows: original consumer-input rows from :func:`original_rows`.
+        original: their Grams (also from :func:`original_rows`).
         ridge: relative ridge ``τ = ridge·tr(G')/m``.
 
     Returns:
@@ -162,13 +171,11 @@ def sequential_folds(
                 tau = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
                 b = fit_cross_reconstruction(g_c, cross, s, ridge=tau)
                 folds[gi][name] = b
-                # relative error of reconstructing the original inputs
-                zo64 = z_o.double()
-                pred = z_c.double()[:, torch.as_tensor(s)] @ torch.as_tensor(b).T
-                denom = float(zo64.pow(2).sum())
-                errors[(gi, name)] = (
-                    float(((zo64 - pred).pow(2).sum() / denom).sqrt()) if denom > 0 else 0.0
-                )
+                # relative error of reconstructing the original inputs, from Grams
+                g_o = original[(gi, name)].gram_numpy()
+                denom = float(np.trace(g_o))
+                res = cross_residual_of(g_o, g_c, cross, s, b)
+                errors[(gi, name)] = float(np.sqrt(res / denom)) if denom > 0 else 0.0
                 applied.append((positions, s, b))
             saved[name] = module.weight.data
             module.weight.data = _effective_weight(module.weight.data, applied)

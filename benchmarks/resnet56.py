@@ -1,0 +1,109 @@
+"""ResNet-56 on CIFAR-10 without fine-tuning: id vs l1 vs random at several MACs budgets.
+
+Uses the pretrained option-A ResNet-56 (akamaster), 1000 lossless CIFAR-10 training
+images for calibration and the 1000 lossless test images for evaluation.  Compression
+time is reported as a ratio to one plain forward pass over the calibration set measured
+in the same run.
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/resnet56.py
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/resnet56.py --targets macs=0.5 --methods id
+
+Prints a table and writes ``benchmarks/results/resnet56.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import spectrim
+from spectrim.evaluation import evaluate
+from spectrim.zoo import load_dataset, load_pretrained
+
+
+def plain_forward_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
+    with torch.no_grad():
+        t = time.perf_counter()
+        for b in x.split(batch):
+            model(b)
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--methods", default="id,l1,random")
+    ap.add_argument("--targets", default="macs=0.75,macs=0.5,macs=0.35")
+    ap.add_argument("--calib", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--one-shot", action="store_true", help="also run id with sequential=False")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "resnet56.json"))
+    args = ap.parse_args()
+    os.environ.setdefault(
+        "SPECTRIM_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = load_pretrained("resnet56-cifar10")
+    calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
+    test = load_dataset("cifar10", "eval")
+    dense = evaluate(model, test)
+    plain_forward_seconds(model, calib[:128], 64)  # warm-up
+    fwd = min(plain_forward_seconds(model, calib, 64) for _ in range(2))
+    print(
+        f"dense top-1 {dense.accuracy:.4f}; one forward over {len(calib)} calibration images: {fwd:.2f} s"
+    )
+
+    runs = []
+    variants = [(m, {}) for m in args.methods.split(",")]
+    if args.one_shot:
+        variants.append(("id", {"sequential": False}))
+    for target in args.targets.split(","):
+        for method, extra in variants:
+            fwd_now = plain_forward_seconds(model, calib, 64)  # same-run reference
+            small, report = spectrim.compress(model, calib, method=method, target=target, **extra)
+            res = evaluate(small, test, reference=model)
+            row = {
+                "method": method + ("" if not extra else "-oneshot"),
+                "target": target,
+                "accuracy": res.accuracy,
+                "agreement": res.agreement,
+                "macs_ratio": report.macs_ratio,
+                "params_ratio": report.params_ratio,
+                "seconds": report.seconds,
+                "forward_seconds": fwd_now,
+                "seconds_over_forward": report.seconds / fwd_now,
+                "timings": report.timings,
+            }
+            runs.append(row)
+            print(
+                f"{row['method']:11s} {target:10s} acc {res.accuracy:.4f} agree {res.agreement:.4f} "
+                f"MACs {report.macs_ratio:.3f} params {report.params_ratio:.3f} "
+                f"{report.seconds:6.1f} s ({row['seconds_over_forward']:.2f}x forward)"
+            )
+    out = {
+        "benchmark": "resnet56-cifar10",
+        "dense_accuracy": dense.accuracy,
+        "calibration_images": len(calib),
+        "eval_images": len(test),
+        "forward_seconds": fwd,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "runs": runs,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
