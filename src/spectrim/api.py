@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from spectrim.budget import CostModel, allocate
 from spectrim.calibration import collect_statistics
-from spectrim.calibration.sequential import concat_batches, original_rows, sequential_folds
+from spectrim.calibration.sequential import concat_batches, original_rows, sequential_correct
 from spectrim.config import CompressConfig, Target
 from spectrim.evaluation.flops import profile
 from spectrim.graph import GroupPlan, analyze_channels, apply_plan
@@ -111,9 +111,9 @@ def compress(
         d["method"] = method
     if target is not None:
         d["target"] = str(target)
-    for k in list(options):
-        if k in cfg_fields:
-            d[k] = options.pop(k)
+    for key in list(options):
+        if key in cfg_fields:
+            d[key] = options.pop(key)
     d["options"] = {**d.get("options", {}), **options}
     cfg = CompressConfig.from_dict(d)
     tgt = cfg.parsed_target
@@ -187,19 +187,18 @@ def compress(
             plans[gi] = solvers[gi].plan(k)
     timings["selection"] = time.perf_counter() - t
     seq_errors: dict[tuple[int, str], float] = {}
+    t = time.perf_counter()
     if sequential and plans and any(p.folds for p in plans.values()):
-        t = time.perf_counter()
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
         ridge = float(cfg.options.get("ridge", 0.0))
-        folds, seq_errors = sequential_folds(work, analysis, big, keep, rows, stats, ridge=ridge)
+        folds, seq_errors = sequential_correct(work, analysis, big, keep, rows, stats, ridge=ridge)
         for gi, f in folds.items():
             plans[gi].folds = f
         timings["sequential"] = time.perf_counter() - t
+    else:
+        apply_plan(work, analysis, plans)
+        timings["surgery"] = time.perf_counter() - t
     rows.clear()
-
-    t = time.perf_counter()
-    apply_plan(work, analysis, plans)
-    timings["surgery"] = time.perf_counter() - t
     cost1 = profile(work, example)
 
     for g in analysis.groups:

@@ -12,12 +12,9 @@ so the consumer reconstructs the *original* activations from the compressed ones
 naive variant, fitting ``Z'`` from ``Z'[:, S]``, reproduces the compressed model's own
 drift and was measured to lose about nine points of accuracy on ResNet-56.)
 
-Cost: two forward passes over the calibration set (original, then compressed) plus the
-Gram products; memory holds the original consumer inputs of the pruned groups.
-
-The temporary corrections are applied by swapping each consumer's weight for an
-equivalent full-width weight (zero columns for dropped channels), so no shapes change
-during the pass; the final surgery is done by :func:`spectrim.graph.apply_plan`.
+Cost: one forward pass of the original model (mini-batches) and one of the *compressed*
+model (the whole calibration set as one batch), plus the Gram products; memory holds the
+original consumer inputs of the pruned groups.
 """
 
 from __future__ import annotations
@@ -32,10 +29,17 @@ from torch import nn
 from spectrim.calibration.collect import _channel_dim, group_rows
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.channels import Analysis, UnitGroup
+from spectrim.graph.surgery import (
+    GroupPlan,
+    _fold_consumer,
+    _gather_index,
+    _new_positions,
+    apply_plan,
+)
 from spectrim.graph.trace import call_model
 from spectrim.linalg import cross_residual_of, fit_cross_reconstruction
 
-__all__ = ["concat_batches", "original_rows", "sequential_folds"]
+__all__ = ["concat_batches", "original_rows", "sequential_correct"]
 
 Key = tuple[int, str]
 
@@ -102,25 +106,7 @@ def original_rows(
     return rows, grams
 
 
-def _effective_weight(
-    w: torch.Tensor, folds: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-) -> torch.Tensor:
-    """Full-width weight equal to the folded consumer on the kept channels."""
-    w64 = w.double()
-    out = w64.clone()
-    for pos, keep, b in folds:
-        m, r = pos.shape
-        cols = w64[:, torch.as_tensor(pos.reshape(-1))].reshape(w.shape[0], m, r, *w.shape[2:])
-        bt = torch.as_tensor(b, dtype=torch.float64, device=w.device)
-        folded = torch.einsum("omr...,mk->okr...", cols, bt)
-        out[:, torch.as_tensor(pos.reshape(-1))] = 0.0
-        out[:, torch.as_tensor(pos[keep].reshape(-1))] = folded.reshape(
-            w.shape[0], -1, *w.shape[2:]
-        )
-    return out.to(w.dtype)
-
-
-def sequential_folds(
+def sequential_correct(
     model: nn.Module,
     analysis: Analysis,
     batch: Any,
@@ -129,56 +115,87 @@ def sequential_folds(
     original: Mapping[Key, GramAccumulator],
     ridge: float = 0.0,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
-    """Cross-covariance corrections for every pruned group, fitted in execution order.
+    """Prune ``model`` in place, fitting every consumer's correction sequentially.
+
+    The producers and passengers of every pruned group are sliced first, so the pass
+    runs the *compressed* network (about ``macs_ratio`` of a forward pass).  At each
+    consumer, in execution order, the kept inputs ``Z'_S`` of the compressed prefix are
+    paired with the original inputs ``Z`` and ``B = argmin ‖Z − Z'_S Bᵀ‖`` is folded
+    into the consumer's original weights before it runs.
 
     Args:
-        model: the model (unchanged on return).
+        model: the model to prune (in place).
         analysis: its channel analysis.
-        batch: the whole calibration set as one batch.
-        keep: group index -> kept channel indices (sorted) for every pruned group.
+        batch: the whole calibration set as one batch (same order as ``rows``).
+        keep: group index -> kept channel indices for every pruned group.
         rows: original consumer-input rows from :func:`original_rows`.
         original: their Grams (also from :func:`original_rows`).
-        ridge: relative ridge ``τ = ridge·tr(G')/m``.
+        ridge: relative ridge ``τ = ridge·tr(G'_SS)/k``.
 
     Returns:
         ``folds[group][consumer] = B`` and the relative error of each fit.
     """
     modules = dict(model.named_modules())
-    per_module: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for gi in keep:
+    keep = {gi: np.sort(np.asarray(k, dtype=np.int64)) for gi, k in keep.items()}
+    dropped: set[int] = set()
+    for gi, kept in keep.items():
         g = analysis.groups[gi]
-        for slot in g.consumers:
-            per_module.setdefault(slot.module, []).append((gi, slot.positions))
+        mask = np.ones(g.width, dtype=bool)
+        mask[kept] = False
+        dropped.update(int(c) for c in g.classes[mask])
+    per_module: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for gi, kept in keep.items():
+        for slot in analysis.groups[gi].consumers:
+            newpos = _new_positions(analysis.in_labels[slot.module], dropped)
+            per_module.setdefault(slot.module, []).append(
+                (gi, slot.positions, newpos[slot.positions[kept]])
+            )
+    orig_w: dict[str, torch.Tensor] = {}
+    for name in per_module:
+        w = modules[name].weight
+        assert isinstance(w, torch.Tensor)
+        orig_w[name] = w.data
+    apply_plan(model, analysis, {gi: GroupPlan(keep=k) for gi, k in keep.items()})
+    modules = dict(model.named_modules())
     folds: dict[int, dict[str, np.ndarray]] = {gi: {} for gi in keep}
     errors: dict[Key, float] = {}
-    saved: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if name in saved:
+            if name in done:
                 return
+            done.add(name)
             x = args[0].detach()
             cd = _channel_dim(module, x)
             applied = []
-            for gi, positions in per_module[name]:
-                pos_t = torch.as_tensor(positions, dtype=torch.long)
-                z_c = group_rows(x, cd, pos_t).float()
+            for gi, positions, new_positions in per_module[name]:
+                z_c = group_rows(x, cd, torch.as_tensor(new_positions, dtype=torch.long)).float()
                 z_o = rows[(gi, name)]
                 acc = GramAccumulator(z_c.shape[1], cross_dim=z_o.shape[1])
                 acc.update(z_c, z_o)
                 g_c, cross = acc.gram_numpy(), acc.cross_numpy()
-                s = keep[gi]
+                s = np.arange(g_c.shape[0])
                 tau = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
                 b = fit_cross_reconstruction(g_c, cross, s, ridge=tau)
                 folds[gi][name] = b
-                # relative error of reconstructing the original inputs, from Grams
                 g_o = original[(gi, name)].gram_numpy()
                 denom = float(np.trace(g_o))
                 res = cross_residual_of(g_o, g_c, cross, s, b)
                 errors[(gi, name)] = float(np.sqrt(res / denom)) if denom > 0 else 0.0
-                applied.append((positions, s, b))
-            saved[name] = module.weight.data
-            module.weight.data = _effective_weight(module.weight.data, applied)
+                applied.append((positions, keep[gi], b))
+            w = orig_w[name]
+            if name in analysis.out_labels:  # also a producer: keep its sliced outputs
+                w = w.index_select(
+                    0,
+                    torch.as_tensor(
+                        _gather_index(analysis.out_labels[name], dropped, {}), device=w.device
+                    ),
+                )
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            module.weight = nn.Parameter(w, requires_grad=weight.requires_grad)
+            _fold_consumer(module, analysis.in_labels[name], dropped, {}, applied)
 
         return hook
 
@@ -189,6 +206,9 @@ def sequential_folds(
     finally:
         for h in handles:
             h.remove()
-        for name, w in saved.items():
-            modules[name].weight.data = w
+    missing = sorted(set(per_module) - done)
+    if missing:
+        raise RuntimeError(
+            f"sequential calibration: consumer(s) {missing} did not run on the calibration batch"
+        )
     return folds, errors

@@ -447,7 +447,11 @@ class _Analyzer:
             self.getitem(op, lab)
         elif name in ("expand", "expand_as", "broadcast_to"):
             y = op.outputs[0]
-            if lab is not None and y.shape[lab.dim + len(y.shape) - len(x.shape)] != len(lab.atoms):
+            if (
+                lab is not None
+                and x is not None
+                and y.shape[lab.dim + len(y.shape) - len(x.shape)] != len(lab.atoms)
+            ):
                 self.opaque(op)
             else:
                 shift = len(y.shape) - len(x.shape) if x is not None else 0
@@ -747,15 +751,15 @@ def _moved_dim(op: Op, d: int, nd_in: int, nd_out: int) -> int | None:
         perm = [p % nd_in for p in perm]
         return perm.index(d)
     if name in ("transpose", "swapaxes", "swapdims"):
-        a = args[0] if args else op.kwargs.get("dim0")
-        b = args[1] if len(args) > 1 else op.kwargs.get("dim1")
+        a = args[0] if args else op.kwargs.get("dim0", 0)
+        b = args[1] if len(args) > 1 else op.kwargs.get("dim1", 0)
         a, b = a % nd_in, b % nd_in
         return b if d == a else a if d == b else d
     if name == "t":
         return 1 - d if nd_in == 2 else d
     if name == "movedim":
-        src = args[0] if args else op.kwargs.get("source")
-        dst = args[1] if len(args) > 1 else op.kwargs.get("destination")
+        src = args[0] if args else op.kwargs.get("source", 0)
+        dst = args[1] if len(args) > 1 else op.kwargs.get("destination", 0)
         src = [src] if isinstance(src, int) else list(src)
         dst = [dst] if isinstance(dst, int) else list(dst)
         order = [i for i in range(nd_in) if i not in [s % nd_in for s in src]]
@@ -766,13 +770,13 @@ def _moved_dim(op: Op, d: int, nd_in: int, nd_out: int) -> int | None:
         perm = [p if p >= 0 else next(it) for p in perm]
         return perm.index(d)
     if name == "unsqueeze":
-        u = args[0] if args else op.kwargs.get("dim")
+        u = args[0] if args else op.kwargs.get("dim", 0)
         u = u % nd_out
         return d + 1 if u <= d else d
     if name == "squeeze":
         if nd_in == nd_out:
             return d
-        s = args[0] if args else op.kwargs.get("dim")
+        s = args[0] if args else op.kwargs.get("dim", None)
         if s is None:
             return None
         squeezed = [s] if isinstance(s, int) else list(s)
