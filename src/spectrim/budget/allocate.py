@@ -56,9 +56,7 @@ def uniform_widths(
     widths: Mapping[int, int], fraction: float, round_to: int = 1, min_width: int = 1
 ) -> dict[int, int]:
     """Keep ``round(fraction·m)`` channels of every group (rounded up to ``round_to``)."""
-    return {
-        g: _round_up(round(fraction * m), m, round_to, min_width) for g, m in widths.items()
-    }
+    return {g: _round_up(round(fraction * m), m, round_to, min_width) for g, m in widths.items()}
 
 
 def widths_for_error(
@@ -159,6 +157,9 @@ class CostModel:
             total += f
         return total
 
+    def terms_of(self, kind: str) -> list[tuple[float, list[_Axis]]]:
+        return self.mac_terms if kind == "macs" else self.param_terms
+
     def macs(self, widths: Mapping[int, int]) -> float:
         return self._eval(self.mac_terms, widths, self.widths) + self.other_macs
 
@@ -192,10 +193,36 @@ def allocate(
     kind = target.kind
     full_w = dict(cost_model.widths)
     current = dict(full_w)
-    budget = target.value * cost_model.cost(kind, full_w)
-    cost = cost_model.cost(kind, current)
+    terms = cost_model.terms_of(kind)
+    extra = cost_model.other_macs if kind == "macs" else 0.0
+    # incremental evaluation: each group touches only the terms with one of its axes
+    touching: dict[int, list[int]] = {g: [] for g in curves}
+    for ti, (_, axes) in enumerate(terms):
+        for g in {g for ax in axes for g in ax.per_class}:
+            if g in touching:
+                touching[g].append(ti)
+
+    def term_value(ti: int, widths: Mapping[int, int]) -> float:
+        base, axes = terms[ti]
+        f = base
+        for ax in axes:
+            removed = sum(
+                r * (full_w[g] - widths.get(g, full_w[g])) for g, r in ax.per_class.items()
+            )
+            f *= (ax.length - removed) / ax.length
+        return f
+
+    values = [term_value(ti, current) for ti in range(len(terms))]
+    total_full = sum(values) + extra
+    budget = target.value * total_full
+    cost = total_full
     allowed = {g: _allowed(widths[g], round_to, min_width) for g in curves}
     step = {g: 0 for g in curves}  # index into allowed[g] of the current width
+
+    def delta(g: int, k2: int) -> float:
+        trial = dict(current)
+        trial[g] = k2
+        return sum(values[ti] - term_value(ti, trial) for ti in touching[g])
 
     def priority(g: int) -> float | None:
         i = step[g]
@@ -204,9 +231,7 @@ def allocate(
         k, k2 = allowed[g][i], allowed[g][i + 1]
         e = curves[g]
         d_err = float(e[k2] - e[k])
-        trial = dict(current)
-        trial[g] = k2
-        d_cost = cost - cost_model.cost(kind, trial)
+        d_cost = delta(g, k2)
         if d_cost <= 0:
             return math.inf
         return max(d_err, 0.0) / d_cost
@@ -226,7 +251,10 @@ def allocate(
             continue
         step[g] += 1
         current[g] = allowed[g][step[g]]
-        cost = cost_model.cost(kind, current)
+        for ti in touching[g]:
+            new = term_value(ti, current)
+            cost += new - values[ti]
+            values[ti] = new
         nxt = priority(g)
         if nxt is not None:
             heapq.heappush(heap, (nxt, g))
