@@ -1,0 +1,337 @@
+"""Shared pieces of the command-line interface: resolving models and data, output, progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Sized
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = [
+    "CLIError",
+    "DataSplits",
+    "ResolvedModel",
+    "add_data_options",
+    "check_model_spec",
+    "eval_batches",
+    "human_stream",
+    "load_data",
+    "nonneg_int",
+    "positive_int",
+    "progress_wrapper",
+    "resolve_model",
+    "subset",
+    "write_json",
+]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------ argument types
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative integer")
+    return value
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        h, w = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW (e.g. 32x32) or one size") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
+    return h, w
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """Options for user image data (folders and tensor files)."""
+    group = parser.add_argument_group("options for your own image data (folder or .pt/.npz)")
+    group.add_argument(
+        "--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean to subtract"
+    )
+    group.add_argument(
+        "--std", type=_floats, metavar="S[,S,S]", help="per-channel std to divide by"
+    )
+    group.add_argument("--grayscale", action="store_true", help="read images as one channel")
+    group.add_argument(
+        "--image-size", type=_size, metavar="HxW", help="resize images (folders only)"
+    )
+
+
+# ------------------------------------------------------------------------------------- output
+
+
+def human_stream(json_dest: str | None) -> TextIO:
+    """Where human-readable text goes: stderr when the JSON goes to stdout."""
+    return sys.stderr if json_dest == "-" else sys.stdout
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, (Path, torch.device, torch.dtype)):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def write_json(obj: Any, dest: str | None) -> None:
+    """Write ``obj`` as JSON to the file ``dest`` (``-``: stdout; ``None``: nowhere)."""
+    if dest is None:
+        return
+    text = json.dumps(_jsonable(obj), indent=2) + "\n"
+    if dest == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    path = Path(dest)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"--json {dest}: cannot write ({exc.strerror or exc})") from None
+
+
+def progress_wrapper(desc: str, quiet: bool) -> Any:
+    """A function wrapping an iterable in a tqdm bar on stderr.
+
+    No bar when ``quiet`` or when stderr is not a terminal (logs stay clean).
+    """
+
+    def wrap(iterable: Iterable[Any]) -> Iterable[Any]:
+        if quiet:
+            return iterable
+        from tqdm.auto import tqdm
+
+        total = len(iterable) if isinstance(iterable, Sized) else None
+        return tqdm(
+            iterable,
+            total=total,
+            desc=desc,
+            unit="batch",
+            file=sys.stderr,
+            leave=False,
+            disable=None,  # off when stderr is not a TTY
+        )
+
+    return wrap
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataSplits:
+    """Calibration inputs and labelled evaluation data resolved from ``--data``."""
+
+    name: str
+    calib: TensorDataset | None
+    eval: TensorDataset
+    note: str = ""
+
+
+def subset(ds: TensorDataset, start: int, stop: int | None) -> TensorDataset:
+    """Examples ``start:stop`` of a tensor dataset."""
+    return TensorDataset(*(t[start:stop] for t in ds.tensors))
+
+
+def _split_dirs(p: Path) -> tuple[Path | None, Path | None]:
+    def first(names: tuple[str, ...]) -> Path | None:
+        for name in names:
+            if (p / name).is_dir():
+                return p / name
+        return None
+
+    return first(("calib", "train")), first(("eval", "test", "val", "validation"))
+
+
+def load_data(
+    spec: str,
+    calib: int | None,
+    eval_limit: int | None,
+    args: argparse.Namespace,
+) -> DataSplits:
+    """Resolve ``--data``: a built-in dataset name, or a folder/.pt/.npz of your own images.
+
+    Built-in datasets use their ``calib`` (train) and ``eval`` (test) splits. A folder with
+    ``train``/``calib`` and ``test``/``eval``/``val`` subfolders uses those; any other folder or
+    file is one set: the first ``calib`` examples calibrate and the rest evaluate.
+    ``calib=None`` means no calibration data is needed (evaluation only).
+    """
+    from spectrim.zoo import list_datasets, load_dataset, load_image_folder
+
+    calib_set: TensorDataset | None
+    eval_set: TensorDataset
+    if spec in list_datasets():
+        calib_set = load_dataset(spec, "calib", limit=calib) if calib is not None else None
+        return DataSplits(spec, calib_set, load_dataset(spec, "eval", limit=eval_limit))
+
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise CLIError(
+            f"--data {spec!r}: no such file or directory, and not a built-in dataset "
+            f"(available: {', '.join(list_datasets())})"
+        )
+    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
+    if (mean is None) != (std is None):
+        raise CLIError("--mean and --std must be given together")
+    normalize = (mean, std) if mean is not None and std is not None else None
+    options: dict[str, Any] = {"normalize": normalize}
+    if p.is_dir():
+        options["grayscale"] = bool(getattr(args, "grayscale", False))
+        options["size"] = getattr(args, "image_size", None)
+
+    calib_dir, eval_dir = _split_dirs(p) if p.is_dir() else (None, None)
+    if eval_dir is not None:
+        eval_set = load_image_folder(eval_dir, limit=eval_limit, **options)
+        calib_set = None
+        if calib is not None:
+            source = calib_dir if calib_dir is not None else eval_dir
+            calib_set = load_image_folder(source, limit=calib, **options)
+        note = "" if calib_dir is not None or calib is None else "calibrating on the eval split"
+        return DataSplits(str(p), calib_set, eval_set, note)
+
+    whole: TensorDataset = load_image_folder(p, **options)
+    n = len(whole)
+    if calib is None:
+        return DataSplits(str(p), None, subset(whole, 0, eval_limit))
+    calib_set = subset(whole, 0, min(calib, n))
+    stop = None if eval_limit is None else calib + eval_limit
+    eval_set = subset(whole, calib, stop)
+    note = ""
+    if len(eval_set) == 0:
+        eval_set = subset(whole, 0, eval_limit)
+        note = "no examples left after calibration: evaluating on the calibration data"
+    return DataSplits(str(p), calib_set, eval_set, note)
+
+
+def eval_batches(ds: TensorDataset, batch_size: int, quiet: bool, desc: str) -> Iterable[Any]:
+    """Batches of a dataset for :func:`spectrim.evaluation.evaluate`, with a progress bar.
+
+    Unlabelled data (every label ``-1``) is passed as inputs only: accuracy is then ``None``
+    while agreement and fidelity are still measured.
+    """
+    tensors = ds.tensors
+    if len(tensors) > 1 and tensors[1].numel() and bool((tensors[1] < 0).all()):
+        ds = TensorDataset(tensors[0])
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return progress_wrapper(desc, quiet)(loader)
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class ResolvedModel:
+    """A model from ``--model`` and how to rebuild its architecture."""
+
+    model: nn.Module
+    kind: str  # "zoo", "file" or "compressed"
+    arch: dict[str, Any] | None
+    label: str
+
+
+def check_model_spec(spec: str, option: str = "--model") -> str:
+    """Fail fast (before loading data) on a model that is neither a path nor a zoo name."""
+    from spectrim.zoo import list_models
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        from spectrim.io import MANIFEST_FILE
+
+        if not (p / MANIFEST_FILE).is_file():
+            raise CLIError(
+                f"{option} {spec!r}: directory has no {MANIFEST_FILE} "
+                "(expected a folder written by 'spectrim compress --out')"
+            )
+        return "compressed"
+    if p.is_file():
+        return "file"
+    if spec in list_models():
+        return "zoo"
+    raise CLIError(
+        f"{option} {spec!r}: no such file or directory, and not a zoo model "
+        f"(available: {', '.join(list_models())})"
+    )
+
+
+def resolve_model(spec: str, example_inputs: Any = None, option: str = "--model") -> ResolvedModel:
+    """Load ``spec``: a compressed folder, a model file, or a zoo name (pretrained)."""
+    from spectrim.io import load_compressed, load_model_file, read_manifest
+    from spectrim.zoo import get_model
+
+    kind = check_model_spec(spec, option)
+    p = Path(spec).expanduser()
+    if kind == "compressed":
+        manifest = read_manifest(p)
+        model = load_compressed(p)
+        return ResolvedModel(model, kind, manifest.get("arch"), str(p))
+    if kind == "file":
+        model = load_model_file(p, example_inputs)
+        return ResolvedModel(model.eval(), kind, {"file": str(p.resolve())}, str(p))
+    return ResolvedModel(get_model(spec, pretrained=True).eval(), kind, {"zoo": spec}, spec)
+
+
+def original_from_arch(arch: dict[str, Any] | None) -> tuple[nn.Module, str] | None:
+    """The trained original model a compressed folder was made from (``None`` if unknown)."""
+    from spectrim.io import load_model_file
+    from spectrim.zoo import get_model
+
+    if not arch:
+        return None
+    if "zoo" in arch:
+        return get_model(str(arch["zoo"]), pretrained=True).eval(), str(arch["zoo"])
+    if "file" in arch:
+        path = Path(str(arch["file"]))
+        if not path.is_file():
+            raise CLIError(
+                f"the original model file {path} recorded in the manifest is gone; "
+                "pass --reference FILE or --no-reference"
+            )
+        return load_model_file(path).eval(), str(path)
+    return None

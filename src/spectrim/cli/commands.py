@@ -1,0 +1,313 @@
+"""The CLI commands: ``compress``, ``eval``, ``demo`` and ``list``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectrim.cli._common import (
+    CLIError,
+    check_model_spec,
+    eval_batches,
+    human_stream,
+    load_data,
+    original_from_arch,
+    progress_wrapper,
+    resolve_model,
+    write_json,
+)
+
+__all__ = ["run_compress", "run_demo_command", "run_eval", "run_list"]
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    threads = getattr(args, "threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _check_method_and_target(method: str, target: str) -> str:
+    from spectrim.config import Target
+    from spectrim.methods import available
+
+    if method not in available():
+        raise CLIError(
+            f"--method {method!r} is not a registered method (available: {', '.join(available())})"
+        )
+    try:
+        return str(Target.parse(target))
+    except ValueError as exc:
+        raise CLIError(f"--target {target!r}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ compress
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from spectrim.api import compress
+    from spectrim.evaluation import compare_latency, evaluate
+    from spectrim.io import save_compressed
+
+    out = human_stream(args.json)
+    t_start = time.perf_counter()
+    _set_threads(args)
+    target = _check_method_and_target(args.method, args.target)
+    check_model_spec(args.model)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out!r} exists and is not a directory")
+
+    data = load_data(args.data, args.calib, args.eval_limit, args)
+    assert data.calib is not None
+    calib_x = data.calib.tensors[0]
+    if len(calib_x) == 0:
+        raise CLIError(f"--data {args.data!r}: no calibration examples")
+    if len(data.eval) == 0:
+        raise CLIError(f"--data {args.data!r}: no evaluation examples")
+    if data.note and not args.quiet:
+        print(f"note: {data.note}", file=out)
+    resolved = resolve_model(args.model, example_inputs=calib_x[:4])
+    model = resolved.model.eval()
+
+    small, report = compress(
+        model,
+        calib_x,
+        method=args.method,
+        target=target,
+        round_to=args.round_to,
+        seed=args.seed,
+        verify=not args.no_verify,
+        progress=progress_wrapper("calibration", args.quiet),
+    )
+    result = evaluate(
+        small,
+        eval_batches(data.eval, args.batch_size, args.quiet, "evaluation"),
+        reference=model,
+    )
+    latency = None
+    if args.latency:
+        example = data.eval.tensors[0][: args.latency_batch]
+        latency = compare_latency(model, small, example, warmup=3, repeats=args.latency_repeats)
+        latency["device"] = "cpu"
+
+    saved = None
+    if args.out is not None:
+        saved = save_compressed(small, args.out, report, arch=resolved.arch)
+
+    summary: dict[str, Any] = {
+        "model": resolved.label,
+        "data": data.name,
+        "method": report.method,
+        "target": report.target,
+        "calibration_examples": len(calib_x),
+        "eval_examples": result.n,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "params_ratio": report.params_ratio,
+        "macs_before": report.macs_before,
+        "macs_after": report.macs_after,
+        "macs_ratio": report.macs_ratio,
+        "accuracy_before": result.reference_accuracy,
+        "accuracy_after": result.accuracy,
+        "agreement": result.agreement,
+        "fidelity": result.fidelity,
+        "seconds": report.seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "widths": report.widths,
+        "out": str(saved) if saved is not None else None,
+        "warnings": list(report.warnings),
+    }
+    if latency is not None:
+        summary["latency"] = latency
+    summary["report"] = report.to_dict()
+    write_json(summary, args.json)
+
+    if not args.quiet:
+        if args.verbose:
+            print(report.table(), file=out)
+        print(
+            f"{resolved.label} | {report.method} {report.target} | "
+            f"params {report.params_before:,} -> {report.params_after:,} "
+            f"({report.params_ratio:.3f}) | MACs {report.macs_before:,} -> "
+            f"{report.macs_after:,} ({report.macs_ratio:.3f})",
+            file=out,
+        )
+        print(
+            f"accuracy {_fmt(result.reference_accuracy)} -> {_fmt(result.accuracy)}, "
+            f"agreement {_fmt(result.agreement)} on {result.n} {data.name} examples | "
+            f"compressed in {report.seconds:.1f} s",
+            file=out,
+        )
+        if latency is not None:
+            print(
+                f"CPU latency (batch {latency['batch_size']}): "
+                f"{latency['original_median'] * 1e3:.2f} ms -> "
+                f"{latency['compressed_median'] * 1e3:.2f} ms "
+                f"(speedup x{latency['speedup']:.2f})",
+                file=out,
+            )
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=out)
+        if saved is not None:
+            print(f"saved to {saved}", file=out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- eval
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from spectrim.evaluation import compare_latency, evaluate, profile
+
+    out = human_stream(args.json)
+    _set_threads(args)
+    check_model_spec(args.model)
+    if args.reference is not None:
+        check_model_spec(args.reference, "--reference")
+    data = load_data(args.data, None, args.limit, args)
+    if len(data.eval) == 0:
+        raise CLIError(f"--data {args.data!r}: no evaluation examples")
+    example = data.eval.tensors[0][:4]
+    resolved = resolve_model(args.model, example_inputs=example)
+    model = resolved.model.eval()
+
+    reference = None
+    reference_label = None
+    if args.reference is not None:
+        ref = resolve_model(args.reference, example_inputs=example, option="--reference")
+        reference, reference_label = ref.model.eval(), ref.label
+    elif resolved.kind == "compressed" and not args.no_reference:
+        found = original_from_arch(resolved.arch)
+        if found is not None:
+            reference, reference_label = found
+
+    result = evaluate(
+        model,
+        eval_batches(data.eval, args.batch_size, args.quiet, "evaluation"),
+        reference=reference,
+    )
+    cost = profile(model, example[:2])
+    summary: dict[str, Any] = {
+        "model": resolved.label,
+        "data": data.name,
+        "n": result.n,
+        "accuracy": result.accuracy,
+        "params": cost.params,
+        "macs": cost.macs,
+        "reference": reference_label,
+        "reference_accuracy": result.reference_accuracy,
+        "agreement": result.agreement,
+        "fidelity": result.fidelity,
+    }
+    if reference is not None:
+        ref_cost = profile(reference, example[:2])
+        summary["params_reference"] = ref_cost.params
+        summary["macs_reference"] = ref_cost.macs
+        summary["params_ratio"] = cost.params / ref_cost.params if ref_cost.params else None
+        summary["macs_ratio"] = cost.macs / ref_cost.macs if ref_cost.macs else None
+        if args.latency:
+            latency = compare_latency(
+                reference, model, data.eval.tensors[0][: args.latency_batch], repeats=20
+            )
+            latency["device"] = "cpu"
+            summary["latency"] = latency
+    write_json(summary, args.json)
+
+    if not args.quiet:
+        print(
+            f"{resolved.label} on {result.n} {data.name} examples: accuracy "
+            f"{_fmt(result.accuracy)} | params {cost.params:,} | MACs {cost.macs:,}",
+            file=out,
+        )
+        if reference is not None:
+            print(
+                f"reference {reference_label}: accuracy {_fmt(result.reference_accuracy)} | "
+                f"params {summary['params_reference']:,} | MACs {summary['macs_reference']:,} | "
+                f"agreement {_fmt(result.agreement)} | logit rel. error "
+                f"{_fmt((result.fidelity or {}).get('rel_l2'))}",
+                file=out,
+            )
+        if "latency" in summary:
+            lat = summary["latency"]
+            print(
+                f"CPU latency (batch {lat['batch_size']}): reference "
+                f"{lat['original_median'] * 1e3:.2f} ms, model "
+                f"{lat['compressed_median'] * 1e3:.2f} ms (speedup x{lat['speedup']:.2f})",
+                file=out,
+            )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from spectrim.demo import DEFAULT_TARGETS, run_demo
+    from spectrim.methods import available
+
+    out = human_stream(args.json)
+    _set_threads(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if methods is not None:
+        unknown = [m for m in methods if m not in available()]
+        if unknown:
+            raise CLIError(
+                f"--methods: unknown method(s) {', '.join(unknown)} "
+                f"(available: {', '.join(available())})"
+            )
+    if args.targets:
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    elif args.quick:
+        targets = ("macs=0.5",)
+    else:
+        targets = DEFAULT_TARGETS
+    for t in targets:
+        _check_method_and_target("id", t)
+    rows = run_demo(methods=methods, targets=targets, seed=args.seed, file=out)
+    write_json(
+        {
+            "model": "DigitsCNN",
+            "data": "digits",
+            "methods": sorted({r["method"] for r in rows}),
+            "targets": list(targets),
+            "seed": args.seed,
+            "rows": rows,
+        },
+        args.json,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- list
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from spectrim.methods import available
+    from spectrim.zoo import DATASETS, MODELS, list_datasets, list_models
+
+    out = human_stream(args.json)
+    models = {
+        name: (MODELS[name].__doc__ or "").strip().splitlines()[0].removeprefix(f"{name}: ")
+        for name in list_models()
+    }
+    datasets = {name: DATASETS[name].description for name in list_datasets()}
+    methods = available()
+    write_json({"methods": methods, "models": models, "datasets": datasets}, args.json)
+    if not args.quiet:
+        print("methods:", file=out)
+        for name in methods:
+            print(f"  {name}", file=out)
+        print("models (zoo names for --model; or pass a model file):", file=out)
+        for name, doc in models.items():
+            print(f"  {name:<20} {doc}", file=out)
+        print("datasets (names for --data; or pass an image folder / .pt / .npz):", file=out)
+        for name, desc in datasets.items():
+            print(f"  {name:<20} {desc}", file=out)
+    return 0

@@ -1,0 +1,315 @@
+"""``spectrim`` command line: a thin layer over :func:`spectrim.compress` and friends.
+
+Example::
+
+    $ spectrim list
+    $ spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 --out small/
+    $ spectrim eval --model small/ --data cifar10
+    $ spectrim demo --quick
+
+Errors are printed as one line on stderr with exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from spectrim.cli._common import CLIError, add_data_options, nonneg_int, positive_int
+
+__all__ = ["build_parser", "main"]
+
+_MAIN_EPILOG = """\
+Examples:
+  spectrim list
+  spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 --out small/
+  spectrim eval --model small/ --data cifar10
+  spectrim demo --quick
+
+Built-in models and datasets are read from $SPECTRIM_DATA when set (offline use), else from
+the download cache. Run 'spectrim COMMAND --help' for the options of a command.
+"""
+
+_COMPRESS_EPILOG = """\
+Examples:
+  # keep half of the MACs of the pretrained ResNet-56, save the result in small/
+  spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 --out small/
+
+  # your own model (torch.save(model) or TorchScript) and image folder, JSON to stdout
+  spectrim compress --model my_model.pt --data images/ --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 \\
+      --target params=0.4 --calib 500 --json -
+
+  # quick check with fewer examples and a latency measurement
+  spectrim compress --model resnet20-cifar10 --data cifar10 --calib 200 --eval-limit 200 \\
+      --target macs=0.7 --latency --json result.json
+
+Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), width=F (keep a
+fraction F of every layer's channels), error=E (per-layer reconstruction error at most E).
+--data FOLDER: class subfolders (root/<class>/*.png), optionally under train/ and test/;
+without split subfolders the first --calib examples calibrate and the rest evaluate.
+"""
+
+_EVAL_EPILOG = """\
+Examples:
+  # a folder written by 'spectrim compress --out': compared with its original model
+  spectrim eval --model small/ --data cifar10
+
+  # any model, against an explicit reference, on the first 500 test images
+  spectrim eval --model my_small.pt --reference my_model.pt --data cifar10 --limit 500 --json -
+"""
+
+_DEMO_EPILOG = """\
+Examples:
+  spectrim demo                 # every method at macs=0.75, 0.5 and 0.35 (about a minute)
+  spectrim demo --quick         # one target (macs=0.5)
+  spectrim demo --methods id,l1 --targets macs=0.5,params=0.3 --json demo.json
+
+Trains a small CNN on the scikit-learn 8x8 digits (bundled with scikit-learn, no download),
+then compresses it with each method and compares accuracy and agreement with the original.
+"""
+
+_LIST_EPILOG = """\
+Examples:
+  spectrim list
+  spectrim list --json -
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _common_options(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
+    parser.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the results as JSON to FILE ('-': stdout, text then goes to stderr)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or text")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    if data:
+        parser.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=256,
+            metavar="N",
+            help="evaluation batch size (default: 256)",
+        )
+
+
+def _subparser(
+    sub: argparse._SubParsersAction, name: str, help: str, epilog: str, description: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(description, width=88),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spectrim`` argument parser."""
+    from spectrim import __version__
+    from spectrim.cli import commands
+    from spectrim.methods import available
+
+    parser = _Parser(
+        prog="spectrim",
+        description="Compress trained PyTorch models by interpolative-decomposition pruning.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"spectrim {__version__}")
+    parser.add_argument(
+        "--debug", dest="debug_global", action="store_true", help="show tracebacks on errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # compress ------------------------------------------------------------------------------
+    p = _subparser(
+        sub,
+        "compress",
+        "compress a model and evaluate it",
+        _COMPRESS_EPILOG,
+        "Compress a trained model with calibration data, evaluate it against the original "
+        "and optionally save it (reload with spectrim.io.load_compressed).",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME|FILE|DIR",
+        help="zoo model name, model file (torch.save(model) or TorchScript) or compressed folder",
+    )
+    p.add_argument(
+        "--data", required=True, metavar="NAME|PATH", help="dataset name, image folder or file"
+    )
+    p.add_argument(
+        "--method",
+        default="id",
+        help=f"compression method: {', '.join(available())} (default: id)",
+    )
+    p.add_argument("--target", default="macs=0.5", help="what to reach (default: macs=0.5)")
+    p.add_argument(
+        "--calib",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="calibration examples, the first N of the training split (default: 1000)",
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=positive_int,
+        metavar="N",
+        help="evaluate on the first N examples of the test split (default: all)",
+    )
+    p.add_argument("--out", metavar="DIR", help="save the compressed model to DIR")
+    p.add_argument(
+        "--round-to",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="kept widths are multiples of N (default: 1)",
+    )
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the graph self-checks before pruning (faster; for models known to work)",
+    )
+    p.add_argument(
+        "--latency", action="store_true", help="measure CPU latency of original vs compressed"
+    )
+    p.add_argument(
+        "--latency-batch",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="batch size for --latency (default: 32)",
+    )
+    p.add_argument(
+        "--latency-repeats",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="timed calls for --latency (default: 20)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
+    _common_options(p)
+    add_data_options(p)
+    p.set_defaults(func=commands.run_compress)
+
+    # eval ----------------------------------------------------------------------------------
+    p = _subparser(
+        sub,
+        "eval",
+        "evaluate a model (or a compressed folder)",
+        _EVAL_EPILOG,
+        "Evaluate a model's accuracy, parameters and MACs; with a reference model also the "
+        "agreement of their predictions and the logit error.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME|FILE|DIR",
+        help="zoo model name, model file, or a folder from 'spectrim compress --out'",
+    )
+    p.add_argument(
+        "--data", required=True, metavar="NAME|PATH", help="dataset name, image folder or file"
+    )
+    p.add_argument(
+        "--reference",
+        metavar="NAME|FILE|DIR",
+        help="model to compare with (default for a compressed folder: its original model)",
+    )
+    p.add_argument("--no-reference", action="store_true", help="do not compare with a reference")
+    p.add_argument(
+        "--limit", type=positive_int, metavar="N", help="first N test examples (default: all)"
+    )
+    p.add_argument(
+        "--latency", action="store_true", help="measure CPU latency against the reference"
+    )
+    p.add_argument(
+        "--latency-batch",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="batch size for --latency (default: 32)",
+    )
+    _common_options(p)
+    add_data_options(p)
+    p.set_defaults(func=commands.run_eval)
+
+    # demo ----------------------------------------------------------------------------------
+    p = _subparser(
+        sub,
+        "demo",
+        "train a digits CNN and compress it with every method",
+        _DEMO_EPILOG,
+        "Offline demonstration on the scikit-learn digits.",
+    )
+    p.add_argument("--quick", action="store_true", help="one target (macs=0.5)")
+    p.add_argument("--methods", metavar="M1,M2", help="methods to run (default: all)")
+    p.add_argument("--targets", metavar="T1,T2", help="targets, e.g. macs=0.5,params=0.3")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
+    _common_options(p, data=False)
+    p.set_defaults(func=commands.run_demo_command)
+
+    # list ----------------------------------------------------------------------------------
+    p = _subparser(
+        sub,
+        "list",
+        "list methods, models and datasets",
+        _LIST_EPILOG,
+        "List the available compression methods, zoo models and datasets.",
+    )
+    _common_options(p, data=False)
+    p.set_defaults(func=commands.run_list)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        text = exc.args[0]
+    else:
+        text = str(exc)
+    text = " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+    known = (CLIError, ValueError, KeyError, TypeError, OSError, ImportError)
+    if not isinstance(exc, known) or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        text += " (run with --debug for the traceback)"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``spectrim`` command line; return the exit code (0 ok, 2 error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    debug = bool(getattr(args, "debug", False) or getattr(args, "debug_global", False))
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print(f"spectrim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"spectrim {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
