@@ -57,6 +57,10 @@ class GroupPlan:
 
 def _gather_index(labels: np.ndarray, dropped: set[int], sub: Mapping[int, int]) -> np.ndarray:
     """Source position of every position that survives, after substitution."""
+    labels = np.asarray(labels, dtype=np.int64)
+    keep = ~np.isin(labels, np.fromiter(dropped, dtype=np.int64, count=len(dropped)))
+    if not sub:
+        return np.nonzero(keep)[0]
     occ: dict[tuple[int, int], int] = {}
     count: dict[int, int] = {}
     reps = np.empty(len(labels), dtype=np.int64)
@@ -66,14 +70,16 @@ def _gather_index(labels: np.ndarray, dropped: set[int], sub: Mapping[int, int])
         occ[(c, r)] = p
         reps[p] = r
     src = [
-        occ[(sub.get(c, c), r)] for c, r in zip(labels.tolist(), reps.tolist()) if c not in dropped
+        occ[(sub.get(c, c), r)]
+        for c, r, k in zip(labels.tolist(), reps.tolist(), keep.tolist())
+        if k
     ]
     return np.asarray(src, dtype=np.int64)
 
 
 def _new_positions(labels: np.ndarray, dropped: set[int]) -> np.ndarray:
     """old position -> new position (or -1 when dropped)."""
-    keep = np.array([c not in dropped for c in labels.tolist()], dtype=bool)
+    keep = ~np.isin(labels, np.fromiter(dropped, dtype=np.int64, count=len(dropped)))
     newpos = np.full(len(labels), -1, dtype=np.int64)
     newpos[keep] = np.arange(int(keep.sum()))
     return newpos
@@ -201,19 +207,20 @@ def apply_plan(model: nn.Module, analysis: Analysis, plans: Mapping[int, GroupPl
             fold_at.setdefault(slot.module, []).append((slot.positions, keep, b))
     if not dropped and not sub:
         return
+    touched = np.fromiter(dropped | set(sub), dtype=np.int64)
+
+    def affected(labels: np.ndarray) -> bool:
+        return bool(np.isin(labels, touched).any())
+
     modules = dict(model.named_modules())
     for name, labels in analysis.in_labels.items():
-        if (
-            np.isin(labels, list(dropped)).any()
-            or fold_at.get(name)
-            or any(int(c) in sub for c in labels)
-        ):
+        if fold_at.get(name) or affected(labels):
             _fold_consumer(modules[name], labels, dropped, sub, fold_at.get(name, []))
     for name, labels in analysis.out_labels.items():
-        if np.isin(labels, list(dropped)).any() or any(int(c) in sub for c in labels):
+        if affected(labels):
             _slice_module(modules[name], _gather_index(labels, dropped, sub), "out")
     for name, labels in analysis.chan_labels.items():
-        if not (np.isin(labels, list(dropped)).any() or any(int(c) in sub for c in labels)):
+        if not affected(labels):
             continue
         idx = _gather_index(labels, dropped, sub)
         if name in analysis.param_dims:
