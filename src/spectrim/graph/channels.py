@@ -499,8 +499,11 @@ class _Analyzer:
                     self.param_atoms[v.name] = labelled[0][1].atoms
                     self.param_dims[v.name] = vd
                 continue
-            self.opaque(op, f"{op.describe()} combines channels with a per-channel tensor "
-                        "spectrim cannot slice")  # fmt: skip
+            origin = v.producer.describe() if v.producer is not None else f"a {v.kind} tensor"
+            self.opaque(
+                op,
+                f"{op.describe()} combines these channels with untracked channels (from {origin})",
+            )
             return
         self.passthrough(op, _Labels(d, labelled[0][1].atoms))
 
@@ -610,7 +613,16 @@ class _Analyzer:
         axis_from_end = nd - 1 - lab.dim
         lo = 2 * axis_from_end
         if len(pads) > lo and (pads[lo] != 0 or pads[lo + 1] != 0):
-            self.opaque(op, f"{op.describe()} pads the channel axis with literal widths")
+            # mapped exactly (zero channels are new atoms) but pinned: the widths are
+            # literals in the model's code, so the channels cannot change
+            why = f"{op.describe()} pads the channel axis with literal widths"
+            self._pin_atoms(lab.atoms, why)
+            before, after = int(pads[lo]), int(pads[lo + 1])
+            if before < 0 or after < 0:
+                self.opaque(op, why)
+                return
+            atoms = np.concatenate([self.uf.new(before, why), lab.atoms, self.uf.new(after, why)])
+            self.passthrough(op, _Labels(lab.dim, atoms))
         else:
             self.passthrough(op, lab)
 
