@@ -66,14 +66,36 @@ def as_batches(data: Any, batch_size: int = 64) -> list[Any]:
 
 
 def _head(batch: Any, n: int = 2) -> Any:
-    """The first ``n`` examples of a batch (cheap tracing and self-checks)."""
+    """The first ``n`` examples of a batch (cheap tracing and self-checks).
+
+    Only tensors whose first dimension is the batch size (that of the batch's first
+    tensor) are cut; scalars and other arguments pass unchanged.
+    """
+    size = batch_len(batch)
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v[:n] if v.dim() > 0 and v.shape[0] == size else v
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(x) for x in v)
+        return v
+
+    return cut(batch)
+
+
+def _check_batch(batch: Any) -> None:
     if isinstance(batch, torch.Tensor):
-        return batch[:n]
-    if isinstance(batch, dict):
-        return {k: _head(v, n) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_head(v, n) for v in batch)
-    return batch
+        return
+    if isinstance(batch, dict) and any(isinstance(v, torch.Tensor) for v in batch.values()):
+        return
+    if isinstance(batch, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in batch):
+        return
+    raise TypeError(
+        f"calibration batch of type {type(batch).__name__} holds no tensor: use a tensor, a "
+        "tuple of tensors (positional args) or a dict of tensors (keyword args)"
+    )
 
 
 def compress(
@@ -126,6 +148,7 @@ def compress(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
     batches = as_batches(calibration)
+    _check_batch(batches[0])
     example = _head(batches[0])
     work = model if inplace else copy.deepcopy(model)
     work.eval()

@@ -1,0 +1,252 @@
+"""Budget allocation: exact cost model, targets reached as measured by the profiler,
+round_to / min_width respected, error targets met, greedy optimal where it must be."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import spectrim
+from spectrim.budget import CostModel, allocate, uniform_widths, widths_for_error
+from spectrim.calibration import collect_statistics
+from spectrim.config import Target
+from spectrim.evaluation import profile
+from spectrim.graph import GroupPlan, analyze_channels, apply_plan
+from spectrim.methods import get_method
+from spectrim.zoo import CifarResNet
+
+
+def cost_model_of(model: nn.Module, x: torch.Tensor):  # type: ignore[no-untyped-def]
+    a = analyze_channels(model, x)
+    cost = profile(model, x)
+    other = cost.macs - sum(cost.per_module.values())
+    return a, cost, CostModel(model, a, cost.per_module, other_macs=max(other, 0))
+
+
+class FlattenNet(nn.Module):
+    """conv → BN → depthwise → pointwise → flatten → Linear → Linear (varied cost terms)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.c2 = nn.Conv2d(12, 10, 1)
+        self.fc1 = nn.Linear(10 * 4 * 4, 20)
+        self.fc2 = nn.Linear(20, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.c1(x)))
+        x = F.relu(self.c2(F.relu(self.dw(x))))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 4), 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+MODELS = {
+    "flatten_net": (FlattenNet, (2, 3, 8, 8)),
+    "resnet8_B": (lambda: CifarResNet(8, shortcut="B", width=8), (2, 3, 16, 16)),
+    "resnet8_A": (lambda: CifarResNet(8, shortcut="A", width=8), (2, 3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cost_model_is_exact_for_sliced_models(name: str, seed: int) -> None:
+    """For random widths, the modelled MACs and parameters equal the profiler's count of
+    the physically pruned model."""
+    build, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = build().eval()
+    x = torch.randn(*shape)
+    a, _, cm = cost_model_of(model, x)
+    rng = np.random.default_rng(seed)
+    widths = {g.index: int(rng.integers(1, g.width + 1)) for g in a.prunable}
+    plans = {gi: GroupPlan(keep=np.sort(rng.permutation(a.groups[gi].width)[:k]))
+             for gi, k in widths.items()}  # fmt: skip
+    apply_plan(model, a, plans)
+    after = profile(model, x)
+    assert cm.macs(widths) == pytest.approx(after.macs, rel=1e-9, abs=1)
+    assert cm.params(widths) == pytest.approx(after.params, rel=1e-9, abs=0.5)
+
+
+@pytest.mark.parametrize("kind,value", [("macs", 0.5), ("macs", 0.8), ("params", 0.4)])
+def test_compress_reaches_global_target_measured_by_profile(kind: str, value: float) -> None:
+    torch.manual_seed(0)
+    model = CifarResNet(8, shortcut="B", width=8).eval()
+    x = torch.randn(64, 3, 16, 16)
+    small, report = spectrim.compress(model, x, method="id", target=f"{kind}={value}")
+    before, after = profile(model, x[:4]), profile(small, x[:4])
+    ratio = getattr(after, kind) / getattr(before, kind)
+    assert ratio <= value + 1e-9
+    assert ratio >= value - 0.03, f"{kind} ratio {ratio:.4f} undershoots the target {value}"
+    assert report.macs_after == after.macs and report.params_after == after.params
+    assert report.macs_before == before.macs and report.params_before == before.params
+
+
+def test_allocate_stops_at_the_budget_and_keeps_pinned_groups() -> None:
+    torch.manual_seed(0)
+    model = CifarResNet(8, shortcut="A", width=8).eval()
+    x = torch.randn(2, 3, 16, 16)
+    a, cost, cm = cost_model_of(model, x)
+    curves = {g.index: np.linspace(1.0, 0.0, g.width + 1) ** 2 for g in a.prunable}
+    widths = allocate(Target("macs", 0.8), curves, cm)
+    assert set(widths) == {g.index for g in a.prunable}
+    full = cm.macs({})
+    assert full == pytest.approx(cost.macs)
+    assert cm.macs(widths) <= 0.8 * full
+    # one channel more anywhere would be above the budget (the greedy stops at once)
+    assert any(cm.macs({**widths, g: w + 1}) > 0.8 * full
+               for g, w in widths.items() if w < a.groups[g].width)  # fmt: skip
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+@pytest.mark.parametrize("target", ["macs=0.5", "params=0.6", "width=0.55", "error=0.3"])
+def test_round_to_gives_multiples_or_full_width(round_to: int, target: str) -> None:
+    torch.manual_seed(0)
+    model = CifarResNet(8, shortcut="B", width=12).eval()  # widths 12, 24, 48
+    x = torch.randn(48, 3, 16, 16)
+    _, report = spectrim.compress(model, x, method="id", target=target, round_to=round_to)
+    pruned = 0
+    for g in report.groups:
+        if g.pinned is None:
+            assert g.width_after % round_to == 0 or g.width_after == g.width_before, g
+            pruned += g.width_after < g.width_before
+    assert pruned > 0
+
+
+def test_allowed_widths_with_round_to_and_min_width() -> None:
+    curves = {0: np.linspace(1, 0, 11) ** 2, 1: np.linspace(1, 0, 7) ** 2}  # widths 10, 6
+    assert uniform_widths({0: 10, 1: 6}, 0.3, round_to=4) == {0: 4, 1: 4}
+    assert uniform_widths({0: 10, 1: 6}, 0.05, round_to=1, min_width=3) == {0: 3, 1: 3}
+    assert uniform_widths({0: 10, 1: 6}, 0.95, round_to=4) == {0: 10, 1: 6}
+    w = widths_for_error(curves, 0.55, round_to=4)
+    assert all(k % 4 == 0 or k in (10, 6) for k in w.values())
+    for g, k in w.items():
+        assert np.sqrt(curves[g][k]) <= 0.55 + 1e-12
+
+
+@pytest.mark.parametrize("error", [0.05, 0.2, 0.5])
+def test_error_target_per_group_errors_are_at_most_e(error: float) -> None:
+    torch.manual_seed(0)
+    model = FlattenNet().eval()
+    x = torch.randn(128, 3, 8, 8)
+    _, report = spectrim.compress(model, x, method="id", target=f"error={error}")
+    checked = 0
+    for g in report.groups:
+        if g.pinned is None:
+            assert g.predicted_error is not None and g.predicted_error <= error + 1e-12, g
+            checked += 1
+    assert checked == 3
+    # minimality: one channel fewer would exceed E (curves recomputed from scratch)
+    a = analyze_channels(model, x[:2])
+    stats = collect_statistics(model, a, [x], a.prunable)
+    method = get_method("id")
+    for g in a.prunable:
+        solver = method.solver(
+            g, {c.module: stats[(g.index, c.module)] for c in g.consumers}, model
+        )
+        e = np.sqrt(np.maximum(solver.error_curve(), 0))
+        k = report.widths[g.name][1]
+        assert e[k] <= error + 1e-12
+        if k > 1:
+            assert e[k - 1] > error, (g.name, k, e[k - 1])
+    assert report.params_after <= report.params_before
+
+
+def test_widths_for_error_picks_the_smallest_k() -> None:
+    curves = {0: np.array([1.0, 0.5, 0.1, 0.01, 0.0]), 1: np.array([1.0, 0.0, 0.0])}
+    assert widths_for_error(curves, 0.11) == {0: 3, 1: 1}  # sqrt(0.01) = 0.1 <= 0.11
+    assert widths_for_error(curves, 0.0) == {0: 4, 1: 1}
+    assert widths_for_error(curves, 0.99, min_width=2) == {0: 2, 1: 2}
+
+
+# --------------------------------------------------------------- greedy vs brute force
+
+
+class Branches(nn.Module):
+    """Three independent hidden groups: every channel of every group costs the same MACs
+    (4 inputs + 2 outputs), so the cost is additive and uniform per channel."""
+
+    def __init__(self, widths: tuple[int, ...] = (4, 5, 3)) -> None:
+        super().__init__()
+        self.up = nn.ModuleList(nn.Linear(4, w) for w in widths)
+        self.down = nn.ModuleList(nn.Linear(w, 2) for w in widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(d(F.relu(u(x))) for u, d in zip(self.up, self.down))  # type: ignore[return-value]
+
+
+def convex_curve(rng: np.random.Generator, m: int) -> np.ndarray:
+    """Decreasing, convex e[k], e[m] = 0."""
+    steps = np.sort(rng.exponential(size=m))[::-1]  # decreasing marginal gains
+    e = np.concatenate([np.cumsum(steps[::-1])[::-1], [0.0]])
+    return e / e[0]
+
+
+def brute_force(curves, cm, kind, budget):  # type: ignore[no-untyped-def]
+    best = (np.inf, None)
+    groups = sorted(curves)
+    for ks in itertools.product(*[range(1, len(curves[g])) for g in groups]):
+        w = dict(zip(groups, ks))
+        if cm.cost(kind, w) <= budget + 1e-9:
+            err = sum(curves[g][k] for g, k in w.items())
+            if err < best[0] - 1e-12:
+                best = (err, w)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.75])
+def test_greedy_matches_brute_force(seed: int, fraction: float) -> None:
+    torch.manual_seed(seed)
+    model = Branches().eval()
+    x = torch.randn(2, 4)
+    a, _, cm = cost_model_of(model, x)
+    assert len(a.prunable) == 3
+    rng = np.random.default_rng(seed)
+    curves = {g.index: convex_curve(rng, g.width) for g in a.prunable}
+    for kind in ("macs", "params"):
+        widths = allocate(Target(kind, fraction), curves, cm)
+        budget = fraction * cm.cost(kind, {})
+        err, best = brute_force(curves, cm, kind, budget)
+        assert best is not None
+        assert cm.cost(kind, widths) <= budget + 1e-9
+        got = sum(curves[g][k] for g, k in widths.items())
+        assert got == pytest.approx(err, rel=1e-9, abs=1e-12), (kind, widths, best)
+
+
+def test_greedy_prefers_the_cheap_error() -> None:
+    """Two groups, equal cost per channel: the flat curve is pruned first."""
+    torch.manual_seed(0)
+    model = Branches((4, 4)).eval()
+    a, _, cm = cost_model_of(model, torch.randn(2, 4))
+    g0, g1 = (g.index for g in a.prunable)
+    flat = np.array([1.0, 0.03, 0.02, 0.01, 0.0])
+    steep = np.array([1.0, 0.6, 0.4, 0.2, 0.0])
+    widths = allocate(Target("macs", 0.75), {g0: flat, g1: steep}, cm)
+    # 8 hidden channels cost 6 MACs each (+ constant-free): 75% -> remove 2 of the 8
+    assert widths == {g0: 2, g1: 4}
+
+
+@pytest.mark.parametrize("min_width", [1, 3])
+def test_unreachable_target_returns_minimum_widths(min_width: int) -> None:
+    """Option-A streams are pinned, so macs=0.01 cannot be reached: every prunable group
+    ends at min_width, the model still runs and the report shows the cost reached."""
+    torch.manual_seed(0)
+    model = CifarResNet(8, shortcut="A", width=8).eval()
+    x = torch.randn(32, 3, 16, 16)
+    small, report = spectrim.compress(
+        model, x, method="id", target="macs=0.01", min_width=min_width
+    )
+    prunable = [g for g in report.groups if g.pinned is None]
+    assert prunable
+    assert all(g.width_after == min_width for g in prunable), report.widths
+    assert report.macs_ratio > 0.01
+    assert profile(small, x[:2]).macs == report.macs_after
+    with torch.no_grad():
+        assert small(x).shape == (32, 10)

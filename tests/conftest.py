@@ -1,0 +1,77 @@
+"""Shared fixtures: offline data root, deterministic torch, small calibration tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+os.environ.setdefault("SPECTRIM_DATA", str(DATA_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+torch.manual_seed(0)
+torch.set_num_threads(2)
+
+
+def _state_hash(model: nn.Module) -> str:
+    """sha256 over every state_dict entry (name, shape, dtype and bytes)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def state_hash():  # type: ignore[no-untyped-def]
+    """``state_hash(model) -> str``: sha256 of the model's state_dict."""
+    return _state_hash
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same global RNG state."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ["SPECTRIM_DATA"])
+    if not root.is_dir():
+        pytest.skip(f"offline data not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_calib(data_root: Path) -> torch.Tensor:
+    """128 normalised CIFAR-10 training images, (128, 3, 32, 32) float32."""
+    from spectrim.zoo import load_dataset
+
+    x, _ = load_dataset("cifar10", "calib", limit=128).tensors
+    return x.clone()
+
+
+@pytest.fixture(scope="session")
+def sts_sentences(data_root: Path) -> list[str]:
+    """Unique sentences of the STS-B test split, in file order."""
+    path = data_root / "stsbenchmark" / "sts-test.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    seen: dict[str, None] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 7:
+            for s in parts[5:7]:
+                s = s.strip()
+                if s:
+                    seen.setdefault(s, None)
+    return list(seen)
