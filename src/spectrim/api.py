@@ -161,7 +161,8 @@ def compress(
         raise RuntimeError(
             f"spectrim could not trace the model on the calibration batch: {exc}"
         ) from exc
-    cost0 = profile(work, example)
+    kernels = _has_functional_products(analysis)
+    cost0 = profile(work, example, kernels=kernels)
     report = CompressionReport(method=cfg.method, target=str(tgt), config=cfg.to_dict())
     if cfg.verify:
         for name, why in self_check(work, analysis, example, seed=cfg.seed):
@@ -222,7 +223,7 @@ def compress(
         apply_plan(work, analysis, plans)
         timings["surgery"] = time.perf_counter() - t
     rows.clear()
-    cost1 = profile(work, example)
+    cost1 = profile(work, example, kernels=kernels)
 
     for g in analysis.groups:
         k = widths.get(g.index, g.width)
@@ -251,6 +252,23 @@ def compress(
     report.timings = timings
     report.seconds = time.perf_counter() - t0
     return work, report
+
+
+_PRODUCTS = {
+    "matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm", "mv", "dot", "linear", "einsum",
+    "scaled_dot_product_attention", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "tensordot", "inner", "outer",
+}  # fmt: skip
+
+
+def _has_functional_products(analysis: Any) -> bool:
+    """Whether the traced graph multiplies tensors outside hook-counted modules."""
+    for op in analysis.graph.ops:
+        if op.kind == "function" and op.name in _PRODUCTS:
+            return True
+        if op.kind == "module" and isinstance(op.target, (nn.MultiheadAttention, nn.RNNBase)):
+            return True
+    return False
 
 
 def batch_len(batch: Any) -> int:

@@ -63,7 +63,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -383,7 +383,7 @@ def _divide(total: int, batch: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def profile(model: nn.Module, example_inputs: Any) -> ModelCost:
+def profile(model: nn.Module, example_inputs: Any, *, kernels: bool = True) -> ModelCost:
     """MACs per example (total and per module) and unique parameter count of *model*.
 
     Args:
@@ -392,6 +392,9 @@ def profile(model: nn.Module, example_inputs: Any) -> ModelCost:
             arguments, or a dict of keyword arguments (e.g. ``input_ids``/``attention_mask``).
             Tensors are moved to the model's device. Counts are divided by the batch size, the
             first dimension of the first tensor.
+        kernels: also count tensor products called as functions (the dispatch-mode
+            counter). Pass ``False`` only when the caller knows there are none (e.g. from
+            a trace): it skips a one-off import of about two seconds.
 
     Example::
 
@@ -411,7 +414,7 @@ def profile(model: nn.Module, example_inputs: Any) -> ModelCost:
         torch.no_grad(),
         _mha_fastpath_disabled(),
         _hooks(model, tally),
-        _KernelCounter(tally),
+        _KernelCounter(tally) if kernels else nullcontext(),
     ):
         call_model(model, inputs)
     raw_total = sum(tally.per_module.values())
