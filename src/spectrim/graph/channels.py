@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.graph.trace import Graph, Op, Value, trace
+from spectrim.graph.trace import POINTWISE_TYPES, Graph, Op, Value, trace
 
 __all__ = ["Analysis", "ConsumerSlot", "UnitGroup", "analyze_channels"]
 
@@ -59,29 +59,6 @@ _POOL = (
     nn.Upsample,
     nn.ZeroPad2d,
     nn.ConstantPad2d,
-)
-_POINTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Mish,
-    nn.Softplus,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
 )
 
 _UNARY = {
@@ -381,7 +358,7 @@ class _Analyzer:
                 self.opaque(op, f"normalised over channel groups by {op.describe()}")
             else:
                 self.passthrough(op, lab)
-        elif isinstance(m, _POINTWISE_MODULES):
+        elif isinstance(m, POINTWISE_TYPES):
             self.passthrough(op, lab)
         elif isinstance(m, (nn.Softmax, nn.LogSoftmax)):
             d = m.dim if m.dim is not None else -1

@@ -26,7 +26,32 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["Graph", "Op", "Value", "call_model", "trace", "LEAF_TYPES"]
+__all__ = ["LEAF_TYPES", "POINTWISE_TYPES", "Graph", "Op", "Value", "call_model", "trace"]
+
+POINTWISE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+"""Modules that act on every element alone (channels pass through unchanged)."""
 
 # Modules recorded as single ops.  Anything else is traced through.
 LEAF_TYPES: tuple[type[nn.Module], ...] = (
@@ -53,29 +78,9 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.MultiheadAttention,
     nn.RNNBase,
     nn.PReLU,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Mish,
-    nn.Softplus,
+    *POINTWISE_TYPES,
     nn.Softmax,
     nn.LogSoftmax,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
     nn.MaxPool1d,
     nn.MaxPool2d,
     nn.MaxPool3d,
