@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import spectrim
-from spectrim.evaluation import evaluate
+from spectrim.evaluation import compare_latency, evaluate
 from spectrim.zoo import load_dataset, load_pretrained
 
 
@@ -71,6 +71,7 @@ def main() -> None:
             fwd_now = plain_forward_seconds(model, calib, 64)  # same-run reference
             small, report = spectrim.compress(model, calib, method=method, target=target, **extra)
             res = evaluate(small, test, reference=model)
+            lat = compare_latency(model, small, calib[:64], warmup=2, repeats=10)
             row = {
                 "method": method + ("" if not extra else "-oneshot"),
                 "target": target,
@@ -82,12 +83,16 @@ def main() -> None:
                 "forward_seconds": fwd_now,
                 "seconds_over_forward": report.seconds / fwd_now,
                 "timings": report.timings,
+                "latency_batch64_original_s": lat["original_median"],
+                "latency_batch64_compressed_s": lat["compressed_median"],
+                "speedup": lat["speedup"],
             }
             runs.append(row)
             print(
                 f"{row['method']:11s} {target:10s} acc {res.accuracy:.4f} agree {res.agreement:.4f} "
                 f"MACs {report.macs_ratio:.3f} params {report.params_ratio:.3f} "
-                f"{report.seconds:6.1f} s ({row['seconds_over_forward']:.2f}x forward)"
+                f"{report.seconds:6.1f} s ({row['seconds_over_forward']:.2f}x forward) "
+                f"speed-up {lat['speedup']:.2f}x"
             )
     out = {
         "benchmark": "resnet56-cifar10",

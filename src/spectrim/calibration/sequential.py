@@ -123,15 +123,17 @@ _F32_RTOL = 1e-6
 _EXACT_FITS = True  # float64 products for the fits: exact on rank-deficient data
 
 
-def _relative_residual(z: torch.Tensor, z_kept: torch.Tensor, b: np.ndarray) -> float:
-    """``‖Z − Z'_S Bᵀ‖ / ‖Z‖`` from the rows (a Gram trace formula would cancel)."""
-    bt = torch.as_tensor(b, dtype=z.dtype).T
-    num = den = 0.0
-    for start in range(0, z.shape[0], 65536):
-        zc = z[start : start + 65536]
-        num += float((zc - z_kept[start : start + 65536] @ bt).double().pow(2).sum())
-        den += float(zc.double().pow(2).sum())
-    return (num / den) ** 0.5 if den > 0 else 0.0
+def _relative_residual(z: torch.Tensor, g_c: np.ndarray, cross: np.ndarray, b: np.ndarray) -> float:
+    """``‖Z − Z'_S Bᵀ‖ / ‖Z‖`` from float64-product Grams and an exact ``‖Z‖²``.
+
+    (A trace formula on float32-product Grams would cancel at ~sqrt(float32 eps).)
+    """
+    total = float(torch.linalg.vector_norm(z, dtype=torch.float64) ** 2)
+    if total <= 0:
+        return 0.0
+    s = np.arange(g_c.shape[0])
+    res = total - 2.0 * float(np.sum(cross[s, :].T * b)) + float(np.sum((b @ g_c) * b))
+    return float(np.sqrt(max(res, 0.0) / total))
 
 
 def sequential_correct(
@@ -208,7 +210,7 @@ def sequential_correct(
                 # Grams of float32 products: directions below ~float32 precision are noise
                 b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=_F32_RTOL)
                 folds[gi][name] = b
-                errors[(gi, name)] = _relative_residual(z_o, z_c, b)
+                errors[(gi, name)] = _relative_residual(z_o, g_c, cross, b)
                 applied.append((positions, keep[gi], b))
             w = orig_w[name]
             if name in analysis.out_labels:  # also a producer: keep its sliced outputs

@@ -59,13 +59,21 @@ class GroupSolver(ABC):
 class OrderSolver(GroupSolver):
     """Keep the first ``k`` channels of a fixed priority order, no correction."""
 
-    def __init__(self, group: UnitGroup, order: np.ndarray, weights: np.ndarray | None = None):
+    def __init__(
+        self,
+        group: UnitGroup,
+        order: np.ndarray,
+        weights: np.ndarray | None = None,
+        curve: np.ndarray | None = None,
+    ):
         self.group = group
         self.order = np.asarray(order, dtype=np.int64)
         w = np.ones(group.width) if weights is None else np.asarray(weights, dtype=np.float64)
         kept = np.concatenate([[0.0], np.cumsum(w[self.order])])
         total = kept[-1]
         self._curve = 1.0 - kept / total if total > 0 else np.zeros(group.width + 1)
+        if curve is not None:
+            self._curve = np.asarray(curve, dtype=np.float64)
         self._curve = np.maximum.accumulate(self._curve[::-1])[::-1]
 
     def error_curve(self) -> np.ndarray:

@@ -73,4 +73,8 @@ class RandomMethod(Method):
     def solver(
         self, group: UnitGroup, stats: Mapping[str, GramAccumulator], model: nn.Module
     ) -> GroupSolver:
-        return OrderSolver(group, self.rng.permutation(group.width))
+        # a channel carries no information about its worth here, so the allocator gets
+        # the curve of an "average" channel: (1 - k/m)^2 spreads a budget ~uniformly
+        m = group.width
+        curve = (1.0 - np.arange(m + 1) / m) ** 2
+        return OrderSolver(group, self.rng.permutation(m), curve=curve)
