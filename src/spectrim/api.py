@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from spectrim.budget import CostModel, allocate
 from spectrim.calibration import collect_statistics
-from spectrim.calibration.sequential import concat_batches, original_rows, sequential_correct
+from spectrim.calibration.sequential import original_rows, sequential_correct
 from spectrim.config import CompressConfig, Target
 from spectrim.evaluation.flops import profile
 from spectrim.graph import GroupPlan, analyze_channels, apply_plan
@@ -173,12 +173,10 @@ def compress(
     t = time.perf_counter()
     stats: dict[tuple[int, str], Any] = {}
     sequential = cfg.sequential and algo.needs_statistics and bool(groups)
-    big: Any = None
-    rows: dict[tuple[int, str], torch.Tensor] = {}
+    rows: dict[tuple[int, str], list[torch.Tensor]] = {}
     if sequential:
-        big = concat_batches(batches)
         rows, stats = original_rows(work, analysis, batches, groups)
-        report.calibration_rows = batch_len(big)
+        report.calibration_rows = sum(batch_len(b) for b in batches)
     elif algo.needs_statistics and groups:
         wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None
         if progress is True:
@@ -215,7 +213,9 @@ def compress(
     if sequential and plans and any(p.folds for p in plans.values()):
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
         ridge = float(cfg.options.get("ridge", 0.0))
-        folds, seq_errors = sequential_correct(work, analysis, big, keep, rows, stats, ridge=ridge)
+        folds, seq_errors = sequential_correct(
+            work, analysis, batches, keep, rows, stats, ridge=ridge
+        )
         for gi, f in folds.items():
             plans[gi].folds = f
         timings["sequential"] = time.perf_counter() - t

@@ -50,7 +50,7 @@ def test_second_consumer_fits_original_from_compressed_prefix() -> None:
         fac = id_factorize(sum(acc.gram_numpy() for k, acc in grams.items() if k[0] == g.index))
         keep[g.index] = np.sort(fac.selected(g.width // 2))
     work = copy.deepcopy(model)
-    folds, errors = sequential_correct(work, a, x, keep, rows, grams)
+    folds, errors = sequential_correct(work, a, [x[:8], x[8:]], keep, rows, grams)
 
     # brute force for the second group (consumer '5'): its inputs in the compressed
     # model, restricted to the kept channels, must reconstruct the original inputs

@@ -77,9 +77,9 @@ def concat_batches(batches: Sequence[Any]) -> Any:
 
 def original_rows(
     model: nn.Module, analysis: Analysis, batches: Sequence[Any], groups: Sequence[UnitGroup]
-) -> tuple[dict[Key, torch.Tensor], dict[Key, GramAccumulator]]:
+) -> tuple[dict[Key, list[torch.Tensor]], dict[Key, GramAccumulator]]:
     """Run the original model once over ``batches``; keep each (group, consumer) input
-    rows (in batch order) and their Gram."""
+    rows (one tensor per batch, in batch order) and their Gram."""
     modules = dict(model.named_modules())
     parts: dict[Key, list[torch.Tensor]] = {}
     done: set[Key] = set()
@@ -114,21 +114,21 @@ def original_rows(
     finally:
         for h in handles:
             h.remove()
-    rows = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
-    parts.clear()
-    return rows, grams
+    return parts, grams
 
 
 _F32_RTOL = 1e-6
 _EXACT_FITS = True  # float64 products for the fits: exact on rank-deficient data
 
 
-def _relative_residual(z: torch.Tensor, g_c: np.ndarray, cross: np.ndarray, b: np.ndarray) -> float:
+def _relative_residual(
+    z: Sequence[torch.Tensor], g_c: np.ndarray, cross: np.ndarray, b: np.ndarray
+) -> float:
     """``‖Z − Z'_S Bᵀ‖ / ‖Z‖`` from float64-product Grams and an exact ``‖Z‖²``.
 
     (A trace formula on float32-product Grams would cancel at ~sqrt(float32 eps).)
     """
-    total = float(torch.linalg.vector_norm(z, dtype=torch.float64) ** 2)
+    total = sum(float(torch.linalg.vector_norm(p, dtype=torch.float64) ** 2) for p in z)
     if total <= 0:
         return 0.0
     s = np.arange(g_c.shape[0])
@@ -136,12 +136,97 @@ def _relative_residual(z: torch.Tensor, g_c: np.ndarray, cross: np.ndarray, b: n
     return float(np.sqrt(max(res, 0.0) / total))
 
 
+def _run_lockstep(
+    model: nn.Module,
+    batches: list[Any],
+    names: list[str],
+    fold: Callable[[str, nn.Module, list[torch.Tensor]], None],
+) -> None:
+    """Run every batch's forward pass, pausing all of them at each consumer in ``names``.
+
+    Each batch runs in its own greenlet (one OS thread, normal intra-op parallelism); at a
+    consumer's first call every greenlet parks its input, ``fold`` sees all inputs at
+    once and updates the module, then all resume.  This is the whole calibration set
+    flowing as one batch, but computed in the original mini-batches.  Without the
+    ``greenlet`` package the batches are concatenated into one instead.
+    """
+    modules = dict(model.named_modules())
+    try:
+        from greenlet import getcurrent, greenlet
+    except ImportError:  # pragma: no cover - greenlet is a dependency
+        batches = [concat_batches(batches)]
+        getcurrent = greenlet = None  # type: ignore[assignment]
+
+    if greenlet is None or len(batches) == 1:
+        seen: set[str] = set()
+
+        def hook1(name: str) -> Callable[..., None]:
+            def h(module: nn.Module, args: tuple[Any, ...]) -> None:
+                if name not in seen:
+                    seen.add(name)
+                    fold(name, module, [args[0].detach()])
+
+            return h
+
+        handles = [modules[n].register_forward_pre_hook(hook1(n)) for n in names]
+        try:
+            with torch.no_grad():
+                call_model(model, batches[0])
+        finally:
+            for hd in handles:
+                hd.remove()
+        return
+
+    parent = getcurrent()
+    seen_by: dict[Any, set[str]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def h(module: nn.Module, args: tuple[Any, ...]) -> None:
+            me = getcurrent()
+            seen = seen_by.setdefault(me, set())
+            if name not in seen:
+                seen.add(name)
+                parent.switch(("park", name, module, args[0].detach()))
+
+        return h
+
+    def runner(batch: Any) -> Callable[[], tuple[str]]:
+        def run() -> tuple[str]:
+            call_model(model, batch)
+            return ("done",)
+
+        return run
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # greenlet-safe: no nested context managers
+    try:
+        lets = [greenlet(runner(b)) for b in batches]
+        states = [g.switch() for g in lets]
+        while True:
+            parked = [i for i, st in enumerate(states) if st[0] == "park"]
+            if not parked:
+                break
+            if len(parked) != len(lets) or len({states[i][1] for i in parked}) != 1:
+                raise RuntimeError(
+                    "sequential calibration: the calibration batches take different paths "
+                    "through the model; use sequential=False"
+                )
+            name, module = states[0][1], states[0][2]
+            fold(name, module, [states[i][3] for i in parked])
+            states = [lets[i].switch() for i in parked]
+    finally:
+        torch.set_grad_enabled(grad)
+        for hd in handles:
+            hd.remove()
+
+
 def sequential_correct(
     model: nn.Module,
     analysis: Analysis,
-    batch: Any,
+    batches: Sequence[Any],
     keep: Mapping[int, np.ndarray],
-    rows: Mapping[Key, torch.Tensor],
+    rows: Mapping[Key, Sequence[torch.Tensor]],
     original: Mapping[Key, GramAccumulator],
     ridge: float = 0.0,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
@@ -156,7 +241,7 @@ def sequential_correct(
     Args:
         model: the model to prune (in place).
         analysis: its channel analysis.
-        batch: the whole calibration set as one batch (same order as ``rows``).
+        batches: the calibration batches, in the order used for ``rows``.
         keep: group index -> kept channel indices for every pruned group.
         rows: original consumer-input rows from :func:`original_rows`.
         original: their Grams (also from :func:`original_rows`).
@@ -191,49 +276,49 @@ def sequential_correct(
     errors: dict[Key, float] = {}
     done: set[str] = set()
 
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if name in done:
-                return
-            done.add(name)
-            x = args[0].detach()
-            cd = _channel_dim(module, x)
-            applied = []
-            for gi, positions, new_positions in per_module[name]:
-                z_c = group_rows(x, cd, torch.as_tensor(new_positions, dtype=torch.long)).float()
-                z_o = rows[(gi, name)]
-                acc = GramAccumulator(z_c.shape[1], cross_dim=z_o.shape[1], exact=_EXACT_FITS)
-                acc.update(z_c, z_o)
-                g_c, cross = acc.gram_numpy(), acc.cross_numpy()
-                s = np.arange(g_c.shape[0])
-                tau = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
-                # Grams of float32 products: directions below ~float32 precision are noise
-                b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=_F32_RTOL)
-                folds[gi][name] = b
-                errors[(gi, name)] = _relative_residual(z_o, g_c, cross, b)
-                applied.append((positions, keep[gi], b))
-            w = orig_w[name]
-            if name in analysis.out_labels:  # also a producer: keep its sliced outputs
-                w = w.index_select(
-                    0,
-                    torch.as_tensor(
-                        _gather_index(analysis.out_labels[name], dropped, {}), device=w.device
-                    ),
+    def fold(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
+        """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
+        done.add(name)
+        cd = _channel_dim(module, xs[0])
+        applied = []
+        for gi, positions, new_positions in per_module[name]:
+            parts = rows[(gi, name)]
+            pos_t = torch.as_tensor(new_positions, dtype=torch.long)
+            m = parts[0].shape[1]
+            acc = GramAccumulator(len(new_positions), cross_dim=m, exact=_EXACT_FITS)
+            if len(xs) == 1 and len(parts) > 1:  # one concatenated batch (no greenlet)
+                parts = [torch.cat(list(parts))]
+            if len(xs) != len(parts):
+                raise RuntimeError(
+                    f"sequential calibration: consumer '{name}' ran on {len(xs)} batches in "
+                    f"the compressed pass but {len(parts)} in the original pass"
                 )
-            weight = module.weight
-            assert isinstance(weight, torch.Tensor)
-            module.weight = nn.Parameter(w, requires_grad=weight.requires_grad)
-            _fold_consumer(module, analysis.in_labels[name], dropped, {}, applied)
+            for x, z_o in zip(xs, parts):
+                z_c = group_rows(x, cd, pos_t).float()
+                if z_c.shape[0] != z_o.shape[0]:
+                    raise RuntimeError(
+                        f"sequential calibration: consumer '{name}' got {z_c.shape[0]} rows "
+                        f"where the original pass had {z_o.shape[0]}"
+                    )
+                acc.update(z_c, z_o)
+            g_c, cross = acc.gram_numpy(), acc.cross_numpy()
+            s = np.arange(g_c.shape[0])
+            tau = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
+            # activations are float32: directions below ~float32 precision are noise
+            b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=_F32_RTOL)
+            folds[gi][name] = b
+            errors[(gi, name)] = _relative_residual(parts, g_c, cross, b)
+            applied.append((positions, keep[gi], b))
+        w = orig_w[name]
+        if name in analysis.out_labels:  # also a producer: keep its sliced outputs
+            idx = _gather_index(analysis.out_labels[name], dropped, {})
+            w = w.index_select(0, torch.as_tensor(idx, device=w.device))
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        module.weight = nn.Parameter(w, requires_grad=weight.requires_grad)
+        _fold_consumer(module, analysis.in_labels[name], dropped, {}, applied)
 
-        return hook
-
-    handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in per_module]
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_lockstep(model, list(batches), list(per_module), fold)
     missing = sorted(set(per_module) - done)
     if missing:
         raise RuntimeError(
