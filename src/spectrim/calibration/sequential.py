@@ -1,8 +1,8 @@
 """Sequential calibration: corrections that undo the error of the compressed prefix.
 
 In one-shot mode every consumer's correction ``B`` is fitted on the original model's
-activations, so errors of earlier layers accumulate.  Here the calibration set runs as
-one batch through the model *while it is being compressed*: at each consumer (in
+activations, so errors of earlier layers accumulate.  Here the calibration batches run
+in lock-step through the model *while it is being compressed*: at each consumer (in
 execution order) the inputs ``Z'`` produced by the already-compressed prefix are paired
 with the original model's inputs ``Z`` at the same point, and the correction solves
 
@@ -10,11 +10,11 @@ with the original model's inputs ``Z`` at the same point, and the correction sol
 
 so the consumer reconstructs the *original* activations from the compressed ones.  (The
 naive variant, fitting ``Z'`` from ``Z'[:, S]``, reproduces the compressed model's own
-drift and was measured to lose about nine points of accuracy on ResNet-56.)
+drift; issue #2 reports it losing about nine points of accuracy on ResNet-56.)
 
-Cost: one forward pass of the original model (mini-batches) and one of the *compressed*
-model (the whole calibration set as one batch), plus the Gram products; memory holds the
-original consumer inputs of the pruned groups.
+Cost: one forward pass of the original model and one of the *compressed* model (both in
+the calibration mini-batches), plus the Gram products; memory holds the original
+consumer inputs of the pruned groups and the live activations of all batches at once.
 """
 
 from __future__ import annotations
