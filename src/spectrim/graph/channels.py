@@ -36,30 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.graph.trace import POINTWISE_TYPES, Graph, Op, Value, trace
+from spectrim.graph.trace import POINTWISE_TYPES, SPATIAL_TYPES, Graph, Op, Value, trace
 
 __all__ = ["Analysis", "ConsumerSlot", "UnitGroup", "analyze_channels"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_POOL = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Upsample,
-    nn.ZeroPad2d,
-    nn.ConstantPad2d,
-)
 
 _UNARY = {
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
@@ -363,7 +346,7 @@ class _Analyzer:
         elif isinstance(m, (nn.Softmax, nn.LogSoftmax)):
             d = m.dim if m.dim is not None else -1
             self.softmax_like(op, lab, d)
-        elif isinstance(m, _POOL):
+        elif isinstance(m, SPATIAL_TYPES):
             if lab is not None and lab.dim != 1:
                 self.opaque(op, f"{op.describe()} pools over the channel axis")
             else:

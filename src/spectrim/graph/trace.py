@@ -26,7 +26,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["LEAF_TYPES", "POINTWISE_TYPES", "Graph", "Op", "Value", "call_model", "trace"]
+__all__ = [
+    "LEAF_TYPES",
+    "POINTWISE_TYPES",
+    "SPATIAL_TYPES",
+    "Graph",
+    "Op",
+    "Value",
+    "call_model",
+    "trace",
+]
 
 POINTWISE_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -52,6 +61,25 @@ POINTWISE_TYPES: tuple[type[nn.Module], ...] = (
     nn.AlphaDropout,
 )
 """Modules that act on every element alone (channels pass through unchanged)."""
+
+SPATIAL_TYPES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+)
+"""Modules that act on spatial axes only, channel by channel (pooling, padding, resize)."""
 
 # Modules recorded as single ops.  Anything else is traced through.
 LEAF_TYPES: tuple[type[nn.Module], ...] = (
@@ -81,22 +109,8 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     *POINTWISE_TYPES,
     nn.Softmax,
     nn.LogSoftmax,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
+    *SPATIAL_TYPES,
     nn.Flatten,
-    nn.Upsample,
-    nn.ZeroPad2d,
-    nn.ConstantPad2d,
     nn.ChannelShuffle,
     nn.PixelShuffle,
 )
