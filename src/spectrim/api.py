@@ -174,20 +174,20 @@ def compress(
     stats: dict[tuple[int, str], Any] = {}
     sequential = cfg.sequential and algo.needs_statistics and bool(groups)
     rows: dict[tuple[int, str], list[torch.Tensor]] = {}
-    if sequential:
-        rows, stats = original_rows(work, analysis, batches, groups)
-        report.calibration_rows = sum(batch_len(b) for b in batches)
-    elif algo.needs_statistics and groups:
-        wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None
-        if progress is True:
-            from tqdm.auto import tqdm
+    wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None
+    if progress is True:
+        from tqdm.auto import tqdm
 
-            def wrap(it: Iterable[Any]) -> Iterable[Any]:
-                return tqdm(it, total=len(batches), desc="calibration", unit="batch")
-        elif callable(progress):
-            wrap = progress
+        def wrap(it: Iterable[Any]) -> Iterable[Any]:
+            return tqdm(it, total=len(batches), desc="calibration", unit="batch")
+    elif callable(progress):
+        wrap = progress
+    if sequential:
+        rows, stats = original_rows(work, analysis, batches, groups, progress=wrap)
+    elif algo.needs_statistics and groups:
         stats = collect_statistics(work, analysis, batches, groups, progress=wrap)
-        report.calibration_rows = sum(int(batch_len(b)) for b in batches)
+    if algo.needs_statistics and groups:
+        report.calibration_rows = sum(batch_len(b) for b in batches)
     timings["statistics"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -19,7 +19,7 @@ consumer inputs of the pruned groups and the live activations of all batches at 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,7 +76,11 @@ def concat_batches(batches: Sequence[Any]) -> Any:
 
 
 def original_rows(
-    model: nn.Module, analysis: Analysis, batches: Sequence[Any], groups: Sequence[UnitGroup]
+    model: nn.Module,
+    analysis: Analysis,
+    batches: Sequence[Any],
+    groups: Sequence[UnitGroup],
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> tuple[dict[Key, list[torch.Tensor]], dict[Key, GramAccumulator]]:
     """Run the original model once over ``batches``; keep each (group, consumer) input
     rows (one tensor per batch, in batch order) and their Gram."""
@@ -108,7 +112,7 @@ def original_rows(
     handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in per_module]
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in progress(batches) if progress is not None else batches:
                 done.clear()
                 call_model(model, batch)
     finally:
