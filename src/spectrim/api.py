@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -126,7 +127,7 @@ def compress(
             method options (e.g. ``ridge`` for ``id``).
     """
     t0 = time.perf_counter()
-    cfg_fields = {"round_to", "min_width", "verify", "seed", "sequential"}
+    cfg_fields = {"round_to", "min_width", "verify", "seed", "sequential", "sequential_fraction"}
     base = config or CompressConfig()
     d = base.to_dict()
     if method is not None:
@@ -182,8 +183,15 @@ def compress(
             return tqdm(it, total=len(batches), desc="calibration", unit="batch")
     elif callable(progress):
         wrap = progress
+    n_seq = len(batches)
     if sequential:
-        rows, stats = original_rows(work, analysis, batches, groups, progress=wrap)
+        # the first batches holding at least that share of the examples
+        sizes = np.cumsum([batch_len(b) for b in batches])
+        want = math.ceil(cfg.sequential_fraction * int(sizes[-1]))
+        n_seq = int(np.searchsorted(sizes, want)) + 1
+        rows, stats = original_rows(
+            work, analysis, batches, groups, progress=wrap, keep_batches=n_seq
+        )
     elif algo.needs_statistics and groups:
         stats = collect_statistics(work, analysis, batches, groups, progress=wrap)
     if algo.needs_statistics and groups:
@@ -214,7 +222,7 @@ def compress(
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
         ridge = float(cfg.options.get("ridge", 0.0))
         folds, seq_errors = sequential_correct(
-            work, analysis, batches, keep, rows, stats, ridge=ridge
+            work, analysis, batches[:n_seq], keep, rows, stats, ridge=ridge
         )
         for gi, f in folds.items():
             plans[gi].folds = f

@@ -82,7 +82,12 @@ class CompressConfig:
         seed: seed for randomised methods and self-checks.
         sequential: fit each consumer's correction on the activations of the already
             compressed prefix, reconstructing the original model's activations
-            (cross-covariance least squares); two forward passes instead of one.
+            (cross-covariance least squares).
+        sequential_fraction: share of the calibration batches the sequential
+            corrections are fitted on (kept sets and widths always use all of them); a
+            correction has ``m·k`` coefficients and sees rows × positions samples, so a
+            quarter of a few hundred images is plenty for CNNs and keeps the cost near
+            one forward pass.
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 
@@ -93,6 +98,7 @@ class CompressConfig:
     verify: bool = True
     seed: int = 0
     sequential: bool = True
+    sequential_fraction: float = 0.25
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,6 +107,8 @@ class CompressConfig:
             raise ValueError(f"round_to={self.round_to} must be a positive integer")
         if int(self.min_width) < 1:
             raise ValueError(f"min_width={self.min_width} must be a positive integer")
+        if not 0.0 < float(self.sequential_fraction) <= 1.0:
+            raise ValueError(f"sequential_fraction={self.sequential_fraction} must be in (0, 1]")
 
     @property
     def parsed_target(self) -> Target:

@@ -132,3 +132,23 @@ def test_sequential_accepts_ragged_dict_batches() -> None:
     assert errs and all(0.0 <= e < 1.0 for e in errs)
     with torch.no_grad():
         assert small(**batches[1]).shape == model(**batches[1]).shape
+
+
+def test_sequential_fraction_validated_and_used() -> None:
+    model = _chain()
+    x = torch.randn(64, 3, 8, 8)
+    with pytest.raises(ValueError, match="sequential_fraction"):
+        spectrim.compress(model, x, target="width=0.5", sequential_fraction=0.0)
+    batches = list(x.split(16))
+    full, _ = spectrim.compress(model, batches, target="width=0.5", sequential_fraction=1.0)
+    part, _ = spectrim.compress(model, batches, target="width=0.5", sequential_fraction=0.25)
+    same, _ = spectrim.compress(model, batches[:1] * 4, target="width=0.5")
+    with torch.no_grad():
+        # a quarter of the examples is the first batch: a different fit than all four
+        assert not torch.allclose(full(x), part(x))
+    # identical calibration batches: fitting on one of them equals fitting on all
+    with torch.no_grad():
+        same_full, _ = spectrim.compress(
+            model, batches[:1] * 4, target="width=0.5", sequential_fraction=1.0
+        )
+        torch.testing.assert_close(same(x), same_full(x), rtol=1e-4, atol=1e-5)

@@ -81,12 +81,15 @@ def original_rows(
     batches: Sequence[Any],
     groups: Sequence[UnitGroup],
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    keep_batches: int | None = None,
 ) -> tuple[dict[Key, list[torch.Tensor]], dict[Key, GramAccumulator]]:
-    """Run the original model once over ``batches``; keep each (group, consumer) input
-    rows (one tensor per batch, in batch order) and their Gram."""
+    """Run the original model once over ``batches``; return the Gram of each (group,
+    consumer) input over all batches and its rows (one tensor per batch, in batch order)
+    for the first ``keep_batches`` batches (all by default)."""
     modules = dict(model.named_modules())
     parts: dict[Key, list[torch.Tensor]] = {}
     done: set[Key] = set()
+    batch_index = [0]
     grams: dict[Key, GramAccumulator] = {}
     per_module: dict[str, list[tuple[Key, torch.Tensor]]] = {}
     for g in groups:
@@ -102,7 +105,8 @@ def original_rows(
                     continue  # shared module: first call only
                 done.add(key)
                 r = group_rows(x, _channel_dim(module, x), pos).float().contiguous()
-                parts.setdefault(key, []).append(r)
+                if keep_batches is None or batch_index[0] < keep_batches:
+                    parts.setdefault(key, []).append(r)
                 if key not in grams:
                     grams[key] = GramAccumulator(r.shape[1])
                 grams[key].update(r)
@@ -112,7 +116,8 @@ def original_rows(
     handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in per_module]
     try:
         with torch.no_grad():
-            for batch in progress(batches) if progress is not None else batches:
+            for i, batch in enumerate(progress(batches) if progress is not None else batches):
+                batch_index[0] = i
                 done.clear()
                 call_model(model, batch)
     finally:
