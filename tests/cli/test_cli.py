@@ -392,3 +392,33 @@ def test_compress_unlabelled_image_folder(
     assert data["accuracy_after"] is None  # no labels: agreement only
     assert 0.0 <= data["agreement"] <= 1.0
     assert data["macs_after"] < data["macs_before"]
+
+
+def test_compress_one_shot_and_fraction_flags(
+    model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reports = {}
+    for flags in (["--one-shot"], ["--sequential-fraction", "0.5"]):
+        json_path = tmp_path / "r.json"
+        code, _, err = _run(
+            capsys,
+            "compress",
+            "--model",
+            str(model_files["pickle"]),
+            "--data",
+            "digits",
+            "--target",
+            "macs=0.5",
+            "--calib",
+            "200",
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+            str(json_path),
+            *flags,
+        )
+        assert code == 0, err
+        reports[flags[0]] = _json(json_path)["report"]["config"]
+    assert reports["--one-shot"]["sequential"] is False
+    assert reports["--sequential-fraction"]["sequential"] is True
+    assert reports["--sequential-fraction"]["sequential_fraction"] == 0.5

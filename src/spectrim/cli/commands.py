@@ -84,6 +84,8 @@ def run_compress(args: argparse.Namespace) -> int:
         round_to=args.round_to,
         seed=args.seed,
         verify=not args.no_verify,
+        sequential=not args.one_shot,
+        sequential_fraction=args.sequential_fraction,
         progress=progress_wrapper("calibration", args.quiet),
     )
     result = evaluate(

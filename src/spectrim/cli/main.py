@@ -187,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the graph self-checks before pruning (faster; for models known to work)",
     )
     p.add_argument(
+        "--one-shot",
+        action="store_true",
+        help="fit every correction on the original model's statistics only (one forward "
+        "pass; default: sequential corrections on the compressed prefix)",
+    )
+    p.add_argument(
+        "--sequential-fraction",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="share of the calibration examples the sequential corrections are fitted on "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--latency", action="store_true", help="measure CPU latency of original vs compressed"
     )
     p.add_argument(
