@@ -12,7 +12,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -185,12 +184,8 @@ def compress(
         wrap = progress
     n_seq = len(batches)
     if sequential:
-        # the first batches holding at least that share of the examples
-        sizes = np.cumsum([batch_len(b) for b in batches])
-        want = math.ceil(cfg.sequential_fraction * int(sizes[-1]))
-        n_seq = int(np.searchsorted(sizes, want)) + 1
-        rows, stats = original_rows(
-            work, analysis, batches, groups, progress=wrap, keep_batches=n_seq
+        rows, stats, n_seq = original_rows(
+            work, analysis, batches, groups, progress=wrap, fraction=cfg.sequential_fraction
         )
     elif algo.needs_statistics and groups:
         stats = collect_statistics(work, analysis, batches, groups, progress=wrap)

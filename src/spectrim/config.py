@@ -83,11 +83,12 @@ class CompressConfig:
         sequential: fit each consumer's correction on the activations of the already
             compressed prefix, reconstructing the original model's activations
             (cross-covariance least squares).
-        sequential_fraction: share of the calibration batches the sequential
+        sequential_fraction: share of the calibration examples the sequential
             corrections are fitted on (kept sets and widths always use all of them); a
             correction has ``m·k`` coefficients and sees rows × positions samples, so a
-            quarter of a few hundred images is plenty for CNNs and keeps the cost near
-            one forward pass.
+            quarter of a few hundred images is plenty for CNNs.  More examples are used
+            whenever the share would give fewer than 32 rows per channel (transformer
+            FFNs).
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 

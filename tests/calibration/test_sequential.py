@@ -44,7 +44,7 @@ def test_second_consumer_fits_original_from_compressed_prefix() -> None:
     a = analyze_channels(model, x[:2])
     groups = a.prunable
     assert [g.name for g in groups] == ["0", "3"]
-    rows, grams = original_rows(model, a, [x[:8], x[8:]], groups)
+    rows, grams, _ = original_rows(model, a, [x[:8], x[8:]], groups)
     keep = {}
     for g in groups:
         fac = id_factorize(sum(acc.gram_numpy() for k, acc in grams.items() if k[0] == g.index))
@@ -92,7 +92,7 @@ def test_lockstep_batches_equal_one_concatenated_batch() -> None:
     x = torch.randn(24, 3, 8, 8)
     batches = [x[:8], x[8:16], x[16:]]
     a = analyze_channels(model, x[:2])
-    rows, grams = original_rows(model, a, batches, a.prunable)
+    rows, grams, _ = original_rows(model, a, batches, a.prunable)
     keep = {}
     for g in a.prunable:
         fac = id_factorize(sum(acc.gram_numpy() for k, acc in grams.items() if k[0] == g.index))
@@ -152,3 +152,19 @@ def test_sequential_fraction_validated_and_used() -> None:
             model, batches[:1] * 4, target="width=0.5", sequential_fraction=1.0
         )
         torch.testing.assert_close(same(x), same_full(x), rtol=1e-4, atol=1e-5)
+
+
+def test_wide_layers_keep_enough_rows_for_the_fits() -> None:
+    """A quarter of the examples is not used when it would give fewer than 32 rows per
+    channel (transformer FFNs): then every batch is kept."""
+    torch.manual_seed(0)
+    model = _TokenMLP().eval()
+    batches = [{"ids": torch.randint(0, 50, (4, 5))} for _ in range(8)]
+    a = analyze_channels(model, {"ids": batches[0]["ids"][:2]})
+    _, _, n_keep = original_rows(model, a, batches, a.prunable, fraction=0.25)
+    assert n_keep == len(batches)  # 32 rows x 32 channels > 8 batches x 4 x 5 tokens
+    conv = _chain()
+    x = torch.randn(64, 3, 8, 8)
+    a2 = analyze_channels(conv, x[:2])
+    _, _, n_keep2 = original_rows(conv, a2, list(x.split(8)), a2.prunable, fraction=0.25)
+    assert n_keep2 == 2  # 64 positions per image: a quarter (16 images) is plenty

@@ -19,6 +19,7 @@ consumer inputs of the pruned groups and the live activations of all batches at 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -81,15 +82,25 @@ def original_rows(
     batches: Sequence[Any],
     groups: Sequence[UnitGroup],
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
-    keep_batches: int | None = None,
-) -> tuple[dict[Key, list[torch.Tensor]], dict[Key, GramAccumulator]]:
+    fraction: float = 1.0,
+    min_rows_per_unit: int = 32,
+) -> tuple[dict[Key, list[torch.Tensor]], dict[Key, GramAccumulator], int]:
     """Run the original model once over ``batches``; return the Gram of each (group,
-    consumer) input over all batches and its rows (one tensor per batch, in batch order)
-    for the first ``keep_batches`` batches (all by default)."""
+    consumer) input over all batches, and its rows (one tensor per batch, in batch order)
+    for the first ``n_keep`` batches, and ``n_keep``.
+
+    ``n_keep`` covers at least ``fraction`` of the examples and, for every (group,
+    consumer), at least ``min_rows_per_unit`` rows per channel of the group (decided after
+    the first batch), so wide layers (transformer FFNs) are never fitted on too few rows.
+    """
+    from spectrim.api import batch_len
+
     modules = dict(model.named_modules())
     parts: dict[Key, list[torch.Tensor]] = {}
     done: set[Key] = set()
     batch_index = [0]
+    sizes = np.cumsum([batch_len(b) for b in batches])
+    n_keep = [len(batches)]
     grams: dict[Key, GramAccumulator] = {}
     per_module: dict[str, list[tuple[Key, torch.Tensor]]] = {}
     for g in groups:
@@ -105,7 +116,7 @@ def original_rows(
                     continue  # shared module: first call only
                 done.add(key)
                 r = group_rows(x, _channel_dim(module, x), pos).float().contiguous()
-                if keep_batches is None or batch_index[0] < keep_batches:
+                if batch_index[0] < n_keep[0]:
                     parts.setdefault(key, []).append(r)
                 if key not in grams:
                     grams[key] = GramAccumulator(r.shape[1])
@@ -120,10 +131,17 @@ def original_rows(
                 batch_index[0] = i
                 done.clear()
                 call_model(model, batch)
+                if i == 0 and parts:
+                    need = math.ceil(fraction * int(sizes[-1]))
+                    first = max(int(sizes[0]), 1)
+                    for p in parts.values():
+                        per_example = max(p[0].shape[0] / first, 1e-9)
+                        need = max(need, math.ceil(min_rows_per_unit * p[0].shape[1] / per_example))
+                    n_keep[0] = min(int(np.searchsorted(sizes, need)) + 1, len(batches))
     finally:
         for h in handles:
             h.remove()
-    return parts, grams
+    return parts, grams, n_keep[0]
 
 
 _F32_RTOL = 1e-6
