@@ -27,6 +27,7 @@ from spectrim.calibration.sequential import original_rows, sequential_correct
 from spectrim.config import CompressConfig, Target
 from spectrim.evaluation.flops import profile
 from spectrim.graph import GroupPlan, analyze_channels, apply_plan
+from spectrim.graph.trace import batch_len
 from spectrim.graph.verify import self_check
 from spectrim.methods import get_method
 from spectrim.report import CompressionReport, GroupReport
@@ -272,15 +273,3 @@ def _has_functional_products(analysis: Any) -> bool:
         if op.kind == "module" and isinstance(op.target, (nn.MultiheadAttention, nn.RNNBase)):
             return True
     return False
-
-
-def batch_len(batch: Any) -> int:
-    """Number of examples in a batch (first dimension of its first tensor)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, dict):
-        for v in batch.values():
-            return batch_len(v)
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch_len(batch[0])
-    return 0

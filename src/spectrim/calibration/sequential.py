@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from greenlet import getcurrent, greenlet
 from torch import nn
 
 from spectrim.calibration.collect import _channel_dim, group_rows
@@ -37,43 +38,12 @@ from spectrim.graph.surgery import (
     _new_positions,
     apply_plan,
 )
-from spectrim.graph.trace import call_model
+from spectrim.graph.trace import batch_len, call_model
 from spectrim.linalg import fit_cross_reconstruction
 
-__all__ = ["concat_batches", "original_rows", "sequential_correct"]
+__all__ = ["original_rows", "sequential_correct"]
 
 Key = tuple[int, str]
-
-
-def concat_batches(batches: Sequence[Any]) -> Any:
-    """All calibration batches as one batch (tensors, tuples or dicts of tensors).
-
-    Tensors whose first dimension is the batch size are concatenated; other arguments
-    (scalars, flags) are taken from the first batch.
-    """
-    from spectrim.api import batch_len
-
-    sizes = [batch_len(b) for b in batches]
-
-    def join(parts: list[Any]) -> Any:
-        first = parts[0]
-        if isinstance(first, torch.Tensor):
-            if first.dim() == 0 or first.shape[0] != sizes[0]:
-                return first
-            return torch.cat(parts)
-        if isinstance(first, dict):
-            return {k: join([p[k] for p in parts]) for k in first}
-        if isinstance(first, (tuple, list)):
-            return type(first)(join([p[i] for p in parts]) for i in range(len(first)))
-        return first
-
-    try:
-        return join(list(batches))
-    except RuntimeError as exc:
-        raise ValueError(
-            f"sequential calibration needs batches that concatenate into one ({exc}); "
-            "pad inputs to one shape or use sequential=False"
-        ) from exc
 
 
 def original_rows(
@@ -93,8 +63,6 @@ def original_rows(
     consumer), at least ``min_rows_per_unit`` rows per channel of the group (decided after
     the first batch), so wide layers (transformer FFNs) are never fitted on too few rows.
     """
-    from spectrim.api import batch_len
-
     modules = dict(model.named_modules())
     parts: dict[Key, list[torch.Tensor]] = {}
     done: set[Key] = set()
@@ -174,17 +142,10 @@ def _run_lockstep(
     Each batch runs in its own greenlet (one OS thread, normal intra-op parallelism); at a
     consumer's first call every greenlet parks its input, ``fold`` sees all inputs at
     once and updates the module, then all resume.  This is the whole calibration set
-    flowing as one batch, but computed in the original mini-batches.  Without the
-    ``greenlet`` package the batches are concatenated into one instead.
+    flowing as one batch, but computed in the original mini-batches.
     """
     modules = dict(model.named_modules())
-    try:
-        from greenlet import getcurrent, greenlet
-    except ImportError:  # pragma: no cover - greenlet is a dependency
-        batches = [concat_batches(batches)]
-        getcurrent = greenlet = None  # type: ignore[assignment]
-
-    if greenlet is None or len(batches) == 1:
+    if len(batches) == 1:
         seen: set[str] = set()
 
         def hook1(name: str) -> Callable[..., None]:
@@ -313,7 +274,7 @@ def sequential_correct(
             pos_t = torch.as_tensor(new_positions, dtype=torch.long)
             m = parts[0].shape[1]
             acc = GramAccumulator(len(new_positions), cross_dim=m, exact=_EXACT_FITS)
-            if len(xs) == 1 and len(parts) > 1:  # one concatenated batch (no greenlet)
+            if len(xs) == 1 and len(parts) > 1:  # the caller passed one concatenated batch
                 parts = [torch.cat(list(parts))]
             if len(xs) != len(parts):
                 raise RuntimeError(

@@ -378,3 +378,15 @@ def _plain(out: Any) -> Any:
     if hasattr(out, "to_tuple"):
         return [_plain(v) for v in out.to_tuple()]
     return out
+
+
+def batch_len(batch: Any) -> int:
+    """Number of examples in a batch (first dimension of its first tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, dict):
+        for v in batch.values():
+            return batch_len(v)
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch_len(batch[0])
+    return 0
