@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from spectrim.budget import CostModel, allocate
-from spectrim.calibration import collect_statistics
-from spectrim.calibration.sequential import original_rows, sequential_correct
+from spectrim.calibration import Collected, collect
+from spectrim.calibration.sequential import sequential_correct
 from spectrim.config import CompressConfig, Target
 from spectrim.evaluation.flops import profile
 from spectrim.graph import GroupPlan, analyze_channels, apply_plan
@@ -172,9 +172,7 @@ def compress(
 
     groups = analysis.prunable
     t = time.perf_counter()
-    stats: dict[tuple[int, str], Any] = {}
     sequential = cfg.sequential and algo.needs_statistics and bool(groups)
-    rows: dict[tuple[int, str], list[torch.Tensor]] = {}
     wrap: Callable[[Iterable[Any]], Iterable[Any]] | None = None
     if progress is True:
         from tqdm.auto import tqdm
@@ -183,13 +181,11 @@ def compress(
             return tqdm(it, total=len(batches), desc="calibration", unit="batch")
     elif callable(progress):
         wrap = progress
-    n_seq = len(batches)
-    if sequential:
-        rows, stats, n_seq = original_rows(
-            work, analysis, batches, groups, progress=wrap, fraction=cfg.sequential_fraction
-        )
-    elif algo.needs_statistics and groups:
-        stats = collect_statistics(work, analysis, batches, groups, progress=wrap)
+    collected = Collected(stats={})
+    if algo.needs_statistics and groups:
+        share = cfg.sequential_fraction if sequential else 0.0
+        collected = collect(work, analysis, batches, groups, progress=wrap, store_fraction=share)
+    stats = collected.stats
     if algo.needs_statistics and groups:
         report.calibration_rows = sum(batch_len(b) for b in batches)
     timings["statistics"] = time.perf_counter() - t
@@ -218,7 +214,7 @@ def compress(
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
         ridge = float(cfg.options.get("ridge", 0.0))
         folds, seq_errors = sequential_correct(
-            work, analysis, batches[:n_seq], keep, rows, stats, ridge=ridge
+            work, analysis, batches[: collected.n_stored], keep, collected, ridge=ridge
         )
         for gi, f in folds.items():
             plans[gi].folds = f
@@ -226,7 +222,7 @@ def compress(
     else:
         apply_plan(work, analysis, plans)
         timings["surgery"] = time.perf_counter() - t
-    rows.clear()
+    collected.inputs.clear()
     cost1 = profile(work, example, kernels=kernels)
 
     for g in analysis.groups:

@@ -278,3 +278,49 @@ def test_cuda_device() -> None:
     assert acc.gram.device.type == "cuda"
     assert _rel_fro(acc.gram, ref) < 1e-6
     assert _rel_fro(acc_cpu.gram, ref.cpu()) < 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    c=st.integers(1, 9),
+    spatial=st.sampled_from([(), (1,), (3,), (2, 5), (4, 4)]),
+    cross=st.integers(0, 4),
+    exact=st.booleans(),
+)
+def test_update_activation_equals_rows(
+    n: int, c: int, spatial: tuple[int, ...], cross: int, exact: bool
+) -> None:
+    """The batched (no-copy) path gives the same statistics as flattening to rows,
+    whichever of the two paths the shape takes (spatial size below the channel count
+    falls back to rows)."""
+    gen = torch.Generator().manual_seed(n * 100 + c)
+    x = torch.randn(n, c, *spatial, generator=gen)
+    y = torch.randn(n, cross, *spatial, generator=gen) if cross else None
+    a = GramAccumulator(c, cross_dim=cross or None, exact=exact)
+    b = GramAccumulator(c, cross_dim=cross or None, exact=True)
+    a.update_activation(x, 1, y)
+    b.update(rows_from_activation(x, 1), None if y is None else rows_from_activation(y, 1))
+    assert a.count == b.count
+    torch.testing.assert_close(a.gram, b.gram, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.sums, b.sums, rtol=1e-5, atol=1e-5)
+    if y is not None:
+        torch.testing.assert_close(a.cross, b.cross, rtol=1e-5, atol=1e-5)
+        ref_sq = (rows_from_activation(y, 1).double() ** 2).sum(0)
+        torch.testing.assert_close(a.y_sq_sums, ref_sq, rtol=1e-5, atol=1e-5)
+
+
+def test_update_activation_channels_last_and_errors() -> None:
+    x = torch.randn(2, 7, 5)  # (batch, tokens, features): channel axis last
+    acc = GramAccumulator(5)
+    acc.update_activation(x, -1)
+    rows = x.reshape(-1, 5).double()
+    torch.testing.assert_close(acc.gram, rows.T @ rows, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="y must be given"):
+        GramAccumulator(3, cross_dim=2).update_activation(torch.randn(2, 3, 4, 4), 1)
+    with pytest.raises(ValueError, match="y must have shape"):
+        GramAccumulator(3, cross_dim=2).update_activation(
+            torch.randn(2, 3, 4, 4), 1, torch.randn(2, 2, 4, 5)
+        )
+    with pytest.raises(ValueError, match="non-finite"):
+        GramAccumulator(3).update_activation(torch.full((2, 3, 4, 4), float("nan")), 1)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import spectrim
-from spectrim.calibration.sequential import original_rows, sequential_correct
+from spectrim.calibration import collect
+from spectrim.calibration.sequential import sequential_correct
 from spectrim.evaluation import evaluate
 from spectrim.graph import analyze_channels
 from spectrim.linalg import id_factorize
@@ -44,13 +45,14 @@ def test_second_consumer_fits_original_from_compressed_prefix() -> None:
     a = analyze_channels(model, x[:2])
     groups = a.prunable
     assert [g.name for g in groups] == ["0", "3"]
-    rows, grams, _ = original_rows(model, a, [x[:8], x[8:]], groups)
+    col = collect(model, a, [x[:8], x[8:]], groups, store_fraction=1.0)
+    grams = col.stats
     keep = {}
     for g in groups:
         fac = id_factorize(sum(acc.gram_numpy() for k, acc in grams.items() if k[0] == g.index))
         keep[g.index] = np.sort(fac.selected(g.width // 2))
     work = copy.deepcopy(model)
-    folds, errors = sequential_correct(work, a, [x[:8], x[8:]], keep, rows, grams)
+    folds, errors = sequential_correct(work, a, [x[:8], x[8:]], keep, col)
 
     # brute force for the second group (consumer '5'): its inputs in the compressed
     # model, restricted to the kept channels, must reconstruct the original inputs
@@ -92,14 +94,15 @@ def test_lockstep_batches_equal_one_concatenated_batch() -> None:
     x = torch.randn(24, 3, 8, 8)
     batches = [x[:8], x[8:16], x[16:]]
     a = analyze_channels(model, x[:2])
-    rows, grams, _ = original_rows(model, a, batches, a.prunable)
+    col = collect(model, a, batches, a.prunable, store_fraction=1.0)
+    grams = col.stats
     keep = {}
     for g in a.prunable:
         fac = id_factorize(sum(acc.gram_numpy() for k, acc in grams.items() if k[0] == g.index))
         keep[g.index] = np.sort(fac.selected(g.width // 2))
     lock, big = copy.deepcopy(model), copy.deepcopy(model)
-    folds_l, _ = sequential_correct(lock, a, batches, keep, rows, grams)
-    folds_b, _ = sequential_correct(big, a, [x], keep, rows, grams)
+    folds_l, _ = sequential_correct(lock, a, batches, keep, col)
+    folds_b, _ = sequential_correct(big, a, [x], keep, col)
     for gi in folds_l:
         for name in folds_l[gi]:
             np.testing.assert_allclose(folds_l[gi][name], folds_b[gi][name], rtol=1e-6, atol=1e-8)
@@ -161,10 +164,10 @@ def test_wide_layers_keep_enough_rows_for_the_fits() -> None:
     model = _TokenMLP().eval()
     batches = [{"ids": torch.randint(0, 50, (4, 5))} for _ in range(8)]
     a = analyze_channels(model, {"ids": batches[0]["ids"][:2]})
-    _, _, n_keep = original_rows(model, a, batches, a.prunable, fraction=0.25)
+    n_keep = collect(model, a, batches, a.prunable, store_fraction=0.25).n_stored
     assert n_keep == len(batches)  # 32 rows x 32 channels > 8 batches x 4 x 5 tokens
     conv = _chain()
     x = torch.randn(64, 3, 8, 8)
     a2 = analyze_channels(conv, x[:2])
-    _, _, n_keep2 = original_rows(conv, a2, list(x.split(8)), a2.prunable, fraction=0.25)
+    n_keep2 = collect(conv, a2, list(x.split(8)), a2.prunable, store_fraction=0.25).n_stored
     assert n_keep2 == 2  # 64 positions per image: a quarter (16 images) is plenty

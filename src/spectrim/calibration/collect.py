@@ -1,10 +1,11 @@
 """Streamed calibration statistics at every consumer of every unit group.
 
 One forward pass over the calibration batches; forward pre-hooks on the consumer
-modules turn each input into a (rows × channels) matrix restricted to the group's
-channels (conv: rows are example × position; after a flatten, each repetition of a
-channel is its own row, matching the ``T ⊗ I`` fold) and add its Gram into a float64
-accumulator.  Memory is O(m²) per (group, consumer); activations are never stored.
+modules restrict each input to the group's channels (conv: rows are example ×
+position; after a flatten, each repetition of a channel is its own row, matching the
+``T ⊗ I`` fold) and add its Gram into a float64 accumulator.  Memory is O(m²) per
+(group, consumer); activations are only kept when asked (``store_fraction``, for the
+sequential corrections of :mod:`spectrim.calibration.sequential`).
 
 Example::
 
@@ -19,17 +20,20 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.channels import Analysis, UnitGroup
-from spectrim.graph.trace import call_model
+from spectrim.graph.trace import batch_len, call_model
 
-__all__ = ["collect_statistics", "group_rows"]
+__all__ = ["Collected", "collect", "collect_statistics", "group_rows", "group_view"]
 
 StatKey = tuple[int, str]  # (group index, consumer module name)
 
@@ -47,10 +51,152 @@ def group_rows(x: torch.Tensor, channel_dim: int, positions: torch.Tensor) -> to
     return sel.reshape(-1, m)
 
 
+def group_view(
+    x: torch.Tensor, channel_dim: int, positions: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """The group's channels of ``x`` and their axis, in a layout that
+    :meth:`GramAccumulator.update_activation` takes without flattening: ``x`` itself when
+    the group is the whole channel axis in order, the selected channels when each occurs
+    once, else (after a flatten) the ``(rows · r, m)`` matrix of :func:`group_rows`.
+    """
+    m, r = positions.shape
+    if r != 1:
+        return group_rows(x, channel_dim, positions), 1
+    flat = positions[:, 0]
+    if m == x.shape[channel_dim] and bool((flat == torch.arange(m, device=flat.device)).all()):
+        return x, channel_dim
+    return x.index_select(channel_dim, flat.to(x.device)), channel_dim
+
+
 def _channel_dim(module: nn.Module, x: torch.Tensor) -> int:
     if isinstance(module, nn.Linear):
         return x.dim() - 1
     return 1
+
+
+@dataclass
+class Collected:
+    """What one calibration pass gathered.
+
+    Attributes:
+        stats: ``(group, consumer) -> GramAccumulator`` over every call of every batch.
+        inputs: ``(group, consumer) -> [group view of the consumer's input]`` at the
+            consumer's first call in each of the first ``n_stored`` batches (copies).
+        n_stored: how many leading batches ``inputs`` covers.
+        channel_dims: ``(group, consumer) -> `` the channel axis of its stored inputs.
+    """
+
+    stats: dict[StatKey, GramAccumulator]
+    inputs: dict[StatKey, list[torch.Tensor]] = field(default_factory=dict)
+    n_stored: int = 0
+    channel_dims: dict[StatKey, int] = field(default_factory=dict)
+
+
+def collect(
+    model: nn.Module,
+    analysis: Analysis,
+    batches: Sequence[Any],
+    groups: Sequence[UnitGroup],
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    *,
+    store_fraction: float = 0.0,
+    min_rows_per_unit: int = 32,
+) -> Collected:
+    """Accumulate ``ZᵀZ`` of each group's channels at each of its consumers' inputs, and
+    keep the inputs themselves for a leading share of the batches.
+
+    With ``store_fraction > 0`` the inputs of the first batches covering that fraction of
+    the examples are stored; the share is raised (after the first batch) until every
+    (group, consumer) has at least ``min_rows_per_unit`` rows per channel, so wide layers
+    (transformer FFNs) are never fitted on too few rows.
+
+    Args:
+        model: the model whose activations are measured (same module names as the
+            analysed one).
+        analysis: the channel analysis.
+        batches: calibration batches (tensor, tuple or dict each).
+        groups: the groups to measure.
+        progress: optional wrapper around the batch iterator (e.g. ``tqdm``).
+        store_fraction: share of the examples whose consumer inputs are kept (0: none).
+        min_rows_per_unit: floor on stored rows per channel when storing.
+    """
+    modules = dict(model.named_modules())
+    out = Collected(stats={})
+    per_module: dict[str, list[tuple[StatKey, torch.Tensor]]] = {}
+    for g in groups:
+        for slot in g.consumers:
+            key = (g.index, slot.module)
+            out.stats[key] = GramAccumulator(g.width)
+            pos = torch.as_tensor(slot.positions, dtype=torch.long)
+            per_module.setdefault(slot.module, []).append((key, pos))
+    missing = sorted(set(per_module) - set(modules))
+    if missing:
+        raise KeyError(f"consumer module '{missing[0]}' not found in the model")
+    sizes = np.cumsum([batch_len(b) for b in batches])
+    n_store = [len(batches) if store_fraction > 0 else 0]
+    batch_index = [0]
+    stored_now: set[str] = set()
+    # identical inputs read by several consumers (inception branches) share the work
+    cache: dict[tuple[int, int], tuple[torch.Tensor, int, GramAccumulator]] = {}
+    layout: dict[StatKey, int] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        entries = per_module[name]
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            store = batch_index[0] < n_store[0] and name not in stored_now
+            stored_now.add(name)
+            for key, pos in entries:
+                hit = cache.get((id(x), key[0]))
+                if hit is None:
+                    view, cd = group_view(x, _channel_dim(module, x), pos)
+                    delta = GramAccumulator(out.stats[key].dim)
+                    delta.update_activation(view, cd)
+                    hit = cache[(id(x), key[0])] = (view, cd, delta)
+                view, cd, delta = hit
+                out.stats[key].merge(delta)
+                if store:
+                    # a copy: later in-place ops must not change what was measured
+                    out.inputs.setdefault(key, []).append(view.clone() if view is x else view)
+                    layout[key] = cd
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in per_module]
+    was_training = model.training
+    model.eval()
+    it = progress(batches) if progress is not None else batches
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(it):
+                batch_index[0] = i
+                stored_now.clear()
+                cache.clear()
+                call_model(model, batch)
+                if i == 0 and out.inputs:
+                    n_store[0] = _stored_batches(out, sizes, store_fraction, min_rows_per_unit)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        cache.clear()
+    out.n_stored = min(n_store[0], len(batches))
+    out.channel_dims = layout
+    return out
+
+
+def _stored_batches(
+    out: Collected, sizes: np.ndarray, fraction: float, min_rows_per_unit: int
+) -> int:
+    """How many leading batches to store, decided from the first batch's inputs."""
+    need = math.ceil(fraction * int(sizes[-1]))
+    first = max(int(sizes[0]), 1)
+    for key, views in out.inputs.items():
+        width = out.stats[key].dim
+        per_example = max(views[0].numel() / width / first, 1e-9)
+        need = max(need, math.ceil(min_rows_per_unit * width / per_example))
+    return min(int(np.searchsorted(sizes, need)) + 1, len(sizes))
 
 
 def collect_statistics(
@@ -62,58 +208,6 @@ def collect_statistics(
 ) -> dict[StatKey, GramAccumulator]:
     """Accumulate ``ZᵀZ`` of each group's channels at each of its consumers' inputs.
 
-    Args:
-        model: the model whose activations are measured (same module names as the
-            analysed one).
-        analysis: the channel analysis.
-        batches: calibration batches (tensor, tuple or dict each).
-        groups: the groups to measure.
-        progress: optional wrapper around the batch iterator (e.g. ``tqdm``).
+    The statistics-only form of :func:`collect` (nothing is stored).
     """
-    modules = dict(model.named_modules())
-    stats: dict[StatKey, GramAccumulator] = {}
-    per_module: dict[str, list[tuple[StatKey, torch.Tensor]]] = {}
-    for g in groups:
-        for slot in g.consumers:
-            key = (g.index, slot.module)
-            stats[key] = GramAccumulator(g.width)
-            pos = torch.as_tensor(slot.positions, dtype=torch.long)
-            per_module.setdefault(slot.module, []).append((key, pos))
-    handles = []
-    cache: dict[tuple[int, int], torch.Tensor] = {}
-
-    def make_hook(name: str) -> Callable[..., None]:
-        entries = per_module[name]
-
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            cd = _channel_dim(module, x)
-            for key, pos in entries:
-                # identical inputs read by several consumers (inception branches) share work
-                ck = (id(x), key[0])
-                rows = cache.get(ck)
-                if rows is None:
-                    rows = group_rows(x.detach(), cd, pos.to(x.device)).float()
-                    cache[ck] = rows
-                stats[key].update(rows)
-
-        return hook
-
-    for name in per_module:
-        if name not in modules:
-            raise KeyError(f"consumer module '{name}' not found in the model")
-        handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
-    was_training = model.training
-    model.eval()
-    it = progress(batches) if progress is not None else batches
-    try:
-        with torch.no_grad():
-            for batch in it:
-                cache.clear()
-                call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        cache.clear()
-    return stats
+    return collect(model, analysis, list(batches), groups, progress).stats

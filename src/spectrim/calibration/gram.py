@@ -82,7 +82,8 @@ class GramAccumulator:
         exact: multiply chunks in float64 instead of float32 (slower; for tests).
 
     Attributes (read-only properties): ``count`` (rows seen), ``gram`` (``ΣXᵀX``), ``cross``
-    (``ΣXᵀY``), ``sums`` / ``y_sums`` (column sums), ``mean`` / ``y_mean``,
+    (``ΣXᵀY``), ``sums`` / ``y_sums`` (column sums), ``y_sq_sums`` (``diag YᵀY``),
+    ``mean`` / ``y_mean``,
     ``second_moment`` (``gram / count``, Paper 1's uncentred ``Σ̂``).
 
     Accuracy: each float32 chunk product has relative error about ``1e-7``–``1e-6``; summing in
@@ -129,9 +130,11 @@ class GramAccumulator:
         self._sums = torch.zeros(dim, dtype=f64, device=self.device)
         self._cross: torch.Tensor | None = None
         self._y_sums: torch.Tensor | None = None
+        self._y_sq: torch.Tensor | None = None
         if cross_dim is not None:
             self._cross = torch.zeros(dim, cross_dim, dtype=f64, device=self.device)
             self._y_sums = torch.zeros(cross_dim, dtype=f64, device=self.device)
+            self._y_sq = torch.zeros(cross_dim, dtype=f64, device=self.device)
 
     def __repr__(self) -> str:
         return (
@@ -183,16 +186,89 @@ class GramAccumulator:
         sums = torch.zeros_like(self._sums)
         cross = None if self._cross is None else torch.zeros_like(self._cross)
         y_sums = None if self._y_sums is None else torch.zeros_like(self._y_sums)
+        y_sq = None if self._y_sq is None else torch.zeros_like(self._y_sq)
         for start in range(0, n, self.chunk_rows):
             stop = min(start + self.chunk_rows, n)
             xc = x[start:stop].to(device=self.device, dtype=cdt)
             gram += torch.mm(xc.T, xc).to(f64)
             sums += xc.sum(dim=0).to(f64)  # chunk sums in the compute dtype, total in f64
             if y is not None:
-                assert cross is not None and y_sums is not None
+                assert cross is not None and y_sums is not None and y_sq is not None
                 yc = y[start:stop].to(device=self.device, dtype=cdt)
                 cross += torch.mm(xc.T, yc).to(f64)
                 y_sums += yc.sum(dim=0).to(f64)
+                y_sq += (yc * yc).sum(dim=0).to(f64)
+        self._add(n, gram, sums, cross, y_sums, y_sq)
+
+    @torch.no_grad()
+    def update_activation(
+        self, x: torch.Tensor, channel_dim: int, y: torch.Tensor | None = None
+    ) -> None:
+        """Add an activation tensor without flattening it into rows first.
+
+        Equivalent to ``update(rows_from_activation(x, channel_dim), ...)`` (and the
+        same for ``y``, which must have ``x``'s layout except for its channel count), but
+        for channel-first tensors (``N, C, *spatial``) whose spatial size is at least the
+        channel count the products are batched per example (``torch.bmm``), so no
+        transposed copy of the activation is made: this is what keeps calibration close
+        to the cost of a plain forward pass.  Each per-example product is a float32 sum
+        over the spatial positions (float64 with ``exact=True``); the sum over examples
+        is float64.
+
+        Example::
+
+            >>> import torch
+            >>> x = torch.randn(4, 3, 5, 5)
+            >>> a, b = GramAccumulator(3), GramAccumulator(3)
+            >>> a.update_activation(x, 1); b.update(rows_from_activation(x, 1))
+            >>> bool(torch.allclose(a.gram, b.gram)), a.count
+            (True, 100)
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        cd = channel_dim % max(x.dim(), 1)
+        spatial = 1
+        for size in x.shape[2:]:
+            spatial *= int(size)
+        if x.dim() < 3 or cd != 1 or spatial < x.shape[1] or x.shape[1] != self.dim:
+            ry = None if y is None else rows_from_activation(y, cd)
+            self.update(rows_from_activation(x, cd), ry)
+            return
+        if (y is None) != (self.cross_dim is None):
+            raise ValueError(
+                "y must be given exactly when this accumulator has a cross term "
+                f"(cross_dim={self.cross_dim})"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"x must have a floating-point dtype, got {x.dtype}")
+        cdt = torch.float64 if self.exact else torch.float32
+        f64 = torch.float64
+        n = int(x.shape[0])
+        xr = x.detach().reshape(n, self.dim, spatial).to(device=self.device, dtype=cdt)
+        gram = torch.bmm(xr, xr.transpose(1, 2)).sum(0, dtype=f64)
+        sums = xr.sum(2).sum(0, dtype=f64)
+        cross = y_sums = y_sq = None
+        if y is not None:
+            if y.shape[0] != n or y.shape[2:] != x.shape[2:] or y.shape[1] != self.cross_dim:
+                raise ValueError(
+                    f"y must have shape ({n}, {self.cross_dim}, *{tuple(x.shape[2:])}), "
+                    f"got {tuple(y.shape)}"
+                )
+            yr = y.detach().reshape(n, -1, spatial).to(device=self.device, dtype=cdt)
+            cross = torch.bmm(xr, yr.transpose(1, 2)).sum(0, dtype=f64)
+            y_sums = yr.sum(2).sum(0, dtype=f64)
+            y_sq = (yr * yr).sum(2).sum(0, dtype=f64)
+        self._add(n * spatial, gram, sums, cross, y_sums, y_sq)
+
+    def _add(
+        self,
+        n: int,
+        gram: torch.Tensor,
+        sums: torch.Tensor,
+        cross: torch.Tensor | None,
+        y_sums: torch.Tensor | None,
+        y_sq: torch.Tensor | None = None,
+    ) -> None:
         # Non-finite rows make the (small) products non-finite: check those, not the rows.
         for name, t in (("x", gram), ("x", sums), ("y", cross), ("y", y_sums)):
             if t is not None and not bool(torch.isfinite(t).all()):
@@ -203,6 +279,8 @@ class GramAccumulator:
             assert self._cross is not None and self._y_sums is not None
             self._cross += cross
             self._y_sums += y_sums
+            if y_sq is not None and self._y_sq is not None:
+                self._y_sq += y_sq
         self._count += n
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
@@ -233,6 +311,8 @@ class GramAccumulator:
             assert other._y_sums is not None
             self._cross += other._cross.to(self.device)
             self._y_sums += other._y_sums.to(self.device)
+            assert self._y_sq is not None and other._y_sq is not None
+            self._y_sq += other._y_sq.to(self.device)
         self._count += other._count
         return self
 
@@ -244,6 +324,8 @@ class GramAccumulator:
         if self._cross is not None and self._y_sums is not None:
             self._cross.zero_()
             self._y_sums.zero_()
+            if self._y_sq is not None:
+                self._y_sq.zero_()
 
     # ------------------------------------------------------------------ results
 
@@ -275,6 +357,14 @@ class GramAccumulator:
         if self._y_sums is None:
             raise ValueError("this accumulator has no cross term (cross_dim=None)")
         return self._y_sums.clone()
+
+    @property
+    def y_sq_sums(self) -> torch.Tensor:
+        """Column sums of ``y²`` (the diagonal of ``YᵀY``; float64, a copy): with
+        ``cross`` and ``gram`` they give least-squares residuals ``‖Y − XB‖²``."""
+        if self._y_sq is None:
+            raise ValueError("this accumulator has no cross term (cross_dim=None)")
+        return self._y_sq.clone()
 
     def _require_rows(self) -> None:
         if self._count == 0:

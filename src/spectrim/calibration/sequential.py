@@ -19,8 +19,7 @@ consumer inputs of the pruned groups and the live activations of all batches at 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,9 +27,9 @@ import torch
 from greenlet import getcurrent, greenlet
 from torch import nn
 
-from spectrim.calibration.collect import _channel_dim, group_rows
+from spectrim.calibration.collect import Collected, _channel_dim, group_view
 from spectrim.calibration.gram import GramAccumulator
-from spectrim.graph.channels import Analysis, UnitGroup
+from spectrim.graph.channels import Analysis
 from spectrim.graph.surgery import (
     GroupPlan,
     _fold_consumer,
@@ -38,96 +37,29 @@ from spectrim.graph.surgery import (
     _new_positions,
     apply_plan,
 )
-from spectrim.graph.trace import batch_len, call_model
+from spectrim.graph.trace import call_model
 from spectrim.linalg import fit_cross_reconstruction
 
-__all__ = ["original_rows", "sequential_correct"]
+__all__ = ["sequential_correct"]
 
 Key = tuple[int, str]
 
 
-def original_rows(
-    model: nn.Module,
-    analysis: Analysis,
-    batches: Sequence[Any],
-    groups: Sequence[UnitGroup],
-    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
-    fraction: float = 1.0,
-    min_rows_per_unit: int = 32,
-) -> tuple[dict[Key, list[torch.Tensor]], dict[Key, GramAccumulator], int]:
-    """Run the original model once over ``batches``; return the Gram of each (group,
-    consumer) input over all batches, and its rows (one tensor per batch, in batch order)
-    for the first ``n_keep`` batches, and ``n_keep``.
-
-    ``n_keep`` covers at least ``fraction`` of the examples and, for every (group,
-    consumer), at least ``min_rows_per_unit`` rows per channel of the group (decided after
-    the first batch), so wide layers (transformer FFNs) are never fitted on too few rows.
-    """
-    modules = dict(model.named_modules())
-    parts: dict[Key, list[torch.Tensor]] = {}
-    done: set[Key] = set()
-    batch_index = [0]
-    sizes = np.cumsum([batch_len(b) for b in batches])
-    n_keep = [len(batches)]
-    grams: dict[Key, GramAccumulator] = {}
-    per_module: dict[str, list[tuple[Key, torch.Tensor]]] = {}
-    for g in groups:
-        for slot in g.consumers:
-            pos = torch.as_tensor(slot.positions, dtype=torch.long)
-            per_module.setdefault(slot.module, []).append(((g.index, slot.module), pos))
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            for key, pos in per_module[name]:
-                if key in done:
-                    continue  # shared module: first call only
-                done.add(key)
-                r = group_rows(x, _channel_dim(module, x), pos).float().contiguous()
-                if batch_index[0] < n_keep[0]:
-                    parts.setdefault(key, []).append(r)
-                if key not in grams:
-                    grams[key] = GramAccumulator(r.shape[1])
-                grams[key].update(r)
-
-        return hook
-
-    handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in per_module]
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(progress(batches) if progress is not None else batches):
-                batch_index[0] = i
-                done.clear()
-                call_model(model, batch)
-                if i == 0 and parts:
-                    need = math.ceil(fraction * int(sizes[-1]))
-                    first = max(int(sizes[0]), 1)
-                    for p in parts.values():
-                        per_example = max(p[0].shape[0] / first, 1e-9)
-                        need = max(need, math.ceil(min_rows_per_unit * p[0].shape[1] / per_example))
-                    n_keep[0] = min(int(np.searchsorted(sizes, need)) + 1, len(batches))
-    finally:
-        for h in handles:
-            h.remove()
-    return parts, grams, n_keep[0]
-
-
 _F32_RTOL = 1e-6
-_EXACT_FITS = True  # float64 products for the fits: exact on rank-deficient data
+_EXACT_FITS = True
 
 
-def _relative_residual(
-    z: Sequence[torch.Tensor], g_c: np.ndarray, cross: np.ndarray, b: np.ndarray
-) -> float:
-    """``‖Z − Z'_S Bᵀ‖ / ‖Z‖`` from float64-product Grams and an exact ``‖Z‖²``.
+def _relative_residual(acc: GramAccumulator, b: np.ndarray) -> float:
+    """``‖Z − Z'_S Bᵀ‖ / ‖Z‖`` from the fit's Grams (``Z`` is the accumulator's ``y``).
 
-    (A trace formula on float32-product Grams would cancel at ~sqrt(float32 eps).)
+    Exact when the products are float64 (``_EXACT_FITS``); with float32 products the
+    trace formula would cancel at about sqrt(float32 eps).
     """
-    total = sum(float(torch.linalg.vector_norm(p, dtype=torch.float64) ** 2) for p in z)
+    total = float(acc.y_sq_sums.sum())
     if total <= 0:
         return 0.0
-    s = np.arange(g_c.shape[0])
-    res = total - 2.0 * float(np.sum(cross[s, :].T * b)) + float(np.sum((b @ g_c) * b))
+    g_c, cross = acc.gram_numpy(), acc.cross_numpy()
+    res = total - 2.0 * float(np.sum(cross.T * b)) + float(np.sum((b @ g_c) * b))
     return float(np.sqrt(max(res, 0.0) / total))
 
 
@@ -214,8 +146,7 @@ def sequential_correct(
     analysis: Analysis,
     batches: Sequence[Any],
     keep: Mapping[int, np.ndarray],
-    rows: Mapping[Key, Sequence[torch.Tensor]],
-    original: Mapping[Key, GramAccumulator],
+    collected: Collected,
     ridge: float = 0.0,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
@@ -229,10 +160,10 @@ def sequential_correct(
     Args:
         model: the model to prune (in place).
         analysis: its channel analysis.
-        batches: the calibration batches, in the order used for ``rows``.
+        batches: the calibration batches whose original consumer inputs were stored.
         keep: group index -> kept channel indices for every pruned group.
-        rows: original consumer-input rows from :func:`original_rows`.
-        original: their Grams (also from :func:`original_rows`).
+        collected: the original pass (:func:`~spectrim.calibration.collect.collect`
+            with ``store_fraction > 0``).
         ridge: relative ridge ``τ = ridge·tr(G'_SS)/k``.
 
     Returns:
@@ -270,9 +201,9 @@ def sequential_correct(
         cd = _channel_dim(module, xs[0])
         applied = []
         for gi, positions, new_positions in per_module[name]:
-            parts = rows[(gi, name)]
+            parts = collected.inputs[(gi, name)]
             pos_t = torch.as_tensor(new_positions, dtype=torch.long)
-            m = parts[0].shape[1]
+            m = collected.stats[(gi, name)].dim
             acc = GramAccumulator(len(new_positions), cross_dim=m, exact=_EXACT_FITS)
             if len(xs) == 1 and len(parts) > 1:  # the caller passed one concatenated batch
                 parts = [torch.cat(list(parts))]
@@ -282,20 +213,21 @@ def sequential_correct(
                     f"the compressed pass but {len(parts)} in the original pass"
                 )
             for x, z_o in zip(xs, parts):
-                z_c = group_rows(x, cd, pos_t).float()
-                if z_c.shape[0] != z_o.shape[0]:
+                z_c, vcd = group_view(x, cd, pos_t)
+                if z_c.numel() // len(new_positions) != z_o.numel() // m:
                     raise RuntimeError(
-                        f"sequential calibration: consumer '{name}' got {z_c.shape[0]} rows "
-                        f"where the original pass had {z_o.shape[0]}"
+                        f"sequential calibration: consumer '{name}' got "
+                        f"{z_c.numel() // len(new_positions)} rows where the original pass "
+                        f"had {z_o.numel() // m}"
                     )
-                acc.update(z_c, z_o)
+                acc.update_activation(z_c, vcd, y=z_o)
             g_c, cross = acc.gram_numpy(), acc.cross_numpy()
             s = np.arange(g_c.shape[0])
             tau = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
             # activations are float32: directions below ~float32 precision are noise
             b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=_F32_RTOL)
             folds[gi][name] = b
-            errors[(gi, name)] = _relative_residual(parts, g_c, cross, b)
+            errors[(gi, name)] = _relative_residual(acc, b)
             applied.append((positions, keep[gi], b))
         w = orig_w[name]
         if name in analysis.out_labels:  # also a producer: keep its sliced outputs

@@ -1,0 +1,66 @@
+"""One calibration pass: Grams at every consumer, and stored inputs for the fits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spectrim.calibration import collect, collect_statistics
+from spectrim.calibration.collect import group_rows, group_view
+from spectrim.graph import analyze_channels
+
+
+class _InplaceAfterConsumer(nn.Module):
+    """The consumer's input is modified in place after the consumer ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        out = self.b(h)
+        h.mul_(0.0)
+        return out
+
+
+def test_stored_inputs_are_copies_and_stats_match_brute_force() -> None:
+    torch.manual_seed(0)
+    model = _InplaceAfterConsumer().eval()
+    x = torch.randn(10, 3, 5, 5)
+    a = analyze_channels(model, x[:2])
+    (g,) = [g for g in a.prunable if g.name == "a"]
+    col = collect(model, a, list(x.split(4)), [g], store_fraction=1.0)
+    ref = torch.relu(model.a(x)).detach()
+    stored = torch.cat(col.inputs[(g.index, "b")])
+    assert col.n_stored == 3
+    torch.testing.assert_close(stored, ref)  # not zeroed by the in-place op
+    rows = ref.permute(0, 2, 3, 1).reshape(-1, 6).double()
+    acc = col.stats[(g.index, "b")]
+    assert acc.count == 250
+    torch.testing.assert_close(acc.gram, rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_only_stores_nothing() -> None:
+    model = _InplaceAfterConsumer().eval()
+    x = torch.randn(6, 3, 5, 5)
+    a = analyze_channels(model, x[:2])
+    col = collect(model, a, [x], a.prunable)
+    assert col.inputs == {} and col.n_stored == 0
+    stats = collect_statistics(model, a, [x], a.prunable)
+    assert stats.keys() == col.stats.keys()
+
+
+def test_group_view_matches_group_rows() -> None:
+    x = torch.randn(3, 8, 4, 4)
+    for pos in ([[1], [5], [2]], [[0], [1], [2], [3], [4], [5], [6], [7]]):
+        p = torch.tensor(pos)
+        view, cd = group_view(x, 1, p)
+        rows = view.movedim(cd, -1).reshape(-1, len(pos))
+        torch.testing.assert_close(rows, group_rows(x, 1, p))
+    flat = torch.randn(5, 12)  # flatten of 3 channels x 4 positions
+    p = torch.arange(12).reshape(3, 4)
+    view, cd = group_view(flat, 1, p)
+    assert cd == 1 and view.shape == (20, 3)
+    torch.testing.assert_close(view, group_rows(flat, 1, p))
