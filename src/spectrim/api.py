@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from spectrim.budget import CostModel, allocate
+from spectrim.budget import CostModel, allocate, dof_widths
 from spectrim.calibration import Collected, collect
 from spectrim.calibration.sequential import sequential_correct
 from spectrim.config import CompressConfig, Target
@@ -202,7 +202,10 @@ def compress(
     curves = {gi: s.error_curve() for gi, s in solvers.items()}
     other = cost0.macs - sum(cost0.per_module.values())
     cost_model = CostModel(work, analysis, cost0.per_module, other_macs=max(other, 0))
-    widths = allocate(tgt, curves, cost_model, round_to=cfg.round_to, min_width=cfg.min_width)
+    if tgt.kind == "dof":
+        widths = dof_widths(tgt.value, solvers, round_to=cfg.round_to, min_width=cfg.min_width)
+    else:
+        widths = allocate(tgt, curves, cost_model, round_to=cfg.round_to, min_width=cfg.min_width)
     plans: dict[int, GroupPlan] = {}
     for gi, k in widths.items():
         if k < analysis.groups[gi].width:
@@ -213,8 +216,19 @@ def compress(
     if sequential and plans and any(p.folds for p in plans.values()):
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
         ridge = float(cfg.options.get("ridge", 0.0))
+        row_ridge: dict[int, np.ndarray] = {}
+        for gi, kept in keep.items():
+            r = solvers[gi].row_ridge(kept)
+            if r is not None:
+                row_ridge[gi] = r
         folds, seq_errors = sequential_correct(
-            work, analysis, batches[: collected.n_stored], keep, collected, ridge=ridge
+            work,
+            analysis,
+            batches[: collected.n_stored],
+            keep,
+            collected,
+            ridge=ridge,
+            row_ridge=row_ridge,
         )
         for gi, f in folds.items():
             plans[gi].folds = f

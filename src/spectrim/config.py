@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 __all__ = ["CompressConfig", "Target", "TargetKind"]
 
-TargetKind = Literal["macs", "params", "width", "error"]
-_KINDS = ("macs", "params", "width", "error")
+TargetKind = Literal["macs", "params", "width", "error", "dof"]
+_KINDS = ("macs", "params", "width", "error", "dof")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,10 @@ class Target:
       allocated across layers from their error curves (one pass, no re-pruning loop);
     * ``width=F``: keep a fraction ``F`` of every prunable layer's channels;
     * ``error=E``: per layer, the fewest channels whose relative reconstruction error
-      on the calibration data is at most ``E``.
+      on the calibration data is at most ``E``;
+    * ``dof=α``: per layer, ``⌈c·N(λ)⌉`` channels from the degrees of freedom
+      ``N(λ) = Σ μ/(μ+λ)`` of its covariance at ``λ = α·tr Σ̂`` (methods with a spectrum,
+      e.g. ``spectral``; ``c`` is the method's option).
     """
 
     kind: TargetKind
@@ -53,8 +56,8 @@ class Target:
             return text
         if not isinstance(text, str) or "=" not in text:
             raise ValueError(
-                f"target {text!r} must look like 'macs=0.5', 'params=0.5', 'width=0.5' "
-                "or 'error=0.05'"
+                f"target {text!r} must look like 'macs=0.5', 'params=0.5', 'width=0.5', "
+                "'error=0.05' or 'dof=0.001'"
             )
         kind, _, value = text.partition("=")
         kind = kind.strip().lower()

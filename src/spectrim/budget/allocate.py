@@ -24,6 +24,7 @@ import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -70,6 +71,16 @@ def widths_for_error(
         k = int(ok[0]) if len(ok) else m
         out[g] = _round_up(k, m, round_to, min_width)
     return out
+
+
+def dof_widths(
+    alpha: float, solvers: Mapping[int, Any], round_to: int = 1, min_width: int = 1
+) -> dict[int, int]:
+    """Per group ``⌈c·N(α·tr Σ̂)⌉`` channels (``solver.width_for_dof``), rounded up."""
+    return {
+        g: _round_up(s.width_for_dof(alpha), s.group.width, round_to, min_width)
+        for g, s in solvers.items()
+    }
 
 
 @dataclass

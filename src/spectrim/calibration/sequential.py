@@ -148,6 +148,7 @@ def sequential_correct(
     keep: Mapping[int, np.ndarray],
     collected: Collected,
     ridge: float = 0.0,
+    row_ridge: Mapping[int, np.ndarray] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -165,6 +166,8 @@ def sequential_correct(
         collected: the original pass (:func:`~spectrim.calibration.collect.collect`
             with ``store_fraction > 0``).
         ridge: relative ridge ``τ = ridge·tr(G'_SS)/k``.
+        row_ridge: per group, a penalty per kept channel (sorted order) and per
+            calibration row, added to the fit as ``row_ridge·rows`` (spectral's ``I_τ``).
 
     Returns:
         ``folds[group][consumer] = B`` and the relative error of each fit.
@@ -223,7 +226,9 @@ def sequential_correct(
                 acc.update_activation(z_c, vcd, y=z_o)
             g_c, cross = acc.gram_numpy(), acc.cross_numpy()
             s = np.arange(g_c.shape[0])
-            tau = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
+            tau: float | np.ndarray = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
+            if row_ridge is not None and gi in row_ridge:
+                tau = tau + np.asarray(row_ridge[gi], dtype=np.float64) * acc.count
             # activations are float32: directions below ~float32 precision are noise
             b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=_F32_RTOL)
             folds[gi][name] = b

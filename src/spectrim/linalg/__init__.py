@@ -10,6 +10,7 @@ See :mod:`spectrim.calibration` for streaming such Grams out of a model.
   :func:`fit_cross_reconstruction`, :func:`residual_of`, :func:`cross_residual_of`.
 * Spectra (Paper 1): :func:`gram_spectrum`, :func:`degrees_of_freedom`,
   :func:`ridge_leverage_scores`, :func:`effective_rank`.
+* Spectral-pruning selection (Paper 1): :func:`spectral_greedy`, :func:`spectral_loss`.
 
 Example::
 
@@ -32,6 +33,7 @@ from spectrim.linalg.reconstruction import (
     fit_reconstruction,
     residual_of,
 )
+from spectrim.linalg.selection import SpectralSelection, spectral_greedy, spectral_loss
 from spectrim.linalg.spectrum import (
     degrees_of_freedom,
     effective_rank,
@@ -41,6 +43,7 @@ from spectrim.linalg.spectrum import (
 
 __all__ = [
     "IDFactorization",
+    "SpectralSelection",
     "cross_residual_of",
     "default_rtol",
     "degrees_of_freedom",
@@ -52,4 +55,6 @@ __all__ = [
     "id_factorize",
     "residual_of",
     "ridge_leverage_scores",
+    "spectral_greedy",
+    "spectral_loss",
 ]

@@ -1,6 +1,6 @@
 """Compression methods, registered by name (``spectrim.methods.available()``)."""
 
-from spectrim.methods import interpolative, magnitude  # noqa: F401  (registration)
+from spectrim.methods import interpolative, magnitude, spectral  # noqa: F401  (registration)
 from spectrim.methods.base import (
     GroupSolver,
     Method,

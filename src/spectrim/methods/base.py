@@ -55,6 +55,17 @@ class GroupSolver(ABC):
         """Relative reconstruction error per consumer (empty if unknown)."""
         return {}
 
+    def width_for_dof(self, alpha: float) -> int:
+        """Width from the degrees of freedom ``c·N(α·tr Σ̂)`` (``target="dof=α"``)."""
+        raise ValueError(
+            f"target dof={alpha:g} needs a method that measures degrees of freedom "
+            f"(e.g. 'spectral'); unit group '{self.group.name}' has none"
+        )
+
+    def row_ridge(self, keep: np.ndarray) -> np.ndarray | None:
+        """Ridge of the kept channels per calibration row for sequential refits (or None)."""
+        return None
+
 
 class OrderSolver(GroupSolver):
     """Keep the first ``k`` channels of a fixed priority order, no correction."""

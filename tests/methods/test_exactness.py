@@ -1,9 +1,10 @@
-"""ID pruning is exact on rank-deficient activations.
+"""ID and spectral pruning are exact on rank-deficient activations.
 
 Real models are made redundant on purpose (identical channels: copied filters and
 BatchNorm parameters; dead channels: a large negative bias before a ReLU; scaled copies:
 ``relu(2z) = 2 relu(z)``).  ``spectrim.compress(method="id", target="error=1e-7")`` must
-then remove exactly the redundant channels (the kept width equals the numerical rank of
+then remove exactly the redundant channels (the same for ``method="spectral"`` with
+``theta=1`` or ``0.5`` and ``tau="none"``: at ``k >= rank`` every loss is zero) (the kept width equals the numerical rank of
 the group's activations, computed here independently with an SVD) and still reproduce
 the original outputs to 1e-5 relative on the calibration data.
 """
@@ -143,6 +144,7 @@ def check_exact(
     model: nn.Module,
     x: torch.Tensor,
     redundant: dict[str, int],
+    method: str = "id",
     **options: Any,
 ) -> spectrim.CompressionReport:
     """Compress at error=1e-7; check widths == rank, the drop, and exact outputs."""
@@ -151,7 +153,7 @@ def check_exact(
     acts = group_activations(model, analysis.prunable, x)
     ranks = {name: numerical_rank(z) for name, z in acts.items()}
     before = copy.deepcopy(model.state_dict())
-    small, report = spectrim.compress(model, x, method="id", target="error=1e-7", **options)
+    small, report = spectrim.compress(model, x, method=method, target="error=1e-7", **options)
     widths = report.widths
     for name, n in redundant.items():
         m, k = widths[name]
@@ -199,10 +201,18 @@ class FlattenCNN(nn.Module):
 
 
 MODES = [pytest.param({}, id="default"), pytest.param({"sequential": False}, id="one-shot")]
+METHODS = [
+    pytest.param({"method": "id"}, id="id"),
+    pytest.param({"method": "spectral", "theta": 1.0, "tau": "none"}, id="spectral-theta1"),
+    pytest.param({"method": "spectral", "theta": 0.5, "tau": "none"}, id="spectral-theta05"),
+]
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("options", MODES)
-def test_flatten_cnn_duplicated_and_dead_channels(options: dict[str, Any]) -> None:
+def test_flatten_cnn_duplicated_and_dead_channels(
+    options: dict[str, Any], method: dict[str, Any]
+) -> None:
     torch.manual_seed(1)
     model = FlattenCNN().eval()
     randomize_bn(model)
@@ -216,7 +226,7 @@ def test_flatten_cnn_duplicated_and_dead_channels(options: dict[str, Any]) -> No
     kill_channels(model, a, g2, [8])
     duplicate_channels(model, a, g3, [0, 1], [10, 11])
     kill_channels(model, a, g3, [20, 21, 22])
-    report = check_exact(model, x, {"conv1": 5, "conv2": 5, "fc1": 5}, **options)
+    report = check_exact(model, x, {"conv1": 5, "conv2": 5, "fc1": 5}, **method, **options)
     assert report.widths["fc2"] == [10, 10]  # the output is never pruned
 
 
@@ -231,8 +241,11 @@ class MLP(nn.Module):
         return self.fc3(torch.tanh(self.fc2(F.relu(self.fc1(x)))))
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("options", MODES)
-def test_mlp_duplicates_scaled_copies_and_dead_neurons(options: dict[str, Any]) -> None:
+def test_mlp_duplicates_scaled_copies_and_dead_neurons(
+    options: dict[str, Any], method: dict[str, Any]
+) -> None:
     torch.manual_seed(2)
     model = MLP().eval()
     x = torch.randn(300, 12)
@@ -244,7 +257,7 @@ def test_mlp_duplicates_scaled_copies_and_dead_neurons(options: dict[str, Any]) 
         model.fc1.bias[34:37] = 2.0 * model.fc1.bias[4:7]
     kill_channels(model, a, g1, [37, 38, 39])
     duplicate_channels(model, a, g2, [0, 1], [22, 23])  # tanh of equal pre-activations
-    report = check_exact(model, x, {"fc1": 10, "fc2": 2}, **options)
+    report = check_exact(model, x, {"fc1": 10, "fc2": 2}, **method, **options)
     assert report.widths["fc1"][1] <= 30
     assert report.widths["fc3"] == [5, 5]
 
@@ -279,9 +292,10 @@ def test_option_b_resnet_duplicated_stream_channels(depth: int) -> None:
     check_exact(model, x, redundant, sequential=False)
 
 
-def test_sequential_default_is_exact_on_redundant_resnet() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_sequential_default_is_exact_on_redundant_resnet(method: dict[str, Any]) -> None:
     model, x, redundant = redundant_resnet(14)
-    report = check_exact(model, x, redundant)  # default: sequential calibration
+    report = check_exact(model, x, redundant, **method)  # default: sequential calibration
     worst = max(max(g.consumer_errors.values()) for g in report.groups if g.consumer_errors)
     # the activations are exactly reconstructible: only float32 rounding may remain
     assert worst <= 1e-6, f"worst consumer reconstruction error {worst:.3g}"

@@ -1,0 +1,152 @@
+"""Greedy unit selection for spectral pruning (Paper 1, Suzuki et al.), from Gram matrices.
+
+For a layer with (uncentred) covariance ``Σ`` (m×m) and kept set ``J``, the ridge residual
+covariance is ``E_J = Σ − Σ[:, J] (Σ[J, J] + diag τ_J)⁻¹ Σ[J, :]`` and the combined
+information loss is ``L(J) = tr(M E_J)`` with ``M = θ·I + (1 − θ)·W`` (``θ = 1``: the
+input-aware loss ``L_A``; ``θ = 0``: the output-aware loss ``L_B`` with ``W = Σ_c W_cᵀW_c``
+from the consumers' weights).
+
+:func:`spectral_greedy` adds, at each step, the unit with the largest decrease of ``L``.
+Adding unit ``j`` changes ``E`` by the rank-one term ``e eᵀ / (E_jj + τ_j)`` with
+``e = E[:, j]`` (block inversion), so the decrease is ``eᵀ M e / (E_jj + τ_j)`` for every
+candidate at once, ``colsum(E ⊙ (M E)) / (diag E + τ)``, and both ``E`` and ``M E`` are
+updated by rank-one downdates: O(m²) per step, O(k·m²) for ``k`` units, in float64.
+Running all ``m`` steps gives the loss for every width in one pass (the error curve).
+
+Example::
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> Z = rng.standard_normal((200, 3)) @ rng.standard_normal((3, 6))  # rank 3
+    >>> sel = spectral_greedy(Z.T @ Z / 200)
+    >>> bool(sel.losses[3] < 1e-9 * sel.losses[0])  # 3 units reconstruct all 6
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from spectrim.linalg._validation import as_gram, as_index_set
+
+__all__ = ["SpectralSelection", "spectral_greedy", "spectral_loss"]
+
+
+@dataclass(frozen=True)
+class SpectralSelection:
+    """Result of :func:`spectral_greedy`.
+
+    Attributes:
+        order: units in the order they were added (length ``k``).
+        losses: ``losses[i] = L(order[:i])`` for ``i = 0..k`` (``losses[0] = tr(M Σ)``).
+    """
+
+    order: np.ndarray
+    losses: np.ndarray
+
+    def selected(self, k: int) -> np.ndarray:
+        """The first ``k`` units chosen."""
+        if not 0 <= k <= len(self.order):
+            raise ValueError(f"k={k} must be in [0, {len(self.order)}]")
+        return self.order[:k].copy()
+
+
+def _weighting(m: int, theta: float, weight: Any | None) -> np.ndarray:
+    if not 0.0 <= theta <= 1.0:
+        raise ValueError(f"theta={theta} must be in [0, 1]")
+    if weight is None:
+        if theta < 1.0:
+            raise ValueError("theta < 1 needs the output-aware weighting matrix `weight`")
+        return np.eye(m)
+    W = as_gram(weight, "weight")
+    if W.shape[0] != m:
+        raise ValueError(f"weight must be {m}×{m}, got {W.shape}")
+    return theta * np.eye(m) + (1.0 - theta) * W
+
+
+def _as_tau(tau: Any, m: int) -> np.ndarray:
+    t = np.asarray(tau, dtype=np.float64)
+    if t.ndim == 0:
+        t = np.full(m, float(t))
+    if t.shape != (m,) or not np.all(np.isfinite(t)) or np.any(t < 0):
+        raise ValueError(f"tau must be a non-negative scalar or a length-{m} vector")
+    return t
+
+
+def spectral_loss(
+    sigma: Any, J: Any, *, theta: float = 1.0, weight: Any | None = None, tau: Any = 0.0
+) -> float:
+    """``L(J) = tr(M E_J)`` by direct solve (the brute-force reference for the greedy).
+
+    Example::
+
+        >>> spectral_loss(np.diag([2.0, 1.0]), [0])
+        1.0
+    """
+    S = as_gram(sigma, "sigma")
+    m = S.shape[0]
+    idx = as_index_set(J, m, "J")
+    M = _weighting(m, theta, weight)
+    t = _as_tau(tau, m)[idx]
+    E = S.copy()
+    if idx.size:
+        A = S[np.ix_(idx, idx)] + np.diag(t)
+        E -= S[:, idx] @ np.linalg.pinv(A, hermitian=True) @ S[idx, :]
+    return float(np.sum(M * E))
+
+
+def spectral_greedy(
+    sigma: Any,
+    k: int | None = None,
+    *,
+    theta: float = 1.0,
+    weight: Any | None = None,
+    tau: Any = 0.0,
+    rtol: float = 1e-12,
+) -> SpectralSelection:
+    """Greedy forward selection minimising ``θ·L_A + (1 − θ)·L_B`` (exact rank-one updates).
+
+    Args:
+        sigma: m×m covariance (second moment) of the units, float64 PSD.
+        k: number of units to select (default: all ``m``, giving the full loss curve).
+        theta: weight of the input-aware loss (1: reconstruct the units themselves).
+        weight: m×m PSD output-aware matrix ``Σ_c W_cᵀW_c`` (needed when ``theta < 1``).
+        tau: ridge penalty per unit (scalar or length m), in the units of ``sigma``.
+        rtol: candidates with residual variance ``E_jj <= rtol·max(diag Σ)`` (and no
+            ridge) carry nothing new and gain 0; ties go to the lowest index.
+
+    Complexity: O(k·m²) time, O(m²) memory.
+    """
+    S = as_gram(sigma, "sigma")
+    m = S.shape[0]
+    k = m if k is None else int(k)
+    if not 0 <= k <= m:
+        raise ValueError(f"k={k} must be in [0, {m}]")
+    M = _weighting(m, theta, weight)
+    t = _as_tau(tau, m)
+    E = S.copy()
+    P = M @ E
+    floor = rtol * max(float(np.max(np.diag(S), initial=0.0)), 0.0)
+    chosen = np.zeros(m, dtype=bool)
+    order = np.empty(k, dtype=np.int64)
+    losses = np.empty(k + 1)
+    losses[0] = float(np.sum(M * E))
+    for step in range(k):
+        d = np.diag(E) + t
+        num = np.einsum("ij,ij->j", E, P)
+        live = (~chosen) & (np.diag(E) > floor) & (d > 0)
+        gain = np.full(m, -np.inf)
+        gain[~chosen] = 0.0
+        gain[live] = num[live] / d[live]
+        j = int(np.argmax(gain))
+        order[step] = j
+        chosen[j] = True
+        if live[j]:
+            e = E[:, j].copy()
+            E -= np.outer(e, e) / d[j]
+            P -= np.outer(M @ e, e) / d[j]
+        losses[step + 1] = float(np.sum(M * E))
+    return SpectralSelection(order=order, losses=losses)

@@ -1,0 +1,211 @@
+"""``spectral``: spectral pruning (Suzuki et al., IJCAI 2020), papers §2 and §5b.1.
+
+Per unit group, from the streamed statistics:
+
+* ``Σ̂ = Σ_c G_c / Σ_c n_c``, the uncentred covariance of the group's channels at its
+  consumers' inputs (all consumers stacked, as for ``id``); its eigenvalues ``μ`` give the
+  degrees of freedom ``N(λ) = Σ μ/(μ+λ)`` with ``λ = α·tr Σ̂`` and the ridge leverage
+  scores ``ℓ_j(λ)``.
+* The kept set ``J`` minimises ``θ·L_A(J) + (1 − θ)·L_B(J)`` by the exact greedy of
+  :func:`spectrim.linalg.spectral_greedy`; the output-aware matrix is
+  ``Σ_c Σ_taps W_cᵀW_c`` over the consumers' weights restricted to the group's input
+  columns, scaled to trace ``m`` so that ``θ`` mixes two losses of the same scale.
+* Every consumer gets the ridge reconstruction ``Â_J = Σ̂_c[:, J] (Σ̂_c[J, J] + I_τ)⁻¹``
+  from its own statistics, folded by the same surgery as ``id`` (and refitted on the
+  compressed prefix in sequential mode, with the same ``I_τ``).
+* The error curve for the global ``macs``/``params`` allocation is the greedy's loss
+  ``L(J_k)/L(∅)`` for every width ``k`` (one greedy run of ``m`` steps); ``target="dof=α"``
+  keeps ``⌈c·N(α·tr Σ̂)⌉`` channels per group.
+
+Options:
+    theta: weight of the input-aware loss in ``[0, 1]`` (default 0.5).
+    alpha: ``λ = α·tr Σ̂`` for the ridge penalty and leverage scores (default 1e-4).
+    tau: ``"uniform"`` (``τ_j = λ``, default) or ``"leverage"`` (``τ_j = c·λ·ℓ_j(λ)``,
+        the theory's ``λ·m♯·q_j`` with ``m♯ = c·N(λ)``), or ``"none"`` (``τ = 0``).
+    c: the multiplier in ``m♯ = c·N(λ)`` (``dof`` targets and the leverage rule; default 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectrim.calibration.gram import GramAccumulator
+from spectrim.graph.channels import UnitGroup
+from spectrim.graph.surgery import GroupPlan
+from spectrim.linalg import (
+    degrees_of_freedom,
+    fit_reconstruction,
+    gram_spectrum,
+    residual_of,
+    ridge_leverage_scores,
+    spectral_greedy,
+)
+from spectrim.methods.base import GroupSolver, Method, register_method
+
+__all__ = ["SpectralMethod", "SpectralSolver", "consumer_weight_gram"]
+
+_TAU_RULES = ("uniform", "leverage", "none")
+
+
+def consumer_weight_gram(module: nn.Module, positions: np.ndarray) -> np.ndarray:
+    """``Σ_taps W[:, cols]ᵀ W[:, cols]`` (m×m, float64) of a consumer over the group's input
+    columns ``positions`` (m, r); the ``r`` repeats after a flatten and the kernel taps of a
+    conv are summed (papers §5b.1: cross-tap correlations are ignored).
+
+    Example::
+
+        >>> lin = nn.Linear(3, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]]))
+        >>> consumer_weight_gram(lin, np.array([[0], [2]])).tolist()
+        [[1.0, 2.0], [2.0, 4.0]]
+    """
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+        raise TypeError(f"consumer of type {type(module).__name__} has no weight matrix")
+    m, r = positions.shape
+    cols = w.detach().double()[:, torch.as_tensor(positions.reshape(-1))]
+    cols = cols.reshape(w.shape[0], m, r, -1)  # (out, m, r, taps)
+    return torch.einsum("omrt,onrt->mn", cols, cols).numpy()
+
+
+class SpectralSolver(GroupSolver):
+    """Greedy θ-mixed selection and ridge reconstruction for one group."""
+
+    def __init__(
+        self,
+        group: UnitGroup,
+        grams: Mapping[str, np.ndarray],
+        counts: Mapping[str, int],
+        weights: Mapping[str, np.ndarray],
+        theta: float = 0.5,
+        alpha: float = 1e-4,
+        tau: str = "uniform",
+        c: float = 1.0,
+    ):
+        if not grams:
+            raise ValueError(f"unit group '{group.name}' has no consumer statistics")
+        self.group = group
+        self.grams = dict(grams)
+        self.counts = dict(counts)
+        m = group.width
+        n = max(sum(self.counts.values()), 1)
+        self.sigma = sum(self.grams.values()) / n
+        trace = float(np.trace(self.sigma))
+        self.lam = alpha * trace
+        self.alpha, self.c, self.tau_rule = alpha, c, tau
+        self.eigvals = gram_spectrum(self.sigma)
+        if tau == "leverage" and self.lam > 0:
+            self.tau = c * self.lam * ridge_leverage_scores(self.sigma, self.lam)
+        elif tau == "uniform":
+            self.tau = np.full(m, self.lam)
+        else:
+            self.tau = np.zeros(m)
+        out_w: np.ndarray | None = None
+        if weights:
+            total_w = np.sum(list(weights.values()), axis=0)
+            if float(np.trace(total_w)) > 0:
+                out_w = total_w * (m / float(np.trace(total_w)))
+        if out_w is None and theta < 1.0:
+            raise ValueError(f"unit group '{group.name}': consumers have all-zero weights")
+        self.selection = spectral_greedy(
+            self.sigma, theta=theta, weight=out_w if theta < 1.0 else None, tau=self.tau
+        )
+        losses = self.selection.losses
+        curve = losses / losses[0] if losses[0] > 0 else np.zeros_like(losses)
+        curve[-1] = 0.0  # keeping every channel changes nothing (no fold, no ridge)
+        self._curve = np.maximum.accumulate(np.maximum(curve, 0.0)[::-1])[::-1]
+
+    def error_curve(self) -> np.ndarray:
+        return self._curve
+
+    def degrees_of_freedom(self, alpha: float | None = None) -> float:
+        """``N(λ)`` with ``λ = α·tr Σ̂`` (this solver's ``alpha`` by default)."""
+        lam = self.lam if alpha is None else alpha * float(np.trace(self.sigma))
+        return float(degrees_of_freedom(self.eigvals, lam))
+
+    def width_for_dof(self, alpha: float) -> int:
+        """``⌈c·N(α·tr Σ̂)⌉``, clipped to ``[1, m]``."""
+        return min(
+            max(math.ceil(self.c * self.degrees_of_freedom(alpha) - 1e-9), 1), self.group.width
+        )
+
+    def row_ridge(self, keep: np.ndarray) -> np.ndarray:
+        """``τ`` of the kept channels, per calibration row (multiply by a row count)."""
+        return self.tau[np.asarray(keep, dtype=np.int64)]
+
+    def plan(self, k: int) -> GroupPlan:
+        J = np.sort(self.selection.selected(k))
+        folds = {}
+        for name, G in self.grams.items():
+            ridge = self.tau[J] * self.counts[name]
+            folds[name] = fit_reconstruction(G, J, ridge=ridge)
+        return GroupPlan(keep=J, folds=folds)
+
+    def reconstruction_errors(self, plan: GroupPlan) -> dict[str, float]:
+        out = {}
+        for name, G in self.grams.items():
+            t = float(np.trace(G))
+            b = plan.folds[name]
+            out[name] = float(np.sqrt(residual_of(G, plan.keep, b) / t)) if t > 0 else 0.0
+        return out
+
+
+@register_method("spectral")
+class SpectralMethod(Method):
+    """Spectral pruning: degrees of freedom, θ-mixed greedy selection, ridge folds.
+
+    Example::
+
+        >>> import torch, torch.nn as nn, spectrim
+        >>> net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        >>> small, _ = spectrim.compress(
+        ...     net, torch.randn(256, 8), method="spectral", target="width=0.5", theta=1.0
+        ... )
+        >>> small[0].out_features
+        16
+    """
+
+    needs_statistics = True
+
+    def __init__(
+        self,
+        theta: float = 0.5,
+        alpha: float = 1e-4,
+        tau: str = "uniform",
+        c: float = 1.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        if not 0.0 <= float(theta) <= 1.0:
+            raise ValueError(f"spectral: theta={theta} must be in [0, 1]")
+        if not float(alpha) >= 0.0 or not math.isfinite(float(alpha)):
+            raise ValueError(f"spectral: alpha={alpha} must be a non-negative number")
+        if tau not in _TAU_RULES:
+            raise ValueError(f"spectral: tau={tau!r} must be one of {', '.join(_TAU_RULES)}")
+        if not float(c) > 0.0:
+            raise ValueError(f"spectral: c={c} must be positive")
+        self.theta, self.alpha, self.tau, self.c = float(theta), float(alpha), tau, float(c)
+
+    def solver(
+        self, group: UnitGroup, stats: Mapping[str, GramAccumulator], model: nn.Module
+    ) -> GroupSolver:
+        modules = dict(model.named_modules())
+        grams = {name: acc.gram_numpy() for name, acc in stats.items()}
+        counts = {name: acc.count for name, acc in stats.items()}
+        weights = {}
+        if self.theta < 1.0:
+            for slot in group.consumers:
+                if slot.module in grams:
+                    weights[slot.module] = consumer_weight_gram(
+                        modules[slot.module], slot.positions
+                    )
+        return SpectralSolver(
+            group, grams, counts, weights, self.theta, self.alpha, self.tau, self.c
+        )
