@@ -11,6 +11,8 @@ See :mod:`spectrim.calibration` for streaming such Grams out of a model.
 * Spectra (Paper 1): :func:`gram_spectrum`, :func:`degrees_of_freedom`,
   :func:`ridge_leverage_scores`, :func:`effective_rank`.
 * Spectral-pruning selection (Paper 1): :func:`spectral_greedy`, :func:`spectral_loss`.
+* Weight sparsity and spectra (Paper 3, PQ index): :func:`pq_index`, :func:`soft_sparsity`,
+  :func:`power_mean`, :func:`spectral_norm`, :func:`stable_rank`, :func:`weight_matrix`.
 
 Example::
 
@@ -34,6 +36,14 @@ from spectrim.linalg.reconstruction import (
     residual_of,
 )
 from spectrim.linalg.selection import SpectralSelection, spectral_greedy, spectral_loss
+from spectrim.linalg.sparsity import (
+    power_mean,
+    pq_index,
+    soft_sparsity,
+    spectral_norm,
+    stable_rank,
+    weight_matrix,
+)
 from spectrim.linalg.spectrum import (
     degrees_of_freedom,
     effective_rank,
@@ -53,8 +63,14 @@ __all__ = [
     "gram_spectrum",
     "gram_sqrt",
     "id_factorize",
+    "power_mean",
+    "pq_index",
     "residual_of",
     "ridge_leverage_scores",
+    "soft_sparsity",
     "spectral_greedy",
     "spectral_loss",
+    "spectral_norm",
+    "stable_rank",
+    "weight_matrix",
 ]
