@@ -11,6 +11,7 @@ Example::
 
 from spectrim.api import as_batches, compress, inputs_only
 from spectrim.config import CompressConfig, Target
+from spectrim.diagnostics import CompressibilityReport, analyze
 from spectrim.methods import available as available_methods
 from spectrim.report import CompressionReport, GroupReport
 
@@ -18,10 +19,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressConfig",
+    "CompressibilityReport",
     "CompressionReport",
     "GroupReport",
     "Target",
     "__version__",
+    "analyze",
     "as_batches",
     "available_methods",
     "compress",

@@ -26,7 +26,7 @@ from spectrim.calibration import Collected, collect
 from spectrim.calibration.sequential import sequential_correct
 from spectrim.config import CompressConfig, Target
 from spectrim.evaluation.flops import profile
-from spectrim.graph import GroupPlan, analyze_channels, apply_plan
+from spectrim.graph import Analysis, GroupPlan, analyze_channels, apply_plan
 from spectrim.graph.trace import batch_len
 from spectrim.graph.verify import self_check
 from spectrim.methods import get_method
@@ -99,6 +99,27 @@ def _check_batch(batch: Any) -> None:
     )
 
 
+def trace_and_check(
+    model: nn.Module, example: Any, *, verify: bool = True, seed: int = 0
+) -> tuple[Analysis, list[str]]:
+    """Trace ``model`` on ``example`` and (optionally) self-check every unit group.
+
+    Returns the channel analysis and one warning per group the self-check pinned.
+    A model that cannot be traced raises ``RuntimeError`` naming the cause.
+    """
+    try:
+        analysis = analyze_channels(model, example)
+    except Exception as exc:
+        raise RuntimeError(
+            f"spectrim could not trace the model on the calibration batch: {exc}"
+        ) from exc
+    warnings: list[str] = []
+    if verify:
+        for name, why in self_check(model, analysis, example, seed=seed):
+            warnings.append(f"unit group '{name}' pinned: {why}")
+    return analysis, warnings
+
+
 def compress(
     model: nn.Module,
     calibration: Any,
@@ -156,18 +177,11 @@ def compress(
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    try:
-        analysis = analyze_channels(work, example)
-    except Exception as exc:
-        raise RuntimeError(
-            f"spectrim could not trace the model on the calibration batch: {exc}"
-        ) from exc
+    analysis, pinned_warnings = trace_and_check(work, example, verify=cfg.verify, seed=cfg.seed)
     kernels = _has_functional_products(analysis)
     cost0 = profile(work, example, kernels=kernels)
     report = CompressionReport(method=cfg.method, target=str(tgt), config=cfg.to_dict())
-    if cfg.verify:
-        for name, why in self_check(work, analysis, example, seed=cfg.seed):
-            report.warnings.append(f"unit group '{name}' pinned: {why}")
+    report.warnings.extend(pinned_warnings)
     timings["analysis"] = time.perf_counter() - t
 
     groups = analysis.prunable

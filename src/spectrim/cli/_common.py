@@ -22,9 +22,12 @@ __all__ = [
     "add_data_options",
     "check_model_spec",
     "eval_batches",
+    "fraction",
     "human_stream",
     "load_data",
+    "nonneg_float",
     "nonneg_int",
+    "positive_floats",
     "positive_int",
     "progress_wrapper",
     "resolve_model",
@@ -58,6 +61,60 @@ def nonneg_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative integer")
     return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be finite")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative number")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in ``(0, 1]``."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return value
+
+
+def positive_floats(text: str) -> tuple[float, ...]:
+    """A comma-separated list of positive numbers."""
+    values = _floats(text)
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive number")
+    return values
+
+
+def method_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for a method option; VALUE becomes a bool, int or float when it reads as one.
+
+    >>> method_option("theta=0.25"), method_option("tau=leverage")
+    (('theta', 0.25), ('tau', 'leverage'))
+    """
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key.isidentifier() or not raw:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. theta=0.25)")
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            pass
+    return key, raw
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -1,9 +1,10 @@
-"""The CLI commands: ``compress``, ``eval``, ``demo`` and ``list``."""
+"""The CLI commands: ``compress``, ``eval``, ``analyze``, ``demo`` and ``list``."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from spectrim.cli._common import (
     write_json,
 )
 
-__all__ = ["run_compress", "run_demo_command", "run_eval", "run_list"]
+__all__ = ["run_analyze", "run_compress", "run_demo_command", "run_eval", "run_list"]
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -34,14 +35,28 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
 
 
-def _check_method_and_target(method: str, target: str) -> str:
+# CompressConfig fields that have their own flags (not method options)
+_RUN_OPTIONS = ("round_to", "min_width", "verify", "seed", "sequential", "sequential_fraction")
+
+
+def _check_method_and_target(
+    method: str, target: str, options: Sequence[tuple[str, Any]] = ()
+) -> str:
     from spectrim.config import Target
-    from spectrim.methods import available
+    from spectrim.methods import available, get_method
 
     if method not in available():
         raise CLIError(
             f"--method {method!r} is not a registered method (available: {', '.join(available())})"
         )
+    for key, _ in options:
+        if key in _RUN_OPTIONS:
+            flag = "--" + key.replace("_", "-")
+            raise CLIError(f"--option {key}=...: {key} is not a method option; use {flag}")
+    try:
+        get_method(method, **dict(options))
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--option: {exc}") from None
     try:
         return str(Target.parse(target))
     except ValueError as exc:
@@ -59,7 +74,7 @@ def run_compress(args: argparse.Namespace) -> int:
     out = human_stream(args.json)
     t_start = time.perf_counter()
     _set_threads(args)
-    target = _check_method_and_target(args.method, args.target)
+    target = _check_method_and_target(args.method, args.target, args.option)
     check_model_spec(args.model)
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise CLIError(f"--out {args.out!r} exists and is not a directory")
@@ -87,6 +102,7 @@ def run_compress(args: argparse.Namespace) -> int:
         sequential=not args.one_shot,
         sequential_fraction=args.sequential_fraction,
         progress=progress_wrapper("calibration", args.quiet),
+        **dict(args.option),
     )
     result = evaluate(
         small,
@@ -107,6 +123,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "model": resolved.label,
         "data": data.name,
         "method": report.method,
+        "options": dict(args.option),
         "target": report.target,
         "calibration_examples": len(calib_x),
         "eval_examples": result.n,
@@ -244,6 +261,116 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"{lat['compressed_median'] * 1e3:.2f} ms (speedup x{lat['speedup']:.2f})",
                 file=out,
             )
+    return 0
+
+
+# ------------------------------------------------------------------------------------- analyze
+
+
+def _labels(ds: Any) -> torch.Tensor | None:
+    """The labels of a ``TensorDataset`` unless it is unlabelled (every label ``-1``)."""
+    if len(ds.tensors) < 2 or ds.tensors[1].numel() == 0 or bool((ds.tensors[1] < 0).all()):
+        return None
+    return ds.tensors[1]
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from spectrim.api import as_batches
+    from spectrim.diagnostics import analyze
+
+    out = human_stream(args.json)
+    t_start = time.perf_counter()
+    _set_threads(args)
+    check_model_spec(args.model)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"--out {args.out!r} exists and is not a directory")
+
+    # --heldout 0 needs no test split: load a single example of it
+    data = load_data(args.data, args.calib, args.heldout or 1, args)
+    assert data.calib is not None
+    calib_x = data.calib.tensors[0]
+    if len(calib_x) == 0:
+        raise CLIError(f"--data {args.data!r}: no calibration examples")
+    if args.heldout and len(data.eval) == 0:
+        raise CLIError(f"--data {args.data!r}: no held-out (evaluation) examples")
+    if data.note and not args.quiet:
+        print(f"note: {data.note}", file=out)
+    resolved = resolve_model(args.model, example_inputs=calib_x[:4])
+    model = resolved.model.eval()
+
+    options: dict[str, Any] = {
+        "alphas": args.alphas,
+        "error": args.error,
+        "sensitivity_fraction": args.sensitivity_fraction,
+        "max_sensitivity_groups": args.max_sensitivity_groups,
+        "verify": not args.no_verify,
+        "progress": progress_wrapper("analyze", args.quiet),
+    }
+    if args.heldout:
+        report = analyze(
+            model,
+            calib_x,
+            heldout=as_batches(data.eval.tensors[0], args.batch_size),
+            labels=_labels(data.eval),
+            **options,
+        )
+    else:
+        calib = data.calib if _labels(data.calib) is not None else calib_x
+        report = analyze(model, calib, **options)
+    if args.heldout:
+        report.heldout_source = f"the first {len(data.eval)} evaluation examples of {data.name}"
+    written = report.write(out_dir)
+    summary = report.summary()
+    result: dict[str, Any] = {
+        "model": resolved.label,
+        "data": data.name,
+        "out": str(out_dir),
+        "files": {k: str(v) for k, v in written.items()},
+        "wall_seconds": time.perf_counter() - t_start,
+        "summary": summary,
+        "report": report.to_dict(),
+    }
+    write_json(result, args.json)
+
+    if not args.quiet:
+        removed = summary["channels"] - summary["predicted_channels"]
+        lines = [
+            report.table(),
+            f"{resolved.label} on {data.name}: {summary['groups']} prunable layers, "
+            f"{report.n_calibration} calibration / {report.n_heldout} held-out examples "
+            f"({report.heldout_source})",
+            f"at relative error {report.error:g}: {removed} of {summary['channels']} channels "
+            f"removable ({report.compressible_fraction:.1%})",
+        ]
+        if summary["mean_measured_error"] is not None:
+            lines.append(
+                f"predicted vs held-out error: mean {_fmt(summary['mean_predicted_error'])} vs "
+                f"{_fmt(summary['mean_measured_error'])} (mean |gap| "
+                f"{_fmt(summary['mean_abs_error_gap'])}, max {_fmt(summary['max_abs_error_gap'])})"
+            )
+        if summary["sensitivity_groups"]:
+            lines.append(
+                f"N(lambda)/m (alpha={report.dof_alpha:g}) vs {report.sensitivity_metric} kept at "
+                f"{report.sensitivity_fraction:g} width over {summary['sensitivity_groups']} "
+                f"layers: Spearman {_fmt(report.spearman, '+.3f')}, Pearson "
+                f"{_fmt(report.pearson, '+.3f')}"
+            )
+            lines.append(
+                "  Spearman of other pairings: "
+                + ", ".join(
+                    f"{name} {_fmt(c['spearman'], '+.3f')}"
+                    for name, c in report.correlation_table.items()
+                    if name != "N/m vs kept"
+                )
+            )
+        lines += [f"warning: {w}" for w in report.warnings]
+        plots = sum(1 for k in written if k not in ("json", "markdown", "html"))
+        lines.append(
+            f"report: {written['html']} (+ report.md, report.json, {plots} plots) | "
+            f"{time.perf_counter() - t_start:.1f} s"
+        )
+        print("\n".join(lines), file=out)
     return 0
 
 

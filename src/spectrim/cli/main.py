@@ -5,6 +5,7 @@ Example::
     $ spectrim list
     $ spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 --out small/
     $ spectrim eval --model small/ --data cifar10
+    $ spectrim analyze --model resnet56-cifar10 --data cifar10 --out r56-report/
     $ spectrim demo --quick
 
 Errors are printed as one line on stderr with exit code 2 (``--debug`` shows the traceback).
@@ -18,7 +19,16 @@ import textwrap
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from spectrim.cli._common import CLIError, add_data_options, nonneg_int, positive_int
+from spectrim.cli._common import (
+    CLIError,
+    add_data_options,
+    fraction,
+    method_option,
+    nonneg_float,
+    nonneg_int,
+    positive_floats,
+    positive_int,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -27,6 +37,7 @@ Examples:
   spectrim list
   spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 --out small/
   spectrim eval --model small/ --data cifar10
+  spectrim analyze --model resnet56-cifar10 --data cifar10 --calib 512 --out r56-report/
   spectrim demo --quick
 
 Built-in models and datasets are read from $SPECTRIM_DATA when set (offline use), else from
@@ -46,8 +57,13 @@ Examples:
   spectrim compress --model resnet20-cifar10 --data cifar10 --calib 200 --eval-limit 200 \\
       --target macs=0.7 --latency --json result.json
 
+  # spectral pruning, output-aware selection, per-layer widths from N(lambda) at alpha
+  spectrim compress --model resnet56-cifar10 --data cifar10 --method spectral \\
+      --option theta=0.25 --target dof=1e-4 --json -
+
 Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), width=F (keep a
-fraction F of every layer's channels), error=E (per-layer reconstruction error at most E).
+fraction F of every layer's channels), error=E (per-layer reconstruction error at most E). dof=A (spectral only: per-layer
+width c*N(lambda) with lambda = A*trace of the layer's covariance).
 --data FOLDER: class subfolders (root/<class>/*.png), optionally under train/ and test/;
 without split subfolders the first --calib examples calibrate and the rest evaluate.
 """
@@ -59,6 +75,27 @@ Examples:
 
   # any model, against an explicit reference, on the first 500 test images
   spectrim eval --model my_small.pt --reference my_model.pt --data cifar10 --limit 500 --json -
+"""
+
+_ANALYZE_EPILOG = """\
+Examples:
+  # the compressibility report of the pretrained ResNet-56 (open r56-report/report.html)
+  spectrim analyze --model resnet56-cifar10 --data cifar10 --calib 512 --out r56-report/
+
+  # your own model and images, held out from the calibration set, JSON to stdout
+  spectrim analyze --model my_model.pt --data images/ --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 \\
+      --heldout 0 --out report/ --json -
+
+  # quicker: fewer sensitivity runs, a looser error budget
+  spectrim analyze --model resnet20-cifar10 --data cifar10 --calib 256 --heldout 128 \\
+      --error 0.2 --max-sensitivity-groups 5 --out r20-report/
+
+Writes DIR/report.html (self-contained, plots embedded), report.md, report.json and the PNG
+plots. lambda = alpha * trace(Sigma) per layer (--alphas sets the alphas). --heldout N takes
+the first N labelled test examples (accuracy kept = accuracy relative to the original's);
+--heldout 0 holds out the last quarter of the calibration examples instead (with their
+labels when the data has any). Without labels, accuracy kept = agreement with the original's
+top-1 predictions. Formulas: docs/analyze.md.
 """
 
 _DEMO_EPILOG = """\
@@ -104,6 +141,18 @@ def _common_options(parser: argparse.ArgumentParser, *, data: bool = True) -> No
         )
 
 
+def _model_and_data(
+    parser: argparse.ArgumentParser,
+    model_help: str = "zoo model name, model file (torch.save(model) or TorchScript) or "
+    "compressed folder",
+) -> None:
+    """The required ``--model`` and ``--data`` options."""
+    parser.add_argument("--model", required=True, metavar="NAME|FILE|DIR", help=model_help)
+    parser.add_argument(
+        "--data", required=True, metavar="NAME|PATH", help="dataset name, image folder or file"
+    )
+
+
 def _subparser(
     sub: argparse._SubParsersAction, name: str, help: str, epilog: str, description: str
 ) -> argparse.ArgumentParser:
@@ -144,21 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Compress a trained model with calibration data, evaluate it against the original "
         "and optionally save it (reload with spectrim.io.load_compressed).",
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="NAME|FILE|DIR",
-        help="zoo model name, model file (torch.save(model) or TorchScript) or compressed folder",
-    )
-    p.add_argument(
-        "--data", required=True, metavar="NAME|PATH", help="dataset name, image folder or file"
-    )
+    _model_and_data(p)
     p.add_argument(
         "--method",
         default="id",
         help=f"compression method: {', '.join(available())} (default: id)",
     )
     p.add_argument("--target", default="macs=0.5", help="what to reach (default: macs=0.5)")
+    p.add_argument(
+        "-o",
+        "--option",
+        type=method_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, repeatable (spectral: theta, alpha, tau, c; id: ridge)",
+    )
     p.add_argument(
         "--calib",
         type=positive_int,
@@ -231,15 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Evaluate a model's accuracy, parameters and MACs; with a reference model also the "
         "agreement of their predictions and the logit error.",
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="NAME|FILE|DIR",
-        help="zoo model name, model file, or a folder from 'spectrim compress --out'",
-    )
-    p.add_argument(
-        "--data", required=True, metavar="NAME|PATH", help="dataset name, image folder or file"
-    )
+    _model_and_data(p, "zoo model name, model file, or a folder from 'spectrim compress --out'")
     p.add_argument(
         "--reference",
         metavar="NAME|FILE|DIR",
@@ -262,6 +304,72 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(p)
     add_data_options(p)
     p.set_defaults(func=commands.run_eval)
+
+    # analyze -------------------------------------------------------------------------------
+    p = _subparser(
+        sub,
+        "analyze",
+        "compressibility report: spectra, N(lambda), ID error curves, plots",
+        _ANALYZE_EPILOG,
+        "Measure how compressible each layer of a trained model is: eigenvalue spectra, "
+        "degrees of freedom N(lambda), effective rank, interpolative-decomposition error "
+        "curves and predicted widths, PQ index and stable rank of the weights, and how well "
+        "the theory predicts held-out reconstruction errors and the accuracy kept when one "
+        "layer alone is compressed. Writes an HTML page, Markdown, JSON and PNG plots.",
+    )
+    _model_and_data(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="write the report files to DIR")
+    p.add_argument(
+        "--calib",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="calibration examples, the first N of the training split (default: 512)",
+    )
+    p.add_argument(
+        "--heldout",
+        type=nonneg_int,
+        default=256,
+        metavar="N",
+        help="held-out examples, the first N of the test split; 0: hold out the last quarter "
+        "of the calibration examples (default: 256)",
+    )
+    p.add_argument(
+        "--error",
+        type=nonneg_float,
+        default=0.1,
+        metavar="E",
+        help="relative ID error that defines each layer's predicted width (default: 0.1)",
+    )
+    p.add_argument(
+        "--alphas",
+        type=positive_floats,
+        default=(1e-4, 1e-3, 1e-2, 1e-1),
+        metavar="A1,A2",
+        help="relative ridge levels, lambda = alpha*trace (default: 1e-4,1e-3,1e-2,1e-1)",
+    )
+    p.add_argument(
+        "--sensitivity-fraction",
+        type=fraction,
+        default=0.25,
+        metavar="F",
+        help="kept share of channels when one layer alone is compressed (default: 0.25)",
+    )
+    p.add_argument(
+        "--max-sensitivity-groups",
+        type=nonneg_int,
+        metavar="N",
+        help="run the one-layer compressions on at most N layers, spread over depth "
+        "(0: none; default: all)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the graph self-checks (faster; for models known to work)",
+    )
+    _common_options(p)
+    add_data_options(p)
+    p.set_defaults(func=commands.run_analyze)
 
     # demo ----------------------------------------------------------------------------------
     p = _subparser(
