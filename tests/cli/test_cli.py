@@ -318,6 +318,11 @@ def test_compress_pretrained_resnet20_cifar10(
         (["--model", "/nonexistent/model.pt"], "/nonexistent/model.pt"),
         (["--data", "imagenet"], "imagenet"),
         (["--calib", "0"], "--calib"),
+        (["--option", "theta"], "theta"),
+        (["--option", "thetaa=0.3"], "thetaa"),
+        (["--method", "spectral", "--option", "theta=2"], "theta=2"),
+        (["--option", "seed=3"], "--seed"),
+        (["--method", "id", "--target", "dof=1e-3"], "dof"),
     ],
 )
 def test_compress_errors_exit_2(
@@ -422,3 +427,32 @@ def test_compress_one_shot_and_fraction_flags(
     assert reports["--one-shot"]["sequential"] is False
     assert reports["--sequential-fraction"]["sequential"] is True
     assert reports["--sequential-fraction"]["sequential_fraction"] == 0.5
+
+
+def test_compress_method_options_reach_the_method(
+    digits_model: nn.Module, model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-o KEY=VALUE`` gives the same model as the same options passed to the Python API."""
+    import spectrim
+    from spectrim.zoo import load_dataset
+
+    argv = ["--model", str(model_files["pickle"]), "--data", "digits", "--calib", "200"]
+    argv += ["--method", "spectral", "--target", "macs=0.5", "--out", str(tmp_path / "o")]
+    argv += ["-o", "theta=0", "--option", "tau=none", "-o", "alpha=1e-3"]
+    code, _, err = _run(capsys, "compress", *argv, "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    data = _json(tmp_path / "r.json")
+    assert data["options"] == {"theta": 0, "tau": "none", "alpha": 1e-3}
+    assert data["report"]["config"]["options"] == data["options"]
+
+    calib = load_dataset("digits", "train", limit=200).tensors[0]
+    ref, _ = spectrim.compress(
+        digits_model, calib, method="spectral", target="macs=0.5", theta=0.0, tau="none", alpha=1e-3
+    )
+    other, _ = spectrim.compress(digits_model, calib, method="spectral", target="macs=0.5")
+    small = load_compressed(tmp_path / "o")
+    x = load_dataset("digits", "test", limit=64).tensors[0]
+    with torch.no_grad():
+        got, want, default = small(x), ref(x), other(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, default, atol=1e-4)  # the options changed the model

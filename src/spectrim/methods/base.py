@@ -106,7 +106,9 @@ class Method(ABC):
 
     def __init__(self, **options: Any) -> None:
         if options:
-            raise ValueError(f"method '{self.name}' takes no options, got {sorted(options)}")
+            raise ValueError(
+                f"method '{self.name}': unknown option(s) {', '.join(sorted(options))}"
+            )
 
     @abstractmethod
     def solver(
