@@ -310,6 +310,26 @@ def test_update_activation_equals_rows(
         torch.testing.assert_close(a.y_sq_sums, ref_sq, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("budget", [1, 3 * 8 * 16 * 7, 1 << 30])
+def test_exact_update_activation_in_example_chunks(
+    budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exact mode converts a few examples at a time; any chunking gives the float64 sums."""
+    import spectrim.calibration.gram as gram_module
+
+    monkeypatch.setattr(gram_module, "_EXACT_CHUNK_BYTES", budget)  # 1 example, 7, all
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(13, 5, 4, 4, generator=gen), torch.randn(13, 2, 4, 4, generator=gen)
+    acc = GramAccumulator(5, cross_dim=2, exact=True)
+    acc.update_activation(x, 1, y)
+    rx, ry = rows_from_activation(x, 1).double(), rows_from_activation(y, 1).double()
+    assert acc.count == 13 * 16
+    torch.testing.assert_close(acc.gram, rx.T @ rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.cross, rx.T @ ry, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.sums, rx.sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.y_sq_sums, (ry * ry).sum(0), rtol=1e-12, atol=1e-12)
+
+
 def test_update_activation_channels_last_and_errors() -> None:
     x = torch.randn(2, 7, 5)  # (batch, tokens, features): channel axis last
     acc = GramAccumulator(5)
