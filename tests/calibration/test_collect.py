@@ -64,3 +64,47 @@ def test_group_view_matches_group_rows() -> None:
     view, cd = group_view(flat, 1, p)
     assert cd == 1 and view.shape == (20, 3)
     torch.testing.assert_close(view, group_rows(flat, 1, p))
+
+
+class _Branches(nn.Module):
+    """Three branches read the same tensor (an inception block), one reads a slice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.b1, self.b2, self.b3 = (
+            nn.Conv2d(6, 4, 1),
+            nn.Conv2d(6, 4, 3, padding=1),
+            nn.Conv2d(6, 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        return torch.cat([self.b1(h), self.b2(h), self.b3(h)], 1)
+
+
+def test_consumers_of_one_tensor_share_the_products(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Branches reading the same tensor compute its Gram once, and every branch gets it."""
+    from spectrim.calibration.gram import GramAccumulator
+
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    x = torch.randn(8, 3, 6, 6)
+    a = analyze_channels(model, x[:2])
+    (g,) = [g for g in a.prunable if g.name == "stem"]
+    assert sorted(c.module for c in g.consumers) == ["b1", "b2", "b3"]
+    calls = []
+    original = GramAccumulator.update_activation
+
+    def counting(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GramAccumulator, "update_activation", counting)
+    col = collect(model, a, list(x.split(4)), [g])
+    assert len(calls) == 2  # one per batch, not one per (batch, branch)
+    rows = torch.relu(model.stem(x)).detach().permute(0, 2, 3, 1).reshape(-1, 6).double()
+    for name in ("b1", "b2", "b3"):
+        acc = col.stats[(g.index, name)]
+        assert acc.count == 8 * 36
+        torch.testing.assert_close(acc.gram, rows.T @ rows, rtol=1e-5, atol=1e-5)

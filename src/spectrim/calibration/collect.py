@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,13 +123,15 @@ def collect(
     """
     modules = dict(model.named_modules())
     out = Collected(stats={})
-    per_module: dict[str, list[tuple[StatKey, torch.Tensor]]] = {}
+    per_module: dict[str, list[tuple[StatKey, torch.Tensor, bool]]] = {}
     for g in groups:
         for slot in g.consumers:
             key = (g.index, slot.module)
             out.stats[key] = GramAccumulator(g.width)
             pos = torch.as_tensor(slot.positions, dtype=torch.long)
-            per_module.setdefault(slot.module, []).append((key, pos))
+            # the group is the consumer's whole input axis, in order: no gather needed
+            whole = pos.shape[1] == 1 and bool((pos[:, 0] == torch.arange(len(pos))).all())
+            per_module.setdefault(slot.module, []).append((key, pos, whole))
     missing = sorted(set(per_module) - set(modules))
     if missing:
         raise KeyError(f"consumer module '{missing[0]}' not found in the model")
@@ -136,27 +139,38 @@ def collect(
     n_store = [len(batches) if store_fraction > 0 else 0]
     batch_index = [0]
     stored_now: set[str] = set()
-    # identical inputs read by several consumers (inception branches) share the work
-    cache: dict[tuple[int, int], tuple[torch.Tensor, int, GramAccumulator]] = {}
+    # identical inputs read by several consumers (inception branches) share the work; a
+    # weak reference, so that each activation is freed as early as in a plain forward
+    # pass (holding them to the end of the batch costs fresh pages, i.e. time)
+    cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], GramAccumulator]] = {}
     layout: dict[StatKey, int] = {}
 
     def make_hook(name: str) -> Callable[..., None]:
         entries = per_module[name]
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
+            src = args[0]  # the shared object (a detached alias would be new per call)
+            x = src.detach()
             store = batch_index[0] < n_store[0] and name not in stored_now
             stored_now.add(name)
-            for key, pos in entries:
-                hit = cache.get((id(x), key[0]))
-                if hit is None:
-                    view, cd = group_view(x, _channel_dim(module, x), pos)
+            xcd = _channel_dim(module, x)
+            for key, pos, whole in entries:
+                hit = cache.get((id(src), key[0]))
+                view: torch.Tensor | None = None
+                if hit is not None and hit[0]() is src:
+                    delta = hit[1]
+                else:
+                    if whole and x.shape[xcd] == len(pos):
+                        view, cd = x, xcd
+                    else:
+                        view, cd = group_view(x, xcd, pos)
                     delta = GramAccumulator(out.stats[key].dim)
                     delta.update_activation(view, cd)
-                    hit = cache[(id(x), key[0])] = (view, cd, delta)
-                view, cd, delta = hit
+                    cache[(id(src), key[0])] = (weakref.ref(src), delta)
                 out.stats[key].merge(delta)
                 if store:
+                    if view is None:
+                        view, cd = group_view(x, xcd, pos)
                     # a copy: later in-place ops must not change what was measured
                     out.inputs.setdefault(key, []).append(view.clone() if view is x else view)
                     layout[key] = cd
