@@ -620,9 +620,12 @@ class _Analyzer:
     # -- groups ---------------------------------------------------------------------
     def groups(self) -> Analysis:
         find = self.uf.find
+        roots = np.fromiter(
+            (find(i) for i in range(len(self.uf.parent))), dtype=np.int64, count=len(self.uf.parent)
+        )
 
         def cls(a: np.ndarray) -> np.ndarray:
-            return np.fromiter((find(int(x)) for x in a), dtype=np.int64, count=len(a))
+            return roots[np.asarray(a, dtype=np.int64)]
 
         out_labels = {k: cls(v) for k, v in self.space.items()}
         in_labels = {k: cls(v[0]) for k, v in self.consumer_calls.items()}
@@ -632,7 +635,10 @@ class _Analyzer:
         # producers of each class (a class may only appear once per producer)
         producers_of: dict[int, list[str]] = {}
         bad: dict[int, str] = {}
-        order = sorted(out_labels, key=lambda n: self._first_call(n))
+        first_call: dict[str, int] = {}
+        for op in self.g.ops:
+            first_call.setdefault(op.name, op.index)
+        order = sorted(out_labels, key=lambda n: first_call.get(n, 1 << 30))
         for name in order:
             labs = out_labels[name]
             seen: set[int] = set()
@@ -650,19 +656,29 @@ class _Analyzer:
                     lst.append(c)
         groups: list[UnitGroup] = []
         class_group: dict[int, int] = {}
+        for gi, classes in enumerate(by_key.values()):
+            for c in classes:
+                class_group[c] = gi
+        # which groups each consumer / passenger touches: one pass, not groups × consumers
+        touching: dict[int, list[str]] = {}
+        for cname, labs in in_labels.items():
+            for gi in sorted({class_group[c] for c in set(labs.tolist()) if c in class_group}):
+                touching.setdefault(gi, []).append(cname)
+        carrying: dict[int, list[str]] = {}
+        for pname, labs in chan_labels.items():
+            for gi in sorted({class_group[c] for c in set(labs.tolist()) if c in class_group}):
+                carrying.setdefault(gi, []).append(pname)
         for key, classes in by_key.items():
             arr = np.asarray(classes, dtype=np.int64)
             gi = len(groups)
             reason = None
             for c in classes:
                 reason = reason or self.uf.pinned[c] or bad.get(c)
-                class_group[c] = gi
             members = set(classes)
             consumers: list[ConsumerSlot] = []
-            for cname, labs in in_labels.items():
+            for cname in touching.get(gi, []):
+                labs = in_labels[cname]
                 mask = np.isin(labs, arr)
-                if not mask.any():
-                    continue
                 counts = {c: 0 for c in classes}
                 for c in labs[mask].tolist():
                     counts[c] += 1
@@ -678,7 +694,7 @@ class _Analyzer:
                         pos[index[c], fill[c]] = p
                         fill[c] += 1
                 consumers.append(ConsumerSlot(cname, pos))
-            passengers = [n for n, labs in chan_labels.items() if np.isin(labs, arr).any()]
+            passengers = carrying.get(gi, [])
             if not consumers and reason is None:
                 reason = "no consumer reads these channels"
             pchan = {}
@@ -691,12 +707,6 @@ class _Analyzer:
         return Analysis(
             self.g, groups, out_labels, in_labels, chan_labels, dict(self.param_dims), class_group
         )
-
-    def _first_call(self, name: str) -> int:
-        for op in self.g.ops:
-            if op.name == name:
-                return op.index
-        return 1 << 30
 
 
 def _merges(shape: Sequence[int], dim: int, rest: int) -> bool:
