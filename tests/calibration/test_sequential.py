@@ -171,3 +171,48 @@ def test_wide_layers_keep_enough_rows_for_the_fits() -> None:
     a2 = analyze_channels(conv, x[:2])
     n_keep2 = collect(conv, a2, list(x.split(8)), a2.prunable, store_fraction=0.25).n_stored
     assert n_keep2 == 2  # 64 positions per image: a quarter (16 images) is plenty
+
+
+def test_float32_fits_match_float64_fits_when_pruning_error_dominates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Groups fitted with float32 products (predicted error >= 1e-2) get the same
+    corrections and reported errors as float64 ones, to well below the pruning error."""
+    import spectrim.calibration.sequential as seq_module
+    from spectrim.calibration.gram import GramAccumulator
+    from spectrim.zoo import load_dataset, load_pretrained
+
+    modes: list[bool] = []
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        acc = GramAccumulator(*args, **kwargs)
+        modes.append(acc.exact)
+        return acc
+
+    monkeypatch.setattr(seq_module, "GramAccumulator", spy)
+
+    model = load_pretrained("resnet20-cifar10")
+    x = load_dataset("cifar10", "calib", limit=128).tensors[0]
+    a = analyze_channels(model, x[:2])
+    batches = list(x.split(64))
+    col = collect(model, a, batches, a.prunable, store_fraction=1.0)
+    keep = {}
+    for g in a.prunable:
+        fac = id_factorize(sum(acc.gram_numpy() for k, acc in col.stats.items() if k[0] == g.index))
+        keep[g.index] = np.sort(fac.selected(g.width // 2))
+    out = {}
+    for precise in (True, False):
+        work = copy.deepcopy(model)
+        exact = dict.fromkeys(keep, precise)
+        folds, errors = sequential_correct(work, a, batches, keep, col, exact=exact)
+        with torch.no_grad():
+            out[precise] = (folds, errors, work(x))
+    assert modes == [True] * len(keep) + [False] * len(keep)
+    (f64, e64, y64), (f32, e32, y32) = out[True], out[False]
+    assert min(e64.values()) > 1e-2  # the regime the float32 fits are used in
+    for key, err in e64.items():
+        assert e32[key] == pytest.approx(err, rel=1e-2)
+    for gi, per in f64.items():
+        for name, b in per.items():
+            np.testing.assert_allclose(f32[gi][name], b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
+    assert float((y32 - y64).norm() / y64.norm()) < 1e-4
