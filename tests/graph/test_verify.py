@@ -53,6 +53,25 @@ def test_self_check_passes_on_correct_graphs(name: str) -> None:
     assert [g.name for g in a.prunable] == prunable
 
 
+def test_passing_graph_costs_one_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When nothing fails, both checks run on a single copy (no bisection copies)."""
+    import spectrim.graph.verify as verify_module
+
+    model, x = build("residual")
+    a = analyze_channels(model, x)
+    copies: list[object] = []
+    real = copy.deepcopy
+
+    def counting(obj, *args):  # type: ignore[no-untyped-def]
+        if obj is model:  # deepcopy recurses through the patched name: count the root only
+            copies.append(obj)
+        return real(obj, *args)
+
+    monkeypatch.setattr(verify_module.copy, "deepcopy", counting)
+    assert self_check(model, a, x) == []
+    assert len(copies) == 1
+
+
 @pytest.mark.parametrize(
     "name", ["residual", "dense", "flatten", "depthwise", "se", "layer_scale", "shared_conv"]
 )
