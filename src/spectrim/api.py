@@ -13,111 +13,25 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from spectrim.budget import CostModel, allocate, dof_widths
 from spectrim.calibration import Collected, collect
+from spectrim.calibration.batches import as_batches, check_batch, head_examples, inputs_only
 from spectrim.calibration.sequential import sequential_correct
 from spectrim.config import CompressConfig, Target
 from spectrim.evaluation.flops import profile
-from spectrim.graph import Analysis, GroupPlan, analyze_channels, apply_plan
+from spectrim.graph import GroupPlan, apply_plan
 from spectrim.graph.trace import batch_len
-from spectrim.graph.verify import self_check
+from spectrim.graph.verify import trace_and_check
 from spectrim.methods import get_method
 from spectrim.report import CompressionReport, GroupReport
 
 __all__ = ["compress", "inputs_only", "as_batches"]
-
-
-def inputs_only(batches: Iterable[Any]) -> Iterator[Any]:
-    """Drop labels from ``(x, y)`` batches (e.g. a labelled DataLoader)."""
-    for b in batches:
-        yield b[0] if isinstance(b, (tuple, list)) else b
-
-
-def as_batches(data: Any, batch_size: int = 64) -> list[Any]:
-    """Materialise calibration data as a list of batches.
-
-    Accepts a tensor of inputs (split into batches), a :class:`~torch.utils.data.Dataset`
-    whose items are inputs or ``(input, label)`` pairs (labels are dropped), or any
-    iterable of batches (tensor, tuple of positional args, or dict of keyword args).
-    """
-    if isinstance(data, torch.Tensor):
-        if data.dim() == 0 or data.shape[0] == 0:
-            raise ValueError("calibration tensor is empty")
-        return list(data.split(batch_size))
-    if isinstance(data, Dataset) and not isinstance(data, Iterable):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-        return list(inputs_only(loader))
-    if isinstance(data, Iterable):
-        batches = list(data)
-        if not batches:
-            raise ValueError("calibration data yielded no batches")
-        return batches
-    raise TypeError(
-        f"calibration data of type {type(data).__name__} is not supported: pass a tensor, "
-        "a Dataset or an iterable of batches"
-    )
-
-
-def _head(batch: Any, n: int = 2) -> Any:
-    """The first ``n`` examples of a batch (cheap tracing and self-checks).
-
-    Only tensors whose first dimension is the batch size (that of the batch's first
-    tensor) are cut; scalars and other arguments pass unchanged.
-    """
-    size = batch_len(batch)
-
-    def cut(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v[:n] if v.dim() > 0 and v.shape[0] == size else v
-        if isinstance(v, dict):
-            return {k: cut(x) for k, x in v.items()}
-        if isinstance(v, (tuple, list)):
-            return type(v)(cut(x) for x in v)
-        return v
-
-    return cut(batch)
-
-
-def _check_batch(batch: Any) -> None:
-    if isinstance(batch, torch.Tensor):
-        return
-    if isinstance(batch, dict) and any(isinstance(v, torch.Tensor) for v in batch.values()):
-        return
-    if isinstance(batch, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in batch):
-        return
-    raise TypeError(
-        f"calibration batch of type {type(batch).__name__} holds no tensor: use a tensor, a "
-        "tuple of tensors (positional args) or a dict of tensors (keyword args)"
-    )
-
-
-def trace_and_check(
-    model: nn.Module, example: Any, *, verify: bool = True, seed: int = 0
-) -> tuple[Analysis, list[str]]:
-    """Trace ``model`` on ``example`` and (optionally) self-check every unit group.
-
-    Returns the channel analysis and one warning per group the self-check pinned.
-    A model that cannot be traced raises ``RuntimeError`` naming the cause.
-    """
-    try:
-        analysis = analyze_channels(model, example)
-    except Exception as exc:
-        raise RuntimeError(
-            f"spectrim could not trace the model on the calibration batch: {exc}"
-        ) from exc
-    warnings: list[str] = []
-    if verify:
-        for name, why in self_check(model, analysis, example, seed=seed):
-            warnings.append(f"unit group '{name}' pinned: {why}")
-    return analysis, warnings
 
 
 def compress(
@@ -170,8 +84,8 @@ def compress(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
     batches = as_batches(calibration)
-    _check_batch(batches[0])
-    example = _head(batches[0])
+    check_batch(batches[0])
+    example = head_examples(batches[0])
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     timings: dict[str, float] = {}

@@ -11,7 +11,7 @@ from _toy_models import ALL_MODELS, build
 from torch import nn
 
 import spectrim
-import spectrim.api
+import spectrim.graph.verify as verify_module
 from spectrim.graph import Analysis, GroupPlan, analyze_channels, apply_plan
 from spectrim.graph.verify import self_check
 from spectrim.zoo import CifarResNet
@@ -55,8 +55,6 @@ def test_self_check_passes_on_correct_graphs(name: str) -> None:
 
 def test_passing_graph_costs_one_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     """When nothing fails, both checks run on a single copy (no bisection copies)."""
-    import spectrim.graph.verify as verify_module
-
     model, x = build("residual")
     a = analyze_channels(model, x)
     copies: list[object] = []
@@ -154,7 +152,7 @@ def test_compress_pins_a_failing_group_and_stays_correct(monkeypatch: pytest.Mon
     """A broken analysis injected into compress() costs compression, never correctness."""
     model, _ = build("residual")
     x = torch.randn(64, 3, 6, 6)
-    real = spectrim.api.analyze_channels
+    real = verify_module.analyze_channels
 
     def broken(m: nn.Module, example: object) -> Analysis:
         a = real(m, example)
@@ -163,7 +161,7 @@ def test_compress_pins_a_failing_group_and_stays_correct(monkeypatch: pytest.Mon
         del a.in_labels["c2"]
         return a
 
-    monkeypatch.setattr(spectrim.api, "analyze_channels", broken)
+    monkeypatch.setattr(verify_module, "analyze_channels", broken)
     small, report = spectrim.compress(model, x, method="id", target="width=0.5")
     assert any("'c1'" in w and PERM_FAIL in w for w in report.warnings), report.warnings
     assert report.widths["c1"] == [6, 6]

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from spectrim.api import _check_batch, _head, as_batches, trace_and_check
 from spectrim.calibration import GramAccumulator, collect
+from spectrim.calibration.batches import as_batches, check_batch, head_examples
 from spectrim.diagnostics.report import (
     CompressibilityReport,
     GroupDiagnostics,
@@ -39,9 +39,10 @@ from spectrim.diagnostics.report import (
     WeightDiagnostics,
 )
 from spectrim.evaluation._common import extract_logits
-from spectrim.evaluation.metrics import _accuracy, _agreement
+from spectrim.evaluation.metrics import accuracy_from_logits, agreement_from_logits
 from spectrim.graph import Analysis, UnitGroup, apply_plan, call_model
 from spectrim.graph.trace import batch_len
+from spectrim.graph.verify import trace_and_check
 from spectrim.linalg import (
     degrees_of_freedom,
     effective_rank,
@@ -133,7 +134,7 @@ def analyze(
     wrap = _wrapper(progress)
 
     calib_batches, held_batches, held_labels, source = _split_data(calibration, heldout, labels)
-    _check_batch(calib_batches[0])
+    check_batch(calib_batches[0])
     n_calib = sum(batch_len(b) for b in calib_batches)
     n_held = sum(batch_len(b) for b in held_batches)
     if held_labels is not None and held_labels.numel() != n_held:
@@ -157,7 +158,7 @@ def analyze(
 
     t = time.perf_counter()
     work = copy.deepcopy(model).eval()
-    example = _head(calib_batches[0])
+    example = head_examples(calib_batches[0])
     analysis, pinned_warnings = trace_and_check(work, example, verify=verify)
     report.warnings.extend(pinned_warnings)
     report.pinned = {g.name: str(g.pinned) for g in analysis.groups if g.pinned is not None}
@@ -417,7 +418,7 @@ def _sensitivity(
     frac = report.sensitivity_fraction
     try:
         ref = _logits(work, batches)
-        base_acc = _accuracy(ref, labels) if labels is not None else None
+        base_acc = accuracy_from_logits(ref, labels) if labels is not None else None
     except Exception as exc:
         report.warnings.append(f"sensitivity runs skipped: {exc}")
         report.sensitivity_meaning = "not measured"
@@ -449,8 +450,8 @@ def _sensitivity(
         small = copy.deepcopy(work)
         apply_plan(small, analysis, {gd.index: solvers[gd.index].plan(k)})
         out = _logits(small, batches)
-        agree = _agreement(ref, out)
-        acc = _accuracy(out, labels) if labels is not None else None
+        agree = agreement_from_logits(ref, out)
+        acc = accuracy_from_logits(out, labels) if labels is not None else None
         kept = acc / base_acc if acc is not None and base_acc else agree
         gd.sensitivity = SensitivityResult(width=k, agreement=agree, accuracy=acc, kept=kept)
     for x in ("N/m", "N"):

@@ -59,7 +59,16 @@ from spectrim.evaluation._common import (
     to_device,
 )
 
-__all__ = ["EvalResult", "accuracy", "agreement", "evaluate", "output_fidelity", "predict"]
+__all__ = [
+    "EvalResult",
+    "accuracy",
+    "accuracy_from_logits",
+    "agreement",
+    "agreement_from_logits",
+    "evaluate",
+    "output_fidelity",
+    "predict",
+]
 
 _LABEL_KEYS = ("labels", "label")
 
@@ -209,7 +218,7 @@ def _predictions(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1).reshape(-1)
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> float:
     positions = logits.shape if logits.dim() == 1 else logits.shape[:-1]
     if labels.numel() != math.prod(positions):
         raise ValueError(
@@ -223,7 +232,7 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((_predictions(logits)[keep] == flat[keep]).double().mean())
 
 
-def _agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
+def agreement_from_logits(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
     _check_same_shape(logits_a, logits_b)
     return float((_predictions(logits_a) == _predictions(logits_b)).double().mean())
 
@@ -287,7 +296,7 @@ def accuracy(model: nn.Module, data: Any, batch_size: int = 256) -> float:
     (logits,), labels = _collect([model], data, batch_size)
     if labels is None:
         raise ValueError("accuracy needs labelled data: batches of (x, y) or dicts with 'labels'")
-    return _accuracy(logits, labels)
+    return accuracy_from_logits(logits, labels)
 
 
 def agreement(model_a: nn.Module, model_b: nn.Module, data: Any, batch_size: int = 256) -> float:
@@ -302,7 +311,7 @@ def agreement(model_a: nn.Module, model_b: nn.Module, data: Any, batch_size: int
         1.0
     """
     (logits_a, logits_b), _ = _collect([model_a, model_b], data, batch_size)
-    return _agreement(logits_a, logits_b)
+    return agreement_from_logits(logits_a, logits_b)
 
 
 def output_fidelity(
@@ -341,13 +350,13 @@ def evaluate(
     """
     models = [model] if reference is None else [model, reference]
     logits, labels = _collect(models, data, batch_size)
-    acc = _accuracy(logits[0], labels) if labels is not None else None
+    acc = accuracy_from_logits(logits[0], labels) if labels is not None else None
     if reference is None:
         return EvalResult(accuracy=acc, agreement=None, fidelity=None, n=int(logits[0].shape[0]))
     return EvalResult(
         accuracy=acc,
-        agreement=_agreement(logits[1], logits[0]),
+        agreement=agreement_from_logits(logits[1], logits[0]),
         fidelity=_fidelity(logits[1], logits[0]),
         n=int(logits[0].shape[0]),
-        reference_accuracy=_accuracy(logits[1], labels) if labels is not None else None,
+        reference_accuracy=accuracy_from_logits(logits[1], labels) if labels is not None else None,
     )

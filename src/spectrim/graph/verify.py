@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from spectrim.graph.channels import Analysis, UnitGroup
+from spectrim.graph.channels import Analysis, UnitGroup, analyze_channels
 from spectrim.graph.surgery import GroupPlan, apply_plan
 from spectrim.graph.trace import _plain, call_model
 
-__all__ = ["self_check"]
+__all__ = ["self_check", "trace_and_check"]
 
 
 def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
@@ -143,3 +143,24 @@ def self_check(
             analysis.pin(g, why)
             pinned.append((g.name, why))
     return pinned
+
+
+def trace_and_check(
+    model: nn.Module, example: Any, *, verify: bool = True, seed: int = 0
+) -> tuple[Analysis, list[str]]:
+    """Trace ``model`` on ``example`` and (optionally) self-check every unit group.
+
+    Returns the channel analysis and one warning per group the self-check pinned.
+    A model that cannot be traced raises ``RuntimeError`` naming the cause.
+    """
+    try:
+        analysis = analyze_channels(model, example)
+    except Exception as exc:
+        raise RuntimeError(
+            f"spectrim could not trace the model on the calibration batch: {exc}"
+        ) from exc
+    warnings: list[str] = []
+    if verify:
+        for name, why in self_check(model, analysis, example, seed=seed):
+            warnings.append(f"unit group '{name}' pinned: {why}")
+    return analysis, warnings

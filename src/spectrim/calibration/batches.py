@@ -1,0 +1,87 @@
+"""Calibration batches: what :func:`spectrim.compress` accepts as calibration data.
+
+Example::
+
+    >>> import torch
+    >>> from spectrim.calibration.batches import as_batches, head_examples
+    >>> batches = as_batches(torch.randn(150, 3), batch_size=64)
+    >>> [len(b) for b in batches], len(head_examples(batches[0]))
+    ([64, 64, 22], 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from spectrim.graph.trace import batch_len
+
+__all__ = ["as_batches", "check_batch", "head_examples", "inputs_only"]
+
+
+def inputs_only(batches: Iterable[Any]) -> Iterator[Any]:
+    """Drop labels from ``(x, y)`` batches (e.g. a labelled DataLoader)."""
+    for b in batches:
+        yield b[0] if isinstance(b, (tuple, list)) else b
+
+
+def as_batches(data: Any, batch_size: int = 64) -> list[Any]:
+    """Materialise calibration data as a list of batches.
+
+    Accepts a tensor of inputs (split into batches), a :class:`~torch.utils.data.Dataset`
+    whose items are inputs or ``(input, label)`` pairs (labels are dropped), or any
+    iterable of batches (tensor, tuple of positional args, or dict of keyword args).
+    """
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise ValueError("calibration tensor is empty")
+        return list(data.split(batch_size))
+    if isinstance(data, Dataset) and not isinstance(data, Iterable):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        return list(inputs_only(loader))
+    if isinstance(data, Iterable):
+        batches = list(data)
+        if not batches:
+            raise ValueError("calibration data yielded no batches")
+        return batches
+    raise TypeError(
+        f"calibration data of type {type(data).__name__} is not supported: pass a tensor, "
+        "a Dataset or an iterable of batches"
+    )
+
+
+def head_examples(batch: Any, n: int = 2) -> Any:
+    """The first ``n`` examples of a batch (cheap tracing and self-checks).
+
+    Only tensors whose first dimension is the batch size (that of the batch's first
+    tensor) are cut; scalars and other arguments pass unchanged.
+    """
+    size = batch_len(batch)
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v[:n] if v.dim() > 0 and v.shape[0] == size else v
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(x) for x in v)
+        return v
+
+    return cut(batch)
+
+
+def check_batch(batch: Any) -> None:
+    """Raise ``TypeError`` unless ``batch`` is a tensor or holds one (tuple/list or dict)."""
+    if isinstance(batch, torch.Tensor):
+        return
+    if isinstance(batch, dict) and any(isinstance(v, torch.Tensor) for v in batch.values()):
+        return
+    if isinstance(batch, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in batch):
+        return
+    raise TypeError(
+        f"calibration batch of type {type(batch).__name__} holds no tensor: use a tensor, a "
+        "tuple of tensors (positional args) or a dict of tensors (keyword args)"
+    )
