@@ -13,9 +13,10 @@ re-pruning happens inside the loop.
 Example::
 
     >>> import numpy as np
+    >>> # squared relative errors e[k]; error=0.5 asks for e[k] <= 0.25
     >>> curves = {0: np.array([1.0, 0.2, 0.0]), 1: np.array([1.0, 0.5, 0.1, 0.0])}
     >>> widths_for_error(curves, 0.5, round_to=1, min_width=1)
-    {0: 1, 1: 1}
+    {0: 1, 1: 2}
 """
 
 from __future__ import annotations

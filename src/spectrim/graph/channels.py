@@ -22,7 +22,7 @@ Example::
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     >>> a = analyze_channels(net, torch.randn(1, 3, 8, 8))
     >>> [(g.name, g.width, g.pinned) for g in a.groups]
-    [('0', 8, False), ('2', 4, True)]
+    [('0', 8, None), ('2', 4, 'reaches the model output')]
 """
 
 from __future__ import annotations
