@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from spectrim._threads import single_threaded_blas
 from spectrim.budget import CostModel, allocate, dof_widths
 from spectrim.calibration import Collected, collect
 from spectrim.calibration.batches import as_batches, check_batch, head_examples, inputs_only
@@ -34,6 +35,7 @@ from spectrim.report import CompressionReport, GroupReport
 __all__ = ["compress", "inputs_only", "as_batches"]
 
 
+@single_threaded_blas()
 def compress(
     model: nn.Module,
     calibration: Any,

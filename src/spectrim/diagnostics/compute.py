@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from spectrim._threads import single_threaded_blas
 from spectrim.calibration import GramAccumulator, collect
 from spectrim.calibration.batches import as_batches, check_batch, head_examples
 from spectrim.diagnostics.report import (
@@ -64,6 +65,7 @@ _WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HELD_BATCH = 256  # held-out tensors: larger batches, fewer calls in the sensitivity runs
 
 
+@single_threaded_blas()
 def analyze(
     model: nn.Module,
     calibration: Any,

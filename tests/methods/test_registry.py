@@ -1,0 +1,70 @@
+"""Adding a method touches no core file: register a class, and compress() runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from threadpoolctl import threadpool_info
+from torch import nn
+
+import spectrim
+from spectrim.calibration import GramAccumulator
+from spectrim.graph import UnitGroup
+from spectrim.methods import available, get_method, register_method
+from spectrim.methods.base import _REGISTRY, GroupSolver, Method
+from spectrim.methods.interpolative import IDSolver
+
+
+def _blas_threads() -> list[int]:
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+@pytest.fixture
+def probe() -> Iterator[type[Method]]:
+    """A user-defined method (ID selection, recording the BLAS threads it ran with)."""
+
+    @register_method("test-probe")
+    class Probe(Method):
+        seen: ClassVar[list[list[int]]] = []
+
+        def __init__(self, scale: float = 1.0, **options: Any) -> None:
+            super().__init__(**options)
+            self.scale = scale
+
+        def solver(
+            self, group: UnitGroup, stats: Mapping[str, GramAccumulator], model: nn.Module
+        ) -> GroupSolver:
+            Probe.seen.append(_blas_threads())
+            return IDSolver(group, {n: acc.gram_numpy() * self.scale for n, acc in stats.items()})
+
+    yield Probe
+    _REGISTRY.pop("test-probe", None)
+
+
+def test_registered_method_runs_through_compress(probe: type[Method]) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    x = torch.randn(256, 8)
+    assert "test-probe" in available()
+    small, report = spectrim.compress(net, x, method="test-probe", target="width=0.5", scale=2.0)
+    ref, _ = spectrim.compress(net, x, method="id", target="width=0.5")
+    assert report.method == "test-probe" and small[0].out_features == 16
+    with torch.no_grad():  # a scaled Gram selects and fits exactly like ID
+        torch.testing.assert_close(small(x), ref(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown option"):
+        get_method("test-probe", sclae=2.0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("id")(probe)
+
+
+def test_compress_runs_numpy_blas_on_one_thread_and_restores_it(probe: Any) -> None:
+    """NumPy/SciPy BLAS threads busy-wait between calls and slow torch down: compress()
+    limits them to one while it runs, and gives the user's setting back after."""
+    before = _blas_threads()
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    spectrim.compress(net, torch.randn(64, 8), method="test-probe", target="width=0.5")
+    assert probe.seen and all(t == 1 for threads in probe.seen for t in threads)
+    assert _blas_threads() == before
