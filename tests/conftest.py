@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -17,6 +18,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
+
+# Property tests explore new random examples on every local run; under CI they replay a
+# fixed sequence, so a landing never turns red by the luck of the draw (a failure found
+# locally is kept in .hypothesis/ and replayed first).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def _state_hash(model: nn.Module) -> str:
