@@ -24,7 +24,7 @@ from spectrim.budget import CostModel, allocate, dof_widths
 from spectrim.calibration import Collected, collect
 from spectrim.calibration.batches import as_batches, check_batch, head_examples, inputs_only
 from spectrim.calibration.sequential import sequential_correct
-from spectrim.config import CompressConfig, Target
+from spectrim.config import RUN_FIELDS, CompressConfig, Target
 from spectrim.evaluation.flops import profile
 from spectrim.graph import GroupPlan, apply_plan
 from spectrim.graph.trace import batch_len
@@ -64,7 +64,6 @@ def compress(
             method options (e.g. ``ridge`` for ``id``).
     """
     t0 = time.perf_counter()
-    cfg_fields = {"round_to", "min_width", "verify", "seed", "sequential", "sequential_fraction"}
     base = config or CompressConfig()
     d = base.to_dict()
     if method is not None:
@@ -72,7 +71,7 @@ def compress(
     if target is not None:
         d["target"] = str(target)
     for key in list(options):
-        if key in cfg_fields:
+        if key in RUN_FIELDS:
             d[key] = options.pop(key)
     d["options"] = {**d.get("options", {}), **options}
     cfg = CompressConfig.from_dict(d)

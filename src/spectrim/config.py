@@ -137,3 +137,11 @@ class CompressConfig:
     @classmethod
     def from_json(cls, text: str) -> CompressConfig:
         return cls.from_dict(json.loads(text))
+
+
+#: :class:`CompressConfig` fields that configure the run, not the method (``round_to``, ...).
+RUN_FIELDS: frozenset[str] = frozenset(CompressConfig.__dataclass_fields__) - {
+    "method",
+    "target",
+    "options",
+}

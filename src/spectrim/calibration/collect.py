@@ -52,21 +52,30 @@ def group_rows(x: torch.Tensor, channel_dim: int, positions: torch.Tensor) -> to
     return sel.reshape(-1, m)
 
 
+def whole_axis(positions: torch.Tensor) -> bool:
+    """Whether ``positions`` (``(m, r)``) is ``0..m-1`` in order, each once."""
+    m, r = positions.shape
+    flat = positions[:, 0]
+    return r == 1 and bool((flat == torch.arange(m, device=flat.device)).all())
+
+
 def group_view(
-    x: torch.Tensor, channel_dim: int, positions: torch.Tensor
+    x: torch.Tensor, channel_dim: int, positions: torch.Tensor, whole: bool | None = None
 ) -> tuple[torch.Tensor, int]:
     """The group's channels of ``x`` and their axis, in a layout that
     :meth:`GramAccumulator.update_activation` takes without flattening: ``x`` itself when
     the group is the whole channel axis in order, the selected channels when each occurs
     once, else (after a flatten) the ``(rows · r, m)`` matrix of :func:`group_rows`.
+    ``whole`` is :func:`whole_axis` of ``positions`` when the caller already knows it.
     """
     m, r = positions.shape
     if r != 1:
         return group_rows(x, channel_dim, positions), 1
-    flat = positions[:, 0]
-    if m == x.shape[channel_dim] and bool((flat == torch.arange(m, device=flat.device)).all()):
+    if whole is None:
+        whole = whole_axis(positions)
+    if whole and m == x.shape[channel_dim]:
         return x, channel_dim
-    return x.index_select(channel_dim, flat.to(x.device)), channel_dim
+    return x.index_select(channel_dim, positions[:, 0].to(x.device)), channel_dim
 
 
 def _channel_dim(module: nn.Module, x: torch.Tensor) -> int:
@@ -129,9 +138,7 @@ def collect(
             key = (g.index, slot.module)
             out.stats[key] = GramAccumulator(g.width)
             pos = torch.as_tensor(slot.positions, dtype=torch.long)
-            # the group is the consumer's whole input axis, in order: no gather needed
-            whole = pos.shape[1] == 1 and bool((pos[:, 0] == torch.arange(len(pos))).all())
-            per_module.setdefault(slot.module, []).append((key, pos, whole))
+            per_module.setdefault(slot.module, []).append((key, pos, whole_axis(pos)))
     missing = sorted(set(per_module) - set(modules))
     if missing:
         raise KeyError(f"consumer module '{missing[0]}' not found in the model")
@@ -160,17 +167,14 @@ def collect(
                 if hit is not None and hit[0]() is src:
                     delta = hit[1]
                 else:
-                    if whole and x.shape[xcd] == len(pos):
-                        view, cd = x, xcd
-                    else:
-                        view, cd = group_view(x, xcd, pos)
+                    view, cd = group_view(x, xcd, pos, whole)
                     delta = GramAccumulator(out.stats[key].dim)
                     delta.update_activation(view, cd)
                     cache[(id(src), key[0])] = (weakref.ref(src), delta)
                 out.stats[key].merge(delta)
                 if store:
                     if view is None:
-                        view, cd = group_view(x, xcd, pos)
+                        view, cd = group_view(x, xcd, pos, whole)
                     # a copy: later in-place ops must not change what was measured
                     out.inputs.setdefault(key, []).append(view.clone() if view is x else view)
                     layout[key] = cd

@@ -35,14 +35,10 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
 
 
-# CompressConfig fields that have their own flags (not method options)
-_RUN_OPTIONS = ("round_to", "min_width", "verify", "seed", "sequential", "sequential_fraction")
-
-
 def _check_method_and_target(
     method: str, target: str, options: Sequence[tuple[str, Any]] = ()
 ) -> str:
-    from spectrim.config import Target
+    from spectrim.config import RUN_FIELDS, Target
     from spectrim.methods import available, get_method
 
     if method not in available():
@@ -50,7 +46,7 @@ def _check_method_and_target(
             f"--method {method!r} is not a registered method (available: {', '.join(available())})"
         )
     for key, _ in options:
-        if key in _RUN_OPTIONS:
+        if key in RUN_FIELDS:  # run settings have their own flags
             flag = "--" + key.replace("_", "-")
             raise CLIError(f"--option {key}=...: {key} is not a method option; use {flag}")
     try:

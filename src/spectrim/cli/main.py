@@ -62,8 +62,8 @@ Examples:
       --option theta=0.25 --target dof=1e-4 --json -
 
 Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), width=F (keep a
-fraction F of every layer's channels), error=E (per-layer reconstruction error at most E). dof=A (spectral only: per-layer
-width c*N(lambda) with lambda = A*trace of the layer's covariance).
+fraction F of every layer's channels), error=E (per-layer reconstruction error at most E),
+dof=A (spectral only: per-layer width c*N(lambda), lambda = A * trace of its covariance).
 --data FOLDER: class subfolders (root/<class>/*.png), optionally under train/ and test/;
 without split subfolders the first --calib examples calibrate and the rest evaluate.
 """

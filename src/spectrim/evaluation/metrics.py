@@ -219,6 +219,11 @@ def _predictions(logits: torch.Tensor) -> torch.Tensor:
 
 
 def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``logits`` (``(..., classes)``); negative labels are ignored.
+
+    >>> accuracy_from_logits(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0]))
+    0.5
+    """
     positions = logits.shape if logits.dim() == 1 else logits.shape[:-1]
     if labels.numel() != math.prod(positions):
         raise ValueError(
@@ -233,6 +238,7 @@ def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def agreement_from_logits(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
+    """Share of positions where the two logits have the same top-1 class."""
     _check_same_shape(logits_a, logits_b)
     return float((_predictions(logits_a) == _predictions(logits_b)).double().mean())
 

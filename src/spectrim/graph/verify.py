@@ -69,37 +69,6 @@ def _bisect(
     return _bisect(groups[:mid], ok) + _bisect(groups[mid:], ok)
 
 
-def _all_pass(
-    model: nn.Module,
-    analysis: Analysis,
-    example: Any,
-    ref: list[torch.Tensor],
-    rng: np.random.Generator,
-    rtol: float,
-) -> bool:
-    """Both checks on every group at once, on one copy (the common case: nothing fails).
-
-    Permuting keeps every width, so the permuted copy has the original's channel
-    structure and the shrink check can run on it directly.
-    """
-    groups = analysis.prunable
-    m2 = copy.deepcopy(model)
-    try:
-        perms = {
-            g.index: GroupPlan(keep=np.arange(g.width), perm=rng.permutation(g.width))
-            for g in groups
-        }
-        apply_plan(m2, analysis, perms)
-        if not _same(ref, _outputs(m2, example), rtol):
-            return False
-        shrink = {g.index: GroupPlan(keep=np.arange(g.width - 1)) for g in groups if g.width > 1}
-        apply_plan(m2, analysis, shrink)
-        out = _outputs(m2, example)
-    except Exception:
-        return False
-    return len(out) == len(ref) and all(x.shape == y.shape for x, y in zip(out, ref))
-
-
 def self_check(
     model: nn.Module, analysis: Analysis, example: Any, seed: int = 0, rtol: float = 1e-4
 ) -> list[tuple[str, str]]:
@@ -112,8 +81,8 @@ def self_check(
     ref = _outputs(model, example)
     pinned: list[tuple[str, str]] = []
 
-    def permuted_ok(groups: Sequence[UnitGroup]) -> bool:
-        m2 = copy.deepcopy(model)
+    def permuted_ok(groups: Sequence[UnitGroup], m2: nn.Module | None = None) -> bool:
+        m2 = copy.deepcopy(model) if m2 is None else m2
         plans = {
             g.index: GroupPlan(keep=np.arange(g.width), perm=rng.permutation(g.width))
             for g in groups
@@ -124,8 +93,8 @@ def self_check(
         except Exception:
             return False
 
-    def shrunk_ok(groups: Sequence[UnitGroup]) -> bool:
-        m2 = copy.deepcopy(model)
+    def shrunk_ok(groups: Sequence[UnitGroup], m2: nn.Module | None = None) -> bool:
+        m2 = copy.deepcopy(model) if m2 is None else m2
         plans = {g.index: GroupPlan(keep=np.arange(g.width - 1)) for g in groups if g.width > 1}
         try:
             apply_plan(m2, analysis, plans)
@@ -134,7 +103,10 @@ def self_check(
             return False
         return len(out) == len(ref) and all(x.shape == y.shape for x, y in zip(out, ref))
 
-    if _all_pass(model, analysis, example, ref, rng, rtol):
+    # The common case, nothing fails: both checks on every group, on one copy (permuting
+    # keeps every width, so the permuted copy has the original's channel structure).
+    both = copy.deepcopy(model)
+    if permuted_ok(analysis.prunable, both) and shrunk_ok(analysis.prunable, both):
         return []
     for check, why in ((permuted_ok, "permutation self-check failed"),
                        (shrunk_ok, "shrink self-check failed (hard-coded channel count?)")):  # fmt: skip
