@@ -344,3 +344,62 @@ def test_update_activation_channels_last_and_errors() -> None:
         )
     with pytest.raises(ValueError, match="non-finite"):
         GramAccumulator(3).update_activation(torch.full((2, 3, 4, 4), float("nan")), 1)
+
+
+def test_without_sums_same_products_and_clear_errors() -> None:
+    """``sums=False`` skips the column sums (one pass less) and changes nothing else."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 4, 5, 5, generator=gen), torch.randn(6, 3, 5, 5, generator=gen)
+    a = GramAccumulator(4, cross_dim=3)
+    b = GramAccumulator(4, cross_dim=3, sums=False)
+    a.update_activation(x, 1, y)
+    b.update_activation(x, 1, y)
+    b.update(rows_from_activation(x, 1), rows_from_activation(y, 1))
+    a.update(rows_from_activation(x, 1), rows_from_activation(y, 1))
+    torch.testing.assert_close(a.gram, b.gram, rtol=0, atol=0)
+    torch.testing.assert_close(a.cross, b.cross, rtol=0, atol=0)
+    torch.testing.assert_close(a.y_sq_sums, b.y_sq_sums, rtol=0, atol=0)
+    assert a.count == b.count
+    for attr in ("sums", "mean", "y_sums", "y_mean"):
+        with pytest.raises(ValueError, match="sums=False"):
+            getattr(b, attr)
+    with pytest.raises(ValueError, match="sums"):
+        a.merge(b)
+
+
+def test_products_added_to_a_second_accumulator_equal_a_second_update() -> None:
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 5, 4, 4, generator=gen)
+    a, b, c = GramAccumulator(5), GramAccumulator(5), GramAccumulator(5)
+    p = a.update_activation(x, 1)
+    b.add(p)
+    c.update_activation(x, 1)
+    assert b.count == c.count == a.count == 48
+    torch.testing.assert_close(b.gram, c.gram, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        GramAccumulator(4).add(p)
+    with pytest.raises(ValueError, match="column sums"):
+        GramAccumulator(5, sums=False).add(p)
+
+
+@pytest.mark.parametrize("cross", [0, 3])
+def test_channels_last_activation_is_read_as_rows(cross: int) -> None:
+    """A ``channels_last`` activation is already a row matrix: same statistics as the
+    channel-first tensor, and no copy of the activation is needed for it."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 6, 8, 8, generator=gen)
+    y = torch.randn(4, cross, 8, 8, generator=gen) if cross else None
+    cl = torch.channels_last
+    a = GramAccumulator(6, cross_dim=cross or None, exact=True)
+    b = GramAccumulator(6, cross_dim=cross or None, exact=True)
+    a.update_activation(x, 1, y)
+    b.update_activation(
+        x.contiguous(memory_format=cl), 1, None if y is None else y.contiguous(memory_format=cl)
+    )
+    torch.testing.assert_close(a.gram, b.gram, rtol=1e-12, atol=1e-12)
+    if y is not None:
+        torch.testing.assert_close(a.cross, b.cross, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a.y_sq_sums, b.y_sq_sums, rtol=1e-12, atol=1e-12)
+    x_cl = x.contiguous(memory_format=cl)
+    rows = rows_from_activation(x_cl, 1)
+    assert rows.data_ptr() == x_cl.data_ptr()  # a view: no copy of the activation

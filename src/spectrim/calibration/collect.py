@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.calibration.gram import GramAccumulator
+from spectrim.calibration.gram import GramAccumulator, Products
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.graph.trace import batch_len, call_model
 
@@ -136,7 +136,8 @@ def collect(
     for g in groups:
         for slot in g.consumers:
             key = (g.index, slot.module)
-            out.stats[key] = GramAccumulator(g.width)
+            # products only: column sums would be one more pass over every activation
+            out.stats[key] = GramAccumulator(g.width, sums=False)
             pos = torch.as_tensor(slot.positions, dtype=torch.long)
             per_module.setdefault(slot.module, []).append((key, pos, whole_axis(pos)))
     missing = sorted(set(per_module) - set(modules))
@@ -146,10 +147,10 @@ def collect(
     n_store = [len(batches) if store_fraction > 0 else 0]
     batch_index = [0]
     stored_now: set[str] = set()
-    # identical inputs read by several consumers (inception branches) share the work; a
-    # weak reference, so that each activation is freed as early as in a plain forward
+    # identical inputs read by several consumers (inception branches) share the products;
+    # a weak reference, so that each activation is freed as early as in a plain forward
     # pass (holding them to the end of the batch costs fresh pages, i.e. time)
-    cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], GramAccumulator]] = {}
+    cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], Products]] = {}
     layout: dict[StatKey, int] = {}
 
     def make_hook(name: str) -> Callable[..., None]:
@@ -162,16 +163,14 @@ def collect(
             stored_now.add(name)
             xcd = _channel_dim(module, x)
             for key, pos, whole in entries:
+                acc = out.stats[key]
                 hit = cache.get((id(src), key[0]))
                 view: torch.Tensor | None = None
                 if hit is not None and hit[0]() is src:
-                    delta = hit[1]
+                    acc.add(hit[1])
                 else:
                     view, cd = group_view(x, xcd, pos, whole)
-                    delta = GramAccumulator(out.stats[key].dim)
-                    delta.update_activation(view, cd)
-                    cache[(id(src), key[0])] = (weakref.ref(src), delta)
-                out.stats[key].merge(delta)
+                    cache[(id(src), key[0])] = (weakref.ref(src), acc.update_activation(view, cd))
                 if store:
                     if view is None:
                         view, cd = group_view(x, xcd, pos, whole)
@@ -207,14 +206,23 @@ def collect(
 def _stored_batches(
     out: Collected, sizes: np.ndarray, fraction: float, min_rows_per_unit: int
 ) -> int:
-    """How many leading batches to store, decided from the first batch's inputs."""
-    need = math.ceil(fraction * int(sizes[-1]))
+    """How many leading batches to store, decided from the first batch's inputs: the
+    whole number of batches nearest to ``fraction`` of the examples, raised until every
+    (group, consumer) has ``min_rows_per_unit`` rows per channel."""
+    share = fraction * float(sizes[-1])
+    after = int(np.searchsorted(sizes, share)) + 1  # fewest batches covering the share
+    before = after - 1
+    count = after
+    if before >= 1 and share - float(sizes[before - 1]) <= float(sizes[after - 1]) - share:
+        count = before
+    need = 0
     first = max(int(sizes[0]), 1)
     for key, views in out.inputs.items():
         width = out.stats[key].dim
         per_example = max(views[0].numel() / width / first, 1e-9)
         need = max(need, math.ceil(min_rows_per_unit * width / per_example))
-    return min(int(np.searchsorted(sizes, need)) + 1, len(sizes))
+    floor = int(np.searchsorted(sizes, need)) + 1
+    return min(max(count, floor), len(sizes))
 
 
 def collect_statistics(

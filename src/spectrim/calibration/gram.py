@@ -16,19 +16,38 @@ Example::
     >>> import torch
     >>> acc = GramAccumulator(dim=3)
     >>> for _ in range(4):
-    ...     acc.update(rows_from_activation(torch.randn(2, 3, 5, 5), channel_dim=1))
+    ...     _ = acc.update(rows_from_activation(torch.randn(2, 3, 5, 5), channel_dim=1))
     >>> acc.count, tuple(acc.gram.shape), acc.gram.dtype
     (200, (3, 3), torch.float64)
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
-__all__ = ["GramAccumulator", "rows_from_activation"]
+__all__ = ["GramAccumulator", "Products", "rows_from_activation"]
 
 _EXACT_CHUNK_BYTES = 4 << 20  # float64 working set per product in exact mode
+
+
+class Products(NamedTuple):
+    """One batch's contribution to a :class:`GramAccumulator` (float64 tensors).
+
+    Returned by :meth:`GramAccumulator.update` / :meth:`~GramAccumulator.update_activation`
+    so that another accumulator fed the same rows can take them with
+    :meth:`~GramAccumulator.add` instead of multiplying again.  ``sums`` / ``y_sums`` are
+    ``None`` when the accumulator does not track column sums.
+    """
+
+    rows: int
+    gram: torch.Tensor
+    sums: torch.Tensor | None
+    cross: torch.Tensor | None = None
+    y_sums: torch.Tensor | None = None
+    y_sq: torch.Tensor | None = None
 
 
 def rows_from_activation(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -82,11 +101,15 @@ class GramAccumulator:
         chunk_rows: at most this many rows per ``torch.mm`` call (bounds float32 error
             growth and temporary memory).
         exact: multiply chunks in float64 instead of float32 (slower; for tests).
+        sums: also track column sums (``sums``, ``mean``, ``y_sums``, ``y_mean``).  Off
+            for the calibration passes, which need only the products: a column sum is one
+            more pass over every activation.
 
     Attributes (read-only properties): ``count`` (rows seen), ``gram`` (``ΣXᵀX``), ``cross``
     (``ΣXᵀY``), ``sums`` / ``y_sums`` (column sums), ``y_sq_sums`` (``diag YᵀY``),
     ``mean`` / ``y_mean``,
-    ``second_moment`` (``gram / count``, Paper 1's uncentred ``Σ̂``).
+    ``second_moment`` (``gram / count``, Paper 1's uncentred ``Σ̂``).  ``y_sq_sums`` is
+    always tracked with the cross term (it gives least-squares residuals).
 
     Accuracy: each float32 chunk product has relative error about ``1e-7``–``1e-6``; summing in
     float64 keeps the total at that level for any number of rows. Under CUDA with TF32 matmuls
@@ -98,7 +121,7 @@ class GramAccumulator:
         >>> import torch
         >>> x, y = torch.randn(1000, 4), torch.randn(1000, 2)
         >>> acc = GramAccumulator(4, cross_dim=2, chunk_rows=256)
-        >>> acc.update(x[:300], y[:300]); acc.update(x[300:], y[300:])
+        >>> _ = acc.update(x[:300], y[:300]); _ = acc.update(x[300:], y[300:])
         >>> bool(torch.allclose(acc.gram, x.double().T @ x.double(), rtol=1e-5, atol=1e-3))
         True
         >>> tuple(acc.cross.shape), acc.count
@@ -112,6 +135,7 @@ class GramAccumulator:
         device: str | torch.device = "cpu",
         chunk_rows: int = 8192,
         exact: bool = False,
+        sums: bool = True,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
@@ -126,17 +150,22 @@ class GramAccumulator:
         self.device = torch.device(device)
         self.chunk_rows = chunk_rows
         self.exact = bool(exact)
+        self.track_sums = bool(sums)
+        self._buffers: dict[str, torch.Tensor] = {}
         self._count = 0
         f64 = torch.float64
         self._gram = torch.zeros(dim, dim, dtype=f64, device=self.device)
-        self._sums = torch.zeros(dim, dtype=f64, device=self.device)
+        self._sums: torch.Tensor | None = None
         self._cross: torch.Tensor | None = None
         self._y_sums: torch.Tensor | None = None
         self._y_sq: torch.Tensor | None = None
+        if self.track_sums:
+            self._sums = torch.zeros(dim, dtype=f64, device=self.device)
         if cross_dim is not None:
             self._cross = torch.zeros(dim, cross_dim, dtype=f64, device=self.device)
-            self._y_sums = torch.zeros(cross_dim, dtype=f64, device=self.device)
             self._y_sq = torch.zeros(cross_dim, dtype=f64, device=self.device)
+            if self.track_sums:
+                self._y_sums = torch.zeros(cross_dim, dtype=f64, device=self.device)
 
     def __repr__(self) -> str:
         return (
@@ -160,12 +189,13 @@ class GramAccumulator:
         return t.detach()
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Products:
         """Add the rows of ``x`` (n×dim; and ``y``, n×cross_dim) to the statistics.
 
         ``x`` may have any floating dtype and live on any device. Validation (shape, dtype,
         finiteness) happens before anything is accumulated, so a rejected batch leaves the
-        accumulator unchanged. O(n·dim·(dim + cross_dim)).
+        accumulator unchanged. O(n·dim·(dim + cross_dim)).  Returns the batch's
+        :class:`Products`.
         """
         x = self._check_rows(x, self.dim, "x")
         if self.cross_dim is None:
@@ -185,7 +215,7 @@ class GramAccumulator:
         cdt = torch.float64 if self.exact else torch.float32
         f64 = torch.float64
         gram = torch.zeros_like(self._gram)
-        sums = torch.zeros_like(self._sums)
+        sums = None if self._sums is None else torch.zeros_like(self._sums)
         cross = None if self._cross is None else torch.zeros_like(self._cross)
         y_sums = None if self._y_sums is None else torch.zeros_like(self._y_sums)
         y_sq = None if self._y_sq is None else torch.zeros_like(self._y_sq)
@@ -193,36 +223,40 @@ class GramAccumulator:
             stop = min(start + self.chunk_rows, n)
             xc = x[start:stop].to(device=self.device, dtype=cdt)
             gram += torch.mm(xc.T, xc).to(f64)
-            sums += xc.sum(dim=0).to(f64)  # chunk sums in the compute dtype, total in f64
+            if sums is not None:  # chunk sums in the compute dtype, total in f64
+                sums += xc.sum(dim=0).to(f64)
             if y is not None:
-                assert cross is not None and y_sums is not None and y_sq is not None
+                assert cross is not None and y_sq is not None
                 yc = y[start:stop].to(device=self.device, dtype=cdt)
                 cross += torch.mm(xc.T, yc).to(f64)
-                y_sums += yc.sum(dim=0).to(f64)
-                y_sq += (yc * yc).sum(dim=0).to(f64)
-        self._add(n, gram, sums, cross, y_sums, y_sq)
+                if y_sums is not None:
+                    y_sums += yc.sum(dim=0).to(f64)
+                y_sq += torch.linalg.vector_norm(yc, dim=0).to(f64).square()
+        return self.add(Products(n, gram, sums, cross, y_sums, y_sq))
 
     @torch.no_grad()
     def update_activation(
         self, x: torch.Tensor, channel_dim: int, y: torch.Tensor | None = None
-    ) -> None:
+    ) -> Products:
         """Add an activation tensor without flattening it into rows first.
 
         Equivalent to ``update(rows_from_activation(x, channel_dim), ...)`` (and the
         same for ``y``, which must have ``x``'s layout except for its channel count), but
-        for channel-first tensors (``N, C, *spatial``) whose spatial size is at least the
-        channel count the products are batched per example (``torch.bmm``), so no
-        transposed copy of the activation is made: this is what keeps calibration close
-        to the cost of a plain forward pass.  Each per-example product is a float32 sum
-        over the spatial positions (float64 with ``exact=True``); the sum over examples
-        is float64.
+        without a transposed copy of the activation: a tensor whose channel axis is
+        innermost in memory (``(B, T, H)``, or ``channels_last`` images) is a row matrix
+        already; for channel-first tensors (``N, C, *spatial``) whose spatial size is at
+        least the channel count the products are batched per example (``torch.bmm``).
+        This is what keeps calibration close to the cost of a plain forward pass.  Each
+        per-example product is a float32 sum over the spatial positions (float64 with
+        ``exact=True``); the sum over examples is float64.  Returns the
+        :class:`Products` added.
 
         Example::
 
             >>> import torch
             >>> x = torch.randn(4, 3, 5, 5)
             >>> a, b = GramAccumulator(3), GramAccumulator(3)
-            >>> a.update_activation(x, 1); b.update(rows_from_activation(x, 1))
+            >>> _ = a.update_activation(x, 1); _ = b.update(rows_from_activation(x, 1))
             >>> bool(torch.allclose(a.gram, b.gram)), a.count
             (True, 100)
         """
@@ -232,10 +266,15 @@ class GramAccumulator:
         spatial = 1
         for size in x.shape[2:]:
             spatial *= int(size)
-        if x.dim() < 3 or cd != 1 or spatial < x.shape[1] or x.shape[1] != self.dim:
+        # channel axis innermost in memory (channels_last): already a row matrix, unless
+        # y is not (then its rows would be a copy; the per-example products take both)
+        innermost = all(
+            t.dim() >= 2 and t.stride(cd) == 1 and t.shape[cd] > 1
+            for t in ((x,) if y is None else (x, y))
+        )
+        if x.dim() < 3 or cd != 1 or innermost or spatial < x.shape[1] or x.shape[1] != self.dim:
             ry = None if y is None else rows_from_activation(y, cd)
-            self.update(rows_from_activation(x, cd), ry)
-            return
+            return self.update(rows_from_activation(x, cd), ry)
         if (y is None) != (self.cross_dim is None):
             raise ValueError(
                 "y must be given exactly when this accumulator has a cross term "
@@ -259,47 +298,76 @@ class GramAccumulator:
             # costs more in fresh pages than the products themselves (ResNet stage 1: 3.5x)
             per_example = 8 * spatial * (self.dim + (self.cross_dim or 0))
             step = max(1, _EXACT_CHUNK_BYTES // per_example)
-        for i in range(0, n, step):
-            self._add_examples(xr[i : i + step], None if yr is None else yr[i : i + step])
+        parts = [
+            self._example_products(xr[i : i + step], None if yr is None else yr[i : i + step])
+            for i in range(0, n, step)
+        ]
+        return self.add(parts[0] if len(parts) == 1 else _sum_products(parts))
 
-    def _add_examples(self, xr: torch.Tensor, yr: torch.Tensor | None) -> None:
+    def _example_products(self, xr: torch.Tensor, yr: torch.Tensor | None) -> Products:
         """Products of ``(n, dim, s)`` (and ``(n, cross_dim, s)``) per example, summed."""
         cdt = torch.float64 if self.exact else torch.float32
         f64 = torch.float64
         n, _, spatial = xr.shape
         xr = xr.to(device=self.device, dtype=cdt)
-        gram = torch.bmm(xr, xr.transpose(1, 2)).sum(0, dtype=f64)
-        sums = xr.sum(2).sum(0, dtype=f64)
+        gram = torch.bmm(xr, xr.transpose(1, 2), out=self._scratch("g", n, cdt)).sum(0, dtype=f64)
+        sums = xr.sum(2).sum(0, dtype=f64) if self.track_sums else None
         cross = y_sums = y_sq = None
         if yr is not None:
             yr = yr.to(device=self.device, dtype=cdt)
-            cross = torch.bmm(xr, yr.transpose(1, 2)).sum(0, dtype=f64)
-            y_sums = yr.sum(2).sum(0, dtype=f64)
-            y_sq = (yr * yr).sum(2).sum(0, dtype=f64)
-        self._add(n * spatial, gram, sums, cross, y_sums, y_sq)
+            out = self._scratch("c", n, cdt)
+            cross = torch.bmm(xr, yr.transpose(1, 2), out=out).sum(0, dtype=f64)
+            y_sums = yr.sum(2).sum(0, dtype=f64) if self.track_sums else None
+            y_sq = torch.linalg.vector_norm(yr, dim=2).to(f64).square().sum(0)
+        return Products(n * spatial, gram, sums, cross, y_sums, y_sq)
 
-    def _add(
-        self,
-        n: int,
-        gram: torch.Tensor,
-        sums: torch.Tensor,
-        cross: torch.Tensor | None,
-        y_sums: torch.Tensor | None,
-        y_sq: torch.Tensor | None = None,
-    ) -> None:
-        # Non-finite rows make the (small) products non-finite: check those, not the rows.
-        for name, t in (("x", gram), ("x", sums), ("y", cross), ("y", y_sums)):
-            if t is not None and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    def _scratch(self, which: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reused ``(n, dim, dim)`` (``"g"``) or ``(n, dim, cross_dim)`` (``"c"``)
+        buffer for per-example products: a fresh one per call costs new pages (time)."""
+        cols = self.dim if which == "g" else int(self.cross_dim or 0)
+        buf = self._buffers.get(which)
+        if buf is None or buf.dtype != dtype or buf.shape[0] < n:
+            buf = torch.empty(n, self.dim, cols, dtype=dtype, device=self.device)
+            self._buffers[which] = buf
+        return buf[:n]
+
+    def add(self, products: Products) -> Products:
+        """Add one batch's :class:`Products` (from an accumulator of the same shape and
+        options fed the same rows); returns them.
+
+        Example::
+
+            >>> import torch
+            >>> a, b = GramAccumulator(2), GramAccumulator(2)
+            >>> _ = b.add(a.update(torch.ones(3, 2)))
+            >>> b.count, b.gram.tolist()
+            (3, [[3.0, 3.0], [3.0, 3.0]])
+        """
+        n, gram, sums, cross, y_sums, y_sq = products
+        if gram.shape != self._gram.shape or (cross is None) != (self._cross is None):
+            raise ValueError(
+                f"products of shape {tuple(gram.shape)} (cross term: {cross is not None}) do "
+                f"not fit this accumulator (dim={self.dim}, cross_dim={self.cross_dim})"
+            )
+        if (sums is None) != (self._sums is None):
+            raise ValueError("products and accumulator disagree on tracking column sums")
+        # Non-finite rows make the (small) products non-finite: check those, not the rows
+        # (a non-finite entry of a column reaches that column's diagonal entry).
+        if not bool(torch.isfinite(gram.diagonal()).all()):
+            raise ValueError("x contains non-finite values (NaN or inf)")
+        if cross is not None and not bool(torch.isfinite(cross).all()):
+            raise ValueError("y contains non-finite values (NaN or inf)")
         self._gram += gram
-        self._sums += sums
-        if cross is not None and y_sums is not None:
-            assert self._cross is not None and self._y_sums is not None
+        if sums is not None and self._sums is not None:
+            self._sums += sums
+        if cross is not None and self._cross is not None:
             self._cross += cross
-            self._y_sums += y_sums
+            if y_sums is not None and self._y_sums is not None:
+                self._y_sums += y_sums
             if y_sq is not None and self._y_sq is not None:
                 self._y_sq += y_sq
         self._count += n
+        return products
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
         """Add another accumulator's statistics into this one (in place); returns ``self``.
@@ -311,39 +379,40 @@ class GramAccumulator:
 
             >>> import torch
             >>> a, b = GramAccumulator(2), GramAccumulator(2)
-            >>> a.update(torch.ones(3, 2)); b.update(torch.ones(2, 2))
+            >>> _ = a.update(torch.ones(3, 2)); _ = b.update(torch.ones(2, 2))
             >>> a.merge(b).count
             5
         """
         if not isinstance(other, GramAccumulator):
             raise TypeError(f"other must be a GramAccumulator, got {type(other).__name__}")
-        if other.dim != self.dim or other.cross_dim != self.cross_dim:
+        if (
+            other.dim != self.dim
+            or other.cross_dim != self.cross_dim
+            or other.track_sums != self.track_sums
+        ):
             raise ValueError(
-                f"other must have dim={self.dim}, cross_dim={self.cross_dim}; "
-                f"got dim={other.dim}, cross_dim={other.cross_dim}"
+                f"other must have dim={self.dim}, cross_dim={self.cross_dim}, "
+                f"sums={self.track_sums}; got dim={other.dim}, cross_dim={other.cross_dim}, "
+                f"sums={other.track_sums}"
             )
-        self._gram += other._gram.to(self.device)
-        self._sums += other._sums.to(self.device)
-        if self._cross is not None:
-            assert other._cross is not None and self._y_sums is not None
-            assert other._y_sums is not None
-            self._cross += other._cross.to(self.device)
-            self._y_sums += other._y_sums.to(self.device)
-            assert self._y_sq is not None and other._y_sq is not None
-            self._y_sq += other._y_sq.to(self.device)
+        for mine, theirs in (
+            (self._gram, other._gram),
+            (self._sums, other._sums),
+            (self._cross, other._cross),
+            (self._y_sums, other._y_sums),
+            (self._y_sq, other._y_sq),
+        ):
+            if mine is not None and theirs is not None:
+                mine += theirs.to(self.device)
         self._count += other._count
         return self
 
     def reset(self) -> None:
         """Zero all statistics (keeps dims, device and options)."""
         self._count = 0
-        self._gram.zero_()
-        self._sums.zero_()
-        if self._cross is not None and self._y_sums is not None:
-            self._cross.zero_()
-            self._y_sums.zero_()
-            if self._y_sq is not None:
-                self._y_sq.zero_()
+        for t in (self._gram, self._sums, self._cross, self._y_sums, self._y_sq):
+            if t is not None:
+                t.zero_()
 
     # ------------------------------------------------------------------ results
 
@@ -364,16 +433,23 @@ class GramAccumulator:
             raise ValueError("this accumulator has no cross term (cross_dim=None)")
         return self._cross.clone()
 
+    def _no_sums(self) -> ValueError:
+        return ValueError("this accumulator does not track column sums (created with sums=False)")
+
     @property
     def sums(self) -> torch.Tensor:
         """Column sums of ``x`` (float64, length dim; a copy)."""
+        if self._sums is None:
+            raise self._no_sums()
         return self._sums.clone()
 
     @property
     def y_sums(self) -> torch.Tensor:
         """Column sums of ``y`` (float64, length cross_dim; a copy)."""
-        if self._y_sums is None:
+        if self._cross is None:
             raise ValueError("this accumulator has no cross term (cross_dim=None)")
+        if self._y_sums is None:
+            raise self._no_sums()
         return self._y_sums.clone()
 
     @property
@@ -392,7 +468,7 @@ class GramAccumulator:
     def mean(self) -> torch.Tensor:
         """Column means of ``x`` (float64). Raises ``ValueError`` if no rows were seen."""
         self._require_rows()
-        return self._sums / self._count
+        return self.sums / self._count
 
     @property
     def y_mean(self) -> torch.Tensor:
@@ -413,7 +489,7 @@ class GramAccumulator:
 
             >>> import torch
             >>> acc = GramAccumulator(2, exact=True)
-            >>> acc.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+            >>> _ = acc.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
             >>> acc.gram_numpy().tolist()
             [[10.0, 14.0], [14.0, 20.0]]
         """
@@ -431,3 +507,19 @@ class GramAccumulator:
     def mean_numpy(self) -> np.ndarray:
         """``mean`` as a float64 numpy array."""
         return self.mean.cpu().numpy()
+
+
+def _sum_products(parts: list[Products]) -> Products:
+    def total(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.stack([t for t in ts if t is not None]).sum(0)
+
+    gram = total([p.gram for p in parts])
+    assert gram is not None
+    return Products(
+        sum(p.rows for p in parts),
+        gram,
+        total([p.sums for p in parts]),
+        total([p.cross for p in parts]),
+        total([p.y_sums for p in parts]),
+        total([p.y_sq for p in parts]),
+    )
