@@ -34,6 +34,7 @@ __all__ = [
     "Op",
     "Value",
     "call_model",
+    "model_outputs",
     "trace",
 ]
 
@@ -166,6 +167,9 @@ class Graph:
     inputs: list[Value]
     outputs: list[Value]
     module_names: dict[int, str]  # id(module) -> qualified name
+    #: the traced call's output tensors (detached): the reference the self-checks
+    #: compare against, so that they need no forward pass of their own
+    output_tensors: list[torch.Tensor] = field(default_factory=list)
 
     def module_calls(self) -> dict[str, list[Op]]:
         calls: dict[str, list[Op]] = {}
@@ -283,15 +287,22 @@ class _Tracer:
         return v
 
     def _template(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self.lookup(obj)
+        if type(obj) in (tuple, list):  # the common case, without pytree's generality
+            return type(obj)(self._template(x) for x in obj)
+        if type(obj) is dict:
+            return {k: self._template(v) for k, v in obj.items()}
+        if isinstance(obj, (int, float, bool, str, type(None), torch.dtype, torch.device)):
+            return obj
         return tree_map(lambda x: self.lookup(x) if isinstance(x, torch.Tensor) else x, obj)
 
     # -- recording ----------------------------------------------------------------
     def record_function(self, func: Callable[..., Any], args: Any, kwargs: Any, out: Any) -> None:
-        flat_in = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
-        flat_out = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+        flat_out = _tensors(out)
         if not flat_out:
             return
-        inputs = [self.lookup(t) for t in flat_in]
+        inputs = [self.lookup(t) for t in _tensors((args, kwargs))]
         targs = self._template(args)
         tkwargs = self._template(kwargs)
         op = Op(len(self.ops), "function", _func_name(func), func, inputs, [], targs, tkwargs)
@@ -300,8 +311,7 @@ class _Tracer:
 
     def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.depth == 0:
-            flat_in = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
-            self.pending.append((module, [self.lookup(t) for t in flat_in]))
+            self.pending.append((module, [self.lookup(t) for t in _tensors((args, kwargs))]))
         self.depth += 1
 
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
@@ -313,8 +323,20 @@ class _Tracer:
         name = self.module_names.get(id(module), type(module).__name__)
         op = Op(len(self.ops), "module", name, module, inputs, [], (), {})
         self.ops.append(op)
-        flat_out = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
-        op.outputs = [self.new_value(t, op) for t in flat_out]
+        op.outputs = [self.new_value(t, op) for t in _tensors(out)]
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in ``obj`` in pytree order (tuples, lists and dicts walked directly)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if type(obj) in (tuple, list):
+        return [t for x in obj for t in _tensors(x)]
+    if type(obj) is dict:
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (int, float, bool, str, type(None))):
+        return []
+    return [x for x in tree_flatten(obj)[0] if isinstance(x, torch.Tensor)]
 
 
 def _is_leaf(module: nn.Module, leaf_types: Sequence[type[nn.Module]]) -> bool:
@@ -361,10 +383,16 @@ def trace(
         for h in handles:
             h.remove()
         model.train(was_training)
-    outputs = [
-        tracer.lookup(t) for t in tree_flatten(_plain(out))[0] if isinstance(t, torch.Tensor)
-    ]
-    return Graph(tracer.ops, tracer.values, inputs, outputs, tracer.module_names)
+    out_tensors = [t for t in tree_flatten(_plain(out))[0] if isinstance(t, torch.Tensor)]
+    outputs = [tracer.lookup(t) for t in out_tensors]
+    return Graph(
+        tracer.ops,
+        tracer.values,
+        inputs,
+        outputs,
+        tracer.module_names,
+        [t.detach() for t in out_tensors],
+    )
 
 
 def _plain(out: Any) -> Any:
@@ -378,6 +406,13 @@ def _plain(out: Any) -> Any:
     if hasattr(out, "to_tuple"):
         return [_plain(v) for v in out.to_tuple()]
     return out
+
+
+def model_outputs(model: nn.Module, batch: Any) -> list[torch.Tensor]:
+    """The output tensors of ``model`` on ``batch`` (no grad), flattened in order."""
+    with torch.no_grad():
+        out = call_model(model, batch)
+    return [t for t in tree_flatten(_plain(out))[0] if isinstance(t, torch.Tensor)]
 
 
 def batch_len(batch: Any) -> int:
