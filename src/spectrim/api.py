@@ -27,6 +27,12 @@ from spectrim.calibration.sequential import sequential_correct
 from spectrim.config import RUN_FIELDS, CompressConfig, Target
 from spectrim.evaluation.flops import profile
 from spectrim.graph import GroupPlan, apply_plan
+from spectrim.graph.layout import (
+    memory_formats,
+    restore_formats,
+    suits_channels_last,
+    to_channels_last,
+)
 from spectrim.graph.trace import batch_len
 from spectrim.graph.verify import trace_and_check
 from spectrim.methods import get_method
@@ -152,16 +158,31 @@ def compress(
                 row_ridge[gi] = r
         # float64 fit products only where the fit can be (nearly) exact
         exact = {gi: bool(curves[gi][widths[gi]] < _EXACT_FIT_BELOW**2) for gi in keep}
-        folds, seq_errors = sequential_correct(
-            work,
-            analysis,
-            batches[: collected.n_stored],
-            keep,
-            collected,
-            ridge=ridge,
-            row_ridge=row_ridge,
-            exact=exact,
-        )
+        fitted = batches[: collected.n_stored]
+        formats = memory_formats(work)
+        channels_last = cfg.channels_last is not False and suits_channels_last(work, fitted)
+        if channels_last:
+            channels_last = to_channels_last(work, example, ref=analysis.graph.output_tensors)
+            if not channels_last and cfg.channels_last:
+                report.warnings.append(
+                    "channels_last=True: the model does not reproduce its outputs in "
+                    "channels_last layout; the sequential pass ran in its own layout"
+                )
+        try:
+            folds, seq_errors = sequential_correct(
+                work,
+                analysis,
+                fitted,
+                keep,
+                collected,
+                ridge=ridge,
+                row_ridge=row_ridge,
+                exact=exact,
+                channels_last=channels_last,
+            )
+        finally:
+            if channels_last:
+                restore_formats(work, formats)
         for gi, f in folds.items():
             plans[gi].folds = f
         timings["sequential"] = time.perf_counter() - t

@@ -87,11 +87,17 @@ class CompressConfig:
             compressed prefix, reconstructing the original model's activations
             (cross-covariance least squares).
         sequential_fraction: share of the calibration examples the sequential
-            corrections are fitted on (kept sets and widths always use all of them); a
-            correction has ``m·k`` coefficients and sees rows × positions samples, so a
-            quarter of a few hundred images is plenty for CNNs.  More examples are used
-            whenever the share would give fewer than 32 rows per channel (transformer
-            FFNs).
+            corrections are fitted on, to the nearest whole batch (kept sets and widths
+            always use all of them).  A fifth of 1000 CIFAR images (192) fits ResNet-56
+            as well as a quarter or a third (87.0 / 86.9 / 86.9 % top-1 at macs=0.5,
+            mean of four calibration draws) and better than an eighth (86.1 %).  More
+            examples are used whenever the share would give fewer than 32 rows per
+            channel (transformer FFNs).
+        channels_last: run the sequential pass (spectrim's own copy of the model) in
+            ``channels_last`` memory layout, faster for CPU convolutions; ``None``
+            (default): when the model has 2-D convolutions, the calibration batches are
+            4-D tensors and the model reproduces its outputs in that layout.  The
+            returned model has the layout of the given one either way.
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 
@@ -102,7 +108,8 @@ class CompressConfig:
     verify: bool = True
     seed: int = 0
     sequential: bool = True
-    sequential_fraction: float = 0.25
+    sequential_fraction: float = 0.2
+    channels_last: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -216,3 +216,78 @@ def test_float32_fits_match_float64_fits_when_pruning_error_dominates(
         for name, b in per.items():
             np.testing.assert_allclose(f32[gi][name], b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
     assert float((y32 - y64).norm() / y64.norm()) < 1e-4
+
+
+class _Kwargs(nn.Module):
+    """The chain called with a keyword argument: dict batches, which are never merged."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.inner(pixels)
+
+
+def _keep_half(col, a) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
+    keep = {}
+    for g in a.prunable:
+        fac = id_factorize(sum(acc.gram_numpy() for k, acc in col.stats.items() if k[0] == g.index))
+        keep[g.index] = np.sort(fac.selected(g.width // 2))
+    return keep
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_greenlet_lockstep_merged_batches_and_channels_last_agree(channels_last: bool) -> None:
+    """Dict batches run as greenlets in lock-step; tensor batches of one shape are merged
+    into one batch (and cut back to the stored batches at every consumer); either may run
+    in channels_last.  All give the same corrections."""
+    model = _Kwargs(_chain()).eval()
+    x = torch.randn(24, 3, 8, 8)
+    dicts = [{"pixels": x[:8]}, {"pixels": x[8:16]}, {"pixels": x[16:]}]
+    a = analyze_channels(model, {"pixels": x[:2]})
+    col = collect(model, a, dicts, a.prunable, store_fraction=1.0)
+    keep = _keep_half(col, a)
+    lock = copy.deepcopy(model)
+    folds_l, errors_l = sequential_correct(lock, a, dicts, keep, col)
+
+    plain = _chain()
+    a2 = analyze_channels(plain, x[:2])
+    col2 = collect(plain, a2, [x[:8], x[8:16], x[16:]], a2.prunable, store_fraction=1.0)
+    merged = copy.deepcopy(plain)
+    if channels_last:
+        merged.to(memory_format=torch.channels_last)
+    folds_m, errors_m = sequential_correct(
+        merged, a2, [x[:8], x[8:16], x[16:]], _keep_half(col2, a2), col2,
+        channels_last=channels_last,
+    )  # fmt: skip
+    name_of = {g.name: g.index for g in a2.prunable}
+    for g in a.prunable:
+        g2 = name_of[g.name.removeprefix("inner.")]
+        for consumer, b in folds_l[g.index].items():
+            np.testing.assert_allclose(
+                b, folds_m[g2][consumer.removeprefix("inner.")], rtol=1e-4, atol=1e-6
+            )
+            assert errors_l[(g.index, consumer)] == pytest.approx(
+                errors_m[(g2, consumer.removeprefix("inner."))], rel=1e-3, abs=1e-6
+            )
+    if channels_last:
+        assert merged[3].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(lock(x), merged(x), rtol=1e-4, atol=1e-5)
+
+
+def test_merge_batches_only_same_shape_tensors_within_the_limit() -> None:
+    from spectrim.calibration.sequential import MERGED_BATCH_BYTES, merge_batches
+
+    t = [torch.zeros(64, 3, 8, 8)] * 3
+    assert merge_batches(t, 1.0) == [[0, 1, 2]]
+    assert merge_batches(t, MERGED_BATCH_BYTES / 100) == [[0], [1], [2]]  # 100 examples fit
+    assert merge_batches(t, MERGED_BATCH_BYTES / 128) == [[0, 1], [2]]
+    ragged = [torch.zeros(8, 3, 8, 8), torch.zeros(8, 3, 10, 10), torch.zeros(8, 3, 10, 10)]
+    assert merge_batches(ragged, 1.0) == [[0], [1, 2]]
+    assert merge_batches([{"x": torch.zeros(8, 3)}] * 2, 1.0) == [[0], [1]]
+    assert merge_batches([torch.zeros(8, 3), torch.zeros(8, 3, dtype=torch.float64)], 1.0) == [
+        [0],
+        [1],
+    ]

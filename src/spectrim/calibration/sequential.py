@@ -12,9 +12,12 @@ so the consumer reconstructs the *original* activations from the compressed ones
 naive variant, fitting ``Z'`` from ``Z'[:, S]``, reproduces the compressed model's own
 drift; issue #2 reports it losing about nine points of accuracy on ResNet-56.)
 
-Cost: one forward pass of the original model and one of the *compressed* model (both in
-the calibration mini-batches), plus the Gram products; memory holds the original
-consumer inputs of the pruned groups and the live activations of all batches at once.
+Cost: one forward pass of the original model and one of the *compressed* model over the
+fitted share, plus the Gram products; memory holds the original consumer inputs of the
+pruned groups and the live activations of all batches at once.  Plain tensor batches of
+one shape are run as larger batches (up to :data:`MERGED_BATCH_BYTES` for the largest
+consumer input), which amortises per-call costs; the caller may also run the pass in
+``channels_last`` (see :mod:`spectrim.graph.layout`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 from spectrim.calibration.collect import Collected, _channel_dim, group_view
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.channels import Analysis
+from spectrim.graph.layout import batches_channels_last
 from spectrim.graph.surgery import (
     GroupPlan,
     _fold_consumer,
@@ -37,12 +41,54 @@ from spectrim.graph.surgery import (
     _new_positions,
     apply_plan,
 )
-from spectrim.graph.trace import call_model
+from spectrim.graph.trace import batch_len, call_model
 from spectrim.linalg import fit_cross_reconstruction
 
-__all__ = ["sequential_correct"]
+__all__ = ["MERGED_BATCH_BYTES", "merge_batches", "sequential_correct"]
 
 Key = tuple[int, str]
+
+#: Tensor batches are merged for the compressed pass while the largest consumer input of
+#: the merged batch stays under this many bytes (and at most 256 examples).
+MERGED_BATCH_BYTES = 64 << 20
+_MERGED_MAX_EXAMPLES = 256
+
+
+def merge_batches(batches: Sequence[Any], bytes_per_example: float) -> list[list[int]]:
+    """Groups of consecutive batch indices to run as one batch.
+
+    Only plain tensors with the same trailing shape are merged (anything else, e.g.
+    Hugging Face dicts of ragged length, stays one batch per group), each group up to
+    :data:`MERGED_BATCH_BYTES` of ``bytes_per_example`` (the largest stored consumer
+    input per example) and 256 examples.
+
+    Example::
+
+        >>> import torch
+        >>> merge_batches([torch.zeros(64, 3)] * 5, bytes_per_example=1e6)
+        [[0], [1], [2], [3], [4]]
+        >>> merge_batches([torch.zeros(64, 3)] * 5, bytes_per_example=1e3)
+        [[0, 1, 2, 3], [4]]
+    """
+    limit = min(_MERGED_MAX_EXAMPLES, int(MERGED_BATCH_BYTES // max(bytes_per_example, 1.0)))
+    groups: list[list[int]] = []
+    size = 0
+    for i, b in enumerate(batches):
+        mergeable = (
+            isinstance(b, torch.Tensor)
+            and groups
+            and isinstance(batches[groups[-1][0]], torch.Tensor)
+            and b.shape[1:] == batches[groups[-1][0]].shape[1:]
+            and b.dtype == batches[groups[-1][0]].dtype
+            and size + batch_len(b) <= limit
+        )
+        if mergeable:
+            groups[-1].append(i)
+            size += batch_len(b)
+        else:
+            groups.append([i])
+            size = batch_len(b)
+    return groups
 
 
 _F32_RTOL = 1e-6
@@ -141,6 +187,36 @@ def _run_lockstep(
             hd.remove()
 
 
+def _split_like(xs: list[torch.Tensor], parts: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+    """Cut the compressed pass's inputs ``xs`` (merged batches) into the original pass's
+    batches ``parts`` (views, along the first axis: batches are only merged when every
+    stored input has the batch there)."""
+    if len(xs) == len(parts):
+        return xs
+    sizes = [int(p.shape[0]) for p in parts]
+    if sum(int(x.shape[0]) for x in xs) != sum(sizes):
+        raise RuntimeError(
+            f"sequential calibration: consumer '{name}' saw {sum(int(x.shape[0]) for x in xs)} "
+            f"examples in the compressed pass but {sum(sizes)} in the original pass"
+        )
+    out: list[torch.Tensor] = []
+    it = iter(sizes)
+    for x in xs:
+        left = int(x.shape[0])
+        start = 0
+        while left > 0:
+            n = next(it)
+            if n > left:
+                raise RuntimeError(
+                    f"sequential calibration: consumer '{name}': the compressed pass's "
+                    "batches do not line up with the original pass's"
+                )
+            out.append(x[start : start + n])
+            start += n
+            left -= n
+    return out
+
+
 def sequential_correct(
     model: nn.Module,
     analysis: Analysis,
@@ -150,6 +226,7 @@ def sequential_correct(
     ridge: float = 0.0,
     row_ridge: Mapping[int, np.ndarray] | None = None,
     exact: Mapping[int, bool] | None = None,
+    channels_last: bool = False,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -172,6 +249,8 @@ def sequential_correct(
         exact: per group, whether the fit's products are float64 (default: all).  Only
             fits that can be (nearly) exact need them: float32 products leave a relative
             error of about 1e-5 in the outputs, invisible next to a pruning error of 1e-2.
+        channels_last: the model is in ``channels_last`` (the caller checked that it
+            computes the same there); the batches are converted to it for this pass.
 
     Returns:
         ``folds[group][consumer] = B`` and the relative error of each fit.
@@ -197,6 +276,8 @@ def sequential_correct(
         assert isinstance(w, torch.Tensor)
         orig_w[name] = w.data
     apply_plan(model, analysis, {gi: GroupPlan(keep=k) for gi, k in keep.items()})
+    if channels_last:  # surgery leaves contiguous weights
+        model.to(memory_format=torch.channels_last)
     modules = dict(model.named_modules())
     folds: dict[int, dict[str, np.ndarray]] = {gi: {} for gi in keep}
     errors: dict[Key, float] = {}
@@ -212,15 +293,9 @@ def sequential_correct(
             pos_t = torch.as_tensor(new_positions, dtype=torch.long)
             m = collected.stats[(gi, name)].dim
             precise = True if exact is None else bool(exact.get(gi, True))
-            acc = GramAccumulator(len(new_positions), cross_dim=m, exact=precise)
-            if len(xs) == 1 and len(parts) > 1:  # the caller passed one concatenated batch
-                parts = [torch.cat(list(parts))]
-            if len(xs) != len(parts):
-                raise RuntimeError(
-                    f"sequential calibration: consumer '{name}' ran on {len(xs)} batches in "
-                    f"the compressed pass but {len(parts)} in the original pass"
-                )
-            for x, z_o in zip(xs, parts):
+            acc = GramAccumulator(len(new_positions), cross_dim=m, exact=precise, sums=False)
+            pieces = _split_like(xs, parts, name)
+            for x, z_o in zip(pieces, parts):
                 z_c, vcd = group_view(x, cd, pos_t)
                 if z_c.numel() // len(new_positions) != z_o.numel() // m:
                     raise RuntimeError(
@@ -247,8 +322,31 @@ def sequential_correct(
         assert isinstance(weight, torch.Tensor)
         module.weight = nn.Parameter(w, requires_grad=weight.requires_grad)
         _fold_consumer(module, analysis.in_labels[name], dropped, {}, applied)
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
 
-    _run_lockstep(model, list(batches), list(per_module), fold)
+    batches = list(batches)
+    per_example = max(
+        (
+            parts[0].numel() * parts[0].element_size() / max(batch_len(batches[0]), 1)
+            for parts in collected.inputs.values()
+            if parts
+        ),
+        default=1.0,
+    )
+    # merged batches are cut back along the first axis: only when every stored consumer
+    # input has the batch there (not, e.g., a (T, B, H) attention input)
+    batch_major = all(
+        [int(p.shape[0]) for p in parts] == [batch_len(b) for b in batches[: len(parts)]]
+        for parts in collected.inputs.values()
+    )
+    groups = (
+        merge_batches(batches, per_example) if batch_major else [[i] for i in range(len(batches))]
+    )
+    run = [batches[g[0]] if len(g) == 1 else torch.cat([batches[i] for i in g]) for g in groups]
+    if channels_last:
+        run = batches_channels_last(run)
+    _run_lockstep(model, run, list(per_module), fold)
     missing = sorted(set(per_module) - done)
     if missing:
         raise RuntimeError(

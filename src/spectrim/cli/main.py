@@ -29,6 +29,7 @@ from spectrim.cli._common import (
     positive_floats,
     positive_int,
 )
+from spectrim.config import CompressConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -245,10 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sequential-fraction",
         type=float,
-        default=0.25,
+        default=CompressConfig.sequential_fraction,
         metavar="F",
-        help="share of the calibration examples the sequential corrections are fitted on "
-        "(default: %(default)s)",
+        help="share of the calibration examples the sequential corrections are fitted on, "
+        "to the nearest whole batch (default: %(default)s)",
     )
     p.add_argument(
         "--latency", action="store_true", help="measure CPU latency of original vs compressed"
