@@ -117,9 +117,32 @@ def compress(
     elif callable(progress):
         wrap = progress
     collected = Collected(stats={})
+    # the calibration passes run on spectrim's own copy, in the layout that runs fastest
+    formats = memory_formats(work)
+    channels_last = bool(
+        cfg.channels_last is not False
+        and algo.needs_statistics
+        and groups
+        and suits_channels_last(work, batches)
+    )
+    if channels_last:
+        channels_last = to_channels_last(work, example, ref=analysis.graph.output_tensors)
+        if not channels_last and cfg.channels_last:
+            report.warnings.append(
+                "channels_last=True: the model does not reproduce its outputs in "
+                "channels_last layout; the calibration passes ran in its own layout"
+            )
     if algo.needs_statistics and groups:
         share = cfg.sequential_fraction if sequential else 0.0
-        collected = collect(work, analysis, batches, groups, progress=wrap, store_fraction=share)
+        collected = collect(
+            work,
+            analysis,
+            batches,
+            groups,
+            progress=wrap,
+            store_fraction=share,
+            channels_last=channels_last,
+        )
     stats = collected.stats
     if algo.needs_statistics and groups:
         report.calibration_rows = sum(batch_len(b) for b in batches)
@@ -158,31 +181,17 @@ def compress(
                 row_ridge[gi] = r
         # float64 fit products only where the fit can be (nearly) exact
         exact = {gi: bool(curves[gi][widths[gi]] < _EXACT_FIT_BELOW**2) for gi in keep}
-        fitted = batches[: collected.n_stored]
-        formats = memory_formats(work)
-        channels_last = cfg.channels_last is not False and suits_channels_last(work, fitted)
-        if channels_last:
-            channels_last = to_channels_last(work, example, ref=analysis.graph.output_tensors)
-            if not channels_last and cfg.channels_last:
-                report.warnings.append(
-                    "channels_last=True: the model does not reproduce its outputs in "
-                    "channels_last layout; the sequential pass ran in its own layout"
-                )
-        try:
-            folds, seq_errors = sequential_correct(
-                work,
-                analysis,
-                fitted,
-                keep,
-                collected,
-                ridge=ridge,
-                row_ridge=row_ridge,
-                exact=exact,
-                channels_last=channels_last,
-            )
-        finally:
-            if channels_last:
-                restore_formats(work, formats)
+        folds, seq_errors = sequential_correct(
+            work,
+            analysis,
+            batches[: collected.n_stored],
+            keep,
+            collected,
+            ridge=ridge,
+            row_ridge=row_ridge,
+            exact=exact,
+            channels_last=channels_last,
+        )
         for gi, f in folds.items():
             plans[gi].folds = f
         timings["sequential"] = time.perf_counter() - t
@@ -190,6 +199,8 @@ def compress(
         apply_plan(work, analysis, plans)
         timings["surgery"] = time.perf_counter() - t
     collected.inputs.clear()
+    if channels_last:
+        restore_formats(work, formats)  # the user's layout, stride for stride
     cost1 = profile(work, example, kernels=kernels)
 
     for g in analysis.groups:

@@ -93,11 +93,12 @@ class CompressConfig:
             mean of four calibration draws) and better than an eighth (86.1 %).  More
             examples are used whenever the share would give fewer than 32 rows per
             channel (transformer FFNs).
-        channels_last: run the sequential pass (spectrim's own copy of the model) in
-            ``channels_last`` memory layout, faster for CPU convolutions; ``None``
-            (default): when the model has 2-D convolutions, the calibration batches are
-            4-D tensors and the model reproduces its outputs in that layout.  The
-            returned model has the layout of the given one either way.
+        channels_last: run the calibration passes (on spectrim's own copy of the model,
+            one batch converted at a time) in ``channels_last`` memory layout, which
+            oneDNN's CPU convolutions run faster than NCHW; ``None`` (default): when the
+            model has 2-D convolutions, the calibration batches are 4-D tensors and the
+            model reproduces its outputs (to 1e-4) in that layout.  The returned model
+            has the layout, stride for stride, of the given one either way.
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 

@@ -108,3 +108,26 @@ def test_consumers_of_one_tensor_share_the_products(monkeypatch) -> None:  # typ
         acc = col.stats[(g.index, name)]
         assert acc.count == 8 * 36
         torch.testing.assert_close(acc.gram, rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_pass_gives_the_same_statistics_and_inputs() -> None:
+    """The pass in channels_last (model converted, each batch converted on the way in)
+    measures what the NCHW pass measures; its stored inputs are channels_last rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.Conv2d(12, 10, 3, padding=1), nn.ReLU(), nn.Conv2d(10, 4, 3, padding=1),
+    ).eval()  # fmt: skip
+    x = torch.randn(20, 3, 9, 9)
+    a = analyze_channels(model, x[:2])
+    batches = list(x.split(8))
+    ref = collect(model, a, batches, a.prunable, store_fraction=1.0)
+    cl = model.to(memory_format=torch.channels_last)
+    got = collect(cl, a, batches, a.prunable, store_fraction=1.0, channels_last=True)
+    assert set(got.stats) == set(ref.stats)
+    for key, acc in ref.stats.items():
+        assert got.stats[key].count == acc.count
+        torch.testing.assert_close(got.stats[key].gram, acc.gram, rtol=1e-5, atol=1e-4)
+        for mine, theirs in zip(got.inputs[key], ref.inputs[key]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+            assert mine.is_contiguous(memory_format=torch.channels_last)

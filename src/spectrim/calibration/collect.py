@@ -111,6 +111,7 @@ def collect(
     *,
     store_fraction: float = 0.0,
     min_rows_per_unit: int = 32,
+    channels_last: bool = False,
 ) -> Collected:
     """Accumulate ``ZᵀZ`` of each group's channels at each of its consumers' inputs, and
     keep the inputs themselves for a leading share of the batches.
@@ -129,6 +130,9 @@ def collect(
         progress: optional wrapper around the batch iterator (e.g. ``tqdm``).
         store_fraction: share of the examples whose consumer inputs are kept (0: none).
         min_rows_per_unit: floor on stored rows per channel when storing.
+        channels_last: the model is in ``channels_last`` layout (see
+            :mod:`spectrim.graph.layout`); each 4-D tensor batch is converted to it just
+            before its forward pass (one batch at a time: no second copy of the data).
     """
     modules = dict(model.named_modules())
     out = Collected(stats={})
@@ -190,6 +194,8 @@ def collect(
                 batch_index[0] = i
                 stored_now.clear()
                 cache.clear()
+                if channels_last and isinstance(batch, torch.Tensor) and batch.dim() == 4:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
                 call_model(model, batch)
                 if i == 0 and out.inputs:
                     n_store[0] = _stored_batches(out, sizes, store_fraction, min_rows_per_unit)

@@ -2,9 +2,10 @@
 
 :class:`GramAccumulator` sums ``XᵀX`` (and optionally a cross term ``XᵀY``), the row count
 and the column sums over any number of batches, in O(dim²) memory and without keeping the
-rows. Each chunk of at most ``chunk_rows`` rows is multiplied in float32 with ``torch.mm``
-(fast BLAS / cuBLAS) and the chunk product is added into a float64 accumulator, so rounding
-error is bounded per chunk and does not grow with the total number of rows.
+rows. Each chunk of at most ``chunk_rows`` rows is multiplied in float32 (``torch.mm``, or
+one ``torch.bmm`` over all full chunks; fast BLAS / cuBLAS) and the chunk products are
+added into a float64 accumulator, so rounding error is bounded per chunk and does not grow
+with the total number of rows.
 ``exact=True`` multiplies in float64 instead (for tests and small problems).
 
 :func:`rows_from_activation` flattens an activation tensor into the (rows, channels) matrix
@@ -219,19 +220,43 @@ class GramAccumulator:
         cross = None if self._cross is None else torch.zeros_like(self._cross)
         y_sums = None if self._y_sums is None else torch.zeros_like(self._y_sums)
         y_sq = None if self._y_sq is None else torch.zeros_like(self._y_sq)
-        for start in range(0, n, self.chunk_rows):
-            stop = min(start + self.chunk_rows, n)
-            xc = x[start:stop].to(device=self.device, dtype=cdt)
-            gram += torch.mm(xc.T, xc).to(f64)
-            if sums is not None:  # chunk sums in the compute dtype, total in f64
-                sums += xc.sum(dim=0).to(f64)
+        cr = self.chunk_rows
+        whole = (n // cr) * cr if n >= 2 * cr else 0
+        if whole and not self.exact and x.is_contiguous() and (y is None or y.is_contiguous()):
+            # the full chunks as one batched product (one call instead of one per chunk;
+            # each chunk's product still float32, their sum float64)
+            xb = x[:whole].view(-1, cr, self.dim).to(device=self.device, dtype=cdt)
+            xt = xb.transpose(1, 2)
+            gram += torch.bmm(xt, xb, out=self._scratch("g", xb.shape[0], cdt)).sum(0, dtype=f64)
+            if sums is not None:
+                sums += xb.sum(1).sum(0, dtype=f64)
             if y is not None:
                 assert cross is not None and y_sq is not None
-                yc = y[start:stop].to(device=self.device, dtype=cdt)
-                cross += torch.mm(xc.T, yc).to(f64)
+                yb = y[:whole].view(-1, cr, y.shape[1]).to(device=self.device, dtype=cdt)
+                out = self._scratch("c", xb.shape[0], cdt)
+                cross += torch.bmm(xt, yb, out=out).sum(0, dtype=f64)
                 if y_sums is not None:
-                    y_sums += yc.sum(dim=0).to(f64)
-                y_sq += torch.linalg.vector_norm(yc, dim=0).to(f64).square()
+                    y_sums += yb.sum(1).sum(0, dtype=f64)
+                y_sq += torch.linalg.vector_norm(yb, dim=1).to(f64).square().sum(0)
+        else:
+            whole = 0
+        # the other chunks' products into reused buffers, added into float64 in place
+        # (a fresh product and a float64 copy of it per chunk cost more than the product)
+        g_buf = self._scratch("g", 1, cdt)[0]
+        c_buf = None if y is None else self._scratch("c", 1, cdt)[0]
+        for start in range(whole, n, cr):
+            stop = min(start + cr, n)
+            xc = x[start:stop].to(device=self.device, dtype=cdt)
+            gram += torch.mm(xc.T, xc, out=g_buf)
+            if sums is not None:  # chunk sums in the compute dtype, total in f64
+                sums += xc.sum(dim=0)
+            if y is not None:
+                assert cross is not None and y_sq is not None and c_buf is not None
+                yc = y[start:stop].to(device=self.device, dtype=cdt)
+                cross += torch.mm(xc.T, yc, out=c_buf)
+                if y_sums is not None:
+                    y_sums += yc.sum(dim=0)
+                y_sq += torch.linalg.vector_norm(yc, dim=0).square()
         return self.add(Products(n, gram, sums, cross, y_sums, y_sq))
 
     @torch.no_grad()
