@@ -181,6 +181,7 @@ def compress(
                 row_ridge[gi] = r
         # float64 fit products only where the fit can be (nearly) exact
         exact = {gi: bool(curves[gi][widths[gi]] < _EXACT_FIT_BELOW**2) for gi in keep}
+        report.fitted_examples = sum(batch_len(b) for b in batches[: collected.n_stored])
         folds, seq_errors = sequential_correct(
             work,
             analysis,

@@ -90,7 +90,7 @@ class CompressConfig:
             corrections are fitted on, to the nearest whole batch (kept sets and widths
             always use all of them).  A fifth of 1000 CIFAR images (192) fits ResNet-56
             as well as a quarter or a third (87.0 / 86.9 / 86.9 % top-1 at macs=0.5,
-            mean of four calibration draws) and better than an eighth (86.1 %).  More
+            mean of four calibration draws) and better than an eighth (86.4 %).  More
             examples are used whenever the share would give fewer than 32 rows per
             channel (transformer FFNs).
         channels_last: run the calibration passes (on spectrim's own copy of the model,

@@ -45,6 +45,7 @@ class CompressionReport:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     calibration_rows: int = 0
+    fitted_examples: int = 0
     groups: list[GroupReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 

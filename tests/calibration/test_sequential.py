@@ -80,6 +80,8 @@ def test_sequential_beats_one_shot_on_pretrained_resnet20() -> None:
     seq, r_seq = spectrim.compress(model, calib, target="macs=0.5", sequential=True)
     one, r_one = spectrim.compress(model, calib, target="macs=0.5", sequential=False)
     assert r_seq.widths == r_one.widths  # same allocation and kept sets, other corrections
+    # a fifth of 256 examples, to the nearest whole batch of 64
+    assert (r_seq.fitted_examples, r_one.fitted_examples) == (64, 0)
     e_seq = evaluate(seq, test, reference=model)
     e_one = evaluate(one, test, reference=model)
     assert e_seq.agreement is not None and e_one.agreement is not None
