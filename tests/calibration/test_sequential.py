@@ -39,6 +39,14 @@ def _input_of(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tens
     return got[0]
 
 
+def _keep_half(col, a) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
+    keep = {}
+    for g in a.prunable:
+        fac = id_factorize(sum(acc.gram_numpy() for k, acc in col.stats.items() if k[0] == g.index))
+        keep[g.index] = np.sort(fac.selected(g.width // 2))
+    return keep
+
+
 def test_second_consumer_fits_original_from_compressed_prefix() -> None:
     model = _chain()
     x = torch.randn(16, 3, 8, 8)
@@ -46,11 +54,7 @@ def test_second_consumer_fits_original_from_compressed_prefix() -> None:
     groups = a.prunable
     assert [g.name for g in groups] == ["0", "3"]
     col = collect(model, a, [x[:8], x[8:]], groups, store_fraction=1.0)
-    grams = col.stats
-    keep = {}
-    for g in groups:
-        fac = id_factorize(sum(acc.gram_numpy() for k, acc in grams.items() if k[0] == g.index))
-        keep[g.index] = np.sort(fac.selected(g.width // 2))
+    keep = _keep_half(col, a)
     work = copy.deepcopy(model)
     folds, errors = sequential_correct(work, a, [x[:8], x[8:]], keep, col)
 
@@ -97,11 +101,7 @@ def test_lockstep_batches_equal_one_concatenated_batch() -> None:
     batches = [x[:8], x[8:16], x[16:]]
     a = analyze_channels(model, x[:2])
     col = collect(model, a, batches, a.prunable, store_fraction=1.0)
-    grams = col.stats
-    keep = {}
-    for g in a.prunable:
-        fac = id_factorize(sum(acc.gram_numpy() for k, acc in grams.items() if k[0] == g.index))
-        keep[g.index] = np.sort(fac.selected(g.width // 2))
+    keep = _keep_half(col, a)
     lock, big = copy.deepcopy(model), copy.deepcopy(model)
     folds_l, _ = sequential_correct(lock, a, batches, keep, col)
     folds_b, _ = sequential_correct(big, a, [x], keep, col)
@@ -229,14 +229,6 @@ class _Kwargs(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.inner(pixels)
-
-
-def _keep_half(col, a) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
-    keep = {}
-    for g in a.prunable:
-        fac = id_factorize(sum(acc.gram_numpy() for k, acc in col.stats.items() if k[0] == g.index))
-        keep[g.index] = np.sort(fac.selected(g.width // 2))
-    return keep
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

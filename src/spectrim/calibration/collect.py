@@ -32,6 +32,7 @@ from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator, Products
 from spectrim.graph.channels import Analysis, UnitGroup
+from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.trace import batch_len, call_model
 
 __all__ = ["Collected", "collect", "collect_statistics", "group_rows", "group_view"]
@@ -194,9 +195,7 @@ def collect(
                 batch_index[0] = i
                 stored_now.clear()
                 cache.clear()
-                if channels_last and isinstance(batch, torch.Tensor) and batch.dim() == 4:
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                call_model(model, batch)
+                call_model(model, channels_last_batch(batch) if channels_last else batch)
                 if i == 0 and out.inputs:
                     n_store[0] = _stored_batches(out, sizes, store_fraction, min_rows_per_unit)
     finally:

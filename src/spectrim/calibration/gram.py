@@ -213,51 +213,30 @@ class GramAccumulator:
                     f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}"
                 )
         n = int(x.shape[0])
-        cdt = torch.float64 if self.exact else torch.float32
-        f64 = torch.float64
-        gram = torch.zeros_like(self._gram)
-        sums = None if self._sums is None else torch.zeros_like(self._sums)
-        cross = None if self._cross is None else torch.zeros_like(self._cross)
-        y_sums = None if self._y_sums is None else torch.zeros_like(self._y_sums)
-        y_sq = None if self._y_sq is None else torch.zeros_like(self._y_sq)
+        if n == 0:
+            rest = (self._sums, self._cross, self._y_sums, self._y_sq)
+            zero = [None if t is None else torch.zeros_like(t) for t in rest]
+            return self.add(Products(0, torch.zeros_like(self._gram), *zero))
+        # chunks of at most chunk_rows rows as (chunks, rows, dim) blocks: all full chunks
+        # in one block when the rows are contiguous (one batched product instead of one per
+        # chunk; exact mode converts one chunk at a time), the rest one block each.  The
+        # products are per-example products of the transposed blocks (each chunk's product
+        # in the compute dtype, their sum in float64).
         cr = self.chunk_rows
-        whole = (n // cr) * cr if n >= 2 * cr else 0
-        if whole and not self.exact and x.is_contiguous() and (y is None or y.is_contiguous()):
-            # the full chunks as one batched product (one call instead of one per chunk;
-            # each chunk's product still float32, their sum float64)
-            xb = x[:whole].view(-1, cr, self.dim).to(device=self.device, dtype=cdt)
-            xt = xb.transpose(1, 2)
-            gram += torch.bmm(xt, xb, out=self._scratch("g", xb.shape[0], cdt)).sum(0, dtype=f64)
-            if sums is not None:
-                sums += xb.sum(1).sum(0, dtype=f64)
-            if y is not None:
-                assert cross is not None and y_sq is not None
-                yb = y[:whole].view(-1, cr, y.shape[1]).to(device=self.device, dtype=cdt)
-                out = self._scratch("c", xb.shape[0], cdt)
-                cross += torch.bmm(xt, yb, out=out).sum(0, dtype=f64)
-                if y_sums is not None:
-                    y_sums += yb.sum(1).sum(0, dtype=f64)
-                y_sq += torch.linalg.vector_norm(yb, dim=1).to(f64).square().sum(0)
-        else:
-            whole = 0
-        # the other chunks' products into reused buffers, added into float64 in place
-        # (a fresh product and a float64 copy of it per chunk cost more than the product)
-        g_buf = self._scratch("g", 1, cdt)[0]
-        c_buf = None if y is None else self._scratch("c", 1, cdt)[0]
+        batched = not self.exact and x.is_contiguous() and (y is None or y.is_contiguous())
+        whole = (n // cr) * cr if batched else 0
+        blocks: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        if whole:
+            yb = None if y is None else y[:whole].view(-1, cr, y.shape[1])
+            blocks.append((x[:whole].view(-1, cr, self.dim), yb))
         for start in range(whole, n, cr):
-            stop = min(start + cr, n)
-            xc = x[start:stop].to(device=self.device, dtype=cdt)
-            gram += torch.mm(xc.T, xc, out=g_buf)
-            if sums is not None:  # chunk sums in the compute dtype, total in f64
-                sums += xc.sum(dim=0)
-            if y is not None:
-                assert cross is not None and y_sq is not None and c_buf is not None
-                yc = y[start:stop].to(device=self.device, dtype=cdt)
-                cross += torch.mm(xc.T, yc, out=c_buf)
-                if y_sums is not None:
-                    y_sums += yc.sum(dim=0)
-                y_sq += torch.linalg.vector_norm(yc, dim=0).square()
-        return self.add(Products(n, gram, sums, cross, y_sums, y_sq))
+            yc = None if y is None else y[start : start + cr].unsqueeze(0)
+            blocks.append((x[start : start + cr].unsqueeze(0), yc))
+        parts = [
+            self._example_products(xb.transpose(1, 2), None if yb is None else yb.transpose(1, 2))
+            for xb, yb in blocks
+        ]
+        return self.add(parts[0] if len(parts) == 1 else _sum_products(parts))
 
     @torch.no_grad()
     def update_activation(
@@ -348,7 +327,8 @@ class GramAccumulator:
 
     def _scratch(self, which: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A reused ``(n, dim, dim)`` (``"g"``) or ``(n, dim, cross_dim)`` (``"c"``)
-        buffer for per-example products: a fresh one per call costs new pages (time)."""
+        buffer for per-example products, reused from call to call (a calibration pass
+        multiplies blocks of the same shape batch after batch)."""
         cols = self.dim if which == "g" else int(self.cross_dim or 0)
         buf = self._buffers.get(which)
         if buf is None or buf.dtype != dtype or buf.shape[0] < n:

@@ -33,7 +33,7 @@ from torch import nn
 from spectrim.calibration.collect import Collected, _channel_dim, group_view
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.channels import Analysis
-from spectrim.graph.layout import batches_channels_last
+from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.surgery import (
     GroupPlan,
     _fold_consumer,
@@ -187,36 +187,6 @@ def _run_lockstep(
             hd.remove()
 
 
-def _split_like(xs: list[torch.Tensor], parts: list[torch.Tensor], name: str) -> list[torch.Tensor]:
-    """Cut the compressed pass's inputs ``xs`` (merged batches) into the original pass's
-    batches ``parts`` (views, along the first axis: batches are only merged when every
-    stored input has the batch there)."""
-    if len(xs) == len(parts):
-        return xs
-    sizes = [int(p.shape[0]) for p in parts]
-    if sum(int(x.shape[0]) for x in xs) != sum(sizes):
-        raise RuntimeError(
-            f"sequential calibration: consumer '{name}' saw {sum(int(x.shape[0]) for x in xs)} "
-            f"examples in the compressed pass but {sum(sizes)} in the original pass"
-        )
-    out: list[torch.Tensor] = []
-    it = iter(sizes)
-    for x in xs:
-        left = int(x.shape[0])
-        start = 0
-        while left > 0:
-            n = next(it)
-            if n > left:
-                raise RuntimeError(
-                    f"sequential calibration: consumer '{name}': the compressed pass's "
-                    "batches do not line up with the original pass's"
-                )
-            out.append(x[start : start + n])
-            start += n
-            left -= n
-    return out
-
-
 def sequential_correct(
     model: nn.Module,
     analysis: Analysis,
@@ -294,7 +264,15 @@ def sequential_correct(
             m = collected.stats[(gi, name)].dim
             precise = True if exact is None else bool(exact.get(gi, True))
             acc = GramAccumulator(len(new_positions), cross_dim=m, exact=precise, sums=False)
-            pieces = _split_like(xs, parts, name)
+            # a merged batch's input, cut back into the stored batches (views)
+            pieces = [p for x, n in zip(xs, run_sizes) for p in ((x,) if n is None else x.split(n))]
+            if len(pieces) == 1 and len(parts) > 1:  # the caller passed one concatenated batch
+                parts = [torch.cat(list(parts))]
+            if len(pieces) != len(parts):
+                raise RuntimeError(
+                    f"sequential calibration: consumer '{name}' ran on {len(pieces)} batches "
+                    f"in the compressed pass but {len(parts)} in the original pass"
+                )
             for x, z_o in zip(pieces, parts):
                 z_c, vcd = group_view(x, cd, pos_t)
                 if z_c.numel() // len(new_positions) != z_o.numel() // m:
@@ -345,7 +323,10 @@ def sequential_correct(
     )
     run = [batches[g[0]] if len(g) == 1 else torch.cat([batches[i] for i in g]) for g in groups]
     if channels_last:
-        run = batches_channels_last(run)
+        run = [channels_last_batch(b) for b in run]
+    # how each consumer input splits into the stored batches: a single batch whole (its
+    # first axis need not be the batch), a merged one along the batch axis
+    run_sizes = [None if len(g) == 1 else [batch_len(batches[i]) for i in g] for g in groups]
     _run_lockstep(model, run, list(per_module), fold)
     missing = sorted(set(per_module) - done)
     if missing:

@@ -36,7 +36,7 @@ from spectrim.graph.trace import model_outputs
 from spectrim.graph.verify import same_outputs
 
 __all__ = [
-    "batches_channels_last",
+    "channels_last_batch",
     "memory_formats",
     "restore_formats",
     "suits_channels_last",
@@ -85,9 +85,11 @@ def restore_formats(model: nn.Module, formats: dict[str, bool]) -> None:
             t.data = t.data.clone(memory_format=fmt)
 
 
-def batches_channels_last(batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``channels_last`` copies of 4-D tensor batches."""
-    return [b.contiguous(memory_format=torch.channels_last) for b in batches]
+def channels_last_batch(batch: Any) -> Any:
+    """A ``channels_last`` copy of a 4-D tensor batch; any other batch unchanged."""
+    if isinstance(batch, torch.Tensor) and batch.dim() == 4:
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 def to_channels_last(

@@ -383,7 +383,7 @@ def trace(
         for h in handles:
             h.remove()
         model.train(was_training)
-    out_tensors = [t for t in tree_flatten(_plain(out))[0] if isinstance(t, torch.Tensor)]
+    out_tensors = _tensors(_plain(out))
     outputs = [tracer.lookup(t) for t in out_tensors]
     return Graph(
         tracer.ops,
@@ -411,8 +411,7 @@ def _plain(out: Any) -> Any:
 def model_outputs(model: nn.Module, batch: Any) -> list[torch.Tensor]:
     """The output tensors of ``model`` on ``batch`` (no grad), flattened in order."""
     with torch.no_grad():
-        out = call_model(model, batch)
-    return [t for t in tree_flatten(_plain(out))[0] if isinstance(t, torch.Tensor)]
+        return _tensors(_plain(call_model(model, batch)))
 
 
 def batch_len(batch: Any) -> int:
