@@ -27,6 +27,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,15 +170,20 @@ def read_idx(path: str | os.PathLike[str], limit: int | None = None) -> np.ndarr
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        header = fh.read(4)
-        if len(header) != 4 or header[0] != 0 or header[1] != 0 or header[2] != 0x08:
-            raise ValueError(f"{path} is not an unsigned-byte IDX file (header {header.hex()})")
-        ndim = header[3]
-        dims = [int.from_bytes(fh.read(4), "big") for _ in range(ndim)]
-        n = dims[0] if limit is None else min(dims[0], limit)
-        count = n * int(np.prod(dims[1:], dtype=np.int64))
-        data = fh.read(count)
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(4)
+            if len(header) != 4 or header[0] != 0 or header[1] != 0 or header[2] != 0x08:
+                raise ValueError(f"{path} is not an unsigned-byte IDX file (header {header.hex()})")
+            ndim = header[3]
+            dims = [int.from_bytes(fh.read(4), "big") for _ in range(ndim)]
+            n = dims[0] if limit is None else min(dims[0], limit)
+            count = n * int(np.prod(dims[1:], dtype=np.int64))
+            data = fh.read(count)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({exc or type(exc).__name__}); restore the file"
+        ) from None
     if len(data) != count:
         raise ValueError(f"{path} is truncated: expected {count} bytes of data, got {len(data)}")
     return np.frombuffer(data, dtype=np.uint8).reshape(n, *dims[1:])

@@ -7,8 +7,14 @@ order:
 1. ``$SPECTRIM_DATA/<relpath>`` when the environment variable ``SPECTRIM_DATA`` is set (an offline
    copy of the data; a missing file there is an error, nothing is downloaded);
 2. ``<cache_dir()>/<relpath>`` when it was downloaded before;
-3. a download from the file's public URL (see :data:`FILES`) into the cache, verified by sha256
-   (or, for re-compressed ``.gz`` mirrors, by the md5 of the uncompressed content).
+3. a download from the file's public URL (see :data:`FILES`) into the cache.
+
+Every file is verified against its registered checksum before it is returned, wherever it
+was found: its sha256 (or, for re-compressed ``.gz`` mirrors, the md5 of the uncompressed
+content). A file that does not match raises :class:`ChecksumError` naming the file, the
+expected and the actual hash. Each file is hashed once per process (the verdict is kept
+for as long as the file's path, inode, size and modification time stay the same), so
+verifying costs one read of each file the first time it is used.
 
 Example::
 
@@ -25,8 +31,11 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from spectrim._files import sha256_cached, sha256_file
 
 __all__ = [
     "DATA_ENV",
@@ -41,6 +50,7 @@ __all__ = [
     "download",
     "sha256_file",
     "md5_gunzipped",
+    "verify_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,7 +68,7 @@ class DownloadError(RuntimeError):
 
 
 class ChecksumError(DownloadError):
-    """A downloaded file does not match its registered checksum."""
+    """A data file (downloaded, cached or offline) does not match its registered checksum."""
 
 
 @dataclass(frozen=True)
@@ -188,28 +198,32 @@ def cache_dir() -> Path:
     return base / "spectrim"
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks.
-
-    Example::
-
-        >>> sha256_file("some/file.bin")  # doctest: +SKIP
-        'e3b0c442...'
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def md5_gunzipped(path: str | os.PathLike[str]) -> str:
-    """Hex md5 of the decompressed content of a gzip file."""
+    """Hex md5 of the decompressed content of a gzip file.
+
+    Raises:
+        ValueError: the file is not gzip or is truncated (the message names it).
+    """
     h = hashlib.md5(usedforsecurity=False)
-    with gzip.open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: not a readable gzip file ({exc or type(exc).__name__})"
+        ) from None
     return h.hexdigest()
+
+
+_MD5: dict[tuple[str, str], str] = {}
+
+
+def _md5_cached(path: Path) -> str:
+    key = (str(path.resolve()), sha256_cached(path))
+    if key not in _MD5:
+        _MD5[key] = md5_gunzipped(path)
+    return _MD5[key]
 
 
 def _check_relpath(relpath: str) -> str:
@@ -220,21 +234,68 @@ def _check_relpath(relpath: str) -> str:
     return rel
 
 
-def _verify(remote: RemoteFile, path: Path) -> None:
-    """Raise :class:`ChecksumError` unless ``path`` matches ``remote``'s checksums."""
-    actual = sha256_file(path)
+def _mismatch(remote: RemoteFile, path: Path) -> str | None:
+    """``None`` when ``path`` matches ``remote``'s checksums, else what differs."""
+    actual = sha256_cached(path)
     if actual == remote.sha256:
-        return
+        return None
     detail = f"sha256 {actual}, expected {remote.sha256}"
     if remote.uncompressed_md5 is not None:
         try:
-            md5 = md5_gunzipped(path)
-        except (OSError, EOFError) as exc:  # not a gzip file / truncated
-            detail += f"; could not decompress to check the uncompressed md5 ({exc})"
+            md5 = _md5_cached(path)
+        except ValueError as exc:  # not a gzip file / truncated
+            detail += f"; could not decompress it to check the uncompressed md5 ({exc})"
         else:
             if md5 == remote.uncompressed_md5:
-                return
+                return None
             detail += f"; uncompressed md5 {md5}, expected {remote.uncompressed_md5}"
+    return detail
+
+
+def verify_file(relpath: str, path: str | os.PathLike[str]) -> Path:
+    """Check a local copy of the registered file ``relpath``; return its path.
+
+    Raises:
+        KeyError: ``relpath`` is not registered in :data:`FILES` (it cannot be verified).
+        ChecksumError: the file differs from the registered checksum (message: the file,
+            the expected and the actual hash).
+
+    Example::
+
+        >>> verify_file("mnist/t10k-labels-idx1-ubyte.gz", "/data/mnist/t10k-labels-idx1-ubyte.gz")  # doctest: +SKIP
+        PosixPath('/data/mnist/t10k-labels-idx1-ubyte.gz')
+    """
+    rel = _check_relpath(relpath)
+    remote = FILES.get(rel)
+    if remote is None:
+        raise KeyError(
+            f"data file {rel!r} is not registered in spectrim.zoo.download.FILES, so it "
+            "cannot be verified"
+        )
+    p = Path(path)
+    detail = _mismatch(remote, p)
+    if detail is not None:
+        raise ChecksumError(
+            f"{p} is not the registered {rel!r} ({detail}): the file is corrupt, truncated "
+            f"or was modified. Restore it from {remote.url}"
+            + (" (or delete it from the cache to download it again)" if _in_cache(p) else "")
+        )
+    return p
+
+
+def _in_cache(path: Path) -> bool:
+    try:
+        path.resolve().relative_to(cache_dir().resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _verify(remote: RemoteFile, path: Path) -> None:
+    """Raise :class:`ChecksumError` unless the download ``path`` matches ``remote``."""
+    detail = _mismatch(remote, path)
+    if detail is None:
+        return
     raise ChecksumError(
         f"checksum mismatch for {remote.relpath!r} downloaded from {remote.url}: {detail}. "
         "The file was discarded; the download may be corrupt or the upstream file changed."
@@ -285,8 +346,9 @@ def fetch(relpath: str) -> Path:
 
     Raises:
         FileNotFoundError: ``SPECTRIM_DATA`` is set but does not contain the file.
-        KeyError: the file is neither local nor registered in :data:`FILES`.
-        DownloadError / ChecksumError: the download failed or did not verify.
+        KeyError: the file is not registered in :data:`FILES`.
+        ChecksumError: the local, cached or downloaded file does not match its checksum.
+        DownloadError: the download failed.
 
     Example::
 
@@ -298,14 +360,14 @@ def fetch(relpath: str) -> Path:
     if root is not None:
         path = root / rel
         if path.is_file():
-            return path
+            return verify_file(rel, path)
         raise FileNotFoundError(
             f"{path} not found: {DATA_ENV}={os.environ.get(DATA_ENV)!r} is set, so files are read "
             f"from there and not downloaded. Add {rel!r} to that folder or unset {DATA_ENV}."
         )
     cached = cache_dir() / rel
     if cached.is_file():
-        return cached
+        return verify_file(rel, cached)
     remote = FILES.get(rel)
     if remote is None:
         raise KeyError(
