@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spectrim._files import atomic_write_text
+
 __all__ = ["CompressionReport", "GroupReport"]
 
 
@@ -72,7 +74,7 @@ class CompressionReport:
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
     @classmethod

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from spectrim.cli import main
-from spectrim.io import MANIFEST_FILE, STATE_FILE, load_compressed
+from spectrim.io import MANIFEST_FILE, ORIGINAL_FILE, WEIGHTS_FILE, load_compressed
 from spectrim.zoo import DigitsCNN, train_digits_cnn
 
 COMMANDS = ["compress", "eval", "demo", "list"]
@@ -108,9 +108,11 @@ def test_compress_model_file_on_digits(
 ) -> None:
     out_dir = tmp_path / "small"
     json_path = tmp_path / "result.json"
+    trust = ["--trust-pickle"] if kind == "pickle" else []
     code, out, err = _run(
         capsys,
         "compress",
+        *trust,
         "--model",
         str(model_files[kind]),
         "--data",
@@ -133,10 +135,13 @@ def test_compress_model_file_on_digits(
     assert data["calibration_examples"] == 300 and data["eval_examples"] == 500
     assert data["accuracy_after"] >= 0.8
     assert "agreement" in out and "saved to" in out
-    assert (out_dir / STATE_FILE).is_file() and (out_dir / MANIFEST_FILE).is_file()
+    assert (out_dir / WEIGHTS_FILE).is_file() and (out_dir / MANIFEST_FILE).is_file()
+    assert (out_dir / ORIGINAL_FILE).read_bytes() == model_files[kind].read_bytes()
     manifest = _json(out_dir / MANIFEST_FILE)
-    assert manifest["arch"] == {"file": str(model_files[kind].resolve())}
-    reloaded = load_compressed(out_dir)  # rebuilt from the original file + manifest
+    assert manifest["arch"] == {"file": ORIGINAL_FILE}
+    assert set(manifest["files"]) == {WEIGHTS_FILE, ORIGINAL_FILE, "report.json"}
+    # rebuilt from the copy of the original file + manifest (a pickle only when trusted)
+    reloaded = load_compressed(out_dir, trust_code=kind == "pickle")
     assert sum(p.numel() for p in reloaded.parameters()) == data["params_after"]
 
 
@@ -148,6 +153,7 @@ def test_compress_json_to_stdout_and_latency(
         "compress",
         "--model",
         str(model_files["pickle"]),
+        "--trust-pickle",
         "--data",
         "digits",
         "--method",
@@ -185,6 +191,7 @@ def test_eval_compressed_folder(
         "compress",
         "--model",
         str(model_files["pickle"]),
+        "--trust-pickle",
         "--data",
         "digits",
         "--target",
@@ -204,6 +211,7 @@ def test_eval_compressed_folder(
         "eval",
         "--model",
         str(out_dir),
+        "--trust-pickle",
         "--data",
         "digits",
         "--json",
@@ -250,6 +258,7 @@ def test_compress_user_tensor_file(
         "compress",
         "--model",
         str(model_files["pickle"]),
+        "--trust-pickle",
         "--data",
         str(tmp_path / "data.pt"),
         "--method",
@@ -331,7 +340,7 @@ def test_compress_errors_exit_2(
     base = {"--model": str(model_files["pickle"]), "--data": "digits", "--target": "macs=0.5"}
     for flag, value in zip(argv[::2], argv[1::2]):
         base[flag] = value
-    args = ["compress"] + [item for pair in base.items() for item in pair]
+    args = ["compress", "--trust-pickle"] + [item for pair in base.items() for item in pair]
     code, _, err = _run(capsys, *args)
     assert code == 2
     assert culprit in err
@@ -379,6 +388,7 @@ def test_compress_unlabelled_image_folder(
         "compress",
         "--model",
         str(model_files["pickle"]),
+        "--trust-pickle",
         "--data",
         str(folder),
         "--grayscale",
@@ -410,6 +420,8 @@ def test_compress_one_shot_and_fraction_flags(
             "compress",
             "--model",
             str(model_files["pickle"]),
+            "--trust-pickle",
+            "--overwrite",
             "--data",
             "digits",
             "--target",
@@ -436,7 +448,8 @@ def test_compress_method_options_reach_the_method(
     import spectrim
     from spectrim.zoo import load_dataset
 
-    argv = ["--model", str(model_files["pickle"]), "--data", "digits", "--calib", "200"]
+    argv = ["--model", str(model_files["pickle"]), "--trust-pickle", "--data", "digits"]
+    argv += ["--calib", "200"]
     argv += ["--method", "spectral", "--target", "macs=0.5", "--out", str(tmp_path / "o")]
     argv += ["-o", "theta=0", "--option", "tau=none", "-o", "alpha=1e-3"]
     code, _, err = _run(capsys, "compress", *argv, "--json", str(tmp_path / "r.json"))
@@ -450,7 +463,7 @@ def test_compress_method_options_reach_the_method(
         digits_model, calib, method="spectral", target="macs=0.5", theta=0.0, tau="none", alpha=1e-3
     )
     other, _ = spectrim.compress(digits_model, calib, method="spectral", target="macs=0.5")
-    small = load_compressed(tmp_path / "o")
+    small = load_compressed(tmp_path / "o", trust_code=True)
     x = load_dataset("digits", "test", limit=64).tensors[0]
     with torch.no_grad():
         got, want, default = small(x), ref(x), other(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,12 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 @pytest.fixture(scope="module")
 def digits_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An (untrained, seeded) DigitsCNN saved with torch.save(model)."""
+    """An (untrained, seeded) DigitsCNN saved as TorchScript (loads without --trust-pickle)."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "digits.pt"
-    torch.save(DigitsCNN().eval(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(DigitsCNN().eval()), str(path))
     return path
 
 
@@ -76,7 +79,13 @@ def test_analyze_model_file_heldout_split_json_stdout(
     options = "--data digits --calib 200 --heldout 0 --error 0.2 --alphas 1e-3,1e-2"
     options += " --sensitivity-fraction 0.5 --json -"
     code, out, err = _run(
-        capsys, "analyze", "--model", str(digits_file), "--out", str(tmp_path), *options.split()
+        capsys,
+        "analyze",
+        "--model",
+        str(digits_file),
+        "--out",
+        str(tmp_path / "report"),
+        *options.split(),
     )
     assert code == 0, err
     data = json.loads(out)  # stdout holds only the JSON, the table went to stderr
@@ -99,7 +108,7 @@ def test_analyze_unlabelled_tensor_file_uses_agreement(
     images = tmp_path / "images.pt"
     torch.save(load_dataset("digits", "test", limit=48).tensors[0].clone(), images)
     json_path = tmp_path / "r.json"
-    paths = ["--model", str(digits_file), "--data", str(images), "--out", str(tmp_path)]
+    paths = ["--model", str(digits_file), "--data", str(images), "--out", str(tmp_path / "o")]
     code, out, err = _run(
         capsys, "analyze", *paths, *"--heldout 0 --no-verify --quiet --json".split(), str(json_path)
     )

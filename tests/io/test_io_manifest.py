@@ -14,7 +14,7 @@ from spectrim.io import (
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     REPORT_FILE,
-    STATE_FILE,
+    WEIGHTS_FILE,
     ManifestError,
     apply_manifest,
     build_manifest,
@@ -51,7 +51,7 @@ def test_resnet_roundtrip_from_class_arch(resnet_pair, tmp_path: Path) -> None:
     assert report.params_after < report.params_before
     arch = {"class": "spectrim.zoo.CifarResNet", "kwargs": {"depth": 8}}
     out = save_compressed(small, tmp_path / "r8", report, arch=arch)
-    assert {p.name for p in out.iterdir()} == {STATE_FILE, MANIFEST_FILE, REPORT_FILE}
+    assert {p.name for p in out.iterdir()} == {WEIGHTS_FILE, MANIFEST_FILE, REPORT_FILE}
 
     loaded = load_compressed(out)  # architecture rebuilt from the class, then reshaped
     assert isinstance(loaded, CifarResNet) and not loaded.training
@@ -149,7 +149,7 @@ def test_layernorm_shape_attribute_roundtrip() -> None:
 def test_corrupted_manifest_json(digits_pair, tmp_path: Path) -> None:
     _, small, _ = digits_pair
     save_compressed(small, tmp_path)
-    (tmp_path / MANIFEST_FILE).write_text('{"format": "spectrim-manifest/1", "shapes": {')
+    (tmp_path / MANIFEST_FILE).write_text('{"format": "spectrim-manifest/2", "shapes": {')
     with pytest.raises(ManifestError, match=r"manifest\.json: not valid JSON"):
         load_compressed(tmp_path, base_model=DigitsCNN())
 
@@ -160,7 +160,7 @@ def test_wrong_shape_in_manifest_names_file_and_tensor(digits_pair, tmp_path: Pa
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
     manifest["shapes"]["fc1.weight"] = [7, 3]
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(ManifestError, match=r"state_dict\.pt: tensor 'fc1\.weight' has shape"):
+    with pytest.raises(ManifestError, match=r"model\.safetensors: tensor 'fc1\.weight' has shape"):
         load_compressed(tmp_path, base_model=DigitsCNN())
 
 
@@ -173,7 +173,9 @@ def test_wrong_shape_in_manifest_names_file_and_tensor(digits_pair, tmp_path: Pa
         (lambda m: m["shapes"].update({"nope.weight": [3]}), "no submodule 'nope'"),
         (lambda m: m["shapes"].update({"fc1.gamma": [3]}), "'fc1.gamma' is neither"),
         (lambda m: m["modules"].update({"head": {"in_features": 3}}), "module 'head' is not"),
-        (lambda m: m["modules"].update({"fc1": {"channels": 3}}), "no attribute 'channels'"),
+        (lambda m: m["modules"].update({"fc1": {"channels": 3}}), "'channels' is not a size"),
+        (lambda m: m["modules"].update({"fc1": {"in_features": "x"}}), "must be an int"),
+        (lambda m: m["modules"].update({"fc1": {"forward": 1}}), "'forward' is not a size"),
     ],
 )
 def test_malformed_manifest_errors(digits_pair, tmp_path: Path, edit, pattern: str) -> None:
@@ -200,13 +202,13 @@ def test_missing_files(digits_pair, tmp_path: Path) -> None:
         read_manifest(tmp_path)
     _, small, _ = digits_pair
     save_compressed(small, tmp_path)
-    (tmp_path / STATE_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+    (tmp_path / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE):
         load_compressed(tmp_path, base_model=DigitsCNN())
 
 
 def test_unknown_arch(digits_pair, tmp_path: Path) -> None:
     _, small, _ = digits_pair
     save_compressed(small, tmp_path, arch={"recipe": "x"})
-    with pytest.raises(ManifestError, match="names no 'zoo', 'file' or 'class'"):
+    with pytest.raises(ManifestError, match="names no 'zoo', 'torchvision', 'timm'"):
         load_compressed(tmp_path)

@@ -124,10 +124,27 @@ def test_traced_python_attribute_is_reported() -> None:
 def test_pickled_module_and_checkpoint(tmp_path: Path) -> None:
     model = DigitsCNN().eval()
     torch.save(model, tmp_path / "full.pt")
-    loaded = load_model_file(tmp_path / "full.pt")
+    loaded = load_model_file(tmp_path / "full.pt", trust_pickle=True)
     assert type(loaded) is DigitsCNN and not is_torchscript_file(tmp_path / "full.pt")
     torch.save({"model": model, "epoch": 3}, tmp_path / "ckpt.pt")
-    assert type(load_model_file(tmp_path / "ckpt.pt")) is DigitsCNN
+    assert type(load_model_file(tmp_path / "ckpt.pt", trust_pickle=True)) is DigitsCNN
+
+
+def test_pickle_needs_trust_and_runs_nothing_without_it(tmp_path: Path) -> None:
+    """A pickle that would run code on load is refused, and nothing of it runs."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (marker.write_text, ("pwned",))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ModelFileError, match=r"evil\.pt is a pickled Python object.*trust_pickle"):
+        load_model_file(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save(DigitsCNN().eval(), tmp_path / "full.pt")
+    with pytest.raises(ModelFileError, match="--trust-pickle"):
+        load_model_file(tmp_path / "full.pt")
 
 
 def test_model_file_errors(tmp_path: Path) -> None:
@@ -142,3 +159,7 @@ def test_model_file_errors(tmp_path: Path) -> None:
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ModelFileError, match=r"list\.pt holds a list"):
         load_model_file(tmp_path / "list.pt")
+    # a checkpoint {"state_dict": ...} is recognised as weights without unpickling objects
+    torch.save({"state_dict": DigitsCNN().state_dict(), "epoch": 1}, tmp_path / "ck.pt")
+    with pytest.raises(ModelFileError, match=r"ck\.pt holds a state dict"):
+        load_model_file(tmp_path / "ck.pt")

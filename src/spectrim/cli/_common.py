@@ -15,18 +15,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from spectrim._files import OutputExistsError, atomic_write_text, check_output_dir
+
 __all__ = [
     "CLIError",
     "DataSplits",
     "ResolvedModel",
     "add_data_options",
+    "check_json_dest",
     "check_model_spec",
+    "check_out_dir",
     "eval_batches",
     "fraction",
     "human_stream",
     "load_data",
     "nonneg_float",
     "nonneg_int",
+    "original_from_arch",
     "positive_floats",
     "positive_int",
     "progress_wrapper",
@@ -186,12 +191,38 @@ def write_json(obj: Any, dest: str | None) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    path = Path(dest)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        atomic_write_text(dest, text)
     except OSError as exc:
         raise CLIError(f"--json {dest}: cannot write ({exc.strerror or exc})") from None
+
+
+def check_json_dest(dest: str | None) -> None:
+    """Fail before any long work when ``--json FILE`` cannot be written."""
+    if dest is None or dest == "-":
+        return
+    path = Path(dest)
+    if path.is_dir():
+        raise CLIError(f"--json {dest}: is a directory")
+    try:
+        check_output_dir(path.parent, overwrite=True, what="--json folder")
+    except OSError as exc:
+        raise CLIError(f"--json {dest}: cannot write ({exc.strerror or exc})") from None
+
+
+def check_out_dir(dest: str, overwrite: bool, option: str = "--out") -> Path:
+    """Fail before any long work when the output folder cannot be written or is taken."""
+    try:
+        return check_output_dir(dest, overwrite=overwrite, what=option)
+    except OutputExistsError:
+        raise CLIError(
+            f"{option} {dest!r} exists and is not empty; pass --overwrite to replace it "
+            "(everything in it is replaced) or choose a new folder"
+        ) from None
+    except NotADirectoryError:
+        raise CLIError(f"{option} {dest!r} exists and is not a directory") from None
+    except OSError as exc:
+        raise CLIError(f"{option} {dest!r}: cannot write there ({exc.strerror or exc})") from None
 
 
 def progress_wrapper(desc: str, quiet: bool) -> Any:
@@ -331,6 +362,8 @@ class ResolvedModel:
     kind: str  # "zoo", "file" or "compressed"
     arch: dict[str, Any] | None
     label: str
+    file: Path | None = None  # the model file (kind "file"), copied into a saved folder
+    folder: Path | None = None  # the compressed folder (kind "compressed")
 
 
 def check_model_spec(spec: str, option: str = "--model") -> str:
@@ -357,8 +390,18 @@ def check_model_spec(spec: str, option: str = "--model") -> str:
     )
 
 
-def resolve_model(spec: str, example_inputs: Any = None, option: str = "--model") -> ResolvedModel:
-    """Load ``spec``: a compressed folder, a model file, or a zoo name (pretrained)."""
+def resolve_model(
+    spec: str,
+    example_inputs: Any = None,
+    option: str = "--model",
+    *,
+    trust_pickle: bool = False,
+) -> ResolvedModel:
+    """Load ``spec``: a compressed folder, a model file, or a zoo name (pretrained).
+
+    Pickled model files (and compressed folders whose original is one) load only with
+    ``trust_pickle`` (``--trust-pickle``): unpickling runs code from the file.
+    """
     from spectrim.io import load_compressed, load_model_file, read_manifest
     from spectrim.zoo import get_model
 
@@ -366,16 +409,19 @@ def resolve_model(spec: str, example_inputs: Any = None, option: str = "--model"
     p = Path(spec).expanduser()
     if kind == "compressed":
         manifest = read_manifest(p)
-        model = load_compressed(p)
-        return ResolvedModel(model, kind, manifest.get("arch"), str(p))
+        model = load_compressed(p, trust_code=trust_pickle)
+        return ResolvedModel(model, kind, manifest.get("arch"), str(p), folder=p)
     if kind == "file":
-        model = load_model_file(p, example_inputs)
-        return ResolvedModel(model.eval(), kind, {"file": str(p.resolve())}, str(p))
+        model = load_model_file(p, example_inputs, trust_pickle=trust_pickle)
+        return ResolvedModel(model.eval(), kind, None, str(p), file=p.resolve())
     return ResolvedModel(get_model(spec, pretrained=True).eval(), kind, {"zoo": spec}, spec)
 
 
-def original_from_arch(arch: dict[str, Any] | None) -> tuple[nn.Module, str] | None:
-    """The trained original model a compressed folder was made from (``None`` if unknown)."""
+def original_from_arch(
+    arch: dict[str, Any] | None, folder: Path | None = None, *, trust_pickle: bool = False
+) -> tuple[nn.Module, str] | None:
+    """The trained original model a compressed folder was made from (``None`` if unknown):
+    the zoo model, or the copy of the original model file kept in the folder."""
     from spectrim.io import load_model_file
     from spectrim.zoo import get_model
 
@@ -385,10 +431,12 @@ def original_from_arch(arch: dict[str, Any] | None) -> tuple[nn.Module, str] | N
         return get_model(str(arch["zoo"]), pretrained=True).eval(), str(arch["zoo"])
     if "file" in arch:
         path = Path(str(arch["file"]))
+        if folder is not None and not path.is_absolute():
+            path = folder / path  # verified with the folder by load_compressed
         if not path.is_file():
             raise CLIError(
                 f"the original model file {path} recorded in the manifest is gone; "
                 "pass --reference FILE or --no-reference"
             )
-        return load_model_file(path).eval(), str(path)
+        return load_model_file(path, trust_pickle=trust_pickle).eval(), str(path)
     return None

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from spectrim.cli._common import (
     CLIError,
+    check_json_dest,
     check_model_spec,
+    check_out_dir,
     eval_batches,
     human_stream,
     load_data,
@@ -72,8 +73,9 @@ def run_compress(args: argparse.Namespace) -> int:
     _set_threads(args)
     target = _check_method_and_target(args.method, args.target, args.option)
     check_model_spec(args.model)
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise CLIError(f"--out {args.out!r} exists and is not a directory")
+    check_json_dest(args.json)
+    if args.out is not None:
+        check_out_dir(args.out, args.overwrite)
 
     data = load_data(args.data, args.calib, args.eval_limit, args)
     assert data.calib is not None
@@ -84,7 +86,7 @@ def run_compress(args: argparse.Namespace) -> int:
         raise CLIError(f"--data {args.data!r}: no evaluation examples")
     if data.note and not args.quiet:
         print(f"note: {data.note}", file=out)
-    resolved = resolve_model(args.model, example_inputs=calib_x[:4])
+    resolved = resolve_model(args.model, example_inputs=calib_x[:4], trust_pickle=args.trust_pickle)
     model = resolved.model.eval()
 
     small, report = compress(
@@ -113,7 +115,20 @@ def run_compress(args: argparse.Namespace) -> int:
 
     saved = None
     if args.out is not None:
-        saved = save_compressed(small, args.out, report, arch=resolved.arch)
+        original = resolved.file
+        if resolved.kind == "compressed" and resolved.folder is not None:
+            from spectrim.io import ORIGINAL_FILE
+
+            if (resolved.folder / ORIGINAL_FILE).is_file():  # compressing a compressed model
+                original = resolved.folder / ORIGINAL_FILE
+        saved = save_compressed(
+            small,
+            args.out,
+            report,
+            arch=resolved.arch if original is None else None,
+            overwrite=args.overwrite,
+            original_file=original,
+        )
 
     summary: dict[str, Any] = {
         "model": resolved.label,
@@ -186,20 +201,24 @@ def run_eval(args: argparse.Namespace) -> int:
     check_model_spec(args.model)
     if args.reference is not None:
         check_model_spec(args.reference, "--reference")
+    check_json_dest(args.json)
     data = load_data(args.data, None, args.limit, args)
     if len(data.eval) == 0:
         raise CLIError(f"--data {args.data!r}: no evaluation examples")
     example = data.eval.tensors[0][:4]
-    resolved = resolve_model(args.model, example_inputs=example)
+    trust = args.trust_pickle
+    resolved = resolve_model(args.model, example_inputs=example, trust_pickle=trust)
     model = resolved.model.eval()
 
     reference = None
     reference_label = None
     if args.reference is not None:
-        ref = resolve_model(args.reference, example_inputs=example, option="--reference")
+        ref = resolve_model(
+            args.reference, example_inputs=example, option="--reference", trust_pickle=trust
+        )
         reference, reference_label = ref.model.eval(), ref.label
     elif resolved.kind == "compressed" and not args.no_reference:
-        found = original_from_arch(resolved.arch)
+        found = original_from_arch(resolved.arch, resolved.folder, trust_pickle=trust)
         if found is not None:
             reference, reference_label = found
 
@@ -278,9 +297,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     _set_threads(args)
     check_model_spec(args.model)
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"--out {args.out!r} exists and is not a directory")
+    check_json_dest(args.json)
+    out_dir = check_out_dir(args.out, args.overwrite)
 
     # --heldout 0 needs no test split: load a single example of it
     data = load_data(args.data, args.calib, args.heldout or 1, args)
@@ -292,7 +310,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise CLIError(f"--data {args.data!r}: no held-out (evaluation) examples")
     if data.note and not args.quiet:
         print(f"note: {data.note}", file=out)
-    resolved = resolve_model(args.model, example_inputs=calib_x[:4])
+    resolved = resolve_model(args.model, example_inputs=calib_x[:4], trust_pickle=args.trust_pickle)
     model = resolved.model.eval()
 
     options: dict[str, Any] = {
@@ -316,7 +334,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         report = analyze(model, calib, **options)
     if args.heldout:
         report.heldout_source = f"the first {len(data.eval)} evaluation examples of {data.name}"
-    written = report.write(out_dir)
+    written = report.write(out_dir, overwrite=args.overwrite)
     summary = report.summary()
     result: dict[str, Any] = {
         "model": resolved.label,

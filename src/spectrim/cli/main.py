@@ -51,6 +51,8 @@ Examples:
   spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 --out small/
 
   # your own model (torch.save(model) or TorchScript) and image folder, JSON to stdout
+  # (a TorchScript file loads as it is; a pickled torch.save(model) needs --trust-pickle,
+  # which runs code from the file)
   spectrim compress --model my_model.pt --data images/ --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 \\
       --target params=0.4 --calib 500 --json -
 
@@ -142,6 +144,25 @@ def _common_options(parser: argparse.ArgumentParser, *, data: bool = True) -> No
         )
 
 
+def _trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a pickled model file (torch.save(model)), or a folder whose "
+        "original model is one; unpickling EXECUTES CODE from the file: only for files "
+        "you trust (TorchScript files, zoo models and saved folders need no such flag)",
+    )
+
+
+def _overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing non-empty --out folder, and everything in it (the old "
+        "folder stays intact until the new one is complete)",
+    )
+
+
 def _model_and_data(
     parser: argparse.ArgumentParser,
     model_help: str = "zoo model name, model file (torch.save(model) or TorchScript) or "
@@ -223,7 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="evaluate on the first N examples of the test split (default: all)",
     )
-    p.add_argument("--out", metavar="DIR", help="save the compressed model to DIR")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="save the compressed model to DIR (model.safetensors, manifest.json, "
+        "report.json and, for a model file, a copy of it); DIR must not exist or be empty",
+    )
+    _overwrite_option(p)
+    _trust_option(p)
     p.add_argument(
         "--round-to",
         type=positive_int,
@@ -289,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model to compare with (default for a compressed folder: its original model)",
     )
     p.add_argument("--no-reference", action="store_true", help="do not compare with a reference")
+    _trust_option(p)
     p.add_argument(
         "--limit", type=positive_int, metavar="N", help="first N test examples (default: all)"
     )
@@ -319,7 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
         "layer alone is compressed. Writes an HTML page, Markdown, JSON and PNG plots.",
     )
     _model_and_data(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="write the report files to DIR")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="write the report files to DIR (must not exist or be empty)",
+    )
+    _overwrite_option(p)
+    _trust_option(p)
     p.add_argument(
         "--calib",
         type=positive_int,

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from spectrim._files import atomic_write_text
+
 __all__ = [
     "CompressibilityReport",
     "GroupDiagnostics",
@@ -271,7 +273,7 @@ class CompressibilityReport:
         """The report as JSON text (also written to ``path`` when given)."""
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod
@@ -307,17 +309,21 @@ class CompressibilityReport:
 
         return to_html(self, images or {})
 
-    def write(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    def write(
+        self, out_dir: str | Path, *, plots: bool = True, overwrite: bool = False
+    ) -> dict[str, Path]:
         """Write ``report.json``, ``report.md``, ``report.html`` and the PNG plots.
 
-        Returns ``{kind: path}`` of everything written (``"json"``, ``"markdown"``,
-        ``"html"`` and one entry per plot). Without matplotlib the plots are left out and a
-        note says so.
+        The folder is written atomically (a temporary sibling renamed into place); it must
+        not exist or be empty unless ``overwrite=True`` (then it is replaced, with
+        everything in it). Returns ``{kind: path}`` of everything written (``"json"``,
+        ``"markdown"``, ``"html"`` and one entry per plot). Without matplotlib the plots
+        are left out and a note says so.
         """
+        from spectrim._files import atomic_directory
         from spectrim.diagnostics.plots import render_plots
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         images: dict[str, bytes] = {}
         if plots:
             try:
@@ -326,17 +332,17 @@ class CompressibilityReport:
                 self.notes.append(f"plots left out: {exc}")
         written: dict[str, Path] = {}
         links: dict[str, str] = {}
-        for name, png in images.items():
-            path = out / f"{name}.png"
-            path.write_bytes(png)
-            written[name] = path
-            links[name] = path.name
-        written["json"] = out / "report.json"
-        self.to_json(written["json"])
-        written["markdown"] = out / "report.md"
-        written["markdown"].write_text(self.markdown(links), encoding="utf-8")
-        written["html"] = out / "report.html"
-        written["html"].write_text(self.html(images), encoding="utf-8")
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            for name, png in images.items():
+                (tmp / f"{name}.png").write_bytes(png)
+                written[name] = out / f"{name}.png"
+                links[name] = f"{name}.png"
+            self.to_json(tmp / "report.json")
+            written["json"] = out / "report.json"
+            (tmp / "report.md").write_text(self.markdown(links), encoding="utf-8")
+            written["markdown"] = out / "report.md"
+            (tmp / "report.html").write_text(self.html(images), encoding="utf-8")
+            written["html"] = out / "report.html"
         return written
 
 

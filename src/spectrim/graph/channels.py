@@ -38,7 +38,7 @@ from torch import nn
 
 from spectrim.graph.trace import POINTWISE_TYPES, SPATIAL_TYPES, Graph, Op, Value, trace
 
-__all__ = ["Analysis", "ConsumerSlot", "UnitGroup", "analyze_channels"]
+__all__ = ["Analysis", "ConsumerSlot", "UnitGroup", "analyze_channels", "tied_parameters"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -617,6 +617,28 @@ class _Analyzer:
             d = lab.dim - (1 if len(v.shape) < len(x.shape) and dim < lab.dim else 0)
             self.set(v, _Labels(d, lab.atoms))
 
+    def pin_tied(self, tied: dict[str, list[str]]) -> None:
+        """Pin every channel axis of a tensor shared by several modules (tied weights,
+        e.g. an LM head tied to its embedding): surgery replaces tensors module by
+        module, which would untie them, and no single slice and fold fits both users."""
+        if not tied:
+            return
+        by_module: dict[str, tuple[str, list[str]]] = {}
+        for full, others in tied.items():
+            mname, _, _ = full.rpartition(".")
+            by_module.setdefault(mname, (full, others))
+        for mname, (full, others) in by_module.items():
+            why = f"'{full}' is tied to '{others[0]}' (tied weights are kept, never untied)"
+            for table in (self.space, self.passenger_atoms):
+                if mname in table:
+                    self._pin_atoms(table[mname], why)
+            for atoms in self.consumer_calls.get(mname, []):
+                self._pin_atoms(atoms, why)
+        for pname, atoms in self.param_atoms.items():
+            if pname in tied:
+                why = f"'{pname}' is tied to '{tied[pname][0]}' (tied weights are kept)"
+                self._pin_atoms(atoms, why)
+
     # -- groups ---------------------------------------------------------------------
     def groups(self) -> Analysis:
         find = self.uf.find
@@ -814,4 +836,28 @@ def analyze_channels(model: nn.Module, example: Any) -> Analysis:
     graph = trace(model, example)
     an = _Analyzer(graph)
     an.run()
+    an.pin_tied(tied_parameters(model))
     return an.groups()
+
+
+def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Parameters and buffers held by more than one module: qualified name -> the others.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        >>> net[1].weight = net[0].weight
+        >>> tied_parameters(net)
+        {'0.weight': ['1.weight'], '1.weight': ['0.weight']}
+    """
+    holders: dict[int, list[str]] = {}
+    for mname, module in model.named_modules():
+        for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None:
+                holders.setdefault(id(t), []).append(f"{mname}.{attr}" if mname else attr)
+    out: dict[str, list[str]] = {}
+    for names in holders.values():
+        if len(names) > 1:
+            for n in names:
+                out[n] = [o for o in names if o != n]
+    return out

@@ -1,9 +1,12 @@
 """Saving, reloading and importing models.
 
-* :func:`save_compressed` / :func:`load_compressed`: a compressed model as ``state_dict.pt`` plus
-  a shape manifest (``manifest.json``) that reshapes the original architecture on reload;
+* :func:`save_compressed` / :func:`load_compressed`: a compressed model as ``model.safetensors``
+  plus a shape manifest (``manifest.json``, with the sha256 of every file) that reshapes the
+  original architecture on reload; written atomically, verified on load, no code executed
+  unless ``trust_code=True``;
 * :func:`apply_manifest`: reshape a model to a manifest (then ``load_state_dict``);
-* :func:`load_model_file`: a user's model file, TorchScript or a pickled ``nn.Module``.
+* :func:`load_model_file`: a user's model file, TorchScript or (``trust_pickle=True``) a
+  pickled ``nn.Module``.
 
 Example::
 
@@ -14,10 +17,13 @@ Example::
 """
 
 from spectrim.io.manifest import (
+    ALLOWED_CLASS_PREFIXES,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
+    ORIGINAL_FILE,
     REPORT_FILE,
     STATE_FILE,
+    WEIGHTS_FILE,
     ManifestError,
     apply_manifest,
     build_arch,
@@ -26,15 +32,19 @@ from spectrim.io.manifest import (
     load_compressed,
     read_manifest,
     save_compressed,
+    verify_folder,
 )
 from spectrim.io.model_file import ModelFileError, is_torchscript_file, load_model_file
 from spectrim.io.torchscript import TorchScriptConversionError, check_equivalent, script_to_module
 
 __all__ = [
+    "ALLOWED_CLASS_PREFIXES",
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
+    "ORIGINAL_FILE",
     "REPORT_FILE",
     "STATE_FILE",
+    "WEIGHTS_FILE",
     "ManifestError",
     "ModelFileError",
     "TorchScriptConversionError",
@@ -49,4 +59,5 @@ __all__ = [
     "read_manifest",
     "save_compressed",
     "script_to_module",
+    "verify_folder",
 ]

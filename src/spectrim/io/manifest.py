@@ -1,4 +1,4 @@
-"""Save and reload compressed models with a shape manifest (timm-style).
+"""Save and reload compressed models: safetensors weights plus a shape manifest (timm-style).
 
 A compressed model has the same Python classes as the original but narrower layers, so its
 ``state_dict`` does not load into a freshly built original. The manifest records what surgery
@@ -7,17 +7,39 @@ changed: the shape of every tensor in the state dict and the size attributes of 
 architecture, shrinks it to the manifest (empty tensors of the recorded shapes, attributes
 set), then loads the weights with ``strict=True``.
 
-Directory layout written by :func:`save_compressed`::
+Folder layout written by :func:`save_compressed`::
 
     out/
-      state_dict.pt    # torch.save(model.state_dict())
-      manifest.json    # {"format": "spectrim-manifest/1", "shapes", "modules", "arch", ...}
-      report.json      # the CompressionReport, when given
+      model.safetensors  # the weights (tensors only: loading them runs no code)
+      manifest.json      # {"format": "spectrim-manifest/2", "shapes", "modules", "arch",
+                         #  "tied", "files": {name: {"sha256", "bytes"}}, ...}
+      report.json        # the CompressionReport, when given
+      original.pt        # a copy of the original model file, when the model came from one
 
-``arch`` tells :func:`load_compressed` how to build the original architecture when no
-``base_model`` is passed: ``{"zoo": "resnet56-cifar10"}`` (``spectrim.zoo.get_model`` without
-weights), ``{"file": "/path/model.pt"}`` (:func:`~spectrim.io.load_model_file`) or
-``{"class": "pkg.module.Class", "kwargs": {...}}``.
+**What is verified.** The manifest records the sha256 and size of every other file in the
+folder, and :func:`load_compressed` checks them before it reads anything: a truncated,
+bit-flipped or swapped weight file is refused with the file and both hashes. The folder is
+written atomically (a temporary sibling renamed into place), so a save that is interrupted
+leaves the previous folder intact, never new weights beside an old manifest.
+
+**What never runs code.** Weights are safetensors; the manifest is JSON. ``arch`` tells
+:func:`load_compressed` how to build the original architecture when no ``base_model`` is
+passed, and only these forms are built by default:
+
+* ``{"zoo": "resnet56-cifar10"}``: :func:`spectrim.zoo.get_model` without weights;
+* ``{"torchvision": "resnet18", "kwargs": {...}}``: ``torchvision.models.get_model``;
+* ``{"timm": "resnet18", "kwargs": {...}}``: ``timm.create_model(pretrained=False)``;
+* ``{"transformers": "AutoModel", "config": {...}}``: a ``transformers`` auto class
+  ``from_config`` (no remote code);
+* ``{"class": "pkg.module.Class", "kwargs": {...}}``: ``Class(**kwargs)`` for an
+  ``nn.Module`` class of spectrim, ``torchvision.models``, ``timm`` or ``transformers``, or
+  one the caller passes in ``classes=``; nothing else is even imported;
+* ``{"file": "original.pt"}``: the model file copied into the folder, when it is a
+  TorchScript archive.
+
+A pickled model file (``torch.save(model)``) or any other class runs code when it is
+loaded: that needs ``trust_code=True`` (``--trust-pickle`` on the command line).
+Folders of format 1 (``state_dict.pt``) still load, with ``torch.load(weights_only=True)``.
 
 Example::
 
@@ -38,20 +60,27 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Mapping
+import re
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from spectrim._files import atomic_directory, sha256_cached, sha256_file
 from spectrim.report import CompressionReport
 
 __all__ = [
+    "ALLOWED_CLASS_PREFIXES",
+    "LEGACY_FORMAT",
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
+    "ORIGINAL_FILE",
     "REPORT_FILE",
     "STATE_FILE",
+    "WEIGHTS_FILE",
     "ManifestError",
     "apply_manifest",
     "build_arch",
@@ -60,12 +89,29 @@ __all__ = [
     "load_compressed",
     "read_manifest",
     "save_compressed",
+    "verify_folder",
 ]
 
-MANIFEST_FORMAT = "spectrim-manifest/1"
-STATE_FILE = "state_dict.pt"
+MANIFEST_FORMAT = "spectrim-manifest/2"
+LEGACY_FORMAT = "spectrim-manifest/1"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state_dict.pt"  # format 1 (read only)
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
+ORIGINAL_FILE = "original.pt"
+
+#: ``arch.class`` import paths built without ``trust_code`` (an ``nn.Module`` subclass there).
+ALLOWED_CLASS_PREFIXES: tuple[str, ...] = (
+    "spectrim.",
+    "torchvision.models.",
+    "timm.",
+    "transformers.",
+)
+# keyword arguments that would make a builder read files or download weights
+_FORBIDDEN_KWARGS = frozenset(
+    {"pretrained", "weights", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+     "trust_remote_code", "cache_dir", "pretrained_model_name_or_path"}
+)  # fmt: skip
 
 _CONV = (
     nn.Conv1d,
@@ -86,6 +132,8 @@ SIZE_ATTRIBUTES: tuple[tuple[tuple[type[nn.Module], ...], tuple[str, ...]], ...]
     ((nn.LayerNorm,), ("normalized_shape",)),
     ((nn.GroupNorm,), ("num_groups", "num_channels")),
 )
+_SIZE_NAMES = frozenset(a for _, attrs in SIZE_ATTRIBUTES for a in attrs)
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class ManifestError(ValueError):
@@ -107,8 +155,30 @@ def _size_attributes(module: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """State-dict names that are the same tensor as an earlier name: alias -> first name."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for mname, module in model.named_modules():
+        for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is None or (
+                attr in module._buffers and attr in module._non_persistent_buffers_set
+            ):
+                continue
+            full = f"{mname}.{attr}" if mname else attr
+            if id(t) in first:
+                tied[full] = first[id(t)]
+            else:
+                first[id(t)] = full
+    return tied
+
+
 def build_manifest(model: nn.Module, arch: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest of ``model``: state-dict shapes, layer size attributes and ``arch``.
+    """The manifest of ``model``: state-dict shapes, layer size attributes, ties and ``arch``.
+
+    ``tied`` maps every state-dict entry that is the same tensor as another one (tied
+    weights, e.g. an LM head and its embedding) to that first name; they are saved once
+    and tied again on reload. ``files`` is filled in by :func:`save_compressed`.
 
     Example::
 
@@ -133,7 +203,9 @@ def build_manifest(model: nn.Module, arch: Mapping[str, Any] | None = None) -> d
         "format": MANIFEST_FORMAT,
         "shapes": shapes,
         "modules": modules,
+        "tied": {k: v for k, v in _tied_names(model).items() if k in shapes},
         "arch": dict(arch) if arch is not None else None,
+        "files": {},
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "spectrim_version": __version__,
         "torch_version": torch.__version__,
@@ -149,7 +221,7 @@ def _validate(manifest: Any, source: str | os.PathLike[str] | None) -> dict[str,
     if not isinstance(manifest, dict):
         raise ManifestError(f"{where}expected a JSON object, got {type(manifest).__name__}")
     fmt = manifest.get("format")
-    if fmt != MANIFEST_FORMAT:
+    if fmt not in (MANIFEST_FORMAT, LEGACY_FORMAT):
         raise ManifestError(
             f"{where}unsupported format {fmt!r} (expected {MANIFEST_FORMAT!r}); "
             "was this directory written by spectrim.io.save_compressed?"
@@ -167,9 +239,47 @@ def _validate(manifest: Any, source: str | os.PathLike[str] | None) -> dict[str,
     modules = manifest.get("modules", {})
     if not isinstance(modules, dict) or not all(isinstance(v, dict) for v in modules.values()):
         raise ManifestError(f"{where}'modules' must be an object of module name -> attributes")
+    for mname, attrs in modules.items():
+        for attr, value in attrs.items():
+            if attr not in _SIZE_NAMES:
+                raise ManifestError(
+                    f"{where}module {mname!r}: {attr!r} is not a size attribute spectrim "
+                    f"records ({', '.join(sorted(_SIZE_NAMES))})"
+                )
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                isinstance(value, list) and all(isinstance(v, int) for v in value)
+            )
+            if not ok:
+                raise ManifestError(
+                    f"{where}module {mname!r}: {attr} must be an int or a list of ints, "
+                    f"got {value!r}"
+                )
     arch = manifest.get("arch")
     if arch is not None and not isinstance(arch, dict):
         raise ManifestError(f"{where}'arch' must be an object or null, got {arch!r}")
+    tied = manifest.get("tied", {})
+    if not isinstance(tied, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v in shapes for k, v in tied.items()
+    ):
+        raise ManifestError(f"{where}'tied' must map state-dict names to names under 'shapes'")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise ManifestError(f"{where}'files' must be an object of file name -> checksum")
+    for name, entry in files.items():
+        if not isinstance(name, str) or not _PLAIN_NAME.match(name) or ".." in name:
+            raise ManifestError(f"{where}file name {name!r} is not a plain name in the folder")
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
+            and isinstance(entry.get("bytes"), int)
+        ):
+            raise ManifestError(f"{where}files[{name!r}] must be {{'sha256': hex, 'bytes': int}}")
+    if fmt == MANIFEST_FORMAT:
+        arch_file = (arch or {}).get("file")
+        if arch_file is not None and not Path(str(arch_file)).is_absolute():
+            if arch_file not in files:
+                raise ManifestError(f"{where}arch file {arch_file!r} has no recorded checksum")
     return manifest
 
 
@@ -187,6 +297,30 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return _validate(manifest, path)
 
 
+def verify_folder(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
+    """Check every file listed under the manifest's ``files`` (size and sha256).
+
+    Raises:
+        FileNotFoundError: a listed file is missing.
+        ManifestError: a file differs from its recorded checksum (names both hashes).
+    """
+    folder = Path(directory)
+    if manifest.get("format") == MANIFEST_FORMAT and WEIGHTS_FILE not in manifest.get("files", {}):
+        raise ManifestError(f"{folder / MANIFEST_FILE}: no checksum recorded for {WEIGHTS_FILE}")
+    for name, entry in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (listed in {folder / MANIFEST_FILE})")
+        size = path.stat().st_size
+        digest = sha256_cached(path)
+        if size != entry["bytes"] or digest != entry["sha256"]:
+            raise ManifestError(
+                f"{path} does not match {folder / MANIFEST_FILE}: sha256 {digest} "
+                f"({size} bytes), expected {entry['sha256']} ({entry['bytes']} bytes). The "
+                "file is corrupt, truncated or from another save; it was not loaded"
+            )
+
+
 def _owner(model: nn.Module, name: str, where: str) -> tuple[nn.Module, str]:
     module_name, _, leaf = name.rpartition(".")
     try:
@@ -196,6 +330,19 @@ def _owner(model: nn.Module, name: str, where: str) -> tuple[nn.Module, str]:
             f"{where}tensor {name!r}: the model ({type(model).__name__}) has no submodule "
             f"{module_name!r}; is the base model the architecture that was compressed?"
         ) from None
+
+
+def _slot(model: nn.Module, name: str, where: str) -> tuple[str, dict[str, Any]]:
+    """The leaf name and the ``_parameters`` / ``_buffers`` table holding tensor ``name``."""
+    owner, leaf = _owner(model, name, where)
+    if leaf in owner._parameters:
+        return leaf, owner._parameters
+    if leaf in owner._buffers:
+        return leaf, owner._buffers
+    raise ManifestError(
+        f"{where}tensor {name!r} is neither a parameter nor a buffer of the model "
+        f"({type(owner).__name__} at {name.rpartition('.')[0]!r})"
+    )
 
 
 def apply_manifest(
@@ -208,8 +355,9 @@ def apply_manifest(
 
     Every tensor listed under ``"shapes"`` whose shape differs is replaced by an uninitialised
     tensor of the recorded shape (same dtype, device, parameter-ness and ``requires_grad``;
-    tied tensors stay tied), and every attribute under ``"modules"`` is set. Load the weights
-    afterwards with ``model.load_state_dict(state, strict=True)``.
+    tied tensors stay tied, and the ties recorded under ``"tied"`` are made), and every
+    attribute under ``"modules"`` is set. Load the weights afterwards with
+    ``model.load_state_dict(state, strict=True)``.
 
     Raises:
         ManifestError: malformed manifest, or a name the model does not have. ``source``
@@ -238,17 +386,8 @@ def apply_manifest(
 
     replaced: dict[int, torch.Tensor] = {}
     for name, shape in manifest["shapes"].items():
-        owner, leaf = _owner(model, name, where)
-        old: torch.Tensor | None
-        if leaf in owner._parameters:
-            old = owner._parameters[leaf]
-        elif leaf in owner._buffers:
-            old = owner._buffers[leaf]
-        else:
-            raise ManifestError(
-                f"{where}tensor {name!r} is neither a parameter nor a buffer of the model "
-                f"({type(owner).__name__} at {name.rpartition('.')[0]!r})"
-            )
+        leaf, table = _slot(model, name, where)
+        old = table[leaf]
         if old is None or list(old.shape) == shape:
             continue
         new = replaced.get(id(old))
@@ -259,11 +398,19 @@ def apply_manifest(
             else:
                 new = data
             replaced[id(old)] = new
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = new  # type: ignore[assignment]
-        else:
-            owner._buffers[leaf] = new
+        table[leaf] = new
+    _tie(model, manifest.get("tied", {}), where)
     return model
+
+
+def _tie(model: nn.Module, tied: Mapping[str, str], where: str) -> None:
+    """Make every alias in ``tied`` the very tensor of its canonical name."""
+    for alias, canonical in tied.items():
+        c_leaf, c_table = _slot(model, canonical, where)
+        a_leaf, a_table = _slot(model, alias, where)
+        target = c_table[c_leaf]
+        if a_table[a_leaf] is not target:
+            a_table[a_leaf] = target
 
 
 def _import_object(path: str) -> Any:
@@ -282,12 +429,87 @@ def _import_object(path: str) -> Any:
     raise ImportError(f"cannot import {path!r}")
 
 
-def build_arch(arch: Mapping[str, Any] | None, *, source: str | None = None) -> nn.Module:
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _kwargs(arch: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    kwargs = arch.get(key) or {}
+    if not isinstance(kwargs, dict):
+        raise ManifestError(f"{where}arch {key!r} must be an object, got {kwargs!r}")
+    bad = sorted(_FORBIDDEN_KWARGS & set(kwargs))
+    if bad:
+        raise ManifestError(
+            f"{where}arch {key!r} may not set {', '.join(bad)}: the architecture is built "
+            "without pretrained weights, and its weights come from the folder"
+        )
+    return dict(kwargs)
+
+
+def _build_class(
+    arch: Mapping[str, Any], where: str, trust_code: bool, classes: Sequence[type]
+) -> nn.Module:
+    path = str(arch["class"])
+    given = {_qualname(c): c for c in classes}
+    for c in classes:  # also the public re-export path, e.g. spectrim.zoo.CifarResNet
+        given.setdefault(f"{c.__module__.split('.')[0]}.{c.__qualname__}", c)
+    cls: Any = given.get(path)
+    if cls is None:
+        if not trust_code and not path.startswith(ALLOWED_CLASS_PREFIXES):
+            raise ManifestError(
+                f"{where}arch class {path!r} is not on the allow-list ("
+                + ", ".join(p.rstrip(".") for p in ALLOWED_CLASS_PREFIXES)
+                + "), so it was not imported. If it is your model class, pass it: "
+                "load_compressed(folder, classes=[YourClass]); trust_code=True imports any "
+                "class (that runs code)"
+            )
+        try:
+            cls = _import_object(path)
+        except ImportError as exc:
+            raise ManifestError(f"{where}arch class: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ManifestError(f"{where}arch class {path!r} is not an nn.Module class")
+    kwargs = _kwargs(arch, "kwargs", where)
+    try:
+        model = cls(**kwargs)
+    except TypeError as exc:
+        raise ManifestError(f"{where}arch class {path!r}: {exc}") from None
+    return model
+
+
+def _build_transformers(arch: Mapping[str, Any], where: str) -> nn.Module:
+    import transformers
+
+    auto = str(arch["transformers"])
+    cls = getattr(transformers, auto, None) if auto.startswith("Auto") else None
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ManifestError(
+            f"{where}arch transformers {auto!r} is not a transformers Auto class "
+            "(e.g. 'AutoModel', 'AutoModelForCausalLM')"
+        )
+    config = _kwargs(arch, "config", where)
+    if config.get("auto_map"):
+        raise ManifestError(f"{where}arch config uses remote code (auto_map); not supported")
+    model_type = config.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise ManifestError(f"{where}arch config has no 'model_type'")
+    cfg = transformers.AutoConfig.for_model(model_type, **config)
+    return cls.from_config(cfg)  # type: ignore[no-any-return]
+
+
+def build_arch(
+    arch: Mapping[str, Any] | None,
+    *,
+    source: str | None = None,
+    folder: str | os.PathLike[str] | None = None,
+    trust_code: bool = False,
+    classes: Sequence[type] = (),
+) -> nn.Module:
     """Build the original (uncompressed) architecture described by a manifest's ``arch``.
 
-    ``{"zoo": name}``: :func:`spectrim.zoo.get_model` without pretrained weights;
-    ``{"file": path}``: :func:`spectrim.io.load_model_file`;
-    ``{"class": "pkg.module.Class", "kwargs": {...}}``: ``Class(**kwargs)``.
+    See the module docstring for the forms; ``folder`` resolves a relative ``file``.
+    Without ``trust_code`` nothing is unpickled and only allow-listed or given ``classes``
+    are imported.
     """
     where = _where(source)
     if not arch:
@@ -299,22 +521,32 @@ def build_arch(arch: Mapping[str, Any] | None, *, source: str | None = None) -> 
         from spectrim.zoo import get_model
 
         return get_model(str(arch["zoo"]), pretrained=False)
+    if "torchvision" in arch:
+        import torchvision
+
+        kwargs = _kwargs(arch, "kwargs", where)
+        return torchvision.models.get_model(str(arch["torchvision"]), weights=None, **kwargs)
+    if "timm" in arch:
+        import timm
+
+        kwargs = _kwargs(arch, "kwargs", where)
+        return timm.create_model(str(arch["timm"]), pretrained=False, **kwargs)  # type: ignore[no-any-return]
+    if "transformers" in arch:
+        return _build_transformers(arch, where)
     if "file" in arch:
         from spectrim.io.model_file import load_model_file
 
-        return load_model_file(arch["file"])
+        path = Path(str(arch["file"]))
+        if folder is not None and not path.is_absolute():
+            if not _PLAIN_NAME.match(str(path)) or ".." in str(path):
+                raise ManifestError(f"{where}arch file {str(path)!r} is not a file of the folder")
+            path = Path(folder) / path
+        return load_model_file(path, trust_pickle=trust_code)
     if "class" in arch:
-        try:
-            cls = _import_object(str(arch["class"]))
-        except ImportError as exc:
-            raise ManifestError(f"{where}arch class: {exc}") from None
-        kwargs = arch.get("kwargs") or {}
-        model = cls(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise ManifestError(f"{where}arch class {arch['class']!r} did not build an nn.Module")
-        return model
+        return _build_class(arch, where, trust_code, classes)
     raise ManifestError(
-        f"{where}arch {dict(arch)!r} names no 'zoo', 'file' or 'class'; pass base_model="
+        f"{where}arch {dict(arch)!r} names no 'zoo', 'torchvision', 'timm', 'transformers', "
+        "'file' or 'class'; pass base_model="
     )
 
 
@@ -328,7 +560,7 @@ def dump_manifest(manifest: Mapping[str, Any]) -> str:
     items = list(manifest.items())
     for i, (key, value) in enumerate(items):
         tail = "," if i < len(items) - 1 else ""
-        if isinstance(value, dict) and value and key in ("shapes", "modules"):
+        if isinstance(value, dict) and value and key in ("shapes", "modules", "tied", "files"):
             lines.append(f"  {json.dumps(key)}: {{")
             entries = list(value.items())
             for j, (name, entry) in enumerate(entries):
@@ -341,37 +573,111 @@ def dump_manifest(manifest: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _weights(model: nn.Module, tied: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The state dict as safetensors takes it: one entry per distinct tensor, contiguous,
+    no two entries sharing memory."""
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, t in model.state_dict().items():
+        if name in tied:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ManifestError(
+                f"state-dict entry {name!r} is a {type(t).__name__}, not a tensor; "
+                "safetensors stores tensors only"
+            )
+        t = t.detach().cpu()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in storages or not t.is_contiguous():
+                t = t.clone(memory_format=torch.contiguous_format)
+            storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
 def save_compressed(
     model: nn.Module,
     directory: str | os.PathLike[str],
     report: CompressionReport | Mapping[str, Any] | None = None,
     arch: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    original_file: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write ``state_dict.pt``, ``manifest.json`` (and ``report.json``) to ``directory``.
+    """Write ``model.safetensors``, ``manifest.json`` (and ``report.json``) to ``directory``.
+
+    The folder is written atomically: everything goes into a temporary sibling that
+    replaces ``directory`` only once it is complete, so an interrupted save leaves the old
+    folder as it was.
 
     Args:
         model: the compressed model.
-        directory: output folder (created if needed; existing files are overwritten).
+        directory: output folder; must not exist or be empty, unless ``overwrite``.
         report: the :class:`~spectrim.report.CompressionReport` (or its dict), saved as JSON.
         arch: how to rebuild the original architecture, e.g. ``{"zoo": "resnet56-cifar10"}``
-            (see :func:`build_arch`); without it :func:`load_compressed` needs ``base_model``.
+            (see :func:`build_arch`); without it (and without ``original_file``)
+            :func:`load_compressed` needs ``base_model``.
+        overwrite: replace an existing non-empty ``directory``.
+        original_file: the model file the model was compressed from; it is copied into the
+            folder (``original.pt``) and, when ``arch`` is not given, rebuilds the
+            architecture on reload, so the folder loads without the original file.
 
     Returns:
         The directory.
+
+    Raises:
+        OutputExistsError: ``directory`` is not empty and ``overwrite`` is false.
     """
+    from safetensors.torch import save_file
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    out = Path(directory)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     manifest = build_manifest(model, arch)
-    torch.save(model.state_dict(), out / STATE_FILE)
-    (out / MANIFEST_FILE).write_text(dump_manifest(manifest), encoding="utf-8")
-    if report is not None:
-        data = report.to_dict() if isinstance(report, CompressionReport) else dict(report)
-        (out / REPORT_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return out
+    if original_file is not None and arch is None:
+        manifest["arch"] = {"file": ORIGINAL_FILE}
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        tensors = _weights(model, manifest["tied"])
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        names = [WEIGHTS_FILE]
+        if original_file is not None:
+            shutil.copyfile(original_file, tmp / ORIGINAL_FILE)
+            names.append(ORIGINAL_FILE)
+        if report is not None:
+            data = report.to_dict() if isinstance(report, CompressionReport) else dict(report)
+            (tmp / REPORT_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            names.append(REPORT_FILE)
+        manifest["files"] = {
+            n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in names
+        }
+        (tmp / MANIFEST_FILE).write_text(dump_manifest(manifest), encoding="utf-8")
+    return Path(directory)
+
+
+def _read_weights(folder: Path, manifest: Mapping[str, Any], map_location: Any) -> dict[str, Any]:
+    if manifest["format"] == LEGACY_FORMAT:
+        path = folder / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise ManifestError(f"{path}: cannot read the weights ({exc})") from None
+        if not isinstance(state, Mapping):
+            raise ManifestError(f"{path}: expected a state dict, got {type(state).__name__}")
+        return dict(state)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS_FILE
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: cannot read the weights ({exc})") from None
+    for alias, canonical in manifest.get("tied", {}).items():
+        if canonical in state:
+            state[alias] = state[canonical]
+    return state
 
 
 def load_compressed(
@@ -379,8 +685,12 @@ def load_compressed(
     base_model: nn.Module | None = None,
     *,
     map_location: str | torch.device = "cpu",
+    trust_code: bool = False,
+    classes: Sequence[type] = (),
 ) -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed`, in eval mode.
+
+    Every file the manifest lists is checked against its sha256 first.
 
     Args:
         directory: the folder written by :func:`save_compressed`.
@@ -388,31 +698,39 @@ def load_compressed(
             it is reshaped and loaded **in place**. Default: built from the manifest's
             ``arch`` (:func:`build_arch`).
         map_location: where to load the weights.
+        trust_code: allow what executes code: unpickling a pickled ``original.pt`` (or a
+            format-1 ``arch.file``) and importing an ``arch.class`` off the allow-list.
+            Only for folders you trust.
+        classes: model classes the manifest's ``arch.class`` may name (matched by their
+            import path), without ``trust_code``.
 
     Raises:
         FileNotFoundError: a file is missing.
-        ManifestError: the manifest is malformed or does not fit the model or the weights.
+        ManifestError: the manifest is malformed, a file fails its checksum, or the
+            manifest does not fit the model or the weights.
     """
     folder = Path(directory)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory (expected a save_compressed folder)")
     manifest = read_manifest(folder)
     manifest_path = folder / MANIFEST_FILE
-    state_path = folder / STATE_FILE
+    verify_folder(folder, manifest)
+    state_path = folder / (WEIGHTS_FILE if manifest["format"] == MANIFEST_FORMAT else STATE_FILE)
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path} not found")
     model = (
         base_model
         if base_model is not None
-        else build_arch(manifest.get("arch"), source=str(manifest_path))
+        else build_arch(
+            manifest.get("arch"),
+            source=str(manifest_path),
+            folder=folder,
+            trust_code=trust_code,
+            classes=classes,
+        )
     )
     apply_manifest(model, manifest, source=manifest_path)
-    try:
-        state = torch.load(state_path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ManifestError(f"{state_path}: cannot read the weights ({exc})") from None
-    if not isinstance(state, Mapping):
-        raise ManifestError(f"{state_path}: expected a state dict, got {type(state).__name__}")
+    state = _read_weights(folder, manifest, map_location)
     expected = model.state_dict(keep_vars=True)
     for name, tensor in state.items():
         if name in expected and isinstance(tensor, torch.Tensor):
@@ -433,8 +751,23 @@ def load_compressed(
         raise ManifestError(
             f"{state_path} does not match the model ({type(model).__name__}): " + "; ".join(parts)
         )
+    if manifest["format"] == LEGACY_FORMAT:
+        _check_legacy_ties(model, state, state_path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ManifestError(f"{state_path}: {exc}") from None
     return model.eval()
+
+
+def _check_legacy_ties(model: nn.Module, state: Mapping[str, Any], path: Path) -> None:
+    """A format-1 state dict holds each tied tensor twice: they must agree, or loading
+    into a model that ties them would keep only one of two different values."""
+    for alias, canonical in _tied_names(model).items():
+        a, c = state.get(alias), state.get(canonical)
+        if isinstance(a, torch.Tensor) and isinstance(c, torch.Tensor) and not torch.equal(a, c):
+            raise ManifestError(
+                f"{path}: {alias!r} and {canonical!r} are one tied tensor in the model but "
+                "differ in the file (the compression untied them); this folder cannot be "
+                "loaded faithfully into this architecture"
+            )
