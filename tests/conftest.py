@@ -68,10 +68,8 @@ def cifar_calib(data_root: Path) -> torch.Tensor:
     return x.clone()
 
 
-@pytest.fixture(scope="session")
-def sts_sentences(data_root: Path) -> list[str]:
-    """Unique sentences of the STS-B test split, in file order."""
-    path = data_root / "stsbenchmark" / "sts-test.csv"
+def _sentences(data_root: Path, split: str) -> list[str]:
+    path = data_root / "stsbenchmark" / f"sts-{split}.csv"
     if not path.is_file():
         pytest.skip(f"{path} not found")
     seen: dict[str, None] = {}
@@ -83,3 +81,15 @@ def sts_sentences(data_root: Path) -> list[str]:
                 if s:
                     seen.setdefault(s, None)
     return list(seen)
+
+
+@pytest.fixture(scope="session")
+def sts_sentences(data_root: Path) -> list[str]:
+    """Unique sentences of the STS-B test split, in file order (for evaluation)."""
+    return _sentences(data_root, "test")
+
+
+@pytest.fixture(scope="session")
+def sts_train_sentences(data_root: Path) -> list[str]:
+    """Unique sentences of the STS-B train split, in file order (for calibration)."""
+    return _sentences(data_root, "train")

@@ -12,21 +12,25 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from torch import nn
 
 from spectrim._threads import single_threaded_blas
-from spectrim.budget import CostModel, allocate, dof_widths
+from spectrim.budget import Allocation, CostModel, allocate, allocate_budget, dof_widths
 from spectrim.calibration import Collected, collect
-from spectrim.calibration.batches import as_batches, check_batch, head_examples, inputs_only
+from spectrim.calibration.batches import as_batches, head_examples, inputs_only
+from spectrim.calibration.checks import CalibrationInfo, check_calibration, trace_checked
 from spectrim.calibration.sequential import sequential_correct
-from spectrim.config import RUN_FIELDS, CompressConfig, Target
+from spectrim.config import RUN_FIELDS, CompressConfig, Target, UnreachableTargetError
 from spectrim.evaluation.flops import profile
-from spectrim.graph import GroupPlan, apply_plan
+from spectrim.graph import GroupPlan, ModuleSnapshot, UnitGroup, apply_plan
 from spectrim.graph.layout import (
     memory_formats,
     restore_formats,
@@ -34,8 +38,8 @@ from spectrim.graph.layout import (
     to_channels_last,
 )
 from spectrim.graph.trace import batch_len
-from spectrim.graph.verify import trace_and_check
-from spectrim.methods import get_method
+from spectrim.linalg import prediction_error_curve
+from spectrim.methods import Method, get_method
 from spectrim.report import CompressionReport, GroupReport
 
 __all__ = ["compress", "inputs_only", "as_batches"]
@@ -63,14 +67,24 @@ def compress(
         target: ``"macs=F"``, ``"params=F"``, ``"width=F"`` or ``"error=E"`` (or a
             :class:`~spectrim.config.Target`); overrides ``config.target``.
         config: a full :class:`~spectrim.config.CompressConfig`.
-        inplace: prune ``model`` itself instead of a deep copy.
+        inplace: prune ``model`` itself instead of a deep copy.  If the run fails midway,
+            the model is put back as it was (from references to its tensors, no copy).
         progress: show a progress bar over calibration batches (or pass a wrapper).
         **options: extra :class:`~spectrim.config.CompressConfig` fields
-            (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``) or
-            method options (e.g. ``ridge`` for ``id``).
+            (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
+            ``on_unreachable``, ``max_error``) or method options (e.g. ``ridge`` for
+            ``id``), checked against the method's option types.
+
+    Raises:
+        CalibrationError: NaN/inf in the calibration data (named by batch and example) or
+            in the model's activations, or all examples identical.
+        UnreachableTargetError: the target cannot be reached and
+            ``on_unreachable="raise"``.
     """
     t0 = time.perf_counter()
     base = config or CompressConfig()
+    if not isinstance(base, CompressConfig):
+        raise TypeError(f"config must be a CompressConfig, got {type(base).__name__}")
     d = base.to_dict()
     if method is not None:
         d["method"] = method
@@ -81,7 +95,6 @@ def compress(
             d[key] = options.pop(key)
     d["options"] = {**d.get("options", {}), **options}
     cfg = CompressConfig.from_dict(d)
-    tgt = cfg.parsed_target
     algo = (
         get_method(cfg.method, **cfg.options)
         if cfg.method != "random"
@@ -91,17 +104,37 @@ def compress(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
     batches = as_batches(calibration)
-    check_batch(batches[0])
-    example = head_examples(batches[0])
+    info = check_calibration(batches)
     work = model if inplace else copy.deepcopy(model)
+    snapshot = ModuleSnapshot(work) if inplace else None
+    try:
+        return _compress(work, batches, info, cfg, algo, progress, t0)
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore()  # never leave the user's model half-pruned
+        raise
+
+
+def _compress(
+    work: nn.Module,
+    batches: list[Any],
+    info: CalibrationInfo,
+    cfg: CompressConfig,
+    algo: Method,
+    progress: bool | Callable[[Iterable[Any]], Iterable[Any]],
+    t0: float,
+) -> tuple[nn.Module, CompressionReport]:
+    tgt = cfg.parsed_target
+    example = head_examples(batches[0])
     work.eval()
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    analysis, pinned_warnings = trace_and_check(work, example, verify=cfg.verify, seed=cfg.seed)
+    analysis, pinned_warnings = trace_checked(work, example, verify=cfg.verify, seed=cfg.seed)
     kernels = _has_functional_products(analysis)
     cost0 = profile(work, example, kernels=kernels)
     report = CompressionReport(method=cfg.method, target=str(tgt), config=cfg.to_dict())
+    report.warnings.extend(info.warnings)
     report.warnings.extend(pinned_warnings)
     timings["analysis"] = time.perf_counter() - t
 
@@ -149,6 +182,10 @@ def compress(
     timings["statistics"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    rows: dict[int, float] = {}
+    if algo.needs_statistics:
+        rows = _rows_per_group(groups, stats, info)
+        groups = _pin_underdetermined(analysis, groups, rows, info, report)
     solvers = {}
     for g in groups:
         gstats = {
@@ -158,10 +195,31 @@ def compress(
         }
         solvers[g.index] = algo.solver(g, gstats, work)
     curves = {gi: s.error_curve() for gi, s in solvers.items()}
+    # errors measured on the calibration rows the fits use are optimistic: judge every
+    # width by its expected error on new inputs
+    curves = {
+        gi: prediction_error_curve(e, rows[gi]) if gi in rows else e for gi, e in curves.items()
+    }
     other = cost0.macs - sum(cost0.per_module.values())
     cost_model = CostModel(work, analysis, cost0.per_module, other_macs=max(other, 0))
+    alloc = None
     if tgt.kind == "dof":
         widths = dof_widths(tgt.value, solvers, round_to=cfg.round_to, min_width=cfg.min_width)
+    elif tgt.kind in ("macs", "params"):
+        alloc = allocate_budget(
+            tgt,
+            curves,
+            cost_model,
+            round_to=cfg.round_to,
+            min_width=cfg.min_width,
+            max_error=cfg.max_error if cfg.on_unreachable == "stop" else None,
+        )
+        if not alloc.reachable:
+            message = _unreachable_message(tgt, alloc, analysis, cfg)
+            if cfg.on_unreachable == "raise":
+                raise UnreachableTargetError(message)
+            report.warnings.append(message)
+        widths = alloc.widths
     else:
         widths = allocate(tgt, curves, cost_model, round_to=cfg.round_to, min_width=cfg.min_width)
     plans: dict[int, GroupPlan] = {}
@@ -213,6 +271,7 @@ def compress(
             producers=list(g.producers),
             consumers=[c.module for c in g.consumers],
             pinned=g.pinned,
+            rows=int(rows[g.index]) if g.index in rows else None,
         )
         if g.index in curves:
             gr.predicted_error = float(np.sqrt(max(curves[g.index][k], 0.0)))
@@ -228,9 +287,121 @@ def compress(
         report.groups.append(gr)
     report.params_before, report.params_after = cost0.params, cost1.params
     report.macs_before, report.macs_after = cost0.macs, cost1.macs
+    if alloc is not None and alloc.reachable:
+        reached = report.macs_ratio if tgt.kind == "macs" else report.params_ratio
+        if reached > tgt.value + 0.005:
+            report.warnings.append(
+                f"target {tgt} not reached: the compressed model has {reached:.3f} of the "
+                f"original {tgt.kind.upper() if tgt.kind == 'macs' else 'parameters'} (the "
+                f"allocation modelled {alloc.reached:.3f}; the difference is in costs the "
+                "model of the allocator does not see, or in round_to/min_width)"
+            )
+    summary = _pin_summary(analysis)
+    if summary:
+        report.warnings.insert(0, summary)
     report.timings = timings
     report.seconds = time.perf_counter() - t0
     return work, report
+
+
+def _reason_kind(reason: str) -> str:
+    """A pin reason without the names of the modules it was found at."""
+    text = re.sub(r"module '[^']*' \(", "module (", reason)
+    text = re.sub(r"(consumer|channel produced twice by|unit group) '[^']*'", r"\1", text)
+    text = re.sub(r"'[^']*' is tied to '[^']*'", "a parameter is tied to another module's", text)
+    text = re.sub(r"\(groups=\d+\)", "", text)
+    text = re.sub(r"value \d+", "a value", text)
+    text = re.sub(r"\d+ calibration rows? .*", "too few calibration rows", text)
+    return text.strip()
+
+
+def _pin_summary(analysis: Any, top: int = 3) -> str | None:
+    """One line: how many groups are pinned, and the most common reasons."""
+    pinned = [g for g in analysis.groups if g.pinned is not None]
+    if not pinned:
+        return None
+    counts = Counter(_reason_kind(g.pinned) for g in pinned)
+    reasons = "; ".join(f"{n}× {why}" for why, n in counts.most_common(top))
+    more = len(counts) - top
+    return (
+        f"{len(pinned)} of {len(analysis.groups)} unit groups are pinned and keep their width "
+        f"({reasons}{f'; {more} other reason(s)' if more > 0 else ''}; see report.groups)"
+    )
+
+
+def _rows_per_group(
+    groups: Sequence[UnitGroup], stats: Mapping[tuple[int, str], Any], info: CalibrationInfo
+) -> dict[int, float]:
+    """Per group, the calibration rows its least-fed consumer's fit saw, counting
+    repeated examples once."""
+    rows: dict[int, float] = {}
+    for g in groups:
+        counts = [
+            stats[(g.index, s.module)].count for s in g.consumers if (g.index, s.module) in stats
+        ]
+        if counts:
+            rows[g.index] = min(counts) * info.distinct_share
+    return rows
+
+
+def _pin_underdetermined(
+    analysis: Any,
+    groups: list[UnitGroup],
+    rows: Mapping[int, float],
+    info: CalibrationInfo,
+    report: CompressionReport,
+) -> list[UnitGroup]:
+    """Pin the groups whose fits would have fewer rows than channels; return the rest.
+
+    With ``n < m`` rows, any ``n`` of the ``m`` channels reproduce the others exactly on
+    the calibration data, so every error would read 0 and every correction would be fitted
+    to noise (13.7x the output norm on new inputs in the issue's dla34 example).
+    """
+    keep = []
+    for g in groups:
+        n = rows.get(g.index)
+        if n is None or n >= g.width:
+            keep.append(g)
+            continue
+        per_example = n / max(info.distinct, 1)
+        need = math.ceil(g.width / per_example) if per_example > 0 else g.width
+        analysis.pin(
+            g,
+            f"{int(n)} calibration rows for {g.width} channels: errors and corrections "
+            f"fitted on fewer rows than channels cannot be checked (about {need} distinct "
+            "examples needed)",
+        )
+        report.warnings.append(
+            f"unit group '{g.name}' ({g.width} channels) kept whole: its statistics have "
+            f"{int(n)} calibration rows ({info.distinct} distinct examples), fewer than its "
+            f"channels, so no error it would report could be trusted; pass at least {need} "
+            "distinct examples to compress it"
+        )
+    return keep
+
+
+def _unreachable_message(tgt: Target, alloc: Allocation, analysis: Any, cfg: CompressConfig) -> str:
+    what = "MACs" if tgt.kind == "macs" else "parameters"
+    pinned = sum(1 for g in analysis.groups if g.pinned is not None)
+    reasons = Counter(_reason_kind(g.pinned) for g in analysis.groups if g.pinned is not None)
+    why = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(3)) or "none"
+    if cfg.on_unreachable == "stop":
+        done = (
+            f"stopped at {tgt.kind}={alloc.reached:.3f}, where no group's predicted "
+            f"relative error exceeds max_error={cfg.max_error:g}"
+            + (f" ({len(alloc.held)} groups held there)" if alloc.held else "")
+        )
+    elif cfg.on_unreachable == "force":
+        done = f"every prunable group cut to its minimum width: {tgt.kind}={alloc.reached:.3f}"
+    else:
+        done = "nothing was compressed"
+    return (
+        f"target {tgt} is unreachable: even every prunable group at its minimum width keeps "
+        f"{alloc.floor:.3f} of the {what}, because {pinned} of {len(analysis.groups)} unit "
+        f"groups are pinned ({why}) and the rest of the cost is in layers no group shrinks; "
+        f"{done}. To go further: ask for {tgt.kind}>={alloc.floor:.3f}, raise max_error, "
+        "or let spectrim map the ops the pins name (report.groups has each reason)"
+    )
 
 
 # Groups whose predicted relative error at their width is below this get float64

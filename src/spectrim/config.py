@@ -16,10 +16,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["CompressConfig", "Target", "TargetKind"]
+__all__ = ["CompressConfig", "Target", "TargetKind", "UnreachableTargetError"]
 
 TargetKind = Literal["macs", "params", "width", "error", "dof"]
 _KINDS = ("macs", "params", "width", "error", "dof")
+_UNREACHABLE = ("stop", "raise", "force")
+
+
+class UnreachableTargetError(ValueError):
+    """A ``macs``/``params`` target no allocation can reach (``on_unreachable="raise"``)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,14 @@ class CompressConfig:
             model has 2-D convolutions, the calibration batches are 4-D tensors and the
             model reproduces its outputs (to 1e-4) in that layout.  The returned model
             has the layout, stride for stride, of the given one either way.
+        on_unreachable: what to do when a ``macs``/``params`` target cannot be reached
+            even with every prunable group at its minimum width (pinned groups, costs no
+            group can remove): ``"stop"`` (default) narrows no group past the width where
+            its predicted relative error exceeds ``max_error`` and warns with the value
+            reached and why; ``"raise"`` raises :class:`UnreachableTargetError` instead;
+            ``"force"`` cuts every group to its minimum width (and warns).
+        max_error: the predicted relative error no group may exceed when a target is
+            unreachable (``on_unreachable="stop"``).
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 
@@ -111,6 +124,8 @@ class CompressConfig:
     sequential: bool = True
     sequential_fraction: float = 0.2
     channels_last: bool | None = None
+    on_unreachable: str = "stop"
+    max_error: float = 0.5
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,6 +136,14 @@ class CompressConfig:
             raise ValueError(f"min_width={self.min_width} must be a positive integer")
         if not 0.0 < float(self.sequential_fraction) <= 1.0:
             raise ValueError(f"sequential_fraction={self.sequential_fraction} must be in (0, 1]")
+        if self.on_unreachable not in _UNREACHABLE:
+            raise ValueError(
+                f"on_unreachable={self.on_unreachable!r} must be one of {', '.join(_UNREACHABLE)}"
+            )
+        if not (isinstance(self.max_error, (int, float)) and 0.0 < float(self.max_error)):
+            raise ValueError(f"max_error={self.max_error!r} must be a positive number")
+        if not isinstance(self.options, dict):
+            raise TypeError(f"options must be a dict of method options, got {self.options!r}")
 
     @property
     def parsed_target(self) -> Target:

@@ -28,9 +28,12 @@ class GroupReport:
     width_after: int
     producers: list[str]
     consumers: list[str]
-    predicted_error: float | None = None  # relative error of the selection (error curve)
+    predicted_error: float | None = None
+    """expected relative error on new inputs at ``width_after`` (the error curve measured
+    on the calibration rows, corrected for the optimism of fitting on them)"""
     consumer_errors: dict[str, float] = field(default_factory=dict)
     pinned: str | None = None
+    rows: int | None = None  # calibration rows of the least-fed consumer's statistics
 
 
 @dataclass

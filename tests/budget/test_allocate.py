@@ -234,14 +234,14 @@ def test_greedy_prefers_the_cheap_error() -> None:
 
 
 @pytest.mark.parametrize("min_width", [1, 3])
-def test_unreachable_target_returns_minimum_widths(min_width: int) -> None:
-    """Option-A streams are pinned, so macs=0.01 cannot be reached: every prunable group
-    ends at min_width, the model still runs and the report shows the cost reached."""
+def test_unreachable_target_force_returns_minimum_widths(min_width: int) -> None:
+    """Option-A streams are pinned, so macs=0.01 cannot be reached. Forced, every
+    prunable group ends at min_width, the model still runs, and a warning says so."""
     torch.manual_seed(0)
     model = CifarResNet(8, shortcut="A", width=8).eval()
     x = torch.randn(32, 3, 16, 16)
     small, report = spectrim.compress(
-        model, x, method="id", target="macs=0.01", min_width=min_width
+        model, x, method="id", target="macs=0.01", min_width=min_width, on_unreachable="force"
     )
     prunable = [g for g in report.groups if g.pinned is None]
     assert prunable
@@ -250,3 +250,31 @@ def test_unreachable_target_returns_minimum_widths(min_width: int) -> None:
     assert profile(small, x[:2]).macs == report.macs_after
     with torch.no_grad():
         assert small(x).shape == (32, 10)
+    (msg,) = [w for w in report.warnings if "unreachable" in w]
+    assert "minimum width" in msg and "pinned" in msg
+
+
+def test_unreachable_target_stops_where_errors_are_sane() -> None:
+    """The default never trades the model's function for a target it cannot reach: no
+    group goes past max_error, and the warning gives the value reached, the floor, the
+    pins' reason and what to do; on_unreachable="raise" raises with the same message."""
+    from spectrim.config import UnreachableTargetError
+
+    torch.manual_seed(0)
+    model = CifarResNet(8, shortcut="A", width=8).eval()
+    x = torch.randn(64, 3, 16, 16)
+    small, report = spectrim.compress(model, x, method="id", target="macs=0.01")
+    prunable = [g for g in report.groups if g.pinned is None]
+    assert all(g.predicted_error is not None and g.predicted_error <= 0.5 for g in prunable)
+    assert any(g.width_after > 1 for g in prunable)  # not cut to the bone
+    (msg,) = [w for w in report.warnings if "unreachable" in w]
+    assert "macs=0.01 is unreachable" in msg and "pads the channel axis" in msg
+    assert f"stopped at macs={report.macs_ratio:.2f}" in msg or "stopped at macs=" in msg
+    assert "max_error" in msg
+    loose, _ = spectrim.compress(model, x, method="id", target="macs=0.01", max_error=0.9)
+    assert loose.layer1[0].conv1.out_channels <= small.layer1[0].conv1.out_channels
+    with pytest.raises(UnreachableTargetError, match="unreachable"):
+        spectrim.compress(model, x, method="id", target="macs=0.01", on_unreachable="raise")
+    # a reachable target is allocated without the bound, and without the warning
+    _, ok = spectrim.compress(model, x, method="id", target="macs=0.8")
+    assert not [w for w in ok.warnings if "unreachable" in w]

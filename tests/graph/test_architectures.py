@@ -57,7 +57,7 @@ CASES: list[Any] = [
         8,
         57,
     ),
-    pytest.param("regnet_x_400mf", lambda: tv.regnet_x_400mf(), 64, 8, 5),
+    pytest.param("regnet_x_400mf", lambda: tv.regnet_x_400mf(), 64, 16, 5),
     pytest.param("convnext_tiny", lambda: tv.convnext_tiny(), 64, 8, 18, marks=slow),
     pytest.param("vit_b_16", lambda: tv.vit_b_16(), 224, 2, 12, marks=slow),
     pytest.param(
@@ -110,8 +110,9 @@ def check_compression(
     assert report.macs_after <= target * report.macs_before * (1 + 1e-9)
     assert report.macs_after >= (target - 0.05) * report.macs_before
     assert profile(small, example).macs == report.macs_after
-    # the analysis found the structure and the self-checks found nothing to repair
-    prunable = [g for g in report.groups if g.pinned is None]
+    # the analysis found the structure and the self-checks found nothing to repair (groups
+    # kept whole because a few images give fewer rows than channels count as found)
+    prunable = [g for g in report.groups if g.pinned is None or "calibration rows" in g.pinned]
     assert len(prunable) >= min_prunable, report.table()
     assert any(g.width_after < g.width_before for g in prunable)
     assert not [w for w in report.warnings if "self-check" in w], report.warnings
@@ -187,9 +188,10 @@ def ffn_groups(report: spectrim.CompressionReport) -> list[Any]:
 
 
 def test_minilm_ffn_neurons_are_prunable(
-    minilm: tuple[nn.Module, Any], sts_sentences: list[str], state_hash
+    minilm: tuple[nn.Module, Any], sts_train_sentences: list[str], state_hash
 ) -> None:
     model, tok = minilm
+    sts_sentences = sts_train_sentences
     a = analyze_channels(model, tokenize(tok, sts_sentences[:2]))
     ffn = [g for g in a.groups if g.name.endswith("intermediate.dense")]
     assert len(ffn) == 6
@@ -198,7 +200,8 @@ def test_minilm_ffn_neurons_are_prunable(
         assert g.width == 1536
         assert g.producers == [f"encoder.layer.{i}.intermediate.dense"]
         assert [c.module for c in g.consumers] == [f"encoder.layer.{i}.output.dense"]
-    calib = [tokenize(tok, sts_sentences[i : i + 8]) for i in range(0, 32, 8)]
+    # 96 sentences of 24 tokens: more rows than the 1536 FFN neurons
+    calib = [tokenize(tok, sts_sentences[i : i + 32]) for i in range(0, 96, 32)]
     small, report = check_compression(model, calib, calib[0], state_hash, min_prunable=6)
     for g in ffn_groups(report):
         assert g.width_after < g.width_before
@@ -210,17 +213,22 @@ def test_minilm_ffn_neurons_are_prunable(
 
 @pytest.mark.parametrize("method", ["id", "spectral"])
 def test_minilm_embeddings_survive_ffn_pruning(
-    minilm: tuple[nn.Module, Any], sts_sentences: list[str], method: str
+    minilm: tuple[nn.Module, Any],
+    sts_train_sentences: list[str],
+    sts_sentences: list[str],
+    method: str,
 ) -> None:
     """Keeping ~85% of the FFN MACs (macs=0.9 overall), sentence embeddings of 128
     held-out STS-B sentences stay close to the original ones; the ID correction beats
     magnitude pruning at the same budget; so does ``spectral`` (default θ=0.5).
 
-    Measured (256 calibration sentences, 24 tokens): FFN MACs kept 0.85, cosine
-    min 0.934 / mean 0.984 for ``id``, min 0.937 / mean 0.978 for ``spectral``.
+    Measured (256 sts-train calibration sentences, 24 tokens, 128 sts-test sentences
+    scored): FFN MACs kept 0.85, cosine min 0.925 / mean 0.981 for ``id``, min 0.925 /
+    mean 0.976 for ``spectral``, min 0.761 / mean 0.898 for ``l1``.
     """
     model, tok = minilm
-    calib = [tokenize(tok, sts_sentences[i : i + 32]) for i in range(0, 256, 32)]
+    # calibrated on sts-train, scored on sts-test sentences
+    calib = [tokenize(tok, sts_train_sentences[i : i + 32]) for i in range(0, 256, 32)]
     held = tokenize(tok, sts_sentences[1000:1128])
     ref = embed(model, held)
     small, _ = spectrim.compress(model, calib, method=method, target="macs=0.9")

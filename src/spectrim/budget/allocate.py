@@ -33,7 +33,14 @@ from torch import nn
 from spectrim.config import Target
 from spectrim.graph.channels import Analysis
 
-__all__ = ["CostModel", "allocate", "uniform_widths", "widths_for_error"]
+__all__ = [
+    "Allocation",
+    "CostModel",
+    "allocate",
+    "allocate_budget",
+    "uniform_widths",
+    "widths_for_error",
+]
 
 
 def _allowed(m: int, round_to: int, min_width: int) -> list[int]:
@@ -182,18 +189,46 @@ class CostModel:
         return self.macs(widths) if kind == "macs" else self.params(widths)
 
 
+@dataclass
+class Allocation:
+    """Widths for a ``macs``/``params`` target, and whether the target could be met.
+
+    Attributes:
+        widths: group index -> kept width.
+        kind: ``"macs"`` or ``"params"``.
+        target: the fraction asked for.
+        reached: the modelled fraction of the full cost at ``widths``.
+        floor: the modelled fraction with every group at its minimum width (the most any
+            allocation can remove; pinned groups and unmodelled costs stay).
+        held: groups the error bound stopped short of their minimum width (only when the
+            target is unreachable).
+    """
+
+    widths: dict[int, int]
+    kind: str
+    target: float
+    reached: float
+    floor: float
+    held: list[int]
+
+    @property
+    def reachable(self) -> bool:
+        return self.floor <= self.target * (1 + 1e-9)
+
+
 def allocate(
     target: Target,
     curves: Mapping[int, np.ndarray],
     cost_model: CostModel | None = None,
     round_to: int = 1,
     min_width: int = 1,
+    max_error: float | None = None,
 ) -> dict[int, int]:
     """Widths for every group in ``curves`` that reach ``target``.
 
-    For ``macs``/``params`` targets the greedy stops as soon as the modelled cost is
-    at or below ``target.value`` times the full cost; if even the minimum widths cannot
-    reach it, the minimum widths are returned (the report shows the cost reached).
+    For ``macs``/``params`` targets the greedy stops as soon as the modelled cost is at
+    or below ``target.value`` times the full cost (see :func:`allocate_budget`, which also
+    says whether that was possible).
     """
     widths = {g: len(e) - 1 for g, e in curves.items()}
     if target.kind == "width":
@@ -202,6 +237,39 @@ def allocate(
         return widths_for_error(curves, target.value, round_to, min_width)
     if cost_model is None:
         raise ValueError(f"target {target} needs a cost model")
+    return allocate_budget(target, curves, cost_model, round_to, min_width, max_error).widths
+
+
+def allocate_budget(
+    target: Target,
+    curves: Mapping[int, np.ndarray],
+    cost_model: CostModel,
+    round_to: int = 1,
+    min_width: int = 1,
+    max_error: float | None = None,
+) -> Allocation:
+    """The lazy greedy for a ``macs``/``params`` target (see the module docstring).
+
+    When even every group at its minimum width cannot reach the target (pinned groups,
+    costs no group can remove), a model cut to those minimum widths would trade its
+    function for a target it still misses. With ``max_error`` set, no group is then
+    narrowed past the width where its predicted relative error ``sqrt(e[k])`` exceeds
+    ``max_error``; without it every group goes to its minimum width. A reachable target is
+    allocated without that bound either way.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from spectrim.config import Target
+        >>> class Flat:  # every channel of the single group costs the same
+        ...     widths, other_macs = {0: 4}, 0.0
+        ...     def terms_of(self, kind): return [(4.0, [_Axis(4, {0: 1})])]
+        >>> curve = np.array([1.0, 0.6, 0.3, 0.1, 0.0])
+        >>> a = allocate_budget(Target("macs", 0.5), {0: curve}, Flat())
+        >>> a.widths, a.reachable, a.reached
+        ({0: 2}, True, 0.5)
+    """
+    widths = {g: len(e) - 1 for g, e in curves.items()}
     kind = target.kind
     full_w = dict(cost_model.widths)
     current = dict(full_w)
@@ -229,7 +297,14 @@ def allocate(
     budget = target.value * total_full
     cost = total_full
     allowed = {g: _allowed(widths[g], round_to, min_width) for g in curves}
+    smallest = {**full_w, **{g: allowed[g][-1] for g in curves}}
+    floor_cost = sum(term_value(ti, smallest) for ti in range(len(terms))) + extra
+    floor = floor_cost / total_full if total_full > 0 else 1.0
+    bound = None
+    if max_error is not None and floor > target.value * (1 + 1e-9):
+        bound = float(max_error) ** 2  # unreachable: stop where errors are still sane
     step = {g: 0 for g in curves}  # index into allowed[g] of the current width
+    held: set[int] = set()
 
     def delta(g: int, k2: int) -> float:
         trial = dict(current)
@@ -242,6 +317,9 @@ def allocate(
             return None
         k, k2 = allowed[g][i], allowed[g][i + 1]
         e = curves[g]
+        if bound is not None and float(e[k2]) > bound:
+            held.add(g)
+            return None
         d_err = float(e[k2] - e[k])
         d_cost = delta(g, k2)
         if d_cost <= 0:
@@ -270,4 +348,11 @@ def allocate(
         nxt = priority(g)
         if nxt is not None:
             heapq.heappush(heap, (nxt, g))
-    return {g: current[g] for g in curves}
+    return Allocation(
+        widths={g: current[g] for g in curves},
+        kind=kind,
+        target=float(target.value),
+        reached=cost / total_full if total_full > 0 else 1.0,
+        floor=floor,
+        held=sorted(held),
+    )

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spectrim.calibration.checks import CalibrationError, first_bad_example
 from spectrim.calibration.gram import GramAccumulator, Products
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.graph.layout import channels_last_batch
@@ -175,7 +176,13 @@ def collect(
                     acc.add(hit[1])
                 else:
                     view, cd = group_view(x, xcd, pos, whole)
-                    cache[(id(src), key[0])] = (weakref.ref(src), acc.update_activation(view, cd))
+                    try:
+                        products = acc.update_activation(view, cd)
+                    except ValueError as exc:
+                        if "non-finite" not in str(exc):
+                            raise
+                        raise _non_finite(name, x, batch_index[0], sizes) from None
+                    cache[(id(src), key[0])] = (weakref.ref(src), products)
                 if store:
                     if view is None:
                         view, cd = group_view(x, xcd, pos, whole)
@@ -206,6 +213,20 @@ def collect(
     out.n_stored = min(n_store[0], len(batches))
     out.channel_dims = layout
     return out
+
+
+def _non_finite(name: str, x: torch.Tensor, batch: int, sizes: np.ndarray) -> CalibrationError:
+    """The error for a consumer input holding NaN/inf, naming the batch and example."""
+    start = int(sizes[batch - 1]) if batch > 0 else 0
+    size = int(sizes[batch]) - start
+    j = first_bad_example(x, size)
+    where = f"example {start + j} (index {j} in the batch)" if j is not None and j >= 0 else ""
+    return CalibrationError(
+        f"the input of '{name}' holds NaN or inf on calibration batch {batch}"
+        + (f", {where}" if where else "")
+        + ", although the calibration inputs are finite: the model overflows or divides by "
+        "zero there, so its statistics cannot be measured"
+    )
 
 
 def _stored_batches(

@@ -32,6 +32,7 @@ __all__ = [
     "nonneg_float",
     "nonneg_int",
     "original_from_arch",
+    "positive_float",
     "positive_floats",
     "positive_int",
     "progress_wrapper",
@@ -82,6 +83,13 @@ def nonneg_float(text: str) -> float:
     value = _float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
     return value
 
 

@@ -99,6 +99,8 @@ def run_compress(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         sequential=not args.one_shot,
         sequential_fraction=args.sequential_fraction,
+        on_unreachable=args.on_unreachable,
+        max_error=args.max_error,
         progress=progress_wrapper("calibration", args.quiet),
         **dict(args.option),
     )

@@ -26,6 +26,7 @@ from spectrim.cli._common import (
     method_option,
     nonneg_float,
     nonneg_int,
+    positive_float,
     positive_floats,
     positive_int,
 )
@@ -280,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
         "to the nearest whole batch (default: %(default)s)",
     )
     p.add_argument(
+        "--on-unreachable",
+        choices=("stop", "raise", "force"),
+        default=CompressConfig.on_unreachable,
+        help="when pinned layers make a macs/params target unreachable: stop where no "
+        "layer's predicted error exceeds --max-error (default), raise an error, or force "
+        "every layer to its minimum width",
+    )
+    p.add_argument(
+        "--max-error",
+        type=positive_float,
+        default=CompressConfig.max_error,
+        metavar="E",
+        help="largest predicted relative error of a layer when the target is unreachable "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--latency", action="store_true", help="measure CPU latency of original vs compressed"
     )
     p.add_argument(
@@ -442,7 +459,9 @@ def _one_line(exc: BaseException) -> str:
     else:
         text = str(exc)
     text = " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
-    known = (CLIError, ValueError, KeyError, TypeError, OSError, ImportError)
+    from spectrim.zoo.download import DownloadError
+
+    known = (CLIError, ValueError, KeyError, TypeError, OSError, ImportError, DownloadError)
     if not isinstance(exc, known) or not text:
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
         text += " (run with --debug for the traceback)"

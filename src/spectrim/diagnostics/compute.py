@@ -32,7 +32,8 @@ from torch.utils.data import TensorDataset
 
 from spectrim._threads import single_threaded_blas
 from spectrim.calibration import GramAccumulator, collect
-from spectrim.calibration.batches import as_batches, check_batch, head_examples
+from spectrim.calibration.batches import as_batches, head_examples
+from spectrim.calibration.checks import check_calibration, trace_checked
 from spectrim.diagnostics.report import (
     CompressibilityReport,
     GroupDiagnostics,
@@ -43,7 +44,6 @@ from spectrim.evaluation._common import extract_logits
 from spectrim.evaluation.metrics import accuracy_from_logits, agreement_from_logits
 from spectrim.graph import Analysis, UnitGroup, apply_plan, call_model
 from spectrim.graph.trace import batch_len
-from spectrim.graph.verify import trace_and_check
 from spectrim.linalg import (
     degrees_of_freedom,
     effective_rank,
@@ -136,7 +136,8 @@ def analyze(
     wrap = _wrapper(progress)
 
     calib_batches, held_batches, held_labels, source = _split_data(calibration, heldout, labels)
-    check_batch(calib_batches[0])
+    info = check_calibration(calib_batches)
+    check_calibration(held_batches)
     n_calib = sum(batch_len(b) for b in calib_batches)
     n_held = sum(batch_len(b) for b in held_batches)
     if held_labels is not None and held_labels.numel() != n_held:
@@ -161,7 +162,8 @@ def analyze(
     t = time.perf_counter()
     work = copy.deepcopy(model).eval()
     example = head_examples(calib_batches[0])
-    analysis, pinned_warnings = trace_and_check(work, example, verify=verify)
+    analysis, pinned_warnings = trace_checked(work, example, verify=verify)
+    report.warnings.extend(info.warnings)
     report.warnings.extend(pinned_warnings)
     report.pinned = {g.name: str(g.pinned) for g in analysis.groups if g.pinned is not None}
     groups = analysis.prunable
@@ -181,7 +183,15 @@ def analyze(
             continue
         solver = IDSolver(g, grams)
         solvers[g.index] = solver
-        report.groups.append(_group_diagnostics(g, solver, calib_stats, held_stats, report))
+        diag = _group_diagnostics(g, solver, calib_stats, held_stats, report)
+        report.groups.append(diag)
+        rows = min(calib_stats[(g.index, c)].count for c in grams) * info.distinct_share
+        if rows < g.width:
+            report.warnings.append(
+                f"unit group '{g.name}' ({g.width} channels): {int(rows)} calibration rows, "
+                "fewer than its channels, so its error curve reaches 0 on the calibration "
+                "data whatever the layer does; judge it by the held-out error"
+            )
     timings["spectra"] = time.perf_counter() - t
 
     t = time.perf_counter()

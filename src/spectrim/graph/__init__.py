@@ -1,7 +1,7 @@
 """Graph analysis and surgery: trace a model, find unit groups, remove channels."""
 
 from spectrim.graph.channels import Analysis, ConsumerSlot, UnitGroup, analyze_channels
-from spectrim.graph.surgery import GroupPlan, apply_plan
+from spectrim.graph.surgery import GroupPlan, ModuleSnapshot, apply_plan
 from spectrim.graph.trace import Graph, Op, Value, call_model, trace
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "ConsumerSlot",
     "Graph",
     "GroupPlan",
+    "ModuleSnapshot",
     "Op",
     "UnitGroup",
     "Value",

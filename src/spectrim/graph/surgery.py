@@ -34,7 +34,7 @@ from torch import nn
 
 from spectrim.graph.channels import Analysis
 
-__all__ = ["GroupPlan", "apply_plan"]
+__all__ = ["GroupPlan", "ModuleSnapshot", "apply_plan"]
 
 
 @dataclass
@@ -231,3 +231,50 @@ def apply_plan(model: nn.Module, analysis: Analysis, plans: Mapping[int, GroupPl
             )
         else:
             _slice_module(modules[name], idx, "chan")
+
+
+_PLAIN = (bool, int, float, str, tuple, type(None))
+
+
+class ModuleSnapshot:
+    """What surgery can change in a module tree, kept by reference, to undo it in place.
+
+    Surgery (and a switch of memory layout) replaces parameters, buffers and their
+    ``.data`` and sets size attributes; it never writes into a tensor the model holds.
+    So references to every module's parameter and buffer tables, to each tensor's data
+    and to its plain attributes are enough to put the model back exactly, at no copy of
+    the weights. :func:`spectrim.compress` takes one with ``inplace=True`` and restores it
+    when a run fails midway.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from spectrim.graph import analyze_channels
+        >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> a = analyze_channels(net, torch.randn(3, 4))
+        >>> snap = ModuleSnapshot(net)
+        >>> apply_plan(net, a, {a.prunable[0].index: GroupPlan(keep=np.arange(3))})
+        >>> snap.restore()
+        >>> net[0].out_features, net[2].weight.shape
+        (6, torch.Size([2, 6]))
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._entries = []
+        for module in model.modules():
+            params = dict(module._parameters)
+            buffers = dict(module._buffers)
+            data = [(t, t.data) for t in (*params.values(), *buffers.values()) if t is not None]
+            attrs = {k: v for k, v in vars(module).items() if isinstance(v, _PLAIN)}
+            self._entries.append((module, params, buffers, data, attrs))
+
+    def restore(self) -> None:
+        """Put every recorded module back as it was when the snapshot was taken."""
+        for module, params, buffers, data, attrs in self._entries:
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            for t, d in data:
+                t.data = d
+            module.__dict__.update(attrs)

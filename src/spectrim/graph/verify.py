@@ -128,7 +128,8 @@ def trace_and_check(
     """Trace ``model`` on ``example`` and (optionally) self-check every unit group.
 
     Returns the channel analysis and one warning per group the self-check pinned.
-    A model that cannot be traced raises ``RuntimeError`` naming the cause.
+    A model that cannot be traced raises ``RuntimeError`` naming the cause; outputs that
+    are not finite raise ``ValueError`` (the checks would compare NaN with NaN).
     """
     try:
         analysis = analyze_channels(model, example)
@@ -136,6 +137,13 @@ def trace_and_check(
         raise RuntimeError(
             f"spectrim could not trace the model on the calibration batch: {exc}"
         ) from exc
+    for i, t in enumerate(analysis.graph.output_tensors):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"the model's output {i} holds NaN or inf on the example it was traced on "
+                "(the first examples of the first batch): the model overflows or is broken "
+                "on these inputs, so nothing it computes can be checked"
+            )
     warnings: list[str] = []
     if verify:
         # the trace ran this model on this example: its outputs are the reference

@@ -10,6 +10,8 @@ See :mod:`spectrim.calibration` for streaming such Grams out of a model.
   :func:`fit_cross_reconstruction`, :func:`residual_of`, :func:`cross_residual_of`.
 * Spectra (Paper 1): :func:`gram_spectrum`, :func:`degrees_of_freedom`,
   :func:`ridge_leverage_scores`, :func:`effective_rank`.
+* Errors on new inputs from errors on the calibration rows: :func:`prediction_error_curve`,
+  :func:`optimism`.
 * Spectral-pruning selection (Paper 1): :func:`spectral_greedy`, :func:`spectral_loss`.
 * Weight sparsity and spectra (Paper 3, PQ index): :func:`pq_index`, :func:`soft_sparsity`,
   :func:`power_mean`, :func:`spectral_norm`, :func:`stable_rank`, :func:`weight_matrix`.
@@ -29,6 +31,7 @@ Example::
 
 from spectrim.linalg._validation import default_rtol
 from spectrim.linalg.interpolative import IDFactorization, gram_sqrt, id_factorize
+from spectrim.linalg.prediction import optimism, prediction_error_curve
 from spectrim.linalg.reconstruction import (
     cross_residual_of,
     fit_cross_reconstruction,
@@ -63,8 +66,10 @@ __all__ = [
     "gram_spectrum",
     "gram_sqrt",
     "id_factorize",
+    "optimism",
     "power_mean",
     "pq_index",
+    "prediction_error_curve",
     "residual_of",
     "ridge_leverage_scores",
     "soft_sparsity",

@@ -16,6 +16,8 @@ new method touches no core file::
 
 from __future__ import annotations
 
+import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -32,6 +34,7 @@ __all__ = [
     "Method",
     "OrderSolver",
     "available",
+    "coerce_options",
     "get_method",
     "register_method",
 ]
@@ -138,14 +141,65 @@ def register_method(name: str) -> Callable[[M], M]:
 
 
 def get_method(name: str, **options: Any) -> Method:
-    """Instantiate a registered method by name."""
+    """Instantiate a registered method by name, its options checked against the types of
+    its ``__init__`` defaults (a number for a float option, ...).
+
+    Example::
+
+        >>> get_method("id", ridge="abc")
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'id': option ridge='abc' must be a number (float)
+    """
     try:
         cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
         ) from None
-    return cls(**options)
+    return cls(**coerce_options(cls, options))
+
+
+def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
+    def bad(kind: str) -> ValueError:
+        return ValueError(f"method '{name}': option {key}={value!r} must be {kind}")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad("true or false")
+    if isinstance(default, (int, float)):
+        kind = "an integer (int)" if isinstance(default, int) else "a number (float)"
+        if isinstance(value, bool):
+            raise bad(kind)
+        try:
+            number = int(value) if isinstance(default, int) else float(value)
+        except (TypeError, ValueError):
+            raise bad(kind) from None
+        if isinstance(default, int) and isinstance(value, float) and value != number:
+            raise bad(kind)
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
+    if isinstance(default, str) and not isinstance(value, str):
+        raise bad("a string")
+    return value
+
+
+def coerce_options(cls: type[Method], options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` converted to the types of ``cls.__init__``'s defaults; raises
+    ``ValueError`` naming the method, the option and the expected type."""
+    params = inspect.signature(cls.__init__).parameters
+    out = {}
+    for key, value in options.items():
+        p = params.get(key)
+        if p is None or p.default is inspect.Parameter.empty or p.default is None:
+            out[key] = value
+        else:
+            out[key] = _coerce(cls.name, key, value, p.default)
+    return out
 
 
 def available() -> list[str]:
