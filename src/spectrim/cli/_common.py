@@ -213,9 +213,9 @@ def check_json_dest(dest: str | None) -> None:
     if path.is_dir():
         raise CLIError(f"--json {dest}: is a directory")
     try:
-        check_output_dir(path.parent, overwrite=True, what="--json folder")
+        check_output_dir(path.parent, overwrite=True, what=f"--json {dest}: folder")
     except OSError as exc:
-        raise CLIError(f"--json {dest}: cannot write ({exc.strerror or exc})") from None
+        raise CLIError(str(exc.strerror or exc)) from None
 
 
 def check_out_dir(dest: str, overwrite: bool, option: str = "--out") -> Path:
@@ -230,7 +230,7 @@ def check_out_dir(dest: str, overwrite: bool, option: str = "--out") -> Path:
     except NotADirectoryError:
         raise CLIError(f"{option} {dest!r} exists and is not a directory") from None
     except OSError as exc:
-        raise CLIError(f"{option} {dest!r}: cannot write there ({exc.strerror or exc})") from None
+        raise CLIError(str(exc.strerror or exc)) from None
 
 
 def progress_wrapper(desc: str, quiet: bool) -> Any:

@@ -23,7 +23,14 @@ from spectrim.cli._common import (
     write_json,
 )
 
-__all__ = ["run_analyze", "run_compress", "run_demo_command", "run_eval", "run_list"]
+__all__ = [
+    "run_analyze",
+    "run_compress",
+    "run_demo_command",
+    "run_doctor",
+    "run_eval",
+    "run_list",
+]
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -456,3 +463,18 @@ def run_list(args: argparse.Namespace) -> int:
         for name, desc in datasets.items():
             print(f"  {name:<20} {desc}", file=out)
     return 0
+
+
+# -------------------------------------------------------------------------------------- doctor
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from spectrim.doctor import doctor, render
+
+    out = human_stream(args.json)
+    info = doctor(verify=not args.no_verify)
+    write_json(info, args.json)
+    if not args.quiet:
+        print(render(info), file=out)
+    corrupt = [r for r, f in info["data"]["files"].items() if f.get("verified") is False]
+    return 1 if corrupt else 0

@@ -41,6 +41,7 @@ Examples:
   spectrim eval --model small/ --data cifar10
   spectrim analyze --model resnet56-cifar10 --data cifar10 --calib 512 --out r56-report/
   spectrim demo --quick
+  spectrim doctor
 
 Built-in models and datasets are read from $SPECTRIM_DATA when set (offline use), else from
 the download cache. Run 'spectrim COMMAND --help' for the options of a command.
@@ -110,6 +111,16 @@ Examples:
 
 Trains a small CNN on the scikit-learn 8x8 digits (bundled with scikit-learn, no download),
 then compresses it with each method and compares accuracy and agreement with the original.
+"""
+
+_DOCTOR_EPILOG = """\
+Examples:
+  spectrim doctor
+  spectrim doctor --json -          # the same as JSON
+  spectrim doctor --no-verify       # skip hashing the data files
+
+Exit code 1 when a data file is present but fails its checksum (it would be refused when
+used), 0 otherwise.
 """
 
 _LIST_EPILOG = """\
@@ -439,6 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
     _common_options(p, data=False)
     p.set_defaults(func=commands.run_demo_command)
+
+    # doctor --------------------------------------------------------------------------------
+    p = _subparser(
+        sub,
+        "doctor",
+        "versions, threads, data files and their checksums",
+        _DOCTOR_EPILOG,
+        "Report the installed versions (torch, NumPy, SciPy, optional extras), the thread "
+        "settings, the data root and download cache with every registered file and whether "
+        "it matches its sha256, and whether Chromium is there for the HTML report test.",
+    )
+    p.add_argument("--no-verify", action="store_true", help="do not hash the data files")
+    _common_options(p, data=False)
+    p.set_defaults(func=commands.run_doctor)
 
     # list ----------------------------------------------------------------------------------
     p = _subparser(

@@ -123,4 +123,5 @@ def load_model_file(
 
 def _not_a_model(p: Path, exc: BaseException) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first.split(". ")[0].rstrip(".")  # torch appends paragraphs of advice
     return f"{p} is neither a TorchScript archive nor a pickled nn.Module ({first})"
