@@ -195,10 +195,13 @@ def _compress(
         }
         solvers[g.index] = algo.solver(g, gstats, work)
     curves = {gi: s.error_curve() for gi, s in solvers.items()}
-    # errors measured on the calibration rows the fits use are optimistic: judge every
-    # width by its expected error on new inputs
+    # least-squares errors measured on the calibration rows the fits use are optimistic:
+    # judge every width by its expected error on new inputs
     curves = {
-        gi: prediction_error_curve(e, rows[gi]) if gi in rows else e for gi, e in curves.items()
+        gi: prediction_error_curve(e, rows[gi])
+        if gi in rows and solvers[gi].least_squares_curve
+        else e
+        for gi, e in curves.items()
     }
     other = cost0.macs - sum(cost0.per_module.values())
     cost_model = CostModel(work, analysis, cost0.per_module, other_macs=max(other, 0))

@@ -29,8 +29,9 @@ class GroupReport:
     producers: list[str]
     consumers: list[str]
     predicted_error: float | None = None
-    """expected relative error on new inputs at ``width_after`` (the error curve measured
-    on the calibration rows, corrected for the optimism of fitting on them)"""
+    """relative error at ``width_after`` from the method's error curve (for least-squares
+    fits such as ``id``, corrected for the optimism of fitting on the calibration rows:
+    the expected error on new inputs)"""
     consumer_errors: dict[str, float] = field(default_factory=dict)
     pinned: str | None = None
     rows: int | None = None  # calibration rows of the least-fed consumer's statistics

@@ -58,8 +58,10 @@ CASES: list[Any] = [
         57,
     ),
     pytest.param("regnet_x_400mf", lambda: tv.regnet_x_400mf(), 64, 16, 5),
-    pytest.param("convnext_tiny", lambda: tv.convnext_tiny(), 64, 8, 18, marks=slow),
-    pytest.param("vit_b_16", lambda: tv.vit_b_16(), 224, 2, 12, marks=slow),
+    # convnext's and vit's MLPs are 4x wide: fewer images leave them fewer rows than
+    # channels, so they would be kept whole and macs=0.7 out of reach
+    pytest.param("convnext_tiny", lambda: tv.convnext_tiny(), 64, 32, 18, marks=slow),
+    pytest.param("vit_b_16", lambda: tv.vit_b_16(), 224, 16, 12, marks=slow),
     pytest.param(
         "vit_tiny",
         lambda: tv.VisionTransformer(

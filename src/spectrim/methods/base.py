@@ -41,9 +41,17 @@ __all__ = [
 
 
 class GroupSolver(ABC):
-    """Per-group answers a method gives the pipeline."""
+    """Per-group answers a method gives the pipeline.
+
+    ``least_squares_curve``: the error curve is the in-sample residual of unregularised
+    least-squares fits on the calibration rows (as for ``id``); the pipeline then corrects
+    it for the optimism of fitting on those rows
+    (:func:`spectrim.linalg.prediction_error_curve`). Regularised fits (``spectral``'s ridge)
+    and proxy curves (``l1``) are used as they are.
+    """
 
     group: UnitGroup
+    least_squares_curve: ClassVar[bool] = False
 
     @abstractmethod
     def error_curve(self) -> np.ndarray:

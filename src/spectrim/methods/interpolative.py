@@ -28,6 +28,8 @@ __all__ = ["IDMethod", "IDSolver"]
 class IDSolver(GroupSolver):
     """Column selection and per-consumer interpolation for one group."""
 
+    least_squares_curve = True
+
     def __init__(self, group: UnitGroup, grams: Mapping[str, np.ndarray], ridge: float = 0.0):
         if not grams:
             raise ValueError(f"unit group '{group.name}' has no consumer statistics")
