@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,12 @@ from spectrim._threads import single_threaded_blas
 from spectrim.budget import Allocation, CostModel, allocate, allocate_budget, dof_widths
 from spectrim.calibration import Collected, collect
 from spectrim.calibration.batches import as_batches, head_examples, inputs_only
-from spectrim.calibration.checks import CalibrationInfo, check_calibration, trace_checked
+from spectrim.calibration.checks import (
+    CalibrationInfo,
+    check_calibration,
+    rows_per_group,
+    trace_checked,
+)
 from spectrim.calibration.sequential import sequential_correct
 from spectrim.config import RUN_FIELDS, CompressConfig, Target, UnreachableTargetError
 from spectrim.evaluation.flops import profile
@@ -184,7 +189,7 @@ def _compress(
     t = time.perf_counter()
     rows: dict[int, float] = {}
     if algo.needs_statistics:
-        rows = _rows_per_group(groups, stats, info)
+        rows = rows_per_group(groups, stats, info)
         groups = _pin_underdetermined(analysis, groups, rows, info, report)
     solvers = {}
     for g in groups:
@@ -330,21 +335,6 @@ def _pin_summary(analysis: Any, top: int = 3) -> str | None:
         f"{len(pinned)} of {len(analysis.groups)} unit groups are pinned and keep their width "
         f"({reasons}{f'; {more} other reason(s)' if more > 0 else ''}; see report.groups)"
     )
-
-
-def _rows_per_group(
-    groups: Sequence[UnitGroup], stats: Mapping[tuple[int, str], Any], info: CalibrationInfo
-) -> dict[int, float]:
-    """Per group, the calibration rows its least-fed consumer's fit saw, counting
-    repeated examples once."""
-    rows: dict[int, float] = {}
-    for g in groups:
-        counts = [
-            stats[(g.index, s.module)].count for s in g.consumers if (g.index, s.module) in stats
-        ]
-        if counts:
-            rows[g.index] = min(counts) * info.distinct_share
-    return rows
 
 
 def _pin_underdetermined(

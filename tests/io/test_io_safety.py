@@ -98,6 +98,8 @@ def test_shared_hidden_weight_stays_tied(target: str, tmp_path: Path) -> None:
     # rebuilt from the recorded class (given explicitly): tied too
     again = load_compressed(tmp_path / "o", classes=[SharedMLP])
     assert again.l3.weight is again.l2.weight
+    with pytest.raises(TypeError, match=r"nn\.Module classes"):
+        load_compressed(tmp_path / "o", classes=["SharedMLP"])  # type: ignore[list-item]
 
 
 def test_lm_head_tied_to_embedding(tmp_path: Path) -> None:

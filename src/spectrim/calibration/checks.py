@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from spectrim.calibration.batches import check_batch
-from spectrim.graph.channels import Analysis
+from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.graph.trace import batch_len
 from spectrim.graph.verify import trace_and_check
 
@@ -43,6 +43,7 @@ __all__ = [
     "check_calibration",
     "first_bad_example",
     "label_pair_hint",
+    "rows_per_group",
     "trace_checked",
 ]
 
@@ -174,6 +175,23 @@ def check_calibration(batches: Sequence[Any]) -> CalibrationInfo:
             f"{distinct}/{offset} when judging whether the data suffice)"
         )
     return info
+
+
+def rows_per_group(
+    groups: Sequence[UnitGroup], stats: Mapping[tuple[int, str], Any], info: CalibrationInfo
+) -> dict[int, float]:
+    """Per group, the calibration rows of its least-fed consumer (among those that saw
+    any), repeated examples counted once: how much data its fits have."""
+    rows: dict[int, float] = {}
+    for g in groups:
+        counts = [
+            acc.count
+            for s in g.consumers
+            if (acc := stats.get((g.index, s.module))) is not None and acc.count > 0
+        ]
+        if counts:
+            rows[g.index] = min(counts) * info.distinct_share
+    return rows
 
 
 def label_pair_hint(batch: Any) -> str | None:

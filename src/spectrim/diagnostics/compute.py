@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 from spectrim._threads import single_threaded_blas
 from spectrim.calibration import GramAccumulator, collect
 from spectrim.calibration.batches import as_batches, head_examples
-from spectrim.calibration.checks import check_calibration, trace_checked
+from spectrim.calibration.checks import check_calibration, rows_per_group, trace_checked
 from spectrim.diagnostics.report import (
     CompressibilityReport,
     GroupDiagnostics,
@@ -185,7 +185,7 @@ def analyze(
         solvers[g.index] = solver
         diag = _group_diagnostics(g, solver, calib_stats, held_stats, report)
         report.groups.append(diag)
-        rows = min(calib_stats[(g.index, c)].count for c in grams) * info.distinct_share
+        rows = rows_per_group([g], calib_stats, info)[g.index]
         if rows < g.width:
             report.warnings.append(
                 f"unit group '{g.name}' ({g.width} channels): {int(rows)} calibration rows, "

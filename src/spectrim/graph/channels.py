@@ -38,7 +38,14 @@ from torch import nn
 
 from spectrim.graph.trace import POINTWISE_TYPES, SPATIAL_TYPES, Graph, Op, Value, trace
 
-__all__ = ["Analysis", "ConsumerSlot", "UnitGroup", "analyze_channels", "tied_parameters"]
+__all__ = [
+    "Analysis",
+    "ConsumerSlot",
+    "UnitGroup",
+    "analyze_channels",
+    "shared_tensors",
+    "tied_parameters",
+]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -840,6 +847,25 @@ def analyze_channels(model: nn.Module, example: Any) -> Analysis:
     return an.groups()
 
 
+def shared_tensors(model: nn.Module) -> list[list[str]]:
+    """The parameters and buffers held by more than one module: one list of qualified
+    names per shared tensor, in ``named_modules`` order.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        >>> net[1].weight = net[0].weight
+        >>> shared_tensors(net)
+        [['0.weight', '1.weight']]
+    """
+    holders: dict[int, list[str]] = {}
+    for mname, module in model.named_modules():
+        for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None:
+                holders.setdefault(id(t), []).append(f"{mname}.{attr}" if mname else attr)
+    return [names for names in holders.values() if len(names) > 1]
+
+
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     """Parameters and buffers held by more than one module: qualified name -> the others.
 
@@ -850,14 +876,4 @@ def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
         >>> tied_parameters(net)
         {'0.weight': ['1.weight'], '1.weight': ['0.weight']}
     """
-    holders: dict[int, list[str]] = {}
-    for mname, module in model.named_modules():
-        for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None:
-                holders.setdefault(id(t), []).append(f"{mname}.{attr}" if mname else attr)
-    out: dict[str, list[str]] = {}
-    for names in holders.values():
-        if len(names) > 1:
-            for n in names:
-                out[n] = [o for o in names if o != n]
-    return out
+    return {n: [o for o in names if o != n] for names in shared_tensors(model) for n in names}

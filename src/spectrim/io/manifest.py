@@ -62,7 +62,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from spectrim._files import atomic_directory, sha256_cached, sha256_file
+from spectrim.graph.channels import shared_tensors
 from spectrim.report import CompressionReport
 
 __all__ = [
@@ -155,21 +156,13 @@ def _size_attributes(module: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _tied_names(model: nn.Module) -> dict[str, str]:
-    """State-dict names that are the same tensor as an earlier name: alias -> first name."""
-    first: dict[int, str] = {}
+def _tied_names(model: nn.Module, names: Container[str]) -> dict[str, str]:
+    """Each of ``names`` (state-dict entries) that is the same tensor as an earlier one of
+    them: alias -> that first name."""
     tied: dict[str, str] = {}
-    for mname, module in model.named_modules():
-        for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is None or (
-                attr in module._buffers and attr in module._non_persistent_buffers_set
-            ):
-                continue
-            full = f"{mname}.{attr}" if mname else attr
-            if id(t) in first:
-                tied[full] = first[id(t)]
-            else:
-                first[id(t)] = full
+    for group in shared_tensors(model):
+        kept = [n for n in group if n in names]
+        tied.update({alias: kept[0] for alias in kept[1:]})
     return tied
 
 
@@ -203,7 +196,7 @@ def build_manifest(model: nn.Module, arch: Mapping[str, Any] | None = None) -> d
         "format": MANIFEST_FORMAT,
         "shapes": shapes,
         "modules": modules,
-        "tied": {k: v for k, v in _tied_names(model).items() if k in shapes},
+        "tied": _tied_names(model, shapes),
         "arch": dict(arch) if arch is not None else None,
         "files": {},
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -408,9 +401,7 @@ def _tie(model: nn.Module, tied: Mapping[str, str], where: str) -> None:
     for alias, canonical in tied.items():
         c_leaf, c_table = _slot(model, canonical, where)
         a_leaf, a_table = _slot(model, alias, where)
-        target = c_table[c_leaf]
-        if a_table[a_leaf] is not target:
-            a_table[a_leaf] = target
+        a_table[a_leaf] = c_table[c_leaf]
 
 
 def _import_object(path: str) -> Any:
@@ -450,10 +441,7 @@ def _build_class(
     arch: Mapping[str, Any], where: str, trust_code: bool, classes: Sequence[type]
 ) -> nn.Module:
     path = str(arch["class"])
-    given = {_qualname(c): c for c in classes}
-    for c in classes:  # also the public re-export path, e.g. spectrim.zoo.CifarResNet
-        given.setdefault(f"{c.__module__.split('.')[0]}.{c.__qualname__}", c)
-    cls: Any = given.get(path)
+    cls: Any = {_qualname(c): c for c in classes}.get(path)
     if cls is None:
         if not trust_code and not path.startswith(ALLOWED_CLASS_PREFIXES):
             raise ManifestError(
@@ -710,6 +698,9 @@ def load_compressed(
             manifest does not fit the model or the weights.
     """
     folder = Path(directory)
+    for c in classes:
+        if not (isinstance(c, type) and issubclass(c, nn.Module)):
+            raise TypeError(f"classes must hold nn.Module classes, got {c!r}")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory (expected a save_compressed folder)")
     manifest = read_manifest(folder)
@@ -763,7 +754,7 @@ def load_compressed(
 def _check_legacy_ties(model: nn.Module, state: Mapping[str, Any], path: Path) -> None:
     """A format-1 state dict holds each tied tensor twice: they must agree, or loading
     into a model that ties them would keep only one of two different values."""
-    for alias, canonical in _tied_names(model).items():
+    for alias, canonical in _tied_names(model, state).items():
         a, c = state.get(alias), state.get(canonical)
         if isinstance(a, torch.Tensor) and isinstance(c, torch.Tensor) and not torch.equal(a, c):
             raise ManifestError(
