@@ -27,7 +27,7 @@ def test_run_demo_every_method(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SPECTRIM_DATA", raising=False)  # needs no data root and no network
     out = io.StringIO()
     rows = run_demo(targets=("macs=0.5",), file=out)
-    assert [r["method"] for r in rows] == available()
+    assert [r["method"] for r in rows] == available("channel")
     by_method = {r["method"]: r for r in rows}
     for row in rows:
         assert row["target"] == "macs=0.5"

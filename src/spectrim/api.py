@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from spectrim._sparsify import sparsify_run
 from spectrim._threads import single_threaded_blas
 from spectrim.budget import Allocation, CostModel, allocate, allocate_budget, dof_widths
 from spectrim.calibration import Collected, collect
@@ -33,7 +35,14 @@ from spectrim.calibration.checks import (
     trace_checked,
 )
 from spectrim.calibration.sequential import sequential_correct
-from spectrim.config import RUN_FIELDS, CompressConfig, Target, UnreachableTargetError
+from spectrim.config import (
+    RUN_FIELDS,
+    WEIGHT_TARGETS,
+    CompressConfig,
+    Target,
+    UnreachableTargetError,
+)
+from spectrim.context import RunContext
 from spectrim.evaluation.flops import profile
 from spectrim.graph import GroupPlan, ModuleSnapshot, UnitGroup, apply_plan
 from spectrim.graph.layout import (
@@ -44,7 +53,7 @@ from spectrim.graph.layout import (
 )
 from spectrim.graph.trace import batch_len
 from spectrim.linalg import prediction_error_curve
-from spectrim.methods import Method, get_method
+from spectrim.methods import Method, WeightMethod, get_method, method_kinds
 from spectrim.report import CompressionReport, GroupReport
 
 __all__ = ["compress", "inputs_only", "as_batches"]
@@ -60,6 +69,7 @@ def compress(
     config: CompressConfig | None = None,
     inplace: bool = False,
     progress: bool | Callable[[Iterable[Any]], Iterable[Any]] = False,
+    then: CompressConfig | Mapping[str, Any] | None = None,
     **options: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` with ``method`` to ``target``; return ``(new_model, report)``.
@@ -69,12 +79,19 @@ def compress(
         calibration: unlabelled inputs (see :func:`as_batches`); a few hundred examples
             are enough for most CNNs.
         method: registered method name (default ``"id"``); overrides ``config.method``.
-        target: ``"macs=F"``, ``"params=F"``, ``"width=F"`` or ``"error=E"`` (or a
-            :class:`~spectrim.config.Target`); overrides ``config.target``.
+        target: ``"macs=F"``, ``"params=F"``, ``"width=F"`` or ``"error=E"`` (channel
+            methods), ``"sparsity=S"``, ``"sparsity=n:m"`` or ``"auto"`` (weight methods:
+            ``obs``, ``wanda``, ``lq``, ...), or a :class:`~spectrim.config.Target`;
+            overrides ``config.target``.
         config: a full :class:`~spectrim.config.CompressConfig`.
         inplace: prune ``model`` itself instead of a deep copy.  If the run fails midway,
             the model is put back as it was (from references to its tensors, no copy).
         progress: show a progress bar over calibration batches (or pass a wrapper).
+        then: a second stage run on the result, in the same call and one report, e.g.
+            ``then={"method": "obs", "target": "sparsity=0.5"}`` after ``"id"`` to
+            ``macs=0.5``: channels first, then 50% of the remaining weights (a
+            :class:`~spectrim.config.CompressConfig` or its dict; its statistics are
+            collected on the already-pruned model, whose activations they must describe).
         **options: extra :class:`~spectrim.config.CompressConfig` fields
             (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
             ``on_unreachable``, ``max_error``) or method options (e.g. ``ridge`` for
@@ -99,12 +116,11 @@ def compress(
         if key in RUN_FIELDS:
             d[key] = options.pop(key)
     d["options"] = {**d.get("options", {}), **options}
+    if target is None and config is None and method_kinds(d["method"]) == ["weight"]:
+        # a weight method alone: its own rule where it has one, else say what it needs
+        d["target"] = "auto"
     cfg = CompressConfig.from_dict(d)
-    algo = (
-        get_method(cfg.method, **cfg.options)
-        if cfg.method != "random"
-        else get_method("random", seed=cfg.seed, **cfg.options)
-    )
+    algo = _method_for(cfg)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
@@ -113,11 +129,80 @@ def compress(
     work = model if inplace else copy.deepcopy(model)
     snapshot = ModuleSnapshot(work) if inplace else None
     try:
-        return _compress(work, batches, info, cfg, algo, progress, t0)
+        result = _run_stage(work, batches, info, cfg, algo, progress, t0)
+        if then is not None:
+            result = _then(result, batches, info, then, progress)
+        return result
     except BaseException:
         if snapshot is not None:
             snapshot.restore()  # never leave the user's model half-pruned
         raise
+
+
+def _method_for(cfg: CompressConfig) -> Method:
+    """The method ``cfg`` names, of the kind its target asks for (a weight target:
+    the weight method; channel ``random`` gets the run's seed)."""
+    kind = "weight" if cfg.parsed_target.kind in WEIGHT_TARGETS else "channel"
+    if cfg.method == "random" and kind == "channel":
+        return get_method("random", "channel", seed=cfg.seed, **cfg.options)
+    return get_method(cfg.method, kind, **cfg.options)
+
+
+def _run_stage(
+    work: nn.Module,
+    batches: list[Any],
+    info: CalibrationInfo,
+    cfg: CompressConfig,
+    algo: Method,
+    progress: bool | Callable[[Iterable[Any]], Iterable[Any]],
+    t0: float,
+) -> tuple[nn.Module, CompressionReport]:
+    if isinstance(algo, WeightMethod):
+        ctx = RunContext(seed=cfg.seed, progress=progress)
+        return sparsify_run(work, batches, info, cfg, algo, ctx, t0)
+    return _compress(work, batches, info, cfg, algo, progress, t0)
+
+
+def _then(
+    first: tuple[nn.Module, CompressionReport],
+    batches: list[Any],
+    info: CalibrationInfo,
+    then: CompressConfig | Mapping[str, Any],
+    progress: bool | Callable[[Iterable[Any]], Iterable[Any]],
+) -> tuple[nn.Module, CompressionReport]:
+    """Run the second stage on the first's result and merge the two reports."""
+    if isinstance(then, CompressConfig):
+        cfg2 = then
+    elif isinstance(then, Mapping):
+        cfg2 = CompressConfig.from_dict(dict(then))
+    else:
+        raise TypeError(f"then= must be a CompressConfig or a dict, got {type(then).__name__}")
+    algo2 = _method_for(cfg2)
+    model, r1 = first
+    t0 = time.perf_counter()
+    model, r2 = _run_stage(model, batches, info, cfg2, algo2, progress, t0)
+    merged = CompressionReport(
+        method=f"{r1.method}+{r2.method}",
+        target=f"{r1.target}, then {r2.target}",
+        config={"stages": [r1.config, r2.config]},
+        params_before=r1.params_before,
+        params_after=r2.params_after,
+        macs_before=r1.macs_before,
+        macs_after=r2.macs_after,
+        seconds=r1.seconds + r2.seconds,
+        timings={
+            **{f"1.{k}": v for k, v in r1.timings.items()},
+            **{f"2.{k}": v for k, v in r2.timings.items()},
+        },
+        calibration_rows=r1.calibration_rows,
+        fitted_examples=r1.fitted_examples,
+        groups=r1.groups or r2.groups,
+        matrices=r2.matrices or r1.matrices,
+        nonzeros_before=r2.nonzeros_before,
+        nonzeros_after=r2.nonzeros_after,
+        warnings=r1.warnings + [w for w in r2.warnings if w not in r1.warnings],
+    )
+    return model, merged
 
 
 def _compress(
@@ -239,12 +324,8 @@ def _compress(
     t = time.perf_counter()
     if sequential and plans and any(p.folds for p in plans.values()):
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
-        ridge = float(cfg.options.get("ridge", 0.0))
-        row_ridge: dict[int, np.ndarray] = {}
-        for gi, kept in keep.items():
-            r = solvers[gi].row_ridge(kept)
-            if r is not None:
-                row_ridge[gi] = r
+        # each solver owns its correction, refit included: a constrained one keeps it
+        refits = {gi: functools.partial(solvers[gi].refit, kept) for gi, kept in keep.items()}
         # float64 fit products only where the fit can be (nearly) exact
         exact = {gi: bool(curves[gi][widths[gi]] < _EXACT_FIT_BELOW**2) for gi in keep}
         report.fitted_examples = sum(batch_len(b) for b in batches[: collected.n_stored])
@@ -254,10 +335,9 @@ def _compress(
             batches[: collected.n_stored],
             keep,
             collected,
-            ridge=ridge,
-            row_ridge=row_ridge,
             exact=exact,
             channels_last=channels_last,
+            refit=refits,
         )
         for gi, f in folds.items():
             plans[gi].folds = f

@@ -16,10 +16,18 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["CompressConfig", "Target", "TargetKind", "UnreachableTargetError"]
+__all__ = [
+    "WEIGHT_TARGETS",
+    "CompressConfig",
+    "Target",
+    "TargetKind",
+    "UnreachableTargetError",
+]
 
-TargetKind = Literal["macs", "params", "width", "error", "dof"]
-_KINDS = ("macs", "params", "width", "error", "dof")
+TargetKind = Literal["macs", "params", "width", "error", "dof", "sparsity", "auto"]
+_KINDS = ("macs", "params", "width", "error", "dof", "sparsity", "auto")
+#: Target kinds of weight sparsification (the others are channel targets).
+WEIGHT_TARGETS = frozenset({"sparsity", "auto"})
 _UNREACHABLE = ("stop", "raise", "force")
 
 
@@ -38,17 +46,38 @@ class Target:
       on the calibration data is at most ``E``;
     * ``dof=α``: per layer, ``⌈c·N(λ)⌉`` channels from the degrees of freedom
       ``N(λ) = Σ μ/(μ+λ)`` of its covariance at ``λ = α·tr Σ̂`` (methods with a spectrum,
-      e.g. ``spectral``; ``c`` is the method's option).
+      e.g. ``spectral``; ``c`` is the method's option);
+    * ``sparsity=S``: weight sparsification, a share ``S`` in ``[0, 1)`` of the weights of
+      every Linear / conv matrix set to zero (per layer or pooled, by the method's
+      ``scope``); ``sparsity=n:m`` keeps at most ``n`` non-zeros in every ``m``
+      consecutive inputs of each row (``2:4``: NVIDIA's semi-structured pattern);
+    * ``auto``: a weight method that sizes itself decides (``lq``/``pqi`` from their ℓq
+      bound with ``eta``, ``lq-lasso`` from its penalty).
+
+    Example::
+
+        >>> Target.parse("sparsity=2:4")
+        Target(kind='sparsity', value=0.5, pattern=(2, 4))
+        >>> str(Target.parse("sparsity=0.7")), str(Target.parse("auto"))
+        ('sparsity=0.7', 'auto')
     """
 
     kind: TargetKind
     value: float
+    pattern: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"target kind {self.kind!r} is not one of {', '.join(_KINDS)}")
         v = float(self.value)
-        if self.kind == "error":
+        if self.pattern is not None and self.kind != "sparsity":
+            raise ValueError(f"an n:m pattern is a sparsity target, not {self.kind}")
+        if self.kind == "sparsity":
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"target sparsity={v} must be in [0, 1)")
+        elif self.kind == "auto":
+            pass
+        elif self.kind == "error":
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"target error={v} must be in [0, 1)")
         elif not 0.0 < v <= 1.0:
@@ -59,13 +88,20 @@ class Target:
         """Parse ``"macs=0.5"``-style text (also accepts a Target)."""
         if isinstance(text, Target):
             return text
+        if isinstance(text, str) and text.strip().lower() == "auto":
+            return cls("auto", 0.0)
         if not isinstance(text, str) or "=" not in text:
             raise ValueError(
                 f"target {text!r} must look like 'macs=0.5', 'params=0.5', 'width=0.5', "
-                "'error=0.05' or 'dof=0.001'"
+                "'error=0.05', 'dof=0.001', 'sparsity=0.5', 'sparsity=2:4' or 'auto'"
             )
         kind, _, value = text.partition("=")
         kind = kind.strip().lower()
+        if kind == "sparsity" and ":" in value:
+            from spectrim.linalg.masks import parse_nm
+
+            n, m = parse_nm(value.strip())
+            return cls("sparsity", 1.0 - n / m, (n, m))
         try:
             number = float(value)
         except ValueError:
@@ -73,6 +109,10 @@ class Target:
         return cls(kind, number)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
+        if self.kind == "auto":
+            return "auto"
+        if self.pattern is not None:
+            return f"sparsity={self.pattern[0]}:{self.pattern[1]}"
         return f"{self.kind}={self.value:g}"
 
 

@@ -75,7 +75,7 @@ def run_demo(
     from spectrim.zoo import train_digits_cnn
 
     out = file if file is not None else sys.stdout
-    names = list(available() if methods is None else methods)
+    names = list(available("channel") if methods is None else methods)
     known = available()
     for name in names:
         if name not in known:

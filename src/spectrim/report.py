@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spectrim._files import atomic_write_text
 
-__all__ = ["CompressionReport", "GroupReport"]
+__all__ = ["CompressionReport", "GroupReport", "MatrixReport"]
 
 
 @dataclass
@@ -38,6 +40,32 @@ class GroupReport:
 
 
 @dataclass
+class MatrixReport:
+    """One sparsified weight matrix (``out × cols``; a conv read as ``C_out × C_in·kh·kw``).
+
+    ``output_error`` is ``tr(ΔW G ΔWᵀ)/tr(W G Wᵀ)`` on the calibration inputs of the
+    original model (a relative *squared* error); ``spectral_error`` / ``frobenius_error``
+    are ``‖ΔW‖₂/‖W‖₂`` and ``‖ΔW‖_F/‖W‖_F``; ``top_sv_change`` is the largest relative
+    change of the top-8 singular values; ``left_angle`` / ``right_angle`` the largest
+    principal angle (degrees) between the top-8 singular subspaces before and after;
+    ``lq_bound`` the number of weights the ℓq bound (q=0.5, η=0) says the matrix needs.
+    """
+
+    name: str
+    kind: str
+    shape: list[int]
+    density: float
+    spectral_error: float | None = None
+    frobenius_error: float | None = None
+    top_sv_change: float | None = None
+    left_angle: float | None = None
+    right_angle: float | None = None
+    output_error: float | None = None
+    lq_bound: int | None = None
+    note: str | None = None
+
+
+@dataclass
 class CompressionReport:
     """JSON-serialisable summary of one :func:`spectrim.compress` run."""
 
@@ -53,6 +81,10 @@ class CompressionReport:
     calibration_rows: int = 0
     fitted_examples: int = 0
     groups: list[GroupReport] = field(default_factory=list)
+    matrices: list[MatrixReport] = field(default_factory=list)
+    nonzeros_before: int = 0
+    """non-zero weights of the sparsified modules' weight matrices, before and after"""
+    nonzeros_after: int = 0
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -68,8 +100,17 @@ class CompressionReport:
     def params_ratio(self) -> float:
         return self.params_after / self.params_before if self.params_before else 1.0
 
+    @property
+    def sparsity(self) -> float:
+        """Share of the targeted weights that are zero after compression."""
+        if not self.matrices:
+            return 0.0
+        total = sum(int(np.prod(m.shape)) for m in self.matrices)
+        return 1.0 - self.nonzeros_after / total if total else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["sparsity"] = self.sparsity
         d["widths"] = self.widths
         d["macs_ratio"] = self.macs_ratio
         d["params_ratio"] = self.params_ratio
@@ -85,6 +126,7 @@ class CompressionReport:
     def from_dict(cls, d: dict[str, Any]) -> CompressionReport:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["groups"] = [GroupReport(**g) for g in d.get("groups", [])]
+        d["matrices"] = [MatrixReport(**m) for m in d.get("matrices", [])]
         return cls(**d)
 
     def table(self) -> str:
@@ -95,6 +137,16 @@ class CompressionReport:
             note = f"pinned: {g.pinned}" if g.pinned else ""
             rows.append(
                 f"{g.name[:40]:40s} {g.width_before:5d}->{g.width_after:<5d} {err:>9s}  {note}"
+            )
+        if self.matrices:
+            rows.append(f"{'matrix':40s} {'density':>8s} {'out.err':>9s} {'‖ΔW‖₂':>8s}")
+            for m in self.matrices:
+                err = "" if m.output_error is None else f"{m.output_error:9.5f}"
+                spec = "" if m.spectral_error is None else f"{m.spectral_error:8.4f}"
+                rows.append(f"{m.name[:40]:40s} {m.density:8.3f} {err:>9s} {spec:>8s}")
+            rows.append(
+                f"weights {self.nonzeros_before:,} -> {self.nonzeros_after:,} non-zero "
+                f"(sparsity {self.sparsity:.3f})"
             )
         rows.append(
             f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.3f}), "

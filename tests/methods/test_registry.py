@@ -41,7 +41,7 @@ def probe() -> Iterator[type[Method]]:
             return IDSolver(group, {n: acc.gram_numpy() * self.scale for n, acc in stats.items()})
 
     yield Probe
-    _REGISTRY.pop("test-probe", None)
+    _REGISTRY.pop(("test-probe", "channel"), None)
 
 
 def test_registered_method_runs_through_compress(probe: type[Method]) -> None:
@@ -68,3 +68,33 @@ def test_compress_runs_numpy_blas_on_one_thread_and_restores_it(probe: Any) -> N
     spectrim.compress(net, torch.randn(64, 8), method="test-probe", target="width=0.5")
     assert probe.seen and all(t == 1 for threads in probe.seen for t in threads)
     assert _blas_threads() == before
+
+
+def test_the_sequential_pass_uses_the_solvers_own_refit() -> None:
+    """The solver owns its correction: the sequential pass calls ``refit`` and folds what
+    it returns (here a constrained one, every kept channel's weight halved), instead of an
+    unconstrained least squares that would drop the constraint."""
+    calls: list[str] = []
+
+    class Halved(IDSolver):
+        def refit(self, keep, consumer, gram, cross, rows):  # type: ignore[no-untyped-def]
+            calls.append(consumer)
+            b = super().refit(keep, consumer, gram, cross, rows)
+            assert b.shape == (self.group.width, len(keep))
+            return 0.5 * b
+
+    @register_method("test-halved")
+    class HalvedMethod(Method):
+        def solver(self, group, stats, model):  # type: ignore[no-untyped-def]
+            return Halved(group, {n: acc.gram_numpy() for n, acc in stats.items()})
+
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+        x = torch.randn(256, 8)
+        small, _ = spectrim.compress(net, x, method="test-halved", target="width=0.5")
+        ref, _ = spectrim.compress(net, x, method="id", target="width=0.5")
+        assert calls == ["2"]
+        torch.testing.assert_close(small[2].weight, 0.5 * ref[2].weight, rtol=1e-6, atol=1e-7)
+    finally:
+        _REGISTRY.pop(("test-halved", "channel"), None)

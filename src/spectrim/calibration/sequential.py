@@ -36,13 +36,18 @@ from spectrim.graph.channels import Analysis
 from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.surgery import (
     GroupPlan,
-    _fold_consumer,
-    _gather_index,
-    _new_positions,
     apply_plan,
+    fold_consumer,
+    gather_index,
+    new_positions,
 )
 from spectrim.graph.trace import batch_len, call_model
-from spectrim.linalg import fit_cross_reconstruction
+from spectrim.linalg.reconstruction import F32_RTOL, fit_cross_reconstruction
+
+#: ``refit(consumer, gram, cross, rows) -> B``: a group's correction at one consumer, from the
+#: Gram of its kept channels in the compressed prefix and their cross Gram with the
+#: original inputs (the solver's :meth:`~spectrim.methods.GroupSolver.refit`).
+Refit = Callable[[str, np.ndarray, np.ndarray, int], np.ndarray]
 
 __all__ = ["MERGED_BATCH_BYTES", "merge_batches", "sequential_correct"]
 
@@ -89,9 +94,6 @@ def merge_batches(batches: Sequence[Any], bytes_per_example: float) -> list[list
             groups.append([i])
             size = batch_len(b)
     return groups
-
-
-_F32_RTOL = 1e-6
 
 
 def _relative_residual(acc: GramAccumulator, b: np.ndarray) -> float:
@@ -197,6 +199,7 @@ def sequential_correct(
     row_ridge: Mapping[int, np.ndarray] | None = None,
     exact: Mapping[int, bool] | None = None,
     channels_last: bool = False,
+    refit: Mapping[int, Refit] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -221,6 +224,9 @@ def sequential_correct(
             error of about 1e-5 in the outputs, invisible next to a pruning error of 1e-2.
         channels_last: the model is in ``channels_last`` (the caller checked that it
             computes the same there); the batches are converted to it for this pass.
+        refit: per group, the solver's own fit (a method with a constrained correction
+            keeps its constraint); groups without one get the unconstrained least squares
+            with ``ridge`` / ``row_ridge``.
 
     Returns:
         ``folds[group][consumer] = B`` and the relative error of each fit.
@@ -236,7 +242,7 @@ def sequential_correct(
     per_module: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
     for gi, kept in keep.items():
         for slot in analysis.groups[gi].consumers:
-            newpos = _new_positions(analysis.in_labels[slot.module], dropped)
+            newpos = new_positions(analysis.in_labels[slot.module], dropped)
             per_module.setdefault(slot.module, []).append(
                 (gi, slot.positions, newpos[slot.positions[kept]])
             )
@@ -258,12 +264,12 @@ def sequential_correct(
         done.add(name)
         cd = _channel_dim(module, xs[0])
         applied = []
-        for gi, positions, new_positions in per_module[name]:
+        for gi, positions, kept_at in per_module[name]:
             parts = collected.inputs[(gi, name)]
-            pos_t = torch.as_tensor(new_positions, dtype=torch.long)
+            pos_t = torch.as_tensor(kept_at, dtype=torch.long)
             m = collected.stats[(gi, name)].dim
             precise = True if exact is None else bool(exact.get(gi, True))
-            acc = GramAccumulator(len(new_positions), cross_dim=m, exact=precise, sums=False)
+            acc = GramAccumulator(len(kept_at), cross_dim=m, exact=precise, sums=False)
             # a merged batch's input, cut back into the stored batches (views)
             pieces = [p for x, n in zip(xs, run_sizes) for p in ((x,) if n is None else x.split(n))]
             if len(pieces) == 1 and len(parts) > 1:  # the caller passed one concatenated batch
@@ -275,31 +281,35 @@ def sequential_correct(
                 )
             for x, z_o in zip(pieces, parts):
                 z_c, vcd = group_view(x, cd, pos_t)
-                if z_c.numel() // len(new_positions) != z_o.numel() // m:
+                if z_c.numel() // len(kept_at) != z_o.numel() // m:
                     raise RuntimeError(
                         f"sequential calibration: consumer '{name}' got "
-                        f"{z_c.numel() // len(new_positions)} rows where the original pass "
+                        f"{z_c.numel() // len(kept_at)} rows where the original pass "
                         f"had {z_o.numel() // m}"
                     )
                 acc.update_activation(z_c, vcd, y=z_o)
             g_c, cross = acc.gram_numpy(), acc.cross_numpy()
-            s = np.arange(g_c.shape[0])
-            tau: float | np.ndarray = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
-            if row_ridge is not None and gi in row_ridge:
-                tau = tau + np.asarray(row_ridge[gi], dtype=np.float64) * acc.count
-            # activations are float32: directions below ~float32 precision are noise
-            b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=_F32_RTOL)
+            own = refit.get(gi) if refit is not None else None
+            if own is not None:
+                b = own(name, g_c, cross, acc.count)
+            else:
+                s = np.arange(g_c.shape[0])
+                tau: float | np.ndarray = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
+                if row_ridge is not None and gi in row_ridge:
+                    tau = tau + np.asarray(row_ridge[gi], dtype=np.float64) * acc.count
+                # activations are float32: directions below ~float32 precision are noise
+                b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=F32_RTOL)
             folds[gi][name] = b
             errors[(gi, name)] = _relative_residual(acc, b)
             applied.append((positions, keep[gi], b))
         w = orig_w[name]
         if name in analysis.out_labels:  # also a producer: keep its sliced outputs
-            idx = _gather_index(analysis.out_labels[name], dropped, {})
+            idx = gather_index(analysis.out_labels[name], dropped, {})
             w = w.index_select(0, torch.as_tensor(idx, device=w.device))
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
         module.weight = nn.Parameter(w, requires_grad=weight.requires_grad)
-        _fold_consumer(module, analysis.in_labels[name], dropped, {}, applied)
+        fold_consumer(module, analysis.in_labels[name], dropped, {}, applied)
         if channels_last:
             module.to(memory_format=torch.channels_last)
 

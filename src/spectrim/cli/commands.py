@@ -46,7 +46,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 def _check_method_and_target(
     method: str, target: str, options: Sequence[tuple[str, Any]] = ()
 ) -> str:
-    from spectrim.config import RUN_FIELDS, Target
+    from spectrim.config import RUN_FIELDS, WEIGHT_TARGETS, Target
     from spectrim.methods import available, get_method
 
     if method not in available():
@@ -58,13 +58,15 @@ def _check_method_and_target(
             flag = "--" + key.replace("_", "-")
             raise CLIError(f"--option {key}=...: {key} is not a method option; use {flag}")
     try:
-        get_method(method, **dict(options))
-    except (TypeError, ValueError) as exc:
-        raise CLIError(f"--option: {exc}") from None
-    try:
-        return str(Target.parse(target))
+        parsed = Target.parse(target)
     except ValueError as exc:
         raise CLIError(f"--target {target!r}: {exc}") from None
+    kind = "weight" if parsed.kind in WEIGHT_TARGETS else "channel"
+    try:
+        get_method(method, kind, **dict(options))
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--method {method} --target {target}: {exc}") from None
+    return str(parsed)
 
 
 # ------------------------------------------------------------------------------------ compress
@@ -175,7 +177,13 @@ def run_compress(args: argparse.Namespace) -> int:
             f"{resolved.label} | {report.method} {report.target} | "
             f"params {report.params_before:,} -> {report.params_after:,} "
             f"({report.params_ratio:.3f}) | MACs {report.macs_before:,} -> "
-            f"{report.macs_after:,} ({report.macs_ratio:.3f})",
+            f"{report.macs_after:,} ({report.macs_ratio:.3f})"
+            + (
+                f" | non-zero weights {report.nonzeros_before:,} -> {report.nonzeros_after:,} "
+                f"(sparsity {report.sparsity:.3f})"
+                if report.matrices
+                else ""
+            ),
             file=out,
         )
         print(

@@ -66,9 +66,19 @@ Examples:
   spectrim compress --model resnet56-cifar10 --data cifar10 --method spectral \\
       --option theta=0.25 --target dof=1e-4 --json -
 
+  # weight sparsification: SparseGPT-style OBS to 70% zeros, kept weights refit, saved
+  # compactly (bitmask + values); or the 2:4 pattern; or the l_q bound sizing itself
+  spectrim compress --model resnet20-cifar10 --data cifar10 --calib 256 --method obs \
+      --target sparsity=0.7 --option refit=true --out sparse/
+  spectrim compress --model resnet20-cifar10 --data cifar10 --method wanda --target sparsity=2:4
+  spectrim compress --model resnet20-cifar10 --data cifar10 --method lq --target auto
+
 Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), width=F (keep a
 fraction F of every layer's channels), error=E (per-layer reconstruction error at most E),
-dof=A (spectral only: per-layer width c*N(lambda), lambda = A * trace of its covariance).
+dof=A (spectral only: per-layer width c*N(lambda), lambda = A * trace of its covariance);
+for the weight methods (magnitude, random, wanda, obs, lq, lq-lasso, pqi, spectrum):
+sparsity=S (a share S of every conv/Linear weight set to zero), sparsity=N:M (at most N
+non-zeros in every M consecutive inputs) or auto (lq, pqi, lq-lasso size themselves).
 --data FOLDER: class subfolders (root/<class>/*.png), optionally under train/ and test/;
 without split subfolders the first --calib examples calibrate and the rest evaluate.
 """
@@ -233,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="id",
         help=f"compression method: {', '.join(available())} (default: id)",
     )
-    p.add_argument("--target", default="macs=0.5", help="what to reach (default: macs=0.5)")
+    p.add_argument(
+        "--target",
+        default="macs=0.5",
+        help="what to reach (default: macs=0.5; weight methods: sparsity=S, sparsity=N:M, auto)",
+    )
     p.add_argument(
         "-o",
         "--option",
@@ -241,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a method option, repeatable (spectral: theta, alpha, tau, c; id: ridge)",
+        help="a method option, repeatable (spectral: theta, alpha, tau, c; id: ridge; "
+        "weight methods: refit, scope, structured; obs: damp, blocksize; lq: q, eta; ...)",
     )
     p.add_argument(
         "--calib",

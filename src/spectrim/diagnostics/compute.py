@@ -43,6 +43,7 @@ from spectrim.diagnostics.report import (
 from spectrim.evaluation._common import extract_logits
 from spectrim.evaluation.metrics import accuracy_from_logits, agreement_from_logits
 from spectrim.graph import Analysis, UnitGroup, apply_plan, call_model
+from spectrim.graph.modules import weight_modules
 from spectrim.graph.trace import batch_len
 from spectrim.linalg import (
     degrees_of_freedom,
@@ -51,8 +52,8 @@ from spectrim.linalg import (
     pq_index,
     residual_of,
     spectral_norm,
-    weight_matrix,
 )
+from spectrim.linalg.masks import pq_keep_counts
 from spectrim.methods.interpolative import IDSolver
 
 __all__ = ["DEFAULT_ALPHAS", "analyze", "correlations", "weight_diagnostics"]
@@ -61,7 +62,6 @@ __all__ = ["DEFAULT_ALPHAS", "analyze", "correlations", "weight_diagnostics"]
 DEFAULT_ALPHAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 
 Wrap = Callable[[Iterable[Any]], Iterable[Any]]
-_WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HELD_BATCH = 256  # held-out tensors: larger batches, fewer calls in the sensitivity runs
 
 
@@ -362,8 +362,10 @@ def _group_diagnostics(
 def weight_diagnostics(
     model: nn.Module, analysis: Analysis | None = None, *, p: float = 0.5, q: float = 1.0
 ) -> list[WeightDiagnostics]:
-    """PQ index (whole matrix and per row), spectral norm and stable rank of every
-    ``nn.Linear`` / ``nn.Conv{1,2,3}d`` weight, read as ``(out, in·kh·kw)``.
+    """PQ index (whole matrix and per row), spectral norm, stable rank and the weights
+    the ℓq bound keeps (Paper 3's ABP-M count with q = 0.5, η = 0, summed over rows) of
+    every weight matrix of a registered module type (:mod:`spectrim.graph.modules`:
+    ``nn.Linear`` / ``nn.Conv{1,2,3}d`` read as ``(out, in·kh·kw)``, ...).
 
     Example::
 
@@ -376,10 +378,8 @@ def weight_diagnostics(
             for name in g.producers:
                 producer_of.setdefault(name, g.name)
     out = []
-    for name, module in model.named_modules():
-        if not isinstance(module, _WEIGHT_TYPES):
-            continue
-        W = weight_matrix(module.weight.detach().float().cpu())
+    for name, module, kind in weight_modules(model):
+        W = kind.matrix(module).detach().double().cpu().numpy()
         rows = np.asarray(pq_index(W, p=p, q=q, axis=1))
         s = spectral_norm(W)
         fro = float(np.linalg.norm(W))
@@ -394,6 +394,7 @@ def weight_diagnostics(
                 spectral_norm=s,
                 frobenius_norm=fro,
                 stable_rank=max(fro * fro / (s * s), 1.0) if s > 0 else 0.0,
+                lq_keep=int(np.sum(pq_keep_counts(W, 0.5, 1.0, 0.0, scope="row"))),
             )
         )
     return out

@@ -108,6 +108,7 @@ def weight_columns(report: CompressibilityReport) -> list[str]:
         f"PQ {pq} row median",
         "‖W‖₂",
         "stable rank",
+        "ℓq keeps",
     ]
 
 
@@ -123,6 +124,9 @@ def weight_rows(report: CompressibilityReport) -> list[list[str]]:
             _f(w.pq_index_row_median),
             _f(w.spectral_norm, ".3g"),
             _f(w.stable_rank, ".2f"),
+            "–"
+            if w.lq_keep is None
+            else f"{w.lq_keep} ({w.lq_keep / max(w.shape[0] * w.shape[1], 1):.0%})",
         ]
         for w in report.weights
     ]

@@ -146,6 +146,9 @@ class WeightDiagnostics:
         spectral_norm: ``‖W‖₂``.
         frobenius_norm: ``‖W‖_F``.
         stable_rank: ``‖W‖_F² / ‖W‖₂²``.
+        lq_keep: the weights Paper 3's ℓq bound says the matrix needs, summed over its
+            rows: ``⌈d·SI_q^{−q/(1−q)}⌉`` per row with ``q = 0.5``, ``η = 0`` (the
+            ``lq`` method's ``target="auto"`` keeps exactly these).
     """
 
     name: str
@@ -157,6 +160,7 @@ class WeightDiagnostics:
     spectral_norm: float = 0.0
     frobenius_norm: float = 0.0
     stable_rank: float = 0.0
+    lq_keep: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WeightDiagnostics:

@@ -34,7 +34,16 @@ from torch import nn
 
 from spectrim.graph.channels import Analysis
 
-__all__ = ["GroupPlan", "ModuleSnapshot", "apply_plan"]
+__all__ = [
+    "GroupPlan",
+    "ModuleSnapshot",
+    "WeightPlan",
+    "apply_plan",
+    "apply_weight_plans",
+    "fold_consumer",
+    "gather_index",
+    "new_positions",
+]
 
 
 @dataclass
@@ -55,7 +64,54 @@ class GroupPlan:
     perm: np.ndarray | None = None
 
 
-def _gather_index(labels: np.ndarray, dropped: set[int], sub: Mapping[int, int]) -> np.ndarray:
+@dataclass
+class WeightPlan:
+    """Same shapes, new values: what to do with one module's weight matrix.
+
+    Attributes:
+        module: the module's name.
+        keep: boolean ``out × cols`` mask of the weights kept (the weight read as a matrix
+            by its :class:`~spectrim.graph.modules.WeightKind`).
+        values: the new ``out × cols`` values; zero wherever ``keep`` is false.
+    """
+
+    module: str
+    keep: np.ndarray
+    values: np.ndarray
+
+
+def apply_weight_plans(model: nn.Module, plans: Mapping[str, WeightPlan]) -> None:
+    """Write each plan's values into its module's weight, in place (shapes unchanged).
+
+    Example::
+
+        >>> import torch.nn as nn, numpy as np
+        >>> lin = nn.Linear(2, 2, bias=False)
+        >>> keep = np.array([[True, False], [False, True]])
+        >>> apply_weight_plans(nn.Sequential(lin), {"0": WeightPlan("0", keep, np.eye(2))})
+        >>> lin.weight.tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
+    """
+    from spectrim.graph.modules import weight_kind
+
+    modules = dict(model.named_modules())
+    for name, plan in plans.items():
+        module = modules.get(name)
+        kind = weight_kind(module) if module is not None else None
+        if module is None or kind is None:
+            raise ValueError(f"weight plan for '{name}': no module with a weight kind there")
+        current = kind.matrix(module)
+        keep = np.asarray(plan.keep, dtype=bool)
+        if keep.shape != tuple(current.shape) or np.shape(plan.values) != keep.shape:
+            raise ValueError(
+                f"weight plan for '{name}': mask {keep.shape} / values "
+                f"{np.shape(plan.values)} do not match the weight matrix {tuple(current.shape)}"
+            )
+        values = torch.as_tensor(np.where(keep, plan.values, 0.0))
+        kind.set_matrix(module, values)
+
+
+def gather_index(labels: np.ndarray, dropped: set[int], sub: Mapping[int, int]) -> np.ndarray:
     """Source position of every position that survives, after substitution."""
     labels = np.asarray(labels, dtype=np.int64)
     keep = ~np.isin(labels, np.fromiter(dropped, dtype=np.int64, count=len(dropped)))
@@ -77,7 +133,7 @@ def _gather_index(labels: np.ndarray, dropped: set[int], sub: Mapping[int, int])
     return np.asarray(src, dtype=np.int64)
 
 
-def _new_positions(labels: np.ndarray, dropped: set[int]) -> np.ndarray:
+def new_positions(labels: np.ndarray, dropped: set[int]) -> np.ndarray:
     """old position -> new position (or -1 when dropped)."""
     keep = ~np.isin(labels, np.fromiter(dropped, dtype=np.int64, count=len(dropped)))
     newpos = np.full(len(labels), -1, dtype=np.int64)
@@ -129,7 +185,7 @@ def _slice_module(module: nn.Module, idx: np.ndarray, role: str) -> None:
         raise TypeError(f"cannot slice module of type {type(module).__name__}")
 
 
-def _fold_consumer(
+def fold_consumer(
     module: nn.Module,
     labels: np.ndarray,
     dropped: set[int],
@@ -147,10 +203,10 @@ def _fold_consumer(
     else:  # pragma: no cover
         raise TypeError(f"cannot fold into module of type {type(module).__name__}")
     w = module.weight.data
-    src = _gather_index(labels, dropped, sub)
+    src = gather_index(labels, dropped, sub)
     new_w = _index(w, 1, src)
     if folds:
-        newpos = _new_positions(labels, dropped)
+        newpos = new_positions(labels, dropped)
         w64 = w.double()
         new_w = new_w.double()
         for pos, kept, b in folds:
@@ -215,14 +271,14 @@ def apply_plan(model: nn.Module, analysis: Analysis, plans: Mapping[int, GroupPl
     modules = dict(model.named_modules())
     for name, labels in analysis.in_labels.items():
         if fold_at.get(name) or affected(labels):
-            _fold_consumer(modules[name], labels, dropped, sub, fold_at.get(name, []))
+            fold_consumer(modules[name], labels, dropped, sub, fold_at.get(name, []))
     for name, labels in analysis.out_labels.items():
         if affected(labels):
-            _slice_module(modules[name], _gather_index(labels, dropped, sub), "out")
+            _slice_module(modules[name], gather_index(labels, dropped, sub), "out")
     for name, labels in analysis.chan_labels.items():
         if not affected(labels):
             continue
-        idx = _gather_index(labels, dropped, sub)
+        idx = gather_index(labels, dropped, sub)
         if name in analysis.param_dims:
             owner_name, _, attr = name.rpartition(".")
             owner = modules[owner_name]

@@ -66,6 +66,7 @@ from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -255,6 +256,11 @@ def _validate(manifest: Any, source: str | os.PathLike[str] | None) -> dict[str,
         isinstance(k, str) and isinstance(v, str) and v in shapes for k, v in tied.items()
     ):
         raise ManifestError(f"{where}'tied' must map state-dict names to names under 'shapes'")
+    packed = manifest.get("packed", {})
+    if not isinstance(packed, dict) or not all(
+        isinstance(k, str) and k in shapes and v == shapes[k] for k, v in packed.items()
+    ):
+        raise ManifestError(f"{where}'packed' must map names under 'shapes' to their shapes")
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise ManifestError(f"{where}'files' must be an object of file name -> checksum")
@@ -561,6 +567,52 @@ def dump_manifest(manifest: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Suffixes of the two entries a packed (sparse) tensor is stored as.
+MASK_SUFFIX, VALUES_SUFFIX = "::mask", "::values"
+#: Tensors with at least this share of zeros (and at least 64 entries) are packed.
+PACK_MIN_ZEROS = 0.5
+
+
+def _pack(tensors: dict[str, torch.Tensor], min_zeros: float) -> dict[str, Any]:
+    """Replace every floating tensor with at least ``min_zeros`` zeros by a bitmask of its
+    non-zeros (``uint8``, 8 entries per byte) and the non-zero values in row-major order;
+    returns the manifest's ``packed`` map (name -> shape)."""
+    packed: dict[str, Any] = {}
+    for name in list(tensors):
+        t = tensors[name]
+        if not t.is_floating_point() or t.numel() < 64:
+            continue
+        nz = t != 0
+        if 1.0 - float(nz.sum()) / t.numel() < min_zeros:
+            continue
+        flat = nz.reshape(-1).numpy()
+        tensors[name + MASK_SUFFIX] = torch.from_numpy(np.packbits(flat))
+        tensors[name + VALUES_SUFFIX] = t.reshape(-1)[nz.reshape(-1)].contiguous()
+        packed[name] = [int(s) for s in t.shape]
+        del tensors[name]
+    return packed
+
+
+def _unpack(state: dict[str, Any], packed: Mapping[str, Any], path: Path) -> None:
+    for name, shape in packed.items():
+        mask = state.pop(name + MASK_SUFFIX, None)
+        values = state.pop(name + VALUES_SUFFIX, None)
+        if not isinstance(mask, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise ManifestError(f"{path}: packed tensor {name!r} lacks its mask or values")
+        numel = int(np.prod(shape)) if shape else 1
+        if mask.dtype != torch.uint8 or mask.numel() != (numel + 7) // 8:
+            raise ManifestError(f"{path}: the mask of packed tensor {name!r} does not fit {shape}")
+        bits = torch.from_numpy(np.unpackbits(mask.cpu().numpy(), count=numel).astype(bool))
+        if int(bits.sum()) != values.numel():
+            raise ManifestError(
+                f"{path}: packed tensor {name!r} has {values.numel()} values for "
+                f"{int(bits.sum())} non-zeros in its mask"
+            )
+        full = torch.zeros(numel, dtype=values.dtype, device=values.device)
+        full[bits.to(values.device)] = values
+        state[name] = full.reshape(shape)
+
+
 def _weights(model: nn.Module, tied: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """The state dict as safetensors takes it: one entry per distinct tensor, contiguous,
     no two entries sharing memory."""
@@ -592,6 +644,7 @@ def save_compressed(
     *,
     overwrite: bool = False,
     original_file: str | os.PathLike[str] | None = None,
+    pack: bool = True,
 ) -> Path:
     """Write ``model.safetensors``, ``manifest.json`` (and ``report.json``) to ``directory``.
 
@@ -610,6 +663,10 @@ def save_compressed(
         original_file: the model file the model was compressed from; it is copied into the
             folder (``original.pt``) and, when ``arch`` is not given, rebuilds the
             architecture on reload, so the folder loads without the original file.
+        pack: store every floating tensor with at least half its entries zero (a
+            sparsified weight) as a bitmask plus its non-zero values (``name::mask``,
+            ``name::values``; listed under ``packed`` in the manifest), so a sparse
+            model's file is smaller than the dense one; reloading restores it exactly.
 
     Returns:
         The directory.
@@ -626,6 +683,8 @@ def save_compressed(
         manifest["arch"] = {"file": ORIGINAL_FILE}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         tensors = _weights(model, manifest["tied"])
+        if pack:
+            manifest["packed"] = _pack(tensors, PACK_MIN_ZEROS)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         names = [WEIGHTS_FILE]
         if original_file is not None:
@@ -662,6 +721,7 @@ def _read_weights(folder: Path, manifest: Mapping[str, Any], map_location: Any) 
         state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ManifestError(f"{path}: cannot read the weights ({exc})") from None
+    _unpack(state, manifest.get("packed", {}), path)
     for alias, canonical in manifest.get("tied", {}).items():
         if canonical in state:
             state[alias] = state[canonical]

@@ -48,7 +48,12 @@ from spectrim.linalg._validation import (
     default_rtol,
 )
 
+#: Relative eigenvalue cut-off for fits on float32 activations: directions below about
+#: float32 precision are noise.
+F32_RTOL = 1e-6
+
 __all__ = [
+    "F32_RTOL",
     "cross_residual_of",
     "fit_cross_reconstruction",
     "fit_reconstruction",

@@ -28,6 +28,7 @@ from torch import nn
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.surgery import GroupPlan
+from spectrim.linalg.reconstruction import F32_RTOL, fit_cross_reconstruction
 
 __all__ = [
     "GroupSolver",
@@ -36,6 +37,7 @@ __all__ = [
     "available",
     "coerce_options",
     "get_method",
+    "method_kinds",
     "register_method",
 ]
 
@@ -52,6 +54,8 @@ class GroupSolver(ABC):
 
     group: UnitGroup
     least_squares_curve: ClassVar[bool] = False
+    #: relative Tikhonov penalty of the refits, ``τ = ridge·tr(G)/k`` (``id``'s option)
+    ridge: float = 0.0
 
     @abstractmethod
     def error_curve(self) -> np.ndarray:
@@ -76,6 +80,25 @@ class GroupSolver(ABC):
     def row_ridge(self, keep: np.ndarray) -> np.ndarray | None:
         """Ridge of the kept channels per calibration row for sequential refits (or None)."""
         return None
+
+    def refit(
+        self, keep: np.ndarray, consumer: str, gram: np.ndarray, cross: np.ndarray, rows: int
+    ) -> np.ndarray:
+        """The correction ``B`` (``m × k``) of ``consumer`` in the sequential pass.
+
+        ``gram``: Gram of the kept channels (sorted ``keep``) as the compressed prefix
+        produces them; ``cross``: their cross Gram with the original model's channels;
+        ``rows``: calibration rows behind both.  The default is the unconstrained least
+        squares with the solver's ``ridge`` and :meth:`row_ridge`; a method whose
+        correction has a constraint (a mask, a block structure) overrides it, so the
+        sequential pass never fits the constraint away.
+        """
+        tau: float | np.ndarray = self.ridge * float(np.trace(gram)) / max(len(gram), 1)
+        extra = self.row_ridge(keep)
+        if extra is not None:
+            tau = tau + np.asarray(extra, dtype=np.float64) * rows
+        s = np.arange(gram.shape[0])
+        return fit_cross_reconstruction(gram, cross, s, ridge=tau, rtol=F32_RTOL)
 
 
 class OrderSolver(GroupSolver):
@@ -113,6 +136,8 @@ class Method(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: ``"channel"`` (a solver per unit group) or ``"weight"`` (a plan per weight matrix)
+    kind: ClassVar[str] = "channel"
     needs_statistics: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
@@ -131,26 +156,38 @@ class Method(ABC):
         """Solver for ``group``; ``stats`` maps consumer module name to its Gram."""
 
 
-_REGISTRY: dict[str, type[Method]] = {}
+_REGISTRY: dict[tuple[str, str], type[Method]] = {}
 M = TypeVar("M", bound=type[Method])
+KINDS = ("channel", "weight")
 
 
-def register_method(name: str) -> Callable[[M], M]:
-    """Class decorator registering a :class:`Method` under ``name``."""
+def register_method(name: str, kind: str = "channel") -> Callable[[M], M]:
+    """Class decorator registering a :class:`Method` under ``name`` for ``kind``
+    (``"channel"`` or ``"weight"``; one name may have one method of each kind, as
+    ``random`` has: the target says which runs)."""
+    if kind not in KINDS:
+        raise ValueError(f"method kind {kind!r} must be one of {', '.join(KINDS)}")
 
     def deco(cls: M) -> M:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method name {name!r} is already registered")
+        if (name, kind) in _REGISTRY and _REGISTRY[(name, kind)] is not cls:
+            raise ValueError(f"{kind} method name {name!r} is already registered")
         cls.name = name
-        _REGISTRY[name] = cls
+        cls.kind = kind
+        _REGISTRY[(name, kind)] = cls
         return cls
 
     return deco
 
 
-def get_method(name: str, **options: Any) -> Method:
-    """Instantiate a registered method by name, its options checked against the types of
-    its ``__init__`` defaults (a number for a float option, ...).
+def method_kinds(name: str) -> list[str]:
+    """The kinds registered under ``name`` (``[]`` when none)."""
+    return [k for k in KINDS if (name, k) in _REGISTRY]
+
+
+def get_method(name: str, kind: str | None = None, **options: Any) -> Method:
+    """Instantiate a registered method by name (and kind: by default the channel method
+    when the name has both), its options checked against the types of its ``__init__``
+    defaults (a number for a float option, ...).
 
     Example::
 
@@ -159,12 +196,22 @@ def get_method(name: str, **options: Any) -> Method:
         ...
         ValueError: method 'id': option ridge='abc' must be a number (float)
     """
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
+    kinds = method_kinds(name)
+    if not kinds:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}")
+    if kind is None:
+        kind = kinds[0]
+    if kind not in kinds:
+        other = ", ".join(kinds)
         raise ValueError(
-            f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+            f"method {name!r} is a {other} method, not a {kind} method"
+            + (
+                " (weight methods take target='sparsity=S', 'sparsity=n:m' or 'auto')"
+                if kind == "channel"
+                else " (channel methods take macs/params/width/error/dof targets)"
+            )
+        )
+    cls = _REGISTRY[(name, kind)]
     return cls(**coerce_options(cls, options))
 
 
@@ -210,6 +257,6 @@ def coerce_options(cls: type[Method], options: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def available() -> list[str]:
-    """Names of the registered methods."""
-    return sorted(_REGISTRY)
+def available(kind: str | None = None) -> list[str]:
+    """Names of the registered methods (of one ``kind``, or all)."""
+    return sorted({n for n, k in _REGISTRY if kind is None or k == kind})

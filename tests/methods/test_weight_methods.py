@@ -1,0 +1,185 @@
+"""Weight sparsification through ``spectrim.compress`` on a real pretrained ResNet-20."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spectrim
+from spectrim.graph.modules import weight_modules
+from spectrim.methods import available
+
+WEIGHT_METHODS = ["magnitude", "random", "wanda", "obs", "lq", "pqi", "spectrum", "lq-lasso"]
+
+
+@pytest.fixture(scope="module")
+def resnet20(data_root):  # type: ignore[no-untyped-def]
+    from spectrim.zoo import load_pretrained
+
+    return load_pretrained("resnet20-cifar10").eval()
+
+
+@pytest.fixture(scope="module")
+def test_images(data_root):  # type: ignore[no-untyped-def]
+    from spectrim.zoo import load_dataset
+
+    x, y = load_dataset("cifar10", "test", limit=256).tensors
+    return x.clone(), y.clone()
+
+
+def _matrices(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: k.matrix(m).detach() for n, m, k in weight_modules(model)}
+
+
+def test_every_weight_method_is_registered() -> None:
+    assert set(WEIGHT_METHODS) <= set(available("weight"))
+    assert "random" in available("channel") and "obs" not in available("channel")
+
+
+@pytest.mark.parametrize("method", WEIGHT_METHODS)
+def test_sparsity_zero_reproduces_the_model(method, resnet20, cifar_calib, state_hash) -> None:  # type: ignore[no-untyped-def]
+    small, report = spectrim.compress(resnet20, cifar_calib[:64], method, "sparsity=0")
+    assert state_hash(small) == state_hash(resnet20)
+    assert report.sparsity == 0.0
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "obs", "lq", "pqi", "spectrum", "random"])
+def test_half_sparsity_on_resnet20(method, resnet20, cifar_calib, test_images) -> None:  # type: ignore[no-untyped-def]
+    small, report = spectrim.compress(
+        resnet20, cifar_calib, method, "sparsity=0.5", structured=False
+    )
+    tol = 0.02 if method == "spectrum" else 0.002
+    assert abs(report.sparsity - 0.5) <= tol
+    mats = _matrices(small)
+    zeros = sum(int((m == 0).sum()) for m in mats.values())
+    total = sum(m.numel() for m in mats.values())
+    assert abs(zeros / total - report.sparsity) < 1e-9  # the report says what the model holds
+    x, _y = test_images
+    with torch.no_grad():
+        dense, out = resnet20(x).argmax(1), small(x).argmax(1)
+    agree = float((dense == out).float().mean())
+    floor = {"random": 0.0, "spectrum": 0.1}.get(method, 0.75)
+    assert agree >= floor, f"{method}: agreement {agree:.3f}"
+    assert len(report.matrices) == len(mats)
+    m0 = report.matrices[1]
+    assert 0 < m0.density < 1 and m0.output_error is not None and m0.spectral_error is not None
+
+
+def test_data_aware_and_refit_reduce_the_output_error(resnet20, cifar_calib, test_images) -> None:  # type: ignore[no-untyped-def]
+    x, _ = test_images
+    with torch.no_grad():
+        ref = resnet20(x)
+
+    def err(method: str, **kw) -> float:  # type: ignore[no-untyped-def]
+        small, _ = spectrim.compress(resnet20, cifar_calib, method, "sparsity=0.7", **kw)
+        with torch.no_grad():
+            return float((small(x) - ref).norm() / ref.norm())
+
+    mag, mag_refit, obs = err("magnitude"), err("magnitude", refit=True), err("obs")
+    # held-out images: the fits are on the 128 calibration images only
+    assert mag_refit < 0.8 * mag
+    assert obs < 0.8 * mag
+
+
+def test_two_four_pattern(resnet20, cifar_calib) -> None:  # type: ignore[no-untyped-def]
+    small, report = spectrim.compress(resnet20, cifar_calib[:64], "wanda", "sparsity=2:4")
+    assert report.target == "sparsity=2:4"
+    for name, m in _matrices(small).items():
+        full = (m.shape[1] // 4) * 4
+        groups = (m[:, :full] != 0).reshape(m.shape[0], -1, 4).sum(-1)
+        assert int(groups.max()) <= 2, name
+
+
+def test_global_scope_and_seeds(resnet20, cifar_calib, state_hash) -> None:  # type: ignore[no-untyped-def]
+    _small, report = spectrim.compress(
+        resnet20, cifar_calib[:64], "magnitude", "sparsity=0.6", scope="global"
+    )
+    assert abs(report.sparsity - 0.6) < 1e-4
+    densities = [m.density for m in report.matrices]
+    assert max(densities) - min(densities) > 0.2  # one threshold, uneven layers
+    a, _ = spectrim.compress(resnet20, cifar_calib[:64], "spectrum", "sparsity=0.5", seed=1)
+    b, _ = spectrim.compress(resnet20, cifar_calib[:64], "spectrum", "sparsity=0.5", seed=1)
+    c, _ = spectrim.compress(resnet20, cifar_calib[:64], "spectrum", "sparsity=0.5", seed=2)
+    assert state_hash(a) == state_hash(b) != state_hash(c)
+
+
+def test_lq_solves_eta_for_a_sparsity_and_sizes_itself(resnet20, cifar_calib) -> None:  # type: ignore[no-untyped-def]
+    _, auto = spectrim.compress(resnet20, cifar_calib[:32], "lq", q=0.5)
+    assert auto.target == "auto" and 0.05 < auto.sparsity < 0.95
+    lq_bound = sum(m.lq_bound for m in auto.matrices if m.lq_bound is not None)
+    assert auto.nonzeros_after == lq_bound  # η = 0, q = 0.5: exactly the bound
+    _, rep = spectrim.compress(resnet20, cifar_calib[:32], "lq", "sparsity=0.8")
+    assert rep.config["solved"]["eta"] > 0
+    assert 0.8 - 1e-9 <= rep.sparsity <= 0.81
+
+
+def test_structured_removal_is_exact() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3))
+    x = torch.randn(512, 8)
+    flat, r0 = spectrim.compress(net, x, "lq-lasso", lam=3e-3, structured=False)
+    small, r1 = spectrim.compress(net, x, "lq-lasso", lam=3e-3)
+    assert r1.params_after < r0.params_after == r0.params_before
+    assert any("channels no longer read" in w for w in r1.warnings)
+    torch.testing.assert_close(small(x), flat(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method, target, options, match",
+    [
+        ("obs", "sparsity=1.0", {}, r"sparsity=1.0 must be in \[0, 1\)"),
+        ("obs", "sparsity=-0.1", {}, r"must be in \[0, 1\)"),
+        ("lq", "sparsity=0.5", {"q": 1.5}, r"q=1.5 must be in \(0, 1\)"),
+        ("lq", "sparsity=0.5", {"q": 0.0}, r"must be in \(0, 1\)"),
+        ("obs", "sparsity=4:2", {}, "n:m pattern"),
+        ("obs", "sparsity=2:x", {}, "n:m pattern"),
+        ("lq", "sparsity=2:4", {}, "does not make n:m patterns"),
+        ("obs", "macs=0.5", {}, "weight method"),
+        ("id", "sparsity=0.5", {}, "channel method"),
+        ("obs", "auto", {}, "needs target='sparsity=S'"),
+        ("spectrum", "sparsity=0.5", {"distribution": "l3"}, "distribution"),
+    ],
+)
+def test_clear_errors(method, target, options, match) -> None:  # type: ignore[no-untyped-def]
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=match):
+        spectrim.compress(net, torch.randn(64, 4), method, target, **options)
+
+
+def test_model_without_weights_is_refused() -> None:
+    net = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="no weight matrix to sparsify"):
+        spectrim.compress(net, torch.randn(64, 4), "magnitude", "sparsity=0.5")
+
+
+def test_tied_weights_stay_dense_and_tied() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 16))
+    net[2].weight = net[0].weight
+    small, rep = spectrim.compress(net, torch.randn(128, 8), "magnitude", "sparsity=0.5")
+    assert small[2].weight is small[0].weight and bool((small[0].weight != 0).all())
+    assert any("shared with another module" in w for w in rep.warnings)
+    assert [m.name for m in rep.matrices] == ["4"]
+    np.testing.assert_allclose(rep.sparsity, 0.5)
+
+
+def test_channels_then_weights_in_one_call(resnet20, cifar_calib, test_images) -> None:  # type: ignore[no-untyped-def]
+    small, report = spectrim.compress(
+        resnet20,
+        cifar_calib,
+        "id",
+        "macs=0.5",
+        then={"method": "obs", "target": "sparsity=0.5"},
+    )
+    assert report.method == "id+obs" and report.groups and report.matrices
+    assert report.macs_ratio < 0.55 and abs(report.sparsity - 0.5) < 0.01
+    # the matrices reported are the pruned ones, half of their weights zero
+    pruned = _matrices(small)
+    assert sum(int((m != 0).sum()) for m in pruned.values()) <= report.nonzeros_after
+    x, _ = test_images
+    with torch.no_grad():
+        agree = float((small(x).argmax(1) == resnet20(x).argmax(1)).float().mean())
+    assert agree > 0.6
+    assert spectrim.CompressionReport.from_dict(report.to_dict()).matrices == report.matrices
