@@ -49,6 +49,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "pqi-global": ("pqi", {"scope": "global"}),
     "spectrum": ("spectrum", {}),
     "spectrum-det0.9": ("spectrum", {"det_fraction": 0.9}),
+    "spectrum-norescale": ("spectrum", {"rescale": False}),
+    "spectrum-l2": ("spectrum", {"distribution": "l2"}),
+    "magnitude+refit-curves": ("magnitude", {"refit": True, "allocation": "curves"}),
+    "obs+refit-curves": ("obs", {"refit": True, "allocation": "curves"}),
 }
 
 CHITA_TABLE1_RESNET20 = {

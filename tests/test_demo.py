@@ -40,7 +40,7 @@ def test_run_demo_every_method(monkeypatch: pytest.MonkeyPatch) -> None:
     assert by_method["id"]["accuracy_after"] >= by_method["l1"]["accuracy_after"] - 0.02
     text = out.getvalue()
     assert "acc after" in text and "DigitsCNN" in text
-    assert all(m in text for m in available())
+    assert all(m in text for m in available("channel"))
 
 
 def test_run_demo_rejects_bad_arguments() -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spectrim.budget.densities import allocate_densities
 from spectrim.calibration.batches import head_examples
 from spectrim.calibration.checks import CalibrationInfo, trace_checked
 from spectrim.calibration.inputs import (
@@ -35,7 +36,7 @@ from spectrim.graph.channels import Analysis, shared_tensors
 from spectrim.graph.modules import WeightKind, weight_modules
 from spectrim.graph.surgery import WeightPlan, apply_weight_plans
 from spectrim.graph.trace import batch_len
-from spectrim.linalg.masks import matrix_metrics, pq_keep_counts
+from spectrim.linalg.masks import matrix_metrics, output_error, pq_keep_counts
 from spectrim.methods.weights import MatrixUnit, WeightMethod, pooled_keep, refit_values
 from spectrim.report import CompressionReport, MatrixReport
 
@@ -82,6 +83,47 @@ def _dead_channel_plans(work: nn.Module, analysis: Analysis) -> dict[int, GroupP
             alive[0] = True  # a group keeps at least one channel
         plans[g.index] = GroupPlan(keep=np.flatnonzero(alive))
     return plans
+
+
+#: densities at which each matrix's error curve is measured (allocation="curves")
+CURVE_GRID = np.array(
+    [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03]
+)
+
+
+def _curve_densities(
+    algo: WeightMethod,
+    names: list[str],
+    by_name: dict[str, tuple[nn.Module, WeightKind]],
+    weights0: dict[str, np.ndarray],
+    grams0: dict[str, Any],
+    density: float,
+    ctx: RunContext,
+) -> dict[str, float]:
+    """Per-matrix densities from each matrix's error curve: the method's mask (and refit)
+    at every density of :data:`CURVE_GRID`, judged by the relative output error on the
+    original model's inputs (one-shot), then :func:`allocate_densities`."""
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sizes: dict[str, int] = {}
+    for n in names:
+        acc = grams0.get(n)
+        if acc is None:  # no Gram: cannot be judged, kept at the requested density
+            continue
+        module, kind = by_name[n]
+        unit = MatrixUnit(n, module, kind, weights0[n], gram=acc.gram_numpy(), rows=acc.count)
+        if algo.needs_mean:
+            unit.mean = acc.mean_numpy()
+        errors = [0.0]
+        for d in CURVE_GRID[1:]:
+            values, keep = algo.sparsify(unit, float(d), None, ctx.rng())
+            if algo.refit:
+                values = refit_values(unit, keep)
+            errors.append(output_error(unit.weight, values, unit.gram))
+        curves[n] = (CURVE_GRID, np.asarray(errors))
+        sizes[n] = int(unit.weight.size)
+    if not curves:
+        return {}
+    return allocate_densities(curves, sizes, density)
 
 
 def sparsify_run(
@@ -154,6 +196,10 @@ def sparsify_run(
         plain = [MatrixUnit(n, *by_name[n], weights0[n]) for n in names]
         d = density if density is not None else algo.global_density(plain)
         pooled = pooled_keep(algo, plain, d)
+    per_matrix: dict[str, float] = {}
+    if algo.allocation == "curves" and density is not None and density < 1 and nm is None:
+        per_matrix = _curve_densities(algo, names, by_name, weights0, grams0, density, ctx)
+        solved["densities"] = per_matrix  # type: ignore[assignment]
     sequential = cfg.sequential and algo.needs_statistics and algo.scope != "global"
     original = copy.deepcopy(work) if sequential and algo.refit else None
     rng = ctx.rng()
@@ -188,14 +234,15 @@ def sparsify_run(
                 unit.cross = acc.cross_numpy()
             if algo.needs_mean:
                 unit.mean = acc.mean_numpy()
-        if density is not None and density >= 1.0:
+        dens = per_matrix.get(n, density)
+        if dens is not None and dens >= 1.0:
             keep = np.ones(unit.weight.shape, dtype=bool)  # sparsity 0: nothing changes
             values = unit.weight
         elif n in pooled:
             keep = pooled[n]
             values = np.where(keep, unit.weight, 0.0)
         else:
-            values, keep = algo.sparsify(unit, density, nm, rng)
+            values, keep = algo.sparsify(unit, dens, nm, rng)
         if keep.all() and not algo.sets_values:
             values = unit.weight  # nothing removed: exactly the original
         elif algo.refit:

@@ -108,6 +108,10 @@ class Target:
             raise ValueError(f"target {text!r}: {value!r} is not a number") from None
         return cls(kind, number)  # type: ignore[arg-type]
 
+    def __repr__(self) -> str:
+        extra = f", pattern={self.pattern!r}" if self.pattern is not None else ""
+        return f"Target(kind={self.kind!r}, value={self.value!r}{extra})"
+
     def __str__(self) -> str:
         if self.kind == "auto":
             return "auto"

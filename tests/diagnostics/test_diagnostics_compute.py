@@ -261,6 +261,13 @@ def test_weight_diagnostics_brute_force(
     assert w.spectral_norm == pytest.approx(s[0], rel=1e-5)
     assert w.stable_rank == pytest.approx(np.sum(s**2) / s[0] ** 2, rel=1e-5)
     assert len(r20_report.weights) == 20  # 19 convs + the classifier
+    # the ℓq bound: ⌈d·SI^{−q/(1−q)}⌉ per row with SI = M₁/M_q, q = 0.5
+    need = 0
+    for r in W:
+        a = np.abs(r)
+        si = np.mean(a) / np.mean(a**0.5) ** 2
+        need += min(int(np.ceil(a.size * si ** (-1.0) - 1e-9)), a.size)
+    assert w.lq_keep == need
 
 
 # ------------------------------------------------------------------------------------- errors

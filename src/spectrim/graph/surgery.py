@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from spectrim.graph.channels import Analysis
+from spectrim.graph.modules import index_along, module_kind, set_param
 
 __all__ = [
     "GroupPlan",
@@ -141,48 +142,13 @@ def new_positions(labels: np.ndarray, dropped: set[int]) -> np.ndarray:
     return newpos
 
 
-def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-    else:
-        setattr(module, name, value.contiguous())
-
-
-def _index(t: torch.Tensor, dim: int, idx: np.ndarray) -> torch.Tensor:
-    return t.index_select(dim, torch.as_tensor(idx, device=t.device))
-
-
 def _slice_module(module: nn.Module, idx: np.ndarray, role: str) -> None:
-    """Slice a producer's outputs (role 'out') or a passenger's channels (role 'chan')."""
-    k = len(idx)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        _set_param(module, "weight", _index(module.weight.data, 0, idx))
-        if module.bias is not None:
-            _set_param(module, "bias", _index(module.bias.data, 0, idx))
-        module.out_channels = k
-        if role == "chan":  # depthwise: one filter per channel
-            module.in_channels = k
-            module.groups = k
-    elif isinstance(module, nn.Linear):
-        _set_param(module, "weight", _index(module.weight.data, 0, idx))
-        if module.bias is not None:
-            _set_param(module, "bias", _index(module.bias.data, 0, idx))
-        module.out_features = k
-    elif isinstance(module, nn.Embedding):
-        _set_param(module, "weight", _index(module.weight.data, 1, idx))
-        module.embedding_dim = k
-    elif isinstance(module, (nn.modules.batchnorm._NormBase,)):
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            t = getattr(module, name, None)
-            if t is not None:
-                _set_param(module, name, _index(t.data, 0, idx))
-        module.num_features = k
-    elif isinstance(module, nn.PReLU):
-        _set_param(module, "weight", _index(module.weight.data, 0, idx))
-        module.num_parameters = k
-    else:  # pragma: no cover - the analysis only registers the types above
+    """Slice a producer's outputs (role 'out') or a passenger's channels (role 'chan'),
+    as its registered :class:`~spectrim.graph.modules.ModuleKind` says."""
+    kind = module_kind(module)
+    if kind is None or kind.slice is None:  # pragma: no cover - the analysis checks
         raise TypeError(f"cannot slice module of type {type(module).__name__}")
+    kind.slice(module, idx, role)
 
 
 def fold_consumer(
@@ -196,15 +162,15 @@ def fold_consumer(
 
     ``folds`` holds ``(positions (m, r), kept (k,), B (m, k))`` per group with a fold.
     """
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        attr = "in_channels"
-    elif isinstance(module, nn.Linear):
-        attr = "in_features"
-    else:  # pragma: no cover
+    kind = module_kind(module)
+    attr = kind.in_size if kind is not None else None
+    if attr is None:  # pragma: no cover - the analysis only folds into registered types
         raise TypeError(f"cannot fold into module of type {type(module).__name__}")
-    w = module.weight.data
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    w = weight.data
     src = gather_index(labels, dropped, sub)
-    new_w = _index(w, 1, src)
+    new_w = index_along(w, 1, src)
     if folds:
         newpos = new_positions(labels, dropped)
         w64 = w.double()
@@ -222,7 +188,7 @@ def fold_consumer(
                 w.shape[0], -1, *w.shape[2:]
             )
         new_w = new_w.to(w.dtype)
-    _set_param(module, "weight", new_w)
+    set_param(module, "weight", new_w)
     setattr(module, attr, new_w.shape[1])
 
 
@@ -282,8 +248,8 @@ def apply_plan(model: nn.Module, analysis: Analysis, plans: Mapping[int, GroupPl
         if name in analysis.param_dims:
             owner_name, _, attr = name.rpartition(".")
             owner = modules[owner_name]
-            _set_param(
-                owner, attr, _index(getattr(owner, attr).data, analysis.param_dims[name], idx)
+            set_param(
+                owner, attr, index_along(getattr(owner, attr).data, analysis.param_dims[name], idx)
             )
         else:
             _slice_module(modules[name], idx, "chan")

@@ -72,6 +72,7 @@ from torch import nn
 
 from spectrim._files import atomic_directory, sha256_cached, sha256_file
 from spectrim.graph.channels import shared_tensors
+from spectrim.graph.modules import module_kind, size_attribute_names
 from spectrim.report import CompressionReport
 
 __all__ = [
@@ -115,26 +116,6 @@ _FORBIDDEN_KWARGS = frozenset(
      "trust_remote_code", "cache_dir", "pretrained_model_name_or_path"}
 )  # fmt: skip
 
-_CONV = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-
-#: Size attributes recorded per module type (the ones channel surgery can change).
-SIZE_ATTRIBUTES: tuple[tuple[tuple[type[nn.Module], ...], tuple[str, ...]], ...] = (
-    (_CONV, ("in_channels", "out_channels", "groups")),
-    ((nn.Linear,), ("in_features", "out_features")),
-    ((nn.modules.batchnorm._NormBase,), ("num_features",)),  # BatchNorm*, InstanceNorm*
-    ((nn.Embedding,), ("embedding_dim",)),
-    ((nn.PReLU,), ("num_parameters",)),
-    ((nn.LayerNorm,), ("normalized_shape",)),
-    ((nn.GroupNorm,), ("num_groups", "num_channels")),
-)
-_SIZE_NAMES = frozenset(a for _, attrs in SIZE_ATTRIBUTES for a in attrs)
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -143,17 +124,17 @@ class ManifestError(ValueError):
 
 
 def _size_attributes(module: nn.Module) -> dict[str, Any]:
+    """The size attributes its registered kind records (:mod:`spectrim.graph.modules`)."""
+    kind = module_kind(module)
     out: dict[str, Any] = {}
-    for types, attrs in SIZE_ATTRIBUTES:
-        if isinstance(module, types):
-            for attr in attrs:
-                value = getattr(module, attr, None)
-                if isinstance(value, bool) or value is None:
-                    continue
-                if isinstance(value, int):
-                    out[attr] = value
-                elif isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
-                    out[attr] = list(value)
+    for attr in kind.size_attributes if kind is not None else ():
+        value = getattr(module, attr, None)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            out[attr] = value
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+            out[attr] = list(value)
     return out
 
 
@@ -235,10 +216,10 @@ def _validate(manifest: Any, source: str | os.PathLike[str] | None) -> dict[str,
         raise ManifestError(f"{where}'modules' must be an object of module name -> attributes")
     for mname, attrs in modules.items():
         for attr, value in attrs.items():
-            if attr not in _SIZE_NAMES:
+            if attr not in size_attribute_names():
                 raise ManifestError(
                     f"{where}module {mname!r}: {attr!r} is not a size attribute spectrim "
-                    f"records ({', '.join(sorted(_SIZE_NAMES))})"
+                    f"records ({', '.join(sorted(size_attribute_names()))})"
                 )
             ok = (isinstance(value, int) and not isinstance(value, bool)) or (
                 isinstance(value, list) and all(isinstance(v, int) for v in value)

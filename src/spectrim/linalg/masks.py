@@ -491,7 +491,7 @@ def matrix_metrics(W: Any, W_new: Any, G: Any | None = None, k: int = 8) -> dict
         >>> import numpy as np
         >>> m = matrix_metrics(np.eye(3), np.diag([1.0, 1.0, 0.0]), k=2)
         >>> m["density"], round(m["spectral_error"], 6), round(m["frobenius_error"], 4)
-        (0.6666666666666666, 1.0, 0.5774)
+        (0.2222222222222222, 1.0, 0.5774)
     """
     a, b = _matrix(W), _matrix(W_new, "W_new")
     if a.shape != b.shape:

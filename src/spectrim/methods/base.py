@@ -247,6 +247,14 @@ def coerce_options(cls: type[Method], options: Mapping[str, Any]) -> dict[str, A
     """``options`` converted to the types of ``cls.__init__``'s defaults; raises
     ``ValueError`` naming the method, the option and the expected type."""
     params = inspect.signature(cls.__init__).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k in options if k not in params and not open_ended)
+    if unknown:
+        known = sorted(k for k in params if k != "self")
+        raise ValueError(
+            f"method '{cls.name}': unknown option(s) {', '.join(unknown)} "
+            f"(its options: {', '.join(known) or 'none'})"
+        )
     out = {}
     for key, value in options.items():
         p = params.get(key)

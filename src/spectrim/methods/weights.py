@@ -7,7 +7,8 @@ channel methods and run through the same :func:`spectrim.compress`::
 
     >>> import torch, torch.nn as nn, spectrim
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    >>> small, report = spectrim.compress(net, torch.randn(256, 16), "obs", "sparsity=0.5")
+    >>> x = torch.randn(256, 16)
+    >>> small, report = spectrim.compress(net, x, "obs", "sparsity=0.5", structured=False)
     >>> round(report.sparsity, 2), small[0].weight.shape == net[0].weight.shape
     (0.5, True)
 
@@ -27,6 +28,9 @@ channel methods and run through the same :func:`spectrim.compress`::
 Every mask-only method takes ``refit=True``: the kept weights of each row are refit by
 exact masked least squares on the Gram, reconstructing the *original* layer's outputs from
 the inputs the already-sparsified prefix produces (the run's ``sequential``).
+``allocation="curves"`` (not for the self-sized methods) spreads a ``sparsity`` target over
+the matrices by their error curves instead of uniformly
+(:func:`spectrim.budget.densities.allocate_densities`).
 """
 
 from __future__ import annotations
@@ -101,7 +105,24 @@ class WeightMethod(Method):
     #: the method returns new values itself (a refit would undo them)
     sets_values: ClassVar[bool] = False
 
-    def __init__(self, scope: str = "layer", refit: bool = False, structured: bool = True):
+    def __init__(
+        self,
+        scope: str = "layer",
+        refit: bool = False,
+        structured: bool = True,
+        allocation: str = "uniform",
+    ):
+        if allocation not in ("uniform", "curves"):
+            raise ValueError(
+                f"method '{self.name}': allocation={allocation!r} must be 'uniform' or 'curves'"
+            )
+        if allocation == "curves" and (self.self_sized or scope == "global"):
+            raise ValueError(
+                f"method '{self.name}': allocation='curves' spreads a sparsity target over "
+                "matrices by their error curves; it needs scope='layer' and a method that "
+                "does not size itself"
+            )
+        self.allocation = allocation
         if scope not in self.scopes:
             raise ValueError(
                 f"method '{self.name}': scope={scope!r} must be one of {', '.join(self.scopes)}"
@@ -209,8 +230,9 @@ class OBS(WeightMethod):
         structured: bool = True,
         blocksize: int = 128,
         damp: float = 0.01,
+        allocation: str = "uniform",
     ):
-        super().__init__(scope, refit, structured)
+        super().__init__(scope, refit, structured, allocation)
         if blocksize < 1:
             raise ValueError(f"method 'obs': blocksize={blocksize} must be >= 1")
         if not damp >= 0:
@@ -415,8 +437,9 @@ class Spectrum(WeightMethod):
         rescale: bool = True,
         scope: str = "layer",
         structured: bool = True,
+        allocation: str = "uniform",
     ):
-        super().__init__(scope, False, structured)
+        super().__init__(scope, False, structured, allocation)
         if not 0.0 <= det_fraction <= 1.0:
             raise ValueError(f"method 'spectrum': det_fraction={det_fraction} must be in [0, 1]")
         if distribution not in ("l1", "l2", "hybrid"):
