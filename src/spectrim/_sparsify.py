@@ -21,7 +21,7 @@ from torch import nn
 
 from spectrim.budget.densities import allocate_densities
 from spectrim.calibration.batches import head_examples
-from spectrim.calibration.checks import CalibrationInfo, trace_checked
+from spectrim.calibration.checks import CalibrationInfo
 from spectrim.calibration.inputs import (
     calls_per_module,
     execution_order,
@@ -39,6 +39,7 @@ from spectrim.graph.trace import batch_len
 from spectrim.linalg.masks import matrix_metrics, output_error, pq_keep_counts
 from spectrim.methods.weights import MatrixUnit, WeightMethod, pooled_keep, refit_values
 from spectrim.report import CompressionReport, MatrixReport
+from spectrim.stages import trace_stage
 
 __all__ = ["sparsify_run"]
 
@@ -117,7 +118,7 @@ def _curve_densities(
         for d in CURVE_GRID[1:]:
             values, keep = algo.sparsify(unit, float(d), None, ctx.rng())
             if algo.refit:
-                values = refit_values(unit, keep)
+                values = refit_values(unit, keep, algo.refit_ridge)
             errors.append(output_error(unit.weight, values, unit.gram))
         curves[n] = (CURVE_GRID, np.asarray(errors))
         sizes[n] = int(unit.weight.size)
@@ -159,7 +160,7 @@ def sparsify_run(
     t = time.perf_counter()
     analysis = None
     if algo.structured:
-        analysis, _ = trace_checked(work, example, verify=cfg.verify, seed=cfg.seed)
+        example, analysis, _ = trace_stage(work, batches, verify=cfg.verify, seed=cfg.seed)
     cost0 = profile(work, example)
     units = _targets(work, report)
     if not units:
@@ -246,7 +247,7 @@ def sparsify_run(
         if keep.all() and not algo.sets_values:
             values = unit.weight  # nothing removed: exactly the original
         elif algo.refit:
-            values = refit_values(unit, keep)
+            values = refit_values(unit, keep, algo.refit_ridge)
         plan = WeightPlan(n, keep, values)
         apply_weight_plans(work, {n: plan})
         delta = algo.bias_delta(unit, values)

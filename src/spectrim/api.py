@@ -27,12 +27,11 @@ from spectrim._sparsify import sparsify_run
 from spectrim._threads import single_threaded_blas
 from spectrim.budget import Allocation, CostModel, allocate, allocate_budget, dof_widths
 from spectrim.calibration import Collected, collect
-from spectrim.calibration.batches import as_batches, head_examples, inputs_only
+from spectrim.calibration.batches import as_batches, inputs_only
 from spectrim.calibration.checks import (
     CalibrationInfo,
     check_calibration,
     rows_per_group,
-    trace_checked,
 )
 from spectrim.calibration.sequential import sequential_correct
 from spectrim.config import (
@@ -55,6 +54,7 @@ from spectrim.graph.trace import batch_len
 from spectrim.linalg import prediction_error_curve
 from spectrim.methods import Method, WeightMethod, get_method, method_kinds
 from spectrim.report import CompressionReport, GroupReport
+from spectrim.stages import solve_stage, trace_stage
 
 __all__ = ["compress", "inputs_only", "as_batches"]
 
@@ -215,12 +215,13 @@ def _compress(
     t0: float,
 ) -> tuple[nn.Module, CompressionReport]:
     tgt = cfg.parsed_target
-    example = head_examples(batches[0])
     work.eval()
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    analysis, pinned_warnings = trace_checked(work, example, verify=cfg.verify, seed=cfg.seed)
+    example, analysis, pinned_warnings = trace_stage(
+        work, batches, verify=cfg.verify, seed=cfg.seed
+    )
     kernels = _has_functional_products(analysis)
     cost0 = profile(work, example, kernels=kernels)
     report = CompressionReport(method=cfg.method, target=str(tgt), config=cfg.to_dict())
@@ -276,14 +277,7 @@ def _compress(
     if algo.needs_statistics:
         rows = rows_per_group(groups, stats, info)
         groups = _pin_underdetermined(analysis, groups, rows, info, report)
-    solvers = {}
-    for g in groups:
-        gstats = {
-            slot.module: stats[(g.index, slot.module)]
-            for slot in g.consumers
-            if (g.index, slot.module) in stats
-        }
-        solvers[g.index] = algo.solver(g, gstats, work)
+    solvers = solve_stage(algo, groups, stats, work)
     curves = {gi: s.error_curve() for gi, s in solvers.items()}
     # least-squares errors measured on the calibration rows the fits use are optimistic:
     # judge every width by its expected error on new inputs

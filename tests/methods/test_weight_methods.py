@@ -183,3 +183,18 @@ def test_channels_then_weights_in_one_call(resnet20, cifar_calib, test_images) -
         agree = float((small(x).argmax(1) == resnet20(x).argmax(1)).float().mean())
     assert agree > 0.6
     assert spectrim.CompressionReport.from_dict(report.to_dict()).matrices == report.matrices
+
+
+def test_refit_ridge_shrinks_the_refit() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(256, 32)
+    norms = []
+    for ridge in (0.0, 1.0, 1e3):
+        small, _ = spectrim.compress(
+            net, x, "magnitude", "sparsity=0.5", refit=True, refit_ridge=ridge, structured=False
+        )
+        norms.append(float(small[0].weight.detach().norm()))
+    assert norms[0] > norms[1] > norms[2]
+    with pytest.raises(ValueError, match="refit_ridge"):
+        spectrim.compress(net, x, "obs", "sparsity=0.5", refit=True, refit_ridge=-1.0)

@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ from torch.utils.data import TensorDataset
 
 from spectrim._threads import single_threaded_blas
 from spectrim.calibration import GramAccumulator, collect
-from spectrim.calibration.batches import as_batches, head_examples
-from spectrim.calibration.checks import check_calibration, rows_per_group, trace_checked
+from spectrim.calibration.batches import as_batches
+from spectrim.calibration.checks import check_calibration, rows_per_group
 from spectrim.diagnostics.report import (
     CompressibilityReport,
     GroupDiagnostics,
@@ -54,7 +54,9 @@ from spectrim.linalg import (
     spectral_norm,
 )
 from spectrim.linalg.masks import pq_keep_counts
+from spectrim.methods import get_method
 from spectrim.methods.interpolative import IDSolver
+from spectrim.stages import solve_stage, trace_stage
 
 __all__ = ["DEFAULT_ALPHAS", "analyze", "correlations", "weight_diagnostics"]
 
@@ -161,8 +163,7 @@ def analyze(
 
     t = time.perf_counter()
     work = copy.deepcopy(model).eval()
-    example = head_examples(calib_batches[0])
-    analysis, pinned_warnings = trace_checked(work, example, verify=verify)
+    _, analysis, pinned_warnings = trace_stage(work, calib_batches, verify=verify)
     report.warnings.extend(info.warnings)
     report.warnings.extend(pinned_warnings)
     report.pinned = {g.name: str(g.pinned) for g in analysis.groups if g.pinned is not None}
@@ -175,14 +176,15 @@ def analyze(
     timings["statistics"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    solvers: dict[int, IDSolver] = {}
+    solvers = cast(
+        "dict[int, IDSolver]",
+        solve_stage(get_method("id"), groups, calib_stats, work, nonempty=True),
+    )
     for g in groups:
-        grams = _grams(g, calib_stats)
-        if not grams:
+        solver = solvers.get(g.index)
+        if solver is None:
             report.warnings.append(f"unit group '{g.name}': no consumer was called; skipped")
             continue
-        solver = IDSolver(g, grams)
-        solvers[g.index] = solver
         diag = _group_diagnostics(g, solver, calib_stats, held_stats, report)
         report.groups.append(diag)
         rows = rows_per_group([g], calib_stats, info)[g.index]
@@ -296,16 +298,6 @@ def _split_data(
 
 
 # ------------------------------------------------------------------------------------ groups
-
-
-def _grams(g: UnitGroup, stats: dict[tuple[int, str], GramAccumulator]) -> dict[str, np.ndarray]:
-    """Consumer → float64 Gram, for the consumers that saw any rows."""
-    out = {}
-    for slot in g.consumers:
-        acc = stats.get((g.index, slot.module))
-        if acc is not None and acc.count > 0:
-            out[slot.module] = acc.gram_numpy()
-    return out
 
 
 def _group_diagnostics(

@@ -111,7 +111,11 @@ class WeightMethod(Method):
         refit: bool = False,
         structured: bool = True,
         allocation: str = "uniform",
+        refit_ridge: float = 0.0,
     ):
+        if not refit_ridge >= 0:
+            raise ValueError(f"method '{self.name}': refit_ridge={refit_ridge} must be >= 0")
+        self.refit_ridge = float(refit_ridge)
         if allocation not in ("uniform", "curves"):
             raise ValueError(
                 f"method '{self.name}': allocation={allocation!r} must be 'uniform' or 'curves'"
@@ -231,8 +235,9 @@ class OBS(WeightMethod):
         blocksize: int = 128,
         damp: float = 0.01,
         allocation: str = "uniform",
+        refit_ridge: float = 0.0,
     ):
-        super().__init__(scope, refit, structured, allocation)
+        super().__init__(scope, refit, structured, allocation, refit_ridge)
         if blocksize < 1:
             raise ValueError(f"method 'obs': blocksize={blocksize} must be >= 1")
         if not damp >= 0:
@@ -322,8 +327,9 @@ class Lq(_Bound):
         scope: str = "neuron",
         refit: bool = False,
         structured: bool = True,
+        refit_ridge: float = 0.0,
     ):
-        super().__init__(scope, refit, structured)
+        super().__init__(scope, refit, structured, refit_ridge=refit_ridge)
         if not 0.0 < q < 1.0:
             raise ValueError(f"method 'lq': q={q} must be in (0, 1)")
         if not eta > -1.0:
@@ -347,8 +353,9 @@ class PQI(_Bound):
         scope: str = "layer",
         refit: bool = False,
         structured: bool = True,
+        refit_ridge: float = 0.0,
     ):
-        super().__init__(scope, refit, structured)
+        super().__init__(scope, refit, structured, refit_ridge=refit_ridge)
         if not 0.0 < p < q:
             raise ValueError(f"method 'pqi': needs 0 < p < q, got p={p}, q={q}")
         if not eta > -1.0:
@@ -464,10 +471,12 @@ class Spectrum(WeightMethod):
         )
 
 
-def refit_values(unit: MatrixUnit, keep: np.ndarray) -> np.ndarray:
-    """Exact masked least squares of the kept weights (see :func:`masked_refit`)."""
+def refit_values(unit: MatrixUnit, keep: np.ndarray, ridge: float = 0.0) -> np.ndarray:
+    """Masked least squares of the kept weights (see :func:`masked_refit`): exact, or with
+    a relative ridge ``ridge·mean(diag G)`` (the method's ``refit_ridge``) that pulls the
+    refit towards zero where the calibration rows underdetermine it."""
     assert unit.gram is not None
-    return masked_refit(unit.weight, unit.gram, keep, unit.cross)
+    return masked_refit(unit.weight, unit.gram, keep, unit.cross, damp=max(ridge, 1e-8))
 
 
 def pooled_keep(

@@ -1,0 +1,79 @@
+"""Stages shared by :func:`spectrim.compress` and :func:`spectrim.analyze`.
+
+``trace → collect → solve`` is the first half of both: :func:`trace_stage` runs the tracer
+and the self-checks on one example batch, :func:`spectrim.calibration.collect` streams the
+statistics, :func:`solve_stage` builds one solver per unit group.  ``compress`` goes on to
+allocate, apply and report; ``analyze`` to diagnose.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> from spectrim.calibration import collect
+    >>> from spectrim.methods import get_method
+    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    >>> batches = [torch.randn(64, 4)]
+    >>> example, analysis, _ = trace_stage(net, batches, verify=False)
+    >>> stats = collect(net, analysis, batches, analysis.prunable).stats
+    >>> solvers = solve_stage(get_method("id"), analysis.prunable, stats, net)
+    >>> [len(s.error_curve()) for s in solvers.values()]
+    [17]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from spectrim.calibration.batches import head_examples
+from spectrim.calibration.checks import trace_checked
+from spectrim.calibration.gram import GramAccumulator
+from spectrim.graph.channels import Analysis, UnitGroup
+from spectrim.methods.base import GroupSolver, Method
+
+__all__ = ["group_stats", "solve_stage", "trace_stage"]
+
+
+def trace_stage(
+    work: nn.Module, batches: Sequence[Any], *, verify: bool = True, seed: int = 0
+) -> tuple[Any, Analysis, list[str]]:
+    """``(example, analysis, warnings)``: the trace and channel analysis of ``work`` on the
+    first examples of the first batch, with the self-checks when ``verify``."""
+    example = head_examples(batches[0])
+    analysis, warnings = trace_checked(work, example, verify=verify, seed=seed)
+    return example, analysis, warnings
+
+
+def group_stats(
+    group: UnitGroup,
+    stats: Mapping[tuple[int, str], GramAccumulator],
+    *,
+    nonempty: bool = False,
+) -> dict[str, GramAccumulator]:
+    """Consumer name → the group's accumulator there (only those that saw rows, with
+    ``nonempty``)."""
+    out = {}
+    for slot in group.consumers:
+        acc = stats.get((group.index, slot.module))
+        if acc is not None and (not nonempty or acc.count > 0):
+            out[slot.module] = acc
+    return out
+
+
+def solve_stage(
+    method: Method,
+    groups: Sequence[UnitGroup],
+    stats: Mapping[tuple[int, str], GramAccumulator],
+    model: nn.Module,
+    *,
+    nonempty: bool = False,
+) -> dict[int, GroupSolver]:
+    """One solver per group (groups without statistics skipped when ``nonempty``)."""
+    out: dict[int, GroupSolver] = {}
+    for g in groups:
+        gstats = group_stats(g, stats, nonempty=nonempty)
+        if nonempty and not gstats:
+            continue
+        out[g.index] = method.solver(g, gstats, model)
+    return out
