@@ -51,3 +51,21 @@ def test_weight_method_with_a_channel_target_is_a_clear_error(
     )
     assert code == 2
     assert "weight method" in err and "sparsity=S" in err
+
+
+def test_compress_then_weights(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _out, err = _run(
+        capsys,
+        "compress", "--model", "resnet20-cifar10", "--data", "cifar10",
+        "--target", "macs=0.6", "--then", "magnitude:sparsity=0.5",
+        "--calib", "64", "--eval-limit", "64", "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())["report"]
+    assert report["method"] == "id+magnitude" and report["macs_ratio"] < 0.65
+    assert abs(report["sparsity"] - 0.5) < 0.01
+    code, _, err = _run(capsys, "compress", "--model", "resnet20-cifar10", "--data", "cifar10",
+                        "--then", "obs")  # fmt: skip
+    assert code == 2 and "METHOD:TARGET" in err

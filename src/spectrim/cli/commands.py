@@ -81,6 +81,12 @@ def run_compress(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     _set_threads(args)
     target = _check_method_and_target(args.method, args.target, args.option)
+    then = None
+    if getattr(args, "then", None):
+        method2, sep, target2 = args.then.partition(":")
+        if not sep or not method2 or not target2:
+            raise CLIError(f"--then {args.then!r}: expected METHOD:TARGET, e.g. obs:sparsity=0.5")
+        then = {"method": method2, "target": _check_method_and_target(method2, target2)}
     check_model_spec(args.model)
     check_json_dest(args.json)
     if args.out is not None:
@@ -111,6 +117,7 @@ def run_compress(args: argparse.Namespace) -> int:
         on_unreachable=args.on_unreachable,
         max_error=args.max_error,
         progress=progress_wrapper("calibration", args.quiet),
+        then=then,
         **dict(args.option),
     )
     result = evaluate(

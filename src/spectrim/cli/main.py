@@ -73,6 +73,10 @@ Examples:
   spectrim compress --model resnet20-cifar10 --data cifar10 --method wanda --target sparsity=2:4
   spectrim compress --model resnet20-cifar10 --data cifar10 --method lq --target auto
 
+  # channels first, then half of the remaining weights, one run and one report
+  spectrim compress --model resnet20-cifar10 --data cifar10 --target macs=0.5 \
+      --then obs:sparsity=0.5
+
 Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), width=F (keep a
 fraction F of every layer's channels), error=E (per-layer reconstruction error at most E),
 dof=A (spectral only: per-layer width c*N(lambda), lambda = A * trace of its covariance);
@@ -257,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a method option, repeatable (spectral: theta, alpha, tau, c; id: ridge; "
         "weight methods: refit, scope, structured; obs: damp, blocksize; lq: q, eta; ...)",
+    )
+    p.add_argument(
+        "--then",
+        metavar="METHOD:TARGET",
+        help="a second stage on the result, in the same run and report "
+        "(e.g. --method id --target macs=0.5 --then obs:sparsity=0.5)",
     )
     p.add_argument(
         "--calib",
