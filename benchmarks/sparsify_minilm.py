@@ -36,6 +36,7 @@ VARIANTS = {
     "wanda+refit": ("wanda", {"refit": True}),
     "obs": ("obs", {}),
     "obs+refit": ("obs", {"refit": True}),
+    "obs+refit-ridge0.1": ("obs", {"refit": True, "refit_ridge": 0.1}),
 }
 
 
