@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,18 +23,13 @@ from torch import nn
 from spectrim.budget.densities import allocate_densities
 from spectrim.calibration.batches import head_examples
 from spectrim.calibration.checks import CalibrationInfo
-from spectrim.calibration.inputs import (
-    calls_per_module,
-    execution_order,
-    input_gram_at,
-    input_grams,
-)
+from spectrim.calibration.inputs import input_gram_at, input_grams, module_calls
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
 from spectrim.evaluation.flops import profile
 from spectrim.graph import GroupPlan, apply_plan
 from spectrim.graph.channels import Analysis, shared_tensors
-from spectrim.graph.modules import WeightKind, weight_modules
+from spectrim.graph.modules import WeightKind, module_kind, weight_modules
 from spectrim.graph.surgery import WeightPlan, apply_weight_plans
 from spectrim.graph.trace import batch_len
 from spectrim.linalg.masks import matrix_metrics, output_error, pq_keep_counts
@@ -71,10 +67,12 @@ def _dead_channel_plans(work: nn.Module, analysis: Analysis) -> dict[int, GroupP
         readable = True
         for slot in g.consumers:
             mod = modules.get(slot.module)
-            if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            kind = module_kind(mod) if mod is not None else None
+            if kind is None or kind.in_size is None:  # not a consumer surgery folds into
                 readable = False
                 break
-            w = mod.weight.detach()
+            assert mod is not None
+            w = mod.weight.detach()  # (out, in, ...): inputs along dim 1
             nz = (w != 0).flatten(2).any(dim=(0, 2)) if w.dim() > 2 else (w != 0).any(dim=0)
             cols = torch.as_tensor(slot.positions)
             alive |= nz[cols].any(dim=1).numpy()
@@ -170,8 +168,9 @@ def sparsify_run(
         )
     names = [n for n, _, _ in units]
     by_name = {n: (m, k) for n, m, k in units}
-    order = execution_order(work, example, names)
-    calls = calls_per_module(work, example, names)
+    ran = module_calls(work, example, names)  # one forward pass for order and counts
+    order = list(dict.fromkeys(ran)) + sorted(set(names) - set(ran))
+    calls = Counter(ran)
     timings["analysis"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -34,7 +34,13 @@ from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.modules import weight_kind
 from spectrim.graph.trace import call_model
 
-__all__ = ["calls_per_module", "execution_order", "input_gram_at", "input_grams"]
+__all__ = [
+    "calls_per_module",
+    "execution_order",
+    "input_gram_at",
+    "input_grams",
+    "module_calls",
+]
 
 
 class _Stop(Exception):
@@ -57,7 +63,7 @@ def _rows(name: str, module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor |
     return rows
 
 
-def _calls(model: nn.Module, batch: Any, names: Iterable[str]) -> list[str]:
+def module_calls(model: nn.Module, batch: Any, names: Iterable[str]) -> list[str]:
     """The named modules in the order they run on ``batch``, once per call."""
     order: list[str] = []
     modules = dict(model.named_modules())
@@ -81,7 +87,7 @@ def execution_order(model: nn.Module, batch: Any, names: Iterable[str]) -> list[
     """``names`` in the order their modules first run on ``batch`` (modules that never run
     come last, sorted)."""
     wanted = list(names)
-    seen = list(dict.fromkeys(_calls(model, batch, wanted)))
+    seen = list(dict.fromkeys(module_calls(model, batch, wanted)))
     return seen + sorted(set(wanted) - set(seen))
 
 
@@ -89,7 +95,7 @@ def calls_per_module(model: nn.Module, batch: Any, names: Iterable[str]) -> dict
     """How many times each named module runs in one forward pass on ``batch``."""
     wanted = list(names)
     counts = dict.fromkeys(wanted, 0)
-    for n in _calls(model, batch, wanted):
+    for n in module_calls(model, batch, wanted):
         counts[n] += 1
     return counts
 
