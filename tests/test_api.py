@@ -293,3 +293,16 @@ def test_magnitude_methods_run_without_statistics(net: nn.Module, images: torch.
     s3, _ = spectrim.compress(net, images, method="random", target="width=0.5", seed=4)
     assert torch.equal(s1.c1.weight, s2.c1.weight)
     assert not torch.equal(s1.c1.weight, s3.c1.weight)
+    # the method's own seed option wins over the run's (it reaches the method through the
+    # run context, not a special case that passed it twice)
+    cfg = spectrim.CompressConfig(method="random", target="width=0.5", options={"seed": 3})
+    s4, _ = spectrim.compress(net, images, config=cfg, seed=4)
+    assert torch.equal(s1.c1.weight, s4.c1.weight)
+
+
+def test_channel_run_reports_each_named_stage(net: nn.Module, images: torch.Tensor) -> None:
+    _, report = spectrim.compress(net, images, method="id", target="macs=0.5")
+    stages = ["analysis", "statistics", "selection", "allocation", "apply", "report"]
+    assert list(report.timings) == stages
+    assert all(t >= 0 for t in report.timings.values())
+    assert sum(report.timings.values()) <= report.seconds

@@ -39,14 +39,14 @@ class RunContext:
         return np.random.default_rng(self.seed)
 
     def wrap(
-        self, total: int, desc: str = "calibration"
+        self, total: int, desc: str = "calibration", unit: str = "item"
     ) -> Callable[[Iterable[Any]], Iterable[Any]]:
         """A wrapper showing progress over ``total`` items (identity without progress)."""
         if self.progress is True:
             from tqdm.auto import tqdm
 
             def bar(it: Iterable[Any]) -> Iterable[Any]:
-                return tqdm(it, total=total, desc=desc, unit="item")
+                return tqdm(it, total=total, desc=desc, unit=unit)
 
             return bar
         if callable(self.progress):

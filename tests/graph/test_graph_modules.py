@@ -84,3 +84,90 @@ def test_registering_a_new_type_is_one_call() -> None:
     )
     assert [n for n, _, _ in weight_modules(net)] == ["0", "1"]
     assert F.relu(torch.zeros(1)).item() == 0.0
+
+
+class _TLinear(nn.Module):
+    """A linear layer that stores its weight transposed, ``(in, out)``, as HF Conv1D."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.nx, self.nf = nx, nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def _register_tlinear() -> None:
+    from spectrim.graph.modules import linear_channels, slice_outputs
+
+    def set_t(m: nn.Module, v: torch.Tensor) -> None:
+        with torch.no_grad():
+            m.weight.copy_(v.t())
+
+    register_weight_kind(
+        _TLinear,
+        WeightKind(
+            "tlinear",
+            lambda m: m.weight.t(),
+            set_t,
+            lambda m, x: x.reshape(-1, x.shape[-1]),
+            ("nx", "nf"),
+            slice_outputs("nf", dim=1),
+            "nx",
+            channels=linear_channels("nf"),
+            weight_dims=(1, 0),
+            input_axis=-1,
+        ),
+    )
+
+
+@pytest.mark.parametrize("method", ["id", "spectral", "l1"])
+def test_a_type_registered_once_is_channel_pruned_like_its_builtin_twin(method: str) -> None:
+    """One registration (no other file) makes a new layer type prunable end to end: trace,
+    channel analysis, statistics, selection, folds, surgery and the self-checks give the
+    same model as the same weights in ``nn.Linear``."""
+    import spectrim
+
+    _register_tlinear()
+    torch.manual_seed(0)
+    mine = nn.Sequential(_TLinear(6, 24), nn.ReLU(), _TLinear(24, 3)).eval()
+    twin = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    with torch.no_grad():
+        for a, b in ((mine[0], twin[0]), (mine[2], twin[2])):
+            b.weight.copy_(a.weight.t())
+            b.bias.copy_(a.bias)
+    x = torch.randn(400, 6)
+    small, report = spectrim.compress(mine, x, method=method, target="width=0.5")
+    ref, _ = spectrim.compress(twin, x, method=method, target="width=0.5")
+    assert small[0].nf == ref[0].out_features == 12 and small[2].nx == 12
+    assert small[0].weight.shape == (6, 12) and small[2].weight.shape == (12, 3)
+    torch.testing.assert_close(small(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert report.macs_after < report.macs_before
+
+
+def test_gpt2_ffn_is_channel_pruned_through_hf_conv1d() -> None:
+    """GPT-2's Conv1D layers (an addmm with transposed weights) were opaque before the
+    registry knew them: its FFN widths now shrink and the model still generates."""
+    transformers = pytest.importorskip("transformers")
+    import spectrim
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=100, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (48, 12))
+    batches = [{"input_ids": ids[i : i + 16]} for i in range(0, 48, 16)]
+    small, report = spectrim.compress(model, batches, method="id", target="macs=0.85")
+    ffn = {g.name: g for g in report.groups if g.name.endswith("mlp.c_fc")}
+    assert len(ffn) == 2 and all(g.width_after < g.width_before for g in ffn.values())
+    assert report.macs_ratio < 0.9
+    fc = small.transformer.h[0].mlp.c_fc
+    assert fc.weight.shape == (32, fc.nf) and small.transformer.h[0].mlp.c_proj.nx == fc.nf
+    with torch.no_grad():
+        a, b = model(input_ids=ids[:4]).logits, small(input_ids=ids[:4]).logits
+    assert float((a - b).norm() / a.norm()) < 0.2
+    assert small.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)

@@ -155,7 +155,7 @@ def test_predicted_error_is_never_optimistic_zero(digits) -> None:
 
 def test_inplace_failure_restores_the_model(digits, monkeypatch, state_hash) -> None:
     """A run that fails after the surgery leaves an inplace model exactly as it was."""
-    import spectrim.api as api
+    import spectrim._prune as api
 
     x = digits[1]
     net = train_digits_cnn(seed=1, epochs=1)[0].eval()

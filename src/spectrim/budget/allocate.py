@@ -152,11 +152,7 @@ class CostModel:
                     axes.append(axis(axes_chan))
                 else:
                     if axes_out is not None and p.dim() >= 1:
-                        if isinstance(mod, nn.Embedding):
-                            if p.dim() == 2:
-                                axes.append(axis(axes_out))
-                        else:
-                            axes.append(axis(axes_out))
+                        axes.append(axis(axes_out))
                     if axes_in is not None and p.dim() >= 2:
                         axes.append(axis(axes_in))
                 self.param_terms.append((float(p.numel()), axes))

@@ -34,6 +34,7 @@ from spectrim.calibration.checks import CalibrationError, first_bad_example
 from spectrim.calibration.gram import GramAccumulator, Products
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.graph.layout import channels_last_batch
+from spectrim.graph.modules import input_channel_axis
 from spectrim.graph.trace import batch_len, call_model
 
 __all__ = ["Collected", "collect", "collect_statistics", "group_rows", "group_view"]
@@ -78,12 +79,6 @@ def group_view(
     if whole and m == x.shape[channel_dim]:
         return x, channel_dim
     return x.index_select(channel_dim, positions[:, 0].to(x.device)), channel_dim
-
-
-def _channel_dim(module: nn.Module, x: torch.Tensor) -> int:
-    if isinstance(module, nn.Linear):
-        return x.dim() - 1
-    return 1
 
 
 @dataclass
@@ -167,7 +162,7 @@ def collect(
             x = src.detach()
             store = batch_index[0] < n_store[0] and name not in stored_now
             stored_now.add(name)
-            xcd = _channel_dim(module, x)
+            xcd = input_channel_axis(module, x)
             for key, pos, whole in entries:
                 acc = out.stats[key]
                 hit = cache.get((id(src), key[0]))

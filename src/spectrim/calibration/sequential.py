@@ -30,10 +30,11 @@ import torch
 from greenlet import getcurrent, greenlet
 from torch import nn
 
-from spectrim.calibration.collect import Collected, _channel_dim, group_view
+from spectrim.calibration.collect import Collected, group_view
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.channels import Analysis
 from spectrim.graph.layout import channels_last_batch
+from spectrim.graph.modules import input_channel_axis, module_kind
 from spectrim.graph.surgery import (
     GroupPlan,
     apply_plan,
@@ -262,7 +263,7 @@ def sequential_correct(
     def fold(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
         done.add(name)
-        cd = _channel_dim(module, xs[0])
+        cd = input_channel_axis(module, xs[0])
         applied = []
         for gi, positions, kept_at in per_module[name]:
             parts = collected.inputs[(gi, name)]
@@ -305,7 +306,9 @@ def sequential_correct(
         w = orig_w[name]
         if name in analysis.out_labels:  # also a producer: keep its sliced outputs
             idx = gather_index(analysis.out_labels[name], dropped, {})
-            w = w.index_select(0, torch.as_tensor(idx, device=w.device))
+            kind = module_kind(module)
+            out_dim = kind.weight_dims[0] if kind is not None else 0
+            w = w.index_select(out_dim, torch.as_tensor(idx, device=w.device))
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
         module.weight = nn.Parameter(w, requires_grad=weight.requires_grad)

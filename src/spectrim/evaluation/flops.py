@@ -80,7 +80,7 @@ from spectrim.evaluation._common import (
     to_device,
 )
 
-__all__ = ["ModelCost", "count_macs", "count_params", "profile"]
+__all__ = ["ModelCost", "count_macs", "count_params", "hook_counted", "profile"]
 
 # --------------------------------------------------------------------------------------------
 # Result type
@@ -252,6 +252,18 @@ _CONV_TRANSPOSE_FORWARDS = {
     nn.ConvTranspose2d.forward,
     nn.ConvTranspose3d.forward,
 }
+
+
+def hook_counted(module: nn.Module) -> bool:
+    """Whether :func:`profile` counts ``module``'s MACs by a formula on its hook (a
+    built-in Linear/conv forward) rather than through the kernels it calls.
+
+    Example::
+
+        >>> hook_counted(nn.Linear(2, 2)), hook_counted(nn.MultiheadAttention(4, 2))
+        (True, False)
+    """
+    return _module_counter(module) is not None
 
 
 def _module_counter(module: nn.Module) -> Callable[[tuple[Any, ...], Any], int] | None:

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.graph.trace import POINTWISE_TYPES, SPATIAL_TYPES, Graph, Op, Value, trace
+from spectrim.graph.modules import module_kind
+from spectrim.graph.trace import Graph, Op, Value, trace
 
 __all__ = [
     "Analysis",
@@ -47,9 +48,6 @@ __all__ = [
     "tied_parameters",
 ]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 _UNARY = {
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
@@ -313,55 +311,11 @@ class _Analyzer:
         self.module_of[op.name] = m
         x = op.inputs[0] if op.inputs else None
         lab = self.lab(x)
-        if isinstance(m, _CONV):
-            if m.groups == 1:
-                self.consumer(op, lab, 1)
-                self.producer(op, m.out_channels, 1)
-            elif m.groups == m.in_channels == m.out_channels:
-                self.passenger(op, lab, 1)
-            else:
-                why = f"grouped convolution {op.describe()} (groups={m.groups})"
-                self.pin_inputs(op, why)
-                self.producer(op, m.out_channels, 1, pinned=why)
-        elif isinstance(m, nn.Linear):
-            self.consumer(op, lab, -1)
-            self.producer(op, m.out_features, -1)
-        elif isinstance(m, nn.Embedding):
-            self.producer(op, m.embedding_dim, -1)
-        elif isinstance(m, _BN):
-            self.passenger(op, lab, 1)
-        elif isinstance(m, _INSTANCE):
-            self.passenger(op, lab, 1)
-        elif isinstance(m, nn.PReLU):
-            if m.num_parameters == 1:
-                self.passthrough(op, lab)
-            else:
-                self.passenger(op, lab, 1)
-        elif isinstance(m, nn.LayerNorm):
-            nd = len(m.normalized_shape)
-            if lab is not None and x is not None and lab.dim >= len(x.shape) - nd:
-                self.opaque(op, f"normalised over channels by {op.describe()}")
-            else:
-                self.passthrough(op, lab)
-        elif isinstance(m, nn.GroupNorm):
-            if lab is not None and lab.dim == 1:
-                self.opaque(op, f"normalised over channel groups by {op.describe()}")
-            else:
-                self.passthrough(op, lab)
-        elif isinstance(m, POINTWISE_TYPES):
-            self.passthrough(op, lab)
-        elif isinstance(m, (nn.Softmax, nn.LogSoftmax)):
-            d = m.dim if m.dim is not None else -1
-            self.softmax_like(op, lab, d)
-        elif isinstance(m, SPATIAL_TYPES):
-            if lab is not None and lab.dim != 1:
-                self.opaque(op, f"{op.describe()} pools over the channel axis")
-            else:
-                self.passthrough(op, lab)
-        elif isinstance(m, nn.Flatten):
-            self.flatten(op, lab, m.start_dim, m.end_dim)
-        else:
+        kind = module_kind(m)
+        if kind is None or kind.channels is None:
             self.opaque(op)
+        else:  # the type's registered rule (graph/modules.py)
+            kind.channels(self, op, m, lab)
 
     def softmax_like(self, op: Op, lab: _Labels | None, d: int) -> None:
         x = op.inputs[0]

@@ -1,13 +1,17 @@
 """One registry of what a module type means to spectrim.
 
-A :class:`ModuleKind` says, for one module type, which size attributes describe it (what
-the manifest records and reloads), how channel surgery slices its channels and which
-attribute holds the input width a fold changes, and, for weight-carrying types, how to
-read the weight as a matrix with one row per output unit (``out × cols``), how to write
-such a matrix back and how to turn the module's input into the rows ``X`` whose Gram
-``XᵀX`` matches those columns (a conv's unfolded patches).  Surgery, weight
-sparsification, its statistics, ``analyze`` and the manifest read this table instead of
-testing types, so supporting a new layer is one registration::
+A :class:`ModuleKind` says, for one module type, what role its channels play in the
+channel analysis (consumer, producer, per-channel passenger, pass-through, opaque), the
+axes of its weight and input, which size attributes describe it (what the manifest
+records and reloads), how channel surgery slices its channels and which attribute holds
+the input width a fold changes, the constructor arguments its weight's shape implies, and,
+for weight-carrying types, how to read the weight as a matrix with one row per output unit
+(``out × cols``), how to write such a matrix back and how to turn the module's input into
+the rows ``X`` whose Gram ``XᵀX`` matches those columns (a conv's unfolded patches).  The
+tracer (every registered type is one op), the channel analysis, calibration, surgery, the
+sequential pass, the methods, the cost model, weight sparsification, ``analyze``, the
+manifest and the TorchScript import read this table instead of testing types, so
+supporting a new layer is one registration::
 
     >>> import torch, torch.nn as nn
     >>> from spectrim.graph.modules import weight_kind
@@ -20,16 +24,18 @@ testing types, so supporting a new layer is one registration::
 
 Registered here: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (the Gram for 1-D and 2-D ones with
 zero padding and ``groups=1``), transposed convs, BatchNorm / InstanceNorm, ``nn.Embedding``,
-``nn.PReLU``, ``nn.LayerNorm``, ``nn.GroupNorm`` and Hugging Face
-``transformers.pytorch_utils.Conv1D`` (GPT-2's transposed linear) once transformers is
-imported.
+``nn.PReLU``, ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, activations, pooling,
+softmax, ``nn.Flatten``, a few opaque layers (attention, RNNs, shuffles) and Hugging Face
+``transformers.pytorch_utils.Conv1D`` (GPT-2's transposed linear: channel-pruned and
+sparsified) once transformers is imported.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,15 +43,54 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ChannelRoles",
     "ModuleKind",
     "WeightKind",
+    "input_channel_axis",
+    "linear_channels",
     "module_kind",
     "register_module_kind",
     "register_weight_kind",
     "size_attribute_names",
+    "slice_outputs",
+    "type_kind",
     "weight_kind",
     "weight_modules",
 ]
+
+
+class ChannelRoles(Protocol):
+    """The channel analysis's primitives (:mod:`spectrim.graph.channels`) that a module's
+    channel rule calls.  ``lab`` is the label of the module's first input (``None`` when
+    it carries no channels); ``dim`` is the channel axis (negative counts from the end)."""
+
+    def consumer(self, op: Any, lab: Any, dim: int) -> None:
+        """The module contracts its input's channel axis ``dim`` (a Linear, a conv)."""
+
+    def producer(self, op: Any, n: int, dim: int, pinned: str | None = None) -> None:
+        """The module's output has ``n`` new channels on ``dim``."""
+
+    def passenger(self, op: Any, lab: Any, dim: int = 1) -> None:
+        """The module has per-channel parameters on ``dim`` (BatchNorm, depthwise)."""
+
+    def passthrough(self, op: Any, lab: Any) -> None:
+        """Channels pass through unchanged."""
+
+    def opaque(self, op: Any, reason: str | None = None) -> None:
+        """The module mixes channels in a way spectrim cannot follow: pin them."""
+
+    def pin_inputs(self, op: Any, reason: str | None = None) -> None:
+        """Pin the channels of the module's inputs."""
+
+    def softmax_like(self, op: Any, lab: Any, d: int) -> None:
+        """The module normalises over axis ``d``."""
+
+    def flatten(self, op: Any, lab: Any, start: int, end: int) -> None:
+        """The module flattens axes ``start`` … ``end``."""
+
+
+#: ``(roles, op, module, lab)``: declare the module's channel role through ``roles``
+ChannelRule = Callable[[ChannelRoles, Any, Any, Any], None]
 
 
 @dataclass(frozen=True)
@@ -66,6 +111,13 @@ class ModuleKind:
             (``role="out"``) or of a passenger (``"chan"``: BatchNorm, depthwise filters).
         in_size: the attribute holding the input width that a fold into the module
             changes (``"in_features"``, ``"in_channels"``), for consumers.
+        channels: the channel rule the channel analysis applies at the module (``None``:
+            opaque, its channels are pinned).  Every registered type is traced as one op.
+        weight_dims: ``(out, in)`` axes of the ``weight`` tensor (``(1, 0)`` for a
+            transposed linear such as HF ``Conv1D``; an embedding's outputs are axis 1).
+        input_axis: the channel axis of the module's input (``-1``: the last, as Linear).
+        shape_args: ``(weight shape, known constructor args) -> constructor args`` the
+            weight's shape implies (rebuilding a module from TorchScript).
     """
 
     name: str
@@ -75,6 +127,10 @@ class ModuleKind:
     size_attributes: tuple[str, ...] = ()
     slice: Callable[[nn.Module, np.ndarray, str], None] | None = None
     in_size: str | None = None
+    channels: ChannelRule | None = None
+    weight_dims: tuple[int, int] = (0, 1)
+    input_axis: int = 1
+    shape_args: Callable[[tuple[int, ...], Mapping[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,14 +157,19 @@ def register_module_kind(module_type: type[nn.Module], kind: ModuleKind) -> None
 register_weight_kind = register_module_kind
 
 
-def module_kind(module: nn.Module) -> ModuleKind | None:
-    """The registered kind of ``module`` (nearest registered base class), or ``None``."""
+def type_kind(module_type: type) -> ModuleKind | None:
+    """The registered kind of ``module_type`` (nearest registered base class), or ``None``."""
     _register_optional()
-    for cls in type(module).__mro__:
+    for cls in module_type.__mro__:
         kind = _KINDS.get(cls)
         if kind is not None:
             return kind
     return None
+
+
+def module_kind(module: nn.Module) -> ModuleKind | None:
+    """The registered kind of ``module`` (nearest registered base class), or ``None``."""
+    return type_kind(type(module))
 
 
 def weight_kind(module: nn.Module) -> WeightKind | None:
@@ -130,6 +191,20 @@ def weight_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, WeightKin
             yield name, module, kind
 
 
+def input_channel_axis(module: nn.Module, x: torch.Tensor) -> int:
+    """The (non-negative) channel axis of ``x`` as an input of ``module`` (its kind's
+    ``input_axis``; 1 for unregistered types).
+
+    Example::
+
+        >>> input_channel_axis(nn.Linear(4, 2), torch.zeros(3, 5, 4))
+        2
+    """
+    kind = module_kind(module)
+    axis = kind.input_axis if kind is not None else 1
+    return axis % x.dim()
+
+
 def set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace a parameter or buffer by ``value`` (a parameter stays a parameter)."""
     old = getattr(module, name)
@@ -148,16 +223,25 @@ def _set_size(module: nn.Module, attr: str, value: int) -> None:
     setattr(module, attr, value)  # nn.Module types its attributes as Tensor | Module
 
 
-def _slice_rows(module: nn.Module, idx: np.ndarray) -> None:
-    set_param(module, "weight", index_along(_weight(module).data, 0, idx))
+def _slice_rows(module: nn.Module, idx: np.ndarray, dim: int = 0) -> None:
+    set_param(module, "weight", index_along(_weight(module).data, dim, idx))
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor):
         set_param(module, "bias", index_along(bias.data, 0, idx))
 
 
-def _slice_linear(module: nn.Module, idx: np.ndarray, role: str) -> None:
-    _slice_rows(module, idx)
-    _set_size(module, "out_features", len(idx))
+def slice_outputs(size: str, dim: int = 0) -> Callable[[nn.Module, np.ndarray, str], None]:
+    """A ``slice`` for a producer whose ``weight`` has its outputs on axis ``dim`` (and a
+    1-D ``bias``), the output width recorded in the attribute ``size``."""
+
+    def slice_(module: nn.Module, idx: np.ndarray, role: str) -> None:
+        _slice_rows(module, idx, dim=dim)
+        _set_size(module, size, len(idx))
+
+    return slice_
+
+
+_slice_linear = slice_outputs("out_features")
 
 
 def _slice_conv(module: nn.Module, idx: np.ndarray, role: str) -> None:
@@ -232,6 +316,106 @@ def _no_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+# ------------------------------------------------------------------- channel rules
+
+
+def _rule_conv(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    if m.groups == 1:
+        a.consumer(op, lab, 1)
+        a.producer(op, m.out_channels, 1)
+    elif m.groups == m.in_channels == m.out_channels:
+        a.passenger(op, lab, 1)
+    else:
+        why = f"grouped convolution {op.describe()} (groups={m.groups})"
+        a.pin_inputs(op, why)
+        a.producer(op, m.out_channels, 1, pinned=why)
+
+
+def linear_channels(width: str) -> ChannelRule:
+    """The channel rule of a linear map on the last axis whose output width is the
+    attribute ``width`` (``"out_features"``; ``"nf"`` for HF ``Conv1D``)."""
+
+    def rule(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+        a.consumer(op, lab, -1)
+        a.producer(op, int(getattr(m, width)), -1)
+
+    return rule
+
+
+def _rule_embedding(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    a.producer(op, m.embedding_dim, -1)
+
+
+def _rule_passenger(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    a.passenger(op, lab, 1)
+
+
+def _rule_prelu(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    if m.num_parameters == 1:
+        a.passthrough(op, lab)
+    else:
+        a.passenger(op, lab, 1)
+
+
+def _rule_last_axes_norm(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    """LayerNorm / RMSNorm: normalise over the trailing ``normalized_shape`` axes."""
+    nd = len(m.normalized_shape)
+    x = op.inputs[0] if op.inputs else None
+    if lab is not None and x is not None and lab.dim >= len(x.shape) - nd:
+        a.opaque(op, f"normalised over channels by {op.describe()}")
+    else:
+        a.passthrough(op, lab)
+
+
+def _rule_groupnorm(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    if lab is not None and lab.dim == 1:
+        a.opaque(op, f"normalised over channel groups by {op.describe()}")
+    else:
+        a.passthrough(op, lab)
+
+
+def _rule_pointwise(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    a.passthrough(op, lab)
+
+
+def _rule_spatial(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    if lab is not None and lab.dim != 1:
+        a.opaque(op, f"{op.describe()} pools over the channel axis")
+    else:
+        a.passthrough(op, lab)
+
+
+def _rule_softmax(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    a.softmax_like(op, lab, m.dim if m.dim is not None else -1)
+
+
+def _rule_flatten(a: ChannelRoles, op: Any, m: Any, lab: Any) -> None:
+    a.flatten(op, lab, m.start_dim, m.end_dim)
+
+
+# ------------------------------------------------------------ constructor arguments
+
+
+def _conv_args(shape: tuple[int, ...], hints: Mapping[str, Any]) -> dict[str, Any]:
+    groups = int(hints.get("groups", 1))
+    return {
+        "in_channels": shape[1] * groups,
+        "out_channels": shape[0],
+        "kernel_size": tuple(shape[2:]),
+    }
+
+
+def _conv_t_args(shape: tuple[int, ...], hints: Mapping[str, Any]) -> dict[str, Any]:
+    groups = int(hints.get("groups", 1))
+    return {
+        "in_channels": shape[0],
+        "out_channels": shape[1] * groups,
+        "kernel_size": tuple(shape[2:]),
+    }
+
+
+# ------------------------------------------------------------------- registrations
+
 _CONV_SIZES = ("in_channels", "out_channels", "groups")
 register_module_kind(
     nn.Linear,
@@ -243,6 +427,9 @@ register_module_kind(
         ("in_features", "out_features"),
         _slice_linear,
         "in_features",
+        channels=linear_channels("out_features"),
+        input_axis=-1,
+        shape_args=lambda s, h: {"in_features": s[1], "out_features": s[0]},
     ),
 )
 for _cls, _name, _rows in (
@@ -260,25 +447,104 @@ for _cls, _name, _rows in (
             _CONV_SIZES,
             _slice_conv,
             "in_channels",
+            channels=_rule_conv,
+            shape_args=_conv_args,
         ),
     )
 for _tcls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_module_kind(_tcls, ModuleKind("conv-transpose", size_attributes=_CONV_SIZES))
+    register_module_kind(
+        _tcls, ModuleKind("conv-transpose", size_attributes=_CONV_SIZES, shape_args=_conv_t_args)
+    )
 register_module_kind(
     nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
-    ModuleKind("norm", size_attributes=("num_features",), slice=_slice_norm),
+    ModuleKind(
+        "norm",
+        size_attributes=("num_features",),
+        slice=_slice_norm,
+        channels=_rule_passenger,
+        shape_args=lambda s, h: {"num_features": s[0]},
+    ),
 )
 register_module_kind(
     nn.Embedding,
-    ModuleKind("embedding", size_attributes=("embedding_dim",), slice=_slice_embedding),
+    ModuleKind(
+        "embedding",
+        size_attributes=("embedding_dim",),
+        slice=_slice_embedding,
+        channels=_rule_embedding,
+        weight_dims=(1, 0),
+        shape_args=lambda s, h: {"num_embeddings": s[0], "embedding_dim": s[1]},
+    ),
 )
 register_module_kind(
-    nn.PReLU, ModuleKind("prelu", size_attributes=("num_parameters",), slice=_slice_prelu)
+    nn.PReLU,
+    ModuleKind(
+        "prelu",
+        size_attributes=("num_parameters",),
+        slice=_slice_prelu,
+        channels=_rule_prelu,
+        shape_args=lambda s, h: {"num_parameters": int(np.prod(s))},
+    ),
 )
-register_module_kind(nn.LayerNorm, ModuleKind("layernorm", size_attributes=("normalized_shape",)))
+for _norm, _norm_name in ((nn.LayerNorm, "layernorm"), (getattr(nn, "RMSNorm", None), "rmsnorm")):
+    if _norm is not None:  # nn.RMSNorm: torch >= 2.4
+        register_module_kind(
+            _norm,
+            ModuleKind(
+                _norm_name,
+                size_attributes=("normalized_shape",),
+                channels=_rule_last_axes_norm,
+                shape_args=lambda s, h: {"normalized_shape": tuple(s)},
+            ),
+        )
 register_module_kind(
-    nn.GroupNorm, ModuleKind("groupnorm", size_attributes=("num_groups", "num_channels"))
+    nn.GroupNorm,
+    ModuleKind(
+        "groupnorm",
+        size_attributes=("num_groups", "num_channels"),
+        channels=_rule_groupnorm,
+        shape_args=lambda s, h: {"num_channels": s[0]},
+    ),
 )
+register_module_kind(
+    nn.Bilinear,
+    ModuleKind(
+        "bilinear",
+        shape_args=lambda s, h: {"out_features": s[0], "in1_features": s[1], "in2_features": s[2]},
+    ),
+)
+
+POINTWISE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)  # fmt: skip
+"""Modules that act on every element alone (channels pass through unchanged)."""
+
+SPATIAL_TYPES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d,
+)  # fmt: skip
+"""Modules that act on spatial axes only, channel by channel (pooling, padding, resize)."""
+
+for _p in POINTWISE_TYPES:
+    register_module_kind(_p, ModuleKind("pointwise", channels=_rule_pointwise))
+for _s in SPATIAL_TYPES:
+    register_module_kind(_s, ModuleKind("spatial", channels=_rule_spatial))
+for _sm in (nn.Softmax, nn.LogSoftmax):
+    register_module_kind(_sm, ModuleKind("softmax", channels=_rule_softmax))
+register_module_kind(nn.Flatten, ModuleKind("flatten", channels=_rule_flatten))
+# traced as one op whose channels spectrim does not follow (pinned, with the op's name)
+for _o in (
+    nn.LocalResponseNorm,
+    nn.EmbeddingBag,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+    nn.ChannelShuffle,
+    nn.PixelShuffle,
+):
+    register_module_kind(_o, ModuleKind("opaque"))
 
 _optional_done = [False]
 
@@ -302,5 +568,17 @@ def _register_optional() -> None:
 
     register_module_kind(
         conv1d,
-        WeightKind("hf-conv1d", lambda m: _weight(m).t(), set_t, _linear_rows, ("nf", "nx")),
+        WeightKind(
+            "hf-conv1d",
+            lambda m: _weight(m).t(),
+            set_t,
+            _linear_rows,
+            ("nf", "nx"),
+            slice_outputs("nf", dim=1),
+            "nx",
+            channels=linear_channels("nf"),
+            weight_dims=(1, 0),
+            input_axis=-1,
+            shape_args=lambda s, h: {"nx": s[0], "nf": s[1]},
+        ),
     )

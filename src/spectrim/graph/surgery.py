@@ -164,11 +164,14 @@ def fold_consumer(
     """
     kind = module_kind(module)
     attr = kind.in_size if kind is not None else None
-    if attr is None:  # pragma: no cover - the analysis only folds into registered types
+    if (
+        kind is None or attr is None
+    ):  # pragma: no cover - the analysis only folds into registered types
         raise TypeError(f"cannot fold into module of type {type(module).__name__}")
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    w = weight.data
+    in_dim = kind.weight_dims[1]  # work on (out, in, ...) and move the axis back
+    w = weight.data.movedim(in_dim, 1)
     src = gather_index(labels, dropped, sub)
     new_w = index_along(w, 1, src)
     if folds:
@@ -188,7 +191,7 @@ def fold_consumer(
                 w.shape[0], -1, *w.shape[2:]
             )
         new_w = new_w.to(w.dtype)
-    set_param(module, "weight", new_w)
+    set_param(module, "weight", new_w.movedim(1, in_dim))
     setattr(module, attr, new_w.shape[1])
 
 

@@ -1,7 +1,7 @@
 """Concrete tracing of a PyTorch model into a flat dataflow graph.
 
-The model is run once on a small example batch.  Calls of known leaf modules
-(``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d`` ...) are recorded through module
+The model is run once on a small example batch.  Calls of the module types registered in
+:mod:`spectrim.graph.modules` (``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d`` ...) are recorded through module
 hooks, everything else (``torch.cat``, ``x + y``, ``F.pad``, ``x.view`` ...) through a
 :class:`torch.overrides.TorchFunctionMode`.  Because the model really runs, Python
 control flow, Hugging Face models and ``**kwargs`` inputs need no special tracer; the
@@ -26,10 +26,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from spectrim.graph.modules import module_kind
+
 __all__ = [
-    "LEAF_TYPES",
-    "POINTWISE_TYPES",
-    "SPATIAL_TYPES",
     "Graph",
     "Op",
     "Value",
@@ -37,84 +36,6 @@ __all__ = [
     "model_outputs",
     "trace",
 ]
-
-POINTWISE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Mish,
-    nn.Softplus,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-)
-"""Modules that act on every element alone (channels pass through unchanged)."""
-
-SPATIAL_TYPES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Upsample,
-    nn.ZeroPad2d,
-    nn.ConstantPad2d,
-)
-"""Modules that act on spatial axes only, channel by channel (pooling, padding, resize)."""
-
-# Modules recorded as single ops.  Anything else is traced through.
-LEAF_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Linear,
-    nn.Bilinear,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.LocalResponseNorm,
-    nn.Embedding,
-    nn.EmbeddingBag,
-    nn.MultiheadAttention,
-    nn.RNNBase,
-    nn.PReLU,
-    *POINTWISE_TYPES,
-    nn.Softmax,
-    nn.LogSoftmax,
-    *SPATIAL_TYPES,
-    nn.Flatten,
-    nn.ChannelShuffle,
-    nn.PixelShuffle,
-)
 
 
 @dataclass(eq=False)
@@ -339,11 +260,15 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return [x for x in tree_flatten(obj)[0] if isinstance(x, torch.Tensor)]
 
 
-def _is_leaf(module: nn.Module, leaf_types: Sequence[type[nn.Module]]) -> bool:
+def _is_leaf(module: nn.Module, leaf_types: Sequence[type[nn.Module]] | None) -> bool:
+    if leaf_types is None:  # every type the module registry knows (graph/modules.py)
+        return module_kind(module) is not None
     return isinstance(module, tuple(leaf_types))
 
 
-def _iter_leaves(model: nn.Module, leaf_types: Sequence[type[nn.Module]]) -> Iterator[nn.Module]:
+def _iter_leaves(
+    model: nn.Module, leaf_types: Sequence[type[nn.Module]] | None
+) -> Iterator[nn.Module]:
     def visit(m: nn.Module) -> Iterator[nn.Module]:
         if _is_leaf(m, leaf_types):
             yield m
@@ -357,7 +282,7 @@ def _iter_leaves(model: nn.Module, leaf_types: Sequence[type[nn.Module]]) -> Ite
 def trace(
     model: nn.Module,
     example: Any,
-    leaf_types: Sequence[type[nn.Module]] = LEAF_TYPES,
+    leaf_types: Sequence[type[nn.Module]] | None = None,
 ) -> Graph:
     """Run ``model`` once on ``example`` and record its dataflow graph.
 
@@ -365,7 +290,8 @@ def trace(
         model: the network (left unchanged; run in eval mode under ``no_grad``).
         example: one calibration batch (tensor, tuple of positional args or dict of
             keyword args).
-        leaf_types: module types recorded as single ops.
+        leaf_types: module types recorded as single ops (default: every type registered
+            in :mod:`spectrim.graph.modules`).
     """
     tracer = _Tracer(model)
     handles = []

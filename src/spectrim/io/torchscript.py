@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from spectrim.evaluation._common import call_model, eval_mode
+from spectrim.graph.modules import type_kind
 
 __all__ = ["TorchScriptConversionError", "check_equivalent", "script_to_module"]
 
@@ -201,32 +202,11 @@ def _shape_hints(
     cls: type[nn.Module], params: dict[str, torch.Tensor | None], hints: dict[str, Any]
 ) -> dict[str, Any]:
     """Constructor arguments implied by the weight shapes."""
-    out: dict[str, Any] = {}
     w = params.get("weight")
-    if w is None:
-        return out
-    if issubclass(cls, nn.modules.conv._ConvNd):
-        groups = int(hints.get("groups", 1))
-        transposed = issubclass(cls, nn.modules.conv._ConvTransposeNd)
-        if transposed:
-            out["in_channels"], out["out_channels"] = w.shape[0], w.shape[1] * groups
-        else:
-            out["in_channels"], out["out_channels"] = w.shape[1] * groups, w.shape[0]
-        out["kernel_size"] = tuple(int(s) for s in w.shape[2:])
-    elif issubclass(cls, nn.Linear):
-        out["in_features"], out["out_features"] = w.shape[1], w.shape[0]
-    elif issubclass(cls, nn.Bilinear):
-        out["out_features"], out["in1_features"], out["in2_features"] = tuple(w.shape)
-    elif issubclass(cls, nn.modules.batchnorm._NormBase):
-        out["num_features"] = w.shape[0]
-    elif issubclass(cls, nn.LayerNorm):
-        out["normalized_shape"] = tuple(int(s) for s in w.shape)
-    elif issubclass(cls, nn.GroupNorm):
-        out["num_channels"] = w.shape[0]
-    elif issubclass(cls, nn.Embedding):
-        out["num_embeddings"], out["embedding_dim"] = w.shape[0], w.shape[1]
-    elif issubclass(cls, nn.PReLU):
-        out["num_parameters"] = w.numel()
+    kind = type_kind(cls)
+    if w is None or kind is None or kind.shape_args is None:
+        return {}
+    out = kind.shape_args(tuple(int(d) for d in w.shape), hints)
     return {k: int(v) if isinstance(v, torch.SymInt | int) else v for k, v in out.items()}
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.context import RunContext
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.surgery import GroupPlan
 from spectrim.linalg.reconstruction import F32_RTOL, fit_cross_reconstruction
@@ -145,6 +146,11 @@ class Method(ABC):
             raise ValueError(
                 f"method '{self.name}': unknown option(s) {', '.join(sorted(options))}"
             )
+
+    def for_run(self, ctx: RunContext) -> Method:
+        """The method as the run with context ``ctx`` uses it: itself, unless it makes
+        random choices and takes the run's seed (``random``)."""
+        return self
 
     @abstractmethod
     def solver(

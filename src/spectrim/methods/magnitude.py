@@ -14,7 +14,9 @@ import numpy as np
 from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.context import RunContext
 from spectrim.graph.channels import UnitGroup
+from spectrim.graph.modules import module_kind
 from spectrim.methods.base import GroupSolver, Method, OrderSolver, register_method
 
 __all__ = ["L1Method", "L2Method", "RandomMethod", "filter_norms"]
@@ -26,9 +28,9 @@ def filter_norms(group: UnitGroup, model: nn.Module, p: float) -> np.ndarray:
     score = np.zeros(group.width)
     for name in group.producers:
         mod = modules[name]
-        w = mod.weight.detach().double()
-        if isinstance(mod, nn.Embedding):
-            w = w.t()
+        kind = module_kind(mod)
+        out_dim = kind.weight_dims[0] if kind is not None else 0
+        w = mod.weight.detach().double().movedim(out_dim, 0)
         norms = w.reshape(w.shape[0], -1).norm(p=p, dim=1).cpu().numpy()
         score += norms[group.producer_channels[name]]
     return score
@@ -66,9 +68,14 @@ class RandomMethod(Method):
 
     needs_statistics = False
 
-    def __init__(self, seed: int = 0, **options: Any) -> None:
+    def __init__(self, seed: int | None = None, **options: Any) -> None:
         super().__init__(**options)
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.rng = np.random.default_rng(0 if seed is None else seed)
+
+    def for_run(self, ctx: RunContext) -> Method:
+        """Its own ``seed`` option when given, else the run's."""
+        return self if self.seed is not None else RandomMethod(seed=ctx.seed)
 
     def solver(
         self, group: UnitGroup, stats: Mapping[str, GramAccumulator], model: nn.Module

@@ -37,6 +37,7 @@ from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.channels import UnitGroup
+from spectrim.graph.modules import module_kind
 from spectrim.graph.surgery import GroupPlan
 from spectrim.linalg import (
     degrees_of_freedom,
@@ -67,8 +68,10 @@ def consumer_weight_gram(module: nn.Module, positions: np.ndarray) -> np.ndarray
         [[1.0, 2.0], [2.0, 4.0]]
     """
     w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+    kind = module_kind(module)
+    if kind is None or kind.in_size is None or not isinstance(w, torch.Tensor) or w.dim() < 2:
         raise TypeError(f"consumer of type {type(module).__name__} has no weight matrix")
+    w = w.movedim(kind.weight_dims[1], 1)
     m, r = positions.shape
     cols = w.detach().double()[:, torch.as_tensor(positions.reshape(-1))]
     cols = cols.reshape(w.shape[0], m, r, -1)  # (out, m, r, taps)

@@ -1,0 +1,433 @@
+"""The channel-pruning run behind :func:`spectrim.compress`, as named stages.
+
+``trace → collect → solve → allocate → apply → report``: :func:`spectrim.stages.trace_stage`
+and :func:`~spectrim.stages.solve_stage` are shared with ``analyze``; this module adds
+
+* :func:`collect_stage`: the calibration pass (in channels_last where that runs faster);
+* :func:`allocate_stage`: the widths a target asks for, from the solvers' error curves
+  and the cost model;
+* :func:`apply_stage`: each group's plan applied, through the sequential pass (each
+  solver refits its own correction on the compressed prefix) or in one surgery;
+* :func:`report_stage`: the per-group report, costs and warnings.
+
+:func:`prune_run` chains them; every stage reads the run's :class:`~spectrim.RunContext`
+(seed, progress) and writes its wall time into ``report.timings``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from spectrim.budget import Allocation, CostModel, allocate, allocate_budget, dof_widths
+from spectrim.calibration import Collected, collect
+from spectrim.calibration.checks import CalibrationInfo, rows_per_group
+from spectrim.calibration.sequential import sequential_correct
+from spectrim.config import CompressConfig, Target, UnreachableTargetError
+from spectrim.context import RunContext
+from spectrim.evaluation.flops import ModelCost, hook_counted, profile
+from spectrim.graph import Analysis, GroupPlan, UnitGroup, apply_plan
+from spectrim.graph.layout import (
+    memory_formats,
+    restore_formats,
+    suits_channels_last,
+    to_channels_last,
+)
+from spectrim.graph.modules import module_kind, weight_kind
+from spectrim.graph.trace import batch_len
+from spectrim.linalg import prediction_error_curve
+from spectrim.methods import GroupSolver, Method
+from spectrim.report import CompressionReport, GroupReport
+from spectrim.stages import solve_stage, trace_stage
+
+__all__ = ["allocate_stage", "apply_stage", "collect_stage", "prune_run", "report_stage"]
+
+
+@dataclass
+class ChannelRun:
+    """What the stages of one channel-pruning run hand on to each other."""
+
+    work: nn.Module
+    batches: list[Any]
+    info: CalibrationInfo
+    cfg: CompressConfig
+    method: Method
+    ctx: RunContext
+    report: CompressionReport
+    example: Any = None
+    analysis: Analysis | None = None
+    kernels: bool = False
+    cost0: ModelCost | None = None
+    groups: list[UnitGroup] = field(default_factory=list)
+    collected: Collected = field(default_factory=lambda: Collected(stats={}))
+    channels_last: bool = False
+    formats: Any = None
+    rows: dict[int, float] = field(default_factory=dict)
+    solvers: dict[int, GroupSolver] = field(default_factory=dict)
+    curves: dict[int, np.ndarray] = field(default_factory=dict)
+    widths: dict[int, int] = field(default_factory=dict)
+    alloc: Allocation | None = None
+    plans: dict[int, GroupPlan] = field(default_factory=dict)
+    seq_errors: dict[tuple[int, str], float] = field(default_factory=dict)
+
+    @property
+    def sequential(self) -> bool:
+        return bool(self.cfg.sequential and self.method.needs_statistics and self.groups)
+
+
+def _timed(name: str) -> Any:
+    """Record the decorated stage's wall time as ``report.timings[name]``."""
+
+    def deco(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def run(state: ChannelRun, *args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(state, *args, **kwargs)
+            finally:
+                state.report.timings[name] = time.perf_counter() - t
+
+        return run
+
+    return deco
+
+
+def prune_run(
+    work: nn.Module,
+    batches: list[Any],
+    info: CalibrationInfo,
+    cfg: CompressConfig,
+    method: Method,
+    ctx: RunContext,
+    t0: float,
+) -> tuple[nn.Module, CompressionReport]:
+    """Prune the channels of ``work`` in place as ``cfg`` says; ``(work, report)``."""
+    report = CompressionReport(method=cfg.method, target=str(cfg.parsed_target))
+    report.config = cfg.to_dict()
+    state = ChannelRun(work, batches, info, cfg, method.for_run(ctx), ctx, report)
+    work.eval()
+    analyse_stage(state)
+    collect_stage(state)
+    solve_curves_stage(state)
+    allocate_stage(state)
+    apply_stage(state)
+    report_stage(state)
+    report.seconds = time.perf_counter() - t0
+    return work, report
+
+
+@_timed("analysis")
+def analyse_stage(state: ChannelRun) -> None:
+    """Trace, channel analysis and self-checks; the original costs."""
+    example, analysis, pinned_warnings = trace_stage(
+        state.work, state.batches, verify=state.cfg.verify, seed=state.ctx.seed
+    )
+    state.example, state.analysis = example, analysis
+    state.kernels = _has_functional_products(analysis)
+    state.cost0 = profile(state.work, example, kernels=state.kernels)
+    state.report.warnings.extend(state.info.warnings)
+    state.report.warnings.extend(pinned_warnings)
+    state.groups = analysis.prunable
+
+
+@_timed("statistics")
+def collect_stage(state: ChannelRun) -> None:
+    """The calibration pass: the Gram of every group at every consumer (and, for the
+    sequential pass, the stored inputs), on spectrim's own copy in its fastest layout."""
+    work, cfg, method, groups, analysis = (
+        state.work,
+        state.cfg,
+        state.method,
+        state.groups,
+        state.analysis,
+    )
+    assert analysis is not None
+    state.formats = memory_formats(work)
+    channels_last = bool(
+        cfg.channels_last is not False
+        and method.needs_statistics
+        and groups
+        and suits_channels_last(work, state.batches)
+    )
+    if channels_last:
+        channels_last = to_channels_last(work, state.example, ref=analysis.graph.output_tensors)
+        if not channels_last and cfg.channels_last:
+            state.report.warnings.append(
+                "channels_last=True: the model does not reproduce its outputs in "
+                "channels_last layout; the calibration passes ran in its own layout"
+            )
+    state.channels_last = channels_last
+    if method.needs_statistics and groups:
+        share = cfg.sequential_fraction if state.sequential else 0.0
+        state.collected = collect(
+            work,
+            analysis,
+            state.batches,
+            groups,
+            progress=state.ctx.wrap(len(state.batches), "calibration", unit="batch"),
+            store_fraction=share,
+            channels_last=channels_last,
+        )
+        state.report.calibration_rows = sum(batch_len(b) for b in state.batches)
+
+
+@_timed("selection")
+def solve_curves_stage(state: ChannelRun) -> None:
+    """One solver per group and its error curve, judged on new inputs."""
+    analysis = state.analysis
+    assert analysis is not None
+    stats = state.collected.stats
+    if state.method.needs_statistics:
+        state.rows = rows_per_group(state.groups, stats, state.info)
+        state.groups = _pin_underdetermined(
+            analysis, state.groups, state.rows, state.info, state.report
+        )
+    state.solvers = solve_stage(state.method, state.groups, stats, state.work)
+    curves = {gi: s.error_curve() for gi, s in state.solvers.items()}
+    # least-squares errors measured on the calibration rows the fits use are optimistic:
+    # judge every width by its expected error on new inputs
+    state.curves = {
+        gi: prediction_error_curve(e, state.rows[gi])
+        if gi in state.rows and state.solvers[gi].least_squares_curve
+        else e
+        for gi, e in curves.items()
+    }
+
+
+@_timed("allocation")
+def allocate_stage(state: ChannelRun) -> None:
+    """The width of every group the target asks for, and its plan."""
+    cfg, analysis, cost0 = state.cfg, state.analysis, state.cost0
+    assert analysis is not None and cost0 is not None
+    tgt = cfg.parsed_target
+    other = cost0.macs - sum(cost0.per_module.values())
+    cost_model = CostModel(state.work, analysis, cost0.per_module, other_macs=max(other, 0))
+    if tgt.kind == "dof":
+        widths = dof_widths(
+            tgt.value, state.solvers, round_to=cfg.round_to, min_width=cfg.min_width
+        )
+    elif tgt.kind in ("macs", "params"):
+        alloc = allocate_budget(
+            tgt,
+            state.curves,
+            cost_model,
+            round_to=cfg.round_to,
+            min_width=cfg.min_width,
+            max_error=cfg.max_error if cfg.on_unreachable == "stop" else None,
+        )
+        if not alloc.reachable:
+            message = _unreachable_message(tgt, alloc, analysis, cfg)
+            if cfg.on_unreachable == "raise":
+                raise UnreachableTargetError(message)
+            state.report.warnings.append(message)
+        widths = alloc.widths
+        state.alloc = alloc
+    else:
+        widths = allocate(
+            tgt, state.curves, cost_model, round_to=cfg.round_to, min_width=cfg.min_width
+        )
+    state.widths = dict(widths)
+    state.plans = {
+        gi: state.solvers[gi].plan(k) for gi, k in widths.items() if k < analysis.groups[gi].width
+    }
+
+
+@_timed("apply")
+def apply_stage(state: ChannelRun) -> None:
+    """Apply the plans: through the sequential pass when corrections are refitted on the
+    compressed prefix (each solver's own refit, so a constraint survives), else in one
+    surgery."""
+    analysis, plans, collected = state.analysis, state.plans, state.collected
+    assert analysis is not None
+    if state.sequential and plans and any(p.folds for p in plans.values()):
+        keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
+        refits = {gi: functools.partial(state.solvers[gi].refit, kept) for gi, kept in keep.items()}
+        # float64 fit products only where the fit can be (nearly) exact
+        exact = {gi: bool(state.curves[gi][state.widths[gi]] < _EXACT_FIT_BELOW**2) for gi in keep}
+        stored = state.batches[: collected.n_stored]
+        state.report.fitted_examples = sum(batch_len(b) for b in stored)
+        folds, state.seq_errors = sequential_correct(
+            state.work,
+            analysis,
+            stored,
+            keep,
+            collected,
+            exact=exact,
+            channels_last=state.channels_last,
+            refit=refits,
+        )
+        for gi, f in folds.items():
+            plans[gi].folds = f
+    else:
+        apply_plan(state.work, analysis, plans)
+    collected.inputs.clear()
+    if state.channels_last:
+        restore_formats(state.work, state.formats)  # the user's layout, stride for stride
+
+
+@_timed("report")
+def report_stage(state: ChannelRun) -> None:
+    """Per-group widths, predicted and measured errors, costs and warnings."""
+    analysis, report, cost0 = state.analysis, state.report, state.cost0
+    assert analysis is not None and cost0 is not None
+    cost1 = profile(state.work, state.example, kernels=state.kernels)
+    for g in analysis.groups:
+        k = state.widths.get(g.index, g.width)
+        gr = GroupReport(
+            name=g.name,
+            width_before=g.width,
+            width_after=k,
+            producers=list(g.producers),
+            consumers=[c.module for c in g.consumers],
+            pinned=g.pinned,
+            rows=int(state.rows[g.index]) if g.index in state.rows else None,
+        )
+        if g.index in state.curves:
+            gr.predicted_error = float(np.sqrt(max(state.curves[g.index][k], 0.0)))
+        if g.index in state.plans:
+            if state.seq_errors:
+                gr.consumer_errors = {
+                    c.module: state.seq_errors[(g.index, c.module)]
+                    for c in g.consumers
+                    if (g.index, c.module) in state.seq_errors
+                }
+            else:
+                gr.consumer_errors = state.solvers[g.index].reconstruction_errors(
+                    state.plans[g.index]
+                )
+        report.groups.append(gr)
+    report.params_before, report.params_after = cost0.params, cost1.params
+    report.macs_before, report.macs_after = cost0.macs, cost1.macs
+    tgt, alloc = state.cfg.parsed_target, state.alloc
+    if alloc is not None and alloc.reachable:
+        reached = report.macs_ratio if tgt.kind == "macs" else report.params_ratio
+        if reached > tgt.value + 0.005:
+            report.warnings.append(
+                f"target {tgt} not reached: the compressed model has {reached:.3f} of the "
+                f"original {tgt.kind.upper() if tgt.kind == 'macs' else 'parameters'} (the "
+                f"allocation modelled {alloc.reached:.3f}; the difference is in costs the "
+                "model of the allocator does not see, or in round_to/min_width)"
+            )
+    summary = _pin_summary(analysis)
+    if summary:
+        report.warnings.insert(0, summary)
+
+
+def _reason_kind(reason: str) -> str:
+    """A pin reason without the names of the modules it was found at."""
+    text = re.sub(r"module '[^']*' \(", "module (", reason)
+    text = re.sub(r"(consumer|channel produced twice by|unit group) '[^']*'", r"\1", text)
+    text = re.sub(r"'[^']*' is tied to '[^']*'", "a parameter is tied to another module's", text)
+    text = re.sub(r"\(groups=\d+\)", "", text)
+    text = re.sub(r"value \d+", "a value", text)
+    text = re.sub(r"\d+ calibration rows? .*", "too few calibration rows", text)
+    return text.strip()
+
+
+def _pin_summary(analysis: Any, top: int = 3) -> str | None:
+    """One line: how many groups are pinned, and the most common reasons."""
+    pinned = [g for g in analysis.groups if g.pinned is not None]
+    if not pinned:
+        return None
+    counts = Counter(_reason_kind(g.pinned) for g in pinned)
+    reasons = "; ".join(f"{n}× {why}" for why, n in counts.most_common(top))
+    more = len(counts) - top
+    return (
+        f"{len(pinned)} of {len(analysis.groups)} unit groups are pinned and keep their width "
+        f"({reasons}{f'; {more} other reason(s)' if more > 0 else ''}; see report.groups)"
+    )
+
+
+def _pin_underdetermined(
+    analysis: Any,
+    groups: list[UnitGroup],
+    rows: Mapping[int, float],
+    info: CalibrationInfo,
+    report: CompressionReport,
+) -> list[UnitGroup]:
+    """Pin the groups whose fits would have fewer rows than channels; return the rest.
+
+    With ``n < m`` rows, any ``n`` of the ``m`` channels reproduce the others exactly on
+    the calibration data, so every error would read 0 and every correction would be fitted
+    to noise (13.7x the output norm on new inputs in the issue's dla34 example).
+    """
+    keep = []
+    for g in groups:
+        n = rows.get(g.index)
+        if n is None or n >= g.width:
+            keep.append(g)
+            continue
+        per_example = n / max(info.distinct, 1)
+        need = math.ceil(g.width / per_example) if per_example > 0 else g.width
+        analysis.pin(
+            g,
+            f"{int(n)} calibration rows for {g.width} channels: errors and corrections "
+            f"fitted on fewer rows than channels cannot be checked (about {need} distinct "
+            "examples needed)",
+        )
+        report.warnings.append(
+            f"unit group '{g.name}' ({g.width} channels) kept whole: its statistics have "
+            f"{int(n)} calibration rows ({info.distinct} distinct examples), fewer than its "
+            f"channels, so no error it would report could be trusted; pass at least {need} "
+            "distinct examples to compress it"
+        )
+    return keep
+
+
+def _unreachable_message(tgt: Target, alloc: Allocation, analysis: Any, cfg: CompressConfig) -> str:
+    what = "MACs" if tgt.kind == "macs" else "parameters"
+    pinned = sum(1 for g in analysis.groups if g.pinned is not None)
+    reasons = Counter(_reason_kind(g.pinned) for g in analysis.groups if g.pinned is not None)
+    why = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(3)) or "none"
+    if cfg.on_unreachable == "stop":
+        done = (
+            f"stopped at {tgt.kind}={alloc.reached:.3f}, where no group's predicted "
+            f"relative error exceeds max_error={cfg.max_error:g}"
+            + (f" ({len(alloc.held)} groups held there)" if alloc.held else "")
+        )
+    elif cfg.on_unreachable == "force":
+        done = f"every prunable group cut to its minimum width: {tgt.kind}={alloc.reached:.3f}"
+    else:
+        done = "nothing was compressed"
+    return (
+        f"target {tgt} is unreachable: even every prunable group at its minimum width keeps "
+        f"{alloc.floor:.3f} of the {what}, because {pinned} of {len(analysis.groups)} unit "
+        f"groups are pinned ({why}) and the rest of the cost is in layers no group shrinks; "
+        f"{done}. To go further: ask for {tgt.kind}>={alloc.floor:.3f}, raise max_error, "
+        "or let spectrim map the ops the pins name (report.groups has each reason)"
+    )
+
+
+# Groups whose predicted relative error at their width is below this get float64
+# products in the sequential fits (exactness to 1e-5); the others float32 (3x cheaper).
+_EXACT_FIT_BELOW = 1e-2
+
+_PRODUCTS = {
+    "matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm", "mv", "dot", "linear", "einsum",
+    "scaled_dot_product_attention", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "tensordot", "inner", "outer",
+}  # fmt: skip
+
+
+def _has_functional_products(analysis: Any) -> bool:
+    """Whether the traced graph multiplies tensors outside hook-counted modules."""
+    for op in analysis.graph.ops:
+        if op.kind == "function" and op.name in _PRODUCTS:
+            return True
+        if op.kind == "module" and not hook_counted(op.target):
+            # products inside a module the hooks do not count: a weight type with its own
+            # forward (HF Conv1D), or an opaque one holding matrices (attention, RNNs)
+            kind = module_kind(op.target)
+            if weight_kind(op.target) is not None or kind is None or kind.channels is None:
+                if any(p.dim() >= 2 for p in op.target.parameters(recurse=False)):
+                    return True
+    return False
