@@ -24,7 +24,7 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def test_registry() -> None:
-    assert list_datasets() == ["cifar10", "digits", "mnist"]
+    assert list_datasets() == ["cifar10", "cifar10-jpeg", "digits", "mnist"]
     assert DATASETS["cifar10"].input_shape == (3, 32, 32)
     assert DATASETS["mnist"].sizes == {"train": 60000, "test": 10000}
 
@@ -90,6 +90,25 @@ def test_cifar10(data_dir: Path) -> None:
     assert xtr.shape == (1500, 3, 32, 32)
     assert ytr[:5].tolist() == [6, 9, 9, 4, 1]
     assert load_dataset("cifar10", "train").tensors[0].shape[0] == 4000
+
+
+def test_cifar10_jpeg_is_the_full_test_set_class_by_class(data_dir: Path) -> None:
+    x, y = load_dataset("cifar10-jpeg", "test", limit=3001).tensors
+    assert x.shape == (3001, 3, 32, 32) and y.bincount().tolist() == [1000, 1000, 1000, 1]
+    # cat/0000.jpg is CIFAR-10 test image 0 (a cat), saved lossy: close to the lossless one
+    lossless = load_dataset("cifar10", "test", limit=1).tensors[0][0]
+    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    assert float(((x[3000] - lossless) * std).abs().mean()) < 0.03
+    assert float(((x[0] - lossless) * std).abs().mean()) > 0.1  # an airplane is not
+
+
+def test_a_file_without_a_download_says_where_to_put_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("SPECTRIM_DATA", raising=False)
+    monkeypatch.setenv("SPECTRIM_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no byte-identical public download"):
+        load_dataset("cifar10-jpeg", "test")
 
 
 def test_bad_names() -> None:

