@@ -53,6 +53,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "spectrum-l2": ("spectrum", {"distribution": "l2"}),
     "magnitude+refit-curves": ("magnitude", {"refit": True, "allocation": "curves"}),
     "obs+refit-curves": ("obs", {"refit": True, "allocation": "curves"}),
+    "obs+refit-output": ("obs", {"refit": True, "allocation": "output"}),
+    "wanda+refit-output": ("wanda", {"refit": True, "allocation": "output"}),
+    "magnitude+refit-output": ("magnitude", {"refit": True, "allocation": "output"}),
+    "obs+refit-r4": ("obs", {"refit": True, "rounds": 4}),
+    "obs+refit-r8": ("obs", {"refit": True, "rounds": 8}),
+    "obs+refit-r4-prev": ("obs", {"refit": True, "rounds": 4, "refit_to": "previous"}),
+    "obs+refit-r8-prev": ("obs", {"refit": True, "rounds": 8, "refit_to": "previous"}),
+    "wanda+refit-r4": ("wanda", {"refit": True, "rounds": 4}),
+    "magnitude+refit-r4": ("magnitude", {"refit": True, "rounds": 4}),
 }
 
 CHITA_TABLE1_RESNET20 = {
@@ -82,6 +91,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--jpeg",
+        action="store_true",
+        help="also evaluate on the 10000 lossy JPEG test images (a larger sample)",
+    )
     args = ap.parse_args()
     os.environ.setdefault(
         "SPECTRIM_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -95,6 +109,8 @@ def main() -> None:
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
     test = load_dataset("cifar10", "eval")
     dense = evaluate(model, test)
+    jpeg = load_dataset("cifar10-jpeg", "test") if args.jpeg else None
+    dense_jpeg = evaluate(model, jpeg) if jpeg is not None else None
     forward_seconds(model, calib[:128])
     print(f"{args.model}: dense top-1 {dense.accuracy:.4f} on {len(test)} lossless test images")
     runs = []
@@ -106,6 +122,7 @@ def main() -> None:
                 model, calib, method, f"sparsity={s}", structured=False, **options
             )
             res = evaluate(small, test, reference=model)
+            res_jpeg = evaluate(small, jpeg, reference=model) if jpeg is not None else None
             mats = [m for m in report.matrices if m.spectral_error is not None]
 
             def mean(key: str, mats=mats) -> float:  # type: ignore[no-untyped-def]
@@ -120,6 +137,8 @@ def main() -> None:
                 "accuracy": res.accuracy,
                 "agreement": res.agreement,
                 "drop_from_dense": (dense.accuracy or 0) - (res.accuracy or 0),
+                "accuracy_jpeg": res_jpeg.accuracy if res_jpeg else None,
+                "agreement_jpeg": res_jpeg.agreement if res_jpeg else None,
                 "mean_spectral_error": mean("spectral_error"),
                 "mean_frobenius_error": mean("frobenius_error"),
                 "mean_output_error": mean("output_error"),
@@ -136,12 +155,15 @@ def main() -> None:
                 f"{name:17s} s={s:4s} acc {res.accuracy:.4f} agree {res.agreement:.4f} "
                 f"sparsity {report.sparsity:.3f} ‖ΔW‖₂ {row['mean_spectral_error']:.3f} "
                 f"out.err {row['mean_output_error']:.4f} {report.seconds:6.1f} s "
-                f"({row['seconds_over_forward']:.1f}x forward)",
+                f"({row['seconds_over_forward']:.1f}x forward)"
+                + (f" jpeg acc {res_jpeg.accuracy:.4f}" if res_jpeg else ""),
                 flush=True,
             )
             out = {
                 "benchmark": f"sparsify-{args.model}",
                 "dense_accuracy": dense.accuracy,
+                "dense_accuracy_jpeg": dense_jpeg.accuracy if dense_jpeg else None,
+                "jpeg_eval_images": len(jpeg) if jpeg is not None else 0,
                 "calibration_images": len(calib),
                 "eval_images": len(test),
                 "threads": args.threads,
@@ -151,7 +173,9 @@ def main() -> None:
                 "runs": runs,
             }
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(out, indent=2))
+            tmp = out_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(out, indent=2))
+            tmp.replace(out_path)  # atomic: an interrupted run leaves the last complete file
     print(f"wrote {out_path}")
 
 

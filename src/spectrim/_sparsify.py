@@ -31,7 +31,7 @@ from spectrim.graph import GroupPlan, apply_plan
 from spectrim.graph.channels import Analysis, shared_tensors
 from spectrim.graph.modules import WeightKind, module_kind, weight_modules
 from spectrim.graph.surgery import WeightPlan, apply_weight_plans
-from spectrim.graph.trace import batch_len
+from spectrim.graph.trace import batch_len, model_outputs
 from spectrim.linalg.masks import matrix_metrics, output_error, pq_keep_counts
 from spectrim.methods.weights import MatrixUnit, WeightMethod, pooled_keep, refit_values
 from spectrim.report import CompressionReport, MatrixReport
@@ -90,6 +90,10 @@ CURVE_GRID = np.array(
 )
 
 
+#: examples (whole leading batches) on which ``allocation="output"`` measures the gains
+_PROBE_EXAMPLES = 128
+
+
 def _curve_densities(
     algo: WeightMethod,
     names: list[str],
@@ -98,12 +102,21 @@ def _curve_densities(
     grams0: dict[str, Any],
     density: float,
     ctx: RunContext,
-) -> dict[str, float]:
-    """Per-matrix densities from each matrix's error curve: the method's mask (and refit)
-    at every density of :data:`CURVE_GRID`, judged by the relative output error on the
-    original model's inputs (one-shot), then :func:`allocate_densities`."""
+    work: nn.Module | None = None,
+    probe: Any = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(densities, gains)``: per-matrix densities from each matrix's error curve: the
+    method's mask (and refit) at every density of :data:`CURVE_GRID`, judged by the
+    relative output error on the original model's inputs (one-shot), then
+    :func:`allocate_densities`.  With a ``probe`` batch (``allocation="output"``) each
+    curve is first multiplied by the matrix's gain: the relative error of the model's
+    outputs on ``probe`` with that matrix alone sparsified (at the grid density nearest
+    the target), over the matrix's own output error there."""
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     sizes: dict[str, int] = {}
+    at = int(np.argmin(np.abs(CURVE_GRID - density)))
+    at = max(at, 1)
+    probes: dict[str, np.ndarray] = {}
     for n in names:
         acc = grams0.get(n)
         if acc is None:  # no Gram: cannot be judged, kept at the requested density
@@ -113,16 +126,67 @@ def _curve_densities(
         if algo.needs_mean:
             unit.mean = acc.mean_numpy()
         errors = [0.0]
-        for d in CURVE_GRID[1:]:
+        for i, d in enumerate(CURVE_GRID[1:], start=1):
             values, keep = algo.sparsify(unit, float(d), None, ctx.rng())
             if algo.refit:
                 values = refit_values(unit, keep, algo.refit_ridge)
             errors.append(output_error(unit.weight, values, unit.gram))
+            if i == at:
+                probes[n] = np.where(keep, values, 0.0)
         curves[n] = (CURVE_GRID, np.asarray(errors))
         sizes[n] = int(unit.weight.size)
     if not curves:
-        return {}
-    return allocate_densities(curves, sizes, density)
+        return {}, {}
+    gains: dict[str, float] = {}
+    if probe is not None and work is not None:
+        gains = _output_gains(
+            work, probe, by_name, probes, {n: c[1][at] for n, c in curves.items()}
+        )
+        curves = {n: (d, e * gains[n]) for n, (d, e) in curves.items()}
+    return allocate_densities(curves, sizes, density), gains
+
+
+def _probe_batches(batches: list[Any]) -> list[Any]:
+    """The leading batches holding at least :data:`_PROBE_EXAMPLES` examples."""
+    out, n = [], 0
+    for b in batches:
+        out.append(b)
+        n += batch_len(b)
+        if n >= _PROBE_EXAMPLES:
+            break
+    return out
+
+
+def _flat_outputs(model: nn.Module, batches: list[Any]) -> torch.Tensor:
+    return torch.cat(
+        [t.detach().double().reshape(-1) for b in batches for t in model_outputs(model, b)]
+    )
+
+
+def _output_gains(
+    work: nn.Module,
+    probe: Any,
+    by_name: dict[str, tuple[nn.Module, WeightKind]],
+    values: dict[str, np.ndarray],
+    own: dict[str, float],
+) -> dict[str, float]:
+    """Per matrix: (squared relative error of the model's outputs on ``probe`` with only
+    that matrix replaced by ``values``) / (its own squared relative output error ``own``)."""
+    with torch.no_grad():
+        ref = _flat_outputs(work, probe)
+        energy = float(ref.square().sum()) or 1.0
+        gains = {}
+        for n, v in values.items():
+            module, kind = by_name[n]
+            saved = kind.matrix(module).detach().clone()
+            kind.set_matrix(module, torch.as_tensor(v))
+            try:
+                out = _flat_outputs(work, probe)
+            finally:
+                kind.set_matrix(module, saved)
+            final = float((out - ref).square().sum()) / energy
+            gains[n] = final / max(own[n], 1e-12)
+    return gains
 
 
 def sparsify_run(
@@ -197,65 +261,87 @@ def sparsify_run(
         d = density if density is not None else algo.global_density(plain)
         pooled = pooled_keep(algo, plain, d)
     per_matrix: dict[str, float] = {}
-    if algo.allocation == "curves" and density is not None and density < 1 and nm is None:
-        per_matrix = _curve_densities(algo, names, by_name, weights0, grams0, density, ctx)
+    if algo.allocation != "uniform" and density is not None and density < 1 and nm is None:
+        probe = _probe_batches(batches) if algo.allocation == "output" else None
+        per_matrix, gains = _curve_densities(
+            algo, names, by_name, weights0, grams0, density, ctx, work, probe
+        )
         solved["densities"] = per_matrix  # type: ignore[assignment]
+        if gains:
+            solved["output_gains"] = gains  # type: ignore[assignment]
     sequential = cfg.sequential and algo.needs_statistics and algo.scope != "global"
     original = copy.deepcopy(work) if sequential and algo.refit else None
     rng = ctx.rng()
-    plans: dict[str, WeightPlan] = {}
     values_of: dict[str, np.ndarray] = {}
-    it: Iterable[str] = order
-    for n in ctx.wrap(len(order), "matrices")(it):
-        module, kind = by_name[n]
-        unit = MatrixUnit(n, module, kind, weights0[n])
-        if algo.needs_statistics:
-            acc = (
-                input_gram_at(
-                    work,
-                    n,
-                    batches,
-                    original=original,
-                    sums=algo.needs_mean,
-                    stop_early=calls.get(n, 0) == 1,
+    rounds = getattr(algo, "rounds", 1)
+    if rounds > 1 and (nm is not None or density is None or pooled):
+        raise ValueError(
+            f"method '{name}': rounds={rounds} needs a sparsity=S target (not n:m or auto)"
+        )
+    for r in range(1, rounds + 1):
+        if r > 1 and original is not None and getattr(algo, "refit_to", "previous") == "previous":
+            original = copy.deepcopy(work)  # this round's refits reconstruct the last round's
+
+        # round r keeps the share d^(r/R) of each matrix: the same share of what remains
+        def at_round(d: float | None, r: int = r) -> float | None:
+            return None if d is None else float(d) ** (r / rounds)
+
+        it: Iterable[str] = order
+        desc = "matrices" if rounds == 1 else f"matrices (round {r}/{rounds})"
+        for n in ctx.wrap(len(order), desc)(it):
+            module, kind = by_name[n]
+            current = weights0[n] if r == 1 else values_of.get(n, weights0[n])
+            unit = MatrixUnit(n, module, kind, current)
+            if algo.needs_statistics:
+                acc = (
+                    input_gram_at(
+                        work,
+                        n,
+                        batches,
+                        original=original,
+                        sums=algo.needs_mean,
+                        stop_early=calls.get(n, 0) == 1,
+                    )
+                    if sequential
+                    else grams0.get(n)
                 )
-                if sequential
-                else grams0.get(n)
-            )
-            if acc is None or acc.count == 0:
-                report.warnings.append(
-                    f"module '{n}' ({kind.name}): its inputs cannot be read as rows of the "
-                    f"weight's columns (grouped conv, or it never ran); '{name}' left it dense"
-                )
-                continue
-            unit.gram = acc.gram_numpy()
-            unit.rows = acc.count
-            if original is not None and acc.cross is not None:
-                unit.cross = acc.cross_numpy()
-            if algo.needs_mean:
-                unit.mean = acc.mean_numpy()
-        dens = per_matrix.get(n, density)
-        if dens is not None and dens >= 1.0:
-            keep = np.ones(unit.weight.shape, dtype=bool)  # sparsity 0: nothing changes
-            values = unit.weight
-        elif n in pooled:
-            keep = pooled[n]
-            values = np.where(keep, unit.weight, 0.0)
-        else:
-            values, keep = algo.sparsify(unit, dens, nm, rng)
-        if keep.all() and not algo.sets_values:
-            values = unit.weight  # nothing removed: exactly the original
-        elif algo.refit:
-            values = refit_values(unit, keep, algo.refit_ridge)
-        plan = WeightPlan(n, keep, values)
-        apply_weight_plans(work, {n: plan})
-        delta = algo.bias_delta(unit, values)
-        bias = getattr(module, "bias", None)
-        if delta is not None and isinstance(bias, torch.Tensor):
-            with torch.no_grad():
-                bias.add_(torch.as_tensor(delta, dtype=bias.dtype))
-        plans[n] = plan
-        values_of[n] = values
+                if acc is None or acc.count == 0:
+                    if r == 1:
+                        report.warnings.append(
+                            f"module '{n}' ({kind.name}): its inputs cannot be read as rows of "
+                            f"the weight's columns (grouped conv, or it never ran); '{name}' "
+                            "left it dense"
+                        )
+                    continue
+                unit.gram = acc.gram_numpy()
+                unit.rows = acc.count
+                if original is not None and acc.cross is not None:
+                    unit.cross = acc.cross_numpy()
+                if algo.needs_mean:
+                    unit.mean = acc.mean_numpy()
+            dens = at_round(per_matrix.get(n, density))
+            if dens is not None and dens >= 1.0:
+                keep = np.ones(unit.weight.shape, dtype=bool)  # sparsity 0: nothing changes
+                values = unit.weight
+            elif n in pooled:
+                keep = pooled[n]
+                values = np.where(keep, unit.weight, 0.0)
+            else:
+                values, keep = algo.sparsify(unit, dens, nm, rng)
+            if keep.all() and not algo.sets_values:
+                values = unit.weight  # nothing removed: exactly the original
+            elif algo.refit:
+                values = refit_values(unit, keep, algo.refit_ridge)
+            plan = WeightPlan(n, keep, values)
+            apply_weight_plans(work, {n: plan})
+            delta = algo.bias_delta(unit, values)
+            bias = getattr(module, "bias", None)
+            if delta is not None and isinstance(bias, torch.Tensor):
+                with torch.no_grad():
+                    bias.add_(torch.as_tensor(delta, dtype=bias.dtype))
+            values_of[n] = np.where(keep, values, 0.0)
+    if rounds > 1:
+        solved["rounds"] = rounds
     timings["sparsify"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -198,3 +198,78 @@ def test_refit_ridge_shrinks_the_refit() -> None:
     assert norms[0] > norms[1] > norms[2]
     with pytest.raises(ValueError, match="refit_ridge"):
         spectrim.compress(net, x, "obs", "sparsity=0.5", refit=True, refit_ridge=-1.0)
+
+
+def test_output_allocation_weights_curves_by_the_measured_gain() -> None:
+    """``allocation="output"``: each matrix's gain is the model-output error with that
+    matrix alone sparsified over its own output error (checked by brute force), and the
+    layer whose errors the network amplifies is kept denser than under ``"curves"``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    with torch.no_grad():
+        net[4].weight.mul_(20.0)  # the last layer amplifies what reaches it
+    x = torch.randn(512, 8)
+    _, rep = spectrim.compress(net, x, "magnitude", "sparsity=0.6", allocation="output")
+    gains, dens = rep.config["solved"]["output_gains"], rep.config["solved"]["densities"]
+    assert set(gains) == {"0", "2", "4"}
+    assert abs(rep.sparsity - 0.6) < 0.02
+    # brute force, matrix "0" at the probe density (the grid point nearest 0.4 kept)
+    from spectrim._sparsify import CURVE_GRID
+
+    d = float(CURVE_GRID[int(np.argmin(np.abs(CURVE_GRID - 0.4)))])
+    w = net[0].weight.detach().double()
+    k = round(d * w.numel())
+    thr = w.abs().flatten().sort(descending=True).values[k - 1]
+    w_s = torch.where(w.abs() >= thr, w, 0.0)
+    probe = x[:128]  # the gain's numerator: the first 128 examples; its denominator: all
+    xin = x.double()
+    own = float(((xin @ (w - w_s).T) ** 2).sum() / ((xin @ w.T) ** 2).sum())
+    twin = __import__("copy").deepcopy(net)
+    with torch.no_grad():
+        twin[0].weight.copy_(w_s.float())
+        ref, out = net(probe).double(), twin(probe).double()
+    final = float(((out - ref) ** 2).sum() / (ref**2).sum())
+    assert gains["0"] == pytest.approx(final / own, rel=1e-3)
+    _, rep_c = spectrim.compress(net, x, "magnitude", "sparsity=0.6", allocation="curves")
+    assert dens["2"] >= rep_c.config["solved"]["densities"]["2"] - 1e-9
+
+
+def test_rounds_reach_the_target_in_steps_and_refit_to_the_original() -> None:
+    """``rounds=R``: the same final sparsity through R sequential passes; with
+    ``refit_to="original"`` each refit reconstructs the original model's outputs (checked
+    on the first layer, whose inputs never change, against ``lstsq`` row by row), by
+    default those of the model the round started from; ``rounds=1`` is the default."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
+    )
+    x = torch.randn(512, 12)
+    kw = {"refit": True, "structured": False}
+    base, _ = spectrim.compress(net, x, "obs", "sparsity=0.8", **kw)
+    same, _ = spectrim.compress(net, x, "obs", "sparsity=0.8", rounds=1, **kw)
+    assert all(
+        torch.equal(a, b) for a, b in zip(base.state_dict().values(), same.state_dict().values())
+    )
+    steps, rep = spectrim.compress(
+        net, x, "obs", "sparsity=0.8", rounds=3, refit_to="original", **kw
+    )
+    assert rep.config["solved"]["rounds"] == 3 and abs(rep.sparsity - 0.8) < 0.01
+    w = steps[0].weight.detach().double()
+    assert not torch.equal(w, base[0].weight.detach().double())  # another path, another mask
+    xd, target = x.double(), (x.double() @ net[0].weight.detach().double().T)
+    for row in range(w.shape[0]):
+        cols = torch.nonzero(w[row]).flatten()
+        sol = torch.linalg.lstsq(xd[:, cols], target[:, row : row + 1]).solution.flatten()
+        torch.testing.assert_close(w[row, cols], sol, rtol=1e-4, atol=1e-5)
+    chained, rep_c = spectrim.compress(net, x, "obs", "sparsity=0.8", rounds=3, **kw)
+    assert abs(rep_c.sparsity - 0.8) < 0.01
+    # the first layer's nested least-squares projections agree (P_r P_{r-1} = P_r), the
+    # second layer's do not: its targets are the last round's outputs, not the original's
+    torch.testing.assert_close(chained[0].weight, steps[0].weight, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(chained[2].weight, steps[2].weight, atol=1e-3)
+    with pytest.raises(ValueError, match="refit_to"):
+        spectrim.compress(net, x, "obs", "sparsity=0.5", rounds=2, refit_to="teacher")
+    with pytest.raises(ValueError, match="rounds"):
+        spectrim.compress(net, x, "obs", "sparsity=2:4", rounds=2)
+    with pytest.raises(ValueError, match="rounds"):
+        spectrim.compress(net, x, "magnitude", "sparsity=0.5", rounds=2, scope="global")

@@ -30,7 +30,16 @@ exact masked least squares on the Gram, reconstructing the *original* layer's ou
 the inputs the already-sparsified prefix produces (the run's ``sequential``).
 ``allocation="curves"`` (not for the self-sized methods) spreads a ``sparsity`` target over
 the matrices by their error curves instead of uniformly
-(:func:`spectrim.budget.densities.allocate_densities`).
+(:func:`spectrim.budget.densities.allocate_densities`); ``allocation="output"`` weights
+each matrix's curve by its measured effect on the model's outputs (the output error when
+that matrix alone is sparsified, over its own output error), so layers whose errors the
+rest of the network amplifies are kept denser.  ``rounds=R`` (magnitude, random, wanda,
+obs) reaches the target in ``R`` sequential passes, each keeping the same share of the
+remaining weights (densities ``d^{r/R}``); each round's refits reconstruct the outputs of
+the model the round started from (``refit_to="previous"``, the default; for one round
+that is the original) or of the original (``refit_to="original"``, which diverges at high
+sparsity on ResNet-20).  On ResNet-20 at 90% the rounds are the lever that matters
+(results.md).
 """
 
 from __future__ import annotations
@@ -112,17 +121,33 @@ class WeightMethod(Method):
         structured: bool = True,
         allocation: str = "uniform",
         refit_ridge: float = 0.0,
+        rounds: int = 1,
+        refit_to: str = "previous",
     ):
+        if refit_to not in ("original", "previous"):
+            raise ValueError(
+                f"method '{self.name}': refit_to={refit_to!r} must be 'original' or 'previous'"
+            )
+        self.refit_to = refit_to
+        if not rounds >= 1:
+            raise ValueError(f"method '{self.name}': rounds={rounds} must be >= 1")
+        if rounds > 1 and (self.self_sized or scope == "global"):
+            raise ValueError(
+                f"method '{self.name}': rounds={rounds} reaches a sparsity in steps per "
+                "matrix; it needs scope='layer' and a method that does not size itself"
+            )
+        self.rounds = int(rounds)
         if not refit_ridge >= 0:
             raise ValueError(f"method '{self.name}': refit_ridge={refit_ridge} must be >= 0")
         self.refit_ridge = float(refit_ridge)
-        if allocation not in ("uniform", "curves"):
+        if allocation not in ("uniform", "curves", "output"):
             raise ValueError(
-                f"method '{self.name}': allocation={allocation!r} must be 'uniform' or 'curves'"
+                f"method '{self.name}': allocation={allocation!r} must be 'uniform', 'curves' or "
+                "'output'"
             )
-        if allocation == "curves" and (self.self_sized or scope == "global"):
+        if allocation != "uniform" and (self.self_sized or scope == "global"):
             raise ValueError(
-                f"method '{self.name}': allocation='curves' spreads a sparsity target over "
+                f"method '{self.name}': allocation={allocation!r} spreads a sparsity target over "
                 "matrices by their error curves; it needs scope='layer' and a method that "
                 "does not size itself"
             )
@@ -236,8 +261,10 @@ class OBS(WeightMethod):
         damp: float = 0.01,
         allocation: str = "uniform",
         refit_ridge: float = 0.0,
+        rounds: int = 1,
+        refit_to: str = "previous",
     ):
-        super().__init__(scope, refit, structured, allocation, refit_ridge)
+        super().__init__(scope, refit, structured, allocation, refit_ridge, rounds, refit_to)
         if blocksize < 1:
             raise ValueError(f"method 'obs': blocksize={blocksize} must be >= 1")
         if not damp >= 0:
