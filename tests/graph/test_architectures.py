@@ -139,6 +139,21 @@ def test_architecture(
     assert pinned_out and all(g.width_after == g.width_before for g in pinned_out)
 
 
+def test_levit_reshape_as_is_mapped(state_hash: Callable[[nn.Module], str]) -> None:
+    """timm's LeViT normalises with ``bn(x.flatten(0, 1)).reshape_as(x)``: mapped exactly
+    (the target shape follows ``x``, whose channels are the same), where 13 of its 18
+    groups used to be pinned on it; the self-checks confirm the mapping."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.levit.Levit(
+        img_size=64, embed_dim=(64, 96), key_dim=16, num_heads=(2, 3), depth=(1, 1),
+        attn_ratio=(2.0, 2.0), mlp_ratio=(2.0, 2.0), num_classes=10,
+    ).eval()  # fmt: skip
+    x = torch.randn(128, 3, 64, 64)
+    _, report = check_compression(model, x, x[:2], state_hash, min_prunable=7, target=0.9)
+    assert not [g for g in report.groups if "reshape_as" in (g.pinned or "")]
+
+
 def test_option_a_shortcut_groups_are_pinned_by_pad() -> None:
     """On option-A ResNets the padded streams are pinned, naming F.pad; the inner convs of
     every block are prunable."""

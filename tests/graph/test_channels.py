@@ -265,3 +265,26 @@ def test_summary_and_to_dict_mention_pinned_reasons() -> None:
     }
     with pytest.raises(KeyError, match="nope"):
         a.group("nope")
+
+
+class _ReshapeAs(nn.Module):
+    """Linear → BatchNorm1d on the flattened tokens → ``reshape_as`` (LeViT's pattern)."""
+
+    def __init__(self, to_input: bool) -> None:
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+        self.to_input = to_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        like = y if self.to_input else torch.zeros(y.shape)
+        return self.b(self.bn(y.flatten(0, 1)).reshape_as(like))
+
+
+def test_reshape_as_follows_a_tensor_with_the_same_channels_only() -> None:
+    x = torch.randn(3, 5, 4)
+    ok = analyze_channels(_ReshapeAs(True).eval(), x)
+    assert [g.name for g in ok.prunable] == ["a"]
+    literal = analyze_channels(_ReshapeAs(False).eval(), x)
+    assert not literal.prunable
+    assert "reshapes the channel axis to another tensor's shape" in (literal.groups[0].pinned or "")

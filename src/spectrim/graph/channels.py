@@ -357,6 +357,8 @@ class _Analyzer:
             self.flatten(op, lab, self.arg(op, 1, "start_dim", 0), self.arg(op, 2, "end_dim", -1))
         elif name in ("view", "reshape"):
             self.reshape(op, lab)
+        elif name in ("view_as", "reshape_as"):
+            self.reshape_as(op, lab)
         elif name in ("permute", "transpose", "swapaxes", "swapdims", "movedim", "t", "unsqueeze",
                       "squeeze"):  # fmt: skip
             self.move_dims(op, lab)
@@ -491,6 +493,29 @@ class _Analyzer:
                 self.passthrough(op, _Labels(j, np.repeat(lab.atoms, ys[j] // c)))
                 return
         self.opaque(op, f"{op.describe()} reshapes the channel axis with literal sizes")
+
+    def reshape_as(self, op: Op, lab: _Labels | None) -> None:
+        """``x.reshape_as(other)``: the target shape follows ``other``, so the channel axis
+        may be reshaped when it lands on ``other``'s channel axis (the two are then one
+        set of channels and shrink together)."""
+        x, y = op.inputs[0], op.outputs[0]
+        other = op.inputs[1] if len(op.inputs) > 1 else None
+        olab = self.lab(other)
+        if lab is None and olab is None:
+            self.passthrough(op, None)
+            return
+        if lab is not None and olab is not None:
+            xs, ys, j = list(x.shape), list(y.shape), olab.dim
+            c = xs[lab.dim]
+            if (
+                math.prod(xs[: lab.dim]) == math.prod(ys[:j])
+                and ys[j] == c
+                and len(olab.atoms) == len(lab.atoms)
+            ):
+                self.unify(lab.atoms, olab.atoms)
+                self.passthrough(op, _Labels(j, lab.atoms))
+                return
+        self.opaque(op, f"{op.describe()} reshapes the channel axis to another tensor's shape")
 
     def move_dims(self, op: Op, lab: _Labels | None) -> None:
         if lab is None:
