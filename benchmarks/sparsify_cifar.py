@@ -56,10 +56,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "obs+refit-output": ("obs", {"refit": True, "allocation": "output"}),
     "wanda+refit-output": ("wanda", {"refit": True, "allocation": "output"}),
     "magnitude+refit-output": ("magnitude", {"refit": True, "allocation": "output"}),
-    "obs+refit-r4": ("obs", {"refit": True, "rounds": 4}),
-    "obs+refit-r8": ("obs", {"refit": True, "rounds": 8}),
+    "obs+refit-r4-orig": ("obs", {"refit": True, "rounds": 4, "refit_to": "original"}),
+    "obs+refit-r8-orig": ("obs", {"refit": True, "rounds": 8, "refit_to": "original"}),
     "obs+refit-r4-prev": ("obs", {"refit": True, "rounds": 4, "refit_to": "previous"}),
     "obs+refit-r8-prev": ("obs", {"refit": True, "rounds": 8, "refit_to": "previous"}),
+    "obs+refit-r16-prev": ("obs", {"refit": True, "rounds": 16, "refit_to": "previous"}),
     "wanda+refit-r4": ("wanda", {"refit": True, "rounds": 4}),
     "magnitude+refit-r4": ("magnitude", {"refit": True, "rounds": 4}),
 }
