@@ -213,6 +213,10 @@ def sparsify_run(
         )
     if nm is not None and algo.scope == "global":
         raise ValueError("an n:m pattern is per row; scope='global' does not apply")
+    if algo.rounds > 1 and (nm is not None or density is None):
+        raise ValueError(
+            f"method '{name}': rounds={algo.rounds} needs a sparsity=S target (not n:m or auto)"
+        )
     example = head_examples(batches[0])
     work.eval()
     timings: dict[str, float] = {}
@@ -273,25 +277,16 @@ def sparsify_run(
     original = copy.deepcopy(work) if sequential and algo.refit else None
     rng = ctx.rng()
     values_of: dict[str, np.ndarray] = {}
-    rounds = getattr(algo, "rounds", 1)
-    if rounds > 1 and (nm is not None or density is None or pooled):
-        raise ValueError(
-            f"method '{name}': rounds={rounds} needs a sparsity=S target (not n:m or auto)"
-        )
+    rounds = algo.rounds
     for r in range(1, rounds + 1):
-        if r > 1 and original is not None and getattr(algo, "refit_to", "previous") == "previous":
+        if r > 1 and original is not None and algo.refit_to == "previous":
             original = copy.deepcopy(work)  # this round's refits reconstruct the last round's
-
-        # round r keeps the share d^(r/R) of each matrix: the same share of what remains
-        def at_round(d: float | None, r: int = r) -> float | None:
-            return None if d is None else float(d) ** (r / rounds)
 
         it: Iterable[str] = order
         desc = "matrices" if rounds == 1 else f"matrices (round {r}/{rounds})"
         for n in ctx.wrap(len(order), desc)(it):
             module, kind = by_name[n]
-            current = weights0[n] if r == 1 else values_of.get(n, weights0[n])
-            unit = MatrixUnit(n, module, kind, current)
+            unit = MatrixUnit(n, module, kind, values_of.get(n, weights0[n]))
             if algo.needs_statistics:
                 acc = (
                     input_gram_at(
@@ -319,7 +314,9 @@ def sparsify_run(
                     unit.cross = acc.cross_numpy()
                 if algo.needs_mean:
                     unit.mean = acc.mean_numpy()
-            dens = at_round(per_matrix.get(n, density))
+            dens = per_matrix.get(n, density)
+            if dens is not None:  # round r keeps d^(r/R): the same share of what remains
+                dens = float(dens) ** (r / rounds)
             if dens is not None and dens >= 1.0:
                 keep = np.ones(unit.weight.shape, dtype=bool)  # sparsity 0: nothing changes
                 values = unit.weight
