@@ -21,19 +21,27 @@ def _convex(e: np.ndarray) -> np.ndarray:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(0, 10_000), st.sampled_from([0.5, 0.625, 0.75]))
-def test_greedy_matches_exhaustive_search_on_convex_curves(seed: int, density: float) -> None:
+@given(
+    st.integers(0, 10_000),
+    st.sampled_from([0.5, 0.625, 0.75]),
+    st.sampled_from([(100, 100, 100), (100, 30, 10), (10, 200, 50)]),
+)
+def test_greedy_matches_exhaustive_search_on_convex_curves(
+    seed: int, density: float, size_list: tuple[int, int, int]
+) -> None:
     rng = np.random.default_rng(seed)
     names = ["a", "b", "c"]
-    sizes = {"a": 100, "b": 100, "c": 100}
+    sizes = dict(zip(names, size_list, strict=True))
+    total = sum(size_list)
     curves = {n: (GRID, _convex(rng.random(3))) for n in names}
     got = allocate_densities(curves, sizes, density)
     kept = sum(got[n] * sizes[n] for n in names)
-    assert kept == pytest.approx(density * 300)
+    assert kept == pytest.approx(density * total)
     best = min(
         sum(curves[n][1][i] for n, i in zip(names, idx, strict=True))
         for idx in itertools.product(range(4), repeat=3)
-        if sum(GRID[i] * 100 for i in idx) <= density * 300 + 1e-9
+        if sum(GRID[i] * sizes[n] for n, i in zip(names, idx, strict=True))
+        <= density * total + 1e-9
     )
 
     def err(n: str, d: float) -> float:

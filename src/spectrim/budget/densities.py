@@ -66,7 +66,8 @@ def allocate_densities(
     steps = []
     for n, (d, e) in curves.items():
         for order, (d0, d1, slope) in enumerate(convex_steps(d, e)):
-            steps.append((slope, order, n, d0, d1))
+            # error per weight removed: a density step of a larger matrix removes more
+            steps.append((slope / max(sizes[n], 1), order, n, d0, d1))
     steps.sort()
     out = {n: 1.0 for n in curves}
     for _slope, _order, n, d0, d1 in steps:
