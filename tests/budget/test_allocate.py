@@ -54,17 +54,22 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cost_model_is_exact_for_sliced_models(name: str, seed: int) -> None:
-    """For random widths, the modelled MACs and parameters equal the profiler's count of
-    the physically pruned model."""
+def _random_model(name: str, seed: int):  # type: ignore[no-untyped-def]
+    """``(model, x, analysis, cost model, rng)`` for one of :data:`MODELS`."""
     build, shape = MODELS[name]
     torch.manual_seed(seed)
     model = build().eval()
     x = torch.randn(*shape)
     a, _, cm = cost_model_of(model, x)
-    rng = np.random.default_rng(seed)
+    return model, x, a, cm, np.random.default_rng(seed)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cost_model_is_exact_for_sliced_models(name: str, seed: int) -> None:
+    """For random widths, the modelled MACs and parameters equal the profiler's count of
+    the physically pruned model."""
+    model, x, a, cm, rng = _random_model(name, seed)
     widths = {g.index: int(rng.integers(1, g.width + 1)) for g in a.prunable}
     plans = {gi: GroupPlan(keep=np.sort(rng.permutation(a.groups[gi].width)[:k]))
              for gi, k in widths.items()}  # fmt: skip
@@ -278,3 +283,121 @@ def test_unreachable_target_stops_where_errors_are_sane() -> None:
     # a reachable target is allocated without the bound, and without the warning
     _, ok = spectrim.compress(model, x, method="id", target="macs=0.8")
     assert not [w for w in ok.warnings if "unreachable" in w]
+
+
+# ------------------------------------------------------------ one budget over channels and weights
+
+
+def _masked(model: nn.Module, densities: dict[str, float], seed: int) -> None:
+    """Zero ``round((1 − d)·numel)`` entries of each named module's weight."""
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, d in densities.items():
+            w = mods[name].weight
+            drop = round((1 - d) * w.numel())
+            idx = torch.randperm(w.numel(), generator=g)[:drop]
+            w.view(-1)[idx] = 0.0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_joint_cost_is_exact_for_pruned_and_masked_models(name: str, seed: int) -> None:
+    """At random widths and densities, the joint greedy's cost of every kind equals what
+    the sliced and masked model measures: MACs counting each matrix by its non-zeros,
+    parameters counting a matrix's non-zeros only, non-zero weights of the matrices."""
+    from spectrim._joint import sparse_macs
+    from spectrim.budget import joint_cost
+
+    model, x, a, cm, rng = _random_model(name, seed)
+    mats = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    dens = {n: float(rng.choice([0.25, 0.5, 0.75, 1.0])) for n in mats}
+    widths = {g.index: int(rng.integers(1, g.width + 1)) for g in a.prunable}
+    plans = {gi: GroupPlan(keep=np.sort(rng.permutation(a.groups[gi].width)[:k]))
+             for gi, k in widths.items()}  # fmt: skip
+    apply_plan(model, a, plans)
+    mods = dict(model.named_modules())
+    numel = {n: mods[n].weight.numel() for n in mats}
+    _masked(model, dens, seed)
+    nonzeros = sum(int((mods[n].weight != 0).sum()) for n in mats)
+    others = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in mats
+                 or not n.endswith(".weight"))  # fmt: skip
+    slack = len(mats)  # one weight of rounding per matrix
+    assert joint_cost(cm, "nonzeros", widths, dens) == pytest.approx(nonzeros, abs=slack)
+    assert joint_cost(cm, "params", widths, dens) == pytest.approx(nonzeros + others, abs=slack)
+    per_module = profile(model, x).per_module  # a weight of rounding: its MACs per weight
+    macs_slack = sum(per_module[n] / numel[n] for n in mats if numel[n]) + 1e-6
+    assert joint_cost(cm, "macs", widths, dens) == pytest.approx(
+        sparse_macs(model, x), abs=macs_slack
+    )
+    # all dense: the channel cost model's own counts
+    full = dict.fromkeys(mats, 1.0)
+    assert joint_cost(cm, "macs", widths, full) == pytest.approx(cm.macs(widths))
+    assert joint_cost(cm, "params", widths, full) == pytest.approx(cm.params(widths))
+
+
+class _Independent:
+    """A cost model of independent weight matrices: one non-zero term per matrix."""
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        self.widths: dict[int, int] = {}
+        self.other_macs = 0.0
+        self.param_terms = [(float(s), []) for s in sizes.values()]
+        self.param_owners = list(sizes)
+
+    def terms_of(self, kind: str):  # type: ignore[no-untyped-def]
+        return self.param_terms
+
+    def owners_of(self, kind: str):  # type: ignore[no-untyped-def]
+        return self.param_owners
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("density", [0.3, 0.55, 0.8])
+def test_joint_greedy_with_matrices_only_is_the_density_allocator(
+    seed: int, density: float
+) -> None:
+    """Two implementations of the convex-hull greedy agree: matrices alone (non-zeros
+    kind), the joint greedy gives the densities of allocate_densities, and its budget is
+    met exactly (the last step stops part-way)."""
+    from spectrim.budget import greedy_allocate
+    from spectrim.budget.densities import allocate_densities
+
+    rng = np.random.default_rng(seed)
+    grid = np.array([1.0, 0.8, 0.6, 0.4, 0.2, 0.1])
+    sizes = {n: int(rng.integers(10, 500)) for n in "abcd"}
+    curves = {n: (grid, np.concatenate([[0.0], np.cumsum(rng.random(5))])) for n in sizes}
+    got = greedy_allocate("nonzeros", density, _Independent(sizes), {}, curves)  # type: ignore[arg-type]
+    ref = allocate_densities(curves, sizes, density)
+    for n in sizes:
+        assert got.densities[n] == pytest.approx(ref[n], abs=1e-9), n
+    assert got.reached == pytest.approx(density, abs=1e-12)
+    kept = sum(got.densities[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert kept == pytest.approx(density, abs=1e-12)
+
+
+def test_joint_greedy_takes_free_channels_before_sparsifying() -> None:
+    """A group whose last two channels cost no error is narrowed first (that alone halves
+    the consumer's non-zeros); a tighter budget is then met by the matrix's density, part-way,
+    not by the group's expensive next channel."""
+    from spectrim.budget import greedy_allocate
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 6)).eval()
+    x = torch.randn(2, 3)
+    a, _, cm = cost_model_of(model, x)
+    (g,) = a.prunable
+    group_curve = np.array([1.0, 0.9, 0.0, 0.0, 0.0])  # widths 4, 3, 2 free; 1 costs 0.9
+    grid = np.array([1.0, 0.5, 0.25])
+    mats = {"2": (grid, np.array([0.0, 0.1, 0.3]))}
+    # non-zeros of the consumer '2' only: 24 weights, 6 per channel of the group
+    half = greedy_allocate("nonzeros", 0.5, cm, {g.index: group_curve}, mats)
+    assert half.widths == {g.index: 2} and half.densities == {"2": 1.0}
+    assert half.reached == pytest.approx(0.5)
+    quarter = greedy_allocate("nonzeros", 0.25, cm, {g.index: group_curve}, mats)
+    assert quarter.widths == {g.index: 2}
+    assert quarter.densities["2"] == pytest.approx(0.5)  # 12 weights at half density
+    assert quarter.reached == pytest.approx(0.25)
+    # with no matrix curves the same greedy is the channel allocator, width for width
+    for frac in (0.3, 0.5, 0.8):
+        alone = greedy_allocate("macs", frac, cm, {g.index: group_curve}, {})
+        assert alone.widths == allocate(Target("macs", frac), {g.index: group_curve}, cm)

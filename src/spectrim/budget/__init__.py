@@ -1,11 +1,15 @@
-"""Budget allocation: per-group widths from a target."""
+"""Budget allocation: per-group widths (and per-matrix densities) from a target."""
 
 from spectrim.budget.allocate import (
     Allocation,
     CostModel,
+    JointAllocation,
     allocate,
     allocate_budget,
     dof_widths,
+    greedy_allocate,
+    joint_cost,
+    matrix_states,
     uniform_widths,
     widths_for_error,
 )
@@ -13,9 +17,13 @@ from spectrim.budget.allocate import (
 __all__ = [
     "Allocation",
     "CostModel",
+    "JointAllocation",
     "allocate",
     "allocate_budget",
     "dof_widths",
+    "greedy_allocate",
+    "joint_cost",
+    "matrix_states",
     "uniform_widths",
     "widths_for_error",
 ]

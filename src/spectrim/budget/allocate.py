@@ -10,6 +10,11 @@ the summed relative error the least per MAC (or parameter) saved, until the targ
 met.  Error curves come from one factorisation per group, so no forward pass and no
 re-pruning happens inside the loop.
 
+The same greedy (:func:`greedy_allocate`) also takes weight matrices as units: a matrix's
+states are the densities of its error curve's convex hull, and its density scales the cost
+terms of its weight (its MACs, its parameters, its non-zeros), so one budget spans channel
+widths and weight sparsity (``method="id+obs"``, :mod:`spectrim._joint`).
+
 Example::
 
     >>> import numpy as np
@@ -23,21 +28,26 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from spectrim.budget.densities import convex_steps
 from spectrim.config import Target
 from spectrim.graph.channels import Analysis
 
 __all__ = [
     "Allocation",
     "CostModel",
+    "JointAllocation",
     "allocate",
     "allocate_budget",
+    "greedy_allocate",
+    "joint_cost",
+    "matrix_states",
     "uniform_widths",
     "widths_for_error",
 ]
@@ -130,6 +140,10 @@ class CostModel:
         # each entry: (base cost, [axes]) for MACs and for params
         self.mac_terms: list[tuple[float, list[_Axis]]] = []
         self.param_terms: list[tuple[float, list[_Axis]]] = []
+        # per term, the module whose weight matrix it counts (a weight plan's density
+        # scales it: the module's MACs, its ``weight``), else ``None``
+        self.mac_owners: list[str | None] = []
+        self.param_owners: list[str | None] = []
         seen_params: set[int] = set()
         modules = dict(model.named_modules())
         for name, mod in modules.items():
@@ -139,11 +153,13 @@ class CostModel:
             mod_axes = [axis(a) for a in (axes_in, axes_out, axes_chan) if a is not None]
             if name in module_macs:
                 self.mac_terms.append((float(module_macs[name]), mod_axes))
+                self.mac_owners.append(name)
             for pname, p in mod.named_parameters(recurse=False):
                 if id(p) in seen_params:
                     continue
                 seen_params.add(id(p))
                 full = f"{name}.{pname}" if name else pname
+                self.param_owners.append(name if pname == "weight" and p.dim() >= 2 else None)
                 if full in analysis.param_dims:
                     self.param_terms.append((float(p.numel()), [axis(analysis.chan_labels[full])]))
                     continue
@@ -174,6 +190,10 @@ class CostModel:
 
     def terms_of(self, kind: str) -> list[tuple[float, list[_Axis]]]:
         return self.mac_terms if kind == "macs" else self.param_terms
+
+    def owners_of(self, kind: str) -> list[str | None]:
+        """Per term of :meth:`terms_of`, the module whose weight matrix it counts."""
+        return self.mac_owners if kind == "macs" else self.param_owners
 
     def macs(self, widths: Mapping[int, int]) -> float:
         return self._eval(self.mac_terms, widths, self.widths) + self.other_macs
@@ -265,90 +285,258 @@ def allocate_budget(
         >>> a.widths, a.reachable, a.reached
         ({0: 2}, True, 0.5)
     """
-    widths = {g: len(e) - 1 for g, e in curves.items()}
-    kind = target.kind
-    full_w = dict(cost_model.widths)
-    current = dict(full_w)
+    res = greedy_allocate(
+        target.kind,
+        float(target.value),
+        cost_model,
+        curves,
+        {},
+        round_to=round_to,
+        min_width=min_width,
+        max_error=max_error,
+    )
+    return Allocation(
+        widths=res.widths,
+        kind=res.kind,
+        target=res.target,
+        reached=res.reached,
+        floor=res.floor,
+        held=[g for g in res.held if isinstance(g, int)],
+    )
+
+
+@dataclass
+class JointAllocation:
+    """Widths of channel groups and densities of weight matrices for one budget.
+
+    Attributes:
+        widths: group index -> kept width.
+        densities: matrix (module name) -> kept share of its weights, in ``(0, 1]``.
+        kind: ``"macs"`` (a sparse matrix's MACs count its non-zeros), ``"params"``
+            (non-zero parameters) or ``"nonzeros"`` (non-zeros of the weight matrices).
+        target: the fraction of the full cost asked for.
+        reached: the modelled fraction at ``widths`` and ``densities``.
+        floor: the modelled fraction with every unit at its smallest state.
+        held: units ``max_error`` stopped (group indices, matrix names).
+    """
+
+    widths: dict[int, int]
+    densities: dict[str, float]
+    kind: str
+    target: float
+    reached: float
+    floor: float
+    held: list[int | str]
+
+    @property
+    def reachable(self) -> bool:
+        return self.floor <= self.target * (1 + 1e-9)
+
+
+def matrix_states(densities: np.ndarray, errors: np.ndarray) -> tuple[list[float], list[float]]:
+    """A weight matrix's states for the greedy: the vertices of the lower convex hull of
+    its error curve (densities descending from 1, errors at them), so each next step
+    costs no less error per weight removed than the one before.
+
+    Example::
+
+        >>> matrix_states(np.array([1.0, 0.5, 0.25]), np.array([0.0, 0.4, 0.5]))
+        ([1.0, 0.25], [0.0, 0.5])
+    """
+    steps = convex_steps(densities, errors)
+    d = [steps[0][0]] + [s[1] for s in steps]
+    e_of = dict(
+        zip(
+            np.asarray(densities, dtype=float).tolist(),
+            np.maximum.accumulate(np.asarray(errors, dtype=float)).tolist(),
+            strict=True,
+        )
+    )
+    return d, [e_of[x] for x in d]
+
+
+def _joint_terms(
+    cost_model: CostModel, kind: str, matrices: Collection[str]
+) -> tuple[list[tuple[float, list[_Axis]]], list[str | None], float]:
+    """``(terms, owners, constant)`` of a cost ``kind``; an owner is the module whose
+    weight-matrix density scales the term (only for the modules in ``matrices``)."""
+    if kind == "nonzeros":
+        owners_all = getattr(cost_model, "param_owners", [])
+        pick = [i for i, o in enumerate(owners_all) if o in matrices]
+        return [cost_model.param_terms[i] for i in pick], [owners_all[i] for i in pick], 0.0
+    if kind not in ("macs", "params"):
+        raise ValueError(f"cost kind {kind!r} must be 'macs', 'params' or 'nonzeros'")
     terms = cost_model.terms_of(kind)
-    extra = cost_model.other_macs if kind == "macs" else 0.0
-    # incremental evaluation: each group touches only the terms with one of its axes
-    touching: dict[int, list[int]] = {g: [] for g in curves}
+    owners: list[str | None] = list(cost_model.owners_of(kind)) if matrices else [None] * len(terms)
+    return terms, owners, float(cost_model.other_macs) if kind == "macs" else 0.0
+
+
+def _term_value(
+    term: tuple[float, list[_Axis]],
+    owner: str | None,
+    full: Mapping[int, int],
+    widths: Mapping[int, int],
+    dens: Mapping[str, float],
+) -> float:
+    base, axes = term
+    f = base
+    for ax in axes:
+        removed = sum(r * (full[g] - widths.get(g, full[g])) for g, r in ax.per_class.items())
+        f *= (ax.length - removed) / ax.length
+    if owner is not None and owner in dens:
+        f *= dens[owner]
+    return f
+
+
+def joint_cost(
+    cost_model: CostModel,
+    kind: str,
+    widths: Mapping[int, int],
+    densities: Mapping[str, float],
+) -> float:
+    """The cost the joint greedy models at ``widths`` and ``densities``: ``"macs"`` (a
+    matrix's MACs times its density), ``"params"`` (its weight times its density) or
+    ``"nonzeros"`` (the weights of the matrices in ``densities`` only)."""
+    terms, owners, extra = _joint_terms(cost_model, kind, list(densities))
+    full = dict(cost_model.widths)
+    return (
+        sum(_term_value(t, o, full, widths, densities) for t, o in zip(terms, owners, strict=True))
+        + extra
+    )
+
+
+def greedy_allocate(
+    kind: str,
+    fraction: float,
+    cost_model: CostModel,
+    curves: Mapping[int, np.ndarray],
+    matrix_curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    round_to: int = 1,
+    min_width: int = 1,
+    max_error: float | None = None,
+) -> JointAllocation:
+    """One lazy greedy over channel groups and weight matrices (see the module docstring).
+
+    Every unit has states of decreasing size: a group its allowed widths (error curve
+    ``curves[g][k]``), a matrix the convex-hull densities of its curve
+    ``matrix_curves[name] = (densities, errors)`` (:func:`matrix_states`).  Each cost term
+    of ``cost_model`` is its base times the kept fraction of each of its channel axes and,
+    when it counts the weight matrix of a module in ``matrix_curves``, that matrix's
+    density.  The greedy takes the step with the least error per cost removed until the
+    cost is at or below ``fraction`` of the full cost; a matrix's last step stops part-way,
+    so a budget a matrix step can meet is met exactly.  ``kind`` is ``"macs"``,
+    ``"params"`` or ``"nonzeros"`` (the ``weight`` terms of the matrices in
+    ``matrix_curves`` only).  With no matrices this is the channel allocator, step for
+    step.
+    """
+    full_w = dict(cost_model.widths)
+    terms, owners, extra = _joint_terms(cost_model, kind, matrix_curves)
+    current = dict(full_w)
+    dens: dict[str, float] = {}
+    # units: (tie-break key, states, errors); groups first, in the order of ``curves``
+    keys: list[tuple[int, Any]] = [(0, g) for g in curves]
+    states: dict[tuple[int, Any], list[float]] = {}
+    errors: dict[tuple[int, Any], list[float]] = {}
+    for g, e in curves.items():
+        ks = _allowed(len(e) - 1, round_to, min_width)
+        states[(0, g)] = [float(k) for k in ks]
+        errors[(0, g)] = [float(e[k]) for k in ks]
+    for n, (d, e) in matrix_curves.items():
+        key = (1, n)
+        keys.append(key)
+        states[key], errors[key] = matrix_states(d, e)
+        dens[n] = 1.0
+    touching: dict[tuple[int, Any], list[int]] = {k: [] for k in keys}
     for ti, (_, axes) in enumerate(terms):
         for g in {g for ax in axes for g in ax.per_class}:
-            if g in touching:
-                touching[g].append(ti)
+            if (0, g) in touching:
+                touching[(0, g)].append(ti)
+        o = owners[ti]
+        if o is not None and (1, o) in touching:
+            touching[(1, o)].append(ti)
 
-    def term_value(ti: int, widths: Mapping[int, int]) -> float:
-        base, axes = terms[ti]
-        f = base
-        for ax in axes:
-            removed = sum(
-                r * (full_w[g] - widths.get(g, full_w[g])) for g, r in ax.per_class.items()
-            )
-            f *= (ax.length - removed) / ax.length
-        return f
+    def term_value(ti: int, widths: Mapping[int, int], dens: Mapping[str, float]) -> float:
+        return _term_value(terms[ti], owners[ti], full_w, widths, dens)
 
-    values = [term_value(ti, current) for ti in range(len(terms))]
+    values = [term_value(ti, current, dens) for ti in range(len(terms))]
     total_full = sum(values) + extra
-    budget = target.value * total_full
+    budget = fraction * total_full
     cost = total_full
-    allowed = {g: _allowed(widths[g], round_to, min_width) for g in curves}
-    smallest = {**full_w, **{g: allowed[g][-1] for g in curves}}
-    floor_cost = sum(term_value(ti, smallest) for ti in range(len(terms))) + extra
+    smallest_w = {**full_w, **{g: int(states[(0, g)][-1]) for g in curves}}
+    smallest_d = {n: states[(1, n)][-1] for n in matrix_curves}
+    floor_cost = sum(term_value(ti, smallest_w, smallest_d) for ti in range(len(terms))) + extra
     floor = floor_cost / total_full if total_full > 0 else 1.0
     bound = None
-    if max_error is not None and floor > target.value * (1 + 1e-9):
+    if max_error is not None and floor > fraction * (1 + 1e-9):
         bound = float(max_error) ** 2  # unreachable: stop where errors are still sane
-    step = {g: 0 for g in curves}  # index into allowed[g] of the current width
-    held: set[int] = set()
+    step = dict.fromkeys(keys, 0)  # index into states[key] of the current state
+    held: set[tuple[int, Any]] = set()
 
-    def delta(g: int, k2: int) -> float:
-        trial = dict(current)
-        trial[g] = k2
-        return sum(values[ti] - term_value(ti, trial) for ti in touching[g])
+    def trial(key: tuple[int, Any], size: float) -> tuple[dict[int, int], dict[str, float]]:
+        if key[0] == 0:
+            return {**current, key[1]: int(size)}, dens
+        return current, {**dens, key[1]: size}
 
-    def priority(g: int) -> float | None:
-        i = step[g]
-        if i + 1 >= len(allowed[g]):
+    def delta(key: tuple[int, Any], size: float) -> float:
+        w, d = trial(key, size)
+        return sum(values[ti] - term_value(ti, w, d) for ti in touching[key])
+
+    def priority(key: tuple[int, Any]) -> float | None:
+        i = step[key]
+        if i + 1 >= len(states[key]):
             return None
-        k, k2 = allowed[g][i], allowed[g][i + 1]
-        e = curves[g]
-        if bound is not None and float(e[k2]) > bound:
-            held.add(g)
+        e0, e1 = errors[key][i], errors[key][i + 1]
+        if bound is not None and e1 > bound:
+            held.add(key)
             return None
-        d_err = float(e[k2] - e[k])
-        d_cost = delta(g, k2)
+        d_cost = delta(key, states[key][i + 1])
         if d_cost <= 0:
             return math.inf
-        return max(d_err, 0.0) / d_cost
+        return max(e1 - e0, 0.0) / d_cost
 
-    heap: list[tuple[float, int]] = []
-    for g in curves:
-        p = priority(g)
+    def take(key: tuple[int, Any], size: float) -> None:
+        nonlocal cost
+        if key[0] == 0:
+            current[key[1]] = int(size)
+        else:
+            dens[key[1]] = size
+        for ti in touching[key]:
+            new = term_value(ti, current, dens)
+            cost += new - values[ti]
+            values[ti] = new
+
+    heap: list[tuple[float, tuple[int, Any]]] = []
+    for key in keys:
+        p = priority(key)
         if p is not None:
-            heapq.heappush(heap, (p, g))
+            heapq.heappush(heap, (p, key))
     while cost > budget and heap:
-        p, g = heapq.heappop(heap)
-        fresh = priority(g)
+        p, key = heapq.heappop(heap)
+        fresh = priority(key)
         if fresh is None:
             continue
         if fresh > p * (1 + 1e-9) + 1e-300 and heap and fresh > heap[0][0]:
-            heapq.heappush(heap, (fresh, g))  # stale: neighbours changed its cost
+            heapq.heappush(heap, (fresh, key))  # stale: neighbours changed its cost
             continue
-        step[g] += 1
-        current[g] = allowed[g][step[g]]
-        for ti in touching[g]:
-            new = term_value(ti, current)
-            cost += new - values[ti]
-            values[ti] = new
-        nxt = priority(g)
+        nxt_size = states[key][step[key] + 1]
+        if key[0] == 1:
+            saved = delta(key, nxt_size)
+            if saved > cost - budget:  # cost is linear in a density: stop part-way
+                d0 = dens[key[1]]
+                take(key, d0 - (d0 - nxt_size) * (cost - budget) / saved)
+                break
+        step[key] += 1
+        take(key, nxt_size)
+        nxt = priority(key)
         if nxt is not None:
-            heapq.heappush(heap, (nxt, g))
-    return Allocation(
+            heapq.heappush(heap, (nxt, key))
+    return JointAllocation(
         widths={g: current[g] for g in curves},
+        densities=dict(dens),
         kind=kind,
-        target=float(target.value),
+        target=float(fraction),
         reached=cost / total_full if total_full > 0 else 1.0,
         floor=floor,
-        held=sorted(held),
+        held=sorted((k[1] for k in held), key=lambda x: (isinstance(x, str), str(x))),
     )
