@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from spectrim.budget import Allocation, CostModel, allocate, allocate_budget, dof_widths
+from spectrim.budget import (
+    Allocation,
+    CostModel,
+    JointAllocation,
+    allocate,
+    allocate_budget,
+    dof_widths,
+)
 from spectrim.calibration import Collected, collect
 from spectrim.calibration.checks import CalibrationInfo, rows_per_group
 from spectrim.calibration.sequential import sequential_correct
@@ -49,7 +56,18 @@ from spectrim.methods import GroupSolver, Method
 from spectrim.report import CompressionReport, GroupReport
 from spectrim.stages import solve_stage, trace_stage
 
-__all__ = ["allocate_stage", "apply_stage", "collect_stage", "prune_run", "report_stage"]
+__all__ = [
+    "ChannelRun",
+    "allocate_stage",
+    "analyse_stage",
+    "apply_stage",
+    "collect_stage",
+    "cost_model_of",
+    "prune_run",
+    "report_stage",
+    "solve_curves_stage",
+    "unreachable_message",
+]
 
 
 @dataclass
@@ -203,14 +221,21 @@ def solve_curves_stage(state: ChannelRun) -> None:
     }
 
 
+def cost_model_of(state: ChannelRun) -> CostModel:
+    """The cost model of the run's model (MACs not attributed to a module stay constant)."""
+    analysis, cost0 = state.analysis, state.cost0
+    assert analysis is not None and cost0 is not None
+    other = cost0.macs - sum(cost0.per_module.values())
+    return CostModel(state.work, analysis, cost0.per_module, other_macs=max(other, 0))
+
+
 @_timed("allocation")
 def allocate_stage(state: ChannelRun) -> None:
     """The width of every group the target asks for, and its plan."""
     cfg, analysis, cost0 = state.cfg, state.analysis, state.cost0
     assert analysis is not None and cost0 is not None
     tgt = cfg.parsed_target
-    other = cost0.macs - sum(cost0.per_module.values())
-    cost_model = CostModel(state.work, analysis, cost0.per_module, other_macs=max(other, 0))
+    cost_model = cost_model_of(state)
     if tgt.kind == "dof":
         widths = dof_widths(
             tgt.value, state.solvers, round_to=cfg.round_to, min_width=cfg.min_width
@@ -225,7 +250,7 @@ def allocate_stage(state: ChannelRun) -> None:
             max_error=cfg.max_error if cfg.on_unreachable == "stop" else None,
         )
         if not alloc.reachable:
-            message = _unreachable_message(tgt, alloc, analysis, cfg)
+            message = unreachable_message(tgt, alloc, analysis, cfg)
             if cfg.on_unreachable == "raise":
                 raise UnreachableTargetError(message)
             state.report.warnings.append(message)
@@ -383,7 +408,9 @@ def _pin_underdetermined(
     return keep
 
 
-def _unreachable_message(tgt: Target, alloc: Allocation, analysis: Any, cfg: CompressConfig) -> str:
+def unreachable_message(
+    tgt: Target, alloc: Allocation | JointAllocation, analysis: Any, cfg: CompressConfig
+) -> str:
     what = "MACs" if tgt.kind == "macs" else "parameters"
     pinned = sum(1 for g in analysis.groups if g.pinned is not None)
     reasons = Counter(_reason_kind(g.pinned) for g in analysis.groups if g.pinned is not None)

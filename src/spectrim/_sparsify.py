@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -37,10 +37,13 @@ from spectrim.methods.weights import MatrixUnit, WeightMethod, pooled_keep, refi
 from spectrim.report import CompressionReport, MatrixReport
 from spectrim.stages import trace_stage
 
-__all__ = ["sparsify_run"]
+__all__ = ["sparsifiable", "sparsify_run", "weight_curves", "weight_nonzeros"]
 
 
-def _targets(work: nn.Module, report: CompressionReport) -> list[tuple[str, nn.Module, WeightKind]]:
+def sparsifiable(
+    work: nn.Module, report: CompressionReport
+) -> list[tuple[str, nn.Module, WeightKind]]:
+    """The weight matrices a weight method may sparsify (a warning for each tied one)."""
     shared = {n for names in shared_tensors(work) for n in names}
     out = []
     for name, module, kind in weight_modules(work):
@@ -84,6 +87,12 @@ def _dead_channel_plans(work: nn.Module, analysis: Analysis) -> dict[int, GroupP
     return plans
 
 
+def weight_nonzeros(model: nn.Module) -> int:
+    """Non-zero weights in the matrices a weight method would sparsify."""
+    units = sparsifiable(model, CompressionReport("", ""))
+    return sum(int((k.matrix(m) != 0).sum()) for _, m, k in units)
+
+
 #: densities at which each matrix's error curve is measured (allocation="curves")
 CURVE_GRID = np.array(
     [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03]
@@ -94,32 +103,25 @@ CURVE_GRID = np.array(
 _PROBE_EXAMPLES = 128
 
 
-def _curve_densities(
+def weight_curves(
     algo: WeightMethod,
     names: list[str],
     by_name: dict[str, tuple[nn.Module, WeightKind]],
     weights0: dict[str, np.ndarray],
     grams0: dict[str, Any],
-    density: float,
     ctx: RunContext,
-    work: nn.Module | None = None,
-    probe: Any = None,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """``(densities, gains)``: per-matrix densities from each matrix's error curve: the
-    method's mask (and refit) at every density of :data:`CURVE_GRID`, judged by the
-    relative output error on the original model's inputs (one-shot), then
-    :func:`allocate_densities`.  With a ``probe`` batch (``allocation="output"``) each
-    curve is first multiplied by the matrix's gain: the relative error of the model's
-    outputs on ``probe`` with that matrix alone sparsified (at the grid density nearest
-    the target), over the matrix's own output error there."""
+    at: int | None = None,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, int], dict[str, np.ndarray]]:
+    """``(curves, sizes, probes)``: per matrix with a Gram, the method's mask (and refit)
+    at every density of :data:`CURVE_GRID`, judged by the squared relative output error
+    on the original model's inputs (one-shot); its number of weights; and its sparsified
+    values at grid index ``at`` (when given)."""
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     sizes: dict[str, int] = {}
-    at = int(np.argmin(np.abs(CURVE_GRID - density)))
-    at = max(at, 1)
     probes: dict[str, np.ndarray] = {}
     for n in names:
         acc = grams0.get(n)
-        if acc is None:  # no Gram: cannot be judged, kept at the requested density
+        if acc is None:  # no Gram: cannot be judged
             continue
         module, kind = by_name[n]
         unit = MatrixUnit(n, module, kind, weights0[n], gram=acc.gram_numpy(), rows=acc.count)
@@ -135,6 +137,27 @@ def _curve_densities(
                 probes[n] = np.where(keep, values, 0.0)
         curves[n] = (CURVE_GRID, np.asarray(errors))
         sizes[n] = int(unit.weight.size)
+    return curves, sizes, probes
+
+
+def _curve_densities(
+    algo: WeightMethod,
+    names: list[str],
+    by_name: dict[str, tuple[nn.Module, WeightKind]],
+    weights0: dict[str, np.ndarray],
+    grams0: dict[str, Any],
+    density: float,
+    ctx: RunContext,
+    work: nn.Module | None = None,
+    probe: Any = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(densities, gains)``: per-matrix densities from each matrix's error curve
+    (:func:`weight_curves`), then :func:`allocate_densities`.  With a ``probe`` batch
+    (``allocation="output"``) each curve is first multiplied by the matrix's gain: the
+    relative error of the model's outputs on ``probe`` with that matrix alone sparsified
+    (at the grid density nearest the target), over the matrix's own output error there."""
+    at = max(int(np.argmin(np.abs(CURVE_GRID - density))), 1)
+    curves, sizes, probes = weight_curves(algo, names, by_name, weights0, grams0, ctx, at)
     if not curves:
         return {}, {}
     gains: dict[str, float] = {}
@@ -197,7 +220,11 @@ def sparsify_run(
     algo: WeightMethod,
     ctx: RunContext,
     t0: float,
+    densities: Mapping[str, float] | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
+    """Sparsify the weights of ``work`` in place as ``cfg`` says; ``(work, report)``.
+    ``densities`` (module name -> kept share) replaces the method's own per-matrix
+    allocation (the joint allocator's decision, :mod:`spectrim._joint`)."""
     tgt = cfg.parsed_target
     name = algo.name
     density = None if tgt.kind == "auto" else 1.0 - tgt.value
@@ -228,7 +255,7 @@ def sparsify_run(
     if algo.structured:
         example, analysis, _ = trace_stage(work, batches, verify=cfg.verify, seed=cfg.seed)
     cost0 = profile(work, example)
-    units = _targets(work, report)
+    units = sparsifiable(work, report)
     if not units:
         raise ValueError(
             "the model has no weight matrix to sparsify: no nn.Linear, nn.Conv1d/2d/3d (or "
@@ -265,7 +292,10 @@ def sparsify_run(
         d = density if density is not None else algo.global_density(plain)
         pooled = pooled_keep(algo, plain, d)
     per_matrix: dict[str, float] = {}
-    if algo.allocation != "uniform" and density is not None and density < 1 and nm is None:
+    if densities is not None:
+        per_matrix = {n: float(densities.get(n, 1.0)) for n in names}
+        solved["densities"] = per_matrix  # type: ignore[assignment]
+    elif algo.allocation != "uniform" and density is not None and density < 1 and nm is None:
         probe = _probe_batches(batches) if algo.allocation == "output" else None
         per_matrix, gains = _curve_densities(
             algo, names, by_name, weights0, grams0, density, ctx, work, probe

@@ -18,8 +18,9 @@ from typing import Any
 
 from torch import nn
 
+from spectrim._joint import joint_budget, joint_run
 from spectrim._prune import prune_run
-from spectrim._sparsify import sparsify_run
+from spectrim._sparsify import sparsify_run, weight_nonzeros
 from spectrim._threads import single_threaded_blas
 from spectrim.calibration.batches import as_batches, inputs_only
 from spectrim.calibration.checks import (
@@ -34,8 +35,8 @@ from spectrim.config import (
 )
 from spectrim.context import RunContext
 from spectrim.graph import ModuleSnapshot
-from spectrim.methods import Method, WeightMethod, get_method, method_kinds
-from spectrim.report import CompressionReport
+from spectrim.methods import Method, WeightMethod, get_method, method_kinds, method_pair
+from spectrim.report import CompressionReport, merge_reports
 
 __all__ = ["compress", "inputs_only", "as_batches"]
 
@@ -101,6 +102,11 @@ def compress(
         # a weight method alone: its own rule where it has one, else say what it needs
         d["target"] = "auto"
     cfg = CompressConfig.from_dict(d)
+    if "+" in cfg.method and then is not None:
+        raise ValueError(
+            f"method '{cfg.method}' already runs two stages on one budget; then= is for "
+            "one method followed by another"
+        )
     algo = _method_for(cfg)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -110,9 +116,10 @@ def compress(
     work = model if inplace else copy.deepcopy(model)
     snapshot = ModuleSnapshot(work) if inplace else None
     try:
+        nonzeros0 = weight_nonzeros(work) if then is not None else 0
         result = _run_stage(work, batches, info, cfg, algo, progress, t0)
         if then is not None:
-            result = _then(result, batches, info, then, progress)
+            result = _then(result, batches, info, then, progress, nonzeros0)
         return result
     except BaseException:
         if snapshot is not None:
@@ -120,9 +127,12 @@ def compress(
         raise
 
 
-def _method_for(cfg: CompressConfig) -> Method:
+def _method_for(cfg: CompressConfig) -> Method | tuple[Method, Method]:
     """The method ``cfg`` names, of the kind its target asks for (a weight target:
-    the weight method)."""
+    the weight method); a ``CHANNEL+WEIGHT`` pair for a joint budget."""
+    if "+" in cfg.method:
+        joint_budget(cfg.parsed_target)  # a target the pair can share, before any work
+        return method_pair(cfg.method, **cfg.options)
     kind = "weight" if cfg.parsed_target.kind in WEIGHT_TARGETS else "channel"
     return get_method(cfg.method, kind, **cfg.options)
 
@@ -132,11 +142,13 @@ def _run_stage(
     batches: list[Any],
     info: CalibrationInfo,
     cfg: CompressConfig,
-    algo: Method,
+    algo: Method | tuple[Method, Method],
     progress: bool | Callable[[Iterable[Any]], Iterable[Any]],
     t0: float,
 ) -> tuple[nn.Module, CompressionReport]:
     ctx = RunContext(seed=cfg.seed, progress=progress)
+    if isinstance(algo, tuple):
+        return joint_run(work, batches, info, cfg, *algo, ctx, t0)
     if isinstance(algo, WeightMethod):
         return sparsify_run(work, batches, info, cfg, algo, ctx, t0)
     return prune_run(work, batches, info, cfg, algo, ctx, t0)
@@ -148,6 +160,7 @@ def _then(
     info: CalibrationInfo,
     then: CompressConfig | Mapping[str, Any],
     progress: bool | Callable[[Iterable[Any]], Iterable[Any]],
+    nonzeros0: int,
 ) -> tuple[nn.Module, CompressionReport]:
     """Run the second stage on the first's result and merge the two reports."""
     if isinstance(then, CompressConfig):
@@ -160,25 +173,5 @@ def _then(
     model, r1 = first
     t0 = time.perf_counter()
     model, r2 = _run_stage(model, batches, info, cfg2, algo2, progress, t0)
-    merged = CompressionReport(
-        method=f"{r1.method}+{r2.method}",
-        target=f"{r1.target}, then {r2.target}",
-        config={"stages": [r1.config, r2.config]},
-        params_before=r1.params_before,
-        params_after=r2.params_after,
-        macs_before=r1.macs_before,
-        macs_after=r2.macs_after,
-        seconds=r1.seconds + r2.seconds,
-        timings={
-            **{f"1.{k}": v for k, v in r1.timings.items()},
-            **{f"2.{k}": v for k, v in r2.timings.items()},
-        },
-        calibration_rows=r1.calibration_rows,
-        fitted_examples=r1.fitted_examples,
-        groups=r1.groups or r2.groups,
-        matrices=r2.matrices or r1.matrices,
-        nonzeros_before=r2.nonzeros_before,
-        nonzeros_after=r2.nonzeros_after,
-        warnings=r1.warnings + [w for w in r2.warnings if w not in r1.warnings],
-    )
+    merged = merge_reports(r1, r2, nonzeros_before=nonzeros0)
     return model, merged

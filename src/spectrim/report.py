@@ -18,7 +18,7 @@ import numpy as np
 
 from spectrim._files import atomic_write_text
 
-__all__ = ["CompressionReport", "GroupReport", "MatrixReport"]
+__all__ = ["CompressionReport", "GroupReport", "MatrixReport", "merge_reports"]
 
 
 @dataclass
@@ -108,9 +108,16 @@ class CompressionReport:
         total = sum(int(np.prod(m.shape)) for m in self.matrices)
         return 1.0 - self.nonzeros_after / total if total else 0.0
 
+    @property
+    def nonzero_ratio(self) -> float:
+        """Non-zero weights after over before (against the original model's matrices,
+        also in a two-stage run, where :attr:`sparsity` counts the second stage's)."""
+        return self.nonzeros_after / self.nonzeros_before if self.nonzeros_before else 1.0
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sparsity"] = self.sparsity
+        d["nonzero_ratio"] = self.nonzero_ratio
         d["widths"] = self.widths
         d["macs_ratio"] = self.macs_ratio
         d["params_ratio"] = self.params_ratio
@@ -154,3 +161,42 @@ class CompressionReport:
             f"{self.seconds:.2f} s"
         )
         return "\n".join(rows)
+
+
+def merge_reports(
+    first: CompressionReport, second: CompressionReport, nonzeros_before: int | None = None
+) -> CompressionReport:
+    """One report for two stages run one after the other on the same model (channels,
+    then weights): costs from the first's start to the second's end, both stages'
+    timings (``1.…``, ``2.…``), groups and matrices.  ``nonzeros_before``: the original
+    model's non-zero weights in the second stage's matrices (default: the second's own).
+
+    Example::
+
+        >>> a = CompressionReport("id", "macs=0.5", macs_before=100, macs_after=50)
+        >>> b = CompressionReport("obs", "sparsity=0.5", macs_before=50, macs_after=50)
+        >>> m = merge_reports(a, b)
+        >>> m.method, m.target, m.macs_ratio
+        ('id+obs', 'macs=0.5, then sparsity=0.5', 0.5)
+    """
+    return CompressionReport(
+        method=f"{first.method}+{second.method}",
+        target=f"{first.target}, then {second.target}",
+        config={"stages": [first.config, second.config]},
+        params_before=first.params_before,
+        params_after=second.params_after,
+        macs_before=first.macs_before,
+        macs_after=second.macs_after,
+        seconds=first.seconds + second.seconds,
+        timings={
+            **{f"1.{k}": v for k, v in first.timings.items()},
+            **{f"2.{k}": v for k, v in second.timings.items()},
+        },
+        calibration_rows=first.calibration_rows,
+        fitted_examples=first.fitted_examples,
+        groups=first.groups or second.groups,
+        matrices=second.matrices or first.matrices,
+        nonzeros_before=second.nonzeros_before if nonzeros_before is None else nonzeros_before,
+        nonzeros_after=second.nonzeros_after,
+        warnings=first.warnings + [w for w in second.warnings if w not in first.warnings],
+    )

@@ -46,10 +46,11 @@ def _set_threads(args: argparse.Namespace) -> None:
 def _check_method_and_target(
     method: str, target: str, options: Sequence[tuple[str, Any]] = ()
 ) -> str:
+    from spectrim._joint import joint_budget
     from spectrim.config import RUN_FIELDS, WEIGHT_TARGETS, Target
-    from spectrim.methods import available, get_method
+    from spectrim.methods import available, get_method, method_pair
 
-    if method not in available():
+    if "+" not in method and method not in available():
         raise CLIError(
             f"--method {method!r} is not a registered method (available: {', '.join(available())})"
         )
@@ -63,7 +64,11 @@ def _check_method_and_target(
         raise CLIError(f"--target {target!r}: {exc}") from None
     kind = "weight" if parsed.kind in WEIGHT_TARGETS else "channel"
     try:
-        get_method(method, kind, **dict(options))
+        if "+" in method:  # CHANNEL+WEIGHT on one budget
+            joint_budget(parsed)
+            method_pair(method, **dict(options))
+        else:
+            get_method(method, kind, **dict(options))
     except (TypeError, ValueError) as exc:
         raise CLIError(f"--method {method} --target {target}: {exc}") from None
     return str(parsed)
@@ -187,7 +192,9 @@ def run_compress(args: argparse.Namespace) -> int:
             f"{report.macs_after:,} ({report.macs_ratio:.3f})"
             + (
                 f" | non-zero weights {report.nonzeros_before:,} -> {report.nonzeros_after:,} "
-                f"(sparsity {report.sparsity:.3f})"
+                f"({report.nonzero_ratio:.3f}; sparsity {report.sparsity:.3f}"
+                + (" of the pruned matrices" if report.groups else "")
+                + ")"
                 if report.matrices
                 else ""
             ),

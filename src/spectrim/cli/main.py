@@ -77,6 +77,11 @@ Examples:
   spectrim compress --model resnet20-cifar10 --data cifar10 --target macs=0.5 \
       --then obs:sparsity=0.5
 
+  # one budget over channels and weights: 10% of the non-zero weights, the allocator
+  # choosing which widths to narrow and how sparse each matrix gets
+  spectrim compress --model resnet20-cifar10 --data cifar10 --calib 256 --method id+obs \
+      --target sparsity=0.9 --option refit=true
+
 Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), width=F (keep a
 fraction F of every layer's channels), error=E (per-layer reconstruction error at most E),
 dof=A (spectral only: per-layer width c*N(lambda), lambda = A * trace of its covariance);
@@ -245,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="id",
-        help=f"compression method: {', '.join(available())} (default: id)",
+        help=f"compression method: {', '.join(available())} (default: id), or a "
+        "CHANNEL+WEIGHT pair such as id+obs sharing one budget (sparsity=S, macs=F, params=F)",
     )
     p.add_argument(
         "--target",

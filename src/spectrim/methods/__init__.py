@@ -8,6 +8,7 @@ from spectrim.methods.base import (
     available,
     get_method,
     method_kinds,
+    method_pair,
     register_method,
 )
 from spectrim.methods.weights import MatrixUnit, WeightMethod
@@ -21,5 +22,6 @@ __all__ = [
     "available",
     "get_method",
     "method_kinds",
+    "method_pair",
     "register_method",
 ]

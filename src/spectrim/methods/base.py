@@ -271,6 +271,54 @@ def coerce_options(cls: type[Method], options: Mapping[str, Any]) -> dict[str, A
     return out
 
 
+def method_pair(name: str, **options: Any) -> tuple[Method, Method]:
+    """``"CHANNEL+WEIGHT"`` (e.g. ``"id+obs"``): a channel method and a weight method that
+    share one budget (:func:`spectrim.compress` allocates it jointly).  Each option goes
+    to the method(s) whose ``__init__`` takes it.
+
+    Example::
+
+        >>> channel, weight = method_pair("id+obs", ridge=1e-6, refit=True)
+        >>> channel.name, weight.name, weight.refit
+        ('id', 'obs', True)
+        >>> method_pair("obs+id")
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'obs+id': the first method must be a channel method (available('channel')), the second a weight method (available('weight'))
+    """
+    parts = name.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"method {name!r}: a pair is written CHANNEL+WEIGHT, e.g. 'id+obs'")
+    a, b = parts
+    for part in parts:
+        if not method_kinds(part):
+            raise ValueError(
+                f"method {name!r}: unknown method {part!r}; available: {', '.join(available())}"
+            )
+    if "channel" not in method_kinds(a) or "weight" not in method_kinds(b):
+        raise ValueError(
+            f"method {name!r}: the first method must be a channel method "
+            "(available('channel')), the second a weight method (available('weight'))"
+        )
+    classes = (_REGISTRY[(a, "channel")], _REGISTRY[(b, "weight")])
+    accepted = [set(inspect.signature(c.__init__).parameters) - {"self"} for c in classes]
+    split: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+    for key, value in options.items():
+        sides = [i for i in (0, 1) if key in accepted[i]]
+        if not sides:
+            raise ValueError(
+                f"method {name!r}: unknown option {key} ({a}'s options: "
+                f"{', '.join(sorted(accepted[0])) or 'none'}; {b}'s options: "
+                f"{', '.join(sorted(accepted[1])) or 'none'})"
+            )
+        for i in sides:
+            split[i][key] = value
+    return (
+        classes[0](**coerce_options(classes[0], split[0])),
+        classes[1](**coerce_options(classes[1], split[1])),
+    )
+
+
 def available(kind: str | None = None) -> list[str]:
     """Names of the registered methods (of one ``kind``, or all)."""
     return sorted({n for n, k in _REGISTRY if kind is None or k == kind})
