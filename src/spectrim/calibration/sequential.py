@@ -30,6 +30,7 @@ import torch
 from greenlet import getcurrent, greenlet
 from torch import nn
 
+from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.collect import Collected, group_view
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.channels import Analysis
@@ -126,6 +127,12 @@ def _run_lockstep(
     flowing as one batch, but computed in the original mini-batches.
     """
     modules = dict(model.named_modules())
+    masks = [token_mask(b) for b in batches]
+
+    def real(i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Batch ``i``'s input without its padded positions, as the statistics saw it."""
+        return drop_padding(x, masks[i], input_channel_axis(module, x))[0]
+
     if len(batches) == 1:
         seen: set[str] = set()
 
@@ -133,7 +140,7 @@ def _run_lockstep(
             def h(module: nn.Module, args: tuple[Any, ...]) -> None:
                 if name not in seen:
                     seen.add(name)
-                    fold(name, module, [args[0].detach()])
+                    fold(name, module, [real(0, module, args[0].detach())])
 
             return h
 
@@ -182,7 +189,7 @@ def _run_lockstep(
                     "through the model; use sequential=False"
                 )
             name, module = states[0][1], states[0][2]
-            fold(name, module, [states[i][3] for i in parked])
+            fold(name, module, [real(i, module, states[i][3]) for i in parked])
             states = [lets[i].switch() for i in parked]
     finally:
         torch.set_grad_enabled(grad)
@@ -263,7 +270,6 @@ def sequential_correct(
     def fold(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
         done.add(name)
-        cd = input_channel_axis(module, xs[0])
         applied = []
         for gi, positions, kept_at in per_module[name]:
             parts = collected.inputs[(gi, name)]
@@ -281,7 +287,9 @@ def sequential_correct(
                     f"in the compressed pass but {len(parts)} in the original pass"
                 )
             for x, z_o in zip(pieces, parts):
-                z_c, vcd = group_view(x, cd, pos_t)
+                # per piece: a batch without padding keeps its (B, T, C) layout where
+                # a padded one became (N, C)
+                z_c, vcd = group_view(x, input_channel_axis(module, x), pos_t)
                 if z_c.numel() // len(kept_at) != z_o.numel() // m:
                     raise RuntimeError(
                         f"sequential calibration: consumer '{name}' got "

