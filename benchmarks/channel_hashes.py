@@ -10,6 +10,10 @@ ratio and its widths.  Run it on two code trees and compare the files::
         benchmarks/channel_hashes.py --out /tmp/old.json
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/channel_hashes.py \\
         --out /tmp/new.json --compare /tmp/old.json
+
+Compare files made on one machine: the fitted corrections' float rounding depends on the
+CPU's BLAS kernels, so the same tree on another machine gives other hashes (the widths and
+MACs stay the same).
 """
 
 from __future__ import annotations

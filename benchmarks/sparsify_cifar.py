@@ -54,6 +54,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "magnitude+refit-curves": ("magnitude", {"refit": True, "allocation": "curves"}),
     "obs+refit-curves": ("obs", {"refit": True, "allocation": "curves"}),
     "obs+refit-output": ("obs", {"refit": True, "allocation": "output"}),
+    "obs+refit-curves-r4": ("obs", {"refit": True, "allocation": "curves", "rounds": 4}),
+    "obs+refit-curves-r8": ("obs", {"refit": True, "allocation": "curves", "rounds": 8}),
     "wanda+refit-output": ("wanda", {"refit": True, "allocation": "output"}),
     "magnitude+refit-output": ("magnitude", {"refit": True, "allocation": "output"}),
     "obs+refit-r4-orig": ("obs", {"refit": True, "rounds": 4, "refit_to": "original"}),
@@ -63,6 +65,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "obs+refit-r16-prev": ("obs", {"refit": True, "rounds": 16, "refit_to": "previous"}),
     "wanda+refit-r4": ("wanda", {"refit": True, "rounds": 4}),
     "magnitude+refit-r4": ("magnitude", {"refit": True, "rounds": 4}),
+    # one budget over channels and weights (the joint allocator)
+    "id+obs+refit": ("id+obs", {"refit": True}),
+    "id+obs+refit-r4": ("id+obs", {"refit": True, "rounds": 4}),
+    "id+obs+refit-r8": ("id+obs", {"refit": True, "rounds": 8}),
+    "id+obs+refit-r16": ("id+obs", {"refit": True, "rounds": 16}),
+    "id+wanda+refit": ("id+wanda", {"refit": True}),
+    # a fixed split for comparison: id to macs=F, then obs+refit to the same non-zeros
+    "split-id-macs0.8+obs+refit": ("split", {"macs": 0.8, "refit": True}),
+    "split-id-macs0.6+obs+refit": ("split", {"macs": 0.6, "refit": True}),
 }
 
 CHITA_TABLE1_RESNET20 = {
@@ -80,6 +91,29 @@ def forward_seconds(model: torch.nn.Module, x: torch.Tensor) -> float:
         for b in x.split(64):
             model(b)
         return time.perf_counter() - t
+
+
+def fixed_split(
+    model: torch.nn.Module, calib: torch.Tensor, sparsity: float, options: dict
+) -> tuple[torch.nn.Module, spectrim.CompressionReport]:
+    """``id`` to ``macs=options["macs"]``, then ``obs`` to the non-zeros ``1 − sparsity``
+    of the original's: the split fixed in advance, where the joint allocator chooses it."""
+    from spectrim._sparsify import weight_nonzeros
+    from spectrim.report import merge_reports
+
+    opts = {k: v for k, v in options.items() if k != "macs"}
+    t = time.perf_counter()
+    small, r1 = spectrim.compress(model, calib, "id", f"macs={options['macs']}")
+    rho = weight_nonzeros(small) / weight_nonzeros(model)
+    s2 = 1.0 - (1.0 - sparsity) / rho
+    if s2 < 0:
+        raise ValueError(f"macs={options['macs']} keeps {rho:.3f} of the weights: too few")
+    small, r2 = spectrim.compress(
+        small, calib, "obs", f"sparsity={s2:.12g}", structured=False, **opts
+    )
+    report = merge_reports(r1, r2, nonzeros_before=weight_nonzeros(model))
+    report.seconds = time.perf_counter() - t
+    return small, report
 
 
 def main() -> None:
@@ -119,9 +153,12 @@ def main() -> None:
         for name in args.methods.split(","):
             method, options = VARIANTS[name]
             fwd = forward_seconds(model, calib)
-            small, report = spectrim.compress(
-                model, calib, method, f"sparsity={s}", structured=False, **options
-            )
+            if method == "split":
+                small, report = fixed_split(model, calib, float(s), options)
+            else:
+                small, report = spectrim.compress(
+                    model, calib, method, f"sparsity={s}", structured=False, **options
+                )
             res = evaluate(small, test, reference=model)
             res_jpeg = evaluate(small, jpeg, reference=model) if jpeg is not None else None
             mats = [m for m in report.matrices if m.spectral_error is not None]
@@ -134,7 +171,9 @@ def main() -> None:
                 "method": method,
                 "options": options,
                 "target_sparsity": float(s),
-                "sparsity": report.sparsity,
+                "sparsity": 1.0 - report.nonzero_ratio,  # of the original's weights
+                "macs_ratio": report.macs_ratio,
+                "joint": report.config.get("joint"),
                 "accuracy": res.accuracy,
                 "agreement": res.agreement,
                 "drop_from_dense": (dense.accuracy or 0) - (res.accuracy or 0),
@@ -154,7 +193,7 @@ def main() -> None:
             runs.append(row)
             print(
                 f"{name:17s} s={s:4s} acc {res.accuracy:.4f} agree {res.agreement:.4f} "
-                f"sparsity {report.sparsity:.3f} ‖ΔW‖₂ {row['mean_spectral_error']:.3f} "
+                f"sparsity {1 - report.nonzero_ratio:.3f} MACs {report.macs_ratio:.3f} ‖ΔW‖₂ {row['mean_spectral_error']:.3f} "
                 f"out.err {row['mean_output_error']:.4f} {report.seconds:6.1f} s "
                 f"({row['seconds_over_forward']:.1f}x forward)"
                 + (f" jpeg acc {res_jpeg.accuracy:.4f}" if res_jpeg else ""),
