@@ -37,6 +37,10 @@ VARIANTS = {
     "obs": ("obs", {}),
     "obs+refit": ("obs", {"refit": True}),
     "obs+refit-ridge0.1": ("obs", {"refit": True, "refit_ridge": 0.1}),
+    # ridge towards OBS's own values / the original weights instead of towards zero
+    "obs+refit-vprior0.01": ("obs", {"refit": True, "refit_ridge": 0.01, "refit_prior": "values"}),
+    "obs+refit-wprior0.01": ("obs", {"refit": True, "refit_ridge": 0.01, "refit_prior": "weights"}),
+    "obs+refit-vprior0.1": ("obs", {"refit": True, "refit_ridge": 0.1, "refit_prior": "values"}),
 }
 
 
@@ -84,6 +88,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--targets", default="sparsity=0.5,sparsity=2:4")
     ap.add_argument("--methods", default=",".join(VARIANTS))
     ap.add_argument(
@@ -94,7 +99,7 @@ def main() -> None:
     root = Path(
         os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
     )
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, tok, train_sents = load_minilm(root)
     calib_sents = sorted(train_sents[: args.calib], key=lambda s: len(tok(s)["input_ids"]))
     calib = [

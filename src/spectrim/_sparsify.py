@@ -128,10 +128,10 @@ def weight_curves(
         if algo.needs_mean:
             unit.mean = acc.mean_numpy()
         errors = [0.0]
-        for i, d in enumerate(CURVE_GRID[1:], start=1):
-            values, keep = algo.sparsify(unit, float(d), None, ctx.rng())
+        grid = algo.sparsify_grid(unit, [float(d) for d in CURVE_GRID[1:]], ctx.rng)
+        for i, (values, keep) in enumerate(grid, start=1):
             if algo.refit:
-                values = refit_values(unit, keep, algo.refit_ridge)
+                values = refit_values(unit, keep, algo.refit_ridge, algo.refit_prior, values)
             errors.append(output_error(unit.weight, values, unit.gram))
             if i == at:
                 probes[n] = np.where(keep, values, 0.0)
@@ -358,7 +358,7 @@ def sparsify_run(
             if keep.all() and not algo.sets_values:
                 values = unit.weight  # nothing removed: exactly the original
             elif algo.refit:
-                values = refit_values(unit, keep, algo.refit_ridge)
+                values = refit_values(unit, keep, algo.refit_ridge, algo.refit_prior, values)
             plan = WeightPlan(n, keep, values)
             apply_weight_plans(work, {n: plan})
             delta = algo.bias_delta(unit, values)

@@ -11,7 +11,9 @@ import spectrim
 from spectrim.graph.modules import weight_modules
 from spectrim.methods import available
 
-WEIGHT_METHODS = ["magnitude", "random", "wanda", "obs", "lq", "pqi", "spectrum", "lq-lasso"]
+WEIGHT_METHODS = [
+    "magnitude", "random", "wanda", "obs", "obc", "lq", "pqi", "spectrum", "lq-lasso",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +187,33 @@ def test_channels_then_weights_in_one_call(resnet20, cifar_calib, test_images) -
     assert spectrim.CompressionReport.from_dict(report.to_dict()).matrices == report.matrices
 
 
+def test_obc_through_compress_beats_obs_on_held_out_outputs() -> None:
+    """``obc`` runs through the entry point (sequential, with a refit, curves and rounds),
+    hits the sparsity, and reconstructs held-out outputs better than ``obs`` does."""
+    torch.manual_seed(0)
+    mix = torch.randn(48, 48)
+    net = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                        nn.Linear(64, 8))  # fmt: skip
+    x, held = torch.randn(512, 48) @ mix, torch.randn(256, 48) @ mix
+    with torch.no_grad():
+        ref = net(held)
+
+    def err(method: str, **kw: object) -> float:
+        small, report = spectrim.compress(net, x, method, "sparsity=0.8", structured=False,
+                                          refit=True, **kw)  # fmt: skip
+        assert abs(report.sparsity - 0.8) < 0.01
+        with torch.no_grad():
+            return float((small(held) - ref).norm() / ref.norm())
+
+    for kw in ({}, {"allocation": "curves"}, {"rounds": 3}):
+        e_obc, e_obs = err("obc", **kw), err("obs", **kw)
+        assert e_obc < e_obs, (kw, e_obc, e_obs)
+    with pytest.raises(ValueError, match="n:m"):
+        spectrim.compress(net, x, "obc", "sparsity=2:4")
+    with pytest.raises(ValueError, match="reach"):
+        spectrim.compress(net, x, "obc", "sparsity=0.5", reach=0.5)
+
+
 def test_refit_ridge_shrinks_the_refit() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -198,6 +227,54 @@ def test_refit_ridge_shrinks_the_refit() -> None:
     assert norms[0] > norms[1] > norms[2]
     with pytest.raises(ValueError, match="refit_ridge"):
         spectrim.compress(net, x, "obs", "sparsity=0.5", refit=True, refit_ridge=-1.0)
+
+
+def test_refit_prior_weights_pulls_the_refit_towards_the_weights() -> None:
+    """``refit_prior="weights"``: a large ridge keeps the masked original weights (where
+    the zero prior shrinks them), a tiny one is the exact refit."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(256, 32)
+
+    def first(**kw: object) -> torch.Tensor:
+        kw.setdefault("refit", True)
+        small, _ = spectrim.compress(net, x, "magnitude", "sparsity=0.5", structured=False,
+                                     **kw)  # fmt: skip
+        return small[0].weight.detach()
+
+    masked = first(refit=False)
+    held = first(refit_ridge=1e6, refit_prior="weights")
+    assert torch.allclose(held, masked, atol=1e-4)
+    shrunk = first(refit_ridge=1e6)
+    assert float(shrunk.norm()) < 1e-2 * float(masked.norm())
+    exact = first()
+    assert torch.allclose(first(refit_ridge=1e-9, refit_prior="weights"), exact, atol=1e-4)
+    assert not torch.allclose(exact, masked, atol=1e-3)  # the refit does move the weights
+    # for a mask-only method its values are the masked weights: "values" is "weights"
+    assert torch.allclose(first(refit_ridge=1e6, refit_prior="values"), held)
+    with pytest.raises(ValueError, match="refit_prior"):
+        spectrim.compress(net, x, "obs", "sparsity=0.5", refit=True, refit_prior="mean")
+
+
+def test_refit_prior_values_pulls_obs_refit_towards_obs_values() -> None:
+    """``refit_prior="values"`` with obs: a large ridge returns OBS's own updated values
+    (not the masked original), a tiny one the exact refit."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(200, 24)
+
+    def first(**kw: object) -> torch.Tensor:
+        small, _ = spectrim.compress(net, x, "obs", "sparsity=0.6", structured=False, **kw)
+        return small[0].weight.detach()
+
+    obs = first()
+    assert torch.allclose(first(refit=True, refit_ridge=1e7, refit_prior="values"), obs, atol=1e-4)
+    assert not torch.allclose(
+        first(refit=True, refit_ridge=1e7, refit_prior="weights"), obs, atol=1e-3
+    )
+    exact = first(refit=True)
+    assert torch.allclose(first(refit=True, refit_ridge=1e-9, refit_prior="values"), exact,
+                          atol=1e-4)  # fmt: skip
 
 
 def test_output_allocation_weights_curves_by_the_measured_gain() -> None:
