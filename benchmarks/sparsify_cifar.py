@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "obc+refit": ("obc", {"refit": True}),
     "obc+refit-r4": ("obc", {"refit": True, "rounds": 4}),
     "obc+refit-r8": ("obc", {"refit": True, "rounds": 8}),
+    "obc+refit-r16": ("obc", {"refit": True, "rounds": 16}),
     "obc+refit-curves": ("obc", {"refit": True, "allocation": "curves"}),
     "obc+refit-curves-r8": ("obc", {"refit": True, "allocation": "curves", "rounds": 8}),
     "lq": ("lq", {}),
@@ -77,6 +78,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "id+obs+refit-r8": ("id+obs", {"refit": True, "rounds": 8}),
     "id+obs+refit-r16": ("id+obs", {"refit": True, "rounds": 16}),
     "id+wanda+refit": ("id+wanda", {"refit": True}),
+    "id+obc+refit": ("id+obc", {"refit": True}),
+    "id+obc+refit-r8": ("id+obc", {"refit": True, "rounds": 8}),
     # a fixed split for comparison: id to macs=F, then obs+refit to the same non-zeros
     "split-id-macs0.8+obs+refit": ("split", {"macs": 0.8, "refit": True}),
     "split-id-macs0.6+obs+refit": ("split", {"macs": 0.6, "refit": True}),

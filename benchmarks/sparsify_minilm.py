@@ -36,7 +36,7 @@ VARIANTS = {
     "wanda+refit": ("wanda", {"refit": True}),
     "obs": ("obs", {}),
     "obs+refit": ("obs", {"refit": True}),
-    "obs+refit-ridge0.1": ("obs", {"refit": True, "refit_ridge": 0.1}),
+    "obs+refit-ridge0.1": ("obs", {"refit": True, "refit_ridge": 0.1, "refit_prior": "zero"}),
     # ridge towards OBS's own values / the original weights instead of towards zero
     "obs+refit-vprior0.01": ("obs", {"refit": True, "refit_ridge": 0.01, "refit_prior": "values"}),
     "obs+refit-wprior0.01": ("obs", {"refit": True, "refit_ridge": 0.01, "refit_prior": "weights"}),

@@ -214,15 +214,16 @@ def test_obc_through_compress_beats_obs_on_held_out_outputs() -> None:
         spectrim.compress(net, x, "obc", "sparsity=0.5", reach=0.5)
 
 
-def test_refit_ridge_shrinks_the_refit() -> None:
+def test_refit_ridge_with_the_zero_prior_shrinks_the_refit() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     x = torch.randn(256, 32)
     norms = []
     for ridge in (0.0, 1.0, 1e3):
         small, _ = spectrim.compress(
-            net, x, "magnitude", "sparsity=0.5", refit=True, refit_ridge=ridge, structured=False
-        )
+            net, x, "magnitude", "sparsity=0.5", refit=True, refit_ridge=ridge,
+            refit_prior="zero", structured=False,
+        )  # fmt: skip
         norms.append(float(small[0].weight.detach().norm()))
     assert norms[0] > norms[1] > norms[2]
     with pytest.raises(ValueError, match="refit_ridge"):
@@ -245,13 +246,14 @@ def test_refit_prior_weights_pulls_the_refit_towards_the_weights() -> None:
     masked = first(refit=False)
     held = first(refit_ridge=1e6, refit_prior="weights")
     assert torch.allclose(held, masked, atol=1e-4)
-    shrunk = first(refit_ridge=1e6)
+    shrunk = first(refit_ridge=1e6, refit_prior="zero")
     assert float(shrunk.norm()) < 1e-2 * float(masked.norm())
     exact = first()
     assert torch.allclose(first(refit_ridge=1e-9, refit_prior="weights"), exact, atol=1e-4)
     assert not torch.allclose(exact, masked, atol=1e-3)  # the refit does move the weights
-    # for a mask-only method its values are the masked weights: "values" is "weights"
-    assert torch.allclose(first(refit_ridge=1e6, refit_prior="values"), held)
+    # for a mask-only method its values are the masked weights: "values" (the default)
+    # is "weights"
+    assert torch.allclose(first(refit_ridge=1e6), held)
     with pytest.raises(ValueError, match="refit_prior"):
         spectrim.compress(net, x, "obs", "sparsity=0.5", refit=True, refit_prior="mean")
 

@@ -126,7 +126,7 @@ class WeightMethod(Method):
         refit_ridge: float = 0.0,
         rounds: int = 1,
         refit_to: str = "previous",
-        refit_prior: str = "zero",
+        refit_prior: str = "values",
     ):
         if refit_prior not in ("zero", "weights", "values"):
             raise ValueError(
@@ -280,7 +280,7 @@ class OBS(WeightMethod):
         refit_ridge: float = 0.0,
         rounds: int = 1,
         refit_to: str = "previous",
-        refit_prior: str = "zero",
+        refit_prior: str = "values",
     ):
         super().__init__(
             scope, refit, structured, allocation, refit_ridge, rounds, refit_to, refit_prior
@@ -322,7 +322,7 @@ class OBC(WeightMethod):
         refit_ridge: float = 0.0,
         rounds: int = 1,
         refit_to: str = "previous",
-        refit_prior: str = "zero",
+        refit_prior: str = "values",
     ):
         super().__init__(
             scope, refit, structured, allocation, refit_ridge, rounds, refit_to, refit_prior
@@ -419,7 +419,7 @@ class Lq(_Bound):
         refit: bool = False,
         structured: bool = True,
         refit_ridge: float = 0.0,
-        refit_prior: str = "zero",
+        refit_prior: str = "values",
     ):
         super().__init__(scope, refit, structured, refit_ridge=refit_ridge, refit_prior=refit_prior)
         if not 0.0 < q < 1.0:
@@ -446,7 +446,7 @@ class PQI(_Bound):
         refit: bool = False,
         structured: bool = True,
         refit_ridge: float = 0.0,
-        refit_prior: str = "zero",
+        refit_prior: str = "values",
     ):
         super().__init__(scope, refit, structured, refit_ridge=refit_ridge, refit_prior=refit_prior)
         if not 0.0 < p < q:
@@ -568,7 +568,7 @@ def refit_values(
     unit: MatrixUnit,
     keep: np.ndarray,
     ridge: float = 0.0,
-    prior: str = "zero",
+    prior: str = "values",
     values: np.ndarray | None = None,
 ) -> np.ndarray:
     """Masked least squares of the kept weights (see :func:`masked_refit`): exact, or with
