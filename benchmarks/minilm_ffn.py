@@ -27,7 +27,15 @@ import torch
 from scipy.stats import spearmanr
 
 import spectrim
-from sparsify_minilm import embed, load_minilm, read_sts
+from sparsify_minilm import (
+    embed,
+    fidelity,
+    load_minilm,
+    parse_options,
+    pick_sentences,
+    read_genres,
+    read_sts,
+)
 
 
 def main() -> None:
@@ -35,8 +43,24 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument(
+        "--sample",
+        default="random",
+        choices=("first", "random"),
+        help="calibration sentences: a seeded sample of sts-train (captions, news, forums; "
+        "default) or the first in file order (captions only, as before)",
+    )
     ap.add_argument("--target", default="width=0.5")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--method", default="id")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a compress() option (method option or config field), value parsed as JSON",
+    )
+    ap.add_argument("--orders", default="padded,bucketed", help="padded, bucketed or both")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "minilm_ffn.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,12 +69,15 @@ def main() -> None:
     )
     torch.set_num_threads(args.threads)
     model, tok, train_sents = load_minilm(root)
-    sentences = train_sents[: args.calib]
-    orders = {
-        "padded": sentences,
-        "bucketed": sorted(sentences, key=lambda s: len(tok(s)["input_ids"])),
+    sentences = pick_sentences(train_sents, args.calib, args.sample)
+    every = {
+        "padded": lambda: sentences,
+        "bucketed": lambda: sorted(sentences, key=lambda s: len(tok(s)["input_ids"])),
     }
+    orders = {name: every[name]() for name in args.orders.split(",")}
+    options = parse_options(args.set)
     pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv")
+    genres = read_genres(root / "stsbenchmark" / "sts-test.csv")
     left, right = [a for a, _ in pairs], [b for _, b in pairs]
     ra, rb = embed(model, tok, left), embed(model, tok, right)
     dense = float(spearmanr((ra * rb).sum(-1).numpy(), gold).statistic) * 100
@@ -65,17 +92,12 @@ def main() -> None:
             b["attention_mask"].numel() for b in calib
         )
         t = time.perf_counter()
-        small, report = spectrim.compress(model, calib, "id", args.target)
+        small, report = spectrim.compress(model, calib, args.method, args.target, **options)
         seconds = time.perf_counter() - t
-        ea, eb = embed(small, tok, left), embed(small, tok, right)
-        rho = float(spearmanr((ea * eb).sum(-1).numpy(), gold).statistic) * 100
-        cos = torch.cat([(ea * ra).sum(-1), (eb * rb).sum(-1)])
         row = {
             "calibration": name,
             "padded_share": padding,
-            "spearman": rho,
-            "cosine_mean": float(cos.mean()),
-            "cosine_min": float(cos.min()),
+            **fidelity(small, tok, pairs, gold, genres, (ra, rb)),
             "macs_ratio": report.macs_ratio,
             "params_ratio": report.params_ratio,
             "calibration_rows": report.calibration_rows,
@@ -83,16 +105,21 @@ def main() -> None:
         }
         runs.append(row)
         print(
-            f"{name:9s} padding {padding:.2f} Spearman {rho:.2f} cosine mean "
-            f"{row['cosine_mean']:.4f} min {row['cosine_min']:.4f} MACs {report.macs_ratio:.3f} "
+            f"{name:9s} padding {padding:.2f} Spearman {row['spearman']:.2f} cosine mean "
+            f"{row['cosine_mean']:.4f} min {row['cosine_min']:.4f} "
+            + " ".join(f"{g[5:]} {c:.3f}" for g, c in row["cosine_by_genre"].items())
+            + f" MACs {report.macs_ratio:.3f} "
             f"{seconds:.1f} s",
             flush=True,
         )
     out = {
         "benchmark": "minilm-ffn",
         "target": args.target,
+        "method": args.method,
+        "options": options,
         "dense_spearman": dense,
         "calibration_sentences": len(sentences),
+        "sample": args.sample,
         "test_pairs": len(pairs),
         "spectrim": spectrim.__file__,
         "runs": runs,

@@ -54,6 +54,13 @@ def read_sts(path: Path) -> tuple[list[tuple[str, str]], list[float]]:
     return pairs, gold
 
 
+def read_genres(path: Path) -> list[str]:
+    """The genre of each STS-B pair (``main-captions``, ``main-news``, ``main-forums``)."""
+    with path.open(encoding="utf-8") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [row[0] for row in rows if len(row) >= 7]
+
+
 def embed(model: Any, tok: Any, sentences: list[str], batch: int = 64) -> torch.Tensor:
     out = []
     with torch.no_grad():
@@ -64,6 +71,57 @@ def embed(model: Any, tok: Any, sentences: list[str], batch: int = 64) -> torch.
             m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
             out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
     return torch.cat(out)
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` command-line items as compress() options (values parsed as JSON
+    where they can be, else kept as text)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def fidelity(
+    small: Any,
+    tok: Any,
+    pairs: list[tuple[str, str]],
+    gold: list[float],
+    genres: list[str],
+    dense: tuple[torch.Tensor, torch.Tensor],
+) -> dict[str, Any]:
+    """STS-B Spearman ×100 of ``small`` and the cosine of its embeddings of both sides
+    of every pair to the dense ones (mean, worst, mean per genre)."""
+    left, right = [a for a, _ in pairs], [b for _, b in pairs]
+    ea, eb = embed(small, tok, left), embed(small, tok, right)
+    rho = float(spearmanr((ea * eb).sum(-1).numpy(), gold).statistic) * 100
+    cos = torch.cat([(ea * dense[0]).sum(-1), (eb * dense[1]).sum(-1)])
+    both = genres * 2
+    return {
+        "spearman": rho,
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "cosine_by_genre": {
+            g: float(cos[[i for i, x in enumerate(both) if x == g]].mean())
+            for g in sorted(set(both))
+        },
+    }
+
+
+def pick_sentences(sentences: list[str], n: int, sample: str, seed: int = 0) -> list[str]:
+    """``n`` calibration sentences: the first ``n`` in file order (``"first"``: sts-train
+    opens with 2000 image captions, so these are captions only) or a seeded uniform sample
+    of the whole pool (``"random"``: captions, news and forum posts, as in the test set)."""
+    if sample == "first":
+        return sentences[:n]
+    if sample != "random":
+        raise ValueError(f"sample={sample!r} must be 'first' or 'random'")
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))
+    return [sentences[int(i)] for i in order[:n]]
 
 
 def load_minilm(root: Path) -> tuple[Any, Any, list[str]]:
@@ -88,6 +146,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument(
+        "--sample",
+        default="first",
+        choices=("first", "random"),
+        help="calibration sentences: the first in file order (captions) or a seeded sample",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--targets", default="sparsity=0.5,sparsity=2:4")
     ap.add_argument("--methods", default=",".join(VARIANTS))
@@ -101,7 +165,9 @@ def main() -> None:
     )
     torch.set_num_threads(args.threads)
     model, tok, train_sents = load_minilm(root)
-    calib_sents = sorted(train_sents[: args.calib], key=lambda s: len(tok(s)["input_ids"]))
+    calib_sents = sorted(
+        pick_sentences(train_sents, args.calib, args.sample), key=lambda s: len(tok(s)["input_ids"])
+    )
     calib = [
         dict(tok(calib_sents[i : i + 32], padding=True, return_tensors="pt"))
         for i in range(0, len(calib_sents), 32)

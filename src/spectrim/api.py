@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from spectrim._heads import heads_run
 from spectrim._joint import joint_budget, joint_run
 from spectrim._prune import prune_run
 from spectrim._sparsify import sparsify_run, weight_nonzeros
@@ -151,6 +152,8 @@ def _run_stage(
         return joint_run(work, batches, info, cfg, *algo, ctx, t0)
     if isinstance(algo, WeightMethod):
         return sparsify_run(work, batches, info, cfg, algo, ctx, t0)
+    if cfg.parsed_target.kind == "heads":
+        return heads_run(work, batches, info, cfg, algo, ctx, t0)
     return prune_run(work, batches, info, cfg, algo, ctx, t0)
 
 

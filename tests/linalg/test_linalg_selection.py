@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spectrim.linalg import (
+    block_greedy,
     degrees_of_freedom,
     fit_reconstruction,
     gram_spectrum,
@@ -131,3 +132,74 @@ def test_validation() -> None:
         spectral_greedy(np.eye(3), tau=[-1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="k="):
         spectral_greedy(np.eye(3), 4)
+
+
+# --- block_greedy (attention heads) -----------------------------------------------------
+
+
+def _blocks(sizes: list[int]) -> list[np.ndarray]:
+    ends = np.cumsum(sizes)
+    return [np.arange(e - s, e) for s, e in zip(sizes, ends, strict=True)]
+
+
+def _brute_block_greedy(S, blocks, theta=1.0, weight=None):
+    """Greedy by direct solves: at each step the block whose union with the chosen ones
+    has the smallest spectral_loss."""
+    chosen: list[int] = []
+    losses = [spectral_loss(S, [], theta=theta, weight=weight)]
+    for _ in range(len(blocks)):
+        best = min(
+            (j for j in range(len(blocks)) if j not in chosen),
+            key=lambda j: spectral_loss(
+                S, np.concatenate([blocks[i] for i in [*chosen, j]]), theta=theta, weight=weight
+            ),
+        )
+        chosen.append(best)
+        losses.append(
+            spectral_loss(
+                S, np.concatenate([blocks[i] for i in chosen]), theta=theta, weight=weight
+            )
+        )
+    return chosen, np.array(losses)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), theta=st.sampled_from([1.0, 0.5, 0.0]))
+def test_block_greedy_matches_brute_force(seed: int, theta: float) -> None:
+    rng = np.random.default_rng(seed)
+    sizes = list(rng.integers(1, 4, size=int(rng.integers(2, 6))))
+    m = int(sum(sizes))
+    Z = rng.standard_normal((3 * m, m)) * rng.uniform(0.2, 3.0, size=m)
+    S = Z.T @ Z
+    A = rng.standard_normal((4, m))
+    W = A.T @ A
+    blocks = _blocks(sizes)
+    sel = block_greedy(S, blocks, theta=theta, weight=None if theta == 1.0 else W)
+    order, losses = _brute_block_greedy(S, blocks, theta, None if theta == 1.0 else W)
+    np.testing.assert_allclose(sel.losses, losses, rtol=1e-8, atol=1e-8 * losses[0])
+    # ties aside, the same blocks in the same order
+    assert sel.order.tolist() == order
+
+
+def test_block_greedy_unit_blocks_equal_spectral_greedy() -> None:
+    rng = np.random.default_rng(3)
+    Z = rng.standard_normal((50, 8)) * np.arange(1, 9)
+    S = Z.T @ Z
+    one = spectral_greedy(S)
+    blk = block_greedy(S, [np.array([i]) for i in range(8)])
+    assert blk.order.tolist() == one.order.tolist()
+    np.testing.assert_allclose(blk.losses, one.losses, rtol=1e-9, atol=1e-9 * one.losses[0])
+
+
+def test_block_greedy_redundant_block_gains_nothing() -> None:
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((80, 3))
+    Z = np.hstack([X, X @ rng.standard_normal((3, 3)), rng.standard_normal((80, 2)) * 1e-3])
+    sel = block_greedy(Z.T @ Z, _blocks([3, 3, 2]))
+    assert sel.order[0] in (0, 1) and sel.order[1] == 2  # the copy adds nothing
+    assert sel.losses[1] < 1e-3 * sel.losses[0]
+
+
+def test_block_greedy_rejects_overlapping_blocks() -> None:
+    with pytest.raises(ValueError, match="disjoint"):
+        block_greedy(np.eye(4), [np.array([0, 1]), np.array([1, 2])])

@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from spectrim._files import atomic_directory, sha256_cached, sha256_file
+from spectrim.graph.attention import find_attention
 from spectrim.graph.channels import shared_tensors
 from spectrim.graph.modules import module_kind, size_attribute_names
 from spectrim.report import CompressionReport
@@ -789,6 +790,8 @@ def load_compressed(
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ManifestError(f"{state_path}: {exc}") from None
+    for block in find_attention(model):  # head counts follow the reloaded weights
+        block.sync(model)
     return model.eval()
 
 

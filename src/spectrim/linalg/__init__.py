@@ -12,7 +12,8 @@ See :mod:`spectrim.calibration` for streaming such Grams out of a model.
   :func:`ridge_leverage_scores`, :func:`effective_rank`.
 * Errors on new inputs from errors on the calibration rows: :func:`prediction_error_curve`,
   :func:`optimism`.
-* Spectral-pruning selection (Paper 1): :func:`spectral_greedy`, :func:`spectral_loss`.
+* Spectral-pruning selection (Paper 1): :func:`spectral_greedy`, :func:`spectral_loss`;
+  whole blocks of units (attention heads): :func:`block_greedy`.
 * Weight sparsity and spectra (Paper 3, PQ index): :func:`pq_index`, :func:`soft_sparsity`,
   :func:`power_mean`, :func:`spectral_norm`, :func:`stable_rank`, :func:`weight_matrix`.
 
@@ -38,7 +39,12 @@ from spectrim.linalg.reconstruction import (
     fit_reconstruction,
     residual_of,
 )
-from spectrim.linalg.selection import SpectralSelection, spectral_greedy, spectral_loss
+from spectrim.linalg.selection import (
+    SpectralSelection,
+    block_greedy,
+    spectral_greedy,
+    spectral_loss,
+)
 from spectrim.linalg.sparsity import (
     power_mean,
     pq_index,
@@ -73,6 +79,7 @@ __all__ = [
     "residual_of",
     "ridge_leverage_scores",
     "soft_sparsity",
+    "block_greedy",
     "spectral_greedy",
     "spectral_loss",
     "spectral_norm",

@@ -20,7 +20,7 @@ import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 from torch import nn
@@ -30,6 +30,10 @@ from spectrim.context import RunContext
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.surgery import GroupPlan
 from spectrim.linalg.reconstruction import F32_RTOL, fit_cross_reconstruction
+
+if TYPE_CHECKING:
+    from spectrim.graph.attention import AttentionBlock
+    from spectrim.methods.heads import HeadSolver
 
 __all__ = [
     "GroupSolver",
@@ -160,6 +164,14 @@ class Method(ABC):
         model: nn.Module,
     ) -> GroupSolver:
         """Solver for ``group``; ``stats`` maps consumer module name to its Gram."""
+
+    def head_solver(
+        self, block: AttentionBlock, gram: np.ndarray | None, model: nn.Module
+    ) -> HeadSolver:
+        """Solver over the heads of one attention layer (``target="heads=F"``); ``gram``
+        is the output projection's input Gram (``None`` for a method without
+        statistics).  Methods that can select heads override it."""
+        raise ValueError(f"method '{self.name}' cannot select attention heads")
 
 
 _REGISTRY: dict[tuple[str, str], type[Method]] = {}

@@ -17,10 +17,12 @@ import numpy as np
 from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.surgery import GroupPlan
 from spectrim.linalg import fit_reconstruction, id_factorize, residual_of
 from spectrim.methods.base import GroupSolver, Method, register_method
+from spectrim.methods.heads import HeadSolver, greedy_solver
 
 __all__ = ["IDMethod", "IDSolver"]
 
@@ -85,3 +87,12 @@ class IDMethod(Method):
     ) -> GroupSolver:
         grams = {name: acc.gram_numpy() for name, acc in stats.items()}
         return IDSolver(group, grams, self.ridge)
+
+    def head_solver(
+        self, block: AttentionBlock, gram: np.ndarray | None, model: nn.Module
+    ) -> HeadSolver:
+        """Block ID: heads chosen to reconstruct all heads' outputs, correction folded."""
+        if gram is None:
+            raise ValueError(f"id: attention '{block.name}' has no statistics")
+        tau = self.ridge * float(np.trace(gram)) / max(gram.shape[0], 1)
+        return greedy_solver(block, gram, theta=1.0, ridge=tau)

@@ -15,9 +15,11 @@ from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.context import RunContext
+from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.modules import module_kind
 from spectrim.methods.base import GroupSolver, Method, OrderSolver, register_method
+from spectrim.methods.heads import HeadSolver, head_norms
 
 __all__ = ["L1Method", "L2Method", "RandomMethod", "filter_norms"]
 
@@ -46,6 +48,17 @@ class _NormMethod(Method):
         score = filter_norms(group, model, self.p)
         order = np.argsort(-score, kind="stable")
         return OrderSolver(group, order, weights=score**2)
+
+    def head_solver(
+        self, block: AttentionBlock, gram: np.ndarray | None, model: nn.Module
+    ) -> HeadSolver:
+        """Heads of largest weight norm first, no correction."""
+        score = head_norms(block, model, self.p)
+        order = np.argsort(-score, kind="stable")
+        w = score[order] ** 2
+        kept = np.concatenate([[0.0], np.cumsum(w)])
+        curve = 1.0 - kept / kept[-1] if kept[-1] > 0 else None
+        return HeadSolver(block, order, curve, correct=False)
 
 
 @register_method("l1")
@@ -85,3 +98,9 @@ class RandomMethod(Method):
         m = group.width
         curve = (1.0 - np.arange(m + 1) / m) ** 2
         return OrderSolver(group, self.rng.permutation(m), curve=curve)
+
+    def head_solver(
+        self, block: AttentionBlock, gram: np.ndarray | None, model: nn.Module
+    ) -> HeadSolver:
+        """Random heads, no correction."""
+        return HeadSolver(block, self.rng.permutation(block.units), correct=False)

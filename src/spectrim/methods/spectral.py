@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.modules import module_kind
 from spectrim.graph.surgery import GroupPlan
@@ -48,6 +49,7 @@ from spectrim.linalg import (
     spectral_greedy,
 )
 from spectrim.methods.base import GroupSolver, Method, register_method
+from spectrim.methods.heads import HeadSolver, greedy_solver, output_weight_gram
 
 __all__ = ["SpectralMethod", "SpectralSolver", "consumer_weight_gram"]
 
@@ -212,3 +214,14 @@ class SpectralMethod(Method):
         return SpectralSolver(
             group, grams, counts, weights, self.theta, self.alpha, self.tau, self.c
         )
+
+    def head_solver(
+        self, block: AttentionBlock, gram: np.ndarray | None, model: nn.Module
+    ) -> HeadSolver:
+        """θ-mixed block greedy (output-aware part: ``W_oᵀW_o``), ridge ``α·tr G`` fold
+        (none with ``tau="none"``; the ``leverage`` rule is per unit, so heads use uniform)."""
+        if gram is None:
+            raise ValueError(f"spectral: attention '{block.name}' has no statistics")
+        weight = output_weight_gram(block, model) if self.theta < 1.0 else None
+        ridge = 0.0 if self.tau == "none" else self.alpha * float(np.trace(gram))
+        return greedy_solver(block, gram, theta=self.theta, weight=weight, ridge=ridge)

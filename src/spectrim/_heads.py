@@ -1,0 +1,178 @@
+"""The attention-head run behind ``spectrim.compress(..., target="heads=F")``.
+
+``find → collect → solve → allocate → apply → report``:
+
+* find: every attention layer a registered finder recognises
+  (:func:`spectrim.graph.attention.find_attention`);
+* collect: the Gram of each output projection's input over the calibration tokens
+  (padded positions left out), in float64;
+* solve: one :class:`~spectrim.methods.heads.HeadSolver` per layer, from the method's
+  :meth:`~spectrim.methods.Method.head_solver`;
+* allocate: ``heads=F`` keeps ``round(F·units)`` units (at least one) in every layer;
+* apply: layer by layer in execution order.  In sequential mode (the default) each
+  layer's correction is refitted on the outputs of the already-pruned layers before it,
+  reconstructing the original model's per-head outputs (cross-Gram least squares, as
+  for channels); the kept heads are always those chosen on the original statistics;
+* report: one group per layer (units before/after, the predicted error), MACs and
+  parameters before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectrim.calibration.batches import drop_padding, head_examples, token_mask
+from spectrim.calibration.checks import CalibrationInfo
+from spectrim.calibration.gram import GramAccumulator
+from spectrim.config import CompressConfig
+from spectrim.context import RunContext
+from spectrim.evaluation.flops import profile
+from spectrim.graph.attention import AttentionBlock, find_attention
+from spectrim.graph.trace import call_model
+from spectrim.methods import Method
+from spectrim.methods.heads import HeadSolver
+from spectrim.report import CompressionReport, GroupReport
+
+__all__ = ["heads_run", "output_grams"]
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    x, _ = drop_padding(x.detach(), mask, x.dim() - 1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def output_grams(
+    model: nn.Module,
+    blocks: Sequence[AttentionBlock],
+    batches: Sequence[Any],
+    reference: nn.Module | None = None,
+    progress: Any = None,
+) -> dict[str, tuple[GramAccumulator, np.ndarray | None]]:
+    """Per output projection: the Gram of its input on ``model`` and, with ``reference``
+    (a model with the same module names), the cross Gram ``Z'ᵀZ`` with the reference's
+    input at the same place.  Padded token positions (``attention_mask``) are dropped."""
+    modules = dict(model.named_modules())
+    names = [b.out for b in blocks]
+    accs = {b.out: GramAccumulator(b.heads * b.head_dim, sums=False) for b in blocks}
+    cross: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
+    mask: list[torch.Tensor | None] = [None]
+
+    def ref_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen[name] = _rows(args[0], mask[0]).double()
+
+        return hook
+
+    def hook(name: str) -> Any:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = _rows(args[0], mask[0])
+            accs[name].update(x)
+            if reference is not None:
+                z = seen.pop(name)
+                c = x.double().T @ z
+                cross[name] = cross[name] + c if name in cross else c
+
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    if reference is not None:
+        ref_modules = dict(reference.named_modules())
+        handles += [ref_modules[n].register_forward_pre_hook(ref_hook(n)) for n in names]
+    it = progress(batches) if progress is not None else batches
+    try:
+        with torch.no_grad():
+            for batch in it:
+                mask[0] = token_mask(batch)
+                if reference is not None:
+                    call_model(reference, batch)
+                call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (accs[n], cross[n].numpy() if n in cross else None) for n in names}
+
+
+def heads_run(
+    work: nn.Module,
+    batches: list[Any],
+    info: CalibrationInfo,
+    cfg: CompressConfig,
+    method: Method,
+    ctx: RunContext,
+    t0: float,
+) -> tuple[nn.Module, CompressionReport]:
+    """Remove attention heads of ``work`` in place as ``cfg`` (``heads=F``) says."""
+    tgt = cfg.parsed_target
+    method = method.for_run(ctx)
+    work.eval()
+    report = CompressionReport(method=method.name, target=str(tgt), config=cfg.to_dict())
+    report.warnings.extend(info.warnings)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    blocks = find_attention(work)
+    if not blocks:
+        raise ValueError(
+            f"target {tgt}: no attention layer in {type(work).__name__} that spectrim "
+            "recognises (Hugging Face BERT-family, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2 "
+            "and OPT attention; register others with spectrim.graph.attention."
+            "register_attention)"
+        )
+    example = head_examples(batches[0])
+    cost0 = profile(work, example)
+    original = copy.deepcopy(work) if (cfg.sequential and method.needs_statistics) else None
+    timings["find"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    grams: dict[str, np.ndarray] = {}
+    rows = 0
+    if method.needs_statistics:
+        stats = output_grams(work, blocks, batches, progress=ctx.wrap(len(batches)))
+        grams = {n: acc.gram_numpy() for n, (acc, _) in stats.items()}
+        rows = min(acc.count for acc, _ in stats.values())
+    timings["collect"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    solvers: list[HeadSolver] = [method.head_solver(b, grams.get(b.out), work) for b in blocks]
+    widths = [min(b.units, max(1, round(tgt.value * b.units))) for b in blocks]
+    timings["solve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for b, s, k in zip(blocks, solvers, widths, strict=True):
+        plan = s.plan(k)
+        fold = plan.fold
+        if original is not None and fold is not None:
+            ((acc, cross),) = output_grams(work, [b], batches, reference=original).values()
+            assert cross is not None
+            fold = s.refit(plan.keep, acc.gram_numpy(), cross)
+        if k < b.units:
+            b.prune(work, plan.keep, fold)
+        report.groups.append(
+            GroupReport(
+                name=f"{b.name} (heads)",
+                width_before=len(s.order),
+                width_after=k,
+                producers=sorted({p.module for p in b.projections}),
+                consumers=[b.out],
+                predicted_error=float(np.sqrt(max(s.error_curve()[k], 0.0))),
+                rows=rows or None,
+            )
+        )
+    timings["apply"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cost1 = profile(work, example)
+    report.params_before, report.params_after = cost0.params, cost1.params
+    report.macs_before, report.macs_after = cost0.macs, cost1.macs
+    report.calibration_rows = info.examples
+    timings["report"] = time.perf_counter() - t
+    report.timings = timings
+    report.seconds = time.perf_counter() - t0
+    return work, report

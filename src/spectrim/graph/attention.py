@@ -1,0 +1,366 @@
+"""Attention layers as sets of heads: where their projections are, and how to remove heads.
+
+The channel analysis cannot prune attention: ``q``, ``k`` and ``v`` are reshaped into
+``(heads, head_dim)`` and mixed by ``softmax(QKᵀ)V``, so their channels are pinned.  Whole
+heads, though, are independent: removing head ``h`` from the query, key and value
+projections and the matching ``head_dim`` input columns of the output projection gives
+exactly the model without that head.  The output projection's input (the concatenated
+per-head outputs) is where heads are *selected* and *corrected*: its Gram splits into
+head blocks, and the correction for the removed heads folds into the output projection
+like a channel correction into a consumer.
+
+An :class:`AttentionBlock` records, for one attention layer, the module names of its
+projections, the head counts and the attributes that hold them.  Each architecture family
+is one *finder* registered with :func:`register_attention`; finders match on structure
+(attribute names), not on class names, so BERT, RoBERTa, MiniLM, ELECTRA (``query`` /
+``key`` / ``value`` under ``.self``, ``output.dense``), LLaMA, Mistral, Qwen2, OPT
+(``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` or ``out_proj``), DistilBERT (``q_lin`` ...)
+and GPT-2 (a fused ``c_attn`` ``Conv1D``) are found by four finders.
+
+Units are *key/value groups*: with grouped-query attention (``kv_heads < heads``) a KV head
+goes together with the ``heads / kv_heads`` query heads that read it, so every layer keeps
+the same number of query heads per KV head and the model's own code still runs.  With
+plain multi-head attention a unit is one head.
+
+Example::
+
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    ...                  intermediate_size=37, vocab_size=50)
+    >>> model = BertModel(cfg).eval()
+    >>> block, = find_attention(model)
+    >>> block.name, block.heads, block.units, block.head_dim
+    ('encoder.layer.0.attention', 4, 4, 8)
+    >>> block.columns([1]).tolist()
+    [8, 9, 10, 11, 12, 13, 14, 15]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectrim.graph.modules import index_along, module_kind, set_param
+
+__all__ = [
+    "AttentionBlock",
+    "Projection",
+    "find_attention",
+    "register_attention",
+]
+
+
+#: unit indices: a sequence of ints or an integer array
+Units = Sequence[int] | np.ndarray
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Output features ``[offset, offset + heads·head_dim)`` of module ``module`` are the
+    heads of one of ``q`` / ``k`` / ``v`` (``offset > 0`` only in a fused projection)."""
+
+    module: str
+    role: str  # "q", "k" or "v"
+    offset: int = 0
+
+
+@dataclass
+class AttentionBlock:
+    """One attention layer seen as heads.
+
+    Attributes:
+        name: module path of the attention layer (for reports).
+        projections: the q, k and v projections (a fused ``c_attn`` appears three times
+            with its offsets).
+        out: module path of the output projection, whose input columns are the
+            concatenated per-head outputs (head ``h``: columns ``h·d … h·d + d − 1``).
+        heads, kv_heads, head_dim: as the layer holds them now.
+        head_attrs / kv_attrs / width_attrs / kv_width_attrs: ``(module path, attribute)``
+            pairs that hold the number of query heads, of KV heads, ``heads·head_dim`` and
+            ``kv_heads·head_dim`` (updated after surgery so the layer's code still agrees).
+    """
+
+    name: str
+    projections: list[Projection]
+    out: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    head_attrs: list[tuple[str, str]] = field(default_factory=list)
+    kv_attrs: list[tuple[str, str]] = field(default_factory=list)
+    width_attrs: list[tuple[str, str]] = field(default_factory=list)
+    kv_width_attrs: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.heads // self.kv_heads
+
+    @property
+    def units(self) -> int:
+        """Removable units: KV groups (one head each without grouped-query attention)."""
+        return self.kv_heads
+
+    def query_heads(self, units: Units) -> np.ndarray:
+        """Query heads of the given units, in order."""
+        r = self.group_size
+        return np.array([u * r + i for u in units for i in range(r)], dtype=np.int64)
+
+    def columns(self, units: Units) -> np.ndarray:
+        """Output-projection input columns written by the given units."""
+        d = self.head_dim
+        return np.array(
+            [h * d + i for h in self.query_heads(units) for i in range(d)], dtype=np.int64
+        )
+
+    def unit_columns(self) -> list[np.ndarray]:
+        """Columns of each unit (the blocks of the output projection's input Gram)."""
+        return [self.columns([u]) for u in range(self.units)]
+
+    def prune(self, model: nn.Module, keep: Units, fold: np.ndarray | None) -> None:
+        """Keep the units ``keep`` (sorted); ``fold`` (``heads·head_dim × len(columns)``),
+        if given, is the correction ``B`` with ``z ≈ B z_kept`` folded into the output
+        projection (its new weight is ``W_o B``).  In place."""
+        keep = sorted(int(u) for u in keep)
+        if not keep:
+            raise ValueError(f"attention '{self.name}': cannot remove every head")
+        if any(not 0 <= u < self.units for u in keep) or len(set(keep)) != len(keep):
+            raise ValueError(f"attention '{self.name}': bad unit indices {keep}")
+        modules = dict(model.named_modules())
+        d = self.head_dim
+        q_heads = self.query_heads(keep)
+        rows = {
+            "q": np.array([h * d + i for h in q_heads for i in range(d)], dtype=np.int64),
+            "k": np.array([u * d + i for u in keep for i in range(d)], dtype=np.int64),
+        }
+        rows["v"] = rows["k"]
+        # a fused projection keeps its q, k and v parts in order, each sliced
+        per_module: dict[str, list[np.ndarray]] = {}
+        for p in self.projections:
+            per_module.setdefault(p.module, []).append(rows[p.role] + p.offset)
+        for path, parts in per_module.items():
+            _keep_outputs(modules[path], np.concatenate(parts), path)
+        cols = self.columns(keep)
+        _fold_inputs(modules[self.out], cols, fold, self.out)
+        self.heads, self.kv_heads = len(q_heads), len(keep)
+        self.sync(model)
+
+    def sync(self, model: nn.Module) -> None:
+        """Write the head counts (and the widths they imply) into the attributes the
+        layer's code reads, e.g. after its weights were loaded at a pruned size."""
+        modules = dict(model.named_modules())
+        d = self.head_dim
+        for path, attr in self.head_attrs:
+            setattr(modules[path], attr, self.heads)
+        for path, attr in self.kv_attrs:
+            setattr(modules[path], attr, self.kv_heads)
+        for path, attr in self.width_attrs:
+            setattr(modules[path], attr, self.heads * d)
+        for path, attr in self.kv_width_attrs:
+            setattr(modules[path], attr, self.kv_heads * d)
+
+
+def _keep_outputs(module: nn.Module, idx: np.ndarray, path: str) -> None:
+    kind = module_kind(module)
+    if kind is None or kind.slice is None:
+        raise TypeError(f"attention projection '{path}' ({type(module).__name__}) cannot be sliced")
+    kind.slice(module, idx, "out")
+
+
+def _fold_inputs(module: nn.Module, cols: np.ndarray, fold: np.ndarray | None, path: str) -> None:
+    kind = module_kind(module)
+    if kind is None or kind.in_size is None:
+        raise TypeError(f"output projection '{path}' ({type(module).__name__}) cannot be folded")
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    in_dim = kind.weight_dims[1]
+    w = weight.data.movedim(in_dim, 1)  # (out, in)
+    if fold is None:
+        new_w = index_along(w, 1, cols)
+    else:
+        b = torch.as_tensor(fold, dtype=torch.float64, device=w.device)
+        if b.shape != (w.shape[1], len(cols)):
+            raise ValueError(
+                f"output projection '{path}': correction of shape {tuple(b.shape)}, "
+                f"expected {(w.shape[1], len(cols))}"
+            )
+        new_w = (w.double() @ b).to(w.dtype)
+    set_param(module, "weight", new_w.movedim(1, in_dim).contiguous())
+    setattr(module, kind.in_size, new_w.shape[1])
+
+
+Finder = Callable[[str, nn.Module], AttentionBlock | None]
+_FINDERS: list[tuple[str, Finder]] = []
+
+
+def register_attention(name: str) -> Callable[[Finder], Finder]:
+    """Register a finder ``(path, module) -> AttentionBlock | None`` for one family of
+    attention layers (tried on every module, in registration order; the first match
+    wins and the module's children are not searched further)."""
+
+    def deco(fn: Finder) -> Finder:
+        _FINDERS[:] = [(n, f) for n, f in _FINDERS if n != name] + [(name, fn)]
+        return fn
+
+    return deco
+
+
+def find_attention(model: nn.Module) -> list[AttentionBlock]:
+    """Every attention layer of ``model`` a registered finder recognises, in module
+    order (which is execution order for the models spectrim knows)."""
+    out: list[AttentionBlock] = []
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(p + ".") for p in inside):
+            continue
+        for _, finder in _FINDERS:
+            block = finder(path, module)
+            if block is not None:
+                out.append(block)
+                inside.append(path)
+                break
+    return out
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _outputs(module: object) -> int:
+    """Output features of a registered weight module (Linear: rows; ``Conv1D``: columns)."""
+    assert isinstance(module, nn.Module)
+    kind = module_kind(module)
+    weight = getattr(module, "weight", None)
+    assert kind is not None and isinstance(weight, torch.Tensor)
+    return int(weight.shape[kind.weight_dims[0]])
+
+
+def _linear(m: object) -> bool:
+    kind = module_kind(m) if isinstance(m, nn.Module) else None
+    return kind is not None and kind.in_size is not None and kind.slice is not None
+
+
+@register_attention("bert")
+def _bert(path: str, module: nn.Module) -> AttentionBlock | None:
+    """HF BERT family: ``attention.self.{query,key,value}`` and ``attention.output.dense``."""
+    inner = getattr(module, "self", None)
+    out = getattr(getattr(module, "output", None), "dense", None)
+    if not isinstance(inner, nn.Module) or not _linear(out):
+        return None
+    if not all(_linear(getattr(inner, r, None)) for r in ("query", "key", "value")):
+        return None
+    d = _attr(inner, "attention_head_size")
+    q_out = _outputs(inner.query)
+    if d is None or q_out % d:
+        return None
+    h = q_out // d  # the weights, not the attributes, say how many heads are left
+    me = _join(path, "self")
+    return AttentionBlock(
+        name=path,
+        projections=[
+            Projection(_join(me, n), r) for n, r in (("query", "q"), ("key", "k"), ("value", "v"))
+        ],
+        out=_join(path, "output", "dense"),
+        heads=h,
+        kv_heads=h,
+        head_dim=d,
+        head_attrs=[(me, "num_attention_heads")],
+        width_attrs=[(me, "all_head_size")],
+    )
+
+
+def _attr(module: nn.Module, *names: str) -> int | None:
+    for n in names:
+        v = getattr(module, n, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+@register_attention("q_proj")
+def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
+    """LLaMA / Mistral / Qwen2 / OPT: ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` or
+    ``out_proj``; grouped-query attention from ``num_key_value_groups``."""
+    out_name = next((n for n in ("o_proj", "out_proj") if _linear(getattr(module, n, None))), None)
+    if out_name is None or not all(
+        _linear(getattr(module, n, None)) for n in ("q_proj", "k_proj", "v_proj")
+    ):
+        return None
+    d = _attr(module, "head_dim")
+    if d is None:
+        return None
+    q_out = _outputs(module.q_proj)
+    k_out = _outputs(module.k_proj)
+    if q_out % d or k_out % d:
+        return None
+    h, kv = q_out // d, k_out // d
+    if h % kv:
+        return None
+    attrs = [
+        (path, n) for n in ("num_heads", "num_attention_heads") if _attr(module, n) is not None
+    ]
+    kv_attrs = [(path, "num_key_value_heads")] if _attr(module, "num_key_value_heads") else []
+    return AttentionBlock(
+        name=path,
+        projections=[Projection(_join(path, f"{r}_proj"), r) for r in ("q", "k", "v")],
+        out=_join(path, out_name),
+        heads=h,
+        kv_heads=kv,
+        head_dim=d,
+        head_attrs=attrs,
+        kv_attrs=kv_attrs,
+    )
+
+
+@register_attention("distilbert")
+def _distilbert(path: str, module: nn.Module) -> AttentionBlock | None:
+    """DistilBERT: ``q_lin``, ``k_lin``, ``v_lin``, ``out_lin`` with ``n_heads``."""
+    if not all(_linear(getattr(module, n, None)) for n in ("q_lin", "k_lin", "v_lin", "out_lin")):
+        return None
+    d = _attr(module, "attention_head_size")
+    q_out = _outputs(module.q_lin)
+    if d is None or q_out % d:
+        return None
+    h = q_out // d
+    return AttentionBlock(
+        name=path,
+        projections=[Projection(_join(path, f"{r}_lin"), r) for r in ("q", "k", "v")],
+        out=_join(path, "out_lin"),
+        heads=h,
+        kv_heads=h,
+        head_dim=d,
+        head_attrs=[(path, "n_heads")],
+    )
+
+
+@register_attention("gpt2")
+def _gpt2(path: str, module: nn.Module) -> AttentionBlock | None:
+    """GPT-2: fused ``c_attn`` (``Conv1D``, ``[q | k | v]`` along its outputs) and ``c_proj``,
+    ``split_size`` the width of each part."""
+    c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+    if not _linear(c_attn) or not _linear(c_proj) or getattr(module, "q_attn", None) is not None:
+        return None
+    d = _attr(module, "head_dim")
+    if d is None:
+        return None
+    width = _outputs(c_attn)
+    if width % (3 * d):
+        return None
+    h = width // (3 * d)
+    split = h * d
+    me = _join(path, "c_attn")
+    return AttentionBlock(
+        name=path,
+        projections=[Projection(me, r, i * split) for i, r in enumerate(("q", "k", "v"))],
+        out=_join(path, "c_proj"),
+        heads=h,
+        kv_heads=h,
+        head_dim=d,
+        head_attrs=[(path, "num_heads")],
+        width_attrs=[(path, "split_size")],
+    )
