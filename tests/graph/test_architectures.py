@@ -244,3 +244,37 @@ def test_minilm_embeddings_survive_ffn_pruning(
     l1, _ = spectrim.compress(model, calib, method="l1", target="macs=0.9")
     cos_l1 = (ref * embed(l1, held)).sum(-1)
     assert float(cos.mean()) > float(cos_l1.mean())
+
+
+def test_ghostnet_literal_channel_slice_is_mapped(state_hash: Callable[[nn.Module], str]) -> None:
+    """timm's GhostNet ends every ghost module with ``torch.cat([x1, x2], 1)[:, :out_chs]``.
+    When the slice keeps every channel (``out_chs`` equals the concatenated width, as in
+    every ghost module of ghostnet_050) it stays exact after any shrink (``[:, :k]``
+    clamps), so the channels pass through (ghostnet_100 at 64×64: 18 of 32 groups
+    prunable, where 32 of its 55 groups used to be pinned on the slice and 9 prunable)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("ghostnet_050", num_classes=10).eval()
+    x = torch.randn(96, 3, 32, 32)
+    _, report = check_compression(model, x, x[:2], state_hash, min_prunable=10, target=0.9)
+    assert not [g for g in report.groups if "__getitem__" in (g.pinned or "")]
+
+
+def test_a_partial_literal_channel_slice_is_mapped_and_pinned() -> None:
+    """``x[:, :3]`` of a 4-channel tensor: its channels are followed (the consumer after it
+    reads 3 of them) but pinned, since the bound is a literal in the model's code."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 6, 1)
+            self.c = nn.Conv2d(3, 6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.a(x)[:, :3]) + self.b(x)[:, :6]
+
+    a = analyze_channels(Net().eval(), torch.randn(2, 3, 8, 8))
+    by_producer = {g.producers[0]: g for g in a.groups}
+    assert "slices the channel axis with literal bounds" in (by_producer["a"].pinned or "")
+    assert by_producer["c"].pinned is not None  # reaches the output

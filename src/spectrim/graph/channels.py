@@ -577,12 +577,27 @@ class _Analyzer:
             self.passthrough(op, None)
             return
         idx = op.args[1] if len(op.args) > 1 else None
-        d = _index_dim(idx, lab.dim, len(op.inputs[0].shape))
+        d, part = _index_dim(idx, lab.dim, len(op.inputs[0].shape))
         y = op.outputs[0]
-        if d is None or d >= len(y.shape) or y.shape[d] != len(lab.atoms):
+        c = len(lab.atoms)
+        if d is None or d >= len(y.shape):
             self.opaque(op, f"{op.describe()} indexes the channel axis")
-        else:
-            self.passthrough(op, _Labels(d, lab.atoms))
+            return
+        if part is None or (part.start in (None, 0) and (part.stop is None or part.stop >= c)):
+            # every channel, also after any shrink: x[:, :k] with k ≥ the width clamps
+            if y.shape[d] != c:
+                self.opaque(op, f"{op.describe()} indexes the channel axis")
+            else:
+                self.passthrough(op, _Labels(d, lab.atoms))
+            return
+        atoms = lab.atoms[part]
+        if y.shape[d] != len(atoms):
+            self.opaque(op, f"{op.describe()} indexes the channel axis")
+            return
+        # a literal part of the axis (GhostNet's out[:, :oup]): mapped exactly, but its
+        # bounds are literals in the model's code, so none of these channels may change
+        self._pin_atoms(lab.atoms, f"{op.describe()} slices the channel axis with literal bounds")
+        self.passthrough(op, _Labels(d, atoms))
 
     def split_like(self, op: Op, lab: _Labels | None) -> None:
         if lab is None:
@@ -775,11 +790,13 @@ def _moved_dim(op: Op, d: int, nd_in: int, nd_out: int) -> int | None:
     return None
 
 
-def _index_dim(idx: Any, d: int, nd: int) -> int | None:
-    """Output axis of input axis ``d`` after ``x[idx]``, or None if ``d`` is indexed."""
+def _index_dim(idx: Any, d: int, nd: int) -> tuple[int | None, slice | None]:
+    """Output axis of input axis ``d`` after ``x[idx]`` (None if ``d`` is indexed by
+    anything but a slice of literal ints with step 1) and that slice (None: the whole
+    axis)."""
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(i, (Value, list)) for i in items):
-        return None
+        return None, None
     n_consuming = sum(1 for i in items if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
     for i in items:
@@ -795,22 +812,19 @@ def _index_dim(idx: Any, d: int, nd: int) -> int | None:
             out_axis += 1
             continue
         if in_axis == d:
-            if isinstance(i, slice) and i == slice(None):
-                return out_axis
-            if (
-                isinstance(i, slice)
-                and i.start in (None, 0)
-                and i.stop is None
-                and i.step in (None, 1)
-            ):
-                return out_axis
-            return None
+            if isinstance(i, slice) and i.step in (None, 1):
+                bounds = (i.start, i.stop)
+                if all(b is None for b in bounds) or (i.start in (None, 0) and i.stop is None):
+                    return out_axis, None
+                if all(b is None or (isinstance(b, int) and b >= 0) for b in bounds):
+                    return out_axis, slice(i.start, i.stop)
+            return None, None
         if isinstance(i, int):
             in_axis += 1
             continue
         in_axis += 1
         out_axis += 1
-    return None
+    return None, None
 
 
 def analyze_channels(model: nn.Module, example: Any) -> Analysis:
