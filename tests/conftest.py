@@ -105,6 +105,12 @@ def _minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The folder of the real all-MiniLM-L6-v2 (a Hugging Face / sentence-transformers one)."""
+    return _minilm_dir()
+
+
+@pytest.fixture(scope="session")
 def minilm() -> tuple[nn.Module, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")

@@ -367,11 +367,12 @@ class ResolvedModel:
     """A model from ``--model`` and how to rebuild its architecture."""
 
     model: nn.Module
-    kind: str  # "zoo", "file" or "compressed"
+    kind: str  # "zoo", "file", "compressed" or "hf"
     arch: dict[str, Any] | None
     label: str
     file: Path | None = None  # the model file (kind "file"), copied into a saved folder
     folder: Path | None = None  # the compressed folder (kind "compressed")
+    tokenizer: Any = None  # a Hugging Face model's tokenizer (kind "hf")
 
 
 def check_model_spec(spec: str, option: str = "--model") -> str:
@@ -382,12 +383,15 @@ def check_model_spec(spec: str, option: str = "--model") -> str:
     if p.is_dir():
         from spectrim.io import MANIFEST_FILE
 
-        if not (p / MANIFEST_FILE).is_file():
-            raise CLIError(
-                f"{option} {spec!r}: directory has no {MANIFEST_FILE} "
-                "(expected a folder written by 'spectrim compress --out')"
-            )
-        return "compressed"
+        if (p / MANIFEST_FILE).is_file():
+            return "compressed"
+        if (p / "config.json").is_file():
+            return "hf"
+        raise CLIError(
+            f"{option} {spec!r}: directory has no {MANIFEST_FILE} and no config.json "
+            "(expected a folder written by 'spectrim compress --out' or a Hugging Face "
+            "model folder)"
+        )
     if p.is_file():
         return "file"
     if spec in list_models():
@@ -422,7 +426,35 @@ def resolve_model(
     if kind == "file":
         model = load_model_file(p, example_inputs, trust_pickle=trust_pickle)
         return ResolvedModel(model.eval(), kind, None, str(p), file=p.resolve())
+    if kind == "hf":
+        return _hf_model(p, option)
     return ResolvedModel(get_model(spec, pretrained=True).eval(), kind, {"zoo": spec}, spec)
+
+
+def _hf_model(p: Path, option: str) -> ResolvedModel:
+    """A Hugging Face model folder (a sentence-transformers folder holds one at its root):
+    the model through its Auto class, never with remote code, and its tokenizer."""
+    try:
+        import transformers
+    except ImportError:
+        raise CLIError(
+            f"{option} {p}: a Hugging Face folder needs 'pip install transformers'"
+        ) from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(p)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{option} {p}: not a Hugging Face model folder ({exc})") from None
+    if getattr(config, "auto_map", None):
+        raise CLIError(f"{option} {p}: the model needs its own code (auto_map); not supported")
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    auto = "AutoModelForCausalLM" if causal else "AutoModel"
+    try:
+        model = getattr(transformers, auto).from_pretrained(p).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"{option} {p}: {exc}") from None
+    arch = {"transformers": auto, "config": config.to_dict(), "tokenizer": str(p.resolve())}
+    return ResolvedModel(model, "hf", arch, str(p), tokenizer=tokenizer)
 
 
 def original_from_arch(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from spectrim.calibration.text import TEXT_SUFFIXES
 from spectrim.cli._common import (
     CLIError,
     check_json_dest,
@@ -92,10 +94,12 @@ def run_compress(args: argparse.Namespace) -> int:
         if not sep or not method2 or not target2:
             raise CLIError(f"--then {args.then!r}: expected METHOD:TARGET, e.g. obs:sparsity=0.5")
         then = {"method": method2, "target": _check_method_and_target(method2, target2)}
-    check_model_spec(args.model)
+    model_kind = check_model_spec(args.model)
     check_json_dest(args.json)
     if args.out is not None:
         check_out_dir(args.out, args.overwrite)
+    if model_kind == "hf" or Path(args.data).suffix.lower() in TEXT_SUFFIXES:
+        return _compress_text(args, out, t_start, target, then)
 
     data = load_data(args.data, args.calib, args.eval_limit, args)
     assert data.calib is not None
@@ -109,22 +113,7 @@ def run_compress(args: argparse.Namespace) -> int:
     resolved = resolve_model(args.model, example_inputs=calib_x[:4], trust_pickle=args.trust_pickle)
     model = resolved.model.eval()
 
-    small, report = compress(
-        model,
-        calib_x,
-        method=args.method,
-        target=target,
-        round_to=args.round_to,
-        seed=args.seed,
-        verify=not args.no_verify,
-        sequential=not args.one_shot,
-        sequential_fraction=args.sequential_fraction,
-        on_unreachable=args.on_unreachable,
-        max_error=args.max_error,
-        progress=progress_wrapper("calibration", args.quiet),
-        then=then,
-        **dict(args.option),
-    )
+    small, report = compress(model, calib_x, **_compress_kwargs(args, target, then))
     result = evaluate(
         small,
         eval_batches(data.eval, args.batch_size, args.quiet, "evaluation"),
@@ -161,25 +150,13 @@ def run_compress(args: argparse.Namespace) -> int:
         "target": report.target,
         "calibration_examples": len(calib_x),
         "eval_examples": result.n,
-        "params_before": report.params_before,
-        "params_after": report.params_after,
-        "params_ratio": report.params_ratio,
-        "macs_before": report.macs_before,
-        "macs_after": report.macs_after,
-        "macs_ratio": report.macs_ratio,
+        **_costs(report),
         "accuracy_before": result.reference_accuracy,
         "accuracy_after": result.accuracy,
         "agreement": result.agreement,
         "fidelity": result.fidelity,
-        "seconds": report.seconds,
-        "wall_seconds": time.perf_counter() - t_start,
-        "widths": report.widths,
-        "out": str(saved) if saved is not None else None,
-        "warnings": list(report.warnings),
+        **_outcome(report, t_start, saved, latency),
     }
-    if latency is not None:
-        summary["latency"] = latency
-    summary["report"] = report.to_dict()
     write_json(summary, args.json)
 
     if not args.quiet:
@@ -206,18 +183,155 @@ def run_compress(args: argparse.Namespace) -> int:
             f"compressed in {report.seconds:.1f} s",
             file=out,
         )
-        if latency is not None:
-            print(
-                f"CPU latency (batch {latency['batch_size']}): "
-                f"{latency['original_median'] * 1e3:.2f} ms -> "
-                f"{latency['compressed_median'] * 1e3:.2f} ms "
-                f"(speedup x{latency['speedup']:.2f})",
-                file=out,
-            )
-        for warning in report.warnings:
-            print(f"warning: {warning}", file=out)
-        if saved is not None:
-            print(f"saved to {saved}", file=out)
+        _print_tail(out, latency, report, saved)
+    return 0
+
+
+def _costs(report: Any) -> dict[str, Any]:
+    """Parameter and MAC counts of a compression report, for the JSON summary."""
+    return {
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "params_ratio": report.params_ratio,
+        "macs_before": report.macs_before,
+        "macs_after": report.macs_after,
+        "macs_ratio": report.macs_ratio,
+    }
+
+
+def _outcome(
+    report: Any, t_start: float, saved: Any, latency: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The closing fields of the JSON summary: times, widths, where it went, the report."""
+    out = {
+        "seconds": report.seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "widths": report.widths,
+        "out": str(saved) if saved is not None else None,
+        "warnings": list(report.warnings),
+    }
+    if latency is not None:
+        out["latency"] = latency
+    out["report"] = report.to_dict()
+    return out
+
+
+def _print_tail(out: Any, latency: dict[str, Any] | None, report: Any, saved: Any) -> None:
+    """The closing lines of ``compress``: latency, warnings, where the model was saved."""
+    if latency is not None:
+        print(
+            f"CPU latency (batch {latency['batch_size']}): "
+            f"{latency['original_median'] * 1e3:.2f} ms -> "
+            f"{latency['compressed_median'] * 1e3:.2f} ms "
+            f"(speedup x{latency['speedup']:.2f})",
+            file=out,
+        )
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=out)
+    if saved is not None:
+        print(f"saved to {saved}", file=out)
+
+
+def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[str, Any]:
+    """The :func:`spectrim.compress` arguments every compress command line shares."""
+    return dict(
+        method=args.method,
+        target=target,
+        round_to=args.round_to,
+        seed=args.seed,
+        verify=not args.no_verify,
+        sequential=not args.one_shot,
+        sequential_fraction=args.sequential_fraction,
+        on_unreachable=args.on_unreachable,
+        max_error=args.max_error,
+        progress=progress_wrapper("calibration", args.quiet),
+        then=then,
+        **dict(args.option),
+    )
+
+
+def _compress_text(
+    args: argparse.Namespace, out: Any, t_start: float, target: str, then: Any
+) -> int:
+    """``compress`` for a Hugging Face model folder and a text file: the texts tokenised
+    with the model's tokenizer, the first ``--calib`` calibrate, the rest (up to
+    ``--eval-limit``) measure how close the compressed model's mean-pooled outputs stay
+    to the original's (cosine)."""
+    from spectrim.api import compress
+    from spectrim.calibration.text import read_texts, text_batches
+    from spectrim.evaluation import compare_latency, embedding_fidelity
+    from spectrim.io import save_compressed
+
+    resolved = resolve_model(args.model, trust_pickle=args.trust_pickle)
+    if resolved.tokenizer is None:
+        raise CLIError(
+            f"--data {args.data!r} is text: --model must be a Hugging Face model folder "
+            "(its tokenizer turns the texts into tokens)"
+        )
+    path = Path(args.data)
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        raise CLIError(
+            f"--model {args.model!r} is a Hugging Face folder: --data must be a text file "
+            f"({', '.join(TEXT_SUFFIXES)}), got {args.data!r}"
+        )
+    try:
+        texts = read_texts(path, column=args.text_column)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(f"--data: {exc}") from None
+    calib_texts, rest = texts[: args.calib], texts[args.calib :]
+    note = ""
+    if not rest:
+        rest, note = calib_texts, "no texts left after calibration: evaluating on them"
+    rest = rest[: args.eval_limit] if args.eval_limit else rest
+    tok = resolved.tokenizer
+    calib = text_batches(calib_texts, tok, args.text_batch, args.max_length)
+    evaluation = text_batches(rest, tok, args.text_batch, args.max_length)
+    if note and not args.quiet:
+        print(f"note: {note}", file=out)
+    model = resolved.model
+    small, report = compress(model, calib, **_compress_kwargs(args, target, then))
+    fidelity = embedding_fidelity(small, model, evaluation)
+    latency = None
+    if args.latency:
+        latency = compare_latency(
+            model, small, evaluation[0], warmup=3, repeats=args.latency_repeats
+        )
+        latency["device"] = "cpu"
+    saved = None
+    if args.out is not None:
+        saved = save_compressed(
+            small, args.out, report, arch=resolved.arch, overwrite=args.overwrite
+        )
+    summary: dict[str, Any] = {
+        "model": resolved.label,
+        "data": str(path),
+        "method": report.method,
+        "options": dict(args.option),
+        "target": report.target,
+        "calibration_texts": len(calib_texts),
+        "eval_texts": fidelity["n"],
+        **_costs(report),
+        "cosine_mean": fidelity["cosine_mean"],
+        "cosine_min": fidelity["cosine_min"],
+        **_outcome(report, t_start, saved, latency),
+    }
+    write_json(summary, args.json)
+    if not args.quiet:
+        if args.verbose:
+            print(report.table(), file=out)
+        print(
+            f"{resolved.label} | {report.method} {report.target} | params "
+            f"{report.params_before:,} -> {report.params_after:,} ({report.params_ratio:.3f}) | "
+            f"MACs {report.macs_before:,} -> {report.macs_after:,} ({report.macs_ratio:.3f})",
+            file=out,
+        )
+        print(
+            f"mean-pooled output cosine to the original: mean {fidelity['cosine_mean']:.4f}, "
+            f"worst {fidelity['cosine_min']:.4f} on {fidelity['n']} texts | compressed in "
+            f"{report.seconds:.1f} s",
+            file=out,
+        )
+        _print_tail(out, latency, report, saved)
     return 0
 
 

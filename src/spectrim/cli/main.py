@@ -77,13 +77,20 @@ Examples:
   spectrim compress --model resnet20-cifar10 --data cifar10 --target macs=0.5 \
       --then obs:sparsity=0.5
 
+  # a Hugging Face (or sentence-transformers) folder and a text file, tokenised with the
+  # model's own tokenizer: half of every FFN, then a quarter of the attention heads
+  spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --calib 512 \
+      --target width=0.5 --then id:heads=0.75 --out minilm-small/
+  spectrim compress --model my-bert/ --data reviews.csv --text-column review --target heads=0.5
+
   # one budget over channels and weights: 10% of the non-zero weights, the allocator
   # choosing which widths to narrow and how sparse each matrix gets
   spectrim compress --model resnet20-cifar10 --data cifar10 --calib 256 --method id+obs \
       --target sparsity=0.9 --option refit=true
 
 Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), width=F (keep a
-fraction F of every layer's channels), error=E (per-layer reconstruction error at most E),
+fraction F of every layer's channels), heads=F (keep a fraction F of every attention
+layer's heads: id, spectral, l1, l2, random), error=E (per-layer reconstruction error at most E),
 dof=A (spectral only: per-layer width c*N(lambda), lambda = A * trace of its covariance);
 for the weight methods (magnitude, random, wanda, obs, lq, lq-lasso, pqi, spectrum):
 sparsity=S (a share S of every conv/Linear weight set to zero), sparsity=N:M (at most N
@@ -196,13 +203,17 @@ def _overwrite_option(parser: argparse.ArgumentParser) -> None:
 
 def _model_and_data(
     parser: argparse.ArgumentParser,
-    model_help: str = "zoo model name, model file (torch.save(model) or TorchScript) or "
-    "compressed folder",
+    model_help: str = "zoo model name, model file (torch.save(model) or TorchScript), "
+    "compressed folder, or Hugging Face model folder (config.json + weights)",
 ) -> None:
     """The required ``--model`` and ``--data`` options."""
     parser.add_argument("--model", required=True, metavar="NAME|FILE|DIR", help=model_help)
     parser.add_argument(
-        "--data", required=True, metavar="NAME|PATH", help="dataset name, image folder or file"
+        "--data",
+        required=True,
+        metavar="NAME|PATH",
+        help="dataset name, image folder or file, or a text file (.txt/.csv/.tsv/.jsonl) for a "
+        "Hugging Face model",
     )
 
 
@@ -337,6 +348,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="E",
         help="largest predicted relative error of a layer when the target is unreachable "
         "(default: %(default)s)",
+    )
+    text = p.add_argument_group(
+        "options for text (--model a Hugging Face folder, --data a .txt/.csv/.tsv/.jsonl file)"
+    )
+    text.add_argument(
+        "--text-column",
+        metavar="NAME|N",
+        help="the CSV column or JSON field holding the texts (default: 'text', else the first)",
+    )
+    text.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=128,
+        metavar="N",
+        help="truncate texts to N tokens (default: 128)",
+    )
+    text.add_argument(
+        "--text-batch",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="texts per calibration batch, padded (padding never enters the statistics; "
+        "default: 32)",
     )
     p.add_argument(
         "--latency", action="store_true", help="measure CPU latency of original vs compressed"

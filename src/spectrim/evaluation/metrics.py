@@ -65,6 +65,7 @@ __all__ = [
     "accuracy_from_logits",
     "agreement",
     "agreement_from_logits",
+    "embedding_fidelity",
     "evaluate",
     "output_fidelity",
     "predict",
@@ -366,3 +367,51 @@ def evaluate(
         n=int(logits[0].shape[0]),
         reference_accuracy=accuracy_from_logits(logits[1], labels) if labels is not None else None,
     )
+
+
+def embedding_fidelity(
+    model: nn.Module, reference: nn.Module, batches: Iterable[Mapping[str, Any]]
+) -> dict[str, float]:
+    """How close a compressed encoder's sentence embeddings stay to the original's.
+
+    Each batch is a dict of keyword arguments with an ``attention_mask`` (tokenised text);
+    a model's embedding of a text is the mean of its output token vectors
+    (``last_hidden_state``, or the first output) over the real tokens, as
+    sentence-transformers pools.  Returns ``cosine_mean`` / ``cosine_min`` (the cosine of
+    each text's two embeddings; 1 is identical) and ``n`` (texts).
+
+    Example::
+
+        >>> import transformers
+        >>> cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=16, vocab_size=30)
+        >>> bert = transformers.BertModel(cfg).eval()
+        >>> batch = {"input_ids": torch.randint(0, 30, (3, 5)), "attention_mask": torch.ones(3, 5)}
+        >>> embedding_fidelity(bert, bert, [batch])["cosine_min"] > 0.9999
+        True
+    """
+    cos: list[torch.Tensor] = []
+    with eval_mode(model, reference), torch.no_grad():
+        for batch in batches:
+            if not isinstance(batch, Mapping) or "attention_mask" not in batch:
+                raise ValueError(
+                    "embedding_fidelity needs dict batches with an 'attention_mask' "
+                    "(tokenised text)"
+                )
+            pooled = []
+            for m in (model, reference):
+                out = call_model(m, to_device(dict(batch), model_device(m)))
+                h = getattr(out, "last_hidden_state", None)
+                if not isinstance(h, torch.Tensor):
+                    h = out[0] if isinstance(out, (tuple, list)) else out
+                if not isinstance(h, torch.Tensor) or h.dim() != 3:
+                    raise ValueError(
+                        f"{type(m).__name__} does not return token vectors (batch, tokens, dim)"
+                    )
+                mask = batch["attention_mask"].to(h.device).unsqueeze(-1).to(h.dtype)
+                pooled.append(((h * mask).sum(1) / mask.sum(1).clamp_min(1)).double().cpu())
+            cos.append(F.cosine_similarity(pooled[0], pooled[1], dim=-1))
+    if not cos:
+        raise ValueError("embedding_fidelity: no batches")
+    c = torch.cat(cos)
+    return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "n": int(c.numel())}

@@ -1,0 +1,104 @@
+"""``spectrim compress`` on a Hugging Face model folder and a text file (the real
+all-MiniLM-L6-v2 and STS-B sentences): tokenised with the model's own tokenizer, compressed,
+measured by the mean-pooled output cosine, saved and reloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from spectrim.calibration.text import read_texts, text_batches
+from spectrim.cli import main
+from spectrim.graph.attention import find_attention
+from spectrim.io import load_compressed
+
+
+@pytest.fixture(scope="module")
+def sentences_csv(tmp_path_factory: pytest.TempPathFactory, sts_train_sentences: list[str]) -> Path:
+    path = tmp_path_factory.mktemp("text") / "sentences.csv"
+    rows = ["id,sentence"] + [
+        f'{i},"{s.replace(chr(34), "")}"' for i, s in enumerate(sts_train_sentences[::9][:160])
+    ]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_compress_a_hugging_face_folder_on_a_csv_column(
+    minilm_dir: Path, sentences_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir, report = tmp_path / "small", tmp_path / "r.json"
+    argv = [
+        "compress", "--model", str(minilm_dir), "--data", str(sentences_csv),
+        "--text-column", "sentence", "--calib", "96", "--max-length", "48",
+        "--target", "heads=0.5", "--one-shot", "--out", str(out_dir), "--json", str(report),
+        "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(report.read_text())
+    assert summary["calibration_texts"] == 96 and summary["eval_texts"] == 64
+    assert 0.6 < summary["cosine_mean"] < 1.0 and summary["macs_ratio"] < 1.0
+    assert summary["report"]["target"] == "heads=0.5"
+    back = load_compressed(out_dir)  # rebuilt from the recorded config, no base model
+    assert [b.heads for b in find_attention(back)] == [6] * 6
+    tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(minilm_dir)
+    texts = read_texts(sentences_csv, column="sentence")[96:104]
+    batch = text_batches(texts, tok)[0]
+    with torch.no_grad():
+        assert torch.isfinite(back(**batch).last_hidden_state).all()
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [("missing.txt", "not found"), ("bad.csv", "no column 'nope'")],
+)
+def test_text_data_errors_name_the_culprit(
+    data: str, message: str, minilm_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.csv").write_text("a,b\nx,y\n")
+    argv = ["compress", "--model", str(minilm_dir), "--data", str(tmp_path / data)]
+    argv += ["--text-column", "nope", "--target", "heads=0.5"]
+    assert main(argv) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_text_data_needs_a_model_with_a_tokenizer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "t.txt").write_text("hello\nworld\n")
+    argv = ["compress", "--model", "resnet20-cifar10", "--data", str(tmp_path / "t.txt")]
+    assert main(argv) != 0
+    assert "Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_read_texts_formats(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one\n\n two \n")
+    (tmp_path / "b.tsv").write_text("label\ttext\n1\tfirst\n0\tsecond\n")
+    (tmp_path / "c.jsonl").write_text('{"text": "x", "n": 1}\n{"text": "y", "n": 2}\n')
+    assert read_texts(tmp_path / "a.txt") == ["one", "two"]
+    assert read_texts(tmp_path / "b.tsv") == ["first", "second"]
+    assert read_texts(tmp_path / "b.tsv", column=0) == ["1", "0"]
+    assert read_texts(tmp_path / "c.jsonl", limit=1) == ["x"]
+    with pytest.raises(ValueError, match="line 1"):
+        (tmp_path / "d.jsonl").write_text("[1]\n")
+        read_texts(tmp_path / "d.jsonl")
+
+
+def test_text_batches_pad_a_tokenizer_without_a_pad_token_without_changing_it() -> None:
+    class Tok:
+        pad_token: Any = None
+        eos_token = "<eos>"
+
+        def __call__(self, texts: list[str], **kw: Any) -> dict[str, torch.Tensor]:
+            assert self.pad_token == "<eos>"
+            n = max(len(t) for t in texts)
+            ids = torch.tensor([[1] * len(t) + [0] * (n - len(t)) for t in texts])
+            return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+
+    tok = Tok()
+    batches = text_batches(["ab", "abcd", "a"], tok, batch_size=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 4), (1, 1)]
+    assert tok.pad_token is None
