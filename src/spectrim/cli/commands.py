@@ -338,6 +338,65 @@ def _compress_text(
 # ---------------------------------------------------------------------------------------- eval
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """``spectrim export --onnx``: trace, write atomically, check with onnxruntime."""
+    from spectrim.io.onnx import export_onnx
+
+    out = human_stream(args.json)
+    _set_threads(args)
+    check_model_spec(args.model)
+    check_json_dest(args.json)
+    target = Path(args.onnx)
+    if target.exists() and not args.overwrite:
+        raise CLIError(f"--onnx {args.onnx!r} exists; pass --overwrite to replace it")
+    n = args.example_batch
+    example: Any
+    check: Any
+    if Path(args.data).suffix.lower() in TEXT_SUFFIXES:
+        from spectrim.calibration.text import read_texts, text_batches
+
+        resolved = resolve_model(args.model, trust_pickle=args.trust_pickle)
+        tok = resolved.tokenizer or _tokenizer_of(resolved)
+        try:
+            texts = read_texts(Path(args.data), column=args.text_column, limit=2 * n + 1)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CLIError(f"--data: {exc}") from None
+        example = text_batches(texts[:n], tok, n, args.max_length)[0]
+        check = text_batches(texts[n:] or texts, tok, n + 1, args.max_length)[0]
+    else:
+        data = load_data(args.data, None, 2 * n + 1, args)
+        x = data.eval.tensors[0]
+        example, check = x[:n], (x[n:] if len(x) > n else x)
+        resolved = resolve_model(args.model, example_inputs=example, trust_pickle=args.trust_pickle)
+    try:
+        result = export_onnx(resolved.model.eval(), example, target, check_inputs=check)
+    except (ImportError, RuntimeError) as exc:
+        raise CLIError(f"--onnx {args.onnx!r}: {exc}") from None
+    result["model"] = resolved.label
+    write_json(result, args.json)
+    if not args.quiet:
+        print(
+            f"{resolved.label} -> {result['path']} ({result['bytes']:,} bytes, opset "
+            f"{result['opset']}) | onnxruntime vs PyTorch: max |difference| "
+            f"{result['max_abs_diff']:.3g} over {result['outputs']} output(s)",
+            file=out,
+        )
+    return 0
+
+
+def _tokenizer_of(resolved: Any) -> Any:
+    """The tokenizer of a compressed Hugging Face folder: where its original folder was."""
+    where = (resolved.arch or {}).get("tokenizer")
+    if not where or not Path(str(where)).is_dir():
+        raise CLIError(
+            f"--data is text but {resolved.label} has no tokenizer on record "
+            "(compress a Hugging Face folder with 'spectrim compress --model FOLDER' to keep one)"
+        )
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(where))
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from spectrim.evaluation import compare_latency, evaluate, profile
 

@@ -47,6 +47,18 @@ Built-in models and datasets are read from $SPECTRIM_DATA when set (offline use)
 the download cache. Run 'spectrim COMMAND --help' for the options of a command.
 """
 
+_EXPORT_EPILOG = """\
+Examples:
+  # a compressed CNN, traced on two CIFAR-10 images, checked on three others
+  spectrim export --model small/ --data cifar10 --onnx small.onnx
+
+  # a compressed (or original) Hugging Face encoder, traced on tokenised sentences
+  spectrim export --model minilm-small/ --data sentences.txt --onnx minilm-small.onnx --json -
+
+The check's largest absolute difference (max_abs_diff) is printed and written to --json.
+A compressed Hugging Face folder finds its tokenizer where the original folder was.
+"""
+
 _COMPRESS_EPILOG = """\
 Examples:
   # keep half of the MACs of the pretrained ResNet-56, save the result in small/
@@ -427,6 +439,39 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(p)
     add_data_options(p)
     p.set_defaults(func=commands.run_eval)
+
+    # export --------------------------------------------------------------------------------
+    p = _subparser(
+        sub,
+        "export",
+        "export a (compressed) model to ONNX, checked with onnxruntime",
+        _EXPORT_EPILOG,
+        "Export a model to ONNX with a dynamic batch axis (and token axis for text), traced "
+        "on the first examples of --data, then run the file with onnxruntime on other "
+        "examples and report the largest absolute difference from PyTorch's outputs.",
+    )
+    _model_and_data(
+        p,
+        "zoo model name, model file, folder from 'spectrim compress --out', or Hugging Face "
+        "model folder",
+    )
+    p.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --onnx file")
+    _trust_option(p)
+    p.add_argument(
+        "--example-batch",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="examples to trace the model with (default: 2; the check uses a different count)",
+    )
+    p.add_argument("--text-column", metavar="NAME|N", help="CSV column / JSON field of texts")
+    p.add_argument(
+        "--max-length", type=positive_int, default=128, metavar="N", help="tokens per text"
+    )
+    _common_options(p, data=False)
+    add_data_options(p)
+    p.set_defaults(func=commands.run_export)
 
     # analyze -------------------------------------------------------------------------------
     p = _subparser(
