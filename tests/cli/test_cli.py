@@ -16,7 +16,7 @@ from spectrim.cli import main
 from spectrim.io import MANIFEST_FILE, ORIGINAL_FILE, WEIGHTS_FILE, load_compressed
 from spectrim.zoo import DigitsCNN, train_digits_cnn
 
-COMMANDS = ["compress", "eval", "demo", "list", "doctor"]
+COMMANDS = ["compress", "eval", "export", "demo", "list", "doctor"]
 SHARED_DATA = Path("/work/shared/data")
 
 
