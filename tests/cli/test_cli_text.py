@@ -49,6 +49,14 @@ def test_compress_a_hugging_face_folder_on_a_csv_column(
     batch = text_batches(texts, tok)[0]
     with torch.no_grad():
         assert torch.isfinite(back(**batch).last_hidden_state).all()
+    # eval against the original folder, on the same held-out texts: the same cosine
+    evaluated = tmp_path / "e.json"
+    argv = ["eval", "--model", str(out_dir), "--data", str(sentences_csv), "--text-column",
+            "sentence", "--max-length", "48", "--json", str(evaluated), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    ev = json.loads(evaluated.read_text())
+    assert ev["reference"] == str(minilm_dir) and ev["n"] == 160
+    assert ev["macs_ratio"] < 1.0 and 0.6 < ev["cosine_mean"] < 1.0
 
 
 @pytest.mark.parametrize(

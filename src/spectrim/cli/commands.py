@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +406,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.reference is not None:
         check_model_spec(args.reference, "--reference")
     check_json_dest(args.json)
+    if Path(args.data).suffix.lower() in TEXT_SUFFIXES:
+        return _eval_text(args, out)
     data = load_data(args.data, None, args.limit, args)
     if len(data.eval) == 0:
         raise CLIError(f"--data {args.data!r}: no evaluation examples")
@@ -472,14 +474,77 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"{_fmt((result.fidelity or {}).get('rel_l2'))}",
                 file=out,
             )
-        if "latency" in summary:
-            lat = summary["latency"]
+        _print_eval_latency(out, summary)
+    return 0
+
+
+def _print_eval_latency(out: Any, summary: Mapping[str, Any]) -> None:
+    if "latency" in summary:
+        lat = summary["latency"]
+        print(
+            f"CPU latency (batch {lat['batch_size']}): reference "
+            f"{lat['original_median'] * 1e3:.2f} ms, model "
+            f"{lat['compressed_median'] * 1e3:.2f} ms (speedup x{lat['speedup']:.2f})",
+            file=out,
+        )
+
+
+def _eval_text(args: argparse.Namespace, out: Any) -> int:
+    """``eval`` of a Hugging Face model (or a compressed one) on a text file: parameters,
+    MACs and, against the reference (by default the original folder a compressed one was
+    made from), the cosine of the mean-pooled outputs."""
+    from spectrim.calibration.text import read_texts, text_batches
+    from spectrim.evaluation import compare_latency, embedding_fidelity, profile
+
+    trust = args.trust_pickle
+    resolved = resolve_model(args.model, trust_pickle=trust)
+    tok = resolved.tokenizer or _tokenizer_of(resolved)
+    try:
+        texts = read_texts(Path(args.data), column=args.text_column, limit=args.limit)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(f"--data: {exc}") from None
+    batches = text_batches(texts, tok, 32, args.max_length)
+    reference, reference_label = None, None
+    if args.reference is not None:
+        ref = resolve_model(args.reference, option="--reference", trust_pickle=trust)
+        reference, reference_label = ref.model.eval(), ref.label
+    elif resolved.kind == "compressed" and not args.no_reference:
+        source = (resolved.arch or {}).get("tokenizer")
+        if source and Path(str(source)).is_dir():
+            ref = resolve_model(str(source), option="--reference")
+            reference, reference_label = ref.model.eval(), ref.label
+    model = resolved.model.eval()
+    cost = profile(model, batches[0])
+    summary: dict[str, Any] = {
+        "model": resolved.label,
+        "data": args.data,
+        "n": len(texts),
+        "params": cost.params,
+        "macs": cost.macs,
+        "reference": reference_label,
+    }
+    if reference is not None:
+        summary.update(embedding_fidelity(model, reference, batches))
+        ref_cost = profile(reference, batches[0])
+        summary["params_ratio"] = cost.params / ref_cost.params if ref_cost.params else None
+        summary["macs_ratio"] = cost.macs / ref_cost.macs if ref_cost.macs else None
+        if args.latency:
+            summary["latency"] = compare_latency(reference, model, batches[0], repeats=20)
+    write_json(summary, args.json)
+    if not args.quiet:
+        print(
+            f"{resolved.label} on {len(texts)} texts | params {cost.params:,} | MACs "
+            f"{cost.macs:,} (per text of the first batch)",
+            file=out,
+        )
+        if reference is not None:
             print(
-                f"CPU latency (batch {lat['batch_size']}): reference "
-                f"{lat['original_median'] * 1e3:.2f} ms, model "
-                f"{lat['compressed_median'] * 1e3:.2f} ms (speedup x{lat['speedup']:.2f})",
+                f"against {reference_label}: params {summary['params_ratio']:.3f}, MACs "
+                f"{summary['macs_ratio']:.3f}, mean-pooled output cosine mean "
+                f"{summary['cosine_mean']:.4f}, worst {summary['cosine_min']:.4f}",
                 file=out,
             )
+        _print_eval_latency(out, summary)
     return 0
 
 

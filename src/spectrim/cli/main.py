@@ -118,6 +118,10 @@ Examples:
 
   # any model, against an explicit reference, on the first 500 test images
   spectrim eval --model my_small.pt --reference my_model.pt --data cifar10 --limit 500 --json -
+
+  # a compressed Hugging Face model on a text file: the cosine of its mean-pooled outputs
+  # to the original folder's (found where it was when compressed)
+  spectrim eval --model minilm-small/ --data sentences.txt --limit 1000
 """
 
 _ANALYZE_EPILOG = """\
@@ -428,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--latency", action="store_true", help="measure CPU latency against the reference"
+    )
+    p.add_argument("--text-column", metavar="NAME|N", help="CSV column / JSON field of texts")
+    p.add_argument(
+        "--max-length", type=positive_int, default=128, metavar="N", help="tokens per text"
     )
     p.add_argument(
         "--latency-batch",
