@@ -98,7 +98,7 @@ def run_compress(args: argparse.Namespace) -> int:
     check_json_dest(args.json)
     if args.out is not None:
         check_out_dir(args.out, args.overwrite)
-    if model_kind == "hf" or Path(args.data).suffix.lower() in TEXT_SUFFIXES:
+    if model_kind == "hf" or _text_data(args.data, args.model, model_kind):
         return _compress_text(args, out, t_start, target, then)
 
     data = load_data(args.data, args.calib, args.eval_limit, args)
@@ -232,6 +232,23 @@ def _print_tail(out: Any, latency: dict[str, Any] | None, report: Any, saved: An
         print(f"saved to {saved}", file=out)
 
 
+def _text_data(data: str, model: str, kind: str) -> bool:
+    """Whether ``--data`` is text: a ``.txt``, ``.tsv`` or ``.jsonl`` file, or a ``.csv``
+    for a Hugging Face model (a ``.csv`` for any other model holds tabular features)."""
+    suffix = Path(data).suffix.lower()
+    if suffix in (".txt", ".tsv", ".jsonl"):
+        return True
+    if suffix != ".csv":
+        return False
+    if kind == "hf":
+        return True
+    if kind == "compressed":
+        from spectrim.io import read_manifest
+
+        return "transformers" in (read_manifest(Path(model)).get("arch") or {})
+    return False
+
+
 def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[str, Any]:
     """The :func:`spectrim.compress` arguments every compress command line shares."""
     return dict(
@@ -344,7 +361,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     out = human_stream(args.json)
     _set_threads(args)
-    check_model_spec(args.model)
+    kind = check_model_spec(args.model)
     check_json_dest(args.json)
     target = Path(args.onnx)
     if target.exists() and not args.overwrite:
@@ -352,7 +369,7 @@ def run_export(args: argparse.Namespace) -> int:
     n = args.example_batch
     example: Any
     check: Any
-    if Path(args.data).suffix.lower() in TEXT_SUFFIXES:
+    if _text_data(args.data, args.model, kind):
         from spectrim.calibration.text import read_texts, text_batches
 
         resolved = resolve_model(args.model, trust_pickle=args.trust_pickle)
@@ -402,11 +419,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     out = human_stream(args.json)
     _set_threads(args)
-    check_model_spec(args.model)
+    kind = check_model_spec(args.model)
     if args.reference is not None:
         check_model_spec(args.reference, "--reference")
     check_json_dest(args.json)
-    if Path(args.data).suffix.lower() in TEXT_SUFFIXES:
+    if _text_data(args.data, args.model, kind):
         return _eval_text(args, out)
     data = load_data(args.data, None, args.limit, args)
     if len(data.eval) == 0:

@@ -228,8 +228,9 @@ def _model_and_data(
         "--data",
         required=True,
         metavar="NAME|PATH",
-        help="dataset name, image folder or file, or a text file (.txt/.csv/.tsv/.jsonl) for a "
-        "Hugging Face model",
+        help="dataset name, image folder, .pt/.npz tensors (images or N×F features), .csv of "
+        "features (a y/label/target column: labels), or a text file (.txt/.tsv/.jsonl, or "
+        ".csv) for a Hugging Face model",
     )
 
 

@@ -133,7 +133,8 @@ def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor
         )
     if bool((s <= 0).any()):
         raise ValueError(f"normalize std must be positive, got {list(std)}")
-    return (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # images (N, C, H, W) or features (N, F)
+    return (x - m.view(shape)) / s.view(shape)
 
 
 def _check_limit(limit: int | None, what: str) -> None:
@@ -367,18 +368,61 @@ def load_dataset(name: str, split: Split, limit: int | None = None) -> ImageTens
 
 
 def _as_nchw(x: Tensor, path: Path) -> Tensor:
+    if x.ndim == 2:  # tabular features (N, F): an MLP's input, kept as is
+        return x
     if x.ndim == 3:  # (N, H, W)
         return x.unsqueeze(1)
     if x.ndim != 4:
         raise ValueError(
-            f"{path}: 'x' must have 3 (NHW) or 4 (NCHW/NHWC) dims, got {tuple(x.shape)}"
+            f"{path}: 'x' must have 2 (features: N×F), 3 (NHW) or 4 (NCHW/NHWC) dims, "
+            f"got {tuple(x.shape)}"
         )
     if x.shape[1] not in (1, 3, 4) and x.shape[3] in (1, 3, 4):  # NHWC
         return x.permute(0, 3, 1, 2)
     return x
 
 
+#: CSV columns read as the labels / targets of tabular data (the first one present)
+LABEL_COLUMNS = ("y", "label", "target")
+
+
+def _load_csv(path: Path) -> tuple[Tensor, Tensor | None]:
+    """Tabular features: a header row, then numbers; a ``y`` / ``label`` / ``target``
+    column holds the labels (or regression targets), every other column is a feature."""
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise ValueError(f"{path}: expected a header row and at least one row of numbers")
+    header = [h.strip() for h in rows[0]]
+    label = next((header.index(c) for c in LABEL_COLUMNS if c in header), None)
+    data = np.empty((len(rows) - 1, len(header)))
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {i}: {len(row)} values, the header has {len(header)}")
+        try:
+            data[i - 2] = [float(v) for v in row]
+        except ValueError:
+            bad = next(v for v in row if not _is_number(v))
+            raise ValueError(f"{path}, line {i}: {bad!r} is not a number") from None
+    features = [j for j in range(len(header)) if j != label]
+    x = torch.from_numpy(data[:, features]).float()
+    y = torch.from_numpy(data[:, label]) if label is not None else None
+    return x, y
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
 def _load_tensor_file(path: Path) -> tuple[Tensor, Tensor | None]:
+    if path.suffix == ".csv":
+        return _load_csv(path)
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.keys())
@@ -433,11 +477,15 @@ def load_image_folder(
     size: tuple[int, int] | None = None,
     limit: int | None = None,
 ) -> ImageTensorDataset:
-    """Load user data: a ``.pt``/``.npz`` tensor file or a folder of images.
+    """Load user data: a ``.pt``/``.npz`` tensor file, a ``.csv`` of features, or a folder of
+    images.
 
     * ``.npz``: arrays ``x`` and optional ``y``. ``.pt``: a tensor, a dict ``{"x", "y"}`` or a
-      tuple ``(x, y)``. ``x`` may be NCHW, NHWC or NHW; uint8 values are scaled by 1/255, floats
-      are kept as they are.
+      tuple ``(x, y)``. ``x`` may be NCHW, NHWC or NHW images, or ``N × F`` tabular features
+      (an MLP's input); uint8 values are scaled by 1/255, floats are kept as they are.
+    * ``.csv``: a header row, then numbers; a ``y`` / ``label`` / ``target`` column is the
+      label, every other column a feature.  Non-integer targets (regression) count as no
+      labels: accuracy is then not scored, output fidelity still is.
     * A folder with class subfolders (``root/<class>/*.png``): labels are the indices of the
       sorted class names. A flat folder of images gives unlabelled data.
       Pixels are scaled to [0, 1]; all images must have one size unless ``size`` is given.
@@ -461,8 +509,10 @@ def load_image_folder(
     _check_limit(limit, str(p))
     classes: list[str] = []
     if p.is_file():
-        if p.suffix not in (".pt", ".pth", ".npz"):
-            raise ValueError(f"{p}: expected a .pt/.pth/.npz file or a folder of images")
+        if p.suffix not in (".pt", ".pth", ".npz", ".csv"):
+            raise ValueError(
+                f"{p}: expected a .pt/.pth/.npz file, a .csv of features or a folder of images"
+            )
         x, y = _load_tensor_file(p)
         x = _as_nchw(x, p)[:limit]
         y = y[:limit] if y is not None else None
@@ -499,6 +549,8 @@ def load_image_folder(
     else:
         raise FileNotFoundError(f"{p} does not exist (expected a .pt/.npz file or an image folder)")
 
+    if y is not None and y.is_floating_point() and not bool((y == y.round()).all()):
+        y = None  # regression targets: no classes to score (fidelity is still measured)
     if y is None:
         y = torch.full((x.shape[0],), -1, dtype=torch.int64)
     y = y.reshape(-1).long()

@@ -1,0 +1,80 @@
+"""``spectrim compress`` on tabular features: the real California housing data as a ``.csv``
+(a ``target`` column) and as an ``N × F`` ``.npz``, an MLP regressor trained on it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spectrim.cli import main
+from spectrim.zoo.datasets import load_image_folder
+
+
+@pytest.fixture(scope="module")
+def housing(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    src = data_root / "california-housing" / "housing.csv"
+    if not src.is_file():
+        pytest.skip(f"{src} not found")
+    cols = ["median_income", "housing_median_age", "total_rooms", "population", "households",
+            "latitude", "longitude"]  # fmt: skip
+    rows = []
+    with src.open(encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            rows.append([float(r[c]) for c in cols] + [float(r["median_house_value"]) / 1e5])
+    data = np.asarray(rows[:1200])
+    x = (data[:, :-1] - data[:, :-1].mean(0)) / data[:, :-1].std(0)
+    y = data[:, -1]
+    folder = tmp_path_factory.mktemp("tabular")
+    with (folder / "housing.csv").open("w", encoding="utf-8") as f:
+        f.write(",".join([*cols, "target"]) + "\n")
+        for xi, yi in zip(x, y, strict=True):
+            f.write(",".join(f"{v:.6f}" for v in [*xi, yi]) + "\n")
+    np.savez(folder / "housing.npz", x=x.astype(np.float32))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(7, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    for _ in range(300):
+        loss = nn.functional.mse_loss(net(xt).squeeze(-1), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(net.eval()), str(folder / "mlp.pt"))
+    return {
+        "csv": folder / "housing.csv",
+        "npz": folder / "housing.npz",
+        "model": folder / "mlp.pt",
+    }
+
+
+def test_csv_features_with_a_target_column(housing: dict[str, Path]) -> None:
+    ds = load_image_folder(housing["csv"])
+    x, y = ds.tensors
+    assert x.shape == (1200, 7) and bool((y == -1).all())  # regression: no classes
+
+
+@pytest.mark.parametrize("fmt", ["csv", "npz"])
+def test_compress_tabular_mlp(fmt: str, housing: dict[str, Path], tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    argv = ["compress", "--model", str(housing["model"]), "--data", str(housing[fmt]),
+            "--calib", "800", "--target", "width=0.5", "--json", str(report), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(report.read_text())
+    assert r["eval_examples"] == 400 and r["accuracy_after"] is None
+    assert r["params_ratio"] < 0.6
+    assert r["fidelity"]["rel_l2"] < 0.2  # half of each hidden layer, corrected: outputs kept
+
+
+def test_a_bad_csv_value_is_named(tmp_path: Path) -> None:
+    (tmp_path / "bad.csv").write_text("a,b,y\n1,2,0\n3,x,1\n")
+    with pytest.raises(ValueError, match=r"line 3: 'x' is not a number"):
+        load_image_folder(tmp_path / "bad.csv")
