@@ -186,3 +186,45 @@ def test_saved_and_reloaded_with_the_pruned_head_counts(family: str, tmp_path: A
     torch.testing.assert_close(got, want)
     if family == "gpt2":
         assert back.transformer.h[0].attn.split_size == 24
+
+
+def test_heads_and_channels_on_one_macs_budget() -> None:
+    """``heads=True`` under ``macs=F``: the allocator trades heads against FFN neurons, the
+    profiler confirms the target, and the head counts agree with the report."""
+    model = _bert(layers=2)
+    small, report = spectrim.compress(model, _batches(), "id", "macs=0.6", heads=True)
+    assert report.macs_ratio <= 0.6 + 0.01
+    head_groups = [g for g in report.groups if g.name.endswith("(heads)")]
+    assert [g.width_after for g in head_groups] == [b.heads for b in find_attention(small)]
+    assert any(g.width_after < g.width_before for g in head_groups)
+    ffn = [g for g in report.groups if "intermediate" in g.name]
+    assert ffn and any(g.width_after < g.width_before for g in ffn)
+    with torch.no_grad():
+        assert torch.isfinite(small(**_batches(1, seed=4)[0]).last_hidden_state).all()
+
+
+def test_the_cost_model_counts_what_a_head_costs() -> None:
+    """Removing one head of one layer: the modelled MACs and parameters equal the
+    profiler's on the pruned model."""
+    from spectrim._prune import HEAD_KEY, head_axes
+    from spectrim.budget import CostModel
+    from spectrim.evaluation import profile
+    from spectrim.graph import analyze_channels
+
+    model, batch = _bert(layers=1), _batches(1)[0]
+    example = {k: v[:2] for k, v in batch.items()}
+    cost0 = profile(model, example)
+    cm = CostModel(model, analyze_channels(model, example), cost0.per_module,
+                   other_macs=cost0.macs - sum(cost0.per_module.values()))  # fmt: skip
+    (block,) = find_attention(model)
+    cm.add_unit_axes(HEAD_KEY, block.units, head_axes(model, block))
+    pruned = copy.deepcopy(model)
+    find_attention(pruned)[0].prune(pruned, [0, 1, 2, 3, 4], None)
+    cost1 = profile(pruned, example)
+    assert cm.params({HEAD_KEY: 5}) == pytest.approx(cost1.params)
+    assert cm.macs({HEAD_KEY: 5}) == pytest.approx(cost1.macs, rel=1e-6)
+
+
+def test_heads_true_needs_a_budget_target() -> None:
+    with pytest.raises(ValueError, match="macs= or params= budget"):
+        spectrim.compress(_bert(), _batches(), "id", "width=0.5", heads=True)

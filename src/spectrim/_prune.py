@@ -16,6 +16,7 @@ and :func:`~spectrim.stages.solve_stage` are shared with ``analyze``; this modul
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import re
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from spectrim._heads import output_grams
 from spectrim.budget import (
     Allocation,
     CostModel,
@@ -43,6 +45,7 @@ from spectrim.config import CompressConfig, Target, UnreachableTargetError
 from spectrim.context import RunContext
 from spectrim.evaluation.flops import ModelCost, hook_counted, profile
 from spectrim.graph import Analysis, GroupPlan, UnitGroup, apply_plan
+from spectrim.graph.attention import AttentionBlock, find_attention
 from spectrim.graph.layout import (
     memory_formats,
     restore_formats,
@@ -53,6 +56,7 @@ from spectrim.graph.modules import module_kind, weight_kind
 from spectrim.graph.trace import batch_len
 from spectrim.linalg import prediction_error_curve
 from spectrim.methods import GroupSolver, Method
+from spectrim.methods.heads import HeadSolver
 from spectrim.report import CompressionReport, GroupReport
 from spectrim.stages import solve_stage, trace_stage
 
@@ -96,6 +100,10 @@ class ChannelRun:
     alloc: Allocation | None = None
     plans: dict[int, GroupPlan] = field(default_factory=dict)
     seq_errors: dict[tuple[int, str], float] = field(default_factory=dict)
+    #: attention heads on the same budget (``cfg.heads``), keyed HEAD_KEY + block index
+    blocks: list[AttentionBlock] = field(default_factory=list)
+    head_grams: dict[str, np.ndarray] = field(default_factory=dict)
+    head_solvers: dict[int, HeadSolver] = field(default_factory=dict)
 
     @property
     def sequential(self) -> bool:
@@ -117,6 +125,11 @@ def _timed(name: str) -> Any:
         return run
 
     return deco
+
+
+#: allocation keys of attention layers: HEAD_KEY + the layer's index (no channel group has
+#: so many groups)
+HEAD_KEY = 1 << 24
 
 
 def prune_run(
@@ -196,6 +209,27 @@ def collect_stage(state: ChannelRun) -> None:
             channels_last=channels_last,
         )
         state.report.calibration_rows = sum(batch_len(b) for b in state.batches)
+    if cfg.heads:
+        _collect_heads(state)
+
+
+def _collect_heads(state: ChannelRun) -> None:
+    """``heads=True``: the attention layers and their output projections' input Grams."""
+    tgt = state.cfg.parsed_target
+    if tgt.kind not in ("macs", "params"):
+        raise ValueError(
+            f"heads=True puts attention heads on a macs= or params= budget, not {tgt}; "
+            "for a fraction of every layer's heads use target='heads=F'"
+        )
+    state.blocks = find_attention(state.work)
+    if not state.blocks:
+        state.report.warnings.append(
+            "heads=True: no attention layer spectrim recognises; only channels were pruned"
+        )
+        return
+    if state.method.needs_statistics:
+        grams = output_grams(state.work, state.blocks, state.batches)
+        state.head_grams = {n: acc.gram_numpy() for n, (acc, _) in grams.items()}
 
 
 @_timed("selection")
@@ -219,6 +253,10 @@ def solve_curves_stage(state: ChannelRun) -> None:
         else e
         for gi, e in curves.items()
     }
+    for i, b in enumerate(state.blocks):
+        solver = state.method.head_solver(b, state.head_grams.get(b.out), state.work)
+        state.head_solvers[HEAD_KEY + i] = solver
+        state.curves[HEAD_KEY + i] = solver.error_curve()
 
 
 def cost_model_of(state: ChannelRun) -> CostModel:
@@ -226,7 +264,30 @@ def cost_model_of(state: ChannelRun) -> CostModel:
     analysis, cost0 = state.analysis, state.cost0
     assert analysis is not None and cost0 is not None
     other = cost0.macs - sum(cost0.per_module.values())
-    return CostModel(state.work, analysis, cost0.per_module, other_macs=max(other, 0))
+    model = CostModel(state.work, analysis, cost0.per_module, other_macs=max(other, 0))
+    for i, b in enumerate(state.blocks):
+        model.add_unit_axes(HEAD_KEY + i, b.units, head_axes(state.work, b))
+    return model
+
+
+def head_axes(model: nn.Module, block: AttentionBlock) -> dict[str, tuple[str, int, int]]:
+    """What one unit of an attention layer costs (:meth:`CostModel.add_unit_axes`): its
+    rows of q, k and v, its columns of the output projection, its share of the attention
+    products (counted at the module that holds the projections)."""
+    d, r = block.head_dim, block.group_size
+    modules = dict(model.named_modules())
+    axes: dict[str, tuple[str, int, int]] = {}
+    for proj in block.projections:
+        kind = module_kind(modules[proj.module])
+        assert kind is not None
+        length = int(modules[proj.module].weight.shape[kind.weight_dims[0]])
+        per = (r if proj.role == "q" else 1) * d
+        _, _, old = axes.get(proj.module, ("out", length, 0))
+        axes[proj.module] = ("out", length, old + per)  # a fused qkv adds its three parts
+    axes[block.out] = ("in", block.heads * d, r * d)
+    holder = block.projections[0].module.rpartition(".")[0]
+    axes.setdefault(holder, ("ops", block.heads, r))
+    return axes
 
 
 @_timed("allocation")
@@ -248,7 +309,9 @@ def allocate_stage(state: ChannelRun) -> None:
             round_to=cfg.round_to,
             min_width=cfg.min_width,
             max_error=cfg.max_error if cfg.on_unreachable == "stop" else None,
+            unit_groups=state.head_solvers.keys(),
         )
+        alloc.held = [g for g in alloc.held if g < HEAD_KEY]
         if not alloc.reachable:
             message = unreachable_message(tgt, alloc, analysis, cfg)
             if cfg.on_unreachable == "raise":
@@ -262,7 +325,9 @@ def allocate_stage(state: ChannelRun) -> None:
         )
     state.widths = dict(widths)
     state.plans = {
-        gi: state.solvers[gi].plan(k) for gi, k in widths.items() if k < analysis.groups[gi].width
+        gi: state.solvers[gi].plan(k)
+        for gi, k in widths.items()
+        if gi < HEAD_KEY and k < analysis.groups[gi].width
     }
 
 
@@ -273,6 +338,12 @@ def apply_stage(state: ChannelRun) -> None:
     surgery."""
     analysis, plans, collected = state.analysis, state.plans, state.collected
     assert analysis is not None
+    heads = {k: w for k, w in state.widths.items() if k >= HEAD_KEY}
+    original = (
+        copy.deepcopy(state.work)
+        if heads and state.cfg.sequential and state.method.needs_statistics
+        else None
+    )
     if state.sequential and plans and any(p.folds for p in plans.values()):
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
         refits = {gi: functools.partial(state.solvers[gi].refit, kept) for gi, kept in keep.items()}
@@ -297,6 +368,29 @@ def apply_stage(state: ChannelRun) -> None:
     collected.inputs.clear()
     if state.channels_last:
         restore_formats(state.work, state.formats)  # the user's layout, stride for stride
+    for key, k in sorted(heads.items()):
+        block, solver = state.blocks[key - HEAD_KEY], state.head_solvers[key]
+        if k < block.units:
+            apply_heads(state.work, block, solver, k, state.batches, original)
+
+
+def apply_heads(
+    work: nn.Module,
+    block: AttentionBlock,
+    solver: HeadSolver,
+    k: int,
+    batches: list[Any],
+    original: nn.Module | None,
+) -> None:
+    """Keep ``k`` units of ``block``: the solver's plan, its correction refitted on the
+    compressed prefix against ``original`` when given (the sequential mode)."""
+    plan = solver.plan(k)
+    fold = plan.fold
+    if original is not None and fold is not None:
+        ((acc, cross),) = output_grams(work, [block], batches, reference=original).values()
+        assert cross is not None
+        fold = solver.refit(plan.keep, acc.gram_numpy(), cross)
+    block.prune(work, plan.keep, fold)
 
 
 @_timed("report")
@@ -330,6 +424,20 @@ def report_stage(state: ChannelRun) -> None:
                     state.plans[g.index]
                 )
         report.groups.append(gr)
+    for i, b in enumerate(state.blocks):
+        key = HEAD_KEY + i
+        solver = state.head_solvers[key]
+        k = state.widths.get(key, len(solver.order))
+        report.groups.append(
+            GroupReport(
+                name=f"{b.name} (heads)",
+                width_before=len(solver.order),
+                width_after=k,
+                producers=sorted({p.module for p in b.projections}),
+                consumers=[b.out],
+                predicted_error=float(np.sqrt(max(solver.error_curve()[k], 0.0))),
+            )
+        )
     report.params_before, report.params_after = cost0.params, cost1.params
     report.macs_before, report.macs_after = cost0.macs, cost1.macs
     tgt, alloc = state.cfg.parsed_target, state.alloc

@@ -159,6 +159,9 @@ class CompressConfig:
             ``"force"`` cuts every group to its minimum width (and warns).
         max_error: the predicted relative error no group may exceed when a target is
             unreachable (``on_unreachable="stop"``).
+        heads: also remove whole attention heads (Hugging Face models: see
+            ``target="heads=F"``) under a ``macs``/``params`` target, on the same budget as
+            the channels: the allocator trades heads against FFN neurons and other widths.
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 
@@ -173,6 +176,7 @@ class CompressConfig:
     channels_last: bool | None = None
     on_unreachable: str = "stop"
     max_error: float = 0.5
+    heads: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

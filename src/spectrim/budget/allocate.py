@@ -144,6 +144,7 @@ class CostModel:
         # scales it: the module's MACs, its ``weight``), else ``None``
         self.mac_owners: list[str | None] = []
         self.param_owners: list[str | None] = []
+        self.param_names: list[str] = []  # per parameter term, the parameter's full name
         seen_params: set[int] = set()
         modules = dict(model.named_modules())
         for name, mod in modules.items():
@@ -160,6 +161,7 @@ class CostModel:
                 seen_params.add(id(p))
                 full = f"{name}.{pname}" if name else pname
                 self.param_owners.append(name if pname == "weight" and p.dim() >= 2 else None)
+                self.param_names.append(full)
                 if full in analysis.param_dims:
                     self.param_terms.append((float(p.numel()), [axis(analysis.chan_labels[full])]))
                     continue
@@ -187,6 +189,28 @@ class CostModel:
                 f *= (ax.length - removed) / ax.length
             total += f
         return total
+
+    def add_unit_axes(self, key: int, units: int, axes: Mapping[str, tuple[str, int, int]]) -> None:
+        """Units other than channels that shrink module costs: ``key`` (an index no channel
+        group uses) has ``units`` units, and ``axes[module] = (which, length, per_unit)``
+        says that ``module`` loses ``per_unit`` of ``length`` along one axis per unit
+        removed: ``"out"`` (its MACs, its weight and bias), ``"in"`` (its MACs and weight)
+        or ``"ops"`` (its MACs only: e.g. the attention products a layer computes).
+        Attention heads enter the budget this way (:mod:`spectrim._prune`)."""
+        if key in self.widths:
+            raise ValueError(f"unit key {key} is already a group of the cost model")
+        self.widths[key] = units
+        for module, (which, length, per_unit) in axes.items():
+            ax = _Axis(length, {key: per_unit})
+            for i, owner in enumerate(self.mac_owners):
+                if owner == module:
+                    self.mac_terms[i][1].append(ax)
+            if which == "ops":
+                continue
+            for i, full in enumerate(self.param_names):
+                mod, _, pname = full.rpartition(".")
+                if mod == module and (pname == "weight" or (which == "out" and pname == "bias")):
+                    self.param_terms[i][1].append(ax)
 
     def terms_of(self, kind: str) -> list[tuple[float, list[_Axis]]]:
         return self.mac_terms if kind == "macs" else self.param_terms
@@ -263,6 +287,7 @@ def allocate_budget(
     round_to: int = 1,
     min_width: int = 1,
     max_error: float | None = None,
+    unit_groups: Collection[int] = (),
 ) -> Allocation:
     """The lazy greedy for a ``macs``/``params`` target (see the module docstring).
 
@@ -294,6 +319,7 @@ def allocate_budget(
         round_to=round_to,
         min_width=min_width,
         max_error=max_error,
+        unit_groups=unit_groups,
     )
     return Allocation(
         widths=res.widths,
@@ -415,8 +441,12 @@ def greedy_allocate(
     round_to: int = 1,
     min_width: int = 1,
     max_error: float | None = None,
+    unit_groups: Collection[int] = (),
 ) -> JointAllocation:
     """One lazy greedy over channel groups and weight matrices (see the module docstring).
+
+    Groups in ``unit_groups`` (attention heads: units that are not channels) step one
+    unit at a time and keep at least one, whatever ``round_to`` / ``min_width`` say.
 
     Every unit has states of decreasing size: a group its allowed widths (error curve
     ``curves[g][k]``), a matrix the convex-hull densities of its curve
@@ -439,7 +469,11 @@ def greedy_allocate(
     states: dict[tuple[int, Any], list[float]] = {}
     errors: dict[tuple[int, Any], list[float]] = {}
     for g, e in curves.items():
-        ks = _allowed(len(e) - 1, round_to, min_width)
+        ks = (
+            _allowed(len(e) - 1, 1, 1)
+            if g in unit_groups
+            else _allowed(len(e) - 1, round_to, min_width)
+        )
         states[(0, g)] = [float(k) for k in ks]
         errors[(0, g)] = [float(e[k]) for k in ks]
     for n, (d, e) in matrix_curves.items():
