@@ -40,7 +40,7 @@ from spectrim.methods import Method
 from spectrim.methods.heads import HeadSolver
 from spectrim.report import CompressionReport, GroupReport
 
-__all__ = ["heads_run", "output_grams"]
+__all__ = ["apply_heads", "head_group_report", "heads_run", "output_grams"]
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -100,6 +100,40 @@ def output_grams(
     return {n: (accs[n], cross[n].numpy() if n in cross else None) for n in names}
 
 
+def apply_heads(
+    work: nn.Module,
+    block: AttentionBlock,
+    solver: HeadSolver,
+    k: int,
+    batches: list[Any],
+    original: nn.Module | None,
+) -> None:
+    """Keep ``k`` units of ``block``: the solver's plan, its correction refitted on the
+    compressed prefix against ``original`` when given (the sequential mode)."""
+    plan = solver.plan(k)
+    fold = plan.fold
+    if original is not None and fold is not None:
+        ((acc, cross),) = output_grams(work, [block], batches, reference=original).values()
+        assert cross is not None
+        fold = solver.refit(plan.keep, acc.gram_numpy(), cross)
+    block.prune(work, plan.keep, fold)
+
+
+def head_group_report(
+    block: AttentionBlock, solver: HeadSolver, k: int, rows: int | None = None
+) -> GroupReport:
+    """The report line of one attention layer keeping ``k`` of its units."""
+    return GroupReport(
+        name=f"{block.name} (heads)",
+        width_before=len(solver.order),
+        width_after=k,
+        producers=sorted({p.module for p in block.projections}),
+        consumers=[block.out],
+        predicted_error=float(np.sqrt(max(solver.error_curve()[k], 0.0))),
+        rows=rows,
+    )
+
+
 def heads_run(
     work: nn.Module,
     batches: list[Any],
@@ -146,25 +180,10 @@ def heads_run(
 
     t = time.perf_counter()
     for b, s, k in zip(blocks, solvers, widths, strict=True):
-        plan = s.plan(k)
-        fold = plan.fold
-        if original is not None and fold is not None:
-            ((acc, cross),) = output_grams(work, [b], batches, reference=original).values()
-            assert cross is not None
-            fold = s.refit(plan.keep, acc.gram_numpy(), cross)
-        if k < b.units:
-            b.prune(work, plan.keep, fold)
-        report.groups.append(
-            GroupReport(
-                name=f"{b.name} (heads)",
-                width_before=len(s.order),
-                width_after=k,
-                producers=sorted({p.module for p in b.projections}),
-                consumers=[b.out],
-                predicted_error=float(np.sqrt(max(s.error_curve()[k], 0.0))),
-                rows=rows or None,
-            )
-        )
+        units = b.units
+        if k < units:
+            apply_heads(work, b, s, k, batches, original)
+        report.groups.append(head_group_report(b, s, k, rows or None))
     timings["apply"] = time.perf_counter() - t
 
     t = time.perf_counter()

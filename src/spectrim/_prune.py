@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from spectrim._heads import output_grams
+from spectrim._heads import apply_heads, head_group_report, output_grams
 from spectrim.budget import (
     Allocation,
     CostModel,
@@ -374,25 +374,6 @@ def apply_stage(state: ChannelRun) -> None:
             apply_heads(state.work, block, solver, k, state.batches, original)
 
 
-def apply_heads(
-    work: nn.Module,
-    block: AttentionBlock,
-    solver: HeadSolver,
-    k: int,
-    batches: list[Any],
-    original: nn.Module | None,
-) -> None:
-    """Keep ``k`` units of ``block``: the solver's plan, its correction refitted on the
-    compressed prefix against ``original`` when given (the sequential mode)."""
-    plan = solver.plan(k)
-    fold = plan.fold
-    if original is not None and fold is not None:
-        ((acc, cross),) = output_grams(work, [block], batches, reference=original).values()
-        assert cross is not None
-        fold = solver.refit(plan.keep, acc.gram_numpy(), cross)
-    block.prune(work, plan.keep, fold)
-
-
 @_timed("report")
 def report_stage(state: ChannelRun) -> None:
     """Per-group widths, predicted and measured errors, costs and warnings."""
@@ -425,19 +406,9 @@ def report_stage(state: ChannelRun) -> None:
                 )
         report.groups.append(gr)
     for i, b in enumerate(state.blocks):
-        key = HEAD_KEY + i
-        solver = state.head_solvers[key]
-        k = state.widths.get(key, len(solver.order))
-        report.groups.append(
-            GroupReport(
-                name=f"{b.name} (heads)",
-                width_before=len(solver.order),
-                width_after=k,
-                producers=sorted({p.module for p in b.projections}),
-                consumers=[b.out],
-                predicted_error=float(np.sqrt(max(solver.error_curve()[k], 0.0))),
-            )
-        )
+        solver = state.head_solvers[HEAD_KEY + i]
+        k = state.widths.get(HEAD_KEY + i, len(solver.order))
+        report.groups.append(head_group_report(b, solver, k))
     report.params_before, report.params_after = cost0.params, cost1.params
     report.macs_before, report.macs_after = cost0.macs, cost1.macs
     tgt, alloc = state.cfg.parsed_target, state.alloc
