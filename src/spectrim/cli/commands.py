@@ -261,6 +261,7 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         sequential_fraction=args.sequential_fraction,
         on_unreachable=args.on_unreachable,
         max_error=args.max_error,
+        heads=args.heads,
         progress=progress_wrapper("calibration", args.quiet),
         then=then,
         **dict(args.option),

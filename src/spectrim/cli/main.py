@@ -94,6 +94,8 @@ Examples:
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --calib 512 \
       --target width=0.5 --then id:heads=0.75 --out minilm-small/
   spectrim compress --model my-bert/ --data reviews.csv --text-column review --target heads=0.5
+  # half the MACs, the allocator choosing between attention heads and FFN neurons
+  spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target macs=0.5 --heads
 
   # one budget over channels and weights: 10% of the non-zero weights, the allocator
   # choosing which widths to narrow and how sparse each matrix gets
@@ -295,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a method option, repeatable (spectral: theta, alpha, tau, c; id: ridge; "
         "weight methods: refit, scope, structured; obs: damp, blocksize; lq: q, eta; ...)",
+    )
+    p.add_argument(
+        "--heads",
+        action="store_true",
+        help="also remove whole attention heads (Hugging Face models) on the same macs/params "
+        "budget as the channels: the allocator trades heads against FFN neurons",
     )
     p.add_argument(
         "--then",
