@@ -228,3 +228,27 @@ def test_the_cost_model_counts_what_a_head_costs() -> None:
 def test_heads_true_needs_a_budget_target() -> None:
     with pytest.raises(ValueError, match="macs= or params= budget"):
         spectrim.compress(_bert(), _batches(), "id", "width=0.5", heads=True)
+
+
+def test_sentence_transformers_pipeline_runs_a_compressed_minilm(
+    minilm_dir: Any, sts_train_sentences: list[str], sts_sentences: list[str]
+) -> None:
+    """The sentence-transformers pipeline (its tokenizer, mean pooling, normalisation) on
+    the real all-MiniLM-L6-v2 with half its heads and a quarter of its FFN removed."""
+    st = pytest.importorskip("sentence_transformers")
+    pipeline = st.SentenceTransformer(str(minilm_dir), device="cpu")
+    tok = pipeline.tokenizer
+    pool = sts_train_sentences[::40][:96]
+    calib = [
+        dict(tok(pool[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, 96, 32)
+    ]
+    held_out = sts_sentences[::50][:40]
+    before = pipeline.encode(held_out, convert_to_tensor=True, normalize_embeddings=True)
+    small, _ = spectrim.compress(
+        pipeline[0].auto_model, calib, "id", "width=0.75", sequential=False,
+        then={"method": "id", "target": "heads=0.5", "sequential": False},
+    )  # fmt: skip
+    pipeline[0].auto_model = small
+    after = pipeline.encode(held_out, convert_to_tensor=True, normalize_embeddings=True)
+    assert after.shape == before.shape == (40, 384)
+    assert float((after * before).sum(-1).mean()) > 0.75
