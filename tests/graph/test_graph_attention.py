@@ -124,3 +124,27 @@ def test_fold_applies_the_correction() -> None:
     torch.testing.assert_close(_out(a, batch), _out(c, batch))
     with pytest.raises(ValueError, match="cannot remove every head"):
         find_attention(a)[0].prune(a, [], None)
+
+
+def test_hugging_face_vit_heads_are_found_and_removed_exactly() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=40, image_size=16, patch_size=4)  # fmt: skip
+    model = transformers.ViTModel(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    reference = copy.deepcopy(model)
+    modules = dict(reference.named_modules())
+    for b in find_attention(reference):
+        dropped = np.setdiff1d(np.arange(32), b.columns([0, 2, 3]))
+        with torch.no_grad():
+            modules[b.out].weight[:, torch.as_tensor(dropped)] = 0
+    blocks = find_attention(model)
+    assert [b.units for b in blocks] == [4, 4]
+    for b in blocks:
+        b.prune(model, [0, 2, 3], None)
+    with torch.no_grad():
+        got, want = (
+            model(pixel_values=x).last_hidden_state,
+            reference(pixel_values=x).last_hidden_state,
+        )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

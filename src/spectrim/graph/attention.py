@@ -13,7 +13,7 @@ An :class:`AttentionBlock` records, for one attention layer, the module names of
 projections, the head counts and the attributes that hold them.  Each architecture family
 is one *finder* registered with :func:`register_attention`; finders match on structure
 (attribute names), not on class names, so BERT, RoBERTa, MiniLM, ELECTRA (``query`` /
-``key`` / ``value`` under ``.self``, ``output.dense``), LLaMA, Mistral, Qwen2, OPT
+``key`` / ``value`` under ``.self``, ``output.dense``), LLaMA, Mistral, Qwen2, OPT, HF ViT
 (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` or ``out_proj``), DistilBERT (``q_lin`` ...)
 and GPT-2 (a fused ``c_attn`` ``Conv1D``) are found by four finders.
 
