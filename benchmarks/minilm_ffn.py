@@ -7,9 +7,14 @@ to the longest in each batch (``padded``: about half the positions are padding) 
 token length first (``bucketed``: almost none).  With padding dropped from the statistics
 (the attention mask), both should give the same model; before, the padded positions
 entered every Gram.  Scored as in ``sparsify_minilm.py``: STS-B test Spearman ×100, and
-the cosine of each test sentence's embedding to the dense model's (mean, worst).
+the cosine of each test sentence's embedding to the dense model's (mean, worst, per genre).
 
-    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/minilm_ffn.py \\
+The sentences are a seeded sample of sts-train by default (``--sample random``: captions,
+news and forum posts); ``--sample first`` takes the first ones in file order (captions
+only: the runs before this option).  ``--method`` and ``--set KEY=VALUE`` choose the method
+and any compress() option; ``--orders padded`` runs one batching only.
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/minilm_ffn.py --sample first \\
         --out benchmarks/results/minilm_ffn.json
 
 Run it with ``PYTHONPATH=<older tree>/src`` for the same numbers from older code.
