@@ -252,3 +252,19 @@ def test_sentence_transformers_pipeline_runs_a_compressed_minilm(
     after = pipeline.encode(held_out, convert_to_tensor=True, normalize_embeddings=True)
     assert after.shape == before.shape == (40, 384)
     assert float((after * before).sum(-1).mean()) > 0.75
+
+
+def test_timm_vit_heads_through_compress() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5
+    ).eval()
+    x = torch.randn(128, 3, 32, 32)
+    small, report = spectrim.compress(model, x, "id", "heads=0.5")
+    assert [b.heads for b in find_attention(small)] == [2, 2]
+    assert report.macs_ratio < 0.9
+    joint, r2 = spectrim.compress(model, x, "id", "macs=0.7", heads=True)
+    assert r2.macs_ratio <= 0.71
+    with torch.no_grad():
+        assert torch.isfinite(small(x[:4])).all() and torch.isfinite(joint(x[:4])).all()

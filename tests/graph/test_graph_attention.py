@@ -148,3 +148,28 @@ def test_hugging_face_vit_heads_are_found_and_removed_exactly() -> None:
             reference(pixel_values=x).last_hidden_state,
         )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_vit_heads_are_found_and_removed_exactly() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5
+    ).eval()
+    x = torch.randn(3, 3, 32, 32)
+    reference = copy.deepcopy(model)
+    modules = dict(reference.named_modules())
+    blocks = find_attention(model)
+    assert [(b.name, b.units, b.head_dim) for b in blocks] == [
+        ("blocks.0.attn", 4, 12),
+        ("blocks.1.attn", 4, 12),
+    ]
+    for b in find_attention(reference):
+        dropped = np.setdiff1d(np.arange(48), b.columns([1, 3]))
+        with torch.no_grad():
+            modules[b.out].weight[:, torch.as_tensor(dropped)] = 0
+    for b in blocks:
+        b.prune(model, [1, 3], None)
+    assert model.blocks[0].attn.attn_dim == 24 and model.blocks[0].attn.num_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)

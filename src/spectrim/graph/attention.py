@@ -15,7 +15,8 @@ is one *finder* registered with :func:`register_attention`; finders match on str
 (attribute names), not on class names, so BERT, RoBERTa, MiniLM, ELECTRA (``query`` /
 ``key`` / ``value`` under ``.self``, ``output.dense``), LLaMA, Mistral, Qwen2, OPT, HF ViT
 (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` or ``out_proj``), DistilBERT (``q_lin`` ...)
-and GPT-2 (a fused ``c_attn`` ``Conv1D``) are found by four finders.
+GPT-2 (a fused ``c_attn`` ``Conv1D``) and timm's ViT ``Attention`` (a fused ``qkv``) are
+found by five finders.
 
 Units are *key/value groups*: with grouped-query attention (``kv_heads < heads``) a KV head
 goes together with the ``heads / kv_heads`` query heads that read it, so every layer keeps
@@ -363,4 +364,35 @@ def _gpt2(path: str, module: nn.Module) -> AttentionBlock | None:
         head_dim=d,
         head_attrs=[(path, "num_heads")],
         width_attrs=[(path, "split_size")],
+    )
+
+
+@register_attention("timm")
+def _timm(path: str, module: nn.Module) -> AttentionBlock | None:
+    """timm's ``Attention`` (ViT, DeiT, ...): fused ``qkv`` Linear (``[q | k | v]`` along
+    its outputs) and ``proj``, ``attn_dim = num_heads·head_dim``.  Variants with a norm
+    over ``attn_dim`` (``scale_norm``) or a per-channel ``gate`` are not recognised."""
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    if not isinstance(qkv, nn.Linear) or not _linear(proj) or _attr(module, "attn_dim") is None:
+        return None
+    d = _attr(module, "head_dim")
+    if d is None or _attr(module, "num_heads") is None:
+        return None
+    if getattr(module, "gate", None) is not None:
+        return None
+    if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
+        return None
+    width = _outputs(qkv)
+    if width % (3 * d):
+        return None
+    h = width // (3 * d)
+    return AttentionBlock(
+        name=path,
+        projections=[Projection(_join(path, "qkv"), r, i * h * d) for i, r in enumerate("qkv")],
+        out=_join(path, "proj"),
+        heads=h,
+        kv_heads=h,
+        head_dim=d,
+        head_attrs=[(path, "num_heads")],
+        width_attrs=[(path, "attn_dim")],
     )
