@@ -268,3 +268,22 @@ def test_timm_vit_heads_through_compress() -> None:
     assert r2.macs_ratio <= 0.71
     with torch.no_grad():
         assert torch.isfinite(small(x[:4])).all() and torch.isfinite(joint(x[:4])).all()
+
+
+def test_spectral_shares_one_scale_with_the_heads() -> None:
+    """Under ``heads=True`` every curve is the least-squares error along the solver's
+    order: for ``spectral`` this is not its ridge loss (which has a floor at all but one
+    channel kept), so the greedy does not cut every head to buy FFN neurons."""
+    from spectrim.graph import analyze_channels
+    from spectrim.linalg import order_residual_curve
+    from spectrim.methods import get_method
+    from spectrim.stages import solve_stage
+
+    model, batches = _bert(), _batches()
+    a = analyze_channels(model, {k: v[:2] for k, v in batches[0].items()})
+    stats = spectrim.calibration.collect(model, a, batches, a.prunable).stats
+    solver = next(iter(solve_stage(get_method("spectral"), a.prunable, stats, model).values()))
+    curve = solver.reconstruction_curve()
+    g = sum(acc.gram_numpy() for (gi, _), acc in stats.items() if gi == solver.group.index)
+    np.testing.assert_allclose(curve, order_residual_curve(g, solver.selection.order))
+    assert curve[-2] < solver.error_curve()[-2]  # no ridge floor

@@ -244,19 +244,27 @@ def solve_curves_stage(state: ChannelRun) -> None:
             analysis, state.groups, state.rows, state.info, state.report
         )
     state.solvers = solve_stage(state.method, state.groups, stats, state.work)
-    curves = {gi: s.error_curve() for gi, s in state.solvers.items()}
+    # with heads on the budget every curve must be on one scale: the least-squares error
+    # of reconstructing the consumers' inputs along each solver's order
+    shared = bool(state.blocks) and state.method.needs_statistics
+    curves = {
+        gi: s.reconstruction_curve() if shared else s.error_curve()
+        for gi, s in state.solvers.items()
+    }
     # least-squares errors measured on the calibration rows the fits use are optimistic:
     # judge every width by its expected error on new inputs
     state.curves = {
         gi: prediction_error_curve(e, state.rows[gi])
-        if gi in state.rows and state.solvers[gi].least_squares_curve
+        if gi in state.rows and (shared or state.solvers[gi].least_squares_curve)
         else e
         for gi, e in curves.items()
     }
     for i, b in enumerate(state.blocks):
         solver = state.method.head_solver(b, state.head_grams.get(b.out), state.work)
         state.head_solvers[HEAD_KEY + i] = solver
-        state.curves[HEAD_KEY + i] = solver.error_curve()
+        state.curves[HEAD_KEY + i] = (
+            solver.reconstruction_curve() if shared else solver.error_curve()
+        )
 
 
 def cost_model_of(state: ChannelRun) -> CostModel:

@@ -277,3 +277,23 @@ def test_argument_validation() -> None:
         residual_of(G, [0, 1], np.ones((4, 3)))
     with pytest.raises(ValueError, match=r"C must have shape \(4, 3\)"):
         cross_residual_of(np.eye(3), G, np.ones((4, 2)), [0], np.ones((3, 1)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), rank=st.integers(1, 8))
+def test_order_residual_curve_matches_direct_least_squares(seed: int, rank: int) -> None:
+    """Every prefix of a fixed order, against the exact least squares by direct solve
+    (rank-deficient Grams included)."""
+    from spectrim.linalg import order_residual_curve, residual_of
+
+    rng = np.random.default_rng(seed)
+    Z = rng.standard_normal((40, rank)) @ rng.standard_normal((rank, 8))
+    G = Z.T @ Z
+    order = rng.permutation(8)
+    curve = order_residual_curve(G, order)
+    t = float(np.trace(G))
+    for k in range(9):
+        S = order[:k]
+        B = fit_reconstruction(G, S) if k else np.zeros((8, 0))
+        want = residual_of(G, S, B) / t
+        assert curve[k] == pytest.approx(want, abs=1e-6)

@@ -37,6 +37,7 @@ from spectrim.linalg.reconstruction import (
     cross_residual_of,
     fit_cross_reconstruction,
     fit_reconstruction,
+    order_residual_curve,
     residual_of,
 )
 from spectrim.linalg.selection import (
@@ -69,6 +70,7 @@ __all__ = [
     "effective_rank",
     "fit_cross_reconstruction",
     "fit_reconstruction",
+    "order_residual_curve",
     "gram_spectrum",
     "gram_sqrt",
     "id_factorize",

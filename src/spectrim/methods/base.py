@@ -75,6 +75,14 @@ class GroupSolver(ABC):
         """Relative reconstruction error per consumer (empty if unknown)."""
         return {}
 
+    def reconstruction_curve(self) -> np.ndarray:
+        """``e[k]``: the relative least-squares error of reconstructing the group's
+        consumer inputs from the first ``k`` channels of this solver's order, the one
+        scale every solver can share (a budget across kinds of units, ``heads=True``).
+        The default is :meth:`error_curve` (already that for ``id``); solvers whose curve
+        measures something else override it."""
+        return self.error_curve()
+
     def width_for_dof(self, alpha: float) -> int:
         """Width from the degrees of freedom ``c·N(α·tr Σ̂)`` (``target="dof=α"``)."""
         raise ValueError(

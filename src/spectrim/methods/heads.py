@@ -27,7 +27,12 @@ from torch import nn
 
 from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.modules import module_kind
-from spectrim.linalg import block_greedy, fit_cross_reconstruction, fit_reconstruction
+from spectrim.linalg import (
+    block_greedy,
+    fit_cross_reconstruction,
+    fit_reconstruction,
+    order_residual_curve,
+)
 from spectrim.linalg.reconstruction import F32_RTOL
 
 __all__ = ["HeadPlan", "HeadSolver", "head_norms", "output_weight_gram"]
@@ -79,6 +84,16 @@ class HeadSolver:
     def error_curve(self) -> np.ndarray:
         """``e[k]`` for ``k = 0..units``, non-increasing, ``e[units] = 0``."""
         return self._curve
+
+    def reconstruction_curve(self) -> np.ndarray:
+        """The relative least-squares error of reconstructing all heads' outputs from the
+        first ``k`` units of the order (the scale channel groups share under
+        ``heads=True``); the error curve without statistics."""
+        if self.gram is None:
+            return self._curve
+        cols = np.concatenate([self.block.columns([u]) for u in self.order])
+        per = len(cols) // self.block.units
+        return order_residual_curve(self.gram, cols)[::per]
 
     def plan(self, k: int) -> HeadPlan:
         """The first ``k`` units and, for a correcting method, their least-squares fold."""

@@ -44,6 +44,7 @@ from spectrim.linalg import (
     degrees_of_freedom,
     fit_reconstruction,
     gram_spectrum,
+    order_residual_curve,
     residual_of,
     ridge_leverage_scores,
     spectral_greedy,
@@ -152,6 +153,11 @@ class SpectralSolver(GroupSolver):
             ridge = self.tau[J] * self.counts[name]
             folds[name] = fit_reconstruction(G, J, ridge=ridge)
         return GroupPlan(keep=J, folds=folds)
+
+    def reconstruction_curve(self) -> np.ndarray:
+        """The least-squares error along the greedy's order (its own curve is the θ-mixed
+        ridge loss, with a ridge floor: another scale)."""
+        return order_residual_curve(sum(self.grams.values()), self.selection.order)
 
     def reconstruction_errors(self, plan: GroupPlan) -> dict[str, float]:
         out = {}
