@@ -48,16 +48,24 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+class _Stop(Exception):
+    """Ends a forward pass once the statistics it was run for are taken."""
+
+
 def output_grams(
     model: nn.Module,
     blocks: Sequence[AttentionBlock],
     batches: Sequence[Any],
     reference: nn.Module | None = None,
     progress: Any = None,
+    *,
+    stop: bool = False,
 ) -> dict[str, tuple[GramAccumulator, np.ndarray | None]]:
     """Per output projection: the Gram of its input on ``model`` and, with ``reference``
     (a model with the same module names), the cross Gram ``Z'ᵀZ`` with the reference's
-    input at the same place.  Padded token positions (``attention_mask``) are dropped."""
+    input at the same place.  Padded token positions (``attention_mask``) are dropped.
+    With ``stop``, each forward pass ends at the last of ``blocks`` (in execution order):
+    what comes after it is not needed (the sequential refit of one layer)."""
     modules = dict(model.named_modules())
     names = [b.out for b in blocks]
     accs = {b.out: GramAccumulator(b.heads * b.head_dim, sums=False) for b in blocks}
@@ -65,9 +73,13 @@ def output_grams(
     seen: dict[str, torch.Tensor] = {}
     mask: list[torch.Tensor | None] = [None]
 
+    last = names[-1] if stop else None
+
     def ref_hook(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             seen[name] = _rows(args[0], mask[0]).double()
+            if name == last:
+                raise _Stop
 
         return hook
 
@@ -79,6 +91,8 @@ def output_grams(
                 z = seen.pop(name)
                 c = x.double().T @ z
                 cross[name] = cross[name] + c if name in cross else c
+            if name == last:
+                raise _Stop
 
         return fn
 
@@ -91,9 +105,12 @@ def output_grams(
         with torch.no_grad():
             for batch in it:
                 mask[0] = token_mask(batch)
-                if reference is not None:
-                    call_model(reference, batch)
-                call_model(model, batch)
+                for m in (reference, model):
+                    if m is not None:
+                        try:
+                            call_model(m, batch)
+                        except _Stop:
+                            pass
     finally:
         for h in handles:
             h.remove()
@@ -113,7 +130,9 @@ def apply_heads(
     plan = solver.plan(k)
     fold = plan.fold
     if original is not None and fold is not None:
-        ((acc, cross),) = output_grams(work, [block], batches, reference=original).values()
+        ((acc, cross),) = output_grams(
+            work, [block], batches, reference=original, stop=True
+        ).values()
         assert cross is not None
         fold = solver.refit(plan.keep, acc.gram_numpy(), cross)
     block.prune(work, plan.keep, fold)
@@ -155,9 +174,9 @@ def heads_run(
     if not blocks:
         raise ValueError(
             f"target {tgt}: no attention layer in {type(work).__name__} that spectrim "
-            "recognises (Hugging Face BERT-family, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2 "
-            "and OPT attention; register others with spectrim.graph.attention."
-            "register_attention)"
+            "recognises (Hugging Face BERT-family, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2, "
+            "OPT and ViT attention, timm ViT attention; register others with "
+            "spectrim.graph.attention.register_attention)"
         )
     example = head_examples(batches[0])
     cost0 = profile(work, example)

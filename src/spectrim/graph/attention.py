@@ -81,9 +81,9 @@ class AttentionBlock:
         out: module path of the output projection, whose input columns are the
             concatenated per-head outputs (head ``h``: columns ``h·d … h·d + d − 1``).
         heads, kv_heads, head_dim: as the layer holds them now.
-        head_attrs / kv_attrs / width_attrs / kv_width_attrs: ``(module path, attribute)``
-            pairs that hold the number of query heads, of KV heads, ``heads·head_dim`` and
-            ``kv_heads·head_dim`` (updated after surgery so the layer's code still agrees).
+        head_attrs / kv_attrs / width_attrs: ``(module path, attribute)`` pairs that hold
+            the number of query heads, of KV heads and ``heads·head_dim`` (updated after
+            surgery so the layer's code still agrees).
     """
 
     name: str
@@ -95,7 +95,6 @@ class AttentionBlock:
     head_attrs: list[tuple[str, str]] = field(default_factory=list)
     kv_attrs: list[tuple[str, str]] = field(default_factory=list)
     width_attrs: list[tuple[str, str]] = field(default_factory=list)
-    kv_width_attrs: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def group_size(self) -> int:
@@ -119,6 +118,15 @@ class AttentionBlock:
             [h * d + i for h in self.query_heads(units) for i in range(d)], dtype=np.int64
         )
 
+    def rows(self, role: str, units: Units) -> np.ndarray:
+        """Output rows of the ``role`` (``"q"``, ``"k"`` or ``"v"``) projection that hold the
+        given units: the query heads' rows for ``q`` (the output projection's columns), the
+        KV heads' rows for ``k`` and ``v``."""
+        if role == "q":
+            return self.columns(units)
+        d = self.head_dim
+        return np.array([u * d + i for u in units for i in range(d)], dtype=np.int64)
+
     def unit_columns(self) -> list[np.ndarray]:
         """Columns of each unit (the blocks of the output projection's input Gram)."""
         return [self.columns([u]) for u in range(self.units)]
@@ -133,22 +141,15 @@ class AttentionBlock:
         if any(not 0 <= u < self.units for u in keep) or len(set(keep)) != len(keep):
             raise ValueError(f"attention '{self.name}': bad unit indices {keep}")
         modules = dict(model.named_modules())
-        d = self.head_dim
-        q_heads = self.query_heads(keep)
-        rows = {
-            "q": np.array([h * d + i for h in q_heads for i in range(d)], dtype=np.int64),
-            "k": np.array([u * d + i for u in keep for i in range(d)], dtype=np.int64),
-        }
-        rows["v"] = rows["k"]
         # a fused projection keeps its q, k and v parts in order, each sliced
         per_module: dict[str, list[np.ndarray]] = {}
         for p in self.projections:
-            per_module.setdefault(p.module, []).append(rows[p.role] + p.offset)
+            per_module.setdefault(p.module, []).append(self.rows(p.role, keep) + p.offset)
         for path, parts in per_module.items():
             _keep_outputs(modules[path], np.concatenate(parts), path)
         cols = self.columns(keep)
         _fold_inputs(modules[self.out], cols, fold, self.out)
-        self.heads, self.kv_heads = len(q_heads), len(keep)
+        self.heads, self.kv_heads = len(keep) * self.group_size, len(keep)
         self.sync(model)
 
     def sync(self, model: nn.Module) -> None:
@@ -162,8 +163,6 @@ class AttentionBlock:
             setattr(modules[path], attr, self.kv_heads)
         for path, attr in self.width_attrs:
             setattr(modules[path], attr, self.heads * d)
-        for path, attr in self.kv_width_attrs:
-            setattr(modules[path], attr, self.kv_heads * d)
 
 
 def _keep_outputs(module: nn.Module, idx: np.ndarray, path: str) -> None:

@@ -151,17 +151,18 @@ def output_weight_gram(block: AttentionBlock, model: nn.Module) -> np.ndarray:
 def head_norms(block: AttentionBlock, model: nn.Module, p: float) -> np.ndarray:
     """Per unit: the ``p``-norm of all its weights (q, k, v rows, output projection columns)."""
     modules = dict(model.named_modules())
-    d = block.head_dim
+    out = _out_matrix(block, model)
+    weights = []
+    for proj in block.projections:
+        mod = modules[proj.module]
+        kind = module_kind(mod)
+        assert kind is not None
+        weights.append((proj, mod.weight.detach().double().movedim(kind.weight_dims[0], 0)))
     score = np.zeros(block.units)
     for u in range(block.units):
-        parts = [_out_matrix(block, model)[:, torch.as_tensor(block.columns([u]))].reshape(-1)]
-        for proj in block.projections:
-            mod = modules[proj.module]
-            kind = module_kind(mod)
-            assert kind is not None
-            w = mod.weight.detach().double().movedim(kind.weight_dims[0], 0)
-            heads = block.query_heads([u]) if proj.role == "q" else np.array([u])
-            rows = [proj.offset + h * d + i for h in heads for i in range(d)]
+        parts = [out[:, torch.as_tensor(block.columns([u]))].reshape(-1)]
+        for proj, w in weights:
+            rows = block.rows(proj.role, [u]) + proj.offset
             parts.append(w[torch.as_tensor(rows)].reshape(-1))
         score[u] = float(torch.cat(parts).norm(p=p))
     return score
