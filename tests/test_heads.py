@@ -287,3 +287,30 @@ def test_spectral_shares_one_scale_with_the_heads() -> None:
     g = sum(acc.gram_numpy() for (gi, _), acc in stats.items() if gi == solver.group.index)
     np.testing.assert_allclose(curve, order_residual_curve(g, solver.selection.order))
     assert curve[-2] < solver.error_curve()[-2]  # no ridge floor
+
+
+def test_minilm_heads_and_ffn_on_one_budget(
+    minilm: tuple[nn.Module, Any], sts_train_sentences: list[str], sts_sentences: list[str]
+) -> None:
+    """The real MiniLM at half its MACs with heads and FFN neurons on one budget: the
+    profiler confirms the target, both kinds of unit are cut, and ``id``'s corrected model
+    stays closer to the original than random units do."""
+    model, tok = minilm
+    rng = np.random.default_rng(1)
+    pool = [sts_train_sentences[i] for i in rng.permutation(len(sts_train_sentences))[:128]]
+    calib = [
+        dict(tok(pool[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, 128, 32)
+    ]
+    held_out = sts_sentences[::20][:96]
+    ref = _embed(model, tok, held_out)
+    cos = {}
+    for method in ("id", "random"):
+        small, report = spectrim.compress(
+            model, calib, method, "macs=0.5", heads=True, sequential=False
+        )
+        assert report.macs_ratio <= 0.505
+        cut = [g for g in report.groups if g.width_after < g.width_before]
+        assert any(g.name.endswith("(heads)") for g in cut) or method == "random"
+        assert any("intermediate" in g.name for g in cut)
+        cos[method] = float((_embed(small, tok, held_out) * ref).sum(-1).mean())
+    assert cos["id"] > cos["random"] + 0.1, cos
