@@ -11,9 +11,13 @@ them.  Then, per route and target, ``spectrim.compress`` with ``--calib`` sequen
 too), and the test perplexity over non-overlapping windows of ``--seq`` tokens.
 
 Routes (``--targets``, comma-separated): ``width=F`` (FFN neurons), ``heads=F``
-(attention heads), ``A;B`` (both, in order).  Reported: perplexity, its increase relative to
-dense, the share of the parameters removed from the transformer blocks (embeddings
-excluded) and from the whole model, MACs, compression seconds.
+(attention heads), ``hidden=F`` (the residual width: every block matrix has one side on
+the stream, so ``hidden=F`` removes ``1 − F`` of the blocks' parameters; ``spectral`` is
+SliceGPT's PCA rotation), ``A;B`` (both, in order).  Reported: perplexity, its increase
+relative to dense, the share of the parameters removed from the transformer blocks
+(embeddings excluded) and from the whole model (``hidden`` unties the LM head from the
+embedding, so with this model's large vocabulary the whole model can grow), MACs,
+compression seconds.
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/gpt_wikitext.py \\
         --out benchmarks/results/gpt_wikitext.json

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from spectrim._heads import heads_run
+from spectrim._hidden import hidden_run
 from spectrim._joint import joint_budget, joint_run
 from spectrim._prune import prune_run
 from spectrim._sparsify import sparsify_run, weight_nonzeros
@@ -154,6 +155,8 @@ def _run_stage(
         return sparsify_run(work, batches, info, cfg, algo, ctx, t0)
     if cfg.parsed_target.kind == "heads":
         return heads_run(work, batches, info, cfg, algo, ctx, t0)
+    if cfg.parsed_target.kind == "hidden":
+        return hidden_run(work, batches, info, cfg, algo, ctx, t0)
     return prune_run(work, batches, info, cfg, algo, ctx, t0)
 
 

@@ -24,8 +24,10 @@ __all__ = [
     "UnreachableTargetError",
 ]
 
-TargetKind = Literal["macs", "params", "width", "error", "dof", "sparsity", "auto", "heads"]
-_KINDS = ("macs", "params", "width", "error", "dof", "sparsity", "auto", "heads")
+TargetKind = Literal[
+    "macs", "params", "width", "error", "dof", "sparsity", "auto", "heads", "hidden"
+]
+_KINDS = ("macs", "params", "width", "error", "dof", "sparsity", "auto", "heads", "hidden")
 #: Target kinds of weight sparsification (the others are channel targets).
 WEIGHT_TARGETS = frozenset({"sparsity", "auto"})
 _UNREACHABLE = ("stop", "raise", "force")
@@ -45,6 +47,9 @@ class Target:
     * ``heads=F``: keep a fraction ``F`` of the attention heads of every attention layer
       (key/value groups with grouped-query attention), selected and corrected by a
       channel method (``id``, ``spectral``, ``l1``, ``l2``, ``random``);
+    * ``hidden=F``: keep a fraction ``F`` of a transformer's residual width (hidden size),
+      one basis for the whole stream: a selection of its coordinates or, with
+      ``spectral`` on a pre-LN model, a rotation (SliceGPT); see :mod:`spectrim._hidden`;
     * ``error=E``: per layer, the fewest channels whose relative reconstruction error
       on the calibration data is at most ``E``;
     * ``dof=α``: per layer, ``⌈c·N(λ)⌉`` channels from the degrees of freedom
@@ -96,7 +101,7 @@ class Target:
         if not isinstance(text, str) or "=" not in text:
             raise ValueError(
                 f"target {text!r} must look like 'macs=0.5', 'params=0.5', 'width=0.5', "
-                "'error=0.05', 'dof=0.001', 'heads=0.75', 'sparsity=0.5', 'sparsity=2:4' or 'auto'"
+                "'error=0.05', 'dof=0.001', 'heads=0.75', 'hidden=0.9', 'sparsity=0.5', 'sparsity=2:4' or 'auto'"
             )
         kind, _, value = text.partition("=")
         kind = kind.strip().lower()

@@ -27,23 +27,27 @@ def sentences_csv(tmp_path_factory: pytest.TempPathFactory, sts_train_sentences:
     return path
 
 
+@pytest.mark.parametrize("target", ["heads=0.5", "hidden=0.9"])
 def test_compress_a_hugging_face_folder_on_a_csv_column(
-    minilm_dir: Path, sentences_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    target: str, minilm_dir: Path, sentences_csv: Path, tmp_path: Path
 ) -> None:
     out_dir, report = tmp_path / "small", tmp_path / "r.json"
     argv = [
         "compress", "--model", str(minilm_dir), "--data", str(sentences_csv),
         "--text-column", "sentence", "--calib", "96", "--max-length", "48",
-        "--target", "heads=0.5", "--one-shot", "--out", str(out_dir), "--json", str(report),
+        "--target", target, "--one-shot", "--out", str(out_dir), "--json", str(report),
         "--quiet",
     ]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(report.read_text())
     assert summary["calibration_texts"] == 96 and summary["eval_texts"] == 64
     assert 0.6 < summary["cosine_mean"] < 1.0 and summary["macs_ratio"] < 1.0
-    assert summary["report"]["target"] == "heads=0.5"
+    assert summary["report"]["target"] == target
     back = load_compressed(out_dir)  # rebuilt from the recorded config, no base model
-    assert [b.heads for b in find_attention(back)] == [6] * 6
+    if target == "heads=0.5":
+        assert [b.heads for b in find_attention(back)] == [6] * 6
+    else:  # the stream keeps 346 of 384 coordinates; the embeddings keep their 384
+        assert back.get_input_embeddings().weight.shape[1] == 346
     tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(minilm_dir)
     texts = read_texts(sentences_csv, column="sentence")[96:104]
     batch = text_batches(texts, tok)[0]

@@ -94,6 +94,8 @@ Examples:
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --calib 512 \
       --target width=0.5 --then id:heads=0.75 --out minilm-small/
   spectrim compress --model my-bert/ --data reviews.csv --text-column review --target heads=0.5
+  # a tenth of the hidden size (the residual stream), readers refitted
+  spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target hidden=0.9
   # half the MACs, the allocator choosing between attention heads and FFN neurons
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target macs=0.5 --heads
 
@@ -104,7 +106,8 @@ Examples:
 
 Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), width=F (keep a
 fraction F of every layer's channels), heads=F (keep a fraction F of every attention
-layer's heads: id, spectral, l1, l2, random), error=E (per-layer reconstruction error at most E),
+layer's heads: id, spectral, l1, l2, random), hidden=F (keep a fraction F of a
+transformer's hidden size: id, spectral, l1, l2, random), error=E (per-layer reconstruction error at most E),
 dof=A (spectral only: per-layer width c*N(lambda), lambda = A * trace of its covariance);
 for the weight methods (magnitude, random, wanda, obs, lq, lq-lasso, pqi, spectrum):
 sparsity=S (a share S of every conv/Linear weight set to zero), sparsity=N:M (at most N

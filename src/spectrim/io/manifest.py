@@ -74,6 +74,7 @@ from spectrim._files import atomic_directory, sha256_cached, sha256_file
 from spectrim.graph.attention import find_attention
 from spectrim.graph.channels import shared_tensors
 from spectrim.graph.modules import module_kind, size_attribute_names
+from spectrim.graph.stream import SWAP_CLASSES
 from spectrim.report import CompressionReport
 
 __all__ = [
@@ -169,16 +170,21 @@ def build_manifest(model: nn.Module, arch: Mapping[str, Any] | None = None) -> d
         if isinstance(t, torch.Tensor)
     }
     modules = {}
+    swapped: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         attrs = _size_attributes(module)
         if attrs:
             modules[name] = attrs
+        if isinstance(module, SWAP_CLASSES) and not any(name.startswith(f"{s}.") for s in swapped):
+            kwargs = module.spectrim_kwargs()  # type: ignore[operator]
+            swapped[name] = {"class": _qualname(type(module)), "kwargs": kwargs}
     from spectrim import __version__
 
     return {
         "format": MANIFEST_FORMAT,
         "shapes": shapes,
         "modules": modules,
+        "swapped": swapped,
         "tied": _tied_names(model, shapes),
         "arch": dict(arch) if arch is not None else None,
         "files": {},
@@ -230,6 +236,16 @@ def _validate(manifest: Any, source: str | os.PathLike[str] | None) -> dict[str,
                     f"{where}module {mname!r}: {attr} must be an int or a list of ints, "
                     f"got {value!r}"
                 )
+    swapped = manifest.get("swapped", {})
+    allowed = {_qualname(c) for c in SWAP_CLASSES}
+    if not isinstance(swapped, dict) or not all(
+        isinstance(v, dict) and v.get("class") in allowed and isinstance(v.get("kwargs"), dict)
+        for v in swapped.values()
+    ):
+        raise ManifestError(
+            f"{where}'swapped' must map module names to {{'class', 'kwargs'}} with a class "
+            f"among {', '.join(sorted(allowed))}"
+        )
     arch = manifest.get("arch")
     if arch is not None and not isinstance(arch, dict):
         raise ManifestError(f"{where}'arch' must be an object or null, got {arch!r}")
@@ -346,6 +362,22 @@ def apply_manifest(
     """
     manifest = _validate(dict(manifest), source)
     where = _where(source)
+    classes = {_qualname(c): c for c in SWAP_CLASSES}
+    for module_name, spec in manifest.get("swapped", {}).items():
+        parent, _, leaf = module_name.rpartition(".")
+        try:
+            owner = model.get_submodule(parent) if parent else model
+            getattr(owner, leaf)
+        except AttributeError:
+            raise ManifestError(
+                f"{where}swapped module {module_name!r} is not in the model "
+                f"({type(model).__name__})"
+            ) from None
+        try:
+            swap = classes[spec["class"]](**spec["kwargs"])
+        except TypeError as exc:
+            raise ManifestError(f"{where}swapped module {module_name!r}: {exc}") from None
+        setattr(owner, leaf, swap)
     for module_name, attrs in manifest.get("modules", {}).items():
         try:
             module = model.get_submodule(module_name)
@@ -365,11 +397,20 @@ def apply_manifest(
                 value = tuple(value)
             setattr(module, attr, value)
 
+    tied = manifest.get("tied", {})
+    if manifest["format"] == MANIFEST_FORMAT:  # format 1 recorded no ties at all
+        _untie(model, tied)
     replaced: dict[int, torch.Tensor] = {}
     for name, shape in manifest["shapes"].items():
         leaf, table = _slot(model, name, where)
         old = table[leaf]
-        if old is None or list(old.shape) == shape:
+        if old is None:  # a parameter the surgery added (a Linear's bias)
+            weight: Any = table.get("weight")
+            if isinstance(weight, torch.Tensor):
+                data = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+                table[leaf] = nn.Parameter(data, requires_grad=weight.requires_grad)
+            continue
+        if list(old.shape) == shape:
             continue
         new = replaced.get(id(old))
         if new is None:
@@ -380,8 +421,29 @@ def apply_manifest(
                 new = data
             replaced[id(old)] = new
         table[leaf] = new
-    _tie(model, manifest.get("tied", {}), where)
+    _tie(model, tied, where)
     return model
+
+
+def _untie(model: nn.Module, tied: Mapping[str, str]) -> None:
+    """Give a tensor of its own to every name the model shares with another but the
+    manifest does not tie (the compression untied them, e.g. an LM head folded with a
+    norm's scale)."""
+    for group in shared_tensors(model):
+        first = tied.get(group[0], group[0])
+        for name in group[1:]:
+            if tied.get(name, name) != first:
+                owner = model.get_submodule(name.rpartition(".")[0])
+                leaf = name.rpartition(".")[2]
+                table: Any = owner._parameters if leaf in owner._parameters else owner._buffers
+                old = table[leaf]
+                assert old is not None
+                clone = old.detach().clone()
+                table[leaf] = (
+                    nn.Parameter(clone, old.requires_grad)
+                    if isinstance(old, nn.Parameter)
+                    else clone
+                )
 
 
 def _tie(model: nn.Module, tied: Mapping[str, str], where: str) -> None:

@@ -33,7 +33,9 @@ from spectrim.linalg.reconstruction import F32_RTOL, fit_cross_reconstruction
 
 if TYPE_CHECKING:
     from spectrim.graph.attention import AttentionBlock
+    from spectrim.graph.stream import ResidualStream
     from spectrim.methods.heads import HeadSolver
+    from spectrim.methods.stream import StreamSolver
 
 __all__ = [
     "GroupSolver",
@@ -180,6 +182,14 @@ class Method(ABC):
         is the output projection's input Gram (``None`` for a method without
         statistics).  Methods that can select heads override it."""
         raise ValueError(f"method '{self.name}' cannot select attention heads")
+
+    def stream_solver(
+        self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module
+    ) -> StreamSolver:
+        """Solver for the residual stream's new basis (``target="hidden=F"``); ``gram`` is
+        the Gram of the normalised stream summed over its norms (``None`` for a method
+        without statistics).  Methods that can narrow the stream override it."""
+        raise ValueError(f"method '{self.name}' cannot narrow the residual stream")
 
 
 _REGISTRY: dict[tuple[str, str], type[Method]] = {}

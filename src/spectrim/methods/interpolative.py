@@ -19,10 +19,12 @@ from torch import nn
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
+from spectrim.graph.stream import ResidualStream
 from spectrim.graph.surgery import GroupPlan
 from spectrim.linalg import fit_reconstruction, id_factorize, residual_of
 from spectrim.methods.base import GroupSolver, Method, register_method
 from spectrim.methods.heads import HeadSolver, greedy_solver
+from spectrim.methods.stream import StreamSolver
 
 __all__ = ["IDMethod", "IDSolver"]
 
@@ -96,3 +98,12 @@ class IDMethod(Method):
             raise ValueError(f"id: attention '{block.name}' has no statistics")
         tau = self.ridge * float(np.trace(gram)) / max(gram.shape[0], 1)
         return greedy_solver(block, gram, theta=1.0, ridge=tau)
+
+    def stream_solver(
+        self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module
+    ) -> StreamSolver:
+        """Coordinates by the column-pivoted QR of the normalised stream; readers refitted."""
+        if gram is None:
+            raise ValueError(f"id: the residual stream of '{stream.name}' has no statistics")
+        order = id_factorize(gram).perm
+        return StreamSolver(gram, order=order, ridge=max(self.ridge, 1e-6))

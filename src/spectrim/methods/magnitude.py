@@ -18,8 +18,10 @@ from spectrim.context import RunContext
 from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.modules import module_kind
+from spectrim.graph.stream import ResidualStream
 from spectrim.methods.base import GroupSolver, Method, OrderSolver, register_method
 from spectrim.methods.heads import HeadSolver, head_norms
+from spectrim.methods.stream import StreamSolver, stream_weight_scores
 
 __all__ = ["L1Method", "L2Method", "RandomMethod", "filter_norms"]
 
@@ -59,6 +61,13 @@ class _NormMethod(Method):
         kept = np.concatenate([[0.0], np.cumsum(w)])
         curve = 1.0 - kept / kept[-1] if kept[-1] > 0 else None
         return HeadSolver(block, order, curve, correct=False)
+
+    def stream_solver(
+        self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module
+    ) -> StreamSolver:
+        """Coordinates of largest summed weight magnitude first, no refit."""
+        score = stream_weight_scores(stream, model, self.p)
+        return StreamSolver(gram, order=np.argsort(-score, kind="stable"), correct=False)
 
 
 @register_method("l1")
@@ -104,3 +113,9 @@ class RandomMethod(Method):
     ) -> HeadSolver:
         """Random heads, no correction."""
         return HeadSolver(block, self.rng.permutation(block.units), correct=False)
+
+    def stream_solver(
+        self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module
+    ) -> StreamSolver:
+        """Random coordinates, no refit."""
+        return StreamSolver(gram, order=self.rng.permutation(stream.width), correct=False)

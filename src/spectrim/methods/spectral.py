@@ -39,6 +39,7 @@ from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.modules import module_kind
+from spectrim.graph.stream import ResidualStream
 from spectrim.graph.surgery import GroupPlan
 from spectrim.linalg import (
     degrees_of_freedom,
@@ -51,6 +52,7 @@ from spectrim.linalg import (
 )
 from spectrim.methods.base import GroupSolver, Method, register_method
 from spectrim.methods.heads import HeadSolver, greedy_solver, output_weight_gram
+from spectrim.methods.stream import StreamSolver, pca_rotation
 
 __all__ = ["SpectralMethod", "SpectralSolver", "consumer_weight_gram"]
 
@@ -231,3 +233,18 @@ class SpectralMethod(Method):
         weight = output_weight_gram(block, model) if self.theta < 1.0 else None
         ridge = 0.0 if self.tau == "none" else self.alpha * float(np.trace(gram))
         return greedy_solver(block, gram, theta=self.theta, weight=weight, ridge=ridge)
+
+    def stream_solver(
+        self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module
+    ) -> StreamSolver:
+        """Pre-LN: the PCA of the normalised stream (SliceGPT's rotation); post-LN (whose
+        norms do not commute with rotations): the spectral greedy selection with its
+        ridge ``α·tr Σ``.  Readers refitted either way."""
+        if gram is None:
+            raise ValueError(f"spectral: the residual stream of '{stream.name}' has no statistics")
+        ridge = max(self.alpha, 1e-6) if self.tau != "none" else 1e-6
+        if stream.kind == "pre":
+            return StreamSolver(gram, rotation=pca_rotation(gram), ridge=ridge)
+        tau = 0.0 if self.tau == "none" else self.alpha * float(np.trace(gram))
+        order = spectral_greedy(gram, theta=1.0, tau=tau).order
+        return StreamSolver(gram, order=order, ridge=ridge)

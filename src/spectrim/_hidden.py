@@ -1,0 +1,343 @@
+"""The residual-width run behind ``spectrim.compress(..., target="hidden=F")``.
+
+``find → convert → collect → solve → narrow → refit → report``:
+
+* find: the model's residual stream (:func:`spectrim.graph.stream.find_stream`);
+* convert (exact): a norm whose output is the model's output becomes a
+  :class:`~spectrim.graph.stream.NormExpand` (the output keeps its width).  In a pre-LN
+  model every writer is centred (``W ← (I − 11ᵀ/d)W``: the stream's mean is then zero, so
+  a LayerNorm equals an RMSNorm), and every norm's affine is folded into its readers
+  (``W ← W diag γ``, ``b ← b + Wβ``), leaving parameter-free RMSNorms, which commute with
+  rotations (SliceGPT, Ashkboos et al. 2024).  A tied LM head is untied by the fold;
+* collect: the Gram of the normalised stream (every norm's output; padded positions left
+  out), float64, summed over the norms;
+* solve: the method's :meth:`~spectrim.methods.Method.stream_solver` gives the basis ``E``
+  (``d × k``): a selection of coordinates or a rotation;
+* narrow: writers and embeddings write ``Eᵀ·``; pre-LN norms normalise the ``k`` kept
+  coordinates (an RMSNorm's scale is invariant to a rotation but not to dropping
+  directions: the refit absorbs the difference); post-LN LayerNorms are sliced to the
+  kept coordinates; readers read ``W E``;
+* refit (methods with a correction): at every norm, in execution order, each reader gets
+  the least-squares map ``M`` (``d × k``, plus an intercept where the readers have biases)
+  from what the narrowed model's norm now outputs to what the original's did, fitted on
+  the narrowed prefix (``sequential=True``, the default: each fit sees the earlier
+  refits) or on the original model's own outputs restricted to the basis (one shot);
+  the readers' new weights are ``W M``.
+
+Exact: the conversion (to float rounding), the narrowing at ``F = 1``.  Approximate: the
+directions dropped, a sliced post-LN LayerNorm's statistics (mean and variance over the
+kept coordinates only), and an RMSNorm's scale over fewer coordinates; the refit
+minimises their effect on what every reader sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectrim.calibration.batches import drop_padding, head_examples, token_mask
+from spectrim.calibration.checks import CalibrationInfo
+from spectrim.config import CompressConfig
+from spectrim.context import RunContext
+from spectrim.evaluation.flops import profile
+from spectrim.graph.modules import set_param
+from spectrim.graph.stream import (
+    NormExpand,
+    NormSite,
+    ResidualStream,
+    StreamRMSNorm,
+    find_stream,
+    has_bias,
+    norm_affine,
+    read_columns,
+    set_module,
+    write_rows,
+)
+from spectrim.graph.trace import call_model
+from spectrim.linalg import fit_cross_reconstruction
+from spectrim.methods import Method
+from spectrim.methods.stream import StreamPlan
+from spectrim.report import CompressionReport, GroupReport
+
+__all__ = ["convert_stream", "hidden_run", "narrow_stream", "refit_site", "stream_grams"]
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the statistics it was run for are taken."""
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    x, _ = drop_padding(x.detach(), mask, x.dim() - 1)
+    return x.reshape(-1, x.shape[-1]).double()
+
+
+def _wrap_outputs(model: nn.Module, stream: ResidualStream) -> ResidualStream:
+    """Every site without readers (its output is the model's output) becomes a
+    :class:`NormExpand` whose identity ``expand`` is its reader.  Exact."""
+    sites = []
+    for s in stream.sites:
+        if s.readers:
+            sites.append(s)
+            continue
+        norm = model.get_submodule(s.norm)
+        wrapped = NormExpand(norm, stream.width)
+        p = next(iter(norm.parameters()), None)
+        dtype = p.dtype if p is not None else torch.float32
+        with torch.no_grad():
+            wrapped.expand.weight.copy_(torch.eye(stream.width, dtype=dtype))
+            wrapped.expand.bias.zero_()
+        wrapped.to(dtype)
+        set_module(model, s.norm, wrapped)
+        sites.append(NormSite(f"{s.norm}.norm", [f"{s.norm}.expand"]))
+    return ResidualStream(stream.name, stream.kind, stream.width, stream.embeddings,
+                          stream.writers, sites)  # fmt: skip
+
+
+def convert_stream(model: nn.Module, stream: ResidualStream) -> ResidualStream:
+    """The exact rewrite of ``model`` (in place) that lets its stream be narrowed; returns
+    the stream of the rewritten model (see the module docstring)."""
+    stream = _wrap_outputs(model, stream)
+    if stream.kind == "post":
+        return stream
+    d = stream.width
+    affines = {s.norm: norm_affine(model.get_submodule(s.norm), d) for s in stream.sites}
+    kinds = {a[0] for a in affines.values()}
+    if "layer" in kinds:  # centre every writer: the stream's mean is zero, LN = RMSNorm
+        C = torch.eye(d, dtype=torch.float64) - 1.0 / d
+        for name in stream.embeddings + stream.writers:
+            write_rows(model.get_submodule(name), C, name)
+    for s in stream.sites:
+        _, gamma, beta, eps = affines[s.norm]
+        shift = beta if bool(beta.abs().max() > 0) else None
+        for r in s.readers:
+            read_columns(model.get_submodule(r), torch.diag(gamma), r, shift)
+        norm = StreamRMSNorm(d, eps)
+        set_module(model, s.norm, norm)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # the fold of the final norm untied the head
+    return stream
+
+
+def _site_outputs(
+    model: nn.Module,
+    sites: list[NormSite],
+    batches: list[Any],
+    fn: Callable[[str, torch.Tensor], None],
+    *,
+    stop: bool = False,
+    progress: Any = None,
+) -> None:
+    """Call ``fn(site norm, rows)`` with every site norm's output rows (padding dropped)
+    over ``batches``; with ``stop``, each pass ends after the last of ``sites``."""
+    mask: list[torch.Tensor | None] = [None]
+    last = sites[-1].norm if stop else None
+
+    def hook(name: str) -> Any:
+        def f(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            fn(name, _rows(out, mask[0]))
+            if name == last:
+                raise _Stop
+
+        return f
+
+    handles = [model.get_submodule(s.norm).register_forward_hook(hook(s.norm)) for s in sites]
+    try:
+        with torch.no_grad():
+            for batch in progress(batches) if progress is not None else batches:
+                mask[0] = token_mask(batch)
+                try:
+                    call_model(model, batch)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stream_grams(
+    model: nn.Module, stream: ResidualStream, batches: list[Any], progress: Any = None
+) -> tuple[np.ndarray, int]:
+    """The Gram of the normalised stream summed over every site, and the rows per site."""
+    d = stream.width
+    total = torch.zeros(d, d, dtype=torch.float64)
+    rows = [0]
+    first = stream.sites[0].norm
+
+    def add(name: str, x: torch.Tensor) -> None:
+        total.add_(x.T @ x)
+        if name == first:
+            rows[0] += x.shape[0]
+
+    _site_outputs(model, stream.sites, batches, add, progress=progress)
+    return total.numpy(), rows[0]
+
+
+def narrow_stream(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> None:
+    """Narrow ``model``'s (converted) stream to the basis ``E`` (``d × k``), readers
+    restricted (``W ← W E``), no refit.  In place."""
+    k = E.shape[1]
+    keep = None
+    if stream.kind == "post":
+        keep = StreamPlan(E.numpy(), False, 0.0).keep
+        if keep is None:
+            raise ValueError("a post-LN stream can keep a selection of its coordinates only")
+    for name in stream.embeddings + stream.writers:
+        write_rows(model.get_submodule(name), E, name)
+    for s in stream.sites:
+        norm = model.get_submodule(s.norm)
+        if isinstance(norm, StreamRMSNorm):
+            norm.width = k
+        else:
+            assert keep is not None
+            idx = torch.as_tensor(keep)
+            for attr in ("weight", "bias"):
+                t = getattr(norm, attr, None)
+                if isinstance(t, torch.Tensor):
+                    set_param(norm, attr, t.detach()[idx])
+            norm.normalized_shape = (k,)  # type: ignore[assignment]
+        for r in s.readers:
+            read_columns(model.get_submodule(r), E, r)
+
+
+def refit_site(
+    work: nn.Module,
+    original: nn.Module,
+    readers: nn.Module,
+    site: NormSite,
+    E: torch.Tensor,
+    kind: str,
+    batches: list[Any],
+    ridge: float,
+    sequential: bool,
+) -> None:
+    """Refit the readers of ``site`` in ``work``: least squares from its norm's output to
+    the one of ``original`` at the same place; the new readers are those of ``readers``
+    (``work`` before it was narrowed) times the fit (see the module docstring)."""
+    k = E.shape[1]
+    intercept = all(has_bias(work, r) for r in site.readers)
+    kk = k + int(intercept)
+    d = E.shape[0]
+    V = torch.zeros(kk, kk, dtype=torch.float64)
+    C = torch.zeros(kk, d, dtype=torch.float64)
+    seen: dict[str, torch.Tensor] = {}
+
+    def aug(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([v, torch.ones(v.shape[0], 1, dtype=v.dtype)], 1) if intercept else v
+
+    def on_original(name: str, n: torch.Tensor) -> None:
+        if sequential:
+            seen["n"] = n
+            return
+        v = n @ E  # the original's stream in the basis, normalised as the narrowed norm does
+        if kind == "pre":
+            v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-12)
+        v = aug(v)
+        V.add_(v.T @ v)
+        C.add_(v.T @ n)
+
+    def on_work(name: str, v: torch.Tensor) -> None:
+        v = aug(v)
+        V.add_(v.T @ v)
+        C.add_(v.T @ seen.pop("n"))
+
+    if sequential:
+        for batch in batches:  # original first, then the narrowed model, batch by batch
+            _site_outputs(original, [site], [batch], on_original, stop=True)
+            _site_outputs(work, [site], [batch], on_work, stop=True)
+    else:
+        _site_outputs(original, [site], batches, on_original, stop=True)
+    tau = ridge * float(torch.trace(V[:k, :k])) / max(k, 1)
+    tau_vec = np.full(kk, tau)
+    if intercept:
+        tau_vec[-1] = 0.0
+    B = fit_cross_reconstruction(V.numpy(), C.numpy(), np.arange(kk), tau_vec)  # d × kk
+    M = torch.as_tensor(B[:, :k])
+    shift = torch.as_tensor(B[:, k]) if intercept else None
+    for r in site.readers:
+        fresh = copy.deepcopy(readers.get_submodule(r))
+        read_columns(fresh, M, r, shift)
+        set_module(work, r, fresh)
+
+
+def hidden_run(
+    work: nn.Module,
+    batches: list[Any],
+    info: CalibrationInfo,
+    cfg: CompressConfig,
+    method: Method,
+    ctx: RunContext,
+    t0: float,
+) -> tuple[nn.Module, CompressionReport]:
+    """Narrow the residual stream of ``work`` in place as ``cfg`` (``hidden=F``) says."""
+    tgt = cfg.parsed_target
+    method = method.for_run(ctx)
+    work.eval()
+    report = CompressionReport(method=method.name, target=str(tgt), config=cfg.to_dict())
+    report.warnings.extend(info.warnings)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    found = find_stream(work)
+    if found is None:
+        raise ValueError(
+            f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
+            "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2, OPT and BERT-family "
+            "models; register others with spectrim.graph.stream.register_stream)"
+        )
+    example = head_examples(batches[0])
+    cost0 = profile(work, example)
+    d = found.width
+    k = min(d, max(1, round(tgt.value * d)))
+    if cfg.round_to > 1 and k < d:
+        k = min(d, max(cfg.round_to, round(k / cfg.round_to) * cfg.round_to))
+    stream = convert_stream(work, found)
+    timings["convert"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    # every method gets the Gram: the report's predicted error needs it
+    gram, rows = stream_grams(work, stream, batches, progress=ctx.wrap(len(batches)))
+    timings["collect"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    solver = method.stream_solver(stream, gram, work)
+    plan = solver.plan(k)
+    curve = solver.error_curve()
+    timings["solve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if k < d:
+        original = copy.deepcopy(work) if plan.correct else None
+        E = torch.as_tensor(plan.basis)
+        narrow_stream(work, stream, E)
+        if original is not None:
+            for site in stream.sites:
+                refit_site(work, original, original, site, E, stream.kind, batches, plan.ridge,
+                           cfg.sequential)  # fmt: skip
+    timings["apply"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report.groups.append(
+        GroupReport(
+            name=f"{stream.name} (hidden)",
+            width_before=d,
+            width_after=k,
+            producers=stream.embeddings + stream.writers,
+            consumers=[r for s in stream.sites for r in s.readers],
+            predicted_error=float(np.sqrt(max(curve[k], 0.0))),
+            rows=rows or None,
+        )
+    )
+    cost1 = profile(work, example)
+    report.params_before, report.params_after = cost0.params, cost1.params
+    report.macs_before, report.macs_after = cost0.macs, cost1.macs
+    report.calibration_rows = info.examples
+    timings["report"] = time.perf_counter() - t
+    report.timings = timings
+    report.seconds = time.perf_counter() - t0
+    return work, report

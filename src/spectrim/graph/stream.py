@@ -1,0 +1,483 @@
+"""The residual stream of a transformer: who writes it, where it is normalised, who reads it.
+
+The channel analysis pins a transformer's hidden width: every LayerNorm / RMSNorm
+normalises over it.  It can still be made narrower, but as one unit across the whole model
+(the residual connections add every writer into the same coordinates), and only with the
+norms handled explicitly.  A :class:`ResidualStream` records, for one model:
+
+* ``embeddings``: the embedding tables whose rows enter the stream;
+* ``writers``: the linears whose outputs are added into it (attention output
+  projections, FFN down projections);
+* ``sites``: every norm of the stream in execution order, with the linears that read its
+  output (:class:`NormSite`);
+* ``kind``: ``"pre"`` (pre-LN: the stream is the running sum, each block reads a
+  normalised copy; GPT-2, LLaMA, OPT) or ``"post"`` (post-LN: the stream *is* each norm's
+  output; BERT, RoBERTa, MiniLM).
+
+Each architecture family is one finder registered with :func:`register_stream`; finders
+match on attribute names, like :mod:`spectrim.graph.attention`.  Every norm a finder
+returns is checked numerically (:func:`norm_affine`): it must compute a LayerNorm or
+RMSNorm with an elementwise affine, or the stream is refused with the norm named (e.g.
+Gemma's ``(1 + w)`` scale would otherwise be folded wrongly).
+
+The surgery primitives are here too: :func:`write_rows` (a writer's outputs ``W ← EᵀW``),
+:func:`read_columns` (a reader's inputs ``W ← W M``, plus a bias shift), and the two
+modules a narrowed stream may need, :class:`StreamRMSNorm` and :class:`NormExpand`.
+
+Example::
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
+    >>> s = find_stream(model)
+    >>> s.kind, s.width, len(s.sites), s.sites[-1].readers
+    ('pre', 32, 5, ['lm_head'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectrim.graph.modules import module_kind, set_param
+
+__all__ = [
+    "SWAP_CLASSES",
+    "NormExpand",
+    "NormSite",
+    "ResidualStream",
+    "StreamRMSNorm",
+    "find_stream",
+    "norm_affine",
+    "read_columns",
+    "register_stream",
+    "stream_matrix",
+    "write_rows",
+]
+
+
+class StreamRMSNorm(nn.Module):
+    """``x · rsqrt(mean(x²) + eps)`` over the last axis, computed in float32, no affine
+    (the affine of the norm it replaces is folded into the readers).
+
+    Example::
+
+        >>> StreamRMSNorm(4)(torch.tensor([[2.0, 2.0, 2.0, 2.0]])).tolist()
+        [[1.0, 1.0, 1.0, 1.0]]
+    """
+
+    def __init__(self, width: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.width, self.eps = int(width), float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.width}, eps={self.eps}"
+
+    def spectrim_kwargs(self) -> dict[str, float | int]:
+        """Constructor arguments (recorded in a saved manifest)."""
+        return {"width": self.width, "eps": self.eps}
+
+
+class NormExpand(nn.Module):
+    """A norm followed by a linear map back to the full width: the last norm of a narrowed
+    stream whose output is the model's output (an encoder's embeddings keep their size).
+
+    Example::
+
+        >>> m = NormExpand(nn.LayerNorm(3), 5)
+        >>> m(torch.randn(2, 3)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(
+        self, norm: nn.Module | str, out_features: int, width: int = 0, eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        if isinstance(norm, str):  # rebuilt from a manifest
+            norm = StreamRMSNorm(width, eps) if norm == "rms" else nn.LayerNorm(width, eps)
+        self.norm = norm
+        self.expand = nn.Linear(_norm_width(norm), out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.norm(x))  # type: ignore[no-any-return]
+
+    def spectrim_kwargs(self) -> dict[str, str | int | float]:
+        """Constructor arguments (recorded in a saved manifest)."""
+        kind = "rms" if isinstance(self.norm, StreamRMSNorm) else "layernorm"
+        eps = float(getattr(self.norm, "eps", 1e-5))
+        out = self.expand.out_features
+        return {"norm": kind, "out_features": out, "width": _norm_width(self.norm), "eps": eps}
+
+
+def _norm_width(norm: nn.Module) -> int:
+    if isinstance(norm, StreamRMSNorm):
+        return norm.width
+    shape = getattr(norm, "normalized_shape", None)
+    if shape is not None:
+        return int(shape[-1])
+    w = getattr(norm, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return int(w.shape[-1])
+    raise TypeError(f"cannot tell the width of {type(norm).__name__}")
+
+
+@dataclass
+class NormSite:
+    """A norm of the stream and the linears reading its output (``[]``: its output is the
+    model's output)."""
+
+    norm: str
+    readers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ResidualStream:
+    """One model's residual stream (see the module docstring)."""
+
+    name: str
+    kind: Literal["pre", "post"]
+    width: int
+    embeddings: list[str]
+    writers: list[str]
+    sites: list[NormSite]
+
+    def modules(self) -> list[str]:
+        """Every module the stream's surgery changes."""
+        out = list(self.embeddings) + list(self.writers)
+        for s in self.sites:
+            out += [s.norm, *s.readers]
+        return out
+
+
+Finder = Callable[[str, nn.Module, nn.Module], ResidualStream | None]
+_FINDERS: list[tuple[str, Finder]] = []
+
+
+def register_stream(name: str) -> Callable[[Finder], Finder]:
+    """Register a finder ``(path, module, model) -> ResidualStream | None`` (tried on every
+    module in order; the first match wins)."""
+
+    def deco(fn: Finder) -> Finder:
+        _FINDERS[:] = [(n, f) for n, f in _FINDERS if n != name] + [(name, fn)]
+        return fn
+
+    return deco
+
+
+def find_stream(model: nn.Module) -> ResidualStream | None:
+    """The residual stream of ``model`` a registered finder recognises, or ``None``."""
+    for path, module in model.named_modules():
+        for _, finder in _FINDERS:
+            found = finder(path, module, model)
+            if found is not None:
+                return found
+    return None
+
+
+def norm_affine(norm: nn.Module, width: int) -> tuple[str, torch.Tensor, torch.Tensor, float]:
+    """``(kind, γ, β, eps)`` of a norm that computes ``γ ⊙ (x − mean)/σ + β`` (``"layer"``)
+    or ``γ ⊙ x/rms(x)`` (``"rms"``, ``β = 0``) over the last axis, checked numerically on
+    random inputs.
+
+    Raises:
+        ValueError: the norm computes something else (named by its type).
+    """
+    w = getattr(norm, "weight", None)
+    gamma = (
+        w.detach().double()
+        if isinstance(w, torch.Tensor)
+        else torch.ones(width, dtype=torch.float64)
+    )
+    b = getattr(norm, "bias", None)
+    beta = (
+        b.detach().double()
+        if isinstance(b, torch.Tensor)
+        else torch.zeros(width, dtype=torch.float64)
+    )
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(norm, "variance_epsilon", 1e-6)
+    eps = float(eps)  # type: ignore[arg-type]
+    p = next(iter(norm.parameters()), None)
+    dtype = p.dtype if p is not None else torch.float32
+    x = torch.randn(8, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x * 3 + 1.5
+    with torch.no_grad():
+        y = norm(x.to(dtype)).double()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    centred = x - x.mean(-1, keepdim=True)
+    layer = gamma * centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps) + beta
+    if torch.allclose(y, layer, atol=tol, rtol=tol):
+        return "layer", gamma, beta, eps
+    rms = gamma * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if torch.allclose(y, rms, atol=tol, rtol=tol) and not isinstance(b, torch.Tensor):
+        return "rms", gamma, beta, eps
+    raise ValueError(
+        f"{type(norm).__name__}: not a LayerNorm or RMSNorm with an elementwise affine "
+        "(checked on random inputs); its residual stream cannot be narrowed"
+    )
+
+
+#: modules a narrowed stream may hold that the original did not (rebuilt from a manifest)
+SWAP_CLASSES: tuple[type[nn.Module], ...] = (StreamRMSNorm, NormExpand)
+
+
+# ------------------------------------------------------------------ surgery primitives
+
+
+def stream_matrix(module: nn.Module, path: str) -> tuple[torch.Tensor, bool]:
+    """The weight as an ``out × in`` matrix, and whether it is stored transposed."""
+    kind = module_kind(module)
+    w = getattr(module, "weight", None)
+    if kind is None or not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise TypeError(f"stream module '{path}' ({type(module).__name__}) has no weight matrix")
+    transposed = kind.weight_dims == (1, 0)
+    return (w.detach().t() if transposed else w.detach()), transposed
+
+
+def _set_matrix(module: nn.Module, m: torch.Tensor, transposed: bool, dtype: torch.dtype) -> None:
+    w = m.to(dtype)
+    set_param(module, "weight", (w.t() if transposed else w).contiguous())
+
+
+_OUT_ATTR = {"linear": "out_features", "hf-conv1d": "nf", "embedding": "embedding_dim"}
+
+
+def write_rows(module: nn.Module, E: torch.Tensor, path: str) -> None:
+    """A writer's (or an embedding's) outputs in the stream's new coordinates:
+    ``W ← EᵀW``, ``b ← Eᵀb`` (``E``: ``d × k`` float64).  In place."""
+    W, dims = stream_matrix(module, path)
+    dtype = W.dtype
+    E = E.to(W.device)
+    _set_matrix(module, E.T @ W.double(), dims, dtype)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        set_param(module, "bias", (E.T @ bias.detach().double()).to(bias.dtype))
+    kind = module_kind(module)
+    attr = _OUT_ATTR.get(kind.name if kind is not None else "")
+    if attr is not None:
+        setattr(module, attr, E.shape[1])
+
+
+def read_columns(
+    module: nn.Module, M: torch.Tensor, path: str, shift: torch.Tensor | None = None
+) -> None:
+    """A reader's inputs in the stream's new coordinates: ``W ← W M`` (``M``: ``d × k``
+    float64) and ``b ← b + W shift`` (the original ``W``) when ``shift`` is given.  In place."""
+    W, dims = stream_matrix(module, path)
+    dtype = W.dtype
+    Wd = W.double()
+    _set_matrix(module, Wd @ M.to(W.device), dims, dtype)
+    if shift is not None:
+        bias = getattr(module, "bias", None)
+        value = Wd @ shift.to(W.device)
+        if isinstance(bias, torch.Tensor):
+            set_param(module, "bias", (bias.detach().double() + value).to(bias.dtype))
+        elif "bias" in module._parameters:  # a Linear built with bias=False gains one
+            module.bias = nn.Parameter(value.to(dtype))  # type: ignore[assignment]
+        else:
+            raise ValueError(f"stream reader '{path}' has no bias to take a shift")
+    kind = module_kind(module)
+    if kind is not None and kind.in_size is not None:
+        setattr(module, kind.in_size, M.shape[1])
+
+
+def has_bias(model: nn.Module, path: str) -> bool:
+    """Whether module ``path`` has a bias tensor."""
+    return isinstance(getattr(model.get_submodule(path), "bias", None), torch.Tensor)
+
+
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the submodule at ``path``."""
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def selection(d: int, keep: np.ndarray) -> torch.Tensor:
+    """The ``d × k`` matrix of the identity's columns ``keep``."""
+    E = torch.zeros(d, len(keep), dtype=torch.float64)
+    E[torch.as_tensor(np.asarray(keep, dtype=np.int64)), torch.arange(len(keep))] = 1.0
+    return E
+
+
+# ------------------------------------------------------------------------- finders
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _children(module: nn.Module, name: str) -> list[Any]:
+    return list(getattr(module, name))
+
+
+def _width(module: nn.Module, name: str) -> int:
+    """The output width of embedding ``name`` of ``module``."""
+    emb: Any = getattr(module, name)
+    return int(emb.weight.shape[1])
+
+
+def _has(module: nn.Module, *names: str) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Module) for n in names)
+
+
+def _head(model: nn.Module, path: str, width: int) -> list[str]:
+    """A language-model head reading the final norm: ``lm_head`` beside the base model."""
+    parent = path.rpartition(".")[0] if "." in path else ""
+    for where in (parent, ""):
+        owner = model.get_submodule(where) if where else model
+        head = getattr(owner, "lm_head", None)
+        if isinstance(head, nn.Linear) and head.in_features == width:
+            return [_join(where, "lm_head")]
+    return []
+
+
+@register_stream("gpt2")
+def _gpt2(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
+    """GPT-2: ``wte``/``wpe`` embeddings, blocks ``h.i`` with ``ln_1 → attn.c_attn``,
+    ``attn.c_proj``, ``ln_2 → mlp.c_fc``, ``mlp.c_proj``, and ``ln_f``."""
+    if not _has(module, "wte", "wpe", "h", "ln_f"):
+        return None
+    blocks = _children(module, "h")
+    if not blocks or not all(
+        _has(b, "ln_1", "attn", "ln_2", "mlp") and getattr(b, "crossattention", None) is None
+        for b in blocks
+    ):
+        return None
+    d = _width(module, "wte")
+    sites, writers = [], []
+    for i in range(len(blocks)):
+        p = _join(path, f"h.{i}")
+        sites += [
+            NormSite(_join(p, "ln_1"), [_join(p, "attn.c_attn")]),
+            NormSite(_join(p, "ln_2"), [_join(p, "mlp.c_fc")]),
+        ]
+        writers += [_join(p, "attn.c_proj"), _join(p, "mlp.c_proj")]
+    sites.append(NormSite(_join(path, "ln_f"), _head(model, path, d)))
+    return ResidualStream(
+        path or "model", "pre", d, [_join(path, "wte"), _join(path, "wpe")], writers, sites
+    )
+
+
+@register_stream("llama")
+def _llama(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
+    """LLaMA / Mistral / Qwen2: ``embed_tokens``, ``layers.i`` with ``input_layernorm →
+    self_attn.{q,k,v}_proj``, ``self_attn.o_proj``, ``post_attention_layernorm →
+    mlp.{gate,up}_proj``, ``mlp.down_proj``, and ``norm``.  Layers with more norms
+    (Gemma's sandwich norms) are not matched."""
+    if not _has(module, "embed_tokens", "layers", "norm"):
+        return None
+    blocks = _children(module, "layers")
+    extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+    if not blocks or not all(
+        _has(b, "input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+        and _has(b.self_attn, "q_proj", "k_proj", "v_proj", "o_proj")
+        and _has(b.mlp, "gate_proj", "up_proj", "down_proj")
+        and not any(getattr(b, e, None) is not None for e in extra)
+        for b in blocks
+    ):
+        return None
+    d = _width(module, "embed_tokens")
+    sites, writers = [], []
+    for i in range(len(blocks)):
+        p = _join(path, f"layers.{i}")
+        a, m = _join(p, "self_attn"), _join(p, "mlp")
+        sites += [
+            NormSite(_join(p, "input_layernorm"), [_join(a, f"{r}_proj") for r in "qkv"]),
+            NormSite(
+                _join(p, "post_attention_layernorm"), [_join(m, "gate_proj"), _join(m, "up_proj")]
+            ),
+        ]
+        writers += [_join(a, "o_proj"), _join(m, "down_proj")]
+    sites.append(NormSite(_join(path, "norm"), _head(model, path, d)))
+    return ResidualStream(path or "model", "pre", d, [_join(path, "embed_tokens")], writers, sites)
+
+
+@register_stream("opt")
+def _opt(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
+    """OPT decoders with pre-LN (``do_layer_norm_before``) and no ``project_in``/``out``."""
+    if not _has(module, "embed_tokens", "embed_positions", "layers", "final_layer_norm"):
+        return None
+    if (
+        getattr(module, "project_in", None) is not None
+        or getattr(module, "project_out", None) is not None
+    ):
+        return None
+    blocks = _children(module, "layers")
+    if not blocks or not all(
+        _has(b, "self_attn_layer_norm", "self_attn", "final_layer_norm", "fc1", "fc2")
+        and getattr(b, "do_layer_norm_before", False)
+        for b in blocks
+    ):
+        return None
+    d = _width(module, "embed_tokens")
+    sites, writers = [], []
+    for i in range(len(blocks)):
+        p = _join(path, f"layers.{i}")
+        a = _join(p, "self_attn")
+        sites += [
+            NormSite(_join(p, "self_attn_layer_norm"), [_join(a, f"{r}_proj") for r in "qkv"]),
+            NormSite(_join(p, "final_layer_norm"), [_join(p, "fc1")]),
+        ]
+        writers += [_join(a, "out_proj"), _join(p, "fc2")]
+    sites.append(NormSite(_join(path, "final_layer_norm"), _head(model, path, d)))
+    emb = [_join(path, "embed_tokens"), _join(path, "embed_positions")]
+    return ResidualStream(path or "model", "pre", d, emb, writers, sites)
+
+
+@register_stream("bert")
+def _bert(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
+    """BERT-family post-LN encoders (BERT, RoBERTa, MiniLM, ELECTRA): ``embeddings``
+    (word, position, token type, ``LayerNorm``), ``encoder.layer.i`` with
+    ``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm}``,
+    ``intermediate.dense``, ``output.{dense,LayerNorm}``.  The last norm's output is the
+    model's output (``pooler`` and heads read it at full width)."""
+    emb = getattr(module, "embeddings", None)
+    enc = getattr(module, "encoder", None)
+    if not (isinstance(emb, nn.Module) and _has(emb, "word_embeddings", "LayerNorm")):
+        return None
+    if not (isinstance(enc, nn.Module) and _has(enc, "layer")):
+        return None
+    blocks = _children(enc, "layer")
+    if not blocks or not all(
+        _has(b, "attention", "intermediate", "output")
+        and _has(b.attention, "self", "output")
+        and _has(b.attention.self, "query", "key", "value")
+        and _has(b.attention.output, "dense", "LayerNorm")
+        and _has(b.intermediate, "dense")
+        and _has(b.output, "dense", "LayerNorm")
+        and getattr(b, "crossattention", None) is None
+        for b in blocks
+    ):
+        return None
+    d = _width(emb, "word_embeddings")
+    e = _join(path, "embeddings")
+    embeddings = [
+        _join(e, n)
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+        if isinstance(getattr(emb, n, None), nn.Embedding)
+    ]
+    qkv = [f"attention.self.{r}" for r in ("query", "key", "value")]
+    sites, writers = [], []
+    first = NormSite(_join(e, "LayerNorm"), [_join(path, f"encoder.layer.0.{r}") for r in qkv])
+    sites.append(first)
+    for i in range(len(blocks)):
+        p = _join(path, f"encoder.layer.{i}")
+        nxt = (
+            [_join(path, f"encoder.layer.{i + 1}.{r}") for r in qkv] if i + 1 < len(blocks) else []
+        )
+        sites += [
+            NormSite(_join(p, "attention.output.LayerNorm"), [_join(p, "intermediate.dense")]),
+            NormSite(_join(p, "output.LayerNorm"), nxt),
+        ]
+        writers += [_join(p, "attention.output.dense"), _join(p, "output.dense")]
+    return ResidualStream(path or "model", "post", d, embeddings, writers, sites)

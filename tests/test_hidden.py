@@ -1,0 +1,215 @@
+"""``target="hidden=F"``: the residual width of transformers narrowed through ``compress``.
+
+Tiny random-weight Hugging Face models (GPT-2, LLaMA with grouped-query attention, OPT,
+BERT) for the mechanics: the exact conversion (centred writers, norms folded into their
+readers, tied head untied), a full-width rotation that changes nothing, every method on
+every family, the user's model untouched, ``generate()``, save and reload, the refit never
+worse than plain restriction on the calibration data.  The real all-MiniLM-L6-v2 for the
+property that matters: the refitted stream keeps the embeddings close to the original's,
+far closer than the magnitude baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import spectrim
+from spectrim._hidden import convert_stream, narrow_stream
+from spectrim.graph.stream import NormExpand, StreamRMSNorm, find_stream, norm_affine
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ("gpt2", "llama", "opt", "bert")
+
+
+def _model(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    t = transformers
+    if family == "gpt2":
+        m: nn.Module = t.GPT2LMHeadModel(
+            t.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=60, n_positions=32)
+        )
+    elif family == "llama":
+        m = t.LlamaForCausalLM(
+            t.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=60)
+        )  # fmt: skip
+    elif family == "opt":
+        m = t.OPTForCausalLM(
+            t.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=60, word_embed_proj_dim=32, max_position_embeddings=32)
+        )  # fmt: skip
+    else:
+        m = t.BertModel(
+            t.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, vocab_size=60)
+        )  # fmt: skip
+    with torch.no_grad():  # trained models' norms are not the identity: make them not so
+        g = torch.Generator().manual_seed(1)
+        for mod in m.modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 1:
+                w.copy_(0.5 + torch.rand(w.shape, generator=g))
+                b = getattr(mod, "bias", None)
+                if isinstance(b, torch.Tensor):
+                    b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return m.eval()
+
+
+def _batches(n: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 60, (8, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[:, 9:] = (torch.rand(8, 3, generator=g) > 0.5).long()
+        mask[:, 9:] = mask[:, 9:].cummin(dim=1).values
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_conversion_and_a_full_rotation_are_exact(family: str) -> None:
+    model = _model(family)
+    batch = _batches(1, seed=3)[0]
+    ref = _out(model, batch)
+    work = copy.deepcopy(model)
+    found = find_stream(work)
+    assert found is not None and found.kind == ("post" if family == "bert" else "pre")
+    stream = convert_stream(work, found)
+    torch.testing.assert_close(_out(work, batch), ref, atol=1e-5, rtol=1e-5)
+    if stream.kind == "pre":
+        assert all(isinstance(work.get_submodule(s.norm), StreamRMSNorm) for s in stream.sites)
+        q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+        narrow_stream(work, stream, q)  # an RMSNorm commutes with a rotation
+        torch.testing.assert_close(_out(work, batch), ref, atol=1e-5, rtol=1e-5)
+    else:  # post-LN: the last norm feeds the output through an identity expansion
+        assert isinstance(work.get_submodule(found.sites[-1].norm), NormExpand)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["id", "spectral", "l1", "random"])
+def test_every_method_narrows_every_family(family: str, method: str) -> None:
+    model = _model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small, report = spectrim.compress(model, _batches(), method, "hidden=0.75")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    (group,) = report.groups
+    assert (group.width_before, group.width_after) == (32, 24)
+    assert report.macs_ratio < 1.0
+    out = _out(small, _batches(1, seed=5)[0])
+    assert torch.isfinite(out).all()
+    assert out.shape == _out(model, _batches(1, seed=5)[0]).shape  # the output keeps its size
+    emb = small.get_input_embeddings()
+    assert emb.weight.shape[1] == 24
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_the_refit_beats_plain_restriction_on_the_calibration_data(family: str) -> None:
+    model = _model(family)
+    calib = _batches(4)
+    ref = torch.cat([_out(model, b).flatten(0, 1) for b in calib])
+    err = {}
+    for name, opts in (("refit", {}), ("none", {"sequential": False})):
+        small, _ = spectrim.compress(model, calib, "id", "hidden=0.5", **opts)
+        out = torch.cat([_out(small, b).flatten(0, 1) for b in calib])
+        err[name] = float((out - ref).norm() / ref.norm())
+    # plain restriction: the same kept coordinates, readers only sliced
+    work = copy.deepcopy(model)
+    stream = convert_stream(work, find_stream(work))  # type: ignore[arg-type]
+    from spectrim._hidden import stream_grams
+    from spectrim.methods import get_method
+
+    gram, _ = stream_grams(work, stream, calib)
+    plan = get_method("id").stream_solver(stream, gram, work).plan(16)
+    narrow_stream(work, stream, torch.as_tensor(plan.basis))
+    out = torch.cat([_out(work, b).flatten(0, 1) for b in calib])
+    err["restricted"] = float((out - ref).norm() / ref.norm())
+    assert err["refit"] < err["restricted"] and err["none"] < err["restricted"], err
+
+
+def test_pca_keeps_more_of_a_pre_ln_stream_than_a_selection() -> None:
+    model = _model("gpt2")
+    calib = _batches(4)
+    ref = torch.cat([_out(model, b).flatten(0, 1) for b in calib])
+    err = {}
+    for method in ("spectral", "id", "random"):
+        small, _report = spectrim.compress(model, calib, method, "hidden=0.5")
+        out = torch.cat([_out(small, b).flatten(0, 1) for b in calib])
+        err[method] = float((out - ref).norm() / ref.norm())
+    assert err["spectral"] < err["id"] < err["random"], err
+
+
+def test_generate_and_reload(tmp_path: Any) -> None:
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    for family in ("gpt2", "llama", "bert"):
+        model = _model(family)
+        small, report = spectrim.compress(model, _batches(), "spectral", "hidden=0.75")
+        folder = tmp_path / family
+        save_compressed(small, folder, report)
+        back = load_compressed(folder, base_model=_model(family))  # a tied base for gpt2
+        batch = _batches(1, seed=7)[0]
+        torch.testing.assert_close(_out(back, batch), _out(small, batch), atol=0, rtol=0)
+        if family != "bert":
+            ids = batch["input_ids"][:1, :4]
+            a = small.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            b = back.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert a.shape == (1, 8) and torch.equal(a, b)
+
+
+def test_a_norm_that_is_not_layer_or_rms_is_named() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * (1 + self.weight)  # Gemma-like scale, no normalisation
+
+    with pytest.raises(ValueError, match="Odd: not a LayerNorm or RMSNorm"):
+        norm_affine(Odd(), 4)
+    kind, gamma, beta, eps = norm_affine(nn.LayerNorm(4, eps=1e-6), 4)
+    assert torch.equal(beta, torch.zeros(4, dtype=beta.dtype))
+    assert kind == "layer" and eps == 1e-6 and torch.equal(gamma, torch.ones(4, dtype=gamma.dtype))
+
+
+def test_a_model_without_a_stream_and_a_weight_method_are_named() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="no residual stream in Sequential"):
+        spectrim.compress(net, torch.randn(32, 4), "id", "hidden=0.5")
+    with pytest.raises(ValueError, match="'obs' is a weight method"):
+        spectrim.compress(_model("bert"), _batches(), "obs", "hidden=0.5")
+
+
+def test_minilm_refitted_stream_stays_close_to_the_original(
+    minilm: tuple[nn.Module, Any], sts_train_sentences: list[str], sts_sentences: list[str]
+) -> None:
+    from spectrim.evaluation import embedding_fidelity
+
+    model, tok = minilm
+    rng = np.random.default_rng(0)
+    pool = [sts_train_sentences[i] for i in rng.permutation(len(sts_train_sentences))[:64]]
+    calib = [
+        dict(tok(pool[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, 64, 32)
+    ]
+    held_out = sts_sentences[::20][:96]
+    test = [dict(tok(held_out[i : i + 32], padding=True, return_tensors="pt")) for i in (0, 32, 64)]
+    cos = {}
+    for method in ("id", "l1"):
+        small, _ = spectrim.compress(model, calib, method, "hidden=0.9")
+        with torch.no_grad():  # 384-dimensional embeddings still
+            assert small(**test[0]).last_hidden_state.shape[-1] == 384
+        cos[method] = embedding_fidelity(small, model, test)["cosine_mean"]
+    assert cos["id"] > 0.85 and cos["id"] > cos["l1"] + 0.2, cos
