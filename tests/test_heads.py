@@ -314,3 +314,36 @@ def test_minilm_heads_and_ffn_on_one_budget(
         assert any("intermediate" in g.name for g in cut)
         cos[method] = float((_embed(small, tok, held_out) * ref).sum(-1).mean())
     assert cos["id"] > cos["random"] + 0.1, cos
+
+
+def test_torchvision_vit_heads_through_compress_save_and_reload(tmp_path: Any) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        m = torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=48,
+            num_classes=5,
+        )  # fmt: skip
+        torch.nn.init.normal_(m.heads.head.weight)
+        return m.eval()
+
+    model = make()
+    x = torch.randn(128, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    err = {}
+    for method in ("id", "l1"):
+        small, report = spectrim.compress(model, x, method, "heads=0.5")
+        assert [b.heads for b in find_attention(small)] == [2, 2]
+        assert isinstance(model.encoder.layers[0].self_attention, nn.MultiheadAttention)
+        with torch.no_grad():
+            err[method] = float((small(x) - ref).norm() / ref.norm())
+    assert err["id"] < err["l1"], err
+    save_compressed(small, tmp_path / "vit", report)
+    back = load_compressed(tmp_path / "vit", base_model=make())
+    with torch.no_grad():
+        torch.testing.assert_close(back(x[:8]), small(x[:8]), rtol=0, atol=0)
+    joint, r2 = spectrim.compress(model, x, "id", "macs=0.7", heads=True)
+    assert r2.macs_ratio <= 0.71 and any(b.heads < 4 for b in find_attention(joint))

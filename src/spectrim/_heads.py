@@ -34,7 +34,7 @@ from spectrim.calibration.gram import GramAccumulator
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
 from spectrim.evaluation.flops import profile
-from spectrim.graph.attention import AttentionBlock, find_attention
+from spectrim.graph.attention import AttentionBlock, find_attention, prepare_attention
 from spectrim.graph.trace import call_model
 from spectrim.methods import Method
 from spectrim.methods.heads import HeadSolver
@@ -170,12 +170,13 @@ def heads_run(
     report.warnings.extend(info.warnings)
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    prepare_attention(work)  # nn.MultiheadAttention -> HeadAttention (exact)
     blocks = find_attention(work)
     if not blocks:
         raise ValueError(
             f"target {tgt}: no attention layer in {type(work).__name__} that spectrim "
             "recognises (Hugging Face BERT-family, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2, "
-            "OPT and ViT attention, timm ViT attention; register others with "
+            "OPT and ViT attention, timm ViT attention, nn.MultiheadAttention; register others with "
             "spectrim.graph.attention.register_attention)"
         )
     example = head_examples(batches[0])

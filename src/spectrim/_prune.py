@@ -45,7 +45,7 @@ from spectrim.config import CompressConfig, Target, UnreachableTargetError
 from spectrim.context import RunContext
 from spectrim.evaluation.flops import ModelCost, hook_counted, profile
 from spectrim.graph import Analysis, GroupPlan, UnitGroup, apply_plan
-from spectrim.graph.attention import AttentionBlock, find_attention
+from spectrim.graph.attention import AttentionBlock, find_attention, prepare_attention
 from spectrim.graph.layout import (
     memory_formats,
     restore_formats,
@@ -146,6 +146,8 @@ def prune_run(
     report.config = cfg.to_dict()
     state = ChannelRun(work, batches, info, cfg, method.for_run(ctx), ctx, report)
     work.eval()
+    if cfg.heads:  # before the trace: the cost model must see the swapped attention
+        prepare_attention(work)
     analyse_stage(state)
     collect_stage(state)
     solve_curves_stage(state)

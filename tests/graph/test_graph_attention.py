@@ -173,3 +173,83 @@ def test_timm_vit_heads_are_found_and_removed_exactly() -> None:
     assert model.blocks[0].attn.attn_dim == 24 and model.blocks[0].attn.num_heads == 2
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize(
+    "case", ["self", "cross", "padding", "float-mask", "bool-mask-per-head", "causal", "unbatched"]
+)
+def test_head_attention_computes_what_multihead_attention_does(
+    batch_first: bool, case: str
+) -> None:
+    from spectrim.graph.attention import HeadAttention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(12, 3, batch_first=batch_first).eval()
+    ours = HeadAttention.from_mha(mha).eval()
+    x, y = torch.randn(2, 5, 12), torch.randn(2, 7, 12)
+    kw: dict[str, object] = {}
+    q, k = x, y
+    if case == "self":
+        k = x
+    if case == "padding":
+        pad = torch.zeros(2, 7, dtype=torch.bool)
+        pad[1, -3:] = True
+        kw["key_padding_mask"] = pad
+    if case == "float-mask":
+        kw.update(attn_mask=torch.randn(5, 7), need_weights=False)
+    if case == "bool-mask-per-head":
+        kw.update(attn_mask=torch.rand(6, 5, 7) > 0.7, average_attn_weights=False)
+    if case == "causal":
+        k = x
+        kw.update(attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1), is_causal=True)
+    if case == "unbatched":
+        q, k = x[0], y[0]
+    if not batch_first and q.dim() == 3:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    with torch.no_grad():
+        want, want_w = mha(q, k, k, **kw)
+        got, got_w = ours(q, k, k, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got_w is None) == (want_w is None)
+    if want_w is not None:
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_torchvision_vit_attention_is_swapped_exactly_and_heads_removed_exactly() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from spectrim.graph.attention import HeadAttention, prepare_attention
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=48,
+        num_classes=5,
+    ).eval()  # fmt: skip
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision initialises it to zero
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    work = copy.deepcopy(model)
+    paths = prepare_attention(work)
+    assert paths == [f"encoder.layers.encoder_layer_{i}.self_attention" for i in (0, 1)]
+    assert all(isinstance(work.get_submodule(p), HeadAttention) for p in paths)
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), ref, rtol=1e-5, atol=1e-5)
+    zeroed = copy.deepcopy(work)
+    for b in find_attention(zeroed):
+        dropped = np.setdiff1d(np.arange(32), b.columns([0, 2]))
+        with torch.no_grad():
+            zeroed.get_submodule(b.out).weight[:, torch.as_tensor(dropped)] = 0
+    for b in find_attention(work):
+        b.prune(work, [0, 2], None)
+    assert [b.heads for b in find_attention(work)] == [2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), zeroed(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_with_a_fast_path_is_left_alone() -> None:
+    from spectrim.graph.attention import prepare_attention
+
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    assert prepare_attention(layer) == []
+    assert isinstance(layer.self_attn, torch.nn.MultiheadAttention)

@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,12 +47,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.graph.modules import index_along, module_kind, set_param
+from spectrim.graph.modules import index_along, module_kind, register_swap_class, set_param
 
 __all__ = [
     "AttentionBlock",
+    "HeadAttention",
     "Projection",
     "find_attention",
+    "prepare_attention",
     "register_attention",
 ]
 
@@ -394,4 +397,205 @@ def _timm(path: str, module: nn.Module) -> AttentionBlock | None:
         head_dim=d,
         head_attrs=[(path, "num_heads")],
         width_attrs=[(path, "attn_dim")],
+    )
+
+
+@register_swap_class
+class HeadAttention(nn.Module):
+    """``nn.MultiheadAttention``'s computation with its head count free of ``embed_dim``.
+
+    ``nn.MultiheadAttention`` derives ``head_dim = embed_dim // num_heads`` in its
+    functional forward, so it cannot run with fewer heads.  This module holds the same
+    weights as a fused ``in_proj`` Linear (``[q | k | v]``, ``3·heads·head_dim`` outputs) and
+    ``out_proj``, takes the same call (``query, key, value, key_padding_mask,
+    need_weights, attn_mask, average_attn_weights, is_causal``; ``batch_first`` or not;
+    unbatched inputs) and returns the same ``(output, weights or None)``.
+    :func:`prepare_attention` puts it in place of each ``nn.MultiheadAttention`` it can
+    (exactly: tested against the original), before heads are removed.
+
+    Example::
+
+        >>> mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+        >>> ours = HeadAttention.from_mha(mha).eval()
+        >>> x = torch.randn(3, 5, 8)
+        >>> bool(torch.allclose(ours(x, x, x)[0], mha(x, x, x)[0], atol=1e-6))
+        True
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.batch_first, self.dropout = batch_first, float(dropout)
+        self.in_proj = nn.Linear(embed_dim, 3 * num_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention) -> HeadAttention:
+        """The same attention as ``mha`` (self-attention weights: ``kdim = vdim =
+        embed_dim``, no ``bias_k``/``bias_v``, no ``add_zero_attn``)."""
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("only nn.MultiheadAttention with kdim = vdim = embed_dim, "
+                             "no bias_k/bias_v and no add_zero_attn is supported")  # fmt: skip
+        w = mha.in_proj_weight
+        assert w is not None
+        new = cls(mha.embed_dim, mha.num_heads, mha.head_dim, mha.in_proj_bias is not None,
+                  mha.batch_first, mha.dropout)  # fmt: skip
+        new.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.in_proj.weight.copy_(w)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.in_proj_bias is not None:
+                new.in_proj.bias.copy_(mha.in_proj_bias)
+            if mha.out_proj.bias is not None and new.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        return new.train(mha.training)
+
+    def spectrim_kwargs(self) -> dict[str, int | bool | float]:
+        """Constructor arguments (recorded in a saved manifest)."""
+        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads,
+                "head_dim": self.head_dim, "bias": self.in_proj.bias is not None,
+                "batch_first": self.batch_first, "dropout": self.dropout}  # fmt: skip
+
+    def _mask(
+        self,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        n: int,
+        q_len: int,
+        k_len: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """One additive float mask ``(n, heads, q_len, k_len)`` (``True`` in a boolean
+        mask means *not allowed*, as in ``nn.MultiheadAttention``)."""
+
+        def additive(m: torch.Tensor) -> torch.Tensor:
+            if m.dtype == torch.bool:
+                return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(
+                    m, float("-inf")
+                )
+            return m.to(dtype)
+
+        out = None
+        if attn_mask is not None:
+            m = additive(attn_mask)
+            m = (
+                m.view(n, self.num_heads, q_len, k_len)
+                if m.dim() == 3
+                else m.view(1, 1, q_len, k_len)
+            )
+            out = m
+        if key_padding_mask is not None:
+            p = additive(key_padding_mask).view(n, 1, 1, k_len)
+            out = p if out is None else out + p
+        return out
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (
+                t.unsqueeze(1 if not self.batch_first else 0) for t in (query, key, value)
+            )
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        h, d = self.num_heads, self.head_dim
+        w = h * d
+        if query is key and key is value:  # self-attention: one call of the fused projection
+            q, k, v = self.in_proj(query).split(w, dim=-1)
+        else:
+            W, b = self.in_proj.weight, self.in_proj.bias
+            q, k, v = (
+                nn.functional.linear(
+                    t, W[i * w : (i + 1) * w], None if b is None else b[i * w : (i + 1) * w]
+                )
+                for i, t in enumerate((query, key, value))
+            )
+        n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (t.reshape(n, -1, h, d).transpose(1, 2) for t in (q, k, v))
+        mask = self._mask(attn_mask, key_padding_mask, n, lq, lk, q.dtype)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+            if is_causal and mask is None:
+                causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(causal, float("-inf"))
+            if mask is not None:
+                scores = scores + mask
+            attn = scores.softmax(-1)
+            weights = attn.mean(1) if average_attn_weights else attn
+            out = nn.functional.dropout(attn, p) @ v
+        else:
+            out = nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None
+            )
+        out = self.out_proj(out.transpose(1, 2).reshape(n, lq, w))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1 if not self.batch_first else 0)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+
+_FAST_PATH_PARENTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def prepare_attention(model: nn.Module) -> list[str]:
+    """Put a :class:`HeadAttention` in place of every ``nn.MultiheadAttention`` of
+    ``model`` it can stand for (in place; the model computes the same).  Skipped: those
+    :meth:`HeadAttention.from_mha` refuses and those of ``nn.TransformerEncoderLayer`` /
+    ``DecoderLayer``, whose fast path reads the attention's internals.  Returns the paths
+    replaced."""
+    done = []
+    for path, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, nn.MultiheadAttention) or isinstance(
+                module, _FAST_PATH_PARENTS
+            ):
+                continue
+            try:
+                new = HeadAttention.from_mha(child)
+            except ValueError:
+                continue
+            setattr(module, name, new)
+            done.append(_join(path, name))
+    return done
+
+
+@register_attention("head-attention")
+def _head_attention(path: str, module: nn.Module) -> AttentionBlock | None:
+    """spectrim's :class:`HeadAttention` (an ``nn.MultiheadAttention`` after
+    :func:`prepare_attention`)."""
+    if not isinstance(module, HeadAttention):
+        return None
+    d = module.head_dim
+    h = _outputs(module.in_proj) // (3 * d)
+    return AttentionBlock(
+        name=path,
+        projections=[Projection(_join(path, "in_proj"), r, i * h * d) for i, r in enumerate("qkv")],
+        out=_join(path, "out_proj"),
+        heads=h,
+        kv_heads=h,
+        head_dim=d,
+        head_attrs=[(path, "num_heads")],
     )

@@ -50,9 +50,11 @@ __all__ = [
     "linear_channels",
     "module_kind",
     "register_module_kind",
+    "register_swap_class",
     "register_weight_kind",
     "size_attribute_names",
     "slice_outputs",
+    "swap_classes",
     "type_kind",
     "weight_kind",
     "weight_modules",
@@ -147,6 +149,26 @@ class WeightKind(ModuleKind):
 _KINDS: dict[type[nn.Module], ModuleKind] = {}
 #: size attributes of types registered only once their package is imported
 _LAZY_SIZE_NAMES = frozenset({"nf", "nx"})
+
+
+#: modules spectrim puts in place of the user's (rebuilt from a manifest by class name)
+_SWAP_CLASSES: dict[str, type[nn.Module]] = {}
+
+
+def register_swap_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: a module type compression may put into a model (it must have a
+    ``spectrim_kwargs()`` method returning its JSON-able constructor arguments), so that
+    :func:`spectrim.io.load_compressed` may rebuild it by name without running other code."""
+    if not callable(getattr(cls, "spectrim_kwargs", None)):
+        raise TypeError(f"{cls.__name__} has no spectrim_kwargs() method")
+    _SWAP_CLASSES[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
+def swap_classes() -> dict[str, type[nn.Module]]:
+    """Registered swap classes by import path (:func:`register_swap_class`; importing
+    :mod:`spectrim.graph` registers spectrim's own)."""
+    return dict(_SWAP_CLASSES)
 
 
 def register_module_kind(module_type: type[nn.Module], kind: ModuleKind) -> None:

@@ -43,10 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.graph.modules import module_kind, set_param
+from spectrim.graph.modules import module_kind, register_swap_class, set_param
 
 __all__ = [
-    "SWAP_CLASSES",
     "NormExpand",
     "NormSite",
     "ResidualStream",
@@ -60,14 +59,15 @@ __all__ = [
 ]
 
 
+@register_swap_class
 class StreamRMSNorm(nn.Module):
     """``x · rsqrt(mean(x²) + eps)`` over the last axis, computed in float32, no affine
     (the affine of the norm it replaces is folded into the readers).
 
     Example::
 
-        >>> StreamRMSNorm(4)(torch.tensor([[2.0, 2.0, 2.0, 2.0]])).tolist()
-        [[1.0, 1.0, 1.0, 1.0]]
+        >>> StreamRMSNorm(4, eps=0.0)(torch.tensor([[2.0, -2.0, 2.0, 2.0]])).tolist()
+        [[1.0, -1.0, 1.0, 1.0]]
     """
 
     def __init__(self, width: int, eps: float = 1e-5) -> None:
@@ -87,6 +87,7 @@ class StreamRMSNorm(nn.Module):
         return {"width": self.width, "eps": self.eps}
 
 
+@register_swap_class
 class NormExpand(nn.Module):
     """A norm followed by a linear map back to the full width: the last norm of a narrowed
     stream whose output is the model's output (an encoder's embeddings keep their size).
@@ -225,10 +226,6 @@ def norm_affine(norm: nn.Module, width: int) -> tuple[str, torch.Tensor, torch.T
         f"{type(norm).__name__}: not a LayerNorm or RMSNorm with an elementwise affine "
         "(checked on random inputs); its residual stream cannot be narrowed"
     )
-
-
-#: modules a narrowed stream may hold that the original did not (rebuilt from a manifest)
-SWAP_CLASSES: tuple[type[nn.Module], ...] = (StreamRMSNorm, NormExpand)
 
 
 # ------------------------------------------------------------------ surgery primitives

@@ -73,8 +73,7 @@ from torch import nn
 from spectrim._files import atomic_directory, sha256_cached, sha256_file
 from spectrim.graph.attention import find_attention
 from spectrim.graph.channels import shared_tensors
-from spectrim.graph.modules import module_kind, size_attribute_names
-from spectrim.graph.stream import SWAP_CLASSES
+from spectrim.graph.modules import module_kind, size_attribute_names, swap_classes
 from spectrim.report import CompressionReport
 
 __all__ = [
@@ -171,11 +170,12 @@ def build_manifest(model: nn.Module, arch: Mapping[str, Any] | None = None) -> d
     }
     modules = {}
     swapped: dict[str, dict[str, Any]] = {}
+    swaps = tuple(swap_classes().values())
     for name, module in model.named_modules():
         attrs = _size_attributes(module)
         if attrs:
             modules[name] = attrs
-        if isinstance(module, SWAP_CLASSES) and not any(name.startswith(f"{s}.") for s in swapped):
+        if isinstance(module, swaps) and not any(name.startswith(f"{s}.") for s in swapped):
             kwargs = module.spectrim_kwargs()  # type: ignore[operator]
             swapped[name] = {"class": _qualname(type(module)), "kwargs": kwargs}
     from spectrim import __version__
@@ -237,7 +237,7 @@ def _validate(manifest: Any, source: str | os.PathLike[str] | None) -> dict[str,
                     f"got {value!r}"
                 )
     swapped = manifest.get("swapped", {})
-    allowed = {_qualname(c) for c in SWAP_CLASSES}
+    allowed = set(swap_classes())
     if not isinstance(swapped, dict) or not all(
         isinstance(v, dict) and v.get("class") in allowed and isinstance(v.get("kwargs"), dict)
         for v in swapped.values()
@@ -362,7 +362,7 @@ def apply_manifest(
     """
     manifest = _validate(dict(manifest), source)
     where = _where(source)
-    classes = {_qualname(c): c for c in SWAP_CLASSES}
+    classes = swap_classes()
     for module_name, spec in manifest.get("swapped", {}).items():
         parent, _, leaf = module_name.rpartition(".")
         try:
