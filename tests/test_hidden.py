@@ -25,7 +25,8 @@ from spectrim.graph.stream import NormExpand, StreamRMSNorm, find_stream, norm_a
 
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = ("gpt2", "llama", "opt", "bert")
+FAMILIES = ("gpt2", "llama", "opt", "bert", "distilbert", "t5")
+POST_LN = ("bert", "distilbert")
 
 
 def _model(family: str) -> nn.Module:
@@ -44,6 +45,15 @@ def _model(family: str) -> nn.Module:
         m = t.OPTForCausalLM(
             t.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
                         vocab_size=60, word_embed_proj_dim=32, max_position_embeddings=32)
+        )  # fmt: skip
+    elif family == "distilbert":
+        m = t.DistilBertModel(
+            t.DistilBertConfig(vocab_size=60, dim=32, hidden_dim=48, n_layers=2, n_heads=4)
+        )
+    elif family == "t5":
+        m = t.T5EncoderModel(
+            t.T5Config(vocab_size=60, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                       feed_forward_proj="gated-gelu")
         )  # fmt: skip
     else:
         m = t.BertModel(
@@ -86,7 +96,7 @@ def test_the_conversion_and_a_full_rotation_are_exact(family: str) -> None:
     ref = _out(model, batch)
     work = copy.deepcopy(model)
     found = find_stream(work)
-    assert found is not None and found.kind == ("post" if family == "bert" else "pre")
+    assert found is not None and found.kind == ("post" if family in POST_LN else "pre")
     stream = convert_stream(work, found)
     torch.testing.assert_close(_out(work, batch), ref, atol=1e-5, rtol=1e-5)
     if stream.kind == "pre":
@@ -113,6 +123,8 @@ def test_every_method_narrows_every_family(family: str, method: str) -> None:
     assert out.shape == _out(model, _batches(1, seed=5)[0]).shape  # the output keeps its size
     emb = small.get_input_embeddings()
     assert emb.weight.shape[1] == 24
+    if family == "t5":  # the encoder's embedding and the shared one stay one tensor
+        assert small.encoder.embed_tokens.weight is small.shared.weight
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
@@ -154,7 +166,7 @@ def test_pca_keeps_more_of_a_pre_ln_stream_than_a_selection() -> None:
 def test_generate_and_reload(tmp_path: Any) -> None:
     from spectrim.io.manifest import load_compressed, save_compressed
 
-    for family in ("gpt2", "llama", "bert"):
+    for family in ("gpt2", "llama", "bert", "t5"):
         model = _model(family)
         small, report = spectrim.compress(model, _batches(), "spectral", "hidden=0.75")
         folder = tmp_path / family
@@ -162,7 +174,7 @@ def test_generate_and_reload(tmp_path: Any) -> None:
         back = load_compressed(folder, base_model=_model(family))  # a tied base for gpt2
         batch = _batches(1, seed=7)[0]
         torch.testing.assert_close(_out(back, batch), _out(small, batch), atol=0, rtol=0)
-        if family != "bert":
+        if family in ("gpt2", "llama"):
             ids = batch["input_ids"][:1, :4]
             a = small.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
             b = back.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)

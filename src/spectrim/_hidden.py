@@ -46,6 +46,7 @@ from spectrim.calibration.checks import CalibrationInfo
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
 from spectrim.evaluation.flops import profile
+from spectrim.graph.channels import shared_tensors
 from spectrim.graph.modules import set_param
 from spectrim.graph.stream import (
     NormExpand,
@@ -97,6 +98,40 @@ def _wrap_outputs(model: nn.Module, stream: ResidualStream) -> ResidualStream:
         sites.append(NormSite(f"{s.norm}.norm", [f"{s.norm}.expand"]))
     return ResidualStream(stream.name, stream.kind, stream.width, stream.embeddings,
                           stream.writers, sites)  # fmt: skip
+
+
+def _with_tied_embeddings(
+    model: nn.Module, stream: ResidualStream
+) -> tuple[ResidualStream, list[list[str]]]:
+    """The stream with every other ``nn.Embedding`` that shares an embedding's weight
+    (T5's ``shared`` and ``encoder.embed_tokens``) among its embeddings, so all are
+    narrowed alike; and the model's groups of shared tensors, to tie again afterwards."""
+    groups = shared_tensors(model)
+    extra = []
+    for group in groups:
+        owners = [n.rpartition(".")[0] for n in group if n.endswith(".weight")]
+        if any(o in stream.embeddings for o in owners):
+            extra += [
+                o for o in owners
+                if o not in stream.embeddings and isinstance(model.get_submodule(o), nn.Embedding)
+            ]  # fmt: skip
+    embeddings = list(stream.embeddings) + extra
+    s = ResidualStream(stream.name, stream.kind, stream.width, embeddings, stream.writers,
+                       stream.sites)  # fmt: skip
+    return s, groups
+
+
+def _retie(model: nn.Module, groups: list[list[str]]) -> None:
+    """Tie again the tensors of each group that surgery left equal (the same values in
+    the same shape); the others stay untied (a head folded with a norm's scale)."""
+    for group in groups:
+        owners = [(n.rpartition(".")[0], n.rpartition(".")[2]) for n in group]
+        first = getattr(model.get_submodule(owners[0][0]), owners[0][1])
+        for mod, leaf in owners[1:]:
+            m = model.get_submodule(mod)
+            t = getattr(m, leaf)
+            if t is not first and t.shape == first.shape and torch.equal(t, first):
+                setattr(m, leaf, first)
 
 
 def convert_stream(model: nn.Module, stream: ResidualStream) -> ResidualStream:
@@ -287,8 +322,9 @@ def hidden_run(
     if found is None:
         raise ValueError(
             f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
-            "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2, OPT and BERT-family "
-            "models; register others with spectrim.graph.stream.register_stream)"
+            "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2, OPT, T5 encoders, "
+            "BERT-family and DistilBERT models; register others with "
+            "spectrim.graph.stream.register_stream)"
         )
     example = head_examples(batches[0])
     cost0 = profile(work, example)
@@ -296,6 +332,7 @@ def hidden_run(
     k = min(d, max(1, round(tgt.value * d)))
     if cfg.round_to > 1 and k < d:
         k = min(d, max(cfg.round_to, round(k / cfg.round_to) * cfg.round_to))
+    found, ties = _with_tied_embeddings(work, found)
     stream = convert_stream(work, found)
     timings["convert"] = time.perf_counter() - t
 
@@ -319,6 +356,7 @@ def hidden_run(
             for site in stream.sites:
                 refit_site(work, original, original, site, E, stream.kind, batches, plan.ridge,
                            cfg.sequential)  # fmt: skip
+    _retie(work, ties)
     timings["apply"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -478,3 +478,80 @@ def _bert(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | No
         ]
         writers += [_join(p, "attention.output.dense"), _join(p, "output.dense")]
     return ResidualStream(path or "model", "post", d, embeddings, writers, sites)
+
+
+@register_stream("distilbert")
+def _distilbert(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
+    """DistilBERT (post-LN): ``embeddings`` (word, position, ``LayerNorm``) and
+    ``transformer.layer.i`` with ``attention.{q,k,v}_lin``, ``attention.out_lin``,
+    ``sa_layer_norm``, ``ffn.lin1``, ``ffn.lin2``, ``output_layer_norm``."""
+    emb, tr = getattr(module, "embeddings", None), getattr(module, "transformer", None)
+    if not (isinstance(emb, nn.Module) and _has(emb, "word_embeddings", "LayerNorm")):
+        return None
+    if not (isinstance(tr, nn.Module) and _has(tr, "layer")):
+        return None
+    blocks = _children(tr, "layer")
+    if not blocks or not all(
+        _has(b, "attention", "sa_layer_norm", "ffn", "output_layer_norm")
+        and _has(b.attention, "q_lin", "k_lin", "v_lin", "out_lin")
+        and _has(b.ffn, "lin1", "lin2")
+        for b in blocks
+    ):
+        return None
+    d = _width(emb, "word_embeddings")
+    e = _join(path, "embeddings")
+    embeddings = [
+        _join(e, n)
+        for n in ("word_embeddings", "position_embeddings")
+        if isinstance(getattr(emb, n, None), nn.Embedding)
+    ]
+
+    def qkv(i: int) -> list[str]:
+        if i >= len(blocks):
+            return []
+        return [_join(path, f"transformer.layer.{i}.attention.{r}_lin") for r in "qkv"]
+
+    sites, writers = [NormSite(_join(e, "LayerNorm"), qkv(0))], []
+    for i in range(len(blocks)):
+        p = _join(path, f"transformer.layer.{i}")
+        sites += [
+            NormSite(_join(p, "sa_layer_norm"), [_join(p, "ffn.lin1")]),
+            NormSite(_join(p, "output_layer_norm"), qkv(i + 1)),
+        ]
+        writers += [_join(p, "attention.out_lin"), _join(p, "ffn.lin2")]
+    return ResidualStream(path or "model", "post", d, embeddings, writers, sites)
+
+
+@register_stream("t5")
+def _t5(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
+    """T5 encoders (pre-LN, RMSNorm): a stack with ``embed_tokens``, ``block.i.layer.0``
+    (``layer_norm → SelfAttention.{q,k,v}``, ``SelfAttention.o``) and ``block.i.layer.1``
+    (``layer_norm → DenseReluDense.wi`` or ``wi_0``/``wi_1``, ``DenseReluDense.wo``), and
+    ``final_layer_norm``.  Decoder stacks (cross-attention) are not matched."""
+    if not _has(module, "embed_tokens", "block", "final_layer_norm"):
+        return None
+    if getattr(module, "is_decoder", False):
+        return None
+    blocks = _children(module, "block")
+    ok = all(
+        _has(b, "layer")
+        and len(b.layer) == 2
+        and _has(b.layer[0], "layer_norm", "SelfAttention")
+        and _has(b.layer[1], "layer_norm", "DenseReluDense")
+        for b in blocks
+    )
+    if not blocks or not ok:
+        return None
+    d = _width(module, "embed_tokens")
+    sites, writers = [], []
+    for i, b in enumerate(blocks):
+        p = _join(path, f"block.{i}.layer")
+        ff = b.layer[1].DenseReluDense
+        wi = ["wi"] if _has(ff, "wi") else ["wi_0", "wi_1"]
+        sites += [
+            NormSite(_join(p, "0.layer_norm"), [_join(p, f"0.SelfAttention.{r}") for r in "qkv"]),
+            NormSite(_join(p, "1.layer_norm"), [_join(p, f"1.DenseReluDense.{w}") for w in wi]),
+        ]
+        writers += [_join(p, "0.SelfAttention.o"), _join(p, "1.DenseReluDense.wo")]
+    sites.append(NormSite(_join(path, "final_layer_norm"), []))
+    return ResidualStream(path or "model", "pre", d, [_join(path, "embed_tokens")], writers, sites)
