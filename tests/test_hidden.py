@@ -225,3 +225,19 @@ def test_minilm_refitted_stream_stays_close_to_the_original(
             assert small(**test[0]).last_hidden_state.shape[-1] == 384
         cos[method] = embedding_fidelity(small, model, test)["cosine_mean"]
     assert cos["id"] > 0.85 and cos["id"] > cos["l1"] + 0.2, cos
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_the_stream_heads_and_channels_share_one_macs_budget(family: str) -> None:
+    model = _model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small, report = spectrim.compress(model, _batches(4), "id", "macs=0.6", heads=True, hidden=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    (hidden,) = [g for g in report.groups if g.name.endswith("(hidden)")]
+    assert hidden.width_before == 32 and hidden.predicted_error is not None
+    assert small.get_input_embeddings().weight.shape[1] == hidden.width_after
+    assert report.macs_ratio <= 0.61, report.macs_ratio
+    out = _out(small, _batches(1, seed=5)[0])
+    assert torch.isfinite(out).all() and out.shape[-1] == _out(model, _batches(1)[0]).shape[-1]
+    with pytest.raises(ValueError, match="hidden=True puts the residual width on a macs"):
+        spectrim.compress(model, _batches(), "id", "width=0.5", hidden=True)

@@ -63,10 +63,18 @@ from spectrim.graph.stream import (
 from spectrim.graph.trace import call_model
 from spectrim.linalg import fit_cross_reconstruction
 from spectrim.methods import Method
-from spectrim.methods.stream import StreamPlan
+from spectrim.methods.stream import StreamPlan, StreamSolver
 from spectrim.report import CompressionReport, GroupReport
 
-__all__ = ["convert_stream", "hidden_run", "narrow_stream", "refit_site", "stream_grams"]
+__all__ = [
+    "apply_hidden",
+    "convert_stream",
+    "hidden_group_report",
+    "hidden_run",
+    "narrow_stream",
+    "refit_site",
+    "stream_grams",
+]
 
 
 class _Stop(Exception):
@@ -168,11 +176,14 @@ def _site_outputs(
     *,
     stop: bool = False,
     progress: Any = None,
+    inputs: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> None:
     """Call ``fn(site norm, rows)`` with every site norm's output rows (padding dropped)
-    over ``batches``; with ``stop``, each pass ends after the last of ``sites``."""
+    over ``batches`` (or, for the norms in ``inputs``, that function of its input rows);
+    with ``stop``, each pass ends after the last of ``sites``."""
     mask: list[torch.Tensor | None] = [None]
     last = sites[-1].norm if stop else None
+    inputs = inputs or {}
 
     def hook(name: str) -> Any:
         def f(module: nn.Module, args: Any, out: torch.Tensor) -> None:
@@ -182,7 +193,20 @@ def _site_outputs(
 
         return f
 
-    handles = [model.get_submodule(s.norm).register_forward_hook(hook(s.norm)) for s in sites]
+    def pre_hook(name: str) -> Any:
+        def f(module: nn.Module, args: Any) -> None:
+            fn(name, inputs[name](_rows(args[0], mask[0])))
+            if name == last:
+                raise _Stop
+
+        return f
+
+    handles = [
+        model.get_submodule(s.norm).register_forward_pre_hook(pre_hook(s.norm))
+        if s.norm in inputs
+        else model.get_submodule(s.norm).register_forward_hook(hook(s.norm))
+        for s in sites
+    ]
     try:
         with torch.no_grad():
             for batch in progress(batches) if progress is not None else batches:
@@ -196,22 +220,76 @@ def _site_outputs(
             h.remove()
 
 
+def _normaliser(norm: nn.Module, d: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a pre-LN norm's input becomes in the converted model, as a function of the
+    unconverted input: centred (a LayerNorm) and divided by its RMS."""
+    kind, _, _, eps = (
+        ("rms", None, None, norm.eps) if isinstance(norm, StreamRMSNorm) else norm_affine(norm, d)
+    )
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        if kind == "layer":
+            x = x - x.mean(-1, keepdim=True)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    return f
+
+
 def stream_grams(
     model: nn.Module, stream: ResidualStream, batches: list[Any], progress: Any = None
 ) -> tuple[np.ndarray, int]:
-    """The Gram of the normalised stream summed over every site, and the rows per site."""
+    """The Gram of the normalised stream (what every reader sees once the model is
+    converted) summed over every site, and the rows per site.  ``model`` may be
+    converted or not."""
     d = stream.width
     total = torch.zeros(d, d, dtype=torch.float64)
     rows = [0]
     first = stream.sites[0].norm
+    inputs = {}
+    if stream.kind == "pre":
+        inputs = {s.norm: _normaliser(model.get_submodule(s.norm), d) for s in stream.sites}
 
     def add(name: str, x: torch.Tensor) -> None:
         total.add_(x.T @ x)
         if name == first:
             rows[0] += x.shape[0]
 
-    _site_outputs(model, stream.sites, batches, add, progress=progress)
+    _site_outputs(model, stream.sites, batches, add, progress=progress, inputs=inputs)
     return total.numpy(), rows[0]
+
+
+def apply_hidden(
+    work: nn.Module,
+    stream: ResidualStream,
+    plan: StreamPlan,
+    batches: list[Any],
+    original: nn.Module | None,
+    *,
+    sequential: bool = True,
+) -> None:
+    """Narrow ``work``'s stream (found on the unconverted ``work``) to ``plan``'s basis, in
+    place: convert, narrow and, with ``plan.correct``, refit every reader towards
+    ``original`` (an unconverted model with the same module names whose norms' outputs are
+    the targets: the model before any compression; it is converted here, so pass a
+    copy)."""
+    found, ties = _with_tied_embeddings(work, stream)
+    converted = convert_stream(work, found)
+    E = torch.as_tensor(plan.basis)
+    if E.shape[1] < stream.width:
+        target = readers = None
+        if plan.correct:
+            if original is None:
+                raise ValueError("a refitted stream needs the original model")
+            found_t = find_stream(original)
+            assert found_t is not None
+            convert_stream(original, _with_tied_embeddings(original, found_t)[0])
+            target, readers = original, copy.deepcopy(work)
+        narrow_stream(work, converted, E)
+        if target is not None and readers is not None:
+            for site in converted.sites:
+                refit_site(work, target, readers, site, E, stream.kind, batches, plan.ridge,
+                           sequential)  # fmt: skip
+    _retie(work, ties)
 
 
 def narrow_stream(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> None:
@@ -301,6 +379,21 @@ def refit_site(
         set_module(work, r, fresh)
 
 
+def hidden_group_report(
+    stream: ResidualStream, solver: StreamSolver, k: int, rows: int | None = None
+) -> GroupReport:
+    """The report line of the residual stream keeping ``k`` of its coordinates."""
+    return GroupReport(
+        name=f"{stream.name} (hidden)",
+        width_before=stream.width,
+        width_after=k,
+        producers=stream.embeddings + stream.writers,
+        consumers=[r for s in stream.sites for r in s.readers],
+        predicted_error=float(np.sqrt(max(solver.error_curve()[k], 0.0))),
+        rows=rows,
+    )
+
+
 def hidden_run(
     work: nn.Module,
     batches: list[Any],
@@ -332,45 +425,25 @@ def hidden_run(
     k = min(d, max(1, round(tgt.value * d)))
     if cfg.round_to > 1 and k < d:
         k = min(d, max(cfg.round_to, round(k / cfg.round_to) * cfg.round_to))
-    found, ties = _with_tied_embeddings(work, found)
-    stream = convert_stream(work, found)
-    timings["convert"] = time.perf_counter() - t
+    timings["find"] = time.perf_counter() - t
 
     t = time.perf_counter()
     # every method gets the Gram: the report's predicted error needs it
-    gram, rows = stream_grams(work, stream, batches, progress=ctx.wrap(len(batches)))
+    gram, rows = stream_grams(work, found, batches, progress=ctx.wrap(len(batches)))
     timings["collect"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    solver = method.stream_solver(stream, gram, work)
+    solver = method.stream_solver(found, gram, work)
     plan = solver.plan(k)
-    curve = solver.error_curve()
     timings["solve"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if k < d:
-        original = copy.deepcopy(work) if plan.correct else None
-        E = torch.as_tensor(plan.basis)
-        narrow_stream(work, stream, E)
-        if original is not None:
-            for site in stream.sites:
-                refit_site(work, original, original, site, E, stream.kind, batches, plan.ridge,
-                           cfg.sequential)  # fmt: skip
-    _retie(work, ties)
+    original = copy.deepcopy(work) if plan.correct and k < d else None
+    apply_hidden(work, found, plan, batches, original, sequential=cfg.sequential)
     timings["apply"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report.groups.append(
-        GroupReport(
-            name=f"{stream.name} (hidden)",
-            width_before=d,
-            width_after=k,
-            producers=stream.embeddings + stream.writers,
-            consumers=[r for s in stream.sites for r in s.readers],
-            predicted_error=float(np.sqrt(max(curve[k], 0.0))),
-            rows=rows or None,
-        )
-    )
+    report.groups.append(hidden_group_report(found, solver, k, rows or None))
     cost1 = profile(work, example)
     report.params_before, report.params_after = cost0.params, cost1.params
     report.macs_before, report.macs_after = cost0.macs, cost1.macs

@@ -30,6 +30,7 @@ import numpy as np
 from torch import nn
 
 from spectrim._heads import apply_heads, head_group_report, output_grams
+from spectrim._hidden import apply_hidden, hidden_group_report, stream_grams
 from spectrim.budget import (
     Allocation,
     CostModel,
@@ -53,10 +54,12 @@ from spectrim.graph.layout import (
     to_channels_last,
 )
 from spectrim.graph.modules import module_kind, weight_kind
+from spectrim.graph.stream import ResidualStream, find_stream
 from spectrim.graph.trace import batch_len
 from spectrim.linalg import prediction_error_curve
 from spectrim.methods import GroupSolver, Method
 from spectrim.methods.heads import HeadSolver
+from spectrim.methods.stream import StreamSolver
 from spectrim.report import CompressionReport, GroupReport
 from spectrim.stages import solve_stage, trace_stage
 
@@ -104,6 +107,10 @@ class ChannelRun:
     blocks: list[AttentionBlock] = field(default_factory=list)
     head_grams: dict[str, np.ndarray] = field(default_factory=dict)
     head_solvers: dict[int, HeadSolver] = field(default_factory=dict)
+    #: the residual stream on the same budget (``cfg.hidden``), keyed HIDDEN_KEY
+    stream: ResidualStream | None = None
+    stream_gram: np.ndarray | None = None
+    stream_solver: StreamSolver | None = None
 
     @property
     def sequential(self) -> bool:
@@ -130,6 +137,8 @@ def _timed(name: str) -> Any:
 #: allocation keys of attention layers: HEAD_KEY + the layer's index (no channel group has
 #: so many groups)
 HEAD_KEY = 1 << 24
+#: allocation key of the residual stream (above every head key)
+HIDDEN_KEY = 1 << 25
 
 
 def prune_run(
@@ -213,16 +222,36 @@ def collect_stage(state: ChannelRun) -> None:
         state.report.calibration_rows = sum(batch_len(b) for b in state.batches)
     if cfg.heads:
         _collect_heads(state)
+    if cfg.hidden:
+        _collect_hidden(state)
+
+
+def _needs_budget(state: ChannelRun, option: str, what: str, instead: str) -> None:
+    """``heads=True`` / ``hidden=True`` share a ``macs``/``params`` budget: refuse others."""
+    tgt = state.cfg.parsed_target
+    if tgt.kind not in ("macs", "params"):
+        raise ValueError(
+            f"{option}=True puts {what} on a macs= or params= budget, not {tgt}; {instead}"
+        )
+
+
+def _collect_hidden(state: ChannelRun) -> None:
+    """``hidden=True``: the residual stream and the Gram of its normalised values."""
+    _needs_budget(state, "hidden", "the residual width",
+                  "for a fraction of the width use target='hidden=F'")  # fmt: skip
+    state.stream = find_stream(state.work)
+    if state.stream is None:
+        state.report.warnings.append(
+            "hidden=True: no residual stream spectrim recognises; the hidden size is kept"
+        )
+        return
+    state.stream_gram, _ = stream_grams(state.work, state.stream, state.batches)
 
 
 def _collect_heads(state: ChannelRun) -> None:
     """``heads=True``: the attention layers and their output projections' input Grams."""
-    tgt = state.cfg.parsed_target
-    if tgt.kind not in ("macs", "params"):
-        raise ValueError(
-            f"heads=True puts attention heads on a macs= or params= budget, not {tgt}; "
-            "for a fraction of every layer's heads use target='heads=F'"
-        )
+    _needs_budget(state, "heads", "attention heads",
+                  "for a fraction of every layer's heads use target='heads=F'")  # fmt: skip
     state.blocks = find_attention(state.work)
     if not state.blocks:
         state.report.warnings.append(
@@ -261,6 +290,12 @@ def solve_curves_stage(state: ChannelRun) -> None:
         else e
         for gi, e in curves.items()
     }
+    if state.stream is not None:
+        stream_solver = state.method.stream_solver(state.stream, state.stream_gram, state.work)
+        state.stream_solver = stream_solver
+        # a channel group's curve is the error at one place; the stream's is its mean over
+        # every norm, and an error there reaches every one of them
+        state.curves[HIDDEN_KEY] = len(state.stream.sites) * stream_solver.error_curve()
     for i, b in enumerate(state.blocks):
         solver = state.method.head_solver(b, state.head_grams.get(b.out), state.work)
         state.head_solvers[HEAD_KEY + i] = solver
@@ -277,7 +312,29 @@ def cost_model_of(state: ChannelRun) -> CostModel:
     model = CostModel(state.work, analysis, cost0.per_module, other_macs=max(other, 0))
     for i, b in enumerate(state.blocks):
         model.add_unit_axes(HEAD_KEY + i, b.units, head_axes(state.work, b))
+    if state.stream is not None:
+        s, d = state.stream, state.stream.width
+        model.add_unit_axes(HIDDEN_KEY, d, stream_axes(s))
+        if any(not site.readers for site in s.sites):  # the output gains a d × k expansion
+            reader = next(r for site in s.sites for r in site.readers)
+            weight: Any = state.work.get_submodule(reader).weight
+            tokens = cost0.per_module.get(reader, 0) / weight.numel()
+            model.add_term(HIDDEN_KEY, macs=d * d * tokens, params=d * d + d)
     return model
+
+
+def stream_axes(stream: ResidualStream) -> dict[str, tuple[str, int, int]]:
+    """What one coordinate of the residual stream costs (:meth:`CostModel.add_unit_axes`):
+    an output row of every writer and embedding, an input column of every reader, an entry
+    of every norm.  The expansion a narrowed output gains (``d·k``) is added by
+    :func:`cost_model_of`; a tied LM head the fold unties is not modelled."""
+    d = stream.width
+    axes: dict[str, tuple[str, int, int]] = {m: ("out", d, 1) for m in stream.embeddings}
+    axes.update({m: ("out", d, 1) for m in stream.writers})
+    for site in stream.sites:
+        axes[site.norm] = ("out", d, 1)
+        axes.update({r: ("in", d, 1) for r in site.readers})
+    return axes
 
 
 def head_axes(model: nn.Module, block: AttentionBlock) -> dict[str, tuple[str, int, int]]:
@@ -312,15 +369,33 @@ def allocate_stage(state: ChannelRun) -> None:
             tgt.value, state.solvers, round_to=cfg.round_to, min_width=cfg.min_width
         )
     elif tgt.kind in ("macs", "params"):
-        alloc = allocate_budget(
-            tgt,
-            state.curves,
-            cost_model,
-            round_to=cfg.round_to,
-            min_width=cfg.min_width,
-            max_error=cfg.max_error if cfg.on_unreachable == "stop" else None,
-            unit_groups=state.head_solvers.keys(),
-        )
+
+        def run(curves: dict[int, np.ndarray], model: CostModel) -> Allocation:
+            return allocate_budget(
+                tgt,
+                curves,
+                model,
+                round_to=cfg.round_to,
+                min_width=cfg.min_width,
+                max_error=cfg.max_error if cfg.on_unreachable == "stop" else None,
+                unit_groups=state.head_solvers.keys(),
+            )
+
+        alloc = run(state.curves, cost_model)
+        excess = cost_model.full_excess.get(tgt.kind, 0.0)
+        d = cost_model.widths.get(HIDDEN_KEY, 0)
+        whole = {**alloc.widths, HIDDEN_KEY: d}
+        if excess and (
+            alloc.widths.get(HIDDEN_KEY) == d
+            or cost_model.cost(tgt.kind, whole) - excess <= cost_model.cost(tgt.kind, alloc.widths)
+        ):
+            # the stream stays whole, or narrowing it saves less than its output expansion
+            # costs: allocate again without the stream (nothing extra to count then)
+            stream, state.stream = state.stream, None
+            curves = {g: e for g, e in state.curves.items() if g != HIDDEN_KEY}
+            alloc = run(curves, cost_model_of(state))
+            state.stream = stream
+            alloc.widths[HIDDEN_KEY] = cost_model.widths[HIDDEN_KEY]
         alloc.held = [g for g in alloc.held if g < HEAD_KEY]
         if not alloc.reachable:
             message = unreachable_message(tgt, alloc, analysis, cfg)
@@ -348,10 +423,16 @@ def apply_stage(state: ChannelRun) -> None:
     surgery."""
     analysis, plans, collected = state.analysis, state.plans, state.collected
     assert analysis is not None
-    heads = {k: w for k, w in state.widths.items() if k >= HEAD_KEY}
+    heads = {k: w for k, w in state.widths.items() if HEAD_KEY <= k < HIDDEN_KEY}
+    stream_plan = None
+    if state.stream is not None and state.stream_solver is not None:
+        k = state.widths.get(HIDDEN_KEY, state.stream.width)
+        if k < state.stream.width:
+            stream_plan = state.stream_solver.plan(k)
+    refit_stream = stream_plan is not None and stream_plan.correct
     original = (
         copy.deepcopy(state.work)
-        if heads and state.cfg.sequential and state.method.needs_statistics
+        if ((heads and state.cfg.sequential and state.method.needs_statistics) or refit_stream)
         else None
     )
     if state.sequential and plans and any(p.folds for p in plans.values()):
@@ -382,6 +463,9 @@ def apply_stage(state: ChannelRun) -> None:
         block, solver = state.blocks[key - HEAD_KEY], state.head_solvers[key]
         if k < block.units:
             apply_heads(state.work, block, solver, k, state.batches, original)
+    if stream_plan is not None and state.stream is not None:  # last: its refit sees all
+        apply_hidden(state.work, state.stream, stream_plan, state.batches,
+                     original if refit_stream else None, sequential=state.cfg.sequential)  # fmt: skip
 
 
 @_timed("report")
@@ -419,6 +503,9 @@ def report_stage(state: ChannelRun) -> None:
         solver = state.head_solvers[HEAD_KEY + i]
         k = state.widths.get(HEAD_KEY + i, len(solver.order))
         report.groups.append(head_group_report(b, solver, k))
+    if state.stream is not None and state.stream_solver is not None:
+        k = state.widths.get(HIDDEN_KEY, state.stream.width)
+        report.groups.append(hidden_group_report(state.stream, state.stream_solver, k))
     report.params_before, report.params_after = cost0.params, cost1.params
     report.macs_before, report.macs_after = cost0.macs, cost1.macs
     tgt, alloc = state.cfg.parsed_target, state.alloc

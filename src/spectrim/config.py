@@ -167,6 +167,9 @@ class CompressConfig:
         heads: also remove whole attention heads (Hugging Face models: see
             ``target="heads=F"``) under a ``macs``/``params`` target, on the same budget as
             the channels: the allocator trades heads against FFN neurons and other widths.
+        hidden: also narrow a transformer's residual width (see ``target="hidden=F"``)
+            under a ``macs``/``params`` target, on the same budget: the allocator trades
+            the stream's width against heads and channels.
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 
@@ -182,6 +185,7 @@ class CompressConfig:
     on_unreachable: str = "stop"
     max_error: float = 0.5
     heads: bool = False
+    hidden: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

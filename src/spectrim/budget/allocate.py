@@ -128,6 +128,8 @@ class CostModel:
         self.widths = {g.index: g.width for g in analysis.groups}
         group_of = analysis.class_group
         self.other_macs = other_macs
+        #: what the terms of :meth:`add_term` count at full width that the model lacks
+        self.full_excess: dict[str, float] = {"macs": 0.0, "params": 0.0}
 
         def axis(labels: np.ndarray) -> _Axis:
             per: dict[int, int] = {}
@@ -189,6 +191,24 @@ class CostModel:
                 f *= (ax.length - removed) / ax.length
             total += f
         return total
+
+    def add_term(self, key: int, macs: float, params: float, per_unit: int = 1) -> None:
+        """A cost the model has only once ``key`` (added with :meth:`add_unit_axes`) is
+        narrowed, linear in its units: ``macs`` and ``params`` at full width, less
+        ``per_unit`` of the width per unit removed (the expansion a narrowed post-LN
+        stream's output gains).  It is counted at every width, and the allocator's budget is
+        taken from the real full cost (:attr:`full_excess` removed), so a model whose
+        ``key`` stays whole lands below the target, never above it."""
+        ax = _Axis(self.widths[key], {key: per_unit})
+        self.full_excess["macs"] += float(macs)
+        self.full_excess["params"] += float(params)
+        if macs:
+            self.mac_terms.append((float(macs), [ax]))
+            self.mac_owners.append(None)
+        if params:
+            self.param_terms.append((float(params), [ax]))
+            self.param_owners.append(None)
+            self.param_names.append(f"<unit {key}>")
 
     def add_unit_axes(self, key: int, units: int, axes: Mapping[str, tuple[str, int, int]]) -> None:
         """Units other than channels that shrink module costs: ``key`` (an index no channel
@@ -495,8 +515,10 @@ def greedy_allocate(
 
     values = [term_value(ti, current, dens) for ti in range(len(terms))]
     total_full = sum(values) + extra
-    budget = fraction * total_full
     cost = total_full
+    # the model's real full cost: terms that exist only once a unit is narrowed removed
+    total_full -= getattr(cost_model, "full_excess", {}).get(kind, 0.0)
+    budget = fraction * total_full
     smallest_w = {**full_w, **{g: int(states[(0, g)][-1]) for g in curves}}
     smallest_d = {n: states[(1, n)][-1] for n in matrix_curves}
     floor_cost = sum(term_value(ti, smallest_w, smallest_d) for ti in range(len(terms))) + extra

@@ -262,6 +262,7 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         on_unreachable=args.on_unreachable,
         max_error=args.max_error,
         heads=args.heads,
+        hidden=args.hidden,
         progress=progress_wrapper("calibration", args.quiet),
         then=then,
         **dict(args.option),

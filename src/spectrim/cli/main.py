@@ -98,6 +98,9 @@ Examples:
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target hidden=0.9
   # half the MACs, the allocator choosing between attention heads and FFN neurons
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target macs=0.5 --heads
+  # ... and the hidden size too, all on one budget
+  spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target macs=0.5 \
+      --heads --hidden
 
   # one budget over channels and weights: 10% of the non-zero weights, the allocator
   # choosing which widths to narrow and how sparse each matrix gets
@@ -306,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also remove whole attention heads (Hugging Face models) on the same macs/params "
         "budget as the channels: the allocator trades heads against FFN neurons",
+    )
+    p.add_argument(
+        "--hidden",
+        action="store_true",
+        help="also narrow the residual width (hidden size) of Hugging Face transformers on "
+        "the same macs/params budget: the allocator trades it against heads and channels",
     )
     p.add_argument(
         "--then",
