@@ -241,3 +241,30 @@ def test_the_stream_heads_and_channels_share_one_macs_budget(family: str) -> Non
     assert torch.isfinite(out).all() and out.shape[-1] == _out(model, _batches(1)[0]).shape[-1]
     with pytest.raises(ValueError, match="hidden=True puts the residual width on a macs"):
         spectrim.compress(model, _batches(), "id", "width=0.5", hidden=True)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_a_tied_lm_head_stays_tied_and_the_model_shrinks(family: str) -> None:
+    model = _model(family)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    small, report = spectrim.compress(model, _batches(), "spectral", "hidden=0.75")
+    assert small.lm_head.weight is small.get_input_embeddings().weight
+    assert small.config.tie_word_embeddings
+    assert report.params_ratio < 0.8  # the embedding and its head narrowed once, together
+    # the last norm normalises along the mean direction it keeps, and feeds a k × k map
+    norm = small.get_submodule(find_stream(small).sites[-1].norm)  # type: ignore[union-attr]
+    assert isinstance(norm, NormExpand) and norm.expand.weight.shape == (24, 24)
+
+
+def test_the_basis_keeps_the_mean_direction_a_centring_norm_needs() -> None:
+    from spectrim._hidden import _with_mean_direction
+
+    d, k = 10, 4
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    E = _with_mean_direction(q[:, :k])
+    m = torch.full((d, 1), d**-0.5, dtype=torch.float64)
+    torch.testing.assert_close(E.T @ E, torch.eye(k, dtype=torch.float64))
+    torch.testing.assert_close(E[:, :1], m)  # first, with its sign
+    best = q[:, : k - 1]  # the method's best k - 1 directions stay in the span
+    torch.testing.assert_close(E @ (E.T @ best), best)
+    assert torch.equal(_with_mean_direction(E), E)  # already there: unchanged

@@ -8,33 +8,34 @@
   model every writer is centred (``W ← (I − 11ᵀ/d)W``: the stream's mean is then zero, so
   a LayerNorm equals an RMSNorm), and every norm's affine is folded into its readers
   (``W ← W diag γ``, ``b ← b + Wβ``), leaving parameter-free RMSNorms, which commute with
-  rotations (SliceGPT, Ashkboos et al. 2024).  A tied LM head is untied by the fold;
+  rotations (SliceGPT, Ashkboos et al. 2024).  With a tied LM head nothing is centred:
+  the norms centre along a mean direction the basis keeps, and the last norm's affine
+  becomes a map before the head, so the head stays tied (docs/design.md §7d);
 * collect: the Gram of the normalised stream (every norm's output; padded positions left
   out), float64, summed over the norms;
 * solve: the method's :meth:`~spectrim.methods.Method.stream_solver` gives the basis ``E``
   (``d × k``): a selection of coordinates or a rotation;
 * narrow: writers and embeddings write ``Eᵀ·``; pre-LN norms normalise the ``k`` kept
-  coordinates (an RMSNorm's scale is invariant to a rotation but not to dropping
-  directions: the refit absorbs the difference); post-LN LayerNorms are sliced to the
-  kept coordinates; readers read ``W E``;
+  coordinates by the original width (exact for a stream in the kept span); post-LN
+  LayerNorms are sliced to the kept coordinates; readers read ``W E``;
 * refit (methods with a correction): at every norm, in execution order, each reader gets
   the least-squares map ``M`` (``d × k``, plus an intercept where the readers have biases)
   from what the narrowed model's norm now outputs to what the original's did, fitted on
   the narrowed prefix (``sequential=True``, the default: each fit sees the earlier
-  refits) or on the original model's own outputs restricted to the basis (one shot);
-  the readers' new weights are ``W M``.
+  refits) or on the original model's own stream put through the narrowed norm (one
+  shot); the readers' new weights are ``W M``.
 
 Exact: the conversion (to float rounding), the narrowing at ``F = 1``.  Approximate: the
 directions dropped, a sliced post-LN LayerNorm's statistics (mean and variance over the
-kept coordinates only), and an RMSNorm's scale over fewer coordinates; the refit
-minimises their effect on what every reader sees.
+kept coordinates only), and an RMSNorm's scale when the stream leaves the kept span; the
+refit minimises their effect on what every reader sees.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -142,16 +143,39 @@ def _retie(model: nn.Module, groups: list[list[str]]) -> None:
                 setattr(m, leaf, first)
 
 
+def _tied_head(model: nn.Module, stream: ResidualStream) -> tuple[str, str] | None:
+    """``(head, embedding)`` when a reader of the stream's last norm holds the weight of
+    one of its embeddings (a tied LM head), else ``None``."""
+    holders = {}
+    for group in shared_tensors(model):
+        owners = [n.rpartition(".")[0] for n in group if n.endswith(".weight")]
+        holders.update({o: owners for o in owners})
+    for r in stream.sites[-1].readers:
+        for e in stream.embeddings:
+            if e in holders.get(r, ()):
+                return r, e
+    return None
+
+
 def convert_stream(model: nn.Module, stream: ResidualStream) -> ResidualStream:
     """The exact rewrite of ``model`` (in place) that lets its stream be narrowed; returns
     the stream of the rewritten model (see the module docstring)."""
+    tied = _tied_head(model, stream) if stream.kind == "pre" else None
+    if tied is not None:  # the head keeps its tie: the last norm's affine goes elsewhere
+        last = stream.sites[-1]
+        sites = [*stream.sites[:-1], NormSite(last.norm, [])]
+        stream = ResidualStream(stream.name, stream.kind, stream.width, stream.embeddings,
+                                stream.writers, sites)  # fmt: skip
     stream = _wrap_outputs(model, stream)
     if stream.kind == "post":
         return stream
     d = stream.width
     affines = {s.norm: norm_affine(model.get_submodule(s.norm), d) for s in stream.sites}
     kinds = {a[0] for a in affines.values()}
-    if "layer" in kinds:  # centre every writer: the stream's mean is zero, LN = RMSNorm
+    # a LayerNorm = an RMSNorm of the centred stream: centre every writer, or (with a tied
+    # head, whose embedding must stay as it is) let each norm centre along the mean direction
+    centred = "layer" in kinds and tied is not None
+    if "layer" in kinds and tied is None:
         C = torch.eye(d, dtype=torch.float64) - 1.0 / d
         for name in stream.embeddings + stream.writers:
             write_rows(model.get_submodule(name), C, name)
@@ -160,11 +184,14 @@ def convert_stream(model: nn.Module, stream: ResidualStream) -> ResidualStream:
         shift = beta if bool(beta.abs().max() > 0) else None
         for r in s.readers:
             read_columns(model.get_submodule(r), torch.diag(gamma), r, shift)
-        norm = StreamRMSNorm(d, eps)
-        set_module(model, s.norm, norm)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False  # the fold of the final norm untied the head
+        set_module(model, s.norm, StreamRMSNorm(d, eps, centred=centred))
+    if tied is not None:  # the expansion after the last norm writes stream coordinates
+        stream.writers = [*stream.writers, stream.sites[-1].readers[0]]
+        stream.tied = tied
+    else:
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False  # the fold of the final norm untied the head
     return stream
 
 
@@ -258,6 +285,35 @@ def stream_grams(
     return total.numpy(), rows[0]
 
 
+def _with_mean_direction(E: torch.Tensor) -> torch.Tensor:
+    """A basis of ``k`` orthonormal columns whose span holds the mean direction ``1/√d``
+    (first column) and the first ``k − 1`` columns of ``E``: where a centring norm
+    finds the stream's mean."""
+    d, k = E.shape
+    m = torch.full((d, 1), d**-0.5, dtype=torch.float64)
+    if float((E.T @ m).norm()) > 1 - 1e-9:
+        return E  # already there
+    q, r = torch.linalg.qr(torch.cat([m, E[:, : k - 1]], dim=1))
+    return q * torch.sign(torch.diagonal(r)).where(
+        torch.diagonal(r) != 0, torch.ones(1, dtype=r.dtype)
+    )
+
+
+def _head_basis(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> torch.Tensor | None:
+    """With a tied head, the map ``P`` (``d × k``) that writes the last norm's output
+    ``v`` into stream coordinates as ``Pᵀv``: the head computes ``(W_e E)(Pᵀv)`` for
+    ``W_e v``, so ``Pᵀ = (EᵀGE)⁻¹EᵀG``, ``G = W_eᵀW_e`` (least squares in the logits,
+    not in ``v``); ``None`` without a tied head."""
+    if stream.tied is None:
+        return None
+    W = model.get_submodule(stream.tied[1]).weight
+    assert isinstance(W, torch.Tensor)
+    G = W.detach().double().T @ W.detach().double()
+    A = E.T @ G @ E
+    A = A + 1e-9 * float(torch.trace(A)) / A.shape[0] * torch.eye(A.shape[0], dtype=A.dtype)
+    return torch.linalg.solve(A, E.T @ G).T
+
+
 def apply_hidden(
     work: nn.Module,
     stream: ResidualStream,
@@ -275,6 +331,8 @@ def apply_hidden(
     found, ties = _with_tied_embeddings(work, stream)
     converted = convert_stream(work, found)
     E = torch.as_tensor(plan.basis)
+    if any(getattr(work.get_submodule(s.norm), "mean", None) is not None for s in converted.sites):
+        E = _with_mean_direction(E)
     if E.shape[1] < stream.width:
         target = readers = None
         if plan.correct:
@@ -286,9 +344,10 @@ def apply_hidden(
             target, readers = original, copy.deepcopy(work)
         narrow_stream(work, converted, E)
         if target is not None and readers is not None:
+            out = _head_basis(readers, converted, E)
             for site in converted.sites:
                 refit_site(work, target, readers, site, E, stream.kind, batches, plan.ridge,
-                           sequential)  # fmt: skip
+                           sequential, converted.writers, out)  # fmt: skip
     _retie(work, ties)
 
 
@@ -303,10 +362,16 @@ def narrow_stream(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> 
             raise ValueError("a post-LN stream can keep a selection of its coordinates only")
     for name in stream.embeddings + stream.writers:
         write_rows(model.get_submodule(name), E, name)
+    if stream.tied is not None:  # the head reads stream coordinates with its embedding
+        head: Any = model.get_submodule(stream.tied[0])
+        head.weight = model.get_submodule(stream.tied[1]).weight
+        head.in_features = k
     for s in stream.sites:
         norm = model.get_submodule(s.norm)
         if isinstance(norm, StreamRMSNorm):
             norm.width = k
+            if norm.mean is not None:
+                norm.mean = (E.T @ norm.mean.double()).to(norm.mean.dtype)
         else:
             assert keep is not None
             idx = torch.as_tensor(keep)
@@ -329,6 +394,8 @@ def refit_site(
     batches: list[Any],
     ridge: float,
     sequential: bool,
+    writers: Sequence[str] = (),
+    out_basis: torch.Tensor | None = None,
 ) -> None:
     """Refit the readers of ``site`` in ``work``: least squares from its norm's output to
     the one of ``original`` at the same place; the new readers are those of ``readers``
@@ -345,15 +412,19 @@ def refit_site(
         return torch.cat([v, torch.ones(v.shape[0], 1, dtype=v.dtype)], 1) if intercept else v
 
     def on_original(name: str, n: torch.Tensor) -> None:
-        if sequential:
-            seen["n"] = n
-            return
-        v = n @ E  # the original's stream in the basis, normalised as the narrowed norm does
-        if kind == "pre":
-            v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-12)
+        seen["n"] = n
+
+    narrowed, full = work.get_submodule(site.norm), original.get_submodule(site.norm)
+
+    def one_shot(name: str, x: torch.Tensor) -> torch.Tensor:
+        # the original's stream at this norm, normalised by the original and by the
+        # narrowed norm (forward: no hooks); padded rows are already gone
+        v = narrowed.forward((x @ E.to(x.dtype)).float()).double()
+        n = full.forward(x.float()).double()
         v = aug(v)
         V.add_(v.T @ v)
         C.add_(v.T @ n)
+        return x
 
     def on_work(name: str, v: torch.Tensor) -> None:
         v = aug(v)
@@ -365,7 +436,15 @@ def refit_site(
             _site_outputs(original, [site], [batch], on_original, stop=True)
             _site_outputs(work, [site], [batch], on_work, stop=True)
     else:
-        _site_outputs(original, [site], batches, on_original, stop=True)
+        ignore: Callable[[str, torch.Tensor], None] = lambda name, x: None  # noqa: E731
+        _site_outputs(
+            original,
+            [site],
+            batches,
+            ignore,
+            stop=True,
+            inputs={site.norm: lambda x: one_shot(site.norm, x)},
+        )
     tau = ridge * float(torch.trace(V[:k, :k])) / max(k, 1)
     tau_vec = np.full(kk, tau)
     if intercept:
@@ -376,6 +455,8 @@ def refit_site(
     for r in site.readers:
         fresh = copy.deepcopy(readers.get_submodule(r))
         read_columns(fresh, M, r, shift)
+        if r in writers:  # a reader that writes the stream too (before a tied head)
+            write_rows(fresh, E if out_basis is None else out_basis, r)
         set_module(work, r, fresh)
 
 

@@ -327,7 +327,7 @@ def stream_axes(stream: ResidualStream) -> dict[str, tuple[str, int, int]]:
     """What one coordinate of the residual stream costs (:meth:`CostModel.add_unit_axes`):
     an output row of every writer and embedding, an input column of every reader, an entry
     of every norm.  The expansion a narrowed output gains (``d·k``) is added by
-    :func:`cost_model_of`; a tied LM head the fold unties is not modelled."""
+    :func:`cost_model_of`; the k × k map before a tied LM head is not."""
     d = stream.width
     axes: dict[str, tuple[str, int, int]] = {m: ("out", d, 1) for m in stream.embeddings}
     axes.update({m: ("out", d, 1) for m in stream.writers})

@@ -70,21 +70,34 @@ class StreamRMSNorm(nn.Module):
         [[1.0, -1.0, 1.0, 1.0]]
     """
 
-    def __init__(self, width: int, eps: float = 1e-5) -> None:
+    def __init__(
+        self, width: int, eps: float = 1e-5, count: int = 0, centred: bool = False
+    ) -> None:
         super().__init__()
         self.width, self.eps = int(width), float(eps)
+        self.count = int(count) or self.width
+        self.mean: torch.Tensor | None
+        if centred:  # a LayerNorm's centring, along the mean direction in these coordinates
+            self.register_buffer("mean", torch.full((self.width,), self.width**-0.5))
+        else:
+            self.mean = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.mean is not None:
+            m = self.mean.float()
+            h = h - (h @ m).unsqueeze(-1) * m
+        h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.count + self.eps)
         return h.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.width}, eps={self.eps}"
+        extra = f", count={self.count}, centred" if self.mean is not None else ""
+        return f"{self.width}, eps={self.eps}{extra}"
 
-    def spectrim_kwargs(self) -> dict[str, float | int]:
+    def spectrim_kwargs(self) -> dict[str, float | int | bool]:
         """Constructor arguments (recorded in a saved manifest)."""
-        return {"width": self.width, "eps": self.eps}
+        return {"width": self.width, "eps": self.eps, "count": self.count,
+                "centred": self.mean is not None}  # fmt: skip
 
 
 @register_swap_class
@@ -100,23 +113,39 @@ class NormExpand(nn.Module):
     """
 
     def __init__(
-        self, norm: nn.Module | str, out_features: int, width: int = 0, eps: float = 1e-5
+        self,
+        norm: nn.Module | str,
+        out_features: int,
+        width: int = 0,
+        eps: float = 1e-5,
+        count: int = 0,
+        centred: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(norm, str):  # rebuilt from a manifest
-            norm = StreamRMSNorm(width, eps) if norm == "rms" else nn.LayerNorm(width, eps)
+            norm = (
+                StreamRMSNorm(width, eps, count, centred)
+                if norm == "rms"
+                else nn.LayerNorm(width, eps)
+            )
         self.norm = norm
         self.expand = nn.Linear(_norm_width(norm), out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.norm(x))  # type: ignore[no-any-return]
 
-    def spectrim_kwargs(self) -> dict[str, str | int | float]:
+    def spectrim_kwargs(self) -> dict[str, str | int | float | bool]:
         """Constructor arguments (recorded in a saved manifest)."""
-        kind = "rms" if isinstance(self.norm, StreamRMSNorm) else "layernorm"
-        eps = float(getattr(self.norm, "eps", 1e-5))
         out = self.expand.out_features
-        return {"norm": kind, "out_features": out, "width": _norm_width(self.norm), "eps": eps}
+        if isinstance(self.norm, StreamRMSNorm):
+            return {"norm": "rms", "out_features": out, **self.norm.spectrim_kwargs()}
+        eps = float(getattr(self.norm, "eps", 1e-5))
+        return {
+            "norm": "layernorm",
+            "out_features": out,
+            "width": _norm_width(self.norm),
+            "eps": eps,
+        }
 
 
 def _norm_width(norm: nn.Module) -> int:
@@ -150,6 +179,8 @@ class ResidualStream:
     embeddings: list[str]
     writers: list[str]
     sites: list[NormSite]
+    #: ``(head, embedding)``: an LM head that shares the embedding's weight and keeps it
+    tied: tuple[str, str] | None = None
 
     def modules(self) -> list[str]:
         """Every module the stream's surgery changes."""

@@ -23,8 +23,8 @@ Example::
     >>> import numpy as np
     >>> G = np.diag([4.0, 1.0, 9.0])
     >>> s = StreamSolver(G, order=np.array([2, 0, 1]))
-    >>> s.plan(2).basis.T.tolist()
-    [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    >>> s.plan(2).basis.T.tolist()  # most valuable first
+    [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     >>> round(float(s.error_curve()[2]), 4)  # the share of the energy left out
     0.0714
 """
@@ -91,14 +91,14 @@ class StreamSolver:
         self.width = d
 
     def plan(self, k: int) -> StreamPlan:
-        """The basis keeping ``k`` coordinates (selections come sorted)."""
+        """The basis keeping ``k`` coordinates, most valuable first."""
         if not 1 <= k <= self.width:
             raise ValueError(f"hidden width {k} must be in [1, {self.width}]")
         if self.rotation is not None:
             E = np.ascontiguousarray(self.rotation[:, :k])
         else:
             assert self.order is not None
-            keep = np.sort(self.order[:k])
+            keep = self.order[:k]
             E = np.zeros((self.width, k))
             E[keep, np.arange(k)] = 1.0
         return StreamPlan(E, self.correct, self.ridge)
