@@ -27,16 +27,18 @@ def sentences_csv(tmp_path_factory: pytest.TempPathFactory, sts_train_sentences:
     return path
 
 
-@pytest.mark.parametrize("target", ["heads=0.5", "hidden=0.9"])
+@pytest.mark.parametrize(
+    "target,flags", [("heads=0.5", []), ("hidden=0.9", []), ("macs=0.8", ["--heads", "--hidden"])]
+)
 def test_compress_a_hugging_face_folder_on_a_csv_column(
-    target: str, minilm_dir: Path, sentences_csv: Path, tmp_path: Path
+    target: str, flags: list[str], minilm_dir: Path, sentences_csv: Path, tmp_path: Path
 ) -> None:
     out_dir, report = tmp_path / "small", tmp_path / "r.json"
     argv = [
         "compress", "--model", str(minilm_dir), "--data", str(sentences_csv),
         "--text-column", "sentence", "--calib", "96", "--max-length", "48",
         "--target", target, "--one-shot", "--out", str(out_dir), "--json", str(report),
-        "--quiet",
+        "--quiet", *flags,
     ]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(report.read_text())
@@ -44,10 +46,16 @@ def test_compress_a_hugging_face_folder_on_a_csv_column(
     assert 0.6 < summary["cosine_mean"] < 1.0 and summary["macs_ratio"] < 1.0
     assert summary["report"]["target"] == target
     back = load_compressed(out_dir)  # rebuilt from the recorded config, no base model
+    names = [g["name"] for g in summary["report"]["groups"]]
     if target == "heads=0.5":
         assert [b.heads for b in find_attention(back)] == [6] * 6
-    else:  # the stream keeps 346 of 384 coordinates; the embeddings keep their 384
+    elif target == "hidden=0.9":  # the stream keeps 346 of 384 coordinates
         assert back.get_input_embeddings().weight.shape[1] == 346
+    else:  # heads, FFN neurons and the stream on one budget, each with its report line
+        assert summary["macs_ratio"] <= 0.805
+        assert any(n.endswith("(heads)") for n in names) and any(
+            n.endswith("(hidden)") for n in names
+        )
     tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(minilm_dir)
     texts = read_texts(sentences_csv, column="sentence")[96:104]
     batch = text_batches(texts, tok)[0]
