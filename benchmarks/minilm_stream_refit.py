@@ -24,7 +24,7 @@ import torch
 
 import spectrim
 from sparsify_minilm import embed, fidelity, load_minilm, pick_sentences, read_genres, read_sts
-from spectrim._hidden import _with_tied_embeddings, convert_stream, refit_site
+from spectrim._hidden import convert_stream, refit_site, with_tied_embeddings
 from spectrim.graph.stream import find_stream
 
 
@@ -65,11 +65,11 @@ def main() -> None:
         original = copy.deepcopy(model)
         found = find_stream(original)
         assert found is not None
-        convert_stream(original, _with_tied_embeddings(original, found)[0])
+        convert_stream(original, with_tied_embeddings(original, found)[0])
         work = copy.deepcopy(small)
         found = find_stream(work)
         assert found is not None
-        stream = convert_stream(work, _with_tied_embeddings(work, found)[0])
+        stream = convert_stream(work, with_tied_embeddings(work, found)[0])
         readers = copy.deepcopy(work)
         eye = torch.eye(stream.width, dtype=torch.float64)
         for site in stream.sites:

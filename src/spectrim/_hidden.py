@@ -75,6 +75,7 @@ __all__ = [
     "narrow_stream",
     "refit_site",
     "stream_grams",
+    "with_tied_embeddings",
 ]
 
 
@@ -109,7 +110,7 @@ def _wrap_outputs(model: nn.Module, stream: ResidualStream) -> ResidualStream:
                           stream.writers, sites)  # fmt: skip
 
 
-def _with_tied_embeddings(
+def with_tied_embeddings(
     model: nn.Module, stream: ResidualStream
 ) -> tuple[ResidualStream, list[list[str]]]:
     """The stream with every other ``nn.Embedding`` that shares an embedding's weight
@@ -328,7 +329,7 @@ def apply_hidden(
     ``original`` (an unconverted model with the same module names whose norms' outputs are
     the targets: the model before any compression; it is converted here, so pass a
     copy)."""
-    found, ties = _with_tied_embeddings(work, stream)
+    found, ties = with_tied_embeddings(work, stream)
     converted = convert_stream(work, found)
     E = torch.as_tensor(plan.basis)
     if any(getattr(work.get_submodule(s.norm), "mean", None) is not None for s in converted.sites):
@@ -340,7 +341,7 @@ def apply_hidden(
                 raise ValueError("a refitted stream needs the original model")
             found_t = find_stream(original)
             assert found_t is not None
-            convert_stream(original, _with_tied_embeddings(original, found_t)[0])
+            convert_stream(original, with_tied_embeddings(original, found_t)[0])
             target, readers = original, copy.deepcopy(work)
         narrow_stream(work, converted, E)
         if target is not None and readers is not None:
