@@ -70,10 +70,10 @@ def main() -> None:
         found = find_stream(work)
         assert found is not None
         stream = convert_stream(work, with_tied_embeddings(work, found)[0])
-        readers = copy.deepcopy(work)
+        readers = {r: copy.deepcopy(work.get_submodule(r)) for s in stream.sites for r in s.readers}
         eye = torch.eye(stream.width, dtype=torch.float64)
         for site in stream.sites:
-            refit_site(work, original, readers, site, eye, stream.kind, calib, args.ridge, True)
+            refit_site(work, original, readers, site, eye, calib, args.ridge, True)
         seconds = time.perf_counter() - t
         after = fidelity(work, tok, pairs, gold, genres, ref)
         row = {"target": target, "method": args.method, "macs_ratio": report.macs_ratio,

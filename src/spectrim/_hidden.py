@@ -34,8 +34,9 @@ refit minimises their effect on what every reader sees.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,7 @@ __all__ = [
     "narrow_stream",
     "refit_site",
     "stream_grams",
+    "tied_head",
     "with_tied_embeddings",
 ]
 
@@ -106,8 +108,7 @@ def _wrap_outputs(model: nn.Module, stream: ResidualStream) -> ResidualStream:
         wrapped.to(dtype)
         set_module(model, s.norm, wrapped)
         sites.append(NormSite(f"{s.norm}.norm", [f"{s.norm}.expand"]))
-    return ResidualStream(stream.name, stream.kind, stream.width, stream.embeddings,
-                          stream.writers, sites)  # fmt: skip
+    return dataclasses.replace(stream, sites=sites)
 
 
 def with_tied_embeddings(
@@ -117,18 +118,19 @@ def with_tied_embeddings(
     (T5's ``shared`` and ``encoder.embed_tokens``) among its embeddings, so all are
     narrowed alike; and the model's groups of shared tensors, to tie again afterwards."""
     groups = shared_tensors(model)
-    extra = []
-    for group in groups:
-        owners = [n.rpartition(".")[0] for n in group if n.endswith(".weight")]
-        if any(o in stream.embeddings for o in owners):
-            extra += [
-                o for o in owners
-                if o not in stream.embeddings and isinstance(model.get_submodule(o), nn.Embedding)
-            ]  # fmt: skip
-    embeddings = list(stream.embeddings) + extra
-    s = ResidualStream(stream.name, stream.kind, stream.width, embeddings, stream.writers,
-                       stream.sites)  # fmt: skip
-    return s, groups
+    extra = [
+        o for owners in _weight_sharers(groups)
+        if any(e in owners for e in stream.embeddings)
+        for o in owners
+        if o not in stream.embeddings and isinstance(model.get_submodule(o), nn.Embedding)
+    ]  # fmt: skip
+    return dataclasses.replace(stream, embeddings=[*stream.embeddings, *extra]), groups
+
+
+def _weight_sharers(groups: list[list[str]]) -> list[list[str]]:
+    """Per group of shared tensors (:func:`shared_tensors`), the modules whose ``weight``
+    it is."""
+    return [[n.rpartition(".")[0] for n in g if n.endswith(".weight")] for g in groups]
 
 
 def _retie(model: nn.Module, groups: list[list[str]]) -> None:
@@ -144,13 +146,10 @@ def _retie(model: nn.Module, groups: list[list[str]]) -> None:
                 setattr(m, leaf, first)
 
 
-def _tied_head(model: nn.Module, stream: ResidualStream) -> tuple[str, str] | None:
+def tied_head(model: nn.Module, stream: ResidualStream) -> tuple[str, str] | None:
     """``(head, embedding)`` when a reader of the stream's last norm holds the weight of
     one of its embeddings (a tied LM head), else ``None``."""
-    holders = {}
-    for group in shared_tensors(model):
-        owners = [n.rpartition(".")[0] for n in group if n.endswith(".weight")]
-        holders.update({o: owners for o in owners})
+    holders = {o: owners for owners in _weight_sharers(shared_tensors(model)) for o in owners}
     for r in stream.sites[-1].readers:
         for e in stream.embeddings:
             if e in holders.get(r, ()):
@@ -161,12 +160,10 @@ def _tied_head(model: nn.Module, stream: ResidualStream) -> tuple[str, str] | No
 def convert_stream(model: nn.Module, stream: ResidualStream) -> ResidualStream:
     """The exact rewrite of ``model`` (in place) that lets its stream be narrowed; returns
     the stream of the rewritten model (see the module docstring)."""
-    tied = _tied_head(model, stream) if stream.kind == "pre" else None
+    tied = tied_head(model, stream) if stream.kind == "pre" else None
     if tied is not None:  # the head keeps its tie: the last norm's affine goes elsewhere
-        last = stream.sites[-1]
-        sites = [*stream.sites[:-1], NormSite(last.norm, [])]
-        stream = ResidualStream(stream.name, stream.kind, stream.width, stream.embeddings,
-                                stream.writers, sites)  # fmt: skip
+        sites = [*stream.sites[:-1], NormSite(stream.sites[-1].norm, [])]
+        stream = dataclasses.replace(stream, sites=sites)
     stream = _wrap_outputs(model, stream)
     if stream.kind == "post":
         return stream
@@ -189,10 +186,6 @@ def convert_stream(model: nn.Module, stream: ResidualStream) -> ResidualStream:
     if tied is not None:  # the expansion after the last norm writes stream coordinates
         stream.writers = [*stream.writers, stream.sites[-1].readers[0]]
         stream.tied = tied
-    else:
-        config = getattr(model, "config", None)
-        if config is not None and getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False  # the fold of the final norm untied the head
     return stream
 
 
@@ -335,19 +328,19 @@ def apply_hidden(
     if any(getattr(work.get_submodule(s.norm), "mean", None) is not None for s in converted.sites):
         E = _with_mean_direction(E)
     if E.shape[1] < stream.width:
-        target = readers = None
-        if plan.correct:
-            if original is None:
-                raise ValueError("a refitted stream needs the original model")
+        if plan.correct and original is None:
+            raise ValueError("a refitted stream needs the original model")
+        # the readers as converted, before narrowing: the refits start from them
+        readers = {r: copy.deepcopy(work.get_submodule(r))
+                   for s in converted.sites for r in s.readers} if plan.correct else {}  # fmt: skip
+        out = _head_basis(work, converted, E) if plan.correct else None
+        narrow_stream(work, converted, E)
+        if plan.correct and original is not None:
             found_t = find_stream(original)
             assert found_t is not None
             convert_stream(original, with_tied_embeddings(original, found_t)[0])
-            target, readers = original, copy.deepcopy(work)
-        narrow_stream(work, converted, E)
-        if target is not None and readers is not None:
-            out = _head_basis(readers, converted, E)
             for site in converted.sites:
-                refit_site(work, target, readers, site, E, stream.kind, batches, plan.ridge,
+                refit_site(work, original, readers, site, E, batches, plan.ridge,
                            sequential, converted.writers, out)  # fmt: skip
     _retie(work, ties)
 
@@ -388,10 +381,9 @@ def narrow_stream(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> 
 def refit_site(
     work: nn.Module,
     original: nn.Module,
-    readers: nn.Module,
+    readers: Mapping[str, nn.Module],
     site: NormSite,
     E: torch.Tensor,
-    kind: str,
     batches: list[Any],
     ridge: float,
     sequential: bool,
@@ -399,8 +391,8 @@ def refit_site(
     out_basis: torch.Tensor | None = None,
 ) -> None:
     """Refit the readers of ``site`` in ``work``: least squares from its norm's output to
-    the one of ``original`` at the same place; the new readers are those of ``readers``
-    (``work`` before it was narrowed) times the fit (see the module docstring)."""
+    the one of ``original`` at the same place; the new readers are ``readers[name]`` (as
+    they were before the narrowing) times the fit (see the module docstring)."""
     k = E.shape[1]
     intercept = all(has_bias(work, r) for r in site.readers)
     kk = k + int(intercept)
@@ -417,15 +409,12 @@ def refit_site(
 
     narrowed, full = work.get_submodule(site.norm), original.get_submodule(site.norm)
 
-    def one_shot(name: str, x: torch.Tensor) -> torch.Tensor:
+    def one_shot(name: str, x: torch.Tensor) -> None:
         # the original's stream at this norm, normalised by the original and by the
         # narrowed norm (forward: no hooks); padded rows are already gone
-        v = narrowed.forward((x @ E.to(x.dtype)).float()).double()
-        n = full.forward(x.float()).double()
-        v = aug(v)
+        v = aug(narrowed.forward((x @ E.to(x.dtype)).float()).double())
         V.add_(v.T @ v)
-        C.add_(v.T @ n)
-        return x
+        C.add_(v.T @ full.forward(x.float()).double())
 
     def on_work(name: str, v: torch.Tensor) -> None:
         v = aug(v)
@@ -436,16 +425,9 @@ def refit_site(
         for batch in batches:  # original first, then the narrowed model, batch by batch
             _site_outputs(original, [site], [batch], on_original, stop=True)
             _site_outputs(work, [site], [batch], on_work, stop=True)
-    else:
-        ignore: Callable[[str, torch.Tensor], None] = lambda name, x: None  # noqa: E731
-        _site_outputs(
-            original,
-            [site],
-            batches,
-            ignore,
-            stop=True,
-            inputs={site.norm: lambda x: one_shot(site.norm, x)},
-        )
+    else:  # the norm's input rows, as they are
+        _site_outputs(original, [site], batches, one_shot, stop=True,
+                      inputs={site.norm: lambda x: x})  # fmt: skip
     tau = ridge * float(torch.trace(V[:k, :k])) / max(k, 1)
     tau_vec = np.full(kk, tau)
     if intercept:
@@ -454,7 +436,7 @@ def refit_site(
     M = torch.as_tensor(B[:, :k])
     shift = torch.as_tensor(B[:, k]) if intercept else None
     for r in site.readers:
-        fresh = copy.deepcopy(readers.get_submodule(r))
+        fresh = copy.deepcopy(readers[r])
         read_columns(fresh, M, r, shift)
         if r in writers:  # a reader that writes the stream too (before a tied head)
             write_rows(fresh, E if out_basis is None else out_basis, r)

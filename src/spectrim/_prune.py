@@ -304,15 +304,16 @@ def solve_curves_stage(state: ChannelRun) -> None:
         )
 
 
-def cost_model_of(state: ChannelRun) -> CostModel:
-    """The cost model of the run's model (MACs not attributed to a module stay constant)."""
+def cost_model_of(state: ChannelRun, *, stream: bool = True) -> CostModel:
+    """The cost model of the run's model (MACs not attributed to a module stay constant);
+    with ``stream=False`` the residual stream (``hidden=True``) stays out of it."""
     analysis, cost0 = state.analysis, state.cost0
     assert analysis is not None and cost0 is not None
     other = cost0.macs - sum(cost0.per_module.values())
     model = CostModel(state.work, analysis, cost0.per_module, other_macs=max(other, 0))
     for i, b in enumerate(state.blocks):
         model.add_unit_axes(HEAD_KEY + i, b.units, head_axes(state.work, b))
-    if state.stream is not None:
+    if stream and state.stream is not None:
         s, d = state.stream, state.stream.width
         model.add_unit_axes(HIDDEN_KEY, d, stream_axes(s))
         if any(not site.readers for site in s.sites):  # the output gains a d × k expansion
@@ -391,10 +392,8 @@ def allocate_stage(state: ChannelRun) -> None:
         ):
             # the stream stays whole, or narrowing it saves less than its output expansion
             # costs: allocate again without the stream (nothing extra to count then)
-            stream, state.stream = state.stream, None
             curves = {g: e for g, e in state.curves.items() if g != HIDDEN_KEY}
-            alloc = run(curves, cost_model_of(state))
-            state.stream = stream
+            alloc = run(curves, cost_model_of(state, stream=False))
             alloc.widths[HIDDEN_KEY] = cost_model.widths[HIDDEN_KEY]
         alloc.held = [g for g in alloc.held if g < HEAD_KEY]
         if not alloc.reachable:

@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -328,13 +327,6 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     """Replace the submodule at ``path``."""
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def selection(d: int, keep: np.ndarray) -> torch.Tensor:
-    """The ``d × k`` matrix of the identity's columns ``keep``."""
-    E = torch.zeros(d, len(keep), dtype=torch.float64)
-    E[torch.as_tensor(np.asarray(keep, dtype=np.int64)), torch.arange(len(keep))] = 1.0
-    return E
 
 
 # ------------------------------------------------------------------------- finders
