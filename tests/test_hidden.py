@@ -268,3 +268,13 @@ def test_the_basis_keeps_the_mean_direction_a_centring_norm_needs() -> None:
     best = q[:, : k - 1]  # the method's best k - 1 directions stay in the span
     torch.testing.assert_close(E @ (E.T @ best), best)
     assert torch.equal(_with_mean_direction(E), E)  # already there: unchanged
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_the_shared_budget_never_lands_above_its_target(family: str) -> None:
+    # the map a narrowed stream adds (BERT: its output expansion; GPT-2: the k × k map
+    # before its tied head) is in the cost model, so the target holds either way
+    _, report = spectrim.compress(
+        _model(family), _batches(4), "id", "macs=0.5", heads=True, hidden=True
+    )
+    assert report.macs_ratio <= 0.5 + 1e-3, report.macs_ratio

@@ -30,7 +30,7 @@ import numpy as np
 from torch import nn
 
 from spectrim._heads import apply_heads, head_group_report, output_grams
-from spectrim._hidden import apply_hidden, hidden_group_report, stream_grams
+from spectrim._hidden import apply_hidden, hidden_group_report, stream_grams, tied_head
 from spectrim.budget import (
     Allocation,
     CostModel,
@@ -316,7 +316,9 @@ def cost_model_of(state: ChannelRun, *, stream: bool = True) -> CostModel:
     if stream and state.stream is not None:
         s, d = state.stream, state.stream.width
         model.add_unit_axes(HIDDEN_KEY, d, stream_axes(s))
-        if any(not site.readers for site in s.sites):  # the output gains a d × k expansion
+        # a norm whose output is the model's (a d × k expansion) or a tied head's input (a
+        # k × k map, at most d × k) gains a linear map once the stream is narrowed
+        if any(not site.readers for site in s.sites) or tied_head(state.work, s) is not None:
             reader = next(r for site in s.sites for r in site.readers)
             weight: Any = state.work.get_submodule(reader).weight
             tokens = cost0.per_module.get(reader, 0) / weight.numel()
@@ -327,8 +329,8 @@ def cost_model_of(state: ChannelRun, *, stream: bool = True) -> CostModel:
 def stream_axes(stream: ResidualStream) -> dict[str, tuple[str, int, int]]:
     """What one coordinate of the residual stream costs (:meth:`CostModel.add_unit_axes`):
     an output row of every writer and embedding, an input column of every reader, an entry
-    of every norm.  The expansion a narrowed output gains (``d·k``) is added by
-    :func:`cost_model_of`; the k × k map before a tied LM head is not."""
+    of every norm.  The map a narrowed output or a tied LM head's input gains (``d·k``,
+    or ``k·k`` counted as ``d·k``) is added by :func:`cost_model_of`."""
     d = stream.width
     axes: dict[str, tuple[str, int, int]] = {m: ("out", d, 1) for m in stream.embeddings}
     axes.update({m: ("out", d, 1) for m in stream.writers})
