@@ -192,6 +192,8 @@ def test_a_norm_that_is_not_layer_or_rms_is_named() -> None:
 
     with pytest.raises(ValueError, match="Odd: not a LayerNorm or RMSNorm"):
         norm_affine(Odd(), 4)
+    with pytest.raises(ValueError, match=r"'blocks.3.norm' \(Odd\): not a LayerNorm"):
+        norm_affine(Odd(), 4, "blocks.3.norm")
     kind, gamma, beta, eps = norm_affine(nn.LayerNorm(4, eps=1e-6), 4)
     assert torch.equal(beta, torch.zeros(4, dtype=beta.dtype))
     assert kind == "layer" and eps == 1e-6 and torch.equal(gamma, torch.ones(4, dtype=gamma.dtype))

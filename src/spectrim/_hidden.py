@@ -168,7 +168,7 @@ def convert_stream(model: nn.Module, stream: ResidualStream) -> ResidualStream:
     if stream.kind == "post":
         return stream
     d = stream.width
-    affines = {s.norm: norm_affine(model.get_submodule(s.norm), d) for s in stream.sites}
+    affines = {s.norm: norm_affine(model.get_submodule(s.norm), d, s.norm) for s in stream.sites}
     kinds = {a[0] for a in affines.values()}
     # a LayerNorm = an RMSNorm of the centred stream: centre every writer, or (with a tied
     # head, whose embedding must stay as it is) let each norm centre along the mean direction
@@ -241,11 +241,13 @@ def _site_outputs(
             h.remove()
 
 
-def _normaliser(norm: nn.Module, d: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _normaliser(norm: nn.Module, d: int, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """What a pre-LN norm's input becomes in the converted model, as a function of the
     unconverted input: centred (a LayerNorm) and divided by its RMS."""
     kind, _, _, eps = (
-        ("rms", None, None, norm.eps) if isinstance(norm, StreamRMSNorm) else norm_affine(norm, d)
+        ("rms", None, None, norm.eps)
+        if isinstance(norm, StreamRMSNorm)
+        else norm_affine(norm, d, path)
     )
 
     def f(x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +270,7 @@ def stream_grams(
     first = stream.sites[0].norm
     inputs = {}
     if stream.kind == "pre":
-        inputs = {s.norm: _normaliser(model.get_submodule(s.norm), d) for s in stream.sites}
+        inputs = {s.norm: _normaliser(model.get_submodule(s.norm), d, s.norm) for s in stream.sites}
 
     def add(name: str, x: torch.Tensor) -> None:
         total.add_(x.T @ x)

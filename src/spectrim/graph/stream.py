@@ -214,7 +214,9 @@ def find_stream(model: nn.Module) -> ResidualStream | None:
     return None
 
 
-def norm_affine(norm: nn.Module, width: int) -> tuple[str, torch.Tensor, torch.Tensor, float]:
+def norm_affine(
+    norm: nn.Module, width: int, path: str = ""
+) -> tuple[str, torch.Tensor, torch.Tensor, float]:
     """``(kind, γ, β, eps)`` of a norm that computes ``γ ⊙ (x − mean)/σ + β`` (``"layer"``)
     or ``γ ⊙ x/rms(x)`` (``"rms"``, ``β = 0``) over the last axis, checked numerically on
     random inputs.
@@ -252,8 +254,9 @@ def norm_affine(norm: nn.Module, width: int) -> tuple[str, torch.Tensor, torch.T
     rms = gamma * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     if torch.allclose(y, rms, atol=tol, rtol=tol) and not isinstance(b, torch.Tensor):
         return "rms", gamma, beta, eps
+    where = f"'{path}' ({type(norm).__name__})" if path else type(norm).__name__
     raise ValueError(
-        f"{type(norm).__name__}: not a LayerNorm or RMSNorm with an elementwise affine "
+        f"{where}: not a LayerNorm or RMSNorm with an elementwise affine "
         "(checked on random inputs); its residual stream cannot be narrowed"
     )
 
