@@ -272,12 +272,15 @@ def test_cuda_device() -> None:
     x = torch.randn(1000, 8, device="cuda")
     acc = GramAccumulator(8, device="cuda")
     acc.update(x)
-    acc_cpu = GramAccumulator(8)  # CPU accumulator fed with CUDA rows
+    acc_cpu = GramAccumulator(8, device="cpu")  # CPU accumulator fed with CUDA rows
     acc_cpu.update(x)
+    follows = GramAccumulator(8)  # no device: the rows'
+    follows.update(x)
     ref = x.double().T @ x.double()
-    assert acc.gram.device.type == "cuda"
+    assert acc.gram.device.type == "cuda" and follows.gram.device.type == "cuda"
+    assert acc_cpu.gram.device.type == "cpu"
     assert _rel_fro(acc.gram, ref) < 1e-6
-    assert _rel_fro(acc_cpu.gram, ref.cpu()) < 1e-6
+    assert _rel_fro(acc_cpu.gram.cuda(), ref) < 1e-6
 
 
 @settings(max_examples=40, deadline=None)
@@ -403,3 +406,24 @@ def test_channels_last_activation_is_read_as_rows(cross: int) -> None:
     x_cl = x.contiguous(memory_format=cl)
     rows = rows_from_activation(x_cl, 1)
     assert rows.data_ptr() == x_cl.data_ptr()  # a view: no copy of the activation
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("scratch", [1, 700, 5000, 10**9])
+def test_bounded_scratch_gives_the_same_statistics(exact: bool, scratch: int) -> None:
+    """Products split over examples, or tiled by columns when one example's product is
+    over the bound (a wide layer), add up to the same Gram, cross term and sums."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 12, 7, generator=g), torch.randn(5, 9, 7, generator=g)
+    rows = torch.randn(300, 12, generator=g)
+    ref = GramAccumulator(12, cross_dim=9, exact=True)
+    ref.update_activation(x, 1, y)
+    ref.update(rows, rows[:, :9])
+    acc = GramAccumulator(12, cross_dim=9, exact=exact, scratch_bytes=scratch, chunk_rows=64)
+    acc.update_activation(x, 1, y)
+    acc.update(rows, rows[:, :9])
+    tol = 1e-12 if exact else 1e-6
+    assert acc.count == ref.count == 5 * 7 + 300
+    for a, b in ((acc.gram, ref.gram), (acc.cross, ref.cross), (acc.sums, ref.sums),
+                 (acc.y_sums, ref.y_sums), (acc.y_sq_sums, ref.y_sq_sums)):  # fmt: skip
+        assert _rel_fro(a, b) < tol

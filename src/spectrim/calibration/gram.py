@@ -32,6 +32,8 @@ import torch
 __all__ = ["GramAccumulator", "Products", "rows_from_activation"]
 
 _EXACT_CHUNK_BYTES = 4 << 20  # float64 working set per product in exact mode
+#: default bound on the float32 products held at once (per-example or per-chunk blocks)
+SCRATCH_BYTES = 256 << 20
 
 
 class Products(NamedTuple):
@@ -98,13 +100,20 @@ class GramAccumulator:
         dim: number of columns of ``x`` (units / channels).
         cross_dim: number of columns of ``y`` for the cross term ``XᵀY``; ``None`` disables it.
         device: where the float64 accumulators live and where chunk products are computed
-            (e.g. ``"cuda"`` to use the GPU; rows are moved chunk by chunk).
+            (e.g. ``"cuda"``; rows elsewhere are moved chunk by chunk).  ``None`` (default):
+            the device of the first rows added, so GPU activations are accumulated on the
+            GPU and never copied to the host.
         chunk_rows: at most this many rows per ``torch.mm`` call (bounds float32 error
             growth and temporary memory).
         exact: multiply chunks in float64 instead of float32 (slower; for tests).
         sums: also track column sums (``sums``, ``mean``, ``y_sums``, ``y_mean``).  Off
             for the calibration passes, which need only the products: a column sum is one
             more pass over every activation.
+        scratch_bytes: bound on the products computed at once.  Blocks of examples (or
+            row chunks) are multiplied as many at a time as fit; a single product larger
+            than the bound (a layer thousands of units wide: ``4·m²`` bytes) is computed
+            in column tiles.  Peak memory per update is then the float64 state, one
+            float64 product (``8·m²`` each) and the bound.
 
     Attributes (read-only properties): ``count`` (rows seen), ``gram`` (``ΣXᵀX``), ``cross``
     (``ΣXᵀY``), ``sums`` / ``y_sums`` (column sums), ``y_sq_sums`` (``diag YᵀY``),
@@ -113,9 +122,12 @@ class GramAccumulator:
     always tracked with the cross term (it gives least-squares residuals).
 
     Accuracy: each float32 chunk product has relative error about ``1e-7``–``1e-6``; summing in
-    float64 keeps the total at that level for any number of rows. Under CUDA with TF32 matmuls
-    enabled (``torch.set_float32_matmul_precision("high")``) products lose ~3 digits; use
-    ``exact=True`` or keep the default ``"highest"`` precision.
+    float64 keeps the total at that level for any number of rows.  On CUDA the products are
+    true float32 (TF32 is switched off around them whatever the global setting: TF32 would
+    lose ~3 digits), summed in float64 on the device.
+
+    Reductions across processes (:class:`spectrim.distributed.Team`) read and write the
+    whole state as one float64 vector: :meth:`flat` / :meth:`set_flat`.
 
     Example::
 
@@ -133,10 +145,11 @@ class GramAccumulator:
         self,
         dim: int,
         cross_dim: int | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         chunk_rows: int = 8192,
         exact: bool = False,
         sums: bool = True,
+        scratch_bytes: int = SCRATCH_BYTES,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
@@ -148,13 +161,20 @@ class GramAccumulator:
             raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
         self.dim = dim
         self.cross_dim = cross_dim
-        self.device = torch.device(device)
+        #: follow the first rows' device (``device=None``) until rows arrive
+        self._follow = device is None
+        self.device = torch.device("cpu" if device is None else device)
         self.chunk_rows = chunk_rows
         self.exact = bool(exact)
         self.track_sums = bool(sums)
+        self.scratch_bytes = max(int(scratch_bytes), 1)
         self._buffers: dict[str, torch.Tensor] = {}
         self._count = 0
-        f64 = torch.float64
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Zeroed float64 state on ``self.device``."""
+        dim, cross_dim, f64 = self.dim, self.cross_dim, torch.float64
         self._gram = torch.zeros(dim, dim, dtype=f64, device=self.device)
         self._sums: torch.Tensor | None = None
         self._cross: torch.Tensor | None = None
@@ -167,6 +187,16 @@ class GramAccumulator:
             self._y_sq = torch.zeros(cross_dim, dtype=f64, device=self.device)
             if self.track_sums:
                 self._y_sums = torch.zeros(cross_dim, dtype=f64, device=self.device)
+
+    def _adopt(self, device: torch.device) -> None:
+        """With ``device=None``: move the (still empty) state to the first rows' device."""
+        if not self._follow:
+            return
+        self._follow = False
+        if device != self.device and self._count == 0:
+            self.device = device
+            self._buffers.clear()
+            self._allocate()
 
     def __repr__(self) -> str:
         return (
@@ -199,6 +229,7 @@ class GramAccumulator:
         :class:`Products`.
         """
         x = self._check_rows(x, self.dim, "x")
+        self._adopt(x.device)
         if self.cross_dim is None:
             if y is not None:
                 raise ValueError(
@@ -266,6 +297,7 @@ class GramAccumulator:
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        self._adopt(x.device)
         cd = channel_dim % max(x.dim(), 1)
         spatial = 1
         for size in x.shape[2:]:
@@ -309,20 +341,73 @@ class GramAccumulator:
         return self.add(parts[0] if len(parts) == 1 else _sum_products(parts))
 
     def _example_products(self, xr: torch.Tensor, yr: torch.Tensor | None) -> Products:
-        """Products of ``(n, dim, s)`` (and ``(n, cross_dim, s)``) per example, summed."""
+        """Products of ``(n, dim, s)`` (and ``(n, cross_dim, s)``) per example, summed;
+        as many examples at a time as ``scratch_bytes`` allows, in column tiles when one
+        example's product alone exceeds it."""
         cdt = torch.float64 if self.exact else torch.float32
+        n = xr.shape[0]
+        cols = self.dim + (self.cross_dim or 0)
+        per = self.dim * cols * (8 if self.exact else 4)
+        if per > self.scratch_bytes:
+            return self._tiled_products(xr, yr, cdt)
+        step = max(1, self.scratch_bytes // per)
+        if step < n:
+            parts = [
+                self._example_products(xr[i : i + step], None if yr is None else yr[i : i + step])
+                for i in range(0, n, step)
+            ]
+            return _sum_products(parts)
+        return self._block_products(xr, yr, cdt)
+
+    def _tiled_products(
+        self, xr: torch.Tensor, yr: torch.Tensor | None, cdt: torch.dtype
+    ) -> Products:
+        """One example at a time, ``Xᵀ[X Y]`` a block of columns at a time."""
+        f64 = torch.float64
+        n, dim, spatial = xr.shape
+        tile = max(1, self.scratch_bytes // (dim * (8 if self.exact else 4)))
+        gram = torch.zeros(dim, dim, dtype=f64, device=self.device)
+        cross = None
+        if yr is not None:
+            cross = torch.zeros(dim, int(self.cross_dim or 0), dtype=f64, device=self.device)
+        sums = y_sums = y_sq = None
+        with _no_tf32(self.device):
+            for i in range(n):
+                x = xr[i].to(device=self.device, dtype=cdt)  # (dim, s)
+                for j in range(0, dim, tile):
+                    gram[:, j : j + tile] += (x @ x[j : j + tile].T).to(f64)
+                if self.track_sums:
+                    s = x.sum(1, dtype=f64)
+                    sums = s if sums is None else sums + s
+                if yr is not None and cross is not None:
+                    y = yr[i].to(device=self.device, dtype=cdt)
+                    for j in range(0, y.shape[0], tile):
+                        cross[:, j : j + tile] += (x @ y[j : j + tile].T).to(f64)
+                    sq = torch.linalg.vector_norm(y, dim=1).to(f64).square()
+                    y_sq = sq if y_sq is None else y_sq + sq
+                    if self.track_sums:
+                        ys = y.sum(1, dtype=f64)
+                        y_sums = ys if y_sums is None else y_sums + ys
+        return Products(n * spatial, gram, sums, cross, y_sums, y_sq)
+
+    def _block_products(
+        self, xr: torch.Tensor, yr: torch.Tensor | None, cdt: torch.dtype
+    ) -> Products:
+        """All of ``xr``'s examples in one batched product."""
         f64 = torch.float64
         n, _, spatial = xr.shape
         xr = xr.to(device=self.device, dtype=cdt)
-        gram = torch.bmm(xr, xr.transpose(1, 2), out=self._scratch("g", n, cdt)).sum(0, dtype=f64)
-        sums = xr.sum(2).sum(0, dtype=f64) if self.track_sums else None
-        cross = y_sums = y_sq = None
-        if yr is not None:
-            yr = yr.to(device=self.device, dtype=cdt)
-            out = self._scratch("c", n, cdt)
-            cross = torch.bmm(xr, yr.transpose(1, 2), out=out).sum(0, dtype=f64)
-            y_sums = yr.sum(2).sum(0, dtype=f64) if self.track_sums else None
-            y_sq = torch.linalg.vector_norm(yr, dim=2).to(f64).square().sum(0)
+        with _no_tf32(self.device):
+            out = self._scratch("g", n, cdt)
+            gram = torch.bmm(xr, xr.transpose(1, 2), out=out).sum(0, dtype=f64)
+            sums = xr.sum(2).sum(0, dtype=f64) if self.track_sums else None
+            cross = y_sums = y_sq = None
+            if yr is not None:
+                yr = yr.to(device=self.device, dtype=cdt)
+                out = self._scratch("c", n, cdt)
+                cross = torch.bmm(xr, yr.transpose(1, 2), out=out).sum(0, dtype=f64)
+                y_sums = yr.sum(2).sum(0, dtype=f64) if self.track_sums else None
+                y_sq = torch.linalg.vector_norm(yr, dim=2).to(f64).square().sum(0)
         return Products(n * spatial, gram, sums, cross, y_sums, y_sq)
 
     def _scratch(self, which: str, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -349,6 +434,7 @@ class GramAccumulator:
             (3, [[3.0, 3.0], [3.0, 3.0]])
         """
         n, gram, sums, cross, y_sums, y_sq = products
+        self._adopt(gram.device)
         if gram.shape != self._gram.shape or (cross is None) != (self._cross is None):
             raise ValueError(
                 f"products of shape {tuple(gram.shape)} (cross term: {cross is not None}) do "
@@ -390,6 +476,7 @@ class GramAccumulator:
         """
         if not isinstance(other, GramAccumulator):
             raise TypeError(f"other must be a GramAccumulator, got {type(other).__name__}")
+        self._adopt(other.device)
         if (
             other.dim != self.dim
             or other.cross_dim != self.cross_dim
@@ -411,6 +498,46 @@ class GramAccumulator:
                 mine += theirs.to(self.device)
         self._count += other._count
         return self
+
+    def _state(self) -> list[torch.Tensor]:
+        return [
+            t
+            for t in (self._gram, self._sums, self._cross, self._y_sums, self._y_sq)
+            if t is not None
+        ]
+
+    def flat(self) -> torch.Tensor:
+        """The whole state as one float64 vector on ``device``: the row count, then the
+        Gram and the other sums (what a cross-process reduction adds up).
+
+        Example::
+
+            >>> import torch
+            >>> a, b = GramAccumulator(2), GramAccumulator(2)
+            >>> _ = a.update(torch.ones(3, 2)); _ = b.update(torch.ones(2, 2))
+            >>> b.set_flat(a.flat() + b.flat())
+            >>> b.count, b.gram.tolist()
+            (5, [[5.0, 5.0], [5.0, 5.0]])
+        """
+        count = torch.tensor([float(self._count)], dtype=torch.float64, device=self.device)
+        return torch.cat([count] + [t.reshape(-1) for t in self._state()])
+
+    def set_flat(self, flat: torch.Tensor) -> None:
+        """Replace the state by a vector laid out as :meth:`flat` (e.g. its sum over
+        processes)."""
+        state = self._state()
+        size = 1 + sum(t.numel() for t in state)
+        if flat.dim() != 1 or flat.numel() != size:
+            raise ValueError(
+                f"a flat state of this accumulator has {size} entries, got {tuple(flat.shape)}"
+            )
+        self._follow = False
+        flat = flat.to(device=self.device, dtype=torch.float64)
+        self._count = round(float(flat[0]))
+        start = 1
+        for t in state:
+            t.copy_(flat[start : start + t.numel()].view_as(t))
+            start += t.numel()
 
     def reset(self) -> None:
         """Zero all statistics (keeps dims, device and options)."""
@@ -512,6 +639,22 @@ class GramAccumulator:
     def mean_numpy(self) -> np.ndarray:
         """``mean`` as a float64 numpy array."""
         return self.mean.cpu().numpy()
+
+
+class _no_tf32:
+    """Products in true float32 on CUDA whatever ``allow_tf32`` says (restored after)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> None:
+        if self.cuda:
+            self.saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def _sum_products(parts: list[Products]) -> Products:
