@@ -114,7 +114,7 @@ def output_grams(
     finally:
         for h in handles:
             h.remove()
-    return {n: (accs[n], cross[n].numpy() if n in cross else None) for n in names}
+    return {n: (accs[n], cross[n].cpu().numpy() if n in cross else None) for n in names}
 
 
 def apply_heads(

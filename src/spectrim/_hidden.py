@@ -241,6 +241,11 @@ def _site_outputs(
             h.remove()
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives (its activations' device)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _normaliser(norm: nn.Module, d: int, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """What a pre-LN norm's input becomes in the converted model, as a function of the
     unconverted input: centred (a LayerNorm) and divided by its RMS."""
@@ -265,7 +270,7 @@ def stream_grams(
     converted) summed over every site, and the rows per site.  ``model`` may be
     converted or not."""
     d = stream.width
-    total = torch.zeros(d, d, dtype=torch.float64)
+    total = torch.zeros(d, d, dtype=torch.float64, device=_device_of(model))
     rows = [0]
     first = stream.sites[0].norm
     inputs = {}
@@ -278,7 +283,7 @@ def stream_grams(
             rows[0] += x.shape[0]
 
     _site_outputs(model, stream.sites, batches, add, progress=progress, inputs=inputs)
-    return total.numpy(), rows[0]
+    return total.cpu().numpy(), rows[0]
 
 
 def _with_mean_direction(E: torch.Tensor) -> torch.Tensor:
@@ -304,7 +309,8 @@ def _head_basis(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> to
         return None
     W = model.get_submodule(stream.tied[1]).weight
     assert isinstance(W, torch.Tensor)
-    G = W.detach().double().T @ W.detach().double()
+    Wd = W.detach().double()
+    G = (Wd.T @ Wd).cpu()
     A = E.T @ G @ E
     A = A + 1e-9 * float(torch.trace(A)) / A.shape[0] * torch.eye(A.shape[0], dtype=A.dtype)
     return torch.linalg.solve(A, E.T @ G).T
@@ -353,7 +359,7 @@ def narrow_stream(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> 
     k = E.shape[1]
     keep = None
     if stream.kind == "post":
-        keep = StreamPlan(E.numpy(), False, 0.0).keep
+        keep = StreamPlan(E.cpu().numpy(), False, 0.0).keep
         if keep is None:
             raise ValueError("a post-LN stream can keep a selection of its coordinates only")
     for name in stream.embeddings + stream.writers:
@@ -367,7 +373,8 @@ def narrow_stream(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> 
         if isinstance(norm, StreamRMSNorm):
             norm.width = k
             if norm.mean is not None:
-                norm.mean = (E.T @ norm.mean.double()).to(norm.mean.dtype)
+                mean = norm.mean
+                norm.mean = (E.to(mean.device).T @ mean.double()).to(mean.dtype)
         else:
             assert keep is not None
             idx = torch.as_tensor(keep)
@@ -399,12 +406,15 @@ def refit_site(
     intercept = all(has_bias(work, r) for r in site.readers)
     kk = k + int(intercept)
     d = E.shape[0]
-    V = torch.zeros(kk, kk, dtype=torch.float64)
-    C = torch.zeros(kk, d, dtype=torch.float64)
+    # the fit's products, on the device of the rows
+    V = torch.zeros(kk, kk, dtype=torch.float64, device=_device_of(work))
+    C = torch.zeros(kk, d, dtype=torch.float64, device=V.device)
     seen: dict[str, torch.Tensor] = {}
 
     def aug(v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([v, torch.ones(v.shape[0], 1, dtype=v.dtype)], 1) if intercept else v
+        if not intercept:
+            return v
+        return torch.cat([v, torch.ones(v.shape[0], 1, dtype=v.dtype, device=v.device)], 1)
 
     def on_original(name: str, n: torch.Tensor) -> None:
         seen["n"] = n
@@ -414,7 +424,7 @@ def refit_site(
     def one_shot(name: str, x: torch.Tensor) -> None:
         # the original's stream at this norm, normalised by the original and by the
         # narrowed norm (forward: no hooks); padded rows are already gone
-        v = aug(narrowed.forward((x @ E.to(x.dtype)).float()).double())
+        v = aug(narrowed.forward((x @ E.to(x.device, x.dtype)).float()).double())
         V.add_(v.T @ v)
         C.add_(v.T @ full.forward(x.float()).double())
 
@@ -430,6 +440,7 @@ def refit_site(
     else:  # the norm's input rows, as they are
         _site_outputs(original, [site], batches, one_shot, stop=True,
                       inputs={site.norm: lambda x: x})  # fmt: skip
+    V, C = V.cpu(), C.cpu()
     tau = ridge * float(torch.trace(V[:k, :k])) / max(k, 1)
     tau_vec = np.full(kk, tau)
     if intercept:

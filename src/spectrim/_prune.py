@@ -31,6 +31,7 @@ from torch import nn
 
 from spectrim._heads import apply_heads, head_group_report, output_grams
 from spectrim._hidden import apply_hidden, hidden_group_report, stream_grams, tied_head
+from spectrim._threads import blas_threads_for
 from spectrim.budget import (
     Allocation,
     CostModel,
@@ -117,15 +118,19 @@ class ChannelRun:
         return bool(self.cfg.sequential and self.method.needs_statistics and self.groups)
 
 
-def _timed(name: str) -> Any:
-    """Record the decorated stage's wall time as ``report.timings[name]``."""
+def _timed(name: str, factorises: bool = False) -> Any:
+    """Record the decorated stage's wall time as ``report.timings[name]``; a stage that
+    ``factorises`` runs BLAS on all of torch's threads when a group is wide
+    (:func:`~spectrim._threads.blas_threads_for`)."""
 
     def deco(fn: Any) -> Any:
         @functools.wraps(fn)
         def run(state: ChannelRun, *args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
+            width = max((g.width for g in state.groups), default=0) if factorises else 0
             try:
-                return fn(state, *args, **kwargs)
+                with blas_threads_for(width):
+                    return fn(state, *args, **kwargs)
             finally:
                 state.report.timings[name] = time.perf_counter() - t
 
@@ -171,7 +176,11 @@ def prune_run(
 def analyse_stage(state: ChannelRun) -> None:
     """Trace, channel analysis and self-checks; the original costs."""
     example, analysis, pinned_warnings = trace_stage(
-        state.work, state.batches, verify=state.cfg.verify, seed=state.ctx.seed
+        state.work,
+        state.batches,
+        verify=state.cfg.verify,
+        seed=state.ctx.seed,
+        team=state.ctx.team,
     )
     state.example, state.analysis = example, analysis
     state.kernels = _has_functional_products(analysis)
@@ -218,8 +227,12 @@ def collect_stage(state: ChannelRun) -> None:
             progress=state.ctx.wrap(len(state.batches), "calibration", unit="batch"),
             store_fraction=share,
             channels_last=channels_last,
+            team=state.ctx.team,
         )
-        state.report.calibration_rows = sum(batch_len(b) for b in state.batches)
+        # every rank's statistics summed: each now holds the whole calibration set's
+        state.ctx.team.reduce(state.collected.stats)
+        rows = sum(batch_len(b) for b in state.batches)
+        state.report.calibration_rows = int(state.ctx.team.total(rows))
     if cfg.heads:
         _collect_heads(state)
     if cfg.hidden:
@@ -263,7 +276,7 @@ def _collect_heads(state: ChannelRun) -> None:
         state.head_grams = {n: acc.gram_numpy() for n, (acc, _) in grams.items()}
 
 
-@_timed("selection")
+@_timed("selection", factorises=True)
 def solve_curves_stage(state: ChannelRun) -> None:
     """One solver per group and its error curve, judged on new inputs."""
     analysis = state.analysis
@@ -360,7 +373,7 @@ def head_axes(model: nn.Module, block: AttentionBlock) -> dict[str, tuple[str, i
     return axes
 
 
-@_timed("allocation")
+@_timed("allocation", factorises=True)
 def allocate_stage(state: ChannelRun) -> None:
     """The width of every group the target asks for, and its plan."""
     cfg, analysis, cost0 = state.cfg, state.analysis, state.cost0
@@ -409,12 +422,13 @@ def allocate_stage(state: ChannelRun) -> None:
         widths = allocate(
             tgt, state.curves, cost_model, round_to=cfg.round_to, min_width=cfg.min_width
         )
-    state.widths = dict(widths)
-    state.plans = {
+    plans = {
         gi: state.solvers[gi].plan(k)
         for gi, k in widths.items()
         if gi < HEAD_KEY and k < analysis.groups[gi].width
     }
+    # rank 0's decisions on every rank (the same statistics, but floating point may differ)
+    state.widths, state.plans = state.ctx.team.broadcast((dict(widths), plans))
 
 
 @_timed("apply")
@@ -442,7 +456,10 @@ def apply_stage(state: ChannelRun) -> None:
         # float64 fit products only where the fit can be (nearly) exact
         exact = {gi: bool(state.curves[gi][state.widths[gi]] < _EXACT_FIT_BELOW**2) for gi in keep}
         stored = state.batches[: collected.n_stored]
-        state.report.fitted_examples = sum(batch_len(b) for b in stored)
+        fitted = sum(batch_len(b) for b in stored)
+        if not stored:  # a rank that stored none still runs the pass, adding no rows
+            stored = state.batches[:1]
+        state.report.fitted_examples = int(state.ctx.team.total(fitted))
         folds, state.seq_errors = sequential_correct(
             state.work,
             analysis,
@@ -452,6 +469,7 @@ def apply_stage(state: ChannelRun) -> None:
             exact=exact,
             channels_last=state.channels_last,
             refit=refits,
+            team=state.ctx.team,
         )
         for gi, f in folds.items():
             plans[gi].folds = f

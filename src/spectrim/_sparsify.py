@@ -78,7 +78,7 @@ def _dead_channel_plans(work: nn.Module, analysis: Analysis) -> dict[int, GroupP
             w = mod.weight.detach()  # (out, in, ...): inputs along dim 1
             nz = (w != 0).flatten(2).any(dim=(0, 2)) if w.dim() > 2 else (w != 0).any(dim=0)
             cols = torch.as_tensor(slot.positions)
-            alive |= nz[cols].any(dim=1).numpy()
+            alive |= nz[cols.to(nz.device)].any(dim=1).cpu().numpy()
         if not readable or alive.all():
             continue
         if not alive.any():
@@ -244,7 +244,8 @@ def sparsify_run(
         raise ValueError(
             f"method '{name}': rounds={algo.rounds} needs a sparsity=S target (not n:m or auto)"
         )
-    example = head_examples(batches[0])
+    team = ctx.team
+    example = team.broadcast(head_examples(batches[0]))  # rank 0's: every rank traces it
     work.eval()
     timings: dict[str, float] = {}
     report = CompressionReport(method=name, target=str(tgt), config=cfg.to_dict())
@@ -253,7 +254,7 @@ def sparsify_run(
     t = time.perf_counter()
     analysis = None
     if algo.structured:
-        example, analysis, _ = trace_stage(work, batches, verify=cfg.verify, seed=cfg.seed)
+        example, analysis, _ = trace_stage(work, [example], verify=cfg.verify, seed=cfg.seed)
     cost0 = profile(work, example)
     units = sparsifiable(work, report)
     if not units:
@@ -274,7 +275,8 @@ def sparsify_run(
     grams0 = input_grams(
         work, batches, names, sums=algo.needs_mean, progress=ctx.wrap(len(batches))
     )
-    report.calibration_rows = sum(batch_len(b) for b in batches)
+    team.reduce(grams0)  # the whole calibration set's Grams on every rank
+    report.calibration_rows = int(team.total(sum(batch_len(b) for b in batches)))
     timings["statistics"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -303,6 +305,10 @@ def sparsify_run(
         solved["densities"] = per_matrix  # type: ignore[assignment]
         if gains:
             solved["output_gains"] = gains  # type: ignore[assignment]
+    # rank 0's decisions on every rank
+    per_matrix, pooled, solved = team.broadcast((per_matrix, pooled, solved))
+    if "eta" in solved:
+        algo.eta = solved["eta"]  # type: ignore[attr-defined]
     sequential = cfg.sequential and algo.needs_statistics and algo.scope != "global"
     original = copy.deepcopy(work) if sequential and algo.refit else None
     rng = ctx.rng()
@@ -330,6 +336,8 @@ def sparsify_run(
                     if sequential
                     else grams0.get(n)
                 )
+                if sequential:  # this matrix's Gram over every rank's batches
+                    team.reduce({} if acc is None else {n: acc})
                 if acc is None or acc.count == 0:
                     if r == 1:
                         report.warnings.append(
@@ -359,6 +367,7 @@ def sparsify_run(
                 values = unit.weight  # nothing removed: exactly the original
             elif algo.refit:
                 values = refit_values(unit, keep, algo.refit_ridge, algo.refit_prior, values)
+            values, keep = team.broadcast((values, keep))  # rank 0's mask and values
             plan = WeightPlan(n, keep, values)
             apply_weight_plans(work, {n: plan})
             delta = algo.bias_delta(unit, values)

@@ -19,13 +19,36 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from threadpoolctl import threadpool_limits
 
-__all__ = ["single_threaded_blas"]
+__all__ = ["WIDE", "blas_threads_for", "single_threaded_blas"]
+
+#: factorisations at least this wide run BLAS on all of torch's threads: a pivoted QR of a
+#: 4096-wide Gram takes 9.3 s on one thread and 1.8 s on 16, ``eigh`` 10.0 s and 2.9 s
+#: (benchmarks/scale.py, part ``factor``); below it the spinning workers cost more
+WIDE = 1024
 
 
 @contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """NumPy/SciPy BLAS (not torch's) on one thread inside the block, restored after."""
     with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@contextmanager
+def blas_threads_for(width: int) -> Iterator[None]:
+    """Inside :func:`single_threaded_blas`: BLAS on ``torch.get_num_threads()`` threads
+    for a block whose factorisations are at least :data:`WIDE` wide, else unchanged.
+
+    Example::
+
+        >>> with single_threaded_blas(), blas_threads_for(8):
+        ...     pass
+    """
+    if width < WIDE:
+        yield
+        return
+    with threadpool_limits(limits=max(torch.get_num_threads(), 1), user_api="blas"):
         yield

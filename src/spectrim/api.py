@@ -12,10 +12,12 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from spectrim._heads import heads_run
@@ -24,7 +26,7 @@ from spectrim._joint import joint_budget, joint_run
 from spectrim._prune import prune_run
 from spectrim._sparsify import sparsify_run, weight_nonzeros
 from spectrim._threads import single_threaded_blas
-from spectrim.calibration.batches import as_batches, inputs_only
+from spectrim.calibration.batches import as_batches, inputs_only, to_device
 from spectrim.calibration.checks import (
     CalibrationInfo,
     check_calibration,
@@ -36,6 +38,7 @@ from spectrim.config import (
     Target,
 )
 from spectrim.context import RunContext
+from spectrim.distributed import Team
 from spectrim.graph import ModuleSnapshot
 from spectrim.methods import Method, WeightMethod, get_method, method_kinds, method_pair
 from spectrim.report import CompressionReport, merge_reports
@@ -54,6 +57,8 @@ def compress(
     inplace: bool = False,
     progress: bool | Callable[[Iterable[Any]], Iterable[Any]] = False,
     then: CompressConfig | Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    process_group: Any = None,
     **options: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` with ``method`` to ``target``; return ``(new_model, report)``.
@@ -76,6 +81,19 @@ def compress(
             ``macs=0.5``: channels first, then 50% of the remaining weights (a
             :class:`~spectrim.config.CompressConfig` or its dict; its statistics are
             collected on the already-pruned model, whose activations they must describe).
+        device: where the forward passes and the statistics run (``"cuda"``,
+            ``"cuda:1"``, ``"cpu"``); default: where the model's parameters are.  The
+            calibration batches are moved there once, the Gram matrices accumulate there
+            in float64 (of true float32 products: TF32 off), the factorisations run on the
+            host (LAPACK; docs/design.md §8).  The compressed model is returned on the
+            model's own device.
+        process_group: the ``torch.distributed`` group of processes sharing the run
+            (default: the world, when a process group is initialised with more than one
+            process).  Every process calls ``compress`` with the same arguments and the
+            same calibration set; each runs the forward passes on its share of the batches,
+            the statistics are summed over all of them and every decision is rank 0's
+            (:mod:`spectrim.distributed`).  Channel targets and weight sparsification;
+            not ``heads``/``hidden`` or a joint ``CHANNEL+WEIGHT`` budget.
         **options: extra :class:`~spectrim.config.CompressConfig` fields
             (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
             ``on_unreachable``, ``max_error``) or method options (e.g. ``ridge`` for
@@ -113,20 +131,84 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
+    team = Team(process_group)
+    if not team.solo:
+        _check_shared(cfg, then)
+    home, run_on = _devices(model, device)
     batches = as_batches(calibration)
-    info = check_calibration(batches)
+    info = check_calibration(batches)  # on the whole set, alike on every rank
+    batches = team.shard(batches)
+    if run_on is not None:
+        batches = [to_device(b, run_on) for b in batches]
+    ctx = RunContext(
+        seed=cfg.seed,
+        device=run_on or torch.device("cpu"),
+        team=team,
+        progress=progress if team.is_root else False,
+    )
     work = model if inplace else copy.deepcopy(model)
     snapshot = ModuleSnapshot(work) if inplace else None
     try:
-        nonzeros0 = weight_nonzeros(work) if then is not None else 0
-        result = _run_stage(work, batches, info, cfg, algo, progress, t0)
-        if then is not None:
-            result = _then(result, batches, info, then, progress, nonzeros0)
+        with team.guard():
+            if run_on is not None and run_on != home:
+                work.to(run_on)
+            nonzeros0 = weight_nonzeros(work) if then is not None else 0
+            result = _run_stage(work, batches, info, cfg, algo, ctx, t0)
+            if then is not None:
+                result = _then(result, batches, info, then, ctx, nonzeros0)
+            if run_on is not None and home is not None and run_on != home:
+                result[0].to(home)
         return result
     except BaseException:
         if snapshot is not None:
             snapshot.restore()  # never leave the user's model half-pruned
+            if run_on is not None and home is not None and run_on != home:
+                model.to(home)
         raise
+
+
+def _devices(
+    model: nn.Module, device: str | torch.device | None
+) -> tuple[torch.device | None, torch.device | None]:
+    """``(home, run_on)``: the model's own device (``None``: spread over several) and
+    where the run goes (``None``: leave the model and the batches where they are)."""
+    found = {t.device for t in (*model.parameters(), *model.buffers())}
+    home = found.pop() if len(found) == 1 else (torch.device("cpu") if not found else None)
+    if device is None:
+        return home, home
+    try:
+        run_on = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1')"
+        ) from None
+    if run_on.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+        if run_on.index is None:
+            run_on = torch.device("cuda", torch.cuda.current_device())
+    if home is None:
+        raise ValueError(
+            f"device={device!r}: the model's tensors are on several devices "
+            f"({', '.join(sorted(str(d) for d in found))}); spectrim runs such a model where "
+            "it is: leave device unset"
+        )
+    return home, run_on
+
+
+def _check_shared(cfg: CompressConfig, then: Any) -> None:
+    """What a team of processes cannot share yet, refused on every rank before any work."""
+    kind = cfg.parsed_target.kind
+    if "+" in cfg.method or cfg.heads or cfg.hidden or kind in ("heads", "hidden"):
+        raise ValueError(
+            "several processes (torch.distributed) compress channels (macs, params, width, "
+            "error, dof targets) and weights (sparsity targets); attention heads, the "
+            "residual width and joint CHANNEL+WEIGHT budgets run on one process"
+        )
+    if then is not None:
+        _check_shared(
+            then if isinstance(then, CompressConfig) else CompressConfig.from_dict(dict(then)), None
+        )
 
 
 def _method_for(cfg: CompressConfig) -> Method | tuple[Method, Method]:
@@ -145,10 +227,10 @@ def _run_stage(
     info: CalibrationInfo,
     cfg: CompressConfig,
     algo: Method | tuple[Method, Method],
-    progress: bool | Callable[[Iterable[Any]], Iterable[Any]],
+    ctx: RunContext,
     t0: float,
 ) -> tuple[nn.Module, CompressionReport]:
-    ctx = RunContext(seed=cfg.seed, progress=progress)
+    ctx = dataclasses.replace(ctx, seed=cfg.seed)
     if isinstance(algo, tuple):
         return joint_run(work, batches, info, cfg, *algo, ctx, t0)
     if isinstance(algo, WeightMethod):
@@ -165,7 +247,7 @@ def _then(
     batches: list[Any],
     info: CalibrationInfo,
     then: CompressConfig | Mapping[str, Any],
-    progress: bool | Callable[[Iterable[Any]], Iterable[Any]],
+    ctx: RunContext,
     nonzeros0: int,
 ) -> tuple[nn.Module, CompressionReport]:
     """Run the second stage on the first's result and merge the two reports."""
@@ -178,6 +260,6 @@ def _then(
     algo2 = _method_for(cfg2)
     model, r1 = first
     t0 = time.perf_counter()
-    model, r2 = _run_stage(model, batches, info, cfg2, algo2, progress, t0)
+    model, r2 = _run_stage(model, batches, info, cfg2, algo2, ctx, t0)
     merged = merge_reports(r1, r2, nonzeros_before=nonzeros0)
     return model, merged

@@ -1,4 +1,4 @@
-"""The run context: what every stage of a run shares (seed, device, progress).
+"""The run context: what every stage of a run shares (seed, device, team, progress).
 
 Example::
 
@@ -14,8 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from spectrim.distributed import SOLO, Team
 
 __all__ = ["RunContext"]
+
+_CPU = torch.device("cpu")
 
 Progress = bool | Callable[[Iterable[Any]], Iterable[Any]]
 
@@ -26,12 +31,14 @@ class RunContext:
 
     Attributes:
         seed: seeds every random choice of the run (``rng()``).
-        device: where the forward passes run (``"cpu"``; GPU statistics are issue 12).
+        device: where the forward passes and the statistics run.
+        team: the processes sharing the run (:mod:`spectrim.distributed`; one by default).
         progress: ``True`` for tqdm bars, a wrapper around an iterable, or ``False``.
     """
 
     seed: int = 0
-    device: str = "cpu"
+    device: torch.device = _CPU
+    team: Team = SOLO
     progress: Progress = False
 
     def rng(self) -> np.random.Generator:

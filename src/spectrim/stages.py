@@ -29,6 +29,7 @@ from torch import nn
 from spectrim.calibration.batches import head_examples
 from spectrim.calibration.checks import trace_checked
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.methods.base import GroupSolver, Method
 
@@ -36,11 +37,17 @@ __all__ = ["group_stats", "solve_stage", "trace_stage"]
 
 
 def trace_stage(
-    work: nn.Module, batches: Sequence[Any], *, verify: bool = True, seed: int = 0
+    work: nn.Module,
+    batches: Sequence[Any],
+    *,
+    verify: bool = True,
+    seed: int = 0,
+    team: Team = SOLO,
 ) -> tuple[Any, Analysis, list[str]]:
     """``(example, analysis, warnings)``: the trace and channel analysis of ``work`` on the
-    first examples of the first batch, with the self-checks when ``verify``."""
-    example = head_examples(batches[0])
+    first examples of the first batch, with the self-checks when ``verify`` (rank 0's
+    batch on every rank of a ``team``: all trace the same graph and pin the same groups)."""
+    example = team.broadcast(head_examples(batches[0]))
     analysis, warnings = trace_checked(work, example, verify=verify, seed=seed)
     return example, analysis, warnings
 

@@ -25,6 +25,7 @@ __all__ = [
     "drop_padding",
     "head_examples",
     "inputs_only",
+    "to_device",
     "token_mask",
 ]
 
@@ -58,6 +59,25 @@ def as_batches(data: Any, batch_size: int = 64) -> list[Any]:
         f"calibration data of type {type(data).__name__} is not supported: pass a tensor, "
         "a Dataset or an iterable of batches"
     )
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor on ``device`` (tuples, lists and mappings rebuilt, other
+    values as they are).
+
+    Example::
+
+        >>> b = to_device({"input_ids": torch.ones(2, 3), "flag": True}, torch.device("cpu"))
+        >>> b["input_ids"].device.type, b["flag"]
+        ('cpu', True)
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def token_mask(batch: Any) -> torch.Tensor | None:

@@ -33,6 +33,7 @@ from torch import nn
 from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.checks import CalibrationError, first_bad_example
 from spectrim.calibration.gram import GramAccumulator, Products
+from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.modules import input_channel_axis
@@ -110,6 +111,7 @@ def collect(
     store_fraction: float = 0.0,
     min_rows_per_unit: int = 32,
     channels_last: bool = False,
+    team: Team = SOLO,
 ) -> Collected:
     """Accumulate ``ZᵀZ`` of each group's channels at each of its consumers' inputs, and
     keep the inputs themselves for a leading share of the batches.
@@ -131,6 +133,11 @@ def collect(
         channels_last: the model is in ``channels_last`` layout (see
             :mod:`spectrim.graph.layout`); each 4-D tensor batch is converted to it just
             before its forward pass (one batch at a time: no second copy of the data).
+        team: the processes sharing the run, each with its shard of the batches
+            (:meth:`~spectrim.distributed.Team.shard`): the stored share is decided on
+            the whole set by rank 0 and each rank keeps the stored batches it holds (maybe
+            none), so the fits see the batches one process would.  The statistics are
+            this rank's; the caller reduces them.
     """
     modules = dict(model.named_modules())
     out = Collected(stats={})
@@ -145,8 +152,14 @@ def collect(
     missing = sorted(set(per_module) - set(modules))
     if missing:
         raise KeyError(f"consumer module '{missing[0]}' not found in the model")
-    sizes = np.cumsum([batch_len(b) for b in batches])
-    n_store = [len(batches) if store_fraction > 0 else 0]
+    lengths, mine = (
+        team.positions([batch_len(b) for b in batches])
+        if store_fraction > 0
+        else ([batch_len(b) for b in batches], list(range(len(batches))))
+    )
+    sizes = np.cumsum(lengths)
+    # stored: the batches whose index in the whole calibration set is below n_store
+    n_store = [len(lengths) if store_fraction > 0 else 0]
     batch_index = [0]
     stored_now: set[str] = set()
     # identical inputs read by several consumers (inception branches) share the products;
@@ -162,7 +175,7 @@ def collect(
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             src = args[0]  # the shared object (a detached alias would be new per call)
             x = src.detach()
-            store = batch_index[0] < n_store[0] and name not in stored_now
+            store = mine[batch_index[0]] < n_store[0] and name not in stored_now
             stored_now.add(name)
             xcd = input_channel_axis(module, x)
             # padded token positions never reach the statistics (nor the stored inputs)
@@ -202,14 +215,17 @@ def collect(
                 stored_now.clear()
                 cache.clear()
                 call_model(model, channels_last_batch(batch) if channels_last else batch)
-                if i == 0 and out.inputs:
-                    n_store[0] = _stored_batches(out, sizes, store_fraction, min_rows_per_unit)
+                if i == 0 and store_fraction > 0:
+                    n = _stored_batches(out, sizes, store_fraction, min_rows_per_unit)
+                    n_store[0] = team.broadcast(n)  # rank 0 holds the first batch: its call
+                    if mine[0] >= n_store[0]:  # this rank's first batch is not stored
+                        out.inputs.clear()
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
         cache.clear()
-    out.n_stored = min(n_store[0], len(batches))
+    out.n_stored = sum(1 for g in mine if g < n_store[0])
     out.channel_dims = layout
     return out
 

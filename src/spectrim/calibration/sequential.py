@@ -30,9 +30,11 @@ import torch
 from greenlet import getcurrent, greenlet
 from torch import nn
 
+from spectrim._threads import blas_threads_for
 from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.collect import Collected, group_view
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
 from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.modules import input_channel_axis, module_kind
@@ -208,6 +210,7 @@ def sequential_correct(
     exact: Mapping[int, bool] | None = None,
     channels_last: bool = False,
     refit: Mapping[int, Refit] | None = None,
+    team: Team = SOLO,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -235,6 +238,10 @@ def sequential_correct(
         refit: per group, the solver's own fit (a method with a constrained correction
             keeps its constraint); groups without one get the unconstrained least squares
             with ``ridge`` / ``row_ridge``.
+        team: the processes sharing the run: each runs its own stored batches and every
+            fit's products are summed over them before the fit (:mod:`spectrim.distributed`).
+            A rank that stored none passes ``batches`` of one batch and ``collected``
+            without inputs: it runs the pass for its order of fits and adds no rows.
 
     Returns:
         ``folds[group][consumer] = B`` and the relative error of each fit.
@@ -267,18 +274,22 @@ def sequential_correct(
     errors: dict[Key, float] = {}
     done: set[str] = set()
 
+    contributes = collected.n_stored > 0
+
     def fold(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
         done.add(name)
         applied = []
         for gi, positions, kept_at in per_module[name]:
-            parts = collected.inputs[(gi, name)]
+            parts = collected.inputs.get((gi, name), []) if contributes else []
             pos_t = torch.as_tensor(kept_at, dtype=torch.long)
             m = collected.stats[(gi, name)].dim
             precise = True if exact is None else bool(exact.get(gi, True))
             acc = GramAccumulator(len(kept_at), cross_dim=m, exact=precise, sums=False)
             # a merged batch's input, cut back into the stored batches (views)
             pieces = [p for x, n in zip(xs, run_sizes) for p in ((x,) if n is None else x.split(n))]
+            if not contributes:  # this rank stored no batch: the others' rows alone
+                pieces = []
             if len(pieces) == 1 and len(parts) > 1:  # the caller passed one concatenated batch
                 parts = [torch.cat(list(parts))]
             if len(pieces) != len(parts):
@@ -297,17 +308,19 @@ def sequential_correct(
                         f"had {z_o.numel() // m}"
                     )
                 acc.update_activation(z_c, vcd, y=z_o)
+            team.reduce({0: acc})
             g_c, cross = acc.gram_numpy(), acc.cross_numpy()
             own = refit.get(gi) if refit is not None else None
-            if own is not None:
-                b = own(name, g_c, cross, acc.count)
-            else:
-                s = np.arange(g_c.shape[0])
-                tau: float | np.ndarray = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
-                if row_ridge is not None and gi in row_ridge:
-                    tau = tau + np.asarray(row_ridge[gi], dtype=np.float64) * acc.count
-                # activations are float32: directions below ~float32 precision are noise
-                b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=F32_RTOL)
+            with blas_threads_for(m):
+                if own is not None:
+                    b = own(name, g_c, cross, acc.count)
+                else:
+                    s = np.arange(g_c.shape[0])
+                    tau: float | np.ndarray = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
+                    if row_ridge is not None and gi in row_ridge:
+                        tau = tau + np.asarray(row_ridge[gi], dtype=np.float64) * acc.count
+                    # activations are float32: directions below ~float32 precision are noise
+                    b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=F32_RTOL)
             folds[gi][name] = b
             errors[(gi, name)] = _relative_residual(acc, b)
             applied.append((positions, keep[gi], b))

@@ -228,8 +228,11 @@ def input_channel_axis(module: nn.Module, x: torch.Tensor) -> int:
 
 
 def set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace a parameter or buffer by ``value`` (a parameter stays a parameter)."""
+    """Replace a parameter or buffer by ``value`` (a parameter stays a parameter, on the
+    device it was on)."""
     old = getattr(module, name)
+    if isinstance(old, torch.Tensor):
+        value = value.to(old.device)
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
     else:

@@ -226,13 +226,13 @@ def norm_affine(
     """
     w = getattr(norm, "weight", None)
     gamma = (
-        w.detach().double()
+        w.detach().double().cpu()
         if isinstance(w, torch.Tensor)
         else torch.ones(width, dtype=torch.float64)
     )
     b = getattr(norm, "bias", None)
     beta = (
-        b.detach().double()
+        b.detach().double().cpu()
         if isinstance(b, torch.Tensor)
         else torch.zeros(width, dtype=torch.float64)
     )
@@ -245,7 +245,7 @@ def norm_affine(
     x = torch.randn(8, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = x * 3 + 1.5
     with torch.no_grad():
-        y = norm(x.to(dtype)).double()
+        y = norm(x.to(dtype=dtype, device=p.device if p is not None else "cpu")).double().cpu()
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     centred = x - x.mean(-1, keepdim=True)
     layer = gamma * centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps) + beta
@@ -327,8 +327,12 @@ def has_bias(model: nn.Module, path: str) -> bool:
 
 
 def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Replace the submodule at ``path``."""
+    """Replace the submodule at ``path`` (``new`` goes to the device the old one was on)."""
     parent, _, leaf = path.rpartition(".")
+    old = model.get_submodule(path)
+    where = next((t.device for t in (*old.parameters(), *old.buffers())), None)
+    if where is not None:
+        new.to(where)
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 

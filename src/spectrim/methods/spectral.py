@@ -80,7 +80,7 @@ def consumer_weight_gram(module: nn.Module, positions: np.ndarray) -> np.ndarray
     m, r = positions.shape
     cols = w.detach().double()[:, torch.as_tensor(positions.reshape(-1))]
     cols = cols.reshape(w.shape[0], m, r, -1)  # (out, m, r, taps)
-    return torch.einsum("omrt,onrt->mn", cols, cols).numpy()
+    return torch.einsum("omrt,onrt->mn", cols, cols).cpu().numpy()
 
 
 class SpectralSolver(GroupSolver):

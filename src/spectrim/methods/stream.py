@@ -139,12 +139,12 @@ def stream_weight_scores(stream: ResidualStream, model: nn.Module, p: float) -> 
     total = torch.zeros(stream.width, dtype=torch.float64)
     for name in stream.embeddings + stream.writers:
         W, _ = stream_matrix(model.get_submodule(name), name)
-        total += W.double().abs().pow(p).sum(1)
+        total += W.double().abs().pow(p).sum(1).cpu()
     for site in stream.sites:
         for name in site.readers:
             W, _ = stream_matrix(model.get_submodule(name), name)
-            total += W.double().abs().pow(p).sum(0)
+            total += W.double().abs().pow(p).sum(0).cpu()
         w = getattr(model.get_submodule(site.norm), "weight", None)
         if isinstance(w, torch.Tensor) and w.shape == (stream.width,):
-            total += w.detach().double().abs().pow(p)
+            total += w.detach().double().abs().pow(p).cpu()
     return total.numpy()

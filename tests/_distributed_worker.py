@@ -1,0 +1,76 @@
+"""One process of a data-parallel compression, for tests/test_distributed.py.
+
+``python tests/_distributed_worker.py SCENARIO RANK WORLD INIT_FILE OUT_DIR``: joins a gloo
+process group of ``WORLD`` processes through ``INIT_FILE`` (no group when ``WORLD`` is 1),
+runs ``spectrim.compress`` on the pretrained CIFAR-10 ResNet-20 and 128 CIFAR-10 images,
+and writes ``OUT_DIR/rank{RANK}.pt`` (the state_dict and the report) or
+``OUT_DIR/rank{RANK}.err`` (the exception's type and message).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import spectrim
+from spectrim.zoo import load_dataset, load_pretrained
+
+SCENARIOS = {
+    # a channel method with its sequential correction fitted on the first fifth of the
+    # batches (the default): 2 of 8, one on each rank
+    "id": {"method": "id", "target": "macs=0.5"},
+    # a weight-sparsification method, matrix by matrix on the compressed prefix
+    "obs": {"method": "obs", "target": "sparsity=0.5"},
+    "fail": {"method": "id", "target": "macs=0.5"},
+}
+
+
+class FailOnRank1(nn.Module):
+    """The model, but its forward pass raises on rank 1 once statistics are collected."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if dist.get_rank() == 1 and self.calls > 3:
+            raise ValueError("a planted failure on rank 1")
+        return self.net(x)
+
+
+def main() -> None:
+    scenario, rank, world, init, out = sys.argv[1:6]
+    rank_i, world_i = int(rank), int(world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if world_i > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init}", rank=rank_i, world_size=world_i
+        )
+    x, _ = load_dataset("cifar10", "calib", limit=128).tensors
+    batches = list(x.split(16))
+    model: nn.Module = load_pretrained("resnet20-cifar10").eval()
+    if scenario == "fail":
+        model = FailOnRank1(model)
+    path = Path(out)
+    try:
+        small, report = spectrim.compress(model, batches, **SCENARIOS[scenario])  # type: ignore[arg-type]
+    except Exception as exc:
+        (path / f"rank{rank}.err").write_text(f"{type(exc).__name__}: {exc}")
+    else:
+        torch.save(
+            {"state": small.state_dict(), "report": report.to_dict()}, path / f"rank{rank}.pt"
+        )
+    finally:
+        if world_i > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Data-parallel statistics on torch.distributed: two gloo processes against one.
+
+Each run is a set of fresh processes (tests/_distributed_worker.py) with one thread each,
+so the single-process reference computes every batch's activations exactly as the ranks
+do; the processes' results must then agree to float64 rounding of the reduction.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import spectrim
+from spectrim.distributed import SOLO, DistributedError, Team
+
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+
+
+def _launch(scenario: str, world: int, tmp: Path, timeout: float = 240) -> list[Any]:
+    """Run ``world`` worker processes; each rank's result dict, or its error text."""
+    out = tmp / f"{scenario}-{world}"
+    out.mkdir()
+    init = tmp / f"init-{scenario}-{world}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(r), str(world), str(init), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            p.kill()
+    results: list[Any] = []
+    for r in range(world):
+        err = out / f"rank{r}.err"
+        if err.exists():
+            results.append(err.read_text())
+        elif (out / f"rank{r}.pt").exists():
+            results.append(torch.load(out / f"rank{r}.pt", weights_only=False))
+        else:
+            raise AssertionError(f"rank {r} wrote nothing:\n{logs[r][-3000:]}")
+    return results
+
+
+def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference of two state_dicts of identical names and shapes."""
+    assert list(a) == list(b)
+    worst = 0.0
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        if a[name].is_floating_point():
+            worst = max(worst, float((a[name].double() - b[name].double()).abs().max()))
+        else:
+            assert torch.equal(a[name], b[name]), name
+    return worst
+
+
+@pytest.mark.parametrize("scenario", ["id", "obs"])
+def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path) -> None:
+    """Two gloo processes, each with half the batches, keep the same channels (every shape
+    equal) or the same non-zeros, with weights equal to 1e-10, as one process with all."""
+    (one,) = _launch(scenario, 1, tmp_path)
+    two = _launch(scenario, 2, tmp_path)
+    assert isinstance(one, dict), one
+    assert all(isinstance(r, dict) for r in two), two
+    for rank in two:
+        assert _same_model(one["state"], rank["state"]) <= 1e-10
+    r1, r2 = one["report"], two[0]["report"]
+    assert r2["calibration_rows"] == r1["calibration_rows"] == 128
+    if scenario == "id":
+        assert r2["fitted_examples"] == r1["fitted_examples"] == 32
+        widths = [(g["name"], g["width_after"]) for g in r1["groups"]]
+        assert widths == [(g["name"], g["width_after"]) for g in r2["groups"]]
+        assert r1["macs_after"] / r1["macs_before"] <= 0.51  # something was pruned
+    else:
+        assert r2["nonzeros_after"] == r1["nonzeros_after"] < 0.6 * r1["nonzeros_before"]
+
+
+def test_failure_on_one_rank_fails_both(data_root: Path, tmp_path: Path) -> None:
+    """A failure inside rank 1's forward pass reaches rank 0 as a DistributedError with
+    rank 1's message (no hang: the launch has a timeout)."""
+    r0, r1 = _launch("fail", 2, tmp_path, timeout=120)
+    assert r1 == "ValueError: a planted failure on rank 1"
+    assert r0.startswith("DistributedError") and "rank 1" in r0 and "planted failure" in r0
+
+
+def test_team_of_one_is_a_no_op() -> None:
+    team = Team()
+    assert team.solo and team.is_root and SOLO.solo
+    acc = spectrim.calibration.GramAccumulator(2)
+    acc.update(torch.ones(3, 2))
+    team.reduce({"a": acc})
+    assert acc.count == 3 and team.total(2.5) == 2.5
+    with pytest.raises(ValueError, match="boom"):
+        team.sync(ValueError("boom"))
+    assert issubclass(DistributedError, RuntimeError)
+
+
+def test_distributed_refuses_what_it_cannot_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heads, the residual width and joint budgets are refused by name under a team,
+    before any work (every rank raises alike)."""
+    import spectrim.api as api
+
+    monkeypatch.setattr(api, "Team", lambda group=None: _FakeTeam())
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="attention heads, the residual width"):
+        spectrim.compress(net, torch.randn(64, 4), target="heads=0.5")
+    with pytest.raises(ValueError, match="joint"):
+        spectrim.compress(net, torch.randn(64, 4), method="id+obs", target="macs=0.5")
+
+
+class _FakeTeam(Team):
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 2
