@@ -80,10 +80,28 @@ def _check_method_and_target(
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    """``spectrim compress``; under ``torchrun`` (``WORLD_SIZE > 1``) every process
+    compresses on its share of the batches and rank 0 alone evaluates, saves and prints."""
+    import torch.distributed as dist
+
+    from spectrim.distributed import init_from_env
+
+    own_group = init_from_env()
+    try:
+        return _run_compress(args)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _run_compress(args: argparse.Namespace) -> int:
     from spectrim.api import compress
+    from spectrim.distributed import Team
     from spectrim.evaluation import compare_latency, evaluate
     from spectrim.io import save_compressed
 
+    if not Team().is_root:  # rank 0 alone reports: the others run quietly
+        args.quiet, args.json, args.latency = True, None, False
     out = human_stream(args.json)
     t_start = time.perf_counter()
     _set_threads(args)
@@ -114,6 +132,8 @@ def run_compress(args: argparse.Namespace) -> int:
     model = resolved.model.eval()
 
     small, report = compress(model, calib_x, **_compress_kwargs(args, target, then))
+    if not Team().is_root:
+        return 0
     result = evaluate(
         small,
         eval_batches(data.eval, args.batch_size, args.quiet, "evaluation"),
@@ -265,8 +285,20 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         hidden=args.hidden,
         progress=progress_wrapper("calibration", args.quiet),
         then=then,
+        device=_device(args),
         **dict(args.option),
     )
+
+
+def _device(args: argparse.Namespace) -> str | None:
+    """``--device``, or each torchrun process's own GPU under NCCL."""
+    import torch.distributed as dist
+
+    if args.device is None and dist.is_initialized() and dist.get_backend() == "nccl":
+        import torch
+
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(args.device) if args.device is not None else None
 
 
 def _compress_text(
@@ -278,6 +310,7 @@ def _compress_text(
     to the original's (cosine)."""
     from spectrim.api import compress
     from spectrim.calibration.text import read_texts, text_batches
+    from spectrim.distributed import Team
     from spectrim.evaluation import compare_latency, embedding_fidelity
     from spectrim.io import save_compressed
 
@@ -309,6 +342,8 @@ def _compress_text(
         print(f"note: {note}", file=out)
     model = resolved.model
     small, report = compress(model, calib, **_compress_kwargs(args, target, then))
+    if not Team().is_root:
+        return 0
     fidelity = embedding_fidelity(small, model, evaluation)
     latency = None
     if args.latency:

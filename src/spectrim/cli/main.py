@@ -102,6 +102,12 @@ Examples:
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target macs=0.5 \
       --heads --hidden
 
+  # forward passes and statistics on a GPU (the result is saved as usual)
+  spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 --device cuda
+  # two processes, each on half the calibration batches, statistics summed over both
+  torchrun --nproc_per_node 2 -m spectrim compress --model resnet56-cifar10 \
+      --data cifar10 --target macs=0.5 --out small/
+
   # one budget over channels and weights: 10% of the non-zero weights, the allocator
   # choosing which widths to narrow and how sparse each matrix gets
   spectrim compress --model resnet20-cifar10 --data cifar10 --calib 256 --method id+obs \
@@ -369,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="share of the calibration examples the sequential corrections are fitted on, "
         "to the nearest whole batch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        metavar="DEV",
+        help="run the forward passes and the statistics on DEV ('cuda', 'cuda:1'; default: "
+        "cpu); under torchrun each process uses its own GPU when CUDA is available",
     )
     p.add_argument(
         "--on-unreachable",
