@@ -1,0 +1,350 @@
+"""Scale: time and peak memory of calibration and compression against the calibration size
+n and the layer width m, one process against two, the CPU against a GPU, and where the
+factorisations run fastest.
+
+Parts (``--parts``, default all that the machine can run):
+
+* ``wide``: a synthetic wide MLP ``256 → m → m → 10`` (inputs with a decaying spectrum),
+  ``id`` to ``macs=0.5`` with its sequential correction, for every m in ``--widths`` and n
+  in ``--rows``; each configuration in a fresh process, so its peak resident memory
+  (``ru_maxrss``) is its own.  Reports the seconds of the statistics pass, the selection,
+  the apply stage and the whole run, against one plain forward pass over the same rows.
+* ``procs``: the pretrained CIFAR-10 ResNet-56 (1000 lossless images) compressed by one
+  process and by two gloo processes (``torch.distributed``, one thread each, the batches
+  split between them): wall time of each and whether the two results are equal.
+* ``device``: the same ResNet-56 run and the widest MLP on the CPU and with
+  ``device="cuda"`` (only where CUDA is available), in the same run: seconds, peak GPU
+  memory, and the agreement of the two compressed models' predictions.
+* ``factor``: the factorisations of an m × m Gram: SciPy's pivoted QR (``id``) and
+  ``eigh`` (``spectral``) on the host with one BLAS thread and with all, and
+  ``torch.linalg.eigh`` on the GPU (with the transfer), for m in ``--factor-widths``.
+
+    .venv/bin/python benchmarks/scale.py                       # CPU parts, this machine
+    .venv/bin/python benchmarks/scale.py --parts device factor  # on a machine with a GPU
+
+Writes ``benchmarks/results/scale.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+PARTS = ("wide", "procs", "device", "factor")
+
+
+def _wide_model(m: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(256, m), nn.ReLU(), nn.Linear(m, m), nn.ReLU(), nn.Linear(m, 10)
+    ).eval()
+
+
+def _wide_inputs(n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(0, -2, 256)  # a decaying spectrum: something to compress
+    return torch.randn(n, 256, generator=g) * scale
+
+
+def _forward_seconds(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        model(batches[0])
+        if batches[0].is_cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for b in batches:
+            model(b)
+        if batches[0].is_cuda:
+            torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def wide_one(m: int, n: int, device: str = "cpu") -> dict[str, Any]:
+    """One wide-MLP configuration in this process."""
+    import spectrim
+
+    model = _wide_model(m)
+    batches = list(_wide_inputs(n).split(256))
+    dev_batches = [b.to(device) for b in batches]
+    fwd = _forward_seconds(model.to(device), dev_batches)
+    model = model.cpu()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    small, report = spectrim.compress(model, batches, "id", "macs=0.5", device=device)
+    total = time.perf_counter() - t
+    out: dict[str, Any] = {
+        "m": m,
+        "n": n,
+        "device": device,
+        "forward_pass_s": fwd,
+        "compress_s": total,
+        "times_forward": total / fwd,
+        "timings": {k: round(v, 4) for k, v in report.timings.items()},
+        "macs_ratio": report.macs_ratio,
+        "gram_bytes_per_consumer": 8 * m * m,
+    }
+    if device == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.no_grad():
+        x = _wide_inputs(1024, seed=7)
+        ref, got = model(x), small(x)
+    out["output_rel_error"] = float((got - ref).norm() / ref.norm())
+    return out
+
+
+def part_wide(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for m in args.widths:
+        for n in args.rows:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--wide-one",
+                str(m),
+                str(n),
+                "--threads",
+                str(args.threads),
+            ]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                rows.append({"m": m, "n": n, "error": res.stderr[-2000:]})
+                continue
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"wide m={m:5d} n={n:6d}: compress {row['compress_s']:.2f} s "
+                f"({row['times_forward']:.1f}x a forward pass; statistics "
+                f"{row['timings'].get('statistics', 0):.2f} s, selection "
+                f"{row['timings'].get('selection', 0):.2f} s, apply "
+                f"{row['timings'].get('apply', 0):.2f} s), peak RSS "
+                f"{row['peak_rss_bytes'] / 2**20:.0f} MiB, output error {row['output_rel_error']:.3f}",
+                flush=True,
+            )
+    return rows
+
+
+# ------------------------------------------------------------------ ResNet-56, 1 vs 2 procs
+
+
+def _resnet_batches(limit: int) -> list[torch.Tensor]:
+    from spectrim.zoo import load_dataset
+
+    x, _ = load_dataset("cifar10", "calib", limit=limit).tensors
+    return list(x.split(64))
+
+
+def procs_worker(rank: int, world: int, init: str, out: str, calib: int) -> None:
+    import torch.distributed as dist
+
+    import spectrim
+    from spectrim.zoo import load_pretrained
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    model = load_pretrained("resnet56-cifar10").eval()
+    batches = _resnet_batches(calib)
+    t = time.perf_counter()
+    small, report = spectrim.compress(model, batches, "id", "macs=0.5")
+    wall = time.perf_counter() - t
+    if rank == 0:
+        torch.save(
+            {"state": small.state_dict(), "wall_s": wall, "timings": report.timings},
+            Path(out) / f"world{world}.pt",
+        )
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def part_procs(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result: dict[str, Any] = {"model": "resnet56-cifar10", "calibration": args.calib}
+    for world in (1, 2):
+        init = tmp / f"init{world}"
+        cmd = [sys.executable, __file__, "--procs-worker"]
+        t = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [*cmd, str(r), str(world), str(init), str(tmp), str(args.calib)], env=env
+            )
+            for r in range(world)
+        ]
+        for p in procs:
+            p.wait(timeout=900)
+        launch = time.perf_counter() - t
+        got = torch.load(tmp / f"world{world}.pt", weights_only=False)
+        result[f"world{world}"] = {
+            "compress_s": got["wall_s"],
+            "launch_s": launch,
+            "timings": {k: round(v, 3) for k, v in got["timings"].items()},
+        }
+    a = torch.load(tmp / "world1.pt", weights_only=False)["state"]
+    b = torch.load(tmp / "world2.pt", weights_only=False)["state"]
+    result["max_abs_difference"] = max(
+        float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()
+    )
+    result["speedup"] = result["world1"]["compress_s"] / result["world2"]["compress_s"]
+    print(
+        f"procs: ResNet-56 id macs=0.5 on {args.calib} images, 1 thread per process: "
+        f"1 process {result['world1']['compress_s']:.2f} s, 2 processes "
+        f"{result['world2']['compress_s']:.2f} s ({result['speedup']:.2f}x), results differ by "
+        f"{result['max_abs_difference']:.1e}",
+        flush=True,
+    )
+    return result
+
+
+# ------------------------------------------------------------------ CPU against GPU
+
+
+def part_device(args: argparse.Namespace) -> dict[str, Any]:
+    import spectrim
+    from spectrim.zoo import load_dataset, load_pretrained
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name()}
+    model = load_pretrained("resnet56-cifar10").eval()
+    batches = _resnet_batches(args.calib)
+    test, _ = load_dataset("cifar10", "test", limit=1000).tensors
+    rows = {}
+    preds = {}
+    for dev in ("cpu", "cuda"):
+        for method in ("id", "spectral"):
+            spectrim.compress(model, batches[:2], method, "macs=0.5", device=dev)  # warm-up
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            small, report = spectrim.compress(model, batches, method, "macs=0.5", device=dev)
+            wall = time.perf_counter() - t
+            with torch.no_grad():
+                preds[(dev, method)] = small(test).argmax(1)
+            rows[f"resnet56/{method}/{dev}"] = {
+                "compress_s": wall,
+                "timings": {k: round(v, 3) for k, v in report.timings.items()},
+                "macs_ratio": report.macs_ratio,
+                **({"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if dev == "cuda" else {}),
+            }
+    for method in ("id", "spectral"):
+        agree = float((preds[("cpu", method)] == preds[("cuda", method)]).float().mean())
+        rows[f"resnet56/{method}/agreement_cpu_gpu"] = agree
+        cpu_s, gpu_s = (
+            rows[f"resnet56/{method}/cpu"]["compress_s"],
+            rows[f"resnet56/{method}/cuda"]["compress_s"],
+        )
+        print(f"device: ResNet-56 {method}: cpu {cpu_s:.2f} s, cuda {gpu_s:.2f} s "
+              f"({cpu_s / gpu_s:.2f}x), prediction agreement {agree:.3f}", flush=True)  # fmt: skip
+    m = max(args.widths)
+    for dev in ("cpu", "cuda"):
+        rows[f"wide{m}/{dev}"] = wide_one(m, max(args.rows), dev)
+        r = rows[f"wide{m}/{dev}"]
+        print(f"device: wide MLP m={m}, n={max(args.rows)} on {dev}: {r['compress_s']:.2f} s "
+              f"{r['timings']}", flush=True)  # fmt: skip
+    out["runs"] = rows
+    return out
+
+
+# ------------------------------------------------------------------ factorisations
+
+
+def part_factor(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import scipy.linalg as sla
+    from threadpoolctl import threadpool_limits
+
+    rows = []
+    for m in args.factor_widths:
+        x = torch.randn(2 * m, m, dtype=torch.float64) * torch.logspace(
+            0, -3, m, dtype=torch.float64
+        )
+        g = (x.T @ x).numpy()
+        row: dict[str, Any] = {"m": m}
+        for label, limit in (("1_thread", 1), ("all_threads", None)):
+            with threadpool_limits(limits=limit, user_api="blas"):
+                t = time.perf_counter()
+                sla.qr(g, pivoting=True, mode="r", check_finite=False)
+                row[f"host_pivoted_qr_{label}_s"] = time.perf_counter() - t
+                t = time.perf_counter()
+                sla.eigh(g, check_finite=False)
+                row[f"host_eigh_{label}_s"] = time.perf_counter() - t
+        if torch.cuda.is_available():
+            gt = torch.from_numpy(g)
+            torch.linalg.eigh(gt[:64, :64].cuda())
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            _, v = torch.linalg.eigh(gt.cuda())
+            v.cpu()
+            torch.cuda.synchronize()
+            row["gpu_eigh_with_transfer_s"] = time.perf_counter() - t
+        rows.append(row)
+        print(
+            "factor:",
+            json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--widths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--factor-widths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--calib", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
+    ap.add_argument("--wide-one", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--procs-worker", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.wide_one:
+        print(json.dumps(wide_one(*args.wide_one)))
+        return
+    if args.procs_worker:
+        r, w, init, out, calib = args.procs_worker
+        procs_worker(int(r), int(w), init, out, int(calib))
+        return
+    result: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "command": " ".join(sys.argv),
+    }
+    parts = {"wide": part_wide, "procs": part_procs, "device": part_device, "factor": part_factor}
+    for name in args.parts:
+        result[name] = parts[name](args)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=float))
+    tmp.replace(path)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
