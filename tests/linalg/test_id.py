@@ -294,3 +294,28 @@ def test_direct_construction_validation() -> None:
         IDFactorization(perm=np.array([1, 0]), R=np.eye(3), residuals=np.zeros(3), total=0.0)
     with pytest.raises(ValueError, match="residuals"):
         IDFactorization(perm=np.array([1, 0]), R=np.eye(2), residuals=np.zeros(2), total=0.0)
+
+
+def test_cholesky_route_matches_cpqr_on_a_wide_layer() -> None:
+    """From CHOLESKY_FROM units on, ``auto`` takes the pivoted Cholesky; on a wide
+    layer with a decaying spectrum, duplicated and dead units it picks CPQR's pivots,
+    the same residual curve, and an exact interpolation at the rank."""
+    from spectrim.linalg.interpolative import CHOLESKY_FROM
+
+    rng = np.random.default_rng(5)
+    m, r = CHOLESKY_FROM + 76, 700
+    base = rng.standard_normal((3000, r)) * np.logspace(0, -2, r)
+    Z = np.maximum(base @ rng.standard_normal((r, m - 100)), 0.0)  # ReLU units
+    Z = np.hstack([Z, 2.0 * Z[:, :60], np.zeros((3000, 40))])  # duplicates and dead units
+    G = Z.T @ Z
+    chol, cpqr = id_factorize(G), id_factorize(G, method="cpqr")
+    rank = cpqr.rank()
+    assert rank == chol.rank() <= m - 100
+    np.testing.assert_array_equal(chol.perm[: rank - 20], cpqr.perm[: rank - 20])
+    assert set(chol.perm[-40:]) == set(range(m - 40, m))  # the dead units come last
+    keep = cpqr.residuals > 1e-9 * cpqr.total
+    np.testing.assert_allclose(chol.residuals[keep], cpqr.residuals[keep], rtol=1e-6)
+    S, T = chol.selected(rank), chol.interpolation(rank)
+    assert np.linalg.norm(Z - Z[:, S] @ T) <= 1e-6 * np.linalg.norm(Z)
+    with pytest.raises(ValueError, match="method="):
+        id_factorize(G[:3, :3], method="qr")
