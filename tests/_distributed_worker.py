@@ -26,7 +26,29 @@ SCENARIOS = {
     # a weight-sparsification method, matrix by matrix on the compressed prefix
     "obs": {"method": "obs", "target": "sparsity=0.5"},
     "fail": {"method": "id", "target": "macs=0.5"},
+    # attention heads of a small BERT (padded text batches): alone, and on a MACs budget
+    "heads": {"method": "id", "target": "heads=0.5"},
+    "heads-budget": {"method": "id", "target": "macs=0.6", "heads": True},
 }
+
+
+def _bert() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """A seeded 2-layer BERT and 8 batches of 16 token sequences, a third of them padded."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (128, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, 8:] = 0
+    return model, [
+        {"input_ids": i, "attention_mask": m} for i, m in zip(ids.split(16), mask.split(16))
+    ]
 
 
 class FailOnRank1(nn.Module):
@@ -53,14 +75,20 @@ def main() -> None:
         dist.init_process_group(
             "gloo", init_method=f"file://{init}", rank=rank_i, world_size=world_i
         )
-    x, _ = load_dataset("cifar10", "calib", limit=128).tensors
-    batches = list(x.split(16))
-    model: nn.Module = load_pretrained("resnet20-cifar10").eval()
+    batches: list
+    if scenario.startswith("heads"):
+        model, batches = _bert()
+    else:
+        x, _ = load_dataset("cifar10", "calib", limit=128).tensors
+        batches = list(x.split(16))
+        model = load_pretrained("resnet20-cifar10").eval()
     if scenario == "fail":
         model = FailOnRank1(model)
     path = Path(out)
     try:
         small, report = spectrim.compress(model, batches, **SCENARIOS[scenario])  # type: ignore[arg-type]
+        if scenario.startswith("heads"):  # the model still runs through its own code
+            small(**batches[0])
     except Exception as exc:
         (path / f"rank{rank}.err").write_text(f"{type(exc).__name__}: {exc}")
     else:

@@ -69,10 +69,13 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
     return worst
 
 
-@pytest.mark.parametrize("scenario", ["id", "obs"])
+@pytest.mark.parametrize("scenario", ["id", "obs", "heads", "heads-budget"])
 def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path) -> None:
-    """Two gloo processes, each with half the batches, keep the same channels (every shape
-    equal) or the same non-zeros, with weights equal to 1e-10, as one process with all."""
+    """Two gloo processes, each with half the batches, keep the same channels or heads
+    (every shape equal) or the same non-zeros, with weights equal to 1e-10, as one process
+    with all."""
+    if scenario.startswith("heads"):
+        pytest.importorskip("transformers")
     (one,) = _launch(scenario, 1, tmp_path)
     two = _launch(scenario, 2, tmp_path)
     assert isinstance(one, dict), one
@@ -81,7 +84,14 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
         assert _same_model(one["state"], rank["state"]) <= 1e-10
     r1, r2 = one["report"], two[0]["report"]
     assert r2["calibration_rows"] == r1["calibration_rows"] == 128
-    if scenario == "id":
+    if scenario.startswith("heads"):
+        assert r1["params_after"] == r2["params_after"] < r1["params_before"]
+        heads = [(g["name"], g["width_after"]) for g in r1["groups"] if "heads" in g["name"]]
+        assert heads and heads == [
+            (g["name"], g["width_after"]) for g in r2["groups"] if "heads" in g["name"]
+        ]
+        assert any(w < 4 for _, w in heads)
+    elif scenario == "id":
         assert r2["fitted_examples"] == r1["fitted_examples"] == 32
         widths = [(g["name"], g["width_after"]) for g in r1["groups"]]
         assert widths == [(g["name"], g["width_after"]) for g in r2["groups"]]
@@ -117,8 +127,8 @@ def test_distributed_refuses_what_it_cannot_share(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(api, "Team", lambda group=None: _FakeTeam())
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    with pytest.raises(ValueError, match="attention heads, the residual width"):
-        spectrim.compress(net, torch.randn(64, 4), target="heads=0.5")
+    with pytest.raises(ValueError, match="the residual width"):
+        spectrim.compress(net, torch.randn(64, 4), target="hidden=0.5")
     with pytest.raises(ValueError, match="joint"):
         spectrim.compress(net, torch.randn(64, 4), method="id+obs", target="macs=0.5")
 

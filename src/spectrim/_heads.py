@@ -33,6 +33,7 @@ from spectrim.calibration.checks import CalibrationInfo
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
+from spectrim.distributed import SOLO, Team
 from spectrim.evaluation.flops import profile
 from spectrim.graph.attention import AttentionBlock, find_attention, prepare_attention
 from spectrim.graph.trace import call_model
@@ -60,12 +61,14 @@ def output_grams(
     progress: Any = None,
     *,
     stop: bool = False,
+    team: Team = SOLO,
 ) -> dict[str, tuple[GramAccumulator, np.ndarray | None]]:
     """Per output projection: the Gram of its input on ``model`` and, with ``reference``
     (a model with the same module names), the cross Gram ``Z'ᵀZ`` with the reference's
     input at the same place.  Padded token positions (``attention_mask``) are dropped.
     With ``stop``, each forward pass ends at the last of ``blocks`` (in execution order):
-    what comes after it is not needed (the sequential refit of one layer)."""
+    what comes after it is not needed (the sequential refit of one layer).  With a
+    ``team``, each rank runs its own batches and both Grams are summed over the ranks."""
     modules = dict(model.named_modules())
     names = [b.out for b in blocks]
     accs = {b.out: GramAccumulator(b.heads * b.head_dim, sums=False) for b in blocks}
@@ -114,6 +117,14 @@ def output_grams(
     finally:
         for h in handles:
             h.remove()
+    team.reduce(accs)
+    if reference is not None:
+        # every rank holds a cross term for every name (zeros where it saw no rows)
+        for n in names:
+            if n not in cross:
+                w = accs[n].dim
+                cross[n] = torch.zeros(w, w, dtype=torch.float64, device=accs[n].device)
+        team.sum_([cross[n] for n in names])
     return {n: (accs[n], cross[n].cpu().numpy() if n in cross else None) for n in names}
 
 
@@ -124,18 +135,21 @@ def apply_heads(
     k: int,
     batches: list[Any],
     original: nn.Module | None,
+    team: Team = SOLO,
 ) -> None:
     """Keep ``k`` units of ``block``: the solver's plan, its correction refitted on the
-    compressed prefix against ``original`` when given (the sequential mode)."""
+    compressed prefix against ``original`` when given (the sequential mode); with a
+    ``team``, the refit's Grams are summed over the ranks and rank 0's plan is used."""
     plan = solver.plan(k)
-    fold = plan.fold
+    keep, fold = plan.keep, plan.fold
     if original is not None and fold is not None:
         ((acc, cross),) = output_grams(
-            work, [block], batches, reference=original, stop=True
+            work, [block], batches, reference=original, stop=True, team=team
         ).values()
         assert cross is not None
         fold = solver.refit(plan.keep, acc.gram_numpy(), cross)
-    block.prune(work, plan.keep, fold)
+    keep, fold = team.broadcast((keep, fold))
+    block.prune(work, keep, fold)
 
 
 def head_group_report(
@@ -179,7 +193,8 @@ def heads_run(
             "OPT and ViT attention, timm ViT attention, nn.MultiheadAttention; register others with "
             "spectrim.graph.attention.register_attention)"
         )
-    example = head_examples(batches[0])
+    team = ctx.team
+    example = team.broadcast(head_examples(batches[0]))
     cost0 = profile(work, example)
     original = copy.deepcopy(work) if (cfg.sequential and method.needs_statistics) else None
     timings["find"] = time.perf_counter() - t
@@ -188,7 +203,7 @@ def heads_run(
     grams: dict[str, np.ndarray] = {}
     rows = 0
     if method.needs_statistics:
-        stats = output_grams(work, blocks, batches, progress=ctx.wrap(len(batches)))
+        stats = output_grams(work, blocks, batches, progress=ctx.wrap(len(batches)), team=team)
         grams = {n: acc.gram_numpy() for n, (acc, _) in stats.items()}
         rows = min(acc.count for acc, _ in stats.values())
     timings["collect"] = time.perf_counter() - t
@@ -202,7 +217,7 @@ def heads_run(
     for b, s, k in zip(blocks, solvers, widths, strict=True):
         units = b.units
         if k < units:
-            apply_heads(work, b, s, k, batches, original)
+            apply_heads(work, b, s, k, batches, original, team)
         report.groups.append(head_group_report(b, s, k, rows or None))
     timings["apply"] = time.perf_counter() - t
 

@@ -272,7 +272,7 @@ def _collect_heads(state: ChannelRun) -> None:
         )
         return
     if state.method.needs_statistics:
-        grams = output_grams(state.work, state.blocks, state.batches)
+        grams = output_grams(state.work, state.blocks, state.batches, team=state.ctx.team)
         state.head_grams = {n: acc.gram_numpy() for n, (acc, _) in grams.items()}
 
 
@@ -481,7 +481,7 @@ def apply_stage(state: ChannelRun) -> None:
     for key, k in sorted(heads.items()):
         block, solver = state.blocks[key - HEAD_KEY], state.head_solvers[key]
         if k < block.units:
-            apply_heads(state.work, block, solver, k, state.batches, original)
+            apply_heads(state.work, block, solver, k, state.batches, original, state.ctx.team)
     if stream_plan is not None and state.stream is not None:  # last: its refit sees all
         apply_hidden(state.work, state.stream, stream_plan, state.batches,
                      original if refit_stream else None, sequential=state.cfg.sequential)  # fmt: skip

@@ -92,8 +92,8 @@ def compress(
             process).  Every process calls ``compress`` with the same arguments and the
             same calibration set; each runs the forward passes on its share of the batches,
             the statistics are summed over all of them and every decision is rank 0's
-            (:mod:`spectrim.distributed`).  Channel targets and weight sparsification;
-            not ``heads``/``hidden`` or a joint ``CHANNEL+WEIGHT`` budget.
+            (:mod:`spectrim.distributed`).  Channel targets, attention heads and weight
+            sparsification; not ``hidden`` or a joint ``CHANNEL+WEIGHT`` budget.
         **options: extra :class:`~spectrim.config.CompressConfig` fields
             (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
             ``on_unreachable``, ``max_error``) or method options (e.g. ``ridge`` for
@@ -199,10 +199,10 @@ def _devices(
 def _check_shared(cfg: CompressConfig, then: Any) -> None:
     """What a team of processes cannot share yet, refused on every rank before any work."""
     kind = cfg.parsed_target.kind
-    if "+" in cfg.method or cfg.heads or cfg.hidden or kind in ("heads", "hidden"):
+    if "+" in cfg.method or cfg.hidden or kind == "hidden":
         raise ValueError(
             "several processes (torch.distributed) compress channels (macs, params, width, "
-            "error, dof targets) and weights (sparsity targets); attention heads, the "
+            "error, dof targets), attention heads and weights (sparsity targets); the "
             "residual width and joint CHANNEL+WEIGHT budgets run on one process"
         )
     if then is not None:
