@@ -29,7 +29,20 @@ SCENARIOS = {
     # attention heads of a small BERT (padded text batches): alone, and on a MACs budget
     "heads": {"method": "id", "target": "heads=0.5"},
     "heads-budget": {"method": "id", "target": "macs=0.6", "heads": True},
+    # the residual width of a small GPT-2 (pre-LN, tied LM head), readers refitted
+    "hidden": {"method": "spectral", "target": "hidden=0.75"},
 }
+
+
+def _gpt2() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """A seeded 2-layer GPT-2 and 8 batches of 16 token sequences."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=101, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 101, (128, 12), generator=torch.Generator().manual_seed(1))
+    return model, [{"input_ids": b} for b in ids.split(16)]
 
 
 def _bert() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
@@ -78,6 +91,8 @@ def main() -> None:
     batches: list
     if scenario.startswith("heads"):
         model, batches = _bert()
+    elif scenario == "hidden":
+        model, batches = _gpt2()
     else:
         x, _ = load_dataset("cifar10", "calib", limit=128).tensors
         batches = list(x.split(16))
@@ -87,7 +102,7 @@ def main() -> None:
     path = Path(out)
     try:
         small, report = spectrim.compress(model, batches, **SCENARIOS[scenario])  # type: ignore[arg-type]
-        if scenario.startswith("heads"):  # the model still runs through its own code
+        if scenario.startswith(("heads", "hidden")):  # it still runs through its own code
             small(**batches[0])
     except Exception as exc:
         (path / f"rank{rank}.err").write_text(f"{type(exc).__name__}: {exc}")

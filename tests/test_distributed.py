@@ -69,12 +69,12 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
     return worst
 
 
-@pytest.mark.parametrize("scenario", ["id", "obs", "heads", "heads-budget"])
+@pytest.mark.parametrize("scenario", ["id", "obs", "heads", "heads-budget", "hidden"])
 def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path) -> None:
     """Two gloo processes, each with half the batches, keep the same channels or heads
     (every shape equal) or the same non-zeros, with weights equal to 1e-10, as one process
     with all."""
-    if scenario.startswith("heads"):
+    if scenario.startswith(("heads", "hidden")):
         pytest.importorskip("transformers")
     (one,) = _launch(scenario, 1, tmp_path)
     two = _launch(scenario, 2, tmp_path)
@@ -84,7 +84,11 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
         assert _same_model(one["state"], rank["state"]) <= 1e-10
     r1, r2 = one["report"], two[0]["report"]
     assert r2["calibration_rows"] == r1["calibration_rows"] == 128
-    if scenario.startswith("heads"):
+    if scenario == "hidden":
+        assert r1["params_after"] == r2["params_after"] < r1["params_before"]
+        (g1,) = r1["groups"]
+        assert g1["width_after"] == r2["groups"][0]["width_after"] == 48
+    elif scenario.startswith("heads"):
         assert r1["params_after"] == r2["params_after"] < r1["params_before"]
         heads = [(g["name"], g["width_after"]) for g in r1["groups"] if "heads" in g["name"]]
         assert heads and heads == [
@@ -121,14 +125,12 @@ def test_team_of_one_is_a_no_op() -> None:
 
 
 def test_distributed_refuses_what_it_cannot_share(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Heads, the residual width and joint budgets are refused by name under a team,
-    before any work (every rank raises alike)."""
+    """A joint budget is refused by name under a team, before any work (every rank
+    raises alike)."""
     import spectrim.api as api
 
     monkeypatch.setattr(api, "Team", lambda group=None: _FakeTeam())
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    with pytest.raises(ValueError, match="the residual width"):
-        spectrim.compress(net, torch.randn(64, 4), target="hidden=0.5")
     with pytest.raises(ValueError, match="joint"):
         spectrim.compress(net, torch.randn(64, 4), method="id+obs", target="macs=0.5")
 

@@ -47,6 +47,7 @@ from spectrim.calibration.batches import drop_padding, head_examples, token_mask
 from spectrim.calibration.checks import CalibrationInfo
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
+from spectrim.distributed import SOLO, Team
 from spectrim.evaluation.flops import profile
 from spectrim.graph.channels import shared_tensors
 from spectrim.graph.modules import set_param
@@ -264,7 +265,11 @@ def _normaliser(norm: nn.Module, d: int, path: str) -> Callable[[torch.Tensor], 
 
 
 def stream_grams(
-    model: nn.Module, stream: ResidualStream, batches: list[Any], progress: Any = None
+    model: nn.Module,
+    stream: ResidualStream,
+    batches: list[Any],
+    progress: Any = None,
+    team: Team = SOLO,
 ) -> tuple[np.ndarray, int]:
     """The Gram of the normalised stream (what every reader sees once the model is
     converted) summed over every site, and the rows per site.  ``model`` may be
@@ -283,7 +288,8 @@ def stream_grams(
             rows[0] += x.shape[0]
 
     _site_outputs(model, stream.sites, batches, add, progress=progress, inputs=inputs)
-    return total.cpu().numpy(), rows[0]
+    team.sum_([total])  # a team's ranks: the whole calibration set's Gram on each
+    return total.cpu().numpy(), int(team.total(rows[0]))
 
 
 def _with_mean_direction(E: torch.Tensor) -> torch.Tensor:
@@ -324,6 +330,7 @@ def apply_hidden(
     original: nn.Module | None,
     *,
     sequential: bool = True,
+    team: Team = SOLO,
 ) -> None:
     """Narrow ``work``'s stream (found on the unconverted ``work``) to ``plan``'s basis, in
     place: convert, narrow and, with ``plan.correct``, refit every reader towards
@@ -349,7 +356,7 @@ def apply_hidden(
             convert_stream(original, with_tied_embeddings(original, found_t)[0])
             for site in converted.sites:
                 refit_site(work, original, readers, site, E, batches, plan.ridge,
-                           sequential, converted.writers, out)  # fmt: skip
+                           sequential, converted.writers, out, team)  # fmt: skip
     _retie(work, ties)
 
 
@@ -398,6 +405,7 @@ def refit_site(
     sequential: bool,
     writers: Sequence[str] = (),
     out_basis: torch.Tensor | None = None,
+    team: Team = SOLO,
 ) -> None:
     """Refit the readers of ``site`` in ``work``: least squares from its norm's output to
     the one of ``original`` at the same place; the new readers are ``readers[name]`` (as
@@ -440,12 +448,14 @@ def refit_site(
     else:  # the norm's input rows, as they are
         _site_outputs(original, [site], batches, one_shot, stop=True,
                       inputs={site.norm: lambda x: x})  # fmt: skip
+    team.sum_([V, C])  # every rank's rows
     V, C = V.cpu(), C.cpu()
     tau = ridge * float(torch.trace(V[:k, :k])) / max(k, 1)
     tau_vec = np.full(kk, tau)
     if intercept:
         tau_vec[-1] = 0.0
     B = fit_cross_reconstruction(V.numpy(), C.numpy(), np.arange(kk), tau_vec)  # d × kk
+    B = team.broadcast(B)  # rank 0's fit on every rank
     M = torch.as_tensor(B[:, :k])
     shift = torch.as_tensor(B[:, k]) if intercept else None
     for r in site.readers:
@@ -496,7 +506,8 @@ def hidden_run(
             "BERT-family and DistilBERT models; register others with "
             "spectrim.graph.stream.register_stream)"
         )
-    example = head_examples(batches[0])
+    team = ctx.team
+    example = team.broadcast(head_examples(batches[0]))
     cost0 = profile(work, example)
     d = found.width
     k = min(d, max(1, round(tgt.value * d)))
@@ -506,17 +517,17 @@ def hidden_run(
 
     t = time.perf_counter()
     # every method gets the Gram: the report's predicted error needs it
-    gram, rows = stream_grams(work, found, batches, progress=ctx.wrap(len(batches)))
+    gram, rows = stream_grams(work, found, batches, progress=ctx.wrap(len(batches)), team=team)
     timings["collect"] = time.perf_counter() - t
 
     t = time.perf_counter()
     solver = method.stream_solver(found, gram, work)
-    plan = solver.plan(k)
+    plan = team.broadcast(solver.plan(k))  # rank 0's basis
     timings["solve"] = time.perf_counter() - t
 
     t = time.perf_counter()
     original = copy.deepcopy(work) if plan.correct and k < d else None
-    apply_hidden(work, found, plan, batches, original, sequential=cfg.sequential)
+    apply_hidden(work, found, plan, batches, original, sequential=cfg.sequential, team=team)
     timings["apply"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -258,7 +258,9 @@ def _collect_hidden(state: ChannelRun) -> None:
             "hidden=True: no residual stream spectrim recognises; the hidden size is kept"
         )
         return
-    state.stream_gram, _ = stream_grams(state.work, state.stream, state.batches)
+    state.stream_gram, _ = stream_grams(
+        state.work, state.stream, state.batches, team=state.ctx.team
+    )
 
 
 def _collect_heads(state: ChannelRun) -> None:
@@ -443,7 +445,7 @@ def apply_stage(state: ChannelRun) -> None:
     if state.stream is not None and state.stream_solver is not None:
         k = state.widths.get(HIDDEN_KEY, state.stream.width)
         if k < state.stream.width:
-            stream_plan = state.stream_solver.plan(k)
+            stream_plan = state.ctx.team.broadcast(state.stream_solver.plan(k))
     refit_stream = stream_plan is not None and stream_plan.correct
     original = (
         copy.deepcopy(state.work)
@@ -484,7 +486,8 @@ def apply_stage(state: ChannelRun) -> None:
             apply_heads(state.work, block, solver, k, state.batches, original, state.ctx.team)
     if stream_plan is not None and state.stream is not None:  # last: its refit sees all
         apply_hidden(state.work, state.stream, stream_plan, state.batches,
-                     original if refit_stream else None, sequential=state.cfg.sequential)  # fmt: skip
+                     original if refit_stream else None, sequential=state.cfg.sequential,
+                     team=state.ctx.team)  # fmt: skip
 
 
 @_timed("report")

@@ -92,8 +92,8 @@ def compress(
             process).  Every process calls ``compress`` with the same arguments and the
             same calibration set; each runs the forward passes on its share of the batches,
             the statistics are summed over all of them and every decision is rank 0's
-            (:mod:`spectrim.distributed`).  Channel targets, attention heads and weight
-            sparsification; not ``hidden`` or a joint ``CHANNEL+WEIGHT`` budget.
+            (:mod:`spectrim.distributed`).  Every target but a joint
+            ``CHANNEL+WEIGHT`` budget.
         **options: extra :class:`~spectrim.config.CompressConfig` fields
             (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
             ``on_unreachable``, ``max_error``) or method options (e.g. ``ridge`` for
@@ -198,12 +198,10 @@ def _devices(
 
 def _check_shared(cfg: CompressConfig, then: Any) -> None:
     """What a team of processes cannot share yet, refused on every rank before any work."""
-    kind = cfg.parsed_target.kind
-    if "+" in cfg.method or cfg.hidden or kind == "hidden":
+    if "+" in cfg.method:
         raise ValueError(
-            "several processes (torch.distributed) compress channels (macs, params, width, "
-            "error, dof targets), attention heads and weights (sparsity targets); the "
-            "residual width and joint CHANNEL+WEIGHT budgets run on one process"
+            "several processes (torch.distributed) compress channels, attention heads, the "
+            "residual width and weights; a joint CHANNEL+WEIGHT budget runs on one process"
         )
     if then is not None:
         _check_shared(
