@@ -85,7 +85,7 @@ def compress(
             ``"cuda:1"``, ``"cpu"``); default: where the model's parameters are.  The
             calibration batches are moved there once, the Gram matrices accumulate there
             in float64 (of true float32 products: TF32 off), the factorisations run on the
-            host (LAPACK; docs/design.md §8).  The compressed model is returned on the
+            host (LAPACK; docs/design.md §7e).  The compressed model is returned on the
             model's own device.
         process_group: the ``torch.distributed`` group of processes sharing the run
             (default: the world, when a process group is initialised with more than one

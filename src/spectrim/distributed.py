@@ -20,7 +20,7 @@ the caller has initialised a process group, every process (rank) runs
 
 What crosses the network per reduction is ``Σ (m² + m·c)`` doubles over the accumulators
 (``m`` a group's width at a consumer, ``c`` a cross term's width), independent of the
-number of calibration rows; see docs/design.md §8.  With the ``nccl`` backend the
+number of calibration rows; see docs/design.md §7e.  With the ``nccl`` backend the
 reductions run on the GPU (the accumulators live there when the run does); with ``gloo``
 they go through host memory.
 
