@@ -26,6 +26,9 @@ SCENARIOS = {
     # a weight-sparsification method, matrix by matrix on the compressed prefix
     "obs": {"method": "obs", "target": "sparsity=0.5"},
     "fail": {"method": "id", "target": "macs=0.5"},
+    # the three 64-wide groups selected from randomized sketches of 32 rows (the sketch
+    # thresholds lowered to ResNet-20's widths below)
+    "sketch": {"method": "id", "target": "macs=0.5", "stats_memory": 90000},
     # attention heads of a small BERT (padded text batches): alone, and on a MACs budget
     "heads": {"method": "id", "target": "heads=0.5"},
     "heads-budget": {"method": "id", "target": "macs=0.6", "heads": True},
@@ -99,6 +102,10 @@ def main() -> None:
         model = load_pretrained("resnet20-cifar10").eval()
     if scenario == "fail":
         model = FailOnRank1(model)
+    if scenario == "sketch":
+        from spectrim.calibration import sketch
+
+        sketch.SKETCH_FROM, sketch.MIN_SKETCH_ROWS = 32, 4
     path = Path(out)
     try:
         small, report = spectrim.compress(model, batches, **SCENARIOS[scenario])  # type: ignore[arg-type]

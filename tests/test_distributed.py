@@ -69,7 +69,7 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
     return worst
 
 
-@pytest.mark.parametrize("scenario", ["id", "obs", "heads", "heads-budget", "hidden"])
+@pytest.mark.parametrize("scenario", ["id", "obs", "heads", "heads-budget", "hidden", "sketch"])
 def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path) -> None:
     """Two gloo processes, each with half the batches, keep the same channels or heads
     (every shape equal) or the same non-zeros, with weights equal to 1e-10, as one process
@@ -95,6 +95,11 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
             (g["name"], g["width_after"]) for g in r2["groups"] if "heads" in g["name"]
         ]
         assert any(w < 4 for _, w in heads)
+    elif scenario == "sketch":  # Ω follows the batch, not the rank: the same sketches
+        rows = [g["sketch_rows"] for g in r1["groups"]]
+        assert rows == [g["sketch_rows"] for g in r2["groups"]]
+        assert rows.count(32) == 3 and rows.count(None) == len(rows) - 3
+        assert r1["macs_after"] / r1["macs_before"] <= 0.51
     elif scenario == "id":
         assert r2["fitted_examples"] == r1["fitted_examples"] == 32
         widths = [(g["name"], g["width_after"]) for g in r1["groups"]]

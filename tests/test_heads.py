@@ -143,16 +143,23 @@ def _embed(model: nn.Module, tok: Any, sentences: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
 
 
+def sts_split(
+    tok: Any, train: list[str], test: list[str]
+) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
+    """128 seeded sts-train sentences in 4 padded batches, and 96 held-out test sentences."""
+    rng = np.random.default_rng(0)
+    pool = [train[i] for i in rng.permutation(len(train))[:128]]
+    calib = [
+        dict(tok(pool[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, 128, 32)
+    ]
+    return calib, test[::20][:96]
+
+
 def test_minilm_corrected_heads_stay_closest_to_the_original(
     minilm: tuple[nn.Module, Any], sts_train_sentences: list[str], sts_sentences: list[str]
 ) -> None:
     model, tok = minilm
-    rng = np.random.default_rng(0)
-    pool = [sts_train_sentences[i] for i in rng.permutation(len(sts_train_sentences))[:128]]
-    calib = [
-        dict(tok(pool[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, 128, 32)
-    ]
-    held_out = sts_sentences[::20][:96]
+    calib, held_out = sts_split(tok, sts_train_sentences, sts_sentences)
     ref = _embed(model, tok, held_out)
     cos = {}
     for method in ("id", "l1", "random"):

@@ -43,7 +43,8 @@ from spectrim.budget import (
 from spectrim.calibration import Collected, collect
 from spectrim.calibration.checks import CalibrationInfo, rows_per_group
 from spectrim.calibration.sequential import sequential_correct
-from spectrim.config import CompressConfig, Target, UnreachableTargetError
+from spectrim.calibration.sketch import default_stats_memory, plan_sketches, sketch_groups_message
+from spectrim.config import CompressConfig, Target, UnreachableTargetError, parse_bytes
 from spectrim.context import RunContext
 from spectrim.evaluation.flops import ModelCost, hook_counted, profile
 from spectrim.graph import Analysis, GroupPlan, UnitGroup, apply_plan
@@ -219,6 +220,7 @@ def collect_stage(state: ChannelRun) -> None:
     state.channels_last = channels_last
     if method.needs_statistics and groups:
         share = cfg.sequential_fraction if state.sequential else 0.0
+        sketch_rows = _sketch_plan(state)
         state.collected = collect(
             work,
             analysis,
@@ -228,15 +230,50 @@ def collect_stage(state: ChannelRun) -> None:
             store_fraction=share,
             channels_last=channels_last,
             team=state.ctx.team,
+            sketch_rows=sketch_rows,
+            seed=state.ctx.seed,
         )
         # every rank's statistics summed: each now holds the whole calibration set's
-        state.ctx.team.reduce(state.collected.stats)
+        state.ctx.team.reduce({**state.collected.stats, **state.collected.sketches})
         rows = sum(batch_len(b) for b in state.batches)
         state.report.calibration_rows = int(state.ctx.team.total(rows))
     if cfg.heads:
         _collect_heads(state)
     if cfg.hidden:
         _collect_hidden(state)
+
+
+def _sketch_plan(state: ChannelRun) -> dict[int, int]:
+    """Sketch rows for the groups whose exact Grams would not fit ``cfg.stats_memory``
+    (:func:`~spectrim.calibration.sketch.plan_sketches`); the reason in the warnings."""
+    cfg, groups = state.cfg, state.groups
+    explicit = cfg.stats_memory is not None
+    budget = (
+        parse_bytes(cfg.stats_memory)
+        if cfg.stats_memory is not None
+        else default_stats_memory(state.ctx.device)
+    )
+    widths = {g.index: g.width for g in groups}
+    names = {g.index: g.name for g in groups}
+    consumers = {g.index: len(g.consumers) for g in groups}
+    try:
+        plan = plan_sketches(widths, consumers, budget, names=names)
+        if plan and not state.method.sketches:
+            g = max(plan, key=lambda i: widths[i])
+            raise ValueError(
+                f"stats_memory={budget} bytes: the exact Grams of unit group '{names[g]}' "
+                f"({widths[g]} units) and the others do not fit, and method "
+                f"'{cfg.method}' has no sketched path; raise stats_memory or use method='id'"
+            )
+    except ValueError as exc:
+        if explicit:
+            raise
+        # the default budget is a guess at the machine: go on exactly, and say so
+        state.report.warnings.append(f"{exc} (the exact Grams were used)")
+        return {}
+    if plan:
+        state.report.warnings.append(sketch_groups_message(plan, widths, [names[g] for g in plan]))
+    return plan
 
 
 def _needs_budget(state: ChannelRun, option: str, what: str, instead: str) -> None:
@@ -283,13 +320,13 @@ def solve_curves_stage(state: ChannelRun) -> None:
     """One solver per group and its error curve, judged on new inputs."""
     analysis = state.analysis
     assert analysis is not None
-    stats = state.collected.stats
+    stats, sketches = state.collected.stats, state.collected.sketches
     if state.method.needs_statistics:
-        state.rows = rows_per_group(state.groups, stats, state.info)
+        state.rows = rows_per_group(state.groups, {**stats, **sketches}, state.info)
         state.groups = _pin_underdetermined(
             analysis, state.groups, state.rows, state.info, state.report
         )
-    state.solvers = solve_stage(state.method, state.groups, stats, state.work)
+    state.solvers = solve_stage(state.method, state.groups, stats, state.work, sketches=sketches)
     # with heads on the budget every curve must be on one scale: the least-squares error
     # of reconstructing the consumers' inputs along each solver's order
     shared = bool(state.blocks) and state.method.needs_statistics
@@ -507,6 +544,9 @@ def report_stage(state: ChannelRun) -> None:
             pinned=g.pinned,
             rows=int(state.rows[g.index]) if g.index in state.rows else None,
         )
+        sketched = [sk.rows for (gi, _), sk in state.collected.sketches.items() if gi == g.index]
+        if sketched:
+            gr.sketch_rows = sketched[0]
         if g.index in state.curves:
             gr.predicted_error = float(np.sqrt(max(state.curves[g.index][k], 0.0)))
         if g.index in state.plans:

@@ -13,6 +13,8 @@ Example::
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +24,7 @@ __all__ = [
     "Target",
     "TargetKind",
     "UnreachableTargetError",
+    "parse_bytes",
 ]
 
 TargetKind = Literal[
@@ -31,6 +34,29 @@ _KINDS = ("macs", "params", "width", "error", "dof", "sparsity", "auto", "heads"
 #: Target kinds of weight sparsification (the others are channel targets).
 WEIGHT_TARGETS = frozenset({"sparsity", "auto"})
 _UNREACHABLE = ("stop", "raise", "force")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Bytes from ``4096``, ``"512MiB"``, ``"8GB"`` or ``"1.5g"`` (binary units).
+
+    Example::
+
+        >>> parse_bytes("512MiB"), parse_bytes("2g"), parse_bytes(1000)
+        (536870912, 2147483648, 1000)
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"a memory size must be a number of bytes or e.g. '8GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"a memory size must be positive, got {value!r}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(value).lower())
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"memory size {value!r} must look like '512MiB', '8GiB' or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 class UnreachableTargetError(ValueError):
@@ -170,6 +196,12 @@ class CompressConfig:
         hidden: also narrow a transformer's residual width (see ``target="hidden=F"``)
             under a ``macs``/``params`` target, on the same budget: the allocator trades
             the stream's width against heads and channels.
+        stats_memory: memory budget of the calibration statistics (bytes, or text such
+            as ``"4GiB"``); ``None`` (default): a quarter of the machine's memory (the GPU's
+            with ``device="cuda"``).  Exact Grams cost ``8·m²`` bytes per consumer of a
+            group of ``m`` units; when they would not fit, ``id`` selects the widest groups
+            from randomized sketches of their activations instead
+            (:mod:`spectrim.calibration.sketch`, listed in the report's warnings).
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 
@@ -186,6 +218,7 @@ class CompressConfig:
     max_error: float = 0.5
     heads: bool = False
     hidden: bool = False
+    stats_memory: int | str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -202,6 +235,8 @@ class CompressConfig:
             )
         if not (isinstance(self.max_error, (int, float)) and 0.0 < float(self.max_error)):
             raise ValueError(f"max_error={self.max_error!r} must be a positive number")
+        if self.stats_memory is not None:
+            parse_bytes(self.stats_memory)
         if not isinstance(self.options, dict):
             raise TypeError(f"options must be a dict of method options, got {self.options!r}")
 

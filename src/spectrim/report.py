@@ -37,6 +37,9 @@ class GroupReport:
     consumer_errors: dict[str, float] = field(default_factory=dict)
     pinned: str | None = None
     rows: int | None = None  # calibration rows of the least-fed consumer's statistics
+    sketch_rows: int | None = None
+    """rows of the randomized sketch the group was selected from (too wide for its exact
+    Grams under ``stats_memory``); ``None``: exact Grams"""
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch import nn
 from spectrim.calibration.batches import head_examples
 from spectrim.calibration.checks import trace_checked
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.calibration.sketch import RowSketch
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.methods.base import GroupSolver, Method
@@ -75,10 +76,18 @@ def solve_stage(
     model: nn.Module,
     *,
     nonempty: bool = False,
+    sketches: Mapping[tuple[int, str], RowSketch] | None = None,
 ) -> dict[int, GroupSolver]:
-    """One solver per group (groups without statistics skipped when ``nonempty``)."""
+    """One solver per group (groups without statistics skipped when ``nonempty``); a
+    group with ``sketches`` (too wide for its Grams) gets the method's sketch solver."""
     out: dict[int, GroupSolver] = {}
     for g in groups:
+        gsk = {
+            s.module: sk for s in g.consumers if (sk := (sketches or {}).get((g.index, s.module)))
+        }
+        if gsk:
+            out[g.index] = method.sketch_solver(g, gsk, model)
+            continue
         gstats = group_stats(g, stats, nonempty=nonempty)
         if nonempty and not gstats:
             continue

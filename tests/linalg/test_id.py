@@ -319,3 +319,42 @@ def test_cholesky_route_matches_cpqr_on_a_wide_layer() -> None:
     assert np.linalg.norm(Z - Z[:, S] @ T) <= 1e-6 * np.linalg.norm(Z)
     with pytest.raises(ValueError, match="method="):
         id_factorize(G[:3, :3], method="qr")
+
+
+# --------------------------------------------------------------------------- from rows / sketches
+
+
+@pytest.mark.parametrize(("n", "m"), [(80, 15), (12, 30), (25, 25)])
+def test_id_from_rows_is_the_gram_route_on_the_rows(n: int, m: int) -> None:
+    """CPQR of Z itself: the pivots and residual curve of ``id_factorize(ZᵀZ)``."""
+    from spectrim.linalg import id_from_rows
+
+    rng = np.random.default_rng(n + m)
+    Z = rng.standard_normal((n, m)) * rng.uniform(0.5, 2.0, m)
+    a, b = id_from_rows(Z), id_factorize(Z.T @ Z, "cpqr")
+    r = min(n, m)
+    np.testing.assert_array_equal(a.perm[:r], b.perm[:r])
+    np.testing.assert_allclose(a.residuals, b.residuals, rtol=1e-8, atol=1e-9 * b.total)
+    assert a.R.shape == (r, m)
+    for k in (1, r // 2, r):
+        S, T = a.selected(k), a.interpolation(k)
+        brute = np.linalg.lstsq(Z[:, S], Z, rcond=None)[0]
+        assert _rel(T, brute) < 1e-8
+
+
+def test_the_randomized_id_is_exact_on_low_rank_activations() -> None:
+    """Rank-r activations, a Gaussian sketch of k > r rows: the r units it picks
+    reconstruct every unit to rounding, the residual curve reaches 0 at r."""
+    from spectrim.linalg import id_from_rows
+
+    rng = np.random.default_rng(5)
+    Z = _low_rank(rng, 500, 120, 9)
+    Y = rng.standard_normal((20, 500)) @ Z / np.sqrt(20)
+    fac = id_from_rows(Y)
+    S, T = fac.selected(9), fac.interpolation(9)
+    assert np.linalg.norm(Z - Z[:, S] @ T) < 1e-9 * np.linalg.norm(Z)
+    assert fac.residuals[9] < 1e-20 * fac.total and fac.residuals[8] > 1e-6 * fac.total
+    # more kept units than sketch rows: a minimum-norm interpolation, kept units exact
+    T30 = fac.interpolation(30)
+    np.testing.assert_allclose(T30[:, fac.selected(30)], np.eye(30), atol=1e-12)
+    assert fac.pivot_ratio(25) == 0.0 and fac.rank() == 9

@@ -297,3 +297,25 @@ def test_order_residual_curve_matches_direct_least_squares(seed: int, rank: int)
         B = fit_reconstruction(G, S) if k else np.zeros((8, 0))
         want = residual_of(G, S, B) / t
         assert curve[k] == pytest.approx(want, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- from rows
+
+
+@pytest.mark.parametrize(("n", "k"), [(40, 3), (6, 4), (3, 5)])
+def test_fit_from_rows_is_least_squares_on_the_rows(n: int, k: int) -> None:
+    from spectrim.linalg import fit_rows_reconstruction
+
+    rng = np.random.default_rng(n)
+    Y = rng.standard_normal((n, 8))
+    S = np.array([6, 1, 3, 0, 5][:k])
+    B, res = fit_rows_reconstruction(Y, S)
+    brute = np.linalg.lstsq(Y[:, S], Y, rcond=None)[0]  # minimum norm when n < k
+    np.testing.assert_allclose(
+        B[np.setdiff1d(np.arange(8), S)], brute.T[np.setdiff1d(np.arange(8), S)], atol=1e-9
+    )
+    np.testing.assert_allclose(B[S], np.eye(k))
+    assert res == pytest.approx(((Y - Y[:, S] @ B.T) ** 2).sum(), abs=1e-9)
+    # with a ridge: the closed form on the rows' Gram
+    Br, _ = fit_rows_reconstruction(Y, S, ridge=0.5)
+    np.testing.assert_allclose(Br, fit_reconstruction(Y.T @ Y, S, ridge=0.5), atol=1e-10)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch import nn
 from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.checks import CalibrationError, first_bad_example
 from spectrim.calibration.gram import GramAccumulator, Products
+from spectrim.calibration.sketch import RowSketch, SketchProducts
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.graph.layout import channels_last_batch
@@ -89,6 +90,8 @@ class Collected:
 
     Attributes:
         stats: ``(group, consumer) -> GramAccumulator`` over every call of every batch.
+        sketches: ``(group, consumer) -> RowSketch`` instead, for the groups given
+            ``sketch_rows`` (too wide for their Grams; :mod:`spectrim.calibration.sketch`).
         inputs: ``(group, consumer) -> [group view of the consumer's input]`` at the
             consumer's first call in each of the first ``n_stored`` batches (copies).
         n_stored: how many leading batches ``inputs`` covers.
@@ -99,6 +102,11 @@ class Collected:
     inputs: dict[StatKey, list[torch.Tensor]] = field(default_factory=dict)
     n_stored: int = 0
     channel_dims: dict[StatKey, int] = field(default_factory=dict)
+    sketches: dict[StatKey, RowSketch] = field(default_factory=dict)
+
+    def statistic(self, key: StatKey) -> GramAccumulator | RowSketch:
+        """The Gram or, for a sketched group, the sketch of ``key``."""
+        return self.stats[key] if key in self.stats else self.sketches[key]
 
 
 def collect(
@@ -112,6 +120,8 @@ def collect(
     min_rows_per_unit: int = 32,
     channels_last: bool = False,
     team: Team = SOLO,
+    sketch_rows: Mapping[int, int] | None = None,
+    seed: int = 0,
 ) -> Collected:
     """Accumulate ``ZᵀZ`` of each group's channels at each of its consumers' inputs, and
     keep the inputs themselves for a leading share of the batches.
@@ -138,6 +148,9 @@ def collect(
             the whole set by rank 0 and each rank keeps the stored batches it holds (maybe
             none), so the fits see the batches one process would.  The statistics are
             this rank's; the caller reduces them.
+        sketch_rows: group index → rows of a randomized sketch kept instead of its Grams
+            (:func:`~spectrim.calibration.sketch.plan_sketches`); each batch's ``Ω`` is
+            seeded by ``seed`` and the batch's index in the whole calibration set.
     """
     modules = dict(model.named_modules())
     out = Collected(stats={})
@@ -145,8 +158,11 @@ def collect(
     for g in groups:
         for slot in g.consumers:
             key = (g.index, slot.module)
-            # products only: column sums would be one more pass over every activation
-            out.stats[key] = GramAccumulator(g.width, sums=False)
+            if sketch_rows and g.index in sketch_rows:
+                out.sketches[key] = RowSketch(g.width, sketch_rows[g.index], seed=seed)
+            else:
+                # products only: column sums would be one more pass over every activation
+                out.stats[key] = GramAccumulator(g.width, sums=False)
             pos = torch.as_tensor(slot.positions, dtype=torch.long)
             per_module.setdefault(slot.module, []).append((key, pos, whole_axis(pos)))
     missing = sorted(set(per_module) - set(modules))
@@ -165,7 +181,7 @@ def collect(
     # identical inputs read by several consumers (inception branches) share the products;
     # a weak reference, so that each activation is freed as early as in a plain forward
     # pass (holding them to the end of the batch costs fresh pages, i.e. time)
-    cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], Products]] = {}
+    cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], Products | SketchProducts]] = {}
     layout: dict[StatKey, int] = {}
     masks = [token_mask(b) for b in batches]
 
@@ -181,11 +197,11 @@ def collect(
             # padded token positions never reach the statistics (nor the stored inputs)
             x, xcd = drop_padding(x, masks[batch_index[0]], xcd)
             for key, pos, whole in entries:
-                acc = out.stats[key]
+                acc = out.statistic(key)
                 hit = cache.get((id(src), key[0]))
                 view: torch.Tensor | None = None
                 if hit is not None and hit[0]() is src:
-                    acc.add(hit[1])
+                    acc.add(hit[1])  # type: ignore[arg-type]
                 else:
                     view, cd = group_view(x, xcd, pos, whole)
                     try:
@@ -212,6 +228,8 @@ def collect(
         with torch.no_grad():
             for i, batch in enumerate(it):
                 batch_index[0] = i
+                for sk in out.sketches.values():
+                    sk.begin(team.rank + i * team.size)  # the batch's index in the whole set
                 stored_now.clear()
                 cache.clear()
                 call_model(model, channels_last_batch(batch) if channels_last else batch)
@@ -259,7 +277,7 @@ def _stored_batches(
     need = 0
     first = max(int(sizes[0]), 1)
     for key, views in out.inputs.items():
-        width = out.stats[key].dim
+        width = out.statistic(key).dim
         per_example = max(views[0].numel() / width / first, 1e-9)
         need = max(need, math.ceil(min_rows_per_unit * width / per_example))
     floor = int(np.searchsorted(sizes, need)) + 1

@@ -283,7 +283,7 @@ def sequential_correct(
         for gi, positions, kept_at in per_module[name]:
             parts = collected.inputs.get((gi, name), []) if contributes else []
             pos_t = torch.as_tensor(kept_at, dtype=torch.long)
-            m = collected.stats[(gi, name)].dim
+            m = collected.statistic((gi, name)).dim
             precise = True if exact is None else bool(exact.get(gi, True))
             acc = GramAccumulator(len(kept_at), cross_dim=m, exact=precise, sums=False)
             # a merged batch's input, cut back into the stored batches (views)

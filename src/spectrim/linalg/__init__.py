@@ -5,9 +5,10 @@ Every kernel takes a symmetric PSD Gram matrix ``G = ZᵀZ`` (m×m) of a layer's
 See :mod:`spectrim.calibration` for streaming such Grams out of a model.
 
 * Interpolative decomposition (Paper 2): :func:`id_factorize` → :class:`IDFactorization`,
-  :func:`gram_sqrt`.
+  :func:`gram_sqrt`; from rows or a randomized sketch of them: :func:`id_from_rows`.
 * Reconstruction of all units from kept ones (Papers 1 and 2): :func:`fit_reconstruction`,
-  :func:`fit_cross_reconstruction`, :func:`residual_of`, :func:`cross_residual_of`.
+  :func:`fit_cross_reconstruction`, :func:`fit_rows_reconstruction` (from rows or a
+  sketch), :func:`residual_of`, :func:`cross_residual_of`.
 * Spectra (Paper 1): :func:`gram_spectrum`, :func:`degrees_of_freedom`,
   :func:`ridge_leverage_scores`, :func:`effective_rank`.
 * Errors on new inputs from errors on the calibration rows: :func:`prediction_error_curve`,
@@ -31,12 +32,13 @@ Example::
 """
 
 from spectrim.linalg._validation import default_rtol
-from spectrim.linalg.interpolative import IDFactorization, gram_sqrt, id_factorize
+from spectrim.linalg.interpolative import IDFactorization, gram_sqrt, id_factorize, id_from_rows
 from spectrim.linalg.prediction import optimism, prediction_error_curve
 from spectrim.linalg.reconstruction import (
     cross_residual_of,
     fit_cross_reconstruction,
     fit_reconstruction,
+    fit_rows_reconstruction,
     order_residual_curve,
     residual_of,
 )
@@ -70,10 +72,12 @@ __all__ = [
     "effective_rank",
     "fit_cross_reconstruction",
     "fit_reconstruction",
+    "fit_rows_reconstruction",
     "order_residual_curve",
     "gram_spectrum",
     "gram_sqrt",
     "id_factorize",
+    "id_from_rows",
     "optimism",
     "power_mean",
     "pq_index",

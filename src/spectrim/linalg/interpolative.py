@@ -36,7 +36,7 @@ from scipy.linalg.lapack import dpstrf, dtrcon
 
 from spectrim.linalg._validation import as_gram, check_k, default_rtol
 
-__all__ = ["CHOLESKY_FROM", "IDFactorization", "gram_sqrt", "id_factorize"]
+__all__ = ["CHOLESKY_FROM", "IDFactorization", "gram_sqrt", "id_factorize", "id_from_rows"]
 
 #: ``id_factorize(method="auto")`` uses the pivoted Cholesky from this width on
 CHOLESKY_FROM = 1024
@@ -101,7 +101,9 @@ class IDFactorization:
 
     Attributes:
         perm: pivot order, int64 array of length m (a permutation of ``range(m)``).
-        R: m×m upper-triangular factor (float64); ``|R[i, i]|`` is non-increasing.
+        R: r×m upper-trapezoidal factor (float64), ``r <= m`` (m×m from a Gram; fewer
+            rows from a sketch of ``k < m`` rows, :func:`id_from_rows`: the missing rows
+            are zero); ``|R[i, i]|`` is non-increasing.
         residuals: float64 array of length m+1; ``residuals[k] = ‖Z − Z[:, S_k] T_k‖_F²
             = Σ_{i≥k} ‖R[i, i:]‖²``; ``residuals[m] = 0``.
         total: ``residuals[0] = ‖Z‖_F² = trace(G)`` (up to rounding).
@@ -131,8 +133,8 @@ class IDFactorization:
         m = perm.shape[0]
         if perm.ndim != 1 or not np.array_equal(np.sort(perm), np.arange(m)):
             raise ValueError("perm must be a permutation of range(m)")
-        if R.shape != (m, m):
-            raise ValueError(f"R must have shape ({m}, {m}), got {R.shape}")
+        if R.ndim != 2 or R.shape[1] != m or R.shape[0] > m:
+            raise ValueError(f"R must have shape (r, {m}) with r <= {m}, got {R.shape}")
         if residuals.shape != (m + 1,):
             raise ValueError(f"residuals must have shape ({m + 1},), got {residuals.shape}")
         for arr in (perm, R, residuals):
@@ -193,8 +195,12 @@ class IDFactorization:
         T[np.arange(k), self.perm[:k]] = 1.0
         if k == m:
             return T
-        R11 = self.R[:k, :k]
-        R12 = self.R[:k, k:]
+        R = self.R
+        if k > R.shape[0]:  # more kept units than rows of a sketch: the rest are zero
+            R = np.zeros((k, m))
+            R[: self.R.shape[0]] = self.R
+        R11 = R[:k, :k]
+        R12 = R[:k, k:]
         if float(np.abs(R11[0, 0])) == 0.0:
             # Z == 0 (CPQR puts the largest column first): nothing to interpolate.
             return T
@@ -236,7 +242,7 @@ class IDFactorization:
         norm of the next pivot if ``k`` units are kept. 0 for ``k = m`` or ``Z = 0``. O(1).
         """
         k = check_k(k, self.m)
-        if k == self.m:
+        if k >= self.R.shape[0]:
             return 0.0
         r00 = abs(float(self.R[0, 0]))
         return 0.0 if r00 == 0.0 else abs(float(self.R[k, k])) / r00
@@ -258,13 +264,13 @@ class IDFactorization:
             tol = default_rtol(m)
         elif not (np.isfinite(tol) and tol >= 0):
             raise ValueError(f"tol must be a finite non-negative float, got {tol!r}")
-        if m == 0:
+        if m == 0 or self.R.shape[0] == 0:
             return 0
         d = np.abs(np.diag(self.R))
         if d[0] == 0.0:
             return 0
         small = np.flatnonzero(d <= tol * d[0])
-        return int(small[0]) if small.size else m
+        return int(small[0]) if small.size else len(d)
 
     def smallest_k(self, rel_err: float) -> int:
         """Smallest ``k`` with ``relative_error(k) <= rel_err``. O(m).
@@ -346,4 +352,43 @@ def id_factorize(G: Any, method: str = "auto") -> IDFactorization:
     row_sq = np.einsum("ij,ij->i", R, R)
     residuals = np.zeros(m + 1, dtype=np.float64)
     residuals[:m] = np.cumsum(row_sq[::-1])[::-1]
+    return IDFactorization(perm=perm, R=R, residuals=residuals, total=float(residuals[0]))
+
+
+def id_from_rows(Y: Any) -> IDFactorization:
+    """Interpolative-decomposition factorisation from rows ``Y`` (r×m) of the activations,
+    or of any sketch of them (``Y = ΩZ``, :class:`~spectrim.calibration.sketch.RowSketch`).
+
+    One column-pivoted QR of ``Y`` (LAPACK ``dgeqp3``, O(r·m·min(r, m))): with ``Y = Z`` it
+    is the factorisation :func:`id_factorize` computes from ``ZᵀZ``; with a Gaussian sketch
+    of ``r < m`` rows it is the randomized ID, whose ``R`` has ``r`` rows (the residuals of
+    its first ``r`` pivots are those of the sketch: 0 from ``r`` on).  No Jacobi scaling
+    and no Gram: the condition number is not squared.
+
+    Example::
+
+        >>> import numpy as np
+        >>> Z = np.random.default_rng(0).standard_normal((30, 5))
+        >>> a, b = id_from_rows(Z), id_factorize(Z.T @ Z, "cpqr")
+        >>> bool((a.perm == b.perm).all()), bool(np.allclose(a.residuals, b.residuals))
+        (True, True)
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim != 2:
+        raise ValueError(f"Y must be a 2-D array of rows, got shape {Y.shape}")
+    if not np.all(np.isfinite(Y)):
+        raise ValueError("Y contains non-finite values (NaN or inf)")
+    r, m = Y.shape
+    if m == 0 or r == 0:
+        return IDFactorization(
+            perm=np.arange(m, dtype=np.int64),
+            R=np.zeros((0, m)),
+            residuals=np.zeros(m + 1),
+            total=0.0,
+        )
+    R, perm = scipy.linalg.qr(Y, mode="r", pivoting=True, check_finite=False)
+    R = np.triu(R[: min(r, m)])
+    row_sq = np.einsum("ij,ij->i", R, R)
+    residuals = np.zeros(m + 1, dtype=np.float64)
+    residuals[: len(row_sq)] = np.cumsum(row_sq[::-1])[::-1]
     return IDFactorization(perm=perm, R=R, residuals=residuals, total=float(residuals[0]))

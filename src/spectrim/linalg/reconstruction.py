@@ -58,6 +58,7 @@ __all__ = [
     "cross_residual_of",
     "fit_cross_reconstruction",
     "fit_reconstruction",
+    "fit_rows_reconstruction",
     "residual_of",
 ]
 
@@ -151,6 +152,47 @@ def fit_reconstruction(
     if not np.any(tau):
         B[S, :] = np.eye(k)
     return B
+
+
+def fit_rows_reconstruction(
+    Y: Any, S: Any, ridge: float = 0.0, *, rtol: float | None = None
+) -> tuple[np.ndarray, float]:
+    """:func:`fit_reconstruction` from rows ``Y`` (r×m) instead of their Gram: the ``B``
+    (m×k) minimising ``‖Y − Y[:, S] Bᵀ‖_F² + τ‖B‖_F²``, and that squared residual.
+
+    For a sketch ``Y = ΩZ`` of activations too wide for their Gram
+    (:class:`~spectrim.calibration.sketch.RowSketch`): only ``Y[:, S]ᵀY`` (k×m) and
+    ``Y[:, S]ᵀY[:, S]`` are formed, never an m×m matrix.  Kept units reproduce themselves
+    exactly when ``ridge == 0``; with fewer rows than kept units the fit is the
+    minimum-norm one.  O(r·k·m + k³).
+
+    Example::
+
+        >>> import numpy as np
+        >>> Y = np.random.default_rng(0).standard_normal((40, 6))
+        >>> B, res = fit_rows_reconstruction(Y, [1, 4])
+        >>> bool(np.allclose(B, fit_reconstruction(Y.T @ Y, [1, 4])))
+        True
+        >>> bool(np.isclose(res, ((Y - Y[:, [1, 4]] @ B.T) ** 2).sum()))
+        True
+    """
+    Y = as_float_matrix(Y, "Y")
+    m = Y.shape[1]
+    S = as_index_set(S, m, "S")
+    k = S.size
+    if not (np.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite non-negative float, got {ridge!r}")
+    if rtol is None:
+        rtol = default_rtol(k)
+    if k == 0:
+        return np.zeros((m, 0), dtype=np.float64), float(np.sum(Y * Y))
+    YS = Y[:, S]
+    Bt = _solve_gram_system(YS.T @ YS + ridge * np.eye(k), YS.T @ Y, rtol)
+    B = np.ascontiguousarray(Bt.T)
+    if ridge == 0:
+        B[S, :] = np.eye(k)
+    E = Y - YS @ B.T
+    return B, float(np.sum(E * E))
 
 
 def fit_cross_reconstruction(

@@ -26,6 +26,7 @@ import numpy as np
 from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.calibration.sketch import RowSketch
 from spectrim.context import RunContext
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.surgery import GroupPlan
@@ -154,6 +155,9 @@ class Method(ABC):
     #: ``"channel"`` (a solver per unit group) or ``"weight"`` (a plan per weight matrix)
     kind: ClassVar[str] = "channel"
     needs_statistics: ClassVar[bool] = True
+    #: selects from randomized sketches of wide groups' activations (:meth:`sketch_solver`)
+    #: when their exact Grams exceed the run's ``stats_memory``
+    sketches: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -174,6 +178,17 @@ class Method(ABC):
         model: nn.Module,
     ) -> GroupSolver:
         """Solver for ``group``; ``stats`` maps consumer module name to its Gram."""
+
+    def sketch_solver(
+        self, group: UnitGroup, sketches: Mapping[str, RowSketch], model: nn.Module
+    ) -> GroupSolver:
+        """Solver for a group too wide for its Grams: ``sketches`` maps consumer module
+        name to a randomized sketch of its inputs (:mod:`spectrim.calibration.sketch`).
+        Methods that set ``sketches = True`` override it."""
+        raise ValueError(
+            f"method '{self.name}' needs the exact Grams of unit group '{group.name}' "
+            f"({group.width} units); raise stats_memory or use method='id'"
+        )
 
     def head_solver(
         self, block: AttentionBlock, gram: np.ndarray | None, model: nn.Module

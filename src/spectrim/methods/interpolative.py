@@ -17,16 +17,23 @@ import numpy as np
 from torch import nn
 
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.calibration.sketch import RowSketch
 from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.stream import ResidualStream
 from spectrim.graph.surgery import GroupPlan
-from spectrim.linalg import fit_reconstruction, id_factorize, residual_of
+from spectrim.linalg import (
+    fit_reconstruction,
+    fit_rows_reconstruction,
+    id_factorize,
+    id_from_rows,
+    residual_of,
+)
 from spectrim.methods.base import GroupSolver, Method, register_method
 from spectrim.methods.heads import HeadSolver, greedy_solver
 from spectrim.methods.stream import StreamSolver
 
-__all__ = ["IDMethod", "IDSolver"]
+__all__ = ["IDMethod", "IDSolver", "SketchIDSolver"]
 
 
 class IDSolver(GroupSolver):
@@ -67,6 +74,67 @@ class IDSolver(GroupSolver):
         return out
 
 
+class SketchIDSolver(GroupSolver):
+    """The randomized ID of a group too wide for its Grams, from Gaussian sketches
+    ``Y_c = Ω_c Z_c`` (k×m) of its consumers' inputs (:mod:`spectrim.calibration.sketch`).
+
+    One column-pivoted QR of the stacked sketches ``[Y_1; …; Y_C]`` (``C·k`` rows, whose
+    Gram estimates ``Σ_c Z_cᵀZ_c`` without bias) gives the order; each consumer's
+    correction is fitted on its own sketch (:func:`~spectrim.linalg.fit_rows_reconstruction`)
+    and, in the sequential pass (the default), refitted on exact statistics of the kept
+    units, which are small.
+
+    The error curve: the pivots are chosen to fit ``r = C·k`` random mixtures of the rows,
+    which they fit better than the rows themselves, like a least-squares fit of ``j``
+    predictors on ``r`` rows: the sketch's residual after ``j`` pivots is multiplied by
+    ``r / (r − j)`` (the expected in-sample residual of least squares with a Gaussian
+    design is ``σ²(r − j)``, against ``σ²r`` for the whole population).  That holds while
+    ``j ≤ r/2``; wider widths are not judged by the sketch, and their error is the chord
+    from the value at ``r/2`` to 0 at full width (above the true curve where it is convex,
+    so the allocator leans to widths the sketch can judge).
+    """
+
+    least_squares_curve = True
+
+    def __init__(self, group: UnitGroup, sketches: Mapping[str, np.ndarray], ridge: float = 0.0):
+        if not sketches:
+            raise ValueError(f"unit group '{group.name}' has no consumer statistics")
+        self.group = group
+        self.sketches = dict(sketches)
+        self.ridge = ridge
+        Y = np.vstack(list(self.sketches.values()))
+        self.rows = int(Y.shape[0])
+        self.factorization = fac = id_from_rows(Y)
+        m, r = fac.m, self.rows
+        e = fac.residuals / fac.total if fac.total > 0 else np.zeros(m + 1)
+        last = min(r // 2, m)  # the widest width the sketch judges
+        j = np.arange(last + 1)
+        curve = np.zeros(m + 1)
+        curve[: last + 1] = e[: last + 1] * r / (r - j)
+        tail = np.arange(last, m + 1)
+        curve[last:] = curve[last] * (m - tail) / max(m - last, 1)
+        self._curve = np.maximum.accumulate(curve[::-1])[::-1]
+
+    def error_curve(self) -> np.ndarray:
+        return self._curve
+
+    def plan(self, k: int) -> GroupPlan:
+        S = np.sort(self.factorization.selected(k))
+        folds = {}
+        for name, Y in self.sketches.items():
+            tau = self.ridge * float(np.sum(Y * Y)) / max(Y.shape[1], 1)
+            folds[name] = fit_rows_reconstruction(Y, S, ridge=tau)[0]
+        return GroupPlan(keep=S, folds=folds)
+
+    def reconstruction_errors(self, plan: GroupPlan) -> dict[str, float]:
+        out = {}
+        for name, Y in self.sketches.items():
+            t = float(np.sum(Y * Y))
+            E = Y - Y[:, plan.keep] @ plan.folds[name].T
+            out[name] = float(np.sqrt(np.sum(E * E) / t)) if t > 0 else 0.0
+        return out
+
+
 @register_method("id")
 class IDMethod(Method):
     """Interpolative decomposition with the correction folded into every consumer.
@@ -77,6 +145,7 @@ class IDMethod(Method):
     """
 
     needs_statistics = True
+    sketches = True
 
     def __init__(self, ridge: float = 0.0, **options: Any) -> None:
         super().__init__(**options)
@@ -89,6 +158,12 @@ class IDMethod(Method):
     ) -> GroupSolver:
         grams = {name: acc.gram_numpy() for name, acc in stats.items()}
         return IDSolver(group, grams, self.ridge)
+
+    def sketch_solver(
+        self, group: UnitGroup, sketches: Mapping[str, RowSketch], model: nn.Module
+    ) -> GroupSolver:
+        """The randomized ID from sketches of the consumers' inputs (:class:`SketchIDSolver`)."""
+        return SketchIDSolver(group, {n: s.sketch_numpy() for n, s in sketches.items()}, self.ridge)
 
     def head_solver(
         self, block: AttentionBlock, gram: np.ndarray | None, model: nn.Module
