@@ -15,6 +15,18 @@ Parts (``--parts``, default all that the machine can run):
 * ``device``: the same ResNet-56 run and the widest MLP on the CPU and with
   ``device="cuda"`` (only where CUDA is available), in the same run: seconds, peak GPU
   memory, and the agreement of the two compressed models' predictions.
+* ``sketch``: the randomized path for wide layers (``stats_memory``): the same wide MLP
+  compressed with exact Grams and with budgets of a half, a quarter and an eighth of them
+  (each 1024+-wide group then selected from a sketch of ``m/2``, ``m/4``, ``m/8`` rows),
+  each in a fresh process (seconds, peak RSS, output error, widths); and, on the
+  activations of the MLP's first wide layer, the units a sketch of ``k`` rows picks
+  (``SketchIDSolver``'s order) against the exact ID's: their overlap and the exact
+  least-squares error of reconstructing the layer from each set.
+* ``blocks``: the sequential corrections block by block (``blockwise=True``) against the
+  whole-model pass, each in a fresh process: the pretrained CIFAR-10 ResNet-56 (``id``,
+  ``macs=0.5``, 1000 images, fitted on all of them) and the real all-MiniLM-L6-v2 (``id``,
+  half of every FFN, ``--minilm-calib`` seeded sts-train sentences, fitted on all):
+  seconds, peak RSS, and the largest difference between the two results' outputs.
 * ``factor``: the factorisations of an m × m Gram: SciPy's pivoted QR (``id``) and
   ``eigh`` (``spectral``) on the host with one BLAS thread and with all, and
   ``torch.linalg.eigh`` on the GPU (with the transfer), for m in ``--factor-widths``.
@@ -44,7 +56,7 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("wide", "procs", "device", "factor")
+PARTS = ("wide", "procs", "device", "sketch", "blocks", "factor")
 
 
 def _wide_model(m: int, seed: int = 0) -> nn.Module:
@@ -136,6 +148,226 @@ def part_wide(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"{row['peak_rss_bytes'] / 2**20:.0f} MiB, output error {row['output_rel_error']:.3f}",
                 flush=True,
             )
+    return rows
+
+
+# ------------------------------------------------------------------ sketches of wide layers
+
+
+def sketch_one(m: int, n: int, share: float) -> dict[str, Any]:
+    """The wide MLP with ``stats_memory`` = ``share`` of its exact Grams (1: exact)."""
+    import spectrim
+
+    model = _wide_model(m)
+    batches = list(_wide_inputs(n).split(256))
+    exact_bytes = 2 * 8 * m * m  # two wide groups, one consumer each (the output is pinned)
+    budget = int(share * exact_bytes) if share < 1 else 1 << 40
+    t = time.perf_counter()
+    small, report = spectrim.compress(model, batches, "id", "macs=0.5", stats_memory=budget)
+    total = time.perf_counter() - t
+    with torch.no_grad():
+        x = _wide_inputs(1024, seed=7)
+        ref, got = model(x), small(x)
+    wide = [g for g in report.groups if g.width_before == m]
+    return {
+        "m": m,
+        "n": n,
+        "stats_memory": budget,
+        "share_of_exact": share,
+        "sketch_rows": [g.sketch_rows for g in wide],
+        "widths": [g.width_after for g in wide],
+        "compress_s": total,
+        "timings": {k: round(v, 4) for k, v in report.timings.items()},
+        "macs_ratio": report.macs_ratio,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "output_rel_error": float((got - ref).norm() / ref.norm()),
+    }
+
+
+def sketch_selection(m: int, n: int, seeds: int = 3) -> list[dict[str, Any]]:
+    """The units a sketch of k rows picks against the exact ID's, on the first wide
+    layer's activations: overlap, and the exact least-squares error of each set."""
+    from spectrim.calibration.sketch import RowSketch
+    from spectrim.graph.channels import UnitGroup
+    from spectrim.linalg import fit_reconstruction, id_factorize, residual_of
+    from spectrim.methods.interpolative import SketchIDSolver
+
+    model = _wide_model(m)
+    with torch.no_grad():
+        z = model[1](model[0](_wide_inputs(n))).double()
+    G = (z.T @ z).numpy()
+    t = time.perf_counter()
+    exact = id_factorize(G)
+    exact_s = time.perf_counter() - t
+    trace = float(np.trace(G))
+
+    def err(S: np.ndarray) -> float:
+        return float(np.sqrt(residual_of(G, S, fit_reconstruction(G, S)) / trace))
+
+    rows = []
+    for rows_share in (0.5, 0.25, 0.125):
+        k = int(m * rows_share)
+        for keep_share in (0.0625, 0.125, 0.25, 0.5, 0.75):
+            j = int(m * keep_share)
+            S0 = np.sort(exact.selected(j))
+            e0 = err(S0)
+            overlaps, ratios, secs = [], [], []
+            for seed in range(seeds):
+                sk = RowSketch(m, k, seed=seed)
+                for i, b in enumerate(z.float().split(256)):
+                    sk.begin(i)
+                    sk.update(b)
+                t = time.perf_counter()
+                group = UnitGroup(0, "layer", np.arange(m), ["0"], [], [])
+                solver = SketchIDSolver(group, {"1": sk.sketch_numpy()}, 0.0, sk.energies_numpy())
+                secs.append(time.perf_counter() - t)
+                S = np.sort(solver.order[:j])
+                overlaps.append(len(np.intersect1d(S, S0)) / j)
+                ratios.append(err(S) / e0 if e0 > 0 else 1.0)
+            rows.append({
+                "m": m, "n": n, "sketch_rows": k, "kept": j, "exact_error": e0,
+                "sketch_error_ratio_mean": float(np.mean(ratios)),
+                "sketch_error_ratio_max": float(np.max(ratios)),
+                "overlap_mean": float(np.mean(overlaps)),
+                "factor_s_exact": exact_s, "factor_s_sketch": float(np.mean(secs)),
+            })  # fmt: skip
+            r = rows[-1]
+            print(
+                f"selection m={m} k={k:5d} kept={j:5d}: exact error {e0:.4f}, sketch "
+                f"x{r['sketch_error_ratio_mean']:.3f} (worst x{r['sketch_error_ratio_max']:.3f}), "
+                f"overlap {r['overlap_mean']:.2f}, factor {exact_s:.2f} s vs "
+                f"{r['factor_s_sketch']:.2f} s",
+                flush=True,
+            )
+    return rows
+
+
+def part_sketch(args: argparse.Namespace) -> dict[str, Any]:
+    runs = []
+    for m in args.sketch_widths:
+        for share in (1.0, 0.5, 0.25, 0.125):
+            cmd = [sys.executable, __file__, "--sketch-one", str(m), str(args.sketch_rows),
+                   str(share), "--threads", str(args.threads)]  # fmt: skip
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                runs.append({"m": m, "share_of_exact": share, "error": res.stderr[-2000:]})
+                print(runs[-1], flush=True)
+                continue
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            runs.append(row)
+            print(
+                f"sketch m={m:5d} stats_memory={share:5.3f} of exact (rows {row['sketch_rows']}): "
+                f"compress {row['compress_s']:.1f} s (statistics "
+                f"{row['timings'].get('statistics', 0):.2f} s, selection "
+                f"{row['timings'].get('selection', 0):.2f} s, apply "
+                f"{row['timings'].get('apply', 0):.2f} s), peak RSS "
+                f"{row['peak_rss_bytes'] / 2**20:.0f} MiB, widths {row['widths']}, "
+                f"output error {row['output_rel_error']:.4f}",
+                flush=True,
+            )
+    selection = [r for m in args.sketch_widths for r in sketch_selection(m, args.sketch_rows)]
+    return {"runs": runs, "selection": selection}
+
+
+# ------------------------------------------------------------------ block by block
+
+
+def _minilm(
+    calib: int,
+) -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """The real all-MiniLM-L6-v2, ``calib`` seeded sts-train sentences in padded batches
+    of 32, and 4 batches of sts-test sentences to compare outputs on."""
+    sys.path.insert(0, str(HERE))
+    from sparsify_minilm import load_minilm, pick_sentences, read_sts
+
+    root = Path(os.environ.get("SPECTRIM_DATA", HERE.parents[1] / "shared" / "data"))
+    model, tok, pool = load_minilm(root)
+    sents = pick_sentences(pool, calib, "random")
+    batches = [
+        dict(tok(sents[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, calib, 32)
+    ]
+    pairs, _ = read_sts(root / "stsbenchmark" / "sts-test.csv")
+    test = [a for a, _ in pairs[:128]]
+    held = [
+        dict(tok(test[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, 128, 32)
+    ]
+    return model, batches, held
+
+
+def blocks_one(which: str, blockwise: bool, calib: int, out: str) -> dict[str, Any]:
+    """One model compressed with the whole-model or the block-by-block sequential pass;
+    its outputs on held-out inputs saved to ``out``."""
+    import spectrim
+
+    if which == "resnet56":
+        from spectrim.zoo import load_dataset, load_pretrained
+
+        model = load_pretrained("resnet56-cifar10").eval()
+        batches = _resnet_batches(calib)
+        held: list[Any] = list(load_dataset("cifar10", "test", limit=256).tensors[0].split(64))
+        target = "macs=0.5"
+    else:
+        model, batches, held = _minilm(calib)
+        target = "width=0.5"
+    t = time.perf_counter()
+    small, report = spectrim.compress(
+        model, batches, "id", target, sequential_fraction=1.0, blockwise=blockwise
+    )
+    total = time.perf_counter() - t
+    with torch.no_grad():
+        outs = [
+            small(b) if isinstance(b, torch.Tensor) else small(**b).last_hidden_state for b in held
+        ]
+    torch.save(outs, out)
+    return {
+        "model": which,
+        "blockwise": blockwise,
+        "calibration": calib,
+        "fitted_examples": report.fitted_examples,
+        "compress_s": total,
+        "timings": {k: round(v, 4) for k, v in report.timings.items()},
+        "macs_ratio": report.macs_ratio,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "warnings": [w for w in report.warnings if "blockwise" in w],
+    }
+
+
+def part_blocks(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for which, calib in (("resnet56", args.calib), ("minilm", args.minilm_calib)):
+            outs = {}
+            for blockwise in (False, True):
+                path = str(Path(tmp) / f"{which}-{blockwise}.pt")
+                cmd = [sys.executable, __file__, "--blocks-one", which, str(int(blockwise)),
+                       str(calib), path, "--threads", str(args.threads)]  # fmt: skip
+                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if res.returncode != 0:
+                    rows.append(
+                        {"model": which, "blockwise": blockwise, "error": res.stderr[-2000:]}
+                    )
+                    print(rows[-1], flush=True)
+                    continue
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+                outs[blockwise] = torch.load(path)
+                rows.append(row)
+                print(
+                    f"{which} {'block by block' if blockwise else 'whole model'}: compress "
+                    f"{row['compress_s']:.1f} s (apply {row['timings'].get('apply', 0):.2f} s), "
+                    f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB, fitted on "
+                    f"{row['fitted_examples']} {row['warnings']}",
+                    flush=True,
+                )
+            if len(outs) == 2:
+                diff = max(
+                    float((a - b).abs().max() / a.abs().max())
+                    for a, b in zip(outs[False], outs[True])
+                )
+                rows[-1]["max_rel_output_difference"] = diff
+                print(
+                    f"{which}: outputs differ by at most {diff:.2e} of their largest value",
+                    flush=True,
+                )
     return rows
 
 
@@ -312,12 +544,25 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
+    ap.add_argument("--sketch-widths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--sketch-rows", type=int, default=16384, help="calibration rows")
     ap.add_argument("--wide-one", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--sketch-one", nargs=3, type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--minilm-calib", type=int, default=1024, help="MiniLM sentences (blocks)")
+    ap.add_argument("--blocks-one", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--procs-worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.wide_one:
         print(json.dumps(wide_one(*args.wide_one)))
+        return
+    if args.sketch_one:
+        m, n, share = args.sketch_one
+        print(json.dumps(sketch_one(int(m), int(n), share)))
+        return
+    if args.blocks_one:
+        which, bw, calib, out = args.blocks_one
+        print(json.dumps(blocks_one(which, bool(int(bw)), int(calib), out)))
         return
     if args.procs_worker:
         r, w, init, out, calib = args.procs_worker
@@ -334,7 +579,14 @@ def main() -> None:
         },
         "command": " ".join(sys.argv),
     }
-    parts = {"wide": part_wide, "procs": part_procs, "device": part_device, "factor": part_factor}
+    parts = {
+        "wide": part_wide,
+        "procs": part_procs,
+        "device": part_device,
+        "sketch": part_sketch,
+        "blocks": part_blocks,
+        "factor": part_factor,
+    }
     for name in args.parts:
         result[name] = parts[name](args)
     path = Path(args.out)

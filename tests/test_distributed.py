@@ -69,7 +69,9 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
     return worst
 
 
-@pytest.mark.parametrize("scenario", ["id", "obs", "heads", "heads-budget", "hidden", "sketch"])
+@pytest.mark.parametrize(
+    "scenario", ["id", "obs", "heads", "heads-budget", "hidden", "sketch", "blocks"]
+)
 def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path) -> None:
     """Two gloo processes, each with half the batches, keep the same channels or heads
     (every shape equal) or the same non-zeros, with weights equal to 1e-10, as one process
@@ -100,6 +102,9 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
         assert rows == [g["sketch_rows"] for g in r2["groups"]]
         assert rows.count(32) == 3 and rows.count(None) == len(rows) - 3
         assert r1["macs_after"] / r1["macs_before"] <= 0.51
+    elif scenario == "blocks":
+        assert r1["blocks"] == r2["blocks"] == 9
+        assert r2["fitted_examples"] == r1["fitted_examples"] == 32
     elif scenario == "id":
         assert r2["fitted_examples"] == r1["fitted_examples"] == 32
         widths = [(g["name"], g["width_after"]) for g in r1["groups"]]

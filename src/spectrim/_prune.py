@@ -41,6 +41,7 @@ from spectrim.budget import (
     dof_widths,
 )
 from spectrim.calibration import Collected, collect
+from spectrim.calibration.blocks import blockwise_correct, find_chain, plan_blocks
 from spectrim.calibration.checks import CalibrationInfo, rows_per_group
 from spectrim.calibration.sequential import sequential_correct
 from spectrim.calibration.sketch import default_stats_memory, plan_sketches, sketch_groups_message
@@ -113,6 +114,8 @@ class ChannelRun:
     stream: ResidualStream | None = None
     stream_gram: np.ndarray | None = None
     stream_solver: StreamSolver | None = None
+    #: ``blockwise=True``: the chain of blocks the sequential pass runs on (empty: none)
+    chain: list[str] = field(default_factory=list)
 
     @property
     def sequential(self) -> bool:
@@ -221,6 +224,8 @@ def collect_stage(state: ChannelRun) -> None:
     if method.needs_statistics and groups:
         share = cfg.sequential_fraction if state.sequential else 0.0
         sketch_rows = _sketch_plan(state)
+        if cfg.blockwise and state.sequential:
+            state.chain = _chain(state)
         state.collected = collect(
             work,
             analysis,
@@ -232,6 +237,7 @@ def collect_stage(state: ChannelRun) -> None:
             team=state.ctx.team,
             sketch_rows=sketch_rows,
             seed=state.ctx.seed,
+            keep_inputs=not state.chain,
         )
         # every rank's statistics summed: each now holds the whole calibration set's
         state.ctx.team.reduce({**state.collected.stats, **state.collected.sketches})
@@ -241,6 +247,27 @@ def collect_stage(state: ChannelRun) -> None:
         _collect_heads(state)
     if cfg.hidden:
         _collect_hidden(state)
+
+
+def _chain(state: ChannelRun) -> list[str]:
+    """``blockwise=True``: the model's chain of blocks, if the block-by-block pass can run
+    every group's fits in it (else a warning and the whole-model pass)."""
+    assert state.analysis is not None
+    why = ""
+    if state.cfg.heads or state.cfg.hidden:
+        why = "heads and the hidden width have their own passes"
+    chain = [] if why else find_chain(state.work, state.example)
+    if not why and not chain:
+        why = "spectrim found no chain of blocks (layers each fed the previous one's output)"
+    if not why:
+        plan = plan_blocks(chain, state.analysis, {g.index: None for g in state.groups})
+        why = plan if isinstance(plan, str) else ""
+    if why:
+        state.report.warnings.append(
+            f"blockwise=True: {why}; the corrections were fitted by the whole-model pass"
+        )
+        return []
+    return chain
 
 
 def _sketch_plan(state: ChannelRun) -> dict[int, int]:
@@ -499,17 +526,33 @@ def apply_stage(state: ChannelRun) -> None:
         if not stored:  # a rank that stored none still runs the pass, adding no rows
             stored = state.batches[:1]
         state.report.fitted_examples = int(state.ctx.team.total(fitted))
-        folds, state.seq_errors = sequential_correct(
-            state.work,
-            analysis,
-            stored,
-            keep,
-            collected,
-            exact=exact,
-            channels_last=state.channels_last,
-            refit=refits,
-            team=state.ctx.team,
-        )
+        if state.chain:
+            plan = plan_blocks(state.chain, analysis, keep)
+            assert not isinstance(plan, str)  # checked on all groups before collecting
+            state.report.blocks = len(plan.blocks)
+            folds, state.seq_errors = blockwise_correct(
+                state.work,
+                analysis,
+                stored,
+                keep,
+                plan,
+                contributes=collected.n_stored > 0,
+                exact=exact,
+                refit=refits,
+                team=state.ctx.team,
+            )
+        else:
+            folds, state.seq_errors = sequential_correct(
+                state.work,
+                analysis,
+                stored,
+                keep,
+                collected,
+                exact=exact,
+                channels_last=state.channels_last,
+                refit=refits,
+                team=state.ctx.team,
+            )
         for gi, f in folds.items():
             plans[gi].folds = f
     else:

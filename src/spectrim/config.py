@@ -202,6 +202,12 @@ class CompressConfig:
             group of ``m`` units; when they would not fit, ``id`` selects the widest groups
             from randomized sketches of their activations instead
             (:mod:`spectrim.calibration.sketch`, listed in the report's warnings).
+        blockwise: run the sequential corrections block by block (transformer layers,
+            residual blocks) from a cache of each block's inputs, so their memory is one
+            block's, not the whole model's (:mod:`spectrim.calibration.blocks`; the same
+            fits).  Models with no chain of blocks spectrim finds, or a pruned group that
+            reaches outside it, or ``heads``/``hidden`` on the budget, get the whole-model
+            pass and a warning.
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 
@@ -219,6 +225,7 @@ class CompressConfig:
     heads: bool = False
     hidden: bool = False
     stats_memory: int | str | None = None
+    blockwise: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -83,6 +83,9 @@ class CompressionReport:
     timings: dict[str, float] = field(default_factory=dict)
     calibration_rows: int = 0
     fitted_examples: int = 0
+    blocks: int = 0
+    """blocks the sequential corrections ran through one at a time (``blockwise=True``;
+    0: the whole model at once)"""
     groups: list[GroupReport] = field(default_factory=list)
     matrices: list[MatrixReport] = field(default_factory=list)
     nonzeros_before: int = 0
@@ -197,6 +200,7 @@ def merge_reports(
         },
         calibration_rows=first.calibration_rows,
         fitted_examples=first.fitted_examples,
+        blocks=first.blocks,
         groups=first.groups or second.groups,
         matrices=second.matrices or first.matrices,
         nonzeros_before=second.nonzeros_before if nonzeros_before is None else nonzeros_before,

@@ -413,7 +413,12 @@ def test_compress_one_shot_and_fraction_flags(
     model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     reports = {}
-    for flags in (["--one-shot"], ["--sequential-fraction", "0.5"]):
+    for flags in (
+        ["--one-shot"],
+        ["--sequential-fraction", "0.5"],
+        ["--stats-memory", "3MiB"],
+        ["--blockwise"],
+    ):
         json_path = tmp_path / "r.json"
         code, _, err = _run(
             capsys,
@@ -439,6 +444,14 @@ def test_compress_one_shot_and_fraction_flags(
     assert reports["--one-shot"]["sequential"] is False
     assert reports["--sequential-fraction"]["sequential"] is True
     assert reports["--sequential-fraction"]["sequential_fraction"] == 0.5
+    assert reports["--stats-memory"]["stats_memory"] == "3MiB"
+    assert reports["--blockwise"]["blockwise"] is True
+    code, _, err = _run(
+        capsys, "compress", "--model", str(model_files["pickle"]), "--trust-pickle",
+        "--data", "digits", "--calib", "64", "--out", str(tmp_path / "bad"),
+        "--stats-memory", "lots",
+    )  # fmt: skip
+    assert code == 2 and "memory size 'lots'" in err
 
 
 def test_compress_method_options_reach_the_method(

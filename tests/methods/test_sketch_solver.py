@@ -21,8 +21,9 @@ def _activations(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
 
 @pytest.mark.parametrize("consumers", [1, 2])
 def test_the_curve_estimates_the_error_of_the_units_it_picks(consumers: int) -> None:
-    """Up to half the sketch rows, the curve is within a factor 1.6 of the true
-    least-squares error of reconstructing the activations from the picked units."""
+    """Up to 0.8 of the sketch rows the curve is within 30% of the true least-squares
+    error of reconstructing the activations from the units it picks; beyond (a power-law
+    extrapolation) within 50%."""
     rng = np.random.default_rng(consumers)
     m, n, k = 300, 3000, 120
     Zs = [_activations(rng, n, m) for _ in range(consumers)]
@@ -34,15 +35,17 @@ def test_the_curve_estimates_the_error_of_the_units_it_picks(consumers: int) -> 
     Z = np.vstack(Zs)
     total = float((Z**2).sum())
     r = consumers * k
-    for j in (5, 20, 60, r // 2):
+    for j, tol in (
+        (5, 1.3),
+        (20, 1.3),
+        (r // 2, 1.3),
+        (int(0.9 * r), 1.5),
+        (min(r + 60, 280), 1.5),
+    ):
         S = solver.factorization.selected(j)
         B = np.linalg.lstsq(Z[:, S], Z, rcond=None)[0]
         true = float(((Z - Z[:, S] @ B) ** 2).sum()) / total
-        assert 1 / 1.6 < curve[j] / true < 1.6, (j, curve[j], true)
-    # beyond what the sketch judges: above the truth (the chord of a convex curve)
-    S = solver.factorization.selected(200)
-    B = np.linalg.lstsq(Z[:, S], Z, rcond=None)[0]
-    assert curve[200] >= float(((Z - Z[:, S] @ B) ** 2).sum()) / total
+        assert 1 / tol < curve[j] / true < tol, (j, curve[j], true)
 
 
 def test_plans_keep_their_units_and_fit_each_consumer_on_its_own_sketch() -> None:
@@ -59,3 +62,16 @@ def test_plans_keep_their_units_and_fit_each_consumer_on_its_own_sketch() -> Non
         np.testing.assert_allclose(B, brute, atol=1e-8)
     errs = solver.reconstruction_errors(plan)
     assert set(errs) == {"a", "b"} and all(0 < e < 1 for e in errs.values())
+
+
+def test_beyond_the_judged_pivots_units_follow_their_energy() -> None:
+    rng = np.random.default_rng(4)
+    Z = _activations(rng, 2000, 100)
+    energies = (Z**2).sum(0)
+    solver = SketchIDSolver(_group(100), {"c": rng.standard_normal((20, 2000)) @ Z}, 0.0, energies)
+    judged = 16  # 0.8 of the 20 rows
+    np.testing.assert_array_equal(solver.order[:judged], solver.factorization.perm[:judged])
+    tail = solver.order[judged:]
+    assert sorted(tail) == sorted(solver.factorization.perm[judged:])
+    assert np.all(np.diff(energies[tail]) <= 0)
+    assert list(solver.plan(40).keep) == sorted(solver.order[:40])

@@ -122,6 +122,7 @@ def collect(
     team: Team = SOLO,
     sketch_rows: Mapping[int, int] | None = None,
     seed: int = 0,
+    keep_inputs: bool = True,
 ) -> Collected:
     """Accumulate ``ZᵀZ`` of each group's channels at each of its consumers' inputs, and
     keep the inputs themselves for a leading share of the batches.
@@ -151,6 +152,9 @@ def collect(
         sketch_rows: group index → rows of a randomized sketch kept instead of its Grams
             (:func:`~spectrim.calibration.sketch.plan_sketches`); each batch's ``Ω`` is
             seeded by ``seed`` and the batch's index in the whole calibration set.
+        keep_inputs: with ``False`` the stored share is decided as above (``n_stored``)
+            but no input is kept past the first batch (the block-by-block pass,
+            :mod:`spectrim.calibration.blocks`, measures them itself, a block at a time).
     """
     modules = dict(model.named_modules())
     out = Collected(stats={})
@@ -177,6 +181,7 @@ def collect(
     # stored: the batches whose index in the whole calibration set is below n_store
     n_store = [len(lengths) if store_fraction > 0 else 0]
     batch_index = [0]
+    stop_storing = [False]
     stored_now: set[str] = set()
     # identical inputs read by several consumers (inception branches) share the products;
     # a weak reference, so that each activation is freed as early as in a plain forward
@@ -191,7 +196,9 @@ def collect(
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             src = args[0]  # the shared object (a detached alias would be new per call)
             x = src.detach()
-            store = mine[batch_index[0]] < n_store[0] and name not in stored_now
+            store = (
+                not stop_storing[0] and mine[batch_index[0]] < n_store[0] and name not in stored_now
+            )
             stored_now.add(name)
             xcd = input_channel_axis(module, x)
             # padded token positions never reach the statistics (nor the stored inputs)
@@ -236,8 +243,10 @@ def collect(
                 if i == 0 and store_fraction > 0:
                     n = _stored_batches(out, sizes, store_fraction, min_rows_per_unit)
                     n_store[0] = team.broadcast(n)  # rank 0 holds the first batch: its call
-                    if mine[0] >= n_store[0]:  # this rank's first batch is not stored
+                    if mine[0] >= n_store[0] or not keep_inputs:  # nothing more to keep
                         out.inputs.clear()
+                    if not keep_inputs:
+                        stop_storing[0] = True
     finally:
         for h in handles:
             h.remove()

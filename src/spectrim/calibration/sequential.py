@@ -22,6 +22,7 @@ consumer input), which amortises per-call costs; the caller may also run the pas
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -120,6 +121,8 @@ def _run_lockstep(
     batches: list[Any],
     names: list[str],
     fold: Callable[[str, nn.Module, list[torch.Tensor]], None],
+    runner: Callable[[Any], Any] | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> None:
     """Run every batch's forward pass, pausing all of them at each consumer in ``names``.
 
@@ -129,7 +132,8 @@ def _run_lockstep(
     flowing as one batch, but computed in the original mini-batches.
     """
     modules = dict(model.named_modules())
-    masks = [token_mask(b) for b in batches]
+    masks = list(masks) if masks is not None else [token_mask(b) for b in batches]
+    call = runner if runner is not None else functools.partial(call_model, model)
 
     def real(i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Batch ``i``'s input without its padded positions, as the statistics saw it."""
@@ -149,7 +153,7 @@ def _run_lockstep(
         handles = [modules[n].register_forward_pre_hook(hook1(n)) for n in names]
         try:
             with torch.no_grad():
-                call_model(model, batches[0])
+                call(batches[0])
         finally:
             for hd in handles:
                 hd.remove()
@@ -168,9 +172,9 @@ def _run_lockstep(
 
         return h
 
-    def runner(batch: Any) -> Callable[[], tuple[str]]:
+    def task(batch: Any) -> Callable[[], tuple[str]]:
         def run() -> tuple[str]:
-            call_model(model, batch)
+            call(batch)
             return ("done",)
 
         return run
@@ -179,7 +183,7 @@ def _run_lockstep(
     grad = torch.is_grad_enabled()
     torch.set_grad_enabled(False)  # greenlet-safe: no nested context managers
     try:
-        lets = [greenlet(runner(b)) for b in batches]
+        lets = [greenlet(task(b)) for b in batches]
         states = [g.switch() for g in lets]
         while True:
             parked = [i for i, st in enumerate(states) if st[0] == "park"]
@@ -211,6 +215,8 @@ def sequential_correct(
     channels_last: bool = False,
     refit: Mapping[int, Refit] | None = None,
     team: Team = SOLO,
+    runner: Callable[[Any], Any] | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -242,6 +248,10 @@ def sequential_correct(
             fit's products are summed over them before the fit (:mod:`spectrim.distributed`).
             A rank that stored none passes ``batches`` of one batch and ``collected``
             without inputs: it runs the pass for its order of fits and adds no rows.
+        runner: runs one item of ``batches`` through the (compressed) model; default
+            :func:`~spectrim.graph.trace.call_model`.  The block-by-block pass
+            (:mod:`spectrim.calibration.blocks`) runs one block on cached inputs with it.
+        masks: each batch's real token positions (default: from the batches themselves).
 
     Returns:
         ``folds[group][consumer] = B`` and the relative error of each fit.
@@ -283,7 +293,7 @@ def sequential_correct(
         for gi, positions, kept_at in per_module[name]:
             parts = collected.inputs.get((gi, name), []) if contributes else []
             pos_t = torch.as_tensor(kept_at, dtype=torch.long)
-            m = collected.statistic((gi, name)).dim
+            m = analysis.groups[gi].width
             precise = True if exact is None else bool(exact.get(gi, True))
             acc = GramAccumulator(len(kept_at), cross_dim=m, exact=precise, sums=False)
             # a merged batch's input, cut back into the stored batches (views)
@@ -353,7 +363,9 @@ def sequential_correct(
         for parts in collected.inputs.values()
     )
     groups = (
-        merge_batches(batches, per_example) if batch_major else [[i] for i in range(len(batches))]
+        merge_batches(batches, per_example)
+        if batch_major and runner is None
+        else [[i] for i in range(len(batches))]
     )
     run = [batches[g[0]] if len(g) == 1 else torch.cat([batches[i] for i in g]) for g in groups]
     if channels_last:
@@ -361,7 +373,7 @@ def sequential_correct(
     # how each consumer input splits into the stored batches: a single batch whole (its
     # first axis need not be the batch), a merged one along the batch axis
     run_sizes = [None if len(g) == 1 else [batch_len(batches[i]) for i in g] for g in groups]
-    _run_lockstep(model, run, list(per_module), fold)
+    _run_lockstep(model, run, list(per_module), fold, runner, masks)
     missing = sorted(set(per_module) - done)
     if missing:
         raise RuntimeError(

@@ -281,6 +281,8 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         sequential_fraction=args.sequential_fraction,
         on_unreachable=args.on_unreachable,
         max_error=args.max_error,
+        stats_memory=args.stats_memory,
+        blockwise=args.blockwise,
         heads=args.heads,
         hidden=args.hidden,
         progress=progress_wrapper("calibration", args.quiet),

@@ -104,6 +104,10 @@ Examples:
 
   # forward passes and statistics on a GPU (the result is saved as usual)
   spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 --device cuda
+  # layers thousands of units wide, statistics held to 4 GiB (the widest are sketched),
+  # corrections fitted one transformer layer at a time
+  spectrim compress --model my-llm/ --data text.txt --target width=0.5 --stats-memory 4GiB \
+      --blockwise
   # two processes, each on half the calibration batches, statistics summed over both
   torchrun --nproc_per_node 2 -m spectrim compress --model resnet56-cifar10 \
       --data cifar10 --target macs=0.5 --out small/
@@ -381,6 +385,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DEV",
         help="run the forward passes and the statistics on DEV ('cuda', 'cuda:1'; default: "
         "cpu); under torchrun each process uses its own GPU when CUDA is available",
+    )
+    p.add_argument(
+        "--stats-memory",
+        metavar="SIZE",
+        help="memory for the calibration statistics, e.g. 8GiB (default: a quarter of the "
+        "machine's, or of the GPU's); id selects groups whose exact Grams would not fit "
+        "from randomized sketches of their activations",
+    )
+    p.add_argument(
+        "--blockwise",
+        action="store_true",
+        help="fit the sequential corrections block by block (transformer layers, residual "
+        "blocks) from cached block inputs: memory for one block, the same fits",
     )
     p.add_argument(
         "--on-unreachable",

@@ -1,0 +1,351 @@
+"""Sequential correction block by block, with memory for one block at a time.
+
+The whole-model sequential pass (:func:`~spectrim.calibration.sequential.sequential_correct`)
+keeps the original model's input at every corrected consumer for the fitted share of the
+calibration set, and runs all the fitted batches in lock-step through the whole model:
+its memory grows with the number of corrected layers.  Most models are a chain of blocks
+(transformer layers, residual blocks) each fed the previous one's output.  Here the
+fitted batches enter the first block from a cache, and each block in turn is
+
+1. run in its original form (a copy of the block's weights) on the original model's
+   inputs, keeping its consumers' inputs (the fit targets) and its outputs;
+2. compressed and corrected by the same sequential fits, on the compressed prefix's
+   inputs, keeping its outputs;
+
+so memory holds two block-boundary activations per fitted batch, one block's copy and
+one block's consumer inputs.  The fits are the same as the whole-model pass's (same rows,
+same targets), so the result is the same to float32 rounding (``tests/calibration/
+test_blocks.py``).  The statistics pass and the allocation are unchanged.
+
+:func:`find_chain` finds the chain by running the model once: the longest run of calls of
+the children of ``nn.ModuleList`` / ``nn.Sequential`` containers where each call's first
+argument is the previous call's output.  :func:`plan_blocks` merges neighbours so that
+every pruned group (producers, consumers, passengers) lies inside one block; a group that
+reaches outside the chain (e.g. a stem convolution) leaves the whole-model pass in charge.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectrim.calibration.batches import drop_padding, token_mask
+from spectrim.calibration.collect import Collected, group_view
+from spectrim.calibration.sequential import Refit, sequential_correct
+from spectrim.distributed import SOLO, Team
+from spectrim.graph.channels import Analysis
+from spectrim.graph.modules import input_channel_axis
+from spectrim.graph.trace import call_model
+
+__all__ = ["BlockPlan", "blockwise_correct", "find_chain", "plan_blocks"]
+
+
+def _hidden(out: Any) -> Any:
+    """The tensor a block hands on: its output, or the first item of a tuple output."""
+    return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
+def _containers(model: nn.Module) -> dict[str, nn.Module]:
+    """Children of every ``ModuleList`` / ``Sequential`` that are not containers
+    themselves (a nested ``Sequential`` passes its children on), by qualified name."""
+    out: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            for child, sub in mod.named_children():
+                if not isinstance(sub, (nn.ModuleList, nn.Sequential)):
+                    out[f"{name}.{child}" if name else child] = sub
+    return out
+
+
+def find_chain(model: nn.Module, batch: Any) -> list[str]:
+    """Names of the longest chain of blocks the model runs on ``batch``, in call order
+    (fewer than two: no chain).
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> layers = nn.ModuleList(nn.TransformerEncoderLayer(8, 2, 16) for _ in range(3))
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.stem, self.layers = nn.Linear(2, 8), layers
+        ...     def forward(self, x):
+        ...         x = self.stem(x)
+        ...         for layer in self.layers:
+        ...             x = layer(x)
+        ...         return x
+        >>> find_chain(Net().eval(), torch.randn(4, 5, 2))
+        ['layers.0', 'layers.1', 'layers.2']
+    """
+    cands = _containers(model)
+    calls: list[tuple[str, Any, Any]] = []
+    depth = [0]
+    handles = []
+
+    def pre(name: str) -> Any:
+        def h(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if depth[0] == 0:
+                calls.append((name, args[0] if args else None, None))
+            depth[0] += 1
+
+        return h
+
+    def post(name: str) -> Any:
+        def h(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            depth[0] -= 1
+            if depth[0] == 0 and calls and calls[-1][0] == name:
+                calls[-1] = (name, calls[-1][1], _hidden(out))
+
+        return h
+
+    for name, mod in cands.items():
+        handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
+        handles.append(mod.register_forward_hook(post(name)))
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for hd in handles:
+            hd.remove()
+    best: list[str] = []
+    run: list[str] = []
+    for i, (name, x, _) in enumerate(calls):
+        linked = (
+            bool(run) and isinstance(x, torch.Tensor) and x is calls[i - 1][2] and name not in run
+        )
+        run = [*run, name] if linked else ([name] if isinstance(x, torch.Tensor) else [])
+        if len(run) > len(best):
+            best = list(run)
+    return best if len(best) >= 2 else []
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Blocks of consecutive chain modules and the pruned groups inside each."""
+
+    blocks: list[list[str]]
+    groups: list[list[int]]
+
+
+def _inside(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + ".")
+
+
+def plan_blocks(
+    chain: Sequence[str], analysis: Analysis, keep: Mapping[int, Any]
+) -> BlockPlan | str:
+    """Merge neighbouring chain modules until every pruned group lies inside one block;
+    a reason (text) when a group reaches outside the chain.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> from spectrim.graph import analyze_channels
+        >>> mlp = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> net = nn.Sequential(mlp(), mlp(), mlp())
+        >>> a = analyze_channels(net, torch.randn(2, 4))
+        >>> inner = {g.index: None for g in a.prunable if g.width == 8}  # inside each block
+        >>> plan = plan_blocks(["0", "1", "2"], a, inner)
+        >>> plan.blocks, [len(g) for g in plan.groups]
+        ([['0'], ['1'], ['2']], [1, 1, 1])
+        >>> plan_blocks(["0", "1", "2"], a, {g.index: None for g in a.prunable}).blocks
+        [['0', '1', '2']]
+    """
+    spans: dict[int, tuple[int, int]] = {}
+    for gi in keep:
+        g = analysis.groups[gi]
+        names = [*g.producers, *(s.module for s in g.consumers), *g.passengers]
+        idx = set()
+        for n in names:
+            hit = [i for i, b in enumerate(chain) if _inside(n, b)]
+            if not hit:
+                return f"unit group '{g.name}' reaches '{n}', outside the chain of blocks"
+            idx.add(hit[0])
+        spans[gi] = (min(idx), max(idx))
+    # merge overlapping spans into blocks of consecutive chain modules
+    owner = list(range(len(chain)))
+    for lo, hi in spans.values():
+        for i in range(lo + 1, hi + 1):
+            owner[i] = owner[lo]
+    blocks: list[list[str]] = []
+    starts: list[int] = []
+    for i, name in enumerate(chain):
+        if owner[i] == i:  # not merged into the block before
+            blocks.append([name])
+            starts.append(i)
+        else:
+            blocks[-1].append(name)
+    groups: list[list[int]] = [[] for _ in blocks]
+    for gi, (lo, _) in spans.items():
+        b = max(j for j, s in enumerate(starts) if s <= lo)
+        groups[b].append(gi)
+    return BlockPlan(blocks, groups)
+
+
+def _scrub(value: Any) -> Any:
+    """Arguments safe to run a block with again: Hugging Face key/value caches dropped
+    (a block run twice would append to them)."""
+    if type(value).__name__.endswith("Cache") and hasattr(value, "update"):
+        return None
+    if isinstance(value, dict):
+        return {k: (False if k == "use_cache" else _scrub(v)) for k, v in value.items()}
+    return value
+
+
+def blockwise_correct(
+    model: nn.Module,
+    analysis: Analysis,
+    batches: Sequence[Any],
+    keep: Mapping[int, np.ndarray],
+    plan: BlockPlan,
+    *,
+    contributes: bool = True,
+    exact: Mapping[int, bool] | None = None,
+    refit: Mapping[int, Refit] | None = None,
+    team: Team = SOLO,
+) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float]]:
+    """Prune ``model`` in place, fitting every consumer's correction block by block.
+
+    Args:
+        model: the model (original weights; pruned in place).
+        analysis: its channel analysis.
+        batches: the fitted calibration batches.
+        keep: group index -> kept channels, for every pruned group.
+        plan: :func:`plan_blocks`'s blocks.
+        contributes: whether this process's ``batches`` count (a rank that holds none
+            passes one batch and ``False``, as for the whole-model pass).
+        exact, refit, team: as for :func:`~spectrim.calibration.sequential.sequential_correct`.
+
+    Returns:
+        ``folds[group][consumer] = B`` and the relative error of each fit.
+    """
+    modules = dict(model.named_modules())
+    names = [n for blk in plan.blocks for n in blk]
+    masks = [token_mask(b) for b in batches]
+    # every chain module's other arguments, per batch, and the first one's input
+    calls: list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]] = []
+    first = names[0]
+
+    def capture(name: str, store: dict[str, tuple[tuple[Any, ...], dict[str, Any]]]) -> Any:
+        def h(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if name not in store:  # the hidden state itself only for the first block
+                head = args[0] if name == first else None
+                store[name] = ((head, *(_scrub(a) for a in args[1:])), _scrub(kwargs))
+
+        return h
+
+    for batch in batches:
+        store: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        hs = [
+            modules[n].register_forward_pre_hook(capture(n, store), with_kwargs=True) for n in names
+        ]
+        try:
+            with torch.no_grad():
+                call_model(model, batch)
+        finally:
+            for hd in hs:
+                hd.remove()
+        calls.append(store)
+    xs_o: list[Any] = [c[first][0][0] for c in calls]
+    xs_c: list[Any] = list(xs_o)  # nothing before the chain is pruned
+    folds: dict[int, dict[str, np.ndarray]] = {}
+    errors: dict[tuple[int, str], float] = {}
+
+    def run_block(mods: Sequence[nn.Module], blk: Sequence[str], x: Any, i: int) -> Any:
+        for name, mod in zip(blk, mods):
+            args, kwargs = calls[i][name]
+            x = _hidden(mod(x, *args[1:], **kwargs))
+        return x
+
+    for blk, gis in zip(plan.blocks, plan.groups):
+        mods = [modules[n] for n in blk]
+        if not gis:
+            with torch.no_grad():
+                new_o = [run_block(mods, blk, x, i) for i, x in enumerate(xs_o)]
+                new_c = [
+                    new_o[i] if xs_c[i] is xs_o[i] else run_block(mods, blk, x, i)
+                    for i, x in enumerate(xs_c)
+                ]
+            xs_o, xs_c = new_o, new_c
+            continue
+        originals = [copy.deepcopy(m) for m in mods]
+        inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
+        current = [0]  # the batch the original block is running
+        hooks = []
+        for gi in gis:
+            for slot in analysis.groups[gi].consumers:
+                j = next(j for j, b in enumerate(blk) if _inside(slot.module, b))
+                rel = slot.module[len(blk[j]) + 1 :]
+                target = originals[j].get_submodule(rel) if rel else originals[j]
+                pos = torch.as_tensor(slot.positions, dtype=torch.long)
+                keeper = _keeper(inputs, (gi, slot.module), pos, masks, current)
+                hooks.append(target.register_forward_pre_hook(keeper))
+        try:
+            with torch.no_grad():
+                new_o = []
+                for i, x in enumerate(xs_o):
+                    current[0] = i
+                    new_o.append(run_block(originals, blk, x, i))
+        finally:
+            for hd in hooks:
+                hd.remove()
+        del originals
+        outs: dict[int, Any] = {}
+
+        def runner(
+            item: Any,
+            mods: Sequence[nn.Module] = mods,
+            blk: Sequence[str] = blk,
+            outs: dict[int, Any] = outs,
+        ) -> Any:
+            x, i = item
+            outs[i] = run_block(mods, blk, x, i)
+            return outs[i]
+
+        collected = Collected(stats={}, inputs=inputs, n_stored=len(xs_c) if contributes else 0)
+        f, e = sequential_correct(
+            model,
+            analysis,
+            [(x, i) for i, x in enumerate(xs_c)],
+            {gi: keep[gi] for gi in gis},
+            collected,
+            exact=None if exact is None else {gi: exact[gi] for gi in gis if gi in exact},
+            refit=None if refit is None else {gi: refit[gi] for gi in gis if gi in refit},
+            team=team,
+            runner=runner,
+            masks=masks,
+        )
+        folds.update(f)
+        errors.update(e)
+        xs_o, xs_c = new_o, [outs[i] for i in range(len(xs_c))]
+    return folds, errors
+
+
+def _keeper(
+    inputs: dict[tuple[int, str], list[torch.Tensor]],
+    key: tuple[int, str],
+    positions: torch.Tensor,
+    masks: Sequence[torch.Tensor | None],
+    current: list[int],
+) -> Any:
+    """A pre-hook keeping the group's view of a consumer's input, first call per batch
+    (``current[0]``)."""
+    seen: set[int] = set()
+
+    def h(module: nn.Module, args: tuple[Any, ...]) -> None:
+        i = current[0]
+        if i in seen:
+            return
+        seen.add(i)
+        x = args[0].detach()
+        x, cd = drop_padding(x, masks[i], input_channel_axis(module, x))
+        view, _ = group_view(x, cd, positions)
+        inputs.setdefault(key, []).append(view.clone() if view is x else view)
+
+    return h
