@@ -238,6 +238,7 @@ def collect_stage(state: ChannelRun) -> None:
             sketch_rows=sketch_rows,
             seed=state.ctx.seed,
             keep_inputs=not state.chain,
+            keep_calls=state.chain,
         )
         # every rank's statistics summed: each now holds the whole calibration set's
         state.ctx.team.reduce({**state.collected.stats, **state.collected.sketches})
@@ -540,6 +541,8 @@ def apply_stage(state: ChannelRun) -> None:
                 exact=exact,
                 refit=refits,
                 team=state.ctx.team,
+                calls=collected.calls if collected.n_stored else None,
+                channels_last=state.channels_last,
             )
         else:
             folds, state.seq_errors = sequential_correct(

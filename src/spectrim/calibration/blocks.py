@@ -209,6 +209,8 @@ def blockwise_correct(
     exact: Mapping[int, bool] | None = None,
     refit: Mapping[int, Refit] | None = None,
     team: Team = SOLO,
+    calls: Sequence[Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]] | None = None,
+    channels_last: bool = False,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float]]:
     """Prune ``model`` in place, fitting every consumer's correction block by block.
 
@@ -220,7 +222,11 @@ def blockwise_correct(
         plan: :func:`plan_blocks`'s blocks.
         contributes: whether this process's ``batches`` count (a rank that holds none
             passes one batch and ``False``, as for the whole-model pass).
-        exact, refit, team: as for :func:`~spectrim.calibration.sequential.sequential_correct`.
+        exact, refit, team, channels_last: as for
+            :func:`~spectrim.calibration.sequential.sequential_correct`.
+        calls: per batch, every chain module's arguments as the calibration pass kept
+            them (``Collected.calls``; the first module's input included); ``None``: one
+            forward pass here finds them.
 
     Returns:
         ``folds[group][consumer] = B`` and the relative error of each fit.
@@ -228,30 +234,14 @@ def blockwise_correct(
     modules = dict(model.named_modules())
     names = [n for blk in plan.blocks for n in blk]
     masks = [token_mask(b) for b in batches]
-    # every chain module's other arguments, per batch, and the first one's input
-    calls: list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]] = []
     first = names[0]
-
-    def capture(name: str, store: dict[str, tuple[tuple[Any, ...], dict[str, Any]]]) -> Any:
-        def h(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if name not in store:  # the hidden state itself only for the first block
-                head = args[0] if name == first else None
-                store[name] = ((head, *(_scrub(a) for a in args[1:])), _scrub(kwargs))
-
-        return h
-
-    for batch in batches:
-        store: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        hs = [
-            modules[n].register_forward_pre_hook(capture(n, store), with_kwargs=True) for n in names
-        ]
-        try:
-            with torch.no_grad():
-                call_model(model, batch)
-        finally:
-            for hd in hs:
-                hd.remove()
-        calls.append(store)
+    if calls is None or len(calls) != len(batches):
+        calls = _capture(model, batches, names)
+    # safe to run again: Hugging Face key/value caches dropped
+    calls = [
+        {n: (tuple(_scrub(a) for a in args), _scrub(kw)) for n, (args, kw) in c.items()}
+        for c in calls
+    ]
     xs_o: list[Any] = [c[first][0][0] for c in calls]
     xs_c: list[Any] = list(xs_o)  # nothing before the chain is pruned
     folds: dict[int, dict[str, np.ndarray]] = {}
@@ -320,11 +310,43 @@ def blockwise_correct(
             team=team,
             runner=runner,
             masks=masks,
+            channels_last=channels_last,
         )
         folds.update(f)
         errors.update(e)
         xs_o, xs_c = new_o, [outs[i] for i in range(len(xs_c))]
     return folds, errors
+
+
+def _capture(
+    model: nn.Module, batches: Sequence[Any], names: Sequence[str]
+) -> list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Every chain module's arguments at its first call in each batch (``args[0]`` only
+    for the first module), from one forward pass of the model per batch."""
+    calls: list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]] = []
+    modules = dict(model.named_modules())
+
+    def capture(name: str, store: dict[str, tuple[tuple[Any, ...], dict[str, Any]]]) -> Any:
+        def h(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if name not in store:
+                head = args[0] if name == names[0] else None
+                store[name] = ((head, *args[1:]), dict(kwargs))
+
+        return h
+
+    for batch in batches:
+        store: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        hs = [
+            modules[n].register_forward_pre_hook(capture(n, store), with_kwargs=True) for n in names
+        ]
+        try:
+            with torch.no_grad():
+                call_model(model, batch)
+        finally:
+            for hd in hs:
+                hd.remove()
+        calls.append(store)
+    return calls
 
 
 def _keeper(

@@ -90,6 +90,8 @@ class Collected:
 
     Attributes:
         stats: ``(group, consumer) -> GramAccumulator`` over every call of every batch.
+        calls: per stored batch, the arguments of the ``keep_calls`` modules' first call
+            (``{name: (args, kwargs)}``; ``args[0]`` only for the first name).
         sketches: ``(group, consumer) -> RowSketch`` instead, for the groups given
             ``sketch_rows`` (too wide for their Grams; :mod:`spectrim.calibration.sketch`).
         inputs: ``(group, consumer) -> [group view of the consumer's input]`` at the
@@ -103,6 +105,7 @@ class Collected:
     n_stored: int = 0
     channel_dims: dict[StatKey, int] = field(default_factory=dict)
     sketches: dict[StatKey, RowSketch] = field(default_factory=dict)
+    calls: list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]] = field(default_factory=list)
 
     def statistic(self, key: StatKey) -> GramAccumulator | RowSketch:
         """The Gram or, for a sketched group, the sketch of ``key``."""
@@ -123,6 +126,7 @@ def collect(
     sketch_rows: Mapping[int, int] | None = None,
     seed: int = 0,
     keep_inputs: bool = True,
+    keep_calls: Sequence[str] = (),
 ) -> Collected:
     """Accumulate ``ZᵀZ`` of each group's channels at each of its consumers' inputs, and
     keep the inputs themselves for a leading share of the batches.
@@ -155,6 +159,9 @@ def collect(
         keep_inputs: with ``False`` the stored share is decided as above (``n_stored``)
             but no input is kept past the first batch (the block-by-block pass,
             :mod:`spectrim.calibration.blocks`, measures them itself, a block at a time).
+        keep_calls: modules whose call arguments are kept for the stored batches
+            (``Collected.calls``): the chain of blocks of that pass, so that it needs no
+            forward pass of its own to find them.
     """
     modules = dict(model.named_modules())
     out = Collected(stats={})
@@ -228,6 +235,9 @@ def collect(
         return hook
 
     handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in per_module]
+    for mod_name in keep_calls:
+        keeper = _call_keeper(mod_name, keep_calls[0], out)
+        handles.append(modules[mod_name].register_forward_pre_hook(keeper, with_kwargs=True))
     was_training = model.training
     model.eval()
     it = progress(batches) if progress is not None else batches
@@ -235,6 +245,8 @@ def collect(
         with torch.no_grad():
             for i, batch in enumerate(it):
                 batch_index[0] = i
+                if keep_calls and (i == 0 or mine[i] < n_store[0]):
+                    out.calls.append({})
                 for sk in out.sketches.values():
                     sk.begin(team.rank + i * team.size)  # the batch's index in the whole set
                 stored_now.clear()
@@ -254,7 +266,20 @@ def collect(
         cache.clear()
     out.n_stored = sum(1 for g in mine if g < n_store[0])
     out.channel_dims = layout
+    del out.calls[out.n_stored :]
     return out
+
+
+def _call_keeper(name: str, first: str, out: Collected) -> Callable[..., None]:
+    """A pre-hook keeping a module's arguments at its first call in each stored batch
+    (the first argument itself only for ``first``)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if out.calls and name not in out.calls[-1]:
+            head = args[0] if name == first and args else None
+            out.calls[-1][name] = ((head, *args[1:]), dict(kwargs))
+
+    return hook
 
 
 def _non_finite(name: str, x: torch.Tensor, batch: int, sizes: np.ndarray) -> CalibrationError:
