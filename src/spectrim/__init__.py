@@ -13,6 +13,7 @@ from spectrim.api import as_batches, compress, inputs_only
 from spectrim.config import CompressConfig, Target
 from spectrim.diagnostics import CompressibilityReport, analyze
 from spectrim.methods import available as available_methods
+from spectrim.repair import RepairConfig, RepairReport, repair
 from spectrim.report import CompressionReport, GroupReport
 
 __version__ = "0.1.0"
@@ -22,6 +23,8 @@ __all__ = [
     "CompressibilityReport",
     "CompressionReport",
     "GroupReport",
+    "RepairConfig",
+    "RepairReport",
     "Target",
     "__version__",
     "analyze",
@@ -29,4 +32,5 @@ __all__ = [
     "available_methods",
     "compress",
     "inputs_only",
+    "repair",
 ]

@@ -41,6 +41,8 @@ from spectrim.context import RunContext
 from spectrim.distributed import Team
 from spectrim.graph import ModuleSnapshot
 from spectrim.methods import Method, WeightMethod, get_method, method_kinds, method_pair
+from spectrim.repair import RepairConfig
+from spectrim.repair import repair as run_repair
 from spectrim.report import CompressionReport, merge_reports
 
 __all__ = ["compress", "inputs_only", "as_batches"]
@@ -59,6 +61,8 @@ def compress(
     then: CompressConfig | Mapping[str, Any] | None = None,
     device: str | torch.device | None = None,
     process_group: Any = None,
+    repair: RepairConfig | Mapping[str, Any] | None = None,
+    repair_data: Any = None,
     **options: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` with ``method`` to ``target``; return ``(new_model, report)``.
@@ -94,6 +98,12 @@ def compress(
             the statistics are summed over all of them and every decision is rank 0's
             (:mod:`spectrim.distributed`).  Every target but a joint
             ``CHANNEL+WEIGHT`` budget.
+        repair: after compressing, distil ``model`` into the result for a few epochs
+            (:func:`spectrim.repair.repair`; a :class:`~spectrim.repair.RepairConfig` or
+            its dict, e.g. ``{"epochs": 1}``), on ``repair_data`` (unlabelled batches;
+            default: the calibration set).  Its report is ``report.repair``.  Not with
+            ``inplace=True`` (the original is the teacher) or several processes.
+        repair_data: the batches the repair trains on.
         **options: extra :class:`~spectrim.config.CompressConfig` fields
             (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
             ``on_unreachable``, ``max_error``) or method options (e.g. ``ridge`` for
@@ -131,7 +141,13 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
+    rcfg = RepairConfig.parse(repair)
     team = Team(process_group)
+    if rcfg is not None and (inplace or not team.solo):
+        raise ValueError(
+            "repair= distils the original model into the result: it needs the original "
+            "untouched (not inplace=True) and one process; call spectrim.repair() yourself"
+        )
     if not team.solo:
         _check_shared(cfg, then)
     home, run_on = _devices(model, device)
@@ -158,6 +174,10 @@ def compress(
                 result = _then(result, batches, info, then, ctx, nonzeros0)
             if run_on is not None and home is not None and run_on != home:
                 result[0].to(home)
+        if rcfg is not None:
+            data = as_batches(calibration if repair_data is None else repair_data)
+            _, rrep = run_repair(result[0], model, data, rcfg, inplace=True, progress=progress)
+            result[1].repair = rrep.to_dict()
         return result
     except BaseException:
         if snapshot is not None:
@@ -172,6 +192,14 @@ def _devices(
 ) -> tuple[torch.device | None, torch.device | None]:
     """``(home, run_on)``: the model's own device (``None``: spread over several) and
     where the run goes (``None``: leave the model and the batches where they are)."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.device.type == "meta":
+            raise ValueError(
+                f"'{name}' of the model is on the meta device, so it has no values to "
+                "measure or fold: load the weights first (e.g. model.to_empty(device='cpu') "
+                "and load_state_dict, or from_pretrained without device_map). Models "
+                "offloaded layer by layer are not supported yet"
+            )
     found = {t.device for t in (*model.parameters(), *model.buffers())}
     home = found.pop() if len(found) == 1 else (torch.device("cpu") if not found else None)
     if device is None:

@@ -92,6 +92,9 @@ class CompressionReport:
     """non-zero weights of the sparsified modules' weight matrices, before and after"""
     nonzeros_after: int = 0
     warnings: list[str] = field(default_factory=list)
+    repair: dict[str, Any] | None = None
+    """the distillation after compressing (``compress(..., repair=...)``): its
+    :class:`~spectrim.repair.RepairReport` as a dict"""
 
     @property
     def widths(self) -> dict[str, list[int]]:

@@ -454,6 +454,28 @@ def test_compress_one_shot_and_fraction_flags(
     assert code == 2 and "memory size 'lots'" in err
 
 
+def test_compress_repair_flags(
+    model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    json_path = tmp_path / "r.json"
+    code, _, err = _run(
+        capsys, "compress", "--model", str(model_files["pickle"]), "--trust-pickle",
+        "--data", "digits", "--target", "macs=0.5", "--calib", "256", "--out",
+        str(tmp_path / "o"), "--json", str(json_path), "--repair-epochs", "2",
+        "--repair-data", "digits", "--repair-limit", "512", "--repair-augment", "flip",
+    )  # fmt: skip
+    assert code == 0, err
+    rep = _json(json_path)["report"]["repair"]
+    assert rep["steps"] == 8 and rep["examples"] == 1024  # 512 images in batches of 128
+    assert rep["config"]["augment"] == "flip" and rep["config"]["epochs"] == 2.0
+    code, _, err = _run(
+        capsys, "compress", "--model", str(model_files["pickle"]), "--trust-pickle",
+        "--data", "digits", "--calib", "64", "--out", str(tmp_path / "p"),
+        "--repair-data", "digits",
+    )  # fmt: skip
+    assert code == 2 and "--repair-data needs --repair-epochs" in err
+
+
 def test_compress_method_options_reach_the_method(
     digits_model: nn.Module, model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -283,13 +283,35 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         max_error=args.max_error,
         stats_memory=args.stats_memory,
         blockwise=args.blockwise,
+        **_repair_kwargs(args),
         heads=args.heads,
         hidden=args.hidden,
-        progress=progress_wrapper("calibration", args.quiet),
+        progress=progress_wrapper("compress", args.quiet),
         then=then,
         device=_device(args),
         **dict(args.option),
     )
+
+
+#: images per repair step from --repair-data
+REPAIR_BATCH = 128
+
+
+def _repair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``repair=`` / ``repair_data=`` from ``--repair-*`` (nothing without --repair-epochs)."""
+    if args.repair_epochs is None:
+        if args.repair_data is not None:
+            raise CLIError("--repair-data needs --repair-epochs")
+        return {}
+    augment = None if args.repair_augment == "none" else args.repair_augment
+    out: dict[str, Any] = {
+        "repair": {"epochs": args.repair_epochs, "lr": args.repair_lr, "augment": augment}
+    }
+    if args.repair_data is not None:
+        data = load_data(args.repair_data, args.repair_limit, 1, args)
+        assert data.calib is not None
+        out["repair_data"] = list(data.calib.tensors[0].split(REPAIR_BATCH))
+    return out
 
 
 def _device(args: argparse.Namespace) -> str | None:

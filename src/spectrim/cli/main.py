@@ -108,6 +108,9 @@ Examples:
   # corrections fitted one transformer layer at a time
   spectrim compress --model my-llm/ --data text.txt --target width=0.5 --stats-memory 4GiB \
       --blockwise
+  # half the MACs, then one epoch of distillation from the original on the JPEG train set
+  spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 \
+      --repair-epochs 1 --repair-data cifar10-jpeg --repair-augment flip-crop --out small/
   # two processes, each on half the calibration batches, statistics summed over both
   torchrun --nproc_per_node 2 -m spectrim compress --model resnet56-cifar10 \
       --data cifar10 --target macs=0.5 --out small/
@@ -398,6 +401,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fit the sequential corrections block by block (transformer layers, residual "
         "blocks) from cached block inputs: memory for one block, the same fits",
+    )
+    p.add_argument(
+        "--repair-epochs",
+        type=positive_float,
+        metavar="F",
+        help="after compressing, distil the original into the result for F epochs "
+        "(unlabelled: the calibration images unless --repair-data)",
+    )
+    p.add_argument(
+        "--repair-data",
+        metavar="SPEC",
+        help="images to repair on: a built-in dataset (its train split, e.g. cifar10-jpeg) "
+        "or a folder / .pt / .npz of your own",
+    )
+    p.add_argument("--repair-limit", type=int, metavar="N", help="use the first N repair images")
+    p.add_argument(
+        "--repair-lr", type=positive_float, default=0.01, metavar="LR",
+        help="repair learning rate (SGD, cosine to 0; default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--repair-augment",
+        choices=("none", "flip", "flip-crop"),
+        default="none",
+        help="augment image batches while repairing (default: none)",
     )
     p.add_argument(
         "--on-unreachable",

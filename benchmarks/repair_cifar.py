@@ -1,0 +1,141 @@
+"""A short repair after compression: knowledge distillation from the original model on the
+CIFAR-10 JPEG train set, spectrim's models against Torch-Pruning's at the same widths.
+
+The pretrained option-A ResNet-56 (``--model``), 1000 lossless train images calibrate;
+each variant is compressed, then repaired with ``spectrim.repair`` (the same recipe for
+all: MSE to the original's logits, SGD lr 0.01 with a cosine schedule, batch 128, random
+flips and shifted crops) for ``--epochs`` passes over ``--train`` unlabelled JPEG train
+images. Accuracy and agreement with the dense model are measured on the 1000 lossless
+test images before and after, with the wall time of compression and of repair.
+
+Variants:
+
+* ``spectrim id macs=0.5``: the allocator at half the MACs (issue 13's headline);
+* ``spectrim id width=0.5`` / ``spectrim l1 width=0.5``: half of every prunable group,
+  with and without the correction;
+* ``tp l1 width=0.5``: Torch-Pruning's L1 filter norms on the same block-internal channels
+  (its own graph breaks on the option-A shortcut; ``benchmarks/anchor_torch_pruning.py``),
+  installed with ``pip install torch-pruning==1.6.1``.
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/repair_cifar.py --epochs 1
+
+Writes ``benchmarks/results/repair_cifar.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import spectrim
+from spectrim.evaluation import evaluate
+from spectrim.evaluation.flops import profile
+from spectrim.zoo import load_dataset, load_pretrained
+
+HERE = Path(__file__).resolve().parent
+
+
+def _variants(model: nn.Module, calib: torch.Tensor, which: list[str]) -> dict[str, Any]:
+    sys.path.insert(0, str(HERE))
+    from anchor_torch_pruning import _tp_prune
+
+    table = {
+        "spectrim id macs=0.5": lambda: spectrim.compress(model, calib, "id", "macs=0.5")[0],
+        "spectrim id width=0.5": lambda: spectrim.compress(model, calib, "id", "width=0.5")[0],
+        "spectrim l1 width=0.5": lambda: spectrim.compress(model, calib, "l1", "width=0.5")[0],
+        "tp l1 width=0.5": lambda: _tp_prune(model, 0.5, internal_only=True),
+    }
+    return {k: table[k] for k in which}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="resnet56-cifar10")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--train", type=int, default=50000, help="JPEG train images to repair on")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--calib", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--variants",
+        default="spectrim id macs=0.5,spectrim id width=0.5,spectrim l1 width=0.5,tp l1 width=0.5",
+    )
+    ap.add_argument("--out", default=str(HERE / "results" / "repair_cifar.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("SPECTRIM_DATA", str(HERE.parents[1] / "shared" / "data"))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = load_pretrained(args.model).eval()
+    calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
+    test = load_dataset("cifar10", "eval")
+    t = time.perf_counter()
+    train = load_dataset("cifar10-jpeg", "train", limit=args.train).tensors[0]
+    load_s = time.perf_counter() - t
+    batches = list(train.split(args.batch))
+    dense = evaluate(model, test).accuracy
+    print(
+        f"{args.model}: dense {dense:.4f}; {len(train)} JPEG train images ({load_s:.0f} s to load)"
+    )
+    x = test.tensors[0][:2]
+    cost0 = profile(model, x)
+    rows = []
+    recipe = spectrim.RepairConfig(epochs=args.epochs, lr=args.lr, augment="flip-crop")
+    for name, build in _variants(model, calib, args.variants.split(",")).items():
+        t = time.perf_counter()
+        small = build()
+        compress_s = time.perf_counter() - t
+        before = evaluate(small, test, reference=model)
+        fixed, rep = spectrim.repair(small, model, batches, recipe)
+        after = evaluate(fixed, test, reference=model)
+        cost = profile(small, x)
+        row = {
+            "variant": name,
+            "macs_ratio": cost.macs / cost0.macs,
+            "params_ratio": cost.params / cost0.params,
+            "compress_s": compress_s,
+            "accuracy_before": before.accuracy,
+            "agreement_before": before.agreement,
+            "accuracy_after": after.accuracy,
+            "agreement_after": after.agreement,
+            "repair": rep.to_dict(),
+        }
+        rows.append(row)
+        print(
+            f"{name:24s} MACs {row['macs_ratio']:.3f}: {before.accuracy:.4f} -> "
+            f"{after.accuracy:.4f} after {args.epochs:g} epoch(s) (agreement "
+            f"{before.agreement:.4f} -> {after.agreement:.4f}); compress {compress_s:.1f} s, "
+            f"repair {rep.seconds:.0f} s, loss {rep.loss_first:.4f} -> {rep.loss_last:.4f}",
+            flush=True,
+        )
+    out = {
+        "benchmark": "repair (distillation) after compression, CIFAR-10",
+        "model": args.model,
+        "dense_accuracy": dense,
+        "train_images": len(train),
+        "eval_images": len(test),
+        "recipe": recipe.to_dict() | {"batch": args.batch},
+        "threads": args.threads,
+        "command": " ".join(sys.argv),
+        "runs": rows,
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(path)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
