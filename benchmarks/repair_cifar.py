@@ -3,8 +3,10 @@ CIFAR-10 JPEG train set, spectrim's models against Torch-Pruning's at the same w
 
 The pretrained option-A ResNet-56 (``--model``), 1000 lossless train images calibrate;
 each variant is compressed, then repaired with ``spectrim.repair`` (the same recipe for
-all: MSE to the original's logits, SGD lr 0.01 with a cosine schedule, batch 128, random
-flips and shifted crops) for ``--epochs`` passes over ``--train`` unlabelled JPEG train
+all, by default: relative MSE to the original's logits, SGD lr 0.01 with a cosine
+schedule, batch 128, BatchNorm statistics re-estimated then kept, random flips and
+shifted crops; the
+``--loss``, ``--lr``, ``--batch-norm`` and ``--augment`` options change it) for ``--epochs`` passes over ``--train`` unlabelled JPEG train
 images. Accuracy and agreement with the dense model are measured on the 1000 lossless
 test images before and after, with the wall time of compression and of repair.
 
@@ -65,6 +67,11 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=50000, help="JPEG train images to repair on")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--loss", default="mse", choices=("mse", "kl"))
+    ap.add_argument(
+        "--batch-norm", default="recalibrate", choices=("recalibrate", "freeze", "train")
+    )
+    ap.add_argument("--augment", default="flip-crop", choices=("none", "flip", "flip-crop"))
     ap.add_argument("--calib", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
@@ -90,13 +97,24 @@ def main() -> None:
     x = test.tensors[0][:2]
     cost0 = profile(model, x)
     rows = []
-    recipe = spectrim.RepairConfig(epochs=args.epochs, lr=args.lr, augment="flip-crop")
+    recipe = spectrim.RepairConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        loss=args.loss,
+        batch_norm=args.batch_norm,
+        augment=None if args.augment == "none" else args.augment,
+    )
     for name, build in _variants(model, calib, args.variants.split(",")).items():
         t = time.perf_counter()
         small = build()
         compress_s = time.perf_counter() - t
         before = evaluate(small, test, reference=model)
-        fixed, rep = spectrim.repair(small, model, batches, recipe)
+        try:
+            fixed, rep = spectrim.repair(small, model, batches, recipe)
+        except FloatingPointError as exc:  # a recipe that diverges is a result too
+            rows.append({"variant": name, "accuracy_before": before.accuracy, "error": str(exc)})
+            print(f"{name:24s} {before.accuracy:.4f} -> {exc}", flush=True)
+            continue
         after = evaluate(fixed, test, reference=model)
         cost = profile(small, x)
         row = {

@@ -10,8 +10,10 @@ any unlabelled set of the same kind will do.
 * loss ``"kl"``: ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` on class logits (Hinton et al.
   2015);
 
-SGD with Nesterov momentum and a cosine learning rate to zero over the steps; BatchNorm
-layers train, so their running statistics are re-estimated for the narrower layers.
+SGD with Nesterov momentum and a cosine learning rate to zero over the steps. BatchNorm
+statistics are re-estimated on the repair data first and then kept
+(``batch_norm="recalibrate"``): the teacher runs in evaluation mode, and batch statistics
+in the student alone start the repair 2.5× further from it.
 Image batches (4-D tensors) can be augmented with random flips and 4-pixel shifted crops
 (``augment="flip-crop"``, the usual CIFAR recipe).
 
@@ -62,6 +64,14 @@ class RepairConfig:
             probabilities at ``temperature``).
         temperature: for ``"kl"``.
         augment: ``None``, ``"flip"`` or ``"flip-crop"`` (4-D image batches only).
+        batch_norm: ``"recalibrate"`` (default): every BatchNorm's running statistics
+            are first re-estimated on up to 32 batches of the repair data, then kept
+            (normalising as in evaluation; the affine weights still train);
+            ``"freeze"``: kept as they are; ``"train"``: normalise by batch statistics and
+            re-estimate them as training goes.  On ResNet-56 at half width, with 100 steps
+            (``benchmarks/repair_cifar.py --train 12800``): ``id`` keeps 84.9 / 85.0 /
+            82.8% with the three, ``l1`` 82.0% with ``"recalibrate"`` and diverges with
+            ``"freeze"`` (its statistics no longer match its narrower layers).
         seed: batch order and augmentation.
     """
 
@@ -73,6 +83,7 @@ class RepairConfig:
     loss: str = "mse"
     temperature: float = 4.0
     augment: str | None = None
+    batch_norm: str = "recalibrate"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +98,10 @@ class RepairConfig:
         if self.augment not in _AUGMENTS:
             raise ValueError(
                 f"repair: augment={self.augment!r} must be None, 'flip' or 'flip-crop'"
+            )
+        if self.batch_norm not in ("recalibrate", "freeze", "train"):
+            raise ValueError(
+                f"repair: batch_norm={self.batch_norm!r} must be 'recalibrate', 'freeze' or 'train'"
             )
         if not self.temperature > 0:
             raise ValueError(f"repair: temperature={self.temperature!r} must be positive")
@@ -176,6 +191,34 @@ def _augment(x: Any, how: str | None, g: torch.Generator) -> Any:
     return x
 
 
+#: batches whose statistics ``batch_norm="recalibrate"`` averages
+RECALIBRATION_BATCHES = 32
+
+
+@torch.no_grad()
+def _recalibrate(
+    model: nn.Module, norms: list[nn.modules.batchnorm._BatchNorm], batches: Sequence[Any],
+    g: torch.Generator,
+) -> None:  # fmt: skip
+    """Re-estimate every BatchNorm's running statistics as the plain average over up to
+    :data:`RECALIBRATION_BATCHES` batches (seeded), in the model's current weights."""
+    if not batches:
+        return
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+        m.train()
+    idx = torch.randperm(len(batches), generator=g)[:RECALIBRATION_BATCHES].tolist()
+    try:
+        for i in idx:
+            call_model(model, _inputs(batches[i]))
+    finally:
+        for m, (momentum, training) in zip(norms, saved):
+            m.momentum = momentum
+            m.train(training)
+
+
 def _loss(s: torch.Tensor, t: torch.Tensor, cfg: RepairConfig) -> torch.Tensor:
     if s.shape != t.shape:
         raise ValueError(
@@ -255,6 +298,12 @@ def repair(
     was_training, teacher_training = student.training, teacher.training
     teacher.eval()
     student.train()
+    norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if cfg.batch_norm == "recalibrate" and norms:
+        _recalibrate(student, norms, batches if batches is not None else [], g)
+    if cfg.batch_norm in ("freeze", "recalibrate"):
+        for m in norms:
+            m.eval()
     losses: list[float] = []
     examples = 0
     t0 = time.perf_counter()
