@@ -13,7 +13,7 @@ any unlabelled set of the same kind will do.
 SGD with Nesterov momentum and a cosine learning rate to zero over the steps. BatchNorm
 statistics are re-estimated on the repair data first and then kept
 (``batch_norm="recalibrate"``): the teacher runs in evaluation mode, and batch statistics
-in the student alone start the repair 2.5× further from it.
+in the student alone would start the repair further from it.
 Image batches (4-D tensors) can be augmented with random flips and 4-pixel shifted crops
 (``augment="flip-crop"``, the usual CIFAR recipe).
 
@@ -68,10 +68,10 @@ class RepairConfig:
             are first re-estimated on up to 32 batches of the repair data, then kept
             (normalising as in evaluation; the affine weights still train);
             ``"freeze"``: kept as they are; ``"train"``: normalise by batch statistics and
-            re-estimate them as training goes.  On ResNet-56 at half width, with 100 steps
-            (``benchmarks/repair_cifar.py --train 12800``): ``id`` keeps 84.9 / 85.0 /
-            82.8% with the three, ``l1`` 82.0% with ``"recalibrate"`` and diverges with
-            ``"freeze"`` (its statistics no longer match its narrower layers).
+            re-estimate them as training goes.  On ResNet-56 at half width, 100 steps
+            (``benchmarks/repair_cifar.py --train 12800``, docs/results.md): ``id``
+            keeps 84.9% recalibrated and 85.0% frozen; ``l1`` keeps 82.0% recalibrated
+            and diverges frozen (its statistics no longer fit its narrower layers).
         seed: batch order and augmentation.
     """
 
