@@ -300,7 +300,7 @@ def _sketch_plan(state: ChannelRun) -> dict[int, int]:
         state.report.warnings.append(f"{exc} (the exact Grams were used)")
         return {}
     if plan:
-        state.report.warnings.append(sketch_groups_message(plan, widths, [names[g] for g in plan]))
+        state.report.warnings.append(sketch_groups_message(plan, widths, names))
     return plan
 
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spectrim.evaluation.metrics import split_batch
 from spectrim.graph.trace import call_model
 
 __all__ = ["RepairConfig", "RepairReport", "repair"]
@@ -154,17 +155,6 @@ class _Steps:
         return iter(b for _, b in zip(range(self.total), self.stream))
 
 
-def _inputs(batch: Any) -> Any:
-    """The model inputs of a batch: a tensor, the first item of ``(x, y)``, or a dict
-    without its labels (labels are never used)."""
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k not in ("labels", "label", "targets")}
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
-        if batch[1].dtype in (torch.int64, torch.int32) and batch[1].dim() == 1:
-            return batch[0]
-    return batch
-
-
 def _output(out: Any) -> torch.Tensor:
     """The tensor a model's output stands for: itself, ``logits``, ``last_hidden_state``
     or the first item of a tuple."""
@@ -212,7 +202,7 @@ def _recalibrate(
     idx = torch.randperm(len(batches), generator=g)[:RECALIBRATION_BATCHES].tolist()
     try:
         for i in idx:
-            call_model(model, _inputs(batches[i]))
+            call_model(model, split_batch(batches[i])[0])
     finally:
         for m, (momentum, training) in zip(norms, saved):
             m.momentum = momentum
@@ -309,7 +299,7 @@ def repair(
     t0 = time.perf_counter()
     try:
         for batch in it:
-            x = _augment(_inputs(batch), cfg.augment, g)
+            x = _augment(split_batch(batch)[0], cfg.augment, g)
             with torch.no_grad():
                 t = _output(call_model(teacher, x)).detach()
             s = _output(call_model(student, x))

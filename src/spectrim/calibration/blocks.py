@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from spectrim.calibration.batches import drop_padding, token_mask
-from spectrim.calibration.collect import Collected, group_view
+from spectrim.calibration.collect import Collected, _call_keeper, group_view
 from spectrim.calibration.sequential import Refit, sequential_correct
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
@@ -321,32 +321,23 @@ def blockwise_correct(
 def _capture(
     model: nn.Module, batches: Sequence[Any], names: Sequence[str]
 ) -> list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]]:
-    """Every chain module's arguments at its first call in each batch (``args[0]`` only
-    for the first module), from one forward pass of the model per batch."""
-    calls: list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]] = []
+    """Every chain module's arguments at its first call in each batch, from one forward
+    pass per batch (what the calibration pass keeps with ``keep_calls``)."""
     modules = dict(model.named_modules())
-
-    def capture(name: str, store: dict[str, tuple[tuple[Any, ...], dict[str, Any]]]) -> Any:
-        def h(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if name not in store:
-                head = args[0] if name == names[0] else None
-                store[name] = ((head, *args[1:]), dict(kwargs))
-
-        return h
-
-    for batch in batches:
-        store: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        hs = [
-            modules[n].register_forward_pre_hook(capture(n, store), with_kwargs=True) for n in names
-        ]
-        try:
-            with torch.no_grad():
+    out = Collected(stats={})
+    hs = [
+        modules[n].register_forward_pre_hook(_call_keeper(n, names[0], out), with_kwargs=True)
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                out.calls.append({})
                 call_model(model, batch)
-        finally:
-            for hd in hs:
-                hd.remove()
-        calls.append(store)
-    return calls
+    finally:
+        for hd in hs:
+            hd.remove()
+    return out.calls
 
 
 def _keeper(

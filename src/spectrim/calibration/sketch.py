@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -323,10 +323,10 @@ def _human(n: float) -> str:
 
 
 def sketch_groups_message(
-    plan: Mapping[int, int], widths: Mapping[int, int], names: Sequence[str]
+    plan: Mapping[int, int], widths: Mapping[int, int], names: Mapping[int, str]
 ) -> str:
     """One line for the report: which groups were sketched, and how."""
-    parts = [f"'{n}' ({widths[g]} units, {plan[g]} rows)" for g, n in zip(plan, names)]
+    parts = [f"'{names[g]}' ({widths[g]} units, {k} rows)" for g, k in plan.items()]
     return (
         "stats_memory: the exact statistics would not fit, so these groups were selected from "
         "a randomized sketch of their activations: " + ", ".join(parts)

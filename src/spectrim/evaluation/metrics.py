@@ -133,8 +133,9 @@ def _iter_batches(data: Any, batch_size: int) -> Iterator[Any]:
         )
 
 
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    """Split a batch into (model inputs, labels or None)."""
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """Split a batch into (model inputs, labels or None): a tensor, ``(x,)``, ``(x, y)``
+    or a dict whose ``labels`` / ``label`` key is the labels."""
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, Mapping):
@@ -179,7 +180,7 @@ def _collect(
     labelled: bool | None = None
     with eval_mode(*models), torch.no_grad():
         for index, batch in enumerate(_iter_batches(data, batch_size)):
-            inputs, y = _split_batch(batch)
+            inputs, y = split_batch(batch)
             if labelled is None:
                 labelled = y is not None
             elif labelled != (y is not None):
