@@ -39,7 +39,7 @@ from spectrim.config import (
 )
 from spectrim.context import RunContext
 from spectrim.distributed import Team
-from spectrim.graph import ModuleSnapshot
+from spectrim.graph import ModuleSnapshot, is_offloaded, onload
 from spectrim.methods import Method, WeightMethod, get_method, method_kinds, method_pair
 from spectrim.repair import RepairConfig
 from spectrim.repair import repair as run_repair
@@ -68,7 +68,11 @@ def compress(
     """Compress ``model`` with ``method`` to ``target``; return ``(new_model, report)``.
 
     Args:
-        model: a trained model.  Not modified unless ``inplace=True``.
+        model: a trained model.  Not modified unless ``inplace=True``.  A model
+            dispatched by accelerate (``device_map`` with offloading, ``cpu_offload``,
+            ``disk_offload``) is read into CPU memory once, without its hooks
+            (:func:`spectrim.graph.onload`), and the result is a plain model on the CPU;
+            with ``inplace=True`` the model itself is stripped and filled, no copy.
         calibration: unlabelled inputs (see :func:`as_batches`); a few hundred examples
             are enough for most CNNs.
         method: registered method name (default ``"id"``); overrides ``config.method``.
@@ -150,7 +154,10 @@ def compress(
         )
     if not team.solo:
         _check_shared(cfg, then)
-    home, run_on = _devices(model, device)
+    source = model
+    if is_offloaded(model):  # accelerate's hooks: the model in memory once, on the CPU
+        source = onload(model, copy=not inplace)
+    home, run_on = _devices(source, device)
     batches = as_batches(calibration)
     info = check_calibration(batches)  # on the whole set, alike on every rank
     batches = team.shard(batches)
@@ -162,7 +169,7 @@ def compress(
         team=team,
         progress=progress if team.is_root else False,
     )
-    work = model if inplace else copy.deepcopy(model)
+    work = source if inplace or source is not model else copy.deepcopy(model)
     snapshot = ModuleSnapshot(work) if inplace else None
     try:
         with team.guard():
@@ -197,8 +204,7 @@ def _devices(
             raise ValueError(
                 f"'{name}' of the model is on the meta device, so it has no values to "
                 "measure or fold: load the weights first (e.g. model.to_empty(device='cpu') "
-                "and load_state_dict, or from_pretrained without device_map). Models "
-                "offloaded layer by layer are not supported yet"
+                "and load_state_dict, or from_pretrained)"
             )
     found = {t.device for t in (*model.parameters(), *model.buffers())}
     home = found.pop() if len(found) == 1 else (torch.device("cpu") if not found else None)

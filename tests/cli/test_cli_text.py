@@ -13,6 +13,7 @@ import torch
 
 from spectrim.calibration.text import read_texts, text_batches
 from spectrim.cli import main
+from spectrim.cli._common import resolve_model
 from spectrim.graph.attention import find_attention
 from spectrim.io import load_compressed
 
@@ -122,3 +123,35 @@ def test_text_batches_pad_a_tokenizer_without_a_pad_token_without_changing_it() 
     batches = text_batches(["ab", "abcd", "a"], tok, batch_size=2)
     assert [b["input_ids"].shape for b in batches] == [(2, 4), (1, 1)]
     assert tok.pad_token is None
+
+
+def test_offload_folder_keeps_the_original_on_disk_and_compresses_the_same(
+    minilm_dir: Path, sentences_csv: Path, tmp_path: Path
+) -> None:
+    """``--offload-folder``: the real MiniLM loaded with its weights in files (accelerate),
+    compressed to the model the in-memory run gives (the same report and cosines)."""
+    pytest.importorskip("accelerate")
+    argv = [
+        "compress", "--model", str(minilm_dir), "--data", str(sentences_csv),
+        "--text-column", "sentence", "--calib", "32", "--eval-limit", "32", "--max-length",
+        "32", "--target", "width=0.5", "--one-shot", "--quiet",
+    ]  # fmt: skip
+    summaries = []
+    for extra in ([], ["--offload-folder", str(tmp_path / "off")]):
+        path = tmp_path / f"r{len(extra)}.json"
+        assert main([*argv, *extra, "--json", str(path)]) == 0
+        summaries.append(json.loads(path.read_text()))
+    plain, held = summaries
+    held_model = resolve_model(str(minilm_dir), offload_folder=str(tmp_path / "off")).model
+    assert {p.device.type for p in held_model.parameters()} == {"meta"}  # read from files
+    assert held["cosine_mean"] == pytest.approx(plain["cosine_mean"], abs=1e-6)
+    assert held["report"]["groups"] == plain["report"]["groups"]
+
+
+def test_offload_folder_is_for_hugging_face_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["compress", "--model", "resnet20-cifar10", "--data", "cifar10", "--offload-folder",
+            str(tmp_path)]  # fmt: skip
+    assert main(argv) != 0
+    assert "not a Hugging Face model folder" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -408,17 +409,25 @@ def resolve_model(
     option: str = "--model",
     *,
     trust_pickle: bool = False,
+    offload_folder: str | None = None,
 ) -> ResolvedModel:
     """Load ``spec``: a compressed folder, a model file, or a zoo name (pretrained).
 
     Pickled model files (and compressed folders whose original is one) load only with
-    ``trust_pickle`` (``--trust-pickle``): unpickling runs code from the file.
+    ``trust_pickle`` (``--trust-pickle``): unpickling runs code from the file.  A Hugging
+    Face folder with ``offload_folder`` keeps its weights in files there (accelerate),
+    read layer by layer, instead of in memory.
     """
     from spectrim.io import load_compressed, load_model_file, read_manifest
     from spectrim.zoo import get_model
 
     kind = check_model_spec(spec, option)
     p = Path(spec).expanduser()
+    if offload_folder is not None and kind != "hf":
+        raise CLIError(
+            f"--offload-folder keeps a Hugging Face model's weights on disk; {option} "
+            f"{spec!r} is not a Hugging Face model folder"
+        )
     if kind == "compressed":
         manifest = read_manifest(p)
         model = load_compressed(p, trust_code=trust_pickle)
@@ -427,13 +436,14 @@ def resolve_model(
         model = load_model_file(p, example_inputs, trust_pickle=trust_pickle)
         return ResolvedModel(model.eval(), kind, None, str(p), file=p.resolve())
     if kind == "hf":
-        return _hf_model(p, option)
+        return _hf_model(p, option, offload_folder)
     return ResolvedModel(get_model(spec, pretrained=True).eval(), kind, {"zoo": spec}, spec)
 
 
-def _hf_model(p: Path, option: str) -> ResolvedModel:
+def _hf_model(p: Path, option: str, offload_folder: str | None = None) -> ResolvedModel:
     """A Hugging Face model folder (a sentence-transformers folder holds one at its root):
-    the model through its Auto class, never with remote code, and its tokenizer."""
+    the model through its Auto class, never with remote code, and its tokenizer; with
+    ``offload_folder``, every weight offloaded to files there (needs accelerate)."""
     try:
         import transformers
     except ImportError:
@@ -448,8 +458,13 @@ def _hf_model(p: Path, option: str) -> ResolvedModel:
         raise CLIError(f"{option} {p}: the model needs its own code (auto_map); not supported")
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     auto = "AutoModelForCausalLM" if causal else "AutoModel"
+    where: dict[str, Any] = {}
+    if offload_folder is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise CLIError("--offload-folder needs 'pip install accelerate'")
+        where = {"device_map": {"": "disk"}, "offload_folder": offload_folder}
     try:
-        model = getattr(transformers, auto).from_pretrained(p).eval()
+        model = getattr(transformers, auto).from_pretrained(p, **where).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError) as exc:
         raise CLIError(f"{option} {p}: {exc}") from None

@@ -128,7 +128,12 @@ def _run_compress(args: argparse.Namespace) -> int:
         raise CLIError(f"--data {args.data!r}: no evaluation examples")
     if data.note and not args.quiet:
         print(f"note: {data.note}", file=out)
-    resolved = resolve_model(args.model, example_inputs=calib_x[:4], trust_pickle=args.trust_pickle)
+    resolved = resolve_model(
+        args.model,
+        example_inputs=calib_x[:4],
+        trust_pickle=args.trust_pickle,
+        offload_folder=args.offload_folder,
+    )
     model = resolved.model.eval()
 
     small, report = compress(model, calib_x, **_compress_kwargs(args, target, then))
@@ -338,7 +343,9 @@ def _compress_text(
     from spectrim.evaluation import compare_latency, embedding_fidelity
     from spectrim.io import save_compressed
 
-    resolved = resolve_model(args.model, trust_pickle=args.trust_pickle)
+    resolved = resolve_model(
+        args.model, trust_pickle=args.trust_pickle, offload_folder=args.offload_folder
+    )
     if resolved.tokenizer is None:
         raise CLIError(
             f"--data {args.data!r} is text: --model must be a Hugging Face model folder "
@@ -657,7 +664,11 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise CLIError(f"--data {args.data!r}: no held-out (evaluation) examples")
     if data.note and not args.quiet:
         print(f"note: {data.note}", file=out)
-    resolved = resolve_model(args.model, example_inputs=calib_x[:4], trust_pickle=args.trust_pickle)
+    resolved = resolve_model(
+        args.model,
+        example_inputs=calib_x[:4],
+        trust_pickle=args.trust_pickle,
+    )
     model = resolved.model.eval()
 
     options: dict[str, Any] = {

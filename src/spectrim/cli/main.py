@@ -108,6 +108,9 @@ Examples:
   # corrections fitted one transformer layer at a time
   spectrim compress --model my-llm/ --data text.txt --target width=0.5 --stats-memory 4GiB \
       --blockwise
+  # the original's weights left on disk (accelerate), only the compressed model in memory
+  spectrim compress --model my-llm/ --data text.txt --target width=0.5 --blockwise \
+      --offload-folder /tmp/offload
   # half the MACs, then one epoch of distillation from the original on the JPEG train set
   spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 \
       --repair-epochs 1 --repair-data cifar10-jpeg --repair-augment flip-crop --out small/
@@ -395,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for the calibration statistics, e.g. 8GiB (default: a quarter of the "
         "machine's, or of the GPU's); id selects groups whose exact Grams would not fit "
         "from randomized sketches of their activations",
+    )
+    p.add_argument(
+        "--offload-folder",
+        metavar="DIR",
+        help="a Hugging Face --model: keep its weights in files under DIR (accelerate) "
+        "instead of memory; only the compressed model is built in memory",
     )
     p.add_argument(
         "--blockwise",

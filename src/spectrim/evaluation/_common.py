@@ -81,11 +81,11 @@ def batch_size_of(example_inputs: Any) -> int:
 
 
 def model_device(model: nn.Module) -> torch.device | None:
-    """Device of the model's first parameter (or buffer); ``None`` if it has neither."""
-    for param in model.parameters():
-        return param.device
-    for buffer in model.buffers():
-        return buffer.device
+    """Device of the model's first parameter (or buffer) not on the meta device; ``None``
+    if it has none (a model offloaded by accelerate moves its inputs itself)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
     return None
 
 
