@@ -97,6 +97,8 @@ class ChannelRun:
     cost0: ModelCost | None = None
     groups: list[UnitGroup] = field(default_factory=list)
     collected: Collected = field(default_factory=lambda: Collected(stats={}))
+    #: rows of each sketched group's sketch (kept for the report when the sketches go)
+    sketch_rows: dict[int, int] = field(default_factory=dict)
     channels_last: bool = False
     formats: Any = None
     rows: dict[int, float] = field(default_factory=dict)
@@ -522,6 +524,13 @@ def apply_stage(state: ChannelRun) -> None:
         refits = {gi: functools.partial(state.solvers[gi].refit, kept) for gi, kept in keep.items()}
         # float64 fit products only where the fit can be (nearly) exact
         exact = {gi: bool(state.curves[gi][state.widths[gi]] < _EXACT_FIT_BELOW**2) for gi in keep}
+        # the refits use fresh statistics: the selection's Grams need not live through them
+        for gi in keep:
+            state.solvers[gi].release()
+        state.sketch_rows = {gi: sk.rows for (gi, _), sk in collected.sketches.items()}
+        for stat in [stat for stat in collected.stats if stat[0] in keep]:
+            del collected.stats[stat]
+        collected.sketches.clear()
         stored = state.batches[: collected.n_stored]
         fitted = sum(batch_len(b) for b in stored)
         if not stored:  # a rank that stored none still runs the pass, adding no rows
@@ -590,9 +599,9 @@ def report_stage(state: ChannelRun) -> None:
             pinned=g.pinned,
             rows=int(state.rows[g.index]) if g.index in state.rows else None,
         )
-        sketched = [sk.rows for (gi, _), sk in state.collected.sketches.items() if gi == g.index]
-        if sketched:
-            gr.sketch_rows = sketched[0]
+        sketched = {gi: sk.rows for (gi, _), sk in state.collected.sketches.items()}
+        if g.index in (state.sketch_rows or sketched):
+            gr.sketch_rows = (state.sketch_rows or sketched)[g.index]
         if g.index in state.curves:
             gr.predicted_error = float(np.sqrt(max(state.curves[g.index][k], 0.0)))
         if g.index in state.plans:

@@ -41,6 +41,8 @@ class IDSolver(GroupSolver):
 
     least_squares_curve = True
 
+    selection_state = ("grams", "factorization")
+
     def __init__(self, group: UnitGroup, grams: Mapping[str, np.ndarray], ridge: float = 0.0):
         if not grams:
             raise ValueError(f"unit group '{group.name}' has no consumer statistics")
@@ -130,6 +132,7 @@ class SketchIDSolver(GroupSolver):
     """
 
     least_squares_curve = True
+    selection_state = ("sketches", "factorization")
 
     def __init__(
         self,

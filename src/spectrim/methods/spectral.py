@@ -86,6 +86,8 @@ def consumer_weight_gram(module: nn.Module, positions: np.ndarray) -> np.ndarray
 class SpectralSolver(GroupSolver):
     """Greedy θ-mixed selection and ridge reconstruction for one group."""
 
+    selection_state = ("grams", "sigma", "selection")
+
     def __init__(
         self,
         group: UnitGroup,
