@@ -22,11 +22,12 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from spectrim._heads import apply_heads, head_group_report, output_grams
@@ -48,6 +49,7 @@ from spectrim.calibration.sketch import default_stats_memory, plan_sketches, ske
 from spectrim.config import CompressConfig, Target, UnreachableTargetError, parse_bytes
 from spectrim.context import RunContext
 from spectrim.evaluation.flops import ModelCost, hook_counted, profile
+from spectrim.evaluation.latency import compare_latency, module_latencies
 from spectrim.graph import Analysis, GroupPlan, UnitGroup, apply_plan
 from spectrim.graph.attention import AttentionBlock, find_attention, prepare_attention
 from spectrim.graph.layout import (
@@ -453,11 +455,11 @@ def allocate_stage(state: ChannelRun) -> None:
         widths = dof_widths(
             tgt.value, state.solvers, round_to=cfg.round_to, min_width=cfg.min_width
         )
-    elif tgt.kind in ("macs", "params"):
+    elif tgt.kind in ("macs", "params", "latency"):
 
-        def run(curves: dict[int, np.ndarray], model: CostModel) -> Allocation:
+        def run(curves: dict[int, np.ndarray], model: CostModel, goal: Target = tgt) -> Allocation:
             return allocate_budget(
-                tgt,
+                goal,
                 curves,
                 model,
                 round_to=cfg.round_to,
@@ -466,7 +468,10 @@ def allocate_stage(state: ChannelRun) -> None:
                 unit_groups=state.head_solvers.keys(),
             )
 
-        alloc = run(state.curves, cost_model)
+        if tgt.kind == "latency":
+            alloc = _latency_allocation(state, cost_model, run)
+        else:
+            alloc = run(state.curves, cost_model)
         excess = cost_model.full_excess.get(tgt.kind, 0.0)
         d = cost_model.widths.get(HIDDEN_KEY, 0)
         whole = {**alloc.widths, HIDDEN_KEY: d}
@@ -498,6 +503,141 @@ def allocate_stage(state: ChannelRun) -> None:
     }
     # rank 0's decisions on every rank (the same statistics, but floating point may differ)
     state.widths, state.plans = state.ctx.team.broadcast((dict(widths), plans))
+
+
+#: rounds of the latency loop, timed calls per model per measurement, and the relative
+#: distance to the target at which the loop stops
+LATENCY_ROUNDS, LATENCY_REPEATS, LATENCY_CLOSE = 5, 15, 0.02
+
+
+def _latency_allocation(
+    state: ChannelRun,
+    cost_model: CostModel,
+    run: Callable[[dict[int, np.ndarray], CostModel, Target], Allocation],
+) -> Allocation:
+    """``latency=F``: the greedy on per-module times measured on this machine, closed on
+    the measured latency of the pruned shapes.
+
+    Each leaf module's time at ``latency_batch`` (its share of one forward pass,
+    :func:`~spectrim.evaluation.latency.module_latencies`) is its cost, shrinking with its
+    channels as its MACs do; what no module explains (functional ops, Python) stays
+    constant.  That model is only a guide (oneDNN's speed changes with the widths, and
+    elementwise modules spectrim sees no channels in stay constant), so the widths the
+    greedy picks for a fraction ``f`` are cut into a copy of the model (slices only, no
+    corrections) and timed against the original, interleaved (about a second of calls
+    each); ``f`` moves by the secant of the measured ratios against the modelled ones,
+    up to :data:`LATENCY_ROUNDS` rounds, until the measured ratio is within
+    :data:`LATENCY_CLOSE` of ``F``.  The cost model stays fixed, so a smaller ``f``
+    always means smaller shapes.  The closest round is kept; every round is in
+    ``report.latency``.
+    """
+    cfg, analysis = state.cfg, state.analysis
+    assert analysis is not None
+    goal = cfg.parsed_target.value
+    if state.head_solvers or state.stream is not None:
+        raise ValueError(
+            "target latency= prices channels by measured time; attention heads and the "
+            "residual width (heads=True / hidden=True) are not on it yet: use macs="
+        )
+    base = copy.deepcopy(state.work)
+    if state.channels_last:
+        restore_formats(base, state.formats)  # timed in the layout the user gets
+    example = _stacked(state.batches, cfg.latency_batch)
+    per, total = module_latencies(base, example, warmup=2, repeats=LATENCY_REPEATS)
+    cost_model.set_latency(per, total)
+    # about a second of timed calls per model and round: small models are noisy
+    repeats = int(min(max(LATENCY_REPEATS, 1.0 / max(total, 1e-6)), 200))
+    rounds: list[dict[str, float]] = []
+    best: tuple[float, Allocation] | None = None
+    f = goal
+    for _ in range(LATENCY_ROUNDS):
+        alloc = run(state.curves, cost_model, Target("latency", f))
+        probe = copy.deepcopy(base)
+        apply_plan(probe, analysis, {
+            gi: GroupPlan(keep=np.arange(k), folds={})
+            for gi, k in alloc.widths.items()
+            if gi < HEAD_KEY and k < analysis.groups[gi].width
+        })  # fmt: skip
+        timed = compare_latency(base, probe, example, warmup=2, repeats=repeats)
+        ratio = timed["compressed_median"] / timed["original_median"]
+        rounds.append({"fraction": f, "modelled": alloc.reached, "measured": ratio})
+        if best is None or abs(ratio - goal) < abs(best[0] - goal):
+            best = (ratio, alloc)
+        if abs(ratio - goal) <= LATENCY_CLOSE * goal:
+            break
+        f_next = _next_fraction(rounds, goal, floor=alloc.floor)
+        if f_next is None:
+            break
+        f = f_next
+    assert best is not None
+    state.report.latency = {
+        "target": goal,
+        "batch": cfg.latency_batch,
+        "measured": best[0],
+        "seconds_original": total,
+        "rounds": rounds,
+    }
+    if abs(best[0] - goal) > 0.1 * goal:
+        state.report.warnings.append(
+            f"target latency={goal:g} not met: the closest of {len(rounds)} rounds measured "
+            f"{best[0]:.3f} of the original's time at batch {cfg.latency_batch} (noise, "
+            "or the time of what channels do not shrink)"
+        )
+    return best[1]
+
+
+def _next_fraction(rounds: list[dict[str, float]], goal: float, floor: float) -> float | None:
+    """The latency fraction to ask the greedy for next: the secant of the measured ratios
+    against the modelled ones through the last two rounds when it slopes upwards, else
+    the last modelled fraction scaled by ``goal / measured``; within ``[floor, 1]``
+    (below the modelled floor the greedy cannot go).  ``None`` when that was asked
+    already (the floor, or the whole model).
+
+    Example::
+
+        >>> _next_fraction([{"fraction": 0.5, "modelled": 0.5, "measured": 0.6}], 0.5, 0.1)
+        0.4166666666666667
+        >>> rounds = [{"fraction": 0.5, "modelled": 0.5, "measured": 0.7},
+        ...           {"fraction": 0.3, "modelled": 0.3, "measured": 0.6}]
+        >>> round(_next_fraction(rounds, 0.5, floor=0.1), 4)
+        0.1
+        >>> _next_fraction([{"fraction": 0.1, "modelled": 0.1, "measured": 0.6}], 0.5, 0.1)
+    """
+    last = rounds[-1]
+    f = last["modelled"] * goal / last["measured"]
+    if len(rounds) >= 2:
+        prev = rounds[-2]
+        run = last["modelled"] - prev["modelled"]
+        slope = (last["measured"] - prev["measured"]) / run if abs(run) > 1e-9 else 0.0
+        if slope > 0:
+            f = last["modelled"] + (goal - last["measured"]) / slope
+    f = float(min(max(f, floor * (1 + 1e-6)), 1.0))
+    asked = {round(r["fraction"], 6) for r in rounds}
+    return None if round(f, 6) in asked else f
+
+
+def _stacked(batches: list[Any], n: int) -> Any:
+    """One input of ``n`` examples: the calibration batches concatenated (repeated when
+    they hold fewer)."""
+    got, count = [], 0
+    while count < n:
+        for b in batches:
+            got.append(b)
+            count += batch_len(b)
+            if count >= n:
+                break
+
+    def cat(items: list[Any]) -> Any:
+        first = items[0]
+        if isinstance(first, torch.Tensor):
+            return torch.cat(items)[:n]
+        if isinstance(first, Mapping):
+            return {k: cat([b[k] for b in items]) for k in first}
+        if isinstance(first, tuple | list):
+            return type(first)(cat([b[i] for b in items]) for i in range(len(first)))
+        return first
+
+    return cat(got)
 
 
 @_timed("apply")
@@ -628,7 +768,7 @@ def report_stage(state: ChannelRun) -> None:
     tgt, alloc = state.cfg.parsed_target, state.alloc
     if alloc is not None and alloc.reachable:
         reached = report.macs_ratio if tgt.kind == "macs" else report.params_ratio
-        if reached > tgt.value + 0.005:
+        if tgt.kind != "latency" and reached > tgt.value + 0.005:
             report.warnings.append(
                 f"target {tgt} not reached: the compressed model has {reached:.3f} of the "
                 f"original {tgt.kind.upper() if tgt.kind == 'macs' else 'parameters'} (the "
@@ -704,7 +844,7 @@ def _pin_underdetermined(
 def unreachable_message(
     tgt: Target, alloc: Allocation | JointAllocation, analysis: Any, cfg: CompressConfig
 ) -> str:
-    what = "MACs" if tgt.kind == "macs" else "parameters"
+    what = {"macs": "MACs", "latency": "latency"}.get(tgt.kind, "parameters")
     pinned = sum(1 for g in analysis.groups if g.pinned is not None)
     reasons = Counter(_reason_kind(g.pinned) for g in analysis.groups if g.pinned is not None)
     why = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(3)) or "none"

@@ -76,8 +76,8 @@ def compress(
         calibration: unlabelled inputs (see :func:`as_batches`); a few hundred examples
             are enough for most CNNs.
         method: registered method name (default ``"id"``); overrides ``config.method``.
-        target: ``"macs=F"``, ``"params=F"``, ``"width=F"`` or ``"error=E"`` (channel
-            methods), ``"sparsity=S"``, ``"sparsity=n:m"`` or ``"auto"`` (weight methods:
+        target: ``"macs=F"``, ``"params=F"``, ``"latency=F"`` (measured here, at
+            ``latency_batch=``), ``"width=F"`` or ``"error=E"`` (channel methods), ``"sparsity=S"``, ``"sparsity=n:m"`` or ``"auto"`` (weight methods:
             ``obs``, ``wanda``, ``lq``, ...), or a :class:`~spectrim.config.Target`;
             overrides ``config.target``.
         config: a full :class:`~spectrim.config.CompressConfig`.
@@ -110,6 +110,7 @@ def compress(
         repair_data: the batches the repair trains on.
         **options: extra :class:`~spectrim.config.CompressConfig` fields
             (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
+            ``latency_batch``,
             ``on_unreachable``, ``max_error``) or method options (e.g. ``ridge`` for
             ``id``), checked against the method's option types.
 

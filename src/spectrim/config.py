@@ -28,9 +28,11 @@ __all__ = [
 ]
 
 TargetKind = Literal[
-    "macs", "params", "width", "error", "dof", "sparsity", "auto", "heads", "hidden"
+    "macs", "params", "latency", "width", "error", "dof", "sparsity", "auto", "heads", "hidden"
 ]
-_KINDS = ("macs", "params", "width", "error", "dof", "sparsity", "auto", "heads", "hidden")
+_KINDS = (
+    "macs", "params", "latency", "width", "error", "dof", "sparsity", "auto", "heads", "hidden"
+)  # fmt: skip
 #: Target kinds of weight sparsification (the others are channel targets).
 WEIGHT_TARGETS = frozenset({"sparsity", "auto"})
 _UNREACHABLE = ("stop", "raise", "force")
@@ -69,6 +71,10 @@ class Target:
 
     * ``macs=F`` / ``params=F``: keep a fraction ``F`` of the model's MACs / parameters,
       allocated across layers from their error curves (one pass, no re-pruning loop);
+    * ``latency=F``: keep a fraction ``F`` of the model's latency on this machine at
+      batch ``latency_batch``: the allocator trades channels by each layer's measured
+      time, and the measured latency of the pruned shapes closes the loop (docs/design.md
+      §8; not deterministic: it times this machine);
     * ``width=F``: keep a fraction ``F`` of every prunable layer's channels;
     * ``heads=F``: keep a fraction ``F`` of the attention heads of every attention layer
       (key/value groups with grouped-query attention), selected and corrected by a
@@ -126,7 +132,7 @@ class Target:
             return cls("auto", 0.0)
         if not isinstance(text, str) or "=" not in text:
             raise ValueError(
-                f"target {text!r} must look like 'macs=0.5', 'params=0.5', 'width=0.5', "
+                f"target {text!r} must look like 'macs=0.5', 'params=0.5', 'latency=0.5', 'width=0.5', "
                 "'error=0.05', 'dof=0.001', 'heads=0.75', 'hidden=0.9', 'sparsity=0.5', 'sparsity=2:4' or 'auto'"
             )
         kind, _, value = text.partition("=")
@@ -208,6 +214,8 @@ class CompressConfig:
             fits).  Models with no chain of blocks spectrim finds, or a pruned group that
             reaches outside it, or ``heads``/``hidden`` on the budget, get the whole-model
             pass and a warning.
+        latency_batch: the batch size a ``latency=F`` target is measured at (the
+            calibration examples repeated to fill it).
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
     """
 
@@ -226,6 +234,7 @@ class CompressConfig:
     hidden: bool = False
     stats_memory: int | str | None = None
     blockwise: bool = False
+    latency_batch: int = 1
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -244,6 +253,8 @@ class CompressConfig:
             raise ValueError(f"max_error={self.max_error!r} must be a positive number")
         if self.stats_memory is not None:
             parse_bytes(self.stats_memory)
+        if isinstance(self.latency_batch, bool) or int(self.latency_batch) < 1:
+            raise ValueError(f"latency_batch={self.latency_batch!r} must be a positive integer")
         if not isinstance(self.options, dict):
             raise TypeError(f"options must be a dict of method options, got {self.options!r}")
 

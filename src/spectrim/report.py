@@ -95,6 +95,9 @@ class CompressionReport:
     repair: dict[str, Any] | None = None
     """the distillation after compressing (``compress(..., repair=...)``): its
     :class:`~spectrim.repair.RepairReport` as a dict"""
+    latency: dict[str, Any] | None = None
+    """a ``latency=F`` target: ``target``, ``batch``, the ``measured`` ratio of the pruned
+    shapes' time to the original's, ``seconds_original`` and every round of the loop"""
 
     @property
     def widths(self) -> dict[str, list[int]]:

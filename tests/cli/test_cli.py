@@ -504,3 +504,20 @@ def test_compress_method_options_reach_the_method(
         got, want, default = small(x), ref(x), other(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, default, atol=1e-4)  # the options changed the model
+
+
+def test_compress_to_a_latency_target(
+    model_files: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--target latency=F``: measured at ``--latency-batch``, every round in the JSON."""
+    code, out, err = _run(
+        capsys, "compress", "--model", str(model_files["pickle"]), "--trust-pickle",
+        "--data", "digits", "--method", "l1", "--target", "latency=0.7", "--calib", "200",
+        "--eval-limit", "100", "--latency-batch", "64", "--json", "-", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    lat = json.loads(out)["report"]["latency"]
+    assert lat["target"] == 0.7 and lat["batch"] == 64 and lat["rounds"]
+    assert lat["measured"] == min(
+        (r["measured"] for r in lat["rounds"]), key=lambda m: abs(m - 0.7)
+    )

@@ -107,6 +107,17 @@ class _Axis:
     per_class: dict[int, int]  # group index -> occurrences of each of its channels
 
 
+def _scaled(
+    base: float, axes: list[_Axis], widths: Mapping[int, int], full: Mapping[int, int]
+) -> float:
+    """A term's cost at ``widths``: ``base`` times each axis's kept share."""
+    f = base
+    for ax in axes:
+        removed = sum(r * (full[g] - widths.get(g, full[g])) for g, r in ax.per_class.items())
+        f *= (ax.length - removed) / ax.length
+    return f
+
+
 class CostModel:
     """MACs and parameter counts of the pruned model as a function of group widths.
 
@@ -129,7 +140,12 @@ class CostModel:
         group_of = analysis.class_group
         self.other_macs = other_macs
         #: what the terms of :meth:`add_term` count at full width that the model lacks
-        self.full_excess: dict[str, float] = {"macs": 0.0, "params": 0.0}
+        self.full_excess: dict[str, float] = {"macs": 0.0, "params": 0.0, "latency": 0.0}
+        #: per module with a channel axis, the axes that shrink it (for latency terms)
+        self.module_axes: dict[str, list[_Axis]] = {}
+        #: seconds per module (see :meth:`set_latency`) and the time no module explains
+        self.latency_terms: list[tuple[float, list[_Axis]]] = []
+        self.other_latency = 0.0
 
         def axis(labels: np.ndarray) -> _Axis:
             per: dict[int, int] = {}
@@ -154,6 +170,8 @@ class CostModel:
             axes_out = analysis.out_labels.get(name)
             axes_chan = analysis.chan_labels.get(name)
             mod_axes = [axis(a) for a in (axes_in, axes_out, axes_chan) if a is not None]
+            if mod_axes and not any(True for _ in mod.children()):
+                self.module_axes[name] = mod_axes
             if name in module_macs:
                 self.mac_terms.append((float(module_macs[name]), mod_axes))
                 self.mac_owners.append(name)
@@ -183,13 +201,7 @@ class CostModel:
     ) -> float:
         total = 0.0
         for base, axes in terms:
-            f = base
-            for ax in axes:
-                removed = sum(
-                    r * (full[g] - widths.get(g, full[g])) for g, r in ax.per_class.items()
-                )
-                f *= (ax.length - removed) / ax.length
-            total += f
+            total += _scaled(base, axes, widths, full)
         return total
 
     def add_term(self, key: int, macs: float, params: float, per_unit: int = 1) -> None:
@@ -232,11 +244,27 @@ class CostModel:
                 if mod == module and (pname == "weight" or (which == "out" and pname == "bias")):
                     self.param_terms[i][1].append(ax)
 
+    def set_latency(self, seconds: Mapping[str, float], total: float) -> None:
+        """Measured seconds per leaf module and of the whole forward pass, for ``latency``
+        costs: each module's time shrinks with its channel axes as its MACs do (a
+        convolution at half its input and half its output channels: a quarter), the
+        time of modules without channels and of functional ops stays constant."""
+        self.latency_terms = [
+            (float(t), list(self.module_axes[name]))
+            for name, t in seconds.items()
+            if name in self.module_axes
+        ]
+        self.other_latency = max(float(total) - sum(t for t, _ in self.latency_terms), 0.0)
+
     def terms_of(self, kind: str) -> list[tuple[float, list[_Axis]]]:
+        if kind == "latency":
+            return self.latency_terms
         return self.mac_terms if kind == "macs" else self.param_terms
 
     def owners_of(self, kind: str) -> list[str | None]:
         """Per term of :meth:`terms_of`, the module whose weight matrix it counts."""
+        if kind == "latency":
+            return [None] * len(self.latency_terms)
         return self.mac_owners if kind == "macs" else self.param_owners
 
     def macs(self, widths: Mapping[int, int]) -> float:
@@ -245,7 +273,13 @@ class CostModel:
     def params(self, widths: Mapping[int, int]) -> float:
         return self._eval(self.param_terms, widths, self.widths)
 
+    def latency(self, widths: Mapping[int, int]) -> float:
+        """Modelled seconds per forward pass at ``widths`` (after :meth:`set_latency`)."""
+        return self._eval(self.latency_terms, widths, self.widths) + self.other_latency
+
     def cost(self, kind: str, widths: Mapping[int, int]) -> float:
+        if kind == "latency":
+            return self.latency(widths)
         return self.macs(widths) if kind == "macs" else self.params(widths)
 
 
@@ -410,11 +444,12 @@ def _joint_terms(
         owners_all = getattr(cost_model, "param_owners", [])
         pick = [i for i, o in enumerate(owners_all) if o in matrices]
         return [cost_model.param_terms[i] for i in pick], [owners_all[i] for i in pick], 0.0
-    if kind not in ("macs", "params"):
-        raise ValueError(f"cost kind {kind!r} must be 'macs', 'params' or 'nonzeros'")
+    if kind not in ("macs", "params", "latency"):
+        raise ValueError(f"cost kind {kind!r} must be 'macs', 'params', 'latency' or 'nonzeros'")
     terms = cost_model.terms_of(kind)
     owners: list[str | None] = list(cost_model.owners_of(kind)) if matrices else [None] * len(terms)
-    return terms, owners, float(cost_model.other_macs) if kind == "macs" else 0.0
+    extra = {"macs": "other_macs", "latency": "other_latency"}.get(kind)
+    return terms, owners, float(getattr(cost_model, extra)) if extra else 0.0
 
 
 def _term_value(
@@ -425,10 +460,7 @@ def _term_value(
     dens: Mapping[str, float],
 ) -> float:
     base, axes = term
-    f = base
-    for ax in axes:
-        removed = sum(r * (full[g] - widths.get(g, full[g])) for g, r in ax.per_class.items())
-        f *= (ax.length - removed) / ax.length
+    f = _scaled(base, axes, widths, full)
     if owner is not None and owner in dens:
         f *= dens[owner]
     return f

@@ -102,6 +102,9 @@ Examples:
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target macs=0.5 \
       --heads --hidden
 
+  # twice as fast at batch 64 on this machine, measured (channel widths multiples of 8)
+  spectrim compress --model resnet56-cifar10 --data cifar10 --target latency=0.5 \
+      --latency-batch 64 --round-to 8
   # forward passes and statistics on a GPU (the result is saved as usual)
   spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 --device cuda
   # layers thousands of units wide, statistics held to 4 GiB (the widest are sketched),
@@ -123,7 +126,8 @@ Examples:
   spectrim compress --model resnet20-cifar10 --data cifar10 --calib 256 --method id+obs \
       --target sparsity=0.9 --option refit=true
 
-Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), width=F (keep a
+Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), latency=F (keep a
+fraction F of the forward time measured on this machine at --latency-batch), width=F (keep a
 fraction F of every layer's channels), heads=F (keep a fraction F of every attention
 layer's heads: id, spectral, l1, l2, random), hidden=F (keep a fraction F of a
 transformer's hidden size: id, spectral, l1, l2, random), error=E (per-layer reconstruction error at most E),
@@ -482,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=32,
         metavar="N",
-        help="batch size for --latency (default: 32)",
+        help="batch size for --latency and the batch a latency=F target is measured at "
+        "(default: 32)",
     )
     p.add_argument(
         "--latency-repeats",
@@ -528,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=32,
         metavar="N",
-        help="batch size for --latency (default: 32)",
+        help="batch size for --latency and the batch a latency=F target is measured at "
+        "(default: 32)",
     )
     _common_options(p)
     add_data_options(p)

@@ -39,7 +39,7 @@ from spectrim.evaluation._common import (
     to_device,
 )
 
-__all__ = ["LatencyResult", "compare_latency", "measure_latency"]
+__all__ = ["LatencyResult", "compare_latency", "measure_latency", "module_latencies"]
 
 
 @dataclass(frozen=True)
@@ -230,3 +230,69 @@ def compare_latency(
         "repeats": repeats,
         "threads": threads,
     }
+
+
+def module_latencies(
+    model: nn.Module,
+    example_inputs: Any,
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: int | None = None,
+) -> tuple[dict[str, float], float]:
+    """Median seconds per forward pass spent in each leaf module, and in the whole model.
+
+    Every leaf module (one without children) is timed between its forward pre-hook and
+    its forward hook (summed when it is called several times in one pass), on the device
+    the model is on (synchronised on CUDA); the whole pass is timed around the call.  The
+    difference between the whole and the sum is what functional ops (``F.relu``, ``+``,
+    reshapes) and Python cost.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8))
+        >>> per, total = module_latencies(net, torch.randn(32, 64), warmup=1, repeats=3)
+        >>> sorted(per), 0 < sum(per.values()) <= total
+        (['0', '1', '2'], True)
+    """
+    _check_counts(warmup, repeats, threads)
+    check_inputs(example_inputs)
+    timer = _Timer(model, example_inputs)
+    sync = timer.sync
+    leaves = {n: m for n, m in model.named_modules() if n and not any(True for _ in m.children())}
+    spent: dict[str, float] = {}
+    started: dict[str, list[float]] = {n: [] for n in leaves}
+
+    def pre(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            if sync is not None:
+                sync()
+            started[name].append(time.perf_counter())
+
+        return hook
+
+    def post(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            if sync is not None:
+                sync()
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - started[name].pop()
+
+        return hook
+
+    handles = []
+    for name, module in leaves.items():
+        handles.append(module.register_forward_pre_hook(pre(name)))
+        handles.append(module.register_forward_hook(post(name)))
+    per_call: list[dict[str, float]] = []
+    try:
+        with _num_threads(threads), eval_mode(model), torch.no_grad():
+            for step in range(warmup + repeats):
+                spent.clear()
+                timer(record=step >= warmup)
+                if step >= warmup:
+                    per_call.append(dict(spent))
+    finally:
+        for h in handles:
+            h.remove()
+    names = sorted({n for call in per_call for n in call})
+    per = {n: float(np.median([call.get(n, 0.0) for call in per_call])) for n in names}
+    return per, timer.result(batch_size_of(example_inputs)).median
