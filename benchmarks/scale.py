@@ -27,6 +27,12 @@ Parts (``--parts``, default all that the machine can run):
   ``macs=0.5``, 1000 images, fitted on all of them) and the real all-MiniLM-L6-v2 (``id``,
   half of every FFN, ``--minilm-calib`` seeded sts-train sentences, fitted on all):
   seconds, peak RSS, and the largest difference between the two results' outputs.
+* ``offload``: a model held on disk by accelerate (``from_pretrained(device_map={"": "disk"},
+  offload_folder=...)``) against the same model in memory, compressed block by block
+  (``id``, half of every FFN): a random-weight BERT-base (110M parameters, 440 MB in
+  float32; the weights do not matter for memory), 64 sequences of 64 tokens; in memory
+  with a copy (the default), in memory in place, and from disk; each in a fresh process:
+  seconds, peak RSS against the model's bytes, and whether the results are identical.
 * ``factor``: the factorisations of an m × m Gram: SciPy's pivoted QR (``id``) and
   ``eigh`` (``spectral``) on the host with one BLAS thread and with all, and
   ``torch.linalg.eigh`` on the GPU (with the transfer), for m in ``--factor-widths``.
@@ -56,7 +62,7 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("wide", "procs", "device", "sketch", "blocks", "factor")
+PARTS = ("wide", "procs", "device", "sketch", "blocks", "offload", "factor")
 
 
 def _wide_model(m: int, seed: int = 0) -> nn.Module:
@@ -371,6 +377,87 @@ def part_blocks(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------ offloaded models
+
+OFFLOAD_MODES = ("memory", "memory-inplace", "disk")
+
+
+def _offload_model(folder: Path) -> None:
+    """A random-weight BERT-base saved to ``folder`` (safetensors), once."""
+    from transformers import BertConfig, BertModel
+
+    if (folder / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    BertModel(BertConfig()).eval().save_pretrained(folder)
+
+
+def offload_one(mode: str, folder: str, out: str) -> dict[str, Any]:
+    """The BERT of ``folder`` loaded in memory or held on disk (``mode``), compressed
+    block by block; its output on one batch saved to ``out``."""
+    from transformers import BertModel
+
+    import spectrim
+
+    where: dict[str, Any] = {}
+    if mode == "disk":
+        where = {"device_map": {"": "disk"}, "offload_folder": str(Path(folder) / "off")}
+    t = time.perf_counter()
+    model = BertModel.from_pretrained(folder, **where).eval()
+    load_s = time.perf_counter() - t
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1000, 20000, (16, 64), generator=g)} for _ in range(4)]
+    t = time.perf_counter()
+    small, report = spectrim.compress(
+        model, batches, "id", "width=0.5", blockwise=True, inplace=mode == "memory-inplace"
+    )
+    total = time.perf_counter() - t
+    with torch.no_grad():
+        torch.save(small(**batches[0]).last_hidden_state, out)
+    return {
+        "mode": mode,
+        "load_s": load_s,
+        "compress_s": total,
+        "blocks": report.blocks,
+        "params_ratio": report.params_ratio,
+        "model_bytes": report.params_before * 4,  # float32
+        "peak_rss_after_load_bytes": rss_loaded,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def part_offload(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "bert"
+        _offload_model(folder)
+        outs = {}
+        for mode in OFFLOAD_MODES:
+            path = str(Path(tmp) / f"{mode}.pt")
+            cmd = [sys.executable, __file__, "--offload-one", mode, str(folder), path,
+                   "--threads", str(args.threads)]  # fmt: skip
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                rows.append({"mode": mode, "error": res.stderr[-2000:]})
+                print(rows[-1], flush=True)
+                continue
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            outs[mode] = torch.load(path)
+            if mode != "memory" and "memory" in outs:
+                row["max_abs_output_difference"] = float((outs[mode] - outs["memory"]).abs().max())
+            rows.append(row)
+            print(
+                f"BERT-base {mode}: compress {row['compress_s']:.1f} s, peak RSS "
+                f"{row['peak_rss_bytes'] / 2**20:.0f} MiB (model "
+                f"{row['model_bytes'] / 2**20:.0f} MiB; after loading "
+                f"{row['peak_rss_after_load_bytes'] / 2**20:.0f} MiB), output difference "
+                f"{row.get('max_abs_output_difference', 0.0):.1e}",
+                flush=True,
+            )
+    return rows
+
+
 # ------------------------------------------------------------------ ResNet-56, 1 vs 2 procs
 
 
@@ -551,6 +638,7 @@ def main() -> None:
     ap.add_argument("--minilm-calib", type=int, default=1024, help="MiniLM sentences (blocks)")
     ap.add_argument("--blocks-one", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--procs-worker", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--offload-one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.wide_one:
@@ -563,6 +651,9 @@ def main() -> None:
     if args.blocks_one:
         which, bw, calib, out = args.blocks_one
         print(json.dumps(blocks_one(which, bool(int(bw)), int(calib), out)))
+        return
+    if args.offload_one:
+        print(json.dumps(offload_one(*args.offload_one)))
         return
     if args.procs_worker:
         r, w, init, out, calib = args.procs_worker
@@ -585,6 +676,7 @@ def main() -> None:
         "device": part_device,
         "sketch": part_sketch,
         "blocks": part_blocks,
+        "offload": part_offload,
         "factor": part_factor,
     }
     for name in args.parts:
