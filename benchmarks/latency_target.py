@@ -22,9 +22,6 @@ Writes ``benchmarks/results/latency_target.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,10 +31,11 @@ import torch
 from torch import nn
 
 import spectrim
-from spectrim._files import atomic_write_text
 from spectrim.evaluation import compare_latency
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _results import save_result  # noqa: E402
 
 #: model -> (batch sizes, latency fractions)
 PLAN: dict[str, tuple[list[int], list[float]]] = {
@@ -121,20 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(args.models, args.repeats, args.round_to)
-    result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": args.threads,
-            "torch": torch.__version__,
-        },
-        "command": " ".join(sys.argv),
-        "rows": rows,
-    }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=2, default=float))
-    print("wrote", path)
+    save_result(args.out, {"rows": rows}, args.threads)
 
 
 if __name__ == "__main__":
