@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from spectrim._heads import apply_heads, head_group_report, output_grams
@@ -42,6 +41,7 @@ from spectrim.budget import (
     dof_widths,
 )
 from spectrim.calibration import Collected, collect
+from spectrim.calibration.batches import stack_examples
 from spectrim.calibration.blocks import blockwise_correct, find_chain, plan_blocks
 from spectrim.calibration.checks import CalibrationInfo, rows_per_group
 from spectrim.calibration.sequential import sequential_correct
@@ -533,16 +533,11 @@ def _latency_allocation(
     """
     cfg, analysis = state.cfg, state.analysis
     assert analysis is not None
-    goal = cfg.parsed_target.value
-    if state.head_solvers or state.stream is not None:
-        raise ValueError(
-            "target latency= prices channels by measured time; attention heads and the "
-            "residual width (heads=True / hidden=True) are not on it yet: use macs="
-        )
+    goal = cfg.parsed_target.value  # heads=/hidden= were refused (_needs_budget)
     base = copy.deepcopy(state.work)
     if state.channels_last:
         restore_formats(base, state.formats)  # timed in the layout the user gets
-    example = _stacked(state.batches, cfg.latency_batch)
+    example = stack_examples(state.batches, cfg.latency_batch)
     per, total = module_latencies(base, example, warmup=2, repeats=LATENCY_REPEATS)
     cost_model.set_latency(per, total)
     # about a second of timed calls per model and round: small models are noisy
@@ -614,30 +609,6 @@ def _next_fraction(rounds: list[dict[str, float]], goal: float, floor: float) ->
     f = float(min(max(f, floor * (1 + 1e-6)), 1.0))
     asked = {round(r["fraction"], 6) for r in rounds}
     return None if round(f, 6) in asked else f
-
-
-def _stacked(batches: list[Any], n: int) -> Any:
-    """One input of ``n`` examples: the calibration batches concatenated (repeated when
-    they hold fewer)."""
-    got, count = [], 0
-    while count < n:
-        for b in batches:
-            got.append(b)
-            count += batch_len(b)
-            if count >= n:
-                break
-
-    def cat(items: list[Any]) -> Any:
-        first = items[0]
-        if isinstance(first, torch.Tensor):
-            return torch.cat(items)[:n]
-        if isinstance(first, Mapping):
-            return {k: cat([b[k] for b in items]) for k in first}
-        if isinstance(first, tuple | list):
-            return type(first)(cat([b[i] for b in items]) for i in range(len(first)))
-        return first
-
-    return cat(got)
 
 
 @_timed("apply")

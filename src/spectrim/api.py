@@ -77,7 +77,8 @@ def compress(
             are enough for most CNNs.
         method: registered method name (default ``"id"``); overrides ``config.method``.
         target: ``"macs=F"``, ``"params=F"``, ``"latency=F"`` (measured here, at
-            ``latency_batch=``), ``"width=F"`` or ``"error=E"`` (channel methods), ``"sparsity=S"``, ``"sparsity=n:m"`` or ``"auto"`` (weight methods:
+            ``latency_batch=``), ``"width=F"`` or ``"error=E"`` (channel methods),
+            ``"sparsity=S"``, ``"sparsity=n:m"`` or ``"auto"`` (weight methods:
             ``obs``, ``wanda``, ``lq``, ...), or a :class:`~spectrim.config.Target`;
             overrides ``config.target``.
         config: a full :class:`~spectrim.config.CompressConfig`.
@@ -110,9 +111,8 @@ def compress(
         repair_data: the batches the repair trains on.
         **options: extra :class:`~spectrim.config.CompressConfig` fields
             (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
-            ``latency_batch``,
-            ``on_unreachable``, ``max_error``) or method options (e.g. ``ridge`` for
-            ``id``), checked against the method's option types.
+            ``latency_batch``, ``on_unreachable``, ``max_error``) or method options
+            (e.g. ``ridge`` for ``id``), checked against the method's option types.
 
     Raises:
         CalibrationError: NaN/inf in the calibration data (named by batch and example) or
@@ -155,12 +155,12 @@ def compress(
         )
     if not team.solo:
         _check_shared(cfg, then)
-    source = model
-    if is_offloaded(model):  # accelerate's hooks: the model in memory once, on the CPU
-        source = onload(model, copy=not inplace)
-    home, run_on = _devices(source, device)
     batches = as_batches(calibration)
     info = check_calibration(batches)  # on the whole set, alike on every rank
+    source = model  # accelerate's hooks: the model in memory once, on the CPU
+    if is_offloaded(model):
+        source = onload(model, copy=not inplace)
+    home, run_on = _devices(source, device)
     batches = team.shard(batches)
     if run_on is not None:
         batches = [to_device(b, run_on) for b in batches]

@@ -14,7 +14,7 @@ from torch import nn
 
 import spectrim
 from spectrim.calibration import collect
-from spectrim.calibration.batches import drop_padding, token_mask
+from spectrim.calibration.batches import drop_padding, stack_examples, token_mask
 from spectrim.calibration.inputs import input_grams
 from spectrim.graph import analyze_channels
 
@@ -101,3 +101,14 @@ def test_compressing_on_padded_batches_equals_unpadded(
         np.testing.assert_allclose(sa[k].numpy(), sb[k].numpy(), atol=1e-2 * scale, err_msg=k)
     if method == "id":
         assert any(w[1] < w[0] for w in ra.widths.values())
+
+
+def test_stack_examples_fills_a_batch_of_dicts_and_tuples() -> None:
+    ids = [{"input_ids": torch.arange(3 * 4).view(3, 4), "mask": torch.ones(3, 4)}]
+    out = stack_examples(ids, 5)  # 3 examples repeated to fill 5
+    assert out["input_ids"].shape == (5, 4) and torch.equal(
+        out["input_ids"][3], ids[0]["input_ids"][0]
+    )
+    pairs = [(torch.zeros(2, 3), torch.ones(2)), (torch.ones(2, 3), torch.zeros(2))]
+    x, y = stack_examples(pairs, 3)
+    assert x.shape == (3, 3) and x[2].sum() == 3 and y.tolist() == [1.0, 1.0, 0.0]

@@ -140,7 +140,7 @@ class CostModel:
         group_of = analysis.class_group
         self.other_macs = other_macs
         #: what the terms of :meth:`add_term` count at full width that the model lacks
-        self.full_excess: dict[str, float] = {"macs": 0.0, "params": 0.0, "latency": 0.0}
+        self.full_excess: dict[str, float] = {"macs": 0.0, "params": 0.0}
         #: per module with a channel axis, the axes that shrink it (for latency terms)
         self.module_axes: dict[str, list[_Axis]] = {}
         #: seconds per module (see :meth:`set_latency`) and the time no module explains

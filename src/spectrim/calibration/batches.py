@@ -25,6 +25,7 @@ __all__ = [
     "drop_padding",
     "head_examples",
     "inputs_only",
+    "stack_examples",
     "to_device",
     "token_mask",
 ]
@@ -146,6 +147,36 @@ def head_examples(batch: Any, n: int = 2) -> Any:
         return v
 
     return cut(batch)
+
+
+def stack_examples(batches: list[Any], n: int) -> Any:
+    """One batch of ``n`` examples: ``batches`` concatenated along the batch dimension,
+    repeated when they hold fewer (a latency measured at a chosen batch size).
+
+    Example::
+
+        >>> stack_examples([torch.zeros(3, 2), torch.ones(2, 2)], 7)[:, 0].tolist()
+        [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    """
+    got, count = [], 0
+    while count < n:
+        for b in batches:
+            got.append(b)
+            count += batch_len(b)
+            if count >= n:
+                break
+
+    def cat(items: list[Any]) -> Any:
+        first = items[0]
+        if isinstance(first, torch.Tensor):
+            return torch.cat(items)[:n]
+        if isinstance(first, dict):
+            return {k: cat([b[k] for b in items]) for k in first}
+        if isinstance(first, (tuple, list)):
+            return type(first)(cat([b[i] for b in items]) for i in range(len(first)))
+        return first
+
+    return cat(got)
 
 
 def check_batch(batch: Any) -> None:

@@ -7,6 +7,7 @@ model outputs and put models in eval mode temporarily.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -83,7 +84,7 @@ def batch_size_of(example_inputs: Any) -> int:
 def model_device(model: nn.Module) -> torch.device | None:
     """Device of the model's first parameter (or buffer) not on the meta device; ``None``
     if it has none (a model offloaded by accelerate moves its inputs itself)."""
-    for t in (*model.parameters(), *model.buffers()):
+    for t in itertools.chain(model.parameters(), model.buffers()):
         if t.device.type != "meta":
             return t.device
     return None
