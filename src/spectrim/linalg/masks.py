@@ -615,8 +615,10 @@ def output_error(W: Any, W_new: Any, G: Any) -> float:
     """Relative output error on the calibration rows, ``tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)``."""
     a, b, g = _matrix(W), _matrix(W_new, "W_new"), _matrix(G, "G")
     delta = a - b
-    den = float(np.einsum("ij,jk,ik->", a, g, a))
-    num = float(np.einsum("ij,jk,ik->", delta, g, delta))
+    # (X G) ⊙ X summed: one BLAS product each (an unoptimised einsum is a C triple loop,
+    # 0.3 s for one 1536 × 384 matrix against milliseconds)
+    den = float(np.sum((a @ g) * a))
+    num = float(np.sum((delta @ g) * delta))
     return num / den if den > 0 else 0.0
 
 
