@@ -39,6 +39,9 @@ from spectrim.evaluation import evaluate
 from spectrim.evaluation.flops import profile
 from spectrim.zoo import load_dataset, load_pretrained
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--model", "resnet20-cifar10", "--widths", "0.5", "--calib", "64", "--test", "64"]  # fmt: skip
+
 
 def _tp_prune(model: nn.Module, ratio: float, internal_only: bool) -> nn.Module:
     import torch_pruning as tp
@@ -93,6 +96,8 @@ def main() -> None:
     )
     ap.add_argument("--widths", default="0.5", help="kept fractions, comma separated")
     ap.add_argument("--calib", type=int, default=1000)
+    ap.add_argument("--model", default="resnet56-cifar10", help="an option-A CIFAR ResNet")
+    ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "torch_pruning.json"))
     args = ap.parse_args()
     os.environ.setdefault(
@@ -105,9 +110,9 @@ def main() -> None:
     tp_version = importlib.metadata.version("torch-pruning")
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = load_pretrained("resnet56-cifar10").eval()
+    model = load_pretrained(args.model).eval()
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
-    test = load_dataset("cifar10", "eval")
+    test = load_dataset("cifar10", "eval", limit=args.test)
     dense = evaluate(model, test).accuracy
     print(f"torch-pruning {tp_version}; dense top-1 {dense:.4f}")
     rows = []
@@ -130,7 +135,7 @@ def main() -> None:
                     f"params {row['params_ratio']:.3f}"
                 )
     out = {
-        "benchmark": "torch-pruning anchor, resnet56-cifar10 (option A)",
+        "benchmark": f"torch-pruning anchor, {args.model} (option A)",
         "torch_pruning": tp_version,
         "dense_accuracy": dense,
         "calibration_images": len(calib),

@@ -39,6 +39,10 @@ from torch import nn
 
 import spectrim
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--seeds", "1", "--epochs", "2", "--only", "Mag (p=0.5)", "ABP-M (η=0, q=0.5)"]  # fmt: skip
+
+
 PAPER = {  # Table 2: (compression ratio, pruning ratio, MSE increase ratio), with s.e.
     "ABP-L (λ=1e-3)": ((12.97, 0.22), (0.92, 0.00), (0.30, 0.02)),
     "ABP-L (λ=1e-4)": ((4.68, 0.07), (0.79, 0.00), (0.05, 0.00)),
@@ -120,6 +124,7 @@ def main() -> None:
     )
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=150)
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "california_abp.json"))
     args = ap.parse_args()
     root = Path(
@@ -128,6 +133,11 @@ def main() -> None:
     torch.set_num_threads(2)
     X, y = load_housing(root)
     variants = _variants()
+    if args.only:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            ap.error(f"--only: unknown variants {unknown}; known: {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.only}
     per: dict[str, list[tuple[float, float, float]]] = {k: [] for k in variants}
     dense_mse = []
     t0 = time.perf_counter()

@@ -29,6 +29,10 @@ import torch
 import spectrim
 from spectrim.zoo import load_dataset, load_pretrained
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--calib", "64"]  # fmt: skip
+
+
 RUNS = [
     (m, t)
     for m in ("id", "spectral", "l1", "random")

@@ -39,6 +39,10 @@ import torch
 
 import spectrim
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--layers", "1", "--width", "32", "--heads", "2", "--seq", "32", "--epochs", "1", "--train-limit", "64", "--test-limit", "32", "--calib", "16", "--methods", "id", "--targets", "width=0.5"]  # fmt: skip
+
+
 CACHE = Path(__file__).parent / ".cache"
 
 
@@ -123,6 +127,8 @@ def main() -> None:
         default="width=0.7,width=0.5,heads=0.75,heads=0.5,width=0.7;heads=0.75,width=0.5;heads=0.5",
     )
     ap.add_argument("--methods", default="id,spectral,l1,random")
+    ap.add_argument("--train-limit", type=int, help="train on the first N sequences of valid")
+    ap.add_argument("--test-limit", type=int, help="perplexity on the first N test sequences")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpt_wikitext.json"))
     args = ap.parse_args()
@@ -139,10 +145,12 @@ def main() -> None:
     index = {w: i for i, w in enumerate(words)}
     encode = lambda ts: torch.tensor([index.get(w, 0) for w in ts])  # noqa: E731
     train_ids, test_ids = windows(encode(valid), args.seq), windows(encode(test), args.seq)
+    train_ids, test_ids = train_ids[: args.train_limit], test_ids[: args.test_limit]
     model = build_model(len(words), args)
     digest = hashlib.sha256(
         json.dumps({k: v for k, v in vars(args).items() if k in (
-            "layers", "width", "heads", "seq", "epochs", "train_batch", "lr", "seed")},
+            "layers", "width", "heads", "seq", "epochs", "train_batch", "lr", "seed",
+            "train_limit") and v is not None},
             sort_keys=True).encode()
         + (root / "valid.txt").read_bytes()
     ).hexdigest()[:16]  # fmt: skip

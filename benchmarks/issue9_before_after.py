@@ -27,6 +27,10 @@ import spectrim
 from spectrim.io import load_compressed, save_compressed
 from spectrim.zoo import CifarResNet, get_model, train_digits_cnn
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = []  # fmt: skip
+
+
 RESNET20 = "cifar10-resnet-akamaster/resnet20-12fca82f.th"
 
 

@@ -33,6 +33,10 @@ from torch import nn
 import spectrim
 from spectrim.evaluation import compare_latency
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--models", "resnet56", "--batches", "1", "--fractions", "0.9", "--calib", "64", "--repeats", "2"]  # fmt: skip
+
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _results import save_result  # noqa: E402
@@ -45,11 +49,11 @@ PLAN: dict[str, tuple[list[int], list[float]]] = {
 }
 
 
-def _model(name: str) -> tuple[nn.Module, torch.Tensor, str]:
+def _model(name: str, calib: int) -> tuple[nn.Module, torch.Tensor, str]:
     if name == "resnet56":
         from spectrim.zoo import load_dataset, load_pretrained
 
-        x, _ = load_dataset("cifar10", "calib", limit=512).tensors
+        x, _ = load_dataset("cifar10", "calib", limit=calib).tensors
         return load_pretrained("resnet56-cifar10").eval(), x, "id"
     import torchvision
 
@@ -62,14 +66,20 @@ def _example(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.repeat(reps, *([1] * (x.dim() - 1)))[:batch]
 
 
-def run(names: list[str], repeats: int, round_to: int) -> list[dict[str, Any]]:
+def run(
+    names: list[str],
+    repeats: int,
+    round_to: int,
+    calib: int = 512,
+    batches: list[int] | None = None,
+    fractions: list[float] | None = None,
+) -> list[dict[str, Any]]:
     rows = []
     for name in names:
-        model, x, method = _model(name)
-        batches, fractions = PLAN[name]
-        for batch in batches:
+        model, x, method = _model(name, calib)
+        for batch in batches or PLAN[name][0]:
             example = _example(x, batch)
-            for f in fractions:
+            for f in fractions or PLAN[name][1]:
                 for kind in ("latency", "macs"):
                     t = time.perf_counter()
                     small, report = spectrim.compress(
@@ -115,10 +125,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20, help="timed calls per model")
     ap.add_argument("--round-to", type=int, default=8, help="kept widths multiple of this")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib", type=int, default=512, help="ResNet-56 calibration images")
+    ap.add_argument("--batches", type=int, nargs="+", help="instead of each model's own")
+    ap.add_argument("--fractions", type=float, nargs="+", help="instead of each model's own")
     ap.add_argument("--out", default=str(HERE / "results" / "latency_target.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = run(args.models, args.repeats, args.round_to)
+    rows = run(args.models, args.repeats, args.round_to, args.calib, args.batches, args.fractions)
     save_result(args.out, {"rows": rows}, args.threads)
 
 

@@ -42,6 +42,9 @@ from sparsify_minilm import (
     read_sts,
 )
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--calib", "16", "--orders", "padded", "--test-limit", "32"]  # fmt: skip
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(
@@ -67,6 +70,7 @@ def main() -> None:
     )
     ap.add_argument("--orders", default="padded,bucketed", help="padded, bucketed or both")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "minilm_ffn.json"))
+    ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(
@@ -81,8 +85,8 @@ def main() -> None:
     }
     orders = {name: every[name]() for name in args.orders.split(",")}
     options = parse_options(args.set)
-    pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv")
-    genres = read_genres(root / "stsbenchmark" / "sts-test.csv")
+    pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
+    genres = read_genres(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     left, right = [a for a, _ in pairs], [b for _, b in pairs]
     ra, rb = embed(model, tok, left), embed(model, tok, right)
     dense = float(spearmanr((ra * rb).sum(-1).numpy(), gold).statistic) * 100

@@ -24,6 +24,9 @@ from spectrim._hidden import stream_grams
 from spectrim.graph.stream import find_stream
 from spectrim.methods.stream import stream_weight_scores
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--calib", "16"]  # fmt: skip
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(

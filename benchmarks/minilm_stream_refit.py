@@ -27,6 +27,9 @@ from sparsify_minilm import embed, fidelity, load_minilm, pick_sentences, read_g
 from spectrim._hidden import convert_stream, refit_site, with_tied_embeddings
 from spectrim.graph.stream import find_stream
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--calib", "16", "--targets", "width=0.5", "--test-limit", "32"]  # fmt: skip
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(
@@ -40,6 +43,7 @@ def main() -> None:
     ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "minilm_stream_refit.json")
     )
+    ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(
@@ -53,8 +57,8 @@ def main() -> None:
         for i in range(0, len(sentences), 32)
     ]
     test_csv = root / "stsbenchmark" / "sts-test.csv"
-    pairs, gold = read_sts(test_csv)
-    genres = read_genres(test_csv)
+    pairs, gold = read_sts(test_csv, args.test_limit)
+    genres = read_genres(test_csv, args.test_limit)
     ref = embed(model, tok, [a for a, _ in pairs]), embed(model, tok, [b for _, b in pairs])
     runs = []
     for target in args.targets.split(","):

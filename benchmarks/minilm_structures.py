@@ -41,6 +41,9 @@ from sparsify_minilm import (
 from spectrim.config import RUN_FIELDS
 from spectrim.evaluation.latency import compare_latency
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--calib", "16", "--targets", "heads=0.5", "--methods", "id", "--latency-repeats", "2", "--test-limit", "32"]  # fmt: skip
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "minilm_structures.json")
     )
+    ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(
@@ -76,8 +80,8 @@ def main() -> None:
         for i in range(0, len(sentences), 32)
     ]
     test_csv = root / "stsbenchmark" / "sts-test.csv"
-    pairs, gold = read_sts(test_csv)
-    genres = read_genres(test_csv)
+    pairs, gold = read_sts(test_csv, args.test_limit)
+    genres = read_genres(test_csv, args.test_limit)
     left, right = [a for a, _ in pairs], [b for _, b in pairs]
     ra, rb = embed(model, tok, left), embed(model, tok, right)
     dense = float(spearmanr((ra * rb).sum(-1).numpy(), gold).statistic) * 100

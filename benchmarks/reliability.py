@@ -36,6 +36,9 @@ import spectrim
 from spectrim.io import load_compressed, save_compressed
 from spectrim.zoo import CifarResNet, train_digits_cnn
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--parts", "tied", "unreachable"]  # fmt: skip
+
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
@@ -184,30 +187,41 @@ def heldout_cases() -> list[dict[str, Any]]:
     return rows
 
 
+PARTS = {
+    "digits": digits_cases,
+    "tied": tied_case,
+    "unreachable": unreachable_cases,
+    "heldout": heldout_cases,
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reliability.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
-        "digits": digits_cases(),
-        "tied": tied_case(),
-        "unreachable": unreachable_cases(),
-        "heldout": heldout_cases(),
+        **{part: PARTS[part]() for part in args.parts},
     }
-    print(f"digits CNN (dense accuracy {result['digits'][0]['accuracy_dense']:.3f}):")
-    print(f"  {'calib':>5} {'target':<9} {'acc':>6} {'MACs':>6} {'whole':>5} {'max err':>8}")
-    for r in result["digits"]:
-        err = "-" if r["max_predicted_error"] is None else f"{r['max_predicted_error']:.3f}"
-        print(
-            f"  {r['calib']:>5} {r['target']:<9} {r['accuracy']:6.3f} {r['macs_ratio']:6.3f} "
-            f"{r['kept_whole_for_rows']:>5} {err:>8}"
-        )
-    print("tied weights:", result["tied"])
+    result.setdefault("digits", [])
+    result.setdefault("unreachable", [])
+    result.setdefault("heldout", [])
+    if result["digits"]:
+        print(f"digits CNN (dense accuracy {result['digits'][0]['accuracy_dense']:.3f}):")
+        print(f"  {'calib':>5} {'target':<9} {'acc':>6} {'MACs':>6} {'whole':>5} {'max err':>8}")
+        for r in result["digits"]:
+            err = "-" if r["max_predicted_error"] is None else f"{r['max_predicted_error']:.3f}"
+            print(
+                f"  {r['calib']:>5} {r['target']:<9} {r['accuracy']:6.3f} {r['macs_ratio']:6.3f} "
+                f"{r['kept_whole_for_rows']:>5} {err:>8}"
+            )
+    if "tied" in result:
+        print("tied weights:", result["tied"])
     for r in result["unreachable"]:
         print(
             f"unreachable macs=0.01, {r['on_unreachable']}: MACs {r['macs_ratio']:.3f}, "

@@ -42,6 +42,10 @@ from spectrim.evaluation import evaluate
 from spectrim.evaluation.flops import profile
 from spectrim.zoo import load_dataset, load_pretrained
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--model", "resnet20-cifar10", "--train", "256", "--calib", "64", "--test", "64", "--variants", "spectrim id width=0.5"]  # fmt: skip
+
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -73,6 +77,7 @@ def main() -> None:
     )
     ap.add_argument("--augment", default="flip-crop", choices=("none", "flip", "flip-crop"))
     ap.add_argument("--calib", type=int, default=1000)
+    ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--variants",
@@ -85,7 +90,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_pretrained(args.model).eval()
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
-    test = load_dataset("cifar10", "eval")
+    test = load_dataset("cifar10", "eval", limit=args.test)
     t = time.perf_counter()
     train = load_dataset("cifar10-jpeg", "train", limit=args.train).tensors[0]
     load_s = time.perf_counter() - t

@@ -29,6 +29,9 @@ import spectrim
 from spectrim.evaluation import compare_latency, evaluate
 from spectrim.zoo import load_dataset, load_pretrained
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--methods", "id", "--targets", "macs=0.5", "--calib", "64", "--test", "64", "--repeats", "1"]  # fmt: skip
+
 
 def plain_forward_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
     with torch.no_grad():
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--methods", default="id,l1,random")
     ap.add_argument("--targets", default="macs=0.75,macs=0.5,macs=0.35")
     ap.add_argument("--calib", type=int, default=1000)
+    ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--one-shot", action="store_true", help="also run id with sequential=False")
     ap.add_argument(
@@ -69,7 +73,7 @@ def main() -> None:
 
     model = load_pretrained("resnet56-cifar10")
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
-    test = load_dataset("cifar10", "eval")
+    test = load_dataset("cifar10", "eval", limit=args.test)
     dense = evaluate(model, test)
     # spectrim runs its calibration passes in channels_last (faster on this CPU), so the
     # ratios are also given against a plain forward pass of the model in that layout

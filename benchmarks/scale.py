@@ -61,6 +61,10 @@ import numpy as np
 import torch
 from torch import nn
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--parts", "wide", "sketch", "factor", "--widths", "128", "--rows", "512", "--factor-widths", "128", "--sketch-widths", "128", "--sketch-rows", "512", "--calib", "64"]  # fmt: skip
+
+
 HERE = Path(__file__).resolve().parent
 PARTS = ("wide", "procs", "device", "sketch", "blocks", "offload", "factor")
 

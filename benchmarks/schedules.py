@@ -34,6 +34,10 @@ from spectrim.evaluation import evaluate
 from spectrim.evaluation.flops import profile
 from spectrim.zoo import load_dataset, load_pretrained
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--model", "resnet20-cifar10", "--calib", "64", "--test", "64", "--step", "0.2"]  # fmt: skip
+
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _results import save_result  # noqa: E402

@@ -25,6 +25,9 @@ import spectrim
 from spectrim.evaluation import evaluate
 from spectrim.zoo import load_dataset, load_pretrained
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--model", "resnet20-cifar10", "--fractions", "0.25", "--draws", "1", "--calib", "128", "--test", "64"]  # fmt: skip
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(
@@ -34,6 +37,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--method", default="id")
     ap.add_argument("--target", default="macs=0.5")
+    ap.add_argument("--model", default="resnet56-cifar10")
+    ap.add_argument("--calib", type=int, default=1000, help="calibration images per draw")
+    ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
     ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "sequential_fraction.json")
     )
@@ -42,15 +48,19 @@ def main() -> None:
         "SPECTRIM_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
     )
     torch.set_num_threads(2)
-    model = load_pretrained("resnet56-cifar10")
+    model = load_pretrained(args.model)
     pool = load_dataset("cifar10", "calib", limit=4000).tensors[0]
-    test = load_dataset("cifar10", "eval")
+    test = load_dataset("cifar10", "eval", limit=args.test)
     fractions = [float(f) for f in args.fractions.split(",")]
     acc: dict[float, list[float]] = {f: [] for f in fractions}
     images: dict[float, int] = {}
     for draw in range(args.draws):
         gen = torch.Generator().manual_seed(draw)
-        calib = pool[torch.randperm(len(pool), generator=gen)[:1000]] if draw else pool[:1000]
+        calib = (
+            pool[torch.randperm(len(pool), generator=gen)[: args.calib]]
+            if draw
+            else pool[: args.calib]
+        )
         for f in fractions:
             small, report = spectrim.compress(
                 model, calib, method=args.method, target=args.target, sequential_fraction=f
@@ -61,7 +71,7 @@ def main() -> None:
     means = {f: statistics.mean(v) for f, v in acc.items()}
     print("mean: " + ", ".join(f"{f:g} ({images[f]} images): {m:.4f}" for f, m in means.items()))
     out = {
-        "benchmark": "sequential_fraction, resnet56-cifar10",
+        "benchmark": f"sequential_fraction, {args.model}",
         "method": args.method,
         "target": args.target,
         "draws": args.draws,

@@ -29,6 +29,10 @@ from torch import nn
 from spectrim.io import save_compressed
 from spectrim.runtime import SparseLinear
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--min-run-time", "0.01", "--shapes", "64x128", "--rows", "1", "32", "--sparsities", "0.5", "0.95"]  # fmt: skip
+
+
 SHAPES = [(384, 1536), (1536, 384), (1024, 1024), (4096, 4096)]  # (in, out)
 ROWS = [1, 32, 512]
 SPARSITIES = [0.5, 0.7, 0.9, 0.95, 0.99]
@@ -54,15 +58,24 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-run-time", type=float, default=0.2)
+    ap.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in SHAPES],
+                    help="IN x OUT of each Linear, e.g. 384x1536")  # fmt: skip
+    ap.add_argument("--rows", type=int, nargs="+", default=ROWS, help="rows per call")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sparse_latency.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    try:
+        shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
+        assert all(len(sh) == 2 for sh in shapes)
+    except (ValueError, AssertionError):
+        ap.error(f"--shapes {args.shapes}: expected IN x OUT, e.g. 384x1536")
     rows_out = []
     sizes = []
     with tempfile.TemporaryDirectory() as tmp:
-        for fan_in, fan_out in SHAPES:
-            for s in SPARSITIES:
+        for fan_in, fan_out in shapes:
+            for s in args.sparsities:
                 lin = nn.Linear(fan_in, fan_out).eval()
                 prune(lin, s)
                 dense_dir = save_compressed(
@@ -81,7 +94,7 @@ def main() -> None:
                     }
                 )
                 sp = SparseLinear.from_linear(lin)
-                for n in ROWS:
+                for n in args.rows:
                     x = torch.randn(n, fan_in)
                     with torch.no_grad():
                         dense_s = median(lin, x, args.min_run_time)
@@ -102,8 +115,8 @@ def main() -> None:
                         flush=True,
                     )
     crossover = {}
-    for fan_in, fan_out in SHAPES:
-        for n in ROWS:
+    for fan_in, fan_out in shapes:
+        for n in args.rows:
             faster = [
                 r["sparsity"]
                 for r in rows_out
@@ -115,7 +128,7 @@ def main() -> None:
         from torch.sparse import to_sparse_semi_structured
 
         semi = []
-        for fan_in, fan_out in SHAPES:
+        for fan_in, fan_out in shapes:
             w = torch.randn(fan_out, fan_in, device="cuda", dtype=torch.float16)
             mask = torch.tensor([1, 1, 0, 0], device="cuda", dtype=torch.bool).repeat(
                 fan_out, fan_in // 4

@@ -35,6 +35,10 @@ from spectrim.evaluation import evaluate
 from spectrim.zoo import load_dataset, load_pretrained
 
 # name -> (method, options)
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--methods", "magnitude,wanda", "--sparsities", "0.5", "--calib", "64", "--test", "64"]  # fmt: skip
+
+
 VARIANTS: dict[str, tuple[str, dict]] = {
     "magnitude": ("magnitude", {}),
     "magnitude-global": ("magnitude", {"scope": "global"}),
@@ -133,6 +137,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(VARIANTS))
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
     ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument(
@@ -151,7 +156,7 @@ def main() -> None:
     )
     model = load_pretrained(args.model).eval()
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
-    test = load_dataset("cifar10", "eval")
+    test = load_dataset("cifar10", "eval", limit=args.test)
     dense = evaluate(model, test)
     jpeg = load_dataset("cifar10-jpeg", "test") if args.jpeg else None
     dense_jpeg = evaluate(model, jpeg) if jpeg is not None else None

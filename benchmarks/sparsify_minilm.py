@@ -30,6 +30,10 @@ from scipy.stats import spearmanr
 
 import spectrim
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--calib", "16", "--targets", "sparsity=0.5", "--methods", "wanda", "--test-limit", "32"]  # fmt: skip
+
+
 VARIANTS = {
     "magnitude": ("magnitude", {}),
     "wanda": ("wanda", {}),
@@ -44,21 +48,29 @@ VARIANTS = {
 }
 
 
-def read_sts(path: Path) -> tuple[list[tuple[str, str]], list[float]]:
+def spread(rows: list[Any], limit: int | None) -> list[Any]:
+    """``limit`` rows spread evenly over ``rows`` (all of them when ``limit`` is None): the
+    STS-B test file is ordered by genre, so a prefix would be captions only."""
+    if limit is None or limit >= len(rows):
+        return rows
+    return [rows[i * len(rows) // limit] for i in range(limit)]
+
+
+def read_sts(path: Path, limit: int | None = None) -> tuple[list[tuple[str, str]], list[float]]:
     pairs, gold = [], []
     with path.open(encoding="utf-8") as f:
         for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
             if len(row) >= 7:
                 pairs.append((row[5].strip(), row[6].strip()))
                 gold.append(float(row[4]))
-    return pairs, gold
+    return spread(pairs, limit), spread(gold, limit)
 
 
-def read_genres(path: Path) -> list[str]:
+def read_genres(path: Path, limit: int | None = None) -> list[str]:
     """The genre of each STS-B pair (``main-captions``, ``main-news``, ``main-forums``)."""
     with path.open(encoding="utf-8") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return [row[0] for row in rows if len(row) >= 7]
+        return spread([row[0] for row in rows if len(row) >= 7], limit)
 
 
 def embed(model: Any, tok: Any, sentences: list[str], batch: int = 64) -> torch.Tensor:
@@ -158,6 +170,7 @@ def main() -> None:
     ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "sparsify_minilm.json")
     )
+    ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(
@@ -172,7 +185,7 @@ def main() -> None:
         dict(tok(calib_sents[i : i + 32], padding=True, return_tensors="pt"))
         for i in range(0, len(calib_sents), 32)
     ]
-    pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv")
+    pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     left, right = [a for a, _ in pairs], [b for _, b in pairs]
 
     def score(m: Any) -> tuple[float, torch.Tensor, torch.Tensor]:

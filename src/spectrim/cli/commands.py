@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -813,6 +814,63 @@ def run_list(args: argparse.Namespace) -> int:
         for name, desc in datasets.items():
             print(f"  {name:<20} {desc}", file=out)
     return 0
+
+
+# --------------------------------------------------------------------------------------- bench
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from spectrim import bench
+
+    if args.args and args.args[0] != "--":  # spectrim's own options after NAME
+        from spectrim.cli.main import build_parser
+
+        cut = args.args.index("--") if "--" in args.args else len(args.args)
+        own, rest = args.args[:cut], args.args[cut:]
+        if any(not t.startswith("-") for t in own[:1]):
+            raise CLIError(f"bench {args.name}: {own[0]!r}: the benchmark's arguments go after --")
+        try:
+            args = build_parser().parse_args(["bench", *own, args.name])
+        except SystemExit:
+            raise CLIError(
+                f"bench {args.name}: {' '.join(own)}: not an option of spectrim bench; "
+                "the benchmark's own arguments go after --"
+            ) from None
+        args.args = rest
+    out = human_stream(args.json)
+    found = bench.find(args.benchmarks)
+    if args.name is None:
+        if args.args:
+            raise CLIError("bench: arguments for a benchmark need its NAME first")
+        write_json(
+            {
+                name: {"path": str(b.path), "summary": b.summary, "smoke": b.smoke}
+                for name, b in found.items()
+            },
+            args.json,
+        )
+        if not args.quiet:
+            print(f"benchmarks in {bench.benchmarks_dir(args.benchmarks)}:", file=out)
+            for name, b in found.items():
+                print(f"  {name:<22} {b.summary}", file=out)
+        return 0
+    extra = list(args.args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    with tempfile.TemporaryDirectory(prefix="spectrim-bench-") as tmp:
+        if args.smoke and "--out" not in extra:
+            extra += ["--out", str(Path(tmp) / f"{args.name}.json")]
+        code = bench.run(
+            args.name,
+            extra,
+            smoke=args.smoke,
+            folder=args.benchmarks,
+            stdout=sys.stderr if args.json == "-" else None,
+        )
+    write_json({"benchmark": args.name, "args": extra, "exit_code": code}, args.json)
+    return code
 
 
 # -------------------------------------------------------------------------------------- doctor

@@ -199,6 +199,18 @@ Examples:
   spectrim list --json -
 """
 
+_BENCH_EPILOG = """\
+Examples (from a source checkout; the scripts are not in the wheel):
+  spectrim bench                                   # list the benchmarks
+  spectrim bench resnet56 -- --methods id --targets macs=0.5
+  spectrim bench side_by_side --smoke              # the few-second run the tests make
+  spectrim bench --json -                          # the list as JSON
+
+Each benchmark prints its table and writes its JSON (and plots) where its --out says,
+by default benchmarks/results/. With --smoke the output goes to a temporary folder unless
+--out is given after '--'. The exit code is the benchmark's.
+"""
+
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line (exit code 2)."""
@@ -685,6 +697,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common_options(p, data=False)
     p.set_defaults(func=commands.run_list)
+
+    # bench ---------------------------------------------------------------------------------
+    p = _subparser(
+        sub,
+        "bench",
+        "list or run the benchmark scripts of a source checkout",
+        _BENCH_EPILOG,
+        "Run one of the scripts under benchmarks/ in a child Python process (its arguments "
+        "after '--'), or list them with their one-line summaries.",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="benchmark to run (omit: list)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark, after --")
+    p.add_argument("--smoke", action="store_true", help="the few-second run of the test suite")
+    p.add_argument("--benchmarks", metavar="DIR", help="benchmarks folder (default: found)")
+    _common_options(p, data=False)
+    p.set_defaults(func=commands.run_bench)
     return parser
 
 

@@ -1,0 +1,89 @@
+"""The benchmark scripts: found, described, and each run at its smoke size so none rots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spectrim import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+FOUND = bench.find(ROOT / "benchmarks")
+
+#: optional packages a benchmark needs beyond the test extras
+NEEDS = {
+    "anchor_torch_pruning": ["torch_pruning"],
+    "side_by_side": ["torch_pruning"],
+}
+
+
+def _numbers(obj: Any) -> list[float]:
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, int | float):
+        return [float(obj)]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _numbers(v)]
+    return []
+
+
+def test_every_benchmark_declares_a_smoke_run_and_an_out_file() -> None:
+    assert len(FOUND) >= 20
+    for name, b in FOUND.items():
+        assert b.smoke is not None, f"{name}: no SMOKE"
+        assert b.summary, f"{name}: no docstring"
+        assert '"--out"' in b.path.read_text(encoding="utf-8"), f"{name}: no --out"
+    assert "_results" not in FOUND  # helpers are not benchmarks
+
+
+@pytest.mark.parametrize("name", sorted(FOUND))
+def test_smoke_run(name: str, tmp_path: Path) -> None:
+    for module in NEEDS.get(name, []):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{name} needs {module}")
+    out = tmp_path / f"{name}.json"
+    code = bench.run(name, ["--out", str(out)], smoke=True, folder=ROOT / "benchmarks", timeout=600)
+    assert code == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    numbers = _numbers(result)
+    assert numbers, f"{name}: no numbers in {out}"
+    assert all(math.isfinite(x) or math.isnan(x) for x in numbers)
+    if name == "side_by_side":
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        variants = {r["variant"] for r in result["runs"]}
+        assert {"spectrim id", "tp l1"} <= variants
+        for r in result["runs"]:  # every variant lands on the asked MACs
+            assert abs(r["macs_ratio"] - r["target_macs"]) < 0.02, r
+
+
+def test_unknown_benchmark_is_named_with_the_known_ones() -> None:
+    with pytest.raises(KeyError, match=r"no benchmark .nope.; known: .*side_by_side"):
+        bench.run("nope", folder=ROOT / "benchmarks")
+
+
+def test_smoke_of_a_script_without_smoke_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "plain.py").write_text('"""Plain."""\nprint("hi")\n')
+    assert bench.find(tmp_path)["plain"].smoke is None
+    with pytest.raises(ValueError, match="declares no SMOKE"):
+        bench.run("plain", smoke=True, folder=tmp_path)
+
+
+def test_a_smoke_that_is_not_a_literal_list_of_strings_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text('"""Bad."""\nSMOKE = ["--n", 2]\n')
+    with pytest.raises(ValueError, match="list of strings"):
+        bench.find(tmp_path)
+    (tmp_path / "bad.py").write_text('"""Bad."""\nSMOKE = list("ab")\n')
+    with pytest.raises(ValueError, match="literal list"):
+        bench.find(tmp_path)
+
+
+def test_missing_folder_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no benchmarks folder.*--benchmarks DIR"):
+        bench.benchmarks_dir(tmp_path / "absent")
