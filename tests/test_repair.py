@@ -115,3 +115,19 @@ def test_recalibration_re_estimates_batch_norm_statistics() -> None:
     torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=1e-5)
     frozen, _ = spectrim.repair(net, teacher, data, {**cfg.to_dict(), "batch_norm": "freeze"})
     torch.testing.assert_close(frozen[1].running_mean, net[1].running_mean)
+
+
+def test_recalibrate_batch_norm_is_the_average_of_the_batch_statistics() -> None:
+    from spectrim.repair import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3)).eval()
+    batches = [torch.randn(8, 2, 6, 6) * (i + 1) + i for i in range(3)]
+    assert recalibrate_batch_norm(net, batches) == 1
+    assert not net.training and not net[1].training
+    with torch.no_grad():
+        acts = [net[0](b).transpose(0, 1).reshape(3, -1) for b in batches]
+    mean = torch.stack([a.mean(1) for a in acts]).mean(0)  # brute force: per-batch, averaged
+    var = torch.stack([a.var(1, unbiased=True) for a in acts]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net[1].running_var, var, rtol=1e-5, atol=1e-5)

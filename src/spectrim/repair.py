@@ -45,7 +45,7 @@ from torch import nn
 from spectrim.evaluation.metrics import split_batch
 from spectrim.graph.trace import call_model
 
-__all__ = ["RepairConfig", "RepairReport", "repair"]
+__all__ = ["RepairConfig", "RepairReport", "recalibrate_batch_norm", "repair"]
 
 _LOSSES = ("mse", "kl")
 _AUGMENTS = (None, "flip", "flip-crop")
@@ -207,6 +207,26 @@ def _recalibrate(
         for m, (momentum, training) in zip(norms, saved):
             m.momentum = momentum
             m.train(training)
+
+
+def recalibrate_batch_norm(model: nn.Module, batches: Sequence[Any], seed: int = 0) -> int:
+    """Re-estimate every BatchNorm's running statistics of ``model`` in place, as the plain
+    average over up to :data:`RECALIBRATION_BATCHES` of ``batches`` (seeded), with no
+    training; the model's train/eval mode is kept.  Returns the number of BatchNorms.
+
+    After spectrim's corrections alone this is measured not to help
+    (``benchmarks/levers.py``); it is what ``repair`` does first by default.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
+        >>> recalibrate_batch_norm(net, [torch.randn(4, 1, 5, 5) + 3])
+        1
+        >>> bool(net[1].running_mean.abs().sum() > 0), net.training
+        (True, False)
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    _recalibrate(model, norms, batches, torch.Generator().manual_seed(seed))
+    return len(norms)
 
 
 def _loss(s: torch.Tensor, t: torch.Tensor, cfg: RepairConfig) -> torch.Tensor:

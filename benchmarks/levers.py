@@ -1,0 +1,179 @@
+"""Levers for the no-fine-tuning accuracy of a compressed CNN, each against the plain run.
+
+Issue 13 asks what each lever buys at a given MACs budget.  This measures two, on the
+pretrained option-A ResNet-56 (1000 lossless CIFAR-10 training images calibrate, the 1000
+lossless test images score), each against ``spectrim.compress`` as it is:
+
+* ``bn``: every BatchNorm's running statistics re-estimated on the calibration images
+  after compression (``spectrim.repair.recalibrate_batch_norm``: a plain average over the
+  batches, no training).  The corrections fit each consumer to the original's
+  activations, BatchNorm included, so the shipped statistics should still fit.
+* ``sensitivity``: an output-aware allocation.  Each channel group's error curve is
+  multiplied by its measured effect on the logits: the relative change of the logits over
+  256 calibration images when the group's consumer inputs get a random channel-mixing
+  perturbation of ``--eta`` of their energy, divided by ``--eta`` (normalised to mean 1).
+  An experiment: it wraps the library's private curve stage, it is not an option.
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/levers.py     # ~6 min
+
+Prints a table and writes ``benchmarks/results/levers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import spectrim
+import spectrim._prune as _prune
+from _results import save_result
+from spectrim.evaluation import evaluate
+from spectrim.repair import recalibrate_batch_norm
+from spectrim.zoo import load_dataset, load_pretrained
+
+# the few-second run of the test suite (tests/test_bench.py; spectrim bench --smoke)
+SMOKE = ["--model", "resnet20-cifar10", "--methods", "id", "--targets", "macs=0.5", "--calib", "64", "--test", "64", "--probe", "32"]  # fmt: skip
+
+
+def sensitivities(
+    model: nn.Module, state: Any, probe: torch.Tensor, eta: float
+) -> dict[int, float]:
+    """Per channel group, relative squared logit change per relative squared perturbation
+    of its consumers' inputs (a random channel mixing of the inputs, seeded)."""
+    modules = dict(model.named_modules())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        base = model(probe)
+    out: dict[int, float] = {}
+    for group in state.groups:
+        if group.index not in state.solvers:
+            continue
+        hooks = []
+        for name in sorted({c.module for c in group.consumers}):
+            mod = modules[name]
+            width = getattr(mod, "in_channels", None) or mod.in_features
+            mix = torch.randn(width, width, generator=g) / width**0.5
+
+            def perturb(_: nn.Module, args: tuple[Any, ...], mix: torch.Tensor = mix) -> Any:
+                x = args[0]
+                d = torch.einsum("oc,nc...->no...", mix, x)
+                return (x + d * (eta**0.5) * x.norm() / d.norm().clamp_min(1e-12), *args[1:])
+
+            hooks.append(mod.register_forward_pre_hook(perturb))
+        try:
+            with torch.no_grad():
+                moved = model(probe)
+        finally:
+            for h in hooks:
+                h.remove()
+        out[group.index] = float((moved - base).norm() ** 2 / base.norm() ** 2) / eta
+    return out
+
+
+@contextmanager
+def weighted_curves(model: nn.Module, probe: torch.Tensor, eta: float) -> Iterator[list[Any]]:
+    """Within the block, every channel run's curves are weighted by :func:`sensitivities`."""
+    original = _prune.solve_curves_stage
+    seen: list[Any] = []
+
+    def stage(state: Any) -> None:
+        original(state)
+        w = sensitivities(model, state, probe, eta)
+        mean = float(np.mean(list(w.values())))
+        for gi, value in w.items():
+            state.curves[gi] = state.curves[gi] * (value / mean)
+        seen.append({str(k): v / mean for k, v in sorted(w.items())})
+
+    _prune.solve_curves_stage = stage
+    try:
+        yield seen
+    finally:
+        _prune.solve_curves_stage = original
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="resnet56-cifar10")
+    ap.add_argument("--methods", default="id,spectral")
+    ap.add_argument("--targets", default="macs=0.5,macs=0.35")
+    ap.add_argument(
+        "--levers", nargs="+", choices=("bn", "sensitivity"), default=["bn", "sensitivity"]
+    )
+    ap.add_argument("--calib", type=int, default=1000)
+    ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
+    ap.add_argument("--probe", type=int, default=256, help="images the sensitivities use")
+    ap.add_argument("--eta", type=float, default=0.05, help="relative perturbation energy")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "levers.json"))
+    args = ap.parse_args()
+    os.environ.setdefault(
+        "SPECTRIM_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
+    torch.set_num_threads(args.threads)
+    model = load_pretrained(args.model).eval()
+    calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
+    test = load_dataset("cifar10", "eval", limit=args.test)
+    rows = []
+    for target in args.targets.split(","):
+        for method in args.methods.split(","):
+            small, report = spectrim.compress(model, calib, method, target)
+            plain = evaluate(small, test, reference=model)
+            row: dict[str, Any] = {
+                "method": method,
+                "target": target,
+                "macs_ratio": report.macs_ratio,
+                "accuracy": plain.accuracy,
+                "agreement": plain.agreement,
+            }
+            if "bn" in args.levers:
+                recalibrate_batch_norm(small, list(calib.split(64)))
+                res = evaluate(small.eval(), test, reference=model)
+                row["bn"] = {"accuracy": res.accuracy, "agreement": res.agreement}
+            if "sensitivity" in args.levers:
+                with weighted_curves(model, calib[: args.probe], args.eta) as weights:
+                    other, rep = spectrim.compress(model, calib, method, target)
+                res = evaluate(other, test, reference=model)
+                row["sensitivity"] = {
+                    "accuracy": res.accuracy,
+                    "agreement": res.agreement,
+                    "macs_ratio": rep.macs_ratio,
+                    "weights": weights[0] if weights else None,
+                }
+            rows.append(row)
+            print(
+                f"{method:9s} {target:10s} as compressed {plain.accuracy:.3f} / {plain.agreement:.3f}"
+                + "".join(
+                    f"   {lever} {row[lever]['accuracy']:.3f} / {row[lever]['agreement']:.3f}"
+                    for lever in args.levers
+                ),
+                flush=True,
+            )
+    save_result(
+        args.out,
+        {
+            "benchmark": f"levers after compression, {args.model}",
+            "calibration_images": len(calib),
+            "test_images": len(test),
+            "eta": args.eta,
+            "probe_images": args.probe,
+            "runs": rows,
+        },
+        args.threads,
+    )
+
+
+if __name__ == "__main__":
+    main()
