@@ -43,7 +43,7 @@ from spectrim.evaluation.flops import profile
 from spectrim.zoo import load_dataset, load_pretrained
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
-SMOKE = ["--model", "resnet20-cifar10", "--train", "256", "--calib", "64", "--test", "64", "--variants", "spectrim id width=0.5"]  # fmt: skip
+SMOKE = ["--model", "resnet20-cifar10", "--train", "256", "--calib", "64", "--test", "64", "--jpeg-test", "64", "--variants", "spectrim id width=0.5"]  # fmt: skip
 
 
 HERE = Path(__file__).resolve().parent
@@ -83,6 +83,9 @@ def main() -> None:
         "--variants",
         default="spectrim id macs=0.5,spectrim id width=0.5,spectrim l1 width=0.5,tp l1 width=0.5",
     )
+    ap.add_argument(
+        "--jpeg-test", type=int, default=0, help="also score on N JPEG test images (10000: all)"
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "repair_cifar.json"))
     args = ap.parse_args()
     os.environ.setdefault("SPECTRIM_DATA", str(HERE.parents[1] / "shared" / "data"))
@@ -96,6 +99,11 @@ def main() -> None:
     load_s = time.perf_counter() - t
     batches = list(train.split(args.batch))
     dense = evaluate(model, test).accuracy
+    jpeg = None
+    if args.jpeg_test:
+        jx, jy = load_dataset("cifar10-jpeg", "test").tensors
+        step = max(len(jx) // args.jpeg_test, 1)  # spread: the archive is sorted by class
+        jpeg = torch.utils.data.TensorDataset(jx[::step], jy[::step])
     print(
         f"{args.model}: dense {dense:.4f}; {len(train)} JPEG train images ({load_s:.0f} s to load)"
     )
@@ -121,6 +129,15 @@ def main() -> None:
             print(f"{name:24s} {before.accuracy:.4f} -> {exc}", flush=True)
             continue
         after = evaluate(fixed, test, reference=model)
+        if jpeg is not None:
+            jb, ja = evaluate(small, jpeg, reference=model), evaluate(fixed, jpeg, reference=model)
+            jpeg_row = {
+                "jpeg_accuracy_before": jb.accuracy,
+                "jpeg_agreement_before": jb.agreement,
+                "jpeg_accuracy_after": ja.accuracy,
+                "jpeg_agreement_after": ja.agreement,
+            }
+            print(f"  JPEG test: {jb.accuracy:.4f} -> {ja.accuracy:.4f}", flush=True)
         cost = profile(small, x)
         row = {
             "variant": name,
@@ -132,6 +149,7 @@ def main() -> None:
             "accuracy_after": after.accuracy,
             "agreement_after": after.agreement,
             "repair": rep.to_dict(),
+            **(jpeg_row if jpeg is not None else {}),
         }
         rows.append(row)
         print(
@@ -147,6 +165,8 @@ def main() -> None:
         "dense_accuracy": dense,
         "train_images": len(train),
         "eval_images": len(test),
+        "jpeg_eval_images": len(jpeg) if jpeg is not None else 0,
+        "dense_jpeg_accuracy": evaluate(model, jpeg).accuracy if jpeg is not None else None,
         "recipe": recipe.to_dict() | {"batch": args.batch},
         "threads": args.threads,
         "command": " ".join(sys.argv),
