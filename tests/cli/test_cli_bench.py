@@ -82,3 +82,51 @@ def test_benchmark_arguments_without_the_dashes_are_refused(
 ) -> None:
     assert main(["bench", "echo", "--benchmarks", str(folder), "--n", "7"]) == 2
     assert "the benchmark's own arguments go after --" in capsys.readouterr().err
+
+
+def test_threads_go_to_a_benchmark_that_takes_them(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o.json"
+    assert (
+        main(
+            [
+                "bench",
+                "echo",
+                "--threads",
+                "1",
+                "--benchmarks",
+                str(folder),
+                "--",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "takes no --threads" in capsys.readouterr().err
+    script = (
+        (folder / "echo.py")
+        .read_text()
+        .replace(
+            'ap.add_argument("--n"', 'ap.add_argument("--threads", type=int)\nap.add_argument("--n"'
+        )
+    )
+    (folder / "echo.py").write_text(script)
+    assert (
+        main(
+            [
+                "bench",
+                "echo",
+                "--threads",
+                "1",
+                "--benchmarks",
+                str(folder),
+                "--",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["argv"][-2:] == ["--threads", "1"]

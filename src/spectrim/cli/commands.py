@@ -859,6 +859,10 @@ def run_bench(args: argparse.Namespace) -> int:
     extra = list(args.args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
+    if args.threads is not None:  # passed on to the script, which sets its own threads
+        if args.name in found and '"--threads"' not in found[args.name].path.read_text("utf-8"):
+            raise CLIError(f"bench {args.name}: this benchmark takes no --threads")
+        extra += ["--threads", str(args.threads)]
     with tempfile.TemporaryDirectory(prefix="spectrim-bench-") as tmp:
         if args.smoke and "--out" not in extra:
             extra += ["--out", str(Path(tmp) / f"{args.name}.json")]
