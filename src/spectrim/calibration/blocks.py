@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from spectrim.calibration.batches import drop_padding, token_mask
-from spectrim.calibration.collect import Collected, _call_keeper, group_view
+from spectrim.calibration.collect import Collected, call_keeper, group_view
 from spectrim.calibration.sequential import Refit, sequential_correct
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
@@ -326,7 +326,7 @@ def _capture(
     modules = dict(model.named_modules())
     out = Collected(stats={})
     hs = [
-        modules[n].register_forward_pre_hook(_call_keeper(n, names[0], out), with_kwargs=True)
+        modules[n].register_forward_pre_hook(call_keeper(n, names[0], out), with_kwargs=True)
         for n in names
     ]
     try:

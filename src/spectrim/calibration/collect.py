@@ -40,7 +40,7 @@ from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.modules import input_channel_axis
 from spectrim.graph.trace import batch_len, call_model
 
-__all__ = ["Collected", "collect", "collect_statistics", "group_rows", "group_view"]
+__all__ = ["Collected", "call_keeper", "collect", "collect_statistics", "group_rows", "group_view"]
 
 StatKey = tuple[int, str]  # (group index, consumer module name)
 
@@ -236,7 +236,7 @@ def collect(
 
     handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in per_module]
     for mod_name in keep_calls:
-        keeper = _call_keeper(mod_name, keep_calls[0], out)
+        keeper = call_keeper(mod_name, keep_calls[0], out)
         handles.append(modules[mod_name].register_forward_pre_hook(keeper, with_kwargs=True))
     was_training = model.training
     model.eval()
@@ -270,9 +270,11 @@ def collect(
     return out
 
 
-def _call_keeper(name: str, first: str, out: Collected) -> Callable[..., None]:
-    """A pre-hook keeping a module's arguments at its first call in each stored batch
-    (the first argument itself only for ``first``)."""
+def call_keeper(name: str, first: str, out: Collected) -> Callable[..., None]:
+    """A forward pre-hook (``with_kwargs=True``) keeping module ``name``'s arguments at its
+    first call in each stored batch of ``out.calls``; the first positional argument is kept
+    only for ``first`` and left out (``None``) for the others.  Shared by the whole-model
+    and the block-by-block sequential passes."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if out.calls and name not in out.calls[-1]:
