@@ -96,7 +96,7 @@ def find(folder: str | os.PathLike[str] | None = None) -> dict[str, Benchmark]:
 
 
 def run(
-    name: str,
+    name: str | Benchmark,
     args: list[str] | None = None,
     *,
     smoke: bool = False,
@@ -104,14 +104,19 @@ def run(
     timeout: float | None = None,
     stdout: IO[str] | None = None,
 ) -> int:
-    """Run benchmark ``name`` in a child Python process with ``args`` (after its ``SMOKE``
+    """Run benchmark ``name`` (or an already found :class:`Benchmark`) in a child Python process with ``args`` (after its ``SMOKE``
     arguments when ``smoke``); its output goes to this process's stdout/stderr.  Returns
     the exit code.  ``stdout``: where the child's standard output goes instead (e.g.
-    ``sys.stderr`` when this process's stdout carries JSON).  Raises ``KeyError`` naming the known benchmarks for an unknown name."""
-    found = find(folder)
-    if name not in found:
-        raise KeyError(f"no benchmark {name!r}; known: {', '.join(found) or 'none'}")
-    bench = found[name]
+    ``sys.stderr`` when this process's stdout carries JSON).  Raises ``KeyError`` naming
+    the known benchmarks for an unknown name."""
+    if isinstance(name, Benchmark):
+        bench = name
+    else:
+        found = find(folder)
+        if name not in found:
+            raise KeyError(f"no benchmark {name!r}; known: {', '.join(found) or 'none'}")
+        bench = found[name]
+    name = bench.name
     argv = list(args or [])
     if smoke:
         if bench.smoke is None:

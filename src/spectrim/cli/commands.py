@@ -840,7 +840,8 @@ def run_bench(args: argparse.Namespace) -> int:
             ) from None
         args.args = rest
     out = human_stream(args.json)
-    found = bench.find(args.benchmarks)
+    root = bench.benchmarks_dir(args.benchmarks)
+    found = bench.find(root)
     if args.name is None:
         if args.args:
             raise CLIError("bench: arguments for a benchmark need its NAME first")
@@ -852,7 +853,7 @@ def run_bench(args: argparse.Namespace) -> int:
             args.json,
         )
         if not args.quiet:
-            print(f"benchmarks in {bench.benchmarks_dir(args.benchmarks)}:", file=out)
+            print(f"benchmarks in {root}:", file=out)
             for name, b in found.items():
                 print(f"  {name:<22} {b.summary}", file=out)
         return 0
@@ -867,10 +868,10 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.smoke and "--out" not in extra:
             extra += ["--out", str(Path(tmp) / f"{args.name}.json")]
         code = bench.run(
-            args.name,
+            found.get(args.name, args.name),
             extra,
             smoke=args.smoke,
-            folder=args.benchmarks,
+            folder=root,
             stdout=sys.stderr if args.json == "-" else None,
         )
     write_json({"benchmark": args.name, "args": extra, "exit_code": code}, args.json)
