@@ -13,6 +13,14 @@ lossless test images score), each against ``spectrim.compress`` as it is:
   256 calibration images when the group's consumer inputs get a random channel-mixing
   perturbation of ``--eta`` of their energy, divided by ``--eta`` (normalised to mean 1).
   An experiment: it wraps the library's private curve stage, it is not an option.
+* ``select``: ``CompressConfig(sequential_select=True)``: each group's kept channels
+  chosen again in the sequential pass, from the compressed prefix's activations, as the
+  ones from which the original's activations are best reconstructed
+  (``spectrim.linalg.cross_greedy``), instead of the method's selection on the original
+  model's statistics (same widths).
+
+``--fraction`` sets ``sequential_fraction`` for every run (the share of the calibration
+images the sequential pass fits on, and with ``select`` selects on).
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/levers.py     # ~6 min
 
@@ -102,6 +110,20 @@ def weighted_curves(model: nn.Module, probe: torch.Tensor, eta: float) -> Iterat
         _prune.solve_curves_stage = original
 
 
+def scored(
+    model: nn.Module, calib: torch.Tensor, test: Any, method: str, target: str, **kw: Any
+) -> dict[str, Any]:
+    """Compress with ``kw`` and score against the original."""
+    other, rep = spectrim.compress(model, calib, method, target, **kw)
+    res = evaluate(other, test, reference=model)
+    return {
+        "accuracy": res.accuracy,
+        "agreement": res.agreement,
+        "logit_rel_l2": res.fidelity["rel_l2"],
+        "macs_ratio": rep.macs_ratio,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,8 +132,12 @@ def main() -> None:
     ap.add_argument("--methods", default="id,spectral")
     ap.add_argument("--targets", default="macs=0.5,macs=0.35")
     ap.add_argument(
-        "--levers", nargs="+", choices=("bn", "sensitivity"), default=["bn", "sensitivity"]
+        "--levers",
+        nargs="+",
+        choices=("bn", "sensitivity", "select"),
+        default=["bn", "sensitivity", "select"],
     )
+    ap.add_argument("--fraction", type=float, default=0.2, help="sequential_fraction")
     ap.add_argument("--calib", type=int, default=1000)
     ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
     ap.add_argument("--probe", type=int, default=256, help="images the sensitivities use")
@@ -129,7 +155,8 @@ def main() -> None:
     rows = []
     for target in args.targets.split(","):
         for method in args.methods.split(","):
-            small, report = spectrim.compress(model, calib, method, target)
+            run = {"sequential_fraction": args.fraction}
+            small, report = spectrim.compress(model, calib, method, target, **run)
             plain = evaluate(small, test, reference=model)
             row: dict[str, Any] = {
                 "method": method,
@@ -137,6 +164,7 @@ def main() -> None:
                 "macs_ratio": report.macs_ratio,
                 "accuracy": plain.accuracy,
                 "agreement": plain.agreement,
+                "logit_rel_l2": plain.fidelity["rel_l2"],
             }
             if "bn" in args.levers:
                 recalibrate_batch_norm(small, list(calib.split(64)))
@@ -144,14 +172,12 @@ def main() -> None:
                 row["bn"] = {"accuracy": res.accuracy, "agreement": res.agreement}
             if "sensitivity" in args.levers:
                 with weighted_curves(model, calib[: args.probe], args.eta) as weights:
-                    other, rep = spectrim.compress(model, calib, method, target)
-                res = evaluate(other, test, reference=model)
-                row["sensitivity"] = {
-                    "accuracy": res.accuracy,
-                    "agreement": res.agreement,
-                    "macs_ratio": rep.macs_ratio,
-                    "weights": weights[0] if weights else None,
-                }
+                    row["sensitivity"] = scored(model, calib, test, method, target, **run)
+                row["sensitivity"]["weights"] = weights[0] if weights else None
+            if "select" in args.levers:
+                row["select"] = scored(
+                    model, calib, test, method, target, sequential_select=True, **run
+                )
             rows.append(row)
             print(
                 f"{method:9s} {target:10s} as compressed {plain.accuracy:.3f} / {plain.agreement:.3f}"
@@ -168,6 +194,7 @@ def main() -> None:
             "calibration_images": len(calib),
             "test_images": len(test),
             "eta": args.eta,
+            "sequential_fraction": args.fraction,
             "probe_images": args.probe,
             "runs": rows,
         },

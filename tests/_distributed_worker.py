@@ -29,6 +29,8 @@ SCENARIOS = {
     # the three 64-wide groups selected from randomized sketches of 32 rows (the sketch
     # thresholds lowered to ResNet-20's widths below)
     "sketch": {"method": "id", "target": "macs=0.5", "stats_memory": 90000},
+    # the kept channels chosen again in the sequential pass from Grams summed over ranks
+    "select": {"method": "spectral", "target": "macs=0.5", "sequential_select": True},
     # the sequential fits block by block (ResNet-20's nine residual blocks)
     "blocks": {"method": "id", "target": "macs=0.5", "blockwise": True},
     # attention heads of a small BERT (padded text batches): alone, and on a MACs budget

@@ -211,6 +211,13 @@ def test_config_object_and_explicit_arguments(net: nn.Module, images: torch.Tens
     assert r1.method == "l1" and r1.widths["c1"] == [24, 6]
     _, r2 = spectrim.compress(net, images, method="id", target="width=0.5", config=cfg)
     assert r2.method == "id" and r2.widths["c1"] == [24, 12]
+    # a config in the method's place is the config (torchao's compress(model, config) habit)
+    _, r3 = spectrim.compress(net, images, cfg)
+    assert r3.method == "l1" and r3.widths == r1.widths
+    with pytest.raises(TypeError, match="both as method and as config"):
+        spectrim.compress(net, images, cfg, config=cfg)
+    with pytest.raises(TypeError, match="method must be a method name"):
+        spectrim.compress(net, images, {"method": "id"})  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------- calibration formats

@@ -632,7 +632,10 @@ def apply_stage(state: ChannelRun) -> None:
     )
     if state.sequential and plans and any(p.folds for p in plans.values()):
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
-        refits = {gi: functools.partial(state.solvers[gi].refit, kept) for gi, kept in keep.items()}
+        refits = {gi: state.solvers[gi].refit for gi in keep}
+        reselect = (
+            {gi: state.solvers[gi].reselect for gi in keep} if state.cfg.sequential_select else {}
+        )
         # float64 fit products only where the fit can be (nearly) exact
         exact = {gi: bool(state.curves[gi][state.widths[gi]] < _EXACT_FIT_BELOW**2) for gi in keep}
         # the refits use fresh statistics: the selection's Grams need not live through them
@@ -651,7 +654,7 @@ def apply_stage(state: ChannelRun) -> None:
             plan = plan_blocks(state.chain, analysis, keep)
             assert not isinstance(plan, str)  # checked on all groups before collecting
             state.report.blocks = len(plan.blocks)
-            folds, state.seq_errors = blockwise_correct(
+            folds, state.seq_errors, keep = blockwise_correct(
                 state.work,
                 analysis,
                 stored,
@@ -663,9 +666,10 @@ def apply_stage(state: ChannelRun) -> None:
                 team=state.ctx.team,
                 calls=collected.calls if collected.n_stored else None,
                 channels_last=state.channels_last,
+                reselect=reselect,
             )
         else:
-            folds, state.seq_errors = sequential_correct(
+            folds, state.seq_errors, keep = sequential_correct(
                 state.work,
                 analysis,
                 stored,
@@ -675,8 +679,10 @@ def apply_stage(state: ChannelRun) -> None:
                 channels_last=state.channels_last,
                 refit=refits,
                 team=state.ctx.team,
+                reselect=reselect,
             )
         for gi, f in folds.items():
+            plans[gi].keep = keep[gi]
             plans[gi].folds = f
     else:
         apply_plan(state.work, analysis, plans)

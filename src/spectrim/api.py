@@ -52,7 +52,7 @@ __all__ = ["compress", "inputs_only", "as_batches"]
 def compress(
     model: nn.Module,
     calibration: Any,
-    method: str | None = None,
+    method: str | CompressConfig | None = None,
     target: str | Target | None = None,
     *,
     config: CompressConfig | None = None,
@@ -76,6 +76,7 @@ def compress(
         calibration: unlabelled inputs (see :func:`as_batches`); a few hundred examples
             are enough for most CNNs.
         method: registered method name (default ``"id"``); overrides ``config.method``.
+            A :class:`~spectrim.config.CompressConfig` here is taken as ``config``.
         target: ``"macs=F"``, ``"params=F"``, ``"latency=F"`` (measured here, at
             ``latency_batch=``), ``"width=F"`` or ``"error=E"`` (channel methods),
             ``"sparsity=S"``, ``"sparsity=n:m"`` or ``"auto"`` (weight methods:
@@ -121,6 +122,15 @@ def compress(
             ``on_unreachable="raise"``.
     """
     t0 = time.perf_counter()
+    if isinstance(method, CompressConfig):  # compress(model, data, CompressConfig(...))
+        if config is not None:
+            raise TypeError("compress() got a CompressConfig both as method and as config=")
+        method, config = None, method
+    if method is not None and not isinstance(method, str):
+        raise TypeError(
+            f"method must be a method name such as 'id' (or a CompressConfig), "
+            f"got {type(method).__name__}"
+        )
     base = config or CompressConfig()
     if not isinstance(base, CompressConfig):
         raise TypeError(f"config must be a CompressConfig, got {type(base).__name__}")

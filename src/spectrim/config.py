@@ -182,6 +182,13 @@ class CompressConfig:
             mean of four calibration draws) and better than an eighth (86.4 %).  More
             examples are used whenever the share would give fewer than 32 rows per
             channel (transformer FFNs).
+        sequential_select: in the sequential pass, choose each group's kept channels
+            anew (same widths) at its first consumer: the channels of the compressed
+            prefix from which the original's activations are best reconstructed
+            (:func:`spectrim.linalg.cross_greedy` on the pass's own Grams), instead of
+            the method's selection on the original model's statistics.  The groups run
+            at full width through the pass (about one forward pass of the fitted share
+            instead of ``macs_ratio`` of one).
         channels_last: run the calibration passes (on spectrim's own copy of the model,
             one batch converted at a time) in ``channels_last`` memory layout, which
             oneDNN's CPU convolutions run faster than NCHW; ``None`` (default): when the
@@ -227,6 +234,7 @@ class CompressConfig:
     seed: int = 0
     sequential: bool = True
     sequential_fraction: float = 0.2
+    sequential_select: bool = False
     channels_last: bool | None = None
     on_unreachable: str = "stop"
     max_error: float = 0.5

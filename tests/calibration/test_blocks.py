@@ -23,9 +23,13 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].numel())
 
 
-def test_resnet20_blockwise_gives_the_whole_model_passs_weights(data_root: Path) -> None:
+@pytest.mark.parametrize("select", [False, True])
+def test_resnet20_blockwise_gives_the_whole_model_passs_weights(
+    data_root: Path, select: bool
+) -> None:
     """The pretrained CIFAR-10 ResNet-20: its nine residual blocks are the chain, every
-    pruned group lies inside one, and the fits equal the whole-model pass's."""
+    pruned group lies inside one, and the fits equal the whole-model pass's (also with
+    the kept sets chosen in the pass, ``sequential_select``)."""
     from spectrim.zoo import load_dataset, load_pretrained
 
     model = load_pretrained("resnet20-cifar10").eval()
@@ -34,10 +38,9 @@ def test_resnet20_blockwise_gives_the_whole_model_passs_weights(data_root: Path)
     assert find_chain(model, batches[0][:2]) == [
         f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)
     ]
-    whole, r1 = spectrim.compress(model, batches, "id", "macs=0.5", sequential_fraction=0.5)
-    block, r2 = spectrim.compress(
-        model, batches, "id", "macs=0.5", sequential_fraction=0.5, blockwise=True
-    )
+    kw: dict[str, Any] = {"sequential_fraction": 0.5, "sequential_select": select}
+    whole, r1 = spectrim.compress(model, batches, "id", "macs=0.5", **kw)
+    block, r2 = spectrim.compress(model, batches, "id", "macs=0.5", blockwise=True, **kw)
     assert not any("blockwise" in w for w in r2.warnings), r2.warnings
     assert (r1.blocks, r2.blocks) == (0, 9)
     assert [g.width_after for g in r1.groups] == [g.width_after for g in r2.groups]

@@ -56,7 +56,7 @@ def test_second_consumer_fits_original_from_compressed_prefix() -> None:
     col = collect(model, a, [x[:8], x[8:]], groups, store_fraction=1.0)
     keep = _keep_half(col, a)
     work = copy.deepcopy(model)
-    folds, errors = sequential_correct(work, a, [x[:8], x[8:]], keep, col)
+    folds, errors, _ = sequential_correct(work, a, [x[:8], x[8:]], keep, col)
 
     # brute force for the second group (consumer '5'): its inputs in the compressed
     # model, restricted to the kept channels, must reconstruct the original inputs
@@ -103,8 +103,8 @@ def test_lockstep_batches_equal_one_concatenated_batch() -> None:
     col = collect(model, a, batches, a.prunable, store_fraction=1.0)
     keep = _keep_half(col, a)
     lock, big = copy.deepcopy(model), copy.deepcopy(model)
-    folds_l, _ = sequential_correct(lock, a, batches, keep, col)
-    folds_b, _ = sequential_correct(big, a, [x], keep, col)
+    folds_l, _, _ = sequential_correct(lock, a, batches, keep, col)
+    folds_b, _, _ = sequential_correct(big, a, [x], keep, col)
     for gi in folds_l:
         for name in folds_l[gi]:
             np.testing.assert_allclose(folds_l[gi][name], folds_b[gi][name], rtol=1e-6, atol=1e-8)
@@ -206,7 +206,7 @@ def test_float32_fits_match_float64_fits_when_pruning_error_dominates(
     for precise in (True, False):
         work = copy.deepcopy(model)
         exact = dict.fromkeys(keep, precise)
-        folds, errors = sequential_correct(work, a, batches, keep, col, exact=exact)
+        folds, errors, _ = sequential_correct(work, a, batches, keep, col, exact=exact)
         with torch.no_grad():
             out[precise] = (folds, errors, work(x))
     assert modes == [True] * len(keep) + [False] * len(keep)
@@ -243,7 +243,7 @@ def test_greenlet_lockstep_merged_batches_and_channels_last_agree(channels_last:
     col = collect(model, a, dicts, a.prunable, store_fraction=1.0)
     keep = _keep_half(col, a)
     lock = copy.deepcopy(model)
-    folds_l, errors_l = sequential_correct(lock, a, dicts, keep, col)
+    folds_l, errors_l, _ = sequential_correct(lock, a, dicts, keep, col)
 
     plain = _chain()
     a2 = analyze_channels(plain, x[:2])
@@ -251,7 +251,7 @@ def test_greenlet_lockstep_merged_batches_and_channels_last_agree(channels_last:
     merged = copy.deepcopy(plain)
     if channels_last:
         merged.to(memory_format=torch.channels_last)
-    folds_m, errors_m = sequential_correct(
+    folds_m, errors_m, _ = sequential_correct(
         merged, a2, [x[:8], x[8:16], x[16:]], _keep_half(col2, a2), col2,
         channels_last=channels_last,
     )  # fmt: skip
@@ -285,3 +285,74 @@ def test_merge_batches_only_same_shape_tensors_within_the_limit() -> None:
         [0],
         [1],
     ]
+
+
+def test_reselect_chooses_and_fits_on_the_compressed_prefix_like_brute_force() -> None:
+    """``reselect``: each group's kept set is cross_greedy on its consumer's full-width
+    input in the compressed prefix against the original's input, the fold is the least
+    squares on it, and the final model is exactly the one-shot surgery with those sets
+    and folds (the zero columns of the pass leave no trace)."""
+    from spectrim.graph.surgery import GroupPlan, apply_plan
+    from spectrim.linalg import cross_greedy
+
+    model = _chain()
+    x = torch.randn(24, 3, 8, 8)
+    batches = [x[:8], x[8:16], x[16:]]
+    a = analyze_channels(model, x[:2])
+    g1, g2 = a.prunable
+    col = collect(model, a, batches, a.prunable, store_fraction=1.0)
+    keep = _keep_half(col, a)
+    work = copy.deepcopy(model)
+    folds, errors, kept = sequential_correct(
+        work, a, batches, keep, col, reselect=[g1.index, g2.index]
+    )
+    assert {gi: len(k) for gi, k in kept.items()} == {gi: len(k) for gi, k in keep.items()}
+
+    def rows(t: torch.Tensor) -> np.ndarray:
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double().numpy()
+
+    for gi, consumer, prefix in ((g1.index, "3", {}), (g2.index, "5", {g1.index})):
+        # the prefix as the pass ran it: earlier groups pruned and corrected, this one whole
+        pre = copy.deepcopy(model)
+        plans = {p: GroupPlan(keep=kept[p], folds=folds[p]) for p in prefix}
+        apply_plan(pre, a, plans)
+        zc = rows(_input_of(pre, pre[int(consumer)], x))
+        z = rows(_input_of(model, model[int(consumer)], x))
+        k = len(keep[gi])
+        sel = cross_greedy(zc.T @ zc, zc.T @ z, float(np.sum(z * z)), k=k)
+        assert kept[gi].tolist() == sorted(sel.order.tolist())
+        ref = np.linalg.lstsq(zc[:, kept[gi]], z, rcond=None)[0].T
+        np.testing.assert_allclose(folds[gi][consumer], ref, rtol=1e-4, atol=1e-6)
+        res = np.linalg.norm(z - zc[:, kept[gi]] @ ref.T) / np.linalg.norm(z)
+        assert errors[(gi, consumer)] == pytest.approx(res, rel=1e-3, abs=1e-6)
+    # the selection really moved (otherwise the test shows nothing)
+    assert any(kept[gi].tolist() != keep[gi].tolist() for gi in keep)
+    one = copy.deepcopy(model)
+    apply_plan(one, a, {gi: GroupPlan(keep=kept[gi], folds=folds[gi]) for gi in kept})
+    assert [m.weight.shape for m in work if hasattr(m, "weight")] == [
+        m.weight.shape for m in one if hasattr(m, "weight")
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), one(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sequential_select_on_pretrained_resnet20_keeps_the_widths() -> None:
+    """``sequential_select=True`` on a real model: the allocation's widths, other channels
+    in some groups, a model that runs and agrees with the original about as well."""
+    from spectrim.zoo import load_dataset, load_pretrained
+
+    model = load_pretrained("resnet20-cifar10")
+    calib = load_dataset("cifar10", "calib", limit=256).tensors[0]
+    test = load_dataset("cifar10", "eval", limit=300)
+    plain, r0 = spectrim.compress(model, calib, target="macs=0.5")
+    sel, r1 = spectrim.compress(model, calib, target="macs=0.5", sequential_select=True)
+    assert r1.widths == r0.widths and r1.macs_ratio == pytest.approx(r0.macs_ratio)
+    moved = [
+        n for n, (p, q) in enumerate(zip(plain.modules(), sel.modules()))
+        if isinstance(p, nn.Conv2d)
+        and float((p.weight - q.weight).abs().max()) > 1e-3 * float(p.weight.detach().abs().max())
+    ]  # fmt: skip
+    assert moved  # other kept channels somewhere, not float noise
+    e0, e1 = evaluate(plain, test, reference=model), evaluate(sel, test, reference=model)
+    assert e1.agreement is not None and e0.agreement is not None
+    assert e1.agreement > 0.5 and abs(e1.agreement - e0.agreement) < 0.1

@@ -416,6 +416,7 @@ def test_compress_one_shot_and_fraction_flags(
     for flags in (
         ["--one-shot"],
         ["--sequential-fraction", "0.5"],
+        ["--sequential-select"],
         ["--stats-memory", "3MiB"],
         ["--blockwise"],
     ):
@@ -444,6 +445,8 @@ def test_compress_one_shot_and_fraction_flags(
     assert reports["--one-shot"]["sequential"] is False
     assert reports["--sequential-fraction"]["sequential"] is True
     assert reports["--sequential-fraction"]["sequential_fraction"] == 0.5
+    assert reports["--sequential-select"]["sequential_select"] is True
+    assert reports["--one-shot"]["sequential_select"] is False
     assert reports["--stats-memory"]["stats_memory"] == "3MiB"
     assert reports["--blockwise"]["blockwise"] is True
     code, _, err = _run(

@@ -142,6 +142,29 @@ def test_concat_consumer_loses_the_right_columns() -> None:
     assert outputs(model, x).shape == (2, 2)
 
 
+def test_two_surgeries_with_already_equal_one() -> None:
+    """A second surgery told what the first removed (``already``) indexes the sliced
+    modules where they are now: the dense block's concat consumer ends as in one go."""
+    model, x = build("dense")
+    a = analyze_channels(model, x)
+    ga, gb = a.group("a").index, a.group("b").index
+    one, two = copy.deepcopy(model), copy.deepcopy(model)
+    plans = {ga: GroupPlan(keep=np.array([1, 3])), gb: GroupPlan(keep=np.array([0, 4]))}
+    apply_plan(one, a, plans)
+    apply_plan(two, a, {ga: plans[ga]})
+    gone = {int(c) for c in a.groups[ga].classes if c not in a.groups[ga].classes[[1, 3]]}
+    apply_plan(two, a, {gb: plans[gb]}, already=gone)
+    for p, q in zip(one.parameters(), two.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(outputs(one, x), outputs(two, x))
+    with pytest.raises(ValueError, match="already removed"):
+        apply_plan(two, a, {ga: GroupPlan(keep=np.array([1]))}, already=gone)
+    fold = {"c": np.eye(a.groups[gb].width)[:, [0, 4]]}
+    with pytest.raises(ValueError, match="folds cannot be applied"):
+        apply_plan(copy.deepcopy(model), a, {gb: GroupPlan(np.array([0, 4]), folds=fold)},
+                   already=gone)  # fmt: skip
+
+
 def test_se_gate_producer_is_sliced_with_the_stream() -> None:
     model, x = build("se")
     a = analyze_channels(model, x)

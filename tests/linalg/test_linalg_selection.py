@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from spectrim.linalg import (
     block_greedy,
+    cross_greedy,
     degrees_of_freedom,
     fit_reconstruction,
     gram_spectrum,
@@ -203,3 +204,108 @@ def test_block_greedy_redundant_block_gains_nothing() -> None:
 def test_block_greedy_rejects_overlapping_blocks() -> None:
     with pytest.raises(ValueError, match="disjoint"):
         block_greedy(np.eye(4), [np.array([0, 1]), np.array([1, 2])])
+
+
+def _cross_problem(seed: int, m: int, p: int, rank: int, n: int = 200):
+    """Original units Z (n×p) and a drifted, partly dead copy Z' (n×m) of the same rows."""
+    rng = np.random.default_rng(seed)
+    base = np.maximum(rng.standard_normal((n, rank)) @ rng.standard_normal((rank, m)), 0.0)
+    Zc = base + 0.1 * rng.standard_normal((n, m))
+    Zc[:, 1] = 0.0  # a dead unit in the compressed prefix
+    Zc[:, 2] = Zc[:, 3]  # and a duplicate
+    Z = base[:, :p] if p <= m else np.hstack([base, base[:, : p - m] ** 2])
+    return Z, Zc
+
+
+def _cross_brute(Z: np.ndarray, Zc: np.ndarray, S: list[int]) -> float:
+    """min_B ‖Z − Zc[:, S] Bᵀ‖² by least squares on the rows."""
+    if not S:
+        return float(np.sum(Z * Z))
+    B, *_ = np.linalg.lstsq(Zc[:, S], Z, rcond=None)
+    R = Z - Zc[:, S] @ B
+    return float(np.sum(R * R))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    m=st.integers(4, 9),
+    p=st.integers(1, 12),
+    rank=st.integers(1, 9),
+)
+def test_cross_greedy_matches_brute_force_steps(seed: int, m: int, p: int, rank: int) -> None:
+    """Every step's loss is the least-squares residual of the rows, and every choice is
+    the best single addition by brute force (ties only among zero gains)."""
+    Z, Zc = _cross_problem(seed, m, p, rank)
+    sel = cross_greedy(Zc.T @ Zc, Zc.T @ Z, float(np.sum(Z * Z)))
+    total = float(np.sum(Z * Z))
+    for i in range(m + 1):
+        S = sel.order[:i].tolist()
+        assert sel.losses[i] == pytest.approx(_cross_brute(Z, Zc, S), abs=1e-7 * total)
+    for i in range(m):
+        S = sel.order[:i].tolist()
+        best = min(_cross_brute(Z, Zc, [*S, j]) for j in range(m) if j not in S)
+        assert _cross_brute(Z, Zc, [*S, int(sel.order[i])]) <= best + 1e-7 * total
+    assert sorted(sel.order.tolist()) == list(range(m))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(4, 7), p=st.integers(1, 8))
+def test_cross_greedy_weighted_matches_brute_force(seed: int, m: int, p: int) -> None:
+    """With a weight M the loss is tr(M EᵀE) of the least-squares residual E (the fit
+    itself does not depend on M), and each choice is the best single addition."""
+    Z, Zc = _cross_problem(seed, m, p, rank=3)
+    rng = np.random.default_rng(seed + 1)
+    W = rng.standard_normal((4, Z.shape[1]))
+    M = 0.5 * np.eye(Z.shape[1]) + 0.5 * W.T @ W
+
+    def brute(S: list[int]) -> float:
+        E = Z if not S else Z - Zc[:, S] @ np.linalg.lstsq(Zc[:, S], Z, rcond=None)[0]
+        return float(np.trace(M @ E.T @ E))
+
+    start = brute([])
+    sel = cross_greedy(Zc.T @ Zc, Zc.T @ Z, start, weight=M)
+    for i in range(m + 1):
+        assert sel.losses[i] == pytest.approx(brute(sel.order[:i].tolist()), abs=1e-7 * start)
+    for i in range(m):
+        S = sel.order[:i].tolist()
+        best = min(brute([*S, j]) for j in range(m) if j not in S)
+        assert brute([*S, int(sel.order[i])]) <= best + 1e-7 * start
+    # without the start, the same order and the losses offset by it
+    off = cross_greedy(Zc.T @ Zc, Zc.T @ Z, weight=M)
+    assert off.order.tolist() == sel.order.tolist()
+    np.testing.assert_allclose(off.losses + start, sel.losses, atol=1e-7 * start)
+
+
+def test_cross_greedy_with_equal_matrices_is_the_plain_greedy() -> None:
+    """Z' = Z: the same problem as spectral_greedy's input-aware case."""
+    Z, sigma, _ = _problem(3, 10, rank=6)
+    n = Z.shape[0]
+    a = cross_greedy(sigma, sigma, float(np.trace(sigma)))
+    b = spectral_greedy(sigma)
+    assert a.order[:6].tolist() == b.order[:6].tolist()
+    np.testing.assert_allclose(a.losses, b.losses, atol=1e-9 * float(np.trace(Z.T @ Z) / n))
+
+
+def test_cross_greedy_prefers_the_unit_that_carries_the_target() -> None:
+    """A unit with little energy of its own but all of the target's wins over a loud one
+    the target does not need (the input-aware greedy on Z' alone picks the loud one)."""
+    rng = np.random.default_rng(0)
+    n = 500
+    signal, loud = rng.standard_normal(n), 10.0 * rng.standard_normal(n)
+    Zc = np.stack([0.1 * signal, loud], axis=1)
+    Z = signal[:, None]
+    assert cross_greedy(Zc.T @ Zc, Zc.T @ Z, float(np.sum(Z * Z)), k=1).order.tolist() == [0]
+    assert spectral_greedy(Zc.T @ Zc, 1).order.tolist() == [1]
+
+
+def test_cross_greedy_validation() -> None:
+    g = np.eye(3)
+    with pytest.raises(ValueError, match="k=4"):
+        cross_greedy(g, np.ones((3, 2)), 1.0, k=4)
+    with pytest.raises(ValueError, match="cross"):
+        cross_greedy(g, np.ones((2, 2)), 1.0)
+    with pytest.raises(ValueError, match="target_energy"):
+        cross_greedy(g, np.ones((3, 2)), float("nan"))
+    with pytest.raises(ValueError, match="weight must be 2×2"):
+        cross_greedy(g, np.ones((3, 2)), weight=np.eye(3))

@@ -27,7 +27,7 @@ reaches outside the chain (e.g. a stem convolution) leaves the whole-model pass 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.collect import Collected, call_keeper, group_view
-from spectrim.calibration.sequential import Refit, sequential_correct
+from spectrim.calibration.sequential import Refit, Select, sequential_correct
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
 from spectrim.graph.modules import input_channel_axis
@@ -211,7 +211,8 @@ def blockwise_correct(
     team: Team = SOLO,
     calls: Sequence[Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]] | None = None,
     channels_last: bool = False,
-) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float]]:
+    reselect: Collection[int] | Mapping[int, Select] = (),
+) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction block by block.
 
     Args:
@@ -222,16 +223,18 @@ def blockwise_correct(
         plan: :func:`plan_blocks`'s blocks.
         contributes: whether this process's ``batches`` count (a rank that holds none
             passes one batch and ``False``, as for the whole-model pass).
-        exact, refit, team, channels_last: as for
+        exact, refit, team, channels_last, reselect: as for
             :func:`~spectrim.calibration.sequential.sequential_correct`.
         calls: per batch, every chain module's arguments as the calibration pass kept
             them (``Collected.calls``; the first module's input included); ``None``: one
             forward pass here finds them.
 
     Returns:
-        ``folds[group][consumer] = B`` and the relative error of each fit.
+        ``folds[group][consumer] = B``, the relative error of each fit and every group's
+        kept channels.
     """
     modules = dict(model.named_modules())
+    keep = dict(keep)
     names = [n for blk in plan.blocks for n in blk]
     masks = [token_mask(b) for b in batches]
     first = names[0]
@@ -299,7 +302,7 @@ def blockwise_correct(
             return outs[i]
 
         collected = Collected(stats={}, inputs=inputs, n_stored=len(xs_c) if contributes else 0)
-        f, e = sequential_correct(
+        f, e, k = sequential_correct(
             model,
             analysis,
             [(x, i) for i, x in enumerate(xs_c)],
@@ -311,11 +314,17 @@ def blockwise_correct(
             runner=runner,
             masks=masks,
             channels_last=channels_last,
+            reselect=(
+                {gi: reselect[gi] for gi in gis if gi in reselect}
+                if isinstance(reselect, Mapping)
+                else [gi for gi in gis if gi in reselect]
+            ),
         )
+        keep.update(k)
         folds.update(f)
         errors.update(e)
         xs_o, xs_c = new_o, [outs[i] for i in range(len(xs_c))]
-    return folds, errors
+    return folds, errors, keep
 
 
 def _capture(

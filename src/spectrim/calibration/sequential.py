@@ -23,7 +23,7 @@ consumer input), which amortises per-call costs; the caller may also run the pas
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,11 +48,18 @@ from spectrim.graph.surgery import (
 )
 from spectrim.graph.trace import batch_len, call_model
 from spectrim.linalg.reconstruction import F32_RTOL, fit_cross_reconstruction
+from spectrim.linalg.selection import cross_greedy
 
-#: ``refit(consumer, gram, cross, rows) -> B``: a group's correction at one consumer, from the
-#: Gram of its kept channels in the compressed prefix and their cross Gram with the
-#: original inputs (the solver's :meth:`~spectrim.methods.GroupSolver.refit`).
-Refit = Callable[[str, np.ndarray, np.ndarray, int], np.ndarray]
+#: ``refit(keep, consumer, gram, cross, rows) -> B``: a group's correction at one consumer,
+#: from the Gram of its kept channels (sorted ``keep``) in the compressed prefix and their
+#: cross Gram with the original inputs (the solver's
+#: :meth:`~spectrim.methods.GroupSolver.refit`).
+Refit = Callable[[np.ndarray, str, np.ndarray, np.ndarray, int], np.ndarray]
+
+#: ``select(gram, cross, k) -> keep``: a group's ``k`` kept channels (sorted) from its
+#: full-width Gram in the compressed prefix and the cross Gram with the original inputs
+#: (the solver's :meth:`~spectrim.methods.GroupSolver.reselect`).
+Select = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 __all__ = ["MERGED_BATCH_BYTES", "merge_batches", "sequential_correct"]
 
@@ -101,17 +108,15 @@ def merge_batches(batches: Sequence[Any], bytes_per_example: float) -> list[list
     return groups
 
 
-def _relative_residual(acc: GramAccumulator, b: np.ndarray) -> float:
-    """``‖Z − Z'_S Bᵀ‖ / ‖Z‖`` from the fit's Grams (``Z`` is the accumulator's ``y``).
+def _relative_residual(total: float, g_c: np.ndarray, cross: np.ndarray, b: np.ndarray) -> float:
+    """``‖Z − Z'_S Bᵀ‖ / ‖Z‖`` from the fit's Grams (``total = ‖Z‖²``).
 
     Exact to float64 when the products are float64 (``exact`` groups).  With float32
     products the trace formula cancels at about ``sqrt(float32 eps) ≈ 3e-4``, so an
     error of 1e-2 or more (the only kind fitted in float32) is off by at most about 1%.
     """
-    total = float(acc.y_sq_sums.sum())
     if total <= 0:
         return 0.0
-    g_c, cross = acc.gram_numpy(), acc.cross_numpy()
     res = total - 2.0 * float(np.sum(cross.T * b)) + float(np.sum((b @ g_c) * b))
     return float(np.sqrt(max(res, 0.0) / total))
 
@@ -217,7 +222,8 @@ def sequential_correct(
     team: Team = SOLO,
     runner: Callable[[Any], Any] | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
-) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float]]:
+    reselect: Collection[int] | Mapping[int, Select] = (),
+) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
     The producers and passengers of every pruned group are sliced first, so the pass
@@ -225,6 +231,14 @@ def sequential_correct(
     consumer, in execution order, the kept inputs ``Z'_S`` of the compressed prefix are
     paired with the original inputs ``Z`` and ``B = argmin ‖Z − Z'_S Bᵀ‖`` is folded
     into the consumer's original weights before it runs.
+
+    A group in ``reselect`` keeps its width (``len(keep[gi])``) but not its channels: it
+    runs at full width, and at its first consumer the kept set is chosen anew from the
+    compressed prefix's full-width Gram and its cross Gram with the original inputs
+    (by default :func:`~spectrim.linalg.cross_greedy`: the channels whose corrected fit
+    is best, not those that best reconstruct the original's own channels).  Until the end of the
+    pass its consumers read the dropped channels through zero columns; then its
+    producers, passengers and consumers are sliced.
 
     Args:
         model: the model to prune (in place).
@@ -252,31 +266,39 @@ def sequential_correct(
             :func:`~spectrim.graph.trace.call_model`.  The block-by-block pass
             (:mod:`spectrim.calibration.blocks`) runs one block on cached inputs with it.
         masks: each batch's real token positions (default: from the batches themselves).
+        reselect: groups whose kept channels are chosen in the pass (above), or a mapping
+            from them to their own selection rule (:data:`Select`).
 
     Returns:
-        ``folds[group][consumer] = B`` and the relative error of each fit.
+        ``folds[group][consumer] = B``, the relative error of each fit, and the kept
+        channels of every group (``keep``, with the reselected groups' new sets).
     """
     modules = dict(model.named_modules())
     keep = {gi: np.sort(np.asarray(k, dtype=np.int64)) for gi, k in keep.items()}
-    dropped: set[int] = set()
+    chosen = {gi for gi in reselect if gi in keep}  # groups still to select
+    rules: Mapping[int, Select] = reselect if isinstance(reselect, Mapping) else {}
+    width = {gi: len(keep[gi]) for gi in chosen}
+    dropped: set[int] = set()  # classes sliced before the pass (groups not reselected)
     for gi, kept in keep.items():
+        if gi in chosen:
+            continue
         g = analysis.groups[gi]
         mask = np.ones(g.width, dtype=bool)
         mask[kept] = False
         dropped.update(int(c) for c in g.classes[mask])
-    per_module: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-    for gi, kept in keep.items():
+    per_module: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for gi in keep:
         for slot in analysis.groups[gi].consumers:
-            newpos = new_positions(analysis.in_labels[slot.module], dropped)
-            per_module.setdefault(slot.module, []).append(
-                (gi, slot.positions, newpos[slot.positions[kept]])
-            )
+            per_module.setdefault(slot.module, []).append((gi, slot.positions))
+    newpos = {name: new_positions(analysis.in_labels[name], dropped) for name in per_module}
     orig_w: dict[str, torch.Tensor] = {}
     for name in per_module:
         w = modules[name].weight
         assert isinstance(w, torch.Tensor)
         orig_w[name] = w.data
-    apply_plan(model, analysis, {gi: GroupPlan(keep=k) for gi, k in keep.items()})
+    apply_plan(
+        model, analysis, {gi: GroupPlan(keep=k) for gi, k in keep.items() if gi not in chosen}
+    )
     if channels_last:  # surgery leaves contiguous weights
         model.to(memory_format=torch.channels_last)
     modules = dict(model.named_modules())
@@ -290,10 +312,14 @@ def sequential_correct(
         """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
         done.add(name)
         applied = []
-        for gi, positions, kept_at in per_module[name]:
+        zeroed: list[np.ndarray] = []  # columns of reselected groups' dropped channels
+        for gi, positions in per_module[name]:
+            m = analysis.groups[gi].width
+            selecting = gi in chosen
+            candidates = np.arange(m) if gi in width else keep[gi]
+            kept_at = newpos[name][positions[candidates]]
             parts = collected.inputs.get((gi, name), []) if contributes else []
             pos_t = torch.as_tensor(kept_at, dtype=torch.long)
-            m = analysis.groups[gi].width
             precise = True if exact is None else bool(exact.get(gi, True))
             acc = GramAccumulator(len(kept_at), cross_dim=m, exact=precise, sums=False)
             # a merged batch's input, cut back into the stored batches (views)
@@ -320,10 +346,29 @@ def sequential_correct(
                 acc.update_activation(z_c, vcd, y=z_o)
             team.reduce({0: acc})
             g_c, cross = acc.gram_numpy(), acc.cross_numpy()
+            total = float(acc.y_sq_sums.sum())
+            if gi in width:  # a reselected group: its candidates are all m channels
+                if selecting:
+                    with blas_threads_for(m):
+                        if gi in rules:
+                            new = rules[gi](g_c, cross, width[gi])
+                        else:
+                            new = cross_greedy(g_c, cross, k=width[gi]).order
+                    keep[gi] = np.sort(np.asarray(team.broadcast(new), dtype=np.int64))
+                    if len(keep[gi]) != width[gi] or len(np.unique(keep[gi])) != width[gi]:
+                        raise RuntimeError(
+                            f"sequential calibration: the selection of group "
+                            f"'{analysis.groups[gi].name}' returned {len(keep[gi])} distinct "
+                            f"channels, not {width[gi]}"
+                        )
+                    chosen.discard(gi)
+                g_c, cross = g_c[np.ix_(keep[gi], keep[gi])], cross[keep[gi]]
+                off = np.setdiff1d(np.arange(m), keep[gi])
+                zeroed.append(newpos[name][positions[off]].reshape(-1))
             own = refit.get(gi) if refit is not None else None
             with blas_threads_for(m):
                 if own is not None:
-                    b = own(name, g_c, cross, acc.count)
+                    b = own(keep[gi], name, g_c, cross, acc.count)
                 else:
                     s = np.arange(g_c.shape[0])
                     tau: float | np.ndarray = ridge * float(np.trace(g_c)) / max(len(g_c), 1)
@@ -332,7 +377,7 @@ def sequential_correct(
                     # activations are float32: directions below ~float32 precision are noise
                     b = fit_cross_reconstruction(g_c, cross, s, ridge=tau, rtol=F32_RTOL)
             folds[gi][name] = b
-            errors[(gi, name)] = _relative_residual(acc, b)
+            errors[(gi, name)] = _relative_residual(total, g_c, cross, b)
             applied.append((positions, keep[gi], b))
         w = orig_w[name]
         if name in analysis.out_labels:  # also a producer: keep its sliced outputs
@@ -344,6 +389,11 @@ def sequential_correct(
         assert isinstance(weight, torch.Tensor)
         module.weight = nn.Parameter(w, requires_grad=weight.requires_grad)
         fold_consumer(module, analysis.in_labels[name], dropped, {}, applied)
+        if zeroed:  # the full-width input of a reselected group reads its kept channels only
+            kind = module_kind(module)
+            assert kind is not None and isinstance(module.weight, torch.Tensor)
+            cols = torch.as_tensor(np.concatenate(zeroed), device=module.weight.device)
+            module.weight.data.index_fill_(kind.weight_dims[1], cols, 0.0)
         if channels_last:
             module.to(memory_format=torch.channels_last)
 
@@ -379,4 +429,8 @@ def sequential_correct(
         raise RuntimeError(
             f"sequential calibration: consumer(s) {missing} did not run on the calibration batch"
         )
-    return folds, errors
+    if width:  # the reselected groups' channels leave the model only now
+        apply_plan(model, analysis, {gi: GroupPlan(keep=keep[gi]) for gi in width}, already=dropped)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+    return folds, errors, keep

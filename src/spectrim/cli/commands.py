@@ -285,6 +285,7 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         verify=not args.no_verify,
         sequential=not args.one_shot,
         sequential_fraction=args.sequential_fraction,
+        sequential_select=args.sequential_select,
         on_unreachable=args.on_unreachable,
         max_error=args.max_error,
         stats_memory=args.stats_memory,

@@ -25,7 +25,7 @@ it.  Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -195,11 +195,19 @@ def fold_consumer(
     setattr(module, attr, new_w.shape[1])
 
 
-def apply_plan(model: nn.Module, analysis: Analysis, plans: Mapping[int, GroupPlan]) -> None:
+def apply_plan(
+    model: nn.Module,
+    analysis: Analysis,
+    plans: Mapping[int, GroupPlan],
+    *,
+    already: Collection[int] = (),
+) -> None:
     """Apply per-group plans to ``model`` in place (pass a copy to keep the original).
 
     ``plans`` maps group index to :class:`GroupPlan`; groups without a plan keep all
-    their channels.  Pinned groups must not appear.
+    their channels.  Pinned groups must not appear.  ``already``: channel classes an
+    earlier surgery on this model removed (its modules no longer have them), so a second
+    surgery on other groups indexes what is there.
     """
     dropped: set[int] = set()
     sub: dict[int, int] = {}
@@ -237,16 +245,26 @@ def apply_plan(model: nn.Module, analysis: Analysis, plans: Mapping[int, GroupPl
     def affected(labels: np.ndarray) -> bool:
         return bool(np.isin(labels, touched).any())
 
+    gone = np.fromiter(already, dtype=np.int64)
+    if gone.size and np.isin(touched, gone).any():
+        raise ValueError("apply_plan: a plan drops channels an earlier surgery already removed")
+    if gone.size and fold_at:  # folds address the consumers' original columns
+        raise ValueError("apply_plan: folds cannot be applied after an earlier surgery")
+
+    def present(labels: np.ndarray) -> np.ndarray:
+        return labels[~np.isin(labels, gone)] if gone.size else labels
+
     modules = dict(model.named_modules())
     for name, labels in analysis.in_labels.items():
         if fold_at.get(name) or affected(labels):
-            fold_consumer(modules[name], labels, dropped, sub, fold_at.get(name, []))
+            fold_consumer(modules[name], present(labels), dropped, sub, fold_at.get(name, []))
     for name, labels in analysis.out_labels.items():
         if affected(labels):
-            _slice_module(modules[name], gather_index(labels, dropped, sub), "out")
+            _slice_module(modules[name], gather_index(present(labels), dropped, sub), "out")
     for name, labels in analysis.chan_labels.items():
         if not affected(labels):
             continue
+        labels = present(labels)
         idx = gather_index(labels, dropped, sub)
         if name in analysis.param_dims:
             owner_name, _, attr = name.rpartition(".")

@@ -14,7 +14,8 @@ See :mod:`spectrim.calibration` for streaming such Grams out of a model.
 * Errors on new inputs from errors on the calibration rows: :func:`prediction_error_curve`,
   :func:`optimism`.
 * Spectral-pruning selection (Paper 1): :func:`spectral_greedy`, :func:`spectral_loss`;
-  whole blocks of units (attention heads): :func:`block_greedy`.
+  whole blocks of units (attention heads): :func:`block_greedy`; the units of one
+  matrix that best reconstruct another (the sequential pass): :func:`cross_greedy`.
 * Weight sparsity and spectra (Paper 3, PQ index): :func:`pq_index`, :func:`soft_sparsity`,
   :func:`power_mean`, :func:`spectral_norm`, :func:`stable_rank`, :func:`weight_matrix`.
 
@@ -45,6 +46,7 @@ from spectrim.linalg.reconstruction import (
 from spectrim.linalg.selection import (
     SpectralSelection,
     block_greedy,
+    cross_greedy,
     spectral_greedy,
     spectral_loss,
 )
@@ -66,6 +68,7 @@ from spectrim.linalg.spectrum import (
 __all__ = [
     "IDFactorization",
     "SpectralSelection",
+    "cross_greedy",
     "cross_residual_of",
     "default_rtol",
     "degrees_of_freedom",

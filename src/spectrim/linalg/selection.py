@@ -33,9 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from spectrim.linalg._validation import as_gram, as_index_set
+from spectrim.linalg._validation import as_float_matrix, as_gram, as_index_set
 
-__all__ = ["SpectralSelection", "block_greedy", "spectral_greedy", "spectral_loss"]
+__all__ = [
+    "SpectralSelection",
+    "block_greedy",
+    "cross_greedy",
+    "spectral_greedy",
+    "spectral_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -259,4 +265,97 @@ def block_greedy(
             E = E - Eb @ best_inv @ Eb.T
             E = (E + E.T) / 2.0
         losses[step + 1] = max(float(np.sum(M * E)), 0.0)
+    return SpectralSelection(order=order, losses=losses)
+
+
+def cross_greedy(
+    gram: Any,
+    cross: Any,
+    target_energy: float | None = None,
+    k: int | None = None,
+    *,
+    weight: Any | None = None,
+    rtol: float = 1e-12,
+) -> SpectralSelection:
+    """Greedy selection of the units of ``Z'`` that best reconstruct *another* matrix ``Z``.
+
+    The selection of the sequential pass (``CompressConfig(sequential_select=True)``):
+    ``Z'`` (n×m) are a layer's units as the already-compressed prefix produces them, ``Z``
+    (n×p) the original model's at the same point, and the kept set ``S`` should minimise
+    ``min_B ‖Z − Z'[:, S] Bᵀ‖²``, the error the correction is then fitted to.  Adding unit
+    ``j`` lowers it by ``‖R_j‖² / r_j`` with ``R = Z'ᵀ(I − P_S)Z`` and
+    ``r_j = ‖(I − P_S) z'_j‖²`` (``P_S`` the projector on the kept columns); both follow
+    from the Grams by one rank-one downdate per step (Gram–Schmidt on ``Z'`` in Gram
+    form).  With ``Z' = Z`` this is the greedy column-subset selection of ``Z`` itself
+    (the ``θ = 1`` case of :func:`spectral_greedy`).  With a p×p PSD ``weight`` ``M`` the
+    error is ``tr(M EᵀE)`` for the residual ``E`` (spectral pruning's output-aware mix
+    ``θ·I + (1 − θ)·W``), and the gains are ``R_j M R_jᵀ / r_j``.
+
+    Args:
+        gram: m×m Gram ``Z'ᵀZ'``.
+        cross: m×p cross Gram ``Z'ᵀZ``.
+        target_energy: ``tr(M ZᵀZ)`` (``‖Z‖_F²`` without ``weight``), the error of the
+            empty set: ``losses[0]``.  Without it the losses are offset by that unknown
+            (``losses[0] = 0``, then minus the gains); their differences are the same.
+        k: number of units to select (default: all ``m``).
+        weight: p×p PSD weighting of the target's units (default: the identity).
+        rtol: candidates with ``r_j <= rtol·max(diag Z'ᵀZ')`` carry nothing new and gain
+            0; they are taken last, lowest index first.
+
+    Returns:
+        :class:`SpectralSelection`: ``losses[i] = min_B ‖Z − Z'[:, order[:i]] Bᵀ‖²``.
+
+    Complexity: O(k·m·(m + p)) time, O(m·(m + p)) memory.
+
+    Example::
+
+        >>> rng = np.random.default_rng(0)
+        >>> Z = rng.standard_normal((300, 4)) @ rng.standard_normal((4, 6))
+        >>> Zc = Z + 0.01 * rng.standard_normal(Z.shape)  # the prefix drifted a little
+        >>> sel = cross_greedy(Zc.T @ Zc, Zc.T @ Z, float(np.sum(Z * Z)), k=4)
+        >>> bool(sel.losses[4] < 1e-3 * sel.losses[0])  # 4 units carry the rank-4 Z
+        True
+    """
+    G = as_gram(gram, "gram")
+    m = G.shape[0]
+    R = as_float_matrix(cross, "cross", shape=(m, None))
+    k = m if k is None else int(k)
+    if not 0 <= k <= m:
+        raise ValueError(f"k={k} must be in [0, {m}]")
+    if target_energy is not None and (not np.isfinite(target_energy) or target_energy < 0):
+        raise ValueError(f"target_energy={target_energy} must be a non-negative number")
+    M = None if weight is None else as_gram(weight, "weight")
+    if M is not None and M.shape[0] != R.shape[1]:
+        raise ValueError(f"weight must be {R.shape[1]}×{R.shape[1]}, got {M.shape}")
+
+    def numerators() -> np.ndarray:  # R_j M R_jᵀ
+        return np.einsum("ij,ij->i", R, R if M is None else R @ M)
+
+    r = np.diag(G).copy()  # ‖(I − P) z'_j‖²
+    num = numerators()
+    floor = rtol * max(float(np.max(r, initial=0.0)), 0.0)
+    A = np.zeros((m, k))  # A[:, t] = Z'ᵀ e_t for the orthonormal basis e of the kept span
+    chosen = np.zeros(m, dtype=bool)
+    order = np.empty(k, dtype=np.int64)
+    losses = np.empty(k + 1)
+    loss = 0.0 if target_energy is None else float(target_energy)
+    losses[0] = loss
+    for step in range(k):
+        live = (~chosen) & (r > floor)
+        gain = np.full(m, -np.inf)
+        gain[~chosen] = 0.0
+        gain[live] = num[live] / r[live]
+        j = int(np.argmax(gain))
+        order[step] = j
+        chosen[j] = True
+        if live[j]:
+            scale = np.sqrt(r[j])
+            a = (G[:, j] - A[:, :step] @ A[j, :step]) / scale
+            b = R[j, :] / scale  # eᵀZ for the new basis vector e
+            R -= np.outer(a, b)
+            A[:, step] = a
+            r = np.maximum(r - a * a, 0.0)
+            num = numerators()
+            loss -= float(b @ b) if M is None else float(b @ M @ b)
+        losses[step + 1] = loss if target_energy is None else max(loss, 0.0)
     return SpectralSelection(order=order, losses=losses)

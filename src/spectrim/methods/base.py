@@ -31,6 +31,7 @@ from spectrim.context import RunContext
 from spectrim.graph.channels import UnitGroup
 from spectrim.graph.surgery import GroupPlan
 from spectrim.linalg.reconstruction import F32_RTOL, fit_cross_reconstruction
+from spectrim.linalg.selection import cross_greedy
 
 if TYPE_CHECKING:
     from spectrim.graph.attention import AttentionBlock
@@ -96,6 +97,14 @@ class GroupSolver(ABC):
     def row_ridge(self, keep: np.ndarray) -> np.ndarray | None:
         """Ridge of the kept channels per calibration row for sequential refits (or None)."""
         return None
+
+    def reselect(self, gram: np.ndarray, cross: np.ndarray, k: int) -> np.ndarray:
+        """``k`` kept channels (sorted) chosen in the sequential pass
+        (``sequential_select=True``): ``gram`` is the group's full-width Gram in the
+        compressed prefix at its first consumer, ``cross`` its cross Gram with the
+        original model's channels there.  The default keeps the channels from which the
+        original's are best reconstructed (:func:`~spectrim.linalg.cross_greedy`)."""
+        return np.sort(cross_greedy(gram, cross, k=k).order)
 
     #: attributes only the selection needs (Grams, factorizations): :meth:`release`
     #: drops them

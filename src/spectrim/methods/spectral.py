@@ -50,6 +50,7 @@ from spectrim.linalg import (
     ridge_leverage_scores,
     spectral_greedy,
 )
+from spectrim.linalg.selection import cross_greedy
 from spectrim.methods.base import GroupSolver, Method, register_method
 from spectrim.methods.heads import HeadSolver, greedy_solver, output_weight_gram
 from spectrim.methods.stream import StreamSolver, pca_rotation
@@ -124,6 +125,10 @@ class SpectralSolver(GroupSolver):
                 out_w = total_w * (m / float(np.trace(total_w)))
         if out_w is None and theta < 1.0:
             raise ValueError(f"unit group '{group.name}': consumers have all-zero weights")
+        # the loss's weighting M = θ·I + (1 − θ)·W, for the selection in the sequential pass
+        self.mix = (
+            None if theta >= 1.0 or out_w is None else theta * np.eye(m) + (1 - theta) * out_w
+        )
         self.selection = spectral_greedy(
             self.sigma, theta=theta, weight=out_w if theta < 1.0 else None, tau=self.tau
         )
@@ -145,6 +150,11 @@ class SpectralSolver(GroupSolver):
         return min(
             max(math.ceil(self.c * self.degrees_of_freedom(alpha) - 1e-9), 1), self.group.width
         )
+
+    def reselect(self, gram: np.ndarray, cross: np.ndarray, k: int) -> np.ndarray:
+        """The sequential pass's selection under this solver's θ-mixed loss: the kept
+        set's residual of the original channels weighted by ``θ·I + (1 − θ)·W``."""
+        return np.sort(cross_greedy(gram, cross, k=k, weight=self.mix).order)
 
     def row_ridge(self, keep: np.ndarray) -> np.ndarray:
         """``τ`` of the kept channels, per calibration row (multiply by a row count)."""
