@@ -184,11 +184,7 @@ def joint_run(
             raise UnreachableTargetError(message)
         report.warnings.append(message)
     state.widths = dict(alloc.widths)
-    state.plans = {
-        gi: state.solvers[gi].plan(k)
-        for gi, k in alloc.widths.items()
-        if k < state.analysis.groups[gi].width
-    }
+    state.make_plans(alloc.widths)
     report.timings["allocation"] = time.perf_counter() - t
     apply_stage(state)
     report_stage(state)

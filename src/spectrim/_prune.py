@@ -109,6 +109,8 @@ class ChannelRun:
     widths: dict[int, int] = field(default_factory=dict)
     alloc: Allocation | None = None
     plans: dict[int, GroupPlan] = field(default_factory=dict)
+    #: groups whose plan holds the kept channels only: the sequential pass fits their folds
+    deferred: set[int] = field(default_factory=set)
     seq_errors: dict[tuple[int, str], float] = field(default_factory=dict)
     #: attention heads on the same budget (``cfg.heads``), keyed HEAD_KEY + block index
     blocks: list[AttentionBlock] = field(default_factory=list)
@@ -124,6 +126,21 @@ class ChannelRun:
     @property
     def sequential(self) -> bool:
         return bool(self.cfg.sequential and self.method.needs_statistics and self.groups)
+
+    def make_plans(self, widths: Mapping[int, int]) -> None:
+        """Every narrowed group's plan; without its folds where the sequential pass will
+        fit them anyway (:meth:`GroupSolver.kept`)."""
+        assert self.analysis is not None
+        self.plans, self.deferred = {}, set()
+        for gi, k in widths.items():
+            if gi >= HEAD_KEY or k >= self.analysis.groups[gi].width:
+                continue
+            keep = self.solvers[gi].kept(k) if self.sequential else None
+            if keep is None:
+                self.plans[gi] = self.solvers[gi].plan(k)
+            else:
+                self.plans[gi] = GroupPlan(keep=keep)
+                self.deferred.add(gi)
 
 
 def _timed(name: str, factorises: bool = False) -> Any:
@@ -496,13 +513,9 @@ def allocate_stage(state: ChannelRun) -> None:
         widths = allocate(
             tgt, state.curves, cost_model, round_to=cfg.round_to, min_width=cfg.min_width
         )
-    plans = {
-        gi: state.solvers[gi].plan(k)
-        for gi, k in widths.items()
-        if gi < HEAD_KEY and k < analysis.groups[gi].width
-    }
+    state.make_plans(widths)
     # rank 0's decisions on every rank (the same statistics, but floating point may differ)
-    state.widths, state.plans = state.ctx.team.broadcast((dict(widths), plans))
+    state.widths, state.plans = state.ctx.team.broadcast((dict(widths), state.plans))
 
 
 #: rounds of the latency loop, timed calls per model per measurement, and the relative
@@ -630,7 +643,7 @@ def apply_stage(state: ChannelRun) -> None:
         if ((heads and state.cfg.sequential and state.method.needs_statistics) or refit_stream)
         else None
     )
-    if state.sequential and plans and any(p.folds for p in plans.values()):
+    if state.sequential and plans and (state.deferred or any(p.folds for p in plans.values())):
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
         refits = {gi: state.solvers[gi].refit for gi in keep}
         reselect = (

@@ -98,6 +98,14 @@ class GroupSolver(ABC):
         """Ridge of the kept channels per calibration row for sequential refits (or None)."""
         return None
 
+    def kept(self, k: int) -> np.ndarray | None:
+        """The kept channels of :meth:`plan` alone, when its corrections need not be
+        computed because the sequential pass refits them (:meth:`refit`); ``None``
+        (default): the corrections are part of the plan, call :meth:`plan`.  For a
+        4096-wide layer the folds of a plan cost two ``eigh`` of the kept block, a
+        quarter of the whole compression, only to be replaced."""
+        return None
+
     def reselect(self, gram: np.ndarray, cross: np.ndarray, k: int) -> np.ndarray:
         """``k`` kept channels (sorted) chosen in the sequential pass
         (``sequential_select=True``): ``gram`` is the group's full-width Gram in the

@@ -59,8 +59,11 @@ class IDSolver(GroupSolver):
     def error_curve(self) -> np.ndarray:
         return self._curve
 
+    def kept(self, k: int) -> np.ndarray:
+        return np.sort(self.factorization.selected(k))
+
     def plan(self, k: int) -> GroupPlan:
-        S = np.sort(self.factorization.selected(k))
+        S = self.kept(k)
         folds = {}
         for name, G in self.grams.items():
             tau = self.ridge * float(np.trace(G)) / max(G.shape[0], 1)
@@ -161,8 +164,11 @@ class SketchIDSolver(GroupSolver):
     def error_curve(self) -> np.ndarray:
         return self._curve
 
+    def kept(self, k: int) -> np.ndarray:
+        return np.sort(self.order[:k])
+
     def plan(self, k: int) -> GroupPlan:
-        S = np.sort(self.order[:k])
+        S = self.kept(k)
         folds = {}
         for name, Y in self.sketches.items():
             tau = self.ridge * float(np.sum(Y * Y)) / max(Y.shape[1], 1)

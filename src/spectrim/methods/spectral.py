@@ -160,8 +160,11 @@ class SpectralSolver(GroupSolver):
         """``τ`` of the kept channels, per calibration row (multiply by a row count)."""
         return self.tau[np.asarray(keep, dtype=np.int64)]
 
+    def kept(self, k: int) -> np.ndarray:
+        return np.sort(self.selection.selected(k))
+
     def plan(self, k: int) -> GroupPlan:
-        J = np.sort(self.selection.selected(k))
+        J = self.kept(k)
         folds = {}
         for name, G in self.grams.items():
             ridge = self.tau[J] * self.counts[name]
