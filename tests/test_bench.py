@@ -39,7 +39,7 @@ def test_every_benchmark_declares_a_smoke_run_and_an_out_file() -> None:
     for name, b in FOUND.items():
         assert b.smoke is not None, f"{name}: no SMOKE"
         assert b.summary, f"{name}: no docstring"
-        assert '"--out"' in b.path.read_text(encoding="utf-8"), f"{name}: no --out"
+        assert "--out" in b.options, f"{name}: no --out"
     assert "_results" not in FOUND  # helpers are not benchmarks
 
 
@@ -87,3 +87,18 @@ def test_a_smoke_that_is_not_a_literal_list_of_strings_is_refused(tmp_path: Path
 def test_missing_folder_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no benchmarks folder.*--benchmarks DIR"):
         bench.benchmarks_dir(tmp_path / "absent")
+
+
+def test_options_are_the_add_argument_literals_only(tmp_path: Path) -> None:
+    """A ``--threads`` in a docstring, comment or help text is not an option the script
+    takes (the CLI passes ``--threads`` on only to scripts that declare it)."""
+    (tmp_path / "b.py").write_text(
+        '"""Runs with "--threads" in its prose."""\n'
+        "import argparse\n"
+        'SMOKE = ["--n", "1"]\n'
+        'HELP = "--threads is not taken"  # "--threads"\n'
+        "ap = argparse.ArgumentParser()\n"
+        'ap.add_argument("--n", "-n", type=int, help="not --threads")\n'
+        'ap.add_argument("--out")\n'
+    )
+    assert bench.find(tmp_path)["b"].options == frozenset({"--n", "--out"})

@@ -31,13 +31,15 @@ __all__ = ["Benchmark", "benchmarks_dir", "find", "run"]
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One benchmark script: its name (the file stem), path, first docstring line and smoke
-    arguments (``None`` when the script declares none)."""
+    """One benchmark script: its name (the file stem), path, first docstring line, smoke
+    arguments (``None`` when the script declares none) and the command-line options it
+    declares (every ``--name`` literal given to an ``add_argument`` call)."""
 
     name: str
     path: Path
     summary: str
     smoke: list[str] | None
+    options: frozenset[str] = frozenset()
 
 
 def benchmarks_dir(folder: str | os.PathLike[str] | None = None) -> Path:
@@ -85,7 +87,18 @@ def _read(path: Path) -> Benchmark:
                 raise ValueError(f"benchmark {path}: SMOKE must be a list of strings")
             smoke = value
     summary = doc.strip().splitlines()[0] if doc.strip() else ""
-    return Benchmark(path.stem, path, summary, smoke)
+    options = frozenset(
+        arg.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "add_argument"
+        for arg in node.args
+        if isinstance(arg, ast.Constant)
+        and isinstance(arg.value, str)
+        and arg.value.startswith("--")
+    )
+    return Benchmark(path.stem, path, summary, smoke, options)
 
 
 def find(folder: str | os.PathLike[str] | None = None) -> dict[str, Benchmark]:

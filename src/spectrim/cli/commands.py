@@ -862,7 +862,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if extra[:1] == ["--"]:
         extra = extra[1:]
     if args.threads is not None:  # passed on to the script, which sets its own threads
-        if args.name in found and '"--threads"' not in found[args.name].path.read_text("utf-8"):
+        if args.name in found and "--threads" not in found[args.name].options:
             raise CLIError(f"bench {args.name}: this benchmark takes no --threads")
         extra += ["--threads", str(args.threads)]
     with tempfile.TemporaryDirectory(prefix="spectrim-bench-") as tmp:
