@@ -356,3 +356,40 @@ def test_sequential_select_on_pretrained_resnet20_keeps_the_widths() -> None:
     e0, e1 = evaluate(plain, test, reference=model), evaluate(sel, test, reference=model)
     assert e1.agreement is not None and e0.agreement is not None
     assert e1.agreement > 0.5 and abs(e1.agreement - e0.agreement) < 0.1
+
+
+class _TwoReaders(nn.Module):
+    """One hidden group read by two consumers (the second runs after the first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 5), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        return self.a(h) + torch.tanh(self.b(h))
+
+
+def test_reselect_with_two_consumers_equals_one_surgery() -> None:
+    """The second consumer of a reselected group fits on the set the first one chose,
+    and the final model is the one-shot surgery with those sets and folds."""
+    from spectrim.graph.surgery import GroupPlan, apply_plan
+
+    model = _TwoReaders().eval()
+    x = torch.randn(96, 6)
+    a = analyze_channels(model, x[:2])
+    (g,) = a.prunable
+    assert {c.module for c in g.consumers} == {"a", "b"}
+    col = collect(model, a, [x[:48], x[48:]], a.prunable, store_fraction=1.0)
+    keep = _keep_half(col, a)
+    work = copy.deepcopy(model)
+    folds, _, kept = sequential_correct(work, a, [x[:48], x[48:]], keep, col, reselect=[g.index])
+    assert set(folds[g.index]) == {"a", "b"} and len(kept[g.index]) == len(keep[g.index])
+    z = _input_of(model, model.b, x).double().numpy()
+    ref = np.linalg.lstsq(z[:, kept[g.index]], z, rcond=None)[0].T  # prefix = original here
+    np.testing.assert_allclose(folds[g.index]["b"], ref, rtol=1e-4, atol=1e-6)
+    one = copy.deepcopy(model)
+    apply_plan(one, a, {g.index: GroupPlan(keep=kept[g.index], folds=folds[g.index])})
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), one(x), atol=1e-5, rtol=1e-5)

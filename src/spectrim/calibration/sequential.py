@@ -315,8 +315,8 @@ def sequential_correct(
         zeroed: list[np.ndarray] = []  # columns of reselected groups' dropped channels
         for gi, positions in per_module[name]:
             m = analysis.groups[gi].width
-            selecting = gi in chosen
-            candidates = np.arange(m) if gi in width else keep[gi]
+            selecting = gi in chosen  # its first consumer: all m channels are candidates
+            candidates = np.arange(m) if selecting else keep[gi]
             kept_at = newpos[name][positions[candidates]]
             parts = collected.inputs.get((gi, name), []) if contributes else []
             pos_t = torch.as_tensor(kept_at, dtype=torch.long)
@@ -347,22 +347,22 @@ def sequential_correct(
             team.reduce({0: acc})
             g_c, cross = acc.gram_numpy(), acc.cross_numpy()
             total = float(acc.y_sq_sums.sum())
-            if gi in width:  # a reselected group: its candidates are all m channels
-                if selecting:
-                    with blas_threads_for(m):
-                        if gi in rules:
-                            new = rules[gi](g_c, cross, width[gi])
-                        else:
-                            new = cross_greedy(g_c, cross, k=width[gi]).order
-                    keep[gi] = np.sort(np.asarray(team.broadcast(new), dtype=np.int64))
-                    if len(keep[gi]) != width[gi] or len(np.unique(keep[gi])) != width[gi]:
-                        raise RuntimeError(
-                            f"sequential calibration: the selection of group "
-                            f"'{analysis.groups[gi].name}' returned {len(keep[gi])} distinct "
-                            f"channels, not {width[gi]}"
-                        )
-                    chosen.discard(gi)
+            if selecting:
+                with blas_threads_for(m):
+                    if gi in rules:
+                        new = rules[gi](g_c, cross, width[gi])
+                    else:
+                        new = cross_greedy(g_c, cross, k=width[gi]).order
+                keep[gi] = np.sort(np.asarray(team.broadcast(new), dtype=np.int64))
+                if len(keep[gi]) != width[gi] or len(np.unique(keep[gi])) != width[gi]:
+                    raise RuntimeError(
+                        f"sequential calibration: the selection of group "
+                        f"'{analysis.groups[gi].name}' returned {len(keep[gi])} distinct "
+                        f"channels, not {width[gi]}"
+                    )
+                chosen.discard(gi)
                 g_c, cross = g_c[np.ix_(keep[gi], keep[gi])], cross[keep[gi]]
+            if gi in width:  # a reselected group runs at full width: zero its dropped columns
                 off = np.setdiff1d(np.arange(m), keep[gi])
                 zeroed.append(newpos[name][positions[off]].reshape(-1))
             own = refit.get(gi) if refit is not None else None
