@@ -31,6 +31,9 @@ SCENARIOS = {
     "sketch": {"method": "id", "target": "macs=0.5", "stats_memory": 90000},
     # the kept channels chosen again in the sequential pass from Grams summed over ranks
     "select": {"method": "spectral", "target": "macs=0.5", "sequential_select": True},
+    # block consumers refitted on their outputs plus the residual drift (products summed
+    # over ranks; each rank reads the original's operands of its own batches)
+    "residual": {"method": "id", "target": "macs=0.5", "sequential_fit": "residual"},
     # the sequential fits block by block (ResNet-20's nine residual blocks)
     "blocks": {"method": "id", "target": "macs=0.5", "blockwise": True},
     # attention heads of a small BERT (padded text batches): alone, and on a MACs budget

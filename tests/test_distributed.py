@@ -70,7 +70,8 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
 
 
 @pytest.mark.parametrize(
-    "scenario", ["id", "select", "obs", "heads", "heads-budget", "hidden", "sketch", "blocks"]
+    "scenario",
+    ["id", "select", "residual", "obs", "heads", "heads-budget", "hidden", "sketch", "blocks"],
 )
 def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path) -> None:
     """Two gloo processes, each with half the batches, keep the same channels or heads
@@ -105,7 +106,7 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
     elif scenario == "blocks":
         assert r1["blocks"] == r2["blocks"] == 9
         assert r2["fitted_examples"] == r1["fitted_examples"] == 32
-    elif scenario in ("id", "select"):
+    elif scenario in ("id", "select", "residual"):
         assert r2["fitted_examples"] == r1["fitted_examples"] == 32
         widths = [(g["name"], g["width_after"]) for g in r1["groups"]]
         assert widths == [(g["name"], g["width_after"]) for g in r2["groups"]]

@@ -640,7 +640,11 @@ def apply_stage(state: ChannelRun) -> None:
     refit_stream = stream_plan is not None and stream_plan.correct
     original = (
         copy.deepcopy(state.work)
-        if ((heads and state.cfg.sequential and state.method.needs_statistics) or refit_stream)
+        if (
+            (heads and state.cfg.sequential and state.method.needs_statistics)
+            or refit_stream
+            or (state.sequential and state.cfg.sequential_fit == "residual")
+        )
         else None
     )
     if state.sequential and plans and (state.deferred or any(p.folds for p in plans.values())):
@@ -680,6 +684,7 @@ def apply_stage(state: ChannelRun) -> None:
                 calls=collected.calls if collected.n_stored else None,
                 channels_last=state.channels_last,
                 reselect=reselect,
+                fit=state.cfg.sequential_fit,
             )
         else:
             folds, state.seq_errors, keep = sequential_correct(
@@ -693,6 +698,8 @@ def apply_stage(state: ChannelRun) -> None:
                 refit=refits,
                 team=state.ctx.team,
                 reselect=reselect,
+                fit=state.cfg.sequential_fit,
+                original=original if state.cfg.sequential_fit == "residual" else None,
             )
         for gi, f in folds.items():
             plans[gi].keep = keep[gi]

@@ -36,6 +36,8 @@ _KINDS = (
 #: Target kinds of weight sparsification (the others are channel targets).
 WEIGHT_TARGETS = frozenset({"sparsity", "auto"})
 _UNREACHABLE = ("stop", "raise", "force")
+#: the consumer fits of the sequential pass (:mod:`spectrim.calibration.outputs`)
+SEQUENTIAL_FITS = ("inputs", "outputs", "residual")
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -189,6 +191,18 @@ class CompressConfig:
             the method's selection on the original model's statistics.  The groups run
             at full width through the pass (about one forward pass of the fitted share
             instead of ``macs_ratio`` of one).
+        sequential_fit: how the sequential pass corrects a consumer
+            (:mod:`spectrim.calibration.outputs`): ``"inputs"`` (default) reconstructs its
+            original input channels from the kept ones (the papers' interpolation, one
+            ``m×k`` matrix shared by a convolution's taps); ``"outputs"`` refits its weight
+            and bias by least squares on its own original outputs over its unfolded kept
+            inputs (every tap free); ``"residual"`` also makes it cancel the drift of the
+            residual stream its output is added to (the compressed prefix's other operand
+            against the original's), which needs a copy of the model during the pass and
+            the whole-model pass (not ``blockwise``).  Consumers that read more than one
+            group, or no registered unfolding (``Linear``, ``Conv1d``, ``Conv2d``), keep
+            ``"inputs"``.  On the pretrained CIFAR-10 ResNets ``"residual"`` gains 2–12
+            points of top-1 (docs/results.md, ``benchmarks/levers.py --levers fit``).
         channels_last: run the calibration passes (on spectrim's own copy of the model,
             one batch converted at a time) in ``channels_last`` memory layout, which
             oneDNN's CPU convolutions run faster than NCHW; ``None`` (default): when the
@@ -235,6 +249,7 @@ class CompressConfig:
     sequential: bool = True
     sequential_fraction: float = 0.2
     sequential_select: bool = False
+    sequential_fit: str = "inputs"
     channels_last: bool | None = None
     on_unreachable: str = "stop"
     max_error: float = 0.5
@@ -253,6 +268,16 @@ class CompressConfig:
             raise ValueError(f"min_width={self.min_width} must be a positive integer")
         if not 0.0 < float(self.sequential_fraction) <= 1.0:
             raise ValueError(f"sequential_fraction={self.sequential_fraction} must be in (0, 1]")
+        if self.sequential_fit not in SEQUENTIAL_FITS:
+            raise ValueError(
+                f"sequential_fit={self.sequential_fit!r} must be one of "
+                f"{', '.join(SEQUENTIAL_FITS)}"
+            )
+        if self.sequential_fit == "residual" and self.blockwise:
+            raise ValueError(
+                "sequential_fit='residual' needs the whole-model pass: set blockwise=False "
+                "(the block runner cannot run the original model alongside)"
+            )
         if self.on_unreachable not in _UNREACHABLE:
             raise ValueError(
                 f"on_unreachable={self.on_unreachable!r} must be one of {', '.join(_UNREACHABLE)}"

@@ -417,6 +417,7 @@ def test_compress_one_shot_and_fraction_flags(
         ["--one-shot"],
         ["--sequential-fraction", "0.5"],
         ["--sequential-select"],
+        ["--sequential-fit", "residual"],
         ["--stats-memory", "3MiB"],
         ["--blockwise"],
     ):
@@ -447,6 +448,8 @@ def test_compress_one_shot_and_fraction_flags(
     assert reports["--sequential-fraction"]["sequential_fraction"] == 0.5
     assert reports["--sequential-select"]["sequential_select"] is True
     assert reports["--one-shot"]["sequential_select"] is False
+    assert reports["--sequential-fit"]["sequential_fit"] == "residual"
+    assert reports["--one-shot"]["sequential_fit"] == "inputs"
     assert reports["--stats-memory"]["stats_memory"] == "3MiB"
     assert reports["--blockwise"]["blockwise"] is True
     code, _, err = _run(

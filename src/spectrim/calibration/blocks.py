@@ -212,6 +212,7 @@ def blockwise_correct(
     calls: Sequence[Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]] | None = None,
     channels_last: bool = False,
     reselect: Collection[int] | Mapping[int, Select] = (),
+    fit: str = "inputs",
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction block by block.
 
@@ -223,7 +224,7 @@ def blockwise_correct(
         plan: :func:`plan_blocks`'s blocks.
         contributes: whether this process's ``batches`` count (a rank that holds none
             passes one batch and ``False``, as for the whole-model pass).
-        exact, refit, team, channels_last, reselect: as for
+        exact, refit, team, channels_last, reselect, fit: as for
             :func:`~spectrim.calibration.sequential.sequential_correct`.
         calls: per batch, every chain module's arguments as the calibration pass kept
             them (``Collected.calls``; the first module's input included); ``None``: one
@@ -319,6 +320,7 @@ def blockwise_correct(
                 if isinstance(reselect, Mapping)
                 else [gi for gi in gis if gi in reselect]
             ),
+            fit=fit,
         )
         keep.update(k)
         folds.update(f)

@@ -33,8 +33,17 @@ from torch import nn
 
 from spectrim._threads import blas_threads_for
 from spectrim.calibration.batches import drop_padding, token_mask
-from spectrim.calibration.collect import Collected, group_view
+from spectrim.calibration.collect import Collected, group_view, whole_axis
 from spectrim.calibration.gram import GramAccumulator
+from spectrim.calibration.outputs import (
+    FITS,
+    Partner,
+    consumer_rows,
+    output_rows,
+    residual_partners,
+    set_unfolded_weight,
+    supports_output_fit,
+)
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
 from spectrim.graph.layout import channels_last_batch
@@ -128,14 +137,17 @@ def _run_lockstep(
     fold: Callable[[str, nn.Module, list[torch.Tensor]], None],
     runner: Callable[[Any], Any] | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
+    quiet: list[bool] | None = None,
 ) -> None:
     """Run every batch's forward pass, pausing all of them at each consumer in ``names``.
 
     Each batch runs in its own greenlet (one OS thread, normal intra-op parallelism); at a
     consumer's first call every greenlet parks its input, ``fold`` sees all inputs at
     once and updates the module, then all resume.  This is the whole calibration set
-    flowing as one batch, but computed in the original mini-batches.
+    flowing as one batch, but computed in the original mini-batches.  While
+    ``quiet[0]`` is true the hooks do nothing (``fold`` runs side passes of the model).
     """
+    quiet = quiet if quiet is not None else [False]
     modules = dict(model.named_modules())
     masks = list(masks) if masks is not None else [token_mask(b) for b in batches]
     call = runner if runner is not None else functools.partial(call_model, model)
@@ -149,7 +161,7 @@ def _run_lockstep(
 
         def hook1(name: str) -> Callable[..., None]:
             def h(module: nn.Module, args: tuple[Any, ...]) -> None:
-                if name not in seen:
+                if name not in seen and not quiet[0]:
                     seen.add(name)
                     fold(name, module, [real(0, module, args[0].detach())])
 
@@ -169,6 +181,8 @@ def _run_lockstep(
 
     def hook(name: str) -> Callable[..., None]:
         def h(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if quiet[0]:
+                return
             me = getcurrent()
             seen = seen_by.setdefault(me, set())
             if name not in seen:
@@ -223,6 +237,8 @@ def sequential_correct(
     runner: Callable[[Any], Any] | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
     reselect: Collection[int] | Mapping[int, Select] = (),
+    fit: str = "inputs",
+    original: nn.Module | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -268,11 +284,26 @@ def sequential_correct(
         masks: each batch's real token positions (default: from the batches themselves).
         reselect: groups whose kept channels are chosen in the pass (above), or a mapping
             from them to their own selection rule (:data:`Select`).
+        fit: ``"inputs"`` (the channel interpolation above), ``"outputs"`` or
+            ``"residual"`` (:mod:`spectrim.calibration.outputs`): a consumer that reads
+            one group, whole and not reselected, with a registered unfolding
+            (``Linear``, ``Conv1d``/``Conv2d``) gets its weight and bias refitted by
+            least squares on its own outputs over its unfolded kept inputs (``refit``,
+            ``ridge`` and ``row_ridge`` do not apply to it; its ``folds`` entry is
+            absent); the others keep the interpolation.
+        original: the unpruned model (a copy), for ``fit="residual"``: the original
+            operand of each residual addition is read from it.
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit, and the kept
         channels of every group (``keep``, with the reselected groups' new sets).
     """
+    if fit not in FITS:
+        raise ValueError(f"fit={fit!r} must be one of {', '.join(FITS)}")
+    if fit == "residual" and original is None:
+        raise ValueError("fit='residual' needs the original model (original=)")
+    if fit == "residual" and runner is not None:
+        raise ValueError("fit='residual' needs the whole-model pass, not a block runner")
     modules = dict(model.named_modules())
     keep = {gi: np.sort(np.asarray(k, dtype=np.int64)) for gi, k in keep.items()}
     chosen = {gi for gi in reselect if gi in keep}  # groups still to select
@@ -296,6 +327,17 @@ def sequential_correct(
         w = modules[name].weight
         assert isinstance(w, torch.Tensor)
         orig_w[name] = w.data
+    # consumers fitted on their own outputs (fit="outputs"/"residual")
+    eligible = {
+        name
+        for name, slots in per_module.items()
+        if fit != "inputs"
+        and len(slots) == 1
+        and slots[0][0] not in chosen
+        and supports_output_fit(modules[name])
+        and whole_axis(torch.as_tensor(slots[0][1]))
+        and orig_w[name].shape[1] == len(slots[0][1])
+    }
     apply_plan(
         model, analysis, {gi: GroupPlan(keep=k) for gi, k in keep.items() if gi not in chosen}
     )
@@ -308,12 +350,100 @@ def sequential_correct(
 
     contributes = collected.n_stored > 0
 
+    def original_weight(name: str, module: nn.Module) -> torch.Tensor:
+        """The consumer's original weight, its dropped output channels sliced off."""
+        w = orig_w[name]
+        if name in analysis.out_labels:  # also a producer: keep its sliced outputs
+            idx = gather_index(analysis.out_labels[name], dropped, {})
+            kind = module_kind(module)
+            out_dim = kind.weight_dims[0] if kind is not None else 0
+            w = w.index_select(out_dim, torch.as_tensor(idx, device=w.device))
+        return w
+
+    def fit_outputs(name: str, module: nn.Module, xs: list[torch.Tensor]) -> np.ndarray:
+        """Consumer ``name``'s weight (and bias column) fitted on its own outputs."""
+        (gi,) = [g for g, _ in per_module[name]]
+        weight, bias = module.weight, getattr(module, "bias", None)
+        assert isinstance(weight, torch.Tensor)
+        w_o = original_weight(name, module)
+        b_o = None if bias is None else bias.detach().clone()  # sliced, not yet refitted
+        params = {"weight": w_o} if b_o is None else {"weight": w_o, "bias": b_o}
+        cols = weight[0].numel() + (bias is not None)
+        acc = GramAccumulator(cols, cross_dim=int(w_o.shape[0]), exact=True, sums=False)
+        parts = list(collected.inputs.get((gi, name), [])) if contributes else []
+        if len(xs) == 1 and run_sizes[0] is None and len(parts) > 1:
+            parts = [torch.cat(parts)]  # the caller passed one concatenated batch
+        mine: list[Partner] | None = None
+        theirs = partners.get(name)
+        if theirs is not None:  # the compressed model's operand at the same addition
+            mine = residual_partners(model, [name], run, call, first=True).get(name)
+            if mine is None:
+                raise RuntimeError(
+                    f"sequential calibration: the output of consumer '{name}' no longer "
+                    "reaches the residual addition it reached in the original model"
+                )
+        linear = isinstance(module, nn.Linear)
+        at = 0
+        for j, x in enumerate(xs if parts else []):
+            n = run_sizes[j]
+            pieces = (x,) if n is None else x.split(n)
+            zs, at = parts[at : at + len(pieces)], at + len(pieces)
+            if len(zs) != len(pieces):
+                raise RuntimeError(
+                    f"sequential calibration: consumer '{name}' ran on more batches in the "
+                    "compressed pass than in the original pass"
+                )
+            a = torch.cat([consumer_rows(module, p) for p in pieces])
+            y = torch.cat(
+                [output_rows(module, torch.func.functional_call(module, params, (z,))) for z in zs]
+            ).double()
+            if theirs is not None and mine is not None:
+                r, rc, scale = theirs[j].other, mine[j].other, mine[j].scale
+                axis = r.dim() - 1 if linear else 1
+                if name in analysis.out_labels:
+                    idx = gather_index(analysis.out_labels[name], dropped, {})
+                    r = r.index_select(axis, torch.as_tensor(idx, device=r.device))
+                if linear:
+                    r = drop_padding(r, run_masks[j], axis)[0]
+                    rc = drop_padding(rc, run_masks[j], axis)[0]
+                d = output_rows(module, r).double() - output_rows(module, rc).double()
+                if scale is not None:  # (r − r')/s; a channel whose s vanishes cannot help
+                    tiny = scale.abs() <= 1e-8 * float(scale.abs().max().clamp_min(1e-300))
+                    d = torch.where(tiny, 0.0, d / torch.where(tiny, 1.0, scale).to(d.device))
+                if d.shape != y.shape:
+                    raise RuntimeError(
+                        f"sequential calibration: consumer '{name}' has {tuple(y.shape)} output "
+                        f"rows but its residual addition {tuple(d.shape)}"
+                    )
+                y = y + d
+            if a.shape[0] != y.shape[0]:
+                raise RuntimeError(
+                    f"sequential calibration: consumer '{name}' got {a.shape[0]} rows where "
+                    f"the original pass had {y.shape[0]}"
+                )
+            if bias is not None:
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+            acc.update(a, y)
+        team.reduce({0: acc})
+        g, cross = acc.gram_numpy(), acc.cross_numpy()
+        with blas_threads_for(cols):
+            b = fit_cross_reconstruction(g, cross, np.arange(cols), rtol=F32_RTOL)
+        errors[(gi, name)] = _relative_residual(float(acc.y_sq_sums.sum()), g, cross, b)
+        return b
+
     def fold(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
         done.add(name)
         applied = []
         zeroed: list[np.ndarray] = []  # columns of reselected groups' dropped channels
-        for gi, positions in per_module[name]:
+        refitted = None
+        if name in eligible:
+            quiet[0] = True  # the fit runs the consumer (and the model) on the side
+            try:
+                refitted = fit_outputs(name, module, xs)
+            finally:
+                quiet[0] = False
+        for gi, positions in per_module[name] if refitted is None else []:
             m = analysis.groups[gi].width
             selecting = gi in chosen  # its first consumer: all m channels are candidates
             candidates = np.arange(m) if selecting else keep[gi]
@@ -379,16 +509,13 @@ def sequential_correct(
             folds[gi][name] = b
             errors[(gi, name)] = _relative_residual(total, g_c, cross, b)
             applied.append((positions, keep[gi], b))
-        w = orig_w[name]
-        if name in analysis.out_labels:  # also a producer: keep its sliced outputs
-            idx = gather_index(analysis.out_labels[name], dropped, {})
-            kind = module_kind(module)
-            out_dim = kind.weight_dims[0] if kind is not None else 0
-            w = w.index_select(out_dim, torch.as_tensor(idx, device=w.device))
+        w = original_weight(name, module)
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
         module.weight = nn.Parameter(w, requires_grad=weight.requires_grad)
         fold_consumer(module, analysis.in_labels[name], dropped, {}, applied)
+        if refitted is not None:
+            set_unfolded_weight(module, refitted)
         if zeroed:  # the full-width input of a reselected group reads its kept channels only
             kind = module_kind(module)
             assert kind is not None and isinstance(module.weight, torch.Tensor)
@@ -423,7 +550,17 @@ def sequential_correct(
     # how each consumer input splits into the stored batches: a single batch whole (its
     # first axis need not be the batch), a merged one along the batch axis
     run_sizes = [None if len(g) == 1 else [batch_len(batches[i]) for i in g] for g in groups]
-    _run_lockstep(model, run, list(per_module), fold, runner, masks)
+    run_masks = list(masks) if masks is not None else [token_mask(b) for b in run]
+    call = runner if runner is not None else functools.partial(call_model, model)
+    quiet = [False]
+    # the original operand of every residual addition a refitted consumer's output reaches
+    partners: dict[str, list[Partner]] = {}
+    if fit == "residual" and eligible and contributes:
+        assert original is not None
+        partners = residual_partners(
+            original, sorted(eligible), run, functools.partial(call_model, original)
+        )
+    _run_lockstep(model, run, list(per_module), fold, runner, run_masks, quiet)
     missing = sorted(set(per_module) - done)
     if missing:
         raise RuntimeError(

@@ -30,7 +30,7 @@ from spectrim.cli._common import (
     positive_floats,
     positive_int,
 )
-from spectrim.config import CompressConfig
+from spectrim.config import SEQUENTIAL_FITS, CompressConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -408,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose each group's kept channels again in the sequential pass, from the "
         "compressed prefix (same widths; helps at a third of the MACs of CIFAR ResNets, "
         "not at half: docs/results.md)",
+    )
+    p.add_argument(
+        "--sequential-fit",
+        choices=SEQUENTIAL_FITS,
+        default=CompressConfig.sequential_fit,
+        help="how the sequential pass corrects a consumer: reconstruct its input channels "
+        "(inputs, default), refit it on its own outputs with every kernel tap free (outputs), "
+        "or also cancel the drift of the residual stream it is added to (residual: +2 to "
+        "+12 points of top-1 on CIFAR ResNets, docs/results.md)",
     )
     p.add_argument(
         "--device",

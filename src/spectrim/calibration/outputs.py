@@ -1,0 +1,288 @@
+"""Consumer fits in output space, and the residual drift they can cancel.
+
+The sequential pass (:mod:`spectrim.calibration.sequential`) by default corrects a
+consumer by *channel interpolation*: its kept input channels reconstruct the original's
+input channels, ``Z ≈ Z'_S Bᵀ``, and ``W·B`` replaces ``W``.  For a convolution that
+ties the correction to one ``m×k`` matrix shared by every kernel tap.  Two stronger fits
+of the same consumer, from the same pass (``CompressConfig.sequential_fit``):
+
+* ``"outputs"``: least squares on the consumer's own outputs over its *unfolded* kept
+  inputs (every tap of every kept channel free, and the bias),
+  ``min_W' ‖Z W_oᵀ − U(Z') W'ᵀ‖²`` with ``U`` the im2col unfolding (the identity for a
+  ``Linear``).  For a ``Linear`` reading one group this is the interpolation fit itself.
+* ``"residual"``: the same, but the target also carries the residual stream's drift.
+  When the consumer's output reaches an addition through per-channel affine maps only
+  (a ``BatchNorm`` in eval mode, ``Dropout`` in eval mode), ``y·s + t + r``, the
+  compressed model's other operand ``r'`` differs from the original's ``r`` by what the
+  compressed prefix lost; the consumer is fitted to ``Y + (r − r')/s`` so that the *sum*
+  matches the original's.  The other operand is found at run time
+  (:func:`residual_partners`): the consumer's output tensor is followed through affine
+  maps to the first addition that takes it.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> conv = nn.Conv2d(2, 3, 3, padding=1)
+    >>> x = torch.randn(4, 2, 5, 5)
+    >>> rows = consumer_rows(conv, x)
+    >>> y = rows @ conv.weight.reshape(3, -1).T + conv.bias
+    >>> bool(torch.allclose(y, output_rows(conv, conv(x)), atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from spectrim.config import SEQUENTIAL_FITS
+
+__all__ = [
+    "FITS",
+    "Partner",
+    "consumer_rows",
+    "output_rows",
+    "residual_partners",
+    "set_unfolded_weight",
+    "supports_output_fit",
+]
+
+#: the consumer fits of the sequential pass (``CompressConfig.sequential_fit``)
+FITS = SEQUENTIAL_FITS
+
+
+def _linear_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _conv_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module.padding, str)
+    k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
+    if isinstance(module, nn.Conv1d):  # (N, C, T) as an image of height 1
+        x = x.unsqueeze(2)
+        k, d, p, s = (1, *k), (1, *d), (0, *p), (1, *s)
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _conv_ok(module: nn.Module) -> bool:
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+    return (
+        module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+        and not module.transposed
+    )
+
+
+#: module type -> (can it be fitted in output space, its unfolded input rows)
+_UNFOLD: dict[type[nn.Module], tuple[Callable[[nn.Module], bool], Callable[..., torch.Tensor]]] = {
+    nn.Linear: (lambda m: True, _linear_rows),
+    nn.Conv1d: (_conv_ok, _conv_rows),
+    nn.Conv2d: (_conv_ok, _conv_rows),
+}
+
+
+def supports_output_fit(module: nn.Module) -> bool:
+    """Whether ``module``'s weight can be fitted on its unfolded inputs (``Linear``,
+    ``Conv1d``/``Conv2d`` with ``groups=1``, zero padding of fixed size)."""
+    entry = _UNFOLD.get(type(module))
+    return entry is not None and entry[0](module)
+
+
+def consumer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s input ``x`` as the rows its weight multiplies: ``(rows, in·taps)`` in
+    the order of ``weight.reshape(out, -1)``'s columns (im2col for a convolution)."""
+    entry = _UNFOLD.get(type(module))
+    if entry is None or not entry[0](module):
+        raise TypeError(f"{type(module).__name__} cannot be fitted on its unfolded inputs")
+    return entry[1](module, x)
+
+
+def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``module``'s output (or anything of its layout) as ``(rows, out)``, the rows in
+    the order of :func:`consumer_rows`."""
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
+def set_unfolded_weight(module: nn.Module, w: np.ndarray) -> None:
+    """Write ``w`` (``out × in·taps``, plus a last column for the bias when ``module``
+    has one) into ``module``'s weight (and bias), keeping their dtype and layout."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    bias = getattr(module, "bias", None)
+    cols = weight[0].numel()
+    if w.shape != (weight.shape[0], cols + (bias is not None)):
+        raise ValueError(f"a fit of shape {w.shape} for a weight of shape {tuple(weight.shape)}")
+    new = torch.as_tensor(w[:, :cols], dtype=weight.dtype, device=weight.device)
+    weight.data.copy_(new.reshape(weight.shape))
+    if bias is not None:
+        bias.data.copy_(torch.as_tensor(w[:, cols], dtype=bias.dtype, device=bias.device))
+
+
+# --------------------------------------------------------------------------- partners
+
+#: the additions a residual stream is summed with
+_ADDS = {
+    torch.add,
+    torch.Tensor.add,
+    torch.Tensor.add_,
+    torch.Tensor.__add__,
+    torch.Tensor.__radd__,
+    torch.Tensor.__iadd__,
+}
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _bn_scale(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The per-channel scale of an eval-mode ``F.batch_norm`` call (``None``: not affine)."""
+    bound = dict(zip(_BN_ARGS, args))
+    bound.update(kwargs)
+    var = bound.get("running_var")
+    if bound.get("training", False) or var is None:
+        return None
+    scale = torch.rsqrt(var.double() + float(bound.get("eps", 1e-5)))
+    weight = bound.get("weight")
+    return scale if weight is None else scale * weight.double()
+
+
+class Partner:
+    """The other operand ``r`` of the addition a consumer's output reaches, and the
+    per-channel scale ``s`` of the affine maps on the way (``None``: none)."""
+
+    __slots__ = ("other", "scale")
+
+    def __init__(self, other: torch.Tensor, scale: torch.Tensor | None) -> None:
+        self.other, self.scale = other, scale
+
+
+class _Found(Exception):
+    """Raised to stop a pass once the wanted addition has been seen."""
+
+
+class _Follow(TorchFunctionMode):
+    """Follows tagged tensors through eval-mode BatchNorm and Dropout to an addition."""
+
+    def __init__(self, found: Callable[[str, Partner], None]) -> None:
+        super().__init__()
+        self.found = found
+        self.tracked: dict[int, tuple[torch.Tensor, str, torch.Tensor | None]] = {}
+
+    def tag(self, t: torch.Tensor, name: str, scale: torch.Tensor | None) -> None:
+        self.tracked[id(t)] = (t, name, scale)
+
+    def _get(self, t: Any) -> tuple[torch.Tensor, str, torch.Tensor | None] | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        hit = self.tracked.get(id(t))
+        return hit if hit is not None and hit[0] is t else None
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.tracked or not args:
+            return out
+        if func in _ADDS and len(args) + ("other" in kwargs) >= 2 and "alpha" not in kwargs:
+            a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
+            for mine, other in ((a, b), (b, a)):
+                hit = self._get(mine)
+                if (
+                    hit is not None
+                    and isinstance(other, torch.Tensor)
+                    and other.shape == mine.shape
+                ):
+                    del self.tracked[id(mine)]
+                    self.found(hit[1], Partner(other.detach(), hit[2]))
+                    break
+            return out
+        hit = self._get(args[0])
+        if hit is not None and isinstance(out, torch.Tensor) and out.shape == args[0].shape:
+            if func is F.batch_norm:
+                s = _bn_scale(args, kwargs)
+                if s is not None:
+                    self.tag(out, hit[1], s if hit[2] is None else hit[2] * s)
+            elif func is F.dropout and not kwargs.get(
+                "training", args[2] if len(args) > 2 else True
+            ):
+                self.tag(out, hit[1], hit[2])
+        return out
+
+
+def residual_partners(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Sequence[Any],
+    call: Callable[[Any], Any],
+    first: bool = False,
+) -> dict[str, list[Partner]]:
+    """For each consumer in ``names``, per batch, the other operand of the addition its
+    output reaches through eval-mode BatchNorm / Dropout, with their scale.
+
+    Consumers whose output reaches no addition that way are absent.  With ``first``, each
+    batch's pass stops at the first such addition (the caller wants one consumer's, and
+    the rest of the model need not run).
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv, self.bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2).eval()
+        ...     def forward(self, x):
+        ...         return self.bn(self.conv(x)) + x
+        >>> m, x = Block(), torch.randn(1, 2, 3, 3)
+        >>> p = residual_partners(m, ["conv"], [x], m)["conv"][0]
+        >>> bool(torch.equal(p.other, x)), tuple(p.scale.shape)
+        (True, (2,))
+    """
+    modules = dict(model.named_modules())
+    found: dict[str, list[Partner]] = {}
+    current: dict[str, Partner] = {}
+
+    def seen(name: str, partner: Partner) -> None:
+        current.setdefault(name, partner)
+        if first:
+            raise _Found
+
+    mode = _Follow(seen)
+
+    def tagger(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                mode.tag(out, name, None)
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(tagger(n)) for n in names]
+    try:
+        for i, batch in enumerate(batches):
+            current.clear()
+            mode.tracked.clear()
+            try:
+                with torch.no_grad(), mode:
+                    call(batch)
+            except _Found:
+                pass
+            for name, partner in current.items():
+                found.setdefault(name, [None] * len(batches))[i] = partner  # type: ignore[list-item]
+    finally:
+        for h in handles:
+            h.remove()
+        mode.tracked.clear()
+    # a consumer must reach its addition in every batch
+    return {n: ps for n, ps in found.items() if all(p is not None for p in ps)}
