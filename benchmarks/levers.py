@@ -1,6 +1,6 @@
 """Levers for the no-fine-tuning accuracy of a compressed CNN, each against the plain run.
 
-Issue 13 asks what each lever buys at a given MACs budget.  This measures two, on the
+Issue 13 asks what each lever buys at a given MACs budget.  This measures several, on the
 pretrained option-A ResNet-56 (1000 lossless CIFAR-10 training images calibrate, the 1000
 lossless test images score), each against ``spectrim.compress`` as it is:
 
@@ -13,6 +13,11 @@ lossless test images score), each against ``spectrim.compress`` as it is:
   256 calibration images when the group's consumer inputs get a random channel-mixing
   perturbation of ``--eta`` of their energy, divided by ``--eta`` (normalised to mean 1).
   An experiment: it wraps the library's private curve stage, it is not an option.
+* ``outputs`` / ``residual``: ``CompressConfig(sequential_fit=...)``: each block
+  consumer refitted by least squares on its own original outputs over its unfolded kept
+  inputs (every kernel tap free) instead of the channel interpolation, and with
+  ``residual`` also cancelling the drift of the residual stream at the addition its
+  output reaches (:mod:`spectrim.calibration.outputs`).
 * ``select``: ``CompressConfig(sequential_select=True)``: each group's kept channels
   chosen again in the sequential pass, from the compressed prefix's activations, as the
   ones from which the original's activations are best reconstructed
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,17 +116,35 @@ def weighted_curves(model: nn.Module, probe: torch.Tensor, eta: float) -> Iterat
         _prune.solve_curves_stage = original
 
 
+def jpeg_scores(small: nn.Module, model: nn.Module, jpeg: Any) -> dict[str, Any]:
+    """Top-1 and agreement on the JPEG test images (nothing when not asked)."""
+    if jpeg is None:
+        return {}
+    res = evaluate(small, jpeg, reference=model)
+    return {"jpeg_accuracy": res.accuracy, "jpeg_agreement": res.agreement}
+
+
 def scored(
-    model: nn.Module, calib: torch.Tensor, test: Any, method: str, target: str, **kw: Any
+    model: nn.Module,
+    calib: torch.Tensor,
+    test: Any,
+    method: str,
+    target: str,
+    jpeg: Any = None,
+    **kw: Any,
 ) -> dict[str, Any]:
     """Compress with ``kw`` and score against the original."""
+    t = time.perf_counter()
     other, rep = spectrim.compress(model, calib, method, target, **kw)
+    seconds = time.perf_counter() - t
     res = evaluate(other, test, reference=model)
     return {
+        "seconds": seconds,
         "accuracy": res.accuracy,
         "agreement": res.agreement,
         "logit_rel_l2": res.fidelity["rel_l2"],
         "macs_ratio": rep.macs_ratio,
+        **jpeg_scores(other, model, jpeg),
     }
 
 
@@ -134,7 +158,7 @@ def main() -> None:
     ap.add_argument(
         "--levers",
         nargs="+",
-        choices=("bn", "sensitivity", "select"),
+        choices=("bn", "sensitivity", "select", "outputs", "residual"),
         default=["bn", "sensitivity", "select"],
     )
     ap.add_argument("--fraction", type=float, default=0.2, help="sequential_fraction")
@@ -142,6 +166,13 @@ def main() -> None:
     ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
     ap.add_argument("--probe", type=int, default=256, help="images the sensitivities use")
     ap.add_argument("--eta", type=float, default=0.05, help="relative perturbation energy")
+    ap.add_argument(
+        "--jpeg",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score on N class-balanced JPEG test images (10000: all of them)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "levers.json"))
     args = ap.parse_args()
@@ -152,19 +183,28 @@ def main() -> None:
     model = load_pretrained(args.model).eval()
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
     test = load_dataset("cifar10", "eval", limit=args.test)
+    jpeg = None
+    if args.jpeg:  # a class-balanced subset: the archive is sorted by class
+        full = load_dataset("cifar10-jpeg", "test")
+        step = max(len(full.tensors[0]) // args.jpeg, 1)
+        jpeg = torch.utils.data.TensorDataset(full.tensors[0][::step], full.tensors[1][::step])
     rows = []
     for target in args.targets.split(","):
         for method in args.methods.split(","):
             run = {"sequential_fraction": args.fraction}
+            t = time.perf_counter()
             small, report = spectrim.compress(model, calib, method, target, **run)
+            seconds = time.perf_counter() - t
             plain = evaluate(small, test, reference=model)
             row: dict[str, Any] = {
                 "method": method,
                 "target": target,
                 "macs_ratio": report.macs_ratio,
+                "seconds": seconds,
                 "accuracy": plain.accuracy,
                 "agreement": plain.agreement,
                 "logit_rel_l2": plain.fidelity["rel_l2"],
+                **jpeg_scores(small, model, jpeg),
             }
             if "bn" in args.levers:
                 recalibrate_batch_norm(small, list(calib.split(64)))
@@ -178,6 +218,11 @@ def main() -> None:
                 row["select"] = scored(
                     model, calib, test, method, target, sequential_select=True, **run
                 )
+            for fit in ("outputs", "residual"):
+                if fit in args.levers:
+                    row[fit] = scored(
+                        model, calib, test, method, target, jpeg, sequential_fit=fit, **run
+                    )
             rows.append(row)
             print(
                 f"{method:9s} {target:10s} as compressed {plain.accuracy:.3f} / {plain.agreement:.3f}"
@@ -196,6 +241,7 @@ def main() -> None:
             "eta": args.eta,
             "sequential_fraction": args.fraction,
             "probe_images": args.probe,
+            "jpeg_images": 0 if jpeg is None else len(jpeg),
             "runs": rows,
         },
         args.threads,

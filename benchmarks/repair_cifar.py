@@ -15,6 +15,8 @@ Variants:
 * ``spectrim id macs=0.5``: the allocator at half the MACs (issue 13's headline);
 * ``spectrim id width=0.5`` / ``spectrim l1 width=0.5``: half of every prunable group,
   with and without the correction;
+* ``spectrim spectral macs=0.5 residual``: ``spectral`` at half the MACs with the
+  residual-aware output fit (``sequential_fit="residual"``, the best no-fine-tuning start);
 * ``tp l1 width=0.5``: Torch-Pruning's L1 filter norms on the same block-internal channels
   (its own graph breaks on the option-A shortcut; ``benchmarks/anchor_torch_pruning.py``),
   installed with ``pip install torch-pruning==1.6.1``.
@@ -57,6 +59,9 @@ def _variants(model: nn.Module, calib: torch.Tensor, which: list[str]) -> dict[s
         "spectrim id macs=0.5": lambda: spectrim.compress(model, calib, "id", "macs=0.5")[0],
         "spectrim id width=0.5": lambda: spectrim.compress(model, calib, "id", "width=0.5")[0],
         "spectrim l1 width=0.5": lambda: spectrim.compress(model, calib, "l1", "width=0.5")[0],
+        "spectrim spectral macs=0.5 residual": lambda: spectrim.compress(
+            model, calib, "spectral", "macs=0.5", sequential_fit="residual"
+        )[0],
         "tp l1 width=0.5": lambda: _tp_prune(model, 0.5, internal_only=True),
     }
     return {k: table[k] for k in which}
