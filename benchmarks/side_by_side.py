@@ -5,6 +5,7 @@ lossless training set, evaluated on the 1000 lossless test images and on all 100
 images as JPEG (quality ~75, about 10 points below lossless for every model):
 
 * spectrim ``id``, ``spectral``, ``l1``, ``random`` at ``macs=F`` (its global allocator);
+  ``--spectrim spectral+residual`` adds ``sequential_fit="residual"`` to a method;
 * Torch-Pruning's importances ``l1`` / ``l2`` (group magnitude), ``bnscale``, ``taylor``
   and ``lamp``, with TP's own global allocation (``global_pruning=True``), its pruning
   ratio bisected until its MACs match ``F`` (within 0.5%).  TP's graph treats the option-A
@@ -48,7 +49,7 @@ from spectrim.zoo import load_dataset, load_pretrained
 
 # the smoke-sized run of the test suite (tests/benchmarks/test_smoke.py)
 SMOKE = [
-    "--models", "resnet20", "--macs", "0.5", "--spectrim", "id,l1", "--tp", "l1,taylor",
+    "--models", "resnet20", "--macs", "0.5", "--spectrim", "id+residual,l1", "--tp", "l1,taylor",
     "--calib", "64", "--test-limit", "64", "--jpeg-limit", "64", "--no-latency",
 ]  # fmt: skip
 
@@ -176,7 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--models", default="resnet20,resnet56")
     ap.add_argument("--macs", default="0.75,0.5,0.35", help="MACs fractions to keep")
-    ap.add_argument("--spectrim", default=",".join(SPECTRIM_METHODS), help="spectrim methods")
+    ap.add_argument(
+        "--spectrim",
+        default=",".join(SPECTRIM_METHODS),
+        help="spectrim methods, each optionally with its sequential fit: id,spectral+residual",
+    )
     ap.add_argument("--tp", default=",".join(TP_METHODS), help="Torch-Pruning importances")
     ap.add_argument("--calib", type=int, default=1000)
     ap.add_argument("--test-limit", type=int, default=None, help="lossless test images")
@@ -226,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
                 def run_spectrim(
                     method: str = method, model: nn.Module = model, target: float = target
                 ) -> tuple[nn.Module, dict[str, Any]]:
-                    small, report = spectrim.compress(model, calib, method, f"macs={target}")
+                    name, _, fit = method.partition("+")  # e.g. "spectral+residual"
+                    small, report = spectrim.compress(
+                        model, calib, name, f"macs={target}", sequential_fit=fit or "inputs"
+                    )
                     return small, {"macs_ratio": report.macs_ratio}
 
                 builds.append((f"spectrim {method}", run_spectrim))

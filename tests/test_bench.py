@@ -58,7 +58,7 @@ def test_smoke_run(name: str, tmp_path: Path) -> None:
     if name == "side_by_side":
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         variants = {r["variant"] for r in result["runs"]}
-        assert {"spectrim id", "tp l1"} <= variants
+        assert {"spectrim id+residual", "spectrim l1", "tp l1"} <= variants
         for r in result["runs"]:  # every variant lands on the asked MACs
             assert abs(r["macs_ratio"] - r["target_macs"]) < 0.02, r
 
