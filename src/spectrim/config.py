@@ -201,8 +201,8 @@ class CompressConfig:
             against the original's), which needs a copy of the model during the pass and
             the whole-model pass (not ``blockwise``).  Consumers that read more than one
             group, or no registered unfolding (``Linear``, ``Conv1d``, ``Conv2d``), keep
-            ``"inputs"``.  On the pretrained CIFAR-10 ResNets ``"residual"`` gains 2–12
-            points of top-1 (docs/results.md, ``benchmarks/levers.py --levers fit``).
+            ``"inputs"``.  On the pretrained CIFAR-10 ResNets ``"residual"`` gains 2–15
+            points of top-1 (docs/results.md, ``benchmarks/levers.py --levers residual``).
         channels_last: run the calibration passes (on spectrim's own copy of the model,
             one batch converted at a time) in ``channels_last`` memory layout, which
             oneDNN's CPU convolutions run faster than NCHW; ``None`` (default): when the

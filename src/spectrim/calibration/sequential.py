@@ -369,7 +369,8 @@ def sequential_correct(
         b_o = None if bias is None else bias.detach().clone()  # sliced, not yet refitted
         params = {"weight": w_o} if b_o is None else {"weight": w_o, "bias": b_o}
         cols = weight[0].numel() + (bias is not None)
-        acc = GramAccumulator(cols, cross_dim=int(w_o.shape[0]), exact=True, sums=False)
+        precise = True if exact is None else bool(exact.get(gi, True))
+        acc = GramAccumulator(cols, cross_dim=int(w_o.shape[0]), exact=precise, sums=False)
         parts = list(collected.inputs.get((gi, name), [])) if contributes else []
         if len(xs) == 1 and run_sizes[0] is None and len(parts) > 1:
             parts = [torch.cat(parts)]  # the caller passed one concatenated batch
