@@ -394,7 +394,7 @@ def sequential_correct(
                     f"sequential calibration: consumer '{name}' ran on more batches in the "
                     "compressed pass than in the original pass"
                 )
-            a = torch.cat([consumer_rows(module, p) for p in pieces])
+            a_parts = [consumer_rows(module, p) for p in pieces]
             y = torch.cat(
                 [output_rows(module, torch.func.functional_call(module, params, (z,))) for z in zs]
             ).double()
@@ -417,14 +417,18 @@ def sequential_correct(
                         f"rows but its residual addition {tuple(d.shape)}"
                     )
                 y = y + d
-            if a.shape[0] != y.shape[0]:
+            rows = sum(int(a.shape[0]) for a in a_parts)
+            if rows != y.shape[0]:
                 raise RuntimeError(
-                    f"sequential calibration: consumer '{name}' got {a.shape[0]} rows where "
+                    f"sequential calibration: consumer '{name}' got {rows} rows where "
                     f"the original pass had {y.shape[0]}"
                 )
-            if bias is not None:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-            acc.update(a, y)
+            # one update per stored batch: the float32 products are then grouped the same
+            # whatever the batches were merged into (or spread over processes)
+            for a, y_p in zip(a_parts, y.split([int(a.shape[0]) for a in a_parts])):
+                if bias is not None:
+                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+                acc.update(a, y_p)
         team.reduce({0: acc})
         g, cross = acc.gram_numpy(), acc.cross_numpy()
         with blas_threads_for(cols):
