@@ -643,7 +643,7 @@ def apply_stage(state: ChannelRun) -> None:
         if (
             (heads and state.cfg.sequential and state.method.needs_statistics)
             or refit_stream
-            or (state.sequential and state.cfg.sequential_fit == "residual")
+            or (state.sequential and state.cfg.sequential_fit == "residual" and not state.chain)
         )
         else None
     )

@@ -198,8 +198,8 @@ class CompressConfig:
             and bias by least squares on its own original outputs over its unfolded kept
             inputs (every tap free); ``"residual"`` also makes it cancel the drift of the
             residual stream its output is added to (the compressed prefix's other operand
-            against the original's), which needs a copy of the model during the pass and
-            the whole-model pass (not ``blockwise``).  Consumers that read more than one
+            against the original's), which holds a copy of the model during the pass (of
+            one block with ``blockwise``).  Consumers that read more than one
             group, or no registered unfolding (``Linear``, ``Conv1d``, ``Conv2d``), keep
             ``"inputs"``.  On the pretrained CIFAR-10 ResNets ``"residual"`` gains 2–15
             points of top-1 (docs/results.md, ``benchmarks/levers.py --levers residual``).
@@ -272,11 +272,6 @@ class CompressConfig:
             raise ValueError(
                 f"sequential_fit={self.sequential_fit!r} must be one of "
                 f"{', '.join(SEQUENTIAL_FITS)}"
-            )
-        if self.sequential_fit == "residual" and self.blockwise:
-            raise ValueError(
-                "sequential_fit='residual' needs the whole-model pass: set blockwise=False "
-                "(the block runner cannot run the original model alongside)"
             )
         if self.on_unreachable not in _UNREACHABLE:
             raise ValueError(

@@ -23,13 +23,16 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].numel())
 
 
-@pytest.mark.parametrize("select", [False, True])
+@pytest.mark.parametrize(
+    ("select", "fit"), [(False, "inputs"), (True, "inputs"), (False, "residual")]
+)
 def test_resnet20_blockwise_gives_the_whole_model_passs_weights(
-    data_root: Path, select: bool
+    data_root: Path, select: bool, fit: str
 ) -> None:
     """The pretrained CIFAR-10 ResNet-20: its nine residual blocks are the chain, every
     pruned group lies inside one, and the fits equal the whole-model pass's (also with
-    the kept sets chosen in the pass, ``sequential_select``)."""
+    the kept sets chosen in the pass, ``sequential_select``, and with the residual
+    output fit, whose original operands come from each block's copy)."""
     from spectrim.zoo import load_dataset, load_pretrained
 
     model = load_pretrained("resnet20-cifar10").eval()
@@ -38,7 +41,11 @@ def test_resnet20_blockwise_gives_the_whole_model_passs_weights(
     assert find_chain(model, batches[0][:2]) == [
         f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)
     ]
-    kw: dict[str, Any] = {"sequential_fraction": 0.5, "sequential_select": select}
+    kw: dict[str, Any] = {
+        "sequential_fraction": 0.5,
+        "sequential_select": select,
+        "sequential_fit": fit,
+    }
     whole, r1 = spectrim.compress(model, batches, "id", "macs=0.5", **kw)
     block, r2 = spectrim.compress(model, batches, "id", "macs=0.5", blockwise=True, **kw)
     assert not any("blockwise" in w for w in r2.warnings), r2.warnings
@@ -54,8 +61,10 @@ def test_resnet20_blockwise_gives_the_whole_model_passs_weights(
         torch.testing.assert_close(block(x[:64]), whole(x[:64]), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_transformer_layers_blockwise(family: str) -> None:
+@pytest.mark.parametrize(
+    ("family", "fit"), [("bert", "inputs"), ("gpt2", "inputs"), ("bert", "residual")]
+)
+def test_transformer_layers_blockwise(family: str, fit: str) -> None:
     """A small BERT on padded text, and a GPT-2 whose layers get a key/value cache: each
     layer a block (its FFN group inside it), padding kept out of the fits as in the
     whole-model pass, the mask and cache handed to every layer as the model does."""
@@ -80,7 +89,7 @@ def test_transformer_layers_blockwise(family: str) -> None:
         )
         model = transformers.GPT2LMHeadModel(cfg).eval()
         batches = [{"input_ids": i} for i in ids.split(16)]
-    kw: dict[str, Any] = {"sequential_fraction": 0.5}
+    kw: dict[str, Any] = {"sequential_fraction": 0.5, "sequential_fit": fit}
     whole, r1 = spectrim.compress(model, batches, "id", "width=0.5", **kw)
     block, rep = spectrim.compress(model, batches, "id", "width=0.5", blockwise=True, **kw)
     assert not any("blockwise" in w for w in rep.warnings), rep.warnings

@@ -100,7 +100,7 @@ def test_residual_partner_is_the_other_operand_with_the_bn_scale(add: str) -> No
     block.bn.weight.data.uniform_(0.5, 2.0)
     block.eval()
     xs = [torch.randn(2, 4, 5, 5), torch.randn(3, 4, 5, 5)]
-    found = residual_partners(block, ["conv", "side"], xs, block)
+    found = residual_partners({"conv": block.conv, "side": block.side}, xs, block)
     assert set(found) == {"conv"}  # 'side' is rectified before it is added
     bn = block.bn
     scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double()
@@ -109,13 +109,13 @@ def test_residual_partner_is_the_other_operand_with_the_bn_scale(add: str) -> No
         assert p.scale is not None
         torch.testing.assert_close(p.scale, scale)
     assert block.calls == 2
-    first = residual_partners(block, ["conv"], xs, block, first=True)
+    first = residual_partners({"conv": block.conv}, xs, block, first=True)
     assert len(first["conv"]) == 2 and block.calls == 2  # stopped at the addition
 
 
 def test_no_partner_in_training_mode_batch_norm() -> None:
     block = _Block().train()
-    assert residual_partners(block, ["conv"], [torch.randn(2, 4, 5, 5)], block) == {}
+    assert residual_partners({"conv": block.conv}, [torch.randn(2, 4, 5, 5)], block) == {}
 
 
 # ----------------------------------------------------------------- whole models
@@ -305,8 +305,6 @@ def test_padded_text_residual_fit_ignores_padding() -> None:
 def test_config_and_entry_point_validate_the_fit() -> None:
     with pytest.raises(ValueError, match="sequential_fit='kernel' must be one of"):
         CompressConfig(sequential_fit="kernel")
-    with pytest.raises(ValueError, match="blockwise=False"):
-        CompressConfig(sequential_fit="residual", blockwise=True)
     assert CompressConfig.from_dict(
         CompressConfig(sequential_fit="outputs").to_dict()
     ).sequential_fit == ("outputs")
@@ -316,6 +314,8 @@ def test_config_and_entry_point_validate_the_fit() -> None:
     col = collect(model, a, [x], a.prunable, store_fraction=1.0)
     with pytest.raises(ValueError, match="original model"):
         sequential_correct(model, a, [x], {}, col, fit="residual")
+    with pytest.raises(ValueError, match="partners"):
+        sequential_correct(model, a, [x], {}, col, fit="residual", original=model, runner=model)
 
 
 def test_residual_fit_beats_the_interpolation_on_pretrained_resnet20() -> None:

@@ -37,6 +37,7 @@ from torch import nn
 
 from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.collect import Collected, call_keeper, group_view
+from spectrim.calibration.outputs import residual_partners
 from spectrim.calibration.sequential import Refit, Select, sequential_correct
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
@@ -272,10 +273,12 @@ def blockwise_correct(
         inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
         current = [0]  # the batch the original block is running
         hooks = []
+        at: dict[str, tuple[int, str]] = {}  # consumer -> (its block module, path inside)
         for gi in gis:
             for slot in analysis.groups[gi].consumers:
                 j = next(j for j, b in enumerate(blk) if _inside(slot.module, b))
                 rel = slot.module[len(blk[j]) + 1 :]
+                at[slot.module] = (j, rel)
                 target = originals[j].get_submodule(rel) if rel else originals[j]
                 pos = torch.as_tensor(slot.positions, dtype=torch.long)
                 keeper = _keeper(inputs, (gi, slot.module), pos, masks, current)
@@ -289,6 +292,19 @@ def blockwise_correct(
         finally:
             for hd in hooks:
                 hd.remove()
+        partners = None
+        if fit == "residual":  # the original operands of the block's residual additions
+
+            def original(
+                item: Any, mods: Sequence[nn.Module] = originals, blk: Sequence[str] = blk
+            ) -> Any:
+                return run_block(mods, blk, item[0], item[1])
+
+            targets = {
+                c: originals[j].get_submodule(r) if r else originals[j] for c, (j, r) in at.items()
+            }
+            items = [(x, i) for i, x in enumerate(xs_o)]
+            partners = residual_partners(targets, items, original) if contributes else {}
         del originals
         outs: dict[int, Any] = {}
 
@@ -321,6 +337,7 @@ def blockwise_correct(
                 else [gi for gi in gis if gi in reselect]
             ),
             fit=fit,
+            partners=partners,
         )
         keep.update(k)
         folds.update(f)

@@ -223,14 +223,14 @@ class _Follow(TorchFunctionMode):
 
 
 def residual_partners(
-    model: nn.Module,
-    names: Sequence[str],
+    consumers: Mapping[str, nn.Module],
     batches: Sequence[Any],
     call: Callable[[Any], Any],
     first: bool = False,
 ) -> dict[str, list[Partner]]:
-    """For each consumer in ``names``, per batch, the other operand of the addition its
-    output reaches through eval-mode BatchNorm / Dropout, with their scale.
+    """For each consumer (name -> the module that ``call`` runs), per batch, the other
+    operand of the addition its output reaches through eval-mode BatchNorm / Dropout,
+    with their scale.
 
     Consumers whose output reaches no addition that way are absent.  With ``first``, each
     batch's pass stops at the first such addition (the caller wants one consumer's, and
@@ -246,11 +246,10 @@ def residual_partners(
         ...     def forward(self, x):
         ...         return self.bn(self.conv(x)) + x
         >>> m, x = Block(), torch.randn(1, 2, 3, 3)
-        >>> p = residual_partners(m, ["conv"], [x], m)["conv"][0]
+        >>> p = residual_partners({"conv": m.conv}, [x], m)["conv"][0]
         >>> bool(torch.equal(p.other, x)), tuple(p.scale.shape)
         (True, (2,))
     """
-    modules = dict(model.named_modules())
     found: dict[str, list[Partner]] = {}
     current: dict[str, Partner] = {}
 
@@ -268,7 +267,7 @@ def residual_partners(
 
         return hook
 
-    handles = [modules[n].register_forward_hook(tagger(n)) for n in names]
+    handles = [m.register_forward_hook(tagger(n)) for n, m in consumers.items()]
     try:
         for i, batch in enumerate(batches):
             current.clear()

@@ -239,6 +239,7 @@ def sequential_correct(
     reselect: Collection[int] | Mapping[int, Select] = (),
     fit: str = "inputs",
     original: nn.Module | None = None,
+    partners: Mapping[str, Sequence[Partner]] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -293,6 +294,9 @@ def sequential_correct(
             absent); the others keep the interpolation.
         original: the unpruned model (a copy), for ``fit="residual"``: the original
             operand of each residual addition is read from it.
+        partners: instead of ``original``, those operands already found, per consumer
+            and per item of ``batches`` (:func:`~spectrim.calibration.outputs.residual_partners`;
+            the block-by-block pass finds them on its copy of each original block).
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit, and the kept
@@ -300,10 +304,10 @@ def sequential_correct(
     """
     if fit not in FITS:
         raise ValueError(f"fit={fit!r} must be one of {', '.join(FITS)}")
-    if fit == "residual" and original is None:
-        raise ValueError("fit='residual' needs the original model (original=)")
-    if fit == "residual" and runner is not None:
-        raise ValueError("fit='residual' needs the whole-model pass, not a block runner")
+    if fit == "residual" and original is None and partners is None:
+        raise ValueError("fit='residual' needs the original model (original=) or its partners")
+    if fit == "residual" and partners is None and runner is not None:
+        raise ValueError("fit='residual' with a block runner needs the partners (partners=)")
     modules = dict(model.named_modules())
     keep = {gi: np.sort(np.asarray(k, dtype=np.int64)) for gi, k in keep.items()}
     chosen = {gi for gi in reselect if gi in keep}  # groups still to select
@@ -375,9 +379,9 @@ def sequential_correct(
         if len(xs) == 1 and run_sizes[0] is None and len(parts) > 1:
             parts = [torch.cat(parts)]  # the caller passed one concatenated batch
         mine: list[Partner] | None = None
-        theirs = partners.get(name)
+        theirs = found.get(name)
         if theirs is not None:  # the compressed model's operand at the same addition
-            mine = residual_partners(model, [name], run, call, first=True).get(name)
+            mine = residual_partners({name: module}, run, call, first=True).get(name)
             if mine is None:
                 raise RuntimeError(
                     f"sequential calibration: the output of consumer '{name}' no longer "
@@ -559,11 +563,16 @@ def sequential_correct(
     call = runner if runner is not None else functools.partial(call_model, model)
     quiet = [False]
     # the original operand of every residual addition a refitted consumer's output reaches
-    partners: dict[str, list[Partner]] = {}
-    if fit == "residual" and eligible and contributes:
+    found: dict[str, list[Partner]] = {}
+    if fit == "residual" and partners is not None:
+        found = {n: list(p) for n, p in partners.items() if n in eligible}
+    elif fit == "residual" and eligible and contributes:
         assert original is not None
-        partners = residual_partners(
-            original, sorted(eligible), run, functools.partial(call_model, original)
+        originals = dict(original.named_modules())
+        found = residual_partners(
+            {n: originals[n] for n in sorted(eligible)},
+            run,
+            functools.partial(call_model, original),
         )
     _run_lockstep(model, run, list(per_module), fold, runner, run_masks, quiet)
     missing = sorted(set(per_module) - done)
