@@ -24,6 +24,7 @@ lossless test images score), each against ``spectrim.compress`` as it is:
   (``spectrim.linalg.cross_greedy``), instead of the method's selection on the original
   model's statistics (same widths).
 
+``--fit`` sets ``sequential_fit`` for every run but the ``outputs`` / ``residual`` levers.
 ``--fraction`` sets ``sequential_fraction`` for every run (the share of the calibration
 images the sequential pass fits on, and with ``select`` selects on).
 
@@ -162,6 +163,12 @@ def main() -> None:
         default=["bn", "sensitivity", "select"],
     )
     ap.add_argument("--fraction", type=float, default=0.2, help="sequential_fraction")
+    ap.add_argument(
+        "--fit",
+        default="inputs",
+        choices=("inputs", "outputs", "residual"),
+        help="sequential_fit of every run (the baseline and the other levers)",
+    )
     ap.add_argument("--calib", type=int, default=1000)
     ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
     ap.add_argument("--probe", type=int, default=256, help="images the sensitivities use")
@@ -191,7 +198,7 @@ def main() -> None:
     rows = []
     for target in args.targets.split(","):
         for method in args.methods.split(","):
-            run = {"sequential_fraction": args.fraction}
+            run = {"sequential_fraction": args.fraction, "sequential_fit": args.fit}
             t = time.perf_counter()
             small, report = spectrim.compress(model, calib, method, target, **run)
             seconds = time.perf_counter() - t
@@ -221,7 +228,7 @@ def main() -> None:
             for fit in ("outputs", "residual"):
                 if fit in args.levers:
                     row[fit] = scored(
-                        model, calib, test, method, target, jpeg, sequential_fit=fit, **run
+                        model, calib, test, method, target, jpeg, **{**run, "sequential_fit": fit}
                     )
             rows.append(row)
             print(
@@ -240,6 +247,7 @@ def main() -> None:
             "test_images": len(test),
             "eta": args.eta,
             "sequential_fraction": args.fraction,
+            "sequential_fit": args.fit,
             "probe_images": args.probe,
             "jpeg_images": 0 if jpeg is None else len(jpeg),
             "runs": rows,

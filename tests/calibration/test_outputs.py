@@ -166,8 +166,12 @@ def _lstsq(a: torch.Tensor, y: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.linalg.lstsq(a, y.double()).solution.T  # (out, cols)
 
 
-@pytest.mark.parametrize("fit", ["outputs", "residual"])
-def test_block_consumers_equal_brute_force_least_squares(fit: str) -> None:
+@pytest.mark.parametrize(
+    ("fit", "select"), [("outputs", False), ("residual", False), ("residual", True)]
+)
+def test_block_consumers_equal_brute_force_least_squares(fit: str, select: bool) -> None:
+    """Each block's ``conv2`` equals least squares on brute-force activations of the final
+    model (with ``select``, on the channels chosen in the pass)."""
     model = _ResNet().eval()
     x = torch.randn(24, 3, 8, 8)
     batches = [x[:8], x[8:16], x[16:]]
@@ -177,9 +181,18 @@ def test_block_consumers_equal_brute_force_least_squares(fit: str) -> None:
     col = collect(model, a, batches, inner, store_fraction=1.0)
     keep = {g.index: np.array([0, 2, 3, 5, 7, 8, 11]) for g in inner}
     work = copy.deepcopy(model)
-    _, errors, _ = sequential_correct(
-        work, a, batches, keep, col, fit=fit, original=copy.deepcopy(model)
+    _, errors, kept = sequential_correct(
+        work,
+        a,
+        batches,
+        keep,
+        col,
+        fit=fit,
+        original=copy.deepcopy(model),
+        reselect=[g.index for g in inner] if select else (),
     )
+    if select:  # other channels than asked, at the same width
+        assert any(not np.array_equal(kept[g.index], keep[g.index]) for g in inner)
     for i, (b_o, b_c) in enumerate(zip(model.blocks, work.blocks)):
         assert b_c.conv2.in_channels == 7
         z_c = _inputs(work, b_c.conv2, x)

@@ -113,16 +113,24 @@ def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.movedim(1, -1).reshape(-1, y.shape[1])
 
 
-def set_unfolded_weight(module: nn.Module, w: np.ndarray) -> None:
+def set_unfolded_weight(
+    module: nn.Module, w: np.ndarray, channels: torch.Tensor | None = None
+) -> None:
     """Write ``w`` (``out × in·taps``, plus a last column for the bias when ``module``
-    has one) into ``module``'s weight (and bias), keeping their dtype and layout."""
+    has one) into ``module``'s weight (and bias), keeping their dtype and layout.  With
+    ``channels``, ``w`` holds those input channels only and the others become zero."""
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     bias = getattr(module, "bias", None)
-    cols = weight[0].numel()
-    if w.shape != (weight.shape[0], cols + (bias is not None)):
+    out, inputs, taps = weight.shape[0], weight.shape[1], int(weight[0, 0].numel())
+    cols = (inputs if channels is None else len(channels)) * taps
+    if w.shape != (out, cols + (bias is not None)):
         raise ValueError(f"a fit of shape {w.shape} for a weight of shape {tuple(weight.shape)}")
     new = torch.as_tensor(w[:, :cols], dtype=weight.dtype, device=weight.device)
+    if channels is not None:
+        full = new.new_zeros(out, inputs, taps)
+        full[:, channels.to(full.device)] = new.reshape(out, len(channels), taps)
+        new = full
     weight.data.copy_(new.reshape(weight.shape))
     if bias is not None:
         bias.data.copy_(torch.as_tensor(w[:, cols], dtype=bias.dtype, device=bias.device))

@@ -287,7 +287,7 @@ def sequential_correct(
             from them to their own selection rule (:data:`Select`).
         fit: ``"inputs"`` (the channel interpolation above), ``"outputs"`` or
             ``"residual"`` (:mod:`spectrim.calibration.outputs`): a consumer that reads
-            one group, whole and not reselected, with a registered unfolding
+            one whole group (a reselected one once chosen), with a registered unfolding
             (``Linear``, ``Conv1d``/``Conv2d``) gets its weight and bias refitted by
             least squares on its own outputs over its unfolded kept inputs (``refit``,
             ``ridge`` and ``row_ridge`` do not apply to it; its ``folds`` entry is
@@ -337,7 +337,6 @@ def sequential_correct(
         for name, slots in per_module.items()
         if fit != "inputs"
         and len(slots) == 1
-        and slots[0][0] not in chosen
         and supports_output_fit(modules[name])
         and whole_axis(torch.as_tensor(slots[0][1]))
         and orig_w[name].shape[1] == len(slots[0][1])
@@ -364,15 +363,21 @@ def sequential_correct(
             w = w.index_select(out_dim, torch.as_tensor(idx, device=w.device))
         return w
 
-    def fit_outputs(name: str, module: nn.Module, xs: list[torch.Tensor]) -> np.ndarray:
-        """Consumer ``name``'s weight (and bias column) fitted on its own outputs."""
-        (gi,) = [g for g, _ in per_module[name]]
-        weight, bias = module.weight, getattr(module, "bias", None)
-        assert isinstance(weight, torch.Tensor)
+    def fit_outputs(
+        name: str, module: nn.Module, xs: list[torch.Tensor]
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Consumer ``name``'s weight (and bias column) fitted on its own outputs, and the
+        input channels it is for (``None``: all; a reselected group runs at full width)."""
+        ((gi, positions),) = per_module[name]
+        bias = getattr(module, "bias", None)
         w_o = original_weight(name, module)
-        b_o = None if bias is None else bias.detach().clone()  # sliced, not yet refitted
+        b_o = None if bias is None else bias.detach().clone()  # sliced, never refitted
         params = {"weight": w_o} if b_o is None else {"weight": w_o, "bias": b_o}
-        cols = weight[0].numel() + (bias is not None)
+        linear = isinstance(module, nn.Linear)
+        sel = None
+        if gi in width:  # the kept channels of a group still at full width
+            sel = torch.as_tensor(newpos[name][positions[keep[gi]]].reshape(-1))
+        cols = len(keep[gi]) * int(w_o[0, 0].numel()) + (bias is not None)
         precise = True if exact is None else bool(exact.get(gi, True))
         acc = GramAccumulator(cols, cross_dim=int(w_o.shape[0]), exact=precise, sums=False)
         parts = list(collected.inputs.get((gi, name), [])) if contributes else []
@@ -387,7 +392,6 @@ def sequential_correct(
                     f"sequential calibration: the output of consumer '{name}' no longer "
                     "reaches the residual addition it reached in the original model"
                 )
-        linear = isinstance(module, nn.Linear)
         at = 0
         for j, x in enumerate(xs if parts else []):
             n = run_sizes[j]
@@ -398,6 +402,8 @@ def sequential_correct(
                     f"sequential calibration: consumer '{name}' ran on more batches in the "
                     "compressed pass than in the original pass"
                 )
+            if sel is not None:
+                pieces = tuple(p.index_select(-1 if linear else 1, sel) for p in pieces)
             a_parts = [consumer_rows(module, p) for p in pieces]
             y = torch.cat(
                 [output_rows(module, torch.func.functional_call(module, params, (z,))) for z in zs]
@@ -438,21 +444,18 @@ def sequential_correct(
         with blas_threads_for(cols):
             b = fit_cross_reconstruction(g, cross, np.arange(cols), rtol=F32_RTOL)
         errors[(gi, name)] = _relative_residual(float(acc.y_sq_sums.sum()), g, cross, b)
-        return b
+        folds[gi].pop(name, None)  # no channel interpolation at this consumer
+        return b, sel
 
     def fold(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
         done.add(name)
         applied = []
         zeroed: list[np.ndarray] = []  # columns of reselected groups' dropped channels
-        refitted = None
-        if name in eligible:
-            quiet[0] = True  # the fit runs the consumer (and the model) on the side
-            try:
-                refitted = fit_outputs(name, module, xs)
-            finally:
-                quiet[0] = False
-        for gi, positions in per_module[name] if refitted is None else []:
+        # a consumer refitted on its outputs needs the channel pass only to select
+        own_fit = name in eligible
+        selects = any(gi in chosen for gi, _ in per_module[name])
+        for gi, positions in per_module[name] if not own_fit or selects else []:
             m = analysis.groups[gi].width
             selecting = gi in chosen  # its first consumer: all m channels are candidates
             candidates = np.arange(m) if selecting else keep[gi]
@@ -523,13 +526,18 @@ def sequential_correct(
         assert isinstance(weight, torch.Tensor)
         module.weight = nn.Parameter(w, requires_grad=weight.requires_grad)
         fold_consumer(module, analysis.in_labels[name], dropped, {}, applied)
-        if refitted is not None:
-            set_unfolded_weight(module, refitted)
         if zeroed:  # the full-width input of a reselected group reads its kept channels only
             kind = module_kind(module)
             assert kind is not None and isinstance(module.weight, torch.Tensor)
             cols = torch.as_tensor(np.concatenate(zeroed), device=module.weight.device)
             module.weight.data.index_fill_(kind.weight_dims[1], cols, 0.0)
+        if own_fit:
+            quiet[0] = True  # the fit runs the consumer (and the model) on the side
+            try:
+                refitted, channels = fit_outputs(name, module, xs)
+            finally:
+                quiet[0] = False
+            set_unfolded_weight(module, refitted, channels)
         if channels_last:
             module.to(memory_format=torch.channels_last)
 
