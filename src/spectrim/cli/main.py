@@ -74,6 +74,11 @@ Examples:
   spectrim compress --model resnet20-cifar10 --data cifar10 --calib 200 --eval-limit 200 \\
       --target macs=0.7 --latency --json result.json
 
+  # the most accurate CNN without fine-tuning: every block's conv refitted on its own
+  # outputs, cancelling the residual stream's drift (90.5% top-1 here, dense 92.6%)
+  spectrim compress --model resnet56-cifar10 --data cifar10 --method spectral \
+      --target macs=0.5 --sequential-fit residual --out small/
+
   # spectral pruning, output-aware selection, per-layer widths from N(lambda) at alpha
   spectrim compress --model resnet56-cifar10 --data cifar10 --method spectral \\
       --option theta=0.25 --target dof=1e-4 --json -
