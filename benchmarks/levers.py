@@ -164,6 +164,9 @@ def main() -> None:
     )
     ap.add_argument("--fraction", type=float, default=0.2, help="sequential_fraction")
     ap.add_argument(
+        "--blockwise", action="store_true", help="blockwise=True for every run (one block's memory)"
+    )
+    ap.add_argument(
         "--fit",
         default="inputs",
         choices=("inputs", "outputs", "residual"),
@@ -198,7 +201,11 @@ def main() -> None:
     rows = []
     for target in args.targets.split(","):
         for method in args.methods.split(","):
-            run = {"sequential_fraction": args.fraction, "sequential_fit": args.fit}
+            run = {
+                "sequential_fraction": args.fraction,
+                "sequential_fit": args.fit,
+                "blockwise": args.blockwise,
+            }
             t = time.perf_counter()
             small, report = spectrim.compress(model, calib, method, target, **run)
             seconds = time.perf_counter() - t
@@ -248,6 +255,7 @@ def main() -> None:
             "eta": args.eta,
             "sequential_fraction": args.fraction,
             "sequential_fit": args.fit,
+            "blockwise": args.blockwise,
             "probe_images": args.probe,
             "jpeg_images": 0 if jpeg is None else len(jpeg),
             "runs": rows,
