@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import spectrim
@@ -45,6 +47,33 @@ def test_unfolded_rows_times_the_weight_are_the_outputs(module: nn.Module, shape
     if module.bias is not None:
         y = y + module.bias
     torch.testing.assert_close(y, output_rows(module, module(x)), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2]),
+    kernel=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_unfolding_matches_any_convolution(
+    dims: int, kernel: int, stride: int, padding: int, dilation: int, bias: bool, seed: int
+) -> None:
+    """The unfolded rows times the flattened weight are the convolution's outputs, for any
+    kernel, stride, padding and dilation of a 1-D or 2-D convolution."""
+    torch.manual_seed(seed)
+    conv_t = nn.Conv1d if dims == 1 else nn.Conv2d
+    conv = conv_t(3, 4, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    size = dilation * (kernel - 1) + 1 + torch.randint(0, 5, ()).item()
+    x = torch.randn(2, 3, *([size] * dims), dtype=torch.float64)
+    conv = conv.double()
+    y = consumer_rows(conv, x) @ conv.weight.reshape(4, -1).T
+    if bias:
+        y = y + conv.bias
+    torch.testing.assert_close(y, output_rows(conv, conv(x)))
 
 
 def test_unsupported_consumers_are_refused() -> None:
