@@ -667,6 +667,7 @@ def apply_stage(state: ChannelRun) -> None:
         if not stored:  # a rank that stored none still runs the pass, adding no rows
             stored = state.batches[:1]
         state.report.fitted_examples = int(state.ctx.team.total(fitted))
+        fallback: list[str] = []  # consumers whose output fit had too few rows
         if state.chain:
             plan = plan_blocks(state.chain, analysis, keep)
             assert not isinstance(plan, str)  # checked on all groups before collecting
@@ -685,6 +686,7 @@ def apply_stage(state: ChannelRun) -> None:
                 channels_last=state.channels_last,
                 reselect=reselect,
                 fit=state.cfg.sequential_fit,
+                warn=fallback.append,
             )
         else:
             folds, state.seq_errors, keep = sequential_correct(
@@ -700,6 +702,12 @@ def apply_stage(state: ChannelRun) -> None:
                 reselect=reselect,
                 fit=state.cfg.sequential_fit,
                 original=original if state.cfg.sequential_fit == "residual" else None,
+                warn=fallback.append,
+            )
+        if fallback:
+            state.report.warnings.append(
+                f"sequential_fit={state.cfg.sequential_fit!r}: {len(fallback)} consumer(s) "
+                f"kept the channel interpolation; the first: {fallback[0]}"
             )
         for gi, f in folds.items():
             plans[gi].keep = keep[gi]

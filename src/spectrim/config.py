@@ -200,9 +200,11 @@ class CompressConfig:
             residual stream its output is added to (the compressed prefix's other operand
             against the original's), which holds a copy of the model during the pass (of
             one block with ``blockwise``).  Consumers that read more than one
-            group, or no registered unfolding (``Linear``, ``Conv1d``, ``Conv2d``), keep
-            ``"inputs"``.  On the pretrained CIFAR-10 ResNets ``"residual"`` gains 2–15
-            points of top-1 (docs/results.md, ``benchmarks/levers.py --levers residual``).
+            group, or no registered unfolding (``Linear``, ``Conv1d``, ``Conv2d``), or whose
+            fit would have fewer than 8 calibration rows per unknown keep ``"inputs"``
+            (the report's warnings list them).  On the pretrained CIFAR-10 ResNets
+            ``"residual"`` gains 2–15 points of top-1 (docs/results.md,
+            ``benchmarks/levers.py --levers residual``).
         channels_last: run the calibration passes (on spectrim's own copy of the model,
             one batch converted at a time) in ``channels_last`` memory layout, which
             oneDNN's CPU convolutions run faster than NCHW; ``None`` (default): when the

@@ -20,6 +20,7 @@ from spectrim.calibration.outputs import (
     consumer_rows,
     output_rows,
     residual_partners,
+    rows_of,
     set_unfolded_weight,
     supports_output_fit,
 )
@@ -70,7 +71,9 @@ def test_unfolding_matches_any_convolution(
     size = dilation * (kernel - 1) + 1 + torch.randint(0, 5, ()).item()
     x = torch.randn(2, 3, *([size] * dims), dtype=torch.float64)
     conv = conv.double()
-    y = consumer_rows(conv, x) @ conv.weight.reshape(4, -1).T
+    rows = consumer_rows(conv, x)
+    assert rows_of(conv, x) == rows.shape[0]
+    y = rows @ conv.weight.reshape(4, -1).T
     if bias:
         y = y + conv.bias
     torch.testing.assert_close(y, output_rows(conv, conv(x)))
@@ -245,6 +248,28 @@ def test_block_consumers_equal_brute_force_least_squares(fit: str, select: bool)
         assert errors[(gi, f"blocks.{i}.conv2")] == pytest.approx(float(res), rel=1e-3, abs=1e-6)
 
 
+def test_too_few_rows_keep_the_interpolation_with_a_warning() -> None:
+    """Two 8×8 images give 128 rows for 64 unknowns per output (7 channels × 9 taps + the
+    bias): the output fit would follow the rows, so both blocks keep the interpolation,
+    exactly, and say so."""
+    model = _ResNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    a = analyze_channels(model, x)
+    inner = [g for g in a.prunable if g.name.endswith("conv1")]
+    col = collect(model, a, [x], inner, store_fraction=1.0)
+    keep = {g.index: np.array([0, 2, 3, 5, 7, 8, 11]) for g in inner}
+    plain, refit = copy.deepcopy(model), copy.deepcopy(model)
+    sequential_correct(plain, a, [x], keep, col)
+    lines: list[str] = []
+    folds, _, _ = sequential_correct(
+        refit, a, [x], keep, col, fit="residual", original=model, warn=lines.append
+    )
+    assert len(lines) == 2 and "'blocks.0.conv2'" in lines[0] and "128 calibration rows" in lines[0]
+    assert all(f"blocks.{i}.conv2" in folds[g.index] for i, g in enumerate(inner))
+    for p, q in zip(plain.parameters(), refit.parameters()):
+        torch.testing.assert_close(p, q)
+
+
 def _block_sum(model: nn.Module, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The sum ``bn2(conv2(h)) + x`` of residual block ``blk`` (before its ReLU)."""
     got: dict[str, torch.Tensor] = {}
@@ -302,7 +327,7 @@ def test_padded_text_residual_fit_ignores_padding() -> None:
     those equal brute-force least squares on the real tokens."""
     model = _PostLN().eval()
     g = torch.Generator().manual_seed(1)
-    lengths = [5, 9, 3, 7, 6, 8]
+    lengths = [5, 9, 3, 7, 6, 8] * 5  # 190 real tokens: 11 per unknown of a down projection
     sents = [torch.randint(0, 40, (n,), generator=g) for n in lengths]
 
     def batch(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -313,7 +338,7 @@ def test_padded_text_residual_fit_ignores_padding() -> None:
             ids[i, : len(s)], mask[i, : len(s)] = s, 1
         return {"input_ids": ids, "attention_mask": mask}
 
-    padded = [batch(sents[:3]), batch(sents[3:])]
+    padded = [batch(sents[:13]), batch(sents[13:])]
     single = [batch([s]) for s in sents]
     cfg = {"target": "width=0.5", "sequential_fraction": 1.0, "sequential_fit": "residual"}
     a, _ = spectrim.compress(model, padded, **cfg)

@@ -27,7 +27,7 @@ reaches outside the chain (e.g. a stem convolution) leaves the whole-model pass 
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,6 +214,7 @@ def blockwise_correct(
     channels_last: bool = False,
     reselect: Collection[int] | Mapping[int, Select] = (),
     fit: str = "inputs",
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction block by block.
 
@@ -225,7 +226,7 @@ def blockwise_correct(
         plan: :func:`plan_blocks`'s blocks.
         contributes: whether this process's ``batches`` count (a rank that holds none
             passes one batch and ``False``, as for the whole-model pass).
-        exact, refit, team, channels_last, reselect, fit: as for
+        exact, refit, team, channels_last, reselect, fit, warn: as for
             :func:`~spectrim.calibration.sequential.sequential_correct`.
         calls: per batch, every chain module's arguments as the calibration pass kept
             them (``Collected.calls``; the first module's input included); ``None``: one
@@ -338,6 +339,7 @@ def blockwise_correct(
             ),
             fit=fit,
             partners=partners,
+            warn=warn,
         )
         keep.update(k)
         folds.update(f)

@@ -37,10 +37,12 @@ from spectrim.calibration.collect import Collected, group_view, whole_axis
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.calibration.outputs import (
     FITS,
+    MIN_ROWS_PER_UNKNOWN,
     Partner,
     consumer_rows,
     output_rows,
     residual_partners,
+    rows_of,
     set_unfolded_weight,
     supports_output_fit,
 )
@@ -240,6 +242,7 @@ def sequential_correct(
     fit: str = "inputs",
     original: nn.Module | None = None,
     partners: Mapping[str, Sequence[Partner]] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -297,6 +300,9 @@ def sequential_correct(
         partners: instead of ``original``, those operands already found, per consumer
             and per item of ``batches`` (:func:`~spectrim.calibration.outputs.residual_partners`;
             the block-by-block pass finds them on its copy of each original block).
+        warn: receives a line for each consumer that keeps the interpolation because its
+            output fit would have fewer than
+            :data:`~spectrim.calibration.outputs.MIN_ROWS_PER_UNKNOWN` rows per unknown.
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit, and the kept
@@ -447,13 +453,32 @@ def sequential_correct(
         folds[gi].pop(name, None)  # no channel interpolation at this consumer
         return b, sel
 
+    def enough_rows(name: str, module: nn.Module, xs: list[torch.Tensor]) -> bool:
+        """Whether consumer ``name``'s output fit has enough rows (over all processes)
+        for its unknowns; else it keeps the interpolation (and ``warn`` hears why)."""
+        ((gi, _),) = per_module[name]
+        k = width[gi] if gi in width else len(keep[gi])
+        weight = orig_w[name]
+        unknowns = k * int(weight[0, 0].numel()) + (getattr(module, "bias", None) is not None)
+        rows = int(team.total(sum(rows_of(module, x) for x in xs) if contributes else 0))
+        if rows >= MIN_ROWS_PER_UNKNOWN * unknowns:
+            return True
+        if warn is not None:
+            warn(
+                f"'{name}' keeps the channel interpolation: its output fit would have "
+                f"{rows} calibration rows for {unknowns} unknowns per output (fewer than "
+                f"{MIN_ROWS_PER_UNKNOWN} per unknown; more calibration data or a larger "
+                "sequential_fraction lifts it)"
+            )
+        return False
+
     def fold(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
         done.add(name)
         applied = []
         zeroed: list[np.ndarray] = []  # columns of reselected groups' dropped channels
         # a consumer refitted on its outputs needs the channel pass only to select
-        own_fit = name in eligible
+        own_fit = name in eligible and enough_rows(name, module, xs)
         selects = any(gi in chosen for gi, _ in per_module[name])
         for gi, positions in per_module[name] if not own_fit or selects else []:
             m = analysis.groups[gi].width
