@@ -26,6 +26,10 @@ SCENARIOS = {
     # a weight-sparsification method, matrix by matrix on the compressed prefix
     "obs": {"method": "obs", "target": "sparsity=0.5"},
     "fail": {"method": "id", "target": "macs=0.5"},
+    # channels and weights on one budget: the weight curves' Grams summed over ranks,
+    # rank 0's widths and densities, then both stages as above (at params=0.4 the
+    # allocation depends on those Grams: without the sum, rank 0 alone chooses otherwise)
+    "joint": {"method": "id+obs", "target": "params=0.4"},
     # the three 64-wide groups selected from randomized sketches of 32 rows (the sketch
     # thresholds lowered to ResNet-20's widths below)
     "sketch": {"method": "id", "target": "macs=0.5", "stats_memory": 90000},

@@ -158,6 +158,7 @@ def joint_run(
         sums=walgo.needs_mean,
         progress=ctx.wrap(len(batches), "weight statistics", unit="batch"),
     )
+    ctx.team.reduce(grams0)  # several processes: the whole calibration set's Grams
     wcurves, _, _ = weight_curves(walgo, names, by_name, weights0, grams0, ctx)
     # matrices without a Gram (grouped convs) stay dense but still count in the budget
     del grams0
@@ -178,6 +179,7 @@ def joint_run(
         min_width=cfg.min_width,
         max_error=cfg.max_error if cfg.on_unreachable == "stop" else None,
     )
+    alloc = ctx.team.broadcast(alloc)  # rank 0's widths and densities on every rank
     if not alloc.reachable:
         message = _unreachable(cfg, alloc, kind)
         if cfg.on_unreachable == "raise":

@@ -102,8 +102,7 @@ def compress(
             process).  Every process calls ``compress`` with the same arguments and the
             same calibration set; each runs the forward passes on its share of the batches,
             the statistics are summed over all of them and every decision is rank 0's
-            (:mod:`spectrim.distributed`).  Every target but a joint
-            ``CHANNEL+WEIGHT`` budget.
+            (:mod:`spectrim.distributed`), a joint ``CHANNEL+WEIGHT`` budget included.
         repair: after compressing, distil ``model`` into the result for a few epochs
             (:func:`spectrim.repair.repair`; a :class:`~spectrim.repair.RepairConfig` or
             its dict, e.g. ``{"epochs": 1}``), on ``repair_data`` (unlabelled batches;
@@ -163,8 +162,6 @@ def compress(
             "repair= distils the original model into the result: it needs the original "
             "untouched (not inplace=True) and one process; call spectrim.repair() yourself"
         )
-    if not team.solo:
-        _check_shared(cfg, then)
     batches = as_batches(calibration)
     info = check_calibration(batches)  # on the whole set, alike on every rank
     source = model  # accelerate's hooks: the model in memory once, on the CPU
@@ -239,19 +236,6 @@ def _devices(
             "it is: leave device unset"
         )
     return home, run_on
-
-
-def _check_shared(cfg: CompressConfig, then: Any) -> None:
-    """What a team of processes cannot share yet, refused on every rank before any work."""
-    if "+" in cfg.method:
-        raise ValueError(
-            "several processes (torch.distributed) compress channels, attention heads, the "
-            "residual width and weights; a joint CHANNEL+WEIGHT budget runs on one process"
-        )
-    if then is not None:
-        _check_shared(
-            then if isinstance(then, CompressConfig) else CompressConfig.from_dict(dict(then)), None
-        )
 
 
 def _method_for(cfg: CompressConfig) -> Method | tuple[Method, Method]:
