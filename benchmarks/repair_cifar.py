@@ -6,7 +6,7 @@ each variant is compressed, then repaired with ``spectrim.repair`` (the same rec
 all, by default: relative MSE to the original's logits, SGD lr 0.01 with a cosine
 schedule, batch 128, BatchNorm statistics re-estimated then kept, random flips and
 shifted crops; the
-``--loss``, ``--lr``, ``--batch-norm`` and ``--augment`` options change it) for ``--epochs`` passes over ``--train`` unlabelled JPEG train
+``--loss``, ``--lr``, ``--batch-norm``, ``--augment`` and ``--features`` options change it) for ``--epochs`` passes over ``--train`` unlabelled JPEG train
 images. Accuracy and agreement with the dense model are measured on the 1000 lossless
 test images before and after, with the wall time of compression and of repair.
 
@@ -81,6 +81,9 @@ def main() -> None:
         "--batch-norm", default="recalibrate", choices=("recalibrate", "freeze", "train")
     )
     ap.add_argument("--augment", default="flip-crop", choices=("none", "flip", "flip-crop"))
+    ap.add_argument(
+        "--features", type=float, default=0.0, help="weight of the block outputs' term (repair)"
+    )
     ap.add_argument("--calib", type=int, default=1000)
     ap.add_argument("--test", type=int, help="evaluate on the first N lossless test images")
     ap.add_argument("--threads", type=int, default=2)
@@ -121,6 +124,7 @@ def main() -> None:
         loss=args.loss,
         batch_norm=args.batch_norm,
         augment=None if args.augment == "none" else args.augment,
+        features=args.features,
     )
     for name, build in _variants(model, calib, args.variants.split(",")).items():
         t = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -35,18 +36,26 @@ def test_repair_brings_a_pruned_resnet20_back_towards_the_original(data_root: Pa
     assert not fixed.training and rep.config["augment"] == "flip-crop"
 
 
-@pytest.mark.parametrize("loss", ["mse", "kl"])
-def test_both_losses_distil_and_labels_are_ignored(loss: str) -> None:
+@pytest.mark.parametrize(
+    ("loss", "optimizer", "lr"), [("mse", "sgd", 0.05), ("kl", "sgd", 0.05), ("mse", "adamw", 0.01)]
+)
+def test_both_losses_and_optimizers_distil_and_labels_are_ignored(
+    loss: str, optimizer: str, lr: float
+) -> None:
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 5)).eval()
     student = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5))
     data = [(torch.randn(32, 6), torch.randint(0, 5, (32,))) for _ in range(10)]
-    cfg = spectrim.RepairConfig(epochs=6, lr=0.05, loss=loss)
+    cfg = spectrim.RepairConfig(epochs=6, lr=lr, loss=loss, optimizer=optimizer)
     _, rep = spectrim.repair(student, teacher, data, cfg)
     assert rep.steps == 60 and rep.loss_last < 0.6 * rep.loss_first, rep.loss_curve
 
 
-def test_hugging_face_outputs_and_dict_batches() -> None:
+def test_hugging_face_outputs_padded_dict_batches_and_no_dropout() -> None:
+    """A BERT's ``last_hidden_state`` is distilled on padded dict batches: the first
+    step's loss is the relative error over the real tokens alone (brute force, the
+    padded positions changed by nothing), the student runs without its dropout (the
+    same loss on every seed), and the loss falls."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
@@ -55,10 +64,66 @@ def test_hugging_face_outputs_and_dict_batches() -> None:
     )  # fmt: skip
     teacher = transformers.BertModel(cfg).eval()
     ids = torch.randint(1, 60, (64, 10))
-    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(16)]
-    small, _ = spectrim.compress(teacher, batches, "l1", "width=0.5")
-    _, rep = spectrim.repair(small, teacher, batches, {"epochs": 8, "lr": 0.05})
-    assert rep.loss_last < rep.loss_first
+    mask = torch.ones_like(ids)
+    mask[::2, 6:] = 0
+    batches = [{"input_ids": i, "attention_mask": m} for i, m in zip(ids.split(16), mask.split(16))]
+    small, _ = spectrim.compress(teacher, batches, "l1", "width=0.25")
+    with torch.no_grad():  # a random BERT's FFN adds little: damage the student more
+        for p in small.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        b = batches[0]
+        real = b["attention_mask"].bool()
+        s, t = small(**b).last_hidden_state[real], teacher(**b).last_hidden_state[real]
+        want = float((s - t).pow(2).sum() / t.pow(2).sum())
+    firsts = [
+        spectrim.repair(small, teacher, batches[:1], {"steps": 1, "seed": seed})[1].loss_first
+        for seed in (0, 1)
+    ]
+    assert firsts == pytest.approx([want, want], rel=1e-5) and want > 0.01
+    _, rep = spectrim.repair(small, teacher, batches, {"epochs": 8, "lr": 0.01})
+    assert rep.loss_last < 0.8 * rep.loss_first, rep.loss_curve
+
+
+class _Block(nn.Module):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(a, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+class _Chain(nn.Module):
+    def __init__(self, widths: list[int]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Block(a, b) for a, b in itertools.pairwise(widths))
+        self.head = nn.Linear(widths[-1], 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_features_add_the_block_outputs_relative_error() -> None:
+    """The first step's loss with ``features=w`` is the output's relative squared error
+    plus ``w`` times the mean over the chain's blocks whose outputs keep their shape
+    (brute force; the narrowed first block is left out), and no hook stays behind."""
+    torch.manual_seed(0)
+    teacher, student = _Chain([6, 10, 8, 8]).eval(), _Chain([6, 4, 8, 8])
+    x = torch.randn(32, 6)
+    _, rep = spectrim.repair(student, teacher, [x], {"steps": 1, "features": 0.5})
+    with torch.no_grad():
+        t1, s1 = teacher.layers[0](x), student.layers[0](x)
+        t2, s2 = teacher.layers[1](t1), student.layers[1](s1)
+        t3, s3 = teacher.layers[2](t2), student.layers[2](s2)
+        rel = lambda a, b: (a - b).pow(2).sum() / b.pow(2).sum()  # noqa: E731
+        want = rel(student.head(s3), teacher.head(t3)) + 0.5 * (rel(s2, t2) + rel(s3, t3)) / 2
+    assert rep.loss_first == pytest.approx(float(want), rel=1e-5)
+    assert rep.config["features"] == 0.5
+    assert all(not m._forward_hooks for m in [*teacher.modules(), *student.modules()])
+    with pytest.raises(ValueError, match="features=-1"):
+        spectrim.RepairConfig(features=-1)
 
 
 def test_bad_settings_are_refused_by_name() -> None:
@@ -67,6 +132,8 @@ def test_bad_settings_are_refused_by_name() -> None:
         spectrim.RepairConfig(epochs=0)
     with pytest.raises(ValueError, match="loss='l1'"):
         spectrim.RepairConfig(loss="l1")
+    with pytest.raises(ValueError, match="optimizer='adam'"):
+        spectrim.RepairConfig(optimizer="adam")
     with pytest.raises(ValueError, match="unknown option"):
         spectrim.repair(net, net, [torch.randn(4, 3)], {"epoch": 1})
     with pytest.raises(ValueError, match="no data"):

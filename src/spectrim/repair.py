@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.evaluation.metrics import split_batch
 from spectrim.graph.trace import call_model
 
@@ -58,7 +59,9 @@ class RepairConfig:
     Attributes:
         epochs: passes over the data (fractions allowed); ignored when ``steps`` is set.
         steps: optimiser steps (one per batch).
-        lr: peak learning rate (SGD, Nesterov momentum), cosine to zero.
+        lr: peak learning rate, cosine to zero.
+        optimizer: ``"sgd"`` (default; Nesterov momentum) or ``"adamw"`` (``momentum``
+            is its ``β₁``; the usual choice for transformers, at ``lr`` about 1e-4).
         momentum: SGD momentum.
         weight_decay: L2 penalty.
         loss: ``"mse"`` (relative output error) or ``"kl"`` (softened class
@@ -73,18 +76,32 @@ class RepairConfig:
             (``benchmarks/repair_cifar.py --train 12800``, docs/results.md): ``id``
             keeps 84.9% recalibrated and 85.0% frozen; ``l1`` keeps 82.0% recalibrated
             and diverges frozen (its statistics no longer fit its narrower layers).
+        dropout: train with the student's dropout (and other training-mode behaviour,
+            e.g. stochastic depth) switched on; default off: the student runs in
+            evaluation mode but for BatchNorm, and matches the teacher's outputs as
+            they are.  On all-MiniLM-L6-v2 its 10% dropout alone puts the relative
+            error of the outputs at about 0.29 (``benchmarks/repair_minilm.py``).
+        features: weight of a second term, the relative MSE of the outputs of the
+            model's chain of blocks (``calibration.blocks.find_chain``: a ResNet's
+            residual blocks, a transformer's layers) averaged over the blocks whose
+            outputs keep their shape; ``0`` (default): the outputs alone.  The blocks
+            give every stage of the student its own target, not only what reaches the
+            logits.
         seed: batch order and augmentation.
     """
 
     epochs: float = 1.0
     steps: int | None = None
     lr: float = 0.01
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
     loss: str = "mse"
     temperature: float = 4.0
     augment: str | None = None
     batch_norm: str = "recalibrate"
+    dropout: bool = False
+    features: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,6 +111,8 @@ class RepairConfig:
             raise ValueError(f"repair: steps={self.steps!r} must be a positive integer")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"repair: lr={self.lr!r} must be a positive number")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"repair: optimizer={self.optimizer!r} must be 'sgd' or 'adamw'")
         if self.loss not in _LOSSES:
             raise ValueError(f"repair: loss={self.loss!r} must be one of {', '.join(_LOSSES)}")
         if self.augment not in _AUGMENTS:
@@ -106,6 +125,8 @@ class RepairConfig:
             )
         if not self.temperature > 0:
             raise ValueError(f"repair: temperature={self.temperature!r} must be positive")
+        if not (math.isfinite(self.features) and self.features >= 0):
+            raise ValueError(f"repair: features={self.features!r} must be a number >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,18 +250,77 @@ def recalibrate_batch_norm(model: nn.Module, batches: Sequence[Any], seed: int =
     return len(norms)
 
 
-def _loss(s: torch.Tensor, t: torch.Tensor, cfg: RepairConfig) -> torch.Tensor:
+def _real(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` without the padded positions of a text batch (``(B, T, ...)`` outputs)."""
+    if mask is None or x.dim() < 2:
+        return x
+    return drop_padding(x, mask.to(x.device), x.dim() - 1)[0]
+
+
+def _relative(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+
+
+def _loss(
+    s: torch.Tensor, t: torch.Tensor, cfg: RepairConfig, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     if s.shape != t.shape:
         raise ValueError(
             f"repair: the compressed model's output has shape {tuple(s.shape)}, the "
             f"original's {tuple(t.shape)}"
         )
+    s, t = _real(s, mask), _real(t, mask)
     if cfg.loss == "kl":
         T = cfg.temperature
         logp = F.log_softmax(s.flatten(0, -2) / T, dim=-1)
         q = F.softmax(t.flatten(0, -2) / T, dim=-1)
         return F.kl_div(logp, q, reduction="batchmean") * T * T
-    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+    return _relative(s, t)
+
+
+class _Blocks:
+    """The outputs of the chain's blocks in the teacher and the student, per step."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, x: Any) -> None:
+        from spectrim.calibration.blocks import find_chain
+
+        with torch.no_grad():
+            chain = find_chain(teacher, x)
+        mods = dict(student.named_modules())
+        tmods = dict(teacher.named_modules())
+        self.names = [n for n in chain if n in mods]
+        self.t: dict[str, torch.Tensor] = {}
+        self.s: dict[str, torch.Tensor] = {}
+        self.handles = [
+            m.register_forward_hook(self._keep(n, out))
+            for n in self.names
+            for m, out in ((tmods[n], self.t), (mods[n], self.s))
+        ]
+
+    @staticmethod
+    def _keep(name: str, out: dict[str, torch.Tensor]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, y: Any) -> None:
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            if isinstance(y, torch.Tensor):
+                out[name] = y
+
+        return hook
+
+    def loss(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Mean relative squared error over the blocks whose outputs match in shape
+        (the real tokens' positions only)."""
+        terms = [
+            _relative(_real(s, mask), _real(self.t[n].detach(), mask))
+            for n, s in self.s.items()
+            if n in self.t and s.shape == self.t[n].shape
+        ]
+        self.t.clear()
+        self.s.clear()
+        return torch.stack(terms).mean() if terms else None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def repair(
@@ -291,10 +371,16 @@ def repair(
                 yield batches[i]
 
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
-    )  # fmt: skip
+    opt: torch.optim.Optimizer
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     )
@@ -307,23 +393,32 @@ def repair(
         it = progress(it)
     was_training, teacher_training = student.training, teacher.training
     teacher.eval()
-    student.train()
+    # without dropout (the default) the student computes what the teacher does: every
+    # module in evaluation mode, BatchNorm as batch_norm says
+    student.train(cfg.dropout)
     norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if cfg.batch_norm == "recalibrate" and norms:
         _recalibrate(student, norms, batches if batches is not None else [], g)
-    if cfg.batch_norm in ("freeze", "recalibrate"):
-        for m in norms:
-            m.eval()
+    for m in norms:
+        m.train(cfg.batch_norm == "train")
     losses: list[float] = []
     examples = 0
+    blocks: _Blocks | None = None
     t0 = time.perf_counter()
     try:
         for batch in it:
             x = _augment(split_batch(batch)[0], cfg.augment, g)
+            mask = token_mask(x)  # padded text positions stay out of the loss
+            if cfg.features > 0 and blocks is None:
+                blocks = _Blocks(teacher, student, x)
             with torch.no_grad():
                 t = _output(call_model(teacher, x)).detach()
             s = _output(call_model(student, x))
-            loss = _loss(s, t.to(s.dtype), cfg)
+            loss = _loss(s, t.to(s.dtype), cfg, mask)
+            if blocks is not None:
+                extra = blocks.loss(mask)
+                if extra is not None:
+                    loss = loss + cfg.features * extra
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(
                     f"repair: the loss became {float(loss.detach())} at step {len(losses)}; lower lr "
@@ -336,6 +431,8 @@ def repair(
             losses.append(float(loss.detach()))
             examples += int(t.shape[0]) if t.dim() else 1
     finally:
+        if blocks is not None:
+            blocks.remove()
         student.train(was_training)
         teacher.train(teacher_training)
     student.eval()

@@ -314,7 +314,13 @@ def _repair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     augment = None if args.repair_augment == "none" else args.repair_augment
     out: dict[str, Any] = {
-        "repair": {"epochs": args.repair_epochs, "lr": args.repair_lr, "augment": augment}
+        "repair": {
+            "epochs": args.repair_epochs,
+            "lr": args.repair_lr,
+            "augment": augment,
+            "optimizer": args.repair_optimizer,
+            "features": args.repair_features,
+        }
     }
     if args.repair_data is not None:
         data = load_data(args.repair_data, args.repair_limit, 1, args)

@@ -464,7 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair-limit", type=int, metavar="N", help="use the first N repair images")
     p.add_argument(
         "--repair-lr", type=positive_float, default=0.01, metavar="LR",
-        help="repair learning rate (SGD, cosine to 0; default: %(default)s)",
+        help="repair learning rate (cosine to 0; default: %(default)s; about 1e-4 for adamw)",
+    )  # fmt: skip
+    p.add_argument(
+        "--repair-optimizer", choices=("sgd", "adamw"), default="sgd",
+        help="repair optimiser: SGD with Nesterov momentum (default) or AdamW (transformers)",
+    )  # fmt: skip
+    p.add_argument(
+        "--repair-features", type=float, default=0.0, metavar="W",
+        help="also match the outputs of the model's blocks (residual blocks, transformer "
+        "layers), with weight W (default: 0, the model's outputs alone)",
     )  # fmt: skip
     p.add_argument(
         "--repair-augment",
