@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from scipy.stats import spearmanr
 
 import spectrim
 from sparsify_minilm import (
+    data_root,
     embed,
     fidelity,
     load_minilm,
@@ -72,10 +72,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "minilm_ffn.json"))
     ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(
-        os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-    )
+    root = data_root()
     torch.set_num_threads(args.threads)
     model, tok, train_sents = load_minilm(root)
     sentences = pick_sentences(train_sents, args.calib, args.sample)

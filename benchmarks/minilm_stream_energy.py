@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sparsify_minilm import load_minilm, pick_sentences
+from sparsify_minilm import data_root, load_minilm, pick_sentences
 from spectrim._hidden import stream_grams
 from spectrim.graph.stream import find_stream
 from spectrim.methods.stream import stream_weight_scores
@@ -38,10 +37,7 @@ def main() -> None:
         "--out", default=str(Path(__file__).parent / "results" / "minilm_stream_energy.json")
     )
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(
-        os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-    )
+    root = data_root()
     model, tok, train = load_minilm(root)
     sents = pick_sentences(train, args.calib, "random")
     calib = [

@@ -16,14 +16,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 import spectrim
-from sparsify_minilm import embed, fidelity, load_minilm, pick_sentences, read_genres, read_sts
+from sparsify_minilm import (
+    data_root,
+    embed,
+    fidelity,
+    load_minilm,
+    pick_sentences,
+    read_genres,
+    read_sts,
+)
 from spectrim._hidden import convert_stream, refit_site, with_tied_embeddings
 from spectrim.graph.stream import find_stream
 
@@ -45,10 +52,7 @@ def main() -> None:
     )
     ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(
-        os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-    )
+    root = data_root()
     torch.set_num_threads(args.threads)
     model, tok, train_sents = load_minilm(root)
     sentences = pick_sentences(train_sents, args.calib, "random")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from scipy.stats import spearmanr
 
 import spectrim
 from sparsify_minilm import (
+    data_root,
     embed,
     fidelity,
     load_minilm,
@@ -67,10 +67,7 @@ def main() -> None:
     )
     ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(
-        os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-    )
+    root = data_root()
     torch.set_num_threads(args.threads)
     options = parse_options(args.set)
     model, tok, train_sents = load_minilm(root)

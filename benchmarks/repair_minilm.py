@@ -19,7 +19,6 @@ Writes ``benchmarks/results/repair_minilm.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 import spectrim
 from _results import save_result
 from sparsify_minilm import (
+    data_root,
     embed,
     fidelity,
     load_minilm,
@@ -70,10 +70,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "repair_minilm.json"))
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(
-        os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-    )
+    root = data_root()
     torch.set_num_threads(args.threads)
     model, tok, pool = load_minilm(root)
     sentences = pick_sentences(pool, args.calib + args.extra, "random")

@@ -136,6 +136,15 @@ def pick_sentences(sentences: list[str], n: int, sample: str, seed: int = 0) -> 
     return [sentences[int(i)] for i in order[:n]]
 
 
+def data_root() -> Path:
+    """``$SPECTRIM_DATA`` (default: ``../shared/data`` next to the checkout), with the
+    Hugging Face hub offline: the model is the installed package's copy."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return Path(
+        os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
+
+
 def load_minilm(root: Path) -> tuple[Any, Any, list[str]]:
     """The real all-MiniLM-L6-v2 (model in eval mode, tokenizer) and the unique sts-train
     sentences in file order (the calibration pool)."""
@@ -172,10 +181,7 @@ def main() -> None:
     )
     ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(
-        os.environ.get("SPECTRIM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-    )
+    root = data_root()
     torch.set_num_threads(args.threads)
     model, tok, train_sents = load_minilm(root)
     calib_sents = sorted(
