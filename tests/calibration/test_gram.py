@@ -333,6 +333,30 @@ def test_exact_update_activation_in_example_chunks(
     torch.testing.assert_close(acc.y_sq_sums, (ry * ry).sum(0), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_non_finite_y_is_refused_whatever_vouches_for_it(exact: bool) -> None:
+    """A NaN or inf in ``y`` (rows or an activation), or finite ``y`` whose float32 cross
+    products overflow, is refused and leaves no trace; huge finite products that fit are
+    accepted (the check reads ``y``'s column norms first, the products only when those
+    cannot rule out an overflow)."""
+    acc = GramAccumulator(3, cross_dim=2, exact=exact)
+    acc.update(torch.ones(4, 3), torch.ones(4, 2))
+    for value in (float("nan"), float("inf")):
+        y = torch.ones(4, 2)
+        y[1, 0] = value
+        with pytest.raises(ValueError, match="y contains non-finite"):
+            acc.update(torch.ones(4, 3), y)
+        with pytest.raises(ValueError, match="y contains non-finite"):
+            acc.update_activation(torch.ones(1, 3, 2, 2), 1, y.T.reshape(1, 2, 2, 2))
+    big = torch.full((4, 2), 3e19)  # ‖y‖² overflows float32, x·y does not
+    acc.update(torch.ones(4, 3), big)
+    assert acc.count == 8 and float(acc.cross[0, 0]) == pytest.approx(4 + 4 * 3e19)
+    if not exact:  # x·y = 4·1e18·1e20 overflows float32
+        with pytest.raises(ValueError, match="y contains non-finite"):
+            acc.update(torch.full((4, 3), 1e18), torch.full((4, 2), 1e20))
+        assert acc.count == 8
+
+
 def test_update_activation_channels_last_and_errors() -> None:
     x = torch.randn(2, 7, 5)  # (batch, tokens, features): channel axis last
     acc = GramAccumulator(5)

@@ -32,6 +32,8 @@ import torch
 __all__ = ["GramAccumulator", "Products", "rows_from_activation"]
 
 _EXACT_CHUNK_BYTES = 4 << 20  # float64 working set per product in exact mode
+#: (half of float32's largest value)²: a bound on cross products that none can exceed
+_SAFE_BOUND = (float(torch.finfo(torch.float32).max) / 2) ** 2
 #: default bound on the float32 products held at once (per-example or per-chunk blocks)
 SCRATCH_BYTES = 256 << 20
 
@@ -399,13 +401,13 @@ class GramAccumulator:
         xr = xr.to(device=self.device, dtype=cdt)
         with _no_tf32(self.device):
             out = self._scratch("g", n, cdt)
-            gram = torch.bmm(xr, xr.transpose(1, 2), out=out).sum(0, dtype=f64)
+            gram = _f64_sum(torch.bmm(xr, xr.transpose(1, 2), out=out))
             sums = xr.sum(2).sum(0, dtype=f64) if self.track_sums else None
             cross = y_sums = y_sq = None
             if yr is not None:
                 yr = yr.to(device=self.device, dtype=cdt)
                 out = self._scratch("c", n, cdt)
-                cross = torch.bmm(xr, yr.transpose(1, 2), out=out).sum(0, dtype=f64)
+                cross = _f64_sum(torch.bmm(xr, yr.transpose(1, 2), out=out))
                 y_sums = yr.sum(2).sum(0, dtype=f64) if self.track_sums else None
                 y_sq = torch.linalg.vector_norm(yr, dim=2).to(f64).square().sum(0)
         return Products(n * spatial, gram, sums, cross, y_sums, y_sq)
@@ -446,7 +448,14 @@ class GramAccumulator:
         # (a non-finite entry of a column reaches that column's diagonal entry).
         if not bool(torch.isfinite(gram.diagonal()).all()):
             raise ValueError("x contains non-finite values (NaN or inf)")
-        if cross is not None and not bool(torch.isfinite(cross).all()):
+        # |cross_ij| ≤ √(gram_ii · y_sq_j) (Cauchy–Schwarz): with that bound below half of
+        # float32's largest value no cross entry can be infinite (and a NaN in y makes its
+        # y_sq NaN, failing the test); the (large) cross products are read only otherwise
+        if (
+            cross is not None
+            and not (y_sq is not None and bool(y_sq.max() * gram.diagonal().max() < _SAFE_BOUND))
+            and not bool(torch.isfinite(cross).all())
+        ):
             raise ValueError("y contains non-finite values (NaN or inf)")
         self._gram += gram
         if sums is not None and self._sums is not None:
@@ -655,6 +664,14 @@ class _no_tf32:
     def __exit__(self, *exc: object) -> None:
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def _f64_sum(t: torch.Tensor) -> torch.Tensor:
+    """The float64 sum of ``(n, a, b)`` per-chunk products over ``n``, a new tensor (a
+    plain conversion for one chunk: the reduction kernel costs 2.5× as much for the same
+    result)."""
+    # a copy even when t is float64 already: t is a scratch buffer the next batch reuses
+    return t[0].to(torch.float64, copy=True) if t.shape[0] == 1 else t.sum(0, dtype=torch.float64)
 
 
 def _sum_products(parts: list[Products]) -> Products:
