@@ -134,6 +134,8 @@ def test_bad_settings_are_refused_by_name() -> None:
         spectrim.RepairConfig(loss="l1")
     with pytest.raises(ValueError, match="optimizer='adam'"):
         spectrim.RepairConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="dropout='yes'"):
+        spectrim.RepairConfig(dropout="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown option"):
         spectrim.repair(net, net, [torch.randn(4, 3)], {"epoch": 1})
     with pytest.raises(ValueError, match="no data"):
