@@ -99,6 +99,18 @@ def test_set_unfolded_weight_round_trips_and_checks_the_shape() -> None:
         set_unfolded_weight(conv, w[:, :27])
 
 
+def test_set_unfolded_weight_never_writes_into_the_tensors_the_module_held() -> None:
+    """A failed ``inplace=True`` run is undone by putting the module's old tensors back,
+    so a fit must leave them as they were (it wrote into the bias once)."""
+    conv = nn.Conv2d(3, 2, 3).to(memory_format=torch.channels_last)
+    weight, bias = conv.weight.data, conv.bias.data
+    old_w, old_b = weight.clone(), bias.clone()
+    set_unfolded_weight(conv, np.ones((2, 28)))
+    assert torch.equal(weight, old_w) and torch.equal(bias, old_b)
+    assert bool((conv.weight == 1).all()) and bool((conv.bias == 1).all())
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # the layout kept
+
+
 class _Block(nn.Module):
     """conv → BN → dropout → (+ x) → ReLU, and a second consumer whose output is
     rectified before any addition."""

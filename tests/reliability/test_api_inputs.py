@@ -153,8 +153,10 @@ def test_predicted_error_is_never_optimistic_zero(digits) -> None:
     assert fc1.predicted_error > 1.2 * in_sample > 0
 
 
-def test_inplace_failure_restores_the_model(digits, monkeypatch, state_hash) -> None:
-    """A run that fails after the surgery leaves an inplace model exactly as it was."""
+@pytest.mark.parametrize("fit", ["inputs", "residual"])
+def test_inplace_failure_restores_the_model(digits, monkeypatch, state_hash, fit) -> None:
+    """A run that fails after the surgery leaves an inplace model exactly as it was (the
+    output fits once wrote into a consumer's bias, which the surgery had kept)."""
     import spectrim._prune as api
 
     x = digits[1]
@@ -170,7 +172,7 @@ def test_inplace_failure_restores_the_model(digits, monkeypatch, state_hash) -> 
 
     monkeypatch.setattr(api, "sequential_correct", fail_after)
     with pytest.raises(RuntimeError, match="disk full"):
-        spectrim.compress(net, x, target="macs=0.5", inplace=True)
+        spectrim.compress(net, x, target="macs=0.5", inplace=True, sequential_fit=fit)
     assert state_hash(net) == before
     assert {n: p.stride() for n, p in net.named_parameters()} == strides
     assert net.conv2.in_channels == 32 and net.fc1.out_features == 128 and not net.training

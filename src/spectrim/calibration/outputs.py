@@ -163,9 +163,13 @@ def set_unfolded_weight(
         full = new.new_zeros(out, inputs, taps)
         full[:, channels.to(full.device)] = new.reshape(out, len(channels), taps)
         new = full
-    weight.data.copy_(new.reshape(weight.shape))
+    # fresh storage, never a write into the tensors the module holds: surgery keeps a
+    # consumer's bias (and an unsliced weight) as they were, and ``inplace=True`` undoes a
+    # failed run by putting those tensors back (graph.surgery.ModuleSnapshot)
+    weight.data = torch.empty_like(weight.data).copy_(new.reshape(weight.shape))
     if bias is not None:
-        bias.data.copy_(torch.as_tensor(w[:, cols], dtype=bias.dtype, device=bias.device))
+        fitted = torch.as_tensor(w[:, cols], dtype=bias.dtype, device=bias.device)
+        bias.data = torch.empty_like(bias.data).copy_(fitted)
 
 
 # --------------------------------------------------------------------------- partners
