@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import spectrim
+from _results import compress
 from spectrim.evaluation import evaluate
 from spectrim.evaluation.flops import profile
 from spectrim.zoo import load_dataset, load_pretrained
@@ -120,8 +120,8 @@ def main() -> None:
         variants = [
             ("tp-global l1", lambda w=width: _tp_prune(model, 1 - w, internal_only=False)),
             ("tp-internal l1", lambda w=width: _tp_prune(model, 1 - w, internal_only=True)),
-            ("spectrim l1", lambda w=width: spectrim.compress(model, calib, "l1", f"width={w}")[0]),
-            ("spectrim id", lambda w=width: spectrim.compress(model, calib, "id", f"width={w}")[0]),
+            ("spectrim l1", lambda w=width: compress(model, calib, "l1", f"width={w}")[0]),
+            ("spectrim id", lambda w=width: compress(model, calib, "id", f"width={w}")[0]),
         ]
         for name, build in variants:
             row = {"width": width, **_run(name, build, model, test)}

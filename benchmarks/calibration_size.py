@@ -24,8 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import spectrim
-from _results import save_result
+from _results import compress, save_result
 from spectrim.evaluation import evaluate
 from spectrim.zoo import load_dataset, load_pretrained
 
@@ -66,7 +65,7 @@ def main() -> None:
             for method in args.methods.split(","):
                 for fraction in (float(f) for f in args.fractions.split(",")):
                     t = time.perf_counter()
-                    small, report = spectrim.compress(
+                    small, report = compress(
                         model, calib, method, args.target, sequential_fraction=fraction
                     )
                     seconds = time.perf_counter() - t

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-import spectrim
+from _results import compress
 from spectrim.zoo import load_dataset, load_pretrained
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
@@ -62,7 +62,7 @@ def main() -> None:
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
     out = {}
     for method, target in RUNS:
-        small, report = spectrim.compress(model, calib, method, target)
+        small, report = compress(model, calib, method, target)
         out[f"{method} {target}"] = {
             "sha256": fingerprint(small),
             "macs_ratio": report.macs_ratio,

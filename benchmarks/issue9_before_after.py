@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import spectrim
+from _results import compress
 from spectrim.io import load_compressed, save_compressed
 from spectrim.zoo import CifarResNet, get_model, train_digits_cnn
 
@@ -55,7 +55,7 @@ def run() -> dict[str, Any]:
     out: dict[str, Any] = {}
     torch.manual_seed(0)
     net = Shared().eval()
-    small, rep = spectrim.compress(net, torch.randn(256, 8), target="error=0")
+    small, rep = compress(net, torch.randn(256, 8), target="error=0")
     out["1 tied weights: params before, after, still tied"] = [
         rep.params_before,
         rep.params_after,
@@ -82,7 +82,7 @@ def run() -> dict[str, Any]:
     model, train, test = train_digits_cnn(seed=0)
     xt, yt = test.tensors
     for n in (3, 1):
-        s, r = spectrim.compress(model, train.tensors[0][:n], target="error=0")
+        s, r = compress(model, train.tensors[0][:n], target="error=0")
         with torch.no_grad():
             acc = float((s(xt).argmax(1) == yt).float().mean())
         out[f"6 digits, calib {n}, error=0: accuracy, warnings"] = [round(acc, 3), len(r.warnings)]
@@ -90,7 +90,7 @@ def run() -> dict[str, Any]:
     x = train.tensors[0][:300].clone()
     x[0, 0, 3, 3] = float("nan")
     try:
-        _, r = spectrim.compress(model, x)
+        _, r = compress(model, x)
         pinned = sum(1 for g in r.groups if g.pinned)
         out["7 NaN in example 0"] = f"returned, {pinned} groups pinned, NaN named: " + str(
             any("NaN" in w for w in r.warnings)
@@ -100,14 +100,14 @@ def run() -> dict[str, Any]:
 
     torch.manual_seed(0)
     resnet = CifarResNet(8, width=8).eval()
-    _, r = spectrim.compress(resnet, torch.randn(64, 3, 16, 16), target="macs=0.01")
+    _, r = compress(resnet, torch.randn(64, 3, 16, 16), target="macs=0.01")
     out["8 unreachable macs=0.01: prunable widths, unreachable warned"] = [
         [g.width_after for g in r.groups if g.pinned is None],
         any("unreachable" in w for w in r.warnings),
     ]
 
     try:
-        spectrim.compress(model, train.tensors[0][:300], ridge="abc")
+        compress(model, train.tensors[0][:300], ridge="abc")
         out["9 ridge='abc'"] = "ran"
     except Exception as exc:
         out["9 ridge='abc'"] = _error(exc)

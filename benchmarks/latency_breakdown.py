@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import spectrim
 from spectrim.evaluation import compare_latency
 from spectrim.evaluation.latency import module_latencies
 from spectrim.zoo import load_dataset, load_pretrained
@@ -40,7 +39,7 @@ SMOKE = ["--model", "resnet20-cifar10", "--calib", "64", "--round-to", "8", "--b
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _results import save_result  # noqa: E402
+from _results import compress, save_result  # noqa: E402
 
 KINDS = ("conv1", "bn1", "conv2", "bn2", "stem", "fc", "other")
 
@@ -86,7 +85,7 @@ def main() -> None:
     models: dict[str, nn.Module] = {"dense": dense}
     macs: dict[str, float] = {"dense": 1.0}
     for r in args.round_to:
-        small, report = spectrim.compress(dense, x, "id", "macs=0.5", round_to=r)
+        small, report = compress(dense, x, "id", "macs=0.5", round_to=r)
         models[f"id macs=0.5 round_to={r}"] = small
         macs[f"id macs=0.5 round_to={r}"] = report.macs_ratio
     rows: list[dict[str, Any]] = []

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import spectrim
 from spectrim.evaluation import compare_latency
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
@@ -39,7 +38,7 @@ SMOKE = ["--models", "resnet56", "--batches", "1", "--fractions", "0.9", "--cali
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _results import save_result  # noqa: E402
+from _results import compress, save_result  # noqa: E402
 
 #: model -> (batch sizes, latency fractions)
 PLAN: dict[str, tuple[list[int], list[float]]] = {
@@ -82,7 +81,7 @@ def run(
             for f in fractions or PLAN[name][1]:
                 for kind in ("latency", "macs"):
                     t = time.perf_counter()
-                    small, report = spectrim.compress(
+                    small, report = compress(
                         model, x, method, f"{kind}={f}", latency_batch=batch, round_to=round_to
                     )
                     seconds = time.perf_counter() - t

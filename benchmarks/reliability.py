@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import spectrim
+from _results import compress
 from spectrim.io import load_compressed, save_compressed
 from spectrim.zoo import CifarResNet, train_digits_cnn
 
@@ -62,7 +63,7 @@ def digits_cases() -> list[dict[str, Any]]:
     rows = []
     for n in (1, 3, 10, 100, 500):
         for target in ("error=0", "macs=0.5"):
-            small, report = spectrim.compress(model, x[:n], target=target)
+            small, report = compress(model, x[:n], target=target)
             errors = [g.predicted_error for g in report.groups if g.predicted_error is not None]
             rows.append(
                 {
@@ -96,7 +97,7 @@ def tied_case() -> dict[str, Any]:
     torch.manual_seed(0)
     net = SharedMLP().eval()
     x = torch.randn(256, 8)
-    small, report = spectrim.compress(net, x, target="error=0")
+    small, report = compress(net, x, target="error=0")
     with tempfile.TemporaryDirectory() as tmp:
         save_compressed(small, Path(tmp) / "o", report)
         loaded = load_compressed(Path(tmp) / "o", base_model=SharedMLP())
@@ -119,7 +120,7 @@ def unreachable_cases() -> list[dict[str, Any]]:
         ref = model(fresh)
     rows = []
     for policy in ("stop", "force"):
-        small, report = spectrim.compress(model, x, target="macs=0.01", on_unreachable=policy)
+        small, report = compress(model, x, target="macs=0.01", on_unreachable=policy)
         with torch.no_grad():
             _, err = _fidelity(ref, small(fresh))
         rows.append(
@@ -170,7 +171,7 @@ def heldout_cases() -> list[dict[str, Any]]:
     rows = []
     for name, model, x, fresh in _heldout_models():
         t = time.perf_counter()
-        small, report = spectrim.compress(model, x, target="macs=0.7")
+        small, report = compress(model, x, target="macs=0.7")
         norm, err = _fidelity(_logits(model, fresh), _logits(small, fresh))
         rows.append(
             {

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 import spectrim
+from _results import compress
 from spectrim.evaluation import evaluate
 from spectrim.evaluation.flops import profile
 from spectrim.zoo import load_dataset, load_pretrained
@@ -56,10 +57,10 @@ def _variants(model: nn.Module, calib: torch.Tensor, which: list[str]) -> dict[s
     from anchor_torch_pruning import _tp_prune
 
     table = {
-        "spectrim id macs=0.5": lambda: spectrim.compress(model, calib, "id", "macs=0.5")[0],
-        "spectrim id width=0.5": lambda: spectrim.compress(model, calib, "id", "width=0.5")[0],
-        "spectrim l1 width=0.5": lambda: spectrim.compress(model, calib, "l1", "width=0.5")[0],
-        "spectrim spectral macs=0.5 residual": lambda: spectrim.compress(
+        "spectrim id macs=0.5": lambda: compress(model, calib, "id", "macs=0.5")[0],
+        "spectrim id width=0.5": lambda: compress(model, calib, "id", "width=0.5")[0],
+        "spectrim l1 width=0.5": lambda: compress(model, calib, "l1", "width=0.5")[0],
+        "spectrim spectral macs=0.5 residual": lambda: compress(
             model, calib, "spectral", "macs=0.5", sequential_fit="residual"
         )[0],
         "tp l1 width=0.5": lambda: _tp_prune(model, 0.5, internal_only=True),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-import spectrim
+from _results import compress
 from spectrim.evaluation import compare_latency, evaluate
 from spectrim.zoo import load_dataset, load_pretrained
 
@@ -99,9 +99,7 @@ def main() -> None:
             for _ in range(max(args.repeats, 1)):  # interleaved: same machine state for both
                 fwd_runs.append(plain_forward_seconds(model, calib, 64))
                 cl_runs.append(plain_forward_seconds(model_cl, calib_cl, 64))
-                small, report = spectrim.compress(
-                    model, calib, method=method, target=target, **extra
-                )
+                small, report = compress(model, calib, method=method, target=target, **extra)
                 compress_runs.append(report.seconds)
             fwd_now, seconds = min(fwd_runs), min(compress_runs)
             res = evaluate(small, test, reference=model)

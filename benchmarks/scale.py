@@ -97,7 +97,7 @@ def _forward_seconds(model: nn.Module, batches: list[torch.Tensor]) -> float:
 
 def wide_one(m: int, n: int, device: str = "cpu") -> dict[str, Any]:
     """One wide-MLP configuration in this process."""
-    import spectrim
+    from _results import compress
 
     model = _wide_model(m)
     batches = list(_wide_inputs(n).split(256))
@@ -107,7 +107,7 @@ def wide_one(m: int, n: int, device: str = "cpu") -> dict[str, Any]:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    small, report = spectrim.compress(model, batches, "id", "macs=0.5", device=device)
+    small, report = compress(model, batches, "id", "macs=0.5", device=device)
     total = time.perf_counter() - t
     out: dict[str, Any] = {
         "m": m,
@@ -166,14 +166,14 @@ def part_wide(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def sketch_one(m: int, n: int, share: float) -> dict[str, Any]:
     """The wide MLP with ``stats_memory`` = ``share`` of its exact Grams (1: exact)."""
-    import spectrim
+    from _results import compress
 
     model = _wide_model(m)
     batches = list(_wide_inputs(n).split(256))
     exact_bytes = 2 * 8 * m * m  # two wide groups, one consumer each (the output is pinned)
     budget = int(share * exact_bytes) if share < 1 else 1 << 40
     t = time.perf_counter()
-    small, report = spectrim.compress(model, batches, "id", "macs=0.5", stats_memory=budget)
+    small, report = compress(model, batches, "id", "macs=0.5", stats_memory=budget)
     total = time.perf_counter() - t
     with torch.no_grad():
         x = _wide_inputs(1024, seed=7)
@@ -307,7 +307,7 @@ def _minilm(
 def blocks_one(which: str, blockwise: bool, calib: int, out: str) -> dict[str, Any]:
     """One model compressed with the whole-model or the block-by-block sequential pass;
     its outputs on held-out inputs saved to ``out``."""
-    import spectrim
+    from _results import compress
 
     if which == "resnet56":
         from spectrim.zoo import load_dataset, load_pretrained
@@ -320,7 +320,7 @@ def blocks_one(which: str, blockwise: bool, calib: int, out: str) -> dict[str, A
         model, batches, held = _minilm(calib)
         target = "width=0.5"
     t = time.perf_counter()
-    small, report = spectrim.compress(
+    small, report = compress(
         model, batches, "id", target, sequential_fraction=1.0, blockwise=blockwise
     )
     total = time.perf_counter() - t
@@ -401,7 +401,7 @@ def offload_one(mode: str, folder: str, out: str) -> dict[str, Any]:
     block by block; its output on one batch saved to ``out``."""
     from transformers import BertModel
 
-    import spectrim
+    from _results import compress
 
     where: dict[str, Any] = {}
     if mode == "disk":
@@ -413,7 +413,7 @@ def offload_one(mode: str, folder: str, out: str) -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(1000, 20000, (16, 64), generator=g)} for _ in range(4)]
     t = time.perf_counter()
-    small, report = spectrim.compress(
+    small, report = compress(
         model, batches, "id", "width=0.5", blockwise=True, inplace=mode == "memory-inplace"
     )
     total = time.perf_counter() - t
@@ -475,7 +475,7 @@ def _resnet_batches(limit: int) -> list[torch.Tensor]:
 def procs_worker(rank: int, world: int, init: str, out: str, calib: int) -> None:
     import torch.distributed as dist
 
-    import spectrim
+    from _results import compress
     from spectrim.zoo import load_pretrained
 
     torch.set_num_threads(1)
@@ -484,7 +484,7 @@ def procs_worker(rank: int, world: int, init: str, out: str, calib: int) -> None
     model = load_pretrained("resnet56-cifar10").eval()
     batches = _resnet_batches(calib)
     t = time.perf_counter()
-    small, report = spectrim.compress(model, batches, "id", "macs=0.5")
+    small, report = compress(model, batches, "id", "macs=0.5")
     wall = time.perf_counter() - t
     if rank == 0:
         torch.save(
@@ -538,7 +538,7 @@ def part_procs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_device(args: argparse.Namespace) -> dict[str, Any]:
-    import spectrim
+    from _results import compress
     from spectrim.zoo import load_dataset, load_pretrained
 
     if not torch.cuda.is_available():
@@ -551,11 +551,11 @@ def part_device(args: argparse.Namespace) -> dict[str, Any]:
     preds = {}
     for dev in ("cpu", "cuda"):
         for method in ("id", "spectral"):
-            spectrim.compress(model, batches[:2], method, "macs=0.5", device=dev)  # warm-up
+            compress(model, batches[:2], method, "macs=0.5", device=dev)  # warm-up
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            small, report = spectrim.compress(model, batches, method, "macs=0.5", device=dev)
+            small, report = compress(model, batches, method, "macs=0.5", device=dev)
             wall = time.perf_counter() - t
             with torch.no_grad():
                 preds[(dev, method)] = small(test).argmax(1)

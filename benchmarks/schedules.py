@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import spectrim
 from spectrim.evaluation import evaluate
 from spectrim.evaluation.flops import profile
 from spectrim.zoo import load_dataset, load_pretrained
@@ -40,7 +39,7 @@ SMOKE = ["--model", "resnet20-cifar10", "--calib", "64", "--test", "64", "--step
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _results import save_result  # noqa: E402
+from _results import compress, save_result  # noqa: E402
 
 
 def _macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -53,7 +52,7 @@ def iterative(dense: nn.Module, x: torch.Tensor, goal: float, step: float) -> tu
     current = full
     while current > goal * full * (1 + 1e-3):
         want = max(current * (1 - step), goal * full)
-        model, _ = spectrim.compress(model, x, "id", f"macs={want / current:.6f}")
+        model, _ = compress(model, x, "id", f"macs={want / current:.6f}")
         now = _macs(model, x)
         steps += 1
         if now >= current:  # nothing left the allocator may take
@@ -67,12 +66,12 @@ def uniform(dense: nn.Module, x: torch.Tensor, goal: float) -> tuple[nn.Module, 
     lo, hi = 0.05, 1.0
     for _ in range(12):  # the widths, found with l1 (no statistics: the same shapes)
         mid = (lo + hi) / 2
-        small, _ = spectrim.compress(dense, x, "l1", f"width={mid:.4f}")
+        small, _ = compress(dense, x, "l1", f"width={mid:.4f}")
         if _macs(small, x) > goal * full:
             hi = mid
         else:
             lo = mid
-    small, _ = spectrim.compress(dense, x, "id", f"width={lo:.4f}")
+    small, _ = compress(dense, x, "id", f"width={lo:.4f}")
     return small, lo
 
 
@@ -95,7 +94,7 @@ def main() -> None:
     full = _macs(dense, x)
     rows: list[dict[str, Any]] = []
     runs = {
-        "one-pass": lambda: (spectrim.compress(dense, x, "id", f"macs={args.macs}")[0], {}),
+        "one-pass": lambda: (compress(dense, x, "id", f"macs={args.macs}")[0], {}),
         "iterative": lambda: (lambda m, n: (m, {"steps": n}))(
             *iterative(dense, x, args.macs, args.step)
         ),

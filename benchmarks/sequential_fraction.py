@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import spectrim
+from _results import compress
 from spectrim.evaluation import evaluate
 from spectrim.zoo import load_dataset, load_pretrained
 
@@ -62,7 +62,7 @@ def main() -> None:
             else pool[: args.calib]
         )
         for f in fractions:
-            small, report = spectrim.compress(
+            small, report = compress(
                 model, calib, method=args.method, target=args.target, sequential_fraction=f
             )
             acc[f].append(evaluate(small, test).accuracy)

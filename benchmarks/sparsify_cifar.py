@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import spectrim
+from _results import compress
 from spectrim.evaluation import evaluate
 from spectrim.zoo import load_dataset, load_pretrained
 
@@ -116,14 +117,12 @@ def fixed_split(
 
     opts = {k: v for k, v in options.items() if k != "macs"}
     t = time.perf_counter()
-    small, r1 = spectrim.compress(model, calib, "id", f"macs={options['macs']}")
+    small, r1 = compress(model, calib, "id", f"macs={options['macs']}")
     rho = weight_nonzeros(small) / weight_nonzeros(model)
     s2 = 1.0 - (1.0 - sparsity) / rho
     if s2 < 0:
         raise ValueError(f"macs={options['macs']} keeps {rho:.3f} of the weights: too few")
-    small, r2 = spectrim.compress(
-        small, calib, "obs", f"sparsity={s2:.12g}", structured=False, **opts
-    )
+    small, r2 = compress(small, calib, "obs", f"sparsity={s2:.12g}", structured=False, **opts)
     report = merge_reports(r1, r2, nonzeros_before=weight_nonzeros(model))
     report.seconds = time.perf_counter() - t
     return small, report
@@ -170,7 +169,7 @@ def main() -> None:
             if method == "split":
                 small, report = fixed_split(model, calib, float(s), options)
             else:
-                small, report = spectrim.compress(
+                small, report = compress(
                     model, calib, method, f"sparsity={s}", structured=False, **options
                 )
             res = evaluate(small, test, reference=model)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import spectrim
+from _results import compress
 from spectrim.evaluation import evaluate
 from spectrim.zoo import load_dataset, load_pretrained, train_digits_cnn
 
@@ -112,7 +112,7 @@ def main() -> None:
         for target in args.targets.split(","):
             for label, kw in variants:
                 t = time.perf_counter()
-                small, rep = spectrim.compress(model, calib, target=target, **kw)
+                small, rep = compress(model, calib, target=target, **kw)
                 seconds = time.perf_counter() - t
                 ev = evaluate(small, test, reference=model)
                 row = {

@@ -44,6 +44,7 @@ from spectrim.calibration import Collected, collect
 from spectrim.calibration.batches import stack_examples
 from spectrim.calibration.blocks import blockwise_correct, find_chain, plan_blocks
 from spectrim.calibration.checks import CalibrationInfo, rows_per_group
+from spectrim.calibration.outputs import resolve_fit
 from spectrim.calibration.sequential import sequential_correct
 from spectrim.calibration.sketch import default_stats_memory, plan_sketches, sketch_groups_message
 from spectrim.config import CompressConfig, Target, UnreachableTargetError, parse_bytes
@@ -122,6 +123,8 @@ class ChannelRun:
     stream_solver: StreamSolver | None = None
     #: ``blockwise=True``: the chain of blocks the sequential pass runs on (empty: none)
     chain: list[str] = field(default_factory=list)
+    #: the sequential pass's consumer fit (``cfg.sequential_fit`` with ``"auto"`` resolved)
+    fit: str = "inputs"
 
     @property
     def sequential(self) -> bool:
@@ -243,6 +246,11 @@ def collect_stage(state: ChannelRun) -> None:
             )
     state.channels_last = channels_last
     if method.needs_statistics and groups:
+        modules = dict(work.named_modules())
+        state.fit = resolve_fit(
+            cfg.sequential_fit, (modules[c.module] for g in groups for c in g.consumers)
+        )
+        state.report.sequential_fit = state.fit if state.sequential else ""
         share = cfg.sequential_fraction if state.sequential else 0.0
         sketch_rows = _sketch_plan(state)
         if cfg.blockwise and state.sequential:
@@ -643,7 +651,7 @@ def apply_stage(state: ChannelRun) -> None:
         if (
             (heads and state.cfg.sequential and state.method.needs_statistics)
             or refit_stream
-            or (state.sequential and state.cfg.sequential_fit == "residual" and not state.chain)
+            or (state.sequential and state.fit == "residual" and not state.chain)
         )
         else None
     )
@@ -685,7 +693,7 @@ def apply_stage(state: ChannelRun) -> None:
                 calls=collected.calls if collected.n_stored else None,
                 channels_last=state.channels_last,
                 reselect=reselect,
-                fit=state.cfg.sequential_fit,
+                fit=state.fit,
                 warn=fallback.append,
             )
         else:
@@ -700,13 +708,13 @@ def apply_stage(state: ChannelRun) -> None:
                 refit=refits,
                 team=state.ctx.team,
                 reselect=reselect,
-                fit=state.cfg.sequential_fit,
-                original=original if state.cfg.sequential_fit == "residual" else None,
+                fit=state.fit,
+                original=original if state.fit == "residual" else None,
                 warn=fallback.append,
             )
         if fallback:
             state.report.warnings.append(
-                f"sequential_fit={state.cfg.sequential_fit!r}: {len(fallback)} consumer(s) "
+                f"sequential_fit={state.fit!r}: {len(fallback)} consumer(s) "
                 f"kept the channel interpolation; the first: {fallback[0]}"
             )
         for gi, f in folds.items():

@@ -37,7 +37,7 @@ _KINDS = (
 WEIGHT_TARGETS = frozenset({"sparsity", "auto"})
 _UNREACHABLE = ("stop", "raise", "force")
 #: the consumer fits of the sequential pass (:mod:`spectrim.calibration.outputs`)
-SEQUENTIAL_FITS = ("inputs", "outputs", "residual")
+SEQUENTIAL_FITS = ("auto", "inputs", "outputs", "residual")
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -192,7 +192,7 @@ class CompressConfig:
             at full width through the pass (about one forward pass of the fitted share
             instead of ``macs_ratio`` of one).
         sequential_fit: how the sequential pass corrects a consumer
-            (:mod:`spectrim.calibration.outputs`): ``"inputs"`` (default) reconstructs its
+            (:mod:`spectrim.calibration.outputs`): ``"inputs"`` reconstructs its
             original input channels from the kept ones (the papers' interpolation, one
             ``m×k`` matrix shared by a convolution's taps); ``"outputs"`` refits its weight
             and bias by least squares on its own original outputs over its unfolded kept
@@ -204,7 +204,12 @@ class CompressConfig:
             fit would have fewer than 8 calibration rows per unknown keep ``"inputs"``
             (the report's warnings list them).  On the pretrained CIFAR-10 ResNets
             ``"residual"`` gains 2–15 points of top-1 (docs/results.md,
-            ``benchmarks/levers.py --levers residual``).
+            ``benchmarks/levers.py --levers residual``).  ``"auto"`` (default):
+            ``"residual"`` when a consumer of a pruned group is a convolution with more
+            than one kernel tap, where that fit is stronger than the interpolation, else
+            ``"inputs"`` (a ``Linear``'s output fit *is* the interpolation, and the drift
+            term alone moved all-MiniLM-L6-v2 by −0.3 Spearman / +0.002 cosine while
+            costing a copy of the model); the report's ``sequential_fit`` says which ran.
         channels_last: run the calibration passes (on spectrim's own copy of the model,
             one batch converted at a time) in ``channels_last`` memory layout, which
             oneDNN's CPU convolutions run faster than NCHW; ``None`` (default): when the
@@ -251,7 +256,7 @@ class CompressConfig:
     sequential: bool = True
     sequential_fraction: float = 0.2
     sequential_select: bool = False
-    sequential_fit: str = "inputs"
+    sequential_fit: str = "auto"
     channels_last: bool | None = None
     on_unreachable: str = "stop"
     max_error: float = 0.5

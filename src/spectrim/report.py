@@ -86,6 +86,8 @@ class CompressionReport:
     blocks: int = 0
     """blocks the sequential corrections ran through one at a time (``blockwise=True``;
     0: the whole model at once)"""
+    sequential_fit: str = ""
+    """the consumer fit the sequential pass used (``"auto"`` resolved; empty: no pass)"""
     groups: list[GroupReport] = field(default_factory=list)
     matrices: list[MatrixReport] = field(default_factory=list)
     nonzeros_before: int = 0

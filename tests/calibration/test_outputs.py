@@ -395,6 +395,40 @@ def test_config_and_entry_point_validate_the_fit() -> None:
         sequential_correct(model, a, [x], {}, col, fit="residual")
     with pytest.raises(ValueError, match="partners"):
         sequential_correct(model, a, [x], {}, col, fit="residual", original=model, runner=model)
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        sequential_correct(model, a, [x], {}, col, fit="auto")
+
+
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+def test_auto_runs_the_residual_fit_on_convolutions_and_the_interpolation_else(
+    kind: str,
+) -> None:
+    """The default fit is ``"auto"``: the residual output fit where a pruned group feeds a
+    convolution with taps, the interpolation where only ``Linear`` layers read it; the
+    report names the fit that ran, and the weights are that fit's."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        model: nn.Module = _ResNet().eval()
+        x = torch.randn(32, 3, 8, 8)
+    else:
+        model = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+        x = torch.randn(256, 6)
+    expect = "residual" if kind == "conv" else "inputs"
+    small, rep = spectrim.compress(model, x, target="width=0.5", sequential_fraction=1.0)
+    assert CompressConfig().sequential_fit == "auto" and rep.config["sequential_fit"] == "auto"
+    assert rep.sequential_fit == expect
+    states = {}
+    for fit in ("inputs", "residual"):
+        other, _ = spectrim.compress(
+            model, x, target="width=0.5", sequential_fraction=1.0, sequential_fit=fit
+        )
+        states[fit] = other.state_dict()
+    mine = small.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in states[expect].items())
+    if kind == "conv":  # the two fits differ here, so the equality above says which ran
+        assert not all(torch.equal(mine[k], v) for k, v in states["inputs"].items())
+    _, one_shot = spectrim.compress(model, x, target="width=0.5", sequential=False)
+    assert one_shot.sequential_fit == ""
 
 
 def test_residual_fit_beats_the_interpolation_on_pretrained_resnet20() -> None:

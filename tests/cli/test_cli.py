@@ -449,7 +449,7 @@ def test_compress_one_shot_and_fraction_flags(
     assert reports["--sequential-select"]["sequential_select"] is True
     assert reports["--one-shot"]["sequential_select"] is False
     assert reports["--sequential-fit"]["sequential_fit"] == "residual"
-    assert reports["--one-shot"]["sequential_fit"] == "inputs"
+    assert reports["--one-shot"]["sequential_fit"] == "auto"
     assert reports["--stats-memory"]["stats_memory"] == "3MiB"
     assert reports["--blockwise"]["blockwise"] is True
     code, _, err = _run(

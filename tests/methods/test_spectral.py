@@ -85,13 +85,20 @@ def test_dof_target_uses_c_times_degrees_of_freedom() -> None:
 
 def test_sequential_refit_keeps_the_ridge() -> None:
     """In sequential mode the folds are refitted with the same I_τ: larger α shrinks the
-    reconstruction, so the folded weights' norm decreases with α."""
+    reconstruction, so the folded weights' norm decreases with α (the interpolation's
+    folds: an output fit of a convolution has no ridge, docs/design.md §7)."""
     net = _net()
     x = torch.randn(64, 3, 6, 6)
     norms = []
     for alpha in (1e-6, 1e-1):
         small, _ = spectrim.compress(
-            net, x, method="spectral", target="width=0.5", theta=1.0, alpha=alpha
+            net,
+            x,
+            method="spectral",
+            target="width=0.5",
+            theta=1.0,
+            alpha=alpha,
+            sequential_fit="inputs",
         )
         norms.append(float(small[3].weight.detach().norm()))
     assert norms[1] < norms[0]

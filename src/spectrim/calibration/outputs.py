@@ -32,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ __all__ = [
     "consumer_rows",
     "output_rows",
     "residual_partners",
+    "resolve_fit",
     "rows_of",
     "set_unfolded_weight",
     "supports_output_fit",
@@ -104,6 +105,36 @@ def supports_output_fit(module: nn.Module) -> bool:
     ``Conv1d``/``Conv2d`` with ``groups=1``, zero padding of fixed size)."""
     entry = _UNFOLD.get(type(module))
     return entry is not None and entry[0](module)
+
+
+def resolve_fit(fit: str, consumers: Iterable[nn.Module]) -> str:
+    """The consumer fit ``fit`` names: ``"auto"`` is ``"residual"`` when one of
+    ``consumers`` is fitted on unfolded inputs with more than one tap per input channel (a
+    convolution, where every tap free beats one channel mix shared by the taps), else
+    ``"inputs"``; any other value is itself.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> resolve_fit("auto", [nn.Linear(4, 2)]), resolve_fit("auto", [nn.Conv2d(4, 2, 3)])
+        ('inputs', 'residual')
+        >>> resolve_fit("outputs", [nn.Linear(4, 2)])
+        'outputs'
+    """
+    if fit not in FITS:
+        raise ValueError(f"sequential_fit={fit!r} must be one of {', '.join(FITS)}")
+    if fit != "auto":
+        return fit
+    for module in consumers:
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(weight, torch.Tensor)
+            and weight.dim() > 2
+            and supports_output_fit(module)
+            and int(weight[0, 0].numel()) > 1
+        ):
+            return "residual"
+    return "inputs"
 
 
 def consumer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

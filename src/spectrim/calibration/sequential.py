@@ -308,8 +308,11 @@ def sequential_correct(
         ``folds[group][consumer] = B``, the relative error of each fit, and the kept
         channels of every group (``keep``, with the reselected groups' new sets).
     """
-    if fit not in FITS:
-        raise ValueError(f"fit={fit!r} must be one of {', '.join(FITS)}")
+    if fit not in FITS or fit == "auto":
+        raise ValueError(
+            f"fit={fit!r} must be one of {', '.join(f for f in FITS if f != 'auto')} "
+            "(resolve 'auto' with calibration.outputs.resolve_fit)"
+        )
     if fit == "residual" and original is None and partners is None:
         raise ValueError("fit='residual' needs the original model (original=) or its partners")
     if fit == "residual" and partners is None and runner is not None:

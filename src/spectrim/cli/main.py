@@ -419,9 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SEQUENTIAL_FITS,
         default=CompressConfig.sequential_fit,
         help="how the sequential pass corrects a consumer: reconstruct its input channels "
-        "(inputs, default), refit it on its own outputs with every kernel tap free (outputs), "
+        "(inputs), refit it on its own outputs with every kernel tap free (outputs), "
         "or also cancel the drift of the residual stream it is added to (residual: +2 to "
-        "+15 points of top-1 on CIFAR ResNets, docs/results.md)",
+        "+15 points of top-1 on CIFAR ResNets, docs/results.md); auto (default): residual "
+        "when a pruned group feeds a convolution, else inputs",
     )
     p.add_argument(
         "--device",
