@@ -33,7 +33,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -68,8 +68,25 @@ FITS = SEQUENTIAL_FITS
 MIN_ROWS_PER_UNKNOWN = 8
 
 
+class _Unfolding(NamedTuple):
+    """How one module type is fitted in output space (:data:`_UNFOLD`)."""
+
+    #: whether this module of the type can be (groups, padding mode, ...)
+    supports: Callable[[nn.Module], bool]
+    #: its input as the rows its weight multiplies, ``(rows, in·taps)``
+    rows: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    #: how many such rows an input gives, without unfolding it
+    n_rows: Callable[[nn.Module, torch.Tensor], int]
+    #: its output (or anything of that layout) as ``(rows, out)`` in the same row order
+    outputs: Callable[[torch.Tensor], torch.Tensor]
+
+
 def _linear_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+def _linear_count(module: nn.Module, x: torch.Tensor) -> int:
+    return int(x.numel() // max(x.shape[-1], 1))
 
 
 def _conv_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +99,17 @@ def _conv_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def _conv_count(module: nn.Module, x: torch.Tensor) -> int:
+    """Batch × output positions, from the convolution's output-size formula."""
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module.padding, str)
+    rows = int(x.shape[0])
+    for i, size in enumerate(x.shape[2:]):
+        k, d = module.kernel_size[i], module.dilation[i]
+        p, s = module.padding[i], module.stride[i]
+        rows *= max((int(size) + 2 * p - d * (k - 1) - 1) // s + 1, 0)
+    return rows
+
+
 def _conv_ok(module: nn.Module) -> bool:
     assert isinstance(module, (nn.Conv1d, nn.Conv2d))
     return (
@@ -92,19 +120,33 @@ def _conv_ok(module: nn.Module) -> bool:
     )
 
 
-#: module type -> (can it be fitted in output space, its unfolded input rows)
-_UNFOLD: dict[type[nn.Module], tuple[Callable[[nn.Module], bool], Callable[..., torch.Tensor]]] = {
-    nn.Linear: (lambda m: True, _linear_rows),
-    nn.Conv1d: (_conv_ok, _conv_rows),
-    nn.Conv2d: (_conv_ok, _conv_rows),
+_LINEAR = _Unfolding(
+    lambda m: True, _linear_rows, _linear_count, lambda y: y.reshape(-1, y.shape[-1])
+)
+_CONV = _Unfolding(
+    _conv_ok, _conv_rows, _conv_count, lambda y: y.movedim(1, -1).reshape(-1, y.shape[1])
+)
+
+#: module type -> how it is fitted in output space; a type is added here, in one place
+_UNFOLD: dict[type[nn.Module], _Unfolding] = {
+    nn.Linear: _LINEAR,
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
 }
+
+
+def _unfolding(module: nn.Module) -> _Unfolding:
+    entry = _UNFOLD.get(type(module))
+    if entry is None or not entry.supports(module):
+        raise TypeError(f"{type(module).__name__} cannot be fitted on its unfolded inputs")
+    return entry
 
 
 def supports_output_fit(module: nn.Module) -> bool:
     """Whether ``module``'s weight can be fitted on its unfolded inputs (``Linear``,
     ``Conv1d``/``Conv2d`` with ``groups=1``, zero padding of fixed size)."""
     entry = _UNFOLD.get(type(module))
-    return entry is not None and entry[0](module)
+    return entry is not None and entry.supports(module)
 
 
 def resolve_fit(fit: str, consumers: Iterable[nn.Module]) -> str:
@@ -140,10 +182,7 @@ def resolve_fit(fit: str, consumers: Iterable[nn.Module]) -> str:
 def consumer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module``'s input ``x`` as the rows its weight multiplies: ``(rows, in·taps)`` in
     the order of ``weight.reshape(out, -1)``'s columns (im2col for a convolution)."""
-    entry = _UNFOLD.get(type(module))
-    if entry is None or not entry[0](module):
-        raise TypeError(f"{type(module).__name__} cannot be fitted on its unfolded inputs")
-    return entry[1](module, x)
+    return _unfolding(module).rows(module, x)
 
 
 def rows_of(module: nn.Module, x: torch.Tensor) -> int:
@@ -157,23 +196,13 @@ def rows_of(module: nn.Module, x: torch.Tensor) -> int:
         >>> rows_of(conv, x) == consumer_rows(conv, x).shape[0]
         True
     """
-    if isinstance(module, nn.Linear):
-        return int(x.numel() // max(x.shape[-1], 1))
-    assert isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module.padding, str)
-    rows = int(x.shape[0])
-    for i, size in enumerate(x.shape[2:]):
-        k, d = module.kernel_size[i], module.dilation[i]
-        p, s = module.padding[i], module.stride[i]
-        rows *= max((int(size) + 2 * p - d * (k - 1) - 1) // s + 1, 0)
-    return rows
+    return _unfolding(module).n_rows(module, x)
 
 
 def output_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """``module``'s output (or anything of its layout) as ``(rows, out)``, the rows in
     the order of :func:`consumer_rows`."""
-    if isinstance(module, nn.Linear):
-        return y.reshape(-1, y.shape[-1])
-    return y.movedim(1, -1).reshape(-1, y.shape[1])
+    return _unfolding(module).outputs(y)
 
 
 def set_unfolded_weight(
