@@ -78,8 +78,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--loss", default="mse", choices=("mse", "kl"))
+    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument(
-        "--batch-norm", default="recalibrate", choices=("recalibrate", "freeze", "train")
+        "--batch-norm",
+        default="recalibrate",
+        choices=("auto", "recalibrate", "freeze", "train"),
+        help="RepairConfig.batch_norm (recalibrate: the recipe of the runs in docs/results.md; "
+        "the library's default is auto)",
     )
     ap.add_argument("--augment", default="flip-crop", choices=("none", "flip", "flip-crop"))
     ap.add_argument(
@@ -122,6 +128,8 @@ def main() -> None:
     recipe = spectrim.RepairConfig(
         epochs=args.epochs,
         lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
         loss=args.loss,
         batch_norm=args.batch_norm,
         augment=None if args.augment == "none" else args.augment,

@@ -69,14 +69,20 @@ class RepairConfig:
             probabilities at ``temperature``).
         temperature: for ``"kl"``.
         augment: ``None``, ``"flip"`` or ``"flip-crop"`` (4-D image batches only).
-        batch_norm: ``"recalibrate"`` (default): every BatchNorm's running statistics
+        batch_norm: ``"recalibrate"``: every BatchNorm's running statistics
             are first re-estimated on up to 32 batches of the repair data, then kept
             (normalising as in evaluation; the affine weights still train);
             ``"freeze"``: kept as they are; ``"train"``: normalise by batch statistics and
-            re-estimate them as training goes.  On ResNet-56 at half width, 100 steps
-            (``benchmarks/repair_cifar.py --train 12800``, docs/results.md): ``id``
-            keeps 84.9% recalibrated and 85.0% frozen; ``l1`` keeps 82.0% recalibrated
-            and diverges frozen (its statistics no longer fit its narrower layers).
+            re-estimate them as training goes; ``"auto"`` (default): ``"recalibrate"`` or
+            ``"freeze"``, whichever starts with the lower distillation loss on up to
+            :data:`PROBE_BATCHES` batches of the data (the report's ``batch_norm`` says
+            which).  Neither wins everywhere (docs/results.md): on ResNet-56 at half
+            width, 100 steps (``benchmarks/repair_cifar.py --train 12800``), ``id``
+            keeps 84.9% recalibrated and 85.0% frozen, and ``l1`` 82.0% recalibrated
+            and diverges frozen (its statistics no longer fit its narrower layers); a
+            model whose consumers were refitted to the shipped statistics
+            (``sequential_fit="residual"``) starts at half the loss frozen and ends one
+            epoch 0.4 points higher.
         dropout: train with the student's dropout (and other training-mode behaviour,
             e.g. stochastic depth) switched on; default off: the student runs in
             evaluation mode but for BatchNorm, and matches the teacher's outputs as
@@ -100,7 +106,7 @@ class RepairConfig:
     loss: str = "mse"
     temperature: float = 4.0
     augment: str | None = None
-    batch_norm: str = "recalibrate"
+    batch_norm: str = "auto"
     dropout: bool = False
     features: float = 0.0
     seed: int = 0
@@ -120,9 +126,9 @@ class RepairConfig:
             raise ValueError(
                 f"repair: augment={self.augment!r} must be None, 'flip' or 'flip-crop'"
             )
-        if self.batch_norm not in ("recalibrate", "freeze", "train"):
+        if self.batch_norm not in _BATCH_NORM:
             raise ValueError(
-                f"repair: batch_norm={self.batch_norm!r} must be 'recalibrate', 'freeze' or 'train'"
+                f"repair: batch_norm={self.batch_norm!r} must be one of {', '.join(_BATCH_NORM)}"
             )
         if not self.temperature > 0:
             raise ValueError(f"repair: temperature={self.temperature!r} must be positive")
@@ -161,6 +167,11 @@ class RepairReport:
     #: mean loss of every tenth of the run, in order
     loss_curve: list[float] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    #: what was done with the BatchNorm statistics (``"auto"`` resolved; "" for none)
+    batch_norm: str = ""
+    #: ``batch_norm="auto"``: the probe batches' loss with the statistics kept and
+    #: re-estimated
+    batch_norm_losses: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,6 +218,9 @@ def _augment(x: Any, how: str | None, g: torch.Generator) -> Any:
 
 #: batches whose statistics ``batch_norm="recalibrate"`` averages
 RECALIBRATION_BATCHES = 32
+#: batches on which ``batch_norm="auto"`` compares the statistics kept and re-estimated
+PROBE_BATCHES = 4
+_BATCH_NORM = ("auto", "recalibrate", "freeze", "train")
 
 
 @torch.no_grad()
@@ -251,6 +265,48 @@ def recalibrate_batch_norm(model: nn.Module, batches: Sequence[Any], seed: int =
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     _recalibrate(model, norms, batches, torch.Generator().manual_seed(seed))
     return len(norms)
+
+
+@torch.no_grad()
+def _choose_batch_norm(
+    student: nn.Module,
+    teacher: nn.Module,
+    norms: list[nn.modules.batchnorm._BatchNorm],
+    batches: Sequence[Any] | None,
+    cfg: RepairConfig,
+    g: torch.Generator,
+) -> tuple[str, dict[str, float]]:
+    """``batch_norm="auto"``: ``"recalibrate"`` when re-estimating the statistics lowers
+    the distillation loss on up to :data:`PROBE_BATCHES` seeded batches (no
+    augmentation), else ``"freeze"``; and the two losses.  The statistics are left as
+    they were either way (the caller recalibrates)."""
+    if not norms or not batches:
+        return "freeze", {}
+    pick = torch.randperm(len(batches), generator=torch.Generator().manual_seed(cfg.seed))
+    probe = [split_batch(batches[i])[0] for i in pick[:PROBE_BATCHES].tolist()]
+    targets = [_output(call_model(teacher, x)).detach() for x in probe]
+    training = [m.training for m in norms]
+
+    def loss() -> float:
+        for m in norms:
+            m.eval()
+        total = 0.0
+        for x, t in zip(probe, targets):
+            s = _output(call_model(student, x))
+            total += float(_loss(s, t.to(s.dtype), cfg, token_mask(x)))
+        return total / len(probe)
+
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    try:
+        kept = loss()
+        _recalibrate(student, norms, batches, torch.Generator().manual_seed(cfg.seed))
+        fresh = loss()
+    finally:
+        for m, state, was in zip(norms, saved, training):
+            m.load_state_dict(state)
+            m.train(was)
+    losses = {"freeze": kept, "recalibrate": fresh}
+    return ("recalibrate" if fresh < kept else "freeze"), losses
 
 
 def _real(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -398,10 +454,13 @@ def repair(
     # module in evaluation mode, BatchNorm as batch_norm says
     student.train(cfg.dropout)
     norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if cfg.batch_norm == "recalibrate" and norms:
+    how, probe_losses = cfg.batch_norm, dict[str, float]()
+    if how == "auto":
+        how, probe_losses = _choose_batch_norm(student, teacher, norms, batches, cfg, g)
+    if how == "recalibrate" and norms:
         _recalibrate(student, norms, batches if batches is not None else [], g)
     for m in norms:
-        m.train(cfg.batch_norm == "train")
+        m.train(how == "train")
     losses: list[float] = []
     examples = 0
     blocks: _Blocks | None = None
@@ -450,4 +509,6 @@ def repair(
         loss_last=curve[-1],
         loss_curve=curve,
         config=cfg.to_dict(),
+        batch_norm=how if norms else "",
+        batch_norm_losses=probe_losses,
     )
