@@ -214,6 +214,31 @@ def test_auto_batch_norm_keeps_fitted_statistics_and_re_estimates_stale_ones() -
     assert chosen == {"fitted": "freeze", "stale": "recalibrate"}
 
 
+def test_a_repair_that_ends_further_from_the_teacher_returns_the_model_as_given() -> None:
+    """A recipe that drives the student away without reaching NaN (here a weight decay
+    that pulls every weight to zero) gives back the model as it was, with a warning, and
+    the report says so; a sound recipe keeps its result."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 5)).eval()
+    student = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5))
+    with torch.no_grad():  # a fair start: the teacher's first 12 units
+        student[0].weight.copy_(teacher[0].weight[:12])
+        student[0].bias.copy_(teacher[0].bias[:12])
+        student[2].weight.copy_(teacher[2].weight[:, :12])
+        student[2].bias.copy_(teacher[2].bias)
+    data = [torch.randn(32, 6) for _ in range(8)]
+    bad = spectrim.RepairConfig(epochs=3, lr=0.05, optimizer="adamw", weight_decay=50.0)
+    with pytest.warns(RuntimeWarning, match="returned as it was given"):
+        back, rep = spectrim.repair(student, teacher, data, bad)
+    assert rep.kept == "given" and rep.probe_loss_end > rep.probe_loss_start
+    assert rep.warnings and "rose from" in rep.warnings[0]
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in student.state_dict().items())
+    good, rep = spectrim.repair(student, teacher, data, {"epochs": 3, "lr": 0.05})
+    assert rep.kept == "repaired" and not rep.warnings
+    assert rep.probe_loss_end < rep.probe_loss_start
+    assert not all(torch.equal(good.state_dict()[k], v) for k, v in student.state_dict().items())
+
+
 def test_recalibrate_batch_norm_is_the_average_of_the_batch_statistics() -> None:
     from spectrim.repair import recalibrate_batch_norm
 

@@ -193,6 +193,7 @@ def compress(
             data = as_batches(calibration if repair_data is None else repair_data)
             _, rrep = run_repair(result[0], model, data, rcfg, inplace=True, progress=progress)
             result[1].repair = rrep.to_dict()
+            result[1].warnings.extend(rrep.warnings)
         return result
     except BaseException:
         if snapshot is not None:

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from warnings import warn as _warn
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,15 @@ class RepairReport:
     #: ``batch_norm="auto"``: the probe batches' loss with the statistics kept and
     #: re-estimated
     batch_norm_losses: dict[str, float] = field(default_factory=dict)
+    #: the distillation loss on the probe batches (up to :data:`PROBE_BATCHES` of the
+    #: data, no augmentation, every module in evaluation mode) where the training began
+    #: (after the BatchNorm step) and where it ended (NaN: data without a length)
+    probe_loss_start: float = math.nan
+    probe_loss_end: float = math.nan
+    #: ``"repaired"``, or ``"given"`` when the repair ended at a higher probe loss than it
+    #: began and the model was put back as given (see ``warnings``)
+    kept: str = "repaired"
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -267,44 +277,52 @@ def recalibrate_batch_norm(model: nn.Module, batches: Sequence[Any], seed: int =
     return len(norms)
 
 
-@torch.no_grad()
+class _Probe:
+    """Up to :data:`PROBE_BATCHES` seeded batches of the repair data (no augmentation)
+    and the teacher's outputs on them: the distillation loss of a student, every module
+    in evaluation mode."""
+
+    def __init__(self, teacher: nn.Module, batches: Sequence[Any], cfg: RepairConfig) -> None:
+        pick = torch.randperm(len(batches), generator=torch.Generator().manual_seed(cfg.seed))
+        self.cfg = cfg
+        self.xs = [split_batch(batches[i])[0] for i in pick[:PROBE_BATCHES].tolist()]
+        with torch.no_grad():
+            self.targets = [_output(call_model(teacher, x)).detach() for x in self.xs]
+
+    @torch.no_grad()
+    def loss(self, student: nn.Module) -> float:
+        modes = [(m, m.training) for m in student.modules()]
+        student.eval()
+        try:
+            total = 0.0
+            for x, t in zip(self.xs, self.targets):
+                s = _output(call_model(student, x))
+                total += float(_loss(s, t.to(s.dtype), self.cfg, token_mask(x)))
+        finally:
+            for m, was in modes:
+                m.train(was)
+        return total / len(self.xs)
+
+
 def _choose_batch_norm(
     student: nn.Module,
-    teacher: nn.Module,
     norms: list[nn.modules.batchnorm._BatchNorm],
-    batches: Sequence[Any] | None,
-    cfg: RepairConfig,
-    g: torch.Generator,
+    batches: Sequence[Any],
+    probe: _Probe,
+    kept: float,
+    seed: int,
 ) -> tuple[str, dict[str, float]]:
     """``batch_norm="auto"``: ``"recalibrate"`` when re-estimating the statistics lowers
-    the distillation loss on up to :data:`PROBE_BATCHES` seeded batches (no
-    augmentation), else ``"freeze"``; and the two losses.  The statistics are left as
-    they were either way (the caller recalibrates)."""
-    if not norms or not batches:
-        return "freeze", {}
-    pick = torch.randperm(len(batches), generator=torch.Generator().manual_seed(cfg.seed))
-    probe = [split_batch(batches[i])[0] for i in pick[:PROBE_BATCHES].tolist()]
-    targets = [_output(call_model(teacher, x)).detach() for x in probe]
-    training = [m.training for m in norms]
-
-    def loss() -> float:
-        for m in norms:
-            m.eval()
-        total = 0.0
-        for x, t in zip(probe, targets):
-            s = _output(call_model(student, x))
-            total += float(_loss(s, t.to(s.dtype), cfg, token_mask(x)))
-        return total / len(probe)
-
+    the probe's loss below ``kept`` (the loss with them as they are), else ``"freeze"``;
+    and the two losses.  The statistics are left as they were either way (the caller
+    recalibrates)."""
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     try:
-        kept = loss()
-        _recalibrate(student, norms, batches, torch.Generator().manual_seed(cfg.seed))
-        fresh = loss()
+        _recalibrate(student, norms, batches, torch.Generator().manual_seed(seed))
+        fresh = probe.loss(student)
     finally:
-        for m, state, was in zip(norms, saved, training):
+        for m, state in zip(norms, saved):
             m.load_state_dict(state)
-            m.train(was)
     losses = {"freeze": kept, "recalibrate": fresh}
     return ("recalibrate" if fresh < kept else "freeze"), losses
 
@@ -402,8 +420,15 @@ def repair(
         progress: ``True`` for a tqdm bar, or a wrapper of an iterable (which has a
             ``len``: the steps).
 
+    If the training ends with a higher distillation loss on the probe batches (up to
+    :data:`PROBE_BATCHES` of ``data``) than it began with, the model is put back as it
+    was given (BatchNorm statistics as ``batch_norm`` left them), with a
+    ``RuntimeWarning`` and the report's ``kept="given"``: a recipe that diverges
+    without reaching NaN never returns a worse model silently.
+
     Raises:
         ValueError: the two models' outputs differ in shape; an empty ``data``.
+        FloatingPointError: the loss became NaN or infinite.
     """
     cfg = RepairConfig.parse(config) or RepairConfig()
     student = model if inplace else copy.deepcopy(model)
@@ -454,11 +479,18 @@ def repair(
     # module in evaluation mode, BatchNorm as batch_norm says
     student.train(cfg.dropout)
     norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    probe = _Probe(teacher, batches, cfg) if batches is not None else None
+    start = probe.loss(student) if probe is not None else math.nan
     how, probe_losses = cfg.batch_norm, dict[str, float]()
     if how == "auto":
-        how, probe_losses = _choose_batch_norm(student, teacher, norms, batches, cfg, g)
+        how = "freeze"
+        if norms and probe is not None and batches:
+            how, probe_losses = _choose_batch_norm(student, norms, batches, probe, start, cfg.seed)
     if how == "recalibrate" and norms:
         _recalibrate(student, norms, batches if batches is not None else [], g)
+        start = probe.loss(student) if probe is not None else math.nan
+    # where the training starts, to fall back on if it ends further from the teacher
+    initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     for m in norms:
         m.train(how == "train")
     losses: list[float] = []
@@ -496,6 +528,17 @@ def repair(
         student.train(was_training)
         teacher.train(teacher_training)
     student.eval()
+    end = probe.loss(student) if probe is not None else math.nan
+    warnings: list[str] = []
+    if end > start:  # NaN (no probe) compares False
+        student.load_state_dict(initial)
+        warnings.append(
+            f"repair: the distillation loss on {len(probe.xs) if probe else 0} probe batches "
+            f"rose from {start:.4g} to {end:.4g} in training; the model is returned as it "
+            f"was given (BatchNorm statistics as '{how}' left them; lower lr, now "
+            f"{cfg.lr:g}, or check the data)"
+        )
+        _warn(warnings[-1], RuntimeWarning, stacklevel=2)
     tenth = max(1, len(losses) // 10)
     curve = [
         sum(losses[i : i + tenth]) / len(losses[i : i + tenth])
@@ -511,4 +554,8 @@ def repair(
         config=cfg.to_dict(),
         batch_norm=how if norms else "",
         batch_norm_losses=probe_losses,
+        probe_loss_start=start,
+        probe_loss_end=end,
+        kept="given" if warnings else "repaired",
+        warnings=warnings,
     )
