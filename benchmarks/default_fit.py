@@ -40,9 +40,13 @@ SMOKE = ["--cifar", "resnet20-cifar10", "--torchvision", "resnet18", "--calib", 
 FITS = ("inputs", "auto")
 
 
-def run(model: torch.nn.Module, calib: Any, method: str, target: str, fit: str) -> tuple[Any, ...]:
+def run(
+    model: torch.nn.Module, calib: Any, method: str, target: str, fit: str, blockwise: bool
+) -> tuple[Any, ...]:
     t = time.perf_counter()
-    small, report = spectrim.compress(model, calib, method, target, sequential_fit=fit)
+    small, report = spectrim.compress(
+        model, calib, method, target, sequential_fit=fit, blockwise=blockwise
+    )
     return small, report, time.perf_counter() - t
 
 
@@ -58,6 +62,9 @@ def main() -> None:
     ap.add_argument("--test", type=int, help="score on the first N lossless test images")
     ap.add_argument("--images", type=int, default=64, help="random images for torchvision")
     ap.add_argument("--size", type=int, default=224, help="torchvision image size")
+    ap.add_argument(
+        "--blockwise", action="store_true", help="blockwise=True for every run (block by block)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "default_fit.json"))
     args = ap.parse_args()
@@ -74,7 +81,7 @@ def main() -> None:
         model = load_pretrained(name).eval()
         for method in args.methods.split(","):
             for fit in FITS:
-                small, report, seconds = run(model, calib, method, args.target, fit)
+                small, report, seconds = run(model, calib, method, args.target, fit, args.blockwise)
                 res = evaluate(small, test, reference=model)
                 rows.append(
                     {
@@ -108,7 +115,9 @@ def main() -> None:
                 model(batch)
         forward = time.perf_counter() - t
         for fit in FITS:
-            small, report, seconds = run(model, images.split(32), "id", args.target, fit)
+            small, report, seconds = run(
+                model, images.split(32), "id", args.target, fit, args.blockwise
+            )
             rows.append(
                 {
                     "model": f"torchvision {name}",
@@ -134,6 +143,7 @@ def main() -> None:
             "calibration_images": args.calib,
             "torchvision_images": args.images,
             "torchvision_size": args.size,
+            "blockwise": args.blockwise,
             "runs": rows,
         },
         args.threads,
