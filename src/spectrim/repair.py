@@ -480,16 +480,21 @@ def repair(
     student.train(cfg.dropout)
     norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     probe = _Probe(teacher, batches, cfg) if batches is not None else None
-    start = probe.loss(student) if probe is not None else math.nan
     how, probe_losses = cfg.batch_norm, dict[str, float]()
     if how == "auto":
         how = "freeze"
-        if norms and probe is not None and batches:
-            how, probe_losses = _choose_batch_norm(student, norms, batches, probe, start, cfg.seed)
+        if norms and probe is not None and batches is not None:
+            given = probe.loss(student)
+            how, probe_losses = _choose_batch_norm(student, norms, batches, probe, given, cfg.seed)
     if how == "recalibrate" and norms:
         _recalibrate(student, norms, batches if batches is not None else [], g)
+    # where the training starts (the probe's loss of these statistics when it has one:
+    # its re-estimation used other batches than the one above), to fall back on if the
+    # training ends further from the teacher
+    if how == "freeze" and probe_losses:
+        start = probe_losses["freeze"]
+    else:
         start = probe.loss(student) if probe is not None else math.nan
-    # where the training starts, to fall back on if it ends further from the teacher
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     for m in norms:
         m.train(how == "train")

@@ -171,7 +171,6 @@ def resolve_fit(fit: str, consumers: Iterable[nn.Module]) -> str:
         weight = getattr(module, "weight", None)
         if (
             isinstance(weight, torch.Tensor)
-            and weight.dim() > 2
             and supports_output_fit(module)
             and int(weight[0, 0].numel()) > 1
         ):
