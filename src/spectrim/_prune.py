@@ -42,7 +42,7 @@ from spectrim.budget import (
 )
 from spectrim.calibration import Collected, collect
 from spectrim.calibration.batches import stack_examples
-from spectrim.calibration.blocks import blockwise_correct, find_chain, plan_blocks
+from spectrim.calibration.blocks import blockwise_correct, find_chain, find_ends, plan_blocks
 from spectrim.calibration.checks import CalibrationInfo, rows_per_group
 from spectrim.calibration.outputs import resolve_fit
 from spectrim.calibration.sequential import sequential_correct
@@ -123,6 +123,9 @@ class ChannelRun:
     stream_solver: StreamSolver | None = None
     #: ``blockwise=True``: the chain of blocks the sequential pass runs on (empty: none)
     chain: list[str] = field(default_factory=list)
+    #: the modules run before the chain and after it (a stem, a classifier), which the
+    #: first and the last block may include
+    ends: tuple[list[str], list[str]] = ([], [])
     #: the sequential pass's consumer fit (``cfg.sequential_fit`` with ``"auto"`` resolved)
     fit: str = "inputs"
 
@@ -253,8 +256,10 @@ def collect_stage(state: ChannelRun) -> None:
         state.report.sequential_fit = state.fit if state.sequential else ""
         share = cfg.sequential_fraction if state.sequential else 0.0
         sketch_rows = _sketch_plan(state)
-        if cfg.blockwise and state.sequential:
-            state.chain = _chain(state)
+        if state.sequential and (
+            cfg.blockwise or (cfg.blockwise is None and state.fit == "residual")
+        ):
+            state.chain = _chain(state, quiet=cfg.blockwise is None)
         state.collected = collect(
             work,
             analysis,
@@ -279,9 +284,10 @@ def collect_stage(state: ChannelRun) -> None:
         _collect_hidden(state)
 
 
-def _chain(state: ChannelRun) -> list[str]:
-    """``blockwise=True``: the model's chain of blocks, if the block-by-block pass can run
-    every group's fits in it (else a warning and the whole-model pass)."""
+def _chain(state: ChannelRun, quiet: bool = False) -> list[str]:
+    """The model's chain of blocks, if the block-by-block pass can run every group's fits
+    in it; else the whole-model pass, with a warning unless ``quiet`` (``blockwise=None``
+    chose it)."""
     assert state.analysis is not None
     why = ""
     if state.cfg.heads or state.cfg.hidden:
@@ -290,12 +296,16 @@ def _chain(state: ChannelRun) -> list[str]:
     if not why and not chain:
         why = "spectrim found no chain of blocks (layers each fed the previous one's output)"
     if not why:
-        plan = plan_blocks(chain, state.analysis, {g.index: None for g in state.groups})
+        state.ends = find_ends(state.work, state.example, chain)
+        plan = plan_blocks(
+            chain, state.analysis, {g.index: None for g in state.groups}, *state.ends
+        )
         why = plan if isinstance(plan, str) else ""
     if why:
-        state.report.warnings.append(
-            f"blockwise=True: {why}; the corrections were fitted by the whole-model pass"
-        )
+        if not quiet:
+            state.report.warnings.append(
+                f"blockwise=True: {why}; the corrections were fitted by the whole-model pass"
+            )
         return []
     return chain
 
@@ -677,7 +687,7 @@ def apply_stage(state: ChannelRun) -> None:
         state.report.fitted_examples = int(state.ctx.team.total(fitted))
         fallback: list[str] = []  # consumers whose output fit had too few rows
         if state.chain:
-            plan = plan_blocks(state.chain, analysis, keep)
+            plan = plan_blocks(state.chain, analysis, keep, *state.ends)
             assert not isinstance(plan, str)  # checked on all groups before collecting
             state.report.blocks = len(plan.blocks)
             folds, state.seq_errors, keep = blockwise_correct(

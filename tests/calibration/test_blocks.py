@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import spectrim
-from spectrim.calibration.blocks import find_chain, plan_blocks
+from spectrim.calibration.blocks import PREFIX, SUFFIX, find_chain, find_ends, plan_blocks
 from spectrim.graph import analyze_channels
 
 
@@ -46,7 +46,7 @@ def test_resnet20_blockwise_gives_the_whole_model_passs_weights(
         "sequential_select": select,
         "sequential_fit": fit,
     }
-    whole, r1 = spectrim.compress(model, batches, "id", "macs=0.5", **kw)
+    whole, r1 = spectrim.compress(model, batches, "id", "macs=0.5", blockwise=False, **kw)
     block, r2 = spectrim.compress(model, batches, "id", "macs=0.5", blockwise=True, **kw)
     assert not any("blockwise" in w for w in r2.warnings), r2.warnings
     assert not any("interpolation" in w for w in r1.warnings + r2.warnings), r1.warnings
@@ -138,3 +138,78 @@ def test_groups_across_blocks_merge_them_and_outside_the_chain_fall_back() -> No
     _, rep = spectrim.compress(Flat().eval(), [x], "id", "width=0.5", blockwise=True)
     assert any("no chain of blocks" in w for w in rep.warnings), rep.warnings
     assert rep.blocks == 0
+    # the default falls back silently: it was not asked for
+    _, rep = spectrim.compress(Flat().eval(), [x], "id", "width=0.5", sequential_fit="residual")
+    assert rep.blocks == 0 and not any("blockwise" in w for w in rep.warnings), rep.warnings
+
+
+class _Block(nn.Module):
+    """A residual block of two 3×3 convolutions, with a 1×1 projection when it widens."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout)
+        self.proj = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + self.proj(x))
+
+
+class _StemNet(nn.Module):
+    """A stem, a chain of residual blocks and a classifier: the streams' unit groups reach
+    the stem (before the chain) and the classifier (after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.blocks = nn.Sequential(_Block(12, 12), _Block(12, 24), _Block(24, 24))
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("fit", ["inputs", "residual"])
+def test_groups_reaching_the_stem_and_the_classifier_run_block_by_block(fit: str) -> None:
+    """The stem's group and the last stream's (read by the classifier) put the model's
+    prefix and suffix into the blocks: no fallback, and the whole-model pass's weights."""
+    torch.manual_seed(0)
+    net = _StemNet()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    x = torch.randn(96, 3, 8, 8)
+    batches = list(x.split(32))
+    chain = find_chain(net, batches[0])
+    assert chain == ["blocks.0", "blocks.1", "blocks.2"]
+    prefix, suffix = find_ends(net, batches[0], chain)
+    assert prefix == ["stem", "bn"] and suffix == ["fc"]
+    a = analyze_channels(net, batches[0])
+    everything = {g.index: None for g in a.prunable}
+    assert isinstance(plan_blocks(chain, a, everything), str)  # without the ends: outside
+    plan = plan_blocks(chain, a, everything, prefix, suffix)
+    assert not isinstance(plan, str)
+    assert plan.blocks[0][0] == PREFIX and plan.blocks[-1][-1] == SUFFIX
+    kw: dict[str, Any] = {"sequential_fraction": 1.0, "sequential_fit": fit}
+    whole, r1 = spectrim.compress(net, batches, "id", "width=0.5", blockwise=False, **kw)
+    block, r2 = spectrim.compress(net, batches, "id", "width=0.5", blockwise=True, **kw)
+    # the default runs the residual fit block by block, the interpolation whole
+    _, r3 = spectrim.compress(net, batches, "id", "width=0.5", **kw)
+    assert r3.blocks == (r2.blocks if fit == "residual" else 0)
+    assert not any("blockwise" in w for w in r2.warnings), r2.warnings
+    assert r2.blocks >= 1 and r1.blocks == 0
+    narrowed = {g.name for g in r2.groups if g.width_after < g.width_before}
+    assert {"stem", "blocks.1.conv2"} <= narrowed, narrowed  # the two streams
+    assert _max_diff(whole, block) < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), whole(x), atol=1e-5, rtol=1e-5)
+    # the fits are real: the prefix's and the suffix's consumers were refitted
+    with torch.no_grad():
+        plain, _ = spectrim.compress(net, batches, "id", "width=0.5", sequential=False)
+        assert _max_diff(plain, block) > 1e-3

@@ -20,8 +20,12 @@ test_blocks.py``).  The statistics pass and the allocation are unchanged.
 :func:`find_chain` finds the chain by running the model once: the longest run of calls of
 the children of ``nn.ModuleList`` / ``nn.Sequential`` containers where each call's first
 argument is the previous call's output.  :func:`plan_blocks` merges neighbours so that
-every pruned group (producers, consumers, passengers) lies inside one block; a group that
-reaches outside the chain (e.g. a stem convolution) leaves the whole-model pass in charge.
+every pruned group (producers, consumers, passengers) lies inside one block.  A group that
+reaches the modules run before the chain (:func:`find_prefix`: a stem convolution and its
+BatchNorm) puts that prefix at the head of the first block (:data:`PREFIX`): its block
+runs the model from the calibration batch up to the chain, and nothing in it is pruned
+before its original outputs are kept.  A group that reaches elsewhere outside the chain
+(e.g. the classifier) leaves the whole-model pass in charge.
 """
 
 from __future__ import annotations
@@ -41,10 +45,23 @@ from spectrim.calibration.outputs import residual_partners
 from spectrim.calibration.sequential import Refit, Select, sequential_correct
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
+from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.modules import input_channel_axis
 from spectrim.graph.trace import call_model
 
-__all__ = ["BlockPlan", "blockwise_correct", "find_chain", "plan_blocks"]
+__all__ = [
+    "PREFIX",
+    "SUFFIX",
+    "BlockPlan",
+    "blockwise_correct",
+    "find_chain",
+    "find_ends",
+    "plan_blocks",
+]
+
+#: the names a block plan gives the modules run before the chain (the model's prefix, e.g.
+#: a stem) and after it (its suffix, e.g. the classifier); no module can be called these
+PREFIX, SUFFIX = "<prefix>", "<suffix>"
 
 
 def _hidden(out: Any) -> Any:
@@ -62,6 +79,16 @@ def _containers(model: nn.Module) -> dict[str, nn.Module]:
                 if not isinstance(sub, (nn.ModuleList, nn.Sequential)):
                     out[f"{name}.{child}" if name else child] = sub
     return out
+
+
+def _run_hooked(model: nn.Module, batch: Any, handles: Sequence[Any]) -> None:
+    """Run ``model`` on ``batch`` without gradients, then remove the hooks ``handles``."""
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for hd in handles:
+            hd.remove()
 
 
 def find_chain(model: nn.Module, batch: Any) -> list[str]:
@@ -108,12 +135,7 @@ def find_chain(model: nn.Module, batch: Any) -> list[str]:
     for name, mod in cands.items():
         handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(mod.register_forward_hook(post(name)))
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for hd in handles:
-            hd.remove()
+    _run_hooked(model, batch, handles)
     best: list[str] = []
     run: list[str] = []
     for i, (name, x, _) in enumerate(calls):
@@ -124,6 +146,101 @@ def find_chain(model: nn.Module, batch: Any) -> list[str]:
         if len(run) > len(best):
             best = list(run)
     return best if len(best) >= 2 else []
+
+
+class _Reached(BaseException):
+    """Raised by the pre-hook of the chain's first module to stop the model there (a
+    ``BaseException``, so that a model's own ``except Exception`` cannot swallow it)."""
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.args_seen = args
+
+
+def run_prefix(model: nn.Module, batch: Any, first: str) -> Any:
+    """The first positional argument the chain's ``first`` module receives when ``model``
+    runs on ``batch``, computed by the modules before it only."""
+    module = model.get_submodule(first)
+
+    def stop(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        raise _Reached(args)
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        call_model(model, batch)
+    except _Reached as reached:
+        return reached.args_seen[0]
+    finally:
+        handle.remove()
+    raise RuntimeError(f"block-by-block pass: '{first}' did not run on the calibration batch")
+
+
+def run_suffix(model: nn.Module, batch: Any, last: str, x: Any) -> Any:
+    """``model``'s output on ``batch`` when the chain's ``last`` module hands on ``x``
+    instead of its own output: the modules after the chain run on ``x``.  The whole model
+    runs (the chain's own work is discarded), so the suffix sees every argument the
+    model's code gives it."""
+
+    def swap(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        if isinstance(out, tuple) and out:
+            return (x, *out[1:])
+        if isinstance(out, list) and out:
+            return [x, *out[1:]]
+        return x
+
+    handle = model.get_submodule(last).register_forward_hook(swap)
+    try:
+        return call_model(model, batch)
+    finally:
+        handle.remove()
+
+
+def find_ends(model: nn.Module, batch: Any, chain: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Names of the modules that run before the ``chain`` (the model's prefix, e.g. its
+    stem) and after it (its suffix, e.g. the classifier) on ``batch``, each in call
+    order; the chain modules' ancestors and descendants excluded.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(
+        ...     nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...     nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)),
+        ...     nn.Flatten(), nn.LazyLinear(2),
+        ... )
+        >>> find_ends(net, torch.randn(1, 3, 8, 8), ["2.0", "2.1"])
+        (['0', '1'], ['3', '4'])
+    """
+    order: list[str] = []
+    ends = [-1, -1]  # where in ``order`` the chain began and ended
+    ancestors = {n.rsplit(".", i)[0] for n in chain for i in range(1, n.count(".") + 1)} | {""}
+
+    def note(name: str) -> Any:
+        def h(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name == chain[0] and ends[0] < 0:
+                ends[0] = len(order)
+            if name not in order:
+                order.append(name)
+
+        return h
+
+    def last(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if ends[1] < 0:
+            ends[1] = len(order)
+
+    skip = {n for n, _ in model.named_modules() if any(_inside(n, c) for c in chain)}
+    handles = [
+        mod.register_forward_pre_hook(note(name))
+        for name, mod in model.named_modules()
+        if name == chain[0] or (name not in ancestors and name not in skip)
+    ]
+    handles.append(model.get_submodule(chain[-1]).register_forward_hook(last))
+    _run_hooked(model, batch, handles)
+    if min(ends) < 0:
+        return [], []
+    before = [n for n in order[: ends[0]] if n != chain[0]]
+    after = [n for n in order[ends[1] :] if n != chain[0]]
+    return before, after
 
 
 @dataclass(frozen=True)
@@ -139,10 +256,17 @@ def _inside(name: str, block: str) -> bool:
 
 
 def plan_blocks(
-    chain: Sequence[str], analysis: Analysis, keep: Mapping[int, Any]
+    chain: Sequence[str],
+    analysis: Analysis,
+    keep: Mapping[int, Any],
+    prefix: Collection[str] = (),
+    suffix: Collection[str] = (),
 ) -> BlockPlan | str:
     """Merge neighbouring chain modules until every pruned group lies inside one block;
-    a reason (text) when a group reaches outside the chain.
+    a reason (text) when a group reaches outside the chain, its ``prefix`` and its
+    ``suffix`` (:func:`find_ends`).  A group that reaches the prefix puts :data:`PREFIX`
+    at the head of the first block, one that reaches the suffix :data:`SUFFIX` at the
+    tail of the last.
 
     Example::
 
@@ -157,18 +281,35 @@ def plan_blocks(
         ([['0'], ['1'], ['2']], [1, 1, 1])
         >>> plan_blocks(["0", "1", "2"], a, {g.index: None for g in a.prunable}).blocks
         [['0', '1', '2']]
+        >>> plan_blocks(["1"], a, inner, prefix=["0"], suffix=["2"]).blocks  # around '1'
+        [['<prefix>'], ['1'], ['<suffix>']]
     """
+    ends = [(PREFIX, set(prefix)), (SUFFIX, set(suffix))]
+    chain = [PREFIX, *chain, SUFFIX]
     spans: dict[int, tuple[int, int]] = {}
     for gi in keep:
         g = analysis.groups[gi]
         names = [*g.producers, *(s.module for s in g.consumers), *g.passengers]
         idx = set()
         for n in names:
-            hit = [i for i, b in enumerate(chain) if _inside(n, b)]
+            hit = [i for i, b in enumerate(chain[1:-1], 1) if _inside(n, b)]
+            hit += [
+                i
+                for i, (_, end) in zip((0, len(chain) - 1), ends)
+                if any(_inside(n, e) for e in end)
+            ]
             if not hit:
-                return f"unit group '{g.name}' reaches '{n}', outside the chain of blocks"
+                return (
+                    f"unit group '{g.name}' reaches '{n}', outside the chain of blocks "
+                    "and the modules run before and after it"
+                )
             idx.add(hit[0])
         spans[gi] = (min(idx), max(idx))
+    if all(hi < len(chain) - 1 for _, hi in spans.values()):  # no group needs the suffix
+        chain = chain[:-1]
+    if all(lo > 0 for lo, _ in spans.values()):  # nor the prefix
+        chain = chain[1:]
+        spans = {gi: (lo - 1, hi - 1) for gi, (lo, hi) in spans.items()}
     # merge overlapping spans into blocks of consecutive chain modules
     owner = list(range(len(chain)))
     for lo, hi in spans.values():
@@ -238,7 +379,7 @@ def blockwise_correct(
     """
     modules = dict(model.named_modules())
     keep = dict(keep)
-    names = [n for blk in plan.blocks for n in blk]
+    names = [n for blk in plan.blocks for n in blk if n not in (PREFIX, SUFFIX)]
     masks = [token_mask(b) for b in batches]
     first = names[0]
     if calls is None or len(calls) != len(batches):
@@ -248,19 +389,33 @@ def blockwise_correct(
         {n: (tuple(_scrub(a) for a in args), _scrub(kw)) for n, (args, kw) in c.items()}
         for c in calls
     ]
-    xs_o: list[Any] = [c[first][0][0] for c in calls]
+
+    def model_batch(i: int) -> Any:
+        return channels_last_batch(batches[i]) if channels_last else batches[i]
+
+    if plan.blocks[0][0] == PREFIX:  # the first block runs the model from its batches
+        xs_o: list[Any] = list(batches)
+    else:
+        xs_o = [c[first][0][0] for c in calls]
     xs_c: list[Any] = list(xs_o)  # nothing before the chain is pruned
     folds: dict[int, dict[str, np.ndarray]] = {}
     errors: dict[tuple[int, str], float] = {}
 
-    def run_block(mods: Sequence[nn.Module], blk: Sequence[str], x: Any, i: int) -> Any:
+    def run_block(mods: Sequence[nn.Module | None], blk: Sequence[str], x: Any, i: int) -> Any:
         for name, mod in zip(blk, mods):
+            if name == PREFIX:  # the model itself, stopped at the chain
+                x = run_prefix(model, model_batch(i), first)
+                continue
+            if name == SUFFIX:  # the model itself, the chain's output replaced by x
+                x = run_suffix(model, model_batch(i), names[-1], x)
+                continue
+            assert mod is not None
             args, kwargs = calls[i][name]
             x = _hidden(mod(x, *args[1:], **kwargs))
         return x
 
     for blk, gis in zip(plan.blocks, plan.groups):
-        mods = [modules[n] for n in blk]
+        mods = [None if n in (PREFIX, SUFFIX) else modules[n] for n in blk]
         if not gis:
             with torch.no_grad():
                 new_o = [run_block(mods, blk, x, i) for i, x in enumerate(xs_o)]
@@ -270,17 +425,23 @@ def blockwise_correct(
                 ]
             xs_o, xs_c = new_o, new_c
             continue
-        originals = [copy.deepcopy(m) for m in mods]
+        # the original block: a copy of its modules; the prefix and the suffix are the
+        # model's own, which nothing has pruned before their block's fits
+        originals = [None if m is None else copy.deepcopy(m) for m in mods]
         inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
         current = [0]  # the batch the original block is running
         hooks = []
-        at: dict[str, tuple[int, str]] = {}  # consumer -> (its block module, path inside)
+        targets: dict[str, nn.Module] = {}  # consumer -> its module in the original block
         for gi in gis:
             for slot in analysis.groups[gi].consumers:
-                j = next(j for j, b in enumerate(blk) if _inside(slot.module, b))
-                rel = slot.module[len(blk[j]) + 1 :]
-                at[slot.module] = (j, rel)
-                target = originals[j].get_submodule(rel) if rel else originals[j]
+                j = next((j for j, b in enumerate(blk) if _inside(slot.module, b)), -1)
+                orig = None if j < 0 else originals[j]
+                if orig is None:  # a consumer in the prefix or the suffix
+                    target = modules[slot.module]
+                else:
+                    rel = slot.module[len(blk[j]) + 1 :]
+                    target = orig.get_submodule(rel) if rel else orig
+                targets[slot.module] = target
                 pos = torch.as_tensor(slot.positions, dtype=torch.long)
                 keeper = _keeper(inputs, (gi, slot.module), pos, masks, current)
                 hooks.append(target.register_forward_pre_hook(keeper))
@@ -297,27 +458,46 @@ def blockwise_correct(
         if fit == "residual":  # the original operands of the block's residual additions
 
             def original(
-                item: Any, mods: Sequence[nn.Module] = originals, blk: Sequence[str] = blk
+                item: Any, mods: Sequence[nn.Module | None] = originals, blk: Sequence[str] = blk
             ) -> Any:
                 return run_block(mods, blk, item[0], item[1])
 
-            targets = {
-                c: originals[j].get_submodule(r) if r else originals[j] for c, (j, r) in at.items()
-            }
             items = [(x, i) for i, x in enumerate(xs_o)]
             partners = residual_partners(targets, items, original) if contributes else {}
         del originals
         outs: dict[int, Any] = {}
+        # each batch's input to each of the block's modules, as this pass reached it: a
+        # side pass for a consumer starts at its own module (everything before it is final)
+        entry: dict[tuple[int, int], Any] = {}
 
         def runner(
             item: Any,
-            mods: Sequence[nn.Module] = mods,
+            mods: Sequence[nn.Module | None] = mods,
             blk: Sequence[str] = blk,
             outs: dict[int, Any] = outs,
+            entry: dict[tuple[int, int], Any] = entry,
         ) -> Any:
             x, i = item
-            outs[i] = run_block(mods, blk, x, i)
-            return outs[i]
+            for j in range(len(blk)):
+                entry[(i, j)] = x
+                x = run_block(mods[j : j + 1], blk[j : j + 1], x, i)
+            outs[i] = x
+            return x
+
+        def side_runner(
+            name: str,
+            mods: Sequence[nn.Module | None] = mods,
+            blk: Sequence[str] = blk,
+            entry: dict[tuple[int, int], Any] = entry,
+        ) -> Callable[[Any], Any]:
+            # a consumer in the prefix or the suffix: from the block's start
+            j = next((j for j, b in enumerate(blk) if _inside(name, b)), 0)
+
+            def side(item: Any) -> Any:
+                i = item[1]
+                return run_block(mods[j:], blk[j:], entry[(i, j)], i)
+
+            return side
 
         collected = Collected(stats={}, inputs=inputs, n_stored=len(xs_c) if contributes else 0)
         f, e, k = sequential_correct(
@@ -339,6 +519,7 @@ def blockwise_correct(
             ),
             fit=fit,
             partners=partners,
+            side_runner=side_runner,
             warn=warn,
         )
         keep.update(k)

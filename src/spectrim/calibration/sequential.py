@@ -242,6 +242,7 @@ def sequential_correct(
     fit: str = "inputs",
     original: nn.Module | None = None,
     partners: Mapping[str, Sequence[Partner]] | None = None,
+    side_runner: Callable[[str], Callable[[Any], Any]] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
@@ -300,6 +301,11 @@ def sequential_correct(
         partners: instead of ``original``, those operands already found, per consumer
             and per item of ``batches`` (:func:`~spectrim.calibration.outputs.residual_partners`;
             the block-by-block pass finds them on its copy of each original block).
+        side_runner: for ``fit="residual"``, the runner of the side pass that finds a
+            consumer's compressed operand at its addition: ``side_runner(name)`` runs one
+            item from as close before consumer ``name`` as the caller can start (the
+            block-by-block pass: the chain module holding it, from its input in this
+            pass); default ``runner`` (the whole block or model, from the start).
         warn: receives a line for each consumer that keeps the interpolation because its
             output fit would have fewer than
             :data:`~spectrim.calibration.outputs.MIN_ROWS_PER_UNKNOWN` rows per unknown.
@@ -395,7 +401,8 @@ def sequential_correct(
         mine: list[Partner] | None = None
         theirs = found.get(name)
         if theirs is not None:  # the compressed model's operand at the same addition
-            mine = residual_partners({name: module}, run, call, first=True).get(name)
+            side = call if side_runner is None else side_runner(name)
+            mine = residual_partners({name: module}, run, side, first=True).get(name)
             if mine is None:
                 raise RuntimeError(
                     f"sequential calibration: the output of consumer '{name}' no longer "
