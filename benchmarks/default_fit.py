@@ -7,9 +7,13 @@ channel interpolation (``"inputs"``, the default before it), on the same calibra
   only (``auto`` picks the residual fit for a network of 3×3 convolutions, the
   interpolation where every pruned group feeds 1×1 or depthwise convolutions only).
 
-Each model is compressed with both fits one after the other, so the ratio of the two
-times is from the same machine state.  ``fit`` in each row is the fit that ran (the
-report's ``sequential_fit``).
+Each model is compressed with every variant of ``--runs`` one after the other, so the
+ratios of their times are from the same machine state: by default the interpolation
+(``inputs/off``), the default fit on the whole-model pass (``auto/off``, the default of
+stop 29) and the default fit with the default ``blockwise`` (``auto/default``: block by
+block where the residual fit runs).  ``fit`` in each row is the fit that ran (the
+report's ``sequential_fit``), ``blocks`` the blocks its pass ran through (0: the whole
+model).
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/default_fit.py     # ~5 min
 
@@ -37,11 +41,17 @@ from spectrim.zoo import load_dataset, load_pretrained
 # the few-second run of the test suite (tests/test_bench.py; spectrim bench --smoke)
 SMOKE = ["--cifar", "resnet20-cifar10", "--torchvision", "resnet18", "--calib", "64", "--test", "64", "--images", "8", "--size", "64"]  # fmt: skip
 
-FITS = ("inputs", "auto")
+#: ``--runs`` values: the ``blockwise`` argument each names
+BLOCKWISE = {"off": False, "on": True, "default": None}
 
 
 def run(
-    model: torch.nn.Module, calib: Any, method: str, target: str, fit: str, blockwise: bool
+    model: torch.nn.Module,
+    calib: Any,
+    method: str,
+    target: str,
+    fit: str,
+    blockwise: bool | None,
 ) -> tuple[Any, ...]:
     t = time.perf_counter()
     small, report = spectrim.compress(
@@ -63,11 +73,18 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64, help="random images for torchvision")
     ap.add_argument("--size", type=int, default=224, help="torchvision image size")
     ap.add_argument(
-        "--blockwise", action="store_true", help="blockwise=True for every run (block by block)"
+        "--runs",
+        default="inputs/off,auto/off,auto/default",
+        help="comma-separated FIT/BLOCKWISE variants (FIT: a sequential_fit; BLOCKWISE: "
+        "off, on or default, for blockwise=False / True / None)",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "default_fit.json"))
     args = ap.parse_args()
+    variants = [tuple(v.split("/")) for v in args.runs.split(",")]
+    for v in variants:
+        if len(v) != 2 or v[1] not in BLOCKWISE:
+            ap.error(f"--runs: {'/'.join(v)!r} is not FIT/off|on|default")
     os.environ.setdefault(
         "SPECTRIM_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
     )
@@ -80,8 +97,8 @@ def main() -> None:
     for name in cifar:
         model = load_pretrained(name).eval()
         for method in args.methods.split(","):
-            for fit in FITS:
-                small, report, seconds = run(model, calib, method, args.target, fit, args.blockwise)
+            for fit, bw in variants:
+                small, report, seconds = run(model, calib, method, args.target, fit, BLOCKWISE[bw])
                 res = evaluate(small, test, reference=model)
                 rows.append(
                     {
@@ -89,6 +106,8 @@ def main() -> None:
                         "method": method,
                         "asked": fit,
                         "fit": report.sequential_fit,
+                        "blockwise": bw,
+                        "blocks": report.blocks,
                         "seconds": seconds,
                         "macs_ratio": report.macs_ratio,
                         "accuracy": res.accuracy,
@@ -99,7 +118,8 @@ def main() -> None:
                 )
                 print(
                     f"{name:18s} {method:9s} {fit:6s} -> {report.sequential_fit:8s} "
-                    f"top-1 {res.accuracy:.3f} agree {res.agreement:.3f} {seconds:6.1f} s",
+                    f"blocks {report.blocks:2d} top-1 {res.accuracy:.3f} "
+                    f"agree {res.agreement:.3f} {seconds:6.1f} s",
                     flush=True,
                 )
     import torchvision
@@ -114,9 +134,9 @@ def main() -> None:
             for batch in images.split(32):
                 model(batch)
         forward = time.perf_counter() - t
-        for fit in FITS:
+        for fit, bw in variants:
             small, report, seconds = run(
-                model, images.split(32), "id", args.target, fit, args.blockwise
+                model, images.split(32), "id", args.target, fit, BLOCKWISE[bw]
             )
             rows.append(
                 {
@@ -124,6 +144,8 @@ def main() -> None:
                     "method": "id",
                     "asked": fit,
                     "fit": report.sequential_fit,
+                    "blockwise": bw,
+                    "blocks": report.blocks,
                     "seconds": seconds,
                     "seconds_per_forward_pass": seconds / forward,
                     "macs_ratio": report.macs_ratio,
@@ -132,7 +154,8 @@ def main() -> None:
             )
             print(
                 f"{name:18s} id        {fit:6s} -> {report.sequential_fit:8s} "
-                f"{seconds:6.1f} s ({seconds / forward:.1f} forward passes)",
+                f"blocks {report.blocks:2d} {seconds:6.1f} s "
+                f"({seconds / forward:.1f} forward passes)",
                 flush=True,
             )
     save_result(
@@ -143,7 +166,7 @@ def main() -> None:
             "calibration_images": args.calib,
             "torchvision_images": args.images,
             "torchvision_size": args.size,
-            "blockwise": args.blockwise,
+            "runs_asked": args.runs,
             "runs": rows,
         },
         args.threads,

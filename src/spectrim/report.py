@@ -84,8 +84,8 @@ class CompressionReport:
     calibration_rows: int = 0
     fitted_examples: int = 0
     blocks: int = 0
-    """blocks the sequential corrections ran through one at a time (``blockwise=True``;
-    0: the whole model at once)"""
+    """blocks the sequential corrections ran through one at a time (``blockwise``; 0: the
+    whole model at once)"""
     sequential_fit: str = ""
     """the consumer fit the sequential pass used (``"auto"`` resolved; empty: no pass)"""
     groups: list[GroupReport] = field(default_factory=list)

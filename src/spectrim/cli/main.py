@@ -445,9 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--blockwise",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="fit the sequential corrections block by block (transformer layers, residual "
-        "blocks) from cached block inputs: memory for one block, the same fits",
+        "blocks) from cached block inputs: memory for one block, the same fits (default: "
+        "where the residual fit runs and the model is a chain of blocks)",
     )
     p.add_argument(
         "--repair-epochs",
