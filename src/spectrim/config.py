@@ -286,6 +286,11 @@ class CompressConfig:
                 f"sequential_fit={self.sequential_fit!r} must be one of "
                 f"{', '.join(SEQUENTIAL_FITS)}"
             )
+        if self.blockwise not in (True, False, None):
+            raise ValueError(
+                f"blockwise={self.blockwise!r} must be True, False or None (the default: "
+                "block by block where the residual fit runs)"
+            )
         if self.on_unreachable not in _UNREACHABLE:
             raise ValueError(
                 f"on_unreachable={self.on_unreachable!r} must be one of {', '.join(_UNREACHABLE)}"

@@ -213,3 +213,31 @@ def test_groups_reaching_the_stem_and_the_classifier_run_block_by_block(fit: str
     with torch.no_grad():
         plain, _ = spectrim.compress(net, batches, "id", "width=0.5", sequential=False)
         assert _max_diff(plain, block) > 1e-3
+
+
+def test_torchvision_resnet_stem_joins_the_first_block() -> None:
+    """A torchvision ResNet-18: its stem (``conv1``, ``bn1``) produces the first stage's
+    stream, so it runs in the first block, and the residual fit block by block (the
+    default) gives the whole-model pass's weights; a ``blockwise`` that is not a bool or
+    ``None`` is refused by name."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval()
+    x = torch.randn(48, 3, 64, 64)
+    batches = list(x.split(16))
+    chain = find_chain(net, batches[0])
+    assert chain[0] == "layer1.0" and chain[-1] == "layer4.1"
+    assert find_ends(net, batches[0], chain) == (
+        ["conv1", "bn1", "relu", "maxpool"],
+        ["avgpool", "fc"],
+    )
+    kw: dict[str, Any] = {"sequential_fraction": 1.0, "sequential_fit": "residual"}
+    whole, r1 = spectrim.compress(net, batches, "id", "macs=0.6", blockwise=False, **kw)
+    block, r2 = spectrim.compress(net, batches, "id", "macs=0.6", **kw)
+    assert r1.blocks == 0 and r2.blocks >= 1
+    assert not any("blockwise" in w for w in r2.warnings), r2.warnings
+    stem = next(g for g in r2.groups if g.name == "conv1")
+    assert stem.width_after < stem.width_before  # the stem's group was pruned and fitted
+    assert _max_diff(whole, block) < 1e-5
+    with pytest.raises(ValueError, match="blockwise='yes'"):
+        spectrim.compress(net, batches, "id", "macs=0.6", blockwise="yes")

@@ -21,11 +21,12 @@ test_blocks.py``).  The statistics pass and the allocation are unchanged.
 the children of ``nn.ModuleList`` / ``nn.Sequential`` containers where each call's first
 argument is the previous call's output.  :func:`plan_blocks` merges neighbours so that
 every pruned group (producers, consumers, passengers) lies inside one block.  A group that
-reaches the modules run before the chain (:func:`find_prefix`: a stem convolution and its
-BatchNorm) puts that prefix at the head of the first block (:data:`PREFIX`): its block
-runs the model from the calibration batch up to the chain, and nothing in it is pruned
-before its original outputs are kept.  A group that reaches elsewhere outside the chain
-(e.g. the classifier) leaves the whole-model pass in charge.
+reaches the modules run before or after the chain (:func:`find_ends`: a stem convolution
+and its BatchNorm, a classifier) puts them at the head of the first block (:data:`PREFIX`)
+or at the tail of the last (:data:`SUFFIX`): those blocks run the model itself from the
+calibration batch up to the chain, or from the chain's output on, and nothing in them is
+pruned before their original outputs are kept.  A group that reaches elsewhere outside
+the chain leaves the whole-model pass in charge.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class _Reached(BaseException):
         self.args_seen = args
 
 
-def run_prefix(model: nn.Module, batch: Any, first: str) -> Any:
+def _run_prefix(model: nn.Module, batch: Any, first: str) -> Any:
     """The first positional argument the chain's ``first`` module receives when ``model``
     runs on ``batch``, computed by the modules before it only."""
     module = model.get_submodule(first)
@@ -175,7 +176,7 @@ def run_prefix(model: nn.Module, batch: Any, first: str) -> Any:
     raise RuntimeError(f"block-by-block pass: '{first}' did not run on the calibration batch")
 
 
-def run_suffix(model: nn.Module, batch: Any, last: str, x: Any) -> Any:
+def _run_suffix(model: nn.Module, batch: Any, last: str, x: Any) -> Any:
     """``model``'s output on ``batch`` when the chain's ``last`` module hands on ``x``
     instead of its own output: the modules after the chain run on ``x``.  The whole model
     runs (the chain's own work is discarded), so the suffix sees every argument the
@@ -238,9 +239,7 @@ def find_ends(model: nn.Module, batch: Any, chain: Sequence[str]) -> tuple[list[
     _run_hooked(model, batch, handles)
     if min(ends) < 0:
         return [], []
-    before = [n for n in order[: ends[0]] if n != chain[0]]
-    after = [n for n in order[ends[1] :] if n != chain[0]]
-    return before, after
+    return order[: ends[0]], order[ends[1] :]
 
 
 @dataclass(frozen=True)
@@ -284,7 +283,7 @@ def plan_blocks(
         >>> plan_blocks(["1"], a, inner, prefix=["0"], suffix=["2"]).blocks  # around '1'
         [['<prefix>'], ['1'], ['<suffix>']]
     """
-    ends = [(PREFIX, set(prefix)), (SUFFIX, set(suffix))]
+    ends = {0: set(prefix), len(chain) + 1: set(suffix)}  # their positions in the chain
     chain = [PREFIX, *chain, SUFFIX]
     spans: dict[int, tuple[int, int]] = {}
     for gi in keep:
@@ -293,11 +292,7 @@ def plan_blocks(
         idx = set()
         for n in names:
             hit = [i for i, b in enumerate(chain[1:-1], 1) if _inside(n, b)]
-            hit += [
-                i
-                for i, (_, end) in zip((0, len(chain) - 1), ends)
-                if any(_inside(n, e) for e in end)
-            ]
+            hit += [i for i, end in ends.items() if any(_inside(n, e) for e in end)]
             if not hit:
                 return (
                     f"unit group '{g.name}' reaches '{n}', outside the chain of blocks "
@@ -404,10 +399,10 @@ def blockwise_correct(
     def run_block(mods: Sequence[nn.Module | None], blk: Sequence[str], x: Any, i: int) -> Any:
         for name, mod in zip(blk, mods):
             if name == PREFIX:  # the model itself, stopped at the chain
-                x = run_prefix(model, model_batch(i), first)
+                x = _run_prefix(model, model_batch(i), first)
                 continue
             if name == SUFFIX:  # the model itself, the chain's output replaced by x
-                x = run_suffix(model, model_batch(i), names[-1], x)
+                x = _run_suffix(model, model_batch(i), names[-1], x)
                 continue
             assert mod is not None
             args, kwargs = calls[i][name]
@@ -479,7 +474,8 @@ def blockwise_correct(
         ) -> Any:
             x, i = item
             for j in range(len(blk)):
-                entry[(i, j)] = x
+                if fit == "residual":  # only its side passes start inside the block
+                    entry[(i, j)] = x
                 x = run_block(mods[j : j + 1], blk[j : j + 1], x, i)
             outs[i] = x
             return x
