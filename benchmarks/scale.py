@@ -23,10 +23,15 @@ Parts (``--parts``, default all that the machine can run):
   (``SketchIDSolver``'s order) against the exact ID's: their overlap and the exact
   least-squares error of reconstructing the layer from each set.
 * ``blocks``: the sequential corrections block by block (``blockwise=True``) against the
-  whole-model pass, each in a fresh process: the pretrained CIFAR-10 ResNet-56 (``id``,
-  ``macs=0.5``, 1000 images, fitted on all of them) and the real all-MiniLM-L6-v2 (``id``,
-  half of every FFN, ``--minilm-calib`` seeded sts-train sentences, fitted on all):
-  seconds, peak RSS, and the largest difference between the two results' outputs.
+  whole-model pass, each in a fresh process, for the models of ``--blocks-models``: the
+  pretrained CIFAR-10 ResNet-56 (``resnet56``: ``id``, ``macs=0.5``, ``--calib`` images),
+  the real all-MiniLM-L6-v2 (``minilm``: ``id``, half of every FFN, ``--minilm-calib``
+  seeded sts-train sentences) and a torchvision ResNet-50 with random weights
+  (``resnet50``: ``id``, ``macs=0.5``, ``--images`` random 224² images in batches of
+  32), all fitted on every calibration example, with the consumer fit ``--blocks-fit``
+  (``inputs``, the interpolation; ``auto``, the default, which runs the residual output
+  fit on the ResNets): seconds, peak RSS, and the largest difference between the two
+  results' outputs.
 * ``offload``: a model held on disk by accelerate (``from_pretrained(device_map={"": "disk"},
   offload_folder=...)``) against the same model in memory, compressed block by block
   (``id``, half of every FFN): a random-weight BERT-base (110M parameters, 440 MB in
@@ -304,24 +309,43 @@ def _minilm(
     return model, batches, held
 
 
-def blocks_one(which: str, blockwise: bool, calib: int, out: str) -> dict[str, Any]:
+BLOCK_MODELS = ("resnet56", "minilm", "resnet50")
+
+
+def blocks_one(which: str, blockwise: bool, calib: int, out: str, fit: str) -> dict[str, Any]:
     """One model compressed with the whole-model or the block-by-block sequential pass;
     its outputs on held-out inputs saved to ``out``."""
-    from _results import compress
+    import spectrim
 
     if which == "resnet56":
         from spectrim.zoo import load_dataset, load_pretrained
 
         model = load_pretrained("resnet56-cifar10").eval()
-        batches = _resnet_batches(calib)
+        batches: Any = _resnet_batches(calib)
         held: list[Any] = list(load_dataset("cifar10", "test", limit=256).tensors[0].split(64))
+        target = "macs=0.5"
+    elif which == "resnet50":
+        import torchvision
+
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50(weights=None).eval()
+        g = torch.Generator().manual_seed(0)
+        batches = list(torch.randn(calib, 3, 224, 224, generator=g).split(32))
+        held = [torch.randn(16, 3, 224, 224, generator=g)]
         target = "macs=0.5"
     else:
         model, batches, held = _minilm(calib)
         target = "width=0.5"
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
-    small, report = compress(
-        model, batches, "id", target, sequential_fraction=1.0, blockwise=blockwise
+    small, report = spectrim.compress(
+        model,
+        batches,
+        "id",
+        target,
+        sequential_fraction=1.0,
+        blockwise=blockwise,
+        sequential_fit=fit,
     )
     total = time.perf_counter() - t
     with torch.no_grad():
@@ -332,12 +356,16 @@ def blocks_one(which: str, blockwise: bool, calib: int, out: str) -> dict[str, A
     return {
         "model": which,
         "blockwise": blockwise,
+        "asked_fit": fit,
+        "fit": report.sequential_fit,
+        "blocks": report.blocks,
         "calibration": calib,
         "fitted_examples": report.fitted_examples,
         "compress_s": total,
         "timings": {k: round(v, 4) for k, v in report.timings.items()},
         "macs_ratio": report.macs_ratio,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_before_compress_bytes": rss_model,
         "warnings": [w for w in report.warnings if "blockwise" in w],
     }
 
@@ -345,12 +373,15 @@ def blocks_one(which: str, blockwise: bool, calib: int, out: str) -> dict[str, A
 def part_blocks(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for which, calib in (("resnet56", args.calib), ("minilm", args.minilm_calib)):
+        sizes = {"resnet56": args.calib, "minilm": args.minilm_calib, "resnet50": args.images}
+        for which in args.blocks_models:
+            calib = sizes[which]
             outs = {}
             for blockwise in (False, True):
                 path = str(Path(tmp) / f"{which}-{blockwise}.pt")
                 cmd = [sys.executable, __file__, "--blocks-one", which, str(int(blockwise)),
-                       str(calib), path, "--threads", str(args.threads)]  # fmt: skip
+                       str(calib), path, args.blocks_fit,
+                       "--threads", str(args.threads)]  # fmt: skip
                 res = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if res.returncode != 0:
                     rows.append(
@@ -362,9 +393,11 @@ def part_blocks(args: argparse.Namespace) -> list[dict[str, Any]]:
                 outs[blockwise] = torch.load(path)
                 rows.append(row)
                 print(
-                    f"{which} {'block by block' if blockwise else 'whole model'}: compress "
+                    f"{which} {'block by block' if blockwise else 'whole model'} "
+                    f"({row['fit']} fit, {row['blocks']} blocks): compress "
                     f"{row['compress_s']:.1f} s (apply {row['timings'].get('apply', 0):.2f} s), "
-                    f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB, fitted on "
+                    f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB (before compress "
+                    f"{row['peak_rss_before_compress_bytes'] / 2**20:.0f}), fitted on "
                     f"{row['fitted_examples']} {row['warnings']}",
                     flush=True,
                 )
@@ -640,7 +673,12 @@ def main() -> None:
     ap.add_argument("--wide-one", nargs=2, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--sketch-one", nargs=3, type=float, help=argparse.SUPPRESS)
     ap.add_argument("--minilm-calib", type=int, default=1024, help="MiniLM sentences (blocks)")
-    ap.add_argument("--blocks-one", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--blocks-models", nargs="+", choices=BLOCK_MODELS, default=["resnet56", "minilm"]
+    )
+    ap.add_argument("--blocks-fit", default="inputs", help="the sequential_fit of the blocks part")
+    ap.add_argument("--images", type=int, default=64, help="random 224² images (resnet50)")
+    ap.add_argument("--blocks-one", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--procs-worker", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--offload-one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -653,8 +691,8 @@ def main() -> None:
         print(json.dumps(sketch_one(int(m), int(n), share)))
         return
     if args.blocks_one:
-        which, bw, calib, out = args.blocks_one
-        print(json.dumps(blocks_one(which, bool(int(bw)), int(calib), out)))
+        which, bw, calib, out, fit = args.blocks_one
+        print(json.dumps(blocks_one(which, bool(int(bw)), int(calib), out, fit)))
         return
     if args.offload_one:
         print(json.dumps(offload_one(*args.offload_one)))

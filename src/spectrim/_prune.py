@@ -42,7 +42,15 @@ from spectrim.budget import (
 )
 from spectrim.calibration import Collected, collect
 from spectrim.calibration.batches import stack_examples
-from spectrim.calibration.blocks import blockwise_correct, find_chain, find_ends, plan_blocks
+from spectrim.calibration.blocks import (
+    PREFIX,
+    SUFFIX,
+    blockwise_correct,
+    find_chain,
+    find_ends,
+    plan_blocks,
+    suffix_reads_chain_only,
+)
 from spectrim.calibration.checks import CalibrationInfo, rows_per_group
 from spectrim.calibration.outputs import resolve_fit
 from spectrim.calibration.sequential import sequential_correct
@@ -301,6 +309,18 @@ def _chain(state: ChannelRun, quiet: bool = False) -> list[str]:
             chain, state.analysis, {g.index: None for g in state.groups}, *state.ends
         )
         why = plan if isinstance(plan, str) else ""
+        ends = (
+            not isinstance(plan, str)
+            and plan.blocks[0][0] == PREFIX
+            and plan.blocks[-1][-1] == SUFFIX
+        )
+        if ends and not state.ctx.team.broadcast(
+            suffix_reads_chain_only(state.work, state.example, chain)
+        ):
+            why = (
+                "the modules after the chain of blocks also read what the modules before "
+                "it computed, so they cannot run as a block on the pruned prefix"
+            )
     if why:
         if not quiet:
             state.report.warnings.append(
@@ -687,7 +707,7 @@ def apply_stage(state: ChannelRun) -> None:
         state.report.fitted_examples = int(state.ctx.team.total(fitted))
         fallback: list[str] = []  # consumers whose output fit had too few rows
         if state.chain:
-            plan = plan_blocks(state.chain, analysis, keep, *state.ends)
+            plan = plan_blocks(state.chain, analysis, keep, *state.ends, whole=reselect)
             assert not isinstance(plan, str)  # checked on all groups before collecting
             state.report.blocks = len(plan.blocks)
             folds, state.seq_errors, keep = blockwise_correct(

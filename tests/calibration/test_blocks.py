@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 import spectrim
-from spectrim.calibration.blocks import PREFIX, SUFFIX, find_chain, find_ends, plan_blocks
+from spectrim.calibration.blocks import (
+    PREFIX,
+    SUFFIX,
+    find_chain,
+    find_ends,
+    plan_blocks,
+    suffix_reads_chain_only,
+)
 from spectrim.graph import analyze_channels
 
 
@@ -107,25 +114,39 @@ def test_transformer_layers_blockwise(family: str, fit: str) -> None:
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_groups_across_blocks_merge_them_and_outside_the_chain_fall_back() -> None:
+def test_groups_across_blocks_span_them_and_outside_the_chain_fall_back() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
     x = torch.randn(64, 4)
     chain = find_chain(net, x)
     assert chain == ["0", "1", "2", "3", "4"]
     a = analyze_channels(net, x)
-    plan = plan_blocks(chain, a, {g.index: None for g in a.prunable})
+    everything = {g.index: None for g in a.prunable}
+    plan = plan_blocks(chain, a, everything)
     assert not isinstance(plan, str)
-    assert plan.blocks == [["0", "1", "2", "3", "4"]]  # each group spans two layers
+    # each group spans three layers (producer, ReLU, consumer): one block per layer,
+    # each group listed in every block it touches
+    assert plan.blocks == [["0"], ["1"], ["2"], ["3"], ["4"]]
+    assert sum(len(g) for g in plan.groups) > len(everything)
+    assert plan.member(2)("2") and not plan.member(2)("0")
+    # a group chosen in the pass must lie in one block: its span merges
+    merged = plan_blocks(chain, a, everything, whole=everything)
+    assert not isinstance(merged, str) and merged.blocks == [chain]
     # a chain that leaves the first Linear outside: its group reaches outside
-    why = plan_blocks(chain[1:], a, {g.index: None for g in a.prunable})
+    why = plan_blocks(chain[1:], a, everything)
     assert isinstance(why, str) and "'0'" in why
-    # compress: one block of five layers is still the chain's pass, the same fits
-    whole, _ = spectrim.compress(net, [x], "id", "width=0.5")
+    # compress: five blocks, each slicing and fitting its share, the same fits
+    whole, _ = spectrim.compress(net, [x], "id", "width=0.5", blockwise=False)
     block, rep = spectrim.compress(net, [x], "id", "width=0.5", blockwise=True)
     assert not any("blockwise" in w for w in rep.warnings), rep.warnings
-    assert rep.blocks == 1
+    assert rep.blocks == 5
     assert _max_diff(whole, block) < 1e-5
+    for fit in ("inputs", "residual"):  # with the pass's own selection: one block
+        kw: dict[str, Any] = {"sequential_select": True, "sequential_fit": fit}
+        w2, _ = spectrim.compress(net, [x], "id", "width=0.5", blockwise=False, **kw)
+        b2, r2 = spectrim.compress(net, [x], "id", "width=0.5", blockwise=True, **kw)
+        assert r2.blocks == 1 and _max_diff(w2, b2) < 1e-5
+        assert _max_diff(block, b2) > 1e-4  # the selection did choose other channels
 
     class Flat(nn.Module):  # no ModuleList / Sequential: no chain
         def __init__(self) -> None:
@@ -172,6 +193,56 @@ class _StemNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class _BranchNet(nn.Module):
+    """An Inception-like model: the chain is one branch, and the modules after it also
+    read the stem's output (the other branch), not only the chain's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(12, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1))
+        self.side = nn.Conv2d(12, 8, 3, padding=1)
+        self.head = nn.Conv2d(16, 10, 3, padding=1)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y = torch.cat([self.branch(x), self.side(x)], 1)
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fit", ["inputs", "residual"])
+def test_a_suffix_that_reads_the_prefix_leaves_the_whole_model_pass(fit: str) -> None:
+    """Where the modules after the chain read what the modules before it computed (not
+    only the chain's output), the original side of the suffix cannot run on a pruned
+    prefix: a plan that prunes both ends leaves the whole-model pass in charge (silently
+    by default, with a warning that says why for ``blockwise=True``).  The
+    stem-and-classifier model's suffix reads the chain alone."""
+    torch.manual_seed(0)
+    net = _BranchNet().eval()
+    x = torch.randn(64, 3, 8, 8)
+    batches = list(x.split(32))
+    chain = find_chain(net, batches[0])
+    assert chain == ["branch.0", "branch.1"]
+    prefix, suffix = find_ends(net, batches[0], chain)
+    assert prefix == ["stem"] and suffix == ["side", "head", "fc"]
+    assert not suffix_reads_chain_only(net, batches[0], chain)
+    assert not suffix_reads_chain_only(net, batches[0][:1], chain)  # one example: noise
+    a = analyze_channels(net, batches[0])
+    plan = plan_blocks(chain, a, {g.index: None for g in a.prunable}, prefix, suffix)
+    assert not isinstance(plan, str) and plan.blocks[0] == [PREFIX] and plan.blocks[-1] == [SUFFIX]
+    kw: dict[str, Any] = {"sequential_fraction": 1.0, "sequential_fit": fit}
+    whole, _ = spectrim.compress(net, batches, "id", "width=0.5", blockwise=False, **kw)
+    block, rep = spectrim.compress(net, batches, "id", "width=0.5", blockwise=True, **kw)
+    assert rep.blocks == 0
+    assert any("blockwise" in w and "read what the modules before" in w for w in rep.warnings)
+    _, quiet = spectrim.compress(net, batches, "id", "width=0.5", **kw)
+    assert quiet.blocks == 0 and not any("blockwise" in w for w in quiet.warnings)
+    assert _max_diff(whole, block) == 0.0
+    stem_net = _StemNet().eval()
+    assert suffix_reads_chain_only(stem_net, batches[0], find_chain(stem_net, batches[0]))
+
+
 @pytest.mark.parametrize("fit", ["inputs", "residual"])
 def test_groups_reaching_the_stem_and_the_classifier_run_block_by_block(fit: str) -> None:
     """The stem's group and the last stream's (read by the classifier) put the model's
@@ -215,9 +286,10 @@ def test_groups_reaching_the_stem_and_the_classifier_run_block_by_block(fit: str
         assert _max_diff(plain, block) > 1e-3
 
 
-def test_torchvision_resnet_stem_joins_the_first_block() -> None:
+def test_torchvision_resnet_runs_one_residual_block_at_a_time() -> None:
     """A torchvision ResNet-18: its stem (``conv1``, ``bn1``) produces the first stage's
-    stream, so it runs in the first block, and the residual fit block by block (the
+    stream, so it runs as a block of its own, and each stage's stream group spans the
+    stage's residual blocks without merging them; the residual fit block by block (the
     default) gives the whole-model pass's weights; a ``blockwise`` that is not a bool or
     ``None`` is refused by name."""
     torchvision = pytest.importorskip("torchvision")
@@ -234,10 +306,12 @@ def test_torchvision_resnet_stem_joins_the_first_block() -> None:
     kw: dict[str, Any] = {"sequential_fraction": 1.0, "sequential_fit": "residual"}
     whole, r1 = spectrim.compress(net, batches, "id", "macs=0.6", blockwise=False, **kw)
     block, r2 = spectrim.compress(net, batches, "id", "macs=0.6", **kw)
-    assert r1.blocks == 0 and r2.blocks >= 1
+    assert r1.blocks == 0 and r2.blocks == len(chain) + 1  # the stem, then one per module
     assert not any("blockwise" in w for w in r2.warnings), r2.warnings
-    stem = next(g for g in r2.groups if g.name == "conv1")
-    assert stem.width_after < stem.width_before  # the stem's group was pruned and fitted
+    narrowed = {g.name for g in r2.groups if g.width_after < g.width_before}
+    # the stem's group (the first stage's stream, read by both of its blocks and the
+    # next stage's first) and a later stage's stream were pruned and fitted
+    assert {"conv1", "layer2.0.conv2"} <= narrowed, narrowed
     assert _max_diff(whole, block) < 1e-5
     with pytest.raises(ValueError, match="blockwise='yes'"):
         spectrim.compress(net, batches, "id", "macs=0.6", blockwise="yes")

@@ -19,11 +19,15 @@ test_blocks.py``).  The statistics pass and the allocation are unchanged.
 
 :func:`find_chain` finds the chain by running the model once: the longest run of calls of
 the children of ``nn.ModuleList`` / ``nn.Sequential`` containers where each call's first
-argument is the previous call's output.  :func:`plan_blocks` merges neighbours so that
-every pruned group (producers, consumers, passengers) lies inside one block.  A group that
+argument is the previous call's output.  :func:`plan_blocks` makes each chain module a
+block.  A pruned group may span blocks (a residual stream read by every block of a
+stage): each block slices its own share of the group's producers, passengers and
+consumers and fits its consumers, and hands the next block an output already narrowed.
+Only a group whose channels are chosen in the pass (``sequential_select``) merges the
+blocks it spans, as its channels are known only at its first consumer.  A group that
 reaches the modules run before or after the chain (:func:`find_ends`: a stem convolution
-and its BatchNorm, a classifier) puts them at the head of the first block (:data:`PREFIX`)
-or at the tail of the last (:data:`SUFFIX`): those blocks run the model itself from the
+and its BatchNorm, a classifier) adds them as a block before the chain (:data:`PREFIX`)
+or after it (:data:`SUFFIX`): those blocks run the model itself from the
 calibration batch up to the chain, or from the chain's output on, and nothing in them is
 pruned before their original outputs are kept.  A group that reaches elsewhere outside
 the chain leaves the whole-model pass in charge.
@@ -38,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from greenlet import getcurrent
 from torch import nn
 
 from spectrim.calibration.batches import drop_padding, token_mask
@@ -48,7 +53,7 @@ from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
 from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.modules import input_channel_axis
-from spectrim.graph.trace import call_model
+from spectrim.graph.trace import _tensors, call_model
 
 __all__ = [
     "PREFIX",
@@ -58,6 +63,7 @@ __all__ = [
     "find_chain",
     "find_ends",
     "plan_blocks",
+    "suffix_reads_chain_only",
 ]
 
 #: the names a block plan gives the modules run before the chain (the model's prefix, e.g.
@@ -162,9 +168,11 @@ def _run_prefix(model: nn.Module, batch: Any, first: str) -> Any:
     """The first positional argument the chain's ``first`` module receives when ``model``
     runs on ``batch``, computed by the modules before it only."""
     module = model.get_submodule(first)
+    owner = getcurrent()  # the lock-step runs batches in greenlets: only this one stops
 
     def stop(mod: nn.Module, args: tuple[Any, ...]) -> None:
-        raise _Reached(args)
+        if getcurrent() is owner:
+            raise _Reached(args)
 
     handle = module.register_forward_pre_hook(stop)
     try:
@@ -182,7 +190,11 @@ def _run_suffix(model: nn.Module, batch: Any, last: str, x: Any) -> Any:
     runs (the chain's own work is discarded), so the suffix sees every argument the
     model's code gives it."""
 
+    owner = getcurrent()  # the lock-step runs batches in greenlets: only this one swaps
+
     def swap(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        if getcurrent() is not owner:
+            return None
         if isinstance(out, tuple) and out:
             return (x, *out[1:])
         if isinstance(out, list) and out:
@@ -242,12 +254,76 @@ def find_ends(model: nn.Module, batch: Any, chain: Sequence[str]) -> tuple[list[
     return order[: ends[0]], order[ends[1] :]
 
 
+def _flipped(batch: Any, gen: torch.Generator) -> Any:
+    """``batch`` with its examples in reverse order (every tensor alike), or, for a batch
+    of one, its floating tensors replaced by noise of their scale."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() and batch.shape[0] > 1:
+            return batch.flip(0)
+        if batch.is_floating_point():
+            noise = torch.randn(batch.shape, generator=gen, dtype=batch.dtype)
+            return noise * batch.std().clamp_min(1.0) + batch.mean()
+        return batch
+    if isinstance(batch, Mapping):
+        return {k: _flipped(v, gen) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_flipped(v, gen) for v in batch)
+    return batch
+
+
+def suffix_reads_chain_only(model: nn.Module, batch: Any, chain: Sequence[str]) -> bool:
+    """Whether the modules after the ``chain`` compute the model's output from the
+    chain's last output alone: the suffix's output with the chain's output held fixed
+    does not move, bit for bit, when the model's input does.  A model whose later modules
+    also read what the modules before the chain computed (an Inception module whose
+    other branches read the input of the chain's branch) fails this: the original side
+    of its suffix cannot run on a prefix already pruned, so a plan that prunes both the
+    prefix and the suffix leaves the whole-model pass in charge.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.ReLU(), nn.Linear(8, 8)),
+        ...                     nn.Linear(8, 2))
+        >>> suffix_reads_chain_only(net, torch.randn(3, 4), ["1.0", "1.1"])
+        True
+    """
+    seen: list[Any] = []
+
+    def keep(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        seen.append(_hidden(out))
+
+    handle = model.get_submodule(chain[-1]).register_forward_hook(keep)
+    _run_hooked(model, batch, [handle])
+    if not seen or not isinstance(seen[-1], torch.Tensor):
+        return False
+    x = seen[-1]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        a = _tensors(_run_suffix(model, batch, chain[-1], x))
+        b = _tensors(_run_suffix(model, _flipped(batch, gen), chain[-1], x))
+    # bit for bit: the suffix ran on the same tensor, so only a read of something else
+    # can move it (a tolerance would miss a model whose outputs hardly vary)
+    return len(a) == len(b) and all(u.shape == v.shape and torch.equal(u, v) for u, v in zip(a, b))
+
+
 @dataclass(frozen=True)
 class BlockPlan:
-    """Blocks of consecutive chain modules and the pruned groups inside each."""
+    """Blocks of consecutive chain modules, the pruned groups each touches (a group that
+    spans blocks is listed in each), and the modules :data:`PREFIX` and :data:`SUFFIX`
+    stand for."""
 
     blocks: list[list[str]]
     groups: list[list[int]]
+    prefix: tuple[str, ...] = ()
+    suffix: tuple[str, ...] = ()
+
+    def member(self, b: int) -> Callable[[str], bool]:
+        """Whether a module (or parameter), by qualified name, belongs to block ``b``."""
+        roots = [n for n in self.blocks[b] if n not in (PREFIX, SUFFIX)]
+        roots += list(self.prefix) if PREFIX in self.blocks[b] else []
+        roots += list(self.suffix) if SUFFIX in self.blocks[b] else []
+        return lambda name: any(_inside(name, r) for r in roots)
 
 
 def _inside(name: str, block: str) -> bool:
@@ -260,12 +336,17 @@ def plan_blocks(
     keep: Mapping[int, Any],
     prefix: Collection[str] = (),
     suffix: Collection[str] = (),
+    whole: Collection[int] = (),
 ) -> BlockPlan | str:
-    """Merge neighbouring chain modules until every pruned group lies inside one block;
-    a reason (text) when a group reaches outside the chain, its ``prefix`` and its
-    ``suffix`` (:func:`find_ends`).  A group that reaches the prefix puts :data:`PREFIX`
-    at the head of the first block, one that reaches the suffix :data:`SUFFIX` at the
-    tail of the last.
+    """One block per chain module, or a reason (text) when a pruned group reaches
+    outside the chain, its ``prefix`` and its ``suffix`` (:func:`find_ends`).  A group
+    that reaches the prefix adds a block :data:`PREFIX` before the chain, one that
+    reaches the suffix a block :data:`SUFFIX` after it.
+
+    A group may span blocks: each block slices and fits its own share of the group's
+    producers, passengers and consumers, and hands the next block an output already
+    narrowed.  The groups in ``whole`` (those whose channels are chosen in the pass,
+    ``sequential_select``) merge the blocks they span into one.
 
     Example::
 
@@ -274,18 +355,19 @@ def plan_blocks(
         >>> mlp = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
         >>> net = nn.Sequential(mlp(), mlp(), mlp())
         >>> a = analyze_channels(net, torch.randn(2, 4))
-        >>> inner = {g.index: None for g in a.prunable if g.width == 8}  # inside each block
-        >>> plan = plan_blocks(["0", "1", "2"], a, inner)
-        >>> plan.blocks, [len(g) for g in plan.groups]
-        ([['0'], ['1'], ['2']], [1, 1, 1])
-        >>> plan_blocks(["0", "1", "2"], a, {g.index: None for g in a.prunable}).blocks
+        >>> everything = {g.index: None for g in a.prunable}
+        >>> plan = plan_blocks(["0", "1", "2"], a, everything)
+        >>> plan.blocks, [len(g) for g in plan.groups]  # the 4-wide groups span two blocks
+        ([['0'], ['1'], ['2']], [2, 3, 2])
+        >>> plan_blocks(["0", "1", "2"], a, everything, whole=everything).blocks
         [['0', '1', '2']]
+        >>> inner = {g.index: None for g in a.prunable if g.width == 8}  # inside each block
         >>> plan_blocks(["1"], a, inner, prefix=["0"], suffix=["2"]).blocks  # around '1'
         [['<prefix>'], ['1'], ['<suffix>']]
     """
     ends = {0: set(prefix), len(chain) + 1: set(suffix)}  # their positions in the chain
     chain = [PREFIX, *chain, SUFFIX]
-    spans: dict[int, tuple[int, int]] = {}
+    touched: dict[int, set[int]] = {}
     for gi in keep:
         g = analysis.groups[gi]
         names = [*g.producers, *(s.module for s in g.consumers), *g.passengers]
@@ -299,30 +381,31 @@ def plan_blocks(
                     "and the modules run before and after it"
                 )
             idx.add(hit[0])
-        spans[gi] = (min(idx), max(idx))
-    if all(hi < len(chain) - 1 for _, hi in spans.values()):  # no group needs the suffix
+        touched[gi] = idx
+    if all(max(ix) < len(chain) - 1 for ix in touched.values()):  # no group needs the suffix
         chain = chain[:-1]
-    if all(lo > 0 for lo, _ in spans.values()):  # nor the prefix
+    if all(min(ix) > 0 for ix in touched.values()):  # nor the prefix
         chain = chain[1:]
-        spans = {gi: (lo - 1, hi - 1) for gi, (lo, hi) in spans.items()}
-    # merge overlapping spans into blocks of consecutive chain modules
+        touched = {gi: {i - 1 for i in ix} for gi, ix in touched.items()}
+    # merge the span of every group that must lie in one block
     owner = list(range(len(chain)))
-    for lo, hi in spans.values():
+    spans = [(min(touched[gi]), max(touched[gi])) for gi in whole if gi in touched]
+    for lo, hi in spans:
         for i in range(lo + 1, hi + 1):
             owner[i] = owner[lo]
     blocks: list[list[str]] = []
-    starts: list[int] = []
+    block_of: list[int] = []  # chain position -> block
     for i, name in enumerate(chain):
         if owner[i] == i:  # not merged into the block before
             blocks.append([name])
-            starts.append(i)
         else:
             blocks[-1].append(name)
+        block_of.append(len(blocks) - 1)
     groups: list[list[int]] = [[] for _ in blocks]
-    for gi, (lo, _) in spans.items():
-        b = max(j for j, s in enumerate(starts) if s <= lo)
-        groups[b].append(gi)
-    return BlockPlan(blocks, groups)
+    for gi, ix in touched.items():
+        for b in sorted({block_of[i] for i in ix}):
+            groups[b].append(gi)
+    return BlockPlan(blocks, groups, tuple(prefix), tuple(suffix))
 
 
 def _scrub(value: Any) -> Any:
@@ -409,8 +492,9 @@ def blockwise_correct(
             x = _hidden(mod(x, *args[1:], **kwargs))
         return x
 
-    for blk, gis in zip(plan.blocks, plan.groups):
+    for b, (blk, gis) in enumerate(zip(plan.blocks, plan.groups)):
         mods = [None if n in (PREFIX, SUFFIX) else modules[n] for n in blk]
+        member = plan.member(b)
         if not gis:
             with torch.no_grad():
                 new_o = [run_block(mods, blk, x, i) for i, x in enumerate(xs_o)]
@@ -429,7 +513,9 @@ def blockwise_correct(
         targets: dict[str, nn.Module] = {}  # consumer -> its module in the original block
         for gi in gis:
             for slot in analysis.groups[gi].consumers:
-                j = next((j for j, b in enumerate(blk) if _inside(slot.module, b)), -1)
+                if not member(slot.module):  # fitted in its own block
+                    continue
+                j = next((j for j, c in enumerate(blk) if _inside(slot.module, c)), -1)
                 orig = None if j < 0 else originals[j]
                 if orig is None:  # a consumer in the prefix or the suffix
                     target = modules[slot.module]
@@ -487,7 +573,7 @@ def blockwise_correct(
             entry: dict[tuple[int, int], Any] = entry,
         ) -> Callable[[Any], Any]:
             # a consumer in the prefix or the suffix: from the block's start
-            j = next((j for j, b in enumerate(blk) if _inside(name, b)), 0)
+            j = next((j for j, c in enumerate(blk) if _inside(name, c)), 0)
 
             def side(item: Any) -> Any:
                 i = item[1]
@@ -517,9 +603,11 @@ def blockwise_correct(
             partners=partners,
             side_runner=side_runner,
             warn=warn,
+            within=member,
         )
         keep.update(k)
-        folds.update(f)
+        for gi, at in f.items():  # a group spanning blocks has consumers in several
+            folds.setdefault(gi, {}).update(at)
         errors.update(e)
         xs_o, xs_c = new_o, [outs[i] for i in range(len(xs_c))]
     return folds, errors, keep

@@ -244,6 +244,7 @@ def sequential_correct(
     partners: Mapping[str, Sequence[Partner]] | None = None,
     side_runner: Callable[[str], Callable[[Any], Any]] | None = None,
     warn: Callable[[str], None] | None = None,
+    within: Callable[[str], bool] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -309,6 +310,10 @@ def sequential_correct(
         warn: receives a line for each consumer that keeps the interpolation because its
             output fit would have fewer than
             :data:`~spectrim.calibration.outputs.MIN_ROWS_PER_UNKNOWN` rows per unknown.
+        within: the modules (by qualified name) this call slices and fits; the groups'
+            producers, passengers and consumers elsewhere are left as they are (the
+            block-by-block pass: one block's, a group that spans blocks is handled in each
+            of them).  Default: all.
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit, and the kept
@@ -339,7 +344,8 @@ def sequential_correct(
     per_module: dict[str, list[tuple[int, np.ndarray]]] = {}
     for gi in keep:
         for slot in analysis.groups[gi].consumers:
-            per_module.setdefault(slot.module, []).append((gi, slot.positions))
+            if within is None or within(slot.module):
+                per_module.setdefault(slot.module, []).append((gi, slot.positions))
     newpos = {name: new_positions(analysis.in_labels[name], dropped) for name in per_module}
     orig_w: dict[str, torch.Tensor] = {}
     for name in per_module:
@@ -357,7 +363,10 @@ def sequential_correct(
         and orig_w[name].shape[1] == len(slots[0][1])
     }
     apply_plan(
-        model, analysis, {gi: GroupPlan(keep=k) for gi, k in keep.items() if gi not in chosen}
+        model,
+        analysis,
+        {gi: GroupPlan(keep=k) for gi, k in keep.items() if gi not in chosen},
+        only=within,
     )
     if channels_last:  # surgery leaves contiguous weights
         model.to(memory_format=torch.channels_last)
@@ -624,7 +633,13 @@ def sequential_correct(
             f"sequential calibration: consumer(s) {missing} did not run on the calibration batch"
         )
     if width:  # the reselected groups' channels leave the model only now
-        apply_plan(model, analysis, {gi: GroupPlan(keep=keep[gi]) for gi in width}, already=dropped)
+        apply_plan(
+            model,
+            analysis,
+            {gi: GroupPlan(keep=keep[gi]) for gi in width},
+            already=dropped,
+            only=within,
+        )
         if channels_last:
             model.to(memory_format=torch.channels_last)
     return folds, errors, keep

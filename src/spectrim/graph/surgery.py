@@ -25,7 +25,7 @@ it.  Example::
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -201,13 +201,16 @@ def apply_plan(
     plans: Mapping[int, GroupPlan],
     *,
     already: Collection[int] = (),
+    only: Callable[[str], bool] | None = None,
 ) -> None:
     """Apply per-group plans to ``model`` in place (pass a copy to keep the original).
 
     ``plans`` maps group index to :class:`GroupPlan`; groups without a plan keep all
     their channels.  Pinned groups must not appear.  ``already``: channel classes an
     earlier surgery on this model removed (its modules no longer have them), so a second
-    surgery on other groups indexes what is there.
+    surgery on other groups indexes what is there.  ``only``: the modules (by qualified
+    name) to change; the others are left for a later call with the same plans (the
+    block-by-block pass slices one block at a time).
     """
     dropped: set[int] = set()
     sub: dict[int, int] = {}
@@ -255,14 +258,15 @@ def apply_plan(
         return labels[~np.isin(labels, gone)] if gone.size else labels
 
     modules = dict(model.named_modules())
+    mine = (lambda name: True) if only is None else only
     for name, labels in analysis.in_labels.items():
-        if fold_at.get(name) or affected(labels):
+        if mine(name) and (fold_at.get(name) or affected(labels)):
             fold_consumer(modules[name], present(labels), dropped, sub, fold_at.get(name, []))
     for name, labels in analysis.out_labels.items():
-        if affected(labels):
+        if mine(name) and affected(labels):
             _slice_module(modules[name], gather_index(present(labels), dropped, sub), "out")
     for name, labels in analysis.chan_labels.items():
-        if not affected(labels):
+        if not mine(name) or not affected(labels):
             continue
         labels = present(labels)
         idx = gather_index(labels, dropped, sub)
