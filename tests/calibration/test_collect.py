@@ -131,3 +131,47 @@ def test_channels_last_pass_gives_the_same_statistics_and_inputs() -> None:
         for mine, theirs in zip(got.inputs[key], ref.inputs[key]):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
             assert mine.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_without_keep_inputs_the_stored_share_is_the_same_and_nothing_is_copied(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """The block-by-block pass asks only for the number of stored batches: it is the one
+    the storing pass decides (the fraction, and the floor of rows per channel), and no
+    consumer input is copied, not even the first batch's."""
+    import sys
+
+    collect_module = sys.modules["spectrim.calibration.collect"]  # the package exports
+    # the function under the module's name
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    x = torch.randn(40, 3, 6, 6)
+    a = analyze_channels(model, x[:2])
+    batches = list(x.split(4))
+    for fraction, floor in [(0.25, 1), (0.5, 1), (0.05, 1), (0.05, 300)]:
+        kw = {"store_fraction": fraction, "min_rows_per_unit": floor}
+        full = collect(model, a, batches, a.prunable, **kw)
+        lean = collect(model, a, batches, a.prunable, keep_inputs=False, **kw)
+        assert full.inputs and full.n_stored == lean.n_stored > 0, (fraction, floor)
+        assert lean.inputs == {}
+    # the floor raised the share: 300 rows per channel need 300·6/36 = 50 > 40 examples
+    assert lean.n_stored == len(batches)
+    appended: list[object] = []
+
+    class Recording(dict):  # type: ignore[type-arg]
+        def setdefault(self, key, default=None):  # type: ignore[no-untyped-def]
+            appended.append(key)
+            return super().setdefault(key, default)
+
+    real = collect_module.Collected
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(*args, **kwargs)
+        out.inputs = Recording()
+        return out
+
+    monkeypatch.setattr(collect_module, "Collected", recording)
+    collect(model, a, batches, a.prunable, store_fraction=0.5, keep_inputs=False)
+    assert appended == []
+    collect(model, a, batches, a.prunable, store_fraction=0.5)
+    assert appended  # the recording sees the storing pass's copies

@@ -195,6 +195,9 @@ def collect(
     # pass (holding them to the end of the batch costs fresh pages, i.e. time)
     cache: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], Products | SketchProducts]] = {}
     layout: dict[StatKey, int] = {}
+    # the first batch's group view sizes, per (group, consumer): they decide the stored
+    # share, so without keep_inputs nothing is copied (a whole batch's consumer inputs)
+    first_numel: dict[StatKey, int] = {}
     masks = [token_mask(b) for b in batches]
 
     def make_hook(name: str) -> Callable[..., None]:
@@ -225,7 +228,9 @@ def collect(
                             raise
                         raise _non_finite(name, x, batch_index[0], sizes) from None
                     cache[(id(src), key[0])] = (weakref.ref(src), products)
-                if store:
+                if store and batch_index[0] == 0:  # sizes the stored share
+                    first_numel[key] = x.numel() // max(int(x.shape[xcd]), 1) * pos.numel()
+                if store and keep_inputs:
                     if view is None:
                         view, cd = group_view(x, xcd, pos, whole)
                     # a copy: later in-place ops must not change what was measured
@@ -253,7 +258,7 @@ def collect(
                 cache.clear()
                 call_model(model, channels_last_batch(batch) if channels_last else batch)
                 if i == 0 and store_fraction > 0:
-                    n = _stored_batches(out, sizes, store_fraction, min_rows_per_unit)
+                    n = _stored_batches(out, first_numel, sizes, store_fraction, min_rows_per_unit)
                     n_store[0] = team.broadcast(n)  # rank 0 holds the first batch: its call
                     if mine[0] >= n_store[0] or not keep_inputs:  # nothing more to keep
                         out.inputs.clear()
@@ -299,11 +304,16 @@ def _non_finite(name: str, x: torch.Tensor, batch: int, sizes: np.ndarray) -> Ca
 
 
 def _stored_batches(
-    out: Collected, sizes: np.ndarray, fraction: float, min_rows_per_unit: int
+    out: Collected,
+    first_numel: Mapping[StatKey, int],
+    sizes: np.ndarray,
+    fraction: float,
+    min_rows_per_unit: int,
 ) -> int:
-    """How many leading batches to store, decided from the first batch's inputs: the
-    whole number of batches nearest to ``fraction`` of the examples, raised until every
-    (group, consumer) has ``min_rows_per_unit`` rows per channel."""
+    """How many leading batches to store, decided from the sizes of the first batch's
+    group views (``first_numel``): the whole number of batches nearest to ``fraction``
+    of the examples, raised until every (group, consumer) has ``min_rows_per_unit`` rows
+    per channel."""
     share = fraction * float(sizes[-1])
     after = int(np.searchsorted(sizes, share)) + 1  # fewest batches covering the share
     before = after - 1
@@ -312,9 +322,9 @@ def _stored_batches(
         count = before
     need = 0
     first = max(int(sizes[0]), 1)
-    for key, views in out.inputs.items():
+    for key, numel in first_numel.items():
         width = out.statistic(key).dim
-        per_example = max(views[0].numel() / width / first, 1e-9)
+        per_example = max(numel / width / first, 1e-9)
         need = max(need, math.ceil(min_rows_per_unit * width / per_example))
     floor = int(np.searchsorted(sizes, need)) + 1
     return min(max(count, floor), len(sizes))
