@@ -40,6 +40,9 @@ SCENARIOS = {
     "residual": {"method": "id", "target": "macs=0.5", "sequential_fit": "residual"},
     # the sequential fits block by block (ResNet-20's nine residual blocks)
     "blocks": {"method": "id", "target": "macs=0.5", "blockwise": True},
+    # a torchvision ResNet-18 with the defaults: the residual fit block by block, its
+    # stream groups spanning the residual blocks of a stage (and the stem, a block)
+    "blocks-span": {"method": "id", "target": "macs=0.5"},
     # attention heads of a small BERT (padded text batches): alone, and on a MACs budget
     "heads": {"method": "id", "target": "heads=0.5"},
     "heads-budget": {"method": "id", "target": "macs=0.6", "heads": True},
@@ -107,6 +110,12 @@ def main() -> None:
         model, batches = _bert()
     elif scenario == "hidden":
         model, batches = _gpt2()
+    elif scenario == "blocks-span":
+        import torchvision
+
+        model = torchvision.models.resnet18().eval()
+        g = torch.Generator().manual_seed(1)
+        batches = list(torch.randn(128, 3, 32, 32, generator=g).split(16))
     else:
         x, _ = load_dataset("cifar10", "calib", limit=128).tensors
         batches = list(x.split(16))

@@ -69,7 +69,9 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
     return worst
 
 
-SCENARIOS = "id select residual obs joint heads heads-budget hidden sketch blocks".split()
+SCENARIOS = (
+    "id select residual obs joint heads heads-budget hidden sketch blocks blocks-span".split()
+)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -79,6 +81,8 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
     with all."""
     if scenario.startswith(("heads", "hidden")):
         pytest.importorskip("transformers")
+    if scenario == "blocks-span":
+        pytest.importorskip("torchvision")
     (one,) = _launch(scenario, 1, tmp_path)
     two = _launch(scenario, 2, tmp_path)
     assert isinstance(one, dict), one
@@ -106,6 +110,13 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
     elif scenario == "blocks":
         assert r1["blocks"] == r2["blocks"] == 9
         assert r2["fitted_examples"] == r1["fitted_examples"] == 32
+    elif scenario == "blocks-span":  # one block per residual block, the stem one more
+        assert r1["sequential_fit"] == r2["sequential_fit"] == "residual"
+        assert r1["blocks"] == r2["blocks"] >= 9
+        widths = [(g["name"], g["width_after"]) for g in r1["groups"]]
+        assert widths == [(g["name"], g["width_after"]) for g in r2["groups"]]
+        narrowed = {g["name"] for g in r1["groups"] if g["width_after"] < g["width_before"]}
+        assert narrowed & {"conv1", "layer2.0.conv2", "layer3.0.conv2"}, narrowed  # a stream
     elif scenario in ("id", "select", "residual"):
         assert r2["fitted_examples"] == r1["fitted_examples"] == 32
         widths = [(g["name"], g["width_after"]) for g in r1["groups"]]
