@@ -228,6 +228,8 @@ def test_a_suffix_that_reads_the_prefix_leaves_the_whole_model_pass(fit: str) ->
     assert prefix == ["stem"] and suffix == ["side", "head", "fc"]
     assert not suffix_reads_chain_only(net, batches[0], chain)
     assert not suffix_reads_chain_only(net, batches[0][:1], chain)  # one example: noise
+    same = batches[0][:1].expand(4, -1, -1, -1).contiguous()  # identical examples: noise
+    assert not suffix_reads_chain_only(net, same, chain)
     a = analyze_channels(net, batches[0])
     plan = plan_blocks(chain, a, {g.index: None for g in a.prunable}, prefix, suffix)
     assert not isinstance(plan, str) and plan.blocks[0] == [PREFIX] and plan.blocks[-1] == [SUFFIX]

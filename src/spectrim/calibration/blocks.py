@@ -255,11 +255,14 @@ def find_ends(model: nn.Module, batch: Any, chain: Sequence[str]) -> tuple[list[
 
 
 def _flipped(batch: Any, gen: torch.Generator) -> Any:
-    """``batch`` with its examples in reverse order (every tensor alike), or, for a batch
-    of one, its floating tensors replaced by noise of their scale."""
+    """``batch`` with its examples in reverse order (every tensor alike), or, where that
+    changes nothing (a batch of one, identical examples), its floating tensors replaced
+    by noise of their scale."""
     if isinstance(batch, torch.Tensor):
         if batch.dim() and batch.shape[0] > 1:
-            return batch.flip(0)
+            flipped = batch.flip(0)
+            if not batch.is_floating_point() or not torch.equal(flipped, batch):
+                return flipped
         if batch.is_floating_point():
             noise = torch.randn(batch.shape, generator=gen, dtype=batch.dtype)
             return noise * batch.std().clamp_min(1.0) + batch.mean()
