@@ -27,9 +27,8 @@ from spectrim.linalg import (
     fit_rows_reconstruction,
     id_factorize,
     id_from_rows,
-    residual_of,
 )
-from spectrim.methods.base import GroupSolver, Method, register_method
+from spectrim.methods.base import GroupSolver, Method, gram_reconstruction_errors, register_method
 from spectrim.methods.heads import HeadSolver, greedy_solver
 from spectrim.methods.stream import StreamSolver
 
@@ -71,12 +70,7 @@ class IDSolver(GroupSolver):
         return GroupPlan(keep=S, folds=folds)
 
     def reconstruction_errors(self, plan: GroupPlan) -> dict[str, float]:
-        out = {}
-        for name, G in self.grams.items():
-            t = float(np.trace(G))
-            b = plan.folds[name]
-            out[name] = float(np.sqrt(residual_of(G, plan.keep, b) / t)) if t > 0 else 0.0
-        return out
+        return gram_reconstruction_errors(self.grams, plan)
 
 
 def sketch_curve(residuals: np.ndarray, total: float, rows: int) -> np.ndarray:

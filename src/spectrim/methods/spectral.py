@@ -46,12 +46,11 @@ from spectrim.linalg import (
     fit_reconstruction,
     gram_spectrum,
     order_residual_curve,
-    residual_of,
     ridge_leverage_scores,
     spectral_greedy,
 )
 from spectrim.linalg.selection import cross_greedy
-from spectrim.methods.base import GroupSolver, Method, register_method
+from spectrim.methods.base import GroupSolver, Method, gram_reconstruction_errors, register_method
 from spectrim.methods.heads import HeadSolver, greedy_solver, output_weight_gram
 from spectrim.methods.stream import StreamSolver, pca_rotation
 
@@ -177,12 +176,7 @@ class SpectralSolver(GroupSolver):
         return order_residual_curve(sum(self.grams.values()), self.selection.order)
 
     def reconstruction_errors(self, plan: GroupPlan) -> dict[str, float]:
-        out = {}
-        for name, G in self.grams.items():
-            t = float(np.trace(G))
-            b = plan.folds[name]
-            out[name] = float(np.sqrt(residual_of(G, plan.keep, b) / t)) if t > 0 else 0.0
-        return out
+        return gram_reconstruction_errors(self.grams, plan)
 
 
 @register_method("spectral")
