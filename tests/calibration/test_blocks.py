@@ -211,6 +211,41 @@ class _BranchNet(nn.Module):
         return self.fc(torch.relu(self.head(y)).mean((2, 3)))
 
 
+class _StemIntoChain(nn.Module):
+    """A stem whose group's consumer is the chain's first module itself (not a module
+    inside it): the lock-step parks each batch at that module's pre-hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.body = nn.Sequential(
+            nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)
+        )
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_the_prefix_stops_in_its_own_batch_when_the_chain_starts_with_a_consumer() -> None:
+    """With ``sequential_select`` the stem's group merges the prefix into the chain's
+    block, and its consumer is the chain's first module: every batch parks there before
+    the prefix's stop hook runs.  Each batch's stop hook must stop that batch only (the
+    lock-step runs them in greenlets), or a batch running on would be stopped by another's
+    hook; the weights are the whole-model pass's."""
+    torch.manual_seed(0)
+    net = _StemIntoChain().eval()
+    batches = list(torch.randn(64, 3, 8, 8).split(16))
+    chain = find_chain(net, batches[0])
+    assert chain == ["body.0", "body.1", "body.2"]
+    assert find_ends(net, batches[0], chain) == (["stem"], ["fc"])
+    kw: dict[str, Any] = {"sequential_fraction": 1.0, "sequential_select": True}
+    whole, _ = spectrim.compress(net, batches, "id", "width=0.5", blockwise=False, **kw)
+    block, rep = spectrim.compress(net, batches, "id", "width=0.5", blockwise=True, **kw)
+    assert rep.blocks >= 1 and not any("blockwise" in w for w in rep.warnings), rep.warnings
+    assert _max_diff(whole, block) < 1e-5
+
+
 @pytest.mark.parametrize("fit", ["inputs", "residual"])
 def test_a_suffix_that_reads_the_prefix_leaves_the_whole_model_pass(fit: str) -> None:
     """Where the modules after the chain read what the modules before it computed (not
