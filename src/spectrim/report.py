@@ -169,6 +169,12 @@ class CompressionReport:
                 f"weights {self.nonzeros_before:,} -> {self.nonzeros_after:,} non-zero "
                 f"(sparsity {self.sparsity:.3f})"
             )
+        if self.sequential_fit:  # how the corrections were fitted
+            where = f"block by block ({self.blocks} blocks)" if self.blocks else "whole model"
+            rows.append(
+                f"corrections: the {self.sequential_fit} fit on {self.fitted_examples:,} "
+                f"examples, {where}"
+            )
         rows.append(
             f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.3f}), "
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_ratio:.3f}), "

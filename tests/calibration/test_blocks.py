@@ -344,6 +344,9 @@ def test_torchvision_resnet_runs_one_residual_block_at_a_time() -> None:
     whole, r1 = spectrim.compress(net, batches, "id", "macs=0.6", blockwise=False, **kw)
     block, r2 = spectrim.compress(net, batches, "id", "macs=0.6", **kw)
     assert r1.blocks == 0 and r2.blocks == len(chain) + 1  # the stem, then one per module
+    # the report's table says how the corrections were fitted
+    assert "corrections: the residual fit on 48 examples, whole model" in r1.table()
+    assert f"residual fit on 48 examples, block by block ({r2.blocks} blocks)" in r2.table()
     assert not any("blockwise" in w for w in r2.warnings), r2.warnings
     narrowed = {g.name for g in r2.groups if g.width_after < g.width_before}
     # the stem's group (the first stage's stream, read by both of its blocks and the
