@@ -246,7 +246,7 @@ class CompressConfig:
             budget, get the whole-model pass and a warning.  ``None`` (default): block by
             block where the residual fit runs (``sequential_fit``) and the chain holds
             every group, silently the whole-model pass otherwise (torchvision ResNet-50:
-            45 s against 64 s, ``benchmarks/default_fit.py``).  ``False``: the
+            34 s against 68 s, ``benchmarks/default_fit.py``).  ``False``: the
             whole-model pass.
         latency_batch: the batch size a ``latency=F`` target is measured at (the
             calibration examples repeated to fill it).

@@ -88,11 +88,12 @@ def _containers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _run_hooked(model: nn.Module, batch: Any, handles: Sequence[Any]) -> None:
-    """Run ``model`` on ``batch`` without gradients, then remove the hooks ``handles``."""
+def _run_hooked(model: nn.Module, batch: Any, handles: Sequence[Any]) -> Any:
+    """``model``'s output on ``batch`` without gradients; the hooks ``handles`` removed
+    after."""
     try:
         with torch.no_grad():
-            call_model(model, batch)
+            return call_model(model, batch)
     finally:
         for hd in handles:
             hd.remove()
@@ -297,13 +298,13 @@ def suffix_reads_chain_only(model: nn.Module, batch: Any, chain: Sequence[str]) 
         seen.append(_hidden(out))
 
     handle = model.get_submodule(chain[-1]).register_forward_hook(keep)
-    _run_hooked(model, batch, [handle])
+    # the plain run is the suffix's output on the chain's own output x
+    a = _tensors(_run_hooked(model, batch, [handle]))
     if not seen or not isinstance(seen[-1], torch.Tensor):
         return False
     x = seen[-1]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        a = _tensors(_run_suffix(model, batch, chain[-1], x))
         b = _tensors(_run_suffix(model, _flipped(batch, gen), chain[-1], x))
     # bit for bit: the suffix ran on the same tensor, so only a read of something else
     # can move it (a tolerance would miss a model whose outputs hardly vary)
