@@ -30,8 +30,10 @@ Parts (``--parts``, default all that the machine can run):
   (``resnet50``: ``id``, ``macs=0.5``, ``--images`` random 224² images in batches of
   32), all fitted on every calibration example, with the consumer fit ``--blocks-fit``
   (``inputs``, the interpolation; ``auto``, the default, which runs the residual output
-  fit on the ResNets): seconds, peak RSS, and the largest difference between the two
-  results' outputs.
+  fit on the ResNets): seconds, peak RSS, and the largest difference between the
+  results' outputs.  ``--blocks-passes`` picks the passes: ``whole`` (the whole-model
+  pass), ``blocks`` (block by block, boundaries in memory) and ``disk`` (block by block,
+  boundaries in files, ``block_cache``).
 * ``offload``: a model held on disk by accelerate (``from_pretrained(device_map={"": "disk"},
   offload_folder=...)``) against the same model in memory, compressed block by block
   (``id``, half of every FFN): a random-weight BERT-base (110M parameters, 440 MB in
@@ -67,7 +69,7 @@ import torch
 from torch import nn
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
-SMOKE = ["--parts", "wide", "sketch", "factor", "--widths", "128", "--rows", "512", "--factor-widths", "128", "--sketch-widths", "128", "--sketch-rows", "512", "--calib", "64"]  # fmt: skip
+SMOKE = ["--parts", "wide", "sketch", "factor", "blocks", "--blocks-models", "resnet56", "--blocks-passes", "blocks", "disk", "--widths", "128", "--rows", "512", "--factor-widths", "128", "--sketch-widths", "128", "--sketch-rows", "512", "--calib", "64"]  # fmt: skip
 
 
 HERE = Path(__file__).resolve().parent
@@ -310,12 +312,16 @@ def _minilm(
 
 
 BLOCK_MODELS = ("resnet56", "minilm", "resnet50")
+BLOCK_PASSES = ("whole", "blocks", "disk")
 
 
-def blocks_one(which: str, blockwise: bool, calib: int, out: str, fit: str) -> dict[str, Any]:
-    """One model compressed with the whole-model or the block-by-block sequential pass;
-    its outputs on held-out inputs saved to ``out``."""
+def blocks_one(which: str, mode: str, calib: int, out: str, fit: str) -> dict[str, Any]:
+    """One model compressed with the whole-model or the block-by-block sequential pass
+    (``mode``, one of :data:`BLOCK_PASSES`); its outputs on held-out inputs saved to
+    ``out``."""
     import spectrim
+
+    blockwise = mode != "whole"
 
     if which == "resnet56":
         from spectrim.zoo import load_dataset, load_pretrained
@@ -337,17 +343,22 @@ def blocks_one(which: str, blockwise: bool, calib: int, out: str, fit: str) -> d
         model, batches, held = _minilm(calib)
         target = "width=0.5"
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t = time.perf_counter()
-    small, report = spectrim.compress(
-        model,
-        batches,
-        "id",
-        target,
-        sequential_fraction=1.0,
-        blockwise=blockwise,
-        sequential_fit=fit,
-    )
-    total = time.perf_counter() - t
+    with tempfile.TemporaryDirectory(dir=Path(out).parent) as cache:
+        t = time.perf_counter()
+        small, report = spectrim.compress(
+            model,
+            batches,
+            "id",
+            target,
+            sequential_fraction=1.0,
+            blockwise=blockwise,
+            sequential_fit=fit,
+            block_cache=cache if mode == "disk" else None,
+        )
+        total = time.perf_counter() - t
+        left = list(Path(cache).iterdir())
+    if left:
+        raise RuntimeError(f"block_cache left files behind: {left}")
     with torch.no_grad():
         outs = [
             small(b) if isinstance(b, torch.Tensor) else small(**b).last_hidden_state for b in held
@@ -356,6 +367,7 @@ def blocks_one(which: str, blockwise: bool, calib: int, out: str, fit: str) -> d
     return {
         "model": which,
         "blockwise": blockwise,
+        "pass": mode,
         "asked_fit": fit,
         "fit": report.sequential_fit,
         "blocks": report.blocks,
@@ -377,38 +389,39 @@ def part_blocks(args: argparse.Namespace) -> list[dict[str, Any]]:
         for which in args.blocks_models:
             calib = sizes[which]
             outs = {}
-            for blockwise in (False, True):
-                path = str(Path(tmp) / f"{which}-{blockwise}.pt")
-                cmd = [sys.executable, __file__, "--blocks-one", which, str(int(blockwise)),
+            for mode in args.blocks_passes:
+                path = str(Path(tmp) / f"{which}-{mode}.pt")
+                cmd = [sys.executable, __file__, "--blocks-one", which, mode,
                        str(calib), path, args.blocks_fit,
                        "--threads", str(args.threads)]  # fmt: skip
                 res = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if res.returncode != 0:
-                    rows.append(
-                        {"model": which, "blockwise": blockwise, "error": res.stderr[-2000:]}
-                    )
+                    rows.append({"model": which, "pass": mode, "error": res.stderr[-2000:]})
                     print(rows[-1], flush=True)
                     continue
                 row = json.loads(res.stdout.strip().splitlines()[-1])
-                outs[blockwise] = torch.load(path)
+                outs[mode] = torch.load(path)
                 rows.append(row)
                 print(
-                    f"{which} {'block by block' if blockwise else 'whole model'} "
-                    f"({row['fit']} fit, {row['blocks']} blocks): compress "
+                    f"{which} {mode} ({row['fit']} fit, {row['blocks']} blocks): compress "
                     f"{row['compress_s']:.1f} s (apply {row['timings'].get('apply', 0):.2f} s), "
                     f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB (before compress "
                     f"{row['peak_rss_before_compress_bytes'] / 2**20:.0f}), fitted on "
                     f"{row['fitted_examples']} {row['warnings']}",
                     flush=True,
                 )
-            if len(outs) == 2:
+            base = next(iter(outs), None)  # every pass against the first that ran
+            for mode in [m for m in outs if m != base]:
                 diff = max(
                     float((a - b).abs().max() / a.abs().max())
-                    for a, b in zip(outs[False], outs[True])
+                    for a, b in zip(outs[base], outs[mode])
                 )
-                rows[-1]["max_rel_output_difference"] = diff
+                row = next(r for r in rows if r.get("model") == which and r.get("pass") == mode)
+                row["max_rel_output_difference"] = diff
+                row["compared_with"] = base
                 print(
-                    f"{which}: outputs differ by at most {diff:.2e} of their largest value",
+                    f"{which}: {mode}'s outputs differ from {base}'s by at most {diff:.2e} "
+                    "of their largest value",
                     flush=True,
                 )
     return rows
@@ -677,6 +690,13 @@ def main() -> None:
         "--blocks-models", nargs="+", choices=BLOCK_MODELS, default=["resnet56", "minilm"]
     )
     ap.add_argument("--blocks-fit", default="inputs", help="the sequential_fit of the blocks part")
+    ap.add_argument(
+        "--blocks-passes",
+        nargs="+",
+        choices=BLOCK_PASSES,
+        default=["whole", "blocks"],
+        help="the sequential passes of the blocks part",
+    )
     ap.add_argument("--images", type=int, default=64, help="random 224² images (resnet50)")
     ap.add_argument("--blocks-one", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--procs-worker", nargs=5, help=argparse.SUPPRESS)
@@ -691,8 +711,8 @@ def main() -> None:
         print(json.dumps(sketch_one(int(m), int(n), share)))
         return
     if args.blocks_one:
-        which, bw, calib, out, fit = args.blocks_one
-        print(json.dumps(blocks_one(which, bool(int(bw)), int(calib), out, fit)))
+        which, mode, calib, out, fit = args.blocks_one
+        print(json.dumps(blocks_one(which, mode, int(calib), out, fit)))
         return
     if args.offload_one:
         print(json.dumps(offload_one(*args.offload_one)))

@@ -265,9 +265,11 @@ def collect_stage(state: ChannelRun) -> None:
         share = cfg.sequential_fraction if state.sequential else 0.0
         sketch_rows = _sketch_plan(state)
         if state.sequential and (
-            cfg.blockwise or (cfg.blockwise is None and state.fit == "residual")
+            cfg.blockwise
+            or cfg.block_cache is not None  # asks for the block pass
+            or (cfg.blockwise is None and state.fit == "residual")
         ):
-            state.chain = _chain(state, quiet=cfg.blockwise is None)
+            state.chain = _chain(state, quiet=cfg.blockwise is None and cfg.block_cache is None)
         state.collected = collect(
             work,
             analysis,
@@ -323,8 +325,9 @@ def _chain(state: ChannelRun, quiet: bool = False) -> list[str]:
             )
     if why:
         if not quiet:
+            asked = "blockwise=True" if state.cfg.blockwise else "block_cache"
             state.report.warnings.append(
-                f"blockwise=True: {why}; the corrections were fitted by the whole-model pass"
+                f"{asked}: {why}; the corrections were fitted by the whole-model pass"
             )
         return []
     return chain
@@ -710,6 +713,8 @@ def apply_stage(state: ChannelRun) -> None:
             plan = plan_blocks(state.chain, analysis, keep, *state.ends, whole=reselect)
             assert not isinstance(plan, str)  # checked on all groups before collecting
             state.report.blocks = len(plan.blocks)
+            # handed over: the pass may drop the chain's inputs once it has them elsewhere
+            calls, collected.calls = collected.calls, []
             folds, state.seq_errors, keep = blockwise_correct(
                 state.work,
                 analysis,
@@ -720,12 +725,14 @@ def apply_stage(state: ChannelRun) -> None:
                 exact=exact,
                 refit=refits,
                 team=state.ctx.team,
-                calls=collected.calls if collected.n_stored else None,
+                calls=calls if collected.n_stored else None,
                 channels_last=state.channels_last,
                 reselect=reselect,
                 fit=state.fit,
                 warn=fallback.append,
+                block_cache=state.cfg.block_cache,
             )
+            del calls
         else:
             folds, state.seq_errors, keep = sequential_correct(
                 state.work,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -248,6 +249,12 @@ class CompressConfig:
             every group, silently the whole-model pass otherwise (torchvision ResNet-50:
             34 s against 68 s, ``benchmarks/default_fit.py``).  ``False``: the
             whole-model pass.
+        block_cache: a folder where the block-by-block pass keeps each block's inputs
+            and outputs between blocks (a private subfolder, deleted at the end) instead
+            of in memory: the pass then holds one block's activations, not two or four
+            copies of every fitted batch's at a block boundary
+            (:mod:`spectrim.calibration.spill`).  Setting it asks for the block pass
+            (as ``blockwise=True``).  ``None`` (default): in memory.
         latency_batch: the batch size a ``latency=F`` target is measured at (the
             calibration examples repeated to fill it).
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
@@ -270,6 +277,7 @@ class CompressConfig:
     hidden: bool = False
     stats_memory: int | str | None = None
     blockwise: bool | None = None
+    block_cache: str | None = None
     latency_batch: int = 1
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -291,6 +299,18 @@ class CompressConfig:
                 f"blockwise={self.blockwise!r} must be True, False or None (the default: "
                 "block by block where the residual fit runs)"
             )
+        if self.block_cache is not None:
+            if isinstance(self.block_cache, os.PathLike):
+                object.__setattr__(self, "block_cache", os.fspath(self.block_cache))
+            if not isinstance(self.block_cache, str) or not self.block_cache:
+                raise ValueError(
+                    f"block_cache={self.block_cache!r} must be a folder (a path) or None"
+                )
+            if self.blockwise is False:
+                raise ValueError(
+                    "block_cache is where the block-by-block pass keeps its boundaries; "
+                    "blockwise=False turns that pass off (leave blockwise unset)"
+                )
         if self.on_unreachable not in _UNREACHABLE:
             raise ValueError(
                 f"on_unreachable={self.on_unreachable!r} must be one of {', '.join(_UNREACHABLE)}"

@@ -148,20 +148,25 @@ def test_groups_across_blocks_span_them_and_outside_the_chain_fall_back() -> Non
         assert r2.blocks == 1 and _max_diff(w2, b2) < 1e-5
         assert _max_diff(block, b2) > 1e-4  # the selection did choose other channels
 
-    class Flat(nn.Module):  # no ModuleList / Sequential: no chain
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.b(torch.relu(self.a(x)))
-
-    _, rep = spectrim.compress(Flat().eval(), [x], "id", "width=0.5", blockwise=True)
+    _, rep = spectrim.compress(_Flat(4, 16, 3).eval(), [x], "id", "width=0.5", blockwise=True)
     assert any("no chain of blocks" in w for w in rep.warnings), rep.warnings
     assert rep.blocks == 0
     # the default falls back silently: it was not asked for
-    _, rep = spectrim.compress(Flat().eval(), [x], "id", "width=0.5", sequential_fit="residual")
+    _, rep = spectrim.compress(
+        _Flat(4, 16, 3).eval(), [x], "id", "width=0.5", sequential_fit="residual"
+    )
     assert rep.blocks == 0 and not any("blockwise" in w for w in rep.warnings), rep.warnings
+
+
+class _Flat(nn.Module):
+    """Two linears called by ``forward`` (no ModuleList / Sequential): no chain."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(n_in, hidden), nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
 
 
 class _Block(nn.Module):
@@ -355,3 +360,71 @@ def test_torchvision_resnet_runs_one_residual_block_at_a_time() -> None:
     assert _max_diff(whole, block) < 1e-5
     with pytest.raises(ValueError, match="blockwise='yes'"):
         spectrim.compress(net, batches, "id", "macs=0.6", blockwise="yes")
+
+
+def test_block_boundaries_on_disk_give_the_same_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``block_cache``: a torchvision ResNet-18 (stem, stream groups spanning blocks, the
+    residual fit's side passes) compressed with every block boundary in files gives the
+    in-memory block pass's weights bit for bit; only the current block's files live at a
+    time, and nothing is left in the folder."""
+    torchvision = pytest.importorskip("torchvision")
+    from spectrim.calibration.spill import Spill
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval()
+    batches = list(torch.randn(48, 3, 64, 64).split(16))
+    kw: dict[str, Any] = {"sequential_fraction": 1.0, "sequential_fit": "residual"}
+    mem, r1 = spectrim.compress(net, batches, "id", "macs=0.6", **kw)
+    live: list[int] = []
+    put = Spill.put
+
+    def counting(self: Spill, x: Any) -> Any:
+        h = put(self, x)
+        live.append(len(self))
+        return h
+
+    monkeypatch.setattr(Spill, "put", counting)
+    disk, r2 = spectrim.compress(net, batches, "id", "macs=0.6", block_cache=tmp_path, **kw)
+    assert r1.blocks == r2.blocks == 9 and r2.warnings == r1.warnings
+    assert _max_diff(mem, disk) == 0.0
+    # every batch's boundary went to disk at every block: the chain's input, then each
+    # block's original and compressed outputs
+    assert len(live) >= len(batches) * (1 + 2 * r2.blocks) - len(batches)
+    # live at once: per batch, the block's input and output on both sides and the
+    # original operands of its (at most two) consumers' residual additions; the rest
+    # was deleted when its block was done
+    assert 0 < max(live) <= 6 * len(batches) < len(live) // 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_cache_with_padded_text_and_without_a_chain(tmp_path: Path) -> None:
+    """A small BERT fed padded text (dict batches stay in memory, hidden states go to
+    disk) gives the in-memory pass's weights; a model with no chain of blocks falls back
+    to the whole-model pass with a warning naming ``block_cache``; ``blockwise=False``
+    with a cache is refused, and a path object is kept as text."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(1, 100, (64, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[::3, 7:] = 0
+    batches = [{"input_ids": i, "attention_mask": m} for i, m in zip(ids.split(16), mask.split(16))]
+    kw: dict[str, Any] = {"sequential_fraction": 0.5}
+    mem, r1 = spectrim.compress(model, batches, "id", "width=0.5", blockwise=True, **kw)
+    disk, r2 = spectrim.compress(model, batches, "id", "width=0.5", block_cache=tmp_path, **kw)
+    assert r1.blocks == r2.blocks == 2
+    assert _max_diff(mem, disk) == 0.0 and list(tmp_path.iterdir()) == []
+
+    x = list(torch.randn(128, 8).split(32))
+    _, r3 = spectrim.compress(_Flat(8, 32, 4).eval(), x, "id", "width=0.5", block_cache=tmp_path)
+    assert r3.blocks == 0
+    assert any(w.startswith("block_cache: ") and "whole-model pass" in w for w in r3.warnings)
+    with pytest.raises(ValueError, match=r"block_cache.*blockwise=False"):
+        spectrim.CompressConfig(block_cache=str(tmp_path), blockwise=False)
+    assert spectrim.CompressConfig(block_cache=tmp_path).block_cache == str(tmp_path)  # type: ignore[arg-type]

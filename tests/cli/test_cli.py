@@ -412,7 +412,7 @@ def test_compress_unlabelled_image_folder(
 def test_compress_one_shot_and_fraction_flags(
     model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    reports = {}
+    reports, warned = {}, {}
     for flags in (
         ["--one-shot"],
         ["--sequential-fraction", "0.5"],
@@ -420,6 +420,7 @@ def test_compress_one_shot_and_fraction_flags(
         ["--sequential-fit", "residual"],
         ["--stats-memory", "3MiB"],
         ["--blockwise"],
+        ["--block-cache", str(tmp_path / "blocks")],
     ):
         json_path = tmp_path / "r.json"
         code, _, err = _run(
@@ -443,6 +444,7 @@ def test_compress_one_shot_and_fraction_flags(
         )
         assert code == 0, err
         reports[flags[0]] = _json(json_path)["report"]["config"]
+        warned[flags[0]] = _json(json_path)["report"]["warnings"]
     assert reports["--one-shot"]["sequential"] is False
     assert reports["--sequential-fraction"]["sequential"] is True
     assert reports["--sequential-fraction"]["sequential_fraction"] == 0.5
@@ -452,6 +454,10 @@ def test_compress_one_shot_and_fraction_flags(
     assert reports["--one-shot"]["sequential_fit"] == "auto"
     assert reports["--stats-memory"]["stats_memory"] == "3MiB"
     assert reports["--blockwise"]["blockwise"] is True
+    assert reports["--block-cache"]["block_cache"] == str(tmp_path / "blocks")
+    # the digits CNN has no chain of blocks: the flag reached the pass, which says so
+    assert any(w.startswith("block_cache: ") for w in warned["--block-cache"])
+    assert not any(w.startswith("block_cache: ") for w in warned["--blockwise"])
     code, _, err = _run(
         capsys, "compress", "--model", str(model_files["pickle"]), "--trust-pickle",
         "--data", "digits", "--calib", "64", "--out", str(tmp_path / "bad"),

@@ -36,6 +36,7 @@ the chain leaves the whole-model pass in charge.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.collect import Collected, call_keeper, group_view
 from spectrim.calibration.outputs import residual_partners
 from spectrim.calibration.sequential import Refit, Select, sequential_correct
+from spectrim.calibration.spill import Spill
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
 from spectrim.graph.layout import channels_last_batch
@@ -438,6 +440,7 @@ def blockwise_correct(
     reselect: Collection[int] | Mapping[int, Select] = (),
     fit: str = "inputs",
     warn: Callable[[str], None] | None = None,
+    block_cache: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction block by block.
 
@@ -454,6 +457,8 @@ def blockwise_correct(
         calls: per batch, every chain module's arguments as the calibration pass kept
             them (``Collected.calls``; the first module's input included); ``None``: one
             forward pass here finds them.
+        block_cache: a folder to hold the block boundaries in between blocks
+            (:class:`~spectrim.calibration.spill.Spill`); ``None``: in memory.
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit and every group's
@@ -463,27 +468,66 @@ def blockwise_correct(
     keep = dict(keep)
     names = [n for blk in plan.blocks for n in blk if n not in (PREFIX, SUFFIX)]
     masks = [token_mask(b) for b in batches]
-    first = names[0]
     if calls is None or len(calls) != len(batches):
         calls = _capture(model, batches, names)
     # safe to run again: Hugging Face key/value caches dropped
-    calls = [
+    scrubbed: list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]] = [
         {n: (tuple(_scrub(a) for a in args), _scrub(kw)) for n, (args, kw) in c.items()}
         for c in calls
     ]
+    del calls  # the pass may drop the chain's inputs from its own copy
 
     def model_batch(i: int) -> Any:
         return channels_last_batch(batches[i]) if channels_last else batches[i]
 
+    with Spill(block_cache) as spill:
+        return _blocks(
+            model, modules, analysis, batches, keep, plan, names, masks, scrubbed, spill,
+            model_batch, contributes=contributes, exact=exact, refit=refit, team=team,
+            channels_last=channels_last, reselect=reselect, fit=fit, warn=warn,
+        )  # fmt: skip
+
+
+def _blocks(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    analysis: Analysis,
+    batches: Sequence[Any],
+    keep: dict[int, np.ndarray],
+    plan: BlockPlan,
+    names: Sequence[str],
+    masks: Sequence[torch.Tensor | None],
+    calls: Sequence[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]],
+    spill: Spill,
+    model_batch: Callable[[int], Any],
+    *,
+    contributes: bool,
+    exact: Mapping[int, bool] | None,
+    refit: Mapping[int, Refit] | None,
+    team: Team,
+    channels_last: bool,
+    reselect: Collection[int] | Mapping[int, Select],
+    fit: str,
+    warn: Callable[[str], None] | None,
+) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float], dict[int, np.ndarray]]:
+    """:func:`blockwise_correct`'s pass, its boundaries kept by ``spill`` (each list
+    holds a value or a handle per batch; ``spill.get`` reads either)."""
+    first = names[0]
+
     if plan.blocks[0][0] == PREFIX:  # the first block runs the model from its batches
         xs_o: list[Any] = list(batches)
     else:
-        xs_o = [c[first][0][0] for c in calls]
+        xs_o = [spill.put(c[first][0][0]) for c in calls]
+        if spill.on_disk:  # the chain's inputs now live in their files only
+            for c in calls:
+                args, kwargs = c[first]
+                c[first] = ((None, *args[1:]), kwargs)
     xs_c: list[Any] = list(xs_o)  # nothing before the chain is pruned
     folds: dict[int, dict[str, np.ndarray]] = {}
     errors: dict[tuple[int, str], float] = {}
 
     def run_block(mods: Sequence[nn.Module | None], blk: Sequence[str], x: Any, i: int) -> Any:
+        x = spill.get(x)  # a boundary written to disk, or the value itself
         for name, mod in zip(blk, mods):
             if name == PREFIX:  # the model itself, stopped at the chain
                 x = _run_prefix(model, model_batch(i), first)
@@ -501,11 +545,12 @@ def blockwise_correct(
         member = plan.member(b)
         if not gis:
             with torch.no_grad():
-                new_o = [run_block(mods, blk, x, i) for i, x in enumerate(xs_o)]
+                new_o = [spill.put(run_block(mods, blk, x, i)) for i, x in enumerate(xs_o)]
                 new_c = [
-                    new_o[i] if xs_c[i] is xs_o[i] else run_block(mods, blk, x, i)
+                    new_o[i] if xs_c[i] is xs_o[i] else spill.put(run_block(mods, blk, x, i))
                     for i, x in enumerate(xs_c)
                 ]
+            spill.release([*xs_o, *xs_c], keep=[*new_o, *new_c])
             xs_o, xs_c = new_o, new_c
             continue
         # the original block: a copy of its modules; the prefix and the suffix are the
@@ -535,7 +580,7 @@ def blockwise_correct(
                 new_o = []
                 for i, x in enumerate(xs_o):
                     current[0] = i
-                    new_o.append(run_block(originals, blk, x, i))
+                    new_o.append(spill.put(run_block(originals, blk, x, i)))
         finally:
             for hd in hooks:
                 hd.remove()
@@ -549,6 +594,10 @@ def blockwise_correct(
 
             items = [(x, i) for i, x in enumerate(xs_o)]
             partners = residual_partners(targets, items, original) if contributes else {}
+            # the operands, one per batch and consumer, wait for their fit in files too
+            for ps in partners.values():
+                for p in ps:
+                    p.other = spill.put(p.other)
         del originals
         outs: dict[int, Any] = {}
         # each batch's input to each of the block's modules, as this pass reached it: a
@@ -565,9 +614,9 @@ def blockwise_correct(
             x, i = item
             for j in range(len(blk)):
                 if fit == "residual":  # only its side passes start inside the block
-                    entry[(i, j)] = x
+                    entry[(i, j)] = x  # at j = 0 the boundary's handle when on disk
                 x = run_block(mods[j : j + 1], blk[j : j + 1], x, i)
-            outs[i] = x
+            outs[i] = spill.put(x)
             return x
 
         def side_runner(
@@ -608,12 +657,19 @@ def blockwise_correct(
             side_runner=side_runner,
             warn=warn,
             within=member,
+            fetch=spill.get,
         )
         keep.update(k)
         for gi, at in f.items():  # a group spanning blocks has consumers in several
             folds.setdefault(gi, {}).update(at)
         errors.update(e)
+        if partners:
+            spill.release([p.other for ps in partners.values() for p in ps])
+        del partners
+        old = [*xs_o, *xs_c]
         xs_o, xs_c = new_o, [outs[i] for i in range(len(xs_c))]
+        spill.release(old, keep=[*xs_o, *xs_c])
+        del old  # the previous boundaries must not live through the next block
     return folds, errors, keep
 
 

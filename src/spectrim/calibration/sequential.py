@@ -245,6 +245,7 @@ def sequential_correct(
     side_runner: Callable[[str], Callable[[Any], Any]] | None = None,
     warn: Callable[[str], None] | None = None,
     within: Callable[[str], bool] | None = None,
+    fetch: Callable[[Any], Any] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -314,6 +315,9 @@ def sequential_correct(
             producers, passengers and consumers elsewhere are left as they are (the
             block-by-block pass: one block's, a group that spans blocks is handled in each
             of them).  Default: all.
+        fetch: reads a partner's operand when ``partners`` hold handles to them (the
+            block pass's :meth:`~spectrim.calibration.spill.Spill.get`); default: they
+            are the tensors.
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit, and the kept
@@ -376,6 +380,7 @@ def sequential_correct(
     done: set[str] = set()
 
     contributes = collected.n_stored > 0
+    fetch = fetch if fetch is not None else (lambda x: x)
 
     def original_weight(name: str, module: nn.Module) -> torch.Tensor:
         """The consumer's original weight, its dropped output channels sliced off."""
@@ -407,16 +412,20 @@ def sequential_correct(
         parts = list(collected.inputs.get((gi, name), [])) if contributes else []
         if len(xs) == 1 and run_sizes[0] is None and len(parts) > 1:
             parts = [torch.cat(parts)]  # the caller passed one concatenated batch
-        mine: list[Partner] | None = None
         theirs = found.get(name)
-        if theirs is not None:  # the compressed model's operand at the same addition
-            side = call if side_runner is None else side_runner(name)
-            mine = residual_partners({name: module}, run, side, first=True).get(name)
-            if mine is None:
+        side = call if side_runner is None else side_runner(name)
+
+        def mine(j: int) -> Partner:
+            """The compressed model's operand at the same addition, batch ``j`` (one side
+            pass each, so that one batch's operand is held at a time)."""
+            got = residual_partners({name: module}, [run[j]], side, first=True).get(name)
+            if got is None:
                 raise RuntimeError(
                     f"sequential calibration: the output of consumer '{name}' no longer "
                     "reaches the residual addition it reached in the original model"
                 )
+            return got[0]
+
         at = 0
         for j, x in enumerate(xs if parts else []):
             n = run_sizes[j]
@@ -433,8 +442,9 @@ def sequential_correct(
             y = torch.cat(
                 [output_rows(module, torch.func.functional_call(module, params, (z,))) for z in zs]
             ).double()
-            if theirs is not None and mine is not None:
-                r, rc, scale = theirs[j].other, mine[j].other, mine[j].scale
+            if theirs is not None:
+                ours = mine(j)
+                r, rc, scale = fetch(theirs[j].other), ours.other, ours.scale
                 axis = r.dim() - 1 if linear else 1
                 if name in analysis.out_labels:
                     idx = gather_index(analysis.out_labels[name], dropped, {})

@@ -291,6 +291,7 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         max_error=args.max_error,
         stats_memory=args.stats_memory,
         blockwise=args.blockwise,
+        block_cache=args.block_cache,
         latency_batch=args.latency_batch,
         **_repair_kwargs(args),
         heads=args.heads,

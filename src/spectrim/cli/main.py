@@ -119,6 +119,9 @@ Examples:
   # the original's weights left on disk (accelerate), only the compressed model in memory
   spectrim compress --model my-llm/ --data text.txt --target width=0.5 --blockwise \
       --offload-folder /tmp/offload
+  # ... and each block's inputs and outputs on disk between blocks, not in memory
+  spectrim compress --model my-llm/ --data text.txt --target width=0.5 \
+      --offload-folder /tmp/offload --block-cache /tmp/blocks
   # half the MACs, then one epoch of distillation from the original on the JPEG train set
   spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 \
       --repair-epochs 1 --repair-data cifar10-jpeg --repair-augment flip-crop --out small/
@@ -450,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the sequential corrections block by block (transformer layers, residual "
         "blocks) from cached block inputs: memory for one block, the same fits (default: "
         "where the residual fit runs and the model is a chain of blocks)",
+    )
+    p.add_argument(
+        "--block-cache",
+        metavar="DIR",
+        help="keep the block-by-block pass's block inputs and outputs in files under DIR "
+        "between blocks instead of in memory (implies --blockwise; deleted at the end)",
     )
     p.add_argument(
         "--repair-epochs",
