@@ -353,7 +353,8 @@ def blocks_one(which: str, mode: str, calib: int, out: str, fit: str) -> dict[st
             sequential_fraction=1.0,
             blockwise=blockwise,
             sequential_fit=fit,
-            block_cache=cache if mode == "disk" else None,
+            # only when asked: the memory passes also run on code before block_cache
+            **({"block_cache": cache} if mode == "disk" else {}),
         )
         total = time.perf_counter() - t
         left = list(Path(cache).iterdir())

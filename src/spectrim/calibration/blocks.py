@@ -669,7 +669,12 @@ def _blocks(
         old = [*xs_o, *xs_c]
         xs_o, xs_c = new_o, [outs[i] for i in range(len(xs_c))]
         spill.release(old, keep=[*xs_o, *xs_c])
-        del old  # the previous boundaries must not live through the next block
+        # the previous boundaries must not live through the next block (the side passes'
+        # entries are this block's inputs)
+        del old
+        entry.clear()
+        outs.clear()
+        inputs.clear()  # its consumers' original inputs, fitted
     return folds, errors, keep
 
 
