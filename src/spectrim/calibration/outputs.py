@@ -259,7 +259,9 @@ def _bn_scale(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor 
 
 class Partner:
     """The other operand ``r`` of the addition a consumer's output reaches, and the
-    per-channel scale ``s`` of the affine maps on the way (``None``: none)."""
+    per-channel scale ``s`` of the affine maps on the way (``None``: none).  The block
+    pass may replace ``other`` by the handle of a file holding it
+    (:class:`~spectrim.calibration.spill.Spill`)."""
 
     __slots__ = ("other", "scale")
 
