@@ -713,8 +713,6 @@ def apply_stage(state: ChannelRun) -> None:
             plan = plan_blocks(state.chain, analysis, keep, *state.ends, whole=reselect)
             assert not isinstance(plan, str)  # checked on all groups before collecting
             state.report.blocks = len(plan.blocks)
-            # handed over: the pass may drop the chain's inputs once it has them elsewhere
-            calls, collected.calls = collected.calls, []
             folds, state.seq_errors, keep = blockwise_correct(
                 state.work,
                 analysis,
@@ -725,14 +723,13 @@ def apply_stage(state: ChannelRun) -> None:
                 exact=exact,
                 refit=refits,
                 team=state.ctx.team,
-                calls=calls if collected.n_stored else None,
+                calls=collected.calls if collected.n_stored else None,  # consumed
                 channels_last=state.channels_last,
                 reselect=reselect,
                 fit=state.fit,
                 warn=fallback.append,
                 block_cache=state.cfg.block_cache,
             )
-            del calls
         else:
             folds, state.seq_errors, keep = sequential_correct(
                 state.work,

@@ -456,7 +456,9 @@ def blockwise_correct(
             :func:`~spectrim.calibration.sequential.sequential_correct`.
         calls: per batch, every chain module's arguments as the calibration pass kept
             them (``Collected.calls``; the first module's input included); ``None``: one
-            forward pass here finds them.
+            forward pass here finds them.  A list passed here is emptied: the pass keeps
+            its own copy, and drops the chain's inputs from it once it holds them
+            elsewhere (in its boundaries, or their files).
         block_cache: a folder to hold the block boundaries in between blocks
             (:class:`~spectrim.calibration.spill.Spill`); ``None``: in memory.
 
@@ -475,7 +477,8 @@ def blockwise_correct(
         {n: (tuple(_scrub(a) for a in args), _scrub(kw)) for n, (args, kw) in c.items()}
         for c in calls
     ]
-    del calls  # the pass may drop the chain's inputs from its own copy
+    if isinstance(calls, list):
+        calls.clear()  # consumed: only the pass's copy refers to the chain's inputs now
 
     def model_batch(i: int) -> Any:
         return channels_last_batch(batches[i]) if channels_last else batches[i]
@@ -518,10 +521,9 @@ def _blocks(
         xs_o: list[Any] = list(batches)
     else:
         xs_o = [spill.put(c[first][0][0]) for c in calls]
-        if spill.on_disk:  # the chain's inputs now live in their files only
-            for c in calls:
-                args, kwargs = c[first]
-                c[first] = ((None, *args[1:]), kwargs)
+    for c in calls:  # the chain's inputs are in xs_o (or its files), or the prefix's
+        args, kwargs = c[first]
+        c[first] = ((None, *args[1:]), kwargs)
     xs_c: list[Any] = list(xs_o)  # nothing before the chain is pruned
     folds: dict[int, dict[str, np.ndarray]] = {}
     errors: dict[tuple[int, str], float] = {}

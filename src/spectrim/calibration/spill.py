@@ -8,11 +8,12 @@ block's own statistics.  A :class:`Spill` with a folder writes each boundary ten
 its own file as it is produced and reads it back when the next block needs it, so the
 pass holds one batch's boundary at a time.
 
-The files are the pass's own: written atomically into a fresh private folder
-(``tempfile.mkdtemp``, mode 0700) under the one given, read back with
-``torch.load(weights_only=True)`` (no code runs), checked against the shape, dtype and
-strides recorded when written, and deleted when the pass no longer needs them (the folder
-with :meth:`Spill.close`).  Anything that is not a tensor (a dict batch, a model output)
+The files are the pass's own: written atomically (a rename, without the fsync of
+:func:`spectrim._files.atomic_write_bytes`: a scratch file dies with the pass) into a
+fresh private folder (``tempfile.mkdtemp``, mode 0700) under the one given, read back
+with ``torch.load(weights_only=True)`` (no code runs), checked against the shape, dtype
+and strides recorded when written, and deleted when the pass no longer needs them (the
+folder with :meth:`Spill.close`).  Anything that is not a tensor (a dict batch, a model output)
 stays in memory.
 
 Example::
