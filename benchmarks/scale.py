@@ -32,14 +32,17 @@ Parts (``--parts``, default all that the machine can run):
   (``inputs``, the interpolation; ``auto``, the default, which runs the residual output
   fit on the ResNets): seconds, peak RSS, and the largest difference between the
   results' outputs.  ``--blocks-passes`` picks the passes: ``whole`` (the whole-model
-  pass), ``blocks`` (block by block, boundaries in memory) and ``disk`` (block by block,
-  boundaries in files, ``block_cache``).
+  pass), ``blocks`` (block by block, boundaries in memory), ``disk`` (block by block,
+  boundaries in files, ``block_cache``), and ``stats`` / ``stats-disk`` (the same two with
+  the statistics measured block by block too, ``block_statistics``).
 * ``offload``: a model held on disk by accelerate (``from_pretrained(device_map={"": "disk"},
   offload_folder=...)``) against the same model in memory, compressed block by block
   (``id``, half of every FFN): a random-weight BERT-base (110M parameters, 440 MB in
   float32; the weights do not matter for memory), 64 sequences of 64 tokens; in memory
-  with a copy (the default), in memory in place, and from disk; each in a fresh process:
-  seconds, peak RSS against the model's bytes, and whether the results are identical.
+  with a copy (the default), in memory in place, and from disk (``--offload-modes``; with
+  ``+stats`` the statistics block by block, ``block_statistics``, and ``+cache`` the
+  boundaries in files, ``block_cache``); each in a fresh process: seconds, peak RSS
+  against the model's bytes, and whether the results are identical.
 * ``factor``: the factorisations of an m × m Gram: SciPy's pivoted QR (``id``) and
   ``eigh`` (``spectral``) on the host with one BLAS thread and with all, and
   ``torch.linalg.eigh`` on the GPU (with the transfer), for m in ``--factor-widths``.
@@ -312,7 +315,8 @@ def _minilm(
 
 
 BLOCK_MODELS = ("resnet56", "minilm", "resnet50")
-BLOCK_PASSES = ("whole", "blocks", "disk")
+#: ``stats``: block_statistics with the boundaries in memory; ``stats-disk``: in files
+BLOCK_PASSES = ("whole", "blocks", "disk", "stats", "stats-disk")
 
 
 def blocks_one(which: str, mode: str, calib: int, out: str, fit: str) -> dict[str, Any]:
@@ -354,7 +358,8 @@ def blocks_one(which: str, mode: str, calib: int, out: str, fit: str) -> dict[st
             blockwise=blockwise,
             sequential_fit=fit,
             # only when asked: the memory passes also run on code before block_cache
-            **({"block_cache": cache} if mode == "disk" else {}),
+            **({"block_cache": cache} if mode in ("disk", "stats-disk") else {}),
+            **({"block_statistics": True} if mode.startswith("stats") else {}),
         )
         total = time.perf_counter() - t
         left = list(Path(cache).iterdir())
@@ -430,7 +435,11 @@ def part_blocks(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------ offloaded models
 
-OFFLOAD_MODES = ("memory", "memory-inplace", "disk")
+#: where the model is (``memory``: a copy made by compress; ``memory-inplace``; ``disk``:
+#: accelerate), then ``+stats`` (``block_statistics=True``) and ``+cache`` (``block_cache``)
+OFFLOAD_MODES = (
+    "memory", "memory-inplace", "disk", "memory-inplace+stats", "disk+stats", "disk+stats+cache",
+)  # fmt: skip
 
 
 def _offload_model(folder: Path) -> None:
@@ -451,7 +460,8 @@ def offload_one(mode: str, folder: str, out: str) -> dict[str, Any]:
     from _results import compress
 
     where: dict[str, Any] = {}
-    if mode == "disk":
+    place, *extras = mode.split("+")
+    if place == "disk":
         where = {"device_map": {"": "disk"}, "offload_folder": str(Path(folder) / "off")}
     t = time.perf_counter()
     model = BertModel.from_pretrained(folder, **where).eval()
@@ -459,10 +469,16 @@ def offload_one(mode: str, folder: str, out: str) -> dict[str, Any]:
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(1000, 20000, (16, 64), generator=g)} for _ in range(4)]
+    # only when asked: the plain modes also run on code before these options
+    options: dict[str, Any] = {"block_statistics": True} if "stats" in extras else {}
     t = time.perf_counter()
-    small, report = compress(
-        model, batches, "id", "width=0.5", blockwise=True, inplace=mode == "memory-inplace"
-    )
+    with tempfile.TemporaryDirectory(dir=Path(out).parent) as cache:
+        if "cache" in extras:
+            options["block_cache"] = cache
+        small, report = compress(
+            model, batches, "id", "width=0.5", blockwise=True,
+            inplace=place == "memory-inplace", **options,
+        )  # fmt: skip
     total = time.perf_counter() - t
     with torch.no_grad():
         torch.save(small(**batches[0]).last_hidden_state, out)
@@ -471,6 +487,7 @@ def offload_one(mode: str, folder: str, out: str) -> dict[str, Any]:
         "load_s": load_s,
         "compress_s": total,
         "blocks": report.blocks,
+        "timings": {k: round(v, 4) for k, v in report.timings.items()},
         "params_ratio": report.params_ratio,
         "model_bytes": report.params_before * 4,  # float32
         "peak_rss_after_load_bytes": rss_loaded,
@@ -484,7 +501,7 @@ def part_offload(args: argparse.Namespace) -> list[dict[str, Any]]:
         folder = Path(tmp) / "bert"
         _offload_model(folder)
         outs = {}
-        for mode in OFFLOAD_MODES:
+        for mode in args.offload_modes:
             path = str(Path(tmp) / f"{mode}.pt")
             cmd = [sys.executable, __file__, "--offload-one", mode, str(folder), path,
                    "--threads", str(args.threads)]  # fmt: skip
@@ -495,8 +512,10 @@ def part_offload(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             row = json.loads(res.stdout.strip().splitlines()[-1])
             outs[mode] = torch.load(path)
-            if mode != "memory" and "memory" in outs:
-                row["max_abs_output_difference"] = float((outs[mode] - outs["memory"]).abs().max())
+            base = next(iter(outs))  # every mode against the first that ran
+            if mode != base:
+                row["max_abs_output_difference"] = float((outs[mode] - outs[base]).abs().max())
+                row["compared_with"] = base
             rows.append(row)
             print(
                 f"BERT-base {mode}: compress {row['compress_s']:.1f} s, peak RSS "
@@ -702,6 +721,14 @@ def main() -> None:
     ap.add_argument("--blocks-one", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--procs-worker", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--offload-one", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--offload-modes",
+        nargs="+",
+        choices=OFFLOAD_MODES,
+        default=list(OFFLOAD_MODES[:3]),
+        help="the offload part's runs: where the model is, +stats: block_statistics, "
+        "+cache: block_cache",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.wide_one:

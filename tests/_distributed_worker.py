@@ -43,6 +43,9 @@ SCENARIOS = {
     # a torchvision ResNet-18 with the defaults: the residual fit block by block, its
     # stream groups spanning the residual blocks of a stage (and the stem, a block)
     "blocks-span": {"method": "id", "target": "macs=0.5"},
+    # the same with the statistics measured block by block, each reduced when its block
+    # is done
+    "blocks-stats": {"method": "id", "target": "macs=0.5", "block_statistics": True},
     # attention heads of a small BERT (padded text batches): alone, and on a MACs budget
     "heads": {"method": "id", "target": "heads=0.5"},
     "heads-budget": {"method": "id", "target": "macs=0.6", "heads": True},
@@ -110,7 +113,7 @@ def main() -> None:
         model, batches = _bert()
     elif scenario == "hidden":
         model, batches = _gpt2()
-    elif scenario == "blocks-span":
+    elif scenario in ("blocks-span", "blocks-stats"):
         import torchvision
 
         model = torchvision.models.resnet18().eval()

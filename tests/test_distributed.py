@@ -70,8 +70,8 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
 
 
 SCENARIOS = (
-    "id select residual obs joint heads heads-budget hidden sketch blocks blocks-span".split()
-)
+    "id select residual obs joint heads heads-budget hidden sketch blocks blocks-span blocks-stats"
+).split()
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -81,7 +81,7 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
     with all."""
     if scenario.startswith(("heads", "hidden")):
         pytest.importorskip("transformers")
-    if scenario == "blocks-span":
+    if scenario in ("blocks-span", "blocks-stats"):
         pytest.importorskip("torchvision")
     (one,) = _launch(scenario, 1, tmp_path)
     two = _launch(scenario, 2, tmp_path)
@@ -110,7 +110,7 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
     elif scenario == "blocks":
         assert r1["blocks"] == r2["blocks"] == 9
         assert r2["fitted_examples"] == r1["fitted_examples"] == 32
-    elif scenario == "blocks-span":  # one block per residual block, the stem one more
+    elif scenario in ("blocks-span", "blocks-stats"):  # a block per residual block, the stem
         assert r1["sequential_fit"] == r2["sequential_fit"] == "residual"
         assert r1["blocks"] == r2["blocks"] >= 9
         widths = [(g["name"], g["width_after"]) for g in r1["groups"]]

@@ -46,12 +46,14 @@ from spectrim.calibration.blocks import (
     PREFIX,
     SUFFIX,
     blockwise_correct,
+    blockwise_statistics,
     find_chain,
     find_ends,
     plan_blocks,
     suffix_reads_chain_only,
 )
 from spectrim.calibration.checks import CalibrationInfo, rows_per_group
+from spectrim.calibration.gram import GramAccumulator
 from spectrim.calibration.outputs import resolve_fit
 from spectrim.calibration.sequential import sequential_correct
 from spectrim.calibration.sketch import default_stats_memory, plan_sketches, sketch_groups_message
@@ -136,6 +138,9 @@ class ChannelRun:
     ends: tuple[list[str], list[str]] = ([], [])
     #: the sequential pass's consumer fit (``cfg.sequential_fit`` with ``"auto"`` resolved)
     fit: str = "inputs"
+    #: the groups' solvers and curves were made during the statistics pass
+    #: (``block_statistics``)
+    solved: bool = False
 
     @property
     def sequential(self) -> bool:
@@ -264,34 +269,82 @@ def collect_stage(state: ChannelRun) -> None:
         state.report.sequential_fit = state.fit if state.sequential else ""
         share = cfg.sequential_fraction if state.sequential else 0.0
         sketch_rows = _sketch_plan(state)
-        if state.sequential and (
-            cfg.blockwise
-            or cfg.block_cache is not None  # asks for the block pass
-            or (cfg.blockwise is None and state.fit == "residual")
-        ):
-            state.chain = _chain(state, quiet=cfg.blockwise is None and cfg.block_cache is None)
-        state.collected = collect(
-            work,
-            analysis,
-            state.batches,
-            groups,
-            progress=state.ctx.wrap(len(state.batches), "calibration", unit="batch"),
-            store_fraction=share,
-            channels_last=channels_last,
-            team=state.ctx.team,
-            sketch_rows=sketch_rows,
-            seed=state.ctx.seed,
-            keep_inputs=not state.chain,
-            keep_calls=state.chain,
-        )
-        # every rank's statistics summed: each now holds the whole calibration set's
-        state.ctx.team.reduce({**state.collected.stats, **state.collected.sketches})
+        asked = cfg.blockwise or cfg.block_cache is not None or cfg.block_statistics
+        if state.sequential and (asked or (cfg.blockwise is None and state.fit == "residual")):
+            state.chain = _chain(state, quiet=not asked)
+        if state.chain and cfg.block_statistics:
+            _collect_by_blocks(state, share, sketch_rows)
+        else:
+            state.collected = collect(
+                work,
+                analysis,
+                state.batches,
+                groups,
+                progress=state.ctx.wrap(len(state.batches), "calibration", unit="batch"),
+                store_fraction=share,
+                channels_last=channels_last,
+                team=state.ctx.team,
+                sketch_rows=sketch_rows,
+                seed=state.ctx.seed,
+                keep_inputs=not state.chain,
+                keep_calls=state.chain,
+            )
+            # every rank's statistics summed: each now holds the whole calibration set's
+            state.ctx.team.reduce({**state.collected.stats, **state.collected.sketches})
         rows = sum(batch_len(b) for b in state.batches)
         state.report.calibration_rows = int(state.ctx.team.total(rows))
     if cfg.heads:
         _collect_heads(state)
     if cfg.hidden:
         _collect_hidden(state)
+
+
+def _collect_by_blocks(state: ChannelRun, share: float, sketch_rows: Mapping[int, int]) -> None:
+    """``block_statistics=True``: the statistics block by block
+    (:func:`~spectrim.calibration.blocks.blockwise_statistics`), each block's groups
+    solved as soon as their statistics are complete and their m × m state dropped, so
+    that the Grams of one block (not of the whole model) are held at a time."""
+    analysis = state.analysis
+    assert analysis is not None
+    plan = plan_blocks(state.chain, analysis, {g.index: None for g in state.groups}, *state.ends)
+    assert not isinstance(plan, str)  # checked by _chain
+    kept: list[UnitGroup] = []
+    warnings = state.report.warnings
+    pinned: list[tuple[int, str]] = []  # (group, its warning): in group order at the end
+
+    def done(gis: list[int], stats: dict[tuple[int, str], Any]) -> None:
+        grams = {k: v for k, v in stats.items() if isinstance(v, GramAccumulator)}
+        sketches = {k: v for k, v in stats.items() if not isinstance(v, GramAccumulator)}
+        state.sketch_rows.update({gi: sk.rows for (gi, _), sk in sketches.items()})
+        n = len(warnings)
+        groups = _solve_groups(state, [analysis.groups[gi] for gi in gis], grams, sketches)
+        left = {g.index for g in groups}
+        pinned.extend(zip([gi for gi in gis if gi not in left], warnings[n:]))
+        del warnings[n:]
+        kept.extend(groups)
+        for g in groups:  # what the allocation and the sequential pass still need is O(m)
+            solver = state.solvers[g.index]
+            if type(solver).kept is not GroupSolver.kept:
+                solver.release()
+
+    state.collected = blockwise_statistics(
+        state.work,
+        analysis,
+        state.batches,
+        state.groups,
+        plan,
+        done,
+        store_fraction=share,
+        channels_last=state.channels_last,
+        team=state.ctx.team,
+        sketch_rows=sketch_rows,
+        seed=state.ctx.seed,
+        progress=state.ctx.wrap(len(plan.blocks), "statistics by block", unit="block"),
+        block_cache=state.cfg.block_cache,
+    )
+    state.groups = sorted(kept, key=lambda g: g.index)
+    warnings.extend(text for _, text in sorted(pinned, key=lambda p: p[0]))
+    state.solved = True
 
 
 def _chain(state: ChannelRun, quiet: bool = False) -> list[str]:
@@ -325,7 +378,14 @@ def _chain(state: ChannelRun, quiet: bool = False) -> list[str]:
             )
     if why:
         if not quiet:
-            asked = "blockwise=True" if state.cfg.blockwise else "block_cache"
+            cfg = state.cfg
+            asked = (
+                "blockwise=True"
+                if cfg.blockwise
+                else "block_statistics"
+                if cfg.block_statistics
+                else "block_cache"
+            )
             state.report.warnings.append(
                 f"{asked}: {why}; the corrections were fitted by the whole-model pass"
             )
@@ -408,30 +468,10 @@ def _collect_heads(state: ChannelRun) -> None:
 @_timed("selection", factorises=True)
 def solve_curves_stage(state: ChannelRun) -> None:
     """One solver per group and its error curve, judged on new inputs."""
-    analysis = state.analysis
-    assert analysis is not None
-    stats, sketches = state.collected.stats, state.collected.sketches
-    if state.method.needs_statistics:
-        state.rows = rows_per_group(state.groups, {**stats, **sketches}, state.info)
-        state.groups = _pin_underdetermined(
-            analysis, state.groups, state.rows, state.info, state.report
-        )
-    state.solvers = solve_stage(state.method, state.groups, stats, state.work, sketches=sketches)
-    # with heads on the budget every curve must be on one scale: the least-squares error
-    # of reconstructing the consumers' inputs along each solver's order
+    if not state.solved:  # block_statistics solved each block's groups as it went
+        stats, sketches = state.collected.stats, state.collected.sketches
+        state.groups = _solve_groups(state, state.groups, stats, sketches)
     shared = bool(state.blocks) and state.method.needs_statistics
-    curves = {
-        gi: s.reconstruction_curve() if shared else s.error_curve()
-        for gi, s in state.solvers.items()
-    }
-    # least-squares errors measured on the calibration rows the fits use are optimistic:
-    # judge every width by its expected error on new inputs
-    state.curves = {
-        gi: prediction_error_curve(e, state.rows[gi])
-        if gi in state.rows and (shared or state.solvers[gi].least_squares_curve)
-        else e
-        for gi, e in curves.items()
-    }
     if state.stream is not None:
         stream_solver = state.method.stream_solver(state.stream, state.stream_gram, state.work)
         state.stream_solver = stream_solver
@@ -444,6 +484,35 @@ def solve_curves_stage(state: ChannelRun) -> None:
         state.curves[HEAD_KEY + i] = (
             solver.reconstruction_curve() if shared else solver.error_curve()
         )
+
+
+def _solve_groups(
+    state: ChannelRun,
+    groups: list[UnitGroup],
+    stats: Mapping[tuple[int, str], GramAccumulator],
+    sketches: Mapping[tuple[int, str], Any],
+) -> list[UnitGroup]:
+    """Solvers and error curves of ``groups`` (into ``state``); the groups left after
+    those with too few calibration rows are pinned."""
+    analysis = state.analysis
+    assert analysis is not None
+    if state.method.needs_statistics:
+        rows = rows_per_group(groups, {**stats, **sketches}, state.info)
+        state.rows.update(rows)
+        groups = _pin_underdetermined(analysis, groups, rows, state.info, state.report)
+    solvers = solve_stage(state.method, groups, stats, state.work, sketches=sketches)
+    state.solvers.update(solvers)
+    # with heads on the budget every curve must be on one scale: the least-squares error
+    # of reconstructing the consumers' inputs along each solver's order
+    shared = bool(state.blocks) and state.method.needs_statistics
+    for gi, solver in solvers.items():
+        e = solver.reconstruction_curve() if shared else solver.error_curve()
+        # least-squares errors measured on the calibration rows the fits use are
+        # optimistic: judge every width by its expected error on new inputs
+        if gi in state.rows and (shared or solver.least_squares_curve):
+            e = prediction_error_curve(e, state.rows[gi])
+        state.curves[gi] = e
+    return groups
 
 
 def cost_model_of(state: ChannelRun, *, stream: bool = True) -> CostModel:
@@ -699,7 +768,7 @@ def apply_stage(state: ChannelRun) -> None:
         # the refits use fresh statistics: the selection's Grams need not live through them
         for gi in keep:
             state.solvers[gi].release()
-        state.sketch_rows = {gi: sk.rows for (gi, _), sk in collected.sketches.items()}
+        state.sketch_rows.update({gi: sk.rows for (gi, _), sk in collected.sketches.items()})
         for stat in [stat for stat in collected.stats if stat[0] in keep]:
             del collected.stats[stat]
         collected.sketches.clear()

@@ -255,6 +255,17 @@ class CompressConfig:
             copies of every fitted batch's at a block boundary
             (:mod:`spectrim.calibration.spill`).  Setting it asks for the block pass
             (as ``blockwise=True``).  ``None`` (default): in memory.
+        block_statistics: measure the calibration statistics block by block as well
+            (:func:`~spectrim.calibration.blocks.blockwise_statistics`): each block runs
+            on every calibration batch from its cached inputs (with ``block_cache``: in
+            files), and each group is solved (its error curve and channel order) as soon
+            as its last block is done and its Grams dropped, so the statistics held at
+            once are one block's, not every group's (a BERT-base's twelve FFN groups:
+            about 1 GiB of Grams, as much again in their factorisations).  The same
+            statistics, the same model; it costs one more forward pass, and holds every
+            calibration batch's activation at a block boundary (or its file).  Asks for
+            the block pass (as ``blockwise=True``) and needs ``sequential=True``, whose
+            refits make the Grams unnecessary after the selection.
         latency_batch: the batch size a ``latency=F`` target is measured at (the
             calibration examples repeated to fill it).
         options: method-specific options (e.g. ``{"ridge": 1e-6}``).
@@ -278,6 +289,7 @@ class CompressConfig:
     stats_memory: int | str | None = None
     blockwise: bool | None = None
     block_cache: str | None = None
+    block_statistics: bool = False
     latency_batch: int = 1
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -311,6 +323,18 @@ class CompressConfig:
                     "block_cache is where the block-by-block pass keeps its boundaries; "
                     "blockwise=False turns that pass off (leave blockwise unset)"
                 )
+        if self.block_statistics not in (True, False):
+            raise ValueError(f"block_statistics={self.block_statistics!r} must be True or False")
+        if self.block_statistics and self.blockwise is False:
+            raise ValueError(
+                "block_statistics measures the statistics block by block for the block pass; "
+                "blockwise=False turns that pass off (leave blockwise unset)"
+            )
+        if self.block_statistics and not self.sequential:
+            raise ValueError(
+                "block_statistics drops each group's Grams once its channels are chosen, "
+                "which only the sequential pass's refits allow; it needs sequential=True"
+            )
         if self.on_unreachable not in _UNREACHABLE:
             raise ValueError(
                 f"on_unreachable={self.on_unreachable!r} must be one of {', '.join(_UNREACHABLE)}"

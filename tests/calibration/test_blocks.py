@@ -399,15 +399,12 @@ def test_block_boundaries_on_disk_give_the_same_model(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_block_cache_with_padded_text_and_without_a_chain(tmp_path: Path) -> None:
-    """A small BERT fed padded text (dict batches stay in memory, hidden states go to
-    disk) gives the in-memory pass's weights; a model with no chain of blocks falls back
-    to the whole-model pass with a warning naming ``block_cache``; ``blockwise=False``
-    with a cache is refused, and a path object is kept as text."""
+def _padded_bert(layers: int) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """A seeded small BERT of ``layers`` layers and 4 batches of 16 padded sequences."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=100, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
         intermediate_size=256, max_position_embeddings=32,
     )  # fmt: skip
     model = transformers.BertModel(cfg).eval()
@@ -415,6 +412,15 @@ def test_block_cache_with_padded_text_and_without_a_chain(tmp_path: Path) -> Non
     mask = torch.ones_like(ids)
     mask[::3, 7:] = 0
     batches = [{"input_ids": i, "attention_mask": m} for i, m in zip(ids.split(16), mask.split(16))]
+    return model, batches
+
+
+def test_block_cache_with_padded_text_and_without_a_chain(tmp_path: Path) -> None:
+    """A small BERT fed padded text (dict batches stay in memory, hidden states go to
+    disk) gives the in-memory pass's weights; a model with no chain of blocks falls back
+    to the whole-model pass with a warning naming ``block_cache``; ``blockwise=False``
+    with a cache is refused, and a path object is kept as text."""
+    model, batches = _padded_bert(2)
     kw: dict[str, Any] = {"sequential_fraction": 0.5}
     mem, r1 = spectrim.compress(model, batches, "id", "width=0.5", blockwise=True, **kw)
     disk, r2 = spectrim.compress(model, batches, "id", "width=0.5", block_cache=tmp_path, **kw)
@@ -428,3 +434,92 @@ def test_block_cache_with_padded_text_and_without_a_chain(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"block_cache.*blockwise=False"):
         spectrim.CompressConfig(block_cache=str(tmp_path), blockwise=False)
     assert spectrim.CompressConfig(block_cache=tmp_path).block_cache == str(tmp_path)  # type: ignore[arg-type]
+
+
+def _live_grams(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """After each Gram accumulator is made, how many are alive (``GramAccumulator``
+    patched to count)."""
+    import weakref
+
+    from spectrim.calibration.gram import GramAccumulator
+
+    alive: weakref.WeakSet[Any] = weakref.WeakSet()
+    counts: list[int] = []
+    init = GramAccumulator.__init__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        alive.add(self)
+        counts.append(len(alive))
+
+    monkeypatch.setattr(GramAccumulator, "__init__", counting)
+    return counts
+
+
+@pytest.mark.parametrize("method", ["id", "spectral"])
+def test_block_statistics_give_the_same_model_one_block_at_a_time(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``block_statistics``: a torchvision ResNet-18 (its stem in a block before the
+    chain, stream groups spanning blocks, the residual fit) gives the weights, widths and
+    report of the whole-model statistics bit for bit, in memory and with the boundaries
+    in files, while holding far fewer Grams at once."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval()
+    batches = list(torch.randn(48, 3, 64, 64).split(16))
+    kw: dict[str, Any] = {"sequential_fit": "residual", "sequential_fraction": 0.5}
+    whole_live = _live_grams(monkeypatch)
+    whole, r1 = spectrim.compress(net, batches, method, "macs=0.6", **kw)
+    monkeypatch.undo()
+    block_live = _live_grams(monkeypatch)
+    block, r2 = spectrim.compress(net, batches, method, "macs=0.6", block_statistics=True, **kw)
+    monkeypatch.undo()
+    disk, r3 = spectrim.compress(
+        net, batches, method, "macs=0.6", block_statistics=True, block_cache=tmp_path, **kw
+    )
+    assert _max_diff(whole, block) == 0.0 and _max_diff(block, disk) == 0.0
+    assert r1.blocks == r2.blocks == 9 and r1.fitted_examples == r2.fitted_examples
+    assert r1.warnings == r2.warnings == r3.warnings  # the pins too, in group order
+    assert [(g.name, g.width_after) for g in r1.groups] == [
+        (g.name, g.width_after) for g in r2.groups
+    ]
+    assert [g.predicted_error for g in r1.groups] == [g.predicted_error for g in r2.groups]
+    # the whole-model pass holds every (group, consumer) Gram at its end (20 here); the
+    # block statistics one block's, and a stage's stream group's until its last block (5)
+    assert max(block_live) <= max(whole_live) // 3
+    assert list(tmp_path.iterdir()) == []
+    if method == "id":  # the widest groups from sketches, each begun per batch as before
+        kw["stats_memory"] = "6MiB"
+        whole, r1 = spectrim.compress(net, batches, method, "macs=0.6", **kw)
+        block, r2 = spectrim.compress(net, batches, method, "macs=0.6", block_statistics=True, **kw)
+        rows = [g.sketch_rows for g in r1.groups]
+        assert any(rows) and rows == [g.sketch_rows for g in r2.groups]
+        assert _max_diff(whole, block) == 0.0
+
+
+def test_block_statistics_on_padded_text_and_their_refusals(tmp_path: Path) -> None:
+    """A small BERT fed padded text (the masks reach each block's statistics): the same
+    weights as the whole-model statistics, also with a ``dof`` target (the spectral
+    solvers' degrees of freedom after their Grams are gone); no chain falls back to the
+    calibration pass with a warning naming ``block_statistics``; ``blockwise=False`` or
+    ``sequential=False`` with it are refused."""
+    model, batches = _padded_bert(3)
+    for method, target in [("id", "width=0.5"), ("spectral", "dof=0.001")]:
+        a, r1 = spectrim.compress(model, batches, method, target, blockwise=True)
+        b, r2 = spectrim.compress(
+            model, batches, method, target, block_statistics=True, block_cache=tmp_path
+        )
+        assert r1.blocks == r2.blocks == 3 and r1.fitted_examples == r2.fitted_examples
+        assert _max_diff(a, b) == 0.0 and r1.warnings == r2.warnings
+        assert [g.width_after for g in r1.groups] == [g.width_after for g in r2.groups]
+    assert list(tmp_path.iterdir()) == []
+
+    x = list(torch.randn(128, 8).split(32))
+    _, r3 = spectrim.compress(_Flat(8, 32, 4).eval(), x, "id", "width=0.5", block_statistics=True)
+    assert r3.blocks == 0
+    assert any(w.startswith("block_statistics: ") for w in r3.warnings)
+    with pytest.raises(ValueError, match=r"block_statistics.*blockwise=False"):
+        spectrim.CompressConfig(block_statistics=True, blockwise=False)
+    with pytest.raises(ValueError, match=r"block_statistics.*sequential=True"):
+        spectrim.CompressConfig(block_statistics=True, sequential=False)

@@ -421,6 +421,7 @@ def test_compress_one_shot_and_fraction_flags(
         ["--stats-memory", "3MiB"],
         ["--blockwise"],
         ["--block-cache", str(tmp_path / "blocks")],
+        ["--block-statistics"],
     ):
         json_path = tmp_path / "r.json"
         code, _, err = _run(
@@ -458,6 +459,9 @@ def test_compress_one_shot_and_fraction_flags(
     # the digits CNN has no chain of blocks: the flag reached the pass, which says so
     assert any(w.startswith("block_cache: ") for w in warned["--block-cache"])
     assert not any(w.startswith("block_cache: ") for w in warned["--blockwise"])
+    assert reports["--block-statistics"]["block_statistics"] is True
+    assert reports["--blockwise"]["block_statistics"] is False
+    assert any(w.startswith("block_statistics: ") for w in warned["--block-statistics"])
     code, _, err = _run(
         capsys, "compress", "--model", str(model_files["pickle"]), "--trust-pickle",
         "--data", "digits", "--calib", "64", "--out", str(tmp_path / "bad"),

@@ -36,8 +36,9 @@ the chain leaves the whole-model pass in charge.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,21 +48,29 @@ from greenlet import getcurrent
 from torch import nn
 
 from spectrim.calibration.batches import drop_padding, token_mask
-from spectrim.calibration.collect import Collected, call_keeper, group_view
+from spectrim.calibration.collect import (
+    Collected,
+    StatKey,
+    call_keeper,
+    collect,
+    group_view,
+    stored_batches,
+)
 from spectrim.calibration.outputs import residual_partners
 from spectrim.calibration.sequential import Refit, Select, sequential_correct
 from spectrim.calibration.spill import Spill
 from spectrim.distributed import SOLO, Team
-from spectrim.graph.channels import Analysis
+from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.modules import input_channel_axis
-from spectrim.graph.trace import _tensors, call_model
+from spectrim.graph.trace import _tensors, batch_len, call_model
 
 __all__ = [
     "PREFIX",
     "SUFFIX",
     "BlockPlan",
     "blockwise_correct",
+    "blockwise_statistics",
     "find_chain",
     "find_ends",
     "plan_blocks",
@@ -527,20 +536,7 @@ def _blocks(
     xs_c: list[Any] = list(xs_o)  # nothing before the chain is pruned
     folds: dict[int, dict[str, np.ndarray]] = {}
     errors: dict[tuple[int, str], float] = {}
-
-    def run_block(mods: Sequence[nn.Module | None], blk: Sequence[str], x: Any, i: int) -> Any:
-        x = spill.get(x)  # a boundary written to disk, or the value itself
-        for name, mod in zip(blk, mods):
-            if name == PREFIX:  # the model itself, stopped at the chain
-                x = _run_prefix(model, model_batch(i), first)
-                continue
-            if name == SUFFIX:  # the model itself, the chain's output replaced by x
-                x = _run_suffix(model, model_batch(i), names[-1], x)
-                continue
-            assert mod is not None
-            args, kwargs = calls[i][name]
-            x = _hidden(mod(x, *args[1:], **kwargs))
-        return x
+    run_block = _block_runner(model, names, calls, spill, model_batch)
 
     for b, (blk, gis) in enumerate(zip(plan.blocks, plan.groups)):
         mods = [None if n in (PREFIX, SUFFIX) else modules[n] for n in blk]
@@ -680,26 +676,208 @@ def _blocks(
     return folds, errors, keep
 
 
+RunBlock = Callable[[Sequence[nn.Module | None], Sequence[str], Any, int], Any]
+
+
+def _block_runner(
+    model: nn.Module,
+    names: Sequence[str],
+    calls: Sequence[Mapping[str, tuple[tuple[Any, ...], dict[str, Any]]]],
+    spill: Spill,
+    model_batch: Callable[[int], Any],
+) -> RunBlock:
+    """``run_block(mods, blk, x, i)``: the block ``blk`` (its modules ``mods``, ``None``
+    for :data:`PREFIX` / :data:`SUFFIX`) run on batch ``i``'s boundary ``x`` (a value or
+    a handle of ``spill``) with the batch's own arguments (``calls``)."""
+    first = names[0]
+
+    def run_block(mods: Sequence[nn.Module | None], blk: Sequence[str], x: Any, i: int) -> Any:
+        x = spill.get(x)  # a boundary written to disk, or the value itself
+        for name, mod in zip(blk, mods):
+            if name == PREFIX:  # the model itself, stopped at the chain
+                x = _run_prefix(model, model_batch(i), first)
+                continue
+            if name == SUFFIX:  # the model itself, the chain's output replaced by x
+                x = _run_suffix(model, model_batch(i), names[-1], x)
+                continue
+            assert mod is not None
+            args, kwargs = calls[i][name]
+            x = _hidden(mod(x, *args[1:], **kwargs))
+        return x
+
+    return run_block
+
+
 def _capture(
-    model: nn.Module, batches: Sequence[Any], names: Sequence[str]
+    model: nn.Module,
+    batches: Iterable[Any],
+    names: Sequence[str],
+    heads: Callable[[Any], Any] | None = None,
 ) -> list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]]:
     """Every chain module's arguments at its first call in each batch, from one forward
-    pass per batch (what the calibration pass keeps with ``keep_calls``)."""
+    pass per batch (what the calibration pass keeps with ``keep_calls``).  With
+    ``heads``, each batch's input of the chain's first module is handed to it as the
+    batch is run (``heads(x)``, e.g. :meth:`Spill.put`) and its place in the arguments
+    left ``None``: the calls then hold no activation."""
     modules = dict(model.named_modules())
     out = Collected(stats={})
     hs = [
         modules[n].register_forward_pre_hook(call_keeper(n, names[0], out), with_kwargs=True)
         for n in names
     ]
+    first = names[0]
     try:
         with torch.no_grad():
             for batch in batches:
                 out.calls.append({})
                 call_model(model, batch)
+                if heads is not None and first in out.calls[-1]:
+                    args, kwargs = out.calls[-1][first]
+                    out.calls[-1][first] = ((heads(args[0]), *args[1:]), kwargs)
     finally:
         for hd in hs:
             hd.remove()
     return out.calls
+
+
+def blockwise_statistics(
+    model: nn.Module,
+    analysis: Analysis,
+    batches: Sequence[Any],
+    groups: Sequence[UnitGroup],
+    plan: BlockPlan,
+    done: Callable[[list[int], dict[StatKey, Any]], None],
+    *,
+    store_fraction: float = 0.0,
+    min_rows_per_unit: int = 32,
+    channels_last: bool = False,
+    team: Team = SOLO,
+    sketch_rows: Mapping[int, int] | None = None,
+    seed: int = 0,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    block_cache: str | os.PathLike[str] | None = None,
+) -> Collected:
+    """The calibration statistics block by block: memory for one block's statistics.
+
+    The calibration pass (:func:`~spectrim.calibration.collect.collect`) runs every batch
+    through the whole model and so holds the Grams of every group at its end (a
+    BERT-base's twelve 3072-wide FFN groups: about 1 GiB, and as much again in their
+    factorisations).  Here every batch first runs once to find the chain's arguments,
+    then each block of ``plan`` runs on all batches from its cached inputs (in memory, or
+    in files under ``block_cache``), measuring the statistics of its own consumers.  When
+    a group's last block is done its statistics are complete: ``done(group indices,
+    {(group, consumer): statistic})`` gets them (summed over ``team``), to make what it
+    needs of them (the solvers' curves and orders) and let them go.  The statistics are
+    the calibration pass's, batch for batch (``tests/calibration/test_blocks.py``).
+
+    Args:
+        model, analysis, batches, groups: as for
+            :func:`~spectrim.calibration.collect.collect`.
+        plan: :func:`plan_blocks` of every group in ``groups``.
+        done: called once per block with the groups that block completed.
+        store_fraction, min_rows_per_unit: the sequential pass's share, decided as the
+            calibration pass decides it.
+        channels_last, team, sketch_rows, seed, progress: as for
+            :func:`~spectrim.calibration.collect.collect` (``progress`` wraps the blocks).
+        block_cache: a folder for the block boundaries; ``None``: in memory.
+
+    Returns:
+        A :class:`Collected` with no statistics: ``n_stored``, and ``calls`` of the
+        stored batches (the chain's first input included) for
+        :func:`blockwise_correct`.
+    """
+    names = [n for blk in plan.blocks for n in blk if n not in (PREFIX, SUFFIX)]
+    first = names[0]
+    wanted = {g.index for g in groups}
+    last: dict[int, int] = {}
+    for b, gis in enumerate(plan.groups):
+        for gi in gis:
+            if gi in wanted:
+                last[gi] = b
+    end = max(last.values(), default=-1)  # no block after it measures anything
+    lengths, mine = (
+        team.positions([batch_len(b) for b in batches])
+        if store_fraction > 0
+        else ([batch_len(b) for b in batches], list(range(len(batches))))
+    )
+
+    def model_batch(i: int) -> Any:
+        return channels_last_batch(batches[i]) if channels_last else batches[i]
+
+    with Spill(block_cache) as spill:
+        each = (model_batch(i) for i in range(len(batches)))  # one converted at a time
+        calls = _capture(model, each, names, spill.put)
+        xs: list[Any] = [c[first][0][0] for c in calls]  # the chain's inputs (or handles)
+        heads = list(xs)
+        run_block = _block_runner(model, names, calls, spill, model_batch)
+        modules = dict(model.named_modules())
+        pending: dict[StatKey, Any] = {}
+        first_numel: dict[StatKey, int] = {}
+        widths: dict[StatKey, int] = {}
+        blocks = range(end + 1)
+        for b in progress(blocks) if progress is not None else blocks:
+            blk = plan.blocks[b]
+            mods = [None if n in (PREFIX, SUFFIX) else modules[n] for n in blk]
+            member = plan.member(b)
+            mine_here = []
+            for gi in plan.groups[b]:
+                if gi not in wanted:
+                    continue
+                g = analysis.groups[gi]
+                inside = [c for c in g.consumers if member(c.module)]
+                if inside:
+                    mine_here.append(dataclasses.replace(g, consumers=inside))
+            new: list[Any] = [None] * len(batches)
+            prefix = blk[0] == PREFIX  # runs the model from the batch itself
+
+            def forward(
+                i: int,
+                batch: Any,
+                mods: Sequence[nn.Module | None] = mods,
+                blk: Sequence[str] = blk,
+                new: list[Any] = new,
+                prefix: bool = prefix,
+                xs: list[Any] = xs,
+                more: bool = b < end,
+            ) -> None:
+                x = run_block(mods, blk, None if prefix else xs[i], i)
+                new[i] = spill.put(x) if more else None  # the last block's: not needed
+
+            part = collect(
+                model,
+                analysis,
+                batches,
+                mine_here,
+                team=team,
+                sketch_rows={gi: r for gi, r in (sketch_rows or {}).items() if gi in last},
+                seed=seed,
+                forward=forward,
+            )
+            team.reduce({**part.stats, **part.sketches})
+            for key, numel in part.first_numel.items():
+                first_numel[key] = numel
+                widths[key] = analysis.groups[key[0]].width
+            pending.update(part.stats)
+            pending.update(part.sketches)
+            del part
+            finished = [gi for gi in plan.groups[b] if last.get(gi) == b]
+            if finished:
+                done(finished, {k: pending.pop(k) for k in list(pending) if k[0] in finished})
+            spill.release(xs, keep=[*new, *heads])  # the chain's inputs: for the stored batches
+            xs = new
+        spill.release(xs, keep=heads)
+        n_store = 0
+        if store_fraction > 0:
+            sizes = np.cumsum(lengths)
+            n = stored_batches(widths, first_numel, sizes, store_fraction, min_rows_per_unit)
+            n_store = team.broadcast(n)  # rank 0 holds the first batch: its decision
+        n_stored = sum(1 for g in mine if g < n_store)
+        stored = calls[:n_stored]
+        for i, c in enumerate(stored):
+            args, kwargs = c[first]
+            c[first] = ((spill.get(heads[i]), *args[1:]), kwargs)
+        spill.release(heads)
+    return Collected(stats={}, n_stored=n_stored, calls=stored, first_numel=first_numel)
 
 
 def _keeper(

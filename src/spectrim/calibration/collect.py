@@ -40,7 +40,15 @@ from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.modules import input_channel_axis
 from spectrim.graph.trace import batch_len, call_model
 
-__all__ = ["Collected", "call_keeper", "collect", "collect_statistics", "group_rows", "group_view"]
+__all__ = [
+    "Collected",
+    "call_keeper",
+    "collect",
+    "collect_statistics",
+    "group_rows",
+    "group_view",
+    "stored_batches",
+]
 
 StatKey = tuple[int, str]  # (group index, consumer module name)
 
@@ -98,6 +106,8 @@ class Collected:
             consumer's first call in each of the first ``n_stored`` batches (copies).
         n_stored: how many leading batches ``inputs`` covers.
         channel_dims: ``(group, consumer) -> `` the channel axis of its stored inputs.
+        first_numel: ``(group, consumer) -> `` the size of the group's view of the
+            consumer's input in this process's first batch (what decides the stored share).
     """
 
     stats: dict[StatKey, GramAccumulator]
@@ -106,6 +116,7 @@ class Collected:
     channel_dims: dict[StatKey, int] = field(default_factory=dict)
     sketches: dict[StatKey, RowSketch] = field(default_factory=dict)
     calls: list[dict[str, tuple[tuple[Any, ...], dict[str, Any]]]] = field(default_factory=list)
+    first_numel: dict[StatKey, int] = field(default_factory=dict)
 
     def statistic(self, key: StatKey) -> GramAccumulator | RowSketch:
         """The Gram or, for a sketched group, the sketch of ``key``."""
@@ -127,6 +138,7 @@ def collect(
     seed: int = 0,
     keep_inputs: bool = True,
     keep_calls: Sequence[str] = (),
+    forward: Callable[[int, Any], Any] | None = None,
 ) -> Collected:
     """Accumulate ``ZᵀZ`` of each group's channels at each of its consumers' inputs, and
     keep the inputs themselves for a leading share of the batches.
@@ -162,6 +174,9 @@ def collect(
         keep_calls: modules whose call arguments are kept for the stored batches
             (``Collected.calls``): the chain of blocks of that pass, so that it needs no
             forward pass of its own to find them.
+        forward: ``forward(i, batch)`` runs batch ``i`` instead of ``model(batch)`` (the
+            block-by-block statistics, :func:`~spectrim.calibration.blocks.blockwise_statistics`,
+            run one block from its cached input); the hooks are on ``model``'s modules.
     """
     modules = dict(model.named_modules())
     out = Collected(stats={})
@@ -228,7 +243,7 @@ def collect(
                             raise
                         raise _non_finite(name, x, batch_index[0], sizes) from None
                     cache[(id(src), key[0])] = (weakref.ref(src), products)
-                if store and batch_index[0] == 0:  # sizes the stored share
+                if batch_index[0] == 0 and key not in first_numel:  # sizes the stored share
                     first_numel[key] = x.numel() // max(int(x.shape[xcd]), 1) * pos.numel()
                 if store and keep_inputs:
                     if view is None:
@@ -256,9 +271,15 @@ def collect(
                     sk.begin(team.rank + i * team.size)  # the batch's index in the whole set
                 stored_now.clear()
                 cache.clear()
-                call_model(model, channels_last_batch(batch) if channels_last else batch)
+                if forward is not None:
+                    forward(i, batch)
+                else:
+                    call_model(model, channels_last_batch(batch) if channels_last else batch)
                 if i == 0 and store_fraction > 0:
-                    n = _stored_batches(out, first_numel, sizes, store_fraction, min_rows_per_unit)
+                    widths = {key: out.statistic(key).dim for key in first_numel}
+                    n = stored_batches(
+                        widths, first_numel, sizes, store_fraction, min_rows_per_unit
+                    )
                     n_store[0] = team.broadcast(n)  # rank 0 holds the first batch: its call
                     if mine[0] >= n_store[0] or not keep_inputs:  # nothing more to keep
                         out.inputs.clear()
@@ -271,6 +292,7 @@ def collect(
         cache.clear()
     out.n_stored = sum(1 for g in mine if g < n_store[0])
     out.channel_dims = layout
+    out.first_numel = first_numel
     del out.calls[out.n_stored :]
     return out
 
@@ -303,17 +325,17 @@ def _non_finite(name: str, x: torch.Tensor, batch: int, sizes: np.ndarray) -> Ca
     )
 
 
-def _stored_batches(
-    out: Collected,
+def stored_batches(
+    widths: Mapping[StatKey, int],
     first_numel: Mapping[StatKey, int],
     sizes: np.ndarray,
     fraction: float,
     min_rows_per_unit: int,
 ) -> int:
     """How many leading batches to store, decided from the sizes of the first batch's
-    group views (``first_numel``): the whole number of batches nearest to ``fraction``
-    of the examples, raised until every (group, consumer) has ``min_rows_per_unit`` rows
-    per channel."""
+    group views (``first_numel``, of groups ``widths`` wide): the whole number of
+    batches nearest to ``fraction`` of the examples, raised until every (group,
+    consumer) has ``min_rows_per_unit`` rows per channel."""
     share = fraction * float(sizes[-1])
     after = int(np.searchsorted(sizes, share)) + 1  # fewest batches covering the share
     before = after - 1
@@ -323,7 +345,7 @@ def _stored_batches(
     need = 0
     first = max(int(sizes[0]), 1)
     for key, numel in first_numel.items():
-        width = out.statistic(key).dim
+        width = widths[key]
         per_example = max(numel / width / first, 1e-9)
         need = max(need, math.ceil(min_rows_per_unit * width / per_example))
     floor = int(np.searchsorted(sizes, need)) + 1

@@ -292,6 +292,7 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         stats_memory=args.stats_memory,
         blockwise=args.blockwise,
         block_cache=args.block_cache,
+        block_statistics=args.block_statistics,
         latency_batch=args.latency_batch,
         **_repair_kwargs(args),
         heads=args.heads,

@@ -122,6 +122,9 @@ Examples:
   # ... and each block's inputs and outputs on disk between blocks, not in memory
   spectrim compress --model my-llm/ --data text.txt --target width=0.5 \
       --offload-folder /tmp/offload --block-cache /tmp/blocks
+  # ... and the statistics of one layer at a time, not of all of them
+  spectrim compress --model my-llm/ --data text.txt --target width=0.5 \
+      --offload-folder /tmp/offload --block-cache /tmp/blocks --block-statistics
   # half the MACs, then one epoch of distillation from the original on the JPEG train set
   spectrim compress --model resnet56-cifar10 --data cifar10 --target macs=0.5 \
       --repair-epochs 1 --repair-data cifar10-jpeg --repair-augment flip-crop --out small/
@@ -459,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="keep the block-by-block pass's block inputs and outputs in files under DIR "
         "between blocks instead of in memory (implies --blockwise; deleted at the end)",
+    )
+    p.add_argument(
+        "--block-statistics",
+        action="store_true",
+        help="measure the calibration statistics block by block too, each block's groups "
+        "solved and their Grams dropped before the next block: the statistics of one block "
+        "in memory, not of every layer (implies --blockwise; one more forward pass)",
     )
     p.add_argument(
         "--repair-epochs",

@@ -150,7 +150,10 @@ class GroupSolver(ABC):
         refits the corrections on fresh statistics: from then on only :meth:`refit`,
         :meth:`row_ridge` and :meth:`error_curve` are called, and the m × m matrices of
         every group need not be held through that pass (a BERT-base block by block: peak
-        5.9 → 5.0 GiB, ``benchmarks/scale.py --parts offload``)."""
+        5.9 → 5.0 GiB, ``benchmarks/scale.py --parts offload``).  With
+        ``block_statistics`` the release comes before the allocation, so a solver that
+        implements :meth:`kept` must answer it (and :meth:`width_for_dof`) without this
+        state."""
         for name in self.selection_state:
             self.__dict__.pop(name, None)
 

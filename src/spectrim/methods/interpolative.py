@@ -28,6 +28,7 @@ from spectrim.linalg import (
     id_factorize,
     id_from_rows,
 )
+from spectrim.linalg._validation import check_k
 from spectrim.methods.base import GroupSolver, Method, gram_reconstruction_errors, register_method
 from spectrim.methods.heads import HeadSolver, greedy_solver
 from spectrim.methods.stream import StreamSolver
@@ -50,6 +51,7 @@ class IDSolver(GroupSolver):
         self.ridge = ridge
         total = sum(self.grams.values())
         self.factorization = id_factorize(total)
+        self.order = self.factorization.perm  # what kept() needs once released
         t = self.factorization.total
         res = self.factorization.residuals
         self._curve = res / t if t > 0 else np.zeros_like(res)
@@ -59,7 +61,8 @@ class IDSolver(GroupSolver):
         return self._curve
 
     def kept(self, k: int) -> np.ndarray:
-        return np.sort(self.factorization.selected(k))
+        k = check_k(k, len(self.order))
+        return np.sort(self.order[:k])
 
     def plan(self, k: int) -> GroupPlan:
         S = self.kept(k)

@@ -107,7 +107,7 @@ class SpectralSolver(GroupSolver):
         m = group.width
         n = max(sum(self.counts.values()), 1)
         self.sigma = sum(self.grams.values()) / n
-        trace = float(np.trace(self.sigma))
+        trace = self.trace = float(np.trace(self.sigma))
         self.lam = alpha * trace
         self.alpha, self.c, self.tau_rule = alpha, c, tau
         self.eigvals = gram_spectrum(self.sigma)
@@ -131,6 +131,7 @@ class SpectralSolver(GroupSolver):
         self.selection = spectral_greedy(
             self.sigma, theta=theta, weight=out_w if theta < 1.0 else None, tau=self.tau
         )
+        self.order = self.selection.order  # what kept() needs once released
         losses = self.selection.losses
         curve = losses / losses[0] if losses[0] > 0 else np.zeros_like(losses)
         curve[-1] = 0.0  # keeping every channel changes nothing (no fold, no ridge)
@@ -141,7 +142,7 @@ class SpectralSolver(GroupSolver):
 
     def degrees_of_freedom(self, alpha: float | None = None) -> float:
         """``N(λ)`` with ``λ = α·tr Σ̂`` (this solver's ``alpha`` by default)."""
-        lam = self.lam if alpha is None else alpha * float(np.trace(self.sigma))
+        lam = self.lam if alpha is None else alpha * self.trace
         return float(degrees_of_freedom(self.eigvals, lam))
 
     def width_for_dof(self, alpha: float) -> int:
@@ -160,7 +161,9 @@ class SpectralSolver(GroupSolver):
         return self.tau[np.asarray(keep, dtype=np.int64)]
 
     def kept(self, k: int) -> np.ndarray:
-        return np.sort(self.selection.selected(k))
+        if not 0 <= k <= len(self.order):
+            raise ValueError(f"k={k} must be in [0, {len(self.order)}]")
+        return np.sort(self.order[:k])
 
     def plan(self, k: int) -> GroupPlan:
         J = self.kept(k)
@@ -173,7 +176,7 @@ class SpectralSolver(GroupSolver):
     def reconstruction_curve(self) -> np.ndarray:
         """The least-squares error along the greedy's order (its own curve is the θ-mixed
         ridge loss, with a ridge floor: another scale)."""
-        return order_residual_curve(sum(self.grams.values()), self.selection.order)
+        return order_residual_curve(sum(self.grams.values()), self.order)
 
     def reconstruction_errors(self, plan: GroupPlan) -> dict[str, float]:
         return gram_reconstruction_errors(self.grams, plan)
