@@ -554,7 +554,7 @@ def _blocks(
         # the original block: a copy of its modules; the prefix and the suffix are the
         # model's own, which nothing has pruned before their block's fits
         originals = [None if m is None else copy.deepcopy(m) for m in mods]
-        inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
+        inputs: dict[tuple[int, str], list[Any]] = {}  # tensors, or handles to files
         current = [0]  # the batch the original block is running
         hooks = []
         targets: dict[str, nn.Module] = {}  # consumer -> its module in the original block
@@ -571,7 +571,7 @@ def _blocks(
                     target = orig.get_submodule(rel) if rel else orig
                 targets[slot.module] = target
                 pos = torch.as_tensor(slot.positions, dtype=torch.long)
-                keeper = _keeper(inputs, (gi, slot.module), pos, masks, current)
+                keeper = _keeper(inputs, (gi, slot.module), pos, masks, current, spill.put)
                 hooks.append(target.register_forward_pre_hook(keeper))
         try:
             with torch.no_grad():
@@ -672,6 +672,7 @@ def _blocks(
         del old
         entry.clear()
         outs.clear()
+        spill.release([h for hs in inputs.values() for h in hs])
         inputs.clear()  # its consumers' original inputs, fitted
     return folds, errors, keep
 
@@ -881,14 +882,15 @@ def blockwise_statistics(
 
 
 def _keeper(
-    inputs: dict[tuple[int, str], list[torch.Tensor]],
+    inputs: dict[tuple[int, str], list[Any]],
     key: tuple[int, str],
     positions: torch.Tensor,
     masks: Sequence[torch.Tensor | None],
     current: list[int],
+    put: Callable[[Any], Any] = lambda x: x,
 ) -> Any:
     """A pre-hook keeping the group's view of a consumer's input, first call per batch
-    (``current[0]``)."""
+    (``current[0]``), as ``put`` keeps it (:meth:`Spill.put`: in memory or in a file)."""
     seen: set[int] = set()
 
     def h(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -899,6 +901,6 @@ def _keeper(
         x = args[0].detach()
         x, cd = drop_padding(x, masks[i], input_channel_axis(module, x))
         view, _ = group_view(x, cd, positions)
-        inputs.setdefault(key, []).append(view.clone() if view is x else view)
+        inputs.setdefault(key, []).append(put(view.clone() if view is x else view))
 
     return h

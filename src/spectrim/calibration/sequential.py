@@ -315,7 +315,7 @@ def sequential_correct(
             producers, passengers and consumers elsewhere are left as they are (the
             block-by-block pass: one block's, a group that spans blocks is handled in each
             of them).  Default: all.
-        fetch: reads a partner's operand when ``partners`` hold handles to them (the
+        fetch: reads a partner's operand or a stored input when they are handles (the
             block pass's :meth:`~spectrim.calibration.spill.Spill.get`); default: they
             are the tensors.
 
@@ -411,7 +411,7 @@ def sequential_correct(
         acc = GramAccumulator(cols, cross_dim=int(w_o.shape[0]), exact=precise, sums=False)
         parts = list(collected.inputs.get((gi, name), [])) if contributes else []
         if len(xs) == 1 and run_sizes[0] is None and len(parts) > 1:
-            parts = [torch.cat(parts)]  # the caller passed one concatenated batch
+            parts = [torch.cat([fetch(p) for p in parts])]  # one concatenated batch passed
         theirs = found.get(name)
         side = call if side_runner is None else side_runner(name)
 
@@ -440,7 +440,10 @@ def sequential_correct(
                 pieces = tuple(p.index_select(-1 if linear else 1, sel) for p in pieces)
             a_parts = [consumer_rows(module, p) for p in pieces]
             y = torch.cat(
-                [output_rows(module, torch.func.functional_call(module, params, (z,))) for z in zs]
+                [
+                    output_rows(module, torch.func.functional_call(module, params, (fetch(z),)))
+                    for z in zs
+                ]
             ).double()
             if theirs is not None:
                 ours = mine(j)
@@ -523,13 +526,14 @@ def sequential_correct(
             if not contributes:  # this rank stored no batch: the others' rows alone
                 pieces = []
             if len(pieces) == 1 and len(parts) > 1:  # the caller passed one concatenated batch
-                parts = [torch.cat(list(parts))]
+                parts = [torch.cat([fetch(p) for p in parts])]
             if len(pieces) != len(parts):
                 raise RuntimeError(
                     f"sequential calibration: consumer '{name}' ran on {len(pieces)} batches "
                     f"in the compressed pass but {len(parts)} in the original pass"
                 )
             for x, z_o in zip(pieces, parts):
+                z_o = fetch(z_o)  # a stored input written to disk, or the value itself
                 # per piece: a batch without padding keeps its (B, T, C) layout where
                 # a padded one became (N, C)
                 z_c, vcd = group_view(x, input_channel_axis(module, x), pos_t)
@@ -596,25 +600,25 @@ def sequential_correct(
             module.to(memory_format=torch.channels_last)
 
     batches = list(batches)
-    per_example = max(
-        (
-            parts[0].numel() * parts[0].element_size() / max(batch_len(batches[0]), 1)
-            for parts in collected.inputs.values()
-            if parts
-        ),
-        default=1.0,
-    )
     # merged batches are cut back along the first axis: only when every stored consumer
-    # input has the batch there (not, e.g., a (T, B, H) attention input)
-    batch_major = all(
+    # input has the batch there (not, e.g., a (T, B, H) attention input); a runner (the
+    # block pass, whose stored inputs may be handles to files) runs the batches as they are
+    batch_major = runner is None and all(
         [int(p.shape[0]) for p in parts] == [batch_len(b) for b in batches[: len(parts)]]
         for parts in collected.inputs.values()
     )
-    groups = (
-        merge_batches(batches, per_example)
-        if batch_major and runner is None
-        else [[i] for i in range(len(batches))]
-    )
+    if batch_major:
+        per_example = max(
+            (
+                parts[0].numel() * parts[0].element_size() / max(batch_len(batches[0]), 1)
+                for parts in collected.inputs.values()
+                if parts
+            ),
+            default=1.0,
+        )
+        groups = merge_batches(batches, per_example)
+    else:
+        groups = [[i] for i in range(len(batches))]
     run = [batches[g[0]] if len(g) == 1 else torch.cat([batches[i] for i in g]) for g in groups]
     if channels_last:
         run = [channels_last_batch(b) for b in run]
