@@ -591,11 +591,11 @@ def _blocks(
                 return run_block(mods, blk, item[0], item[1])
 
             items = [(x, i) for i, x in enumerate(xs_o)]
-            partners = residual_partners(targets, items, original) if contributes else {}
-            # the operands, one per batch and consumer, wait for their fit in files too
-            for ps in partners.values():
-                for p in ps:
-                    p.other = spill.put(p.other)
+            # the operands, one per batch and consumer, wait for their fit in files too,
+            # each written as its batch is done
+            partners = (
+                residual_partners(targets, items, original, store=spill.put) if contributes else {}
+            )
         del originals
         outs: dict[int, Any] = {}
         # each batch's input to each of the block's modules, as this pass reached it: a
@@ -656,6 +656,7 @@ def _blocks(
             warn=warn,
             within=member,
             fetch=spill.get,
+            replay=spill.root is not None,  # bounded memory asked: no batch parked
         )
         keep.update(k)
         for gi, at in f.items():  # a group spanning blocks has consumers in several

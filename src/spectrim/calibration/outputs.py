@@ -332,6 +332,7 @@ def residual_partners(
     batches: Sequence[Any],
     call: Callable[[Any], Any],
     first: bool = False,
+    store: Callable[[Any], Any] | None = None,
 ) -> dict[str, list[Partner]]:
     """For each consumer (name -> the module that ``call`` runs), per batch, the other
     operand of the addition its output reaches through eval-mode BatchNorm / Dropout,
@@ -339,7 +340,9 @@ def residual_partners(
 
     Consumers whose output reaches no addition that way are absent.  With ``first``, each
     batch's pass stops at the first such addition (the caller wants one consumer's, and
-    the rest of the model need not run).
+    the rest of the model need not run).  ``store`` keeps each operand as its batch is
+    done (e.g. :meth:`~spectrim.calibration.spill.Spill.put`, a file), so that the
+    batches' operands need not all be in memory at once.
 
     Example::
 
@@ -383,6 +386,8 @@ def residual_partners(
             except _Found:
                 pass
             for name, partner in current.items():
+                if store is not None:
+                    partner.other = store(partner.other)
                 found.setdefault(name, [None] * len(batches))[i] = partner  # type: ignore[list-item]
     finally:
         for h in handles:
