@@ -4,7 +4,6 @@ compressed prefix (cross-covariance least squares), checked against brute force.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import numpy as np
 import pytest
@@ -394,63 +393,3 @@ def test_reselect_with_two_consumers_equals_one_surgery() -> None:
     apply_plan(one, a, {g.index: GroupPlan(keep=kept[g.index], folds=folds[g.index])})
     with torch.no_grad():
         torch.testing.assert_close(work(x), one(x), atol=1e-5, rtol=1e-5)
-
-
-class _Branchy(nn.Module):
-    """Batches whose first value is positive take one layer, the others another."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(self.a(x) if float(x[0, 0]) > 0 else self.b(x))
-
-
-@pytest.mark.parametrize("replay", [False, True])
-def test_replayed_folds_see_the_lockstep_inputs_one_batch_at_a_time(replay: bool) -> None:
-    """``_run_lockstep(replay=True)`` (the block pass with ``block_cache``) calls ``fold``
-    on the same consumers in the same order with the same inputs as the lock-step, each
-    batch's input computed only when it is read (so one is alive at a time), each
-    consumer's fold seeing the folds before it; batches that take different paths are
-    an error either way."""
-    from spectrim.calibration.sequential import _run_lockstep
-
-    model = _chain()
-    batches = list(torch.randn(12, 3, 8, 8).split(4))
-    names = ["3", "5"]
-    seen: list[tuple[str, list[torch.Tensor]]] = []
-    reads = [0]
-    runs = [0]  # batches that entered the model
-    model[0].register_forward_pre_hook(lambda m, a: runs.__setitem__(0, runs[0] + 1))
-    entered: list[list[int]] = []
-
-    def fold(name: str, module: nn.Module, xs: Any) -> None:
-        got, at = [], []
-        for x in xs:
-            reads[0] += 1
-            at.append(runs[0])
-            got.append(x.clone())
-        seen.append((name, got))
-        entered.append(at)
-        with torch.no_grad():
-            module.weight.mul_(0.5)  # the next consumer's inputs must see this
-
-    _run_lockstep(model, batches, names, fold, replay=replay)
-    assert [n for n, _ in seen] == names and reads[0] == 2 * len(batches)
-    if replay:  # each input computed as it was read: one more batch run per read
-        assert all(np.diff(at).tolist() == [1] * (len(batches) - 1) for at in entered)
-    else:  # every batch parked at the consumer before the fold
-        assert all(len(set(at)) == 1 for at in entered)
-    ref = _chain()
-    with torch.no_grad():
-        for i, b in enumerate(batches):
-            assert torch.equal(seen[0][1][i], _input_of(ref, ref[3], b))
-        ref[3].weight.mul_(0.5)
-        for i, b in enumerate(batches):
-            assert torch.equal(seen[1][1][i], _input_of(ref, ref[5], b))
-
-    net = _Branchy().eval()
-    mixed = [torch.ones(2, 4), -torch.ones(2, 4)]
-    with pytest.raises(RuntimeError, match="different paths"):
-        _run_lockstep(net, mixed, ["a", "b", "c"], lambda n, m, xs: list(xs), replay=replay)

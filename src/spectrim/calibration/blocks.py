@@ -656,7 +656,6 @@ def _blocks(
             warn=warn,
             within=member,
             fetch=spill.get,
-            replay=spill.root is not None,  # bounded memory asked: no batch parked
         )
         keep.update(k)
         for gi, at in f.items():  # a group spanning blocks has consumers in several

@@ -23,7 +23,7 @@ consumer input), which amortises per-call costs; the caller may also run the pas
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,117 +132,14 @@ def _relative_residual(total: float, g_c: np.ndarray, cross: np.ndarray, b: np.n
     return float(np.sqrt(max(res, 0.0) / total))
 
 
-class _Stop(BaseException):
-    """Raised by a replay's pre-hook at the consumer it runs to (a ``BaseException``, so
-    that a model's own ``except Exception`` cannot swallow it)."""
-
-    def __init__(self, name: str, x: torch.Tensor) -> None:
-        super().__init__()
-        self.name, self.x = name, x
-
-
-class _Replayed(Sequence[torch.Tensor]):
-    """The inputs of consumer ``name`` on every batch, each computed when it is read by
-    running its batch up to the consumer (and no further), none kept: memory for one
-    batch's, at the price of a partial forward pass per read."""
-
-    def __init__(
-        self,
-        name: str,
-        pending: Mapping[str, nn.Module],
-        batches: Sequence[Any],
-        call: Callable[[Any], Any],
-        real: Callable[[int, nn.Module, torch.Tensor], torch.Tensor],
-    ) -> None:
-        self.name, self.pending, self.batches, self.call, self.real = (
-            name,
-            pending,
-            batches,
-            call,
-            real,
-        )
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return (self[j] for j in range(len(self)))
-
-    def __getitem__(self, j: Any) -> Any:
-        if isinstance(j, slice):
-            return [self[i] for i in range(*j.indices(len(self)))]
-        reached = _run_to(self.pending, self.batches[j], self.call)
-        if reached is None or reached.name != self.name:
-            raise RuntimeError(
-                "sequential calibration: the calibration batches take different paths "
-                f"through the model (batch {j} reached "
-                f"{'no consumer' if reached is None else repr(reached.name)} where the "
-                f"first reached '{self.name}'); use sequential=False"
-            )
-        return self.real(j, self.pending[self.name], reached.x)
-
-
-def _run_to(pending: Mapping[str, nn.Module], batch: Any, call: Callable[[Any], Any]) -> Any:
-    """Run ``batch`` until its first call of a module in ``pending``: that module's name
-    and input (a :class:`_Stop`), or ``None`` when the batch ran to its end."""
-
-    def stop(name: str) -> Callable[..., None]:
-        def h(module: nn.Module, args: tuple[Any, ...]) -> None:
-            raise _Stop(name, args[0].detach())
-
-        return h
-
-    handles = [m.register_forward_pre_hook(stop(n)) for n, m in pending.items()]
-    try:
-        with torch.no_grad():
-            call(batch)
-    except _Stop as reached:
-        return reached
-    finally:
-        for hd in handles:
-            hd.remove()
-    return None
-
-
-def _run_replayed(
-    model: nn.Module,
-    batches: list[Any],
-    names: list[str],
-    fold: Callable[[str, nn.Module, Sequence[torch.Tensor]], None],
-    call: Callable[[Any], Any],
-    real: Callable[[int, nn.Module, torch.Tensor], torch.Tensor],
-) -> None:
-    """:func:`_run_lockstep`'s folds with no batch parked: the next consumer is the first
-    one the first batch reaches, and ``fold`` reads its inputs one batch at a time, each
-    computed by running its batch up to it (:class:`_Replayed`); at the end every batch
-    runs through.  The same inputs in the same order as the lock-step's, so the same
-    folds; memory for one batch's activations instead of every batch's."""
-    modules = dict(model.named_modules())
-    pending = {n: modules[n] for n in names}
-    while pending:
-        reached = _run_to(pending, batches[0], call)
-        if reached is None:
-            break
-        fold(
-            reached.name,
-            pending[reached.name],
-            _Replayed(reached.name, pending, batches, call, real),
-        )
-        del pending[reached.name]
-    with torch.no_grad():
-        for b in batches:
-            call(b)
-
-
 def _run_lockstep(
     model: nn.Module,
     batches: list[Any],
     names: list[str],
-    fold: Callable[[str, nn.Module, Sequence[torch.Tensor]], None],
+    fold: Callable[[str, nn.Module, list[torch.Tensor]], None],
     runner: Callable[[Any], Any] | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
     quiet: list[bool] | None = None,
-    replay: bool = False,
 ) -> None:
     """Run every batch's forward pass, pausing all of them at each consumer in ``names``.
 
@@ -261,9 +158,6 @@ def _run_lockstep(
         """Batch ``i``'s input without its padded positions, as the statistics saw it."""
         return drop_padding(x, masks[i], input_channel_axis(module, x))[0]
 
-    if replay and len(batches) > 1:
-        _run_replayed(model, batches, names, fold, call, real)
-        return
     if len(batches) == 1:
         seen: set[str] = set()
 
@@ -352,7 +246,6 @@ def sequential_correct(
     warn: Callable[[str], None] | None = None,
     within: Callable[[str], bool] | None = None,
     fetch: Callable[[Any], Any] | None = None,
-    replay: bool = False,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -425,11 +318,6 @@ def sequential_correct(
         fetch: reads a partner's operand or a stored input when they are handles (the
             block pass's :meth:`~spectrim.calibration.spill.Spill.get`); default: they
             are the tensors.
-        replay: instead of running the batches in lock-step (every batch parked at the
-            consumer being fitted), compute each batch's input to it when the fit reads
-            it, by running that batch up to the consumer: one batch's activations held
-            instead of all of them, for about one more partial pass per read (the block
-            pass with ``block_cache``).  The same fits.
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit, and the kept
@@ -505,7 +393,7 @@ def sequential_correct(
         return w
 
     def fit_outputs(
-        name: str, module: nn.Module, xs: Sequence[torch.Tensor]
+        name: str, module: nn.Module, xs: list[torch.Tensor]
     ) -> tuple[np.ndarray, torch.Tensor | None]:
         """Consumer ``name``'s weight (and bias column) fitted on its own outputs, and the
         input channels it is for (``None``: all; a reselected group runs at full width)."""
@@ -597,7 +485,7 @@ def sequential_correct(
         folds[gi].pop(name, None)  # no channel interpolation at this consumer
         return b, sel
 
-    def enough_rows(name: str, module: nn.Module, xs: Sequence[torch.Tensor]) -> bool:
+    def enough_rows(name: str, module: nn.Module, xs: list[torch.Tensor]) -> bool:
         """Whether consumer ``name``'s output fit has enough rows (over all processes)
         for its unknowns; else it keeps the interpolation (and ``warn`` hears why)."""
         ((gi, _),) = per_module[name]
@@ -616,7 +504,7 @@ def sequential_correct(
             )
         return False
 
-    def fold(name: str, module: nn.Module, xs: Sequence[torch.Tensor]) -> None:
+    def fold(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
         done.add(name)
         applied = []
@@ -633,20 +521,18 @@ def sequential_correct(
             pos_t = torch.as_tensor(kept_at, dtype=torch.long)
             precise = True if exact is None else bool(exact.get(gi, True))
             acc = GramAccumulator(len(kept_at), cross_dim=m, exact=precise, sums=False)
-            # a merged batch's input, cut back into the stored batches (views), read one
-            # batch at a time (``xs`` may compute each when it is read)
-            n_pieces = sum(1 if n is None else len(n) for n in run_sizes[: len(xs)])
+            # a merged batch's input, cut back into the stored batches (views)
+            pieces = [p for x, n in zip(xs, run_sizes) for p in ((x,) if n is None else x.split(n))]
             if not contributes:  # this rank stored no batch: the others' rows alone
-                n_pieces = 0
-            if n_pieces == 1 and len(parts) > 1:  # the caller passed one concatenated batch
+                pieces = []
+            if len(pieces) == 1 and len(parts) > 1:  # the caller passed one concatenated batch
                 parts = [torch.cat([fetch(p) for p in parts])]
-            if n_pieces != len(parts):
+            if len(pieces) != len(parts):
                 raise RuntimeError(
-                    f"sequential calibration: consumer '{name}' ran on {n_pieces} batches "
+                    f"sequential calibration: consumer '{name}' ran on {len(pieces)} batches "
                     f"in the compressed pass but {len(parts)} in the original pass"
                 )
-            pieces = (p for x, n in zip(xs, run_sizes) for p in ((x,) if n is None else x.split(n)))
-            for x, z_o in zip(pieces if n_pieces else (), parts):
+            for x, z_o in zip(pieces, parts):
                 z_o = fetch(z_o)  # a stored input written to disk, or the value itself
                 # per piece: a batch without padding keeps its (B, T, C) layout where
                 # a padded one became (N, C)
@@ -754,7 +640,7 @@ def sequential_correct(
             run,
             functools.partial(call_model, original),
         )
-    _run_lockstep(model, run, list(per_module), fold, runner, run_masks, quiet, replay)
+    _run_lockstep(model, run, list(per_module), fold, runner, run_masks, quiet)
     missing = sorted(set(per_module) - done)
     if missing:
         raise RuntimeError(
