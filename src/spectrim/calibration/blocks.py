@@ -814,20 +814,19 @@ def blockwise_statistics(
         modules = dict(model.named_modules())
         pending: dict[StatKey, Any] = {}
         first_numel: dict[StatKey, int] = {}
-        widths: dict[StatKey, int] = {}
         blocks = range(end + 1)
         for b in progress(blocks) if progress is not None else blocks:
             blk = plan.blocks[b]
             mods = [None if n in (PREFIX, SUFFIX) else modules[n] for n in blk]
             member = plan.member(b)
-            mine_here = []
+            measured = []  # the block's groups, with their consumers in this block only
             for gi in plan.groups[b]:
                 if gi not in wanted:
                     continue
                 g = analysis.groups[gi]
                 inside = [c for c in g.consumers if member(c.module)]
                 if inside:
-                    mine_here.append(dataclasses.replace(g, consumers=inside))
+                    measured.append(dataclasses.replace(g, consumers=inside))
             new: list[Any] = [None] * len(batches)
             prefix = blk[0] == PREFIX  # runs the model from the batch itself
 
@@ -848,16 +847,14 @@ def blockwise_statistics(
                 model,
                 analysis,
                 batches,
-                mine_here,
+                measured,
                 team=team,
-                sketch_rows={gi: r for gi, r in (sketch_rows or {}).items() if gi in last},
+                sketch_rows=sketch_rows,
                 seed=seed,
                 forward=forward,
             )
             team.reduce({**part.stats, **part.sketches})
-            for key, numel in part.first_numel.items():
-                first_numel[key] = numel
-                widths[key] = analysis.groups[key[0]].width
+            first_numel.update(part.first_numel)
             pending.update(part.stats)
             pending.update(part.sketches)
             del part
@@ -870,6 +867,7 @@ def blockwise_statistics(
         n_store = 0
         if store_fraction > 0:
             sizes = np.cumsum(lengths)
+            widths = {key: analysis.groups[key[0]].width for key in first_numel}
             n = stored_batches(widths, first_numel, sizes, store_fraction, min_rows_per_unit)
             n_store = team.broadcast(n)  # rank 0 holds the first batch: its decision
         n_stored = sum(1 for g in mine if g < n_store)
