@@ -141,6 +141,8 @@ class ChannelRun:
     #: the groups' solvers and curves were made during the statistics pass
     #: (``block_statistics``)
     solved: bool = False
+    #: ``cfg.group_weights`` by group index: factors on the curves the allocator sees
+    factors: dict[int, float] = field(default_factory=dict)
 
     @property
     def sequential(self) -> bool:
@@ -227,6 +229,7 @@ def analyse_stage(state: ChannelRun) -> None:
         team=state.ctx.team,
     )
     state.example, state.analysis = example, analysis
+    state.factors = group_factors(analysis, state.cfg.group_weights)
     state.kernels = _has_functional_products(analysis)
     state.cost0 = profile(state.work, example, kernels=state.kernels)
     state.report.warnings.extend(state.info.warnings)
@@ -578,6 +581,8 @@ def allocate_stage(state: ChannelRun) -> None:
     assert analysis is not None and cost0 is not None
     tgt = cfg.parsed_target
     cost_model = cost_model_of(state)
+    # the curves the allocator sees: the user's (or the search's) factors applied
+    curves = {g: e * state.factors.get(g, 1.0) for g, e in state.curves.items()}
     if tgt.kind == "dof":
         widths = dof_widths(
             tgt.value, state.solvers, round_to=cfg.round_to, min_width=cfg.min_width
@@ -596,9 +601,9 @@ def allocate_stage(state: ChannelRun) -> None:
             )
 
         if tgt.kind == "latency":
-            alloc = _latency_allocation(state, cost_model, run)
+            alloc = _latency_allocation(state, curves, cost_model, run)
         else:
-            alloc = run(state.curves, cost_model)
+            alloc = run(curves, cost_model)
         excess = cost_model.full_excess.get(tgt.kind, 0.0)
         d = cost_model.widths.get(HIDDEN_KEY, 0)
         whole = {**alloc.widths, HIDDEN_KEY: d}
@@ -608,8 +613,10 @@ def allocate_stage(state: ChannelRun) -> None:
         ):
             # the stream stays whole, or narrowing it saves less than its output expansion
             # costs: allocate again without the stream (nothing extra to count then)
-            curves = {g: e for g, e in state.curves.items() if g != HIDDEN_KEY}
-            alloc = run(curves, cost_model_of(state, stream=False))
+            alloc = run(
+                {g: e for g, e in curves.items() if g != HIDDEN_KEY},
+                cost_model_of(state, stream=False),
+            )
             alloc.widths[HIDDEN_KEY] = cost_model.widths[HIDDEN_KEY]
         alloc.held = [g for g in alloc.held if g < HEAD_KEY]
         if not alloc.reachable:
@@ -620,12 +627,24 @@ def allocate_stage(state: ChannelRun) -> None:
         widths = alloc.widths
         state.alloc = alloc
     else:
-        widths = allocate(
-            tgt, state.curves, cost_model, round_to=cfg.round_to, min_width=cfg.min_width
-        )
+        widths = allocate(tgt, curves, cost_model, round_to=cfg.round_to, min_width=cfg.min_width)
     state.make_plans(widths)
     # rank 0's decisions on every rank (the same statistics, but floating point may differ)
     state.widths, state.plans = state.ctx.team.broadcast((dict(widths), state.plans))
+
+
+def group_factors(analysis: Analysis, weights: Mapping[str, float]) -> dict[int, float]:
+    """``group_weights`` (group name -> factor) by group index; a name that is no group
+    of the model is an error that lists some that are."""
+    index = {g.name: g.index for g in analysis.groups}
+    unknown = sorted(set(weights) - set(index))
+    if unknown:
+        some = ", ".join(sorted(index)[:5])
+        raise ValueError(
+            f"group_weights names {', '.join(map(repr, unknown))}, which is no channel group "
+            f"of this model (its groups are named after their first producer, e.g. {some})"
+        )
+    return {index[name]: float(f) for name, f in weights.items()}
 
 
 #: rounds of the latency loop, timed calls per model per measurement, and the relative
@@ -635,6 +654,7 @@ LATENCY_ROUNDS, LATENCY_REPEATS, LATENCY_CLOSE = 5, 15, 0.02
 
 def _latency_allocation(
     state: ChannelRun,
+    curves: dict[int, np.ndarray],
     cost_model: CostModel,
     run: Callable[[dict[int, np.ndarray], CostModel, Target], Allocation],
 ) -> Allocation:
@@ -669,7 +689,7 @@ def _latency_allocation(
     best: tuple[float, Allocation] | None = None
     f = goal
     for _ in range(LATENCY_ROUNDS):
-        alloc = run(state.curves, cost_model, Target("latency", f))
+        alloc = run(curves, cost_model, Target("latency", f))
         probe = copy.deepcopy(base)
         apply_plan(probe, analysis, {
             gi: GroupPlan(keep=np.arange(k), folds={})

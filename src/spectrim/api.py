@@ -24,6 +24,7 @@ from spectrim._heads import heads_run
 from spectrim._hidden import hidden_run
 from spectrim._joint import joint_budget, joint_run
 from spectrim._prune import prune_run
+from spectrim._search import search_run
 from spectrim._sparsify import sparsify_run, weight_nonzeros
 from spectrim._threads import single_threaded_blas
 from spectrim.calibration.batches import as_batches, inputs_only, to_device
@@ -63,6 +64,7 @@ def compress(
     process_group: Any = None,
     repair: RepairConfig | Mapping[str, Any] | None = None,
     repair_data: Any = None,
+    search_data: Any = None,
     **options: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` with ``method`` to ``target``; return ``(new_model, report)``.
@@ -109,6 +111,9 @@ def compress(
             default: the calibration set).  Its report is ``report.repair``.  Not with
             ``inplace=True`` (the original is the teacher) or several processes.
         repair_data: the batches the repair trains on.
+        search_data: with ``search=N``, the unlabelled batches each candidate's outputs
+            are scored on (default: the calibration examples the sequential pass did not
+            fit; a transformer's FFNs fit all of them, 32 token rows per neuron).
         **options: extra :class:`~spectrim.config.CompressConfig` fields
             (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
             ``latency_batch``, ``on_unreachable``, ``max_error``) or method options
@@ -155,6 +160,8 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
+    if search_data is not None and not cfg.search:
+        raise ValueError("search_data= is what search=N scores its candidates on; set search=")
     rcfg = RepairConfig.parse(repair)
     team = Team(process_group)
     if rcfg is not None and (inplace or not team.solo):
@@ -184,7 +191,12 @@ def compress(
             if run_on is not None and run_on != home:
                 work.to(run_on)
             nonzeros0 = weight_nonzeros(work) if then is not None else 0
-            result = _run_stage(work, batches, info, cfg, algo, ctx, t0)
+            held = None
+            if search_data is not None:
+                held = as_batches(search_data)
+                if run_on is not None:
+                    held = [to_device(b, run_on) for b in held]
+            result = _run_stage(work, batches, info, cfg, algo, ctx, t0, held=held)
             if then is not None:
                 result = _then(result, batches, info, then, ctx, nonzeros0)
             if run_on is not None and home is not None and run_on != home:
@@ -257,8 +269,14 @@ def _run_stage(
     algo: Method | tuple[Method, Method],
     ctx: RunContext,
     t0: float,
+    held: list[Any] | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     ctx = dataclasses.replace(ctx, seed=cfg.seed)
+    if cfg.search and (isinstance(algo, tuple) or isinstance(algo, WeightMethod)):
+        raise ValueError(
+            f"search={cfg.search} chooses channel widths; method {cfg.method!r} is not a "
+            "channel method alone"
+        )
     if isinstance(algo, tuple):
         return joint_run(work, batches, info, cfg, *algo, ctx, t0)
     if isinstance(algo, WeightMethod):
@@ -267,6 +285,8 @@ def _run_stage(
         return heads_run(work, batches, info, cfg, algo, ctx, t0)
     if cfg.parsed_target.kind == "hidden":
         return hidden_run(work, batches, info, cfg, algo, ctx, t0)
+    if cfg.search:
+        return search_run(work, batches, info, cfg, algo, ctx, t0, run=prune_run, held=held)
     return prune_run(work, batches, info, cfg, algo, ctx, t0)
 
 

@@ -100,6 +100,9 @@ class CompressionReport:
     latency: dict[str, Any] | None = None
     """a ``latency=F`` target: ``target``, ``batch``, the ``measured`` ratio of the pruned
     shapes' time to the original's, ``seconds_original`` and every round of the loop"""
+    search: dict[str, Any] | None = None
+    """``search=N``: each round's step and the candidates it kept, the output error on the
+    held-out calibration examples before and after, and the factors found"""
 
     @property
     def widths(self) -> dict[str, list[int]]:

@@ -412,7 +412,7 @@ def test_compress_unlabelled_image_folder(
 def test_compress_one_shot_and_fraction_flags(
     model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    reports, warned = {}, {}
+    reports, warned, searched = {}, {}, {}
     for flags in (
         ["--one-shot"],
         ["--sequential-fraction", "0.5"],
@@ -446,6 +446,7 @@ def test_compress_one_shot_and_fraction_flags(
         assert code == 0, err
         reports[flags[0]] = _json(json_path)["report"]["config"]
         warned[flags[0]] = _json(json_path)["report"]["warnings"]
+        searched[flags[0]] = _json(json_path)["report"]["search"]
     assert reports["--one-shot"]["sequential"] is False
     assert reports["--sequential-fraction"]["sequential"] is True
     assert reports["--sequential-fraction"]["sequential_fraction"] == 0.5
@@ -462,6 +463,14 @@ def test_compress_one_shot_and_fraction_flags(
     assert reports["--block-statistics"]["block_statistics"] is True
     assert reports["--blockwise"]["block_statistics"] is False
     assert any(w.startswith("block_statistics: ") for w in warned["--block-statistics"])
+    assert searched["--blockwise"] is None
+    # --search reaches the run, which says why it cannot score here: the digits CNN's fits
+    # take all 200 examples (32 rows per channel), so none are left to score candidates on
+    code, _, err = _run(
+        capsys, "compress", "--model", str(model_files["pickle"]), "--trust-pickle",
+        "--data", "digits", "--calib", "200", "--out", str(tmp_path / "s"), "--search", "1",
+    )  # fmt: skip
+    assert code != 0 and "search=1 scores each candidate" in err and "fitted all 200" in err
     code, _, err = _run(
         capsys, "compress", "--model", str(model_files["pickle"]), "--trust-pickle",
         "--data", "digits", "--calib", "64", "--out", str(tmp_path / "bad"),

@@ -293,6 +293,7 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         blockwise=args.blockwise,
         block_cache=args.block_cache,
         block_statistics=args.block_statistics,
+        search=args.search,
         latency_batch=args.latency_batch,
         **_repair_kwargs(args),
         heads=args.heads,

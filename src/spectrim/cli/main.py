@@ -107,6 +107,10 @@ Examples:
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target macs=0.5 \
       --heads --hidden
 
+  # half the MACs, the widths chosen by 4 rounds of search on the compressed model's
+  # outputs (each candidate compressed and scored on the examples the fits did not use)
+  spectrim compress --model resnet20-cifar10 --data cifar10 --target macs=0.5 --search 4
+
   # twice as fast at batch 64 on this machine, measured (channel widths multiples of 8)
   spectrim compress --model resnet56-cifar10 --data cifar10 --target latency=0.5 \
       --latency-batch 64 --round-to 8
@@ -469,6 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the calibration statistics block by block too, each block's groups "
         "solved and their Grams dropped before the next block: the statistics of one block "
         "in memory, not of every layer (implies --blockwise; one more forward pass)",
+    )
+    p.add_argument(
+        "--search",
+        type=nonneg_int,
+        default=0,
+        metavar="N",
+        help="N rounds of allocation search (macs= / params= targets): each group's error "
+        "curve scaled up or down in turn, every candidate compressed and kept when its "
+        "outputs are closer to the original's on the calibration examples the fits did not "
+        "use (up to two compressions per group and round; default 0: none)",
     )
     p.add_argument(
         "--repair-epochs",
