@@ -71,6 +71,14 @@ def main() -> None:
     ap.add_argument("--orders", default="padded,bucketed", help="padded, bucketed or both")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "minilm_ffn.json"))
     ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
+    ap.add_argument(
+        "--search-data",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --set search=R: N more sts-train sentences (none of the calibration ones) "
+        "the allocation search scores its candidates on (the FFN fits use all of --calib)",
+    )
     args = ap.parse_args()
     root = data_root()
     torch.set_num_threads(args.threads)
@@ -82,6 +90,13 @@ def main() -> None:
     }
     orders = {name: every[name]() for name in args.orders.split(",")}
     options = parse_options(args.set)
+    if args.search_data:
+        held = pick_sentences(train_sents, args.calib + args.search_data, args.sample)
+        held = held[args.calib :]
+        options["search_data"] = [
+            dict(tok(held[i : i + 32], padding=True, return_tensors="pt"))
+            for i in range(0, len(held), 32)
+        ]
     pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     genres = read_genres(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     left, right = [a for a, _ in pairs], [b for _, b in pairs]
@@ -108,6 +123,7 @@ def main() -> None:
             "params_ratio": report.params_ratio,
             "calibration_rows": report.calibration_rows,
             "seconds": seconds,
+            "search": report.search,
         }
         runs.append(row)
         print(
@@ -122,7 +138,8 @@ def main() -> None:
         "benchmark": "minilm-ffn",
         "target": args.target,
         "method": args.method,
-        "options": options,
+        "options": {k: v for k, v in options.items() if k != "search_data"},
+        "search_sentences": args.search_data,
         "dense_spearman": dense,
         "calibration_sentences": len(sentences),
         "sample": args.sample,
