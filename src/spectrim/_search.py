@@ -32,7 +32,7 @@ from spectrim.calibration.checks import CalibrationInfo
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
 from spectrim.evaluation._common import first_tensor
-from spectrim.graph.trace import call_model
+from spectrim.graph.trace import batch_len, call_model
 from spectrim.methods import Method
 from spectrim.report import CompressionReport
 
@@ -134,7 +134,7 @@ def search_run(
         "rounds": rounds,
         "candidates": tried,
         "kept": kept,
-        "held_out_examples": sum(_rows(b) for b in held),
+        "held_out_examples": sum(batch_len(b) for b in held),
         "error_before": first,
         "error": best,
         "group_weights": weights,
@@ -143,18 +143,13 @@ def search_run(
     return work, report
 
 
-def _rows(batch: Any) -> int:
-    t = first_tensor(batch)
-    return 0 if t is None else int(t.shape[0])
-
-
 def _held_out(batches: list[Any], fitted: int, cfg: CompressConfig) -> list[Any]:
     """The calibration batches after the ``fitted`` examples the sequential pass used."""
     seen = 0
     for i, b in enumerate(batches):
         if seen >= fitted:
             return batches[i:]
-        seen += _rows(b)
+        seen += batch_len(b)
     raise ValueError(
         f"search={cfg.search} scores each candidate on calibration examples the sequential "
         f"pass did not fit, and it fitted all {fitted} (sequential_fraction="

@@ -272,7 +272,7 @@ def _run_stage(
     held: list[Any] | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     ctx = dataclasses.replace(ctx, seed=cfg.seed)
-    if cfg.search and (isinstance(algo, tuple) or isinstance(algo, WeightMethod)):
+    if cfg.search and isinstance(algo, tuple | WeightMethod):
         raise ValueError(
             f"search={cfg.search} chooses channel widths; method {cfg.method!r} is not a "
             "channel method alone"
