@@ -245,6 +245,39 @@ def test_the_stream_heads_and_channels_share_one_macs_budget(family: str) -> Non
         spectrim.compress(model, _batches(), "id", "width=0.5", hidden=True)
 
 
+def test_group_weights_and_the_search_reach_heads_and_the_stream() -> None:
+    """An attention layer's heads and the residual stream are groups of the budget by their
+    report names: a large factor keeps them whole, and ``search=`` tries them too."""
+    model, calib = _model("gpt2"), _batches(4)
+    _, plain = spectrim.compress(model, calib, "id", "macs=0.5", heads=True, hidden=True)
+    before = {g.name: g for g in plain.groups}
+    heads = [n for n, g in before.items() if n.endswith(" (heads)") and g.width_after < 4]
+    stream = before["transformer (hidden)"]
+    assert heads and stream.width_after == 32, before  # this budget keeps the stream whole
+    # a large factor keeps a layer's heads whole; a small one makes the stream worth cutting
+    weights = {heads[0]: 1e9, "transformer (hidden)": 1e-6}
+    _, other = spectrim.compress(
+        model, calib, "id", "macs=0.5", heads=True, hidden=True, group_weights=weights
+    )
+    after = {g.name: g for g in other.groups}
+    assert after[heads[0]].width_after == 4 and after["transformer (hidden)"].width_after < 32
+    with pytest.raises(ValueError, match=r"'h\.9 \(heads\)'.*no group.*'<layer> \(heads\)'"):
+        spectrim.compress(
+            model, calib, "id", "macs=0.5", heads=True, group_weights={"h.9 (heads)": 2.0}
+        )
+    with pytest.raises(ValueError, match=r"'transformer \(hidden\)'.*no group"):  # hidden off
+        spectrim.compress(
+            model, calib, "id", "macs=0.5", group_weights={"transformer (hidden)": 2.0}
+        )
+    _, searched = spectrim.compress(
+        model, calib, "id", "macs=0.5", heads=True, hidden=True, search=1,
+        search_data=_batches(2, seed=7),
+    )  # fmt: skip
+    s = searched.search
+    assert s is not None and s["error"] <= s["error_before"]
+    assert set(heads) | {"transformer (hidden)"} <= set(s["groups"]), s["groups"]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 def test_a_tied_lm_head_stays_tied_and_the_model_shrinks(family: str) -> None:
     model = _model(family)

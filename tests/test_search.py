@@ -43,7 +43,7 @@ def test_a_large_factor_keeps_its_group_and_the_others_pay() -> None:
 
 
 def test_group_weights_name_a_group_of_the_model() -> None:
-    with pytest.raises(ValueError, match=r"'fc9'.*no channel group.*e\.g\. 0"):
+    with pytest.raises(ValueError, match=r"'fc9'.*no group.*e\.g\. 0"):
         spectrim.compress(_mlp(), _data(), "id", "params=0.6", group_weights={"fc9": 2.0})
     for bad in ({"0": 0.0}, {"0": -1.0}, {"0": float("nan")}, {"0": True}, {1: 2.0}):
         with pytest.raises(ValueError, match="group_weights"):
@@ -100,6 +100,39 @@ def test_search_data_is_what_the_candidates_are_scored_on() -> None:
     with torch.no_grad():
         refs = [model(b) for b in batches]
     assert output_error(small, batches, refs) == pytest.approx(s["error"], rel=1e-9)
+
+
+def test_search_score_is_what_the_search_minimises() -> None:
+    """A user's score that rewards a wide first layer: the search follows it, against the
+    outputs' error, and needs no held-out examples (the fits take all 512)."""
+    model, x = _mlp(), _data()
+    kw = {"sequential_fraction": 1.0}
+    _, plain = spectrim.compress(model, x, "id", "params=0.5", **kw)
+    seen: list[bool] = []
+
+    def wide_first(small: nn.Module) -> float:
+        seen.append(small.training or torch.is_grad_enabled())
+        return -float(small[0].out_features)
+
+    _, report = spectrim.compress(
+        model, x, "id", "params=0.5", search=2, search_score=wide_first, **kw
+    )
+    s = report.search
+    assert s is not None and s["score"] == "search_score" and s["held_out_examples"] == 0
+    assert s["error"] == -report.groups[0].width_after < -plain.groups[0].width_after
+    assert s["group_weights"][report.groups[0].name] > 1.0
+    assert len(seen) == s["candidates"] and not any(seen)  # eval mode, no gradients
+    for bad in (float("nan"), "low", None):
+        with pytest.raises(ValueError, match=f"search_score returned {bad!r}.*finite"):
+            spectrim.compress(
+                model, x, "id", "params=0.5", search=1, search_score=lambda m, b=bad: b, **kw
+            )
+    with pytest.raises(ValueError, match="give one"):
+        spectrim.compress(
+            model, x, "id", "params=0.5", search=1, search_score=wide_first, search_data=x
+        )
+    with pytest.raises(ValueError, match="search_score= is what search=N"):
+        spectrim.compress(model, x, "id", "params=0.5", search_score=wide_first)
 
 
 def test_search_on_an_mlp_reproduces_its_best_candidate() -> None:

@@ -41,7 +41,10 @@ from spectrim.methods import Method
 from spectrim.methods.heads import HeadSolver
 from spectrim.report import CompressionReport, GroupReport
 
-__all__ = ["apply_heads", "head_group_report", "heads_run", "output_grams"]
+__all__ = ["HEADS_SUFFIX", "apply_heads", "head_group_report", "heads_run", "output_grams"]
+
+#: the report names an attention layer's group "<layer> (heads)" (``group_weights`` too)
+HEADS_SUFFIX = " (heads)"
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -157,7 +160,7 @@ def head_group_report(
 ) -> GroupReport:
     """The report line of one attention layer keeping ``k`` of its units."""
     return GroupReport(
-        name=f"{block.name} (heads)",
+        name=f"{block.name}{HEADS_SUFFIX}",
         width_before=len(solver.order),
         width_after=k,
         producers=sorted({p.module for p in block.projections}),

@@ -70,6 +70,7 @@ from spectrim.methods.stream import StreamPlan, StreamSolver
 from spectrim.report import CompressionReport, GroupReport
 
 __all__ = [
+    "HIDDEN_SUFFIX",
     "apply_hidden",
     "convert_stream",
     "hidden_group_report",
@@ -80,6 +81,9 @@ __all__ = [
     "tied_head",
     "with_tied_embeddings",
 ]
+
+#: the report names the residual stream's group "<stream> (hidden)" (``group_weights`` too)
+HIDDEN_SUFFIX = " (hidden)"
 
 
 class _Stop(Exception):
@@ -471,7 +475,7 @@ def hidden_group_report(
 ) -> GroupReport:
     """The report line of the residual stream keeping ``k`` of its coordinates."""
     return GroupReport(
-        name=f"{stream.name} (hidden)",
+        name=f"{stream.name}{HIDDEN_SUFFIX}",
         width_before=stream.width,
         width_after=k,
         producers=stream.embeddings + stream.writers,

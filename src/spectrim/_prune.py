@@ -22,15 +22,21 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from spectrim._heads import apply_heads, head_group_report, output_grams
-from spectrim._hidden import apply_hidden, hidden_group_report, stream_grams, tied_head
+from spectrim._heads import HEADS_SUFFIX, apply_heads, head_group_report, output_grams
+from spectrim._hidden import (
+    HIDDEN_SUFFIX,
+    apply_hidden,
+    hidden_group_report,
+    stream_grams,
+    tied_head,
+)
 from spectrim._threads import blas_threads_for
 from spectrim.budget import (
     Allocation,
@@ -141,8 +147,6 @@ class ChannelRun:
     #: the groups' solvers and curves were made during the statistics pass
     #: (``block_statistics``)
     solved: bool = False
-    #: ``cfg.group_weights`` by group index: factors on the curves the allocator sees
-    factors: dict[int, float] = field(default_factory=dict)
 
     @property
     def sequential(self) -> bool:
@@ -229,7 +233,7 @@ def analyse_stage(state: ChannelRun) -> None:
         team=state.ctx.team,
     )
     state.example, state.analysis = example, analysis
-    state.factors = group_factors(analysis, state.cfg.group_weights)
+    group_factors(analysis, state.cfg)  # a name that is no group fails before the statistics
     state.kernels = _has_functional_products(analysis)
     state.cost0 = profile(state.work, example, kernels=state.kernels)
     state.report.warnings.extend(state.info.warnings)
@@ -582,7 +586,8 @@ def allocate_stage(state: ChannelRun) -> None:
     tgt = cfg.parsed_target
     cost_model = cost_model_of(state)
     # the curves the allocator sees: the user's (or the search's) factors applied
-    curves = {g: e * state.factors.get(g, 1.0) for g, e in state.curves.items()}
+    factors = group_factors(analysis, cfg, state.blocks, state.stream)
+    curves = {g: e * factors.get(g, 1.0) for g, e in state.curves.items()}
     if tgt.kind == "dof":
         widths = dof_widths(
             tgt.value, state.solvers, round_to=cfg.round_to, min_width=cfg.min_width
@@ -633,18 +638,35 @@ def allocate_stage(state: ChannelRun) -> None:
     state.widths, state.plans = state.ctx.team.broadcast((dict(widths), state.plans))
 
 
-def group_factors(analysis: Analysis, weights: Mapping[str, float]) -> dict[int, float]:
-    """``group_weights`` (group name -> factor) by group index; a name that is no group
-    of the model is an error that lists some that are."""
+def group_factors(
+    analysis: Analysis,
+    cfg: CompressConfig,
+    blocks: Sequence[AttentionBlock] = (),
+    stream: ResidualStream | None = None,
+) -> dict[int, float]:
+    """``cfg.group_weights`` (group name -> factor) by curve key: the channel groups by
+    index, an attention layer's heads (``"<layer> (heads)"``, with ``heads=True``) and the
+    residual stream (``"<stream> (hidden)"``, with ``hidden=True``) by their keys.  A name
+    that is no group of the model is an error that lists some that are; before the
+    attention layers and the stream are found (``blocks``/``stream`` not given) any name
+    with their suffix passes when the option is on."""
     index = {g.name: g.index for g in analysis.groups}
-    unknown = sorted(set(weights) - set(index))
+    index.update({f"{b.name}{HEADS_SUFFIX}": HEAD_KEY + i for i, b in enumerate(blocks)})
+    if stream is not None:
+        index[f"{stream.name}{HIDDEN_SUFFIX}"] = HIDDEN_KEY
+    pending = [s for s, on in ((HEADS_SUFFIX, cfg.heads and not blocks),
+                               (HIDDEN_SUFFIX, cfg.hidden and stream is None)) if on]  # fmt: skip
+    weights = cfg.group_weights
+    unknown = sorted(n for n in set(weights) - set(index) if not n.endswith(tuple(pending)))
     if unknown:
         some = ", ".join(sorted(index)[:5])
         raise ValueError(
-            f"group_weights names {', '.join(map(repr, unknown))}, which is no channel group "
-            f"of this model (its groups are named after their first producer, e.g. {some})"
+            f"group_weights names {', '.join(map(repr, unknown))}, which is no group on "
+            f"this budget (channel groups are named after their first producer, e.g. {some}; "
+            f"with heads=True an attention layer's heads are '<layer>{HEADS_SUFFIX}', with "
+            f"hidden=True the residual stream is '<stream>{HIDDEN_SUFFIX}', as in the report)"
         )
-    return {index[name]: float(f) for name, f in weights.items()}
+    return {index[name]: float(f) for name, f in weights.items() if name in index}
 
 
 #: rounds of the latency loop, timed calls per model per measurement, and the relative

@@ -4,9 +4,11 @@ The allocator trades the groups' error curves against their costs, each curve th
 predicted error at the group's own consumers.  How an error there reaches the model's
 output is not in the curves, and after the sequential corrections the groups' errors do
 not add up as the curves assume.  The search closes that loop with the model itself: a
-coordinate search over one factor per group on its curve (``cfg.group_weights``), each
-candidate compressed in full and scored by the relative squared error of its outputs
-against the original's on the calibration examples the sequential pass did not fit.
+coordinate search over one factor per group on its curve (``cfg.group_weights``; with
+``heads=True`` / ``hidden=True`` the attention layers' heads and the residual stream are
+groups too), each candidate compressed in full and scored by the relative squared
+error of its outputs against the original's on the calibration examples the sequential
+pass did not fit (or on ``search_data``), or by the user's ``search_score(candidate)``.
 
 Each round tries every group in turn, its factor times ``e^s`` and then ``e^-s``, and
 keeps the first that scores better; a round that keeps nothing halves ``s`` (from 1).
@@ -80,11 +82,13 @@ def search_run(
     ctx: RunContext,
     t0: float,
     run: Run,
-    held: list[Any] | None = None,
+    scoring: list[Any] | Callable[[nn.Module], float] | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """``cfg.search`` rounds of the coordinate search around ``run`` (the channel run),
-    scored on ``held`` (default: the calibration batches the sequential pass did not fit);
-    ``work`` is pruned once more, in place, with the best factors."""
+    scored by ``scoring``: the user's score of a candidate (lower is better), or the
+    outputs' relative squared error on held-out batches (default: the calibration batches
+    the sequential pass did not fit); ``work`` is pruned once more, in place, with the
+    best factors."""
     if not ctx.team.solo:
         raise ValueError(
             f"search={cfg.search} compresses many candidates and scores them in one "
@@ -99,15 +103,14 @@ def search_run(
         return run(copy.deepcopy(work), batches, info, trial, method, quiet, t0)
 
     small, report = candidate(weights)
-    if held is None:
-        held = _held_out(batches, report.fitted_examples, cfg)
-    with torch.no_grad():
-        references = []
-        for b in held:
-            out = first_tensor(call_model(work, b))
-            assert out is not None, "checked by output_error on the first candidate"
-            references.append(out.detach())
-    best = output_error(small, held, references)
+    held: list[Any] = []
+    if callable(scoring):
+        score, what = _user_score(scoring), "search_score"
+    else:
+        held = _held_out(batches, report.fitted_examples, cfg) if scoring is None else scoring
+        score = _output_score(work, held)
+        what = "output error"
+    best = score(small)
     first = best
     names = [g.name for g in report.groups if g.pinned is None and g.predicted_error is not None]
     tried, kept, step = 1, 0, FIRST_STEP
@@ -118,10 +121,10 @@ def search_run(
             for sign in (1.0, -1.0):
                 w = {**weights, name: weights.get(name, 1.0) * math.exp(sign * step)}
                 small, _ = candidate(w)
-                score = output_error(small, held, references)
+                value = score(small)
                 tried += 1
-                if score < best:
-                    best, weights, found = score, w, found + 1
+                if value < best:
+                    best, weights, found = value, w, found + 1
                     break
         rounds.append({"step": step, "kept": found, "error": best})
         kept += found
@@ -132,8 +135,10 @@ def search_run(
     work, report = run(work, batches, info, final, method, ctx, t0)
     report.search = {
         "rounds": rounds,
+        "groups": names,
         "candidates": tried,
         "kept": kept,
+        "score": what,
         "held_out_examples": sum(batch_len(b) for b in held),
         "error_before": first,
         "error": best,
@@ -141,6 +146,37 @@ def search_run(
         "seconds": time.perf_counter() - start,
     }
     return work, report
+
+
+def _output_score(work: nn.Module, held: list[Any]) -> Callable[[nn.Module], float]:
+    """A candidate's :func:`output_error` on ``held`` against ``work``'s outputs now."""
+    with torch.no_grad():
+        references = []
+        for b in held:
+            out = first_tensor(call_model(work, b))
+            if out is None:
+                raise ValueError("search= needs a model whose output holds a tensor")
+            references.append(out.detach())
+    return lambda small: output_error(small, held, references)
+
+
+def _user_score(fn: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
+    """``search_score``, called without gradients on a candidate in eval mode; a value
+    that is no finite number is an error that names it."""
+
+    def score(small: nn.Module) -> float:
+        small.eval()
+        with torch.no_grad():
+            value = fn(small)
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            out = math.nan
+        if not math.isfinite(out):
+            raise ValueError(f"search_score returned {value!r}; it must return a finite number")
+        return out
+
+    return score
 
 
 def _held_out(batches: list[Any], fitted: int, cfg: CompressConfig) -> list[Any]:

@@ -65,6 +65,7 @@ def compress(
     repair: RepairConfig | Mapping[str, Any] | None = None,
     repair_data: Any = None,
     search_data: Any = None,
+    search_score: Callable[[nn.Module], float] | None = None,
     **options: Any,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` with ``method`` to ``target``; return ``(new_model, report)``.
@@ -114,6 +115,11 @@ def compress(
         search_data: with ``search=N``, the unlabelled batches each candidate's outputs
             are scored on (default: the calibration examples the sequential pass did not
             fit; a transformer's FFNs fit all of them, 32 token rows per neuron).
+        search_score: with ``search=N``, what the search minimises instead of the
+            outputs' relative squared error: called with each candidate model (in eval
+            mode, on the run's device), it returns a float, lower is better, e.g. one
+            minus the mean cosine of pooled sentence embeddings to the original's, or a
+            validation loss.  Not with ``search_data``.
         **options: extra :class:`~spectrim.config.CompressConfig` fields
             (``round_to``, ``min_width``, ``verify``, ``seed``, ``sequential``,
             ``latency_batch``, ``on_unreachable``, ``max_error``) or method options
@@ -160,8 +166,14 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
-    if search_data is not None and not cfg.search:
-        raise ValueError("search_data= is what search=N scores its candidates on; set search=")
+    for given, what in ((search_data, "search_data"), (search_score, "search_score")):
+        if given is not None and not cfg.search:
+            raise ValueError(f"{what}= is what search=N scores its candidates on; set search=")
+    if search_data is not None and search_score is not None:
+        raise ValueError(
+            "search_data= and search_score= are two ways to score the search's candidates; "
+            "give one (search_score can evaluate the data itself)"
+        )
     rcfg = RepairConfig.parse(repair)
     team = Team(process_group)
     if rcfg is not None and (inplace or not team.solo):
@@ -196,7 +208,8 @@ def compress(
                 held = as_batches(search_data)
                 if run_on is not None:
                     held = [to_device(b, run_on) for b in held]
-            result = _run_stage(work, batches, info, cfg, algo, ctx, t0, held=held)
+            scoring = search_score if search_score is not None else held
+            result = _run_stage(work, batches, info, cfg, algo, ctx, t0, scoring=scoring)
             if then is not None:
                 result = _then(result, batches, info, then, ctx, nonzeros0)
             if run_on is not None and home is not None and run_on != home:
@@ -269,7 +282,7 @@ def _run_stage(
     algo: Method | tuple[Method, Method],
     ctx: RunContext,
     t0: float,
-    held: list[Any] | None = None,
+    scoring: list[Any] | Callable[[nn.Module], float] | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     ctx = dataclasses.replace(ctx, seed=cfg.seed)
     if cfg.search and isinstance(algo, tuple | WeightMethod):
@@ -286,7 +299,7 @@ def _run_stage(
     if cfg.parsed_target.kind == "hidden":
         return hidden_run(work, batches, info, cfg, algo, ctx, t0)
     if cfg.search:
-        return search_run(work, batches, info, cfg, algo, ctx, t0, run=prune_run, held=held)
+        return search_run(work, batches, info, cfg, algo, ctx, t0, prune_run, scoring)
     return prune_run(work, batches, info, cfg, algo, ctx, t0)
 
 

@@ -266,7 +266,9 @@ class CompressConfig:
             calibration batch's activation at a block boundary (or its file).  Asks for
             the block pass (as ``blockwise=True``) and needs ``sequential=True``, whose
             refits make the Grams unnecessary after the selection.
-        group_weights: per channel group (by its name in the report), a factor on its
+        group_weights: per group on the budget (by its name in the report: a channel
+            group's, ``"<layer> (heads)"`` for an attention layer's heads with
+            ``heads=True``, ``"<stream> (hidden)"`` with ``hidden=True``), a factor on its
             error curve before the allocation: above 1 the allocator keeps more of the
             group, below 1 less.  The factors :attr:`search` found are stored here in the
             report's config, so the same call with them (and ``search=0``) rebuilds the

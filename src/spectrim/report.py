@@ -101,8 +101,9 @@ class CompressionReport:
     """a ``latency=F`` target: ``target``, ``batch``, the ``measured`` ratio of the pruned
     shapes' time to the original's, ``seconds_original`` and every round of the loop"""
     search: dict[str, Any] | None = None
-    """``search=N``: each round's step and the candidates it kept, the output error on the
-    held-out calibration examples before and after, and the factors found"""
+    """``search=N``: the groups searched (channel groups, attention layers' heads, the
+    residual stream), each round's step and the candidates it kept, the output error on
+    the held-out calibration examples before and after, and the factors found"""
 
     @property
     def widths(self) -> dict[str, list[int]]:
