@@ -26,6 +26,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from scipy.stats import spearmanr
@@ -79,6 +80,15 @@ def main() -> None:
         help="with --set search=R: N more sts-train sentences (none of the calibration ones) "
         "the allocation search scores its candidates on (the FFN fits use all of --calib)",
     )
+    ap.add_argument(
+        "--search-score",
+        choices=["output", "cosine"],
+        default="output",
+        help="what the search minimises on the --search-data sentences: the library's "
+        "relative squared error of last_hidden_state (output), or one minus the mean "
+        "cosine of the pooled sentence embeddings to the dense model's (cosine, "
+        "search_score=)",
+    )
     args = ap.parse_args()
     root = data_root()
     torch.set_num_threads(args.threads)
@@ -93,10 +103,18 @@ def main() -> None:
     if args.search_data:
         held = pick_sentences(train_sents, args.calib + args.search_data, args.sample)
         held = held[args.calib :]
-        options["search_data"] = [
-            dict(tok(held[i : i + 32], padding=True, return_tensors="pt"))
-            for i in range(0, len(held), 32)
-        ]
+        if args.search_score == "cosine":
+            held_dense = embed(model, tok, held)
+
+            def pooled_cosine_gap(small: Any) -> float:
+                return 1.0 - float((embed(small, tok, held) * held_dense).sum(-1).mean())
+
+            options["search_score"] = pooled_cosine_gap
+        else:
+            options["search_data"] = [
+                dict(tok(held[i : i + 32], padding=True, return_tensors="pt"))
+                for i in range(0, len(held), 32)
+            ]
     pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     genres = read_genres(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     left, right = [a for a, _ in pairs], [b for _, b in pairs]
@@ -138,8 +156,9 @@ def main() -> None:
         "benchmark": "minilm-ffn",
         "target": args.target,
         "method": args.method,
-        "options": {k: v for k, v in options.items() if k != "search_data"},
+        "options": {k: v for k, v in options.items() if k not in ("search_data", "search_score")},
         "search_sentences": args.search_data,
+        "search_score": args.search_score if args.search_data else None,
         "dense_spearman": dense,
         "calibration_sentences": len(sentences),
         "sample": args.sample,

@@ -12,7 +12,9 @@ calibrate (unlabelled), the library's defaults otherwise (the residual output fi
 these convolutional networks).  Each model, method and target is compressed with
 ``search=0`` and with ``search=--rounds``; both are scored on the 1000 lossless test
 images and on ``--jpeg`` class-balanced CIFAR-10 JPEG test images (top-1, agreement with
-the dense model, relative L2 of the logits), with the compression time.
+the dense model, relative L2 of the logits), with the compression time.  ``--search-data
+N`` scores the search's candidates on the N lossless training images after the
+calibration ones instead (none of them test images).
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/search.py     # ~15 min
 
@@ -64,6 +66,14 @@ def main() -> None:
     ap.add_argument(
         "--jpeg", type=int, default=10000, metavar="N", help="class-balanced JPEG test images"
     )
+    ap.add_argument(
+        "--search-data",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score the candidates on the N lossless training images after the calibration "
+        "ones (search_data=) instead of the calibration images the fits did not use",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "search.json"))
     args = ap.parse_args()
@@ -71,7 +81,10 @@ def main() -> None:
         "SPECTRIM_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
     )
     torch.set_num_threads(args.threads)
-    calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
+    images = load_dataset("cifar10", "calib", limit=args.calib + args.search_data).tensors[0]
+    calib, held = images[: args.calib], images[args.calib :]
+    if args.search_data and len(held) < args.search_data:
+        raise SystemExit(f"--search-data {args.search_data}: only {len(held)} more images")
     test = load_dataset("cifar10", "eval", limit=args.test)
     jpeg = None
     if args.jpeg:  # the archive is sorted by class
@@ -95,6 +108,7 @@ def main() -> None:
                         target,
                         search=rounds,
                         sequential_fraction=args.fraction,
+                        search_data=held if rounds and args.search_data else None,
                     )
                     seconds = time.perf_counter() - t
                     run: dict[str, Any] = {
@@ -128,6 +142,7 @@ def main() -> None:
         {
             "benchmark": "allocation search (search=N) against the curves' allocation",
             "calibration_images": len(calib),
+            "search_images": args.search_data,
             "test_images": len(test),
             "jpeg_images": 0 if jpeg is None else len(jpeg),
             "rounds": args.rounds,
