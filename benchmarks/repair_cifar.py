@@ -63,6 +63,10 @@ def _variants(model: nn.Module, calib: torch.Tensor, which: list[str]) -> dict[s
         "spectrim spectral macs=0.5 residual": lambda: compress(
             model, calib, "spectral", "macs=0.5", sequential_fit="residual"
         )[0],
+        # the allocation search's model (benchmarks/search.py): 2 rounds, about 10 minutes
+        "spectrim spectral macs=0.5 residual search=2": lambda: compress(
+            model, calib, "spectral", "macs=0.5", sequential_fit="residual", search=2
+        )[0],
         "tp l1 width=0.5": lambda: _tp_prune(model, 0.5, internal_only=True),
     }
     return {k: table[k] for k in which}

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from spectrim.graph.trace import call_model as graph_call_model
+
 __all__ = [
     "batch_size_of",
     "call_model",
@@ -39,13 +41,11 @@ def check_inputs(example_inputs: Any, what: str = "example_inputs") -> None:
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call *model* with *inputs*: a tensor, a tuple/list (``*args``) or a mapping (``**kwargs``)."""
+    """Call *model* with *inputs*: a tensor, a tuple/list (``*args``) or a mapping
+    (``**kwargs``), as :func:`spectrim.graph.trace.call_model` does, with the error of
+    :func:`check_inputs` for anything else."""
     check_inputs(inputs, "model inputs")
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(*inputs)
+    return graph_call_model(model, inputs)
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
