@@ -28,6 +28,26 @@ def sentences_csv(tmp_path_factory: pytest.TempPathFactory, sts_train_sentences:
     return path
 
 
+def test_search_texts_score_the_search_on_text(
+    minilm_dir: Path, sentences_csv: Path, tmp_path: Path
+) -> None:
+    """``--search`` on text needs texts the FFN fits did not take: ``--search-texts N``
+    passes the N after the calibration ones, and the evaluation takes the rest."""
+    report = tmp_path / "r.json"
+    base = ["compress", "--model", str(minilm_dir), "--data", str(sentences_csv),
+            "--text-column", "sentence", "--calib", "64", "--max-length", "32",
+            "--target", "macs=0.8", "--heads", "--one-shot", "--quiet"]  # fmt: skip
+    argv = [*base, "--search", "1", "--search-texts", "32", "--json", str(report)]
+    assert main(argv) == 0
+    summary = json.loads(report.read_text())
+    assert summary["search_texts"] == 32 and summary["eval_texts"] == 64
+    s = summary["report"]["search"]
+    assert s["held_out_examples"] == 32 and s["error"] <= s["error_before"]
+    assert sum(g.endswith(" (heads)") for g in s["groups"]) == 6  # the six layers' heads
+    assert main([*base, "--search-texts", "32"]) == 2
+    assert main([*base, "--search", "1", "--search-texts", "200"]) == 2
+
+
 @pytest.mark.parametrize(
     "target,flags", [("heads=0.5", []), ("hidden=0.9", []), ("macs=0.8", ["--heads", "--hidden"])]
 )

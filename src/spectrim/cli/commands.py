@@ -120,6 +120,11 @@ def _run_compress(args: argparse.Namespace) -> int:
     if model_kind == "hf" or _text_data(args.data, args.model, model_kind):
         return _compress_text(args, out, t_start, target, then)
 
+    if getattr(args, "search_texts", None):
+        raise CLIError(
+            "--search-texts is for text data; on images --search scores the calibration "
+            "images the fits did not use"
+        )
     data = load_data(args.data, args.calib, args.eval_limit, args)
     assert data.calib is not None
     calib_x = data.calib.tensors[0]
@@ -375,6 +380,16 @@ def _compress_text(
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(f"--data: {exc}") from None
     calib_texts, rest = texts[: args.calib], texts[args.calib :]
+    search_texts: list[str] = []
+    if args.search_texts:
+        if not args.search:
+            raise CLIError("--search-texts N scores the candidates of --search; set --search")
+        search_texts, rest = rest[: args.search_texts], rest[args.search_texts :]
+        if len(search_texts) < args.search_texts:
+            raise CLIError(
+                f"--search-texts {args.search_texts}: only {len(search_texts)} texts in "
+                f"{args.data!r} after the {len(calib_texts)} calibration ones"
+            )
     note = ""
     if not rest:
         rest, note = calib_texts, "no texts left after calibration: evaluating on them"
@@ -385,7 +400,10 @@ def _compress_text(
     if note and not args.quiet:
         print(f"note: {note}", file=out)
     model = resolved.model
-    small, report = compress(model, calib, **_compress_kwargs(args, target, then))
+    kwargs = _compress_kwargs(args, target, then)
+    if search_texts:
+        kwargs["search_data"] = text_batches(search_texts, tok, args.text_batch, args.max_length)
+    small, report = compress(model, calib, **kwargs)
     if not Team().is_root:
         return 0
     fidelity = embedding_fidelity(small, model, evaluation)
@@ -407,6 +425,7 @@ def _compress_text(
         "options": dict(args.option),
         "target": report.target,
         "calibration_texts": len(calib_texts),
+        "search_texts": len(search_texts),
         "eval_texts": fidelity["n"],
         **_costs(report),
         "cosine_mean": fidelity["cosine_mean"],

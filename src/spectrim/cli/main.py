@@ -110,6 +110,9 @@ Examples:
   # half the MACs, the widths chosen by 4 rounds of search on the compressed model's
   # outputs (each candidate compressed and scored on the examples the fits did not use)
   spectrim compress --model resnet20-cifar10 --data cifar10 --target macs=0.5 --search 4
+  # ... on text: the 512 sentences after the 512 calibration ones score the candidates
+  spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --calib 512 \
+      --target macs=0.5 --heads --search 1 --search-texts 512
 
   # twice as fast at batch 64 on this machine, measured (channel widths multiples of 8)
   spectrim compress --model resnet56-cifar10 --data cifar10 --target latency=0.5 \
@@ -547,6 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=128,
         metavar="N",
         help="truncate texts to N tokens (default: 128)",
+    )
+    text.add_argument(
+        "--search-texts",
+        type=positive_int,
+        metavar="N",
+        help="with --search: the N texts after the calibration ones score the search's "
+        "candidates (a transformer's FFN fits use every calibration text, so --search on "
+        "text needs them); the evaluation takes the texts after those",
     )
     text.add_argument(
         "--text-batch",
