@@ -61,10 +61,7 @@ def output_error(model: nn.Module, batches: list[Any], references: list[torch.Te
     num = den = 0.0
     with torch.no_grad():
         for batch, ref in zip(batches, references, strict=True):
-            out = first_tensor(call_model(model, batch))
-            if out is None:
-                raise ValueError("search= needs a model whose output holds a tensor")
-            y, y0 = out.double(), ref.double()
+            y, y0 = _first_output(model, batch).double(), ref.double()
             mask = token_mask(batch)
             if mask is not None and y.dim() >= 2 and tuple(y.shape[:2]) == tuple(mask.shape):
                 y, y0 = y[mask], y0[mask]
@@ -151,13 +148,16 @@ def search_run(
 def _output_score(work: nn.Module, held: list[Any]) -> Callable[[nn.Module], float]:
     """A candidate's :func:`output_error` on ``held`` against ``work``'s outputs now."""
     with torch.no_grad():
-        references = []
-        for b in held:
-            out = first_tensor(call_model(work, b))
-            if out is None:
-                raise ValueError("search= needs a model whose output holds a tensor")
-            references.append(out.detach())
+        references = [_first_output(work, b).detach() for b in held]
     return lambda small: output_error(small, held, references)
+
+
+def _first_output(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The first tensor of ``model``'s output on ``batch``, which the score compares."""
+    out = first_tensor(call_model(model, batch))
+    if out is None:
+        raise ValueError("search= needs a model whose output holds a tensor")
+    return out
 
 
 def _user_score(fn: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
