@@ -14,8 +14,8 @@ SGD with Nesterov momentum and a cosine learning rate to zero over the steps. Ba
 statistics are re-estimated on the repair data first and then kept
 (``batch_norm="recalibrate"``): the teacher runs in evaluation mode, and batch statistics
 in the student alone would start the repair further from it.
-Image batches (4-D tensors) can be augmented with random flips and 4-pixel shifted crops
-(``augment="flip-crop"``, the usual CIFAR recipe).
+Image batches (4-D tensors) can be augmented with random flips and crops shifted by up to 4
+pixels, each image its own (``augment="flip-crop"``, the usual CIFAR recipe).
 
 Example::
 
@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +53,7 @@ __all__ = ["RepairConfig", "RepairReport", "recalibrate_batch_norm", "repair"]
 
 _LOSSES = ("mse", "kl")
 _AUGMENTS = (None, "flip", "flip-crop")
+_SHUFFLES = ("examples", "batches")
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ class RepairConfig:
             :data:`PROBE_BATCHES` batches of the data (the report's ``batch_norm`` says
             which).  Neither wins everywhere (docs/results.md): on ResNet-56 at half
             width, 100 steps (``benchmarks/repair_cifar.py --train 12800``), ``id``
-            keeps 84.9% recalibrated and 85.0% frozen, and ``l1`` 82.0% recalibrated
-            and diverges frozen (its statistics no longer fit its narrower layers); a
+            keeps 87.9% recalibrated and 88.4% frozen, and ``l1`` 88.1% recalibrated
+            and 41.0% frozen (its statistics no longer fit its narrower layers); a
             model whose consumers were refitted to the shipped statistics
             (``sequential_fit="residual"``) starts at half the loss frozen and ends one
             epoch 0.4 points higher.
@@ -95,7 +97,14 @@ class RepairConfig:
             outputs keep their shape; ``0`` (default): the outputs alone.  The blocks
             give every stage of the student its own target, not only what reaches the
             logits.
-        seed: batch order and augmentation.
+        shuffle: ``"examples"`` (default): every epoch draws the examples of all the
+            batches in a new random order and cuts them into as many batches, so a list
+            made in file order (an image folder sorted by class) does not train one
+            class per step, and the BatchNorm statistics see every class at once;
+            batches that differ in shape but for their length (text padded per batch)
+            keep their examples together (the report's ``shuffle`` says which ran);
+            ``"batches"``: the batches as given, in a random order.
+        seed: the order of the examples and the augmentation.
     """
 
     epochs: float = 1.0
@@ -110,6 +119,7 @@ class RepairConfig:
     batch_norm: str = "auto"
     dropout: bool = False
     features: float = 0.0
+    shuffle: str = "examples"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,6 +147,10 @@ class RepairConfig:
             raise ValueError(f"repair: dropout={self.dropout!r} must be True or False")
         if not (math.isfinite(self.features) and self.features >= 0):
             raise ValueError(f"repair: features={self.features!r} must be a number >= 0")
+        if self.shuffle not in _SHUFFLES:
+            raise ValueError(
+                f"repair: shuffle={self.shuffle!r} must be one of {', '.join(_SHUFFLES)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,10 +195,121 @@ class RepairReport:
     #: ``"repaired"``, or ``"given"`` when the repair ended at a higher probe loss than it
     #: began and the model was put back as given (see ``warnings``)
     kept: str = "repaired"
+    #: how the data was shuffled: ``"examples"`` (mixed across batches every epoch) or
+    #: ``"batches"`` (their order only; with the reason when ``"examples"`` was asked)
+    shuffle: str = ""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _Pool:
+    """The examples of a sequence of batches, drawn into new batches in a seeded order.
+
+    A list of batches made in file order is often sorted (an image folder by class, an
+    archive by label, a text file by source): shuffling only the order of the batches
+    leaves each step one class's, and BatchNorm statistics averaged over such batches
+    miss the variance between them.  So every epoch draws a random permutation of all the
+    examples and cuts it into as many batches as were given.  Tensor batches, ``(x, y)``
+    pairs (the labels are not used) and dicts of tensors mix when every batch has the
+    same shape but for its length; batches that differ otherwise (text padded to each
+    batch's longest sentence) keep their examples together, and only their order is
+    shuffled (:attr:`mixed` is ``False``).
+    """
+
+    def __init__(self, batches: Sequence[Any], shuffle: str) -> None:
+        self.xs = [split_batch(b)[0] for b in batches]
+        #: why examples asked to mix do not (``None``: they do, or were not asked to)
+        self.reason = _unmixable(self.xs) if shuffle == "examples" else None
+        self.mixed = shuffle == "examples" and self.reason is None
+        sizes = [_length(x) for x in self.xs] if self.mixed else []
+        self.offsets = torch.tensor([0, *itertools.accumulate(sizes)])
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def epoch(self, g: torch.Generator) -> Iterator[Any]:
+        """One pass: every example once, in ``len(self)`` batches (seeded by ``g``)."""
+        if not self.mixed:
+            for i in torch.randperm(len(self.xs), generator=g).tolist():
+                yield self.xs[i]
+            return
+        perm = torch.randperm(int(self.offsets[-1]), generator=g)
+        for chunk in perm.tensor_split(len(self.xs)):
+            if len(chunk):
+                yield self._gather(chunk)
+
+    def draw(self, n: int, seed: int) -> list[Any]:
+        """The first ``n`` batches of a pass seeded by ``seed``."""
+        return list(itertools.islice(self.epoch(torch.Generator().manual_seed(seed)), n))
+
+    def _gather(self, idx: torch.Tensor) -> Any:
+        """The examples ``idx`` (global positions) as one batch."""
+        which = torch.searchsorted(self.offsets, idx, right=True) - 1
+        parts = []
+        for b in which.unique().tolist():
+            rows = idx[which == b] - self.offsets[b]
+            parts.append(_rows(self.xs[b], rows))
+        return _cat(parts)
+
+
+def _shuffle_note(pool: _Pool | None) -> str:
+    """The report's ``shuffle``."""
+    if pool is None:
+        return ""
+    if pool.mixed:
+        return "examples"
+    return f"batches ({pool.reason})" if pool.reason else "batches"
+
+
+def _length(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0])
+    return next(int(v.shape[0]) for v in x.values() if isinstance(v, torch.Tensor))
+
+
+def _signature(x: Any) -> Any:
+    """What must agree between batches for their examples to mix: the tensors' shapes
+    past the batch axis, dtypes and devices, and a dict's other values."""
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape[1:]), x.dtype, x.device) if x.dim() else None
+    if isinstance(x, Mapping):
+        tensors = {k: v for k, v in x.items() if isinstance(v, torch.Tensor)}
+        if not tensors or len({int(v.shape[0]) for v in tensors.values() if v.dim()}) != 1:
+            return None
+        if any(v.dim() == 0 for v in tensors.values()):
+            return None
+        sig = tuple(sorted((k, tuple(v.shape[1:]), v.dtype, v.device) for k, v in tensors.items()))
+        others = tuple(sorted((k, repr(v)) for k, v in x.items() if k not in tensors))
+        return ("dict", sig, others)
+    return None
+
+
+def _unmixable(xs: Sequence[Any]) -> str | None:
+    """Why the examples of ``xs`` cannot be mixed across batches; ``None`` when they can."""
+    first = _signature(xs[0]) if xs else None
+    if first is None:
+        return "the batches are not tensors or dicts of tensors"
+    for i, x in enumerate(xs[1:], 1):
+        if _signature(x) != first:
+            return f"batch {i} differs from batch 0 in shape, dtype or keys"
+    return None
+
+
+def _rows(x: Any, rows: torch.Tensor) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.index_select(0, rows.to(x.device))
+    return {k: _rows(v, rows) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+
+
+def _cat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    return {
+        k: _cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else v
+        for k, v in parts[0].items()
+    }
 
 
 class _Steps:
@@ -219,10 +344,14 @@ def _augment(x: Any, how: str | None, g: torch.Generator) -> Any:
         return x
     flip = torch.rand(x.shape[0], generator=g) < 0.5
     x = torch.where(flip[:, None, None, None].to(x.device), x.flip(3), x)
-    if how == "flip-crop":
+    if how == "flip-crop":  # every image its own shift of up to 4 pixels each way
+        n, c, h, w = x.shape
         pad = F.pad(x, (4, 4, 4, 4))
-        dy, dx = (int(v) for v in torch.randint(0, 9, (2,), generator=g))
-        x = pad[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+        dy, dx = torch.randint(0, 9, (2, n), generator=g).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        x = pad[batch, torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
     return x
 
 
@@ -235,22 +364,20 @@ _BATCH_NORM = ("auto", "recalibrate", "freeze", "train")
 
 @torch.no_grad()
 def _recalibrate(
-    model: nn.Module, norms: list[nn.modules.batchnorm._BatchNorm], batches: Sequence[Any],
-    g: torch.Generator,
-) -> None:  # fmt: skip
-    """Re-estimate every BatchNorm's running statistics as the plain average over up to
-    :data:`RECALIBRATION_BATCHES` batches (seeded), in the model's current weights."""
-    if not batches:
+    model: nn.Module, norms: list[nn.modules.batchnorm._BatchNorm], xs: Sequence[Any]
+) -> None:
+    """Re-estimate every BatchNorm's running statistics as the plain average over the
+    inputs ``xs`` (batches), in the model's current weights."""
+    if not xs:
         return
     saved = [(m.momentum, m.training) for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average
         m.train()
-    idx = torch.randperm(len(batches), generator=g)[:RECALIBRATION_BATCHES].tolist()
     try:
-        for i in idx:
-            call_model(model, split_batch(batches[i])[0])
+        for x in xs:
+            call_model(model, x)
     finally:
         for m, (momentum, training) in zip(norms, saved):
             m.momentum = momentum
@@ -259,8 +386,11 @@ def _recalibrate(
 
 def recalibrate_batch_norm(model: nn.Module, batches: Sequence[Any], seed: int = 0) -> int:
     """Re-estimate every BatchNorm's running statistics of ``model`` in place, as the plain
-    average over up to :data:`RECALIBRATION_BATCHES` of ``batches`` (seeded), with no
-    training; the model's train/eval mode is kept.  Returns the number of BatchNorms.
+    average over up to :data:`RECALIBRATION_BATCHES` batches of the examples of
+    ``batches`` drawn in a seeded random order (mixed across the batches as given, as
+    :class:`RepairConfig`'s ``shuffle="examples"`` does: batches sorted by class would
+    leave out the variance between classes), with no training; the model's train/eval
+    mode is kept.  Returns the number of BatchNorms.
 
     After spectrim's corrections alone this is measured not to help
     (``benchmarks/levers.py``); it is what ``repair`` does first by default.
@@ -273,7 +403,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Sequence[Any], seed: int =
         (True, False)
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    _recalibrate(model, norms, batches, torch.Generator().manual_seed(seed))
+    _recalibrate(model, norms, _Pool(batches, "examples").draw(RECALIBRATION_BATCHES, seed))
     return len(norms)
 
 
@@ -282,10 +412,9 @@ class _Probe:
     and the teacher's outputs on them: the distillation loss of a student, every module
     in evaluation mode."""
 
-    def __init__(self, teacher: nn.Module, batches: Sequence[Any], cfg: RepairConfig) -> None:
-        pick = torch.randperm(len(batches), generator=torch.Generator().manual_seed(cfg.seed))
+    def __init__(self, teacher: nn.Module, pool: _Pool, cfg: RepairConfig) -> None:
         self.cfg = cfg
-        self.xs = [split_batch(batches[i])[0] for i in pick[:PROBE_BATCHES].tolist()]
+        self.xs = pool.draw(PROBE_BATCHES, cfg.seed)
         with torch.no_grad():
             self.targets = [_output(call_model(teacher, x)).detach() for x in self.xs]
 
@@ -307,18 +436,17 @@ class _Probe:
 def _choose_batch_norm(
     student: nn.Module,
     norms: list[nn.modules.batchnorm._BatchNorm],
-    batches: Sequence[Any],
+    xs: Sequence[Any],
     probe: _Probe,
     kept: float,
-    seed: int,
 ) -> tuple[str, dict[str, float]]:
     """``batch_norm="auto"``: ``"recalibrate"`` when re-estimating the statistics lowers
     the probe's loss below ``kept`` (the loss with them as they are), else ``"freeze"``;
     and the two losses.  The statistics are left as they were either way (the caller
-    recalibrates)."""
+    recalibrates on the same ``xs``)."""
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     try:
-        _recalibrate(student, norms, batches, torch.Generator().manual_seed(seed))
+        _recalibrate(student, norms, xs)
         fresh = probe.loss(student)
     finally:
         for m, state in zip(norms, saved):
@@ -443,14 +571,11 @@ def repair(
     else:
         raise ValueError("repair: data without a length needs steps=, not epochs=")
     g = torch.Generator().manual_seed(cfg.seed)
+    pool = _Pool(batches, cfg.shuffle) if batches is not None else None
 
     def stream() -> Iterable[Any]:
         while True:
-            if batches is None:
-                yield from data
-                continue
-            for i in torch.randperm(len(batches), generator=g).tolist():
-                yield batches[i]
+            yield from (data if pool is None else pool.epoch(g))
 
     params = [p for p in student.parameters() if p.requires_grad]
     opt: torch.optim.Optimizer
@@ -479,15 +604,17 @@ def repair(
     # module in evaluation mode, BatchNorm as batch_norm says
     student.train(cfg.dropout)
     norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    probe = _Probe(teacher, batches, cfg) if batches is not None else None
+    probe = _Probe(teacher, pool, cfg) if pool is not None else None
+    # the statistics "recalibrate" averages (the same batches whether "auto" chose it)
+    recal = pool.draw(RECALIBRATION_BATCHES, cfg.seed) if pool is not None and norms else []
     how, probe_losses = cfg.batch_norm, dict[str, float]()
     if how == "auto":
         how = "freeze"
-        if norms and probe is not None and batches is not None:
+        if norms and probe is not None:
             given = probe.loss(student)
-            how, probe_losses = _choose_batch_norm(student, norms, batches, probe, given, cfg.seed)
+            how, probe_losses = _choose_batch_norm(student, norms, recal, probe, given)
     if how == "recalibrate" and norms:
-        _recalibrate(student, norms, batches if batches is not None else [], g)
+        _recalibrate(student, norms, recal)
     # where the training starts (the probe's loss of these statistics when it has one:
     # its re-estimation used other batches than the one above), to fall back on if the
     # training ends further from the teacher
@@ -504,7 +631,7 @@ def repair(
     t0 = time.perf_counter()
     try:
         for batch in it:
-            x = _augment(split_batch(batch)[0], cfg.augment, g)
+            x = _augment(split_batch(batch)[0] if pool is None else batch, cfg.augment, g)
             mask = token_mask(x)  # padded text positions stay out of the loss
             if cfg.features > 0 and blocks is None:
                 blocks = _Blocks(teacher, student, x)
@@ -562,5 +689,6 @@ def repair(
         probe_loss_start=start,
         probe_loss_end=end,
         kept="given" if warnings else "repaired",
+        shuffle=_shuffle_note(pool),
         warnings=warnings,
     )
