@@ -194,10 +194,8 @@ def main() -> None:
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
     test = load_dataset("cifar10", "eval", limit=args.test)
     jpeg = None
-    if args.jpeg:  # a class-balanced subset: the archive is sorted by class
-        full = load_dataset("cifar10-jpeg", "test")
-        step = max(len(full.tensors[0]) // args.jpeg, 1)
-        jpeg = torch.utils.data.TensorDataset(full.tensors[0][::step], full.tensors[1][::step])
+    if args.jpeg:  # a prefix holds every class in turn
+        jpeg = load_dataset("cifar10-jpeg", "test", limit=args.jpeg)
     rows = []
     for target in args.targets.split(","):
         for method in args.methods.split(","):

@@ -87,10 +87,8 @@ def main() -> None:
         raise SystemExit(f"--search-data {args.search_data}: only {len(held)} more images")
     test = load_dataset("cifar10", "eval", limit=args.test)
     jpeg = None
-    if args.jpeg:  # the archive is sorted by class
-        full = load_dataset("cifar10-jpeg", "test")
-        step = max(len(full.tensors[0]) // args.jpeg, 1)
-        jpeg = torch.utils.data.TensorDataset(full.tensors[0][::step], full.tensors[1][::step])
+    if args.jpeg:  # a prefix holds every class in turn
+        jpeg = load_dataset("cifar10-jpeg", "test", limit=args.jpeg)
     rows = []
     for name in args.models.split(","):
         model = load_pretrained(name).eval()

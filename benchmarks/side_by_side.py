@@ -203,12 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
     lossless = load_dataset("cifar10", "eval", limit=args.test_limit)
-    jpeg = load_dataset("cifar10-jpeg", "test")
-    if args.jpeg_limit:  # a class-balanced prefix: the archive is sorted by class
-        step = max(len(jpeg.tensors[0]) // args.jpeg_limit, 1)
-        jpeg_x, jpeg_y = jpeg.tensors[0][::step], jpeg.tensors[1][::step]
-    else:
-        jpeg_x, jpeg_y = jpeg.tensors
+    # a prefix holds every class in turn
+    jpeg_x, jpeg_y = load_dataset("cifar10-jpeg", "test", limit=args.jpeg_limit or None).tensors
     tests = {"lossless": lossless.tensors, "jpeg": (jpeg_x, jpeg_y)}
     example = calib[:2]
 

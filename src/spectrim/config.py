@@ -179,8 +179,10 @@ class CompressConfig:
             compressed prefix, reconstructing the original model's activations
             (cross-covariance least squares).
         sequential_fraction: share of the calibration examples the sequential
-            corrections are fitted on, to the nearest whole batch (kept sets and widths
-            always use all of them).  A fifth of 1000 CIFAR images (192) fits ResNet-56
+            corrections are fitted on, to the nearest whole batch: the first batches, in
+            the order given, so data sorted by class or by source should be shuffled
+            first (kept sets and widths always use all of them; spectrim's own loaders
+            give every class in turn).  A fifth of 1000 CIFAR images (192) fits ResNet-56
             as well as a quarter or a third (87.0 / 86.9 / 86.9 % top-1 at macs=0.5,
             mean of four calibration draws) and better than an eighth (86.4 %).  More
             examples are used whenever the share would give fewer than 32 rows per

@@ -92,13 +92,16 @@ def test_cifar10(data_dir: Path) -> None:
     assert load_dataset("cifar10", "train").tensors[0].shape[0] == 4000
 
 
-def test_cifar10_jpeg_is_the_full_test_set_class_by_class(data_dir: Path) -> None:
+def test_cifar10_jpeg_is_the_full_test_set_one_of_every_class_at_a_time(data_dir: Path) -> None:
+    """The archive is sorted by class; a prefix of the dataset must hold every class
+    (the first 1000 images calibrating on airplanes alone was a silent defect)."""
     x, y = load_dataset("cifar10-jpeg", "test", limit=3001).tensors
-    assert x.shape == (3001, 3, 32, 32) and y.bincount().tolist() == [1000, 1000, 1000, 1]
+    assert x.shape == (3001, 3, 32, 32) and y.bincount().tolist() == [301] + [300] * 9
+    assert y[:20].tolist() == list(range(10)) * 2
     # cat/0000.jpg is CIFAR-10 test image 0 (a cat), saved lossy: close to the lossless one
     lossless = load_dataset("cifar10", "test", limit=1).tensors[0][0]
     std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
-    assert float(((x[3000] - lossless) * std).abs().mean()) < 0.03
+    assert float(((x[3] - lossless) * std).abs().mean()) < 0.03
     assert float(((x[0] - lossless) * std).abs().mean()) > 0.1  # an airplane is not
 
 
@@ -140,12 +143,13 @@ def test_image_folder_with_classes(tmp_path: Path) -> None:
     ds = load_image_folder(tmp_path, normalize=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     x, y = ds.tensors
     assert ds.classes == ("cat", "dog")
-    assert x.shape == (6, 3, 6, 5) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    # one of every class at a time, so that limit= keeps every class
+    assert x.shape == (6, 3, 6, 5) and y.tolist() == [0, 1, 0, 1, 0, 1]
     want = torch.from_numpy(expected[("dog", 1)]).permute(2, 0, 1).float() / 255
-    assert torch.allclose(x[4], (want - 0.5) / 0.5)
+    assert torch.allclose(x[3], (want - 0.5) / 0.5)
     # grayscale + resize + limit
     g = load_image_folder(tmp_path, grayscale=True, size=(4, 4), limit=2)
-    assert g.tensors[0].shape == (2, 1, 4, 4)
+    assert g.tensors[0].shape == (2, 1, 4, 4) and g.tensors[1].tolist() == [0, 1]
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
@@ -186,6 +190,16 @@ def test_tensor_files(tmp_path: Path) -> None:
     ds = load_image_folder(tmp_path / "d.pt", normalize=((1.0,), (2.0,)))
     assert torch.allclose(ds.tensors[0], (xf - 1) / 2)
     assert ds.tensors[1].tolist() == [-1] * 5
+
+    # a file sorted by class comes one of every class at a time, so a prefix (limit=,
+    # the CLI's --calib) holds every class; regression targets keep the file's order
+    xs = torch.arange(12.0).reshape(12, 1, 1, 1)
+    torch.save((xs, torch.tensor([0] * 6 + [1] * 4 + [2] * 2)), tmp_path / "sorted.pt")
+    ds = load_image_folder(tmp_path / "sorted.pt", limit=6)
+    assert ds.tensors[1].tolist() == [0, 1, 2, 0, 1, 2]
+    assert ds.tensors[0].flatten().tolist() == [0, 6, 10, 1, 7, 11]
+    torch.save((xs, torch.linspace(1.0, 0.0, 12)), tmp_path / "reg.pt")
+    assert load_image_folder(tmp_path / "reg.pt").tensors[0].flatten().tolist() == list(range(12))
 
     torch.save((xf, torch.arange(4)), tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"bad.pt.*5 images but 4 labels"):

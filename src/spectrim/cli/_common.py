@@ -297,7 +297,8 @@ def load_data(
 
     Built-in datasets use their ``calib`` (train) and ``eval`` (test) splits. A folder with
     ``train``/``calib`` and ``test``/``eval``/``val`` subfolders uses those; any other folder or
-    file is one set: the first ``calib`` examples calibrate and the rest evaluate.
+    file is one set: the first ``calib`` examples calibrate and the rest evaluate (labelled
+    data comes one of every class at a time, so both parts hold every class).
     ``calib=None`` means no calibration data is needed (evaluation only).
     """
     from spectrim.zoo import list_datasets, load_dataset, load_image_folder

@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1000,
         metavar="N",
-        help="calibration examples, the first N of the training split (default: 1000)",
+        help="calibration examples, the first N of the training split, every class in turn "
+        "(default: 1000)",
     )
     p.add_argument(
         "--eval-limit",
@@ -500,7 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="images to repair on: a built-in dataset (its train split, e.g. cifar10-jpeg) "
         "or a folder / .pt / .npz of your own",
     )
-    p.add_argument("--repair-limit", type=int, metavar="N", help="use the first N repair images")
+    p.add_argument(
+        "--repair-limit",
+        type=int,
+        metavar="N",
+        help="use the first N repair images (every class in turn)",
+    )
     p.add_argument(
         "--repair-lr", type=positive_float, default=0.01, metavar="LR",
         help="repair learning rate (cosine to 0; default: %(default)s; about 1e-4 for adamw)",
@@ -688,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=512,
         metavar="N",
-        help="calibration examples, the first N of the training split (default: 512)",
+        help="calibration examples, the first N of the training split, every class in turn "
+        "(default: 512)",
     )
     p.add_argument(
         "--heldout",

@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -246,26 +246,59 @@ def _load_cifar10(split: Literal["train", "test"], limit: int | None) -> ImageTe
     )
 
 
+_T = TypeVar("_T")
+
+
+def _in_turns(items: Sequence[_T], key: Callable[[_T], object]) -> list[_T]:
+    """``items`` taken one of every ``key`` at a time (in their order within a key, keys
+    in their order of first appearance), so the first ``n`` are as balanced across the
+    keys as ``n`` allows: a folder sorted by class, cut at ``limit``, would otherwise
+    hold the first classes only.
+
+    Example::
+
+        >>> _in_turns(["a1", "a2", "a3", "b1", "c1", "c2"], key=lambda s: s[0])
+        ['a1', 'b1', 'c1', 'a2', 'c2', 'a3']
+    """
+    rank: dict[object, int] = {}
+    first: dict[object, int] = {}
+    order = []
+    for i, item in enumerate(items):
+        k = key(item)
+        first.setdefault(k, len(first))
+        order.append((rank.get(k, 0), first[k], i))
+        rank[k] = rank.get(k, 0) + 1
+    return [items[i] for _, _, i in sorted(order)]
+
+
 _CIFAR_JPEG = {"train": "cifar10-jpg/train.tar.gz", "test": "cifar10-jpg/test.tar.gz"}
 
 
 def _load_cifar10_jpeg(split: Literal["train", "test"], limit: int | None) -> ImageTensorDataset:
     """All 10000 test (50000 train) CIFAR-10 images as lossy JPEGs (quality ~75): about 10
     points below the lossless images for pretrained models, so for relative numbers only.
-    Members are read from the verified tarball in memory (nothing is extracted)."""
+    Members are read from the verified tarball in memory (nothing is extracted).  The
+    archive is sorted by class; the images come one of every class at a time
+    (:func:`_in_turns`), so the first ``limit`` are balanced across the classes."""
     import tarfile
 
     from PIL import Image
 
     path = fetch(_CIFAR_JPEG[split])
-    images: list[np.ndarray] = []
-    labels: list[int] = []
     with tarfile.open(path, "r:gz") as tar:
-        members = sorted(
-            (m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")),
-            key=lambda m: (m.name.split("/")[-2], m.name),
-        )
-        for m in members[:limit]:
+        members = _in_turns(
+            sorted(
+                (m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")),
+                key=lambda m: (m.name.split("/")[-2], m.name),
+            ),
+            key=lambda m: m.name.split("/")[-2],
+        )[:limit]
+        # read in the archive's order (a gzip stream cannot seek back cheaply), placed
+        # in the order above
+        images: list[np.ndarray] = [np.empty(0)] * len(members)
+        labels = [0] * len(members)
+        for i in sorted(range(len(members)), key=lambda i: members[i].offset_data):
+            m = members[i]
             cls = m.name.split("/")[-2]
             if cls not in CIFAR10_CLASSES:
                 raise ValueError(f"{path}: member {m.name!r} is not under a CIFAR-10 class folder")
@@ -275,8 +308,8 @@ def _load_cifar10_jpeg(split: Literal["train", "test"], limit: int | None) -> Im
                 arr = np.asarray(im.convert("RGB"))
             if arr.shape != (32, 32, 3):
                 raise ValueError(f"{path}: member {m.name!r} is {arr.shape}, not 32×32 RGB")
-            images.append(arr)
-            labels.append(CIFAR10_CLASSES.index(cls))
+            images[i] = arr
+            labels[i] = CIFAR10_CLASSES.index(cls)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
     x = _normalize(x, CIFAR10_MEAN, CIFAR10_STD)
     y = torch.tensor(labels, dtype=torch.int64)
@@ -341,7 +374,8 @@ def load_dataset(name: str, split: Split, limit: int | None = None) -> ImageTens
     Args:
         name: One of :func:`list_datasets` (``"digits"``, ``"mnist"``, ``"cifar10"``).
         split: ``"train"``/``"calib"`` or ``"test"``/``"eval"``.
-        limit: Keep only the first ``limit`` samples (in the dataset's fixed order).
+        limit: Keep only the first ``limit`` samples (in the dataset's fixed order, which
+            mixes the classes: ``cifar10-jpeg`` takes one image of every class at a time).
 
     Returns:
         A :class:`TensorDataset` of (float32 normalised NCHW images, int64 labels).
@@ -469,6 +503,14 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _class_labels(y: Tensor) -> bool:
+    """Whether ``y`` holds class indices (integers, none negative), not regression targets."""
+    y = y.reshape(-1)
+    if y.is_floating_point():
+        return bool((y == y.round()).all()) and bool((y >= 0).all())
+    return not y.is_complex() and y.dtype != torch.bool and bool((y >= 0).all())
+
+
 def load_image_folder(
     path: str | os.PathLike[str],
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
@@ -481,13 +523,16 @@ def load_image_folder(
     images.
 
     * ``.npz``: arrays ``x`` and optional ``y``. ``.pt``: a tensor, a dict ``{"x", "y"}`` or a
-      tuple ``(x, y)``. ``x`` may be NCHW, NHWC or NHW images, or ``N × F`` tabular features
+      tuple ``(x, y)``.  With class labels, the examples come one of every class at a time
+      (each class's in file order), as from a folder. ``x`` may be NCHW, NHWC or NHW images, or ``N × F`` tabular features
       (an MLP's input); uint8 values are scaled by 1/255, floats are kept as they are.
     * ``.csv``: a header row, then numbers; a ``y`` / ``label`` / ``target`` column is the
       label, every other column a feature.  Non-integer targets (regression) count as no
       labels: accuracy is then not scored, output fidelity still is.
     * A folder with class subfolders (``root/<class>/*.png``): labels are the indices of the
-      sorted class names. A flat folder of images gives unlabelled data.
+      sorted class names, and the images come one of every class at a time (each class's
+      in file-name order, :func:`_in_turns`), so ``limit`` keeps every class.  A flat folder
+      of images gives unlabelled data, in file-name order.
       Pixels are scaled to [0, 1]; all images must have one size unless ``size`` is given.
 
     Missing labels are set to ``-1``.
@@ -497,7 +542,7 @@ def load_image_folder(
         normalize: ``(mean, std)`` per channel (or one value for all), applied after scaling.
         grayscale: Read images as one channel (``"L"``) instead of RGB (folders only).
         size: Resize images to ``(height, width)`` (folders only).
-        limit: Keep only the first ``limit`` samples.
+        limit: Keep only the first ``limit`` samples (of a class folder: every class).
 
     Example::
 
@@ -514,7 +559,12 @@ def load_image_folder(
                 f"{p}: expected a .pt/.pth/.npz file, a .csv of features or a folder of images"
             )
         x, y = _load_tensor_file(p)
-        x = _as_nchw(x, p)[:limit]
+        x = _as_nchw(x, p)
+        if y is not None and y.dim() == 1 and len(y) == len(x) and _class_labels(y):
+            labels = y.tolist()
+            turns = torch.tensor(_in_turns(range(len(labels)), key=labels.__getitem__))
+            x, y = x[turns], y[turns]
+        x = x[:limit]
         y = y[:limit] if y is not None else None
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
@@ -529,6 +579,7 @@ def load_image_folder(
             classes = [d.name for d in subdirs]
             for label, d in enumerate(subdirs):
                 files += [(f, label) for f in sorted(d.iterdir()) if _is_image(f)]
+            files = _in_turns(files, key=lambda item: item[1])
         else:
             files = [(f, -1) for f in sorted(p.iterdir()) if _is_image(f)]
         if not files:
