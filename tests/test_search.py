@@ -176,3 +176,58 @@ def test_search_on_resnet20_generalises_and_rebuilds(data_root: object) -> None:
     assert rep2.search is None
     a, b = small.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fork_equals_fresh(model: nn.Module, calib: object, **kw: object) -> None:
+    """Every candidate finished from one prepared run (the search's shared statistics)
+    is, bit for bit, the model and report a fresh run with its factors gives; and the
+    prepared run is left as it was (a later fork is the same as an earlier)."""
+    import copy
+    import dataclasses
+
+    from spectrim._prune import finish_run, fork_run, prepare_run, prune_run
+    from spectrim.api import _method_for
+    from spectrim.calibration.batches import as_batches
+    from spectrim.calibration.checks import check_calibration
+    from spectrim.context import RunContext
+    from spectrim.methods import Method
+
+    cfg = spectrim.CompressConfig(**kw)  # type: ignore[arg-type]
+    batches = as_batches(calib)
+    info = check_calibration(batches)
+    ctx = RunContext(seed=cfg.seed)
+    method = _method_for(cfg)
+    assert isinstance(method, Method)
+    base = prepare_run(copy.deepcopy(model), batches, info, cfg, method, ctx)
+    _, plain = prune_run(copy.deepcopy(model), batches, info, cfg, method, ctx, 0.0)
+    names = [g.name for g in plain.groups if g.width_after < g.width_before][:2]
+    trials = [{names[0]: 4.0}, {names[1]: 0.25, names[0]: 0.5}, {names[0]: 4.0}]
+    for w in trials:
+        trial = dataclasses.replace(cfg, group_weights=w)
+        small, rep = finish_run(fork_run(base, trial), 0.0)
+        fresh, frep = prune_run(copy.deepcopy(model), batches, info, trial, method, ctx, 0.0)
+        a, b = small.state_dict(), fresh.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), w
+        assert [g.width_after for g in rep.groups] == [g.width_after for g in frep.groups]
+        assert rep.config == frep.config and rep.macs_ratio == frep.macs_ratio
+    assert any(g.width_after != p.width_after for g, p in zip(rep.groups, plain.groups))
+
+
+def test_forked_candidates_are_fresh_runs_on_resnet20(data_root: object) -> None:
+    """The default residual fit, block by block (stored block inputs, the original's
+    operands), on the pretrained ResNet-20."""
+    from spectrim.zoo import load_dataset, load_pretrained
+
+    model = load_pretrained("resnet20-cifar10").eval()
+    calib = load_dataset("cifar10", "calib", limit=256).tensors[0]
+    _fork_equals_fresh(model, calib, method="spectral", target="macs=0.5")
+
+
+def test_forked_candidates_are_fresh_runs_with_heads_and_the_stream() -> None:
+    """Heads and the residual stream on one budget (the refits use a copy of the
+    original), a tiny GPT-2 on padded text."""
+    from tests.test_hidden import _batches, _model
+
+    _fork_equals_fresh(
+        _model("gpt2"), _batches(4), method="id", target="macs=0.5", heads=True, hidden=True
+    )

@@ -17,6 +17,7 @@ and :func:`~spectrim.stages.solve_stage` are shared with ``analyze``; this modul
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import re
@@ -92,6 +93,9 @@ __all__ = [
     "apply_stage",
     "collect_stage",
     "cost_model_of",
+    "finish_run",
+    "fork_run",
+    "prepare_run",
     "prune_run",
     "report_stage",
     "solve_curves_stage",
@@ -147,6 +151,8 @@ class ChannelRun:
     #: the groups' solvers and curves were made during the statistics pass
     #: (``block_statistics``)
     solved: bool = False
+    #: a copy made by :func:`fork_run`: its solvers are shared, and not released
+    forked: bool = False
 
     @property
     def sequential(self) -> bool:
@@ -206,6 +212,19 @@ def prune_run(
     t0: float,
 ) -> tuple[nn.Module, CompressionReport]:
     """Prune the channels of ``work`` in place as ``cfg`` says; ``(work, report)``."""
+    return finish_run(prepare_run(work, batches, info, cfg, method, ctx), t0)
+
+
+def prepare_run(
+    work: nn.Module,
+    batches: list[Any],
+    info: CalibrationInfo,
+    cfg: CompressConfig,
+    method: Method,
+    ctx: RunContext,
+) -> ChannelRun:
+    """The first half of :func:`prune_run`: trace, statistics and error curves, none of
+    which depends on the allocation (the target, ``group_weights``)."""
     report = CompressionReport(method=cfg.method, target=str(cfg.parsed_target))
     report.config = cfg.to_dict()
     state = ChannelRun(work, batches, info, cfg, method.for_run(ctx), ctx, report)
@@ -215,11 +234,58 @@ def prune_run(
     analyse_stage(state)
     collect_stage(state)
     solve_curves_stage(state)
+    return state
+
+
+def finish_run(state: ChannelRun, t0: float) -> tuple[nn.Module, CompressionReport]:
+    """The second half of :func:`prune_run`: allocate, apply (pruning ``state.work`` in
+    place) and report."""
     allocate_stage(state)
     apply_stage(state)
     report_stage(state)
-    report.seconds = time.perf_counter() - t0
-    return work, report
+    state.report.seconds = time.perf_counter() - t0
+    return state.work, state.report
+
+
+def fork_run(state: ChannelRun, cfg: CompressConfig) -> ChannelRun:
+    """A prepared run (:func:`prepare_run`) that :func:`finish_run` can finish under
+    ``cfg`` (the same statistics; another allocation, e.g. other ``group_weights``) on a
+    copy of its model, leaving ``state`` as it was: the statistics, stored inputs and
+    solvers are shared and only read (the fork keeps its solvers' selection state, which
+    :func:`apply_stage` would otherwise release).  How ``search=N`` compresses its
+    candidates without collecting the same statistics again."""
+    collected = state.collected
+    # the attention layers and the stream are rewritten by their surgery (head counts,
+    # writers), and their solvers refer to them: copied together
+    blocks, stream, head_solvers, stream_solver = copy.deepcopy(
+        (state.blocks, state.stream, state.head_solvers, state.stream_solver)
+    )
+    fork = dataclasses.replace(
+        state,
+        work=copy.deepcopy(state.work),
+        blocks=blocks,
+        stream=stream,
+        head_solvers=head_solvers,
+        stream_solver=stream_solver,
+        cfg=cfg,
+        report=copy.deepcopy(state.report),
+        collected=dataclasses.replace(
+            collected,
+            stats=dict(collected.stats),
+            inputs=dict(collected.inputs),
+            sketches=dict(collected.sketches),
+            calls=list(collected.calls),
+        ),
+        sketch_rows=dict(state.sketch_rows),
+        widths={},
+        alloc=None,
+        plans={},
+        deferred=set(),
+        seq_errors={},
+        forked=True,
+    )
+    fork.report.config = cfg.to_dict()
+    return fork
 
 
 @_timed("analysis")
@@ -809,7 +875,8 @@ def apply_stage(state: ChannelRun) -> None:
         exact = {gi: bool(state.curves[gi][state.widths[gi]] < _EXACT_FIT_BELOW**2) for gi in keep}
         # the refits use fresh statistics: the selection's Grams need not live through them
         for gi in keep:
-            state.solvers[gi].release()
+            if not state.forked:
+                state.solvers[gi].release()
         state.sketch_rows.update({gi: sk.rows for (gi, _), sk in collected.sketches.items()})
         for stat in [stat for stat in collected.stats if stat[0] in keep]:
             del collected.stats[stat]

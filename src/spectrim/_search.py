@@ -9,6 +9,8 @@ coordinate search over one factor per group on its curve (``cfg.group_weights``;
 groups too), each candidate compressed in full and scored by the relative squared
 error of its outputs against the original's on the calibration examples the sequential
 pass did not fit (or on ``search_data``), or by the user's ``search_score(candidate)``.
+The trace, the statistics and the error curves do not depend on the factors: they are
+made once, and each candidate only allocates and applies (``_prune.fork_run``).
 
 Each round tries every group in turn, its factor times ``e^s`` and then ``e^-s``, and
 keeps the first that scores better; a round that keeps nothing halves ``s`` (from 1).
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spectrim._prune import finish_run, fork_run, prepare_run, prune_run
 from spectrim.calibration.batches import token_mask
 from spectrim.calibration.checks import CalibrationInfo
 from spectrim.config import CompressConfig
@@ -39,8 +42,6 @@ from spectrim.methods import Method
 from spectrim.report import CompressionReport
 
 __all__ = ["output_error", "search_run"]
-
-Run = Callable[..., tuple[nn.Module, CompressionReport]]
 
 #: the first step of a factor's logarithm: the curve times e or 1/e
 FIRST_STEP = 1.0
@@ -78,11 +79,10 @@ def search_run(
     method: Method,
     ctx: RunContext,
     t0: float,
-    run: Run,
     scoring: list[Any] | Callable[[nn.Module], float] | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
-    """``cfg.search`` rounds of the coordinate search around ``run`` (the channel run),
-    scored by ``scoring``: the user's score of a candidate (lower is better), or the
+    """``cfg.search`` rounds of the coordinate search around the channel run
+    (:func:`~spectrim._prune.prune_run`), scored by ``scoring``: the user's score of a candidate (lower is better), or the
     outputs' relative squared error on held-out batches (default: the calibration batches
     the sequential pass did not fit); ``work`` is pruned once more, in place, with the
     best factors."""
@@ -95,9 +95,15 @@ def search_run(
     weights = dict(cfg.group_weights)
     quiet = dataclasses.replace(ctx, progress=False)  # one bar per round, not per candidate
 
+    # the trace, statistics and curves do not depend on the factors: made once, on a
+    # copy, and every candidate allocates and applies on a copy of that copy
+    # (held until the final run, which collects its own)
+    base = [prepare_run(copy.deepcopy(work), batches, info, dataclasses.replace(cfg, search=0),
+                        method, quiet)]  # fmt: skip
+
     def candidate(w: dict[str, float]) -> tuple[nn.Module, CompressionReport]:
         trial = dataclasses.replace(cfg, search=0, group_weights=w)
-        return run(copy.deepcopy(work), batches, info, trial, method, quiet, t0)
+        return finish_run(fork_run(base[0], trial), t0)
 
     small, report = candidate(weights)
     held: list[Any] = []
@@ -128,8 +134,9 @@ def search_run(
         if not found:
             step /= 2
     del small
+    base.clear()
     final = dataclasses.replace(cfg, search=0, group_weights=weights)
-    work, report = run(work, batches, info, final, method, ctx, t0)
+    work, report = prune_run(work, batches, info, final, method, ctx, t0)
     report.search = {
         "rounds": rounds,
         "groups": names,

@@ -299,7 +299,7 @@ def _run_stage(
     if cfg.parsed_target.kind == "hidden":
         return hidden_run(work, batches, info, cfg, algo, ctx, t0)
     if cfg.search:
-        return search_run(work, batches, info, cfg, algo, ctx, t0, prune_run, scoring)
+        return search_run(work, batches, info, cfg, algo, ctx, t0, scoring)
     return prune_run(work, batches, info, cfg, algo, ctx, t0)
 
 
