@@ -79,6 +79,14 @@ def main() -> None:
     ap.add_argument("--model", default="resnet56-cifar10")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--train", type=int, default=50000, help="JPEG train images to repair on")
+    ap.add_argument(
+        "--lossless",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also repair on the first N lossless training images (the calibration split, "
+        "the same kind as the lossless test images; at most 4000)",
+    )
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--loss", default="mse", choices=("mse", "kl"))
@@ -116,15 +124,18 @@ def main() -> None:
     t = time.perf_counter()
     train = load_dataset("cifar10-jpeg", "train", limit=args.train).tensors[0]
     load_s = time.perf_counter() - t
-    batches = list(train.split(args.batch))
+    if args.lossless:
+        lossless = load_dataset("cifar10", "calib", limit=args.lossless).tensors[0]
+        train = torch.cat([train, lossless])
+    batches = list(train.split(args.batch))  # spectrim.repair mixes them every epoch
     dense = evaluate(model, test).accuracy
     jpeg = None
     if args.jpeg_test:
-        jx, jy = load_dataset("cifar10-jpeg", "test").tensors
-        step = max(len(jx) // args.jpeg_test, 1)  # spread: the archive is sorted by class
-        jpeg = torch.utils.data.TensorDataset(jx[::step], jy[::step])
+        # a prefix holds every class in turn
+        jpeg = load_dataset("cifar10-jpeg", "test", limit=args.jpeg_test)
     print(
-        f"{args.model}: dense {dense:.4f}; {len(train)} JPEG train images ({load_s:.0f} s to load)"
+        f"{args.model}: dense {dense:.4f}; {len(train)} train images ({args.lossless} lossless; "
+        f"{load_s:.0f} s to load)"
     )
     x = test.tensors[0][:2]
     cost0 = profile(model, x)
@@ -186,6 +197,7 @@ def main() -> None:
         "model": args.model,
         "dense_accuracy": dense,
         "train_images": len(train),
+        "lossless_train_images": args.lossless,
         "eval_images": len(test),
         "jpeg_eval_images": len(jpeg) if jpeg is not None else 0,
         "dense_jpeg_accuracy": evaluate(model, jpeg).accuracy if jpeg is not None else None,
