@@ -12,7 +12,12 @@ Each case is one of the issue's findings, rerun as a user would:
   output error on fresh inputs;
 * ``heldout``: timm's dla34 (8 random images), LeViT-128S and GhostNet-100 and a small
   random Wav2Vec2 at ``macs=0.7`` (skipped when timm / transformers are missing): MACs
-  reached, output norm ratio and relative error on fresh inputs, narrowest group.
+  reached, output norm ratio and relative error on fresh inputs, narrowest group;
+* ``class_order`` (stop 36, not issue 9's): the pretrained ResNet-20 at ``macs=0.5``
+  calibrated on the first 1000 CIFAR-10 JPEG train images as the loader gives them now
+  (every class in turn) and as it gave them before (the archive's class order: airplanes
+  only, what ``--data cifar10-jpeg --calib 1000`` calibrated on), top-1 and agreement on
+  all 10000 JPEG test images (needs ``SPECTRIM_DATA``).
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/reliability.py
 
@@ -188,11 +193,37 @@ def heldout_cases() -> list[dict[str, Any]]:
     return rows
 
 
+def class_order_cases() -> list[dict[str, Any]]:
+    from spectrim.evaluation import evaluate
+    from spectrim.zoo import load_dataset, load_pretrained
+
+    model = load_pretrained("resnet20-cifar10").eval()
+    x, y = load_dataset("cifar10-jpeg", "train").tensors
+    test = load_dataset("cifar10-jpeg", "test")
+    before = torch.argsort(y, stable=True)  # the archive's order: class by class
+    rows = []
+    for order, idx in (("every class in turn", torch.arange(1000)), ("by class", before[:1000])):
+        small, report = spectrim.compress(model, x[idx], "spectral", "macs=0.5")
+        res = evaluate(small, test, reference=model)
+        rows.append(
+            {
+                "order": order,
+                "classes_in_calibration": len(set(y[idx].tolist())),
+                "macs_ratio": report.macs_ratio,
+                "accuracy": res.accuracy,
+                "agreement": res.agreement,
+                "dense_accuracy": evaluate(model, test).accuracy,
+            }
+        )
+    return rows
+
+
 PARTS = {
     "digits": digits_cases,
     "tied": tied_case,
     "unreachable": unreachable_cases,
     "heldout": heldout_cases,
+    "class_order": class_order_cases,
 }
 
 
@@ -227,6 +258,12 @@ def main() -> None:
         print(
             f"unreachable macs=0.01, {r['on_unreachable']}: MACs {r['macs_ratio']:.3f}, "
             f"narrowest {r['narrowest']}, fresh error {r['fresh_relative_error']:.3f}"
+        )
+    for r in result.get("class_order", []):
+        print(
+            f"ResNet-20 macs=0.5 calibrated {r['order']} ({r['classes_in_calibration']} "
+            f"classes): JPEG top-1 {r['accuracy']:.4f} (dense {r['dense_accuracy']:.4f}), "
+            f"agreement {r['agreement']:.4f}"
         )
     for r in result["heldout"]:
         print(
