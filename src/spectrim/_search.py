@@ -21,7 +21,6 @@ same model without the search; ``report.search`` has the rounds and the scores.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectrim._prune import finish_run, fork_run, prepare_run, prune_run
+from spectrim._prune import finish_run, fork_run, prepare_run
 from spectrim.calibration.batches import token_mask
 from spectrim.calibration.checks import CalibrationInfo
 from spectrim.config import CompressConfig
@@ -84,8 +83,7 @@ def search_run(
     """``cfg.search`` rounds of the coordinate search around the channel run
     (:func:`~spectrim._prune.prune_run`), scored by ``scoring``: the user's score of a candidate (lower is better), or the
     outputs' relative squared error on held-out batches (default: the calibration batches
-    the sequential pass did not fit); ``work`` is pruned once more, in place, with the
-    best factors."""
+    the sequential pass did not fit); ``work`` is pruned in place with the best factors."""
     if not ctx.team.solo:
         raise ValueError(
             f"search={cfg.search} compresses many candidates and scores them in one "
@@ -95,23 +93,31 @@ def search_run(
     weights = dict(cfg.group_weights)
     quiet = dataclasses.replace(ctx, progress=False)  # one bar per round, not per candidate
 
-    # the trace, statistics and curves do not depend on the factors: made once, on a
-    # copy, and every candidate allocates and applies on a copy of that copy
-    # (held until the final run, which collects its own)
-    base = [prepare_run(copy.deepcopy(work), batches, info, dataclasses.replace(cfg, search=0),
-                        method, quiet)]  # fmt: skip
+    # the original's outputs, before the preparation converts ``work`` (channels_last):
+    # on every calibration batch, as which of them the fits leave unused is known later
+    scored = [] if callable(scoring) else batches if scoring is None else scoring
+    with torch.no_grad():
+        references = [_first_output(work, b).detach() for b in scored]
+    # the trace, statistics and curves do not depend on the factors: made once, on
+    # ``work``; every candidate allocates and applies on a copy, and the best factors
+    # finish the run on ``work`` itself
+    base = prepare_run(work, batches, info, dataclasses.replace(cfg, search=0), method, quiet)
 
     def candidate(w: dict[str, float]) -> tuple[nn.Module, CompressionReport]:
         trial = dataclasses.replace(cfg, search=0, group_weights=w)
-        return finish_run(fork_run(base[0], trial), t0)
+        return finish_run(fork_run(base, trial), t0)
 
     small, report = candidate(weights)
     held: list[Any] = []
     if callable(scoring):
         score, what = _user_score(scoring), "search_score"
     else:
-        held = _held_out(batches, report.fitted_examples, cfg) if scoring is None else scoring
-        score = _output_score(work, held)
+        skip = _held_out(batches, report.fitted_examples, cfg) if scoring is None else 0
+        held, references = scored[skip:], references[skip:]
+
+        def score(small: nn.Module) -> float:
+            return output_error(small, held, references)
+
         what = "output error"
     best = score(small)
     first = best
@@ -134,9 +140,9 @@ def search_run(
         if not found:
             step /= 2
     del small
-    base.clear()
     final = dataclasses.replace(cfg, search=0, group_weights=weights)
-    work, report = prune_run(work, batches, info, final, method, ctx, t0)
+    base.report.config = final.to_dict()
+    work, report = finish_run(dataclasses.replace(base, cfg=final, ctx=ctx), t0)
     report.search = {
         "rounds": rounds,
         "groups": names,
@@ -150,13 +156,6 @@ def search_run(
         "seconds": time.perf_counter() - start,
     }
     return work, report
-
-
-def _output_score(work: nn.Module, held: list[Any]) -> Callable[[nn.Module], float]:
-    """A candidate's :func:`output_error` on ``held`` against ``work``'s outputs now."""
-    with torch.no_grad():
-        references = [_first_output(work, b).detach() for b in held]
-    return lambda small: output_error(small, held, references)
 
 
 def _first_output(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -186,12 +185,13 @@ def _user_score(fn: Callable[[nn.Module], float]) -> Callable[[nn.Module], float
     return score
 
 
-def _held_out(batches: list[Any], fitted: int, cfg: CompressConfig) -> list[Any]:
-    """The calibration batches after the ``fitted`` examples the sequential pass used."""
+def _held_out(batches: list[Any], fitted: int, cfg: CompressConfig) -> int:
+    """The index of the first calibration batch after the ``fitted`` examples the
+    sequential pass used."""
     seen = 0
     for i, b in enumerate(batches):
         if seen >= fitted:
-            return batches[i:]
+            return i
         seen += batch_len(b)
     raise ValueError(
         f"search={cfg.search} scores each candidate on calibration examples the sequential "
