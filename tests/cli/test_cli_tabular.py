@@ -78,3 +78,30 @@ def test_a_bad_csv_value_is_named(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("a,b,y\n1,2,0\n3,x,1\n")
     with pytest.raises(ValueError, match=r"line 3: 'x' is not a number"):
         load_image_folder(tmp_path / "bad.csv")
+
+
+def test_one_sorted_file_is_cut_into_uniform_samples(housing: dict[str, Path]) -> None:
+    """The housing rows come sorted by region: the first 200 span a quarter of the
+    latitudes.  The CLI's split draws the rows in a random order from --seed, so the
+    calibration and evaluation parts both span the file; --file-order keeps the prefix."""
+    from argparse import Namespace
+
+    from spectrim.cli._common import load_data
+
+    whole = load_image_folder(housing["csv"]).tensors[0]
+    lat = 5  # the normalised latitude column
+
+    def span(x: torch.Tensor) -> float:
+        return float(x[:, lat].max() - x[:, lat].min())
+
+    drawn = load_data(str(housing["csv"]), 200, None, Namespace(seed=0, file_order=False))
+    first = load_data(str(housing["csv"]), 200, None, Namespace(seed=0, file_order=True))
+    assert drawn.order == "random, seed 0" and first.order == "file order"
+    assert torch.equal(first.calib.tensors[0], whole[:200])  # type: ignore[union-attr]
+    order = torch.randperm(len(whole), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(drawn.calib.tensors[0], whole[order[:200]])  # type: ignore[union-attr]
+    assert torch.equal(drawn.eval.tensors[0], whole[order[200:]])
+    assert span(first.calib.tensors[0]) < 0.5 * span(whole)  # type: ignore[union-attr]
+    assert span(drawn.calib.tensors[0]) > 0.9 * span(whole)  # type: ignore[union-attr]
+    other = load_data(str(housing["csv"]), 200, None, Namespace(seed=1, file_order=False))
+    assert not torch.equal(other.calib.tensors[0], drawn.calib.tensors[0])  # type: ignore[union-attr]

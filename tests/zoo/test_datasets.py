@@ -210,3 +210,31 @@ def test_tensor_files(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("1,2")
     with pytest.raises(ValueError, match=r"d.csv"):
         load_image_folder(tmp_path / "d.csv")
+
+
+def test_a_seed_draws_the_order_of_examples_without_class_labels(tmp_path: Path) -> None:
+    """A table sorted by a feature (the California housing file opens with the Bay Area):
+    with ``seed`` its rows come in a random order drawn from it, so ``limit`` keeps a
+    uniform sample; whole-number prices are targets, not 400,000 classes."""
+    x = torch.arange(40.0)
+    rows = ["f,target"] + [f"{v:.1f},{100000 + 5000 * v:.1f}" for v in x.tolist()]
+    (tmp_path / "sorted.csv").write_text("\n".join(rows) + "\n")
+    first = load_image_folder(tmp_path / "sorted.csv", limit=10)
+    assert first.tensors[0].flatten().tolist() == list(range(10))  # no seed: the file's
+    assert first.tensors[1].tolist() == [-1] * 10  # targets, no labels
+    ds = load_image_folder(tmp_path / "sorted.csv", seed=3)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    assert ds.tensors[0].flatten().tolist() == order.float().tolist()
+    drawn = load_image_folder(tmp_path / "sorted.csv", seed=3, limit=10)
+    assert drawn.tensors[0].flatten().tolist() == order[:10].float().tolist()
+    assert drawn.tensors[0].max() > 20  # not the first rows: a sample of the whole range
+    # labelled files and class folders ignore the seed: every class in turn
+    torch.save((x.reshape(40, 1, 1, 1), torch.arange(40) // 20), tmp_path / "labelled.pt")
+    turns = load_image_folder(tmp_path / "labelled.pt", seed=3, limit=4)
+    assert turns.tensors[1].tolist() == [0, 1, 0, 1]
+    # a flat folder of images (no labels): the files in the drawn order
+    for i in range(6):
+        Image.fromarray(np.full((2, 2, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    flat = load_image_folder(tmp_path, seed=5)
+    values = (flat.tensors[0][:, 0, 0, 0] * 255).round().div(40).long().tolist()
+    assert values == torch.randperm(6, generator=torch.Generator().manual_seed(5)).tolist()

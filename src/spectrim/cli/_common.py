@@ -155,8 +155,18 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
-    """Options for user image data (folders and tensor files)."""
-    group = parser.add_argument_group("options for your own image data (folder or .pt/.npz)")
+    """Options for user data (image folders, tensor and table files, text files)."""
+    group = parser.add_argument_group(
+        "options for your own data (a folder, .pt/.npz/.csv tensors or features, text files)"
+    )
+    group.add_argument(
+        "--file-order",
+        action="store_true",
+        help="cut one file or folder into calibration and evaluation examples in the "
+        "order found (default: text and data without class labels in a random order "
+        "drawn from --seed, so the first --calib are a uniform sample however the file "
+        "is sorted; labelled data come every class in turn either way)",
+    )
     group.add_argument(
         "--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean to subtract"
     )
@@ -270,6 +280,7 @@ class DataSplits:
     calib: TensorDataset | None
     eval: TensorDataset
     note: str = ""
+    order: str = "the dataset's splits"
 
 
 def subset(ds: TensorDataset, start: int, stop: int | None) -> TensorDataset:
@@ -297,9 +308,11 @@ def load_data(
 
     Built-in datasets use their ``calib`` (train) and ``eval`` (test) splits. A folder with
     ``train``/``calib`` and ``test``/``eval``/``val`` subfolders uses those; any other folder or
-    file is one set: the first ``calib`` examples calibrate and the rest evaluate (labelled
-    data comes one of every class at a time, so both parts hold every class).
-    ``calib=None`` means no calibration data is needed (evaluation only).
+    file is one set: the first ``calib`` examples calibrate and the rest evaluate.  Labelled
+    data comes one of every class at a time, so both parts hold every class; data without
+    class labels (a flat folder, regression targets) in a random order drawn from
+    ``--seed``, so both are uniform samples however the file is sorted, unless
+    ``--file-order``.  ``calib=None`` means no calibration data is needed (evaluation only).
     """
     from spectrim.zoo import list_datasets, load_dataset, load_image_folder
 
@@ -319,7 +332,7 @@ def load_data(
     if (mean is None) != (std is None):
         raise CLIError("--mean and --std must be given together")
     normalize = (mean, std) if mean is not None and std is not None else None
-    options: dict[str, Any] = {"normalize": normalize}
+    options: dict[str, Any] = {"normalize": normalize, "seed": data_seed(args)}
     if p.is_dir():
         options["grayscale"] = bool(getattr(args, "grayscale", False))
         options["size"] = getattr(args, "image_size", None)
@@ -332,12 +345,13 @@ def load_data(
             source = calib_dir if calib_dir is not None else eval_dir
             calib_set = load_image_folder(source, limit=calib, **options)
         note = "" if calib_dir is not None or calib is None else "calibrating on the eval split"
-        return DataSplits(str(p), calib_set, eval_set, note)
+        return DataSplits(str(p), calib_set, eval_set, note, data_order(eval_set, args))
 
     whole: TensorDataset = load_image_folder(p, **options)
     n = len(whole)
+    order = data_order(whole, args)
     if calib is None:
-        return DataSplits(str(p), None, subset(whole, 0, eval_limit))
+        return DataSplits(str(p), None, subset(whole, 0, eval_limit), "", order)
     calib_set = subset(whole, 0, min(calib, n))
     stop = None if eval_limit is None else calib + eval_limit
     eval_set = subset(whole, calib, stop)
@@ -345,7 +359,35 @@ def load_data(
     if len(eval_set) == 0:
         eval_set = subset(whole, 0, eval_limit)
         note = "no examples left after calibration: evaluating on the calibration data"
-    return DataSplits(str(p), calib_set, eval_set, note)
+    return DataSplits(str(p), calib_set, eval_set, note, order)
+
+
+def data_seed(args: argparse.Namespace) -> int | None:
+    """The seed that orders a user's examples without class labels (``--seed``, default
+    0), or ``None`` with ``--file-order``."""
+    if getattr(args, "file_order", False):
+        return None
+    return int(getattr(args, "seed", 0) or 0)
+
+
+def data_order(ds: TensorDataset, args: argparse.Namespace) -> str:
+    """How the examples of a user's set were ordered before it was cut, in words."""
+    labels = ds.tensors[1] if len(ds.tensors) > 1 else None
+    if labels is not None and labels.numel() and bool((labels >= 0).all()):
+        return "every class in turn"
+    seed = data_seed(args)
+    return "file order" if seed is None else f"random, seed {seed}"
+
+
+def draw_texts(texts: list[str], args: argparse.Namespace) -> tuple[list[str], str]:
+    """The texts in a random order drawn from ``--seed`` (file order with
+    ``--file-order``), so the first ``--calib`` are a uniform sample however the file is
+    sorted (STS-B's training file opens with 2000 image captions), and how."""
+    seed = data_seed(args)
+    if seed is None:
+        return list(texts), "file order"
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
+    return [texts[i] for i in order.tolist()], f"random, seed {seed}"
 
 
 def eval_batches(ds: TensorDataset, batch_size: int, quiet: bool, desc: str) -> Iterable[Any]:

@@ -17,6 +17,7 @@ from spectrim.cli._common import (
     check_json_dest,
     check_model_spec,
     check_out_dir,
+    draw_texts,
     eval_batches,
     human_stream,
     load_data,
@@ -179,6 +180,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         "method": report.method,
         "options": dict(args.option),
         "target": report.target,
+        "order": data.order,
         "calibration_examples": len(calib_x),
         "eval_examples": result.n,
         **_costs(report),
@@ -337,6 +339,14 @@ def _repair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _text_columns(spec: str | None) -> str | list[str] | None:
+    """``--text-column``: one column (name or number) or several, comma-separated, each
+    row giving one text per column (sentence pairs: ``--text-column 5,6``)."""
+    if spec is None or "," not in spec:
+        return spec
+    return [c.strip() for c in spec.split(",")]
+
+
 def _device(args: argparse.Namespace) -> str | None:
     """``--device``, or each torchrun process's own GPU under NCCL."""
     import torch.distributed as dist
@@ -352,11 +362,12 @@ def _compress_text(
     args: argparse.Namespace, out: Any, t_start: float, target: str, then: Any
 ) -> int:
     """``compress`` for a Hugging Face model folder and a text file: the texts tokenised
-    with the model's tokenizer, the first ``--calib`` calibrate, the rest (up to
+    with the model's tokenizer and drawn in a random order (``--seed``; ``--file-order``
+    keeps the file's), the first ``--calib`` calibrate, the rest (up to
     ``--eval-limit``) measure how close the compressed model's mean-pooled outputs stay
     to the original's (cosine)."""
     from spectrim.api import compress
-    from spectrim.calibration.text import read_texts, text_batches
+    from spectrim.calibration.text import read_text_column, text_batches
     from spectrim.distributed import Team
     from spectrim.evaluation import compare_latency, embedding_fidelity
     from spectrim.io import save_compressed
@@ -376,9 +387,10 @@ def _compress_text(
             f"({', '.join(TEXT_SUFFIXES)}), got {args.data!r}"
         )
     try:
-        texts = read_texts(path, column=args.text_column)
+        found = read_text_column(path, column=_text_columns(args.text_column))
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(f"--data: {exc}") from None
+    texts, order = draw_texts(found.texts, args)
     calib_texts, rest = texts[: args.calib], texts[args.calib :]
     search_texts: list[str] = []
     if args.search_texts:
@@ -397,8 +409,10 @@ def _compress_text(
     tok = resolved.tokenizer
     calib = text_batches(calib_texts, tok, args.text_batch, args.max_length)
     evaluation = text_batches(rest, tok, args.text_batch, args.max_length)
-    if note and not args.quiet:
-        print(f"note: {note}", file=out)
+    if not args.quiet:
+        print(f"texts: {found.describe()} of {path.name}, {order}", file=out)
+        if note:
+            print(f"note: {note}", file=out)
     model = resolved.model
     kwargs = _compress_kwargs(args, target, then)
     if search_texts:
@@ -424,6 +438,8 @@ def _compress_text(
         "method": report.method,
         "options": dict(args.option),
         "target": report.target,
+        "text_columns": list(found.columns),
+        "order": order,
         "calibration_texts": len(calib_texts),
         "search_texts": len(search_texts),
         "eval_texts": fidelity["n"],
@@ -475,7 +491,8 @@ def run_export(args: argparse.Namespace) -> int:
         resolved = resolve_model(args.model, trust_pickle=args.trust_pickle)
         tok = resolved.tokenizer or _tokenizer_of(resolved)
         try:
-            texts = read_texts(Path(args.data), column=args.text_column, limit=2 * n + 1)
+            column = _text_columns(args.text_column)
+            texts = read_texts(Path(args.data), column=column, limit=2 * n + 1)
         except (FileNotFoundError, ValueError) as exc:
             raise CLIError(f"--data: {exc}") from None
         example = text_batches(texts[:n], tok, n, args.max_length)[0]
@@ -617,9 +634,11 @@ def _eval_text(args: argparse.Namespace, out: Any) -> int:
     resolved = resolve_model(args.model, trust_pickle=trust)
     tok = resolved.tokenizer or _tokenizer_of(resolved)
     try:
-        texts = read_texts(Path(args.data), column=args.text_column, limit=args.limit)
+        texts = read_texts(Path(args.data), column=_text_columns(args.text_column))
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(f"--data: {exc}") from None
+    if args.limit is not None:  # a uniform sample, not the file's first (often sorted) texts
+        texts = draw_texts(texts, args)[0][: args.limit]
     batches = text_batches(texts, tok, 32, args.max_length)
     reference, reference_label = None, None
     if args.reference is not None:

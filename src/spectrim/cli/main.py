@@ -154,7 +154,9 @@ for the weight methods (magnitude, random, wanda, obs, lq, lq-lasso, pqi, spectr
 sparsity=S (a share S of every conv/Linear weight set to zero), sparsity=N:M (at most N
 non-zeros in every M consecutive inputs) or auto (lq, pqi, lq-lasso size themselves).
 --data FOLDER: class subfolders (root/<class>/*.png), optionally under train/ and test/;
-without split subfolders the first --calib examples calibrate and the rest evaluate.
+without split subfolders the first --calib examples calibrate and the rest evaluate:
+every class in turn, or (texts, data without class labels) in a random order drawn from
+--seed, so a sorted file still gives a uniform sample (--file-order: the file's order).
 """
 
 _EVAL_EPILOG = """\
@@ -377,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1000,
         metavar="N",
-        help="calibration examples, the first N of the training split, every class in turn "
-        "(default: 1000)",
+        help="calibration examples: the first N of the training split, every class in turn; "
+        "of texts or a set without class labels, N drawn at random (--seed; see "
+        "--file-order) (default: 1000)",
     )
     p.add_argument(
         "--eval-limit",
@@ -547,8 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     text.add_argument(
         "--text-column",
-        metavar="NAME|N",
-        help="the CSV column or JSON field holding the texts (default: 'text', else the first)",
+        metavar="NAME|N[,...]",
+        help="the CSV column or JSON field holding the texts, or several comma-separated "
+        "(each row gives one text per column: sentence pairs, e.g. 5,6); default: a column "
+        "named 'text', else the one with the longest texts (the output says which)",
     )
     text.add_argument(
         "--max-length",
@@ -619,7 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--latency", action="store_true", help="measure CPU latency against the reference"
     )
-    p.add_argument("--text-column", metavar="NAME|N", help="CSV column / JSON field of texts")
+    p.add_argument(
+        "--text-column",
+        metavar="NAME|N[,...]",
+        help="CSV column(s) / JSON field of texts (default: 'text', else the longest texts)",
+    )
     p.add_argument(
         "--max-length", type=positive_int, default=128, metavar="N", help="tokens per text"
     )
@@ -660,7 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="examples to trace the model with (default: 2; the check uses a different count)",
     )
-    p.add_argument("--text-column", metavar="NAME|N", help="CSV column / JSON field of texts")
+    p.add_argument(
+        "--text-column",
+        metavar="NAME|N[,...]",
+        help="CSV column(s) / JSON field of texts (default: 'text', else the longest texts)",
+    )
     p.add_argument(
         "--max-length", type=positive_int, default=128, metavar="N", help="tokens per text"
     )
@@ -694,8 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=512,
         metavar="N",
-        help="calibration examples, the first N of the training split, every class in turn "
-        "(default: 512)",
+        help="calibration examples: the first N of the training split, every class in turn; "
+        "of texts or a set without class labels, N drawn at random (--seed; see "
+        "--file-order) (default: 512)",
     )
     p.add_argument(
         "--heldout",

@@ -503,12 +503,28 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _drawn(n: int, seed: int) -> Tensor:
+    """A random order of ``n`` examples drawn from ``seed`` (the same on every machine)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+
+
 def _class_labels(y: Tensor) -> bool:
-    """Whether ``y`` holds class indices (integers, none negative), not regression targets."""
+    """Whether ``y`` holds class indices, not regression targets: integers, none negative,
+    and, when stored as floats (a CSV column), dense: ``max + 1`` at most twice the number
+    of distinct values, as indices ``0 … C-1`` are.  Whole-dollar house prices are whole
+    numbers too, but not classes.
+
+    >>> _class_labels(torch.tensor([0, 2, 1, 2])), _class_labels(torch.tensor([452600.0, 358500.0]))
+    (True, False)
+    """
     y = y.reshape(-1)
-    if y.is_floating_point():
-        return bool((y == y.round()).all()) and bool((y >= 0).all())
-    return not y.is_complex() and y.dtype != torch.bool and bool((y >= 0).all())
+    if y.numel() == 0 or y.is_complex() or y.dtype == torch.bool:
+        return False
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        return False
+    if not bool((y >= 0).all()):
+        return False
+    return not y.is_floating_point() or int(y.max()) + 1 <= 2 * len(torch.unique(y))
 
 
 def load_image_folder(
@@ -518,6 +534,7 @@ def load_image_folder(
     grayscale: bool = False,
     size: tuple[int, int] | None = None,
     limit: int | None = None,
+    seed: int | None = None,
 ) -> ImageTensorDataset:
     """Load user data: a ``.pt``/``.npz`` tensor file, a ``.csv`` of features, or a folder of
     images.
@@ -533,6 +550,10 @@ def load_image_folder(
       sorted class names, and the images come one of every class at a time (each class's
       in file-name order, :func:`_in_turns`), so ``limit`` keeps every class.  A flat folder
       of images gives unlabelled data, in file-name order.
+    * Without class labels (a flat folder, unlabelled or regression files) the examples
+      keep the file's order, unless ``seed`` is given: then they come in a random order
+      drawn from it, so ``limit`` keeps a uniform sample (files are often sorted: the
+      first 1000 rows of the California housing table are all from the Bay Area).
       Pixels are scaled to [0, 1]; all images must have one size unless ``size`` is given.
 
     Missing labels are set to ``-1``.
@@ -543,6 +564,8 @@ def load_image_folder(
         grayscale: Read images as one channel (``"L"``) instead of RGB (folders only).
         size: Resize images to ``(height, width)`` (folders only).
         limit: Keep only the first ``limit`` samples (of a class folder: every class).
+        seed: Draw the order of examples without class labels from this seed (before
+            ``limit``); ``None`` (default): file order.  Labelled examples come in turns.
 
     Example::
 
@@ -564,6 +587,9 @@ def load_image_folder(
             labels = y.tolist()
             turns = torch.tensor(_in_turns(range(len(labels)), key=labels.__getitem__))
             x, y = x[turns], y[turns]
+        elif seed is not None:
+            order = _drawn(len(x), seed)
+            x, y = x[order], (y[order] if y is not None and len(y) == len(x) else y)
         x = x[:limit]
         y = y[:limit] if y is not None else None
         if x.dtype == torch.uint8:
@@ -582,6 +608,8 @@ def load_image_folder(
             files = _in_turns(files, key=lambda item: item[1])
         else:
             files = [(f, -1) for f in sorted(p.iterdir()) if _is_image(f)]
+            if seed is not None:
+                files = [files[i] for i in _drawn(len(files), seed).tolist()]
         if not files:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise FileNotFoundError(f"no images ({exts}) found in {p} or its class subfolders")
@@ -600,7 +628,7 @@ def load_image_folder(
     else:
         raise FileNotFoundError(f"{p} does not exist (expected a .pt/.npz file or an image folder)")
 
-    if y is not None and y.is_floating_point() and not bool((y == y.round()).all()):
+    if y is not None and not _class_labels(y) and not bool((y == -1).all()):
         y = None  # regression targets: no classes to score (fidelity is still measured)
     if y is None:
         y = torch.full((x.shape[0],), -1, dtype=torch.int64)
