@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -344,3 +345,39 @@ def test_flip_crop_shifts_and_flips_every_image_on_its_own() -> None:
     assert len(set(found)) > 20  # each image its own view, not one per batch
     assert {f for f, _, _ in found} == {0, 1}
     assert torch.equal(_augment(x, None, torch.Generator()), x)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_text_batches_mix_into_what_the_tokenizer_gives(
+    side: str, minilm: tuple[nn.Module, Any], sts_train_sentences: list[str]
+) -> None:
+    """STS-B's training sentences in file order (captions, then news, then forums) and
+    sorted by length within that, padded batch by batch to different lengths: the pool
+    mixes them anyway, and every new batch is, key by key and to the token, what the
+    real MiniLM tokenizer gives for its sentences padded together (on either side)."""
+    import copy
+
+    from spectrim.calibration.text import text_batches
+    from spectrim.repair import _Pool
+
+    tok = copy.copy(minilm[1])
+    tok.padding_side = side
+    texts = sts_train_sentences[::50][:96]
+    texts = sorted(texts[:48], key=len) + sorted(texts[48:], key=len)
+    batches = text_batches(texts, tok, batch_size=12, max_length=64)
+    assert len({b["input_ids"].shape[1] for b in batches}) > 4  # eight lengths
+    pool = _Pool(batches, "examples")
+    assert pool.mixed and pool.reason is None
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(3))
+    drawn = list(pool.epoch(g))
+    assert len(drawn) == 8
+    for chunk, got in zip(perm.tensor_split(8), drawn, strict=True):
+        rows = sorted(chunk.tolist(), key=lambda i: i // 12)  # gathered batch by batch
+        want = tok([texts[i] for i in rows], padding=True, truncation=True,
+                   max_length=64, return_tensors="pt")  # fmt: skip
+        assert set(got) == set(want)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    mixed_sources = [len({int(i) // 48 for i in c}) for c in perm.tensor_split(8)]
+    assert max(mixed_sources) == 2  # batches hold sentences from both halves

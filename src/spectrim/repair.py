@@ -101,8 +101,9 @@ class RepairConfig:
             batches in a new random order and cuts them into as many batches, so a list
             made in file order (an image folder sorted by class) does not train one
             class per step, and the BatchNorm statistics see every class at once;
-            batches that differ in shape but for their length (text padded per batch)
-            keep their examples together (the report's ``shuffle`` says which ran);
+            text padded per batch is re-padded to each new batch's longest sentence;
+            batches that differ otherwise keep their examples together (the report's
+            ``shuffle`` says which ran);
             ``"batches"``: the batches as given, in a random order.
         seed: the order of the examples and the augmentation.
     """
@@ -213,13 +214,17 @@ class _Pool:
     miss the variance between them.  So every epoch draws a random permutation of all the
     examples and cuts it into as many batches as were given.  Tensor batches, ``(x, y)``
     pairs (the labels are not used) and dicts of tensors mix when every batch has the
-    same shape but for its length; batches that differ otherwise (text padded to each
-    batch's longest sentence) keep their examples together, and only their order is
-    shuffled (:attr:`mixed` is ``False``).
+    same shape but for its length.  Text padded to each batch's longest sentence mixes
+    too (:class:`_Padding`): each new batch is what the tokenizer gives for its
+    sentences.  Batches that differ otherwise keep their examples together, and only
+    their order is shuffled (:attr:`mixed` is ``False``).
     """
 
     def __init__(self, batches: Sequence[Any], shuffle: str) -> None:
         self.xs = [split_batch(b)[0] for b in batches]
+        self.padding = _Padding.of(self.xs) if shuffle == "examples" else None
+        if self.padding is not None:
+            self.xs = [self.padding.extend(x) for x in self.xs]
         #: why examples asked to mix do not (``None``: they do, or were not asked to)
         self.reason = _unmixable(self.xs) if shuffle == "examples" else None
         self.mixed = shuffle == "examples" and self.reason is None
@@ -251,7 +256,83 @@ class _Pool:
         for b in which.unique().tolist():
             rows = idx[which == b] - self.offsets[b]
             parts.append(_rows(self.xs[b], rows))
-        return _cat(parts)
+        batch = _cat(parts)
+        return self.padding.trim(batch) if self.padding is not None else batch
+
+
+@dataclass(frozen=True)
+class _Padding:
+    """How padded text batches become one length and back.
+
+    Dict batches whose ``attention_mask`` is ``(batch, tokens)`` with a different number of
+    tokens per batch (text padded to each batch's longest sentence) cannot be
+    concatenated.  :meth:`extend` pads each key of that shape to the longest batch's
+    length, on the side the batches were padded on, with the value each key holds at
+    padded positions (the tokenizer's pad id, mask 0); :meth:`trim` removes the columns
+    that are padding in every row of a new batch.  A batch of mixed examples is then the
+    one the tokenizer gives for its sentences, to the token.  ``None`` (from :meth:`of`)
+    when the batches are not such text: no mask, a mask with gaps, padding on both sides,
+    pad values that differ, or other tensors of the mask's shape past two axes.
+    """
+
+    length: int
+    left: bool
+    keys: tuple[str, ...]
+    values: tuple[int | float, ...]
+
+    @staticmethod
+    def of(xs: Sequence[Any]) -> _Padding | None:
+        """The padding of ``xs``, when they are padded text of different lengths."""
+        if not xs or not all(isinstance(x, Mapping) for x in xs):
+            return None
+        masks = [x.get("attention_mask") for x in xs]
+        if not all(isinstance(m, torch.Tensor) and m.dim() == 2 for m in masks):
+            return None
+        if len({int(m.shape[1]) for m in masks}) == 1:
+            return None  # one length: the batches mix as they are
+        keys = tuple(
+            sorted(
+                k
+                for k, v in xs[0].items()
+                if isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == tuple(masks[0].shape)
+            )
+        )
+        real = [m != 0 for m in masks]
+        steps = [r.int().diff(dim=1) for r in real]
+        right = all(bool((d <= 0).all()) for d in steps)  # 1…1 0…0 in every row
+        left = all(bool((d >= 0).all()) for d in steps)  # 0…0 1…1
+        if right == left and not right:
+            return None
+        values: list[int | float] = []
+        for k in keys:
+            found: set[int | float] = set()
+            for x, r in zip(xs, real, strict=True):
+                v = x.get(k)
+                if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape != r.shape:
+                    return None
+                found.update(v[~r].unique().tolist())
+            if len(found) > 1:
+                return None
+            values.append(found.pop() if found else 0)
+        length = max(int(m.shape[1]) for m in masks)
+        return _Padding(length, left and not right, keys, tuple(values))
+
+    def extend(self, x: Mapping[str, Any]) -> dict[str, Any]:
+        """``x`` padded to :attr:`length`."""
+        out = dict(x)
+        for k, value in zip(self.keys, self.values, strict=True):
+            v = x[k]
+            n = self.length - int(v.shape[1])
+            out[k] = F.pad(v, (n, 0) if self.left else (0, n), value=value) if n else v
+        return out
+
+    def trim(self, x: Mapping[str, Any]) -> dict[str, Any]:
+        """``x`` without the columns that are padding in every row."""
+        used = (x["attention_mask"] != 0).any(0).nonzero().flatten()
+        if not len(used):
+            return dict(x)
+        cols = slice(int(used[0]), None) if self.left else slice(None, int(used[-1]) + 1)
+        return {k: v[:, cols] if k in self.keys else v for k, v in x.items()}
 
 
 def _shuffle_note(pool: _Pool | None) -> str:
