@@ -67,6 +67,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--features", type=float, default=0.0, help="weight of the layers' term")
     ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
+    ap.add_argument(
+        "--repair-order",
+        default="random",
+        choices=("random", "file"),
+        help="the repair sentences batched in the sample's order (default) or in sts-train's "
+        "(captions, then news, then forums: a sorted file, as a user may pass it)",
+    )
+    ap.add_argument("--shuffle", default="examples", choices=("examples", "batches"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "repair_minilm.json"))
     args = ap.parse_args()
@@ -83,6 +91,9 @@ def main() -> None:
 
     calib = batches(sentences[: args.calib])
     data = calib + batches(sentences[args.calib :])
+    if args.repair_order == "file":  # the same sentences, sorted as the file holds them
+        position = {s: i for i, s in enumerate(pool)}
+        data = batches(sorted(sentences, key=position.__getitem__))
     options = parse_options(args.set)
     pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     genres = read_genres(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
@@ -96,7 +107,11 @@ def main() -> None:
         print(_row(f"{target} compressed", before), f"({compress_s:.1f} s)", flush=True)
         for epochs in (float(e) for e in args.epochs.split(",")):
             cfg = spectrim.RepairConfig(
-                epochs=epochs, lr=args.lr, optimizer=args.optimizer, features=args.features
+                epochs=epochs,
+                lr=args.lr,
+                optimizer=args.optimizer,
+                features=args.features,
+                shuffle=args.shuffle,
             )
             fixed, rep = spectrim.repair(small, model, data, cfg)
             after = fidelity(fixed, tok, pairs, gold, genres, dense)
@@ -126,7 +141,13 @@ def main() -> None:
             "calibration_sentences": args.calib,
             "repair_sentences": len(sentences),
             "test_pairs": len(pairs),
-            "recipe": {"optimizer": args.optimizer, "lr": args.lr, "features": args.features},
+            "recipe": {
+                "optimizer": args.optimizer,
+                "lr": args.lr,
+                "features": args.features,
+                "shuffle": args.shuffle,
+                "repair_order": args.repair_order,
+            },
             "runs": runs,
         },
         args.threads,

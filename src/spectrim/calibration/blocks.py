@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.graph.layout import channels_last_batch
 from spectrim.graph.modules import input_channel_axis
-from spectrim.graph.trace import _tensors, batch_len, call_model
+from spectrim.graph.trace import batch_len, call_model, tensors_in
 
 __all__ = [
     "PREFIX",
@@ -310,13 +311,13 @@ def suffix_reads_chain_only(model: nn.Module, batch: Any, chain: Sequence[str]) 
 
     handle = model.get_submodule(chain[-1]).register_forward_hook(keep)
     # the plain run is the suffix's output on the chain's own output x
-    a = _tensors(_run_hooked(model, batch, [handle]))
+    a = tensors_in(_run_hooked(model, batch, [handle]))
     if not seen or not isinstance(seen[-1], torch.Tensor):
         return False
     x = seen[-1]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        b = _tensors(_run_suffix(model, _flipped(batch, gen), chain[-1], x))
+        b = tensors_in(_run_suffix(model, _flipped(batch, gen), chain[-1], x))
     # bit for bit: the suffix ran on the same tensor, so only a read of something else
     # can move it (a tolerance would miss a model whose outputs hardly vary)
     return len(a) == len(b) and all(u.shape == v.shape and torch.equal(u, v) for u, v in zip(a, b))
@@ -425,8 +426,10 @@ def plan_blocks(
 
 def _scrub(value: Any) -> Any:
     """Arguments safe to run a block with again: Hugging Face key/value caches dropped
-    (a block run twice would append to them)."""
-    if type(value).__name__.endswith("Cache") and hasattr(value, "update"):
+    (a block run twice would append to them).  A cache exists only where transformers
+    was imported, so its module is looked up, not imported."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    if cache_utils is not None and isinstance(value, getattr(cache_utils, "Cache", ())):
         return None
     if isinstance(value, dict):
         return {k: (False if k == "use_cache" else _scrub(v)) for k, v in value.items()}

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["GramAccumulator", "Products", "rows_from_activation"]
+__all__ = ["GramAccumulator", "NoTF32", "Products", "rows_from_activation"]
 
 _EXACT_CHUNK_BYTES = 4 << 20  # float64 working set per product in exact mode
 #: (half of float32's largest value)²: a bound on cross products that none can exceed
@@ -373,7 +373,7 @@ class GramAccumulator:
         if yr is not None:
             cross = torch.zeros(dim, int(self.cross_dim or 0), dtype=f64, device=self.device)
         sums = y_sums = y_sq = None
-        with _no_tf32(self.device):
+        with NoTF32(self.device):
             for i in range(n):
                 x = xr[i].to(device=self.device, dtype=cdt)  # (dim, s)
                 for j in range(0, dim, tile):
@@ -399,7 +399,7 @@ class GramAccumulator:
         f64 = torch.float64
         n, _, spatial = xr.shape
         xr = xr.to(device=self.device, dtype=cdt)
-        with _no_tf32(self.device):
+        with NoTF32(self.device):
             out = self._scratch("g", n, cdt)
             gram = _f64_sum(torch.bmm(xr, xr.transpose(1, 2), out=out))
             sums = xr.sum(2).sum(0, dtype=f64) if self.track_sums else None
@@ -650,8 +650,14 @@ class GramAccumulator:
         return self.mean.cpu().numpy()
 
 
-class _no_tf32:
-    """Products in true float32 on CUDA whatever ``allow_tf32`` says (restored after)."""
+class NoTF32:
+    """Products in true float32 on CUDA whatever ``allow_tf32`` says (restored after);
+    nothing to do on other devices.
+
+    >>> with NoTF32(torch.device("cpu")):
+    ...     float(torch.ones(2) @ torch.ones(2))
+    2.0
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"

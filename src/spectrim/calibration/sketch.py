@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from spectrim.calibration.gram import _no_tf32, rows_from_activation
+from spectrim.calibration.gram import NoTF32, rows_from_activation
 
 __all__ = [
     "MIN_SKETCH_ROWS",
@@ -157,7 +157,7 @@ class RowSketch:
         n = int(x.shape[0])
         y = torch.zeros(self.rows, self.dim, dtype=torch.float64, device=self.device)
         start = 0
-        with _no_tf32(self.device):
+        with NoTF32(self.device):
             for om in self._omega_blocks(n, self._batch, self._call, self.device):
                 c = om.shape[1]
                 xs = x[start : start + c].to(device=self.device, dtype=torch.float32)

@@ -34,6 +34,7 @@ __all__ = [
     "Value",
     "call_model",
     "model_outputs",
+    "tensors_in",
     "trace",
 ]
 
@@ -220,10 +221,10 @@ class _Tracer:
 
     # -- recording ----------------------------------------------------------------
     def record_function(self, func: Callable[..., Any], args: Any, kwargs: Any, out: Any) -> None:
-        flat_out = _tensors(out)
+        flat_out = tensors_in(out)
         if not flat_out:
             return
-        inputs = [self.lookup(t) for t in _tensors((args, kwargs))]
+        inputs = [self.lookup(t) for t in tensors_in((args, kwargs))]
         targs = self._template(args)
         tkwargs = self._template(kwargs)
         op = Op(len(self.ops), "function", _func_name(func), func, inputs, [], targs, tkwargs)
@@ -232,7 +233,7 @@ class _Tracer:
 
     def pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.depth == 0:
-            self.pending.append((module, [self.lookup(t) for t in _tensors((args, kwargs))]))
+            self.pending.append((module, [self.lookup(t) for t in tensors_in((args, kwargs))]))
         self.depth += 1
 
     def post_hook(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
@@ -244,17 +245,21 @@ class _Tracer:
         name = self.module_names.get(id(module), type(module).__name__)
         op = Op(len(self.ops), "module", name, module, inputs, [], (), {})
         self.ops.append(op)
-        op.outputs = [self.new_value(t, op) for t in _tensors(out)]
+        op.outputs = [self.new_value(t, op) for t in tensors_in(out)]
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors in ``obj`` in pytree order (tuples, lists and dicts walked directly)."""
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """The tensors in ``obj`` in pytree order (tuples, lists and dicts walked directly).
+
+    >>> tensors_in({"a": torch.ones(1), "b": (2, [torch.zeros(2)])})
+    [tensor([1.]), tensor([0., 0.])]
+    """
     if isinstance(obj, torch.Tensor):
         return [obj]
     if type(obj) in (tuple, list):
-        return [t for x in obj for t in _tensors(x)]
+        return [t for x in obj for t in tensors_in(x)]
     if type(obj) is dict:
-        return [t for v in obj.values() for t in _tensors(v)]
+        return [t for v in obj.values() for t in tensors_in(v)]
     if isinstance(obj, (int, float, bool, str, type(None))):
         return []
     return [x for x in tree_flatten(obj)[0] if isinstance(x, torch.Tensor)]
@@ -309,7 +314,7 @@ def trace(
         for h in handles:
             h.remove()
         model.train(was_training)
-    out_tensors = _tensors(_plain(out))
+    out_tensors = tensors_in(_plain(out))
     outputs = [tracer.lookup(t) for t in out_tensors]
     return Graph(
         tracer.ops,
@@ -337,7 +342,7 @@ def _plain(out: Any) -> Any:
 def model_outputs(model: nn.Module, batch: Any) -> list[torch.Tensor]:
     """The output tensors of ``model`` on ``batch`` (no grad), flattened in order."""
     with torch.no_grad():
-        return _tensors(_plain(call_model(model, batch)))
+        return tensors_in(_plain(call_model(model, batch)))
 
 
 def batch_len(batch: Any) -> int:
