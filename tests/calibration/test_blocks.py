@@ -524,3 +524,18 @@ def test_block_statistics_on_padded_text_and_their_refusals(tmp_path: Path) -> N
         spectrim.CompressConfig(block_statistics=True, blockwise=False)
     with pytest.raises(ValueError, match=r"block_statistics.*sequential=True"):
         spectrim.CompressConfig(block_statistics=True, sequential=False)
+
+
+def test_a_hugging_face_cache_is_dropped_from_a_blocks_arguments() -> None:
+    """A block run twice would append to a key/value cache: caches (by class, every
+    kind transformers has) become None and ``use_cache`` False; other values stay."""
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    from spectrim.calibration.blocks import _scrub
+
+    class NotACache:  # a name that ends in Cache is no longer enough
+        def update(self) -> None: ...
+
+    NotACache.__name__ = "MyCache"
+    kept = NotACache()
+    args = {"past_key_values": cache_utils.DynamicCache(), "use_cache": True, "x": kept}
+    assert _scrub(args) == {"past_key_values": None, "use_cache": False, "x": kept}
