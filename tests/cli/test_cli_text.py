@@ -210,3 +210,23 @@ def test_the_calibration_texts_are_a_seeded_draw_of_the_file(
     assert len(seen[0]) == len(expected) == 2
     for got, want in zip(seen[0], expected, strict=True):
         assert torch.equal(got["input_ids"], want["input_ids"])
+
+
+def test_analyze_a_hugging_face_folder_on_text(
+    minilm_dir: Path, sentences_csv: Path, tmp_path: Path
+) -> None:
+    """``spectrim analyze`` takes text as ``compress`` does: the six FFN widths of the
+    real MiniLM measured on 64 drawn texts, their predicted errors checked on the next
+    32 (held out), the report written."""
+    report = tmp_path / "r.json"
+    argv = ["analyze", "--model", str(minilm_dir), "--data", str(sentences_csv), "--calib",
+            "64", "--heldout", "32", "--max-length", "32", "--max-sensitivity-groups", "0",
+            "--out", str(tmp_path / "report"), "--json", str(report), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(report.read_text())
+    assert r["summary"]["groups"] == 6 and r["summary"]["channels"] == 6 * 1536
+    assert r["report"]["n_calibration"] == 64 and r["report"]["n_heldout"] == 32
+    assert "32 texts after the calibration ones (random, seed 0)" in r["report"]["heldout_source"]
+    # the held-out error is measured, and above the predicted one (64 texts, 1536 units)
+    assert r["summary"]["mean_measured_error"] > r["summary"]["mean_predicted_error"] > 0
+    assert (tmp_path / "report" / "report.html").is_file()

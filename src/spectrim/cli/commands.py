@@ -347,6 +347,19 @@ def _text_columns(spec: str | None) -> str | list[str] | None:
     return [c.strip() for c in spec.split(",")]
 
 
+def _text_rows(args: argparse.Namespace) -> tuple[Any, list[str], str]:
+    """``--data`` as text: what was read (:class:`~spectrim.calibration.text.TextColumn`),
+    the texts in the order drawn from ``--seed`` (or the file's), and that order in words."""
+    from spectrim.calibration.text import read_text_column
+
+    try:
+        found = read_text_column(Path(args.data), column=_text_columns(args.text_column))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(f"--data: {exc}") from None
+    texts, order = draw_texts(found.texts, args)
+    return found, texts, order
+
+
 def _device(args: argparse.Namespace) -> str | None:
     """``--device``, or each torchrun process's own GPU under NCCL."""
     import torch.distributed as dist
@@ -367,7 +380,7 @@ def _compress_text(
     ``--eval-limit``) measure how close the compressed model's mean-pooled outputs stay
     to the original's (cosine)."""
     from spectrim.api import compress
-    from spectrim.calibration.text import read_text_column, text_batches
+    from spectrim.calibration.text import text_batches
     from spectrim.distributed import Team
     from spectrim.evaluation import compare_latency, embedding_fidelity
     from spectrim.io import save_compressed
@@ -386,11 +399,7 @@ def _compress_text(
             f"--model {args.model!r} is a Hugging Face folder: --data must be a text file "
             f"({', '.join(TEXT_SUFFIXES)}), got {args.data!r}"
         )
-    try:
-        found = read_text_column(path, column=_text_columns(args.text_column))
-    except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(f"--data: {exc}") from None
-    texts, order = draw_texts(found.texts, args)
+    found, texts, order = _text_rows(args)
     calib_texts, rest = texts[: args.calib], texts[args.calib :]
     search_texts: list[str] = []
     if args.search_texts:
@@ -701,9 +710,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     out = human_stream(args.json)
     t_start = time.perf_counter()
     _set_threads(args)
-    check_model_spec(args.model)
+    kind = check_model_spec(args.model)
     check_json_dest(args.json)
     out_dir = check_out_dir(args.out, args.overwrite)
+    if _text_data(args.data, args.model, kind):
+        return _analyze_text(args, out, out_dir, t_start)
 
     # --heldout 0 needs no test split: load a single example of it
     data = load_data(args.data, args.calib, args.heldout or 1, args)
@@ -721,15 +732,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
     )
     model = resolved.model.eval()
-
-    options: dict[str, Any] = {
-        "alphas": args.alphas,
-        "error": args.error,
-        "sensitivity_fraction": args.sensitivity_fraction,
-        "max_sensitivity_groups": args.max_sensitivity_groups,
-        "verify": not args.no_verify,
-        "progress": progress_wrapper("analyze", args.quiet),
-    }
+    options = _analyze_options(args)
     if args.heldout:
         report = analyze(
             model,
@@ -743,11 +746,67 @@ def run_analyze(args: argparse.Namespace) -> int:
         report = analyze(model, calib, **options)
     if args.heldout:
         report.heldout_source = f"the first {len(data.eval)} evaluation examples of {data.name}"
+    return _write_analysis(args, out, out_dir, t_start, report, resolved.label, data.name)
+
+
+def _analyze_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "alphas": args.alphas,
+        "error": args.error,
+        "sensitivity_fraction": args.sensitivity_fraction,
+        "max_sensitivity_groups": args.max_sensitivity_groups,
+        "verify": not args.no_verify,
+        "progress": progress_wrapper("analyze", args.quiet),
+    }
+
+
+def _analyze_text(args: argparse.Namespace, out: Any, out_dir: Path, t_start: float) -> int:
+    """``analyze`` of a Hugging Face model on a text file: the texts drawn as for
+    ``compress``, the first ``--calib`` measured, the next ``--heldout`` held out (0: the
+    last quarter of the calibration texts)."""
+    from spectrim.calibration.text import text_batches
+    from spectrim.diagnostics import analyze
+
+    resolved = resolve_model(args.model, trust_pickle=args.trust_pickle)
+    tok = resolved.tokenizer or _tokenizer_of(resolved)
+    found, texts, order = _text_rows(args)
+    calib, held = texts[: args.calib], texts[args.calib : args.calib + args.heldout]
+    if args.heldout and not held:
+        raise CLIError(
+            f"--data {args.data!r}: no texts left for --heldout after the {len(calib)} "
+            "calibration ones (--heldout 0 holds out a quarter of them)"
+        )
+    if not args.quiet:
+        print(f"texts: {found.describe()} of {Path(args.data).name}, {order}", file=out)
+
+    def batches(part: list[str]) -> list[dict[str, Any]]:
+        return text_batches(part, tok, args.text_batch, args.max_length)
+
+    options = _analyze_options(args)
+    model = resolved.model.eval()
+    if held:
+        report = analyze(model, batches(calib), heldout=batches(held), **options)
+        report.heldout_source = f"{len(held)} texts after the calibration ones ({order})"
+    else:
+        report = analyze(model, batches(calib), **options)
+    return _write_analysis(args, out, out_dir, t_start, report, resolved.label, args.data)
+
+
+def _write_analysis(
+    args: argparse.Namespace,
+    out: Any,
+    out_dir: Path,
+    t_start: float,
+    report: Any,
+    label: str,
+    data_name: str,
+) -> int:
+    """Write the report's files, the JSON summary and the lines for a user."""
     written = report.write(out_dir, overwrite=args.overwrite)
     summary = report.summary()
     result: dict[str, Any] = {
-        "model": resolved.label,
-        "data": data.name,
+        "model": label,
+        "data": data_name,
         "out": str(out_dir),
         "files": {k: str(v) for k, v in written.items()},
         "wall_seconds": time.perf_counter() - t_start,
@@ -760,7 +819,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         removed = summary["channels"] - summary["predicted_channels"]
         lines = [
             report.table(),
-            f"{resolved.label} on {data.name}: {summary['groups']} prunable layers, "
+            f"{label} on {data_name}: {summary['groups']} prunable layers, "
             f"{report.n_calibration} calibration / {report.n_heldout} held-out examples "
             f"({report.heldout_source})",
             f"at relative error {report.error:g}: {removed} of {summary['channels']} channels "

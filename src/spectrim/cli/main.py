@@ -185,6 +185,10 @@ Examples:
   spectrim analyze --model resnet20-cifar10 --data cifar10 --calib 256 --heldout 128 \\
       --error 0.2 --max-sensitivity-groups 5 --out r20-report/
 
+  # a Hugging Face folder on text: the FFN widths, errors checked on the next 256 texts
+  spectrim analyze --model all-MiniLM-L6-v2/ --data sts-train.csv --text-column 5,6 \\
+      --calib 512 --out minilm-report/
+
 Writes DIR/report.html (self-contained, plots embedded), report.md, report.json and the PNG
 plots. lambda = alpha * trace(Sigma) per layer (--alphas sets the alphas). --heldout N takes
 the first N labelled test examples (accuracy kept = accuracy relative to the original's);
@@ -256,6 +260,36 @@ def _common_options(parser: argparse.ArgumentParser, *, data: bool = True) -> No
             metavar="N",
             help="evaluation batch size (default: 256)",
         )
+
+
+def _text_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Options for text data (a Hugging Face ``--model``, a text ``--data`` file)."""
+    text = parser.add_argument_group(
+        "options for text (--model a Hugging Face folder, --data a .txt/.csv/.tsv/.jsonl file)"
+    )
+    text.add_argument(
+        "--text-column",
+        metavar="NAME|N[,...]",
+        help="the CSV column or JSON field holding the texts, or several comma-separated "
+        "(each row gives one text per column: sentence pairs, e.g. 5,6); default: a column "
+        "named 'text', else the one with the longest texts (the output says which)",
+    )
+    text.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=128,
+        metavar="N",
+        help="truncate texts to N tokens (default: 128)",
+    )
+    text.add_argument(
+        "--text-batch",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="texts per calibration batch, padded (padding never enters the statistics; "
+        "default: 32)",
+    )
+    return text
 
 
 def _trust_option(parser: argparse.ArgumentParser) -> None:
@@ -545,23 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest predicted relative error of a layer when the target is unreachable "
         "(default: %(default)s)",
     )
-    text = p.add_argument_group(
-        "options for text (--model a Hugging Face folder, --data a .txt/.csv/.tsv/.jsonl file)"
-    )
-    text.add_argument(
-        "--text-column",
-        metavar="NAME|N[,...]",
-        help="the CSV column or JSON field holding the texts, or several comma-separated "
-        "(each row gives one text per column: sentence pairs, e.g. 5,6); default: a column "
-        "named 'text', else the one with the longest texts (the output says which)",
-    )
-    text.add_argument(
-        "--max-length",
-        type=positive_int,
-        default=128,
-        metavar="N",
-        help="truncate texts to N tokens (default: 128)",
-    )
+    text = _text_options(p)
     text.add_argument(
         "--search-texts",
         type=positive_int,
@@ -569,14 +587,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --search: the N texts after the calibration ones score the search's "
         "candidates (a transformer's FFN fits use every calibration text, so --search on "
         "text needs them); the evaluation takes the texts after those",
-    )
-    text.add_argument(
-        "--text-batch",
-        type=positive_int,
-        default=32,
-        metavar="N",
-        help="texts per calibration batch, padded (padding never enters the statistics; "
-        "default: 32)",
     )
     p.add_argument(
         "--latency", action="store_true", help="measure CPU latency of original vs compressed"
@@ -716,8 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=nonneg_int,
         default=256,
         metavar="N",
-        help="held-out examples, the first N of the test split; 0: hold out the last quarter "
-        "of the calibration examples (default: 256)",
+        help="held-out examples, the first N of the test split (text: the N texts after the "
+        "calibration ones); 0: hold out the last quarter of the calibration examples "
+        "(default: 256)",
     )
     p.add_argument(
         "--error",
@@ -752,6 +763,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the graph self-checks (faster; for models known to work)",
     )
+    p.add_argument(
+        "--seed",
+        type=nonneg_int,
+        default=0,
+        help="the order texts and data without class labels are drawn in (default: 0)",
+    )
+    _text_options(p)
     _common_options(p)
     add_data_options(p)
     p.set_defaults(func=commands.run_analyze)
