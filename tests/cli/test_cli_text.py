@@ -230,3 +230,22 @@ def test_analyze_a_hugging_face_folder_on_text(
     # the held-out error is measured, and above the predicted one (64 texts, 1536 units)
     assert r["summary"]["mean_measured_error"] > r["summary"]["mean_predicted_error"] > 0
     assert (tmp_path / "report" / "report.html").is_file()
+
+
+def test_text_columns_name_pairs_and_the_order_is_reported(tmp_path: Path) -> None:
+    """``--text-column 2,3`` reads both sentences of every pair; the texts come drawn
+    from ``--seed`` (or in the file's order), and the CLI says what it read."""
+    from argparse import Namespace
+
+    from spectrim.cli.commands import _text_rows
+
+    path = tmp_path / "pairs.csv"  # STS-B's layout: tab-separated, no header
+    path.write_text("".join(f"g\t{i}.0\tleft {i}\tright {i}\n" for i in range(6)))
+    args = Namespace(data=str(path), text_column="2,3", seed=4, file_order=True)
+    found, texts, order = _text_rows(args)
+    assert texts[:4] == ["left 0", "right 0", "left 1", "right 1"] and order == "file order"
+    assert found.describe() == "columns 2, 3 of 4 (tab-separated, no header)"
+    args.file_order = False
+    _, drawn, order = _text_rows(args)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(4)).tolist()
+    assert drawn == [texts[i] for i in perm] and order == "random, seed 4"
