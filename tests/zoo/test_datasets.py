@@ -238,3 +238,19 @@ def test_a_seed_draws_the_order_of_examples_without_class_labels(tmp_path: Path)
     flat = load_image_folder(tmp_path, seed=5)
     values = (flat.tensors[0][:, 0, 0, 0] * 255).round().div(40).long().tolist()
     assert values == torch.randperm(6, generator=torch.Generator().manual_seed(5)).tolist()
+
+
+def test_nan_inputs_are_named_by_their_place_in_the_file(tmp_path: Path) -> None:
+    """The CLI may draw or interleave the examples before they calibrate; a NaN is
+    reported where the user can find it: its example in the file (a CSV: its line)."""
+    x = torch.zeros(12, 1, 2, 2)
+    x[9, 0, 1, 0] = float("inf")
+    x[11] = float("nan")
+    torch.save((x, torch.arange(12) % 3), tmp_path / "bad.pt")  # labelled: comes in turns
+    with pytest.raises(
+        ValueError, match=r"bad.pt: example 9 \(of 12, in the file's order\).*1 more"
+    ):
+        load_image_folder(tmp_path / "bad.pt", seed=0)
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n3,nan\n")
+    with pytest.raises(ValueError, match=r"bad.csv, line 3: example 1 "):
+        load_image_folder(tmp_path / "bad.csv")

@@ -503,6 +503,21 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _check_finite(x: Tensor, p: Path) -> None:
+    """Refuse NaN or inf inputs, naming the first such example by its place in the file
+    (a CSV: its line)."""
+    if not x.is_floating_point() or not len(x):
+        return
+    bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        where = f", line {i + 2}" if p.suffix == ".csv" else ""
+        raise ValueError(
+            f"{p}{where}: example {i} (of {len(x)}, in the file's order) contains NaN or inf"
+            + (f"; so do {len(bad) - 1} more" if len(bad) > 1 else "")
+        )
+
+
 def _drawn(n: int, seed: int) -> Tensor:
     """A random order of ``n`` examples drawn from ``seed`` (the same on every machine)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
@@ -583,6 +598,7 @@ def load_image_folder(
             )
         x, y = _load_tensor_file(p)
         x = _as_nchw(x, p)
+        _check_finite(x, p)  # before any reordering: the culprit by its place in the file
         if y is not None and y.dim() == 1 and len(y) == len(x) and _class_labels(y):
             labels = y.tolist()
             turns = torch.tensor(_in_turns(range(len(labels)), key=labels.__getitem__))
