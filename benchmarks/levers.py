@@ -66,7 +66,7 @@ from spectrim.repair import recalibrate_batch_norm
 from spectrim.zoo import load_dataset, load_pretrained
 
 # the few-second run of the test suite (tests/test_bench.py; spectrim bench --smoke)
-SMOKE = ["--model", "resnet20-cifar10", "--methods", "id", "--targets", "macs=0.5", "--calib", "64", "--test", "64", "--probe", "32"]  # fmt: skip
+SMOKE = ["--model", "resnet20-cifar10", "--methods", "id", "--targets", "macs=0.5", "--calib", "64", "--test", "64", "--probe", "32", "--fit", "residual", "--levers", "bn", "sensitivity", "select", "readers"]  # fmt: skip
 
 
 def sensitivities(
