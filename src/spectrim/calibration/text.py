@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -164,14 +165,7 @@ def read_text_column(
     texts = [t for t in found.texts if t]
     if not texts:
         raise ValueError(f"{p}: no text found")
-    return TextColumn(
-        texts[:limit] if limit is not None else texts,
-        found.columns,
-        found.available,
-        found.chosen,
-        found.delimiter,
-        found.header,
-    )
+    return dataclasses.replace(found, texts=texts[:limit] if limit is not None else texts)
 
 
 def _read_table(

@@ -495,15 +495,11 @@ def run_export(args: argparse.Namespace) -> int:
     example: Any
     check: Any
     if _text_data(args.data, args.model, kind):
-        from spectrim.calibration.text import read_texts, text_batches
+        from spectrim.calibration.text import text_batches
 
         resolved = resolve_model(args.model, trust_pickle=args.trust_pickle)
         tok = resolved.tokenizer or _tokenizer_of(resolved)
-        try:
-            column = _text_columns(args.text_column)
-            texts = read_texts(Path(args.data), column=column, limit=2 * n + 1)
-        except (FileNotFoundError, ValueError) as exc:
-            raise CLIError(f"--data: {exc}") from None
+        texts = _text_rows(args)[1][: 2 * n + 1]
         example = text_batches(texts[:n], tok, n, args.max_length)[0]
         check = text_batches(texts[n:] or texts, tok, n + 1, args.max_length)[0]
     else:
@@ -636,18 +632,14 @@ def _eval_text(args: argparse.Namespace, out: Any) -> int:
     """``eval`` of a Hugging Face model (or a compressed one) on a text file: parameters,
     MACs and, against the reference (by default the original folder a compressed one was
     made from), the cosine of the mean-pooled outputs."""
-    from spectrim.calibration.text import read_texts, text_batches
+    from spectrim.calibration.text import text_batches
     from spectrim.evaluation import compare_latency, embedding_fidelity, profile
 
     trust = args.trust_pickle
     resolved = resolve_model(args.model, trust_pickle=trust)
     tok = resolved.tokenizer or _tokenizer_of(resolved)
-    try:
-        texts = read_texts(Path(args.data), column=_text_columns(args.text_column))
-    except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(f"--data: {exc}") from None
-    if args.limit is not None:  # a uniform sample, not the file's first (often sorted) texts
-        texts = draw_texts(texts, args)[0][: args.limit]
+    # drawn from --seed: a --limit is a uniform sample, not the file's first (sorted) texts
+    texts = _text_rows(args)[1][: args.limit]
     batches = text_batches(texts, tok, 32, args.max_length)
     reference, reference_label = None, None
     if args.reference is not None:
