@@ -24,13 +24,12 @@ lossless test images score), each against ``spectrim.compress`` as it is:
   (``spectrim.linalg.cross_greedy``), instead of the method's selection on the original
   model's statistics (same widths).
 
-* ``readers`` (stop 37; CIFAR ResNets, with ``--fit residual``): not a library option
-  yet.  After the plain run, block by block in order on the images the sequential pass
-  fitted, each block's first convolution (the *reader* of the residual stream, whose
-  kept output channels the pass only slices) is refitted by least squares on the
-  compressed stream to its original outputs, and then its second convolution gets the
-  residual fit again, now on the refitted first one's outputs (``readers_control``: the
-  second fit alone, which must give the plain run back).
+* ``readers``: ``CompressConfig(refit_readers=True)``: the modules whose input drifted
+  but that read no pruned group (each block's first convolution, reading the residual
+  stream, whose kept output channels the pass would only slice) are refitted in the
+  sequential pass by least squares on their own original outputs, in order with the
+  consumers (so each block's second convolution is fitted on the refitted first one's
+  outputs).  Stop 37 measured it as a script here; it is now the library's option.
 
 ``--fit`` sets ``sequential_fit`` for every run but the ``outputs`` / ``residual`` levers.
 ``--fraction`` sets ``sequential_fraction`` for every run (the share of the calibration
@@ -157,54 +156,6 @@ def scored(
     }
 
 
-def _fit_conv(conv: nn.Conv2d, inp: torch.Tensor, target: torch.Tensor) -> None:
-    """``conv``'s weight by least squares from its unfolded ``inp`` to ``target`` (float64
-    Grams over chunks of 100 images, a ridge of 1e-6 of the mean diagonal)."""
-    import torch.nn.functional as F
-
-    g = c = None
-    for i in range(0, len(inp), 100):
-        cols = F.unfold(
-            inp[i : i + 100], conv.kernel_size, padding=conv.padding, stride=conv.stride
-        )
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
-        y = target[i : i + 100].movedim(1, -1).reshape(-1, target.shape[1]).double()
-        g = rows.T @ rows if g is None else g + rows.T @ rows
-        c = rows.T @ y if c is None else c + rows.T @ y
-    assert g is not None and c is not None
-    g = g + 1e-6 * torch.trace(g) / len(g) * torch.eye(len(g), dtype=g.dtype)
-    w = torch.linalg.solve(g, c).T
-    conv.weight.data = w.reshape(conv.weight.shape).to(conv.weight.dtype).contiguous()
-
-
-def refit_readers(small: nn.Module, model: nn.Module, x: torch.Tensor, readers: bool) -> nn.Module:
-    """A copy of ``small`` (a compressed CIFAR ResNet) with, block by block in order on
-    ``x``, the first convolution refitted to its original kept outputs (``readers``) and
-    the second refitted so that the block's sum before its ReLU is the original's."""
-    import copy
-
-    import torch.nn.functional as F
-
-    s = copy.deepcopy(small)
-    layers = ("layer1", "layer2", "layer3")
-    pairs = [(b, o) for n in layers for b, o in zip(getattr(s, n), getattr(model, n))]
-    with torch.no_grad():
-        hs = F.relu(s.bn1(s.conv1(x)))
-        ho = F.relu(model.bn1(model.conv1(x)))
-        for bs, bo in pairs:
-            if readers:  # the kept rows of conv1 on the original stream are its target
-                _fit_conv(bs.conv1, hs, bs.conv1(ho))
-            inner = F.relu(bs.bn1(bs.conv1(hs)))
-            total = bo.bn2(bo.conv2(F.relu(bo.bn1(bo.conv1(ho))))) + bo.shortcut(ho)
-            scale = bs.bn2.weight / torch.sqrt(bs.bn2.running_var + bs.bn2.eps)
-            shift = bs.bn2.bias - bs.bn2.running_mean * scale
-            want = (total - bs.shortcut(hs) - shift[:, None, None]) / scale[:, None, None]
-            _fit_conv(bs.conv2, inner, want)
-            hs = F.relu(bs.bn2(bs.conv2(inner)) + bs.shortcut(hs))
-            ho = F.relu(total)
-    return s
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -287,19 +238,9 @@ def main() -> None:
                     model, calib, test, method, target, sequential_select=True, **run
                 )
             if "readers" in args.levers:
-                fitted = calib[: report.fitted_examples]  # the pass's own images
-                for key, on in (("readers_control", False), ("readers", True)):
-                    t = time.perf_counter()
-                    other = refit_readers(small, model, fitted, readers=on)
-                    res = evaluate(other, test, reference=model)
-                    row[key] = {
-                        "seconds": time.perf_counter() - t,
-                        "fitted_images": len(fitted),
-                        "accuracy": res.accuracy,
-                        "agreement": res.agreement,
-                        "logit_rel_l2": res.fidelity["rel_l2"],
-                        **jpeg_scores(other, model, jpeg),
-                    }
+                row["readers"] = scored(
+                    model, calib, test, method, target, jpeg, refit_readers=True, **run
+                )
             for fit in ("outputs", "residual"):
                 if fit in args.levers:
                     row[fit] = scored(

@@ -36,8 +36,14 @@ SCENARIOS = {
     # the kept channels chosen again in the sequential pass from Grams summed over ranks
     "select": {"method": "spectral", "target": "macs=0.5", "sequential_select": True},
     # block consumers refitted on their outputs plus the residual drift (products summed
-    # over ranks; each rank reads the original's operands of its own batches)
-    "residual": {"method": "id", "target": "macs=0.5", "sequential_fit": "residual"},
+    # over ranks; each rank reads the original's operands of its own batches), and the
+    # stream's readers refitted on their outputs
+    "residual": {
+        "method": "id",
+        "target": "macs=0.5",
+        "sequential_fit": "residual",
+        "refit_readers": True,
+    },
     # the sequential fits block by block (ResNet-20's nine residual blocks)
     "blocks": {"method": "id", "target": "macs=0.5", "blockwise": True},
     # a torchvision ResNet-18 with the defaults: the residual fit block by block, its

@@ -62,7 +62,7 @@ from spectrim.calibration.blocks import (
 from spectrim.calibration.checks import CalibrationInfo, rows_per_group
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.calibration.outputs import resolve_fit
-from spectrim.calibration.sequential import sequential_correct
+from spectrim.calibration.sequential import ReaderFits, sequential_correct
 from spectrim.calibration.sketch import default_stats_memory, plan_sketches, sketch_groups_message
 from spectrim.config import CompressConfig, Target, UnreachableTargetError, parse_bytes
 from spectrim.context import RunContext
@@ -861,10 +861,15 @@ def apply_stage(state: ChannelRun) -> None:
         if (
             (heads and state.cfg.sequential and state.method.needs_statistics)
             or refit_stream
-            or (state.sequential and state.fit == "residual" and not state.chain)
+            or (
+                state.sequential
+                and (state.fit == "residual" or state.cfg.refit_readers)
+                and not state.chain
+            )
         )
         else None
     )
+    readers = ReaderFits() if state.cfg.refit_readers else None
     if state.sequential and plans and (state.deferred or any(p.folds for p in plans.values())):
         keep = {gi: np.sort(p.keep) for gi, p in plans.items()}
         refits = {gi: state.solvers[gi].refit for gi in keep}
@@ -907,6 +912,7 @@ def apply_stage(state: ChannelRun) -> None:
                 fit=state.fit,
                 warn=fallback.append,
                 block_cache=state.cfg.block_cache,
+                readers=readers,
             )
         else:
             folds, state.seq_errors, keep = sequential_correct(
@@ -921,8 +927,9 @@ def apply_stage(state: ChannelRun) -> None:
                 team=state.ctx.team,
                 reselect=reselect,
                 fit=state.fit,
-                original=original if state.fit == "residual" else None,
+                original=original,
                 warn=fallback.append,
+                readers=readers,
             )
         if fallback:
             state.report.warnings.append(
@@ -932,8 +939,18 @@ def apply_stage(state: ChannelRun) -> None:
         for gi, f in folds.items():
             plans[gi].keep = keep[gi]
             plans[gi].folds = f
+        if readers is not None:
+            state.report.readers = {
+                "refitted": {n: list(e) for n, e in readers.errors.items()},
+                "skipped": dict(readers.skipped),
+            }
     else:
         apply_plan(state.work, analysis, plans)
+        if readers is not None:
+            state.report.warnings.append(
+                "refit_readers: no sequential pass ran (no group with a correction was "
+                "pruned), so no reader was refitted"
+            )
     collected.inputs.clear()
     if state.channels_last:
         restore_formats(state.work, state.formats)  # the user's layout, stride for stride

@@ -213,6 +213,20 @@ class CompressConfig:
             ``"inputs"`` (a ``Linear``'s output fit *is* the interpolation, and the drift
             term alone moved all-MiniLM-L6-v2 by −0.3 Spearman / +0.002 cosine while
             costing a copy of the model); the report's ``sequential_fit`` says which ran.
+        refit_readers: in the sequential pass, also refit the *readers*: the modules
+            (``Linear``, ``Conv1d``/``Conv2d``) that run after pruned layers, so that their
+            input drifted, but read no pruned group, so that the pass has no correction
+            for them (a residual block's first convolution, reading the stream).  Each
+            gets its weight and bias fitted by least squares on its own original outputs
+            (its kept channels) over its unfolded inputs in the compressed prefix, in
+            execution order with the consumers, so that the consumer after it is fitted
+            on the refitted outputs.  Not refitted: readers whose fit would have fewer
+            than 8 calibration rows per unknown, that run more than once, or whose
+            output reaches a residual addition under ``"residual"`` (the consumer on the
+            other side of it cancels the drift); the block-by-block pass refits the
+            readers of its blocks, not of the model's stem or classifier.  The report's
+            ``readers`` says what was done.  Costs one more fit per reader (and with the
+            whole-model pass a copy of the model).  ``False`` (default).
         channels_last: run the calibration passes (on spectrim's own copy of the model,
             one batch converted at a time) in ``channels_last`` memory layout, which
             oneDNN's CPU convolutions run faster than NCHW; ``None`` (default): when the
@@ -300,6 +314,7 @@ class CompressConfig:
     sequential_fraction: float = 0.2
     sequential_select: bool = False
     sequential_fit: str = "auto"
+    refit_readers: bool = False
     channels_last: bool | None = None
     on_unreachable: str = "stop"
     max_error: float = 0.5
@@ -355,6 +370,12 @@ class CompressConfig:
             raise ValueError(
                 "block_statistics drops each group's Grams once its channels are chosen, "
                 "which only the sequential pass's refits allow; it needs sequential=True"
+            )
+        if self.refit_readers not in (True, False):
+            raise ValueError(f"refit_readers={self.refit_readers!r} must be True or False")
+        if self.refit_readers and not self.sequential:
+            raise ValueError(
+                "refit_readers refits modules in the sequential pass; it needs sequential=True"
             )
         if self.on_unreachable not in _UNREACHABLE:
             raise ValueError(

@@ -100,6 +100,10 @@ class CompressionReport:
     latency: dict[str, Any] | None = None
     """a ``latency=F`` target: ``target``, ``batch``, the ``measured`` ratio of the pruned
     shapes' time to the original's, ``seconds_original`` and every round of the loop"""
+    readers: dict[str, Any] | None = None
+    """``refit_readers=True``: ``refitted`` (per reader, the relative error of its output
+    to the original's on the fitted rows, ``[before, after]`` its fit) and ``skipped`` (per
+    reader left as it was, why)"""
     search: dict[str, Any] | None = None
     """``search=N``: the groups searched (channel groups, attention layers' heads, the
     residual stream), each round's step and the candidates it kept, the output error on

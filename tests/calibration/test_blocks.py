@@ -31,15 +31,22 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
 
 
 @pytest.mark.parametrize(
-    ("select", "fit"), [(False, "inputs"), (True, "inputs"), (False, "residual")]
+    ("select", "fit", "readers"),
+    [
+        (False, "inputs", False),
+        (True, "inputs", False),
+        (False, "residual", False),
+        (False, "residual", True),
+    ],
 )
 def test_resnet20_blockwise_gives_the_whole_model_passs_weights(
-    data_root: Path, select: bool, fit: str
+    data_root: Path, select: bool, fit: str, readers: bool
 ) -> None:
     """The pretrained CIFAR-10 ResNet-20: its nine residual blocks are the chain, every
     pruned group lies inside one, and the fits equal the whole-model pass's (also with
-    the kept sets chosen in the pass, ``sequential_select``, and with the residual
-    output fit, whose original operands come from each block's copy)."""
+    the kept sets chosen in the pass, ``sequential_select``, with the residual output
+    fit, whose original operands come from each block's copy, and with the stream's
+    readers refitted, whose original outputs do too)."""
     from spectrim.zoo import load_dataset, load_pretrained
 
     model = load_pretrained("resnet20-cifar10").eval()
@@ -52,6 +59,7 @@ def test_resnet20_blockwise_gives_the_whole_model_passs_weights(
         "sequential_fraction": 0.5,
         "sequential_select": select,
         "sequential_fit": fit,
+        "refit_readers": readers,
     }
     whole, r1 = spectrim.compress(model, batches, "id", "macs=0.5", blockwise=False, **kw)
     block, r2 = spectrim.compress(model, batches, "id", "macs=0.5", blockwise=True, **kw)
@@ -67,6 +75,28 @@ def test_resnet20_blockwise_gives_the_whole_model_passs_weights(
     assert all(abs(errs1[k] - errs2[k]) < 1e-4 for k in errs1)
     with torch.no_grad():
         torch.testing.assert_close(block(x[:64]), whole(x[:64]), atol=1e-3, rtol=1e-3)
+    if readers:  # every block's first convolution but the first block's (nothing drifted)
+        assert r1.readers is not None and r2.readers is not None
+        fits1, fits2 = r1.readers["refitted"], r2.readers["refitted"]
+        assert (
+            sorted(fits1)
+            == sorted(fits2)
+            == sorted(
+                f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3) if (s, b) != (1, 0)
+            )
+        )
+        assert all(abs(fits1[n][1] - fits2[n][1]) < 1e-5 for n in fits1)
+        assert all(after < before for before, after in fits1.values())
+        # the classifier, after the chain, too (a block of its own in the block pass):
+        # 128 rows for 65 unknowns, left; the whole-model pass also saw the stem's input
+        for r in (r1, r2):
+            assert "fewer than 8 per unknown" in r.readers["skipped"].pop("linear")
+        assert r1.readers["skipped"].pop("conv1") == "its input did not drift"
+        assert (
+            r1.readers["skipped"]
+            == r2.readers["skipped"]
+            == {"layer1.0.conv1": "its input did not drift"}
+        )
 
 
 @pytest.mark.parametrize(

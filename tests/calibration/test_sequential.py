@@ -393,3 +393,150 @@ def test_reselect_with_two_consumers_equals_one_surgery() -> None:
     apply_plan(one, a, {g.index: GroupPlan(keep=kept[g.index], folds=folds[g.index])})
     with torch.no_grad():
         torch.testing.assert_close(work(x), one(x), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+class _Res(nn.Module):
+    """A residual block: ``relu(bn(c2(relu(bn(c1(x))))) + shortcut(x))``."""
+
+    def __init__(self, c: int, proj: bool = False) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.c2, self.b2 = nn.Conv2d(12, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.proj = nn.Conv2d(c, c, 1) if proj else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        short = x if self.proj is None else self.proj(x)
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + short)
+
+
+class _ResNet(nn.Module):
+    """A stem, two residual blocks (the second with a projection shortcut) and a head;
+    the stream's pooled channels are also an output, so the stream is pinned and the
+    blocks' first convolutions and the projection are its readers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_Res(8), _Res(8, proj=True))
+        self.head = nn.Linear(8, 4)
+        for m in self.modules():  # BatchNorms with statistics of their own
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.blocks(torch.relu(self.stem(x))).mean((2, 3))
+        return torch.cat([self.head(p), p], 1)
+
+
+def test_find_readers_leaves_out_shared_modules_and_residual_operands() -> None:
+    from spectrim.calibration.sequential import find_readers, reader_candidates
+
+    net = _ResNet().eval()
+    x = torch.randn(4, 3, 8, 8)
+    candidates = reader_candidates(net.named_modules(), {"blocks.0.c2", "blocks.1.c2"})
+    assert sorted(candidates) == [
+        "blocks.0.c1", "blocks.1.c1", "blocks.1.proj", "head", "stem",
+    ]  # fmt: skip
+    why: dict[str, str] = {}
+    found = find_readers(candidates, net, x, "residual", why)
+    assert found == ["stem", "blocks.0.c1", "blocks.1.c1", "head"]
+    assert (
+        why == {"blocks.1.proj": why["blocks.1.proj"]}
+        and "residual addition" in why["blocks.1.proj"]
+    )
+    # fitted on its outputs alone, no consumer fits the drift at that addition: refitted
+    assert "blocks.1.proj" in find_readers(candidates, net, x, "outputs")
+    shared = nn.Linear(3, 3)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    why = {}
+    assert find_readers({"0": shared}, twice, torch.randn(2, 3), "outputs", why) == []
+    assert why == {"0": "it runs 2 times per batch (one weight for all calls)"}
+
+
+@pytest.mark.parametrize("fit", ["residual", "outputs"])
+def test_refit_readers_solves_each_readers_least_squares(fit: str) -> None:
+    """The second block's first convolution reads the stream after the first block's
+    pruning: with ``refit_readers`` its weight and bias are the least-squares fit, over
+    its unfolded inputs in the compressed model, of the original's outputs at its kept
+    channels; its error before the fit is the plain run's, and it falls."""
+    net = _ResNet().eval()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = {
+        "sequential_fraction": 1.0,
+        "sequential_fit": fit,
+        "blockwise": False,
+        "channels_last": False,
+        "group_weights": {},
+    }
+    plain, r0 = spectrim.compress(net, list(x.split(32)), "id", "macs=0.6", **kw)
+    small, rep = spectrim.compress(
+        net, list(x.split(32)), "id", "macs=0.6", refit_readers=True, **kw
+    )
+    assert r0.readers is None and rep.readers is not None
+    assert [g.width_after for g in rep.groups] == [g.width_after for g in r0.groups]
+    refitted, skipped = rep.readers["refitted"], rep.readers["skipped"]
+    assert skipped["blocks.0.c1"] == "its input did not drift"  # nothing before it is pruned
+    assert skipped["stem"] == "its input did not drift"
+    assert skipped["head"].startswith("64 calibration rows for 9 unknowns per output")
+    assert ("blocks.1.proj" in refitted) == (fit == "outputs")
+    assert "blocks.1.c1" in refitted
+    # the kept output channels of blocks.1.c1: its BatchNorm was sliced with it
+    rm_o, rm = net.blocks[1].b1.running_mean, small.blocks[1].b1.running_mean
+    idx = torch.cdist(rm[:, None], rm_o[:, None]).argmin(1)
+    assert torch.equal(rm_o[idx], rm) and 0 < len(idx) < 12
+    c1, c1_o = small.blocks[1].c1, net.blocks[1].c1
+    z = _input_of(small, c1, x)  # what it read in the pass: only earlier modules changed
+    with torch.no_grad():
+        y = c1_o(_input_of(net, c1_o, x))[:, idx].movedim(1, -1).reshape(-1, len(idx))
+        before = plain.blocks[1].c1(_input_of(plain, plain.blocks[1].c1, x))
+    before = before.movedim(1, -1).reshape(-1, len(idx))
+    a = torch.nn.functional.unfold(z, 3, padding=1).transpose(1, 2).reshape(-1, 8 * 9)
+    a = torch.cat([a, torch.ones(len(a), 1)], 1).double()
+    w = torch.linalg.lstsq(a, y.double()).solution.T  # brute force: (k, 8·9 + 1)
+    got = torch.cat([c1.weight.reshape(len(idx), -1), c1.bias[:, None]], 1).detach().double()
+    assert float((got - w).norm() / w.norm()) < 1e-4
+    err_b, err_a = refitted["blocks.1.c1"]
+    rel = float((before.double() - y.double()).norm() / y.norm())
+    assert abs(err_b - rel) < 1e-4 * rel
+    best = float((a @ w.T - y.double()).norm() / y.norm())
+    assert abs(err_a - best) < 1e-3 * best and err_a < err_b
+
+
+def test_refit_readers_needs_the_sequential_pass() -> None:
+    from spectrim.config import CompressConfig
+
+    with pytest.raises(ValueError, match=r"refit_readers.*sequential=True"):
+        CompressConfig(refit_readers=True, sequential=False)
+    with pytest.raises(ValueError, match=r"refit_readers='yes' must be True or False"):
+        CompressConfig(refit_readers="yes")  # type: ignore[arg-type]
+
+
+def test_refit_readers_block_by_block_equals_the_whole_model_pass() -> None:
+    """Block by block the readers are the same and get the same weights; the classifier
+    after the chain, which no pruned group reaches, is refitted in a block of its own."""
+    net = _ResNet().eval()
+    x = torch.randn(96, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = {"sequential_fraction": 1.0, "sequential_fit": "residual", "refit_readers": True}
+    whole, r1 = spectrim.compress(net, list(x.split(32)), "id", "macs=0.6", blockwise=False, **kw)
+    block, r2 = spectrim.compress(net, list(x.split(32)), "id", "macs=0.6", blockwise=True, **kw)
+    assert r2.blocks == 2 and not any("blockwise" in w for w in r2.warnings), r2.warnings
+    assert r1.readers is not None and r2.readers is not None
+    fits1, fits2 = r1.readers["refitted"], r2.readers["refitted"]
+    assert sorted(fits1) == sorted(fits2) == ["blocks.1.c1", "head"]  # 96 rows for 9 unknowns
+    assert all(abs(fits1[n][0] - fits2[n][0]) < 1e-5 for n in fits1)
+    for name in ("blocks.1.c1", "head"):
+        a, b = whole.get_submodule(name), block.get_submodule(name)
+        torch.testing.assert_close(a.weight, b.weight, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), whole(x), atol=1e-4, rtol=1e-4)
+        plain, _ = spectrim.compress(
+            net, list(x.split(32)), "id", "macs=0.6", **{**kw, "refit_readers": False}
+        )
+        y = net(x)
+        assert float((block(x) - y).norm()) < float((plain(x) - y).norm())

@@ -412,12 +412,13 @@ def test_compress_unlabelled_image_folder(
 def test_compress_one_shot_and_fraction_flags(
     model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    reports, warned, searched = {}, {}, {}
+    reports, warned, searched, readers = {}, {}, {}, {}
     for flags in (
         ["--one-shot"],
         ["--sequential-fraction", "0.5"],
         ["--sequential-select"],
         ["--sequential-fit", "residual"],
+        ["--refit-readers"],
         ["--stats-memory", "3MiB"],
         ["--blockwise"],
         ["--block-cache", str(tmp_path / "blocks")],
@@ -447,6 +448,7 @@ def test_compress_one_shot_and_fraction_flags(
         reports[flags[0]] = _json(json_path)["report"]["config"]
         warned[flags[0]] = _json(json_path)["report"]["warnings"]
         searched[flags[0]] = _json(json_path)["report"]["search"]
+        readers[flags[0]] = _json(json_path)["report"]["readers"]
     assert reports["--one-shot"]["sequential"] is False
     assert reports["--sequential-fraction"]["sequential"] is True
     assert reports["--sequential-fraction"]["sequential_fraction"] == 0.5
@@ -454,6 +456,8 @@ def test_compress_one_shot_and_fraction_flags(
     assert reports["--one-shot"]["sequential_select"] is False
     assert reports["--sequential-fit"]["sequential_fit"] == "residual"
     assert reports["--one-shot"]["sequential_fit"] == "auto"
+    assert reports["--refit-readers"]["refit_readers"] is True
+    assert readers["--refit-readers"] is not None and readers["--one-shot"] is None
     assert reports["--stats-memory"]["stats_memory"] == "3MiB"
     assert reports["--blockwise"]["blockwise"] is True
     assert reports["--block-cache"]["block_cache"] == str(tmp_path / "blocks")

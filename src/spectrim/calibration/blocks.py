@@ -58,7 +58,14 @@ from spectrim.calibration.collect import (
     stored_batches,
 )
 from spectrim.calibration.outputs import residual_partners
-from spectrim.calibration.sequential import Refit, Select, sequential_correct
+from spectrim.calibration.sequential import (
+    ReaderFits,
+    Refit,
+    Select,
+    find_readers,
+    reader_candidates,
+    sequential_correct,
+)
 from spectrim.calibration.spill import Spill
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis, UnitGroup
@@ -453,6 +460,7 @@ def blockwise_correct(
     fit: str = "inputs",
     warn: Callable[[str], None] | None = None,
     block_cache: str | os.PathLike[str] | None = None,
+    readers: ReaderFits | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction block by block.
 
@@ -473,6 +481,11 @@ def blockwise_correct(
             elsewhere (in its boundaries, or their files).
         block_cache: a folder to hold the block boundaries in between blocks
             (:class:`~spectrim.calibration.spill.Spill`); ``None``: in memory.
+        readers: refit the readers too, as
+            :func:`~spectrim.calibration.sequential.sequential_correct` does (their
+            original outputs are kept on the block's original copy, with the consumers'
+            inputs), in the blocks that hold a pruned group and in the modules after the
+            chain (a block :data:`SUFFIX` of their own when no group reaches them).
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit and every group's
@@ -495,11 +508,22 @@ def blockwise_correct(
     def model_batch(i: int) -> Any:
         return channels_last_batch(batches[i]) if channels_last else batches[i]
 
+    if readers is not None and plan.suffix and plan.blocks[-1][-1] != SUFFIX:
+        # the modules after the chain (a classifier) read the compressed chain's output:
+        # a block of their own, for their readers, where the suffix can run as one
+        if plan.blocks[0][0] != PREFIX or team.broadcast(
+            suffix_reads_chain_only(model, model_batch(0), names)
+        ):
+            plan = dataclasses.replace(
+                plan, blocks=[*plan.blocks, [SUFFIX]], groups=[*plan.groups, []]
+            )
+
     with Spill(block_cache) as spill:
         return _blocks(
             model, modules, analysis, batches, keep, plan, names, masks, scrubbed, spill,
             model_batch, contributes=contributes, exact=exact, refit=refit, team=team,
             channels_last=channels_last, reselect=reselect, fit=fit, warn=warn,
+            readers=readers,
         )  # fmt: skip
 
 
@@ -524,6 +548,7 @@ def _blocks(
     reselect: Collection[int] | Mapping[int, Select],
     fit: str,
     warn: Callable[[str], None] | None,
+    readers: ReaderFits | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float], dict[int, np.ndarray]]:
     """:func:`blockwise_correct`'s pass, its boundaries kept by ``spill`` (each list
     holds a value or a handle per batch; ``spill.get`` reads either)."""
@@ -540,11 +565,12 @@ def _blocks(
     folds: dict[int, dict[str, np.ndarray]] = {}
     errors: dict[tuple[int, str], float] = {}
     run_block = _block_runner(model, names, calls, spill, model_batch)
+    consumers = {c.module for gi in keep for c in analysis.groups[gi].consumers}
 
     for b, (blk, gis) in enumerate(zip(plan.blocks, plan.groups)):
         mods = [None if n in (PREFIX, SUFFIX) else modules[n] for n in blk]
         member = plan.member(b)
-        if not gis:
+        if not gis and (readers is None or SUFFIX not in blk):
             with torch.no_grad():
                 new_o = [spill.put(run_block(mods, blk, x, i)) for i, x in enumerate(xs_o)]
                 new_c = [
@@ -576,6 +602,31 @@ def _blocks(
                 pos = torch.as_tensor(slot.positions, dtype=torch.long)
                 keeper = _keeper(inputs, (gi, slot.module), pos, masks, current, spill.put)
                 hooks.append(target.register_forward_pre_hook(keeper))
+        outputs: dict[str, list[Any]] = {}  # reader -> its original outputs (or handles)
+        if readers is not None:
+            found: dict[str, nn.Module] = {}
+            for root, o in zip(blk, originals):
+                if o is not None:
+                    named = ((f"{root}.{r}" if r else root, m) for r, m in o.named_modules())
+                else:  # the prefix or the suffix: the model's own, unchanged until its fits
+                    ends = plan.prefix if root == PREFIX else plan.suffix
+                    named = ((n, m) for n, m in modules.items() if any(_inside(n, e) for e in ends))
+                found.update(reader_candidates(named, consumers))
+            found = {n: m for n, m in found.items() if member(n)}
+            if found:
+
+                def probe(
+                    item: Any,
+                    mods: Sequence[nn.Module | None] = originals,
+                    blk: Sequence[str] = blk,
+                ) -> Any:
+                    return run_block(mods, blk, item, 0)
+
+                chosen = team.broadcast(find_readers(found, probe, xs_o[0], fit, readers.skipped))
+                for name in chosen:
+                    outputs[name] = []
+                    keeper = _output_keeper(outputs[name], masks, current, spill.put)
+                    hooks.append(found[name].register_forward_hook(keeper))
         try:
             with torch.no_grad():
                 new_o = []
@@ -659,6 +710,8 @@ def _blocks(
             warn=warn,
             within=member,
             fetch=spill.get,
+            readers=readers,
+            reader_outputs=outputs if readers is not None else None,
         )
         keep.update(k)
         for gi, at in f.items():  # a group spanning blocks has consumers in several
@@ -675,8 +728,9 @@ def _blocks(
         del old
         entry.clear()
         outs.clear()
-        spill.release([h for hs in inputs.values() for h in hs])
+        spill.release([h for hs in [*inputs.values(), *outputs.values()] for h in hs])
         inputs.clear()  # its consumers' original inputs, fitted
+        outputs.clear()
     return folds, errors, keep
 
 
@@ -880,6 +934,28 @@ def blockwise_statistics(
             c[first] = ((spill.get(heads[i]), *args[1:]), kwargs)
         spill.release(heads)
     return Collected(stats={}, n_stored=n_stored, calls=stored, first_numel=first_numel)
+
+
+def _output_keeper(
+    outputs: list[Any],
+    masks: Sequence[torch.Tensor | None],
+    current: list[int],
+    put: Callable[[Any], Any],
+) -> Any:
+    """A forward hook keeping a reader's output, first call per batch (``current[0]``),
+    padding dropped, as ``put`` keeps it."""
+    seen: set[int] = set()
+
+    def h(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        i = current[0]
+        if i in seen:
+            return
+        seen.add(i)
+        y = out.detach()
+        kept = drop_padding(y, masks[i], input_channel_axis(module, y))[0]
+        outputs.append(put(kept.clone() if kept is y else kept))  # an in-place op may follow
+
+    return h
 
 
 def _keeper(

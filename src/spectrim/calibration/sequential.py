@@ -23,7 +23,8 @@ consumer input), which amortises per-call costs; the caller may also run the pas
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,14 @@ Refit = Callable[[np.ndarray, str, np.ndarray, np.ndarray, int], np.ndarray]
 #: (the solver's :meth:`~spectrim.methods.GroupSolver.reselect`).
 Select = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
-__all__ = ["MERGED_BATCH_BYTES", "merge_batches", "sequential_correct"]
+__all__ = [
+    "MERGED_BATCH_BYTES",
+    "ReaderFits",
+    "find_readers",
+    "merge_batches",
+    "reader_candidates",
+    "sequential_correct",
+]
 
 Key = tuple[int, str]
 
@@ -117,6 +125,97 @@ def merge_batches(batches: Sequence[Any], bytes_per_example: float) -> list[list
             groups.append([i])
             size = batch_len(b)
     return groups
+
+
+#: a reader whose output is closer than this (relative) to the original's has nothing to
+#: correct: its input did not drift (float32 rounding of the same computation is ~1e-7)
+READER_DRIFT = 1e-5
+
+
+@dataclass
+class ReaderFits:
+    """What ``refit_readers`` did in a sequential pass.
+
+    A *reader* is a module whose input drifted (it runs after pruned layers) but that
+    reads no pruned group, so the pass has no correction for it: a residual block's first
+    convolution reading the stream, a classifier.  Refitted, it is fitted by least squares
+    on its own original outputs (its kept output channels) over its unfolded inputs in the
+    compressed prefix, as an output-fitted consumer is.
+
+    Attributes:
+        errors: per reader refitted, the relative error of its output to the original's
+            on the fitted rows, ``(before, after)`` its fit.
+        skipped: per reader left as it was, why.
+    """
+
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def reader_candidates(
+    modules: Iterable[tuple[str, nn.Module]], consumers: Collection[str]
+) -> dict[str, nn.Module]:
+    """The modules (by qualified name) that could be refitted as readers: a registered
+    output fit (:func:`~spectrim.calibration.outputs.supports_output_fit`), not a consumer
+    of a pruned group (those get the pass's own corrections), not the root.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> sorted(reader_candidates(net.named_modules(), {"2"}))
+        ['0']
+    """
+    return {n: m for n, m in modules if n and n not in consumers and supports_output_fit(m)}
+
+
+def find_readers(
+    candidates: Mapping[str, nn.Module],
+    call: Callable[[Any], Any],
+    item: Any,
+    fit: str,
+    why: dict[str, str] | None = None,
+) -> list[str]:
+    """Those of ``candidates`` (name -> the module ``call`` runs) that run exactly once on
+    ``item`` (a module called twice shares its weight between the calls) and, with
+    ``fit="residual"``, whose output reaches no residual addition: there the consumer on
+    the other side of the addition cancels the drift, and a later refit of this operand
+    would undo what that fit assumed.  ``why`` receives the reason each candidate that ran
+    was left out."""
+    counts = dict.fromkeys(candidates, 0)
+
+    def count(name: str) -> Callable[..., None]:
+        def h(module: nn.Module, args: tuple[Any, ...]) -> None:
+            counts[name] += 1
+
+        return h
+
+    def counted(x: Any) -> Any:
+        hooks = [m.register_forward_pre_hook(count(n)) for n, m in candidates.items()]
+        try:
+            with torch.no_grad():
+                return call(x)
+        finally:
+            for hd in hooks:
+                hd.remove()
+
+    added: Collection[str] = ()
+    if fit == "residual":
+        added = residual_partners(candidates, [item], counted)
+    else:
+        counted(item)
+    if why is not None:
+        for n in candidates:
+            if counts[n] > 1:
+                why[n] = f"it runs {counts[n]} times per batch (one weight for all calls)"
+            elif counts[n] == 1 and n in added:
+                why[n] = (
+                    "its output reaches a residual addition (the consumer there fits the drift)"
+                )
+    return [n for n in candidates if counts[n] == 1 and n not in added]
+
+
+class _Stop(BaseException):
+    """Raised to stop the original model once a reader's output is in hand."""
 
 
 def _relative_residual(total: float, g_c: np.ndarray, cross: np.ndarray, b: np.ndarray) -> float:
@@ -246,6 +345,8 @@ def sequential_correct(
     warn: Callable[[str], None] | None = None,
     within: Callable[[str], bool] | None = None,
     fetch: Callable[[Any], Any] | None = None,
+    readers: ReaderFits | None = None,
+    reader_outputs: Mapping[str, Sequence[Any]] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -318,6 +419,18 @@ def sequential_correct(
         fetch: reads a partner's operand or a stored input when they are handles (the
             block pass's :meth:`~spectrim.calibration.spill.Spill.get`); default: they
             are the tensors.
+        readers: refit the readers too (:class:`ReaderFits`, which records what was
+            done): in execution order with the consumers, each module that runs after
+            pruned layers but reads no pruned group gets its weight and bias fitted on its
+            own original outputs (its kept output channels) over its unfolded inputs in
+            the compressed prefix, unless its input did not drift, its fit would have
+            fewer than :data:`~spectrim.calibration.outputs.MIN_ROWS_PER_UNKNOWN` rows per
+            unknown, it runs more than once, or (``fit="residual"``) its output reaches a
+            residual addition (:func:`find_readers`).  ``None`` (default): not.
+        reader_outputs: the readers to refit and their original outputs per item of
+            ``batches`` (padding dropped; the block pass keeps them on its copy of each
+            original block); default: every candidate of ``model``
+            (:func:`reader_candidates`), their outputs read from ``original``.
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit, and the kept
@@ -504,8 +617,92 @@ def sequential_correct(
             )
         return False
 
+    def reader_target(name: str, module: nn.Module, j: int) -> torch.Tensor:
+        """The original output of reader ``name`` on run item ``j``, padding dropped."""
+        if reader_outputs is not None:
+            return fetch(reader_outputs[name][j])
+        assert original is not None
+        got: list[torch.Tensor] = []
+
+        def stop(_: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            got.append(out.detach())
+            raise _Stop
+
+        hd = dict(original.named_modules())[name].register_forward_hook(stop)
+        try:
+            call_model(original, run[j])
+        except _Stop:
+            pass
+        finally:
+            hd.remove()
+        if not got:
+            raise RuntimeError(f"sequential calibration: reader '{name}' did not run")
+        y = got[0]
+        return drop_padding(y, run_masks[j], input_channel_axis(module, y))[0]
+
+    def fit_reader(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
+        """Reader ``name``'s weight and bias fitted on its own original outputs (kept
+        channels) over its unfolded inputs ``xs`` in the compressed prefix."""
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        bias = getattr(module, "bias", None)
+        cols = int(weight[0].numel()) + (bias is not None)
+        idx = None
+        if name in analysis.out_labels:  # a producer: its kept output channels
+            idx = torch.as_tensor(gather_index(analysis.out_labels[name], dropped, {}))
+        acc = GramAccumulator(cols, cross_dim=int(weight.shape[0]), exact=False, sums=False)
+        rows, drift, energy = 0, 0.0, 0.0
+        for j, x in enumerate(xs if contributes else []):
+            y = reader_target(name, module, j)
+            if idx is not None:
+                y = y.index_select(input_channel_axis(module, y), idx.to(y.device))
+            n = run_sizes[j]
+            for x_p, y_p in zip(*(([x], [y]) if n is None else (x.split(n), y.split(n)))):
+                target = output_rows(module, y_p).double()
+                now = output_rows(module, module(x_p)).double()
+                if now.shape != target.shape:
+                    raise RuntimeError(
+                        f"sequential calibration: reader '{name}' has {tuple(now.shape)} "
+                        f"output rows where the original had {tuple(target.shape)}"
+                    )
+                drift += float((now - target).square().sum())
+                energy += float(target.square().sum())
+                a = consumer_rows(module, x_p)
+                if bias is not None:
+                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+                rows += int(a.shape[0])
+                acc.update(a, target)
+        rows, drift, energy = int(team.total(rows)), team.total(drift), team.total(energy)
+        assert readers is not None
+        before = float(np.sqrt(drift / energy)) if energy > 0 else 0.0
+        if before < READER_DRIFT:
+            readers.skipped[name] = "its input did not drift"
+            return
+        if rows < MIN_ROWS_PER_UNKNOWN * cols:
+            readers.skipped[name] = (
+                f"{rows} calibration rows for {cols} unknowns per output (fewer than "
+                f"{MIN_ROWS_PER_UNKNOWN} per unknown)"
+            )
+            return
+        team.reduce({0: acc})
+        g, cross = acc.gram_numpy(), acc.cross_numpy()
+        with blas_threads_for(cols):
+            b = fit_cross_reconstruction(g, cross, np.arange(cols), rtol=F32_RTOL)
+        after = _relative_residual(float(acc.y_sq_sums.sum()), g, cross, b)
+        set_unfolded_weight(module, b)
+        readers.errors[name] = (before, after)
+
     def fold(name: str, module: nn.Module, xs: list[torch.Tensor]) -> None:
         """Fit and fold the corrections of consumer ``name`` from all its inputs ``xs``."""
+        if name in reader_set:
+            quiet[0] = True  # the fit runs the reader (and the original model) on the side
+            try:
+                fit_reader(name, module, xs)
+            finally:
+                quiet[0] = False
+            if channels_last:
+                module.to(memory_format=torch.channels_last)
+            return
         done.add(name)
         applied = []
         zeroed: list[np.ndarray] = []  # columns of reselected groups' dropped channels
@@ -640,7 +837,23 @@ def sequential_correct(
             run,
             functools.partial(call_model, original),
         )
-    _run_lockstep(model, run, list(per_module), fold, runner, run_masks, quiet)
+    reading: list[str] = []
+    if readers is not None and reader_outputs is not None:
+        reading = [n for n in reader_outputs if n in modules and n not in per_module]
+    elif readers is not None:
+        if original is None:
+            raise ValueError("readers= needs the original model (original=) or reader_outputs=")
+        consumers = {s.module for gi in keep for s in analysis.groups[gi].consumers}
+        found_in = dict(original.named_modules())
+        candidates = reader_candidates(found_in.items(), consumers)
+        on_original = functools.partial(call_model, original)
+        reading = team.broadcast(
+            find_readers(candidates, on_original, run[0], fit, readers.skipped)
+        )
+    reading = [n for n in reading if within is None or within(n)]
+    reader_set = set(reading)
+    names = list(per_module) + [n for n in reading if n not in per_module]
+    _run_lockstep(model, run, names, fold, runner, run_masks, quiet)
     missing = sorted(set(per_module) - done)
     if missing:
         raise RuntimeError(

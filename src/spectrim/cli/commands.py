@@ -294,6 +294,7 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         sequential_fraction=args.sequential_fraction,
         sequential_select=args.sequential_select,
         sequential_fit=args.sequential_fit,
+        refit_readers=args.refit_readers,
         on_unreachable=args.on_unreachable,
         max_error=args.max_error,
         stats_memory=args.stats_memory,

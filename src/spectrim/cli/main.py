@@ -476,6 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
         "when a pruned group feeds a convolution, else inputs",
     )
     p.add_argument(
+        "--refit-readers",
+        action="store_true",
+        help="also refit, in the sequential pass, the layers whose input drifted but that "
+        "read no pruned channels (a residual block's first convolution) on their own "
+        "original outputs",
+    )
+    p.add_argument(
         "--device",
         metavar="DEV",
         help="run the forward passes and the statistics on DEV ('cuda', 'cuda:1'; default: "
