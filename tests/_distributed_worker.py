@@ -1,10 +1,12 @@
 """One process of a data-parallel compression, for tests/test_distributed.py.
 
-``python tests/_distributed_worker.py SCENARIO RANK WORLD INIT_FILE OUT_DIR``: joins a gloo
+``python tests/_distributed_worker.py SCENARIOS RANK WORLD INIT_FILE OUT_DIR``: joins a gloo
 process group of ``WORLD`` processes through ``INIT_FILE`` (no group when ``WORLD`` is 1),
-runs ``spectrim.compress`` on the pretrained CIFAR-10 ResNet-20 and 128 CIFAR-10 images,
-and writes ``OUT_DIR/rank{RANK}.pt`` (the state_dict and the report) or
-``OUT_DIR/rank{RANK}.err`` (the exception's type and message).
+and for each of the comma-separated ``SCENARIOS`` in turn runs ``spectrim.compress`` (on
+the pretrained CIFAR-10 ResNet-20 and 128 CIFAR-10 images unless the scenario says
+otherwise) and writes ``OUT_DIR/{SCENARIO}-rank{RANK}.pt`` (the state_dict and the report)
+or ``OUT_DIR/{SCENARIO}-rank{RANK}.err`` (the exception's type and message).  One process
+runs them all: the imports and the process group are paid for once.
 """
 
 from __future__ import annotations
@@ -105,15 +107,9 @@ class FailOnRank1(nn.Module):
         return self.net(x)
 
 
-def main() -> None:
-    scenario, rank, world, init, out = sys.argv[1:6]
-    rank_i, world_i = int(rank), int(world)
-    torch.set_num_threads(1)
+def _run(scenario: str, rank: str, path: Path) -> None:
+    """One scenario on this rank: its result or its error, written under ``path``."""
     torch.manual_seed(0)
-    if world_i > 1:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init}", rank=rank_i, world_size=world_i
-        )
     batches: list
     if scenario.startswith("heads"):
         model, batches = _bert()
@@ -131,21 +127,37 @@ def main() -> None:
         model = load_pretrained("resnet20-cifar10").eval()
     if scenario == "fail":
         model = FailOnRank1(model)
-    if scenario == "sketch":
-        from spectrim.calibration import sketch
+    from spectrim.calibration import sketch
 
+    saved = sketch.SKETCH_FROM, sketch.MIN_SKETCH_ROWS
+    if scenario == "sketch":
         sketch.SKETCH_FROM, sketch.MIN_SKETCH_ROWS = 32, 4
-    path = Path(out)
     try:
         small, report = spectrim.compress(model, batches, **SCENARIOS[scenario])  # type: ignore[arg-type]
         if scenario.startswith(("heads", "hidden")):  # it still runs through its own code
             small(**batches[0])
     except Exception as exc:
-        (path / f"rank{rank}.err").write_text(f"{type(exc).__name__}: {exc}")
+        (path / f"{scenario}-rank{rank}.err").write_text(f"{type(exc).__name__}: {exc}")
     else:
         torch.save(
-            {"state": small.state_dict(), "report": report.to_dict()}, path / f"rank{rank}.pt"
+            {"state": small.state_dict(), "report": report.to_dict()},
+            path / f"{scenario}-rank{rank}.pt",
         )
+    finally:
+        sketch.SKETCH_FROM, sketch.MIN_SKETCH_ROWS = saved
+
+
+def main() -> None:
+    scenarios, rank, world, init, out = sys.argv[1:6]
+    world_i = int(world)
+    torch.set_num_threads(1)
+    if world_i > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init}", rank=int(rank), world_size=world_i
+        )
+    try:
+        for scenario in scenarios.split(","):
+            _run(scenario, rank, Path(out))
     finally:
         if world_i > 1:
             dist.destroy_process_group()

@@ -22,15 +22,20 @@ from spectrim.distributed import SOLO, DistributedError, Team
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 
 
-def _launch(scenario: str, world: int, tmp: Path, timeout: float = 240) -> list[Any]:
-    """Run ``world`` worker processes; each rank's result dict, or its error text."""
-    out = tmp / f"{scenario}-{world}"
+def _launch(
+    scenarios: list[str], world: int, tmp: Path, timeout: float = 240
+) -> dict[str, list[Any]]:
+    """Run ``world`` worker processes through ``scenarios`` in turn; per scenario, each
+    rank's result dict or its error text."""
+    name = "+".join(scenarios)
+    out = tmp / f"{name}-{world}"
     out.mkdir()
-    init = tmp / f"init-{scenario}-{world}"
+    init = tmp / f"init-{name}-{world}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(WORKER), ",".join(scenarios)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(r), str(world), str(init), str(out)],
+            [*cmd, str(r), str(world), str(init), str(out)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -44,15 +49,16 @@ def _launch(scenario: str, world: int, tmp: Path, timeout: float = 240) -> list[
     finally:
         for p in procs:
             p.kill()
-    results: list[Any] = []
-    for r in range(world):
-        err = out / f"rank{r}.err"
-        if err.exists():
-            results.append(err.read_text())
-        elif (out / f"rank{r}.pt").exists():
-            results.append(torch.load(out / f"rank{r}.pt", weights_only=False))
-        else:
-            raise AssertionError(f"rank {r} wrote nothing:\n{logs[r][-3000:]}")
+    results: dict[str, list[Any]] = {}
+    for scenario in scenarios:
+        for r in range(world):
+            err, pt = out / f"{scenario}-rank{r}.err", out / f"{scenario}-rank{r}.pt"
+            if err.exists():
+                results.setdefault(scenario, []).append(err.read_text())
+            elif pt.exists():
+                results.setdefault(scenario, []).append(torch.load(pt, weights_only=False))
+            else:
+                raise AssertionError(f"rank {r} wrote nothing for {scenario}:\n{logs[r][-3000:]}")
     return results
 
 
@@ -74,17 +80,39 @@ SCENARIOS = (
 ).split()
 
 
+def _needs(scenario: str) -> str | None:
+    """The optional package a scenario needs, if it is missing."""
+    import importlib.util
+
+    need = (
+        "transformers"
+        if scenario.startswith(("heads", "hidden"))
+        else "torchvision"
+        if scenario.startswith("blocks-")
+        else None
+    )
+    return need if need is not None and importlib.util.find_spec(need) is None else None
+
+
+@pytest.fixture(scope="module")
+def launched(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every scenario, run by one process and by two (one launch each, all scenarios in
+    turn: a process pays for its imports and its process group once)."""
+    runnable = [s for s in SCENARIOS if _needs(s) is None]
+    tmp = tmp_path_factory.mktemp("distributed")
+    one = _launch(runnable, 1, tmp, timeout=900)
+    two = _launch(runnable, 2, tmp, timeout=900)
+    return {s: (one[s][0], two[s]) for s in runnable}
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path) -> None:
+def test_two_processes_equal_one(scenario: str, launched: dict[str, Any]) -> None:
     """Two gloo processes, each with half the batches, keep the same channels or heads
     (every shape equal) or the same non-zeros, with weights equal to 1e-10, as one process
     with all."""
-    if scenario.startswith(("heads", "hidden")):
-        pytest.importorskip("transformers")
-    if scenario in ("blocks-span", "blocks-stats"):
-        pytest.importorskip("torchvision")
-    (one,) = _launch(scenario, 1, tmp_path)
-    two = _launch(scenario, 2, tmp_path)
+    if _needs(scenario):
+        pytest.skip(f"{scenario} needs {_needs(scenario)}")
+    one, two = launched[scenario]
     assert isinstance(one, dict), one
     assert all(isinstance(r, dict) for r in two), two
     for rank in two:
@@ -142,7 +170,7 @@ def test_two_processes_equal_one(scenario: str, data_root: Path, tmp_path: Path)
 def test_failure_on_one_rank_fails_both(data_root: Path, tmp_path: Path) -> None:
     """A failure inside rank 1's forward pass reaches rank 0 as a DistributedError with
     rank 1's message (no hang: the launch has a timeout)."""
-    r0, r1 = _launch("fail", 2, tmp_path, timeout=120)
+    r0, r1 = _launch(["fail"], 2, tmp_path, timeout=120)["fail"]
     assert r1 == "ValueError: a planted failure on rank 1"
     assert r0.startswith("DistributedError") and "rank 1" in r0 and "planted failure" in r0
 

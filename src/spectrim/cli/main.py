@@ -79,6 +79,11 @@ Examples:
   spectrim compress --model resnet56-cifar10 --data cifar10 --method spectral \
       --target macs=0.5 --sequential-fit residual --out small/
 
+  # ... and the layers that read the drifted stream (each block's first conv, the
+  # classifier) refitted too, on all 1000 calibration images (ResNet-20: 85.8%, dense 91.5%)
+  spectrim compress --model resnet20-cifar10 --data cifar10 --calib 1000 --method spectral \
+      --target macs=0.5 --refit-readers --sequential-fraction 1.0 --out small/
+
   # spectral pruning, output-aware selection, per-layer widths from N(lambda) at alpha
   spectrim compress --model resnet56-cifar10 --data cifar10 --method spectral \\
       --option theta=0.25 --target dof=1e-4 --json -
