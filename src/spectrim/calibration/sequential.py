@@ -628,7 +628,7 @@ def sequential_correct(
             got.append(out.detach())
             raise _Stop
 
-        hd = dict(original.named_modules())[name].register_forward_hook(stop)
+        hd = in_original[name].register_forward_hook(stop)
         try:
             call_model(original, run[j])
         except _Stop:
@@ -838,14 +838,15 @@ def sequential_correct(
             functools.partial(call_model, original),
         )
     reading: list[str] = []
+    in_original: dict[str, nn.Module] = {}  # the original's modules, where it gives the targets
     if readers is not None and reader_outputs is not None:
         reading = [n for n in reader_outputs if n in modules and n not in per_module]
     elif readers is not None:
         if original is None:
             raise ValueError("readers= needs the original model (original=) or reader_outputs=")
         consumers = {s.module for gi in keep for s in analysis.groups[gi].consumers}
-        found_in = dict(original.named_modules())
-        candidates = reader_candidates(found_in.items(), consumers)
+        in_original.update(original.named_modules())
+        candidates = reader_candidates(in_original.items(), consumers)
         on_original = functools.partial(call_model, original)
         reading = team.broadcast(
             find_readers(candidates, on_original, run[0], fit, readers.skipped)
