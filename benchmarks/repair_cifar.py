@@ -17,6 +17,8 @@ Variants:
   with and without the correction;
 * ``spectrim spectral macs=0.5 residual``: ``spectral`` at half the MACs with the
   residual-aware output fit (``sequential_fit="residual"``, the best no-fine-tuning start);
+* ``spectrim spectral macs=0.5 residual readers``: the same with ``refit_readers=True``,
+  every calibration image fitted (``sequential_fraction=1.0``), block by block;
 * ``tp l1 width=0.5``: Torch-Pruning's L1 filter norms on the same block-internal channels
   (its own graph breaks on the option-A shortcut; ``benchmarks/anchor_torch_pruning.py``),
   installed with ``pip install torch-pruning==1.6.1``.
@@ -62,6 +64,18 @@ def _variants(model: nn.Module, calib: torch.Tensor, which: list[str]) -> dict[s
         "spectrim l1 width=0.5": lambda: compress(model, calib, "l1", "width=0.5")[0],
         "spectrim spectral macs=0.5 residual": lambda: compress(
             model, calib, "spectral", "macs=0.5", sequential_fit="residual"
+        )[0],
+        # the readers refitted too, every calibration image fitted, block by block (stop 38's
+        # best no-fine-tuning ResNet-20 start)
+        "spectrim spectral macs=0.5 residual readers": lambda: compress(
+            model,
+            calib,
+            "spectral",
+            "macs=0.5",
+            sequential_fit="residual",
+            refit_readers=True,
+            sequential_fraction=1.0,
+            blockwise=True,
         )[0],
         # the allocation search's model (benchmarks/search.py): 2 rounds, about 10 minutes
         "spectrim spectral macs=0.5 residual search=2": lambda: compress(

@@ -914,6 +914,7 @@ def apply_stage(state: ChannelRun) -> None:
                 block_cache=state.cfg.block_cache,
                 readers=readers,
             )
+            state.report.blocks += readers.extra_blocks if readers is not None else 0
         else:
             folds, state.seq_errors, keep = sequential_correct(
                 state.work,

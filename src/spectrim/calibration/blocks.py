@@ -517,6 +517,7 @@ def blockwise_correct(
             plan = dataclasses.replace(
                 plan, blocks=[*plan.blocks, [SUFFIX]], groups=[*plan.groups, []]
             )
+            readers.extra_blocks += 1
 
     with Spill(block_cache) as spill:
         return _blocks(

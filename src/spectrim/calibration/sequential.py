@@ -146,10 +146,13 @@ class ReaderFits:
         errors: per reader refitted, the relative error of its output to the original's
             on the fitted rows, ``(before, after)`` its fit.
         skipped: per reader left as it was, why.
+        extra_blocks: blocks a block-by-block pass ran for the readers alone (the modules
+            after the chain, when no pruned group reaches them).
     """
 
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    extra_blocks: int = 0
 
 
 def reader_candidates(
@@ -650,8 +653,17 @@ def sequential_correct(
         idx = None
         if name in analysis.out_labels:  # a producer: its kept output channels
             idx = torch.as_tensor(gather_index(analysis.out_labels[name], dropped, {}))
+        assert readers is not None
+        # the rows floor first: below it, neither the original's targets nor the Gram are built
+        rows = int(team.total(sum(rows_of(module, x) for x in xs) if contributes else 0))
+        if rows < MIN_ROWS_PER_UNKNOWN * cols:
+            readers.skipped[name] = (
+                f"{rows} calibration rows for {cols} unknowns per output (fewer than "
+                f"{MIN_ROWS_PER_UNKNOWN} per unknown)"
+            )
+            return
         acc = GramAccumulator(cols, cross_dim=int(weight.shape[0]), exact=False, sums=False)
-        rows, drift, energy = 0, 0.0, 0.0
+        drift, energy = 0.0, 0.0
         for j, x in enumerate(xs if contributes else []):
             y = reader_target(name, module, j)
             if idx is not None:
@@ -670,19 +682,11 @@ def sequential_correct(
                 a = consumer_rows(module, x_p)
                 if bias is not None:
                     a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-                rows += int(a.shape[0])
                 acc.update(a, target)
-        rows, drift, energy = int(team.total(rows)), team.total(drift), team.total(energy)
-        assert readers is not None
+        drift, energy = team.total(drift), team.total(energy)
         before = float(np.sqrt(drift / energy)) if energy > 0 else 0.0
         if before < READER_DRIFT:
             readers.skipped[name] = "its input did not drift"
-            return
-        if rows < MIN_ROWS_PER_UNKNOWN * cols:
-            readers.skipped[name] = (
-                f"{rows} calibration rows for {cols} unknowns per output (fewer than "
-                f"{MIN_ROWS_PER_UNKNOWN} per unknown)"
-            )
             return
         team.reduce({0: acc})
         g, cross = acc.gram_numpy(), acc.cross_numpy()
