@@ -409,6 +409,30 @@ def test_compress_unlabelled_image_folder(
     assert data["macs_after"] < data["macs_before"]
 
 
+def test_an_eval_split_alone_is_cut_like_one_set(tmp_path: Path) -> None:
+    """A folder with only ``test/`` calibrates on its first examples and evaluates on the
+    rest, not on all of them (the calibration examples were scored too)."""
+    from argparse import Namespace
+
+    import numpy as np
+    from PIL import Image
+
+    from spectrim.cli._common import load_data
+
+    (tmp_path / "test").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        img = rng.integers(0, 256, size=(5, 5), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "test" / f"{i:02d}.png")
+    args = Namespace(seed=0, file_order=False, grayscale=True)
+    cut = load_data(str(tmp_path), 8, None, args)
+    assert cut.calib is not None and cut.shared and "eval split" in cut.note
+    calib, rest = cut.calib.tensors[0], cut.eval.tensors[0]
+    assert len(calib) == 8 and len(rest) == 4
+    every = load_data(str(tmp_path), None, None, args).eval.tensors[0]
+    assert torch.equal(torch.cat([calib, rest]), every)  # disjoint, the same order
+
+
 def test_compress_one_shot_and_fraction_flags(
     model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

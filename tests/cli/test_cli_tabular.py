@@ -105,3 +105,37 @@ def test_one_sorted_file_is_cut_into_uniform_samples(housing: dict[str, Path]) -
     assert span(drawn.calib.tensors[0]) > 0.9 * span(whole)  # type: ignore[union-attr]
     other = load_data(str(housing["csv"]), 200, None, Namespace(seed=1, file_order=False))
     assert not torch.equal(other.calib.tensors[0], drawn.calib.tensors[0])  # type: ignore[union-attr]
+
+
+def test_eval_leaves_out_the_rows_that_calibrated_the_model(
+    housing: dict[str, Path], tmp_path: Path
+) -> None:
+    """``eval`` of a compressed folder on the file it was calibrated on scores the rows
+    ``compress`` held out, in the compression's order even under ``--file-order``; a changed
+    file or ``--include-calibration`` scores every row."""
+    out_dir, report = tmp_path / "small", tmp_path / "r.json"
+    data = tmp_path / "housing.csv"
+    data.write_bytes(housing["csv"].read_bytes())
+    argv = ["compress", "--model", str(housing["model"]), "--data", str(data), "--calib",
+            "800", "--target", "width=0.5", "--out", str(out_dir), "--json", str(report),
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    compressed = json.loads(report.read_text())
+
+    def evaluate(*flags: str) -> dict:
+        got = tmp_path / "e.json"
+        argv = ["eval", "--model", str(out_dir), "--data", str(data), "--json", str(got)]
+        assert main([*argv, "--quiet", *flags]) == 0
+        return json.loads(got.read_text())
+
+    for flags in ([], ["--file-order"]):
+        held_out = evaluate(*flags)
+        assert held_out["n"] == 400 and held_out["calibration_left_out"] == 800
+        rel = held_out["fidelity"]["rel_l2"]
+        assert rel == pytest.approx(compressed["fidelity"]["rel_l2"], rel=1e-6)
+    everything = evaluate("--include-calibration")
+    assert everything["n"] == 1200 and everything["calibration_left_out"] == 0
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([*lines[:-1], lines[1]]) + "\n")  # the same length, changed
+    changed = evaluate()
+    assert changed["n"] == 1200 and changed["calibration_left_out"] == 0

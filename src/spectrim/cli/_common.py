@@ -281,6 +281,9 @@ class DataSplits:
     eval: TensorDataset
     note: str = ""
     order: str = "the dataset's splits"
+    shared: bool = False
+    """whether calibration and evaluation were cut from one set, the evaluation after the
+    calibration examples (``eval`` on the same data then skips them too)"""
 
 
 def subset(ds: TensorDataset, start: int, stop: int | None) -> TensorDataset:
@@ -338,16 +341,16 @@ def load_data(
         options["size"] = getattr(args, "image_size", None)
 
     calib_dir, eval_dir = _split_dirs(p) if p.is_dir() else (None, None)
-    if eval_dir is not None:
+    if eval_dir is not None and (calib_dir is not None or calib is None):
         eval_set = load_image_folder(eval_dir, limit=eval_limit, **options)
         calib_set = None
-        if calib is not None:
-            source = calib_dir if calib_dir is not None else eval_dir
-            calib_set = load_image_folder(source, limit=calib, **options)
-        note = "" if calib_dir is not None or calib is None else "calibrating on the eval split"
-        return DataSplits(str(p), calib_set, eval_set, note, data_order(eval_set, args))
+        if calib is not None and calib_dir is not None:
+            calib_set = load_image_folder(calib_dir, limit=calib, **options)
+        return DataSplits(str(p), calib_set, eval_set, "", data_order(eval_set, args))
 
-    whole: TensorDataset = load_image_folder(p, **options)
+    # one set (an eval split alone calibrates too): the first ``calib`` examples
+    # calibrate and the evaluation takes the ones after them
+    whole: TensorDataset = load_image_folder(eval_dir or p, **options)
     n = len(whole)
     order = data_order(whole, args)
     if calib is None:
@@ -355,11 +358,11 @@ def load_data(
     calib_set = subset(whole, 0, min(calib, n))
     stop = None if eval_limit is None else calib + eval_limit
     eval_set = subset(whole, calib, stop)
-    note = ""
+    note = "" if eval_dir is None else "calibrating on the eval split's first examples"
     if len(eval_set) == 0:
         eval_set = subset(whole, 0, eval_limit)
         note = "no examples left after calibration: evaluating on the calibration data"
-    return DataSplits(str(p), calib_set, eval_set, note, order)
+    return DataSplits(str(p), calib_set, eval_set, note, order, shared=True)
 
 
 def data_seed(args: argparse.Namespace) -> int | None:

@@ -17,6 +17,7 @@ from spectrim.cli._common import (
     check_json_dest,
     check_model_spec,
     check_out_dir,
+    data_seed,
     draw_texts,
     eval_batches,
     human_stream,
@@ -35,6 +36,78 @@ __all__ = [
     "run_eval",
     "run_list",
 ]
+
+
+#: the entry of a compressed folder's ``report.json`` that says which examples of ``--data``
+#: calibrated it, so ``eval`` on the same data leaves them out
+CALIBRATION_KEY = "calibration_data"
+
+
+def _calibration_record(
+    spec: str, args: argparse.Namespace, first: int, columns: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """What ``eval`` needs to leave out the examples that calibrated a saved model: the
+    data (its resolved path; a file's sha256), how its examples were ordered (the seed,
+    ``None``: file order; the text columns) and how many of the first ones the model saw
+    (0 when the evaluation came from a split of its own)."""
+    from spectrim._files import sha256_file
+
+    p = Path(spec).expanduser()
+    return {
+        "data": str(p.resolve()) if p.exists() else spec,
+        "sha256": sha256_file(p) if p.is_file() else None,
+        "seed": data_seed(args),
+        "columns": list(columns) if columns is not None else None,
+        "first": int(first),
+    }
+
+
+def _left_out(
+    args: argparse.Namespace, resolved: Any, columns: Sequence[str] | None = None
+) -> tuple[int, str]:
+    """How many of ``--data``'s first examples ``eval`` leaves out, and a note saying why:
+    those that calibrated a compressed folder, when ``--data`` is the data it was
+    calibrated on (same file, same contents, same columns).  ``args`` takes the
+    compression's order (its seed) so the same examples come first."""
+    import json
+
+    from spectrim._files import sha256_file
+    from spectrim.io import REPORT_FILE
+
+    if resolved.kind != "compressed" or resolved.folder is None or args.include_calibration:
+        return 0, ""
+    try:
+        record = json.loads((resolved.folder / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0, ""
+    record = record.get(CALIBRATION_KEY) if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not record.get("first"):
+        return 0, ""
+    p = Path(args.data).expanduser()
+    if (str(p.resolve()) if p.exists() else args.data) != record.get("data"):
+        return 0, ""
+    first = int(record["first"])
+    if p.is_file() and record.get("sha256") not in (None, sha256_file(p)):
+        return 0, (
+            f"{args.data} changed since the model was compressed: its {first} calibration "
+            "examples cannot be told apart, so they are evaluated too"
+        )
+    if columns is not None and record.get("columns") not in (None, list(columns)):
+        return 0, (
+            f"the model was calibrated on column(s) {', '.join(record['columns'])} of "
+            f"{args.data}, not {', '.join(columns)}: nothing left out"
+        )
+    seed = record.get("seed")
+    reordered = ""
+    if seed != data_seed(args):
+        args.seed, args.file_order = (seed or 0), seed is None
+        reordered = " (in the compression's order: " + (
+            "file order)" if seed is None else f"seed {seed})"
+        )
+    return first, (
+        f"leaving out the first {first} examples of {args.data}{reordered}: they calibrated "
+        "this model (--include-calibration keeps them)"
+    )
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -165,10 +238,12 @@ def _run_compress(args: argparse.Namespace) -> int:
 
             if (resolved.folder / ORIGINAL_FILE).is_file():  # compressing a compressed model
                 original = resolved.folder / ORIGINAL_FILE
+        first = len(calib_x) if data.shared else 0
+        record = _calibration_record(args.data, args, first)
         saved = save_compressed(
             small,
             args.out,
-            report,
+            {**report.to_dict(), CALIBRATION_KEY: record},
             arch=resolved.arch if original is None else None,
             overwrite=args.overwrite,
             original_file=original,
@@ -354,7 +429,10 @@ def _text_rows(args: argparse.Namespace) -> tuple[Any, list[str], str]:
     from spectrim.calibration.text import read_text_column
 
     try:
-        found = read_text_column(Path(args.data), column=_text_columns(args.text_column))
+        header = {"auto": None, "yes": True, "no": False}[getattr(args, "text_header", "auto")]
+        found = read_text_column(
+            Path(args.data), column=_text_columns(args.text_column), header=header
+        )
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(f"--data: {exc}") from None
     texts, order = draw_texts(found.texts, args)
@@ -439,8 +517,14 @@ def _compress_text(
         latency["device"] = "cpu"
     saved = None
     if args.out is not None:
+        first = len(calib_texts) + len(search_texts)
+        record = _calibration_record(args.data, args, first, found.columns)
         saved = save_compressed(
-            small, args.out, report, arch=resolved.arch, overwrite=args.overwrite
+            small,
+            args.out,
+            {**report.to_dict(), CALIBRATION_KEY: record},
+            arch=resolved.arch,
+            overwrite=args.overwrite,
         )
     summary: dict[str, Any] = {
         "model": resolved.label,
@@ -548,13 +632,21 @@ def run_eval(args: argparse.Namespace) -> int:
     check_json_dest(args.json)
     if _text_data(args.data, args.model, kind):
         return _eval_text(args, out)
-    data = load_data(args.data, None, args.limit, args)
+    trust = args.trust_pickle
+    # a compressed folder rebuilds without example inputs, and may say which examples of
+    # --data calibrated it: the evaluation leaves those out
+    folder = resolve_model(args.model, trust_pickle=trust) if kind == "compressed" else None
+    skip, note = _left_out(args, folder) if folder is not None else (0, "")
+    data = load_data(args.data, skip or None, args.limit, args)
     if len(data.eval) == 0:
         raise CLIError(f"--data {args.data!r}: no evaluation examples")
     example = data.eval.tensors[0][:4]
-    trust = args.trust_pickle
-    resolved = resolve_model(args.model, example_inputs=example, trust_pickle=trust)
+    resolved = folder or resolve_model(args.model, example_inputs=example, trust_pickle=trust)
     model = resolved.model.eval()
+    if data.note:  # every example calibrated: evaluated all the same
+        skip, note = 0, data.note
+    if note and not args.quiet:
+        print(f"note: {note}", file=out)
 
     reference = None
     reference_label = None
@@ -578,6 +670,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "model": resolved.label,
         "data": data.name,
         "n": result.n,
+        "calibration_left_out": skip,
         "accuracy": result.accuracy,
         "params": cost.params,
         "macs": cost.macs,
@@ -639,8 +732,15 @@ def _eval_text(args: argparse.Namespace, out: Any) -> int:
     trust = args.trust_pickle
     resolved = resolve_model(args.model, trust_pickle=trust)
     tok = resolved.tokenizer or _tokenizer_of(resolved)
+    found = _text_rows(args)[0]
+    skip, note = _left_out(args, resolved, found.columns)  # may take the compression's seed
     # drawn from --seed: a --limit is a uniform sample, not the file's first (sorted) texts
-    texts = _text_rows(args)[1][: args.limit]
+    texts = draw_texts(found.texts, args)[0]
+    if skip and len(texts) <= skip:
+        skip, note = 0, "every text calibrated this model: evaluating on them all the same"
+    texts = texts[skip:][: args.limit]
+    if note and not args.quiet:
+        print(f"note: {note}", file=out)
     batches = text_batches(texts, tok, 32, args.max_length)
     reference, reference_label = None, None
     if args.reference is not None:
@@ -657,6 +757,7 @@ def _eval_text(args: argparse.Namespace, out: Any) -> int:
         "model": resolved.label,
         "data": args.data,
         "n": len(texts),
+        "calibration_left_out": skip,
         "params": cost.params,
         "macs": cost.macs,
         "reference": reference_label,

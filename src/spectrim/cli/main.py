@@ -173,7 +173,8 @@ Examples:
   spectrim eval --model my_small.pt --reference my_model.pt --data cifar10 --limit 500 --json -
 
   # a compressed Hugging Face model on a text file: the cosine of its mean-pooled outputs
-  # to the original folder's (found where it was when compressed)
+  # to the original folder's (found where it was when compressed); on the file it was
+  # calibrated on, its calibration texts are left out (--include-calibration keeps them)
   spectrim eval --model minilm-small/ --data sentences.txt --limit 1000
 """
 
@@ -279,6 +280,7 @@ def _text_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "(each row gives one text per column: sentence pairs, e.g. 5,6); default: a column "
         "named 'text', else the one with the longest texts (the output says which)",
     )
+    _header_option(text)
     text.add_argument(
         "--max-length",
         type=positive_int,
@@ -295,6 +297,16 @@ def _text_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "default: 32)",
     )
     return text
+
+
+def _header_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--text-header",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="whether a CSV/TSV file's first row names its columns (default: auto, yes "
+        "unless one of its fields is a number; 'no' keeps a first row of plain sentences)",
+    )
 
 
 def _trust_option(parser: argparse.ArgumentParser) -> None:
@@ -644,6 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=positive_int, metavar="N", help="first N test examples (default: all)"
     )
     p.add_argument(
+        "--include-calibration",
+        action="store_true",
+        help="on the data a compressed folder was calibrated on, evaluate its calibration "
+        "examples too (default: they are left out, as 'compress' left them out)",
+    )
+    p.add_argument(
         "--latency", action="store_true", help="measure CPU latency against the reference"
     )
     p.add_argument(
@@ -651,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME|N[,...]",
         help="CSV column(s) / JSON field of texts (default: 'text', else the longest texts)",
     )
+    _header_option(p)
     p.add_argument(
         "--max-length", type=positive_int, default=128, metavar="N", help="tokens per text"
     )
@@ -696,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME|N[,...]",
         help="CSV column(s) / JSON field of texts (default: 'text', else the longest texts)",
     )
+    _header_option(p)
     p.add_argument(
         "--max-length", type=positive_int, default=128, metavar="N", help="tokens per text"
     )
