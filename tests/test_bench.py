@@ -43,6 +43,7 @@ def test_every_benchmark_declares_a_smoke_run_and_an_out_file() -> None:
     assert "_results" not in FOUND  # helpers are not benchmarks
 
 
+@pytest.mark.benchmark  # about 5 minutes in all: CI runs them (-m "not slow"), plain pytest not
 @pytest.mark.parametrize("name", sorted(FOUND))
 def test_smoke_run(name: str, tmp_path: Path) -> None:
     for module in NEEDS.get(name, []):
