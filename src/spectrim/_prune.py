@@ -343,7 +343,10 @@ def collect_stage(state: ChannelRun) -> None:
         share = cfg.sequential_fraction if state.sequential else 0.0
         sketch_rows = _sketch_plan(state)
         asked = cfg.blockwise or cfg.block_cache is not None or cfg.block_statistics
-        if state.sequential and (asked or (cfg.blockwise is None and state.fit == "residual")):
+        # by default block by block where it saves side passes: the residual fit's, and the
+        # readers' targets (the whole-model pass runs the original up to each reader)
+        saves = state.fit == "residual" or cfg.refit_readers
+        if state.sequential and (asked or (cfg.blockwise is None and saves)):
             state.chain = _chain(state, quiet=not asked)
         if state.chain and cfg.block_statistics:
             _collect_by_blocks(state, share, sketch_rows)

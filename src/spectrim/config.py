@@ -261,10 +261,11 @@ class CompressConfig:
             same fits).  ``True``: models with no chain of blocks spectrim finds, or a
             pruned group that reaches elsewhere outside it, or ``heads``/``hidden`` on the
             budget, get the whole-model pass and a warning.  ``None`` (default): block by
-            block where the residual fit runs (``sequential_fit``) and the chain holds
-            every group, silently the whole-model pass otherwise (torchvision ResNet-50:
-            34 s against 68 s, ``benchmarks/default_fit.py``).  ``False``: the
-            whole-model pass.
+            block where the residual fit runs (``sequential_fit``) or ``refit_readers``
+            is set, and the chain holds every group, silently the whole-model pass
+            otherwise (torchvision ResNet-50: 34 s against 68 s,
+            ``benchmarks/default_fit.py``; all-MiniLM-L6-v2 with its readers refitted:
+            30 s against 72 s).  ``False``: the whole-model pass.
         block_cache: a folder where the block-by-block pass keeps each block's inputs
             and outputs between blocks (a private subfolder, deleted at the end) instead
             of in memory: the pass then holds one block's activations, not two or four

@@ -527,6 +527,16 @@ def test_refit_readers_block_by_block_equals_the_whole_model_pass() -> None:
     block, r2 = spectrim.compress(net, list(x.split(32)), "id", "macs=0.6", blockwise=True, **kw)
     # the two residual blocks, and the head's block of its own
     assert r2.blocks == 3 and not any("blockwise" in w for w in r2.warnings), r2.warnings
+    # with blockwise unset the readers ask for the block pass, under the inputs fit too
+    kw_in = {**kw, "sequential_fit": "inputs"}
+    _, r3 = spectrim.compress(net, list(x.split(32)), "id", "macs=0.6", **kw_in)
+    _, r4 = spectrim.compress(net, list(x.split(32)), "id", "macs=0.6", **kw_in, blockwise=False)
+    assert (r3.blocks, r4.blocks) == (3, 0) and r3.readers and r4.readers
+    assert (
+        sorted(r3.readers["refitted"])
+        == sorted(r4.readers["refitted"])
+        == ["blocks.1.c1", "blocks.1.proj", "head"]  # the projection too, under "inputs"
+    )
     assert r1.readers is not None and r2.readers is not None
     fits1, fits2 = r1.readers["refitted"], r2.readers["refitted"]
     assert sorted(fits1) == sorted(fits2) == ["blocks.1.c1", "head"]  # 96 rows for 9 unknowns
