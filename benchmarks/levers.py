@@ -12,7 +12,8 @@ lossless test images score), each against ``spectrim.compress`` as it is:
   multiplied by its measured effect on the logits: the relative change of the logits over
   256 calibration images when the group's consumer inputs get a random channel-mixing
   perturbation of ``--eta`` of their energy, divided by ``--eta`` (normalised to mean 1).
-  An experiment: it wraps the library's private curve stage, it is not an option.
+  The factors go to ``CompressConfig(group_weights=...)`` by group name (the library
+  measures no sensitivity itself: this lever is how to compute one).
 * ``outputs`` / ``residual``: ``CompressConfig(sequential_fit=...)``: each block
   consumer refitted by least squares on its own original outputs over its unfolded kept
   inputs (every kernel tap free) instead of the channel interpolation, and with
@@ -46,8 +47,6 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +57,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import spectrim
-import spectrim._prune as _prune
 from _results import save_result
 from spectrim.evaluation import evaluate
+from spectrim.graph import analyze_channels
 from spectrim.repair import recalibrate_batch_norm
 from spectrim.zoo import load_dataset, load_pretrained
 
@@ -68,18 +67,17 @@ from spectrim.zoo import load_dataset, load_pretrained
 SMOKE = ["--model", "resnet20-cifar10", "--methods", "id", "--targets", "macs=0.5", "--calib", "64", "--test", "64", "--probe", "32", "--fit", "residual", "--levers", "bn", "sensitivity", "select", "readers"]  # fmt: skip
 
 
-def sensitivities(
-    model: nn.Module, state: Any, probe: torch.Tensor, eta: float
-) -> dict[int, float]:
-    """Per channel group, relative squared logit change per relative squared perturbation
-    of its consumers' inputs (a random channel mixing of the inputs, seeded)."""
+def sensitivities(model: nn.Module, probe: torch.Tensor, eta: float) -> dict[str, float]:
+    """Per prunable channel group (by its name, as ``group_weights`` takes it), the
+    relative squared logit change per relative squared perturbation of its consumers'
+    inputs (a random channel mixing of the inputs, seeded), over the groups' mean."""
     modules = dict(model.named_modules())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         base = model(probe)
-    out: dict[int, float] = {}
-    for group in state.groups:
-        if group.index not in state.solvers:
+    out: dict[str, float] = {}
+    for group in analyze_channels(model, probe[:2]).groups:
+        if group.pinned:
             continue
         hooks = []
         for name in sorted({c.module for c in group.consumers}):
@@ -99,29 +97,9 @@ def sensitivities(
         finally:
             for h in hooks:
                 h.remove()
-        out[group.index] = float((moved - base).norm() ** 2 / base.norm() ** 2) / eta
-    return out
-
-
-@contextmanager
-def weighted_curves(model: nn.Module, probe: torch.Tensor, eta: float) -> Iterator[list[Any]]:
-    """Within the block, every channel run's curves are weighted by :func:`sensitivities`."""
-    original = _prune.solve_curves_stage
-    seen: list[Any] = []
-
-    def stage(state: Any) -> None:
-        original(state)
-        w = sensitivities(model, state, probe, eta)
-        mean = float(np.mean(list(w.values())))
-        for gi, value in w.items():
-            state.curves[gi] = state.curves[gi] * (value / mean)
-        seen.append({str(k): v / mean for k, v in sorted(w.items())})
-
-    _prune.solve_curves_stage = stage
-    try:
-        yield seen
-    finally:
-        _prune.solve_curves_stage = original
+        out[group.name] = float((moved - base).norm() ** 2 / base.norm() ** 2) / eta
+    mean = float(np.mean(list(out.values())))
+    return {name: value / mean for name, value in out.items()}
 
 
 def jpeg_scores(small: nn.Module, model: nn.Module, jpeg: Any) -> dict[str, Any]:
@@ -230,9 +208,11 @@ def main() -> None:
                 res = evaluate(small.eval(), test, reference=model)
                 row["bn"] = {"accuracy": res.accuracy, "agreement": res.agreement}
             if "sensitivity" in args.levers:
-                with weighted_curves(model, calib[: args.probe], args.eta) as weights:
-                    row["sensitivity"] = scored(model, calib, test, method, target, **run)
-                row["sensitivity"]["weights"] = weights[0] if weights else None
+                weights = sensitivities(model, calib[: args.probe], args.eta)
+                row["sensitivity"] = scored(
+                    model, calib, test, method, target, group_weights=weights, **run
+                )
+                row["sensitivity"]["weights"] = weights
             if "select" in args.levers:
                 row["select"] = scored(
                     model, calib, test, method, target, sequential_select=True, **run
