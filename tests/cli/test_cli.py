@@ -431,6 +431,38 @@ def test_an_eval_split_alone_is_cut_like_one_set(tmp_path: Path) -> None:
     assert len(calib) == 8 and len(rest) == 4
     every = load_data(str(tmp_path), None, None, args).eval.tensors[0]
     assert torch.equal(torch.cat([calib, rest]), every)  # disjoint, the same order
+    nothing_left = load_data(str(tmp_path), 12, None, args)
+    assert not nothing_left.shared and "no examples left" in nothing_left.note
+
+
+def test_eval_leaves_out_the_eval_splits_calibration_images(
+    model_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder with only ``test/``: ``eval`` of the compressed folder scores the 20
+    images ``compress`` scored, not the 40 it calibrated on as well."""
+    import numpy as np
+    from PIL import Image
+
+    from spectrim.zoo import load_dataset
+
+    x, _ = load_dataset("digits", "test", limit=60).tensors
+    (tmp_path / "images" / "test").mkdir(parents=True)
+    for i, img in enumerate(x[:, 0]):
+        pixels = (img.numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / "test" / f"{i:03d}.png")
+    data, out_dir = str(tmp_path / "images"), str(tmp_path / "small")
+    code, out, err = _run(capsys, "compress", "--model", str(model_files["pickle"]),
+                          "--trust-pickle", "--data", data, "--grayscale", "--calib", "40",
+                          "--target", "macs=0.6", "--out", out_dir, "--json", "-", "--quiet")  # fmt: skip
+    assert code == 0, err
+    compressed = json.loads(out)
+    code, out, err = _run(capsys, "eval", "--model", out_dir, "--trust-pickle", "--data", data,
+                          "--grayscale", "--json", "-", "--quiet")  # fmt: skip
+    assert code == 0, err
+    evaluated = json.loads(out)
+    assert compressed["eval_examples"] == evaluated["n"] == 20
+    assert evaluated["calibration_left_out"] == 40
+    assert evaluated["agreement"] == pytest.approx(compressed["agreement"])
 
 
 def test_compress_one_shot_and_fraction_flags(

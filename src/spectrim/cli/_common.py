@@ -282,8 +282,9 @@ class DataSplits:
     note: str = ""
     order: str = "the dataset's splits"
     shared: bool = False
-    """whether calibration and evaluation were cut from one set, the evaluation after the
-    calibration examples (``eval`` on the same data then skips them too)"""
+    """whether calibration and evaluation were cut from one set, the evaluation the
+    examples after the calibration ones (``eval`` on the same data then skips them too);
+    false where nothing was left after calibration and the evaluation took it instead"""
 
 
 def subset(ds: TensorDataset, start: int, stop: int | None) -> TensorDataset:
@@ -359,10 +360,11 @@ def load_data(
     stop = None if eval_limit is None else calib + eval_limit
     eval_set = subset(whole, calib, stop)
     note = "" if eval_dir is None else "calibrating on the eval split's first examples"
-    if len(eval_set) == 0:
+    shared = len(eval_set) > 0
+    if not shared:
         eval_set = subset(whole, 0, eval_limit)
         note = "no examples left after calibration: evaluating on the calibration data"
-    return DataSplits(str(p), calib_set, eval_set, note, order, shared=True)
+    return DataSplits(str(p), calib_set, eval_set, note, order, shared=shared)
 
 
 def data_seed(args: argparse.Namespace) -> int | None:

@@ -643,7 +643,7 @@ def run_eval(args: argparse.Namespace) -> int:
     example = data.eval.tensors[0][:4]
     resolved = folder or resolve_model(args.model, example_inputs=example, trust_pickle=trust)
     model = resolved.model.eval()
-    if data.note:  # every example calibrated: evaluated all the same
+    if skip and not data.shared:  # every example calibrated: evaluated all the same
         skip, note = 0, data.note
     if note and not args.quiet:
         print(f"note: {note}", file=out)
