@@ -423,18 +423,23 @@ def _text_columns(spec: str | None) -> str | list[str] | None:
     return [c.strip() for c in spec.split(",")]
 
 
-def _text_rows(args: argparse.Namespace) -> tuple[Any, list[str], str]:
-    """``--data`` as text: what was read (:class:`~spectrim.calibration.text.TextColumn`),
-    the texts in the order drawn from ``--seed`` (or the file's), and that order in words."""
+def _text_column(args: argparse.Namespace) -> Any:
+    """``--data`` as text, as read (:class:`~spectrim.calibration.text.TextColumn`)."""
     from spectrim.calibration.text import read_text_column
 
+    header = {"auto": None, "yes": True, "no": False}[getattr(args, "text_header", "auto")]
     try:
-        header = {"auto": None, "yes": True, "no": False}[getattr(args, "text_header", "auto")]
-        found = read_text_column(
+        return read_text_column(
             Path(args.data), column=_text_columns(args.text_column), header=header
         )
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(f"--data: {exc}") from None
+
+
+def _text_rows(args: argparse.Namespace) -> tuple[Any, list[str], str]:
+    """``--data`` as text: what was read (:func:`_text_column`), the texts in the order
+    drawn from ``--seed`` (or the file's), and that order in words."""
+    found = _text_column(args)
     texts, order = draw_texts(found.texts, args)
     return found, texts, order
 
@@ -732,7 +737,7 @@ def _eval_text(args: argparse.Namespace, out: Any) -> int:
     trust = args.trust_pickle
     resolved = resolve_model(args.model, trust_pickle=trust)
     tok = resolved.tokenizer or _tokenizer_of(resolved)
-    found = _text_rows(args)[0]
+    found = _text_column(args)
     skip, note = _left_out(args, resolved, found.columns)  # may take the compression's seed
     # drawn from --seed: a --limit is a uniform sample, not the file's first (sorted) texts
     texts = draw_texts(found.texts, args)[0]
