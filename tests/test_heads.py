@@ -124,6 +124,62 @@ def test_grouped_query_attention_keeps_query_heads_with_their_kv_head() -> None:
     assert out.shape == (1, 8)
 
 
+def _multi_query(family: str) -> nn.Module:
+    """A tiny causal LM with one KV head for its 6 query heads; query heads 4 and 5 copy
+    heads 1 and 2 (their outputs are the same), so 4 heads hold everything the 6 do."""
+    torch.manual_seed(0)
+    d = 8
+    if family == "llama":
+        cfg: Any = transformers.LlamaConfig(
+            vocab_size=80, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=1, intermediate_size=64,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        qs = [(layer.self_attn.q_proj.weight, None) for layer in model.model.layers]
+    else:
+        cfg = transformers.GPTBigCodeConfig(
+            vocab_size=80, n_embd=48, n_layer=2, n_head=6, multi_query=True
+        )
+        model = transformers.GPTBigCodeForCausalLM(cfg).eval()
+        qs = [(layer.attn.c_attn.weight, layer.attn.c_attn.bias) for layer in model.transformer.h]
+    with torch.no_grad():
+        for w, b in qs:
+            for dst, src in ((4, 1), (5, 2)):
+                for t in (w, b) if b is not None else (w,):
+                    t[dst * d : (dst + 1) * d] = t[src * d : (src + 1) * d]
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])
+def test_multi_query_attention_loses_query_heads_exactly(family: str, tmp_path: Any) -> None:
+    """One KV head (Falcon-, Gemma-2B-, StarCoder-style multi-query attention): the units
+    are the query heads, not the one KV group (which could only be kept whole).  With two
+    heads duplicated, keeping 4 of 6 loses nothing; the model generates, the modelled
+    costs are the profiler's, and it saves and reloads with its head counts."""
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    model = _multi_query(family)
+    batches = [{"input_ids": b["input_ids"]} for b in _batches()]
+    small, report = spectrim.compress(model, batches, "id", "heads=0.67", sequential=False)
+    assert [(b.heads, b.kv_heads) for b in find_attention(small)] == [(4, 1), (4, 1)]
+    test = {"input_ids": _batches(1, seed=5)[0]["input_ids"]}
+    with torch.no_grad():
+        want, got = model(**test).logits, small(**test).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    from spectrim.evaluation import profile
+
+    assert report.macs_ratio == pytest.approx(
+        profile(small, test).macs / profile(model, test).macs, rel=1e-6
+    )
+    out = small.generate(test["input_ids"][:1, :5], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", _multi_query(family))
+    assert [b.heads for b in find_attention(back)] == [4, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(back(**test).logits, got)
+
+
 def test_a_model_without_attention_is_named() -> None:
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match="no attention layer in Sequential"):
@@ -210,16 +266,25 @@ def test_heads_and_channels_on_one_macs_budget() -> None:
         assert torch.isfinite(small(**_batches(1, seed=4)[0]).last_hidden_state).all()
 
 
-def test_the_cost_model_counts_what_a_head_costs() -> None:
+@pytest.mark.parametrize("family", ["bert", "llama-mqa", "gpt_bigcode-mqa"])
+def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
     """Removing one head of one layer: the modelled MACs and parameters equal the
-    profiler's on the pruned model."""
+    profiler's on the pruned model (under multi-query attention: a query head's rows and
+    columns, the shared key and value kept)."""
     from spectrim._prune import HEAD_KEY, head_axes
     from spectrim.budget import CostModel
     from spectrim.evaluation import profile
     from spectrim.graph import analyze_channels
 
-    model, batch = _bert(layers=1), _batches(1)[0]
-    example = {k: v[:2] for k, v in batch.items()}
+    batch = _batches(1)[0]
+    if family == "bert":
+        model = _bert(layers=1)
+        example = {k: v[:2] for k, v in batch.items()}
+    else:
+        full = _multi_query(family.removesuffix("-mqa"))
+        layers = full.model.layers if hasattr(full, "model") else full.transformer.h
+        del layers[1:]
+        model, example = full, {"input_ids": batch["input_ids"][:2]}
     cost0 = profile(model, example)
     cm = CostModel(model, analyze_channels(model, example), cost0.per_module,
                    other_macs=cost0.macs - sum(cost0.per_module.values()))  # fmt: skip

@@ -631,14 +631,14 @@ def head_axes(model: nn.Module, block: AttentionBlock) -> dict[str, tuple[str, i
     """What one unit of an attention layer costs (:meth:`CostModel.add_unit_axes`): its
     rows of q, k and v, its columns of the output projection, its share of the attention
     products (counted at the module that holds the projections)."""
-    d, r = block.head_dim, block.group_size
+    d, r = block.head_dim, block.unit_heads
     modules = dict(model.named_modules())
     axes: dict[str, tuple[str, int, int]] = {}
     for proj in block.projections:
         kind = module_kind(modules[proj.module])
         assert kind is not None
         length = int(modules[proj.module].weight.shape[kind.weight_dims[0]])
-        per = (r if proj.role == "q" else 1) * d
+        per = block.role_rows(proj.role)  # 0 for a shared KV head (multi-query)
         _, _, old = axes.get(proj.module, ("out", length, 0))
         axes[proj.module] = ("out", length, old + per)  # a fused qkv adds its three parts
     axes[block.out] = ("in", block.heads * d, r * d)

@@ -8,6 +8,7 @@ projection.  Checked on tiny random-weight configs of every family the finders c
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,6 +43,17 @@ def _tiny(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         model = transformers.LlamaForCausalLM(
             transformers.LlamaConfig(intermediate_size=48, num_key_value_heads=2, **common)
         )
+    elif family == "llama-mqa":  # one KV head: the units are the query heads
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(intermediate_size=48, num_key_value_heads=1, **common)
+        )
+    elif family in ("bigcode", "bigcode-mqa"):  # interleaved heads / one KV head
+        model = transformers.GPTBigCodeForCausalLM(
+            transformers.GPTBigCodeConfig(
+                vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                multi_query=family == "bigcode-mqa",
+            )
+        )  # fmt: skip
     elif family == "opt":
         model = transformers.OPTForCausalLM(
             transformers.OPTConfig(
@@ -64,7 +76,8 @@ def _out(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return t * batch["attention_mask"].unsqueeze(-1)
 
 
-FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama", "opt"]
+FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama", "llama-mqa", "bigcode",
+            "bigcode-mqa", "opt"]  # fmt: skip
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -75,6 +88,7 @@ def test_every_layer_is_found(family: str) -> None:
     expected_units = 2 if family == "llama" else 4  # llama: 4 query heads in 2 KV groups
     assert all(b.heads == 4 and b.units == expected_units for b in blocks)
     assert all(b.heads * b.head_dim == 32 for b in blocks)
+    assert all(b.per_query == family.endswith("-mqa") for b in blocks)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -98,8 +112,8 @@ def test_removing_heads_equals_zeroing_them(family: str) -> None:
     got, want = _out(pruned, batch), _out(reference, batch)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
-    after = find_attention(pruned)
-    assert [b.units for b in after] == [len(k) for k in keeps]
+    after = find_attention(pruned)  # the counts are read back from the weights
+    assert [b.heads for b in after] == [len(k) * b.unit_heads for k, b in zip(keeps, blocks)]
 
 
 def test_causal_lm_still_generates_after_pruning() -> None:
@@ -253,3 +267,99 @@ def test_attention_with_a_fast_path_is_left_alone() -> None:
     layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     assert prepare_attention(layer) == []
     assert isinstance(layer.self_attn, torch.nn.MultiheadAttention)
+
+
+@pytest.mark.parametrize("family", ["llama-mqa", "bigcode-mqa"])
+def test_multi_query_heads_are_removed_with_the_shared_kv_head_kept(family: str) -> None:
+    """Multi-query attention: query heads go one by one, the one KV head stays, and the
+    layer's own code (``num_key_value_groups``, the fused split) runs with what is left."""
+    model, batch = _tiny(family)
+    blocks = find_attention(model)
+    modules = dict(model.named_modules())
+    kv_rows = {p.module: _outputs_of(modules[p.module]) for p in blocks[0].projections}
+    for b in blocks:
+        b.prune(model, [0, 2], None)
+    after = find_attention(model)
+    assert [(b.heads, b.kv_heads) for b in after] == [(2, 1), (2, 1)]
+    for path, rows in kv_rows.items():  # q lost 2 heads' rows, k and v none
+        lost = rows - _outputs_of(dict(model.named_modules())[path])
+        assert lost in (0, 2 * 8)
+    attn = dict(model.named_modules())[after[0].name]
+    assert attn.num_key_value_groups == 2
+    out = model.generate(batch["input_ids"][:1], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 10)
+
+
+def _outputs_of(module: torch.nn.Module) -> int:
+    kind = module_kind(module)
+    assert kind is not None
+    return int(module.weight.shape[kind.weight_dims[0]])
+
+
+def test_gpt_bigcode_interleaved_heads_are_not_read_as_gpt2s_layout() -> None:
+    """GPTBigCode without multi-query interleaves ``[q₀ k₀ v₀ q₁ …]`` in its ``c_attn``; read
+    as GPT-2's ``[q | k | v]`` the wrong rows were removed and the model silently changed
+    (a 0.13 logit error where heads with zero values are removed exactly).  Heads whose
+    value rows are zero contribute nothing, so removing them must change nothing."""
+    model, batch = _tiny("bigcode")
+    d = 8
+    with torch.no_grad():
+        for layer in model.transformer.h:
+            for h in (1, 3):  # v of head h: rows h·3d + 2d … h·3d + 3d
+                layer.attn.c_attn.weight[h * 3 * d + 2 * d : (h + 1) * 3 * d] = 0
+                layer.attn.c_attn.bias[h * 3 * d + 2 * d : (h + 1) * 3 * d] = 0
+    want = _out(model, batch)
+    for b in find_attention(model):
+        assert b.projections[0].stride == 3 * d
+        b.prune(model, [0, 2], None)
+    torch.testing.assert_close(_out(model, batch), want, rtol=1e-5, atol=1e-5)
+
+
+def _held_out(family: str) -> torch.nn.Module:
+    """Tiny random-weight models of families the finders were not written for."""
+    torch.manual_seed(0)
+    t = transformers
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4)  # fmt: skip
+    configs: dict[str, Any] = {
+        "mistral": lambda: t.MistralConfig(num_key_value_heads=2, **small),
+        "qwen3": lambda: t.Qwen3Config(num_key_value_heads=2, head_dim=8, **small),
+        "gemma": lambda: t.GemmaConfig(num_key_value_heads=1, head_dim=8, **small),
+        "stablelm": lambda: t.StableLmConfig(num_key_value_heads=2, **small),
+        "olmo": lambda: t.OlmoConfig(pad_token_id=0, **small),
+        "mixtral": lambda: t.MixtralConfig(num_key_value_heads=2, num_local_experts=4, **small),
+        "gptj": lambda: t.GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
+        "gpt_bigcode": lambda: t.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4),
+    }
+    return t.AutoModelForCausalLM.from_config(configs[family]()).eval()
+
+
+@pytest.mark.parametrize(
+    "family", ["mistral", "qwen3", "gemma", "stablelm", "olmo", "mixtral", "gptj", "gpt_bigcode"]
+)
+def test_heads_whose_values_are_zero_are_removed_exactly(family: str) -> None:
+    """Found in held-out families as a new user would meet them: the second half of every
+    layer's units get zero value rows (their heads output nothing), and ``id`` at half the
+    heads must remove exactly those and leave the outputs as they were.  A finder that read
+    the layout wrong (GPTBigCode as GPT-2 did) removes other rows and changes them."""
+    import spectrim
+
+    model = _held_out(family)
+    modules = dict(model.named_modules())
+    blocks = find_attention(model)
+    assert len(blocks) == 2
+    with torch.no_grad():
+        for b in blocks:
+            (v,) = [p for p in b.projections if p.role == "v"]
+            rows = torch.as_tensor(b.projection_rows(v, range(b.units // 2, b.units)))
+            mod = modules[v.module]
+            mod.weight.index_fill_(module_kind(mod).weight_dims[0], rows, 0.0)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias[rows] = 0.0
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 64, (8, 12), generator=g)} for _ in range(3)]
+    small, _ = spectrim.compress(model, batches, "id", "heads=0.5", sequential=False)
+    assert [b.heads for b in find_attention(small)] == [b.heads // 2 for b in blocks]
+    with torch.no_grad():
+        want, got = model(**batches[0]).logits, small(**batches[0]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

@@ -15,13 +15,15 @@ is one *finder* registered with :func:`register_attention`; finders match on str
 (attribute names), not on class names, so BERT, RoBERTa, MiniLM, ELECTRA (``query`` /
 ``key`` / ``value`` under ``.self``, ``output.dense``), LLaMA, Mistral, Qwen2, OPT, HF ViT
 (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` or ``out_proj``), DistilBERT (``q_lin`` ...)
-GPT-2 (a fused ``c_attn`` ``Conv1D``) and timm's ViT ``Attention`` (a fused ``qkv``) are
-found by five finders.
+GPT-2 (a fused ``c_attn`` ``Conv1D``), GPTBigCode (a fused ``c_attn`` Linear, multi-query or
+with interleaved heads) and timm's ViT ``Attention`` (a fused ``qkv``) are found by six
+finders.
 
 Units are *key/value groups*: with grouped-query attention (``kv_heads < heads``) a KV head
 goes together with the ``heads / kv_heads`` query heads that read it, so every layer keeps
 the same number of query heads per KV head and the model's own code still runs.  With
-plain multi-head attention a unit is one head.
+plain multi-head attention a unit is one head, and under multi-query attention (one KV
+head for all query heads) a unit is one query head: the shared key and value stay.
 
 Example::
 
@@ -66,11 +68,17 @@ Units = Sequence[int] | np.ndarray
 @dataclass(frozen=True)
 class Projection:
     """Output features ``[offset, offset + heads·head_dim)`` of module ``module`` are the
-    heads of one of ``q`` / ``k`` / ``v`` (``offset > 0`` only in a fused projection)."""
+    heads of one of ``q`` / ``k`` / ``v`` (``offset > 0`` only in a fused projection).
+
+    With ``stride`` set, the heads are interleaved with the other roles' instead: head
+    ``h`` is features ``[offset + h·stride, offset + h·stride + head_dim)`` (GPTBigCode's
+    ``c_attn``, ``[q₀ k₀ v₀ q₁ k₁ v₁ …]``: ``stride = 3·head_dim``).
+    """
 
     module: str
     role: str  # "q", "k" or "v"
     offset: int = 0
+    stride: int = 0
 
 
 @dataclass
@@ -84,9 +92,14 @@ class AttentionBlock:
         out: module path of the output projection, whose input columns are the
             concatenated per-head outputs (head ``h``: columns ``h·d … h·d + d − 1``).
         heads, kv_heads, head_dim: as the layer holds them now.
-        head_attrs / kv_attrs / width_attrs: ``(module path, attribute)`` pairs that hold
-            the number of query heads, of KV heads and ``heads·head_dim`` (updated after
-            surgery so the layer's code still agrees).
+        head_attrs / kv_attrs / width_attrs / group_attrs: ``(module path, attribute)``
+            pairs that hold the number of query heads, of KV heads, ``heads·head_dim`` and
+            the query heads per KV head (updated after surgery so the layer's code still
+            agrees).
+
+    Units are KV groups, except under multi-query attention (one KV head shared by
+    several query heads, :attr:`per_query`): there a unit is one query head, and the
+    shared key and value stay.
     """
 
     name: str
@@ -98,6 +111,7 @@ class AttentionBlock:
     head_attrs: list[tuple[str, str]] = field(default_factory=list)
     kv_attrs: list[tuple[str, str]] = field(default_factory=list)
     width_attrs: list[tuple[str, str]] = field(default_factory=list)
+    group_attrs: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def group_size(self) -> int:
@@ -105,13 +119,32 @@ class AttentionBlock:
         return self.heads // self.kv_heads
 
     @property
+    def per_query(self) -> bool:
+        """Multi-query attention: one KV head for several query heads, so the units are
+        the query heads (removing the only KV group would remove every head)."""
+        return self.kv_heads == 1 and self.heads > 1
+
+    @property
     def units(self) -> int:
-        """Removable units: KV groups (one head each without grouped-query attention)."""
-        return self.kv_heads
+        """Removable units: KV groups (one head each without grouped-query attention), or
+        query heads under multi-query attention (:attr:`per_query`)."""
+        return self.heads if self.per_query else self.kv_heads
+
+    @property
+    def unit_heads(self) -> int:
+        """Query heads per unit."""
+        return 1 if self.per_query else self.group_size
+
+    def role_rows(self, role: str) -> int:
+        """Output rows of a ``role`` projection that one unit takes with it (a shared KV
+        head's rows go with no unit)."""
+        if role == "q":
+            return self.unit_heads * self.head_dim
+        return 0 if self.per_query else self.head_dim
 
     def query_heads(self, units: Units) -> np.ndarray:
         """Query heads of the given units, in order."""
-        r = self.group_size
+        r = self.unit_heads
         return np.array([u * r + i for u in units for i in range(r)], dtype=np.int64)
 
     def columns(self, units: Units) -> np.ndarray:
@@ -128,7 +161,17 @@ class AttentionBlock:
         if role == "q":
             return self.columns(units)
         d = self.head_dim
+        if self.per_query:  # the shared KV head stays whatever query heads are kept
+            return np.arange(d, dtype=np.int64)
         return np.array([u * d + i for u in units for i in range(d)], dtype=np.int64)
+
+    def projection_rows(self, proj: Projection, units: Units) -> np.ndarray:
+        """The output features of ``proj``'s module that hold the given units' rows."""
+        rows = self.rows(proj.role, units)
+        if proj.stride:  # interleaved heads: head h starts at h·stride
+            d = self.head_dim
+            rows = (rows // d) * proj.stride + rows % d
+        return rows + proj.offset
 
     def unit_columns(self) -> list[np.ndarray]:
         """Columns of each unit (the blocks of the output projection's input Gram)."""
@@ -147,12 +190,15 @@ class AttentionBlock:
         # a fused projection keeps its q, k and v parts in order, each sliced
         per_module: dict[str, list[np.ndarray]] = {}
         for p in self.projections:
-            per_module.setdefault(p.module, []).append(self.rows(p.role, keep) + p.offset)
+            per_module.setdefault(p.module, []).append(self.projection_rows(p, keep))
         for path, parts in per_module.items():
-            _keep_outputs(modules[path], np.concatenate(parts), path)
+            _keep_outputs(modules[path], np.sort(np.concatenate(parts)), path)
         cols = self.columns(keep)
         _fold_inputs(modules[self.out], cols, fold, self.out)
-        self.heads, self.kv_heads = len(keep) * self.group_size, len(keep)
+        if self.per_query:
+            self.heads = len(keep)
+        else:
+            self.heads, self.kv_heads = len(keep) * self.group_size, len(keep)
         self.sync(model)
 
     def sync(self, model: nn.Module) -> None:
@@ -166,6 +212,8 @@ class AttentionBlock:
             setattr(modules[path], attr, self.kv_heads)
         for path, attr in self.width_attrs:
             setattr(modules[path], attr, self.heads * d)
+        for path, attr in self.group_attrs:
+            setattr(modules[path], attr, self.group_size)
 
 
 def _keep_outputs(module: nn.Module, idx: np.ndarray, path: str) -> None:
@@ -308,6 +356,7 @@ def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
         (path, n) for n in ("num_heads", "num_attention_heads") if _attr(module, n) is not None
     ]
     kv_attrs = [(path, "num_key_value_heads")] if _attr(module, "num_key_value_heads") else []
+    groups = [(path, "num_key_value_groups")] if _attr(module, "num_key_value_groups") else []
     return AttentionBlock(
         name=path,
         projections=[Projection(_join(path, f"{r}_proj"), r) for r in ("q", "k", "v")],
@@ -317,6 +366,7 @@ def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
         head_dim=d,
         head_attrs=attrs,
         kv_attrs=kv_attrs,
+        group_attrs=groups,
     )
 
 
@@ -341,12 +391,59 @@ def _distilbert(path: str, module: nn.Module) -> AttentionBlock | None:
     )
 
 
+@register_attention("gpt_bigcode")
+def _gpt_bigcode(path: str, module: nn.Module) -> AttentionBlock | None:
+    """GPTBigCode (SantaCoder, StarCoder): a fused ``c_attn`` Linear and ``c_proj``.  With
+    ``multi_query`` it is ``[q | k | v]`` with one KV head (the units are query heads);
+    without, the heads are interleaved, ``[q₀ k₀ v₀ q₁ k₁ v₁ …]``
+    (``view(…, heads, 3·head_dim)``)."""
+    c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+    multi_query = getattr(module, "multi_query", None)
+    if not isinstance(multi_query, bool) or not _linear(c_attn) or not _linear(c_proj):
+        return None
+    if getattr(module, "q_attn", None) is not None or getattr(module, "is_cross_attention", False):
+        return None
+    d = _attr(module, "head_dim")
+    if d is None:
+        return None
+    width = _outputs(c_attn)
+    me = _join(path, "c_attn")
+    if multi_query:
+        if width % d or width // d < 3:
+            return None
+        h, kv = width // d - 2, 1
+        projections = [
+            Projection(me, "q"),
+            Projection(me, "k", h * d),
+            Projection(me, "v", h * d + d),
+        ]
+    else:
+        if width % (3 * d):
+            return None
+        h = kv = width // (3 * d)
+        projections = [Projection(me, r, i * d, 3 * d) for i, r in enumerate("qkv")]
+    return AttentionBlock(
+        name=path,
+        projections=projections,
+        out=_join(path, "c_proj"),
+        heads=h,
+        kv_heads=kv,
+        head_dim=d,
+        head_attrs=[(path, "num_heads")],
+        kv_attrs=[(path, "kv_heads")],
+        width_attrs=[(path, "embed_dim"), (path, "split_size")],
+        group_attrs=[(path, "num_key_value_groups")],
+    )
+
+
 @register_attention("gpt2")
 def _gpt2(path: str, module: nn.Module) -> AttentionBlock | None:
     """GPT-2: fused ``c_attn`` (``Conv1D``, ``[q | k | v]`` along its outputs) and ``c_proj``,
     ``split_size`` the width of each part."""
     c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
     if not _linear(c_attn) or not _linear(c_proj) or getattr(module, "q_attn", None) is not None:
+        return None
+    if hasattr(module, "multi_query"):  # GPTBigCode: another layout (above)
         return None
     d = _attr(module, "head_dim")
     if d is None:

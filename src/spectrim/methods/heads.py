@@ -162,7 +162,7 @@ def head_norms(block: AttentionBlock, model: nn.Module, p: float) -> np.ndarray:
     for u in range(block.units):
         parts = [out[:, torch.as_tensor(block.columns([u]))].reshape(-1)]
         for proj, w in weights:
-            rows = block.rows(proj.role, [u]) + proj.offset
-            parts.append(w[torch.as_tensor(rows)].reshape(-1))
+            if block.role_rows(proj.role):  # not a KV head every unit shares
+                parts.append(w[torch.as_tensor(block.projection_rows(proj, [u]))].reshape(-1))
         score[u] = float(torch.cat(parts).norm(p=p))
     return score
