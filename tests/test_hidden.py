@@ -25,7 +25,7 @@ from spectrim.graph.stream import NormExpand, StreamRMSNorm, find_stream, norm_a
 
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = ("gpt2", "llama", "opt", "bert", "distilbert", "t5")
+FAMILIES = ("gpt2", "llama", "gemma", "opt", "bert", "distilbert", "t5")
 POST_LN = ("bert", "distilbert")
 
 
@@ -40,6 +40,11 @@ def _model(family: str) -> nn.Module:
         m = t.LlamaForCausalLM(
             t.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, vocab_size=60)
+        )  # fmt: skip
+    elif family == "gemma":  # RMSNorm scaled by (1 + weight), embeddings scaled by √d
+        m = t.GemmaForCausalLM(
+            t.GemmaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8,
+                          num_attention_heads=4, num_key_value_heads=1, vocab_size=60)
         )  # fmt: skip
     elif family == "opt":
         m = t.OPTForCausalLM(
@@ -166,7 +171,7 @@ def test_pca_keeps_more_of_a_pre_ln_stream_than_a_selection() -> None:
 def test_generate_and_reload(tmp_path: Any) -> None:
     from spectrim.io.manifest import load_compressed, save_compressed
 
-    for family in ("gpt2", "llama", "bert", "t5"):
+    for family in ("gpt2", "llama", "gemma", "bert", "t5"):
         model = _model(family)
         small, report = spectrim.compress(model, _batches(), "spectral", "hidden=0.75")
         folder = tmp_path / family
@@ -174,7 +179,7 @@ def test_generate_and_reload(tmp_path: Any) -> None:
         back = load_compressed(folder, base_model=_model(family))  # a tied base for gpt2
         batch = _batches(1, seed=7)[0]
         torch.testing.assert_close(_out(back, batch), _out(small, batch), atol=0, rtol=0)
-        if family in ("gpt2", "llama"):
+        if family in ("gpt2", "llama", "gemma"):
             ids = batch["input_ids"][:1, :4]
             a = small.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
             b = back.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -197,6 +202,19 @@ def test_a_norm_that_is_not_layer_or_rms_is_named() -> None:
     kind, gamma, beta, eps = norm_affine(nn.LayerNorm(4, eps=1e-6), 4)
     assert torch.equal(beta, torch.zeros(4, dtype=beta.dtype))
     assert kind == "layer" and eps == 1e-6 and torch.equal(gamma, torch.ones(4, dtype=gamma.dtype))
+
+
+def test_a_stream_with_a_projection_inside_is_named() -> None:
+    """ELECTRA's embeddings are narrower than the stream (``embeddings_project`` maps them
+    up): the BERT finder's structure matches, the widths do not, and the module that
+    disagrees is named instead of a shape error deep in the statistics."""
+    model = transformers.ElectraModel(
+        transformers.ElectraConfig(vocab_size=60, embedding_size=16, hidden_size=32,
+                                   intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4)
+    ).eval()  # fmt: skip
+    with pytest.raises(ValueError, match=r"'encoder\.layer\.0\..*' \(Linear\) (reads|writes) 32"):
+        spectrim.compress(model, _batches(), "id", "hidden=0.75")
 
 
 def test_a_model_without_a_stream_and_a_weight_method_are_named() -> None:

@@ -17,8 +17,8 @@ norms handled explicitly.  A :class:`ResidualStream` records, for one model:
 Each architecture family is one finder registered with :func:`register_stream`; finders
 match on attribute names, like :mod:`spectrim.graph.attention`.  Every norm a finder
 returns is checked numerically (:func:`norm_affine`): it must compute a LayerNorm or
-RMSNorm with an elementwise affine, or the stream is refused with the norm named (e.g.
-Gemma's ``(1 + w)`` scale would otherwise be folded wrongly).
+RMSNorm with an elementwise affine, or the stream is refused with the norm named; the
+scale is its ``weight`` or, where that is what it computes, ``1 + weight`` (Gemma).
 
 The surgery primitives are here too: :func:`write_rows` (a writer's outputs ``W ← EᵀW``),
 :func:`read_columns` (a reader's inputs ``W ← W M``, plus a bias shift), and the two
@@ -205,13 +205,58 @@ def register_stream(name: str) -> Callable[[Finder], Finder]:
 
 
 def find_stream(model: nn.Module) -> ResidualStream | None:
-    """The residual stream of ``model`` a registered finder recognises, or ``None``."""
+    """The residual stream of ``model`` a registered finder recognises, or ``None``.
+
+    Raises:
+        ValueError: a finder matched, but a module it names does not read or write the
+            stream's width (e.g. ELECTRA's embeddings, narrower than the stream and
+            projected up to it); the module is named.
+    """
     for path, module in model.named_modules():
         for _, finder in _FINDERS:
             found = finder(path, module, model)
             if found is not None:
+                _check_widths(model, found)
                 return found
     return None
+
+
+def _check_widths(model: nn.Module, stream: ResidualStream) -> None:
+    """Every embedding and writer outputs ``stream.width`` coordinates, every norm has that
+    width and every reader reads it, or the stream is refused with the module named."""
+    d = stream.width
+    named = dict(model.named_modules())
+
+    def size(path: str, axis: str) -> int | None:
+        module = named[path]
+        kind = module_kind(module)
+        w = getattr(module, "weight", None)
+        if kind is None or not isinstance(w, torch.Tensor) or w.dim() != 2:
+            return None
+        return int(w.shape[kind.weight_dims[0 if axis == "out" else 1]])
+
+    checks = [(p, "out", "writes") for p in (*stream.embeddings, *stream.writers)]
+    checks += [(r, "in", "reads") for site in stream.sites for r in site.readers]
+    for path, axis, verb in checks:
+        n = size(path, axis)
+        if n is not None and n != d:
+            raise ValueError(
+                f"the residual stream of {type(model).__name__} is {d} wide, but "
+                f"'{path}' ({type(named[path]).__name__}) {verb} {n} coordinates: a stream "
+                "with a projection between its parts (e.g. ELECTRA's embeddings_project) "
+                "cannot be narrowed"
+            )
+    for site in stream.sites:
+        norm = named[site.norm]
+        try:
+            n = _norm_width(norm)
+        except TypeError:
+            continue
+        if n != d:
+            raise ValueError(
+                f"the residual stream of {type(model).__name__} is {d} wide, but its norm "
+                f"'{site.norm}' ({type(norm).__name__}) normalises {n}: it cannot be narrowed"
+            )
 
 
 def norm_affine(
@@ -219,7 +264,8 @@ def norm_affine(
 ) -> tuple[str, torch.Tensor, torch.Tensor, float]:
     """``(kind, γ, β, eps)`` of a norm that computes ``γ ⊙ (x − mean)/σ + β`` (``"layer"``)
     or ``γ ⊙ x/rms(x)`` (``"rms"``, ``β = 0``) over the last axis, checked numerically on
-    random inputs.
+    random inputs.  ``γ`` is the norm's ``weight``, or ``1 + weight`` where that is what
+    it computes (Gemma's RMSNorm).
 
     Raises:
         ValueError: the norm computes something else (named by its type).
@@ -248,12 +294,14 @@ def norm_affine(
         y = norm(x.to(dtype=dtype, device=p.device if p is not None else "cpu")).double().cpu()
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     centred = x - x.mean(-1, keepdim=True)
-    layer = gamma * centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps) + beta
-    if torch.allclose(y, layer, atol=tol, rtol=tol):
-        return "layer", gamma, beta, eps
-    rms = gamma * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    if torch.allclose(y, rms, atol=tol, rtol=tol) and not isinstance(b, torch.Tensor):
-        return "rms", gamma, beta, eps
+    unit_layer = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    unit_rms = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    for g in (gamma, 1.0 + gamma):  # the weight is the scale, or (Gemma) the scale minus 1
+        if torch.allclose(y, g * unit_layer + beta, atol=tol, rtol=tol):
+            return "layer", g, beta, eps
+        rms = g * unit_rms
+        if torch.allclose(y, rms, atol=tol, rtol=tol) and not isinstance(b, torch.Tensor):
+            return "rms", g, beta, eps
     where = f"'{path}' ({type(norm).__name__})" if path else type(norm).__name__
     raise ValueError(
         f"{where}: not a LayerNorm or RMSNorm with an elementwise affine "
