@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -278,3 +279,52 @@ def test_a_partial_literal_channel_slice_is_mapped_and_pinned() -> None:
     by_producer = {g.producers[0]: g for g in a.groups}
     assert "slices the channel axis with literal bounds" in (by_producer["a"].pinned or "")
     assert by_producer["c"].pinned is not None  # reaches the output
+
+
+def test_phi3_fused_gate_up_projection_is_pruned_exactly(tmp_path: Any) -> None:
+    """Phi-3's MLP is one ``gate_up_proj`` whose output is ``chunk(2, dim=-1)``-ed into the
+    gate and the up halves (then ``up * act(gate)``): neuron ``j`` is rows ``j`` and
+    ``F + j`` of one Linear.  ``chunk`` ties the halves position by position, so both keep
+    the same neurons and stay equal (once pinned as "splits the channel axis").  Neurons
+    whose up rows are zero are dead: removing them is exact, and the l1 score counts
+    both rows of a neuron."""
+    transformers = pytest.importorskip("transformers")
+    from spectrim.graph.attention import find_attention
+    from spectrim.io.manifest import load_compressed, save_compressed
+    from spectrim.methods.magnitude import filter_norms
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = transformers.Phi3Config(
+            vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+        )  # fmt: skip
+        return transformers.Phi3ForCausalLM(cfg).eval()
+
+    model = make()
+    with torch.no_grad():
+        for layer in model.model.layers:  # neurons 24..47: up rows 48 + 24 … 95 zero
+            layer.mlp.gate_up_proj.weight[48 + 24 :] = 0
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, 60, (8, 12), generator=g)} for _ in range(4)]
+    analysis = analyze_channels(model, batches[0])
+    (ffn,) = [x for x in analysis.groups if x.producers == ["model.layers.0.mlp.gate_up_proj"]]
+    assert ffn.pinned is None and ffn.width == 48
+    assert ffn.producer_copies["model.layers.0.mlp.gate_up_proj"].tolist() == [
+        list(range(48)), list(range(48, 96))
+    ]  # fmt: skip
+    w = model.model.layers[0].mlp.gate_up_proj.weight.detach().double()
+    want = (w[:48].abs().sum(1) + w[48:].abs().sum(1)).numpy()
+    np.testing.assert_allclose(filter_norms(ffn, model, 1.0), want)
+    small, report = spectrim.compress(model, batches, "id", "width=0.5")
+    mlp = small.model.layers[0].mlp
+    assert mlp.gate_up_proj.out_features == 48 and mlp.down_proj.in_features == 24
+    test = {"input_ids": torch.randint(1, 60, (4, 12), generator=g)}
+    with torch.no_grad():
+        want_out, got = model(**test).logits, small(**test).logits
+    torch.testing.assert_close(got, want_out, rtol=1e-4, atol=1e-4)
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", make())
+    with torch.no_grad():
+        torch.testing.assert_close(back(**test).logits, got)
+    assert len(find_attention(small)) == 0  # its fused qkv_proj is not a known head layout

@@ -145,6 +145,9 @@ class UnitGroup:
     pinned: str | None = None  # reason the group cannot be pruned
     producer_channels: dict[str, np.ndarray] = field(default_factory=dict)
     """output channel index of each of the group's channels, per producer"""
+    producer_copies: dict[str, np.ndarray] = field(default_factory=dict)
+    """per producer that outputs every channel ``r > 1`` times (tied parts of a fused
+    projection): the ``(r, width)`` output indices (row 0 is ``producer_channels``)"""
 
     @property
     def width(self) -> int:
@@ -611,12 +614,33 @@ class _Analyzer:
         if op.name == "unbind":
             dim = self.arg(op, 1, "dim", 0)
         dim = dim % len(x.shape)
+        if dim == lab.dim and op.name == "chunk":
+            self.chunk(op, lab)
+            return
         if dim == lab.dim:
             self.opaque(op, f"{op.describe()} splits the channel axis with literal sizes")
             return
         for v in op.outputs:
             d = lab.dim - (1 if len(v.shape) < len(x.shape) and dim < lab.dim else 0)
             self.set(v, _Labels(d, lab.atoms))
+
+    def chunk(self, op: Op, lab: _Labels) -> None:
+        """``x.chunk(n, dim=channels)``: ``n`` equal parts, whatever the width (Phi-3's
+        fused ``gate_up_proj``).  Channel ``j`` of every part is tied to channel ``j`` of
+        the others, so every part keeps the same channels and the parts stay equal."""
+        c, n = len(lab.atoms), len(op.outputs)
+        chunks = self.arg(op, 1, "chunks", 0)
+        ok = n > 0 and chunks == n and c % n == 0
+        if ok and any(v.shape[lab.dim] != c // n for v in op.outputs):
+            ok = False
+        if not ok:  # uneven parts: their sizes follow the width in no simple way
+            self.opaque(op, f"{op.describe()} splits the channel axis into uneven parts")
+            return
+        parts = lab.atoms.reshape(n, c // n)
+        for part in parts[1:]:
+            self.unify(parts[0], part)
+        for v, part in zip(op.outputs, parts, strict=True):
+            self.set(v, _Labels(lab.dim, part))
 
     def pin_tied(self, tied: dict[str, list[str]]) -> None:
         """Pin every channel axis of a tensor shared by several modules (tied weights,
@@ -664,12 +688,18 @@ class _Analyzer:
         order = sorted(out_labels, key=lambda n: first_call.get(n, 1 << 30))
         for name in order:
             labs = out_labels[name]
-            seen: set[int] = set()
+            counts: dict[int, int] = {}
             for c in labs.tolist():
-                if c in seen:
-                    bad[c] = f"channel produced twice by '{name}'"
-                seen.add(c)
-                producers_of.setdefault(c, []).append(name)
+                if c not in counts:
+                    producers_of.setdefault(c, []).append(name)
+                counts[c] = counts.get(c, 0) + 1
+            # a class may come out of several positions of one producer (a fused projection
+            # whose parts are tied, Phi-3's gate_up_proj), if every class of it does so
+            # equally often: each removed class then takes as many rows
+            if len(set(counts.values())) > 1:
+                for c, n in counts.items():
+                    if n > 1:
+                        bad[c] = f"channel produced twice by '{name}'"
         by_key: dict[tuple[str, ...], list[int]] = {}
         for name in order:
             for c in out_labels[name].tolist():
@@ -720,13 +750,18 @@ class _Analyzer:
             passengers = carrying.get(gi, [])
             if not consumers and reason is None:
                 reason = "no consumer reads these channels"
-            pchan = {}
+            pchan, copies = {}, {}
             for pname in key:
-                where = {c: p for p, c in enumerate(out_labels[pname].tolist())}
-                pchan[pname] = np.asarray([where[c] for c in classes], dtype=np.int64)
-            groups.append(
-                UnitGroup(gi, key[0], arr, list(key), consumers, passengers, reason, pchan)
-            )
+                where: dict[int, list[int]] = {}
+                for p, c in enumerate(out_labels[pname].tolist()):
+                    where.setdefault(c, []).append(p)
+                rows = np.asarray([where[c] for c in classes], dtype=np.int64).T  # (r, width)
+                pchan[pname] = rows[0]
+                if len(rows) > 1:
+                    copies[pname] = rows
+            group = UnitGroup(gi, key[0], arr, list(key), consumers, passengers, reason, pchan)
+            group.producer_copies = copies
+            groups.append(group)
         return Analysis(
             self.g, groups, out_labels, in_labels, chan_labels, dict(self.param_dims), class_group
         )

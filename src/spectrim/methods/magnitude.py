@@ -36,7 +36,10 @@ def filter_norms(group: UnitGroup, model: nn.Module, p: float) -> np.ndarray:
         out_dim = kind.weight_dims[0] if kind is not None else 0
         w = mod.weight.detach().double().movedim(out_dim, 0)
         norms = w.reshape(w.shape[0], -1).norm(p=p, dim=1).cpu().numpy()
-        score += norms[group.producer_channels[name]]
+        copies = group.producer_copies.get(name)  # a channel output at several rows
+        score += (
+            norms[copies].sum(0) if copies is not None else norms[group.producer_channels[name]]
+        )
     return score
 
 
