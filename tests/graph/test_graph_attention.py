@@ -330,13 +330,17 @@ def _held_out(family: str) -> torch.nn.Module:
         "mixtral": lambda: t.MixtralConfig(num_key_value_heads=2, num_local_experts=4, **small),
         "gptj": lambda: t.GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
         "gpt_bigcode": lambda: t.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4),
+        "phi": lambda: t.PhiConfig(**small),
+        "gpt_neox": lambda: t.GPTNeoXConfig(**small),
     }
     return t.AutoModelForCausalLM.from_config(configs[family]()).eval()
 
 
-@pytest.mark.parametrize(
-    "family", ["mistral", "qwen3", "gemma", "stablelm", "olmo", "mixtral", "gptj", "gpt_bigcode"]
-)
+HELD_OUT = ["mistral", "qwen3", "gemma", "stablelm", "olmo", "mixtral", "gptj", "gpt_bigcode",
+            "phi", "gpt_neox"]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", HELD_OUT)
 def test_heads_whose_values_are_zero_are_removed_exactly(family: str) -> None:
     """Found in held-out families as a new user would meet them: the second half of every
     layer's units get zero value rows (their heads output nothing), and ``id`` at half the

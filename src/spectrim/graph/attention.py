@@ -14,10 +14,11 @@ projections, the head counts and the attributes that hold them.  Each architectu
 is one *finder* registered with :func:`register_attention`; finders match on structure
 (attribute names), not on class names, so BERT, RoBERTa, MiniLM, ELECTRA (``query`` /
 ``key`` / ``value`` under ``.self``, ``output.dense``), LLaMA, Mistral, Qwen2, OPT, HF ViT
-(``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` or ``out_proj``), DistilBERT (``q_lin`` ...)
-GPT-2 (a fused ``c_attn`` ``Conv1D``), GPTBigCode (a fused ``c_attn`` Linear, multi-query or
-with interleaved heads) and timm's ViT ``Attention`` (a fused ``qkv``) are found by six
-finders.
+and Phi (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``, ``out_proj`` or ``dense``),
+DistilBERT (``q_lin`` ...), GPT-2 (a fused ``c_attn`` ``Conv1D``), GPTBigCode (a fused
+``c_attn`` Linear, multi-query or with interleaved heads), GPT-NeoX (a fused
+``query_key_value`` with interleaved heads) and timm's ViT ``Attention`` (a fused ``qkv``)
+are found by seven finders.
 
 Units are *key/value groups*: with grouped-query attention (``kv_heads < heads``) a KV head
 goes together with the ``heads / kv_heads`` query heads that read it, so every layer keeps
@@ -335,9 +336,10 @@ def _attr(module: nn.Module, *names: str) -> int | None:
 
 @register_attention("q_proj")
 def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
-    """LLaMA / Mistral / Qwen2 / OPT: ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` or
-    ``out_proj``; grouped-query attention from ``num_key_value_groups``."""
-    out_name = next((n for n in ("o_proj", "out_proj") if _linear(getattr(module, n, None))), None)
+    """LLaMA / Mistral / Qwen2 / OPT / Phi: ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``,
+    ``out_proj`` or (Phi) ``dense``; grouped-query attention from the projections' sizes."""
+    outs = ("o_proj", "out_proj", "dense")
+    out_name = next((n for n in outs if _linear(getattr(module, n, None))), None)
     if out_name is None or not all(
         _linear(getattr(module, n, None)) for n in ("q_proj", "k_proj", "v_proj")
     ):
@@ -433,6 +435,28 @@ def _gpt_bigcode(path: str, module: nn.Module) -> AttentionBlock | None:
         kv_attrs=[(path, "kv_heads")],
         width_attrs=[(path, "embed_dim"), (path, "split_size")],
         group_attrs=[(path, "num_key_value_groups")],
+    )
+
+
+@register_attention("gpt_neox")
+def _gpt_neox(path: str, module: nn.Module) -> AttentionBlock | None:
+    """GPT-NeoX (Pythia): a fused ``query_key_value`` Linear with its heads interleaved,
+    ``view(…, heads, 3·head_size)`` then ``chunk(3)``, and ``dense``."""
+    qkv, dense = getattr(module, "query_key_value", None), getattr(module, "dense", None)
+    if not _linear(qkv) or not _linear(dense):
+        return None
+    d = _attr(module, "head_size")
+    if d is None or _outputs(qkv) % (3 * d):
+        return None
+    h = _outputs(qkv) // (3 * d)
+    me = _join(path, "query_key_value")
+    return AttentionBlock(
+        name=path,
+        projections=[Projection(me, r, i * d, 3 * d) for i, r in enumerate("qkv")],
+        out=_join(path, "dense"),
+        heads=h,
+        kv_heads=h,
+        head_dim=d,
     )
 
 
