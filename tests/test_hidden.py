@@ -204,6 +204,52 @@ def test_a_norm_that_is_not_layer_or_rms_is_named() -> None:
     assert kind == "layer" and eps == 1e-6 and torch.equal(gamma, torch.ones(4, dtype=gamma.dtype))
 
 
+def test_a_norm_without_an_eps_attribute_has_its_eps_measured() -> None:
+    """OLMo's LayerNorm hard-codes ``eps=1e-5`` and stores none; taking a default of 1e-6
+    made the rewritten model 1.8% off on a random-weight OLMo (whose stream is small, so
+    eps matters).  The eps is now measured on inputs small enough for it to matter, and
+    an attribute that does not hold is replaced by the measured value."""
+
+    class Fixed(nn.Module):
+        def __init__(self, eps: float, claimed: float | None = None) -> None:
+            super().__init__()
+            self.true_eps = eps
+            if claimed is not None:
+                self.eps = claimed
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.layer_norm(x, x.shape[-1:], None, None, eps=self.true_eps)
+
+    for norm in (Fixed(1e-5), Fixed(1e-5, claimed=1e-12), Fixed(3e-7)):
+        kind, _, _, eps = norm_affine(norm, 16)
+        assert kind == "layer" and eps == pytest.approx(norm.true_eps, rel=1e-3)
+    kind, _, _, eps = norm_affine(nn.LayerNorm(16, eps=1e-12), 16)  # an attribute that holds
+    assert eps == 1e-12
+
+
+def test_olmo_and_granite_streams_are_rewritten_exactly() -> None:
+    """Held-out pre-LN families: OLMo (LayerNorm without affine or eps attribute) and
+    Granite (scalar multipliers on the embeddings, the residual branches and the logits)
+    convert and rotate to float rounding."""
+    t = transformers
+    common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, vocab_size=60)  # fmt: skip
+    for cfg in (
+        t.OlmoConfig(pad_token_id=0, **common),
+        t.GraniteConfig(num_key_value_heads=2, embedding_multiplier=2.0,
+                        residual_multiplier=0.5, logits_scaling=4.0, **common),
+    ):  # fmt: skip
+        torch.manual_seed(0)
+        model = t.AutoModelForCausalLM.from_config(cfg).eval()
+        batch = _batches(1, seed=3)[0]
+        ref = _out(model, batch)
+        stream = convert_stream(model, find_stream(model))
+        torch.testing.assert_close(_out(model, batch), ref, atol=1e-5, rtol=1e-5)
+        q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+        narrow_stream(model, stream, q)
+        torch.testing.assert_close(_out(model, batch), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_a_stream_with_a_projection_inside_is_named() -> None:
     """ELECTRA's embeddings are narrower than the stream (``embeddings_project`` maps them
     up): the BERT finder's structure matches, the widths do not, and the module that

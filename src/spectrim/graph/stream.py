@@ -282,31 +282,71 @@ def norm_affine(
         if isinstance(b, torch.Tensor)
         else torch.zeros(width, dtype=torch.float64)
     )
-    eps = getattr(norm, "eps", None)
-    if eps is None:
-        eps = getattr(norm, "variance_epsilon", 1e-6)
-    eps = float(eps)  # type: ignore[arg-type]
+    eps_attr = getattr(norm, "eps", None)
+    if eps_attr is None:
+        eps_attr = getattr(norm, "variance_epsilon", None)
     p = next(iter(norm.parameters()), None)
     dtype = p.dtype if p is not None else torch.float32
-    x = torch.randn(8, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = x * 3 + 1.5
-    with torch.no_grad():
-        y = norm(x.to(dtype=dtype, device=p.device if p is not None else "cpu")).double().cpu()
-    tol = 1e-4 if dtype == torch.float32 else 1e-2
-    centred = x - x.mean(-1, keepdim=True)
-    unit_layer = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
-    unit_rms = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    for g in (gamma, 1.0 + gamma):  # the weight is the scale, or (Gemma) the scale minus 1
-        if torch.allclose(y, g * unit_layer + beta, atol=tol, rtol=tol):
-            return "layer", g, beta, eps
-        rms = g * unit_rms
-        if torch.allclose(y, rms, atol=tol, rtol=tol) and not isinstance(b, torch.Tensor):
-            return "rms", g, beta, eps
+    device = p.device if p is not None else "cpu"
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
     where = f"'{path}' ({type(norm).__name__})" if path else type(norm).__name__
-    raise ValueError(
-        f"{where}: not a LayerNorm or RMSNorm with an elementwise affine "
-        "(checked on random inputs); its residual stream cannot be narrowed"
-    )
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return norm(x.to(dtype=dtype, device=device)).double().cpu()  # type: ignore[no-any-return]
+
+    def unit(kind: str, x: torch.Tensor, eps: float) -> torch.Tensor:
+        c = x - x.mean(-1, keepdim=True) if kind == "layer" else x
+        return c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+
+    x = torch.randn(8, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x * 3 + 1.5  # eps is negligible at this scale: the kind and the affine
+    y = run(x)
+    found = None
+    for g in (gamma, 1.0 + gamma):  # the weight is the scale, or (Gemma) the scale minus 1
+        if torch.allclose(y, g * unit("layer", x, 0.0) + beta, atol=tol, rtol=tol):
+            found = "layer", g
+            break
+        rms_ok = torch.allclose(y, g * unit("rms", x, 0.0), atol=tol, rtol=tol)
+        if rms_ok and not isinstance(b, torch.Tensor):
+            found = "rms", g
+            break
+    if found is None:
+        raise ValueError(
+            f"{where}: not a LayerNorm or RMSNorm with an elementwise affine "
+            "(checked on random inputs); its residual stream cannot be narrowed"
+        )
+    kind, g = found
+    # eps, on inputs small enough that it matters: the attribute where the norm has one
+    # and it holds, else measured (OLMo's LayerNorm hard-codes 1e-5 and stores none)
+    small = x * 1e-4
+    y_small = run(small)
+    eps = None if eps_attr is None else float(eps_attr)  # type: ignore[arg-type]
+    if eps is None or (
+        tol < 1e-3
+        and not torch.allclose(y_small, g * unit(kind, small, eps) + beta, atol=tol, rtol=tol)
+    ):
+        eps = _measured_eps(kind, small, y_small, g, beta)
+        if not torch.allclose(y_small, g * unit(kind, small, eps) + beta, atol=tol, rtol=tol):
+            raise ValueError(
+                f"{where}: normalises like a {kind} norm on large inputs but not on small "
+                "ones (no epsilon explains it); its residual stream cannot be narrowed"
+            )
+    return kind, g, beta, eps
+
+
+def _measured_eps(
+    kind: str, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+) -> float:
+    """The ``eps`` of ``y = γ ⊙ c / sqrt(mean(c²) + eps) + β`` (``c``: ``x`` centred for a
+    LayerNorm), from each row's least-squares scale ``sqrt(mean(c²) + eps)``."""
+    c = x - x.mean(-1, keepdim=True) if kind == "layer" else x
+    live = gamma.abs() > 1e-6 * float(gamma.abs().max().clamp_min(1e-300))
+    u = (y[:, live] - beta[live]) / gamma[live]  # c / sqrt(mean(c²) + eps)
+    cl = c[:, live]
+    scale = (cl * u).sum(-1) / (u * u).sum(-1).clamp_min(1e-300)
+    eps = torch.median(scale.pow(2) - c.pow(2).mean(-1))
+    return max(float(eps), 0.0)
 
 
 # ------------------------------------------------------------------ surgery primitives
