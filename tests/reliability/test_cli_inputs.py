@@ -65,7 +65,7 @@ CASES: list[Any] = [
     ("non-model file", "compress --model {text} --data digits", "notes.pt"),
     ("bare state dict", "compress --model {state} --data digits", "state dict"),
     ("pickle without opt-in", "compress --model {pickle} --data digits", "--trust-pickle"),
-    ("wrong input shape", "compress --model resnet20-cifar10 --data digits --calib 8", "trace"),
+    ("wrong input shape", "compress --model resnet20-cifar10 --data digits --calib 8", "by itself"),
     ("empty calibration", "compress --model {script} --data {empty}", "no calibration"),
     ("NaN in the data", "compress --model {script} --data {nan} --calib 30", "example 17"),
     ("all-zero data", "compress --model {script} --data {zeros} --calib 30", "identical"),

@@ -228,8 +228,8 @@ def trace_checked(
     the model cannot run on a batch that looks like an ``(inputs, labels)`` pair."""
     try:
         return trace_and_check(model, example, verify=verify, seed=seed)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # ValueError: the model fails by itself
         hint = label_pair_hint(example)
         if hint is None:
             raise
-        raise RuntimeError(f"{exc}. {hint}") from exc.__cause__
+        raise type(exc)(f"{exc}. {hint}") from exc.__cause__

@@ -128,12 +128,23 @@ def trace_and_check(
     """Trace ``model`` on ``example`` and (optionally) self-check every unit group.
 
     Returns the channel analysis and one warning per group the self-check pinned.
-    A model that cannot be traced raises ``RuntimeError`` naming the cause; outputs that
-    are not finite raise ``ValueError`` (the checks would compare NaN with NaN).
+    A model that fails on ``example`` by itself (a plain call, no tracer) raises
+    ``ValueError``: the inputs do not suit the model (e.g. images of a size its position
+    tables were not built for).  One that runs but cannot be traced raises
+    ``RuntimeError`` naming the cause; outputs that are not finite raise ``ValueError``
+    (the checks would compare NaN with NaN).
     """
     try:
         analysis = analyze_channels(model, example)
     except Exception as exc:
+        try:
+            model_outputs(model, example)
+        except Exception as plain:
+            raise ValueError(
+                f"the model fails on the first calibration batch by itself, before spectrim "
+                f"changes anything: {type(plain).__name__}: {plain} (are the calibration "
+                "inputs the kind and size the model takes?)"
+            ) from plain
         raise RuntimeError(
             f"spectrim could not trace the model on the calibration batch: {exc}"
         ) from exc
