@@ -25,7 +25,7 @@ from spectrim.graph.stream import NormExpand, StreamRMSNorm, find_stream, norm_a
 
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = ("gpt2", "llama", "gemma", "opt", "bert", "distilbert", "t5")
+FAMILIES = ("gpt2", "llama", "gemma", "phi3", "opt", "bert", "distilbert", "t5")
 POST_LN = ("bert", "distilbert")
 
 
@@ -45,6 +45,12 @@ def _model(family: str) -> nn.Module:
         m = t.GemmaForCausalLM(
             t.GemmaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8,
                           num_attention_heads=4, num_key_value_heads=1, vocab_size=60)
+        )  # fmt: skip
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj read the stream
+        m = t.Phi3ForCausalLM(
+            t.Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=60,
+                         pad_token_id=0)
         )  # fmt: skip
     elif family == "opt":
         m = t.OPTForCausalLM(

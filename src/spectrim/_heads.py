@@ -192,8 +192,9 @@ def heads_run(
     if not blocks:
         raise ValueError(
             f"target {tgt}: no attention layer in {type(work).__name__} that spectrim "
-            "recognises (Hugging Face BERT-family, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2, "
-            "OPT and ViT attention, timm ViT attention, nn.MultiheadAttention; register others with "
+            "recognises (Hugging Face BERT-family, DistilBERT, GPT-2, GPTBigCode, GPT-NeoX, "
+            "LLaMA/Mistral/Qwen2/Gemma, Phi, OPT and ViT attention, timm ViT attention, "
+            "nn.MultiheadAttention; register others with "
             "spectrim.graph.attention.register_attention)"
         )
     team = ctx.team

@@ -331,13 +331,14 @@ def _held_out(family: str) -> torch.nn.Module:
         "gptj": lambda: t.GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
         "gpt_bigcode": lambda: t.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4),
         "phi": lambda: t.PhiConfig(**small),
+        "phi3": lambda: t.Phi3Config(num_key_value_heads=2, pad_token_id=0, **small),
         "gpt_neox": lambda: t.GPTNeoXConfig(**small),
     }
     return t.AutoModelForCausalLM.from_config(configs[family]()).eval()
 
 
 HELD_OUT = ["mistral", "qwen3", "gemma", "stablelm", "olmo", "mixtral", "gptj", "gpt_bigcode",
-            "phi", "gpt_neox"]  # fmt: skip
+            "phi", "phi3", "gpt_neox"]  # fmt: skip
 
 
 @pytest.mark.parametrize("family", HELD_OUT)
@@ -367,3 +368,22 @@ def test_heads_whose_values_are_zero_are_removed_exactly(family: str) -> None:
     with torch.no_grad():
         want, got = model(**batches[0]).logits, small(**batches[0]).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_phi3_layers_keep_their_own_head_counts() -> None:
+    """Phi-3 cuts its fused ``qkv_proj`` at ``config.num_attention_heads·head_dim``, one
+    config for every layer: each pruned layer gets its own copy of the config with its
+    count, so two layers can keep different numbers of heads, the model's config is left
+    alone, and generate() runs."""
+    model = _held_out("phi3")
+    shared = model.config
+    blocks = find_attention(model)
+    blocks[0].prune(model, [1], None)  # one KV group (2 query heads) left
+    blocks[1].prune(model, [0, 1], None)  # both kept
+    layers = model.model.layers
+    assert layers[0].self_attn.config.num_attention_heads == 2
+    assert layers[1].self_attn.config.num_attention_heads == 4
+    assert shared.num_attention_heads == 4 and model.config is shared
+    assert [(b.heads, b.kv_heads) for b in find_attention(model)] == [(2, 1), (4, 2)]
+    ids = torch.randint(3, 64, (1, 5))
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)

@@ -42,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -208,13 +209,26 @@ class AttentionBlock:
         modules = dict(model.named_modules())
         d = self.head_dim
         for path, attr in self.head_attrs:
-            setattr(modules[path], attr, self.heads)
+            _set_count(modules[path], attr, self.heads)
         for path, attr in self.kv_attrs:
-            setattr(modules[path], attr, self.kv_heads)
+            _set_count(modules[path], attr, self.kv_heads)
         for path, attr in self.width_attrs:
-            setattr(modules[path], attr, self.heads * d)
+            _set_count(modules[path], attr, self.heads * d)
         for path, attr in self.group_attrs:
-            setattr(modules[path], attr, self.group_size)
+            _set_count(modules[path], attr, self.group_size)
+
+
+def _set_count(module: nn.Module, attr: str, value: int) -> None:
+    """``module.attr = value``; a dotted ``attr`` (``"config.num_attention_heads"``, Phi-3's
+    attention reads its head count from the model's config) is set on the layer's own
+    shallow copy of that object, so other layers keep theirs."""
+    owner, _, leaf = attr.rpartition(".")
+    if not owner:
+        setattr(module, attr, value)
+        return
+    mine = copy.copy(getattr(module, owner))
+    setattr(mine, leaf, value)
+    setattr(module, owner, mine)
 
 
 def _keep_outputs(module: nn.Module, idx: np.ndarray, path: str) -> None:
@@ -434,6 +448,45 @@ def _gpt_bigcode(path: str, module: nn.Module) -> AttentionBlock | None:
         head_attrs=[(path, "num_heads")],
         kv_attrs=[(path, "kv_heads")],
         width_attrs=[(path, "embed_dim"), (path, "split_size")],
+        group_attrs=[(path, "num_key_value_groups")],
+    )
+
+
+@register_attention("phi3")
+def _phi3(path: str, module: nn.Module) -> AttentionBlock | None:
+    """Phi-3: a fused ``qkv_proj`` Linear, ``[q | k | v]`` with grouped-query attention, cut
+    at ``config.num_attention_heads·head_dim`` (the layer is given its own copy of the
+    config with its count), and ``o_proj``."""
+    qkv, out = getattr(module, "qkv_proj", None), getattr(module, "o_proj", None)
+    config = getattr(module, "config", None)
+    if not _linear(qkv) or not _linear(out) or config is None:
+        return None
+    d = _attr(module, "head_dim")
+    if d is None or _attr(config, "num_attention_heads") is None:
+        return None
+    kind = module_kind(out)
+    assert kind is not None and isinstance(out, nn.Module)
+    q_width = int(out.weight.shape[kind.weight_dims[1]])  # the heads' outputs it reads
+    rest = _outputs(qkv) - q_width
+    if q_width % d or rest <= 0 or rest % (2 * d):
+        return None
+    h, kv = q_width // d, rest // (2 * d)
+    if h % kv:
+        return None
+    me = _join(path, "qkv_proj")
+    return AttentionBlock(
+        name=path,
+        projections=[
+            Projection(me, "q"),
+            Projection(me, "k", h * d),
+            Projection(me, "v", (h + kv) * d),
+        ],
+        out=_join(path, "o_proj"),
+        heads=h,
+        kv_heads=kv,
+        head_dim=d,
+        head_attrs=[(path, "config.num_attention_heads")],
+        kv_attrs=[(path, "num_key_value_heads")],
         group_attrs=[(path, "num_key_value_groups")],
     )
 

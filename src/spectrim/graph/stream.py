@@ -485,21 +485,39 @@ def _gpt2(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | No
 
 @register_stream("llama")
 def _llama(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
-    """LLaMA / Mistral / Qwen2: ``embed_tokens``, ``layers.i`` with ``input_layernorm →
-    self_attn.{q,k,v}_proj``, ``self_attn.o_proj``, ``post_attention_layernorm →
-    mlp.{gate,up}_proj``, ``mlp.down_proj``, and ``norm``.  Layers with more norms
-    (Gemma's sandwich norms) are not matched."""
+    """LLaMA / Mistral / Qwen2 / Gemma / Phi-3: ``embed_tokens``, ``layers.i`` with
+    ``input_layernorm → self_attn.{q,k,v}_proj`` (Phi-3: one ``qkv_proj``),
+    ``self_attn.o_proj``, ``post_attention_layernorm → mlp.{gate,up}_proj`` (Phi-3: one
+    ``gate_up_proj``), ``mlp.down_proj``, and ``norm``.  Layers with more norms (Gemma-2's
+    sandwich norms) are not matched."""
     if not _has(module, "embed_tokens", "layers", "norm"):
         return None
     blocks = _children(module, "layers")
     extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-    if not blocks or not all(
-        _has(b, "input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-        and _has(b.self_attn, "q_proj", "k_proj", "v_proj", "o_proj")
-        and _has(b.mlp, "gate_proj", "up_proj", "down_proj")
-        and not any(getattr(b, e, None) is not None for e in extra)
-        for b in blocks
-    ):
+
+    def reads(owner: nn.Module, split: tuple[str, ...], fused: str) -> list[str] | None:
+        if _has(owner, *split):
+            return list(split)
+        return [fused] if _has(owner, fused) else None
+
+    attn_in, mlp_in = [], []
+    for b in blocks:
+        if not _has(b, "input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            return None
+        if any(getattr(b, e, None) is not None for e in extra):
+            return None
+        q = reads(b.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+        g = reads(b.mlp, ("gate_proj", "up_proj"), "gate_up_proj")
+        if (
+            q is None
+            or g is None
+            or not _has(b.self_attn, "o_proj")
+            or not _has(b.mlp, "down_proj")
+        ):
+            return None
+        attn_in.append(q)
+        mlp_in.append(g)
+    if not blocks:
         return None
     d = _width(module, "embed_tokens")
     sites, writers = [], []
@@ -507,10 +525,8 @@ def _llama(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | N
         p = _join(path, f"layers.{i}")
         a, m = _join(p, "self_attn"), _join(p, "mlp")
         sites += [
-            NormSite(_join(p, "input_layernorm"), [_join(a, f"{r}_proj") for r in "qkv"]),
-            NormSite(
-                _join(p, "post_attention_layernorm"), [_join(m, "gate_proj"), _join(m, "up_proj")]
-            ),
+            NormSite(_join(p, "input_layernorm"), [_join(a, r) for r in attn_in[i]]),
+            NormSite(_join(p, "post_attention_layernorm"), [_join(m, r) for r in mlp_in[i]]),
         ]
         writers += [_join(a, "o_proj"), _join(m, "down_proj")]
     sites.append(NormSite(_join(path, "norm"), _head(model, path, d)))
