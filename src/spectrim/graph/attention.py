@@ -464,9 +464,11 @@ def _phi3(path: str, module: nn.Module) -> AttentionBlock | None:
     d = _attr(module, "head_dim")
     if d is None or _attr(config, "num_attention_heads") is None:
         return None
+    assert isinstance(out, nn.Module)
     kind = module_kind(out)
-    assert kind is not None and isinstance(out, nn.Module)
-    q_width = int(out.weight.shape[kind.weight_dims[1]])  # the heads' outputs it reads
+    weight = out.weight
+    assert kind is not None and isinstance(weight, torch.Tensor)
+    q_width = int(weight.shape[kind.weight_dims[1]])  # the heads' outputs it reads
     rest = _outputs(qkv) - q_width
     if q_width % d or rest <= 0 or rest % (2 * d):
         return None
