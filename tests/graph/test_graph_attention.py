@@ -332,13 +332,23 @@ def _held_out(family: str) -> torch.nn.Module:
         "gpt_bigcode": lambda: t.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4),
         "phi": lambda: t.PhiConfig(**small),
         "phi3": lambda: t.Phi3Config(num_key_value_heads=2, pad_token_id=0, **small),
+        "falcon": lambda: t.FalconConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+        ),  # multi-query
+        "falcon-mha": lambda: t.FalconConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            multi_query=False,
+        ),
         "gpt_neox": lambda: t.GPTNeoXConfig(**small),
     }
     return t.AutoModelForCausalLM.from_config(configs[family]()).eval()
 
 
 HELD_OUT = ["mistral", "qwen3", "gemma", "stablelm", "olmo", "mixtral", "gptj", "gpt_bigcode",
-            "phi", "phi3", "gpt_neox"]  # fmt: skip
+            "phi", "phi3", "gpt_neox", "falcon", "falcon-mha"]  # fmt: skip
 
 
 @pytest.mark.parametrize("family", HELD_OUT)
@@ -387,3 +397,23 @@ def test_phi3_layers_keep_their_own_head_counts() -> None:
     assert [(b.heads, b.kv_heads) for b in find_attention(model)] == [(2, 1), (4, 2)]
     ids = torch.randint(3, 64, (1, 5))
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_falcon_layouts_it_cannot_cut_are_left_alone() -> None:
+    """Falcon-40B's grouped ``[q… k v]`` per KV group and ALiBi (slopes built once for the
+    model's head count) are not matched, so ``heads=F`` refuses them by name rather than
+    removing the wrong rows."""
+    import spectrim
+
+    t = transformers
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    for cfg in (
+        t.FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **common),
+        t.FalconConfig(alibi=True, **common),
+    ):
+        torch.manual_seed(0)
+        model = t.FalconForCausalLM(cfg).eval()
+        assert find_attention(model) == []
+        with pytest.raises(ValueError, match="no attention layer in FalconForCausalLM"):
+            spectrim.compress(model, [{"input_ids": torch.randint(3, 64, (4, 8))}], "id",
+                              "heads=0.5")  # fmt: skip

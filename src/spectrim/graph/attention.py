@@ -493,6 +493,51 @@ def _phi3(path: str, module: nn.Module) -> AttentionBlock | None:
     )
 
 
+@register_attention("falcon")
+def _falcon(path: str, module: nn.Module) -> AttentionBlock | None:
+    """Falcon: a fused ``query_key_value`` and ``dense``; with ``multi_query`` (Falcon-7B)
+    ``[q | k | v]`` with one KV head, without it the heads interleaved ``[q₀ k₀ v₀ …]``.
+    Not matched: the grouped layout of ``new_decoder_architecture`` (Falcon-40B/180B) and
+    ALiBi (its slopes are built for the model's head count)."""
+    qkv, dense = getattr(module, "query_key_value", None), getattr(module, "dense", None)
+    config = getattr(module, "config", None)
+    multi_query = getattr(module, "multi_query", None)
+    if not isinstance(multi_query, bool) or not _linear(qkv) or not _linear(dense):
+        return None
+    if getattr(module, "new_decoder_architecture", True) or getattr(config, "alibi", True):
+        return None
+    d = _attr(module, "head_dim")
+    if d is None or _outputs(qkv) % d:
+        return None
+    rows = _outputs(qkv) // d
+    me = _join(path, "query_key_value")
+    if multi_query:
+        h, kv = rows - 2, 1
+        projections = [
+            Projection(me, "q"),
+            Projection(me, "k", h * d),
+            Projection(me, "v", h * d + d),
+        ]
+    else:
+        if rows % 3:
+            return None
+        h = kv = rows // 3
+        projections = [Projection(me, r, i * d, 3 * d) for i, r in enumerate("qkv")]
+    if h < 1:
+        return None
+    return AttentionBlock(
+        name=path,
+        projections=projections,
+        out=_join(path, "dense"),
+        heads=h,
+        kv_heads=kv,
+        head_dim=d,
+        head_attrs=[(path, "num_heads")],
+        kv_attrs=[(path, "num_kv_heads")],
+        group_attrs=[(path, "num_key_value_groups")],
+    )
+
+
 @register_attention("gpt_neox")
 def _gpt_neox(path: str, module: nn.Module) -> AttentionBlock | None:
     """GPT-NeoX (Pythia): a fused ``query_key_value`` Linear with its heads interleaved,
