@@ -25,7 +25,8 @@ from spectrim.graph.stream import NormExpand, StreamRMSNorm, find_stream, norm_a
 
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = ("gpt2", "llama", "gemma", "phi3", "opt", "bert", "distilbert", "t5")
+FAMILIES = ("gpt2", "llama", "gemma", "phi3", "gpt_neox", "gptj", "codegen", "phi", "falcon",
+            "opt", "bert", "distilbert", "t5")  # fmt: skip
 POST_LN = ("bert", "distilbert")
 
 
@@ -52,6 +53,17 @@ def _model(family: str) -> nn.Module:
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=60,
                          pad_token_id=0)
         )  # fmt: skip
+    elif family in ("gpt_neox", "gptj", "codegen", "phi", "falcon"):  # parallel blocks
+        small = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+        gpt = dict(vocab_size=60, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
+        cfg: Any = {
+            "gpt_neox": lambda: t.GPTNeoXConfig(intermediate_size=48, **small),
+            "gptj": lambda: t.GPTJConfig(**gpt),
+            "codegen": lambda: t.CodeGenConfig(**gpt),
+            "phi": lambda: t.PhiConfig(intermediate_size=48, **small),
+            "falcon": lambda: t.FalconConfig(**small),
+        }[family]()
+        m = t.AutoModelForCausalLM.from_config(cfg)
     elif family == "opt":
         m = t.OPTForCausalLM(
             t.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,

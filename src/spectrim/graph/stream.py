@@ -446,14 +446,103 @@ def _has(module: nn.Module, *names: str) -> bool:
 
 
 def _head(model: nn.Module, path: str, width: int) -> list[str]:
-    """A language-model head reading the final norm: ``lm_head`` beside the base model."""
+    """A language-model head reading the final norm: ``lm_head`` (GPT-NeoX:
+    ``embed_out``) beside the base model."""
     parent = path.rpartition(".")[0] if "." in path else ""
     for where in (parent, ""):
         owner = model.get_submodule(where) if where else model
-        head = getattr(owner, "lm_head", None)
-        if isinstance(head, nn.Linear) and head.in_features == width:
-            return [_join(where, "lm_head")]
+        for name in ("lm_head", "embed_out"):
+            head = getattr(owner, name, None)
+            if isinstance(head, nn.Linear) and head.in_features == width:
+                return [_join(where, name)]
     return []
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a pre-LN decoder keeps its parts (module names; ``norms`` maps each of a
+    block's norms to the linears reading it, in execution order)."""
+
+    embeddings: tuple[str, ...]
+    blocks: str
+    final: str
+    norms: tuple[tuple[str, tuple[str, ...]], ...]
+    writers: tuple[str, ...]
+
+
+#: decoders whose blocks the LLaMA and GPT-2 finders do not match (parallel attention and
+#: MLP reading one norm, other names)
+_LAYOUTS = {
+    "gpt_neox": _Layout(("embed_in",), "layers", "final_layer_norm",
+                        (("input_layernorm", ("attention.query_key_value",)),
+                         ("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+                        ("attention.dense", "mlp.dense_4h_to_h")),
+    "gptj": _Layout(("wte",), "h", "ln_f",
+                    (("ln_1", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")),),
+                    ("attn.out_proj", "mlp.fc_out")),
+    "codegen": _Layout(("wte",), "h", "ln_f",
+                       (("ln_1", ("attn.qkv_proj", "mlp.fc_in")),),
+                       ("attn.out_proj", "mlp.fc_out")),
+    "phi": _Layout(("embed_tokens",), "layers", "final_layernorm",
+                   (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj",
+                                         "self_attn.v_proj", "mlp.fc1")),),
+                   ("self_attn.dense", "mlp.fc2")),
+    "falcon-parallel": _Layout(("word_embeddings",), "h", "ln_f",
+                               (("input_layernorm", ("self_attention.query_key_value",
+                                                     "mlp.dense_h_to_4h")),),
+                               ("self_attention.dense", "mlp.dense_4h_to_h")),
+    "falcon": _Layout(("word_embeddings",), "h", "ln_f",
+                      (("input_layernorm", ("self_attention.query_key_value",)),
+                       ("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+                      ("self_attention.dense", "mlp.dense_4h_to_h")),
+}  # fmt: skip
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module | None:
+    """The submodule at a dotted path, or ``None``."""
+    for part in dotted.split("."):
+        nxt = getattr(module, part, None)
+        if not isinstance(nxt, nn.Module):
+            return None
+        module = nxt
+    return module
+
+
+@register_stream("pre-ln decoders")
+def _decoders(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
+    """GPT-NeoX (parallel residual or not), GPT-J, CodeGen, Phi and Falcon (parallel, or
+    with a norm before the MLP): a block's norms read the running sum, its attention and
+    MLP outputs are added to it (:data:`_LAYOUTS`).  A block with modules the layout does
+    not name among its linears (Falcon-40B's ``ln_attn``/``ln_mlp``) is not matched."""
+    for layout in _LAYOUTS.values():
+        if not all(_get(module, e) is not None for e in layout.embeddings):
+            continue
+        if _get(module, layout.final) is None or not _has(module, layout.blocks):
+            continue
+        blocks = _children(module, layout.blocks)
+        names = [n for n, _ in layout.norms] + [r for _, rs in layout.norms for r in rs]
+        names += list(layout.writers)
+        if not blocks or not all(all(_get(b, n) is not None for n in names) for b in blocks):
+            continue
+        norms = {n for n, _ in layout.norms}
+        if any(  # a norm the layout does not know (another arrangement of the block)
+            isinstance(m, nn.LayerNorm) or "norm" in type(m).__name__.lower()
+            for b in blocks
+            for n, m in b.named_children()
+            if n not in norms
+            and n not in {"self_attn", "self_attention", "attn", "attention", "mlp"}
+        ):
+            continue
+        d = _width(module, layout.embeddings[0].split(".")[-1])
+        sites, writers = [], []
+        for i in range(len(blocks)):
+            p = _join(path, f"{layout.blocks}.{i}")
+            sites += [NormSite(_join(p, n), [_join(p, r) for r in rs]) for n, rs in layout.norms]
+            writers += [_join(p, w) for w in layout.writers]
+        sites.append(NormSite(_join(path, layout.final), _head(model, path, d)))
+        emb = [_join(path, e) for e in layout.embeddings]
+        return ResidualStream(path or "model", "pre", d, emb, writers, sites)
+    return None
 
 
 @register_stream("gpt2")
