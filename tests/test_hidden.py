@@ -268,6 +268,19 @@ def test_olmo_and_granite_streams_are_rewritten_exactly() -> None:
         torch.testing.assert_close(_out(model, batch), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_decoder_with_a_norm_outside_the_layout_is_not_matched() -> None:
+    """BLOOM's blocks carry Falcon's names, but BLOOM normalises its embeddings before the
+    first block (``word_embeddings_layernorm``), a norm no layout has a place for: matched
+    as Falcon, the narrowed stream crashed in that norm with a shape error.  It is now
+    refused by name."""
+    model = transformers.BloomForCausalLM(
+        transformers.BloomConfig(vocab_size=60, hidden_size=32, n_layer=2, n_head=4)
+    ).eval()
+    assert find_stream(model) is None
+    with pytest.raises(ValueError, match="no residual stream in BloomForCausalLM"):
+        spectrim.compress(model, _batches(), "id", "hidden=0.75")
+
+
 def test_a_stream_with_a_projection_inside_is_named() -> None:
     """ELECTRA's embeddings are narrower than the stream (``embeddings_project`` maps them
     up): the BERT finder's structure matches, the widths do not, and the module that

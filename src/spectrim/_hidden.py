@@ -506,7 +506,8 @@ def hidden_run(
     if found is None:
         raise ValueError(
             f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
-            "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2/Gemma/Phi-3, OPT, T5 encoders, "
+            "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2/Gemma/Phi-3, GPT-NeoX, GPT-J, "
+            "CodeGen, Phi, Falcon, OPT, T5 encoders, "
             "BERT-family and DistilBERT models; register others with "
             "spectrim.graph.stream.register_stream)"
         )

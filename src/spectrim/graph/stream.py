@@ -508,6 +508,10 @@ def _get(module: nn.Module, dotted: str) -> nn.Module | None:
     return module
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm | nn.RMSNorm) or "norm" in type(module).__name__.lower()
+
+
 @register_stream("pre-ln decoders")
 def _decoders(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
     """GPT-NeoX (parallel residual or not), GPT-J, CodeGen, Phi and Falcon (parallel, or
@@ -524,13 +528,13 @@ def _decoders(path: str, module: nn.Module, model: nn.Module) -> ResidualStream 
         names += list(layout.writers)
         if not blocks or not all(all(_get(b, n) is not None for n in names) for b in blocks):
             continue
-        norms = {n for n, _ in layout.norms}
-        if any(  # a norm the layout does not know (another arrangement of the block)
-            isinstance(m, nn.LayerNorm) or "norm" in type(m).__name__.lower()
-            for b in blocks
-            for n, m in b.named_children()
-            if n not in norms
-            and n not in {"self_attn", "self_attention", "attn", "attention", "mlp"}
+        known = {n for n, _ in layout.norms} | {"self_attn", "self_attention", "attn", "mlp"}
+        owners = [(b, known | {"attention"}) for b in blocks] + [(module, {layout.final})]
+        if any(  # a norm the layout does not know: another arrangement of the block, or
+            _is_norm(m)  # one of the model's (BLOOM normalises its embeddings first)
+            for owner, names in owners
+            for n, m in owner.named_children()
+            if n not in names
         ):
             continue
         d = _width(module, layout.embeddings[0].split(".")[-1])
