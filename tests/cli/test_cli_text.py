@@ -269,3 +269,36 @@ def test_text_header_option_keeps_a_first_row_of_sentences(command: str, tmp_pat
                         ("no", ["A cat sat.", "Two dogs ran.", "The sun set."])):  # fmt: skip
         found, got, _ = _text_rows(build_parser().parse_args([*base, "--text-header", flag]))
         assert got == texts and found.header == (flag == "auto")
+
+
+def test_a_causal_lm_folder_is_measured_by_its_next_tokens(
+    minilm_dir: Path, sentences_csv: Path, tmp_path: Path
+) -> None:
+    """A causal LM's outputs are next-token logits, not token vectors to pool: ``compress``
+    on its folder stopped at the evaluation with "does not return token vectors".  It now
+    reports the next-token agreement, the mean KL divergence and both perplexities on the
+    held-out texts, and ``eval`` of the saved folder gives the same numbers.  A tiny
+    multi-query Falcon with MiniLM's tokenizer (random weights; heads, FFN and stream)."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4)  # fmt: skip
+    folder = tmp_path / "falcon"
+    transformers.FalconForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out_dir, report, again = tmp_path / "small", tmp_path / "r.json", tmp_path / "e.json"
+    common = ["--data", str(sentences_csv), "--text-column", "sentence", "--max-length", "32"]
+    argv = ["compress", "--model", str(folder), *common, "--calib", "64", "--target",
+            "macs=0.7", "--heads", "--hidden", "--out", str(out_dir), "--json", str(report),
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    s = json.loads(report.read_text())
+    assert s["eval_texts"] == 96 and s["eval_tokens"] > 96 and "cosine_mean" not in s
+    assert 0.0 < s["next_token_agreement"] < 1.0 and s["kl_mean"] > 0.0
+    assert s["reference_perplexity"] > 1.0 and s["macs_ratio"] <= 0.7 + 1e-3
+    assert main(["eval", "--model", str(out_dir), *common, "--json", str(again), "--quiet"]) == 0
+    e = json.loads(again.read_text())
+    assert e["calibration_left_out"] == 64 and e["n"] == 96
+    for key in ("next_token_agreement", "kl_mean", "perplexity", "reference_perplexity"):
+        assert e[key] == pytest.approx(s[key], rel=1e-6), key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -310,3 +311,37 @@ def test_invalid_labels_and_data_raise() -> None:
         accuracy(model, [(x, torch.zeros(5, dtype=torch.long))])
     with pytest.raises(ValueError, match="batch_size"):
         predict(model, x, batch_size=0)
+
+
+def test_language_model_fidelity_matches_the_models_own_loss() -> None:
+    """Brute force: the perplexity is exp of Hugging Face's own causal-LM loss over the
+    same real next tokens (padding excluded by ``labels=-100``); a model against itself
+    agrees everywhere with zero KL, and a different model does neither."""
+    transformers = pytest.importorskip("transformers")
+    from spectrim.evaluation import is_causal_lm, language_model_fidelity
+
+    def gpt(seed: int) -> Any:
+        torch.manual_seed(seed)
+        cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+
+    model, other = gpt(0), gpt(1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    mask[2, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    same = language_model_fidelity(model, model, [{"input_ids": ids, "attention_mask": mask}])
+    assert same["reference_perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert same["perplexity"] == pytest.approx(same["reference_perplexity"], rel=1e-12)
+    assert same["tokens"] == 8 + 5 + 3 and same["n"] == 3
+    assert same["agreement"] == 1.0 and abs(same["kl_mean"]) < 1e-12
+    diff = language_model_fidelity(other, model, [{"input_ids": ids, "attention_mask": mask}])
+    assert diff["reference_perplexity"] == pytest.approx(same["reference_perplexity"])
+    assert diff["kl_mean"] > 1e-4 and diff["agreement"] < 1.0
+    assert is_causal_lm(model) and not is_causal_lm(transformers.BertModel(
+        transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=16, vocab_size=30)))  # fmt: skip

@@ -466,7 +466,7 @@ def _compress_text(
     from spectrim.api import compress
     from spectrim.calibration.text import text_batches
     from spectrim.distributed import Team
-    from spectrim.evaluation import compare_latency, embedding_fidelity
+    from spectrim.evaluation import compare_latency
     from spectrim.io import save_compressed
 
     resolved = resolve_model(
@@ -513,7 +513,7 @@ def _compress_text(
     small, report = compress(model, calib, **kwargs)
     if not Team().is_root:
         return 0
-    fidelity = embedding_fidelity(small, model, evaluation)
+    fidelity, line = _text_fidelity(small, model, evaluation)
     latency = None
     if args.latency:
         latency = compare_latency(
@@ -541,10 +541,9 @@ def _compress_text(
         "order": order,
         "calibration_texts": len(calib_texts),
         "search_texts": len(search_texts),
-        "eval_texts": fidelity["n"],
+        "eval_texts": fidelity.pop("n"),
         **_costs(report),
-        "cosine_mean": fidelity["cosine_mean"],
-        "cosine_min": fidelity["cosine_min"],
+        **fidelity,
         **_outcome(report, t_start, saved, latency),
     }
     write_json(summary, args.json)
@@ -558,9 +557,7 @@ def _compress_text(
             file=out,
         )
         print(
-            f"mean-pooled output cosine to the original: mean {fidelity['cosine_mean']:.4f}, "
-            f"worst {fidelity['cosine_min']:.4f} on {fidelity['n']} texts | compressed in "
-            f"{report.seconds:.1f} s",
+            f"{line} on {summary['eval_texts']} texts | compressed in {report.seconds:.1f} s",
             file=out,
         )
         _print_tail(out, latency, report, saved)
@@ -727,12 +724,44 @@ def _print_eval_latency(out: Any, summary: Mapping[str, Any]) -> None:
         )
 
 
+def _text_fidelity(
+    model: torch.nn.Module, reference: torch.nn.Module, batches: list[dict[str, Any]]
+) -> tuple[dict[str, Any], str]:
+    """How close ``model`` stays to ``reference`` on tokenised texts, and a line saying so:
+    for an encoder the cosine of the mean-pooled outputs, for a causal LM (it generates)
+    the next-token agreement, the mean KL divergence and both perplexities."""
+    from spectrim.evaluation import embedding_fidelity, is_causal_lm, language_model_fidelity
+
+    if is_causal_lm(reference):
+        f = language_model_fidelity(model, reference, batches)
+        fields = {
+            "n": f["n"],
+            "eval_tokens": f["tokens"],
+            "next_token_agreement": f["agreement"],
+            "kl_mean": f["kl_mean"],
+            "perplexity": f["perplexity"],
+            "reference_perplexity": f["reference_perplexity"],
+        }
+        line = (
+            f"next-token agreement with the original {f['agreement']:.4f}, mean KL "
+            f"{f['kl_mean']:.4f} nats, perplexity {f['perplexity']:.2f} (original "
+            f"{f['reference_perplexity']:.2f}) over {f['tokens']} tokens"
+        )
+        return fields, line
+    e = embedding_fidelity(model, reference, batches)
+    line = (
+        f"mean-pooled output cosine to the original: mean {e['cosine_mean']:.4f}, "
+        f"worst {e['cosine_min']:.4f}"
+    )
+    return {"n": e["n"], "cosine_mean": e["cosine_mean"], "cosine_min": e["cosine_min"]}, line
+
+
 def _eval_text(args: argparse.Namespace, out: Any) -> int:
     """``eval`` of a Hugging Face model (or a compressed one) on a text file: parameters,
     MACs and, against the reference (by default the original folder a compressed one was
     made from), the cosine of the mean-pooled outputs."""
     from spectrim.calibration.text import text_batches
-    from spectrim.evaluation import compare_latency, embedding_fidelity, profile
+    from spectrim.evaluation import compare_latency, profile
 
     trust = args.trust_pickle
     resolved = resolve_model(args.model, trust_pickle=trust)
@@ -767,8 +796,11 @@ def _eval_text(args: argparse.Namespace, out: Any) -> int:
         "macs": cost.macs,
         "reference": reference_label,
     }
+    line = ""
     if reference is not None:
-        summary.update(embedding_fidelity(model, reference, batches))
+        fidelity, line = _text_fidelity(model, reference, batches)
+        fidelity.pop("n")
+        summary.update(fidelity)
         ref_cost = profile(reference, batches[0])
         summary["params_ratio"] = cost.params / ref_cost.params if ref_cost.params else None
         summary["macs_ratio"] = cost.macs / ref_cost.macs if ref_cost.macs else None
@@ -784,8 +816,7 @@ def _eval_text(args: argparse.Namespace, out: Any) -> int:
         if reference is not None:
             print(
                 f"against {reference_label}: params {summary['params_ratio']:.3f}, MACs "
-                f"{summary['macs_ratio']:.3f}, mean-pooled output cosine mean "
-                f"{summary['cosine_mean']:.4f}, worst {summary['cosine_min']:.4f}",
+                f"{summary['macs_ratio']:.3f}, {line}",
                 file=out,
             )
         _print_eval_latency(out, summary)

@@ -20,6 +20,8 @@ from spectrim.evaluation.metrics import (
     agreement,
     embedding_fidelity,
     evaluate,
+    is_causal_lm,
+    language_model_fidelity,
     output_fidelity,
     predict,
 )
@@ -35,6 +37,8 @@ __all__ = [
     "count_params",
     "embedding_fidelity",
     "evaluate",
+    "is_causal_lm",
+    "language_model_fidelity",
     "measure_latency",
     "output_fidelity",
     "predict",

@@ -67,6 +67,8 @@ __all__ = [
     "agreement_from_logits",
     "embedding_fidelity",
     "evaluate",
+    "is_causal_lm",
+    "language_model_fidelity",
     "output_fidelity",
     "predict",
 ]
@@ -416,3 +418,80 @@ def embedding_fidelity(
         raise ValueError("embedding_fidelity: no batches")
     c = torch.cat(cos)
     return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "n": int(c.numel())}
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face model that generates text (``can_generate()``):
+    its outputs are next-token logits, not token vectors to pool.
+
+    Example::
+
+        >>> is_causal_lm(nn.Linear(2, 2))
+        False
+    """
+    can = getattr(model, "can_generate", None)
+    return bool(callable(can) and can())
+
+
+def language_model_fidelity(
+    model: nn.Module, reference: nn.Module, batches: Iterable[Mapping[str, Any]]
+) -> dict[str, float]:
+    """How close a compressed causal LM stays to the original on tokenised text.
+
+    At every real position that has a real next token (``attention_mask`` 1 at both; any
+    padding side), both models' next-token distributions are compared.  Returns
+    ``perplexity`` and ``reference_perplexity`` (exp of the mean cross-entropy of the
+    true next tokens), ``agreement`` (the share of positions where the two predict the
+    same top token), ``kl_mean`` (the mean ``KL(reference ‖ model)`` in nats), ``n``
+    (texts) and ``tokens`` (positions scored).
+
+    Example::
+
+        >>> import transformers
+        >>> cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30)
+        >>> gpt = transformers.GPT2LMHeadModel(cfg).eval()
+        >>> batch = {"input_ids": torch.randint(0, 30, (2, 6)), "attention_mask": torch.ones(2, 6)}
+        >>> r = language_model_fidelity(gpt, gpt, [batch])
+        >>> r["agreement"], r["kl_mean"] < 1e-12, r["tokens"]
+        (1.0, True, 10)
+    """
+    nll, ref_nll, kl, agree, tokens, texts = 0.0, 0.0, 0.0, 0, 0, 0
+    with eval_mode(model, reference), torch.no_grad():
+        for batch in batches:
+            if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                raise ValueError(
+                    "language_model_fidelity needs dict batches with 'input_ids' (tokenised text)"
+                )
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask
+            real = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)  # position t predicts token t + 1
+            logp = []
+            for m in (model, reference):
+                out = call_model(m, to_device(dict(batch), model_device(m)))
+                logits = getattr(out, "logits", None)
+                if logits is None:
+                    logits = out[0] if isinstance(out, (tuple, list)) else out
+                if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+                    raise ValueError(
+                        f"{type(m).__name__} does not return next-token logits "
+                        "(batch, tokens, vocabulary)"
+                    )
+                logp.append(F.log_softmax(logits[:, :-1].double().cpu()[real], dim=-1))
+            target = ids[:, 1:][real].cpu()
+            nll -= float(logp[0].gather(1, target[:, None]).sum())
+            ref_nll -= float(logp[1].gather(1, target[:, None]).sum())
+            kl += float((logp[1].exp() * (logp[1] - logp[0])).sum())
+            agree += int((logp[0].argmax(-1) == logp[1].argmax(-1)).sum())
+            tokens += int(target.numel())
+            texts += int(ids.shape[0])
+    if not tokens:
+        raise ValueError("language_model_fidelity: no position with a next token to score")
+    return {
+        "perplexity": math.exp(nll / tokens),
+        "reference_perplexity": math.exp(ref_nll / tokens),
+        "agreement": agree / tokens,
+        "kl_mean": kl / tokens,
+        "n": texts,
+        "tokens": tokens,
+    }
