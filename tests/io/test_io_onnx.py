@@ -54,6 +54,42 @@ def test_a_head_pruned_encoder_exports_with_dynamic_tokens(tmp_path: Path) -> No
     assert result["max_abs_diff"] < 1e-4 and result["inputs"] == ["input_ids", "attention_mask"]
 
 
+def test_a_head_pruned_causal_lm_exports_its_next_token_logits(tmp_path: Path) -> None:
+    """A causal LM returns a key/value cache the exporter cannot write (it failed on
+    ``DynamicCache``): it is exported as its next-token logits without the cache.  Where
+    the exporter also fails on the dynamic axes (Hugging Face decoders with torch 2.14),
+    the file has the example's shapes and says so.  The model's mode is left as it was."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPTBigCodeConfig(vocab_size=60, n_embd=32, n_layer=2, n_head=4)
+    lm = transformers.GPTBigCodeForCausalLM(cfg).eval()
+    calib = [{"input_ids": torch.randint(0, 60, (8, 10))} for _ in range(4)]
+    small, _ = spectrim.compress(lm, calib, "id", "heads=0.5", sequential=False)
+    example = {"input_ids": torch.randint(0, 60, (2, 6)),
+               "attention_mask": torch.ones(2, 6, dtype=torch.long)}  # fmt: skip
+    result = export_onnx(small, example, tmp_path / "lm.onnx")
+    assert result["outputs"] == 1 and result["max_abs_diff"] < 1e-4
+    assert result["dynamic"] or "fixed shapes" in result["note"]
+    assert not small.training and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_file_that_computes_otherwise_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The onnxruntime check runs before the file replaces anything: outputs further from
+    PyTorch's than ``rtol`` allows leave the old file as it was and raise."""
+    import spectrim.io.onnx as onnx_io
+
+    target = tmp_path / "net.onnx"
+    target.write_bytes(b"old")
+    monkeypatch.setattr(onnx_io, "_check", lambda *a: (0.5, 1.0, ["x"], 1))
+    with pytest.raises(RuntimeError, match=r"differ from PyTorch's by up to 0\.5.*not written"):
+        export_onnx(nn.Linear(2, 2).eval(), torch.randn(1, 2), target)
+    assert target.read_bytes() == b"old" and not list(tmp_path.glob(".*.tmp"))
+    result = export_onnx(nn.Linear(2, 2).eval(), torch.randn(1, 2), target, rtol=None)
+    assert result["max_abs_diff"] == 0.5  # reported, not refused
+
+
 def test_missing_onnxruntime_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match="onnxruntime"):

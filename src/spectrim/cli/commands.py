@@ -607,6 +607,8 @@ def run_export(args: argparse.Namespace) -> int:
             f"{result['max_abs_diff']:.3g} over {result['outputs']} output(s)",
             file=out,
         )
+        if result.get("note"):
+            print(f"note: {result['note']}", file=out)
     return 0
 
 
