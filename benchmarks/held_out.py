@@ -47,7 +47,7 @@ from spectrim.io.manifest import load_compressed, save_compressed
 SMOKE = ["--hf", "gpt_bigcode", "phi3", "--timm", "resnet10t", "--images", "48"]  # fmt: skip
 
 VOCAB = 100
-ENCODERS = {"albert", "electra", "deberta-v2", "roberta", "mpnet", "xlm-roberta"}
+ENCODERS = {"albert", "electra", "deberta-v2", "deberta-v3", "roberta", "mpnet", "xlm-roberta"}
 
 
 def hf_configs() -> dict[str, Callable[[], Any]]:
@@ -57,6 +57,7 @@ def hf_configs() -> dict[str, Callable[[], Any]]:
     s = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4)  # fmt: skip
     gpt = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4)
+    relative = dict(relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"])
     return {
         "mistral": lambda: t.MistralConfig(num_key_value_heads=2, **s),
         "qwen2": lambda: t.Qwen2Config(num_key_value_heads=2, **s),
@@ -79,6 +80,7 @@ def hf_configs() -> dict[str, Callable[[], Any]]:
         "albert": lambda: t.AlbertConfig(embedding_size=16, **s),
         "electra": lambda: t.ElectraConfig(embedding_size=16, **s),
         "deberta-v2": lambda: t.DebertaV2Config(**s),
+        "deberta-v3": lambda: t.DebertaV2Config(**relative, **s),
         "roberta": lambda: t.RobertaConfig(**s),
         "xlm-roberta": lambda: t.XLMRobertaConfig(**s),
         "mpnet": lambda: t.MPNetConfig(**s),

@@ -192,7 +192,7 @@ def heads_run(
     if not blocks:
         raise ValueError(
             f"target {tgt}: no attention layer in {type(work).__name__} that spectrim "
-            "recognises (Hugging Face BERT-family, DistilBERT, GPT-2, GPTBigCode, GPT-NeoX, Falcon, "
+            "recognises (Hugging Face BERT-family, DeBERTa, DistilBERT, GPT-2, GPTBigCode, GPT-NeoX, Falcon, "
             "LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT and ViT attention, timm ViT attention, "
             "nn.MultiheadAttention; register others with "
             "spectrim.graph.attention.register_attention)"

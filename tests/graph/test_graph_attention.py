@@ -417,3 +417,40 @@ def test_falcon_layouts_it_cannot_cut_are_left_alone() -> None:
         with pytest.raises(ValueError, match="no attention layer in FalconForCausalLM"):
             spectrim.compress(model, [{"input_ids": torch.randint(3, 64, (4, 8))}], "id",
                               "heads=0.5")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [{}, {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "share_att_key": False},
+     {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "share_att_key": True,
+      "position_buckets": 8}],
+    ids=["plain", "separate-position-projections", "shared-key"],
+)  # fmt: skip
+def test_deberta_heads_are_removed_exactly(relative: dict[str, Any]) -> None:
+    """DeBERTa-v2/v3: the disentangled attention projects the relative positions per head,
+    with the layer's own query and key (``share_att_key``) or with ``pos_key_proj`` /
+    ``pos_query_proj``, which lose the same heads' rows.  Heads with zero values go
+    exactly in each arrangement."""
+    import spectrim
+
+    torch.manual_seed(0)
+    cfg = transformers.DebertaV2Config(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=2, num_attention_heads=4, **relative)  # fmt: skip
+    model = transformers.DebertaV2Model(cfg).eval()
+    modules = dict(model.named_modules())
+    blocks = find_attention(model)
+    expected = 5 if relative.get("share_att_key") is False else 3
+    assert [len(b.projections) for b in blocks] == [expected, expected]
+    with torch.no_grad():
+        for b in blocks:
+            (v,) = [p for p in b.projections if p.role == "v"]
+            rows = torch.as_tensor(b.projection_rows(v, range(2, 4)))
+            modules[v.module].weight[rows] = 0.0
+            modules[v.module].bias[rows] = 0.0
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 64, (8, 12), generator=g)} for _ in range(3)]
+    small, _ = spectrim.compress(model, batches, "id", "heads=0.5", sequential=False)
+    assert [b.heads for b in find_attention(small)] == [2, 2]
+    with torch.no_grad():
+        want, got = model(**batches[0]).last_hidden_state, small(**batches[0]).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -311,33 +311,46 @@ def _linear(m: object) -> bool:
     return kind is not None and kind.in_size is not None and kind.slice is not None
 
 
+#: (query, key, value) names under ``attention.self`` and the extra per-head projections
+#: (name, role) of each BERT-layout family: BERT/RoBERTa/ELECTRA, and DeBERTa-v2/v3, whose
+#: disentangled attention projects relative positions per head (with the layer's query
+#: and key under ``share_att_key``, else with ``pos_key_proj`` / ``pos_query_proj``)
+_BERT_LAYOUTS = (
+    (("query", "key", "value"), ()),
+    (("query_proj", "key_proj", "value_proj"), (("pos_key_proj", "k"), ("pos_query_proj", "q"))),
+)
+
+
 @register_attention("bert")
 def _bert(path: str, module: nn.Module) -> AttentionBlock | None:
-    """HF BERT family: ``attention.self.{query,key,value}`` and ``attention.output.dense``."""
+    """HF BERT family and DeBERTa: ``attention.self.{query,key,value}`` (DeBERTa:
+    ``…_proj`` and its position projections where present) and ``attention.output.dense``."""
     inner = getattr(module, "self", None)
     out = getattr(getattr(module, "output", None), "dense", None)
     if not isinstance(inner, nn.Module) or not _linear(out):
         return None
-    if not all(_linear(getattr(inner, r, None)) for r in ("query", "key", "value")):
-        return None
-    d = _attr(inner, "attention_head_size")
-    q_out = _outputs(inner.query)
-    if d is None or q_out % d:
-        return None
-    h = q_out // d  # the weights, not the attributes, say how many heads are left
-    me = _join(path, "self")
-    return AttentionBlock(
-        name=path,
-        projections=[
-            Projection(_join(me, n), r) for n, r in (("query", "q"), ("key", "k"), ("value", "v"))
-        ],
-        out=_join(path, "output", "dense"),
-        heads=h,
-        kv_heads=h,
-        head_dim=d,
-        head_attrs=[(me, "num_attention_heads")],
-        width_attrs=[(me, "all_head_size")],
-    )
+    for qkv, extra in _BERT_LAYOUTS:
+        if not all(_linear(getattr(inner, r, None)) for r in qkv):
+            continue
+        d = _attr(inner, "attention_head_size")
+        q_out = _outputs(getattr(inner, qkv[0]))
+        if d is None or q_out % d:
+            return None
+        h = q_out // d  # the weights, not the attributes, say how many heads are left
+        me = _join(path, "self")
+        roles = [*zip(qkv, "qkv", strict=True)]
+        roles += [(n, r) for n, r in extra if _linear(getattr(inner, n, None))]
+        return AttentionBlock(
+            name=path,
+            projections=[Projection(_join(me, n), r) for n, r in roles],
+            out=_join(path, "output", "dense"),
+            heads=h,
+            kv_heads=h,
+            head_dim=d,
+            head_attrs=[(me, "num_attention_heads")],
+            width_attrs=[(me, "all_head_size")],
+        )
+    return None
 
 
 def _attr(module: nn.Module, *names: str) -> int | None:
