@@ -288,3 +288,23 @@ def test_reshape_as_follows_a_tensor_with_the_same_channels_only() -> None:
     literal = analyze_channels(_ReshapeAs(False).eval(), x)
     assert not literal.prunable
     assert "reshapes the channel axis to another tensor's shape" in (literal.groups[0].pinned or "")
+
+
+def test_a_channel_produced_unevenly_often_is_pinned_not_a_crash() -> None:
+    """One producer whose channels come out a different number of times (channels 0 and 1
+    tied by a swap, 2 and 3 alone) cannot be sliced as one group: it is pinned.  Tied
+    parts of a fused projection, each channel equally often, are followed instead
+    (tests/graph/test_architectures.py, Phi-3)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 5, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y + torch.cat([y[:, 1:2], y[:, 0:1], y[:, 2:4]], 1))
+
+    analysis = analyze_channels(Net().eval(), torch.randn(2, 3, 8, 8))
+    (group,) = [g for g in analysis.groups if g.producers == ["a"]]
+    assert group.pinned is not None and not group.producer_copies

@@ -755,10 +755,10 @@ class _Analyzer:
                 where: dict[int, list[int]] = {}
                 for p, c in enumerate(out_labels[pname].tolist()):
                     where.setdefault(c, []).append(p)
-                rows = np.asarray([where[c] for c in classes], dtype=np.int64).T  # (r, width)
-                pchan[pname] = rows[0]
-                if len(rows) > 1:
-                    copies[pname] = rows
+                at = [where[c] for c in classes]
+                pchan[pname] = np.asarray([ps[0] for ps in at], dtype=np.int64)
+                if len({len(ps) for ps in at}) == 1 and len(at[0]) > 1:  # r rows per channel
+                    copies[pname] = np.asarray(at, dtype=np.int64).T  # (r, width)
             group = UnitGroup(gi, key[0], arr, list(key), consumers, passengers, reason, pchan)
             group.producer_copies = copies
             groups.append(group)
