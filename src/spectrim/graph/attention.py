@@ -420,6 +420,36 @@ def _distilbert(path: str, module: nn.Module) -> AttentionBlock | None:
     )
 
 
+def _fused(module: str, heads: int, kv_heads: int, d: int) -> list[Projection]:
+    """``[q | k | v]`` along one module's outputs: the query heads, then the KV heads'
+    keys and values."""
+    return [
+        Projection(module, "q"),
+        Projection(module, "k", heads * d),
+        Projection(module, "v", (heads + kv_heads) * d),
+    ]
+
+
+def _interleaved(module: str, d: int) -> list[Projection]:
+    """``[q₀ k₀ v₀ q₁ k₁ v₁ …]``: the three roles interleaved head by head
+    (``view(…, heads, 3·d)``)."""
+    return [Projection(module, r, i * d, 3 * d) for i, r in enumerate("qkv")]
+
+
+def _query_key_value(
+    module: str, width: int, d: int, multi_query: bool
+) -> tuple[int, int, list[Projection]] | None:
+    """``(heads, kv_heads, projections)`` of a fused projection ``width`` rows wide that is
+    ``[q | k | v]`` with one KV head (``multi_query``) or interleaved head by head
+    (GPTBigCode, Falcon); ``None`` if the width fits neither."""
+    if width % d:
+        return None
+    rows = width // d
+    if multi_query:
+        return (rows - 2, 1, _fused(module, rows - 2, 1, d)) if rows >= 3 else None
+    return (rows // 3, rows // 3, _interleaved(module, d)) if rows % 3 == 0 else None
+
+
 @register_attention("gpt_bigcode")
 def _gpt_bigcode(path: str, module: nn.Module) -> AttentionBlock | None:
     """GPTBigCode (SantaCoder, StarCoder): a fused ``c_attn`` Linear and ``c_proj``.  With
@@ -435,22 +465,10 @@ def _gpt_bigcode(path: str, module: nn.Module) -> AttentionBlock | None:
     d = _attr(module, "head_dim")
     if d is None:
         return None
-    width = _outputs(c_attn)
-    me = _join(path, "c_attn")
-    if multi_query:
-        if width % d or width // d < 3:
-            return None
-        h, kv = width // d - 2, 1
-        projections = [
-            Projection(me, "q"),
-            Projection(me, "k", h * d),
-            Projection(me, "v", h * d + d),
-        ]
-    else:
-        if width % (3 * d):
-            return None
-        h = kv = width // (3 * d)
-        projections = [Projection(me, r, i * d, 3 * d) for i, r in enumerate("qkv")]
+    found = _query_key_value(_join(path, "c_attn"), _outputs(c_attn), d, multi_query)
+    if found is None:
+        return None
+    h, kv, projections = found
     return AttentionBlock(
         name=path,
         projections=projections,
@@ -488,14 +506,9 @@ def _phi3(path: str, module: nn.Module) -> AttentionBlock | None:
     h, kv = q_width // d, rest // (2 * d)
     if h % kv:
         return None
-    me = _join(path, "qkv_proj")
     return AttentionBlock(
         name=path,
-        projections=[
-            Projection(me, "q"),
-            Projection(me, "k", h * d),
-            Projection(me, "v", (h + kv) * d),
-        ],
+        projections=_fused(_join(path, "qkv_proj"), h, kv, d),
         out=_join(path, "o_proj"),
         heads=h,
         kv_heads=kv,
@@ -520,24 +533,12 @@ def _falcon(path: str, module: nn.Module) -> AttentionBlock | None:
     if getattr(module, "new_decoder_architecture", True) or getattr(config, "alibi", True):
         return None
     d = _attr(module, "head_dim")
-    if d is None or _outputs(qkv) % d:
+    if d is None:
         return None
-    rows = _outputs(qkv) // d
-    me = _join(path, "query_key_value")
-    if multi_query:
-        h, kv = rows - 2, 1
-        projections = [
-            Projection(me, "q"),
-            Projection(me, "k", h * d),
-            Projection(me, "v", h * d + d),
-        ]
-    else:
-        if rows % 3:
-            return None
-        h = kv = rows // 3
-        projections = [Projection(me, r, i * d, 3 * d) for i, r in enumerate("qkv")]
-    if h < 1:
+    found = _query_key_value(_join(path, "query_key_value"), _outputs(qkv), d, multi_query)
+    if found is None:
         return None
+    h, kv, projections = found
     return AttentionBlock(
         name=path,
         projections=projections,
@@ -562,10 +563,9 @@ def _gpt_neox(path: str, module: nn.Module) -> AttentionBlock | None:
     if d is None or _outputs(qkv) % (3 * d):
         return None
     h = _outputs(qkv) // (3 * d)
-    me = _join(path, "query_key_value")
     return AttentionBlock(
         name=path,
-        projections=[Projection(me, r, i * d, 3 * d) for i, r in enumerate("qkv")],
+        projections=_interleaved(_join(path, "query_key_value"), d),
         out=_join(path, "dense"),
         heads=h,
         kv_heads=h,
@@ -589,11 +589,10 @@ def _gpt2(path: str, module: nn.Module) -> AttentionBlock | None:
     if width % (3 * d):
         return None
     h = width // (3 * d)
-    split = h * d
     me = _join(path, "c_attn")
     return AttentionBlock(
         name=path,
-        projections=[Projection(me, r, i * split) for i, r in enumerate(("q", "k", "v"))],
+        projections=_fused(me, h, h, d),
         out=_join(path, "c_proj"),
         heads=h,
         kv_heads=h,
@@ -624,7 +623,7 @@ def _timm(path: str, module: nn.Module) -> AttentionBlock | None:
     h = width // (3 * d)
     return AttentionBlock(
         name=path,
-        projections=[Projection(_join(path, "qkv"), r, i * h * d) for i, r in enumerate("qkv")],
+        projections=_fused(_join(path, "qkv"), h, h, d),
         out=_join(path, "proj"),
         heads=h,
         kv_heads=h,
@@ -826,7 +825,7 @@ def _head_attention(path: str, module: nn.Module) -> AttentionBlock | None:
     h = _outputs(module.in_proj) // (3 * d)
     return AttentionBlock(
         name=path,
-        projections=[Projection(_join(path, "in_proj"), r, i * h * d) for i, r in enumerate("qkv")],
+        projections=_fused(_join(path, "in_proj"), h, h, d),
         out=_join(path, "out_proj"),
         heads=h,
         kv_heads=h,
