@@ -516,8 +516,9 @@ def _is_norm(module: nn.Module) -> bool:
 def _decoders(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
     """GPT-NeoX (parallel residual or not), GPT-J, CodeGen, Phi and Falcon (parallel, or
     with a norm before the MLP): a block's norms read the running sum, its attention and
-    MLP outputs are added to it (:data:`_LAYOUTS`).  A block with modules the layout does
-    not name among its linears (Falcon-40B's ``ln_attn``/``ln_mlp``) is not matched."""
+    MLP outputs are added to it (:data:`_LAYOUTS`).  A model with a norm the layout has no
+    place for (Falcon-40B's ``ln_attn``/``ln_mlp``, BLOOM's embedding LayerNorm) is not
+    matched."""
     for layout in _LAYOUTS.values():
         if not all(_get(module, e) is not None for e in layout.embeddings):
             continue
@@ -532,9 +533,9 @@ def _decoders(path: str, module: nn.Module, model: nn.Module) -> ResidualStream 
         owners = [(b, known | {"attention"}) for b in blocks] + [(module, {layout.final})]
         if any(  # a norm the layout does not know: another arrangement of the block, or
             _is_norm(m)  # one of the model's (BLOOM normalises its embeddings first)
-            for owner, names in owners
+            for owner, allowed in owners
             for n, m in owner.named_children()
-            if n not in names
+            if n not in allowed
         ):
             continue
         d = _width(module, layout.embeddings[0].split(".")[-1])
