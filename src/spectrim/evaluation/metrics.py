@@ -468,11 +468,11 @@ def language_model_fidelity(
             real = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)  # position t predicts token t + 1
             logp = []
             for m in (model, reference):
-                out = call_model(m, to_device(dict(batch), model_device(m)))
-                logits = getattr(out, "logits", None)
-                if logits is None:
-                    logits = out[0] if isinstance(out, (tuple, list)) else out
-                if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+                try:
+                    logits = extract_logits(call_model(m, to_device(dict(batch), model_device(m))))
+                except TypeError:
+                    logits = None
+                if logits is None or logits.dim() != 3:
                     raise ValueError(
                         f"{type(m).__name__} does not return next-token logits "
                         "(batch, tokens, vocabulary)"

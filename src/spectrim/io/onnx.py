@@ -109,8 +109,9 @@ class _NextTokenLogits(nn.Module):
         self.train(model.training)  # the model's mode is what export_onnx restores
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.model(*args, **kwargs, use_cache=False)
-        return out.logits if hasattr(out, "logits") else out[0]  # type: ignore[no-any-return]
+        from spectrim.evaluation._common import extract_logits
+
+        return extract_logits(self.model(*args, **kwargs, use_cache=False))
 
 
 def export_onnx(
@@ -178,24 +179,22 @@ def export_onnx(
 
     try:
         try:
-            run(_dynamic_shapes(kwargs if kwargs is not None else args) if dynamic else None)
+            try:
+                run(_dynamic_shapes(kwargs if kwargs is not None else args) if dynamic else None)
+            except Exception as exc:
+                if not dynamic:
+                    raise
+                # the exporter fails on some models' dynamic axes (Hugging Face decoders'
+                # masks with torch 2.14): the example's fixed shapes, checked on the example
+                run(None)
+                text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the exporter's colours
+                summary = text.partition("## Exception summary")[2].strip() or text.strip()
+                first = summary.splitlines()[0][:200] if summary else type(exc).__name__
+                note = f"exported with the example's fixed shapes; with dynamic axes: {first}"
+                dynamic, check_inputs = False, None
         except Exception as exc:
-            if not dynamic:
-                raise
-            # the exporter fails on some models' dynamic axes (Hugging Face decoders'
-            # masks with torch 2.14): the example's fixed shapes, checked on the example
-            run(None)
-            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the exporter's colours
-            summary = text.partition("## Exception summary")[2].strip() or text.strip()
-            first = summary.splitlines()[0][:200] if summary else type(exc).__name__
-            note = f"exported with the example's fixed shapes; with dynamic axes: {first}"
-            dynamic, check_inputs = False, None
-    except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        model.train(was_training)
-        raise RuntimeError(f"ONNX export of {name} failed: {exc}") from exc
-
-    try:  # checked before it replaces anything: a file that computes otherwise is not kept
+            raise RuntimeError(f"ONNX export of {name} failed: {exc}") from exc
+        # checked before it replaces anything: a file that computes otherwise is not kept
         diff, scale, names, n_out = _check(ort, tmp, model, example_inputs, check_inputs)
         if rtol is not None and diff > rtol * max(scale, 1e-30):
             raise RuntimeError(
