@@ -57,6 +57,8 @@ SCENARIOS = {
     # attention heads of a small BERT (padded text batches): alone, and on a MACs budget
     "heads": {"method": "id", "target": "heads=0.5"},
     "heads-budget": {"method": "id", "target": "macs=0.6", "heads": True},
+    # query heads inside the KV groups of a small LLaMA with grouped-query attention
+    "heads-query": {"method": "id", "target": "heads=0.5", "query_heads": True},
     # the residual width of a small GPT-2 (pre-LN, tied LM head), readers refitted
     "hidden": {"method": "spectral", "target": "hidden=0.75"},
 }
@@ -69,6 +71,20 @@ def _gpt2() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=101, n_positions=32)
     model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 101, (128, 12), generator=torch.Generator().manual_seed(1))
+    return model, [{"input_ids": b} for b in ids.split(16)]
+
+
+def _llama() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """A seeded 2-layer LLaMA (8 query heads, 2 KV heads) and 8 batches of 16 sequences."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 101, (128, 12), generator=torch.Generator().manual_seed(1))
     return model, [{"input_ids": b} for b in ids.split(16)]
 
@@ -111,7 +127,9 @@ def _run(scenario: str, rank: str, path: Path) -> None:
     """One scenario on this rank: its result or its error, written under ``path``."""
     torch.manual_seed(0)
     batches: list
-    if scenario.startswith("heads"):
+    if scenario == "heads-query":
+        model, batches = _llama()
+    elif scenario.startswith("heads"):
         model, batches = _bert()
     elif scenario == "hidden":
         model, batches = _gpt2()

@@ -76,7 +76,8 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
 
 
 SCENARIOS = (
-    "id select residual obs joint heads heads-budget hidden sketch blocks blocks-span blocks-stats"
+    "id select residual obs joint heads heads-budget heads-query hidden sketch blocks blocks-span "
+    "blocks-stats"
 ).split()
 
 

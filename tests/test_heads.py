@@ -150,34 +150,138 @@ def _multi_query(family: str) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])
-def test_multi_query_attention_loses_query_heads_exactly(family: str, tmp_path: Any) -> None:
-    """One KV head (Falcon-, Gemma-2B-, StarCoder-style multi-query attention): the units
-    are the query heads, not the one KV group (which could only be kept whole).  With two
-    heads duplicated, keeping 4 of 6 loses nothing; the model generates, the modelled
-    costs are the profiler's, and it saves and reloads with its head counts."""
+def _grouped(layers: int = 2) -> nn.Module:
+    """A tiny LLaMA with grouped-query attention (8 query heads, 2 KV heads of 4 query
+    heads each) where, in every layer, query head 3 copies head 1 and head 6 copies head
+    5: each group holds one head the other three reproduce."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=80, hidden_size=64, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=2, intermediate_size=64,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.self_attn.q_proj.weight
+            for dst, src in ((3, 1), (6, 5)):
+                w[dst * 8 : (dst + 1) * 8] = w[src * 8 : (src + 1) * 8]
+    return model
+
+
+@pytest.mark.parametrize("method", ["id", "spectral"])
+def test_query_heads_are_removed_inside_the_kv_groups_exactly(method: str, tmp_path: Any) -> None:
+    """``query_heads=True``: a quarter of the query heads go, one from each KV group (the
+    copies, which the kept heads reproduce), every key and value stays, and the model is
+    the original's; it generates and reloads with its head counts."""
+    model = _grouped()
+    batches = [{"input_ids": b["input_ids"]} for b in _batches()]
+    options = {"theta": 0.0, "tau": "none"} if method == "spectral" else {}
+    small, report = spectrim.compress(
+        model, batches, method, "heads=0.75", query_heads=True, sequential=False, **options
+    )
+    assert [(b.heads, b.kv_heads) for b in find_attention(small)] == [(6, 2), (6, 2)]
+    attn = small.model.layers[0].self_attn
+    assert attn.k_proj.out_features == 16 and attn.num_key_value_groups == 3
+    assert [g.width_after for g in report.groups] == [3, 3]  # query heads per group
+    back = _same_logits_and_shipped(model, small, report, _grouped(), tmp_path)
+    assert [(b.heads, b.kv_heads) for b in find_attention(back)] == [(6, 2), (6, 2)]
+    assert back.model.layers[1].self_attn.num_key_value_groups == 3
+
+
+def _same_logits_and_shipped(
+    model: nn.Module, small: nn.Module, report: Any, fresh: nn.Module, tmp_path: Any
+) -> nn.Module:
+    """``small`` computes ``model``'s logits, its report's MACs are the profiler's, it
+    generates, and it reloads onto ``fresh`` with the same logits; the reloaded model."""
+    from spectrim.evaluation import profile
     from spectrim.io.manifest import load_compressed, save_compressed
 
-    model = _multi_query(family)
-    batches = [{"input_ids": b["input_ids"]} for b in _batches()]
-    small, report = spectrim.compress(model, batches, "id", "heads=0.67", sequential=False)
-    assert [(b.heads, b.kv_heads) for b in find_attention(small)] == [(4, 1), (4, 1)]
     test = {"input_ids": _batches(1, seed=5)[0]["input_ids"]}
     with torch.no_grad():
         want, got = model(**test).logits, small(**test).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    from spectrim.evaluation import profile
-
     assert report.macs_ratio == pytest.approx(
         profile(small, test).macs / profile(model, test).macs, rel=1e-6
     )
     out = small.generate(test["input_ids"][:1, :5], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
     save_compressed(small, tmp_path / "m", report)
-    back = load_compressed(tmp_path / "m", _multi_query(family))
-    assert [b.heads for b in find_attention(back)] == [4, 4]
+    back = load_compressed(tmp_path / "m", fresh)
     with torch.no_grad():
         torch.testing.assert_close(back(**test).logits, got)
+    return back
+
+
+def test_without_query_heads_grouped_attention_loses_whole_groups() -> None:
+    """The default on the same model: a unit is a KV group, so ``heads=0.75`` of two groups
+    keeps both (round(1.5) = 2), and ``heads=0.5`` loses one with its four query heads."""
+    model = _grouped()
+    batches = [{"input_ids": b["input_ids"]} for b in _batches()]
+    small, _ = spectrim.compress(model, batches, "id", "heads=0.5", sequential=False)
+    assert [(b.heads, b.kv_heads) for b in find_attention(small)] == [(4, 1), (4, 1)]
+
+
+def test_query_heads_inside_groups_are_the_ones_a_block_ranking_chooses() -> None:
+    """The slots follow the ranking: group ``i``'s heads in the order the single-head
+    ranking lists them; a unit holds one head of every group, in head order."""
+    from spectrim.graph.attention import AttentionBlock, Projection
+
+    block = AttentionBlock(
+        "a", [Projection("q", "q"), Projection("k", "k"), Projection("v", "v")], "o",
+        heads=6, kv_heads=2, head_dim=2,
+    )  # fmt: skip
+    assert block.units == 2 and not block.per_query
+    block.set_slots([4, 1, 3, 0, 5, 2])
+    assert block.per_query and block.units == 3 and block.unit_heads == 2
+    assert block.slots is not None and block.slots.tolist() == [[1, 0, 2], [1, 0, 2]]
+    assert block.query_heads([0]).tolist() == [1, 4]
+    assert block.query_heads([0, 1]).tolist() == [0, 1, 3, 4]
+    assert block.columns([0]).tolist() == [2, 3, 8, 9]
+    assert block.rows("k", [0]).tolist() == [0, 1, 2, 3]  # every KV head stays
+    assert block.role_rows("q") == 4 and block.role_rows("v") == 0
+    with pytest.raises(ValueError, match="each of 6 heads once"):
+        block.set_slots([0, 1, 2])
+
+
+@pytest.mark.parametrize("method", ["l1", "random"])
+def test_query_heads_inside_groups_with_a_method_without_statistics(method: str) -> None:
+    model = _grouped()
+    batches = [{"input_ids": b["input_ids"]} for b in _batches()]
+    small, _ = spectrim.compress(model, batches, method, "heads=0.5", query_heads=True)
+    assert [(b.heads, b.kv_heads) for b in find_attention(small)] == [(4, 2), (4, 2)]
+    with torch.no_grad():
+        assert torch.isfinite(small(**batches[0]).logits).all()
+
+
+def test_query_heads_and_channels_on_one_macs_budget() -> None:
+    """``heads=True`` with ``query_heads``: the allocator's units are query heads per group,
+    and the profiler confirms the modelled MACs."""
+    model = _grouped()
+    batches = [{"input_ids": b["input_ids"]} for b in _batches()]
+    small, report = spectrim.compress(
+        model, batches, "id", "macs=0.7", heads=True, query_heads=True
+    )
+    assert report.macs_ratio <= 0.7 + 0.01
+    blocks = find_attention(small)
+    assert all(b.kv_heads == 2 for b in blocks)
+    heads = [g for g in report.groups if g.name.endswith("(heads)")]
+    assert [g.width_after for g in heads] == [b.group_size for b in blocks]
+    with torch.no_grad():
+        assert torch.isfinite(small(**batches[0]).logits).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])
+def test_multi_query_attention_loses_query_heads_exactly(family: str, tmp_path: Any) -> None:
+    """One KV head (Falcon-, Gemma-2B-, StarCoder-style multi-query attention): the units
+    are the query heads, not the one KV group (which could only be kept whole).  With two
+    heads duplicated, keeping 4 of 6 loses nothing; the model generates, the modelled
+    costs are the profiler's, and it saves and reloads with its head counts."""
+    model = _multi_query(family)
+    batches = [{"input_ids": b["input_ids"]} for b in _batches()]
+    small, report = spectrim.compress(model, batches, "id", "heads=0.67", sequential=False)
+    assert [(b.heads, b.kv_heads) for b in find_attention(small)] == [(4, 1), (4, 1)]
+    back = _same_logits_and_shipped(model, small, report, _multi_query(family), tmp_path)
+    assert [b.heads for b in find_attention(back)] == [4, 4]
 
 
 def test_a_model_without_attention_is_named() -> None:
@@ -266,7 +370,7 @@ def test_heads_and_channels_on_one_macs_budget() -> None:
         assert torch.isfinite(small(**_batches(1, seed=4)[0]).last_hidden_state).all()
 
 
-@pytest.mark.parametrize("family", ["bert", "llama-mqa", "gpt_bigcode-mqa"])
+@pytest.mark.parametrize("family", ["bert", "llama-mqa", "gpt_bigcode-mqa", "llama-gqa-query"])
 def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
     """Removing one head of one layer: the modelled MACs and parameters equal the
     profiler's on the pruned model (under multi-query attention: a query head's rows and
@@ -280,6 +384,8 @@ def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
     if family == "bert":
         model = _bert(layers=1)
         example = {k: v[:2] for k, v in batch.items()}
+    elif family == "llama-gqa-query":
+        model, example = _grouped(layers=1), {"input_ids": batch["input_ids"][:2]}
     else:
         full = _multi_query(family.removesuffix("-mqa"))
         layers = full.model.layers if hasattr(full, "model") else full.transformer.h
@@ -289,12 +395,17 @@ def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
     cm = CostModel(model, analyze_channels(model, example), cost0.per_module,
                    other_macs=cost0.macs - sum(cost0.per_module.values()))  # fmt: skip
     (block,) = find_attention(model)
-    cm.add_unit_axes(HEAD_KEY, block.units, head_axes(model, block))
     pruned = copy.deepcopy(model)
-    find_attention(pruned)[0].prune(pruned, [0, 1, 2, 3, 4], None)
+    (target,) = find_attention(pruned)
+    if family == "llama-gqa-query":  # 4 query heads per group: one goes from each
+        for b in (block, target):
+            b.set_slots(range(8))
+    cm.add_unit_axes(HEAD_KEY, block.units, head_axes(model, block))
+    keep = list(range(block.units - 1))
+    target.prune(pruned, keep, None)
     cost1 = profile(pruned, example)
-    assert cm.params({HEAD_KEY: 5}) == pytest.approx(cost1.params)
-    assert cm.macs({HEAD_KEY: 5}) == pytest.approx(cost1.macs, rel=1e-6)
+    assert cm.params({HEAD_KEY: len(keep)}) == pytest.approx(cost1.params)
+    assert cm.macs({HEAD_KEY: len(keep)}) == pytest.approx(cost1.macs, rel=1e-6)
 
 
 def test_heads_true_needs_a_budget_target() -> None:

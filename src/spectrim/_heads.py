@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,7 +42,14 @@ from spectrim.methods import Method
 from spectrim.methods.heads import HeadSolver
 from spectrim.report import CompressionReport, GroupReport
 
-__all__ = ["HEADS_SUFFIX", "apply_heads", "head_group_report", "heads_run", "output_grams"]
+__all__ = [
+    "HEADS_SUFFIX",
+    "apply_heads",
+    "head_group_report",
+    "head_solver_of",
+    "heads_run",
+    "output_grams",
+]
 
 #: the report names an attention layer's group "<layer> (heads)" (``group_weights`` too)
 HEADS_SUFFIX = " (heads)"
@@ -143,6 +151,8 @@ def apply_heads(
     """Keep ``k`` units of ``block``: the solver's plan, its correction refitted on the
     compressed prefix against ``original`` when given (the sequential mode); with a
     ``team``, the refit's Grams are summed over the ranks and rank 0's plan is used."""
+    if block.slots is not None:  # the ranks' units are the same query heads: rank 0's
+        block.slots = team.broadcast(block.slots)
     plan = solver.plan(k)
     keep, fold = plan.keep, plan.fold
     if original is not None and fold is not None:
@@ -153,6 +163,36 @@ def apply_heads(
         fold = solver.refit(plan.keep, acc.gram_numpy(), cross)
     keep, fold = team.broadcast((keep, fold))
     block.prune(work, keep, fold)
+
+
+def head_solver_of(
+    method: Method,
+    block: AttentionBlock,
+    gram: np.ndarray | None,
+    model: nn.Module,
+    query_heads: bool = False,
+) -> HeadSolver:
+    """``method``'s solver for ``block``.  With ``query_heads`` and grouped-query attention
+    its units become the query heads inside the KV groups (``CompressConfig.query_heads``):
+    the method ranks the single query heads (its own solver on a view of the layer where
+    each query head is a unit and the keys and values stay), and keeping ``k`` units keeps
+    the first ``k`` heads of every group in that ranking (:meth:`AttentionBlock.set_slots`).
+    The error curve is the relative least-squares error of those heads' reconstruction of
+    all heads' outputs (the ranking's own curve, every ``kv_heads``-th point, for a method
+    without statistics).  The slots are not chosen again as units: a unit pairs heads of
+    different groups by rank, and a greedy over those pairs could trade a group's
+    redundant head for another group's needed one."""
+    if not (query_heads and block.kv_heads > 1 and block.group_size > 1):
+        return method.head_solver(block, gram, model)
+    ranked = method.head_solver(dataclasses.replace(block, kv_heads=1, slots=None), gram, model)
+    block.set_slots(ranked.order)
+    order = np.arange(block.units)
+    if ranked.gram is None:
+        curve = ranked.error_curve()[:: block.kv_heads]
+        return HeadSolver(block, order, curve, correct=False)
+    gram, ridge, correct = ranked.gram, ranked.ridge, ranked.correct
+    curve = HeadSolver(block, order, gram=gram).reconstruction_curve()
+    return HeadSolver(block, order, curve, gram=gram, ridge=ridge, correct=correct)
 
 
 def head_group_report(
@@ -213,7 +253,9 @@ def heads_run(
     timings["collect"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    solvers: list[HeadSolver] = [method.head_solver(b, grams.get(b.out), work) for b in blocks]
+    solvers: list[HeadSolver] = [
+        head_solver_of(method, b, grams.get(b.out), work, cfg.query_heads) for b in blocks
+    ]
     widths = [min(b.units, max(1, round(tgt.value * b.units))) for b in blocks]
     timings["solve"] = time.perf_counter() - t
 

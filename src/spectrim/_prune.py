@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from spectrim._heads import HEADS_SUFFIX, apply_heads, head_group_report, output_grams
+from spectrim._heads import (
+    HEADS_SUFFIX,
+    apply_heads,
+    head_group_report,
+    head_solver_of,
+    output_grams,
+)
 from spectrim._hidden import (
     HIDDEN_SUFFIX,
     apply_hidden,
@@ -555,7 +561,9 @@ def solve_curves_stage(state: ChannelRun) -> None:
         # every norm, and an error there reaches every one of them
         state.curves[HIDDEN_KEY] = len(state.stream.sites) * stream_solver.error_curve()
     for i, b in enumerate(state.blocks):
-        solver = state.method.head_solver(b, state.head_grams.get(b.out), state.work)
+        solver = head_solver_of(
+            state.method, b, state.head_grams.get(b.out), state.work, state.cfg.query_heads
+        )
         state.head_solvers[HEAD_KEY + i] = solver
         state.curves[HEAD_KEY + i] = (
             solver.reconstruction_curve() if shared else solver.error_curve()

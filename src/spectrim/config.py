@@ -244,6 +244,14 @@ class CompressConfig:
         heads: also remove whole attention heads (Hugging Face models: see
             ``target="heads=F"``) under a ``macs``/``params`` target, on the same budget as
             the channels: the allocator trades heads against FFN neurons and other widths.
+        query_heads: with grouped-query attention (fewer key/value heads than query
+            heads: LLaMA-3, Mistral, Qwen2), remove query heads inside the KV groups, the
+            same number from every group, and keep every key and value head, instead of
+            removing whole KV groups with their query heads (the default).  Finer
+            (``heads=F`` counts query heads per group) and closer to the original, at a
+            smaller saving per head: a head's ``q`` rows and output-projection columns,
+            not its share of ``k`` and ``v``.  Under ``target="heads=F"`` and with
+            ``heads=True``; no effect on multi-head or multi-query layers.
         hidden: also narrow a transformer's residual width (see ``target="hidden=F"``)
             under a ``macs``/``params`` target, on the same budget: the allocator trades
             the stream's width against heads and channels.
@@ -320,6 +328,7 @@ class CompressConfig:
     on_unreachable: str = "stop"
     max_error: float = 0.5
     heads: bool = False
+    query_heads: bool = False
     hidden: bool = False
     stats_memory: int | str | None = None
     blockwise: bool | None = None
@@ -372,6 +381,8 @@ class CompressConfig:
                 "block_statistics drops each group's Grams once its channels are chosen, "
                 "which only the sequential pass's refits allow; it needs sequential=True"
             )
+        if self.query_heads not in (True, False):
+            raise ValueError(f"query_heads={self.query_heads!r} must be True or False")
         if self.refit_readers not in (True, False):
             raise ValueError(f"refit_readers={self.refit_readers!r} must be True or False")
         if self.refit_readers and not self.sequential:

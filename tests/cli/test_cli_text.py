@@ -302,3 +302,31 @@ def test_a_causal_lm_folder_is_measured_by_its_next_tokens(
     assert e["calibration_left_out"] == 64 and e["n"] == 96
     for key in ("next_token_agreement", "kl_mean", "perplexity", "reference_perplexity"):
         assert e[key] == pytest.approx(s[key], rel=1e-6), key
+
+
+def test_query_heads_from_the_command_line(
+    minilm_dir: Path, sentences_csv: Path, tmp_path: Path
+) -> None:
+    """``--query-heads`` on a grouped-query LLaMA folder (8 query heads, 2 KV heads): half
+    the query heads go from every group, both KV heads stay, and the saved folder reloads
+    with those counts."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2)  # fmt: skip
+    folder = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out_dir, report = tmp_path / "small", tmp_path / "r.json"
+    argv = ["compress", "--model", str(folder), "--data", str(sentences_csv), "--text-column",
+            "sentence", "--max-length", "32", "--calib", "32", "--target", "heads=0.5",
+            "--query-heads", "--out", str(out_dir), "--json", str(report), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads(report.read_text())["report"]
+    assert r["config"]["query_heads"] is True
+    heads = [g["width_after"] for g in r["groups"] if g["name"].endswith("(heads)")]
+    assert heads == [2, 2]  # query heads per KV group
+    back = load_compressed(out_dir)
+    assert [(b.heads, b.kv_heads) for b in find_attention(back)] == [(4, 2), (4, 2)]

@@ -380,6 +380,47 @@ def test_heads_whose_values_are_zero_are_removed_exactly(family: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+GROUPED = ["mistral", "qwen3", "stablelm", "mixtral", "phi3"]
+
+
+@pytest.mark.parametrize("family", GROUPED)
+def test_query_heads_inside_kv_groups_are_removed_exactly(family: str) -> None:
+    """Grouped-query families (4 query heads, 2 KV heads): in every group the second query
+    head is made a copy of the first, so ``query_heads=True`` at half the heads must
+    remove one head of each group, keep both KV heads, and leave the outputs as they were
+    (the fused ``qkv_proj`` of Phi-3 and the per-head ``q_norm`` of Qwen3 included)."""
+    import dataclasses
+
+    import spectrim
+
+    model = _held_out(family)
+    modules = dict(model.named_modules())
+    blocks = find_attention(model)
+    with torch.no_grad():
+        for b in blocks:
+            assert (b.heads, b.kv_heads) == (4, 2)
+            view = dataclasses.replace(b, kv_heads=1)  # one unit per query head
+            (q,) = [p for p in b.projections if p.role == "q"]
+            mod = modules[q.module]
+            dim = module_kind(mod).weight_dims[0]
+            for dst, src in ((1, 0), (3, 2)):
+                to, frm = (torch.as_tensor(view.projection_rows(q, [h])) for h in (dst, src))
+                mod.weight.index_copy_(dim, to, mod.weight.index_select(dim, frm))
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias[to] = mod.bias[frm]
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 64, (8, 12), generator=g)} for _ in range(3)]
+    small, _ = spectrim.compress(
+        model, batches, "id", "heads=0.5", query_heads=True, sequential=False
+    )
+    assert [(b.heads, b.kv_heads) for b in find_attention(small)] == [(2, 2), (2, 2)]
+    with torch.no_grad():
+        want, got = model(**batches[0]).logits, small(**batches[0]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    out = small.generate(batches[0]["input_ids"][:1, :5], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+
+
 def test_phi3_layers_keep_their_own_head_counts() -> None:
     """Phi-3 cuts its fused ``qkv_proj`` at ``config.num_attention_heads·head_dim``, one
     config for every layer: each pruned layer gets its own copy of the config with its

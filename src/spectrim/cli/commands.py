@@ -380,6 +380,7 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         latency_batch=args.latency_batch,
         **_repair_kwargs(args),
         heads=args.heads,
+        query_heads=args.query_heads,
         hidden=args.hidden,
         progress=progress_wrapper("compress", args.quiet),
         then=then,

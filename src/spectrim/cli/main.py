@@ -104,6 +104,9 @@ Examples:
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --calib 512 \
       --target width=0.5 --then id:heads=0.75 --out minilm-small/
   spectrim compress --model my-bert/ --data reviews.csv --text-column review --target heads=0.5
+  # a LLaMA-style decoder with grouped-query attention: half the query heads of every KV
+  # group, the keys and values kept (without --query-heads whole KV groups go)
+  spectrim compress --model my-llama/ --data wiki.txt --target heads=0.5 --query-heads
   # a tenth of the hidden size (the residual stream), readers refitted
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target hidden=0.9
   # half the MACs, the allocator choosing between attention heads and FFN neurons
@@ -412,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also remove whole attention heads (Hugging Face models) on the same macs/params "
         "budget as the channels: the allocator trades heads against FFN neurons",
+    )
+    p.add_argument(
+        "--query-heads",
+        action="store_true",
+        help="with grouped-query attention (LLaMA-3, Mistral, Qwen2), remove query heads inside "
+        "every KV group (the same number from each; keys and values stay) instead of whole "
+        "KV groups, under heads=F or --heads",
     )
     p.add_argument(
         "--hidden",

@@ -99,9 +99,15 @@ class AttentionBlock:
             the query heads per KV head (updated after surgery so the layer's code still
             agrees).
 
+        slots: with grouped-query attention, remove query heads inside the KV groups
+            instead of whole groups (:attr:`per_query`): ``slots[i]`` lists group ``i``'s
+            query heads (``0 … group_size − 1``) most valuable first, and unit ``u`` is
+            the ``slots[i, u]``-th head of every group ``i``, so each group keeps as many
+            query heads as the others and every key and value stays.
+
     Units are KV groups, except under multi-query attention (one KV head shared by
-    several query heads, :attr:`per_query`): there a unit is one query head, and the
-    shared key and value stay.
+    several query heads) or with :attr:`slots` set (:attr:`per_query`): there a unit is
+    one query head of every KV group, and the keys and values stay.
     """
 
     name: str
@@ -114,6 +120,7 @@ class AttentionBlock:
     kv_attrs: list[tuple[str, str]] = field(default_factory=list)
     width_attrs: list[tuple[str, str]] = field(default_factory=list)
     group_attrs: list[tuple[str, str]] = field(default_factory=list)
+    slots: np.ndarray | None = None
 
     @property
     def group_size(self) -> int:
@@ -122,20 +129,35 @@ class AttentionBlock:
 
     @property
     def per_query(self) -> bool:
-        """Multi-query attention: one KV head for several query heads, so the units are
-        the query heads (removing the only KV group would remove every head)."""
-        return self.kv_heads == 1 and self.heads > 1
+        """The units are query heads and the keys and values stay: under multi-query
+        attention (one KV head for several query heads: removing the only KV group would
+        remove every head), or inside the KV groups where :attr:`slots` says so."""
+        return (self.kv_heads == 1 and self.heads > 1) or self.slots is not None
 
     @property
     def units(self) -> int:
         """Removable units: KV groups (one head each without grouped-query attention), or
-        query heads under multi-query attention (:attr:`per_query`)."""
-        return self.heads if self.per_query else self.kv_heads
+        query-head slots (:attr:`per_query`; one query head each under multi-query)."""
+        return self.group_size if self.per_query else self.kv_heads
 
     @property
     def unit_heads(self) -> int:
         """Query heads per unit."""
-        return 1 if self.per_query else self.group_size
+        return self.kv_heads if self.per_query else self.group_size
+
+    def set_slots(self, ranking: Units) -> None:
+        """Remove query heads inside the KV groups from now on, each group's in the order
+        they take in ``ranking`` (every query head once, most valuable first)."""
+        g = self.group_size
+        ranking = [int(h) for h in ranking]
+        if sorted(ranking) != list(range(self.heads)):
+            raise ValueError(
+                f"attention '{self.name}': ranking must list each of {self.heads} heads once"
+            )
+        self.slots = np.array(
+            [[h - i * g for h in ranking if h // g == i] for i in range(self.kv_heads)],
+            dtype=np.int64,
+        )
 
     def role_rows(self, role: str) -> int:
         """Output rows of a ``role`` projection that one unit takes with it (a shared KV
@@ -145,7 +167,13 @@ class AttentionBlock:
         return 0 if self.per_query else self.head_dim
 
     def query_heads(self, units: Units) -> np.ndarray:
-        """Query heads of the given units, in order."""
+        """Query heads of the given units, in order (under :attr:`per_query`: in head
+        order, so the heads of each KV group stay together)."""
+        if self.per_query:
+            g = self.group_size
+            slots = np.arange(g)[None, :] if self.slots is None else self.slots
+            heads = [i * g + int(slots[i, u]) for u in units for i in range(self.kv_heads)]
+            return np.sort(np.array(heads, dtype=np.int64))
         r = self.unit_heads
         return np.array([u * r + i for u in units for i in range(r)], dtype=np.int64)
 
@@ -163,8 +191,8 @@ class AttentionBlock:
         if role == "q":
             return self.columns(units)
         d = self.head_dim
-        if self.per_query:  # the shared KV head stays whatever query heads are kept
-            return np.arange(d, dtype=np.int64)
+        if self.per_query:  # the KV heads stay whatever query heads are kept
+            return np.arange(self.kv_heads * d, dtype=np.int64)
         return np.array([u * d + i for u in units for i in range(d)], dtype=np.int64)
 
     def projection_rows(self, proj: Projection, units: Units) -> np.ndarray:
@@ -197,8 +225,8 @@ class AttentionBlock:
             _keep_outputs(modules[path], np.sort(np.concatenate(parts)), path)
         cols = self.columns(keep)
         _fold_inputs(modules[self.out], cols, fold, self.out)
-        if self.per_query:
-            self.heads = len(keep)
+        if self.per_query:  # each group keeps its heads in their order
+            self.heads, self.slots = len(keep) * self.kv_heads, None
         else:
             self.heads, self.kv_heads = len(keep) * self.group_size, len(keep)
         self.sync(model)
