@@ -13,7 +13,11 @@ too), and the test perplexity over non-overlapping windows of ``--seq`` tokens.
 Routes (``--targets``, comma-separated): ``width=F`` (FFN neurons), ``heads=F``
 (attention heads), ``hidden=F`` (the residual width: every block matrix has one side on
 the stream, so ``hidden=F`` removes ``1 − F`` of the blocks' parameters; ``spectral`` is
-SliceGPT's PCA rotation), ``A;B`` (both, in order).  Reported: perplexity, its increase
+SliceGPT's PCA rotation), ``A;B`` (both, in order), ``macs=F+heads`` / ``params=F+heads``
+(the allocator trades heads against FFN neurons on one budget; ``+heads+hidden``: the hidden
+size too).  ``--arch llama --kv-heads K`` trains a LLaMA-style model (RMSNorm, rotary,
+SwiGLU, grouped-query attention) instead; ``--query-heads`` chooses how its heads go.
+Reported: perplexity, its increase
 relative to dense, the share of the parameters removed from the transformer blocks
 (embeddings excluded) and from the whole model (``hidden`` unties the LM head from the
 embedding, so with this model's large vocabulary the whole model can grow), MACs,
@@ -40,7 +44,7 @@ import torch
 import spectrim
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
-SMOKE = ["--layers", "1", "--width", "32", "--heads", "2", "--seq", "32", "--epochs", "1", "--train-limit", "64", "--test-limit", "32", "--calib", "16", "--methods", "id", "--targets", "width=0.5"]  # fmt: skip
+SMOKE = ["--arch", "llama", "--kv-heads", "2", "--layers", "1", "--width", "32", "--heads", "4", "--seq", "32", "--epochs", "1", "--train-limit", "64", "--test-limit", "32", "--calib", "16", "--methods", "id", "--targets", "width=0.5,heads=0.5", "--query-heads", "both"]  # fmt: skip
 
 
 CACHE = Path(__file__).parent / ".cache"
@@ -54,12 +58,21 @@ def read_tokens(path: Path) -> list[str]:
 def build_model(vocab: int, args: argparse.Namespace) -> Any:
     import transformers
 
+    torch.manual_seed(args.seed)
+    if args.arch == "llama":  # RMSNorm, rotary positions, SwiGLU, grouped-query attention
+        llama = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=args.width, intermediate_size=4 * args.width,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=args.seq,
+            tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+            pad_token_id=None,
+        )  # fmt: skip
+        return transformers.LlamaForCausalLM(llama)
     cfg = transformers.GPT2Config(
         vocab_size=vocab, n_positions=args.seq, n_embd=args.width, n_layer=args.layers,
         n_head=args.heads, n_inner=4 * args.width, resid_pdrop=0.1, embd_pdrop=0.1,
         attn_pdrop=0.1, bos_token_id=None, eos_token_id=None, loss_type="ForCausalLM",
     )  # fmt: skip
-    torch.manual_seed(args.seed)
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -106,7 +119,8 @@ def train(model: Any, data: torch.Tensor, args: argparse.Namespace) -> None:
 
 
 def block_params(model: Any) -> int:
-    return sum(p.numel() for p in model.transformer.h.parameters())
+    blocks = model.model.layers if hasattr(model, "model") else model.transformer.h
+    return sum(p.numel() for p in blocks.parameters())
 
 
 def main() -> None:
@@ -116,6 +130,19 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument(
+        "--arch",
+        choices=["gpt2", "llama"],
+        help="gpt2 (default) or llama (RMSNorm, rotary, SwiGLU; with --kv-heads, GQA)",
+    )
+    ap.add_argument("--kv-heads", type=int, help="llama: key/value heads (default: --heads)")
+    ap.add_argument(
+        "--query-heads",
+        choices=["off", "on", "both"],
+        default="off",
+        help="heads targets: remove whole KV groups (off), query heads inside the groups "
+        "(on, CompressConfig.query_heads), or run each heads target both ways",
+    )
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--train-batch", type=int, default=32)
@@ -150,7 +177,7 @@ def main() -> None:
     digest = hashlib.sha256(
         json.dumps({k: v for k, v in vars(args).items() if k in (
             "layers", "width", "heads", "seq", "epochs", "train_batch", "lr", "seed",
-            "train_limit") and v is not None},
+            "train_limit", "arch", "kv_heads") and v is not None},
             sort_keys=True).encode()
         + (root / "valid.txt").read_bytes()
     ).hexdigest()[:16]  # fmt: skip
@@ -188,32 +215,41 @@ def main() -> None:
         flush=True,
     )
     runs = []
-    for target in args.targets.split(","):
-        for method in args.methods.split(","):
-            first, _, second = target.partition(";")
-            then = {"method": method, "target": second} if second else None
-            t = time.perf_counter()
-            small, report = spectrim.compress(model, calib, method, first, then=then)
-            seconds = time.perf_counter() - t
-            ppl = perplexity(small, test_ids)
-            row = {
-                "target": target,
-                "method": method,
-                "perplexity": ppl,
-                "relative_increase": ppl / dense - 1.0,
-                "blocks_removed": 1.0 - block_params(small) / p_blocks,
-                "params_removed": 1.0 - sum(p.numel() for p in small.parameters()) / p_all,
-                "macs_ratio": report.macs_ratio,
-                "seconds": seconds,
-                "seconds_per_forward_pass": seconds / forward_seconds,
-            }
-            runs.append(row)
-            print(
-                f"{target:22s} {method:9s} perplexity {ppl:8.2f} (+{100 * row['relative_increase']:.1f}%) "
-                f"blocks -{100 * row['blocks_removed']:.1f}% params -{100 * row['params_removed']:.1f}% "
-                f"MACs {report.macs_ratio:.3f} {seconds:.1f} s",
-                flush=True,
-            )
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.query_heads]
+    for target, method, query in [
+        (t, m, q)
+        for t in args.targets.split(",")
+        for m in args.methods.split(",")
+        for q in (modes if "heads" in t else [False])
+    ]:
+        first, _, second = target.partition(";")
+        first, *joint = first.split("+")
+        extra: dict[str, bool] = {"query_heads": True} if query else {}
+        extra.update({name: True for name in joint})  # heads / hidden on the budget
+        then = {"method": method, "target": second, **extra} if second else None
+        t = time.perf_counter()
+        small, report = spectrim.compress(model, calib, method, first, then=then, **extra)
+        seconds = time.perf_counter() - t
+        ppl = perplexity(small, test_ids)
+        row = {
+            "target": target,
+            "method": method,
+            "query_heads": query,
+            "perplexity": ppl,
+            "relative_increase": ppl / dense - 1.0,
+            "blocks_removed": 1.0 - block_params(small) / p_blocks,
+            "params_removed": 1.0 - sum(p.numel() for p in small.parameters()) / p_all,
+            "macs_ratio": report.macs_ratio,
+            "seconds": seconds,
+            "seconds_per_forward_pass": seconds / forward_seconds,
+        }
+        runs.append(row)
+        print(
+            f"{target:22s} {method:9s}{' query' if query else ''} perplexity {ppl:8.2f} (+{100 * row['relative_increase']:.1f}%) "
+            f"blocks -{100 * row['blocks_removed']:.1f}% params -{100 * row['params_removed']:.1f}% "
+            f"MACs {report.macs_ratio:.3f} {seconds:.1f} s",
+            flush=True,
+        )
     out = {
         "benchmark": "gpt-wikitext",
         "settings": vars(args),
