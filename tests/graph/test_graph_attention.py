@@ -425,7 +425,11 @@ def test_phi3_layers_keep_their_own_head_counts() -> None:
     """Phi-3 cuts its fused ``qkv_proj`` at ``config.num_attention_heads·head_dim``, one
     config for every layer: each pruned layer gets its own copy of the config with its
     count, so two layers can keep different numbers of heads, the model's config is left
-    alone, and generate() runs."""
+    alone, and generate() runs.  The copies are views (``LayerConfig``): a later
+    ``set_attn_implementation`` on the model reaches the pruned layers too, and a deep
+    copy of the model keeps them views of its own config."""
+    import copy
+
     model = _held_out("phi3")
     shared = model.config
     blocks = find_attention(model)
@@ -438,6 +442,18 @@ def test_phi3_layers_keep_their_own_head_counts() -> None:
     assert [(b.heads, b.kv_heads) for b in find_attention(model)] == [(2, 1), (4, 2)]
     ids = torch.randint(3, 64, (1, 5))
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+    with torch.no_grad():
+        before = model(ids).logits
+    for impl in ("sdpa", "eager"):
+        model.set_attn_implementation(impl)
+        assert [layer.self_attn.config._attn_implementation for layer in layers] == [impl] * 2
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("sdpa")
+    assert twin.model.layers[0].self_attn.config._attn_implementation == "sdpa"
+    assert layers[0].self_attn.config._attn_implementation == "eager"
+    assert twin.model.layers[0].self_attn.config.num_attention_heads == 2
 
 
 def test_falcon_layouts_it_cannot_cut_are_left_alone() -> None:

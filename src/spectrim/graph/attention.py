@@ -42,10 +42,10 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from spectrim.graph.modules import index_along, module_kind, register_swap_class
 __all__ = [
     "AttentionBlock",
     "HeadAttention",
+    "LayerConfig",
     "Projection",
     "find_attention",
     "prepare_attention",
@@ -246,17 +247,53 @@ class AttentionBlock:
             _set_count(modules[path], attr, self.group_size)
 
 
+class LayerConfig:
+    """One layer's view of a config object shared by every layer (a Hugging Face model's
+    ``config``): the values set on it are the layer's own, every other attribute is read
+    from the shared object when it is asked for, so a later change there (e.g.
+    ``model.set_attn_implementation("sdpa")``) reaches the layer too.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> shared = SimpleNamespace(num_attention_heads=4, impl="eager")
+        >>> mine = LayerConfig(shared, num_attention_heads=2)
+        >>> shared.impl = "sdpa"
+        >>> mine.num_attention_heads, mine.impl, shared.num_attention_heads
+        (2, 'sdpa', 4)
+    """
+
+    def __init__(self, shared: object, **own: Any) -> None:
+        object.__setattr__(self, "_shared", shared)
+        object.__setattr__(self, "_own", dict(own))
+
+    def __getattr__(self, name: str) -> Any:  # called only when normal lookup fails
+        own = object.__getattribute__(self, "_own")  # AttributeError while unpickling
+        if name in own:
+            return own[name]
+        return getattr(object.__getattribute__(self, "_shared"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._own[name] = value
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({type(self._shared).__name__}, {self._own})"
+
+
 def _set_count(module: nn.Module, attr: str, value: int) -> None:
     """``module.attr = value``; a dotted ``attr`` (``"config.num_attention_heads"``, Phi-3's
     attention reads its head count from the model's config) is set on the layer's own
-    shallow copy of that object, so other layers keep theirs."""
+    :class:`LayerConfig` view of that object, so other layers keep theirs and the
+    layer still follows every other change of the shared object."""
     owner, _, leaf = attr.rpartition(".")
     if not owner:
         setattr(module, attr, value)
         return
-    mine = copy.copy(getattr(module, owner))
+    mine = getattr(module, owner)
+    if not isinstance(mine, LayerConfig):
+        mine = LayerConfig(mine)
+        setattr(module, owner, mine)
     setattr(mine, leaf, value)
-    setattr(module, owner, mine)
 
 
 def _keep_outputs(module: nn.Module, idx: np.ndarray, path: str) -> None:
