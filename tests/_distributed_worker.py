@@ -59,6 +59,8 @@ SCENARIOS = {
     "heads-budget": {"method": "id", "target": "macs=0.6", "heads": True},
     # query heads inside the KV groups of a small LLaMA with grouped-query attention
     "heads-query": {"method": "id", "target": "heads=0.5", "query_heads": True},
+    # the neurons of a small Mixtral's experts (per-expert Grams summed over the ranks)
+    "experts": {"method": "id", "target": "experts=0.5"},
     # the residual width of a small GPT-2 (pre-LN, tied LM head), readers refitted
     "hidden": {"method": "spectral", "target": "hidden=0.75"},
 }
@@ -85,6 +87,21 @@ def _llama() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=32,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 101, (128, 12), generator=torch.Generator().manual_seed(1))
+    return model, [{"input_ids": b} for b in ids.split(16)]
+
+
+def _mixtral() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """A seeded 2-layer Mixtral (4 experts of 32 neurons, 2 per token) and 8 batches."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(cfg).eval()
     ids = torch.randint(0, 101, (128, 12), generator=torch.Generator().manual_seed(1))
     return model, [{"input_ids": b} for b in ids.split(16)]
 
@@ -129,6 +146,8 @@ def _run(scenario: str, rank: str, path: Path) -> None:
     batches: list
     if scenario == "heads-query":
         model, batches = _llama()
+    elif scenario == "experts":
+        model, batches = _mixtral()
     elif scenario.startswith("heads"):
         model, batches = _bert()
     elif scenario == "hidden":
@@ -152,7 +171,7 @@ def _run(scenario: str, rank: str, path: Path) -> None:
         sketch.SKETCH_FROM, sketch.MIN_SKETCH_ROWS = 32, 4
     try:
         small, report = spectrim.compress(model, batches, **SCENARIOS[scenario])  # type: ignore[arg-type]
-        if scenario.startswith(("heads", "hidden")):  # it still runs through its own code
+        if scenario.startswith(("heads", "hidden", "experts")):  # it runs through its own code
             small(**batches[0])
     except Exception as exc:
         (path / f"{scenario}-rank{rank}.err").write_text(f"{type(exc).__name__}: {exc}")

@@ -76,8 +76,8 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
 
 
 SCENARIOS = (
-    "id select residual obs joint heads heads-budget heads-query hidden sketch blocks blocks-span "
-    "blocks-stats"
+    "id select residual obs joint heads heads-budget heads-query experts hidden sketch blocks "
+    "blocks-span blocks-stats"
 ).split()
 
 
@@ -87,7 +87,7 @@ def _needs(scenario: str) -> str | None:
 
     need = (
         "transformers"
-        if scenario.startswith(("heads", "hidden"))
+        if scenario.startswith(("heads", "hidden", "experts"))
         else "torchvision"
         if scenario.startswith("blocks-")
         else None
@@ -131,6 +131,11 @@ def test_two_processes_equal_one(scenario: str, launched: dict[str, Any]) -> Non
             (g["name"], g["width_after"]) for g in r2["groups"] if "heads" in g["name"]
         ]
         assert any(w < 4 for _, w in heads)
+    elif scenario == "experts":
+        widths = [(g["name"], g["width_after"]) for g in r1["groups"]]
+        assert widths == [(g["name"], g["width_after"]) for g in r2["groups"]]
+        assert [w for _, w in widths] == [16, 16]
+        assert r2["groups"][0]["rows"] == r1["groups"][0]["rows"] == 128 * 12 * 2
     elif scenario == "sketch":  # Ω follows the batch, not the rank: the same sketches
         rows = [g["sketch_rows"] for g in r1["groups"]]
         assert rows == [g["sketch_rows"] for g in r2["groups"]]

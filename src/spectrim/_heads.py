@@ -41,6 +41,7 @@ from spectrim.graph.trace import call_model
 from spectrim.methods import Method
 from spectrim.methods.heads import HeadSolver
 from spectrim.report import CompressionReport, GroupReport
+from spectrim.stages import begin_run, end_run
 
 __all__ = [
     "HEADS_SUFFIX",
@@ -221,10 +222,7 @@ def heads_run(
 ) -> tuple[nn.Module, CompressionReport]:
     """Remove attention heads of ``work`` in place as ``cfg`` (``heads=F``) says."""
     tgt = cfg.parsed_target
-    method = method.for_run(ctx)
-    work.eval()
-    report = CompressionReport(method=method.name, target=str(tgt), config=cfg.to_dict())
-    report.warnings.extend(info.warnings)
+    method, report = begin_run(work, cfg, method, info, ctx)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     prepare_attention(work)  # nn.MultiheadAttention -> HeadAttention (exact)
@@ -267,12 +265,5 @@ def heads_run(
         report.groups.append(head_group_report(b, s, k, rows or None))
     timings["apply"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    cost1 = profile(work, example)
-    report.params_before, report.params_after = cost0.params, cost1.params
-    report.macs_before, report.macs_after = cost0.macs, cost1.macs
-    report.calibration_rows = info.examples
-    timings["report"] = time.perf_counter() - t
-    report.timings = timings
-    report.seconds = time.perf_counter() - t0
+    end_run(report, work, example, cost0, info, timings, t0)
     return work, report

@@ -68,6 +68,7 @@ from spectrim.linalg import fit_cross_reconstruction
 from spectrim.methods import Method
 from spectrim.methods.stream import StreamPlan, StreamSolver
 from spectrim.report import CompressionReport, GroupReport
+from spectrim.stages import begin_run, end_run
 
 __all__ = [
     "HIDDEN_SUFFIX",
@@ -496,10 +497,7 @@ def hidden_run(
 ) -> tuple[nn.Module, CompressionReport]:
     """Narrow the residual stream of ``work`` in place as ``cfg`` (``hidden=F``) says."""
     tgt = cfg.parsed_target
-    method = method.for_run(ctx)
-    work.eval()
-    report = CompressionReport(method=method.name, target=str(tgt), config=cfg.to_dict())
-    report.warnings.extend(info.warnings)
+    method, report = begin_run(work, cfg, method, info, ctx)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     found = find_stream(work)
@@ -535,13 +533,6 @@ def hidden_run(
     apply_hidden(work, found, plan, batches, original, sequential=cfg.sequential, team=team)
     timings["apply"] = time.perf_counter() - t
 
-    t = time.perf_counter()
     report.groups.append(hidden_group_report(found, solver, k, rows or None))
-    cost1 = profile(work, example)
-    report.params_before, report.params_after = cost0.params, cost1.params
-    report.macs_before, report.macs_after = cost0.macs, cost1.macs
-    report.calibration_rows = info.examples
-    timings["report"] = time.perf_counter() - t
-    report.timings = timings
-    report.seconds = time.perf_counter() - t0
+    end_run(report, work, example, cost0, info, timings, t0)
     return work, report

@@ -76,6 +76,7 @@ from spectrim.evaluation.flops import ModelCost, hook_counted, profile
 from spectrim.evaluation.latency import compare_latency, module_latencies
 from spectrim.graph import Analysis, GroupPlan, UnitGroup, apply_plan
 from spectrim.graph.attention import AttentionBlock, find_attention, prepare_attention
+from spectrim.graph.experts import find_experts
 from spectrim.graph.layout import (
     memory_formats,
     restore_formats,
@@ -1032,6 +1033,13 @@ def report_stage(state: ChannelRun) -> None:
     summary = _pin_summary(analysis)
     if summary:
         report.warnings.insert(0, summary)
+    moe = find_experts(state.work)
+    if moe:  # the experts are no channel groups: say where they are narrowed
+        report.warnings.insert(
+            0,
+            f"{len(moe)} mixture-of-experts layer(s) ({moe[0].name}, ...) keep their experts: "
+            "their neurons are narrowed by target='experts=F', not by channel targets",
+        )
 
 
 def _reason_kind(reason: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spectrim._experts import experts_run
 from spectrim._heads import heads_run
 from spectrim._hidden import hidden_run
 from spectrim._joint import joint_budget, joint_run
@@ -298,6 +299,8 @@ def _run_stage(
         return heads_run(work, batches, info, cfg, algo, ctx, t0)
     if cfg.parsed_target.kind == "hidden":
         return hidden_run(work, batches, info, cfg, algo, ctx, t0)
+    if cfg.parsed_target.kind == "experts":
+        return experts_run(work, batches, info, cfg, algo, ctx, t0)
     if cfg.search:
         return search_run(work, batches, info, cfg, algo, ctx, t0, scoring)
     return prune_run(work, batches, info, cfg, algo, ctx, t0)

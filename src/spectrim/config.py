@@ -29,10 +29,12 @@ __all__ = [
 ]
 
 TargetKind = Literal[
-    "macs", "params", "latency", "width", "error", "dof", "sparsity", "auto", "heads", "hidden"
-]
+    "macs", "params", "latency", "width", "error", "dof", "sparsity", "auto", "heads", "hidden",
+    "experts",
+]  # fmt: skip
 _KINDS = (
-    "macs", "params", "latency", "width", "error", "dof", "sparsity", "auto", "heads", "hidden"
+    "macs", "params", "latency", "width", "error", "dof", "sparsity", "auto", "heads", "hidden",
+    "experts",
 )  # fmt: skip
 #: Target kinds of weight sparsification (the others are channel targets).
 WEIGHT_TARGETS = frozenset({"sparsity", "auto"})
@@ -85,6 +87,10 @@ class Target:
     * ``hidden=F``: keep a fraction ``F`` of a transformer's residual width (hidden size),
       one basis for the whole stream: a selection of its coordinates or, with
       ``spectral`` on a pre-LN model, a rotation (SliceGPT); see :mod:`spectrim._hidden`;
+    * ``experts=F``: keep a fraction ``F`` of the neurons of every expert of every
+      mixture-of-experts layer (Hugging Face's 3-D experts modules: Mixtral, Qwen-MoE,
+      OLMoE, DeepSeek-V3, ...), each expert its own, with ``id``, ``spectral``, ``l1``,
+      ``l2`` or ``random``; see :mod:`spectrim._experts`;
     * ``error=E``: per layer, the fewest channels whose relative reconstruction error
       on the calibration data is at most ``E``;
     * ``dof=α``: per layer, ``⌈c·N(λ)⌉`` channels from the degrees of freedom
@@ -136,7 +142,8 @@ class Target:
         if not isinstance(text, str) or "=" not in text:
             raise ValueError(
                 f"target {text!r} must look like 'macs=0.5', 'params=0.5', 'latency=0.5', 'width=0.5', "
-                "'error=0.05', 'dof=0.001', 'heads=0.75', 'hidden=0.9', 'sparsity=0.5', 'sparsity=2:4' or 'auto'"
+                "'error=0.05', 'dof=0.001', 'heads=0.75', 'hidden=0.9', 'experts=0.5', 'sparsity=0.5', "
+                "'sparsity=2:4' or 'auto'"
             )
         kind, _, value = text.partition("=")
         kind = kind.strip().lower()

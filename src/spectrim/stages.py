@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,11 +31,15 @@ from spectrim.calibration.batches import head_examples
 from spectrim.calibration.checks import trace_checked
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.calibration.sketch import RowSketch
+from spectrim.config import CompressConfig
+from spectrim.context import RunContext
 from spectrim.distributed import SOLO, Team
+from spectrim.evaluation.flops import ModelCost, profile
 from spectrim.graph.channels import Analysis, UnitGroup
 from spectrim.methods.base import GroupSolver, Method
+from spectrim.report import CompressionReport
 
-__all__ = ["group_stats", "solve_stage", "trace_stage"]
+__all__ = ["begin_run", "end_run", "group_stats", "solve_stage", "trace_stage"]
 
 
 def trace_stage(
@@ -93,3 +98,37 @@ def solve_stage(
             continue
         out[g.index] = method.solver(g, gstats, model)
     return out
+
+
+def begin_run(
+    work: nn.Module, cfg: CompressConfig, method: Method, info: Any, ctx: RunContext
+) -> tuple[Method, CompressionReport]:
+    """The method for this run (its seed) and the report a run of one kind of plan
+    (heads, the stream, experts) fills; ``work`` is put in eval mode."""
+    method = method.for_run(ctx)
+    work.eval()
+    report = CompressionReport(
+        method=method.name, target=str(cfg.parsed_target), config=cfg.to_dict()
+    )
+    report.warnings.extend(info.warnings)
+    return method, report
+
+
+def end_run(
+    report: CompressionReport,
+    work: nn.Module,
+    example: Any,
+    cost0: ModelCost,
+    info: Any,
+    timings: dict[str, float],
+    t0: float,
+) -> None:
+    """Costs before and after (the profiler on ``example``), rows, timings, seconds."""
+    t = time.perf_counter()
+    cost1 = profile(work, example)
+    report.params_before, report.params_after = cost0.params, cost1.params
+    report.macs_before, report.macs_after = cost0.macs, cost1.macs
+    report.calibration_rows = info.examples
+    timings["report"] = time.perf_counter() - t
+    report.timings = timings
+    report.seconds = time.perf_counter() - t0

@@ -330,3 +330,32 @@ def test_query_heads_from_the_command_line(
     assert heads == [2, 2]  # query heads per KV group
     back = load_compressed(out_dir)
     assert [(b.heads, b.kv_heads) for b in find_attention(back)] == [(4, 2), (4, 2)]
+
+
+def test_moe_experts_from_the_command_line(
+    minilm_dir: Path, sentences_csv: Path, tmp_path: Path
+) -> None:
+    """``--target experts=0.5`` on a Mixtral folder: every expert keeps half its neurons,
+    the next-token fidelity is measured, and the saved folder reloads with that width."""
+    transformers = pytest.importorskip("transformers")
+    from spectrim.graph.experts import find_experts
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=4)  # fmt: skip
+    folder = tmp_path / "mixtral"
+    transformers.MixtralForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out_dir, report = tmp_path / "small", tmp_path / "r.json"
+    argv = ["compress", "--model", str(folder), "--data", str(sentences_csv), "--text-column",
+            "sentence", "--max-length", "32", "--calib", "32", "--target", "experts=0.5",
+            "--out", str(out_dir), "--json", str(report), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    s = json.loads(report.read_text())
+    assert 0.0 < s["next_token_agreement"] <= 1.0 and s["macs_ratio"] < 1.0
+    widths = [g["width_after"] for g in s["report"]["groups"]]
+    assert widths == [16, 16]
+    back = load_compressed(out_dir)
+    assert [b.width for b in find_experts(back)] == [16, 16]

@@ -107,6 +107,8 @@ Examples:
   # a LLaMA-style decoder with grouped-query attention: half the query heads of every KV
   # group, the keys and values kept (without --query-heads whole KV groups go)
   spectrim compress --model my-llama/ --data wiki.txt --target heads=0.5 --query-heads
+  # a mixture-of-experts decoder: half the neurons of every expert, each expert its own
+  spectrim compress --model my-mixtral/ --data wiki.txt --target experts=0.5
   # a tenth of the hidden size (the residual stream), readers refitted
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target hidden=0.9
   # half the MACs, the allocator choosing between attention heads and FFN neurons
@@ -156,7 +158,9 @@ Targets: macs=F / params=F (keep a fraction F of the MACs / parameters), latency
 fraction F of the forward time measured on this machine at --latency-batch), width=F (keep a
 fraction F of every layer's channels), heads=F (keep a fraction F of every attention
 layer's heads: id, spectral, l1, l2, random), hidden=F (keep a fraction F of a
-transformer's hidden size: id, spectral, l1, l2, random), error=E (per-layer reconstruction error at most E),
+transformer's hidden size: id, spectral, l1, l2, random), experts=F (keep a fraction F of the
+neurons of every expert of a mixture-of-experts model: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3;
+id, spectral, l1, l2, random), error=E (per-layer reconstruction error at most E),
 dof=A (spectral only: per-layer width c*N(lambda), lambda = A * trace of its covariance);
 for the weight methods (magnitude, random, wanda, obs, lq, lq-lasso, pqi, spectrum):
 sparsity=S (a share S of every conv/Linear weight set to zero), sparsity=N:M (at most N

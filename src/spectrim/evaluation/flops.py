@@ -202,6 +202,17 @@ def _macs_native_mha(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) ->
     return projections + attention
 
 
+def _macs_grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+    # _grouped_mm(a, b, offs, ...): one product per group, e.g. a MoE layer's experts
+    # (a: tokens × K sorted by expert, b: experts × K × N, out: tokens × N). Each output
+    # element sums K products, except when the groups split K itself (a, b both 2-D,
+    # out: groups × M × N), where each group sums only its share of K.
+    a, b = args[0], args[1]
+    if a.dim() == 2 and b.dim() == 2:
+        return int(a.shape[0]) * int(b.shape[1]) * _last(a)
+    return int(out.numel()) * _last(a)
+
+
 def _build_op_table() -> dict[Any, _OpCounter]:
     aten = torch.ops.aten
     table: dict[Any, _OpCounter] = {}
@@ -222,6 +233,7 @@ def _build_op_table() -> dict[Any, _OpCounter]:
             ),
         ),
         (_macs_native_mha, ("_native_multi_head_attention",)),
+        (_macs_grouped_mm, ("_grouped_mm",)),
     ]
     for counter, names in groups:
         for name in names:

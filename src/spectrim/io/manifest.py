@@ -73,6 +73,7 @@ from torch import nn
 from spectrim._files import atomic_directory, sha256_cached, sha256_file
 from spectrim.graph.attention import find_attention
 from spectrim.graph.channels import shared_tensors
+from spectrim.graph.experts import find_experts
 from spectrim.graph.modules import module_kind, size_attribute_names, swap_classes
 from spectrim.report import CompressionReport
 
@@ -854,6 +855,8 @@ def load_compressed(
         raise ManifestError(f"{state_path}: {exc}") from None
     for block in find_attention(model):  # head counts follow the reloaded weights
         block.sync(model)
+    for experts in find_experts(model):  # and so do the experts' widths
+        experts.sync(model)
     return model.eval()
 
 

@@ -35,7 +35,9 @@ from spectrim.linalg.selection import cross_greedy
 
 if TYPE_CHECKING:
     from spectrim.graph.attention import AttentionBlock
+    from spectrim.graph.experts import ExpertBlock
     from spectrim.graph.stream import ResidualStream
+    from spectrim.methods.experts import ExpertSolver
     from spectrim.methods.heads import HeadSolver
     from spectrim.methods.stream import StreamSolver
 
@@ -257,6 +259,15 @@ class Method(ABC):
         is the output projection's input Gram (``None`` for a method without
         statistics).  Methods that can select heads override it."""
         raise ValueError(f"method '{self.name}' cannot select attention heads")
+
+    def expert_solver(
+        self, block: ExpertBlock, grams: list[np.ndarray | None] | None, model: nn.Module
+    ) -> ExpertSolver:
+        """Solver over the neurons of one MoE layer's experts (``target="experts=F"``);
+        ``grams[e]`` is expert ``e``'s router-weighted hidden Gram (``None`` where the
+        calibration sent it no token; ``grams`` is ``None`` for a method without
+        statistics).  Methods that can select expert neurons override it."""
+        raise ValueError(f"method '{self.name}' cannot select the neurons of MoE experts")
 
     def stream_solver(
         self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module

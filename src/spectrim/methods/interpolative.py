@@ -20,6 +20,7 @@ from spectrim.calibration.gram import GramAccumulator
 from spectrim.calibration.sketch import RowSketch
 from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
+from spectrim.graph.experts import ExpertBlock
 from spectrim.graph.stream import ResidualStream
 from spectrim.graph.surgery import GroupPlan
 from spectrim.linalg import (
@@ -30,6 +31,7 @@ from spectrim.linalg import (
 )
 from spectrim.linalg._validation import check_k
 from spectrim.methods.base import GroupSolver, Method, gram_reconstruction_errors, register_method
+from spectrim.methods.experts import ExpertOrder, ExpertSolver, by_norm, neuron_norms
 from spectrim.methods.heads import HeadSolver, greedy_solver
 from spectrim.methods.stream import StreamSolver
 
@@ -222,6 +224,25 @@ class IDMethod(Method):
             raise ValueError(f"id: attention '{block.name}' has no statistics")
         tau = self.ridge * float(np.trace(gram)) / max(gram.shape[0], 1)
         return greedy_solver(block, gram, theta=1.0, ridge=tau)
+
+    def expert_solver(
+        self, block: ExpertBlock, grams: list[np.ndarray | None] | None, model: nn.Module
+    ) -> ExpertSolver:
+        """Per expert, the column-pivoted QR of its Gram: neurons chosen to reconstruct all
+        of its hidden units, their least-squares fold into its down projection."""
+        if grams is None:
+            raise ValueError(f"id: experts '{block.name}' have no statistics")
+        norms = neuron_norms(block, model)
+        orders = []
+        for e, g in enumerate(grams):
+            if g is None or not np.trace(g) > 0:  # never routed to: by weight, no fold
+                orders.append(by_norm(norms[e]))
+                continue
+            f = id_factorize(g)
+            curve = f.residuals / f.total if f.total > 0 else np.zeros(block.width + 1)
+            tau = self.ridge * float(np.trace(g)) / max(g.shape[0], 1)
+            orders.append(ExpertOrder(f.perm, curve, g, tau))
+        return ExpertSolver(block, orders)
 
     def stream_solver(
         self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module

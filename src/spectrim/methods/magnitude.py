@@ -17,9 +17,11 @@ from spectrim.calibration.gram import GramAccumulator
 from spectrim.context import RunContext
 from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
+from spectrim.graph.experts import ExpertBlock
 from spectrim.graph.modules import module_kind
 from spectrim.graph.stream import ResidualStream
 from spectrim.methods.base import GroupSolver, Method, OrderSolver, register_method
+from spectrim.methods.experts import ExpertOrder, ExpertSolver, by_norm, neuron_norms
 from spectrim.methods.heads import HeadSolver, head_norms
 from spectrim.methods.stream import StreamSolver, stream_weight_scores
 
@@ -64,6 +66,13 @@ class _NormMethod(Method):
         kept = np.concatenate([[0.0], np.cumsum(w)])
         curve = 1.0 - kept / kept[-1] if kept[-1] > 0 else None
         return HeadSolver(block, order, curve, correct=False)
+
+    def expert_solver(
+        self, block: ExpertBlock, grams: list[np.ndarray | None] | None, model: nn.Module
+    ) -> ExpertSolver:
+        """Each expert's neurons of largest weight norm first, no correction."""
+        norms = neuron_norms(block, model, self.p)
+        return ExpertSolver(block, [by_norm(n) for n in norms], correct=False)
 
     def stream_solver(
         self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module
@@ -116,6 +125,15 @@ class RandomMethod(Method):
     ) -> HeadSolver:
         """Random heads, no correction."""
         return HeadSolver(block, self.rng.permutation(block.units), correct=False)
+
+    def expert_solver(
+        self, block: ExpertBlock, grams: list[np.ndarray | None] | None, model: nn.Module
+    ) -> ExpertSolver:
+        """Random neurons in every expert, no correction."""
+        m = block.width
+        curve = (1.0 - np.arange(m + 1) / m) ** 2
+        orders = [ExpertOrder(self.rng.permutation(m), curve) for _ in range(block.experts)]
+        return ExpertSolver(block, orders, correct=False)
 
     def stream_solver(
         self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module

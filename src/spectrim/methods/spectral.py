@@ -38,6 +38,7 @@ from torch import nn
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.attention import AttentionBlock
 from spectrim.graph.channels import UnitGroup
+from spectrim.graph.experts import ExpertBlock
 from spectrim.graph.modules import module_kind
 from spectrim.graph.stream import ResidualStream
 from spectrim.graph.surgery import GroupPlan
@@ -51,6 +52,13 @@ from spectrim.linalg import (
 )
 from spectrim.linalg.selection import cross_greedy
 from spectrim.methods.base import GroupSolver, Method, gram_reconstruction_errors, register_method
+from spectrim.methods.experts import (
+    ExpertOrder,
+    ExpertSolver,
+    by_norm,
+    neuron_norms,
+    output_weight_grams,
+)
 from spectrim.methods.heads import HeadSolver, greedy_solver, output_weight_gram
 from spectrim.methods.stream import StreamSolver, pca_rotation
 
@@ -245,6 +253,29 @@ class SpectralMethod(Method):
         weight = output_weight_gram(block, model) if self.theta < 1.0 else None
         ridge = 0.0 if self.tau == "none" else self.alpha * float(np.trace(gram))
         return greedy_solver(block, gram, theta=self.theta, weight=weight, ridge=ridge)
+
+    def expert_solver(
+        self, block: ExpertBlock, grams: list[np.ndarray | None] | None, model: nn.Module
+    ) -> ExpertSolver:
+        """Per expert, the θ-mixed greedy on its Gram (output-aware part: its ``downᵀdown``)
+        and its ridge ``α·tr G`` fold (none with ``tau="none"``)."""
+        if grams is None:
+            raise ValueError(f"spectral: experts '{block.name}' have no statistics")
+        norms = neuron_norms(block, model)
+        weights = output_weight_grams(block, model) if self.theta < 1.0 else None
+        orders = []
+        for e, g in enumerate(grams):
+            if g is None or not np.trace(g) > 0:  # never routed to: by weight, no fold
+                orders.append(by_norm(norms[e]))
+                continue
+            ridge = 0.0 if self.tau == "none" else self.alpha * float(np.trace(g))
+            sel = spectral_greedy(
+                g, theta=self.theta, weight=None if weights is None else weights[e], tau=ridge
+            )
+            losses = sel.losses
+            curve = losses / losses[0] if losses[0] > 0 else np.zeros_like(losses)
+            orders.append(ExpertOrder(sel.order, curve, g, ridge))
+        return ExpertSolver(block, orders)
 
     def stream_solver(
         self, stream: ResidualStream, gram: np.ndarray | None, model: nn.Module

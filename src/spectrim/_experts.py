@@ -1,0 +1,214 @@
+"""The MoE run behind ``spectrim.compress(..., target="experts=F")``.
+
+``find → collect → solve → allocate → apply → report``:
+
+* find: every experts module in Hugging Face's 3-D layout
+  (:func:`spectrim.graph.experts.find_experts`: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
+  GraniteMoE, PhiMoE);
+* collect: per expert, the Gram of its hidden activations over the tokens the router sends
+  it, each row weighted by its router weight (padded positions left out), in float64;
+* solve: one :class:`~spectrim.methods.experts.ExpertSolver` per layer, from the method's
+  :meth:`~spectrim.methods.Method.expert_solver`;
+* allocate: ``experts=F`` keeps about ``F·width`` neurons in every expert, a multiple of 16
+  bytes per row (:func:`expert_width`: the default experts kernel needs it);
+* apply: layer by layer in execution order.  In sequential mode (the default) each layer's
+  Grams are measured on the model whose earlier layers are already narrowed, so its
+  selection and folds see the inputs (and the routing) the compressed model gives it;
+* report: one group per layer, MACs and parameters before and after.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectrim.calibration.batches import head_examples, token_mask
+from spectrim.calibration.checks import CalibrationInfo
+from spectrim.calibration.gram import GramAccumulator
+from spectrim.config import CompressConfig
+from spectrim.context import RunContext
+from spectrim.distributed import SOLO, Team
+from spectrim.evaluation.flops import profile
+from spectrim.graph.experts import ExpertBlock, find_experts
+from spectrim.graph.trace import call_model
+from spectrim.methods import Method
+from spectrim.methods.experts import ExpertSolver
+from spectrim.report import CompressionReport, GroupReport
+from spectrim.stages import begin_run, end_run
+
+__all__ = ["EXPERTS_SUFFIX", "expert_grams", "expert_width", "experts_run"]
+
+#: the report names a MoE layer's group "<experts module> (experts)"
+EXPERTS_SUFFIX = " (experts)"
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the statistics it was run for are taken."""
+
+
+def _hidden(module: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e``'s hidden activations ``act(gate x) ⊙ up x`` of the rows ``x``."""
+    gate_up: Any = module.gate_up_proj
+    act: Any = module.act_fn
+    gate, up = torch.nn.functional.linear(x, gate_up[e]).chunk(2, dim=-1)
+    result: torch.Tensor = act(gate) * up
+    return result
+
+
+def expert_grams(
+    model: nn.Module,
+    blocks: Sequence[ExpertBlock],
+    batches: Sequence[Any],
+    progress: Any = None,
+    *,
+    stop: bool = False,
+    team: Team = SOLO,
+) -> dict[str, list[GramAccumulator]]:
+    """Per experts module, one accumulator per expert of the router-weighted Gram of its
+    hidden activations (see :mod:`spectrim.methods.experts`).  With ``stop``, each pass
+    ends after the last of ``blocks``.  With a ``team``, each rank runs its own batches and
+    the Grams are summed over the ranks."""
+    modules = dict(model.named_modules())
+    accs = {
+        b.name: [GramAccumulator(b.width, sums=False) for _ in range(b.experts)] for b in blocks
+    }
+    last = blocks[-1].name if stop else None
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(name: str) -> Any:
+        def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            given = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
+            if len(given) < 3:
+                raise TypeError(
+                    f"experts '{name}' ({type(module).__name__}) was called without "
+                    "(hidden_states, top_k_index, top_k_weights)"
+                )
+            x, index, weights = (t.detach() for t in given[:3])
+            real = None
+            if mask[0] is not None and mask[0].numel() == x.shape[0]:
+                real = mask[0].reshape(-1).to(x.device)
+            with torch.no_grad():
+                for e, acc in enumerate(accs[name]):
+                    tok, pos = torch.where(index == e)
+                    if real is not None:
+                        keep = real[tok]
+                        tok, pos = tok[keep], pos[keep]
+                    if len(tok):
+                        h = _hidden(module, x[tok], e) * weights[tok, pos, None].to(x.dtype)
+                        acc.update(h)
+            if name == last:
+                raise _Stop
+
+        return fn
+
+    handles = [
+        modules[b.name].register_forward_pre_hook(hook(b.name), with_kwargs=True) for b in blocks
+    ]
+    it = progress(batches) if progress is not None else batches
+    try:
+        with torch.no_grad():
+            for batch in it:
+                mask[0] = token_mask(batch)
+                try:
+                    call_model(model, batch)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    flat = {f"{n}#{e}": a for n, per in accs.items() for e, a in enumerate(per)}
+    team.reduce(flat)
+    return accs
+
+
+def _grams(accs: list[GramAccumulator]) -> list[np.ndarray | None]:
+    return [a.gram_numpy() if a.count > 0 else None for a in accs]
+
+
+def expert_width(block: ExpertBlock, model: nn.Module, fraction: float, round_to: int = 1) -> int:
+    """Neurons per expert for ``experts=fraction``: the nearest multiple of a step, at least
+    one step, at most the width.  The step is ``round_to`` and the rows of 16 bytes
+    Hugging Face's default experts kernel (``torch._grouped_mm``) needs: its down
+    projection's rows are ``width`` elements long and must be a multiple of 16 bytes
+    (4 float32 or 8 bfloat16 neurons), or the model no longer runs."""
+    size = block.weights(model)[1].element_size()
+    align = 16 // size if 16 % size == 0 else 1
+    step = math.lcm(max(1, int(round_to)), align)
+    k = max(step, round(fraction * block.width / step) * step)
+    return min(block.width, k)
+
+
+def experts_run(
+    work: nn.Module,
+    batches: list[Any],
+    info: CalibrationInfo,
+    cfg: CompressConfig,
+    method: Method,
+    ctx: RunContext,
+    t0: float,
+) -> tuple[nn.Module, CompressionReport]:
+    """Narrow every MoE layer's experts of ``work`` in place as ``cfg`` (``experts=F``) says."""
+    tgt = cfg.parsed_target
+    method, report = begin_run(work, cfg, method, info, ctx)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    blocks = find_experts(work)
+    if not blocks:
+        raise ValueError(
+            f"target {tgt}: no mixture-of-experts layer in {type(work).__name__} that "
+            "spectrim recognises (Hugging Face's experts modules with 3-D gate_up_proj and "
+            "down_proj: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GraniteMoE, PhiMoE)"
+        )
+    team = ctx.team
+    example = team.broadcast(head_examples(batches[0]))
+    cost0 = profile(work, example)
+    timings["find"] = time.perf_counter() - t
+
+    stats = method.needs_statistics
+    grams: dict[str, list[np.ndarray | None]] = {}
+    rows: dict[str, int] = {}
+    timings["collect"] = timings["solve"] = timings["apply"] = 0.0
+
+    def collect(todo: Sequence[ExpertBlock], stop: bool) -> None:
+        t = time.perf_counter()
+        wrap = ctx.wrap(len(batches)) if not stop else None
+        for name, accs in expert_grams(work, todo, batches, wrap, stop=stop, team=team).items():
+            grams[name], rows[name] = _grams(accs), sum(a.count for a in accs)
+        timings["collect"] += time.perf_counter() - t
+
+    if stats and not cfg.sequential:
+        collect(blocks, stop=False)
+    for b in blocks:
+        if stats and cfg.sequential:
+            collect([b], stop=True)  # on the model with the layers before it narrowed
+        t = time.perf_counter()
+        solver: ExpertSolver = method.expert_solver(b, grams.get(b.name) if stats else None, work)
+        k = expert_width(b, work, tgt.value, cfg.round_to)
+        timings["solve"] += time.perf_counter() - t
+        width = b.width
+        t = time.perf_counter()
+        if k < width:
+            keep, folds = team.broadcast(solver.plan(k))
+            b.prune(work, keep, folds)
+        timings["apply"] += time.perf_counter() - t
+        report.groups.append(
+            GroupReport(
+                name=f"{b.name}{EXPERTS_SUFFIX}",
+                width_before=width,
+                width_after=k,
+                producers=[f"{b.name}.gate_up_proj"],
+                consumers=[f"{b.name}.down_proj"],
+                predicted_error=float(np.sqrt(max(solver.error_curve()[k], 0.0))),
+                rows=rows.get(b.name) or None,
+            )
+        )
+
+    end_run(report, work, example, cost0, info, timings, t0)
+    return work, report
