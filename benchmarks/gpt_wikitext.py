@@ -15,8 +15,10 @@ Routes (``--targets``, comma-separated): ``width=F`` (FFN neurons), ``heads=F``
 the stream, so ``hidden=F`` removes ``1 − F`` of the blocks' parameters; ``spectral`` is
 SliceGPT's PCA rotation), ``A;B`` (both, in order), ``macs=F+heads`` / ``params=F+heads``
 (the allocator trades heads against FFN neurons on one budget; ``+heads+hidden``: the hidden
-size too).  ``--arch llama --kv-heads K`` trains a LLaMA-style model (RMSNorm, rotary,
-SwiGLU, grouped-query attention) instead; ``--query-heads`` chooses how its heads go.
+size too), ``experts=F`` (the neurons of every expert of a MoE model).  ``--arch llama
+--kv-heads K`` trains a LLaMA-style model (RMSNorm, rotary, SwiGLU, grouped-query
+attention) instead, ``--arch mixtral`` the same with a mixture of experts in each block;
+``--query-heads`` chooses how grouped-query heads go.
 Reported: perplexity, its increase
 relative to dense, the share of the parameters removed from the transformer blocks
 (embeddings excluded) and from the whole model (``hidden`` unties the LM head from the
@@ -68,6 +70,16 @@ def build_model(vocab: int, args: argparse.Namespace) -> Any:
             pad_token_id=None,
         )  # fmt: skip
         return transformers.LlamaForCausalLM(llama)
+    if args.arch == "mixtral":  # the same with a mixture of experts in place of each FFN
+        moe = transformers.MixtralConfig(
+            vocab_size=vocab, hidden_size=args.width, intermediate_size=2 * args.width,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=args.seq,
+            num_local_experts=args.experts, num_experts_per_tok=2, output_router_logits=True,
+            router_aux_loss_coef=0.01, tie_word_embeddings=True, bos_token_id=None,
+            eos_token_id=None, pad_token_id=None,
+        )  # fmt: skip
+        return transformers.MixtralForCausalLM(moe)
     cfg = transformers.GPT2Config(
         vocab_size=vocab, n_positions=args.seq, n_embd=args.width, n_layer=args.layers,
         n_head=args.heads, n_inner=4 * args.width, resid_pdrop=0.1, embd_pdrop=0.1,
@@ -132,9 +144,12 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument(
         "--arch",
-        choices=["gpt2", "llama"],
-        help="gpt2 (default) or llama (RMSNorm, rotary, SwiGLU; with --kv-heads, GQA)",
+        choices=["gpt2", "llama", "mixtral"],
+        help="gpt2 (default), llama (RMSNorm, rotary, SwiGLU; with --kv-heads, GQA) or "
+        "mixtral (the same with --experts SwiGLU experts of 2·width neurons, 2 per token, "
+        "the router's load-balancing loss in training)",
     )
+    ap.add_argument("--experts", type=int, default=4, help="mixtral: experts per layer")
     ap.add_argument("--kv-heads", type=int, help="llama: key/value heads (default: --heads)")
     ap.add_argument(
         "--query-heads",
@@ -177,7 +192,8 @@ def main() -> None:
     digest = hashlib.sha256(
         json.dumps({k: v for k, v in vars(args).items() if k in (
             "layers", "width", "heads", "seq", "epochs", "train_batch", "lr", "seed",
-            "train_limit", "arch", "kv_heads") and v is not None},
+            "train_limit", "arch", "kv_heads")
+            and v is not None} | ({"experts": args.experts} if args.arch == "mixtral" else {}),
             sort_keys=True).encode()
         + (root / "valid.txt").read_bytes()
     ).hexdigest()[:16]  # fmt: skip
