@@ -1,7 +1,7 @@
 """``target="experts=F"``: the neurons of mixture-of-experts layers through ``spectrim.compress``.
 
 Tiny random-weight Hugging Face MoE models (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE with its
-shared expert): exactness where the kept neurons reproduce the removed ones, the profiler's
+shared expert, GraniteMoE, PhiMoE, DeepSeek-V3 with its latent attention): exactness where the kept neurons reproduce the removed ones, the profiler's
 MACs, the correction never worse than plain removal, padded tokens left out, save and
 reload, every method, and the errors that name the culprit.
 """
@@ -43,6 +43,15 @@ def _moe(family: str = "mixtral", duplicate: bool = True) -> nn.Module:
                                               num_experts_per_tok=2,
                                               shared_expert_intermediate_size=40,
                                               intermediate_size=48, **SMALL),
+        "granitemoe": lambda: t.GraniteMoeConfig(intermediate_size=24, num_local_experts=4,
+                                                 num_experts_per_tok=2, **SMALL),
+        "phimoe": lambda: t.PhimoeConfig(intermediate_size=24, num_local_experts=4,
+                                         num_experts_per_tok=2, **SMALL),
+        "deepseek_v3": lambda: t.DeepseekV3Config(
+            moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2,
+            intermediate_size=48, first_k_dense_replace=0, n_group=1, topk_group=1,
+            kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8, n_shared_experts=1, **{**SMALL, "num_key_value_heads": 4}),
     }  # fmt: skip
     model = t.AutoModelForCausalLM.from_config(configs[family]()).eval()
     if duplicate:
@@ -67,7 +76,9 @@ def _batches(n: int = 3, seed: int = 0, pad: bool = False) -> list[dict[str, tor
     return out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize(
+    "family", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "granitemoe", "phimoe", "deepseek_v3"]
+)
 def test_half_of_every_expert_is_removed_exactly(family: str) -> None:
     """Every expert keeps 12 of its 24 neurons; where the other 12 repeat them, ``id``'s
     folds give back the original logits, the model generates, and the first layer's
