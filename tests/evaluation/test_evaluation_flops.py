@@ -343,3 +343,25 @@ def test_model_cost_is_frozen_and_serialisable() -> None:
     assert cost.to_dict() == {"macs": 6, "params": 8, "per_module": {"": 6}}
     with pytest.raises(AttributeError):
         cost.macs = 0  # type: ignore[misc]
+
+
+def test_grouped_mm_is_counted_as_the_loop_over_experts_it_replaces() -> None:
+    """transformers runs MoE experts through ``torch._grouped_mm`` by default (which
+    ``torch.utils.flop_counter`` does not count); its MACs must equal those of the plain
+    per-expert ``F.linear`` loop (``"eager"``) and of the batched kernel on the same
+    tokens and routing, and not be missing from the experts module's count."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=80, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    x = {"input_ids": torch.randint(3, 80, (2, 12))}
+    counts = {}
+    for impl in ("grouped_mm", "eager", "batched_mm"):
+        model.set_experts_implementation(impl)
+        counts[impl] = profile(model, x).per_module.get("model.layers.0.mlp.experts")
+    # 24 tokens, 2 experts each, per routed token 32·48 (gate and up) + 24·32 (down)
+    assert counts == dict.fromkeys(counts, 24 * 2 * (32 * 48 + 24 * 32) // 2)
