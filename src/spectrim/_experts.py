@@ -36,7 +36,7 @@ from spectrim.context import RunContext
 from spectrim.distributed import SOLO, Team
 from spectrim.evaluation.flops import profile
 from spectrim.graph.experts import ExpertBlock, find_experts
-from spectrim.graph.trace import call_model
+from spectrim.graph.trace import StopPass, call_until_stopped
 from spectrim.methods import Method
 from spectrim.methods.experts import ExpertSolver
 from spectrim.report import CompressionReport, GroupReport
@@ -46,10 +46,6 @@ __all__ = ["EXPERTS_SUFFIX", "expert_grams", "expert_width", "experts_run"]
 
 #: the report names a MoE layer's group "<experts module> (experts)"
 EXPERTS_SUFFIX = " (experts)"
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the statistics it was run for are taken."""
 
 
 def _hidden(module: nn.Module, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -100,11 +96,11 @@ def expert_grams(
                     if real is not None:
                         keep = real[tok]
                         tok, pos = tok[keep], pos[keep]
-                    if len(tok):
+                    if len(tok):  # the module computes h again inside: it keeps no copy
                         h = _hidden(module, x[tok], e) * weights[tok, pos, None].to(x.dtype)
                         acc.update(h)
             if name == last:
-                raise _Stop
+                raise StopPass
 
         return fn
 
@@ -116,10 +112,7 @@ def expert_grams(
         with torch.no_grad():
             for batch in it:
                 mask[0] = token_mask(batch)
-                try:
-                    call_model(model, batch)
-                except _Stop:
-                    pass
+                call_until_stopped(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -37,7 +37,7 @@ from spectrim.context import RunContext
 from spectrim.distributed import SOLO, Team
 from spectrim.evaluation.flops import profile
 from spectrim.graph.attention import AttentionBlock, find_attention, prepare_attention
-from spectrim.graph.trace import call_model
+from spectrim.graph.trace import StopPass, call_until_stopped
 from spectrim.methods import Method
 from spectrim.methods.heads import HeadSolver
 from spectrim.report import CompressionReport, GroupReport
@@ -59,10 +59,6 @@ HEADS_SUFFIX = " (heads)"
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     x, _ = drop_padding(x.detach(), mask, x.dim() - 1)
     return x.reshape(-1, x.shape[-1])
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the statistics it was run for are taken."""
 
 
 def output_grams(
@@ -94,7 +90,7 @@ def output_grams(
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             seen[name] = _rows(args[0], mask[0]).double()
             if name == last:
-                raise _Stop
+                raise StopPass
 
         return hook
 
@@ -107,7 +103,7 @@ def output_grams(
                 c = x.double().T @ z
                 cross[name] = cross[name] + c if name in cross else c
             if name == last:
-                raise _Stop
+                raise StopPass
 
         return fn
 
@@ -122,10 +118,7 @@ def output_grams(
                 mask[0] = token_mask(batch)
                 for m in (reference, model):
                     if m is not None:
-                        try:
-                            call_model(m, batch)
-                        except _Stop:
-                            pass
+                        call_until_stopped(m, batch)
     finally:
         for h in handles:
             h.remove()

@@ -63,7 +63,7 @@ from spectrim.graph.stream import (
     set_module,
     write_rows,
 )
-from spectrim.graph.trace import call_model
+from spectrim.graph.trace import StopPass, call_until_stopped
 from spectrim.linalg import fit_cross_reconstruction
 from spectrim.methods import Method
 from spectrim.methods.stream import StreamPlan, StreamSolver
@@ -85,10 +85,6 @@ __all__ = [
 
 #: the report names the residual stream's group "<stream> (hidden)" (``group_weights`` too)
 HIDDEN_SUFFIX = " (hidden)"
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the statistics it was run for are taken."""
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -216,7 +212,7 @@ def _site_outputs(
         def f(module: nn.Module, args: Any, out: torch.Tensor) -> None:
             fn(name, _rows(out, mask[0]))
             if name == last:
-                raise _Stop
+                raise StopPass
 
         return f
 
@@ -224,7 +220,7 @@ def _site_outputs(
         def f(module: nn.Module, args: Any) -> None:
             fn(name, inputs[name](_rows(args[0], mask[0])))
             if name == last:
-                raise _Stop
+                raise StopPass
 
         return f
 
@@ -238,10 +234,7 @@ def _site_outputs(
         with torch.no_grad():
             for batch in progress(batches) if progress is not None else batches:
                 mask[0] = token_mask(batch)
-                try:
-                    call_model(model, batch)
-                except _Stop:
-                    pass
+                call_until_stopped(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from spectrim.calibration.batches import head_examples
-from spectrim.calibration.checks import trace_checked
+from spectrim.calibration.checks import CalibrationInfo, trace_checked
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.calibration.sketch import RowSketch
 from spectrim.config import CompressConfig
@@ -101,7 +101,11 @@ def solve_stage(
 
 
 def begin_run(
-    work: nn.Module, cfg: CompressConfig, method: Method, info: Any, ctx: RunContext
+    work: nn.Module,
+    cfg: CompressConfig,
+    method: Method,
+    info: CalibrationInfo,
+    ctx: RunContext,
 ) -> tuple[Method, CompressionReport]:
     """The method for this run (its seed) and the report a run of one kind of plan
     (heads, the stream, experts) fills; ``work`` is put in eval mode."""
@@ -119,7 +123,7 @@ def end_run(
     work: nn.Module,
     example: Any,
     cost0: ModelCost,
-    info: Any,
+    info: CalibrationInfo,
     timings: dict[str, float],
     t0: float,
 ) -> None:

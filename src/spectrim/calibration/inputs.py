@@ -33,7 +33,7 @@ from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.checks import CalibrationError
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.graph.modules import input_channel_axis, weight_kind
-from spectrim.graph.trace import call_model
+from spectrim.graph.trace import StopPass, call_model, call_until_stopped
 
 __all__ = [
     "calls_per_module",
@@ -42,10 +42,6 @@ __all__ = [
     "input_grams",
     "module_calls",
 ]
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the module of interest has run."""
 
 
 def _rows(
@@ -155,14 +151,12 @@ def _capture(model: nn.Module, module: nn.Module, batch: Any, stop: bool) -> lis
     def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
         got.append(args[0].detach())
         if stop:
-            raise _Stop
+            raise StopPass
 
     h = module.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            call_model(model, batch)
-    except _Stop:
-        pass
+            call_until_stopped(model, batch)
     finally:
         h.remove()
     return got

@@ -31,8 +31,10 @@ from spectrim.graph.modules import module_kind
 __all__ = [
     "Graph",
     "Op",
+    "StopPass",
     "Value",
     "call_model",
+    "call_until_stopped",
     "model_outputs",
     "tensors_in",
     "trace",
@@ -124,6 +126,20 @@ def call_model(model: nn.Module, batch: Any) -> Any:
         f"calibration batch of type {type(batch).__name__} is not supported: "
         "use a tensor, a tuple of tensors (positional args) or a dict (keyword args)"
     )
+
+
+class StopPass(Exception):
+    """Raised by a hook to end a forward pass once what the pass was run for is taken
+    (:func:`call_until_stopped` ends the pass there)."""
+
+
+def call_until_stopped(model: nn.Module, batch: Any) -> None:
+    """:func:`call_model`, ending quietly where a hook raises :class:`StopPass` (the rest
+    of the model is not needed)."""
+    try:
+        call_model(model, batch)
+    except StopPass:
+        pass
 
 
 _RENAME = {
