@@ -370,7 +370,9 @@ def test_heads_and_channels_on_one_macs_budget() -> None:
         assert torch.isfinite(small(**_batches(1, seed=4)[0]).last_hidden_state).all()
 
 
-@pytest.mark.parametrize("family", ["bert", "llama-mqa", "gpt_bigcode-mqa", "llama-gqa-query"])
+@pytest.mark.parametrize(
+    "family", ["bert", "llama-mqa", "gpt_bigcode-mqa", "llama-gqa-query", "t5", "mpnet"]
+)
 def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
     """Removing one head of one layer: the modelled MACs and parameters equal the
     profiler's on the pruned model (under multi-query attention: a query head's rows and
@@ -386,6 +388,17 @@ def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
         example = {k: v[:2] for k, v in batch.items()}
     elif family == "llama-gqa-query":
         model, example = _grouped(layers=1), {"input_ids": batch["input_ids"][:2]}
+    elif family in ("t5", "mpnet"):  # a shared position bias (the first layer's, T5)
+        t = transformers
+        torch.manual_seed(0)
+        model = (
+            t.T5EncoderModel(t.T5Config(vocab_size=80, d_model=48, d_kv=8, num_heads=6,
+                                        d_ff=64, num_layers=1))
+            if family == "t5"
+            else t.MPNetModel(t.MPNetConfig(vocab_size=80, hidden_size=48, num_hidden_layers=1,
+                                            num_attention_heads=6, intermediate_size=64))
+        ).eval()  # fmt: skip
+        example = {"input_ids": batch["input_ids"][:2]}
     else:
         full = _multi_query(family.removesuffix("-mqa"))
         layers = full.model.layers if hasattr(full, "model") else full.transformer.h

@@ -26,8 +26,8 @@ from spectrim.graph.stream import NormExpand, StreamRMSNorm, find_stream, norm_a
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ("gpt2", "llama", "gemma", "phi3", "gpt_neox", "gptj", "codegen", "phi", "falcon",
-            "opt", "bert", "distilbert", "t5")  # fmt: skip
-POST_LN = ("bert", "distilbert")
+            "opt", "bert", "distilbert", "t5", "mpnet")  # fmt: skip
+POST_LN = ("bert", "distilbert", "mpnet")
 
 
 def _model(family: str) -> nn.Module:
@@ -77,6 +77,11 @@ def _model(family: str) -> nn.Module:
         m = t.T5EncoderModel(
             t.T5Config(vocab_size=60, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                        feed_forward_proj="gated-gelu")
+        )  # fmt: skip
+    elif family == "mpnet":  # BERT's post-LN layout under other names, a shared position bias
+        m = t.MPNetModel(
+            t.MPNetConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, vocab_size=60)
         )  # fmt: skip
     else:
         m = t.BertModel(
@@ -324,7 +329,7 @@ def test_minilm_refitted_stream_stays_close_to_the_original(
     assert cos["id"] > 0.85 and cos["id"] > cos["l1"] + 0.2, cos
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "t5", "mpnet"])
 def test_the_stream_heads_and_channels_share_one_macs_budget(family: str) -> None:
     model = _model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}

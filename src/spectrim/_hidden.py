@@ -499,7 +499,7 @@ def hidden_run(
             f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
             "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2/Gemma/Phi-3, GPT-NeoX, GPT-J, "
             "CodeGen, Phi, Falcon, OPT, T5 encoders, "
-            "BERT-family and DistilBERT models; register others with "
+            "BERT-family, MPNet and DistilBERT models; register others with "
             "spectrim.graph.stream.register_stream)"
         )
     team = ctx.team

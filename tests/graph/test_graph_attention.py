@@ -511,3 +511,106 @@ def test_deberta_heads_are_removed_exactly(relative: dict[str, Any]) -> None:
     with torch.no_grad():
         want, got = model(**batches[0]).last_hidden_state, small(**batches[0]).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _shared_bias(family: str, layers: int = 2) -> torch.nn.Module:
+    """Families whose layers share one per-head position bias: T5 (computed by the first
+    layer and handed on), MPNet (computed by the encoder)."""
+    torch.manual_seed(0)
+    t = transformers
+    t5 = dict(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=layers)
+    if family == "t5":
+        return t.T5EncoderModel(t.T5Config(**t5)).eval()
+    if family == "t5-generation":
+        return t.T5ForConditionalGeneration(t.T5Config(decoder_start_token_id=0, **t5)).eval()
+    cfg = t.MPNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=48)  # fmt: skip
+    return t.MPNetModel(cfg).eval()
+
+
+def _bias_batches(family: str) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(3):
+        ids = torch.randint(3, 64, (8, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 9:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if family == "t5-generation":
+            batch["decoder_input_ids"] = ids[:, :5]
+        out.append(batch)
+    return out
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+@pytest.mark.parametrize("family", ["t5", "t5-generation", "mpnet"])
+def test_heads_of_layers_sharing_a_position_bias_are_removed_exactly(
+    family: str, tmp_path: Any
+) -> None:
+    """T5 and MPNet add one per-head relative-position bias, computed once, in every
+    layer: a layer that lost heads must add its kept heads' rows of it (and T5's layers
+    hand the whole bias on).  Each layer gets other dead heads (zero value rows), so
+    ``id`` at half the heads keeps other heads per layer; the outputs must stay as they
+    were, and so must a saved and reloaded copy.  Without the slicing the pruned model
+    does not run (4 bias rows added to 2 heads' scores)."""
+    import spectrim
+    from spectrim.graph.attention import BIAS_HEADS
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    model = _shared_bias(family)
+    modules = dict(model.named_modules())
+    blocks = find_attention(model)
+    assert len(blocks) == 2 and all(b.bias is not None for b in blocks)
+    dead = ([0, 3], [1, 2])
+    with torch.no_grad():
+        for b, heads in zip(blocks, dead, strict=True):
+            (v,) = [p for p in b.projections if p.role == "v"]
+            rows = torch.as_tensor(b.projection_rows(v, heads))
+            modules[v.module].weight.index_fill_(0, rows, 0.0)
+            if modules[v.module].bias is not None:
+                modules[v.module].bias[rows] = 0.0
+    batches = _bias_batches(family)
+    small, report = spectrim.compress(model, batches, "id", "heads=0.5")
+    layers = dict(small.named_modules())
+    kept = [getattr(layers[b.name], BIAS_HEADS) for b in find_attention(small)]
+    assert kept == [[1, 2], [0, 3]]
+    assert not any(hasattr(m, BIAS_HEADS) for m in model.modules())  # the user's model
+    mask = batches[0]["attention_mask"].unsqueeze(-1)
+    with torch.no_grad():
+        want, got = _first(model(**batches[0])), _first(small(**batches[0]))
+    if family != "t5-generation":
+        want, got = want * mask, got * mask
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", _shared_bias(family))
+    with torch.no_grad():
+        torch.testing.assert_close(_first(back(**batches[0])), _first(small(**batches[0])))
+    if family == "t5-generation":
+        out = back.generate(batches[0]["input_ids"][:1], max_new_tokens=3, do_sample=False)
+        assert out.shape[0] == 1 and out.shape[1] > 1
+
+
+def test_heads_removed_twice_keep_the_right_rows_of_the_shared_bias() -> None:
+    """A second removal composes with the first: the kept list still names the original
+    heads (their rows of the bias every layer is handed)."""
+    from spectrim.graph.attention import BIAS_HEADS
+
+    model = _shared_bias("t5")
+    reference = copy.deepcopy(model)
+    out = dict(reference.named_modules())[find_attention(reference)[1].out]
+    with torch.no_grad():  # heads 0 and 2 of the second layer ignored
+        out.weight[:, 0:8] = 0.0
+        out.weight[:, 16:24] = 0.0
+    pruned = copy.deepcopy(model)
+    find_attention(pruned)[1].prune(pruned, [1, 2, 3], None)  # head 0 goes
+    block = find_attention(pruned)[1]
+    block.prune(pruned, [0, 2], None)  # now heads 1, 2, 3: the middle one (2) goes
+    assert getattr(dict(pruned.named_modules())[block.name], BIAS_HEADS) == [1, 3]
+    batch = _bias_batches("t5")[0]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _first(pruned(**batch)), _first(reference(**batch)), rtol=1e-5, atol=1e-6
+        )

@@ -176,6 +176,9 @@ def test_wrong_shape_in_manifest_names_file_and_tensor(digits_pair, tmp_path: Pa
         (lambda m: m["modules"].update({"fc1": {"channels": 3}}), "'channels' is not a size"),
         (lambda m: m["modules"].update({"fc1": {"in_features": "x"}}), "must be an int"),
         (lambda m: m["modules"].update({"fc1": {"forward": 1}}), "'forward' is not a size"),
+        (lambda m: m.update(bias_heads={"fc1": [0, 0]}), "'bias_heads' must map"),
+        (lambda m: m.update(bias_heads={"fc1": "0"}), "'bias_heads' must map"),
+        (lambda m: m.update(bias_heads={"nope": [1]}), "attention layer 'nope' is not"),
     ],
 )
 def test_malformed_manifest_errors(digits_pair, tmp_path: Path, edit, pattern: str) -> None:

@@ -17,8 +17,9 @@ is one *finder* registered with :func:`register_attention`; finders match on str
 and Phi (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``, ``out_proj`` or ``dense``),
 DistilBERT (``q_lin`` ...), GPT-2 (a fused ``c_attn`` ``Conv1D``), GPTBigCode (a fused
 ``c_attn`` Linear, multi-query or with interleaved heads), GPT-NeoX (a fused
-``query_key_value`` with interleaved heads) and timm's ViT ``Attention`` (a fused ``qkv``)
-are found by seven finders.
+``query_key_value`` with interleaved heads), T5 encoders and MPNet (``q`` / ``k`` / ``v`` /
+``o``, with a position bias every layer shares: :class:`HeadBias`) and timm's ViT
+``Attention`` (a fused ``qkv``) are found by one finder each.
 
 Units are *key/value groups*: with grouped-query attention (``kv_heads < heads``) a KV head
 goes together with the ``heads / kv_heads`` query heads that read it, so every layer keeps
@@ -42,6 +43,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,8 +56,10 @@ from torch import nn
 from spectrim.graph.modules import index_along, module_kind, register_swap_class, set_param
 
 __all__ = [
+    "BIAS_HEADS",
     "AttentionBlock",
     "HeadAttention",
+    "HeadBias",
     "LayerConfig",
     "Projection",
     "find_attention",
@@ -84,6 +88,82 @@ class Projection:
     stride: int = 0
 
 
+#: attribute of an attention layer with a :class:`HeadBias`: the heads it kept, as indices
+#: into the bias every layer is handed (the original heads); saved in the manifest
+BIAS_HEADS = "spectrim_bias_heads"
+
+
+@dataclass(frozen=True)
+class HeadBias:
+    """A per-head score bias that one module computes for every layer and each layer adds
+    to its scores (relative positions: T5's first layer computes it and every layer hands
+    it on; MPNet's encoder computes it and passes it to each layer).  A layer that lost
+    heads adds only its kept heads' rows: a forward pre-hook slices the bias to
+    :data:`BIAS_HEADS` (installed by :meth:`AttentionBlock.sync`, so also on reload), and
+    where the layer hands the bias on, a forward hook hands on the whole one again.
+
+    Attributes:
+        index, name: the bias's position among the layer's arguments and its keyword.
+        hands_on: index in the layer's output tuple where it returns the bias for the
+            next layer (T5), or ``None``.
+        compute: ``(module, args, kwargs) -> bias or None`` for a layer that computes the
+            bias itself when it is given none (T5's first layer).
+    """
+
+    index: int
+    name: str = "position_bias"
+    hands_on: int | None = None
+    compute: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any] | None = None
+
+
+def _slice_bias(
+    spec: HeadBias, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Forward pre-hook: the layer gets the bias rows of its kept heads."""
+    kept = getattr(module, BIAS_HEADS, None)
+    if kept is None:
+        return None
+    positional = spec.name not in kwargs and len(args) > spec.index
+    bias = args[spec.index] if positional else kwargs.get(spec.name)
+    if bias is None and spec.compute is not None:
+        bias = spec.compute(module, args, kwargs)
+    if spec.hands_on is not None:
+        module.__dict__["_spectrim_whole_bias"] = bias
+    if not isinstance(bias, torch.Tensor):
+        return None
+    if bias.dim() < 2 or bias.shape[1] <= max(kept):
+        raise ValueError(
+            f"{type(module).__name__}: a position bias of shape {tuple(bias.shape)} cannot "
+            f"hold the rows of the heads this layer kept ({BIAS_HEADS} = {kept})"
+        )
+    rows = bias.index_select(1, torch.as_tensor(kept, device=bias.device))
+    if positional:
+        args = (*args[: spec.index], rows, *args[spec.index + 1 :])
+    else:
+        kwargs = {**kwargs, spec.name: rows}
+    return args, kwargs
+
+
+def _hand_on_bias(spec: HeadBias, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    """Forward hook: the next layer is handed the whole bias, not this layer's rows."""
+    whole = module.__dict__.pop("_spectrim_whole_bias", None)
+    if whole is None or spec.hands_on is None or not isinstance(output, tuple):
+        return None
+    return (*output[: spec.hands_on], whole, *output[spec.hands_on + 1 :])
+
+
+def _install_bias_hooks(module: nn.Module, spec: HeadBias) -> None:
+    """The hooks of :class:`HeadBias`, once per module."""
+    if any(
+        isinstance(h, functools.partial) and h.func is _slice_bias
+        for h in module._forward_pre_hooks.values()
+    ):
+        return
+    module.register_forward_pre_hook(functools.partial(_slice_bias, spec), with_kwargs=True)
+    if spec.hands_on is not None:
+        module.register_forward_hook(functools.partial(_hand_on_bias, spec))
+
+
 @dataclass
 class AttentionBlock:
     """One attention layer seen as heads.
@@ -105,6 +185,8 @@ class AttentionBlock:
             query heads (``0 … group_size − 1``) most valuable first, and unit ``u`` is
             the ``slots[i, u]``-th head of every group ``i``, so each group keeps as many
             query heads as the others and every key and value stays.
+        bias: where a per-head bias shared by every layer enters this one
+            (:class:`HeadBias`; T5, MPNet), or ``None``.
 
     Units are KV groups, except under multi-query attention (one KV head shared by
     several query heads) or with :attr:`slots` set (:attr:`per_query`): there a unit is
@@ -122,6 +204,7 @@ class AttentionBlock:
     width_attrs: list[tuple[str, str]] = field(default_factory=list)
     group_attrs: list[tuple[str, str]] = field(default_factory=list)
     slots: np.ndarray | None = None
+    bias: HeadBias | None = None
 
     @property
     def group_size(self) -> int:
@@ -226,6 +309,10 @@ class AttentionBlock:
             _keep_outputs(modules[path], np.sort(np.concatenate(parts)), path)
         cols = self.columns(keep)
         _fold_inputs(modules[self.out], cols, fold, self.out)
+        if self.bias is not None:  # the rows of the shared bias this layer still adds
+            layer = modules[self.name]
+            before = getattr(layer, BIAS_HEADS, None) or list(range(self.heads))
+            setattr(layer, BIAS_HEADS, [int(before[h]) for h in self.query_heads(keep)])
         if self.per_query:  # each group keeps its heads in their order
             self.heads, self.slots = len(keep) * self.kv_heads, None
         else:
@@ -245,6 +332,9 @@ class AttentionBlock:
             _set_count(modules[path], attr, self.heads * d)
         for path, attr in self.group_attrs:
             _set_count(modules[path], attr, self.group_size)
+        layer = modules.get(self.name)
+        if self.bias is not None and layer is not None and hasattr(layer, BIAS_HEADS):
+            _install_bias_hooks(layer, self.bias)
 
 
 class LayerConfig:
@@ -464,25 +554,76 @@ def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
     )
 
 
-@register_attention("distilbert")
-def _distilbert(path: str, module: nn.Module) -> AttentionBlock | None:
-    """DistilBERT: ``q_lin``, ``k_lin``, ``v_lin``, ``out_lin`` with ``n_heads``."""
-    if not all(_linear(getattr(module, n, None)) for n in ("q_lin", "k_lin", "v_lin", "out_lin")):
+def _t5_bias(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """T5's first encoder layer computes the relative-position bias when given none."""
+    if not getattr(module, "has_relative_attention_bias", False):
         return None
-    d = _attr(module, "attention_head_size")
-    q_out = _outputs(module.q_lin)
+    hidden = args[0] if args else kwargs["hidden_states"]
+    n = hidden.shape[1]
+    return module.compute_bias(n, n, device=hidden.device)  # type: ignore[operator]
+
+
+#: T5Attention(hidden_states, mask, key_value_states, position_bias, …) returns
+#: ``(output, position_bias, weights)``; MPNetSelfAttention(hidden_states, attention_mask,
+#: position_bias, …) is handed the encoder's bias and returns none
+_T5_BIAS = HeadBias(index=3, hands_on=1, compute=_t5_bias)
+_MPNET_BIAS = HeadBias(index=2)
+
+
+#: (head count, head size, width, bias) attributes of the layers with ``q``, ``k``, ``v``
+#: and ``o`` in one module: T5's encoder attention and MPNet's
+_QKVO = (
+    ("n_heads", "key_value_proj_dim", "inner_dim", _T5_BIAS),
+    ("num_attention_heads", "attention_head_size", "all_head_size", _MPNET_BIAS),
+)
+
+
+def _separate(
+    path: str, names: Sequence[str], d: int | None, query: object, **fields: Any
+) -> AttentionBlock | None:
+    """A multi-head layer with separate query, key, value and output projections
+    (``names``, under ``path``), ``d`` wide heads; the head count is read off the weight of
+    ``query`` (the attributes may not say how many heads are left)."""
+    q_out = _outputs(query)
     if d is None or q_out % d:
         return None
     h = q_out // d
     return AttentionBlock(
         name=path,
-        projections=[Projection(_join(path, f"{r}_lin"), r) for r in ("q", "k", "v")],
-        out=_join(path, "out_lin"),
+        projections=[Projection(_join(path, n), r) for n, r in zip(names[:3], "qkv", strict=True)],
+        out=_join(path, names[3]),
         heads=h,
         kv_heads=h,
         head_dim=d,
-        head_attrs=[(path, "n_heads")],
+        **fields,
     )
+
+
+@register_attention("qkvo")
+def _qkvo(path: str, module: nn.Module) -> AttentionBlock | None:
+    """T5 encoders (``n_heads``, ``key_value_proj_dim``, ``inner_dim``) and MPNet
+    (``num_attention_heads``, ``attention_head_size``, ``all_head_size``): ``q``, ``k``, ``v``
+    and ``o`` in one module, with a relative-position bias that every layer shares
+    (:class:`HeadBias`).  T5's decoder layers (a cache, cross-attention) are not matched."""
+    if not all(_linear(getattr(module, n, None)) for n in "qkvo"):
+        return None
+    if getattr(module, "is_decoder", False):
+        return None
+    for heads, size, width, bias in _QKVO:
+        if _attr(module, heads) is not None:
+            return _separate(path, "qkvo", _attr(module, size), module.q, head_attrs=[(path, heads)],
+                             width_attrs=[(path, width)], bias=bias)  # fmt: skip
+    return None
+
+
+@register_attention("distilbert")
+def _distilbert(path: str, module: nn.Module) -> AttentionBlock | None:
+    """DistilBERT: ``q_lin``, ``k_lin``, ``v_lin``, ``out_lin`` with ``n_heads``."""
+    names = ("q_lin", "k_lin", "v_lin", "out_lin")
+    if not all(_linear(getattr(module, n, None)) for n in names):
+        return None
+    return _separate(path, names, _attr(module, "attention_head_size"), module.q_lin,
+                     head_attrs=[(path, "n_heads")])  # fmt: skip
 
 
 def _fused(module: str, heads: int, kv_heads: int, d: int) -> list[Projection]:

@@ -659,13 +659,25 @@ def _opt(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | Non
     return ResidualStream(path or "model", "pre", d, emb, writers, sites)
 
 
+#: where a BERT-layout post-LN block keeps its parts: the query/key/value readers of the
+#: block's input, the attention's output and its norm (BERT, RoBERTa, MiniLM, ELECTRA;
+#: MPNet keeps all four projections in ``attention.attn`` and its norm beside it)
+_POST_LN_LAYOUTS = (
+    (("attention.self.query", "attention.self.key", "attention.self.value"),
+     "attention.output.dense", "attention.output.LayerNorm"),
+    (("attention.attn.q", "attention.attn.k", "attention.attn.v"),
+     "attention.attn.o", "attention.LayerNorm"),
+)  # fmt: skip
+
+
 @register_stream("bert")
 def _bert(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
-    """BERT-family post-LN encoders (BERT, RoBERTa, MiniLM, ELECTRA): ``embeddings``
-    (word, position, token type, ``LayerNorm``), ``encoder.layer.i`` with
-    ``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm}``,
-    ``intermediate.dense``, ``output.{dense,LayerNorm}``.  The last norm's output is the
-    model's output (``pooler`` and heads read it at full width)."""
+    """BERT-family post-LN encoders (BERT, RoBERTa, MiniLM, ELECTRA, and MPNet):
+    ``embeddings`` (word, position, token type, ``LayerNorm``), ``encoder.layer.i`` with
+    ``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm}`` (MPNet:
+    ``attention.attn.{q,k,v,o}``, ``attention.LayerNorm``), ``intermediate.dense``,
+    ``output.{dense,LayerNorm}``.  The last norm's output is the model's output
+    (``pooler`` and heads read it at full width)."""
     emb = getattr(module, "embeddings", None)
     enc = getattr(module, "encoder", None)
     if not (isinstance(emb, nn.Module) and _has(emb, "word_embeddings", "LayerNorm")):
@@ -673,17 +685,25 @@ def _bert(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | No
     if not (isinstance(enc, nn.Module) and _has(enc, "layer")):
         return None
     blocks = _children(enc, "layer")
-    if not blocks or not all(
-        _has(b, "attention", "intermediate", "output")
-        and _has(b.attention, "self", "output")
-        and _has(b.attention.self, "query", "key", "value")
-        and _has(b.attention.output, "dense", "LayerNorm")
-        and _has(b.intermediate, "dense")
-        and _has(b.output, "dense", "LayerNorm")
-        and getattr(b, "crossattention", None) is None
-        for b in blocks
-    ):
+    layout = next(
+        (
+            (qkv, out, norm)
+            for qkv, out, norm in _POST_LN_LAYOUTS
+            if blocks
+            and all(
+                all(_get(b, n) is not None for n in (*qkv, out, norm))
+                and _has(b, "intermediate", "output")
+                and _has(b.intermediate, "dense")
+                and _has(b.output, "dense", "LayerNorm")
+                and getattr(b, "crossattention", None) is None
+                for b in blocks
+            )
+        ),
+        None,
+    )
+    if layout is None:
         return None
+    qkv, attn_out, attn_norm = layout
     d = _width(emb, "word_embeddings")
     e = _join(path, "embeddings")
     embeddings = [
@@ -691,7 +711,6 @@ def _bert(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | No
         for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
         if isinstance(getattr(emb, n, None), nn.Embedding)
     ]
-    qkv = [f"attention.self.{r}" for r in ("query", "key", "value")]
     sites, writers = [], []
     first = NormSite(_join(e, "LayerNorm"), [_join(path, f"encoder.layer.0.{r}") for r in qkv])
     sites.append(first)
@@ -701,10 +720,10 @@ def _bert(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | No
             [_join(path, f"encoder.layer.{i + 1}.{r}") for r in qkv] if i + 1 < len(blocks) else []
         )
         sites += [
-            NormSite(_join(p, "attention.output.LayerNorm"), [_join(p, "intermediate.dense")]),
+            NormSite(_join(p, attn_norm), [_join(p, "intermediate.dense")]),
             NormSite(_join(p, "output.LayerNorm"), nxt),
         ]
-        writers += [_join(p, "attention.output.dense"), _join(p, "output.dense")]
+        writers += [_join(p, attn_out), _join(p, "output.dense")]
     return ResidualStream(path or "model", "post", d, embeddings, writers, sites)
 
 

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from spectrim._files import atomic_directory, sha256_cached, sha256_file
-from spectrim.graph.attention import find_attention
+from spectrim.graph.attention import BIAS_HEADS, find_attention
 from spectrim.graph.channels import shared_tensors
 from spectrim.graph.experts import find_experts
 from spectrim.graph.modules import module_kind, size_attribute_names, swap_classes
@@ -181,11 +181,17 @@ def build_manifest(model: nn.Module, arch: Mapping[str, Any] | None = None) -> d
             swapped[name] = {"class": _qualname(type(module)), "kwargs": kwargs}
     from spectrim import __version__
 
+    bias_heads = {
+        name: [int(h) for h in kept]
+        for name, module in model.named_modules()
+        if isinstance(kept := getattr(module, BIAS_HEADS, None), list)
+    }
     return {
         "format": MANIFEST_FORMAT,
         "shapes": shapes,
         "modules": modules,
         "swapped": swapped,
+        "bias_heads": bias_heads,
         "tied": _tied_names(model, shapes),
         "arch": dict(arch) if arch is not None else None,
         "files": {},
@@ -237,6 +243,17 @@ def _validate(manifest: Any, source: str | os.PathLike[str] | None) -> dict[str,
                     f"{where}module {mname!r}: {attr} must be an int or a list of ints, "
                     f"got {value!r}"
                 )
+    bias_heads = manifest.get("bias_heads", {})
+    if not isinstance(bias_heads, dict) or not all(
+        isinstance(v, list)
+        and v
+        and all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in v)
+        and len(set(v)) == len(v)
+        for v in bias_heads.values()
+    ):
+        raise ManifestError(
+            f"{where}'bias_heads' must map attention layers to lists of distinct head indices"
+        )
     swapped = manifest.get("swapped", {})
     allowed = set(swap_classes())
     if not isinstance(swapped, dict) or not all(
@@ -397,6 +414,14 @@ def apply_manifest(
             if isinstance(current, tuple) and isinstance(value, list):
                 value = tuple(value)
             setattr(module, attr, value)
+    for module_name, kept in manifest.get("bias_heads", {}).items():
+        try:  # the heads' rows of a shared position bias (hooked again by AttentionBlock.sync)
+            setattr(model.get_submodule(module_name), BIAS_HEADS, list(kept))
+        except AttributeError:
+            raise ManifestError(
+                f"{where}attention layer {module_name!r} is not in the model "
+                f"({type(model).__name__})"
+            ) from None
 
     tied = manifest.get("tied", {})
     if manifest["format"] == MANIFEST_FORMAT:  # format 1 recorded no ties at all
