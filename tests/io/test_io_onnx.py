@@ -54,6 +54,30 @@ def test_a_head_pruned_encoder_exports_with_dynamic_tokens(tmp_path: Path) -> No
     assert result["max_abs_diff"] < 1e-4 and result["inputs"] == ["input_ids", "attention_mask"]
 
 
+@pytest.mark.parametrize("family", ["t5", "mpnet"])
+def test_heads_of_a_shared_position_bias_export(family: str, tmp_path: Path) -> None:
+    """T5 and MPNet layers add their kept heads' rows of one shared bias (a forward
+    pre-hook): the exported graph must hold the slicing, for other token counts too."""
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = (
+        t.T5EncoderModel(t.T5Config(vocab_size=60, d_model=32, d_kv=8, num_heads=4, d_ff=40,
+                                    num_layers=2))
+        if family == "t5"
+        else t.MPNetModel(t.MPNetConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=40))
+    ).eval()  # fmt: skip
+    calib = [{"input_ids": torch.randint(3, 60, (8, 10))} for _ in range(4)]
+    small, _ = spectrim.compress(model, calib, "id", "heads=0.5")
+
+    def batch(n: int, length: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(3, 60, (n, length))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    result = export_onnx(small, batch(2, 6), tmp_path / "m.onnx", check_inputs=batch(3, 9))
+    assert result["max_abs_diff"] < 1e-4
+
+
 def test_a_head_pruned_causal_lm_exports_its_next_token_logits(tmp_path: Path) -> None:
     """A causal LM returns a key/value cache the exporter cannot write (it failed on
     ``DynamicCache``): it is exported as its next-token logits without the cache.  Where
