@@ -371,7 +371,7 @@ def test_heads_and_channels_on_one_macs_budget() -> None:
 
 
 @pytest.mark.parametrize(
-    "family", ["bert", "llama-mqa", "gpt_bigcode-mqa", "llama-gqa-query", "t5", "mpnet"]
+    "family", ["bert", "llama-mqa", "gpt_bigcode-mqa", "llama-gqa-query", "t5", "mpnet", "bloom"]
 )
 def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
     """Removing one head of one layer: the modelled MACs and parameters equal the
@@ -388,6 +388,13 @@ def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
         example = {k: v[:2] for k, v in batch.items()}
     elif family == "llama-gqa-query":
         model, example = _grouped(layers=1), {"input_ids": batch["input_ids"][:2]}
+    elif family == "bloom":  # ALiBi slopes for all heads
+        torch.manual_seed(0)
+        cfg = transformers.BloomConfig(vocab_size=80, hidden_size=48, n_layer=1, n_head=6)
+        model, example = (
+            transformers.BloomForCausalLM(cfg).eval(),
+            {"input_ids": batch["input_ids"][:2]},
+        )
     elif family in ("t5", "mpnet"):  # a shared position bias (the first layer's, T5)
         t = transformers
         torch.manual_seed(0)

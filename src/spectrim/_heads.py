@@ -224,7 +224,8 @@ def heads_run(
         raise ValueError(
             f"target {tgt}: no attention layer in {type(work).__name__} that spectrim "
             "recognises (Hugging Face BERT-family, DeBERTa, DistilBERT, GPT-2, GPTBigCode, GPT-NeoX, Falcon, "
-            "LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT, T5 encoder, MPNet and ViT attention, timm ViT "
+            "LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT, T5 encoder, MPNet, BLOOM and ViT attention, "
+            "timm ViT "
             "attention, "
             "nn.MultiheadAttention; register others with "
             "spectrim.graph.attention.register_attention)"

@@ -515,9 +515,13 @@ def test_deberta_heads_are_removed_exactly(relative: dict[str, Any]) -> None:
 
 def _shared_bias(family: str, layers: int = 2) -> torch.nn.Module:
     """Families whose layers share one per-head position bias: T5 (computed by the first
-    layer and handed on), MPNet (computed by the encoder)."""
+    layer and handed on), MPNet (computed by the encoder), BLOOM (ALiBi slopes for every
+    head, flattened with the batch)."""
     torch.manual_seed(0)
     t = transformers
+    if family == "bloom":
+        cfg = t.BloomConfig(vocab_size=64, hidden_size=32, n_layer=layers, n_head=4)
+        return t.BloomForCausalLM(cfg).eval()
     t5 = dict(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=layers)
     if family == "t5":
         return t.T5EncoderModel(t.T5Config(**t5)).eval()
@@ -546,11 +550,11 @@ def _first(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
 
 
-@pytest.mark.parametrize("family", ["t5", "t5-generation", "mpnet"])
+@pytest.mark.parametrize("family", ["t5", "t5-generation", "mpnet", "bloom"])
 def test_heads_of_layers_sharing_a_position_bias_are_removed_exactly(
     family: str, tmp_path: Any
 ) -> None:
-    """T5 and MPNet add one per-head relative-position bias, computed once, in every
+    """T5, MPNet and BLOOM add one per-head position bias, computed once, in every
     layer: a layer that lost heads must add its kept heads' rows of it (and T5's layers
     hand the whole bias on).  Each layer gets other dead heads (zero value rows), so
     ``id`` at half the heads keeps other heads per layer; the outputs must stay as they
@@ -581,14 +585,14 @@ def test_heads_of_layers_sharing_a_position_bias_are_removed_exactly(
     mask = batches[0]["attention_mask"].unsqueeze(-1)
     with torch.no_grad():
         want, got = _first(model(**batches[0])), _first(small(**batches[0]))
-    if family != "t5-generation":
+    if family not in ("t5-generation", "bloom"):
         want, got = want * mask, got * mask
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     save_compressed(small, tmp_path / "m", report)
     back = load_compressed(tmp_path / "m", _shared_bias(family))
     with torch.no_grad():
         torch.testing.assert_close(_first(back(**batches[0])), _first(small(**batches[0])))
-    if family == "t5-generation":
+    if family in ("t5-generation", "bloom"):
         out = back.generate(batches[0]["input_ids"][:1], max_new_tokens=3, do_sample=False)
         assert out.shape[0] == 1 and out.shape[1] > 1
 

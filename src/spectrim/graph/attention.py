@@ -108,12 +108,16 @@ class HeadBias:
             next layer (T5), or ``None``.
         compute: ``(module, args, kwargs) -> bias or None`` for a layer that computes the
             bias itself when it is given none (T5's first layer).
+        flat: the heads are flattened with the batch into the bias's first axis
+            (BLOOM's ALiBi, ``(batch·heads, 1, keys)``; the batch is the layer's first
+            argument's); otherwise they are its second axis.
     """
 
     index: int
     name: str = "position_bias"
     hands_on: int | None = None
     compute: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any] | None = None
+    flat: bool = False
 
 
 def _slice_bias(
@@ -131,12 +135,18 @@ def _slice_bias(
         module.__dict__["_spectrim_whole_bias"] = bias
     if not isinstance(bias, torch.Tensor):
         return None
+    whole = bias
+    if spec.flat:  # (batch·heads, …) -> (batch, heads, …)
+        batch = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        bias = bias.reshape(batch, bias.shape[0] // batch, *bias.shape[1:])
     if bias.dim() < 2 or bias.shape[1] <= max(kept):
         raise ValueError(
-            f"{type(module).__name__}: a position bias of shape {tuple(bias.shape)} cannot "
+            f"{type(module).__name__}: a position bias of shape {tuple(whole.shape)} cannot "
             f"hold the rows of the heads this layer kept ({BIAS_HEADS} = {kept})"
         )
     rows = bias.index_select(1, torch.as_tensor(kept, device=bias.device))
+    if spec.flat:
+        rows = rows.flatten(0, 1)
     if positional:
         args = (*args[: spec.index], rows, *args[spec.index + 1 :])
     else:
@@ -758,25 +768,46 @@ def _falcon(path: str, module: nn.Module) -> AttentionBlock | None:
     )
 
 
+#: BloomAttention(hidden_states, residual, alibi, …): the model's ALiBi slopes for every
+#: head, flattened with the batch
+_BLOOM_ALIBI = HeadBias(index=2, name="alibi", flat=True)
+
+#: the fused ``query_key_value`` layouts with interleaved heads: (head size attribute,
+#: head count attributes, shared bias) of GPT-NeoX and of BLOOM
+_INTERLEAVED = (("head_size", (), None), ("head_dim", ("num_heads",), _BLOOM_ALIBI))
+
+
 @register_attention("gpt_neox")
 def _gpt_neox(path: str, module: nn.Module) -> AttentionBlock | None:
-    """GPT-NeoX (Pythia): a fused ``query_key_value`` Linear with its heads interleaved,
-    ``view(…, heads, 3·head_size)`` then ``chunk(3)``, and ``dense``."""
+    """GPT-NeoX (Pythia) and BLOOM: a fused ``query_key_value`` Linear with its heads
+    interleaved (``view(…, heads, 3·head_size)`` then ``chunk(3)``; BLOOM's
+    ``view(…, heads, 3, head_dim)``) and ``dense``; BLOOM's ALiBi slopes are built once
+    for all the model's heads (:class:`HeadBias`).  Not matched: Falcon's layouts its own
+    finder leaves (``multi_query`` marks them), and BLOOM's ``pretraining_tp > 1`` with
+    ``slow_but_exact`` (its output projection is cut at the original width)."""
     qkv, dense = getattr(module, "query_key_value", None), getattr(module, "dense", None)
-    if not _linear(qkv) or not _linear(dense):
+    if not _linear(qkv) or not _linear(dense) or hasattr(module, "multi_query"):
         return None
-    d = _attr(module, "head_size")
-    if d is None or _outputs(qkv) % (3 * d):
+    if getattr(module, "pretraining_tp", 1) > 1 and getattr(module, "slow_but_exact", False):
         return None
-    h = _outputs(qkv) // (3 * d)
-    return AttentionBlock(
-        name=path,
-        projections=_interleaved(_join(path, "query_key_value"), d),
-        out=_join(path, "dense"),
-        heads=h,
-        kv_heads=h,
-        head_dim=d,
-    )
+    for size, counts, bias in _INTERLEAVED:
+        d = _attr(module, size)
+        if d is None:
+            continue
+        if _outputs(qkv) % (3 * d):
+            return None
+        h = _outputs(qkv) // (3 * d)
+        return AttentionBlock(
+            name=path,
+            projections=_interleaved(_join(path, "query_key_value"), d),
+            out=_join(path, "dense"),
+            heads=h,
+            kv_heads=h,
+            head_dim=d,
+            head_attrs=[(path, c) for c in counts],
+            bias=bias,
+        )
+    return None
 
 
 @register_attention("gpt2")
