@@ -172,8 +172,7 @@ def run_compress(args: argparse.Namespace) -> int:
 def _run_compress(args: argparse.Namespace) -> int:
     from spectrim.api import compress
     from spectrim.distributed import Team
-    from spectrim.evaluation import compare_latency, evaluate
-    from spectrim.io import save_compressed
+    from spectrim.evaluation import evaluate
 
     if not Team().is_root:  # rank 0 alone reports: the others run quietly
         args.quiet, args.json, args.latency = True, None, False
@@ -224,12 +223,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         eval_batches(data.eval, args.batch_size, args.quiet, "evaluation"),
         reference=model,
     )
-    latency = None
-    if args.latency:
-        example = data.eval.tensors[0][: args.latency_batch]
-        latency = compare_latency(model, small, example, warmup=3, repeats=args.latency_repeats)
-        latency["device"] = "cpu"
-
+    latency = _latency(args, model, small, data.eval.tensors[0][: args.latency_batch])
     saved = None
     if args.out is not None:
         original = resolved.file
@@ -240,14 +234,7 @@ def _run_compress(args: argparse.Namespace) -> int:
                 original = resolved.folder / ORIGINAL_FILE
         first = len(calib_x) if data.shared else 0
         record = _calibration_record(args.data, args, first)
-        saved = save_compressed(
-            small,
-            args.out,
-            {**report.to_dict(), CALIBRATION_KEY: record},
-            arch=resolved.arch if original is None else None,
-            overwrite=args.overwrite,
-            original_file=original,
-        )
+        saved = _save(args, small, report, record, resolved.arch, original)
 
     summary: dict[str, Any] = {
         "model": resolved.label,
@@ -293,6 +280,41 @@ def _run_compress(args: argparse.Namespace) -> int:
         )
         _print_tail(out, latency, report, saved)
     return 0
+
+
+def _latency(
+    args: argparse.Namespace, model: Any, small: Any, example: Any
+) -> dict[str, Any] | None:
+    """``--latency``: the original and the compressed model timed on ``example``."""
+    if not args.latency:
+        return None
+    from spectrim.evaluation import compare_latency
+
+    latency = compare_latency(model, small, example, warmup=3, repeats=args.latency_repeats)
+    latency["device"] = "cpu"
+    return latency
+
+
+def _save(
+    args: argparse.Namespace,
+    small: Any,
+    report: Any,
+    record: dict[str, Any],
+    arch: Any,
+    original: Path | None = None,
+) -> Path:
+    """``--out``: the compressed model, its report and the calibration record (a copy of
+    the original model file instead of ``arch`` where there is one)."""
+    from spectrim.io import save_compressed
+
+    return save_compressed(
+        small,
+        args.out,
+        {**report.to_dict(), CALIBRATION_KEY: record},
+        arch=arch if original is None else None,
+        overwrite=args.overwrite,
+        original_file=original,
+    )
 
 
 def _costs(report: Any) -> dict[str, Any]:
@@ -467,8 +489,6 @@ def _compress_text(
     from spectrim.api import compress
     from spectrim.calibration.text import text_batches
     from spectrim.distributed import Team
-    from spectrim.evaluation import compare_latency
-    from spectrim.io import save_compressed
 
     resolved = resolve_model(
         args.model, trust_pickle=args.trust_pickle, offload_folder=args.offload_folder
@@ -515,23 +535,12 @@ def _compress_text(
     if not Team().is_root:
         return 0
     fidelity, line = _text_fidelity(small, model, evaluation)
-    latency = None
-    if args.latency:
-        latency = compare_latency(
-            model, small, evaluation[0], warmup=3, repeats=args.latency_repeats
-        )
-        latency["device"] = "cpu"
+    latency = _latency(args, model, small, evaluation[0])
     saved = None
     if args.out is not None:
         first = len(calib_texts) + len(search_texts)
         record = _calibration_record(args.data, args, first, found.columns)
-        saved = save_compressed(
-            small,
-            args.out,
-            {**report.to_dict(), CALIBRATION_KEY: record},
-            arch=resolved.arch,
-            overwrite=args.overwrite,
-        )
+        saved = _save(args, small, report, record, resolved.arch)
     summary: dict[str, Any] = {
         "model": resolved.label,
         "data": str(path),
