@@ -19,6 +19,10 @@ logit error after zeroing the value rows of the second half of every layer's hea
 outputs are then zero) and compressing to half the heads with ``id``, one shot.  Exact
 removal gives float rounding (about 1e-7); a finder that read the layout wrong removes
 other rows and gives an error of order 0.1 (GPTBigCode read as GPT-2 did: 0.13).
+Mixture-of-experts families (``MOE``) also run ``experts=0.5``; there
+``repeated_neurons_error`` is the relative logit error after making the second half of
+every expert's neurons copies of the first and compressing to half of them with ``id``
+(its folds give the copies back: float rounding).
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/held_out.py \\
         --out benchmarks/results/held_out.json                                  # ~3 min
@@ -47,6 +51,8 @@ from spectrim.io.manifest import load_compressed, save_compressed
 SMOKE = ["--hf", "gpt_bigcode", "phi3", "--timm", "resnet10t", "--images", "48"]  # fmt: skip
 
 VOCAB = 100
+#: families with mixture-of-experts layers: ``experts=0.5`` is tried on them too
+MOE = {"mixtral", "qwen2_moe", "olmoe"}
 ENCODERS = {"albert", "electra", "deberta-v2", "deberta-v3", "roberta", "mpnet", "xlm-roberta"}
 
 
@@ -67,6 +73,16 @@ def hf_configs() -> dict[str, Callable[[], Any]]:
         "olmo": lambda: t.OlmoConfig(pad_token_id=0, **s),
         "stablelm": lambda: t.StableLmConfig(num_key_value_heads=2, **s),
         "mixtral": lambda: t.MixtralConfig(num_key_value_heads=2, num_local_experts=4, **s),
+        "qwen2_moe": lambda: t.Qwen2MoeConfig(
+            num_key_value_heads=2,
+            num_experts=4,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=32,
+            **s,
+        ),
+        "olmoe": lambda: t.OlmoeConfig(
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **s
+        ),
         "phi": lambda: t.PhiConfig(**s),
         "phi3": lambda: t.Phi3Config(num_key_value_heads=2, pad_token_id=0, **s),
         "gpt_neox": lambda: t.GPTNeoXConfig(**s),
@@ -137,6 +153,19 @@ def kill_half_the_heads(model: nn.Module) -> None:
                 bias[rows] = 0.0
 
 
+def repeat_half_the_neurons(model: nn.Module) -> None:
+    """In every expert, make the second half of the neurons copies of the first (their
+    gate and up rows): ``id`` at ``experts=0.5`` must then fold them away exactly."""
+    from spectrim.graph.experts import find_experts
+
+    with torch.no_grad():
+        for block in find_experts(model):
+            gate_up, _ = block.weights(model)
+            w, half = block.width, block.width // 2
+            gate_up[:, half:w] = gate_up[:, :half]
+            gate_up[:, w + half :] = gate_up[:, w : w + half]
+
+
 def stream_rewrite_error(model: nn.Module, test: Any) -> float:
     """The relative output error of the stream's exact rewrite (norm affines folded, a
     pre-LN stream centred and its LayerNorms made RMSNorms) followed by a random rotation
@@ -201,6 +230,11 @@ def attempt(
         kill_half_the_heads(dead)
         cut, _ = spectrim.compress(dead, calib, "id", "heads=0.5", sequential=False)
         rec["dead_heads_error"] = relative(output(cut, test), output(dead, test))
+    if target.startswith("experts"):
+        twice = make()
+        repeat_half_the_neurons(twice)
+        cut, _ = spectrim.compress(twice, calib, "id", "experts=0.5", sequential=False)
+        rec["repeated_neurons_error"] = relative(output(cut, test), output(twice, test))
     return rec
 
 
@@ -228,7 +262,10 @@ def main() -> None:
     runs = []
     for family in args.hf:
         calib, test = token_batches(4, 0), token_batches(1, 1)[0]
-        for target in args.hf_targets:
+        targets = args.hf_targets
+        if family in MOE and not any(t.startswith("experts") for t in targets):
+            targets = [*targets, "experts=0.5"]
+        for target in targets:
             rec = attempt(lambda f=family: hf_model(f), calib, test, target,  # type: ignore[misc]
                           causal=family not in ENCODERS)  # fmt: skip
             rec = {"model": family, "source": "transformers", **rec}

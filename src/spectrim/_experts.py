@@ -28,19 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.calibration.batches import head_examples, token_mask
+from spectrim.calibration.batches import token_mask
 from spectrim.calibration.checks import CalibrationInfo
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
 from spectrim.distributed import SOLO, Team
-from spectrim.evaluation.flops import profile
 from spectrim.graph.experts import ExpertBlock, find_experts
 from spectrim.graph.trace import StopPass, call_until_stopped
 from spectrim.methods import Method
 from spectrim.methods.experts import ExpertSolver
 from spectrim.report import CompressionReport, GroupReport
-from spectrim.stages import begin_run, end_run
+from spectrim.stages import begin_run, end_run, example_cost
 
 __all__ = ["EXPERTS_SUFFIX", "expert_grams", "expert_width", "experts_run"]
 
@@ -160,8 +159,7 @@ def experts_run(
             "down_proj: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GraniteMoE, PhiMoE)"
         )
     team = ctx.team
-    example = team.broadcast(head_examples(batches[0]))
-    cost0 = profile(work, example)
+    example, cost0 = example_cost(work, batches, team)
     timings["find"] = time.perf_counter() - t
 
     stats = method.needs_statistics

@@ -29,19 +29,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.calibration.batches import drop_padding, head_examples, token_mask
+from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.checks import CalibrationInfo
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
 from spectrim.distributed import SOLO, Team
-from spectrim.evaluation.flops import profile
-from spectrim.graph.attention import AttentionBlock, find_attention, prepare_attention
+from spectrim.graph.attention import (
+    AttentionBlock,
+    find_attention,
+    prepare_attention,
+    unmatched_reason,
+)
 from spectrim.graph.trace import StopPass, call_until_stopped
 from spectrim.methods import Method
 from spectrim.methods.heads import HeadSolver
 from spectrim.report import CompressionReport, GroupReport
-from spectrim.stages import begin_run, end_run
+from spectrim.stages import begin_run, end_run, example_cost
 
 __all__ = [
     "HEADS_SUFFIX",
@@ -221,18 +225,17 @@ def heads_run(
     prepare_attention(work)  # nn.MultiheadAttention -> HeadAttention (exact)
     blocks = find_attention(work)
     if not blocks:
+        why = unmatched_reason(work)
         raise ValueError(
             f"target {tgt}: no attention layer in {type(work).__name__} that spectrim "
-            "recognises (Hugging Face BERT-family, DeBERTa, DistilBERT, GPT-2, GPTBigCode, GPT-NeoX, Falcon, "
-            "LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT, T5 encoder, MPNet, BLOOM and ViT attention, "
-            "timm ViT "
-            "attention, "
-            "nn.MultiheadAttention; register others with "
-            "spectrim.graph.attention.register_attention)"
-        )
+            + (f"can prune: {why}" if why else
+               "recognises (Hugging Face BERT-family, DeBERTa, DistilBERT, GPT-2, GPTBigCode, "
+               "GPT-NeoX, Falcon, LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT, T5 encoder, "
+               "MPNet, BLOOM and ViT attention, timm ViT attention, nn.MultiheadAttention; "
+               "register others with spectrim.graph.attention.register_attention)")
+        )  # fmt: skip
     team = ctx.team
-    example = team.broadcast(head_examples(batches[0]))
-    cost0 = profile(work, example)
+    example, cost0 = example_cost(work, batches, team)
     original = copy.deepcopy(work) if (cfg.sequential and method.needs_statistics) else None
     timings["find"] = time.perf_counter() - t
 

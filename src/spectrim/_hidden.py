@@ -43,12 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.calibration.batches import drop_padding, head_examples, token_mask
+from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.checks import CalibrationInfo
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
 from spectrim.distributed import SOLO, Team
-from spectrim.evaluation.flops import profile
 from spectrim.graph.channels import shared_tensors
 from spectrim.graph.modules import set_param
 from spectrim.graph.stream import (
@@ -68,7 +67,7 @@ from spectrim.linalg import fit_cross_reconstruction
 from spectrim.methods import Method
 from spectrim.methods.stream import StreamPlan, StreamSolver
 from spectrim.report import CompressionReport, GroupReport
-from spectrim.stages import begin_run, end_run
+from spectrim.stages import begin_run, end_run, example_cost
 
 __all__ = [
     "HIDDEN_SUFFIX",
@@ -503,8 +502,7 @@ def hidden_run(
             "spectrim.graph.stream.register_stream)"
         )
     team = ctx.team
-    example = team.broadcast(head_examples(batches[0]))
-    cost0 = profile(work, example)
+    example, cost0 = example_cost(work, batches, team)
     d = found.width
     k = min(d, max(1, round(tgt.value * d)))
     if cfg.round_to > 1 and k < d:

@@ -36,10 +36,11 @@ from spectrim.context import RunContext
 from spectrim.distributed import SOLO, Team
 from spectrim.evaluation.flops import ModelCost, profile
 from spectrim.graph.channels import Analysis, UnitGroup
+from spectrim.graph.verify import check_runs
 from spectrim.methods.base import GroupSolver, Method
 from spectrim.report import CompressionReport
 
-__all__ = ["begin_run", "end_run", "group_stats", "solve_stage", "trace_stage"]
+__all__ = ["begin_run", "end_run", "example_cost", "group_stats", "solve_stage", "trace_stage"]
 
 
 def trace_stage(
@@ -116,6 +117,18 @@ def begin_run(
     )
     report.warnings.extend(info.warnings)
     return method, report
+
+
+def example_cost(work: nn.Module, batches: Sequence[Any], team: Team) -> tuple[Any, ModelCost]:
+    """The first examples of the first batch (rank 0's, on every rank) and ``work``'s
+    cost on them, before a run changes it; a model that fails on them by itself is named
+    as such (``ValueError``), as the channel trace does."""
+    example = team.broadcast(head_examples(batches[0]))
+    try:
+        return example, profile(work, example)
+    except Exception:
+        check_runs(work, example)
+        raise
 
 
 def end_run(

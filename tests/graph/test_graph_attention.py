@@ -618,3 +618,27 @@ def test_heads_removed_twice_keep_the_right_rows_of_the_shared_bias() -> None:
         torch.testing.assert_close(
             _first(pruned(**batch)), _first(reference(**batch)), rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("family", ["olmo2", "olmoe"])
+def test_a_norm_across_all_heads_is_not_matched(family: str) -> None:
+    """OLMo-2 and OLMoE normalise the query (and key) projection over all heads at once
+    (``q_norm`` of width heads·head_dim, unlike Qwen3's per-head one): a removed head
+    changes the others' normalisation, so nothing can go exactly.  The first held-out run
+    of OLMoE crashed with a shape error in that norm; it is now refused by name."""
+    import spectrim
+
+    t = transformers
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    cfg = (
+        t.Olmo2Config(**small)
+        if family == "olmo2"
+        else t.OlmoeConfig(num_experts=2, num_experts_per_tok=1, **small)
+    )
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(cfg).eval()
+    assert find_attention(model) == []
+    batches = [{"input_ids": torch.randint(3, 64, (4, 8))}]
+    with pytest.raises(ValueError, match=r"self_attn' normalises all its heads' queries"):
+        spectrim.compress(model, batches, "id", "heads=0.5")

@@ -189,3 +189,25 @@ def test_pins_are_summarised_in_warnings(digits) -> None:
     (summary,) = [w for w in report.warnings if "unit groups are pinned" in w]
     assert summary.startswith("4 of 13 unit groups are pinned")
     assert "pads the channel axis" in summary and "reaches the model output" in summary
+
+
+@pytest.mark.parametrize("target", ["heads=0.5", "hidden=0.75", "experts=0.5"])
+def test_a_transformer_that_fails_by_itself_is_named_on_every_route(target: str) -> None:
+    """Token ids beyond the vocabulary fail in the model's own embedding.  The channel
+    route said so; the heads, stream and experts routes crashed in the profiler with the
+    bare ``IndexError`` (found by ``benchmarks/held_out.py`` on a misconfigured OLMoE)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    if target == "hidden=0.75":  # a stream spectrim knows: a LLaMA of the same shape
+        llama = {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size")}
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(num_hidden_layers=1, num_attention_heads=4, **llama)
+        ).eval()
+    batches = [{"input_ids": torch.randint(60, 90, (4, 8))}]
+    with pytest.raises(ValueError, match="fails on the first calibration batch by itself"):
+        spectrim.compress(model, batches, "id", target)

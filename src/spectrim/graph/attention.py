@@ -65,6 +65,7 @@ __all__ = [
     "find_attention",
     "prepare_attention",
     "register_attention",
+    "unmatched_reason",
 ]
 
 
@@ -462,6 +463,30 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _norm_across_heads(module: nn.Module) -> bool:
+    """A ``q_norm`` / ``k_norm`` wider than one head (OLMo-2, OLMoE): it normalises all the
+    heads' outputs together."""
+    d = _attr(module, "head_dim")
+    for n in ("q_norm", "k_norm"):
+        w = getattr(getattr(module, n, None), "weight", None)
+        if d is not None and isinstance(w, torch.Tensor) and w.numel() != d:
+            return True
+    return False
+
+
+def unmatched_reason(model: nn.Module) -> str | None:
+    """Why attention layers that look like a known family's were not matched, for the
+    message of a refusal (``None`` when nothing is known)."""
+    for path, module in model.named_modules():
+        if _norm_across_heads(module):
+            return (
+                f"'{path}' normalises all its heads' queries or keys together (a q_norm/k_norm "
+                "over heads·head_dim, as in OLMo-2 and OLMoE), so removing a head would "
+                "change the others"
+            )
+    return None
+
+
 def _outputs(module: object) -> int:
     """Output features of a registered weight module (Linear: rows; ``Conv1D``: columns)."""
     assert isinstance(module, nn.Module)
@@ -529,7 +554,9 @@ def _attr(module: nn.Module, *names: str) -> int | None:
 @register_attention("q_proj")
 def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
     """LLaMA / Mistral / Qwen2 / OPT / Phi: ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``,
-    ``out_proj`` or (Phi) ``dense``; grouped-query attention from the projections' sizes."""
+    ``out_proj`` or (Phi) ``dense``; grouped-query attention from the projections' sizes.
+    A ``q_norm`` / ``k_norm`` must be per head (Qwen3): OLMo-2's and OLMoE's normalise all
+    the heads' outputs together, so no head can go without changing the others."""
     outs = ("o_proj", "out_proj", "dense")
     out_name = next((n for n in outs if _linear(getattr(module, n, None))), None)
     if out_name is None or not all(
@@ -542,6 +569,8 @@ def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
     q_out = _outputs(module.q_proj)
     k_out = _outputs(module.k_proj)
     if q_out % d or k_out % d:
+        return None
+    if _norm_across_heads(module):  # not per head (Qwen3's) but over all heads (OLMo-2's)
         return None
     h, kv = q_out // d, k_out // d
     if h % kv:

@@ -32,7 +32,7 @@ from spectrim.graph.channels import Analysis, UnitGroup, analyze_channels
 from spectrim.graph.surgery import GroupPlan, apply_plan
 from spectrim.graph.trace import model_outputs
 
-__all__ = ["same_outputs", "self_check", "trace_and_check"]
+__all__ = ["check_runs", "same_outputs", "self_check", "trace_and_check"]
 
 
 def same_outputs(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float) -> bool:
@@ -122,6 +122,19 @@ def self_check(
     return pinned
 
 
+def check_runs(model: nn.Module, example: Any) -> None:
+    """Raise ``ValueError`` if ``model`` fails on ``example`` by itself (a plain call):
+    what failed in spectrim's own work on it was then the inputs, not spectrim."""
+    try:
+        model_outputs(model, example)
+    except Exception as plain:
+        raise ValueError(
+            f"the model fails on the first calibration batch by itself, before spectrim "
+            f"changes anything: {type(plain).__name__}: {plain} (are the calibration "
+            "inputs the kind and size the model takes?)"
+        ) from plain
+
+
 def trace_and_check(
     model: nn.Module, example: Any, *, verify: bool = True, seed: int = 0
 ) -> tuple[Analysis, list[str]]:
@@ -137,14 +150,7 @@ def trace_and_check(
     try:
         analysis = analyze_channels(model, example)
     except Exception as exc:
-        try:
-            model_outputs(model, example)
-        except Exception as plain:
-            raise ValueError(
-                f"the model fails on the first calibration batch by itself, before spectrim "
-                f"changes anything: {type(plain).__name__}: {plain} (are the calibration "
-                "inputs the kind and size the model takes?)"
-            ) from plain
+        check_runs(model, example)
         raise RuntimeError(
             f"spectrim could not trace the model on the calibration batch: {exc}"
         ) from exc
