@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.calibration.batches import drop_padding, token_mask
+from spectrim.calibration.batches import drop_padding, head_examples, token_mask
 from spectrim.calibration.checks import CalibrationInfo
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.config import CompressConfig
@@ -65,6 +65,23 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def calls_per_pass(model: nn.Module, batch: Any, name: str) -> int:
+    """How many times one pass of ``model`` over ``batch`` calls module ``name`` (more
+    than once where layers share it: ALBERT)."""
+    calls = [0]
+
+    def count(module: nn.Module, args: tuple[Any, ...]) -> None:
+        calls[0] += 1
+
+    handle = model.get_submodule(name).register_forward_pre_hook(count)
+    try:
+        with torch.no_grad():
+            call_until_stopped(model, head_examples(batch))
+    finally:
+        handle.remove()
+    return calls[0]
+
+
 def output_grams(
     model: nn.Module,
     blocks: Sequence[AttentionBlock],
@@ -79,20 +96,22 @@ def output_grams(
     (a model with the same module names), the cross Gram ``Z'ᵀZ`` with the reference's
     input at the same place.  Padded token positions (``attention_mask``) are dropped.
     With ``stop``, each forward pass ends at the last of ``blocks`` (in execution order):
-    what comes after it is not needed (the sequential refit of one layer).  With a
+    what comes after it is not needed (the sequential refit of one layer); not for a
+    layer the model runs more than once per pass (ALBERT's), whose Grams sum all its
+    calls.  With a
     ``team``, each rank runs its own batches and both Grams are summed over the ranks."""
     modules = dict(model.named_modules())
     names = [b.out for b in blocks]
     accs = {b.out: GramAccumulator(b.heads * b.head_dim, sums=False) for b in blocks}
     cross: dict[str, torch.Tensor] = {}
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}  # in call order
     mask: list[torch.Tensor | None] = [None]
 
-    last = names[-1] if stop else None
+    last = names[-1] if stop and calls_per_pass(model, batches[0], names[-1]) == 1 else None
 
     def ref_hook(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            seen[name] = _rows(args[0], mask[0]).double()
+            seen[name].append(_rows(args[0], mask[0]).double())
             if name == last:
                 raise StopPass
 
@@ -103,7 +122,7 @@ def output_grams(
             x = _rows(args[0], mask[0])
             accs[name].update(x)
             if reference is not None:
-                z = seen.pop(name)
+                z = seen[name].pop(0)  # a layer every depth runs (ALBERT): the same call
                 c = x.double().T @ z
                 cross[name] = cross[name] + c if name in cross else c
             if name == last:
@@ -231,7 +250,7 @@ def heads_run(
             + (f"can prune: {why}" if why else
                "recognises (Hugging Face BERT-family, DeBERTa, DistilBERT, GPT-2, GPTBigCode, "
                "GPT-NeoX, Falcon, LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT, T5 encoder, "
-               "MPNet, BLOOM and ViT attention, timm ViT attention, nn.MultiheadAttention; "
+               "MPNet, BLOOM, ALBERT and ViT attention, timm ViT attention, nn.MultiheadAttention; "
                "register others with spectrim.graph.attention.register_attention)")
         )  # fmt: skip
     team = ctx.team

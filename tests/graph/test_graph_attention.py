@@ -642,3 +642,52 @@ def test_a_norm_across_all_heads_is_not_matched(family: str) -> None:
     batches = [{"input_ids": torch.randint(3, 64, (4, 8))}]
     with pytest.raises(ValueError, match=r"self_attn' normalises all its heads' queries"):
         spectrim.compress(model, batches, "id", "heads=0.5")
+
+
+def _albert(layers: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32,
+                                    intermediate_size=48, num_hidden_layers=layers,
+                                    num_attention_heads=8)  # fmt: skip
+    return transformers.AlbertModel(cfg).eval()
+
+
+def test_albert_s_shared_layer_loses_heads_fitted_on_all_its_calls(tmp_path: Any) -> None:
+    """ALBERT runs one attention layer at every depth: its heads are chosen and corrected
+    from all of its calls.  The sequential refit used to stop the pass at the layer's
+    first call, so its correction fitted depth 1 alone (4.5 times the output error of
+    the one-shot fit here); with the prefix unchanged the two fits must now agree.  Dead
+    heads still go exactly, and the model saves and reloads."""
+    import spectrim
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    model = _albert()
+    (block,) = find_attention(model)
+    assert block.heads == 8
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 64, (16, 12), generator=g)} for _ in range(6)]
+    test = {"input_ids": torch.randint(3, 64, (16, 12), generator=g)}
+    with torch.no_grad():
+        want = model(**test).last_hidden_state
+        outs = [
+            spectrim.compress(model, batches, "id", "heads=0.5", sequential=s)[0]
+            for s in (False, True)
+        ]
+        one, seq = (m(**test).last_hidden_state for m in outs)
+    assert [b.heads for b in find_attention(outs[1])] == [4]
+    err = float((one - want).norm() / want.norm())
+    assert float((seq - want).norm() / want.norm()) == pytest.approx(err, rel=1e-3)
+    save_compressed(outs[1], tmp_path / "m", None)
+    back = load_compressed(tmp_path / "m", _albert())
+    with torch.no_grad():
+        torch.testing.assert_close(back(**test).last_hidden_state, seq)
+    dead = _albert()
+    (v,) = [p for p in block.projections if p.role == "v"]
+    rows = torch.as_tensor(block.projection_rows(v, [1, 2, 5, 6]))
+    with torch.no_grad():
+        dead.get_submodule(v.module).weight[rows] = 0.0
+        dead.get_submodule(v.module).bias[rows] = 0.0
+        cut, _ = spectrim.compress(dead, batches, "id", "heads=0.5")
+        torch.testing.assert_close(
+            cut(**test).last_hidden_state, dead(**test).last_hidden_state, rtol=1e-5, atol=1e-5
+        )

@@ -17,7 +17,8 @@ is one *finder* registered with :func:`register_attention`; finders match on str
 and Phi (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``, ``out_proj`` or ``dense``),
 DistilBERT (``q_lin`` ...), GPT-2 (a fused ``c_attn`` ``Conv1D``), GPTBigCode (a fused
 ``c_attn`` Linear, multi-query or with interleaved heads), GPT-NeoX (a fused
-``query_key_value`` with interleaved heads), T5 encoders and MPNet (``q`` / ``k`` / ``v`` /
+``query_key_value`` with interleaved heads), ALBERT (``query`` ... ``dense`` in one
+module), T5 encoders and MPNet (``q`` / ``k`` / ``v`` /
 ``o``, with a position bias every layer shares: :class:`HeadBias`) and timm's ViT
 ``Attention`` (a fused ``qkv``) are found by one finder each.
 
@@ -609,12 +610,15 @@ _T5_BIAS = HeadBias(index=3, hands_on=1, compute=_t5_bias)
 _MPNET_BIAS = HeadBias(index=2)
 
 
-#: (head count, head size, width, bias) attributes of the layers with ``q``, ``k``, ``v``
-#: and ``o`` in one module: T5's encoder attention and MPNet's
-_QKVO = (
-    ("n_heads", "key_value_proj_dim", "inner_dim", _T5_BIAS),
-    ("num_attention_heads", "attention_head_size", "all_head_size", _MPNET_BIAS),
-)
+#: the layers with their query, key, value and output projections in one module: (names,
+#: head count, head size and width attributes, shared bias) of T5's encoder attention,
+#: MPNet's and ALBERT's
+_SEPARATE = (
+    ("qkvo", "n_heads", "key_value_proj_dim", "inner_dim", _T5_BIAS),
+    ("qkvo", "num_attention_heads", "attention_head_size", "all_head_size", _MPNET_BIAS),
+    (("query", "key", "value", "dense"), "num_attention_heads", "attention_head_size",
+     "all_head_size", None),
+)  # fmt: skip
 
 
 def _separate(
@@ -640,18 +644,23 @@ def _separate(
 
 @register_attention("qkvo")
 def _qkvo(path: str, module: nn.Module) -> AttentionBlock | None:
-    """T5 encoders (``n_heads``, ``key_value_proj_dim``, ``inner_dim``) and MPNet
-    (``num_attention_heads``, ``attention_head_size``, ``all_head_size``): ``q``, ``k``, ``v``
-    and ``o`` in one module, with a relative-position bias that every layer shares
-    (:class:`HeadBias`).  T5's decoder layers (a cache, cross-attention) are not matched."""
-    if not all(_linear(getattr(module, n, None)) for n in "qkvo"):
-        return None
+    """T5 encoders (``q``, ``k``, ``v``, ``o``; ``n_heads``, ``key_value_proj_dim``,
+    ``inner_dim``), MPNet (the same projections; ``num_attention_heads``,
+    ``attention_head_size``, ``all_head_size``) and ALBERT (``query``, ``key``, ``value``,
+    ``dense``; one layer that every depth runs, so its heads are chosen from all of its
+    calls): the four projections in one module.  T5's and MPNet's layers add a
+    relative-position bias that every layer shares (:class:`HeadBias`).  T5's decoder
+    layers (a cache, cross-attention) are not matched."""
     if getattr(module, "is_decoder", False):
         return None
-    for heads, size, width, bias in _QKVO:
-        if _attr(module, heads) is not None:
-            return _separate(path, "qkvo", _attr(module, size), module.q, head_attrs=[(path, heads)],
-                             width_attrs=[(path, width)], bias=bias)  # fmt: skip
+    for names, heads, size, width, bias in _SEPARATE:
+        if not all(_linear(getattr(module, n, None)) for n in names):
+            continue
+        if _attr(module, heads) is None or _attr(module, size) is None:
+            continue
+        return _separate(path, names, _attr(module, size), getattr(module, names[0]),
+                         head_attrs=[(path, heads)], width_attrs=[(path, width)],
+                         bias=bias)  # fmt: skip
     return None
 
 
