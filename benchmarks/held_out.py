@@ -88,6 +88,9 @@ def hf_configs() -> dict[str, Callable[[], Any]]:
         "gpt_neox": lambda: t.GPTNeoXConfig(**s),
         "falcon": lambda: t.FalconConfig(**{**s, "intermediate_size": None}),
         "falcon-mha": lambda: t.FalconConfig(multi_query=False, **{**s, "intermediate_size": None}),
+        "falcon-rw": lambda: t.FalconConfig(
+            alibi=True, multi_query=False, **{**s, "intermediate_size": None}
+        ),
         "bloom": lambda: t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
         "gptj": lambda: t.GPTJConfig(rotary_dim=4, **gpt),
         "codegen": lambda: t.CodeGenConfig(rotary_dim=4, **gpt),

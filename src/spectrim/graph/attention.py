@@ -773,18 +773,25 @@ def _phi3(path: str, module: nn.Module) -> AttentionBlock | None:
     )
 
 
+#: FalconAttention(hidden_states, attention_mask, …) with ALiBi: the model adds every
+#: head's slopes into the mask, ``(batch, heads, queries, keys)``
+_FALCON_ALIBI = HeadBias(index=1, name="attention_mask")
+
+
 @register_attention("falcon")
 def _falcon(path: str, module: nn.Module) -> AttentionBlock | None:
     """Falcon: a fused ``query_key_value`` and ``dense``; with ``multi_query`` (Falcon-7B)
     ``[q | k | v]`` with one KV head, without it the heads interleaved ``[q₀ k₀ v₀ …]``.
-    Not matched: the grouped layout of ``new_decoder_architecture`` (Falcon-40B/180B) and
-    ALiBi (its slopes are built for the model's head count)."""
+    With ALiBi (Falcon-RW) the model adds the slopes of all its heads into the mask every
+    layer gets (:class:`HeadBias`).  Not matched: the grouped layout of
+    ``new_decoder_architecture`` (Falcon-40B/180B)."""
     qkv, dense = getattr(module, "query_key_value", None), getattr(module, "dense", None)
     config = getattr(module, "config", None)
     multi_query = getattr(module, "multi_query", None)
     if not isinstance(multi_query, bool) or not _linear(qkv) or not _linear(dense):
         return None
-    if getattr(module, "new_decoder_architecture", True) or getattr(config, "alibi", True):
+    alibi = getattr(config, "alibi", None)
+    if getattr(module, "new_decoder_architecture", True) or not isinstance(alibi, bool):
         return None
     d = _attr(module, "head_dim")
     if d is None:
@@ -803,6 +810,7 @@ def _falcon(path: str, module: nn.Module) -> AttentionBlock | None:
         head_attrs=[(path, "num_heads")],
         kv_attrs=[(path, "num_kv_heads")],
         group_attrs=[(path, "num_key_value_groups")],
+        bias=_FALCON_ALIBI if alibi else None,
     )
 
 
