@@ -94,6 +94,8 @@ def hf_configs() -> dict[str, Callable[[], Any]]:
         "bloom": lambda: t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
         "gptj": lambda: t.GPTJConfig(rotary_dim=4, **gpt),
         "codegen": lambda: t.CodeGenConfig(rotary_dim=4, **gpt),
+        # 4 heads in CodeGen's 4 parts are one unit: 8 heads make two
+        "codegen-8h": lambda: t.CodeGenConfig(rotary_dim=4, **{**gpt, "n_embd": 64, "n_head": 8}),
         "gpt_bigcode": lambda: t.GPTBigCodeConfig(**gpt),
         "gpt_bigcode-mha": lambda: t.GPTBigCodeConfig(multi_query=False, **gpt),
         "albert": lambda: t.AlbertConfig(embedding_size=16, **s),

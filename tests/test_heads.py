@@ -371,7 +371,8 @@ def test_heads_and_channels_on_one_macs_budget() -> None:
 
 
 @pytest.mark.parametrize(
-    "family", ["bert", "llama-mqa", "gpt_bigcode-mqa", "llama-gqa-query", "t5", "mpnet", "bloom"]
+    "family",
+    ["bert", "llama-mqa", "gpt_bigcode-mqa", "llama-gqa-query", "t5", "mpnet", "bloom", "codegen"],
 )
 def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
     """Removing one head of one layer: the modelled MACs and parameters equal the
@@ -388,6 +389,12 @@ def test_the_cost_model_counts_what_a_head_costs(family: str) -> None:
         example = {k: v[:2] for k, v in batch.items()}
     elif family == "llama-gqa-query":
         model, example = _grouped(layers=1), {"input_ids": batch["input_ids"][:2]}
+    elif family == "codegen":  # a unit is one head of each of the 4 parts of qkv_proj
+        torch.manual_seed(0)
+        cfg = transformers.CodeGenConfig(vocab_size=80, n_embd=64, n_layer=1, n_head=8,
+                                         rotary_dim=4)  # fmt: skip
+        model = transformers.CodeGenForCausalLM(cfg).eval()
+        example = {"input_ids": batch["input_ids"][:2]}
     elif family == "bloom":  # ALiBi slopes for all heads
         torch.manual_seed(0)
         cfg = transformers.BloomConfig(vocab_size=80, hidden_size=48, n_layer=1, n_head=6)
@@ -550,3 +557,16 @@ def test_torchvision_vit_heads_through_compress_save_and_reload(tmp_path: Any) -
         torch.testing.assert_close(back(x[:8]), small(x[:8]), rtol=0, atol=0)
     joint, r2 = spectrim.compress(model, x, "id", "macs=0.7", heads=True)
     assert r2.macs_ratio <= 0.71 and any(b.heads < 4 for b in find_attention(joint))
+
+
+def test_layers_whose_units_are_too_coarse_for_the_target_are_named() -> None:
+    """Two KV groups cannot lose a quarter of their heads: the model keeps them all, and
+    the report says so and names the option that would remove single query heads (it
+    used to return the model unchanged without a word)."""
+    batches = [{"input_ids": b["input_ids"]} for b in _batches()]
+    small, report = spectrim.compress(_grouped(), batches, "id", "heads=0.75")
+    assert [b.heads for b in find_attention(small)] == [8, 8]
+    (warning,) = [w for w in report.warnings if "keep every head" in w]
+    assert "2 of 2 attention layers" in warning and "query_heads=True" in warning
+    _, report = spectrim.compress(_grouped(), batches, "id", "heads=0.75", query_heads=True)
+    assert not [w for w in report.warnings if "keep every head" in w]

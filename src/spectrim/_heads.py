@@ -250,7 +250,7 @@ def heads_run(
             + (f"can prune: {why}" if why else
                "recognises (Hugging Face BERT-family, DeBERTa, DistilBERT, GPT-2, GPTBigCode, "
                "GPT-NeoX, Falcon, LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT, T5 encoder, "
-               "MPNet, BLOOM, ALBERT and ViT attention, timm ViT attention, nn.MultiheadAttention; "
+               "MPNet, BLOOM, ALBERT, CodeGen and ViT attention, timm ViT attention, nn.MultiheadAttention; "
                "register others with spectrim.graph.attention.register_attention)")
         )  # fmt: skip
     team = ctx.team
@@ -272,6 +272,18 @@ def heads_run(
         head_solver_of(method, b, grams.get(b.out), work, cfg.query_heads) for b in blocks
     ]
     widths = [min(b.units, max(1, round(tgt.value * b.units))) for b in blocks]
+    whole = [b for b, k in zip(blocks, widths, strict=True) if k == b.units]
+    if whole and tgt.value < 1:
+        b = whole[0]
+        report.warnings.append(
+            f"target {tgt}: {len(whole)} of {len(blocks)} attention layers keep every head, "
+            f"their {b.units} removable unit(s) of {b.unit_heads} head(s) each being too "
+            f"coarse for {tgt.value:g} (e.g. '{b.name}', {b.heads} heads"
+            + (f" in {b.blocks} parts" if b.blocks > 1 else "")
+            + (f" on {b.kv_heads} KV heads; query_heads=True removes single query heads"
+               if b.unit_heads > 1 and b.blocks == 1 and not b.per_query else "")
+            + ")"
+        )  # fmt: skip
     timings["solve"] = time.perf_counter() - t
 
     t = time.perf_counter()

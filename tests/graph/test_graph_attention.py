@@ -692,3 +692,48 @@ def test_albert_s_shared_layer_loses_heads_fitted_on_all_its_calls(tmp_path: Any
         torch.testing.assert_close(
             cut(**test).last_hidden_state, dead(**test).last_hidden_state, rtol=1e-5, atol=1e-5
         )
+
+
+def _codegen() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.CodeGenConfig(vocab_size=64, n_embd=64, n_layer=2, n_head=8, rotary_dim=4)
+    return transformers.CodeGenForCausalLM(cfg).eval()
+
+
+def test_codegen_heads_go_from_every_part_of_its_fused_projection(tmp_path: Any) -> None:
+    """CodeGen views ``qkv_proj`` as ``mp_num = 4`` parts ``[q_g | v_g | k_g]`` of 2 heads
+    each here, so a unit is one head at the same place of every part.  Each layer gets
+    other dead units (zero value rows); ``id`` at half the heads must remove exactly
+    those, keep the parts equal (4 heads, ``embed_dim`` 32) and still generate, save and
+    reload."""
+    import spectrim
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    model = _codegen()
+    blocks = find_attention(model)
+    assert [(b.heads, b.units, b.blocks) for b in blocks] == [(8, 2, 4), (8, 2, 4)]
+    (v,) = [p for p in blocks[0].projections if p.role == "v"]
+    # unit 1 of layer 0: head 1 of every part, [q | v | k] parts of 3·16 rows
+    want_rows = [g * 48 + 16 + 8 + i for g in range(4) for i in range(8)]
+    assert blocks[0].projection_rows(v, [1]).tolist() == want_rows
+    with torch.no_grad():
+        for i, b in enumerate(blocks):
+            (vi,) = [p for p in b.projections if p.role == "v"]
+            model.get_submodule(vi.module).weight[
+                torch.as_tensor(b.projection_rows(vi, [1 - i]))
+            ] = 0.0
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 64, (8, 12), generator=g)} for _ in range(3)]
+    small, report = spectrim.compress(model, batches, "id", "heads=0.5")
+    after = find_attention(small)
+    assert [(b.heads, b.units) for b in after] == [(4, 1), (4, 1)]
+    assert small.transformer.h[0].attn.embed_dim == 32
+    with torch.no_grad():
+        want, got = model(**batches[0]).logits, small(**batches[0]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", _codegen())
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batches[0]).logits, got)
+    out = back.generate(batches[0]["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)

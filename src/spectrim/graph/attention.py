@@ -82,12 +82,17 @@ class Projection:
     With ``stride`` set, the heads are interleaved with the other roles' instead: head
     ``h`` is features ``[offset + h·stride, offset + h·stride + head_dim)`` (GPTBigCode's
     ``c_attn``, ``[q₀ k₀ v₀ q₁ k₁ v₁ …]``: ``stride = 3·head_dim``).
+
+    In a layer cut in :attr:`AttentionBlock.blocks` parts (CodeGen), ``part`` is the
+    role's place in each part: part ``g`` is ``[q_g | v_g | k_g]`` (``part`` 0, 1, 2),
+    each the ``heads / blocks`` heads of that part.
     """
 
     module: str
     role: str  # "q", "k" or "v"
     offset: int = 0
     stride: int = 0
+    part: int = 0
 
 
 #: attribute of an attention layer with a :class:`HeadBias`: the heads it kept, as indices
@@ -199,6 +204,9 @@ class AttentionBlock:
             query heads as the others and every key and value stays.
         bias: where a per-head bias shared by every layer enters this one
             (:class:`HeadBias`; T5, MPNet), or ``None``.
+        blocks: the fused projection is cut in this many equal parts, each holding
+            ``heads / blocks`` heads of every role (CodeGen's ``mp_num``): a unit is then
+            one head of every part (the same place in each), so the parts stay equal.
 
     Units are KV groups, except under multi-query attention (one KV head shared by
     several query heads) or with :attr:`slots` set (:attr:`per_query`): there a unit is
@@ -217,6 +225,7 @@ class AttentionBlock:
     group_attrs: list[tuple[str, str]] = field(default_factory=list)
     slots: np.ndarray | None = None
     bias: HeadBias | None = None
+    blocks: int = 1
 
     @property
     def group_size(self) -> int:
@@ -234,11 +243,15 @@ class AttentionBlock:
     def units(self) -> int:
         """Removable units: KV groups (one head each without grouped-query attention), or
         query-head slots (:attr:`per_query`; one query head each under multi-query)."""
+        if self.blocks > 1:
+            return self.heads // self.blocks
         return self.group_size if self.per_query else self.kv_heads
 
     @property
     def unit_heads(self) -> int:
         """Query heads per unit."""
+        if self.blocks > 1:
+            return self.blocks
         return self.kv_heads if self.per_query else self.group_size
 
     def set_slots(self, ranking: Units) -> None:
@@ -258,7 +271,7 @@ class AttentionBlock:
     def role_rows(self, role: str) -> int:
         """Output rows of a ``role`` projection that one unit takes with it (a shared KV
         head's rows go with no unit)."""
-        if role == "q":
+        if role == "q" or self.blocks > 1:
             return self.unit_heads * self.head_dim
         return 0 if self.per_query else self.head_dim
 
@@ -270,6 +283,11 @@ class AttentionBlock:
             slots = np.arange(g)[None, :] if self.slots is None else self.slots
             heads = [i * g + int(slots[i, u]) for u in units for i in range(self.kv_heads)]
             return np.sort(np.array(heads, dtype=np.int64))
+        if self.blocks > 1:  # one head at the same place of every part
+            size = self.heads // self.blocks
+            return np.sort(
+                np.array([g * size + u for u in units for g in range(self.blocks)], np.int64)
+            )
         r = self.unit_heads
         return np.array([u * r + i for u in units for i in range(r)], dtype=np.int64)
 
@@ -284,7 +302,7 @@ class AttentionBlock:
         """Output rows of the ``role`` (``"q"``, ``"k"`` or ``"v"``) projection that hold the
         given units: the query heads' rows for ``q`` (the output projection's columns), the
         KV heads' rows for ``k`` and ``v``."""
-        if role == "q":
+        if role == "q" or self.blocks > 1:  # with parts every head has its own k and v
             return self.columns(units)
         d = self.head_dim
         if self.per_query:  # the KV heads stay whatever query heads are kept
@@ -294,9 +312,13 @@ class AttentionBlock:
     def projection_rows(self, proj: Projection, units: Units) -> np.ndarray:
         """The output features of ``proj``'s module that hold the given units' rows."""
         rows = self.rows(proj.role, units)
+        d = self.head_dim
         if proj.stride:  # interleaved heads: head h starts at h·stride
-            d = self.head_dim
             rows = (rows // d) * proj.stride + rows % d
+        if self.blocks > 1:  # head h is in part h // size, at h % size of its role's slice
+            size = self.heads // self.blocks
+            head, at = rows // d, rows % d
+            rows = (head // size) * 3 * size * d + proj.part * size * d + (head % size) * d + at
         return rows + proj.offset
 
     def unit_columns(self) -> list[np.ndarray]:
@@ -327,6 +349,8 @@ class AttentionBlock:
             setattr(layer, BIAS_HEADS, [int(before[h]) for h in self.query_heads(keep)])
         if self.per_query:  # each group keeps its heads in their order
             self.heads, self.slots = len(keep) * self.kv_heads, None
+        elif self.blocks > 1:
+            self.heads = self.kv_heads = len(keep) * self.blocks
         else:
             self.heads, self.kv_heads = len(keep) * self.group_size, len(keep)
         self.sync(model)
@@ -811,6 +835,34 @@ def _falcon(path: str, module: nn.Module) -> AttentionBlock | None:
         kv_attrs=[(path, "num_kv_heads")],
         group_attrs=[(path, "num_key_value_groups")],
         bias=_FALCON_ALIBI if alibi else None,
+    )
+
+
+@register_attention("codegen")
+def _codegen(path: str, module: nn.Module) -> AttentionBlock | None:
+    """CodeGen: a fused ``qkv_proj`` viewed as ``mp_num`` parts of ``[q_g | v_g | k_g]``
+    (each ``embed_dim / mp_num`` wide, the heads of that part), and ``out_proj``; a head
+    goes from every part at once (:attr:`AttentionBlock.blocks`)."""
+    qkv, out = getattr(module, "qkv_proj", None), getattr(module, "out_proj", None)
+    parts = _attr(module, "mp_num")
+    d = _attr(module, "head_dim")
+    if not _linear(qkv) or not _linear(out) or parts is None or d is None:
+        return None
+    width = _outputs(qkv)
+    if width % (3 * d) or (width // (3 * d)) % parts:
+        return None
+    h = width // (3 * d)
+    me = _join(path, "qkv_proj")
+    return AttentionBlock(
+        name=path,
+        projections=[Projection(me, r, part=i) for i, r in enumerate("qvk")],
+        out=_join(path, "out_proj"),
+        heads=h,
+        kv_heads=h,
+        head_dim=d,
+        head_attrs=[(path, "num_attention_heads")],
+        width_attrs=[(path, "embed_dim")],
+        blocks=parts,
     )
 
 
