@@ -509,6 +509,14 @@ def unmatched_reason(model: nn.Module) -> str | None:
                 "over heads·head_dim, as in OLMo-2 and OLMoE), so removing a head would "
                 "change the others"
             )
+        if getattr(module, "new_decoder_architecture", False) is True and hasattr(
+            module, "query_key_value"
+        ):
+            return (
+                f"'{path}' has Falcon's grouped layout (new_decoder_architecture: the query "
+                "heads and one key and value per KV group in one projection), which spectrim "
+                "does not cut"
+            )
     return None
 
 
