@@ -17,10 +17,12 @@ is one *finder* registered with :func:`register_attention`; finders match on str
 and Phi (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``, ``out_proj`` or ``dense``),
 DistilBERT (``q_lin`` ...), GPT-2 (a fused ``c_attn`` ``Conv1D``), GPTBigCode (a fused
 ``c_attn`` Linear, multi-query or with interleaved heads), GPT-NeoX (a fused
-``query_key_value`` with interleaved heads), ALBERT (``query`` ... ``dense`` in one
-module), T5 encoders and MPNet (``q`` / ``k`` / ``v`` /
-``o``, with a position bias every layer shares: :class:`HeadBias`) and timm's ViT
-``Attention`` (a fused ``qkv``) are found by one finder each.
+``query_key_value`` with interleaved heads; BLOOM's too), Falcon, CodeGen (a fused
+``qkv_proj`` in ``mp_num`` parts), ALBERT (``query`` ... ``dense`` in one module), T5
+encoders and MPNet (``q`` / ``k`` / ``v`` / ``o``) and timm's ViT ``Attention`` (a fused
+``qkv``) are found by one finder each.  Where every layer adds a per-head bias computed
+once for all heads (T5's and MPNet's relative positions, BLOOM's and Falcon-RW's ALiBi),
+:class:`HeadBias` says where it enters, and each layer adds its kept heads' rows.
 
 Units are *key/value groups*: with grouped-query attention (``kv_heads < heads``) a KV head
 goes together with the ``heads / kv_heads`` query heads that read it, so every layer keeps
@@ -104,7 +106,8 @@ BIAS_HEADS = "spectrim_bias_heads"
 class HeadBias:
     """A per-head score bias that one module computes for every layer and each layer adds
     to its scores (relative positions: T5's first layer computes it and every layer hands
-    it on; MPNet's encoder computes it and passes it to each layer).  A layer that lost
+    it on, MPNet's encoder computes it and passes it to each layer; ALiBi slopes: BLOOM's
+    model builds them for every head, Falcon-RW's adds them into the attention mask).  A layer that lost
     heads adds only its kept heads' rows: a forward pre-hook slices the bias to
     :data:`BIAS_HEADS` (installed by :meth:`AttentionBlock.sync`, so also on reload), and
     where the layer hands the bias on, a forward hook hands on the whole one again.
