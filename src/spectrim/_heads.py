@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.calibration.batches import drop_padding, head_examples, token_mask
+from spectrim.calibration.batches import drop_padding, token_mask
 from spectrim.calibration.checks import CalibrationInfo
 from spectrim.calibration.gram import GramAccumulator
 from spectrim.config import CompressConfig
@@ -65,23 +65,6 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def calls_per_pass(model: nn.Module, batch: Any, name: str) -> int:
-    """How many times one pass of ``model`` over ``batch`` calls module ``name`` (more
-    than once where layers share it: ALBERT)."""
-    calls = [0]
-
-    def count(module: nn.Module, args: tuple[Any, ...]) -> None:
-        calls[0] += 1
-
-    handle = model.get_submodule(name).register_forward_pre_hook(count)
-    try:
-        with torch.no_grad():
-            call_until_stopped(model, head_examples(batch))
-    finally:
-        handle.remove()
-    return calls[0]
-
-
 def output_grams(
     model: nn.Module,
     blocks: Sequence[AttentionBlock],
@@ -98,7 +81,8 @@ def output_grams(
     With ``stop``, each forward pass ends at the last of ``blocks`` (in execution order):
     what comes after it is not needed (the sequential refit of one layer); not for a
     layer the model runs more than once per pass (ALBERT's), whose Grams sum all its
-    calls.  With a
+    calls.  A pass without ``stop`` records those calls in each block's
+    :attr:`~spectrim.graph.attention.AttentionBlock.calls`.  With a
     ``team``, each rank runs its own batches and both Grams are summed over the ranks."""
     modules = dict(model.named_modules())
     names = [b.out for b in blocks]
@@ -106,8 +90,9 @@ def output_grams(
     cross: dict[str, torch.Tensor] = {}
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}  # in call order
     mask: list[torch.Tensor | None] = [None]
+    calls = dict.fromkeys(names, 0)  # in the first batch's pass
 
-    last = names[-1] if stop and calls_per_pass(model, batches[0], names[-1]) == 1 else None
+    last = names[-1] if stop and blocks[-1].calls == 1 else None
 
     def ref_hook(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -120,6 +105,8 @@ def output_grams(
     def hook(name: str) -> Any:
         def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = _rows(args[0], mask[0])
+            if not counted[0]:
+                calls[name] += 1
             accs[name].update(x)
             if reference is not None:
                 z = seen[name].pop(0)  # a layer every depth runs (ALBERT): the same call
@@ -135,6 +122,7 @@ def output_grams(
         ref_modules = dict(reference.named_modules())
         handles += [ref_modules[n].register_forward_pre_hook(ref_hook(n)) for n in names]
     it = progress(batches) if progress is not None else batches
+    counted = [False]
     try:
         with torch.no_grad():
             for batch in it:
@@ -142,9 +130,13 @@ def output_grams(
                 for m in (reference, model):
                     if m is not None:
                         call_until_stopped(m, batch)
+                counted[0] = True
     finally:
         for h in handles:
             h.remove()
+    if not stop:
+        for b in blocks:
+            b.calls = max(calls[b.out], 1)
     team.reduce(accs)
     if reference is not None:
         # every rank holds a cross term for every name (zeros where it saw no rows)

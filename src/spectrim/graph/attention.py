@@ -207,6 +207,8 @@ class AttentionBlock:
             query heads as the others and every key and value stays.
         bias: where a per-head bias shared by every layer enters this one
             (:class:`HeadBias`; T5, MPNet), or ``None``.
+        calls: how many times one forward pass runs the layer (more than once where
+            every depth shares it: ALBERT), as the last statistics pass counted.
         blocks: the fused projection is cut in this many equal parts, each holding
             ``heads / blocks`` heads of every role (CodeGen's ``mp_num``): a unit is then
             one head of every part (the same place in each), so the parts stay equal.
@@ -229,6 +231,7 @@ class AttentionBlock:
     slots: np.ndarray | None = None
     bias: HeadBias | None = None
     blocks: int = 1
+    calls: int = 1
 
     @property
     def group_size(self) -> int:
