@@ -26,7 +26,11 @@ from spectrim.graph.stream import NormExpand, StreamRMSNorm, find_stream, norm_a
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ("gpt2", "llama", "gemma", "phi3", "gpt_neox", "gptj", "codegen", "phi", "falcon",
-            "opt", "bert", "distilbert", "t5", "mpnet")  # fmt: skip
+            "opt", "bert", "distilbert", "t5", "mpnet", "mixtral", "qwen2_moe", "qwen3_moe",
+            "olmoe")  # fmt: skip
+#: MoE decoders: a router and experts (3-D parameters) read the stream, the experts write it;
+#: Qwen2-MoE adds a shared expert and its gate, Qwen3-MoE here mixes a dense and a MoE layer
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 POST_LN = ("bert", "distilbert", "mpnet")
 
 
@@ -62,6 +66,27 @@ def _model(family: str) -> nn.Module:
             "codegen": lambda: t.CodeGenConfig(**gpt),
             "phi": lambda: t.PhiConfig(intermediate_size=48, **small),
             "falcon": lambda: t.FalconConfig(**small),
+        }[family]()
+        m = t.AutoModelForCausalLM.from_config(cfg)
+    elif family in MOE:
+        moe = dict(
+            vocab_size=60,
+            hidden_size=32,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts_per_tok=2,
+        )
+        cfg = {
+            "mixtral": lambda: t.MixtralConfig(num_local_experts=4, **moe),
+            "qwen2_moe": lambda: t.Qwen2MoeConfig(
+                num_experts=4, moe_intermediate_size=12, shared_expert_intermediate_size=24, **moe
+            ),
+            "qwen3_moe": lambda: t.Qwen3MoeConfig(
+                num_experts=4, moe_intermediate_size=12, decoder_sparse_step=2, head_dim=8, **moe
+            ),
+            "olmoe": lambda: t.OlmoeConfig(num_experts=4, pad_token_id=0, **moe),
         }[family]()
         m = t.AutoModelForCausalLM.from_config(cfg)
     elif family == "opt":
@@ -194,7 +219,7 @@ def test_pca_keeps_more_of_a_pre_ln_stream_than_a_selection() -> None:
 def test_generate_and_reload(tmp_path: Any) -> None:
     from spectrim.io.manifest import load_compressed, save_compressed
 
-    for family in ("gpt2", "llama", "gemma", "bert", "t5"):
+    for family in ("gpt2", "llama", "gemma", "bert", "t5", "qwen2_moe"):
         model = _model(family)
         small, report = spectrim.compress(model, _batches(), "spectral", "hidden=0.75")
         folder = tmp_path / family
@@ -202,11 +227,69 @@ def test_generate_and_reload(tmp_path: Any) -> None:
         back = load_compressed(folder, base_model=_model(family))  # a tied base for gpt2
         batch = _batches(1, seed=7)[0]
         torch.testing.assert_close(_out(back, batch), _out(small, batch), atol=0, rtol=0)
-        if family in ("gpt2", "llama", "gemma"):
+        if family in ("gpt2", "llama", "gemma", "qwen2_moe"):
             ids = batch["input_ids"][:1, :4]
             a = small.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
             b = back.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
             assert a.shape == (1, 8) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_a_moe_stream_in_a_subspace_is_narrowed_exactly(family: str) -> None:
+    """Every writer (embeddings, attention outputs, each expert's down projection, the
+    shared expert's) writes into one 24-dimensional subspace, so the stream never leaves
+    it: the PCA basis spans it and ``hidden=0.75`` must change nothing, routing included
+    (a router or an expert left reading the old coordinates, or an expert's outputs left
+    unrotated, would not run or would route the tokens elsewhere)."""
+    from spectrim.graph.experts import find_experts
+
+    model = _model(family)
+    g = torch.Generator().manual_seed(2)
+    U, _ = torch.linalg.qr(torch.randn(32, 24, generator=g))
+    P = U @ U.T
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.endswith(("o_proj", "down_proj")) and isinstance(mod, nn.Linear):
+                mod.weight.copy_(P @ mod.weight)
+        model.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight @ P)
+        for block in find_experts(model):
+            down = block.module(model).down_proj
+            down.copy_(torch.einsum("ij,ejk->eik", P, down))
+    calib = _batches(4)
+    small, report = spectrim.compress(model, calib, "spectral", "hidden=0.75")
+    assert report.groups[0].width_after == 24
+    for block in find_experts(small):
+        gate_up, down = block.weights(small)
+        assert gate_up.shape[2] == down.shape[1] == 24
+    batch = _batches(1, seed=9)[0]
+    torch.testing.assert_close(_out(small, batch), _out(model, batch), atol=2e-4, rtol=2e-4)
+    assert report.params_ratio < 0.85
+
+
+def test_a_moe_stream_keeps_a_multiple_of_four_float32_coordinates() -> None:
+    """Hugging Face runs the experts with ``torch._grouped_mm``, which needs each row of
+    their weights to be a multiple of 16 bytes: ``hidden=0.7`` of 32 (22 coordinates)
+    made a model that failed at its first forward ("strides should be multiple of 16
+    bytes").  The width is rounded to a multiple of 4, as ``experts=F`` rounds its
+    neurons."""
+    model = _model("mixtral")
+    small, report = spectrim.compress(model, _batches(), "id", "hidden=0.7")
+    assert report.groups[0].width_after == 24
+    assert torch.isfinite(_out(small, _batches(1, seed=5)[0])).all()
+    small, report = spectrim.compress(model, _batches(), "id", "hidden=0.7", round_to=3)
+    assert report.groups[0].width_after == 24  # lcm(3, 4) = 12
+
+
+def test_a_moe_block_with_parts_the_layout_does_not_know_is_not_matched() -> None:
+    """A MoE block with a child that is neither its router, its experts nor a shared
+    expert (here a second router) might read the stream where no reader is listed: the
+    model is refused by name instead of narrowed wrong."""
+    model = _model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.extra = copy.deepcopy(layer.mlp.gate)
+    assert find_stream(model) is None
+    with pytest.raises(ValueError, match="no residual stream in MixtralForCausalLM"):
+        spectrim.compress(model, _batches(), "id", "hidden=0.75")
 
 
 def test_a_norm_that_is_not_layer_or_rms_is_named() -> None:
@@ -329,7 +412,7 @@ def test_minilm_refitted_stream_stays_close_to_the_original(
     assert cos["id"] > 0.85 and cos["id"] > cos["l1"] + 0.2, cos
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert", "t5", "mpnet"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "t5", "mpnet", "mixtral", "qwen2_moe"])
 def test_the_stream_heads_and_channels_share_one_macs_budget(family: str) -> None:
     model = _model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -338,6 +421,8 @@ def test_the_stream_heads_and_channels_share_one_macs_budget(family: str) -> Non
     (hidden,) = [g for g in report.groups if g.name.endswith("(hidden)")]
     assert hidden.width_before == 32 and hidden.predicted_error is not None
     assert small.get_input_embeddings().weight.shape[1] == hidden.width_after
+    if family in MOE:  # the experts kernel needs rows of 16 bytes
+        assert hidden.width_after % 4 == 0, hidden.width_after
     assert report.macs_ratio <= 0.61, report.macs_ratio
     out = _out(small, _batches(1, seed=5)[0])
     assert torch.isfinite(out).all() and out.shape[-1] == _out(model, _batches(1)[0]).shape[-1]

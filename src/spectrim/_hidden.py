@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -60,6 +61,7 @@ from spectrim.graph.stream import (
     norm_affine,
     read_columns,
     set_module,
+    width_step,
     write_rows,
 )
 from spectrim.graph.trace import StopPass, call_until_stopped
@@ -351,9 +353,10 @@ def apply_hidden(
             found_t = find_stream(original)
             assert found_t is not None
             convert_stream(original, with_tied_embeddings(original, found_t)[0])
-            for site in converted.sites:
+            for site in converted.sites:  # a tied head reads the last norm alone
+                head = out if site is converted.sites[-1] else None
                 refit_site(work, original, readers, site, E, batches, plan.ridge,
-                           sequential, converted.writers, out, team)  # fmt: skip
+                           sequential, converted.writers, head, team)  # fmt: skip
     _retie(work, ties)
 
 
@@ -458,8 +461,8 @@ def refit_site(
     for r in site.readers:
         fresh = copy.deepcopy(readers[r])
         read_columns(fresh, M, r, shift)
-        if r in writers:  # a reader that writes the stream too (before a tied head)
-            write_rows(fresh, E if out_basis is None else out_basis, r)
+        if r in writers:  # a reader that writes the stream too: a MoE layer's experts,
+            write_rows(fresh, E if out_basis is None else out_basis, r)  # a tied head
         set_module(work, r, fresh)
 
 
@@ -497,7 +500,7 @@ def hidden_run(
         raise ValueError(
             f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
             "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2/Gemma/Phi-3, GPT-NeoX, GPT-J, "
-            "CodeGen, Phi, Falcon, OPT, T5 encoders, "
+            "CodeGen, Phi, Falcon, OPT, Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE, T5 encoders, "
             "BERT-family, MPNet and DistilBERT models; register others with "
             "spectrim.graph.stream.register_stream)"
         )
@@ -505,8 +508,9 @@ def hidden_run(
     example, cost0 = example_cost(work, batches, team)
     d = found.width
     k = min(d, max(1, round(tgt.value * d)))
-    if cfg.round_to > 1 and k < d:
-        k = min(d, max(cfg.round_to, round(k / cfg.round_to) * cfg.round_to))
+    step = math.lcm(cfg.round_to, width_step(work, found))  # MoE experts: 16-byte rows
+    if step > 1 and k < d:
+        k = min(d, max(step, round(k / step) * step))
     timings["find"] = time.perf_counter() - t
 
     t = time.perf_counter()

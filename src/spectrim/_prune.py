@@ -84,7 +84,7 @@ from spectrim.graph.layout import (
     to_channels_last,
 )
 from spectrim.graph.modules import module_kind, weight_kind
-from spectrim.graph.stream import ResidualStream, find_stream
+from spectrim.graph.stream import ResidualStream, find_stream, width_step
 from spectrim.graph.trace import batch_len
 from spectrim.linalg import prediction_error_curve
 from spectrim.methods import GroupSolver, Method
@@ -671,6 +671,9 @@ def allocate_stage(state: ChannelRun) -> None:
             tgt.value, state.solvers, round_to=cfg.round_to, min_width=cfg.min_width
         )
     elif tgt.kind in ("macs", "params", "latency"):
+        steps = {}
+        if state.stream is not None:  # a width the stream's modules need (MoE experts)
+            steps[HIDDEN_KEY] = width_step(state.work, state.stream)
 
         def run(curves: dict[int, np.ndarray], model: CostModel, goal: Target = tgt) -> Allocation:
             return allocate_budget(
@@ -681,6 +684,7 @@ def allocate_stage(state: ChannelRun) -> None:
                 min_width=cfg.min_width,
                 max_error=cfg.max_error if cfg.on_unreachable == "stop" else None,
                 unit_groups=state.head_solvers.keys(),
+                group_steps=steps,
             )
 
         if tgt.kind == "latency":

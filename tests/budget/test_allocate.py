@@ -13,6 +13,7 @@ from torch import nn
 
 import spectrim
 from spectrim.budget import CostModel, allocate, uniform_widths, widths_for_error
+from spectrim.budget.allocate import allocate_budget
 from spectrim.calibration import collect_statistics
 from spectrim.config import Target
 from spectrim.evaluation import profile
@@ -236,6 +237,27 @@ def test_greedy_prefers_the_cheap_error() -> None:
     widths = allocate(Target("macs", 0.75), {g0: flat, g1: steep}, cm)
     # 8 hidden channels cost 6 MACs each (+ constant-free): 75% -> remove 2 of the 8
     assert widths == {g0: 2, g1: 4}
+
+
+def test_a_group_step_keeps_that_group_at_its_multiples() -> None:
+    """``group_steps`` (a MoE model's residual stream must stay a multiple of 4 float32
+    coordinates): that group lands on a multiple of its step or its whole width, the
+    budget holds, and the other groups still move one channel at a time."""
+    free_widths = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = Branches((8, 5, 6)).eval()
+        a, _, cm = cost_model_of(model, torch.randn(2, 4))
+        rng = np.random.default_rng(seed)
+        curves = {g.index: convex_curve(rng, g.width) for g in a.prunable}
+        g0 = a.prunable[0].index
+        for fraction in (0.4, 0.6, 0.8):
+            target = Target("macs", fraction)
+            widths = allocate_budget(target, curves, cm, group_steps={g0: 4}).widths
+            assert widths[g0] in (4, 8), widths
+            assert cm.cost("macs", widths) <= fraction * cm.cost("macs", {}) + 1e-9
+            free_widths.append(allocate_budget(target, curves, cm).widths[g0])
+    assert any(k % 4 for k in free_widths), free_widths  # without the step it lands elsewhere
 
 
 @pytest.mark.parametrize("min_width", [1, 3])

@@ -342,6 +342,7 @@ def allocate_budget(
     min_width: int = 1,
     max_error: float | None = None,
     unit_groups: Collection[int] = (),
+    group_steps: Mapping[int, int] | None = None,
 ) -> Allocation:
     """The lazy greedy for a ``macs``/``params`` target (see the module docstring).
 
@@ -374,6 +375,7 @@ def allocate_budget(
         min_width=min_width,
         max_error=max_error,
         unit_groups=unit_groups,
+        group_steps=group_steps,
     )
     return Allocation(
         widths=res.widths,
@@ -494,11 +496,15 @@ def greedy_allocate(
     min_width: int = 1,
     max_error: float | None = None,
     unit_groups: Collection[int] = (),
+    group_steps: Mapping[int, int] | None = None,
 ) -> JointAllocation:
     """One lazy greedy over channel groups and weight matrices (see the module docstring).
 
     Groups in ``unit_groups`` (attention heads: units that are not channels) step one
     unit at a time and keep at least one, whatever ``round_to`` / ``min_width`` say.
+    A group in ``group_steps`` keeps a multiple of ``lcm(round_to, step)`` (or its whole
+    width): a width its modules need (a MoE model's residual stream, read by kernels
+    that want rows of 16 bytes).
 
     Every unit has states of decreasing size: a group its allowed widths (error curve
     ``curves[g][k]``), a matrix the convex-hull densities of its curve
@@ -521,10 +527,11 @@ def greedy_allocate(
     states: dict[tuple[int, Any], list[float]] = {}
     errors: dict[tuple[int, Any], list[float]] = {}
     for g, e in curves.items():
+        quantum = math.lcm(round_to, int((group_steps or {}).get(g, 1)))
         ks = (
             _allowed(len(e) - 1, 1, 1)
             if g in unit_groups
-            else _allowed(len(e) - 1, round_to, min_width)
+            else _allowed(len(e) - 1, quantum, min_width)
         )
         states[(0, g)] = [float(k) for k in ks]
         errors[(0, g)] = [float(e[k]) for k in ks]

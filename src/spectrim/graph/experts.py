@@ -35,7 +35,7 @@ from torch import nn
 
 from spectrim.graph.modules import set_param
 
-__all__ = ["ExpertBlock", "find_experts"]
+__all__ = ["ExpertBlock", "find_experts", "is_experts_module"]
 
 
 @dataclass
@@ -122,6 +122,21 @@ def _block(path: str, module: nn.Module) -> ExpertBlock | None:
     if down.shape != (experts, hidden, inter2 // 2) or inter2 % 2:
         return None  # e.g. gpt-oss: transposed, with biases and a clamped activation
     return ExpertBlock(path, int(experts), int(inter2 // 2), int(hidden))
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether ``module`` holds a MoE layer's experts in the layout above; the width they
+    read and the one they write may differ (their residual stream half narrowed)."""
+    params = dict(module.named_parameters(recurse=False))
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if set(params) != {"gate_up_proj", "down_proj"} or gate_up is None or down is None:
+        return False
+    return (
+        gate_up.dim() == down.dim() == 3
+        and callable(getattr(module, "act_fn", None))
+        and gate_up.shape[0] == down.shape[0]
+        and gate_up.shape[1] == 2 * down.shape[2]
+    )
 
 
 def find_experts(model: nn.Module) -> list[ExpertBlock]:

@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from spectrim.graph.experts import is_experts_module
 from spectrim.graph.modules import module_kind, register_swap_class, set_param
 
 __all__ = [
@@ -49,12 +51,18 @@ __all__ = [
     "NormSite",
     "ResidualStream",
     "StreamRMSNorm",
+    "StreamView",
     "find_stream",
     "norm_affine",
     "read_columns",
+    "reads_matrix",
     "register_stream",
+    "register_stream_view",
     "stream_matrix",
+    "sync_stream_views",
+    "width_step",
     "write_rows",
+    "writes_matrix",
 ]
 
 
@@ -229,11 +237,11 @@ def _check_widths(model: nn.Module, stream: ResidualStream) -> None:
 
     def size(path: str, axis: str) -> int | None:
         module = named[path]
-        kind = module_kind(module)
-        w = getattr(module, "weight", None)
-        if kind is None or not isinstance(w, torch.Tensor) or w.dim() != 2:
+        try:  # a writer's rows, a reader's columns
+            W = _matrix(module, path, "write" if axis == "out" else "read")[0]
+        except TypeError:
             return None
-        return int(w.shape[kind.weight_dims[0 if axis == "out" else 1]])
+        return int(W.shape[0 if axis == "out" else 1])
 
     checks = [(p, "out", "writes") for p in (*stream.embeddings, *stream.writers)]
     checks += [(r, "in", "reads") for site in stream.sites for r in site.readers]
@@ -367,23 +375,111 @@ def _set_matrix(module: nn.Module, m: torch.Tensor, transposed: bool, dtype: tor
     set_param(module, "weight", (w.t() if transposed else w).contiguous())
 
 
+#: ``module -> (matrix, put)``: the stream-facing matrix of a module and how to store a new one
+ViewFn = Callable[[nn.Module], tuple[torch.Tensor, Callable[[torch.Tensor], None]]]
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """How a module that holds the stream in something other than a 2-D ``weight`` of a
+    registered kind reads and writes it (a MoE layer's experts, its router).
+
+    Attributes:
+        name: short name for messages.
+        match: whether a module is of this kind.
+        reads: its reading matrix as ``out × d`` and a setter of the new ``out × k`` one;
+            ``None`` if it never reads the stream.
+        writes: its writing matrix as ``d × in`` and a setter of the new ``k × in`` one;
+            ``None`` if it never writes the stream.
+        sync: set the attribute that holds the stream width from the weights (after
+            surgery, and after weights of a narrowed model are loaded).
+    """
+
+    name: str
+    match: Callable[[nn.Module], bool]
+    reads: ViewFn | None = None
+    writes: ViewFn | None = None
+    sync: Callable[[nn.Module], None] | None = None
+
+
+_VIEWS: list[StreamView] = []
+
+
+def register_stream_view(view: StreamView) -> StreamView:
+    """Register (or replace, by name) a :class:`StreamView`; the first match wins."""
+    _VIEWS[:] = [v for v in _VIEWS if v.name != view.name] + [view]
+    return view
+
+
+def _view_of(module: nn.Module) -> StreamView | None:
+    if module_kind(module) is not None:
+        return None
+    return next((v for v in _VIEWS if v.match(module)), None)
+
+
+def _matrix(
+    module: nn.Module, path: str, role: str
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+    """``role="read"``: ``out × d`` and its setter; ``"write"``: ``d × in`` and its setter."""
+    view = _view_of(module)
+    if view is None:
+        W, transposed = stream_matrix(module, path)
+        dtype = W.dtype
+        return W, lambda m: _set_matrix(module, m, transposed, dtype)
+    fn = view.reads if role == "read" else view.writes
+    if fn is None:
+        raise TypeError(f"stream module '{path}' ({view.name}) does not {role} the stream")
+    return fn(module)
+
+
+def reads_matrix(module: nn.Module, path: str) -> torch.Tensor:
+    """How ``module`` reads the stream, as an ``out × d`` matrix (a MoE layer's experts:
+    every expert's gate and up rows)."""
+    return _matrix(module, path, "read")[0]
+
+
+def writes_matrix(module: nn.Module, path: str) -> torch.Tensor:
+    """How ``module`` writes the stream, as a ``d × in`` matrix (a MoE layer's experts:
+    every expert's down projection side by side)."""
+    return _matrix(module, path, "write")[0]
+
+
+def sync_stream_views(model: nn.Module) -> None:
+    """Set every :class:`StreamView` module's width attribute from its weights (e.g. a
+    router's ``hidden_dim``, which its forward reshapes by), after a narrowed model's
+    weights were loaded."""
+    for module in model.modules():
+        view = _view_of(module)
+        if view is not None and view.sync is not None:
+            view.sync(module)
+
+
 _OUT_ATTR = {"linear": "out_features", "hf-conv1d": "nf", "embedding": "embedding_dim"}
 
 
 def write_rows(module: nn.Module, E: torch.Tensor, path: str) -> None:
     """A writer's (or an embedding's) outputs in the stream's new coordinates:
     ``W ← EᵀW``, ``b ← Eᵀb`` (``E``: ``d × k`` float64).  In place."""
-    W, dims = stream_matrix(module, path)
+    W, put = _matrix(module, path, "write")
     dtype = W.dtype
     E = E.to(W.device)
-    _set_matrix(module, E.T @ W.double(), dims, dtype)
+    put((E.T @ W.double()).to(dtype))
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor):
         set_param(module, "bias", (E.T @ bias.detach().double()).to(bias.dtype))
+    _sync_width(module, E.shape[1], _OUT_ATTR)
+
+
+def _sync_width(module: nn.Module, k: int, attrs: dict[str, str]) -> None:
+    view = _view_of(module)
+    if view is not None:
+        if view.sync is not None:
+            view.sync(module)
+        return
     kind = module_kind(module)
-    attr = _OUT_ATTR.get(kind.name if kind is not None else "")
+    attr = attrs.get(kind.name if kind is not None else "")
     if attr is not None:
-        setattr(module, attr, E.shape[1])
+        setattr(module, attr, k)
 
 
 def read_columns(
@@ -391,10 +487,10 @@ def read_columns(
 ) -> None:
     """A reader's inputs in the stream's new coordinates: ``W ← W M`` (``M``: ``d × k``
     float64) and ``b ← b + W shift`` (the original ``W``) when ``shift`` is given.  In place."""
-    W, dims = stream_matrix(module, path)
+    W, put = _matrix(module, path, "read")
     dtype = W.dtype
     Wd = W.double()
-    _set_matrix(module, Wd @ M.to(W.device), dims, dtype)
+    put((Wd @ M.to(W.device)).to(dtype))
     if shift is not None:
         bias = getattr(module, "bias", None)
         value = Wd @ shift.to(W.device)
@@ -405,8 +501,106 @@ def read_columns(
         else:
             raise ValueError(f"stream reader '{path}' has no bias to take a shift")
     kind = module_kind(module)
-    if kind is not None and kind.in_size is not None:
-        setattr(module, kind.in_size, M.shape[1])
+    _sync_width(module, M.shape[1], {kind.name: kind.in_size} if kind and kind.in_size else {})
+
+
+# MoE layers (Mixtral, Qwen2/3-MoE, OLMoE): the experts read the stream through every
+# expert's gate and up rows and write it through every expert's down projection; the
+# router reads it through its ``weight`` and reshapes its input by ``hidden_dim``.
+
+
+def _experts_reads(m: nn.Module) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+    W: Any = m.gate_up_proj
+    e, rows, d = W.shape  # experts × 2·inter × d
+
+    def put(new: torch.Tensor) -> None:
+        set_param(m, "gate_up_proj", new.reshape(e, rows, -1))
+
+    return W.detach().reshape(e * rows, d), put
+
+
+def _experts_writes(m: nn.Module) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+    W: Any = m.down_proj
+    e, d, inner = W.shape  # experts × d × inter
+
+    def put(new: torch.Tensor) -> None:
+        set_param(m, "down_proj", new.reshape(-1, e, inner).permute(1, 0, 2))
+
+    return W.detach().permute(1, 0, 2).reshape(d, e * inner), put
+
+
+def _set_hidden_dim(m: nn.Module, d: int) -> None:
+    if isinstance(getattr(m, "hidden_dim", None), int):
+        setattr(m, "hidden_dim", int(d))  # noqa: B010 (typed as a Tensor)
+
+
+def _experts_sync(m: nn.Module) -> None:
+    gate_up: Any = m.gate_up_proj
+    _set_hidden_dim(m, int(gate_up.shape[2]))
+
+
+def _router_reads(m: nn.Module) -> tuple[torch.Tensor, Callable[[torch.Tensor], None]]:
+    W: Any = m.weight  # experts × d
+
+    def put(new: torch.Tensor) -> None:
+        set_param(m, "weight", new)
+
+    return W.detach(), put
+
+
+def _router_sync(m: nn.Module) -> None:
+    W: Any = m.weight
+    _set_hidden_dim(m, int(W.shape[1]))
+
+
+def _is_router(m: nn.Module) -> bool:
+    """A MoE router: a ``…Router`` module whose one parameter is a 2-D ``weight`` and
+    that reshapes its input by ``hidden_dim`` (Mixtral, Qwen2/3-MoE, OLMoE)."""
+    params = dict(m.named_parameters(recurse=False))
+    w = params.get("weight")
+    return (
+        "Router" in type(m).__name__
+        and set(params) == {"weight"}
+        and w is not None
+        and w.dim() == 2
+        and not list(m.children())
+        and isinstance(getattr(m, "hidden_dim", None), int)
+    )
+
+
+register_stream_view(
+    StreamView(
+        "moe-experts",
+        is_experts_module,
+        _experts_reads,
+        _experts_writes,
+        _experts_sync,
+    )
+)
+register_stream_view(
+    StreamView(
+        "moe-router",
+        _is_router,
+        _router_reads,
+        None,
+        _router_sync,
+    )
+)
+
+
+def width_step(model: nn.Module, stream: ResidualStream) -> int:
+    """The multiple the stream's width must stay at for its modules to run: Hugging
+    Face's default experts kernel (``torch._grouped_mm``) needs every row of their 3-D
+    weights to be a multiple of 16 bytes (4 float32 or 8 bfloat16 coordinates); ``1``
+    when no module needs one."""
+    step = 1
+    for name in stream.modules():
+        module = model.get_submodule(name)
+        if is_experts_module(module):
+            down: Any = module.down_proj
+            size = int(down.element_size())
+            step = math.lcm(step, 16 // size if 16 % size == 0 else 1)
+    return step
 
 
 def has_bias(model: nn.Module, path: str) -> bool:
@@ -577,40 +771,68 @@ def _gpt2(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | No
     )
 
 
+#: the children a MoE block may have besides its router (``gate``) and ``experts``: a
+#: shared expert (Qwen2-MoE) and its sigmoid gate, both reading the normalised stream
+_MOE_SHARED = ("shared_expert", "shared_expert_gate")
+
+
+def _mlp_parts(mlp: nn.Module) -> tuple[list[str], list[str]] | None:
+    """The readers and writers of a LLaMA-style MLP, relative to it: ``gate_proj`` and
+    ``up_proj`` (Phi-3: ``gate_up_proj``) and ``down_proj``; or a MoE block's router
+    (``gate``, a :class:`StreamView`), ``experts`` (read and written through their 3-D
+    parameters) and a shared expert with its gate (Qwen2-MoE); ``None`` otherwise."""
+    if _has(mlp, "down_proj"):
+        if _has(mlp, "gate_proj", "up_proj"):
+            return ["gate_proj", "up_proj"], ["down_proj"]
+        return (["gate_up_proj"], ["down_proj"]) if _has(mlp, "gate_up_proj") else None
+    if not _has(mlp, "gate", "experts") or dict(mlp.named_parameters(recurse=False)):
+        return None
+    gate, experts = mlp.get_submodule("gate"), mlp.get_submodule("experts")
+    if not (_is_router(gate) and is_experts_module(experts)):
+        return None
+    names = {n for n, _ in mlp.named_children()}
+    if not names <= {"gate", "experts", *_MOE_SHARED}:
+        return None  # another arrangement (e.g. a second router, a dense residual MLP)
+    readers, writers = ["gate", "experts"], ["experts"]
+    shared = getattr(mlp, "shared_expert", None)
+    if shared is not None:
+        parts = _mlp_parts(shared) if isinstance(shared, nn.Module) else None
+        if parts is None or not isinstance(getattr(mlp, "shared_expert_gate", None), nn.Linear):
+            return None
+        readers += [f"shared_expert.{r}" for r in parts[0]] + ["shared_expert_gate"]
+        writers += [f"shared_expert.{w}" for w in parts[1]]
+    return readers, writers
+
+
 @register_stream("llama")
 def _llama(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
-    """LLaMA / Mistral / Qwen2 / Gemma / Phi-3: ``embed_tokens``, ``layers.i`` with
+    """LLaMA / Mistral / Qwen2 / Gemma / Phi-3, and the MoE decoders built the same way
+    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): ``embed_tokens``, ``layers.i`` with
     ``input_layernorm → self_attn.{q,k,v}_proj`` (Phi-3: one ``qkv_proj``),
-    ``self_attn.o_proj``, ``post_attention_layernorm → mlp.{gate,up}_proj`` (Phi-3: one
-    ``gate_up_proj``), ``mlp.down_proj``, and ``norm``.  Layers with more norms (Gemma-2's
-    sandwich norms) are not matched."""
+    ``self_attn.o_proj``, ``post_attention_layernorm → mlp`` (:func:`_mlp_parts`), and
+    ``norm``.  Layers with more norms (Gemma-2's sandwich norms) are not matched."""
     if not _has(module, "embed_tokens", "layers", "norm"):
         return None
     blocks = _children(module, "layers")
     extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 
-    def reads(owner: nn.Module, split: tuple[str, ...], fused: str) -> list[str] | None:
-        if _has(owner, *split):
-            return list(split)
-        return [fused] if _has(owner, fused) else None
-
-    attn_in, mlp_in = [], []
+    attn_in, mlp_parts = [], []
     for b in blocks:
         if not _has(b, "input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
             return None
         if any(getattr(b, e, None) is not None for e in extra):
             return None
-        q = reads(b.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
-        g = reads(b.mlp, ("gate_proj", "up_proj"), "gate_up_proj")
-        if (
-            q is None
-            or g is None
-            or not _has(b.self_attn, "o_proj")
-            or not _has(b.mlp, "down_proj")
-        ):
+        if _has(b.self_attn, "q_proj", "k_proj", "v_proj"):
+            q = ["q_proj", "k_proj", "v_proj"]
+        elif _has(b.self_attn, "qkv_proj"):
+            q = ["qkv_proj"]
+        else:
+            return None
+        parts = _mlp_parts(b.mlp)
+        if parts is None or not _has(b.self_attn, "o_proj"):
             return None
         attn_in.append(q)
-        mlp_in.append(g)
+        mlp_parts.append(parts)
     if not blocks:
         return None
     d = _width(module, "embed_tokens")
@@ -618,11 +840,12 @@ def _llama(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | N
     for i in range(len(blocks)):
         p = _join(path, f"layers.{i}")
         a, m = _join(p, "self_attn"), _join(p, "mlp")
+        reads, writes = mlp_parts[i]
         sites += [
             NormSite(_join(p, "input_layernorm"), [_join(a, r) for r in attn_in[i]]),
-            NormSite(_join(p, "post_attention_layernorm"), [_join(m, r) for r in mlp_in[i]]),
+            NormSite(_join(p, "post_attention_layernorm"), [_join(m, r) for r in reads]),
         ]
-        writers += [_join(a, "o_proj"), _join(m, "down_proj")]
+        writers += [_join(a, "o_proj"), *(_join(m, w) for w in writes)]
     sites.append(NormSite(_join(path, "norm"), _head(model, path, d)))
     return ResidualStream(path or "model", "pre", d, [_join(path, "embed_tokens")], writers, sites)
 

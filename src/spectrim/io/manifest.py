@@ -75,6 +75,7 @@ from spectrim.graph.attention import BIAS_HEADS, find_attention
 from spectrim.graph.channels import shared_tensors
 from spectrim.graph.experts import find_experts
 from spectrim.graph.modules import module_kind, size_attribute_names, swap_classes
+from spectrim.graph.stream import sync_stream_views
 from spectrim.report import CompressionReport
 
 __all__ = [
@@ -882,6 +883,7 @@ def load_compressed(
         block.sync(model)
     for experts in find_experts(model):  # and so do the experts' widths
         experts.sync(model)
+    sync_stream_views(model)  # and a MoE router's stream width
     return model.eval()
 
 

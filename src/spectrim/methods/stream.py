@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrim.graph.stream import ResidualStream, stream_matrix
+from spectrim.graph.stream import ResidualStream, reads_matrix, writes_matrix
 from spectrim.linalg import order_residual_curve
 
 __all__ = ["StreamPlan", "StreamSolver", "stream_weight_scores"]
@@ -138,11 +138,11 @@ def stream_weight_scores(stream: ResidualStream, model: nn.Module, p: float) -> 
     Torch-Pruning sums a coupled group's magnitudes."""
     total = torch.zeros(stream.width, dtype=torch.float64)
     for name in stream.embeddings + stream.writers:
-        W, _ = stream_matrix(model.get_submodule(name), name)
+        W = writes_matrix(model.get_submodule(name), name)
         total += W.double().abs().pow(p).sum(1).cpu()
     for site in stream.sites:
         for name in site.readers:
-            W, _ = stream_matrix(model.get_submodule(name), name)
+            W = reads_matrix(model.get_submodule(name), name)
             total += W.double().abs().pow(p).sum(0).cpu()
         w = getattr(model.get_submodule(site.norm), "weight", None)
         if isinstance(w, torch.Tensor) and w.shape == (stream.width,):
