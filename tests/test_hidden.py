@@ -12,6 +12,7 @@ far closer than the magnitude baseline.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 FAMILIES = ("gpt2", "llama", "gemma", "phi3", "gpt_neox", "gptj", "codegen", "phi", "falcon",
             "opt", "bert", "distilbert", "t5", "mpnet", "mixtral", "qwen2_moe", "qwen3_moe",
-            "olmoe")  # fmt: skip
+            "olmoe", "bloom")  # fmt: skip
 #: MoE decoders: a router and experts (3-D parameters) read the stream, the experts write it;
 #: Qwen2-MoE adds a shared expert and its gate, Qwen3-MoE here mixes a dense and a MoE layer
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -89,6 +90,8 @@ def _model(family: str) -> nn.Module:
             "olmoe": lambda: t.OlmoeConfig(num_experts=4, pad_token_id=0, **moe),
         }[family]()
         m = t.AutoModelForCausalLM.from_config(cfg)
+    elif family == "bloom":  # a LayerNorm of the embeddings, the LM head tied to them
+        m = t.BloomForCausalLM(t.BloomConfig(vocab_size=60, hidden_size=32, n_layer=2, n_head=4))
     elif family == "opt":
         m = t.OPTForCausalLM(
             t.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
@@ -175,7 +178,12 @@ def test_every_method_narrows_every_family(family: str, method: str) -> None:
     assert torch.isfinite(out).all()
     assert out.shape == _out(model, _batches(1, seed=5)[0]).shape  # the output keeps its size
     emb = small.get_input_embeddings()
-    assert emb.weight.shape[1] == 24
+    if family == "bloom":  # normalised before the stream: whole, and still the head's
+        assert emb.weight.shape[1] == 32 and small.lm_head.weight is emb.weight
+        norm = small.transformer.word_embeddings_layernorm
+        assert norm.expand.weight.shape == (24, 32)  # the map that writes the stream
+    else:
+        assert emb.weight.shape[1] == 24
     if family == "t5":  # the encoder's embedding and the shared one stay one tensor
         assert small.encoder.embed_tokens.weight is small.shared.weight
 
@@ -357,16 +365,57 @@ def test_olmo_and_granite_streams_are_rewritten_exactly() -> None:
 
 
 def test_a_decoder_with_a_norm_outside_the_layout_is_not_matched() -> None:
-    """BLOOM's blocks carry Falcon's names, but BLOOM normalises its embeddings before the
-    first block (``word_embeddings_layernorm``), a norm no layout has a place for: matched
-    as Falcon, the narrowed stream crashed in that norm with a shape error.  It is now
-    refused by name."""
-    model = transformers.BloomForCausalLM(
-        transformers.BloomConfig(vocab_size=60, hidden_size=32, n_layer=2, n_head=4)
-    ).eval()
-    assert find_stream(model) is None
-    with pytest.raises(ValueError, match="no residual stream in BloomForCausalLM"):
-        spectrim.compress(model, _batches(), "id", "hidden=0.75")
+    """Falcon-40B's blocks normalise the stream twice in parallel (``ln_attn``,
+    ``ln_mlp``), a BLOOM built with ``apply_residual_connection_post_layernorm`` adds the
+    normalised copy back: neither is the layout its names suggest, and both are refused
+    by name instead of narrowed wrong (BLOOM, matched as Falcon before its embedding norm
+    had a place, crashed in that norm with a shape error)."""
+    t = transformers
+    for model in (
+        t.FalconForCausalLM(
+            t.FalconConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True)
+        ),
+        t.BloomForCausalLM(
+            t.BloomConfig(vocab_size=60, hidden_size=32, n_layer=2, n_head=4,
+                          apply_residual_connection_post_layernorm=True)
+        ),
+    ):  # fmt: skip
+        assert find_stream(model.eval()) is None
+        with pytest.raises(ValueError, match=f"no residual stream in {type(model).__name__}"):
+            spectrim.compress(model, _batches(), "id", "hidden=0.75")
+
+
+def test_bloom_s_embedding_norm_writes_the_stream_through_a_map(tmp_path: Path) -> None:
+    """BLOOM normalises its embeddings before the first block, so the stream starts at a
+    LayerNorm's output, and its LM head shares the embeddings' weight.  The norm is
+    followed by a ``d × k`` map into the stream (identity at full width), the last norm
+    by one back to ``d``, so the embeddings and the tied head stay whole and tied: the
+    conversion and a rotation are exact, reload is exact and both generate alike."""
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    model = _model("bloom")
+    batch = _batches(1, seed=3)[0]
+    ref = _out(model, batch)
+    work = copy.deepcopy(model)
+    found = find_stream(work)
+    assert found is not None and found.embeddings == []
+    assert found.embedding_norms == ["transformer.word_embeddings_layernorm"]
+    stream = convert_stream(work, found)
+    assert stream.writers[0] == "transformer.word_embeddings_layernorm.expand"
+    q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+    narrow_stream(work, stream, q)
+    torch.testing.assert_close(_out(work, batch), ref, atol=1e-5, rtol=1e-5)
+    small, report = spectrim.compress(model, _batches(), "spectral", "hidden=0.75")
+    assert small.lm_head.weight is small.transformer.word_embeddings.weight
+    folder = tmp_path / "bloom"
+    save_compressed(small, folder, report)
+    back = load_compressed(folder, base_model=_model("bloom"))
+    assert back.lm_head.weight is back.transformer.word_embeddings.weight
+    torch.testing.assert_close(_out(back, batch), _out(small, batch), atol=0, rtol=0)
+    ids = batch["input_ids"][:1, :4]
+    a = small.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, back.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
 
 def test_a_stream_with_a_projection_inside_is_named() -> None:

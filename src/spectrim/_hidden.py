@@ -93,25 +93,36 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).double()
 
 
+def _expand(model: nn.Module, path: str, width: int) -> None:
+    """Put :class:`NormExpand` (the norm at ``path``, then an identity ``width × width``
+    map) in place of the norm.  Exact."""
+    norm = model.get_submodule(path)
+    wrapped = NormExpand(norm, width)
+    p = next(iter(norm.parameters()), None)
+    dtype = p.dtype if p is not None else torch.float32
+    with torch.no_grad():
+        wrapped.expand.weight.copy_(torch.eye(width, dtype=dtype))
+        wrapped.expand.bias.zero_()
+    wrapped.to(dtype)
+    set_module(model, path, wrapped)
+
+
 def _wrap_outputs(model: nn.Module, stream: ResidualStream) -> ResidualStream:
     """Every site without readers (its output is the model's output) becomes a
-    :class:`NormExpand` whose identity ``expand`` is its reader.  Exact."""
+    :class:`NormExpand` whose identity ``expand`` is its reader, and every embedding norm
+    one whose ``expand`` writes the stream.  Exact."""
     sites = []
     for s in stream.sites:
         if s.readers:
             sites.append(s)
             continue
-        norm = model.get_submodule(s.norm)
-        wrapped = NormExpand(norm, stream.width)
-        p = next(iter(norm.parameters()), None)
-        dtype = p.dtype if p is not None else torch.float32
-        with torch.no_grad():
-            wrapped.expand.weight.copy_(torch.eye(stream.width, dtype=dtype))
-            wrapped.expand.bias.zero_()
-        wrapped.to(dtype)
-        set_module(model, s.norm, wrapped)
+        _expand(model, s.norm, stream.width)
         sites.append(NormSite(f"{s.norm}.norm", [f"{s.norm}.expand"]))
-    return dataclasses.replace(stream, sites=sites)
+    writers = list(stream.writers)
+    for path in stream.embedding_norms:
+        _expand(model, path, stream.width)
+        writers.insert(0, f"{path}.expand")
+    return dataclasses.replace(stream, sites=sites, writers=writers, embedding_norms=[])
 
 
 def with_tied_embeddings(
@@ -500,7 +511,7 @@ def hidden_run(
         raise ValueError(
             f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
             "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2/Gemma/Phi-3, GPT-NeoX, GPT-J, "
-            "CodeGen, Phi, Falcon, OPT, Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE, T5 encoders, "
+            "CodeGen, Phi, Falcon, BLOOM, OPT, Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE, T5 encoders, "
             "BERT-family, MPNet and DistilBERT models; register others with "
             "spectrim.graph.stream.register_stream)"
         )

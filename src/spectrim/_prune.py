@@ -612,13 +612,17 @@ def cost_model_of(state: ChannelRun, *, stream: bool = True) -> CostModel:
     if stream and state.stream is not None:
         s, d = state.stream, state.stream.width
         model.add_unit_axes(HIDDEN_KEY, d, stream_axes(s))
-        # a norm whose output is the model's (a d × k expansion) or a tied head's input (a
-        # k × k map, at most d × k) gains a linear map once the stream is narrowed
-        if any(not site.readers for site in s.sites) or tied_head(state.work, s) is not None:
+        # a norm whose output is the model's (a d × k expansion), a tied head's input (a
+        # k × k map, at most d × k) or an embedding norm's output (a d × k map into the
+        # stream) gains a linear map once the stream is narrowed
+        maps = any(not site.readers for site in s.sites) + len(s.embedding_norms)
+        maps += tied_head(state.work, s) is not None
+        if maps:
             reader = next(r for site in s.sites for r in site.readers)
             weight: Any = state.work.get_submodule(reader).weight
             tokens = cost0.per_module.get(reader, 0) / weight.numel()
-            model.add_term(HIDDEN_KEY, macs=d * d * tokens, params=d * d + d)
+            for _ in range(maps):
+                model.add_term(HIDDEN_KEY, macs=d * d * tokens, params=d * d + d)
     return model
 
 

@@ -82,6 +82,28 @@ def test_heads_of_a_shared_position_bias_export(family: str, tmp_path: Path) -> 
     assert result["max_abs_diff"] < 1e-4
 
 
+def test_bloom_with_a_narrowed_stream_exports(tmp_path: Path) -> None:
+    """BLOOM's narrowed stream starts at a map after its embedding LayerNorm and ends at
+    one after its last norm (``NormExpand``), around blocks that read and write ``k``
+    coordinates: the exported graph computes the same logits for other shapes too.
+    (Mixture-of-experts models do not export even dense: transformers' experts op has no
+    ONNX function.)"""
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = t.BloomConfig(vocab_size=60, hidden_size=32, n_layer=2, n_head=4)
+    model = t.BloomForCausalLM(cfg).eval()
+    calib = [{"input_ids": torch.randint(3, 60, (8, 10))} for _ in range(4)]
+    small, report = spectrim.compress(model, calib, "spectral", "hidden=0.75")
+    assert report.groups[0].width_after == 24
+
+    def batch(n: int, length: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(3, 60, (n, length))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    result = export_onnx(small, batch(2, 6), tmp_path / "m.onnx", check_inputs=batch(3, 9))
+    assert result["max_abs_diff"] < 1e-4
+
+
 def test_a_head_pruned_causal_lm_exports_its_next_token_logits(tmp_path: Path) -> None:
     """A causal LM returns a key/value cache the exporter cannot write (it failed on
     ``DynamicCache``): it is exported as its next-token logits without the cache.  Where

@@ -188,10 +188,14 @@ class ResidualStream:
     sites: list[NormSite]
     #: ``(head, embedding)``: an LM head that shares the embedding's weight and keeps it
     tied: tuple[str, str] | None = None
+    #: norms between the embeddings and the stream (BLOOM's ``word_embeddings_layernorm``):
+    #: their output is the stream's first value, so each is followed by a linear map that
+    #: writes it in the stream's coordinates (added by the conversion)
+    embedding_norms: list[str] = field(default_factory=list)
 
     def modules(self) -> list[str]:
         """Every module the stream's surgery changes."""
-        out = list(self.embeddings) + list(self.writers)
+        out = list(self.embeddings) + list(self.embedding_norms) + list(self.writers)
         for s in self.sites:
             out += [s.norm, *s.readers]
         return out
@@ -662,6 +666,8 @@ class _Layout:
     final: str
     norms: tuple[tuple[str, tuple[str, ...]], ...]
     writers: tuple[str, ...]
+    #: a norm of the embeddings before the first block (BLOOM); its output is the stream
+    embedding_norm: str | None = None
 
 
 #: decoders whose blocks the LLaMA and GPT-2 finders do not match (parallel attention and
@@ -689,6 +695,11 @@ _LAYOUTS = {
                       (("input_layernorm", ("self_attention.query_key_value",)),
                        ("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
                       ("self_attention.dense", "mlp.dense_4h_to_h")),
+    "bloom": _Layout(("word_embeddings",), "h", "ln_f",
+                     (("input_layernorm", ("self_attention.query_key_value",)),
+                      ("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+                     ("self_attention.dense", "mlp.dense_4h_to_h"),
+                     embedding_norm="word_embeddings_layernorm"),
 }  # fmt: skip
 
 
@@ -708,23 +719,32 @@ def _is_norm(module: nn.Module) -> bool:
 
 @register_stream("pre-ln decoders")
 def _decoders(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
-    """GPT-NeoX (parallel residual or not), GPT-J, CodeGen, Phi and Falcon (parallel, or
-    with a norm before the MLP): a block's norms read the running sum, its attention and
-    MLP outputs are added to it (:data:`_LAYOUTS`).  A model with a norm the layout has no
-    place for (Falcon-40B's ``ln_attn``/``ln_mlp``, BLOOM's embedding LayerNorm) is not
-    matched."""
+    """GPT-NeoX (parallel residual or not), GPT-J, CodeGen, Phi, Falcon (parallel, or
+    with a norm before the MLP) and BLOOM (Falcon's names and a LayerNorm of the
+    embeddings): a block's norms read the running sum, its attention and MLP outputs are
+    added to it (:data:`_LAYOUTS`).  A model with a norm the layout has no place for
+    (Falcon-40B's ``ln_attn``/``ln_mlp``) or whose blocks add a normalised copy back
+    (BLOOM's ``apply_residual_connection_post_layernorm``) is not matched.  Where the
+    embeddings are normalised, the LM head (which shares their weight) reads the full
+    width after the last norm, so it stays tied and whole."""
     for layout in _LAYOUTS.values():
         if not all(_get(module, e) is not None for e in layout.embeddings):
             continue
         if _get(module, layout.final) is None or not _has(module, layout.blocks):
+            continue
+        emb_norm = layout.embedding_norm
+        if emb_norm is not None and not _is_norm_module(_get(module, emb_norm)):
             continue
         blocks = _children(module, layout.blocks)
         names = [n for n, _ in layout.norms] + [r for _, rs in layout.norms for r in rs]
         names += list(layout.writers)
         if not blocks or not all(all(_get(b, n) is not None for n in names) for b in blocks):
             continue
+        if any(getattr(b, "apply_residual_connection_post_layernorm", False) for b in blocks):
+            continue
         known = {n for n, _ in layout.norms} | {"self_attn", "self_attention", "attn", "mlp"}
-        owners = [(b, known | {"attention"}) for b in blocks] + [(module, {layout.final})]
+        top = {layout.final} | ({emb_norm} if emb_norm is not None else set())
+        owners = [(b, known | {"attention"}) for b in blocks] + [(module, top)]
         if any(  # a norm the layout does not know: another arrangement of the block, or
             _is_norm(m)  # one of the model's (BLOOM normalises its embeddings first)
             for owner, allowed in owners
@@ -738,10 +758,18 @@ def _decoders(path: str, module: nn.Module, model: nn.Module) -> ResidualStream 
             p = _join(path, f"{layout.blocks}.{i}")
             sites += [NormSite(_join(p, n), [_join(p, r) for r in rs]) for n, rs in layout.norms]
             writers += [_join(p, w) for w in layout.writers]
-        sites.append(NormSite(_join(path, layout.final), _head(model, path, d)))
-        emb = [_join(path, e) for e in layout.embeddings]
-        return ResidualStream(path or "model", "pre", d, emb, writers, sites)
+        if emb_norm is None:
+            sites.append(NormSite(_join(path, layout.final), _head(model, path, d)))
+            emb = [_join(path, e) for e in layout.embeddings]
+            return ResidualStream(path or "model", "pre", d, emb, writers, sites)
+        sites.append(NormSite(_join(path, layout.final), []))
+        norms = [_join(path, emb_norm)]
+        return ResidualStream(path or "model", "pre", d, [], writers, sites, embedding_norms=norms)
     return None
+
+
+def _is_norm_module(module: nn.Module | None) -> bool:
+    return module is not None and _is_norm(module)
 
 
 @register_stream("gpt2")
