@@ -28,11 +28,11 @@ transformers = pytest.importorskip("transformers")
 
 FAMILIES = ("gpt2", "llama", "gemma", "phi3", "gpt_neox", "gptj", "codegen", "phi", "falcon",
             "opt", "bert", "distilbert", "t5", "mpnet", "mixtral", "qwen2_moe", "qwen3_moe",
-            "olmoe", "bloom")  # fmt: skip
+            "olmoe", "bloom", "electra")  # fmt: skip
 #: MoE decoders: a router and experts (3-D parameters) read the stream, the experts write it;
 #: Qwen2-MoE adds a shared expert and its gate, Qwen3-MoE here mixes a dense and a MoE layer
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-POST_LN = ("bert", "distilbert", "mpnet")
+POST_LN = ("bert", "distilbert", "mpnet", "electra")
 
 
 def _model(family: str) -> nn.Module:
@@ -90,6 +90,11 @@ def _model(family: str) -> nn.Module:
             "olmoe": lambda: t.OlmoeConfig(num_experts=4, pad_token_id=0, **moe),
         }[family]()
         m = t.AutoModelForCausalLM.from_config(cfg)
+    elif family == "electra":  # 16-wide embeddings projected up to the 32-wide stream
+        m = t.ElectraModel(
+            t.ElectraConfig(vocab_size=60, embedding_size=16, hidden_size=32,
+                            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+        )  # fmt: skip
     elif family == "bloom":  # a LayerNorm of the embeddings, the LM head tied to them
         m = t.BloomForCausalLM(t.BloomConfig(vocab_size=60, hidden_size=32, n_layer=2, n_head=4))
     elif family == "opt":
@@ -182,13 +187,16 @@ def test_every_method_narrows_every_family(family: str, method: str) -> None:
         assert emb.weight.shape[1] == 32 and small.lm_head.weight is emb.weight
         norm = small.transformer.word_embeddings_layernorm
         assert norm.expand.weight.shape == (24, 32)  # the map that writes the stream
+    elif family == "electra":  # projected into the stream: the projection narrows
+        assert emb.weight.shape[1] == 16
+        assert small.embeddings_project.weight.shape == (24, 16)
     else:
         assert emb.weight.shape[1] == 24
     if family == "t5":  # the encoder's embedding and the shared one stay one tensor
         assert small.encoder.embed_tokens.weight is small.shared.weight
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "electra"])
 def test_the_refit_beats_plain_restriction_on_the_calibration_data(family: str) -> None:
     model = _model(family)
     calib = _batches(4)
@@ -418,17 +426,45 @@ def test_bloom_s_embedding_norm_writes_the_stream_through_a_map(tmp_path: Path) 
     assert torch.equal(a, back.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
 
-def test_a_stream_with_a_projection_inside_is_named() -> None:
-    """ELECTRA's embeddings are narrower than the stream (``embeddings_project`` maps them
-    up): the BERT finder's structure matches, the widths do not, and the module that
-    disagrees is named instead of a shape error deep in the statistics."""
-    model = transformers.ElectraModel(
-        transformers.ElectraConfig(vocab_size=60, embedding_size=16, hidden_size=32,
-                                   intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4)
-    ).eval()  # fmt: skip
-    with pytest.raises(ValueError, match=r"'encoder\.layer\.0\..*' \(Linear\) (reads|writes) 32"):
+def test_a_module_that_does_not_read_the_stream_s_width_is_named() -> None:
+    """A model whose names match a finder but one of whose modules reads another width
+    (here a BERT whose second FFN reads 16 coordinates) is named before anything runs,
+    instead of a shape error deep in the statistics."""
+    model = _model("bert")
+    model.encoder.layer[1].intermediate.dense = nn.Linear(16, 48)
+    with pytest.raises(
+        ValueError, match=r"'encoder\.layer\.1\.intermediate\.dense' \(Linear\) reads 16"
+    ):
         spectrim.compress(model, _batches(), "id", "hidden=0.75")
+
+
+def test_electra_s_projected_embeddings_start_the_stream() -> None:
+    """ELECTRA's embeddings (16 wide) are normalised and projected up to the 32-wide
+    stream (``embeddings_project``), and no norm follows the projection: the stream
+    starts at it, so it is the first site, narrowed as a writer, and layer 0's readers
+    are refitted on its outputs, one-shot too (the one-shot fit feeds a writer's site
+    what it read, not the stream).  It was refused, the projection named.  That the
+    refit beats plain restriction is
+    ``test_the_refit_beats_plain_restriction_on_the_calibration_data[electra]``."""
+    model = _model("electra")
+    found = find_stream(model)
+    assert found is not None and found.embeddings == []
+    assert found.writers[0] == found.sites[0].norm == "embeddings_project"
+    batch = _batches(1, seed=9)[0]
+    ref = _out(model, batch)
+
+    def error(small: nn.Module) -> float:
+        return float((_out(small, batch) - ref).norm() / ref.norm())
+
+    unfitted = error(spectrim.compress(model, _batches(4), "random", "hidden=0.75")[0])
+    for sequential in (True, False):
+        small, report = spectrim.compress(
+            model, _batches(4), "id", "hidden=0.75", sequential=sequential
+        )
+        assert report.groups[0].width_after == 24
+        assert small.encoder.layer[0].attention.self.query.in_features == 24
+        assert small.embeddings.LayerNorm.normalized_shape == (16,)  # before the stream
+        assert error(small) < unfitted / 3, (error(small), unfitted)  # 0.02-0.08 vs 0.36
 
 
 def test_a_model_without_a_stream_and_a_weight_method_are_named() -> None:

@@ -393,7 +393,7 @@ def narrow_stream(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> 
             if norm.mean is not None:
                 mean = norm.mean
                 norm.mean = (E.to(mean.device).T @ mean.double()).to(mean.dtype)
-        else:
+        elif s.norm not in stream.writers:  # a writer's site was narrowed as a writer
             assert keep is not None
             idx = torch.as_tensor(keep)
             for attr in ("weight", "bias"):
@@ -442,8 +442,10 @@ def refit_site(
 
     def one_shot(name: str, x: torch.Tensor) -> None:
         # the original's stream at this norm, normalised by the original and by the
-        # narrowed norm (forward: no hooks); padded rows are already gone
-        v = aug(narrowed.forward((x @ E.to(x.device, x.dtype)).float()).double())
+        # narrowed norm (forward: no hooks); padded rows are already gone.  A writer's
+        # site (ELECTRA's projection) reads what it read before
+        narrow_in = x if site.norm in writers else x @ E.to(x.device, x.dtype)
+        v = aug(narrowed.forward(narrow_in.float()).double())
         V.add_(v.T @ v)
         C.add_(v.T @ full.forward(x.float()).double())
 
@@ -512,7 +514,7 @@ def hidden_run(
             f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
             "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2/Gemma/Phi-3, GPT-NeoX, GPT-J, "
             "CodeGen, Phi, Falcon, BLOOM, OPT, Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE, T5 encoders, "
-            "BERT-family, MPNet and DistilBERT models; register others with "
+            "BERT-family (ELECTRA included), MPNet and DistilBERT models; register others with "
             "spectrim.graph.stream.register_stream)"
         )
     team = ctx.team

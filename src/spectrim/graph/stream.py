@@ -170,7 +170,8 @@ def _norm_width(norm: nn.Module) -> int:
 @dataclass
 class NormSite:
     """A norm of the stream and the linears reading its output (``[]``: its output is the
-    model's output)."""
+    model's output).  In a post-LN stream whose first value no norm follows (ELECTRA's
+    projected embeddings), ``norm`` is that value's writer."""
 
     norm: str
     readers: list[str] = field(default_factory=list)
@@ -221,8 +222,7 @@ def find_stream(model: nn.Module) -> ResidualStream | None:
 
     Raises:
         ValueError: a finder matched, but a module it names does not read or write the
-            stream's width (e.g. ELECTRA's embeddings, narrower than the stream and
-            projected up to it); the module is named.
+            stream's width; the module is named.
     """
     for path, module in model.named_modules():
         for _, finder in _FINDERS:
@@ -254,11 +254,13 @@ def _check_widths(model: nn.Module, stream: ResidualStream) -> None:
         if n is not None and n != d:
             raise ValueError(
                 f"the residual stream of {type(model).__name__} is {d} wide, but "
-                f"'{path}' ({type(named[path]).__name__}) {verb} {n} coordinates: a stream "
-                "with a projection between its parts (e.g. ELECTRA's embeddings_project) "
-                "cannot be narrowed"
+                f"'{path}' ({type(named[path]).__name__}) {verb} {n} coordinates: the "
+                "layout its names suggest is not the one it has, so its stream cannot be "
+                "narrowed"
             )
     for site in stream.sites:
+        if site.norm in stream.writers:  # a writer's site (checked as a writer)
+            continue
         norm = named[site.norm]
         try:
             n = _norm_width(norm)
@@ -924,7 +926,9 @@ _POST_LN_LAYOUTS = (
 @register_stream("bert")
 def _bert(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
     """BERT-family post-LN encoders (BERT, RoBERTa, MiniLM, ELECTRA, and MPNet):
-    ``embeddings`` (word, position, token type, ``LayerNorm``), ``encoder.layer.i`` with
+    ``embeddings`` (word, position, token type, ``LayerNorm``; ELECTRA's may be narrower,
+    then ``embeddings_project`` writes the stream's first value, which no norm follows,
+    and its site is that projection), ``encoder.layer.i`` with
     ``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm}`` (MPNet:
     ``attention.attn.{q,k,v,o}``, ``attention.LayerNorm``), ``intermediate.dense``,
     ``output.{dense,LayerNorm}``.  The last norm's output is the model's output
@@ -963,8 +967,14 @@ def _bert(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | No
         if isinstance(getattr(emb, n, None), nn.Embedding)
     ]
     sites, writers = [], []
-    first = NormSite(_join(e, "LayerNorm"), [_join(path, f"encoder.layer.0.{r}") for r in qkv])
-    sites.append(first)
+    first_readers = [_join(path, f"encoder.layer.0.{r}") for r in qkv]
+    project = getattr(module, "embeddings_project", None)
+    if isinstance(project, nn.Linear):  # ELECTRA: narrower embeddings, projected up
+        d, embeddings = project.out_features, []  # the stream starts at the projection
+        writers.append(_join(path, "embeddings_project"))
+        sites.append(NormSite(writers[0], first_readers))
+    else:
+        sites.append(NormSite(_join(e, "LayerNorm"), first_readers))
     for i in range(len(blocks)):
         p = _join(path, f"encoder.layer.{i}")
         nxt = (
