@@ -296,6 +296,17 @@ def test_a_moe_stream_keeps_a_multiple_of_four_float32_coordinates() -> None:
     assert report.groups[0].width_after == 24  # lcm(3, 4) = 12
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_moe_stream_on_a_params_budget_counts_the_experts_parameters(family: str) -> None:
+    """The cost model shrank a module's ``weight`` and ``bias`` with the stream, so the
+    experts' 3-D ``gate_up_proj`` and ``down_proj`` looked fixed: ``params=0.8`` cut
+    Mixtral's stream to 12 of 32 coordinates and landed at 0.37.  Every parameter of a
+    module without a ``weight`` now shrinks with its axis; one step of 4 coordinates is
+    12% of this model, so the target lands within a step below."""
+    _, report = spectrim.compress(_model(family), _batches(4), "id", "params=0.8", hidden=True)
+    assert 0.7 <= report.params_ratio <= 0.8, report.params_ratio
+
+
 def test_a_moe_block_with_parts_the_layout_does_not_know_is_not_matched() -> None:
     """A MoE block with a child that is neither its router, its experts nor a shared
     expert (here a second router) might read the stream where no reader is listed: the

@@ -228,10 +228,13 @@ class CostModel:
         says that ``module`` loses ``per_unit`` of ``length`` along one axis per unit
         removed: ``"out"`` (its MACs, its weight and bias), ``"in"`` (its MACs and weight)
         or ``"ops"`` (its MACs only: e.g. the attention products a layer computes).
-        Attention heads enter the budget this way (:mod:`spectrim._prune`)."""
+        Attention heads enter the budget this way (:mod:`spectrim._prune`).  A module
+        without a ``weight`` (a MoE layer's experts: ``gate_up_proj``, ``down_proj``) loses
+        the same share of every parameter it holds."""
         if key in self.widths:
             raise ValueError(f"unit key {key} is already a group of the cost model")
         self.widths[key] = units
+        weighted = {n.rpartition(".")[0] for n in self.param_names if n.endswith(".weight")}
         for module, (which, length, per_unit) in axes.items():
             ax = _Axis(length, {key: per_unit})
             for i, owner in enumerate(self.mac_owners):
@@ -241,7 +244,12 @@ class CostModel:
                 continue
             for i, full in enumerate(self.param_names):
                 mod, _, pname = full.rpartition(".")
-                if mod == module and (pname == "weight" or (which == "out" and pname == "bias")):
+                shrinks = (
+                    pname == "weight"
+                    or (which == "out" and pname == "bias")
+                    or module not in weighted
+                )
+                if mod == module and shrinks:
                     self.param_terms[i][1].append(ax)
 
     def set_latency(self, seconds: Mapping[str, float], total: float) -> None:
