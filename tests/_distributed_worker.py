@@ -61,6 +61,14 @@ SCENARIOS = {
     "heads-query": {"method": "id", "target": "heads=0.5", "query_heads": True},
     # the neurons of a small Mixtral's experts (per-expert Grams summed over the ranks)
     "experts": {"method": "id", "target": "experts=0.5"},
+    # ... and on a MACs budget with the heads and the residual width
+    "experts-budget": {
+        "method": "id",
+        "target": "macs=0.6",
+        "experts": True,
+        "heads": True,
+        "hidden": True,
+    },
     # the residual width of a small GPT-2 (pre-LN, tied LM head), readers refitted
     "hidden": {"method": "spectral", "target": "hidden=0.75"},
 }
@@ -146,7 +154,7 @@ def _run(scenario: str, rank: str, path: Path) -> None:
     batches: list
     if scenario == "heads-query":
         model, batches = _llama()
-    elif scenario == "experts":
+    elif scenario.startswith("experts"):
         model, batches = _mixtral()
     elif scenario.startswith("heads"):
         model, batches = _bert()

@@ -76,7 +76,8 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
 
 
 SCENARIOS = (
-    "id select residual obs joint heads heads-budget heads-query experts hidden sketch blocks "
+    "id select residual obs joint heads heads-budget heads-query experts experts-budget hidden "
+    "sketch blocks "
     "blocks-span blocks-stats"
 ).split()
 
@@ -131,6 +132,11 @@ def test_two_processes_equal_one(scenario: str, launched: dict[str, Any]) -> Non
             (g["name"], g["width_after"]) for g in r2["groups"] if "heads" in g["name"]
         ]
         assert any(w < 4 for _, w in heads)
+    elif scenario == "experts-budget":  # one allocation, made once: the same everywhere
+        widths = [(g["name"], g["width_after"]) for g in r1["groups"] if "(" in g["name"]]
+        assert widths == [(g["name"], g["width_after"]) for g in r2["groups"] if "(" in g["name"]]
+        assert any(n.endswith("(experts)") and w < 32 for n, w in widths), widths
+        assert r1["macs_after"] / r1["macs_before"] <= 0.6 + 1e-3
     elif scenario == "experts":
         widths = [(g["name"], g["width_after"]) for g in r1["groups"]]
         assert widths == [(g["name"], g["width_after"]) for g in r2["groups"]]

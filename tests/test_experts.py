@@ -221,3 +221,73 @@ def test_a_channel_target_on_a_moe_model_says_where_the_experts_go() -> None:
     says which target narrows them, rather than returning the model silently unchanged."""
     _, report = spectrim.compress(_moe(), _batches(), "id", "width=0.5")
     assert any("target='experts=F'" in w for w in report.warnings), report.warnings
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_experts_on_a_budget_take_the_free_neurons_first(family: str) -> None:
+    """``experts=True`` puts every MoE layer's width on the ``macs=`` budget.  Half of
+    every expert repeats the other half, so down to 12 neurons the error curve is zero:
+    at the MACs of ``experts=0.5`` the allocator must keep exactly the 12 that reproduce
+    the rest, and the logits stay the original's."""
+    model = _moe(family)
+    _, half = spectrim.compress(model, _batches(), "id", "experts=0.5")
+    small, report = spectrim.compress(
+        model, _batches(), "id", f"macs={half.macs_ratio + 1e-3:.4f}", experts=True
+    )
+    lines = [g for g in report.groups if g.name.endswith("(experts)")]
+    assert [g.width_after for g in lines] == [12, 12], [g.width_after for g in lines]
+    assert [b.width for b in find_experts(small)] == [12, 12]
+    assert report.macs_ratio == pytest.approx(half.macs_ratio, abs=2e-3)
+    test = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        want, got = model(**test).logits, small(**test).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert not any("keep their experts" in w for w in report.warnings)
+
+
+def test_experts_share_one_budget_with_heads_and_the_stream(tmp_path: Any) -> None:
+    """``experts=True`` with ``heads=True`` and ``hidden=True``: one allocation over the
+    experts' neurons, the heads and the residual width lands at the target, every width
+    the experts kernel runs (multiples of 4 float32 neurons), and the result reloads and
+    generates alike."""
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    model = _moe("mixtral", duplicate=False)
+    small, report = spectrim.compress(
+        model, _batches(4), "id", "macs=0.6", experts=True, heads=True, hidden=True
+    )
+    assert report.macs_ratio <= 0.6 + 1e-3, report.macs_ratio
+    widths = [b.width for b in find_experts(small)]
+    assert all(k % 4 == 0 for k in widths) and min(widths) < 24, widths
+    kinds = {g.name.rpartition(" ")[2] for g in report.groups if g.name.endswith(")")}
+    assert kinds == {"(experts)", "(heads)", "(hidden)"}
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", base_model=_moe("mixtral", duplicate=False))
+    test = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(back(**test).logits, small(**test).logits, atol=0, rtol=0)
+    ids = test["input_ids"][:1, :5]
+    a = small.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(a, back.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+def test_experts_true_needs_a_budget_and_names_its_groups() -> None:
+    """``experts=True`` outside a ``macs``/``params`` target is refused with the target
+    that would do it; a ``group_weights`` name that is no MoE layer lists the naming."""
+    with pytest.raises(ValueError, match="experts=True puts the neurons of mixture-of-experts"):
+        spectrim.compress(_moe(), _batches(), "id", "width=0.5", experts=True)
+    model = _moe(duplicate=False)
+    name = f"{find_experts(model)[0].name} (experts)"
+    widths = []
+    for weights in ({}, {name: 100.0}):
+        _, report = spectrim.compress(
+            model, _batches(), "id", "macs=0.8", experts=True, group_weights=weights
+        )
+        widths.append([g.width_after for g in report.groups if g.name.endswith("(experts)")])
+    assert widths[0] == [12, 12] and widths[1][0] > 12 > widths[1][1], widths  # [20, 4]
+    with pytest.raises(ValueError, match=r"'model\.layers\.9\.mlp\.experts \(experts\)'.*"
+                       r"'<experts module> \(experts\)'"):  # fmt: skip
+        spectrim.compress(
+            _moe(), _batches(), "id", "macs=0.8", experts=True,
+            group_weights={"model.layers.9.mlp.experts (experts)": 2.0},
+        )  # fmt: skip

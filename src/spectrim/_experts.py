@@ -41,7 +41,15 @@ from spectrim.methods.experts import ExpertSolver
 from spectrim.report import CompressionReport, GroupReport
 from spectrim.stages import begin_run, end_run, example_cost
 
-__all__ = ["EXPERTS_SUFFIX", "expert_grams", "expert_width", "experts_run"]
+__all__ = [
+    "EXPERTS_SUFFIX",
+    "expert_grams",
+    "expert_step",
+    "expert_width",
+    "experts_group_report",
+    "experts_run",
+    "narrow_experts",
+]
 
 #: the report names a MoE layer's group "<experts module> (experts)"
 EXPERTS_SUFFIX = " (experts)"
@@ -124,17 +132,90 @@ def _grams(accs: list[GramAccumulator]) -> list[np.ndarray | None]:
     return [a.gram_numpy() if a.count > 0 else None for a in accs]
 
 
-def expert_width(block: ExpertBlock, model: nn.Module, fraction: float, round_to: int = 1) -> int:
-    """Neurons per expert for ``experts=fraction``: the nearest multiple of a step, at least
-    one step, at most the width.  The step is ``round_to`` and the rows of 16 bytes
-    Hugging Face's default experts kernel (``torch._grouped_mm``) needs: its down
-    projection's rows are ``width`` elements long and must be a multiple of 16 bytes
-    (4 float32 or 8 bfloat16 neurons), or the model no longer runs."""
+def expert_step(block: ExpertBlock, model: nn.Module, round_to: int = 1) -> int:
+    """The multiple every width of ``block`` must be: ``round_to`` and the rows of 16
+    bytes Hugging Face's default experts kernel (``torch._grouped_mm``) needs: its down
+    projection's rows are ``width`` elements long and must be a multiple of 16 bytes (4
+    float32 or 8 bfloat16 neurons), or the model no longer runs."""
     size = block.weights(model)[1].element_size()
     align = 16 // size if 16 % size == 0 else 1
-    step = math.lcm(max(1, int(round_to)), align)
+    return math.lcm(max(1, int(round_to)), align)
+
+
+def expert_width(block: ExpertBlock, model: nn.Module, fraction: float, round_to: int = 1) -> int:
+    """Neurons per expert for ``experts=fraction``: the nearest multiple of
+    :func:`expert_step`, at least one step, at most the width."""
+    step = expert_step(block, model, round_to)
     k = max(step, round(fraction * block.width / step) * step)
     return min(block.width, k)
+
+
+def experts_group_report(
+    block: ExpertBlock, width: int, k: int, solver: ExpertSolver | None, rows: int | None = None
+) -> GroupReport:
+    """The report line of one MoE layer keeping ``k`` of its ``width`` neurons per expert
+    (predicted error from ``solver``'s curve; none kept whole without one)."""
+    error = float(np.sqrt(max(solver.error_curve()[k], 0.0))) if solver is not None else 0.0
+    return GroupReport(
+        name=f"{block.name}{EXPERTS_SUFFIX}",
+        width_before=width,
+        width_after=k,
+        producers=[f"{block.name}.gate_up_proj"],
+        consumers=[f"{block.name}.down_proj"],
+        predicted_error=error,
+        rows=rows or None,
+    )
+
+
+def narrow_experts(
+    work: nn.Module,
+    blocks: Sequence[ExpertBlock],
+    widths: Sequence[int],
+    method: Method,
+    batches: list[Any],
+    *,
+    sequential: bool,
+    team: Team = SOLO,
+    progress: Any = None,
+    timings: dict[str, float] | None = None,
+) -> list[GroupReport]:
+    """Narrow the experts of ``blocks`` to ``widths`` (neurons per expert, one per block)
+    in place, layer by layer in execution order; in sequential mode each layer's Grams
+    are measured on the model whose earlier layers are already narrowed.  The report
+    line of every block."""
+    stats = method.needs_statistics
+    grams: dict[str, list[np.ndarray | None]] = {}
+    rows: dict[str, int] = {}
+    timings = timings if timings is not None else {}
+    for key in ("collect", "solve", "apply"):
+        timings.setdefault(key, 0.0)
+
+    def collect(todo: Sequence[ExpertBlock], stop: bool) -> None:
+        t = time.perf_counter()
+        wrap = progress if not stop else None
+        for name, accs in expert_grams(work, todo, batches, wrap, stop=stop, team=team).items():
+            grams[name], rows[name] = _grams(accs), sum(a.count for a in accs)
+        timings["collect"] += time.perf_counter() - t
+
+    if stats and not sequential:
+        collect(blocks, stop=False)
+    reports = []
+    for b, k in zip(blocks, widths, strict=True):
+        width = b.width
+        if k >= width:  # kept whole: no statistics needed
+            reports.append(experts_group_report(b, width, width, None))
+            continue
+        if stats and sequential:
+            collect([b], stop=True)  # on the model with the layers before it narrowed
+        t = time.perf_counter()
+        solver: ExpertSolver = method.expert_solver(b, grams.get(b.name) if stats else None, work)
+        timings["solve"] += time.perf_counter() - t
+        t = time.perf_counter()
+        keep, folds = team.broadcast(solver.plan(k))
+        b.prune(work, keep, folds)
+        timings["apply"] += time.perf_counter() - t
+        reports.append(experts_group_report(b, width, k, solver, rows.get(b.name)))
+    return reports
 
 
 def experts_run(
@@ -161,45 +242,19 @@ def experts_run(
     team = ctx.team
     example, cost0 = example_cost(work, batches, team)
     timings["find"] = time.perf_counter() - t
-
-    stats = method.needs_statistics
-    grams: dict[str, list[np.ndarray | None]] = {}
-    rows: dict[str, int] = {}
-    timings["collect"] = timings["solve"] = timings["apply"] = 0.0
-
-    def collect(todo: Sequence[ExpertBlock], stop: bool) -> None:
-        t = time.perf_counter()
-        wrap = ctx.wrap(len(batches)) if not stop else None
-        for name, accs in expert_grams(work, todo, batches, wrap, stop=stop, team=team).items():
-            grams[name], rows[name] = _grams(accs), sum(a.count for a in accs)
-        timings["collect"] += time.perf_counter() - t
-
-    if stats and not cfg.sequential:
-        collect(blocks, stop=False)
-    for b in blocks:
-        if stats and cfg.sequential:
-            collect([b], stop=True)  # on the model with the layers before it narrowed
-        t = time.perf_counter()
-        solver: ExpertSolver = method.expert_solver(b, grams.get(b.name) if stats else None, work)
-        k = expert_width(b, work, tgt.value, cfg.round_to)
-        timings["solve"] += time.perf_counter() - t
-        width = b.width
-        t = time.perf_counter()
-        if k < width:
-            keep, folds = team.broadcast(solver.plan(k))
-            b.prune(work, keep, folds)
-        timings["apply"] += time.perf_counter() - t
-        report.groups.append(
-            GroupReport(
-                name=f"{b.name}{EXPERTS_SUFFIX}",
-                width_before=width,
-                width_after=k,
-                producers=[f"{b.name}.gate_up_proj"],
-                consumers=[f"{b.name}.down_proj"],
-                predicted_error=float(np.sqrt(max(solver.error_curve()[k], 0.0))),
-                rows=rows.get(b.name) or None,
-            )
+    widths = [expert_width(b, work, tgt.value, cfg.round_to) for b in blocks]
+    report.groups.extend(
+        narrow_experts(
+            work,
+            blocks,
+            widths,
+            method,
+            batches,
+            sequential=cfg.sequential,
+            team=team,
+            progress=ctx.wrap(len(batches)),
+            timings=timings,
         )
-
+    )
     end_run(report, work, example, cost0, info, timings, t0)
     return work, report

@@ -30,6 +30,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from spectrim._experts import (
+    EXPERTS_SUFFIX,
+    _grams,
+    expert_grams,
+    expert_step,
+    narrow_experts,
+)
 from spectrim._heads import (
     HEADS_SUFFIX,
     apply_heads,
@@ -76,7 +83,7 @@ from spectrim.evaluation.flops import ModelCost, hook_counted, profile
 from spectrim.evaluation.latency import compare_latency, module_latencies
 from spectrim.graph import Analysis, GroupPlan, UnitGroup, apply_plan
 from spectrim.graph.attention import AttentionBlock, find_attention, prepare_attention
-from spectrim.graph.experts import find_experts
+from spectrim.graph.experts import ExpertBlock, find_experts
 from spectrim.graph.layout import (
     memory_formats,
     restore_formats,
@@ -88,6 +95,7 @@ from spectrim.graph.stream import ResidualStream, find_stream, width_step
 from spectrim.graph.trace import batch_len
 from spectrim.linalg import prediction_error_curve
 from spectrim.methods import GroupSolver, Method
+from spectrim.methods.experts import ExpertSolver
 from spectrim.methods.heads import HeadSolver
 from spectrim.methods.stream import StreamSolver
 from spectrim.report import CompressionReport, GroupReport
@@ -148,6 +156,12 @@ class ChannelRun:
     stream: ResidualStream | None = None
     stream_gram: np.ndarray | None = None
     stream_solver: StreamSolver | None = None
+    #: the experts of MoE layers on the same budget (``cfg.experts``), keyed EXPERTS_KEY +
+    #: layer index: their Grams on the original model, solvers and report lines
+    expert_blocks: list[ExpertBlock] = field(default_factory=list)
+    expert_grams: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    expert_solvers: dict[int, ExpertSolver] = field(default_factory=dict)
+    expert_reports: list[GroupReport] = field(default_factory=list)
     #: ``blockwise=True``: the chain of blocks the sequential pass runs on (empty: none)
     chain: list[str] = field(default_factory=list)
     #: the modules run before the chain and after it (a stem, a classifier), which the
@@ -207,6 +221,8 @@ def _timed(name: str, factorises: bool = False) -> Any:
 HEAD_KEY = 1 << 24
 #: allocation key of the residual stream (above every head key)
 HIDDEN_KEY = 1 << 25
+#: allocation keys of MoE layers' experts: EXPERTS_KEY + the layer's index
+EXPERTS_KEY = 1 << 26
 
 
 def prune_run(
@@ -264,8 +280,15 @@ def fork_run(state: ChannelRun, cfg: CompressConfig) -> ChannelRun:
     collected = state.collected
     # the attention layers and the stream are rewritten by their surgery (head counts,
     # writers), and their solvers refer to them: copied together
-    blocks, stream, head_solvers, stream_solver = copy.deepcopy(
-        (state.blocks, state.stream, state.head_solvers, state.stream_solver)
+    blocks, stream, head_solvers, stream_solver, expert_blocks, expert_solvers = copy.deepcopy(
+        (
+            state.blocks,
+            state.stream,
+            state.head_solvers,
+            state.stream_solver,
+            state.expert_blocks,
+            state.expert_solvers,
+        )
     )
     fork = dataclasses.replace(
         state,
@@ -274,6 +297,9 @@ def fork_run(state: ChannelRun, cfg: CompressConfig) -> ChannelRun:
         stream=stream,
         head_solvers=head_solvers,
         stream_solver=stream_solver,
+        expert_blocks=expert_blocks,
+        expert_solvers=expert_solvers,
+        expert_reports=[],
         cfg=cfg,
         report=copy.deepcopy(state.report),
         collected=dataclasses.replace(
@@ -374,12 +400,16 @@ def collect_stage(state: ChannelRun) -> None:
             )
             # every rank's statistics summed: each now holds the whole calibration set's
             state.ctx.team.reduce({**state.collected.stats, **state.collected.sketches})
+    if method.needs_statistics and (groups or cfg.heads or cfg.hidden or cfg.experts):
+        # the examples every pass below reads too (a MoE model may have no channel group)
         rows = sum(batch_len(b) for b in state.batches)
         state.report.calibration_rows = int(state.ctx.team.total(rows))
     if cfg.heads:
         _collect_heads(state)
     if cfg.hidden:
         _collect_hidden(state)
+    if cfg.experts:
+        _collect_experts(state)
 
 
 def _collect_by_blocks(state: ChannelRun, share: float, sketch_rows: Mapping[int, int]) -> None:
@@ -436,8 +466,8 @@ def _chain(state: ChannelRun, quiet: bool = False) -> list[str]:
     chose it)."""
     assert state.analysis is not None
     why = ""
-    if state.cfg.heads or state.cfg.hidden:
-        why = "heads and the hidden width have their own passes"
+    if state.cfg.heads or state.cfg.hidden or state.cfg.experts:
+        why = "heads, the hidden width and the experts have their own passes"
     chain = [] if why else find_chain(state.work, state.example)
     if not why and not chain:
         why = "spectrim found no chain of blocks (layers each fed the previous one's output)"
@@ -533,6 +563,21 @@ def _collect_hidden(state: ChannelRun) -> None:
     )
 
 
+def _collect_experts(state: ChannelRun) -> None:
+    """``experts=True``: the MoE layers and each expert's Gram on the original model."""
+    _needs_budget(state, "experts", "the neurons of mixture-of-experts layers",
+                  "for a fraction of every expert's neurons use target='experts=F'")  # fmt: skip
+    state.expert_blocks = find_experts(state.work)
+    if not state.expert_blocks:
+        state.report.warnings.append(
+            "experts=True: no mixture-of-experts layer spectrim recognises; none was narrowed"
+        )
+        return
+    if state.method.needs_statistics:
+        accs = expert_grams(state.work, state.expert_blocks, state.batches, team=state.ctx.team)
+        state.expert_grams = {name: _grams(a) for name, a in accs.items()}
+
+
 def _collect_heads(state: ChannelRun) -> None:
     """``heads=True``: the attention layers and their output projections' input Grams."""
     _needs_budget(state, "heads", "attention heads",
@@ -561,6 +606,13 @@ def solve_curves_stage(state: ChannelRun) -> None:
         # a channel group's curve is the error at one place; the stream's is its mean over
         # every norm, and an error there reaches every one of them
         state.curves[HIDDEN_KEY] = len(state.stream.sites) * stream_solver.error_curve()
+    for i, x in enumerate(state.expert_blocks):
+        grams = state.expert_grams.get(x.name) if state.method.needs_statistics else None
+        xsolver = state.method.expert_solver(x, grams, state.work)
+        state.expert_solvers[EXPERTS_KEY + i] = xsolver
+        # the relative error of reconstructing the experts' hidden units, as a channel
+        # group's curve reconstructs its consumers' inputs
+        state.curves[EXPERTS_KEY + i] = xsolver.error_curve()
     for i, b in enumerate(state.blocks):
         solver = head_solver_of(
             state.method, b, state.head_grams.get(b.out), state.work, state.cfg.query_heads
@@ -609,6 +661,8 @@ def cost_model_of(state: ChannelRun, *, stream: bool = True) -> CostModel:
     model = CostModel(state.work, analysis, cost0.per_module, other_macs=max(other, 0))
     for i, b in enumerate(state.blocks):
         model.add_unit_axes(HEAD_KEY + i, b.units, head_axes(state.work, b))
+    for i, x in enumerate(state.expert_blocks):  # every cost of the experts is linear in it
+        model.add_unit_axes(EXPERTS_KEY + i, x.width, {x.name: ("out", x.width, 1)})
     if stream and state.stream is not None:
         s, d = state.stream, state.stream.width
         model.add_unit_axes(HIDDEN_KEY, d, stream_axes(s))
@@ -668,15 +722,19 @@ def allocate_stage(state: ChannelRun) -> None:
     tgt = cfg.parsed_target
     cost_model = cost_model_of(state)
     # the curves the allocator sees: the user's (or the search's) factors applied
-    factors = group_factors(analysis, cfg, state.blocks, state.stream)
+    factors = group_factors(
+        analysis, cfg, state.blocks, state.stream, state.expert_blocks if cfg.experts else None
+    )
     curves = {g: e * factors.get(g, 1.0) for g, e in state.curves.items()}
     if tgt.kind == "dof":
         widths = dof_widths(
             tgt.value, state.solvers, round_to=cfg.round_to, min_width=cfg.min_width
         )
     elif tgt.kind in ("macs", "params", "latency"):
-        steps = {}
-        if state.stream is not None:  # a width the stream's modules need (MoE experts)
+        steps = {  # widths the experts kernel needs (rows of 16 bytes)
+            EXPERTS_KEY + i: expert_step(x, state.work) for i, x in enumerate(state.expert_blocks)
+        }
+        if state.stream is not None:
             steps[HIDDEN_KEY] = width_step(state.work, state.stream)
 
         def run(curves: dict[int, np.ndarray], model: CostModel, goal: Target = tgt) -> Allocation:
@@ -729,6 +787,7 @@ def group_factors(
     cfg: CompressConfig,
     blocks: Sequence[AttentionBlock] = (),
     stream: ResidualStream | None = None,
+    experts: Sequence[ExpertBlock] | None = None,
 ) -> dict[int, float]:
     """``cfg.group_weights`` (group name -> factor) by curve key: the channel groups by
     index, an attention layer's heads (``"<layer> (heads)"``, with ``heads=True``) and the
@@ -740,8 +799,12 @@ def group_factors(
     index.update({f"{b.name}{HEADS_SUFFIX}": HEAD_KEY + i for i, b in enumerate(blocks)})
     if stream is not None:
         index[f"{stream.name}{HIDDEN_SUFFIX}"] = HIDDEN_KEY
+    index.update(
+        {f"{x.name}{EXPERTS_SUFFIX}": EXPERTS_KEY + i for i, x in enumerate(experts or [])}
+    )
     pending = [s for s, on in ((HEADS_SUFFIX, cfg.heads and not blocks),
-                               (HIDDEN_SUFFIX, cfg.hidden and stream is None)) if on]  # fmt: skip
+                               (HIDDEN_SUFFIX, cfg.hidden and stream is None),
+                               (EXPERTS_SUFFIX, cfg.experts and experts is None)) if on]  # fmt: skip
     weights = cfg.group_weights
     unknown = sorted(n for n in set(weights) - set(index) if not n.endswith(tuple(pending)))
     if unknown:
@@ -750,7 +813,8 @@ def group_factors(
             f"group_weights names {', '.join(map(repr, unknown))}, which is no group on "
             f"this budget (channel groups are named after their first producer, e.g. {some}; "
             f"with heads=True an attention layer's heads are '<layer>{HEADS_SUFFIX}', with "
-            f"hidden=True the residual stream is '<stream>{HIDDEN_SUFFIX}', as in the report)"
+            f"hidden=True the residual stream is '<stream>{HIDDEN_SUFFIX}', with experts=True "
+            f"a MoE layer is '<experts module>{EXPERTS_SUFFIX}', as in the report)"
         )
     return {index[name]: float(f) for name, f in weights.items() if name in index}
 
@@ -979,6 +1043,19 @@ def apply_stage(state: ChannelRun) -> None:
         block, solver = state.blocks[key - HEAD_KEY], state.head_solvers[key]
         if k < block.units:
             apply_heads(state.work, block, solver, k, state.batches, original, state.ctx.team)
+    if state.expert_blocks:  # each layer's Grams on the model narrowed before it
+        widths = [
+            state.widths.get(EXPERTS_KEY + i, x.width) for i, x in enumerate(state.expert_blocks)
+        ]
+        state.expert_reports = narrow_experts(
+            state.work,
+            state.expert_blocks,
+            widths,
+            state.method,
+            state.batches,
+            sequential=state.cfg.sequential,
+            team=state.ctx.team,
+        )
     if stream_plan is not None and state.stream is not None:  # last: its refit sees all
         apply_hidden(state.work, state.stream, stream_plan, state.batches,
                      original if refit_stream else None, sequential=state.cfg.sequential,
@@ -1026,6 +1103,7 @@ def report_stage(state: ChannelRun) -> None:
     if state.stream is not None and state.stream_solver is not None:
         k = state.widths.get(HIDDEN_KEY, state.stream.width)
         report.groups.append(hidden_group_report(state.stream, state.stream_solver, k))
+    report.groups.extend(state.expert_reports)  # from narrow_experts (apply_stage)
     report.params_before, report.params_after = cost0.params, cost1.params
     report.macs_before, report.macs_after = cost0.macs, cost1.macs
     tgt, alloc = state.cfg.parsed_target, state.alloc
@@ -1041,12 +1119,13 @@ def report_stage(state: ChannelRun) -> None:
     summary = _pin_summary(analysis)
     if summary:
         report.warnings.insert(0, summary)
-    moe = find_experts(state.work)
+    moe = find_experts(state.work) if not state.cfg.experts else []
     if moe:  # the experts are no channel groups: say where they are narrowed
         report.warnings.insert(
             0,
             f"{len(moe)} mixture-of-experts layer(s) ({moe[0].name}, ...) keep their experts: "
-            "their neurons are narrowed by target='experts=F', not by channel targets",
+            "their neurons are narrowed by target='experts=F' or, on this budget, by "
+            "experts=True, not by channel targets",
         )
 
 

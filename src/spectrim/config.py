@@ -262,6 +262,10 @@ class CompressConfig:
         hidden: also narrow a transformer's residual width (see ``target="hidden=F"``)
             under a ``macs``/``params`` target, on the same budget: the allocator trades
             the stream's width against heads and channels.
+        experts: also narrow the neurons of every expert of mixture-of-experts layers
+            (see ``target="experts=F"``) under a ``macs``/``params`` target, on the same
+            budget: the allocator chooses each layer's width (one for all of its experts,
+            a multiple of 16 bytes per row) against heads, channels and the stream.
         stats_memory: memory budget of the calibration statistics (bytes, or text such
             as ``"4GiB"``); ``None`` (default): a quarter of the machine's memory (the GPU's
             with ``device="cuda"``).  Exact Grams cost ``8·m²`` bytes per consumer of a
@@ -274,9 +278,10 @@ class CompressConfig:
             block's, not the whole model's, and a residual fit's side passes run one
             block, not the prefix of the model (:mod:`spectrim.calibration.blocks`; the
             same fits).  ``True``: models with no chain of blocks spectrim finds, or a
-            pruned group that reaches elsewhere outside it, or ``heads``/``hidden`` on the
-            budget, get the whole-model pass and a warning.  ``None`` (default): block by
-            block where the residual fit runs (``sequential_fit``) or ``refit_readers``
+            pruned group that reaches elsewhere outside it, or ``heads``/``hidden``/
+            ``experts`` on the budget, get the whole-model pass and a warning.  ``None``
+            (default): block by block where the residual fit runs (``sequential_fit``) or
+            ``refit_readers``
             is set, and the chain holds every group, silently the whole-model pass
             otherwise (torchvision ResNet-50: 34 s against 68 s,
             ``benchmarks/default_fit.py``; all-MiniLM-L6-v2 with its readers refitted:
@@ -300,7 +305,8 @@ class CompressConfig:
             refits make the Grams unnecessary after the selection.
         group_weights: per group on the budget (by its name in the report: a channel
             group's, ``"<layer> (heads)"`` for an attention layer's heads with
-            ``heads=True``, ``"<stream> (hidden)"`` with ``hidden=True``), a factor on its
+            ``heads=True``, ``"<stream> (hidden)"`` with ``hidden=True``,
+            ``"<experts module> (experts)"`` with ``experts=True``), a factor on its
             error curve before the allocation: above 1 the allocator keeps more of the
             group, below 1 less.  The factors :attr:`search` found are stored here in the
             report's config, so the same call with them (and ``search=0``) rebuilds the
@@ -337,6 +343,7 @@ class CompressConfig:
     heads: bool = False
     query_heads: bool = False
     hidden: bool = False
+    experts: bool = False
     stats_memory: int | str | None = None
     blockwise: bool | None = None
     block_cache: str | None = None

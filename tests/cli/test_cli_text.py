@@ -332,11 +332,16 @@ def test_query_heads_from_the_command_line(
     assert [(b.heads, b.kv_heads) for b in find_attention(back)] == [(4, 2), (4, 2)]
 
 
+@pytest.mark.parametrize(
+    "flags", [["--target", "experts=0.5"], ["--target", "macs=0.7", "--experts", "--hidden"]]
+)
 def test_moe_experts_from_the_command_line(
-    minilm_dir: Path, sentences_csv: Path, tmp_path: Path
+    minilm_dir: Path, sentences_csv: Path, tmp_path: Path, flags: list[str]
 ) -> None:
     """``--target experts=0.5`` on a Mixtral folder: every expert keeps half its neurons,
-    the next-token fidelity is measured, and the saved folder reloads with that width."""
+    the next-token fidelity is measured, and the saved folder reloads with that width.
+    ``--experts --hidden`` under ``macs=0.7``: the experts and the residual width on one
+    budget, which the saved folder keeps too."""
     transformers = pytest.importorskip("transformers")
     from spectrim.graph.experts import find_experts
 
@@ -350,12 +355,18 @@ def test_moe_experts_from_the_command_line(
     tok.save_pretrained(folder)
     out_dir, report = tmp_path / "small", tmp_path / "r.json"
     argv = ["compress", "--model", str(folder), "--data", str(sentences_csv), "--text-column",
-            "sentence", "--max-length", "32", "--calib", "32", "--target", "experts=0.5",
+            "sentence", "--max-length", "32", "--calib", "32", *flags,
             "--out", str(out_dir), "--json", str(report), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     s = json.loads(report.read_text())
     assert 0.0 < s["next_token_agreement"] <= 1.0 and s["macs_ratio"] < 1.0
-    widths = [g["width_after"] for g in s["report"]["groups"]]
-    assert widths == [16, 16]
+    groups = s["report"]["groups"]
+    widths = [g["width_after"] for g in groups if g["name"].endswith("(experts)")]
     back = load_compressed(out_dir)
-    assert [b.width for b in find_experts(back)] == [16, 16]
+    assert [b.width for b in find_experts(back)] == widths
+    if "--experts" in flags:
+        assert s["report"]["config"]["experts"] is True and s["macs_ratio"] <= 0.7 + 1e-3
+        (hidden,) = [g for g in groups if g["name"].endswith("(hidden)")]
+        assert back.get_input_embeddings().weight.shape[1] == hidden["width_after"]
+    else:
+        assert widths == [16, 16]

@@ -404,6 +404,7 @@ def _compress_kwargs(args: argparse.Namespace, target: str, then: Any) -> dict[s
         heads=args.heads,
         query_heads=args.query_heads,
         hidden=args.hidden,
+        experts=args.experts,
         progress=progress_wrapper("compress", args.quiet),
         then=then,
         device=_device(args),

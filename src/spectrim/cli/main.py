@@ -116,6 +116,9 @@ Examples:
   # ... and the hidden size too, all on one budget
   spectrim compress --model all-MiniLM-L6-v2/ --data sentences.txt --target macs=0.5 \
       --heads --hidden
+  # a mixture-of-experts decoder at 60% of its MACs: experts, heads and stream on one budget
+  spectrim compress --model my-mixtral/ --data wiki.txt --target macs=0.6 --experts --heads \
+      --hidden
 
   # half the MACs, the widths chosen by 4 rounds of search on the compressed model's
   # outputs (each candidate compressed and scored on the examples the fits did not use)
@@ -432,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also narrow the residual width (hidden size) of Hugging Face transformers on "
         "the same macs/params budget: the allocator trades it against heads and channels",
+    )
+    p.add_argument(
+        "--experts",
+        action="store_true",
+        help="also narrow the neurons of every expert of mixture-of-experts layers (Mixtral, "
+        "Qwen-MoE, OLMoE, ...) on the same macs/params budget: the allocator chooses each "
+        "layer's width against heads, channels and the residual width",
     )
     p.add_argument(
         "--then",
