@@ -258,6 +258,8 @@ def main() -> None:
             "macs_ratio": report.macs_ratio,
             "seconds": seconds,
             "seconds_per_forward_pass": seconds / forward_seconds,
+            # what the allocation chose for the units that are no channel group
+            "widths": {g.name: g.width_after for g in report.groups if g.name.endswith(")")},
         }
         runs.append(row)
         print(

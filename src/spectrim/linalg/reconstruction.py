@@ -309,8 +309,13 @@ def order_residual_curve(G: Any, order: Any) -> np.ndarray:
     ``B`` the exact least squares: the relative error of reconstructing every unit from
     the first ``k`` of a fixed order (a selection made by another criterion, e.g.
     ``spectral``'s ridge greedy), on the scale of :func:`spectrim.linalg.id_factorize`'s
-    curve.  From the unpivoted QR ``R`` of a square root of the permuted Gram:
-    ``e[k]·tr G = ‖R[k:, k:]‖²_F`` (dependent units are handled by the QR).  O(m³).
+    curve.  From an orthonormal basis ``Q`` of the order's prefixes (the QR of a square
+    root of the permuted Gram): ``e[k]·tr G`` is the energy of every unit outside the
+    first ``j(k)`` columns of ``Q``, ``j(k)`` the independent units among the first ``k``.
+    A unit in the span of the units before it (a dead unit, a copy, a sum of earlier
+    ones) adds nothing and takes no column of ``Q``: an unpivoted QR would give it an
+    arbitrary direction, which then counted as explained energy.  O(m³), one QR more
+    per dependent unit that is not dead.
 
     Example::
 
@@ -328,15 +333,25 @@ def order_residual_curve(G: Any, order: Any) -> np.ndarray:
     total = float(np.trace(G))
     if total <= 0:
         return np.zeros(m + 1)
-    # a square root X (XᵀX = G), its columns in the given order, unpivoted Householder QR:
-    # the residual Gram of the units after the first k is R[k:, k:]ᵀR[k:, k:], stable for
-    # dependent units (their diagonal of R is ~0, nothing is divided by it)
+    # a square root X (XᵀX = P), its columns in the given order
     w, V = np.linalg.eigh(P)
     X = np.sqrt(np.maximum(w, 0.0))[:, None] * V.T
-    R = scipy.linalg.qr(X, mode="r", check_finite=False)[0]
-    S = R * R
-    # tail[k] = ‖R[k:, k:]‖²_F: sums over the lower-right blocks, by two reversed cumsums
-    C = np.cumsum(np.cumsum(S[::-1, ::-1], axis=0), axis=1)[::-1, ::-1]
-    tail = np.append(np.diag(C), 0.0)
-    tail[0] = total
-    return np.maximum.accumulate((tail / total)[::-1])[::-1]
+    # a unit whose energy outside the span of the live units before it is below this adds
+    # nothing (the square root's own rounding is about 1e-16 of the trace)
+    floor = 1e-12 * total
+    live = np.diag(P) > floor  # dead units first: they need no QR
+    Q = np.zeros((m, 0))
+    for _ in range(m + 1):
+        cols = np.flatnonzero(live)
+        if cols.size == 0:
+            break
+        Q, R = scipy.linalg.qr(X[:, cols], mode="economic", check_finite=False)
+        small = np.flatnonzero(np.abs(np.diag(R)) ** 2 <= floor)
+        if small.size == 0:
+            break
+        live[cols[small[0]]] = False  # the first is dependent; the later are not known yet
+    captured = np.concatenate([[0.0], np.cumsum(((Q.T @ X) ** 2).sum(axis=1))])
+    j = np.concatenate([[0], np.cumsum(live)])  # live units among the first k
+    curve = np.maximum(total - captured[j], 0.0) / total
+    curve[-1] = 0.0  # every unit kept: nothing to reconstruct
+    return np.maximum.accumulate(curve[::-1])[::-1]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from spectrim.graph.experts import ExpertBlock
-from spectrim.linalg import fit_reconstruction
+from spectrim.linalg import fit_reconstruction, order_residual_curve
 
 __all__ = ["ExpertOrder", "ExpertSolver", "neuron_norms", "output_weight_grams"]
 
@@ -75,6 +75,20 @@ class ExpertSolver:
         non-increasing, ``e[width] = 0``."""
         c = sum(s * np.asarray(x.curve, float) for s, x in zip(self.shares, self.experts))
         c = np.maximum.accumulate(np.maximum(np.asarray(c), 0.0)[::-1])[::-1]
+        c[-1] = 0.0
+        return c
+
+    def reconstruction_curve(self) -> np.ndarray:
+        """``e[k]``: the relative least-squares error of reconstructing every expert's
+        hidden units from the first ``k`` of its order (weighted by the shares), whatever
+        criterion made the order: the scale of ``id``'s curve and of the channel groups'
+        on a shared budget (``experts=True``).  An expert without a Gram keeps its own
+        curve."""
+        c = sum(
+            s * (order_residual_curve(x.gram, x.order) if x.gram is not None else x.curve)
+            for s, x in zip(self.shares, self.experts)
+        )
+        c = np.maximum.accumulate(np.maximum(np.asarray(c, float), 0.0)[::-1])[::-1]
         c[-1] = 0.0
         return c
 
