@@ -34,7 +34,7 @@ from spectrim.calibration.gram import GramAccumulator
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
 from spectrim.distributed import SOLO, Team
-from spectrim.graph.experts import ExpertBlock, find_experts
+from spectrim.graph.experts import ExpertBlock, find_experts, row_step
 from spectrim.graph.trace import StopPass, call_until_stopped
 from spectrim.methods import Method
 from spectrim.methods.experts import ExpertSolver
@@ -46,7 +46,6 @@ __all__ = [
     "expert_grams",
     "expert_step",
     "expert_width",
-    "experts_group_report",
     "experts_run",
     "narrow_experts",
 ]
@@ -137,9 +136,7 @@ def expert_step(block: ExpertBlock, model: nn.Module, round_to: int = 1) -> int:
     bytes Hugging Face's default experts kernel (``torch._grouped_mm``) needs: its down
     projection's rows are ``width`` elements long and must be a multiple of 16 bytes (4
     float32 or 8 bfloat16 neurons), or the model no longer runs."""
-    size = block.weights(model)[1].element_size()
-    align = 16 // size if 16 % size == 0 else 1
-    return math.lcm(max(1, int(round_to)), align)
+    return math.lcm(max(1, int(round_to)), row_step(block.module(model)))
 
 
 def expert_width(block: ExpertBlock, model: nn.Module, fraction: float, round_to: int = 1) -> int:
@@ -150,7 +147,7 @@ def expert_width(block: ExpertBlock, model: nn.Module, fraction: float, round_to
     return min(block.width, k)
 
 
-def experts_group_report(
+def _group_report(
     block: ExpertBlock, width: int, k: int, solver: ExpertSolver | None, rows: int | None = None
 ) -> GroupReport:
     """The report line of one MoE layer keeping ``k`` of its ``width`` neurons per expert
@@ -203,7 +200,7 @@ def narrow_experts(
     for b, k in zip(blocks, widths, strict=True):
         width = b.width
         if k >= width:  # kept whole: no statistics needed
-            reports.append(experts_group_report(b, width, width, None))
+            reports.append(_group_report(b, width, width, None))
             continue
         if stats and sequential:
             collect([b], stop=True)  # on the model with the layers before it narrowed
@@ -214,7 +211,7 @@ def narrow_experts(
         keep, folds = team.broadcast(solver.plan(k))
         b.prune(work, keep, folds)
         timings["apply"] += time.perf_counter() - t
-        reports.append(experts_group_report(b, width, k, solver, rows.get(b.name)))
+        reports.append(_group_report(b, width, k, solver, rows.get(b.name)))
     return reports
 
 

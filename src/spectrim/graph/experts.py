@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 
 from spectrim.graph.modules import set_param
 
-__all__ = ["ExpertBlock", "find_experts", "is_experts_module"]
+__all__ = ["ExpertBlock", "find_experts", "is_experts_module", "row_step"]
 
 
 @dataclass
@@ -110,23 +111,10 @@ class ExpertBlock:
             setattr(mod, "intermediate_dim", self.width)  # noqa: B010 (typed as a Tensor)
 
 
-def _block(path: str, module: nn.Module) -> ExpertBlock | None:
-    """The layout above, or ``None``: exactly the two 3-D parameters, an ``act_fn``."""
-    params = dict(module.named_parameters(recurse=False))
-    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
-    if set(params) != {"gate_up_proj", "down_proj"} or gate_up is None or down is None:
-        return None
-    if gate_up.dim() != 3 or down.dim() != 3 or not callable(getattr(module, "act_fn", None)):
-        return None
-    experts, inter2, hidden = gate_up.shape
-    if down.shape != (experts, hidden, inter2 // 2) or inter2 % 2:
-        return None  # e.g. gpt-oss: transposed, with biases and a clamped activation
-    return ExpertBlock(path, int(experts), int(inter2 // 2), int(hidden))
-
-
 def is_experts_module(module: nn.Module) -> bool:
-    """Whether ``module`` holds a MoE layer's experts in the layout above; the width they
-    read and the one they write may differ (their residual stream half narrowed)."""
+    """Whether ``module`` holds a MoE layer's experts in the layout above: exactly the two
+    3-D parameters, an ``act_fn``; the width they read and the one they write may differ
+    (their residual stream half narrowed)."""
     params = dict(module.named_parameters(recurse=False))
     gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
     if set(params) != {"gate_up_proj", "down_proj"} or gate_up is None or down is None:
@@ -137,6 +125,28 @@ def is_experts_module(module: nn.Module) -> bool:
         and gate_up.shape[0] == down.shape[0]
         and gate_up.shape[1] == 2 * down.shape[2]
     )
+
+
+def row_step(module: nn.Module) -> int:
+    """Elements per 16 bytes of an experts module's weights (4 float32, 8 bfloat16): Hugging
+    Face's default experts kernel (``torch._grouped_mm``) needs every row of them to be a
+    multiple of 16 bytes, so every width they hold (neurons, stream coordinates) must be a
+    multiple of this, or the model no longer runs."""
+    down: Any = module.down_proj
+    size = int(down.element_size())
+    return 16 // size if 16 % size == 0 else 1
+
+
+def _block(path: str, module: nn.Module) -> ExpertBlock | None:
+    """The layout above with one width in and out, or ``None``."""
+    if not is_experts_module(module):
+        return None
+    gate_up: Any = module.gate_up_proj
+    down: Any = module.down_proj
+    experts, inter2, hidden = gate_up.shape
+    if down.shape[1] != hidden:
+        return None  # e.g. gpt-oss: transposed, with biases and a clamped activation
+    return ExpertBlock(path, int(experts), int(inter2 // 2), int(hidden))
 
 
 def find_experts(model: nn.Module) -> list[ExpertBlock]:

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from spectrim.graph.experts import is_experts_module
+from spectrim.graph.experts import is_experts_module, row_step
 from spectrim.graph.modules import module_kind, register_swap_class, set_param
 
 __all__ = [
@@ -603,9 +603,7 @@ def width_step(model: nn.Module, stream: ResidualStream) -> int:
     for name in stream.modules():
         module = model.get_submodule(name)
         if is_experts_module(module):
-            down: Any = module.down_proj
-            size = int(down.element_size())
-            step = math.lcm(step, 16 // size if 16 % size == 0 else 1)
+            step = math.lcm(step, row_step(module))
     return step
 
 
