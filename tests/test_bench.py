@@ -5,6 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +47,52 @@ def test_every_benchmark_declares_a_smoke_run_and_an_out_file() -> None:
     assert "_results" not in FOUND  # helpers are not benchmarks
 
 
-@pytest.mark.benchmark  # about 5 minutes in all: CI runs them (-m "not slow"), plain pytest not
+@pytest.fixture(scope="module")
+def zygote() -> Iterator[subprocess.Popen[str]]:
+    """One process with torch, transformers and spectrim imported, which forks a child per
+    smoke run (tests/_bench_zygote.py): each script still runs in a fresh process of its
+    own, without paying 4-9 s of imports every time."""
+    env = dict(os.environ)
+    if "SPECTRIM_DATA" in env:  # as bench.run passes it: absolute
+        env["SPECTRIM_DATA"] = str(Path(env["SPECTRIM_DATA"]).resolve())
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("_bench_zygote.py"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    yield proc
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+def _smoke(zygote: subprocess.Popen[str], b: bench.Benchmark, argv: list[str], log: Path) -> int:
+    """Run ``b`` at its smoke size in a child of ``zygote``, as ``bench.run(b, argv,
+    smoke=True)`` runs it in a fresh Python; its exit status."""
+    assert zygote.stdin is not None and zygote.stdout is not None
+    assert b.smoke is not None
+    req = {"path": str(b.path), "argv": [*b.smoke, *argv], "cwd": str(b.path.parent.parent),
+           "log": str(log), "timeout": 600}  # fmt: skip
+    zygote.stdin.write(json.dumps(req) + "\n")
+    zygote.stdin.flush()
+    line = zygote.stdout.readline()
+    assert line, f"the smoke-run parent died (exit {zygote.poll()})"
+    code: int = json.loads(line)["code"]
+    return code
+
+
+@pytest.mark.benchmark  # about 3 minutes in all: CI runs them (-m "not slow"), plain pytest not
 @pytest.mark.parametrize("name", sorted(FOUND))
-def test_smoke_run(name: str, tmp_path: Path) -> None:
+def test_smoke_run(name: str, tmp_path: Path, zygote: subprocess.Popen[str]) -> None:
     for module in NEEDS.get(name, []):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{name} needs {module}")
-    out = tmp_path / f"{name}.json"
-    code = bench.run(name, ["--out", str(out)], smoke=True, folder=ROOT / "benchmarks", timeout=600)
-    assert code == 0
+    out, log = tmp_path / f"{name}.json", tmp_path / f"{name}.log"
+    code = _smoke(zygote, FOUND[name], ["--out", str(out)], log)
+    assert code == 0, log.read_text(errors="replace")[-4000:]
     result = json.loads(out.read_text(encoding="utf-8"))
     numbers = _numbers(result)
     assert numbers, f"{name}: no numbers in {out}"

@@ -22,11 +22,10 @@ from spectrim.distributed import SOLO, DistributedError, Team
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 
 
-def _launch(
-    scenarios: list[str], world: int, tmp: Path, timeout: float = 240
-) -> dict[str, list[Any]]:
-    """Run ``world`` worker processes through ``scenarios`` in turn; per scenario, each
-    rank's result dict or its error text."""
+def _start(
+    scenarios: list[str], world: int, tmp: Path
+) -> tuple[list[subprocess.Popen[bytes]], Path]:
+    """Start ``world`` worker processes that run through ``scenarios`` in turn."""
     name = "+".join(scenarios)
     out = tmp / f"{name}-{world}"
     out.mkdir()
@@ -42,6 +41,15 @@ def _launch(
         )
         for r in range(world)
     ]
+    return procs, out
+
+
+def _finish(
+    started: tuple[list[subprocess.Popen[bytes]], Path], scenarios: list[str], timeout: float
+) -> dict[str, list[Any]]:
+    """Wait for the processes of :func:`_start`; per scenario, each rank's result dict or
+    its error text."""
+    procs, out = started
     logs = []
     try:
         for p in procs:
@@ -51,7 +59,7 @@ def _launch(
             p.kill()
     results: dict[str, list[Any]] = {}
     for scenario in scenarios:
-        for r in range(world):
+        for r in range(len(procs)):
             err, pt = out / f"{scenario}-rank{r}.err", out / f"{scenario}-rank{r}.pt"
             if err.exists():
                 results.setdefault(scenario, []).append(err.read_text())
@@ -60,6 +68,14 @@ def _launch(
             else:
                 raise AssertionError(f"rank {r} wrote nothing for {scenario}:\n{logs[r][-3000:]}")
     return results
+
+
+def _launch(
+    scenarios: list[str], world: int, tmp: Path, timeout: float = 240
+) -> dict[str, list[Any]]:
+    """Run ``world`` worker processes through ``scenarios`` in turn; per scenario, each
+    rank's result dict or its error text."""
+    return _finish(_start(scenarios, world, tmp), scenarios, timeout)
 
 
 def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -99,11 +115,18 @@ def _needs(scenario: str) -> str | None:
 @pytest.fixture(scope="module")
 def launched(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every scenario, run by one process and by two (one launch each, all scenarios in
-    turn: a process pays for its imports and its process group once)."""
+    turn: a process pays for its imports and its process group once).  The two launches
+    run at the same time: each process has one thread, and the results do not depend on
+    what else the machine runs."""
     runnable = [s for s in SCENARIOS if _needs(s) is None]
     tmp = tmp_path_factory.mktemp("distributed")
-    one = _launch(runnable, 1, tmp, timeout=900)
-    two = _launch(runnable, 2, tmp, timeout=900)
+    started_one, started_two = _start(runnable, 1, tmp), _start(runnable, 2, tmp)
+    try:
+        two = _finish(started_two, runnable, timeout=900)
+        one = _finish(started_one, runnable, timeout=900)
+    finally:  # none left running when the other launch failed
+        for p in started_one[0] + started_two[0]:
+            p.kill()
     return {s: (one[s][0], two[s]) for s in runnable}
 
 
