@@ -291,3 +291,38 @@ def test_experts_true_needs_a_budget_and_names_its_groups() -> None:
             _moe(), _batches(), "id", "macs=0.8", experts=True,
             group_weights={"model.layers.9.mlp.experts (experts)": 2.0},
         )  # fmt: skip
+
+
+def test_one_shot_experts_keep_what_the_original_model_s_statistics_chose() -> None:
+    """One-shot (``sequential=False``) with ``experts=True`` and ``heads=True``: the
+    experts' neurons are chosen from the Grams of the original model, the ones the
+    budget's curves were made from, though the heads cut before them change what the
+    experts read.  So each narrowed expert's gate and up rows are those the solver of the
+    original model's Grams keeps, and the report counts the rows those Grams saw."""
+    from spectrim._experts import expert_grams, gram_arrays
+    from spectrim.methods import get_method
+
+    model, batches = _moe("mixtral", duplicate=False), _batches(4)
+    small, report = spectrim.compress(
+        model, batches, "id", "macs=0.6", experts=True, heads=True, sequential=False
+    )
+    assert any(g.name.endswith("(heads)") and g.width_after < g.width_before
+               for g in report.groups)  # fmt: skip
+    blocks, narrowed = find_experts(model), find_experts(small)
+    accs = expert_grams(model, blocks, batches)
+    method = get_method("id")
+    lines = {g.name: g for g in report.groups if g.name.endswith("(experts)")}
+    checked = 0
+    for b, nb in zip(blocks, narrowed):
+        k = nb.width
+        if k == b.width:
+            continue
+        keep, _ = method.expert_solver(b, gram_arrays(accs[b.name]), model).plan(k)
+        gu0, gu1 = b.module(model).gate_up_proj, nb.module(small).gate_up_proj
+        for e in range(b.experts):
+            idx = torch.as_tensor(keep[e])
+            want = torch.cat([gu0[e, idx], gu0[e, b.width + idx]])
+            assert torch.equal(gu1[e], want), (b.name, e)
+        assert lines[f"{b.name} (experts)"].rows == sum(a.count for a in accs[b.name])
+        checked += 1
+    assert checked >= 1

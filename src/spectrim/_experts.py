@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ from spectrim.stages import begin_run, end_run, example_cost
 __all__ = [
     "EXPERTS_SUFFIX",
     "expert_grams",
+    "gram_arrays",
     "expert_step",
     "expert_width",
     "experts_run",
@@ -127,7 +128,9 @@ def expert_grams(
     return accs
 
 
-def _grams(accs: list[GramAccumulator]) -> list[np.ndarray | None]:
+def gram_arrays(accs: Sequence[GramAccumulator]) -> list[np.ndarray | None]:
+    """Each expert's Gram from :func:`expert_grams`' accumulators as a float64 array;
+    ``None`` for an expert that no calibration token was routed to."""
     return [a.gram_numpy() if a.count > 0 else None for a in accs]
 
 
@@ -172,17 +175,22 @@ def narrow_experts(
     batches: list[Any],
     *,
     sequential: bool,
+    solvers: Sequence[ExpertSolver] | None = None,
+    rows: Mapping[str, int] | None = None,
     team: Team = SOLO,
     progress: Any = None,
     timings: dict[str, float] | None = None,
 ) -> list[GroupReport]:
     """Narrow the experts of ``blocks`` to ``widths`` (neurons per expert, one per block)
     in place, layer by layer in execution order; in sequential mode each layer's Grams
-    are measured on the model whose earlier layers are already narrowed.  The report
-    line of every block."""
+    are measured on the model whose earlier layers are already narrowed.  ``solvers``
+    (one per block, from the original model's Grams, as a shared budget's curves were
+    made): used as they are in one-shot mode, where they are what a fresh pass would
+    give, so no pass runs; ``rows``: the calibration rows each block's Grams were
+    measured on, for the report.  The report line of every block."""
     stats = method.needs_statistics
     grams: dict[str, list[np.ndarray | None]] = {}
-    rows: dict[str, int] = {}
+    rows = dict(rows or {})
     timings = timings if timings is not None else {}
     for key in ("collect", "solve", "apply"):
         timings.setdefault(key, 0.0)
@@ -191,13 +199,16 @@ def narrow_experts(
         t = time.perf_counter()
         wrap = progress if not stop else None
         for name, accs in expert_grams(work, todo, batches, wrap, stop=stop, team=team).items():
-            grams[name], rows[name] = _grams(accs), sum(a.count for a in accs)
+            grams[name], rows[name] = gram_arrays(accs), sum(a.count for a in accs)
         timings["collect"] += time.perf_counter() - t
 
-    if stats and not sequential:
+    reuse = solvers is not None and not sequential
+    if reuse and len(solvers or ()) != len(blocks):
+        raise ValueError(f"{len(solvers or ())} expert solvers for {len(blocks)} MoE layers")
+    if stats and not sequential and not reuse:
         collect(blocks, stop=False)
     reports = []
-    for b, k in zip(blocks, widths, strict=True):
+    for i, (b, k) in enumerate(zip(blocks, widths, strict=True)):
         width = b.width
         if k >= width:  # kept whole: no statistics needed
             reports.append(_group_report(b, width, width, None))
@@ -205,7 +216,12 @@ def narrow_experts(
         if stats and sequential:
             collect([b], stop=True)  # on the model with the layers before it narrowed
         t = time.perf_counter()
-        solver: ExpertSolver = method.expert_solver(b, grams.get(b.name) if stats else None, work)
+        solver: ExpertSolver
+        if reuse:
+            assert solvers is not None
+            solver = solvers[i]
+        else:
+            solver = method.expert_solver(b, grams.get(b.name) if stats else None, work)
         timings["solve"] += time.perf_counter() - t
         t = time.perf_counter()
         keep, folds = team.broadcast(solver.plan(k))

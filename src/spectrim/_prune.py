@@ -32,9 +32,9 @@ from torch import nn
 
 from spectrim._experts import (
     EXPERTS_SUFFIX,
-    _grams,
     expert_grams,
     expert_step,
+    gram_arrays,
     narrow_experts,
 )
 from spectrim._heads import (
@@ -160,6 +160,7 @@ class ChannelRun:
     #: layer index: their Grams on the original model, solvers and report lines
     expert_blocks: list[ExpertBlock] = field(default_factory=list)
     expert_grams: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    expert_rows: dict[str, int] = field(default_factory=dict)
     expert_solvers: dict[int, ExpertSolver] = field(default_factory=dict)
     expert_reports: list[GroupReport] = field(default_factory=list)
     #: ``blockwise=True``: the chain of blocks the sequential pass runs on (empty: none)
@@ -575,7 +576,8 @@ def _collect_experts(state: ChannelRun) -> None:
         return
     if state.method.needs_statistics:
         accs = expert_grams(state.work, state.expert_blocks, state.batches, team=state.ctx.team)
-        state.expert_grams = {name: _grams(a) for name, a in accs.items()}
+        state.expert_grams = {name: gram_arrays(a) for name, a in accs.items()}
+        state.expert_rows = {name: sum(x.count for x in a) for name, a in accs.items()}
 
 
 def _collect_heads(state: ChannelRun) -> None:
@@ -1048,10 +1050,9 @@ def apply_stage(state: ChannelRun) -> None:
         block, solver = state.blocks[key - HEAD_KEY], state.head_solvers[key]
         if k < block.units:
             apply_heads(state.work, block, solver, k, state.batches, original, state.ctx.team)
-    if state.expert_blocks:  # each layer's Grams on the model narrowed before it
-        widths = [
-            state.widths.get(EXPERTS_KEY + i, x.width) for i, x in enumerate(state.expert_blocks)
-        ]
+    if state.expert_blocks:  # sequential: each layer's Grams on the model narrowed before it
+        keys = [EXPERTS_KEY + i for i in range(len(state.expert_blocks))]
+        widths = [state.widths.get(key, x.width) for key, x in zip(keys, state.expert_blocks)]
         state.expert_reports = narrow_experts(
             state.work,
             state.expert_blocks,
@@ -1059,6 +1060,8 @@ def apply_stage(state: ChannelRun) -> None:
             state.method,
             state.batches,
             sequential=state.cfg.sequential,
+            solvers=[state.expert_solvers[key] for key in keys],  # one-shot: the curves' own
+            rows=state.expert_rows,
             team=state.ctx.team,
         )
     if stream_plan is not None and state.stream is not None:  # last: its refit sees all
