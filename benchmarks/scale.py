@@ -43,6 +43,12 @@ Parts (``--parts``, default all that the machine can run):
   ``+stats`` the statistics block by block, ``block_statistics``, and ``+cache`` the
   boundaries in files, ``block_cache``); each in a fresh process: seconds, peak RSS
   against the model's bytes, and whether the results are identical.
+* ``greedy``: ``spectral``'s θ-mixed greedy (``linalg.spectral_greedy``, every step, the
+  error curve) on an m × m Gram for m in ``--factor-widths``, θ = 0.5 (an output-aware
+  weighting of 384 random rows, as a consumer's) and θ = 1, against the form it replaced
+  in stop 44 (two m × m matrix-vector products per step, kept here as the reference),
+  timed in turn in one process: seconds of each, their ratio, whether the orders are the
+  same and the largest difference of the losses (relative to the first).
 * ``factor``: the factorisations of an m × m Gram: SciPy's pivoted QR (``id``) and
   ``eigh`` (``spectral``) on the host with one BLAS thread and with all, and
   ``torch.linalg.eigh`` on the GPU (with the transfer), for m in ``--factor-widths``.
@@ -72,11 +78,11 @@ import torch
 from torch import nn
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
-SMOKE = ["--parts", "wide", "sketch", "factor", "blocks", "--blocks-models", "resnet56", "--blocks-passes", "blocks", "disk", "--widths", "128", "--rows", "512", "--factor-widths", "128", "--sketch-widths", "128", "--sketch-rows", "512", "--calib", "64"]  # fmt: skip
+SMOKE = ["--parts", "wide", "sketch", "factor", "greedy", "blocks", "--blocks-models", "resnet56", "--blocks-passes", "blocks", "disk", "--widths", "128", "--rows", "512", "--factor-widths", "128", "--sketch-widths", "128", "--sketch-rows", "512", "--calib", "64"]  # fmt: skip
 
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("wide", "procs", "device", "sketch", "blocks", "offload", "factor")
+PARTS = ("wide", "procs", "device", "sketch", "blocks", "offload", "factor", "greedy")
 
 
 def _wide_model(m: int, seed: int = 0) -> nn.Module:
@@ -690,6 +696,75 @@ def part_factor(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _greedy_per_step_gemv(S: np.ndarray, M: np.ndarray, tau: float, plain: bool) -> Any:
+    """The greedy of ``linalg.spectral_greedy`` as it was until stop 44: ``M c`` and
+    ``(M S) c`` by an m × m matrix-vector product each, every step (all m steps, the
+    rtol floor, no exhaustion shortcut: the Grams here are of full rank)."""
+    m = S.shape[0]
+    t = np.full(m, tau)
+    QT = S if plain else np.ascontiguousarray((M @ S).T)
+    num = np.einsum("ij,ji->i", QT, S)
+    r = np.diag(S).copy()
+    floor = 1e-12 * float(r.max())
+    C, MC = np.zeros((m, m)), np.zeros((m, m))
+    chosen = np.zeros(m, dtype=bool)
+    order, losses = np.empty(m, dtype=np.int64), np.empty(m + 1)
+    loss = float(np.sum(M * S))
+    losses[0] = loss
+    for step in range(m):
+        d = r + t
+        live = (~chosen) & (r > floor) & (d > 0)
+        gain = np.full(m, -np.inf)
+        gain[~chosen] = 0.0
+        gain[live] = np.maximum(num[live], 0.0) / d[live]
+        j = int(np.argmax(gain))
+        order[step], chosen[j] = j, True
+        Cs = C[:, :step]
+        c = (S[:, j] - Cs @ C[j, :step]) / np.sqrt(d[j])
+        mc = c if plain else M @ c
+        v = QT @ c - Cs @ ((Cs if plain else MC[:, :step]).T @ c)
+        num = num - 2.0 * c * v + c * c * float(c @ mc)
+        r = r - c * c
+        C[:, step], MC[:, step] = c, mc
+        loss = float(r.sum()) if plain else loss - float(c @ mc)
+        losses[step + 1] = max(loss, 0.0)
+    return order, losses
+
+
+def part_greedy(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from spectrim.linalg import spectral_greedy
+
+    rows = []
+    for m in args.factor_widths:
+        g = np.random.default_rng(m)
+        z = g.standard_normal((2 * m, m)) @ (0.1 * g.standard_normal((m, m)) + np.eye(m))
+        S = z.T @ z / (2 * m)
+        w = g.standard_normal((384, m))
+        W = w.T @ w
+        W *= m / np.trace(W)
+        tau = 1e-4 * float(np.trace(S))
+        for theta in (0.5, 1.0):
+            M = theta * np.eye(m) + (1 - theta) * W
+            t = time.perf_counter()
+            ref = _greedy_per_step_gemv(S, M, tau, theta == 1.0)
+            before = time.perf_counter() - t
+            t = time.perf_counter()
+            sel = spectral_greedy(S, theta=theta, weight=W, tau=tau)
+            after = time.perf_counter() - t
+            row = {
+                "m": m,
+                "theta": theta,
+                "per_step_gemv_s": before,
+                "spectral_greedy_s": after,
+                "speedup": before / after,
+                "same_order": bool(np.array_equal(sel.order, ref[0])),
+                "max_loss_difference": float(np.abs(sel.losses - ref[1]).max() / ref[1][0]),
+            }
+            rows.append(row)
+            print("greedy:", json.dumps({k: round(v, 3) if isinstance(v, float) and k != "max_loss_difference" else v for k, v in row.items()}), flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -768,6 +843,7 @@ def main() -> None:
         "blocks": part_blocks,
         "offload": part_offload,
         "factor": part_factor,
+        "greedy": part_greedy,
     }
     for name in args.parts:
         result[name] = parts[name](args)

@@ -11,9 +11,10 @@ Adding unit ``j`` changes ``E`` by the rank-one term ``e eᵀ / (E_jj + τ_j)`` 
 ``e = E[:, j]`` (block inversion), so the decrease is ``eᵀ M e / (E_jj + τ_j)`` for every
 candidate at once.  ``E = Σ − C Cᵀ`` is kept implicitly through the chosen columns ``C``,
 and the numerators ``E_jᵀ M E_j`` are updated by a rank-one recurrence that needs one
-matrix-vector product with ``MΣ`` per step: O(m² + m·k) per step, O(k·m²) for ``k``
-units, in float64, without the m×m temporaries of explicit downdates (m = 1536 in a few
-seconds).
+pass over the ``k`` stored steps: O(m·k) per step after one O(m³) product, O(k²·m) for
+``k`` units, in float64, without the m×m temporaries of explicit downdates.  m = 1536
+at θ = 0.5 takes 2.4–3.3 s on 2 cores, 1.4–1.7× less than the m×m matrix-vector products
+per step it replaced (``benchmarks/scale.py --parts greedy``).
 Running all ``m`` steps gives the loss for every width in one pass (the error curve).
 
 Example::
@@ -139,13 +140,20 @@ def spectral_greedy(
     plain = theta == 1.0  # M = I
     # E = S − C Cᵀ is never formed: with c = E[:, j]/sqrt(E_jj + τ_j) the update is
     # E ← E − c cᵀ, and the gains' numerators num_j = E_jᵀ M E_j follow by
-    # num ← num − 2 c ⊙ (Mc)ᵀE + c² (cᵀMc), where (Mc)ᵀE = cᵀ(MS) − ((Mc)ᵀC) Cᵀ.
-    QT = S if plain else np.ascontiguousarray((M @ S).T)  # rows: (M S)[:, j]
-    num = np.einsum("ij,ji->i", QT, S)  # S_jᵀ M S_j
+    # num ← num − 2 c ⊙ v + c² (cᵀMc) with v = E M c = S M c − C (MC)ᵀ c.
+    # No m×m product per step: c, M c and S M c are each a column of S, M S and
+    # P = S M S less the same combination of the earlier steps' ones (c = (S_j − C C_jᵀ)/√d,
+    # and likewise for the others), so one pass over the stored steps gives all three.
+    MS = S if plain else M @ S  # column j: M S_j
+    P = S @ MS  # S M S (symmetric: its rows are its columns)
+    num = np.einsum("ij,ij->j", S, MS)  # S_jᵀ M S_j
+    SM = S if plain else np.ascontiguousarray(MS.T)  # row j: M S_j
     r = np.diag(S).copy()  # E_jj
     floor = rtol * max(float(np.max(r, initial=0.0)), 0.0)
-    C = np.zeros((m, k))
-    MC = C if plain else np.zeros((m, k))
+    # row s: [c_s, S M c_s] (M = I) or [c_s, M c_s, S M c_s]
+    parts = 2 if plain else 3
+    H = np.zeros((k, parts * m))
+    bases = (S, P) if plain else (S, SM, P)  # rows, read contiguously
     chosen = np.zeros(m, dtype=bool)
     order = np.empty(k, dtype=np.int64)
     losses = np.empty(k + 1)
@@ -162,16 +170,17 @@ def spectral_greedy(
         order[step] = j
         chosen[j] = True
         if live[j]:
-            Cs = C[:, :step]
-            e = S[:, j] - Cs @ C[j, :step]
-            c = e / np.sqrt(d[j])
-            mc = c if plain else M @ c
-            v = QT @ c - Cs @ (MC[:, :step].T @ c if not plain else Cs.T @ c)
+            Hs = H[:step]
+            row = np.concatenate([b[j] for b in bases])
+            if step:
+                row -= Hs[:, j] @ Hs
+            row /= np.sqrt(d[j])
+            c, g = row[:m], row[(parts - 1) * m :]
+            mc = c if plain else row[m : 2 * m]
+            v = g - (Hs[:, :m].T @ (Hs[:, (parts - 2) * m : (parts - 1) * m] @ c) if step else 0.0)
             num = num - 2.0 * c * v + c * c * float(c @ mc)
             r = r - c * c
-            C[:, step] = c
-            if not plain:
-                MC[:, step] = mc
+            H[step] = row
             # tr(M E) drops by cᵀMc; with M = I it is the sum of the tracked diagonal
             loss = float(r.sum()) if plain else loss - float(c @ mc)
         else:
