@@ -13,7 +13,7 @@ candidate at once.  ``E = Σ − C Cᵀ`` is kept implicitly through the chosen 
 and the numerators ``E_jᵀ M E_j`` are updated by a rank-one recurrence that needs one
 pass over the ``k`` stored steps: O(m·k) per step after one O(m³) product, O(k²·m) for
 ``k`` units, in float64, without the m×m temporaries of explicit downdates.  m = 1536
-at θ = 0.5 takes 2.4–3.3 s on 2 cores, 1.4–1.7× less than the m×m matrix-vector products
+at θ = 0.5 takes 2.5–3.7 s on 2 cores, 1.2–1.4× less than the m×m matrix-vector products
 per step it replaced (``benchmarks/scale.py --parts greedy``).
 Running all ``m`` steps gives the loss for every width in one pass (the error curve).
 
