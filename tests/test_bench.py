@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,15 +51,12 @@ def zygote() -> Iterator[subprocess.Popen[str]]:
     """One process with torch, transformers and spectrim imported, which forks a child per
     smoke run (tests/_bench_zygote.py): each script still runs in a fresh process of its
     own, without paying 4-9 s of imports every time."""
-    env = dict(os.environ)
-    if "SPECTRIM_DATA" in env:  # as bench.run passes it: absolute
-        env["SPECTRIM_DATA"] = str(Path(env["SPECTRIM_DATA"]).resolve())
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("_bench_zygote.py"))],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=env,
+        env=bench.child_env(),
         cwd=ROOT,
     )
     yield proc
@@ -73,9 +69,8 @@ def _smoke(zygote: subprocess.Popen[str], b: bench.Benchmark, argv: list[str], l
     """Run ``b`` at its smoke size in a child of ``zygote``, as ``bench.run(b, argv,
     smoke=True)`` runs it in a fresh Python; its exit status."""
     assert zygote.stdin is not None and zygote.stdout is not None
-    assert b.smoke is not None
-    req = {"path": str(b.path), "argv": [*b.smoke, *argv], "cwd": str(b.path.parent.parent),
-           "log": str(log), "timeout": 600}  # fmt: skip
+    b, args, cwd = bench.invocation(b, argv, smoke=True)
+    req = {"path": str(b.path), "argv": args, "cwd": str(cwd), "log": str(log), "timeout": 600}
     zygote.stdin.write(json.dumps(req) + "\n")
     zygote.stdin.flush()
     line = zygote.stdout.readline()

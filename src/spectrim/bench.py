@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-__all__ = ["Benchmark", "benchmarks_dir", "find", "run"]
+__all__ = ["Benchmark", "benchmarks_dir", "child_env", "find", "invocation", "run"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,41 @@ def find(folder: str | os.PathLike[str] | None = None) -> dict[str, Benchmark]:
     return {p.stem: _read(p) for p in sorted(root.glob("*.py")) if not p.name.startswith("_")}
 
 
+def child_env() -> dict[str, str]:
+    """The environment a benchmark runs in: this process's, with ``SPECTRIM_DATA`` made
+    absolute (the script runs in the benchmarks' parent folder)."""
+    env = dict(os.environ)
+    if "SPECTRIM_DATA" in env:
+        env["SPECTRIM_DATA"] = str(Path(env["SPECTRIM_DATA"]).resolve())
+    return env
+
+
+def invocation(
+    name: str | Benchmark,
+    args: list[str] | None = None,
+    *,
+    smoke: bool = False,
+    folder: str | os.PathLike[str] | None = None,
+) -> tuple[Benchmark, list[str], Path]:
+    """What :func:`run` runs: the benchmark, its arguments (after its ``SMOKE`` ones when
+    ``smoke``) and the folder it runs in (the benchmarks' parent).  Raises ``KeyError``
+    naming the known benchmarks for an unknown name, ``ValueError`` for ``smoke`` on a
+    script that declares no ``SMOKE``."""
+    if isinstance(name, Benchmark):
+        bench = name
+    else:
+        found = find(folder)
+        if name not in found:
+            raise KeyError(f"no benchmark {name!r}; known: {', '.join(found) or 'none'}")
+        bench = found[name]
+    argv = list(args or [])
+    if smoke:
+        if bench.smoke is None:
+            raise ValueError(f"benchmark {bench.name!r} declares no SMOKE arguments ({bench.path})")
+        argv = bench.smoke + argv
+    return bench, argv, bench.path.parent.parent
+
+
 def run(
     name: str | Benchmark,
     args: list[str] | None = None,
@@ -122,26 +157,11 @@ def run(
     the exit code.  ``stdout``: where the child's standard output goes instead (e.g.
     ``sys.stderr`` when this process's stdout carries JSON).  Raises ``KeyError`` naming
     the known benchmarks for an unknown name."""
-    if isinstance(name, Benchmark):
-        bench = name
-    else:
-        found = find(folder)
-        if name not in found:
-            raise KeyError(f"no benchmark {name!r}; known: {', '.join(found) or 'none'}")
-        bench = found[name]
-    name = bench.name
-    argv = list(args or [])
-    if smoke:
-        if bench.smoke is None:
-            raise ValueError(f"benchmark {name!r} declares no SMOKE arguments ({bench.path})")
-        argv = bench.smoke + argv
-    env = dict(os.environ)
-    if "SPECTRIM_DATA" in env:  # the child runs in the benchmarks' parent folder
-        env["SPECTRIM_DATA"] = str(Path(env["SPECTRIM_DATA"]).resolve())
+    bench, argv, cwd = invocation(name, args, smoke=smoke, folder=folder)
     proc = subprocess.run(
         [sys.executable, str(bench.path), *argv],
-        cwd=bench.path.parent.parent,
-        env=env,
+        cwd=cwd,
+        env=child_env(),
         timeout=timeout,
         stdout=stdout,
         check=False,

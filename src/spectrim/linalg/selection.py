@@ -128,7 +128,9 @@ def spectral_greedy(
         rtol: candidates with residual variance ``E_jj <= rtol·max(diag Σ)`` (and no
             ridge) carry nothing new and gain 0; ties go to the lowest index.
 
-    Complexity: O(k·m²) time, O(m²) memory.
+    Complexity: one m×m product (``Σ M Σ``, O(m³) at BLAS-3 speed) and O(k·m) per step,
+    O(m³ + k²·m) time in all; O(m² + k·m) memory.  Every caller in spectrim runs all m
+    steps; for k ≪ m the product dominates.
     """
     S = as_gram(sigma, "sigma")
     m = S.shape[0]
