@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,10 @@ def test_bad_settings_are_refused_by_name() -> None:
         spectrim.RepairConfig(optimizer="adam")
     with pytest.raises(ValueError, match="shuffle='rows'"):
         spectrim.RepairConfig(shuffle="rows")
+    with pytest.raises(ValueError, match=r"warmup=1 must be in \[0, 1\)"):
+        spectrim.RepairConfig(warmup=1)
+    with pytest.raises(ValueError, match=r"average=-0.1 must be in \[0, 1\)"):
+        spectrim.RepairConfig(average=-0.1)
     with pytest.raises(ValueError, match="dropout='yes'"):
         spectrim.RepairConfig(dropout="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown option"):
@@ -248,10 +254,7 @@ def test_auto_batch_norm_keeps_fitted_statistics_and_re_estimates_stale_ones() -
     assert chosen == {"fitted": "freeze", "stale": "recalibrate"}
 
 
-def test_a_repair_that_ends_further_from_the_teacher_returns_the_model_as_given() -> None:
-    """A recipe that drives the student away without reaching NaN (here a weight decay
-    that pulls every weight to zero) gives back the model as it was, with a warning, and
-    the report says so; a sound recipe keeps its result."""
+def _fair_student() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 5)).eval()
     student = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5))
@@ -260,7 +263,14 @@ def test_a_repair_that_ends_further_from_the_teacher_returns_the_model_as_given(
         student[0].bias.copy_(teacher[0].bias[:12])
         student[2].weight.copy_(teacher[2].weight[:, :12])
         student[2].bias.copy_(teacher[2].bias)
-    data = [torch.randn(32, 6) for _ in range(8)]
+    return teacher, student, [torch.randn(32, 6) for _ in range(8)]
+
+
+def test_a_repair_that_ends_further_from_the_teacher_returns_the_model_as_given() -> None:
+    """A recipe that drives the student away without reaching NaN (here a weight decay
+    that pulls every weight to zero) gives back the model as it was, with a warning, and
+    the report says so; a sound recipe keeps its result."""
+    teacher, student, data = _fair_student()
     bad = spectrim.RepairConfig(epochs=3, lr=0.05, optimizer="adamw", weight_decay=50.0)
     with pytest.warns(RuntimeWarning, match="returned as it was given"):
         back, rep = spectrim.repair(student, teacher, data, bad)
@@ -271,6 +281,52 @@ def test_a_repair_that_ends_further_from_the_teacher_returns_the_model_as_given(
     assert rep.kept == "repaired" and not rep.warnings
     assert rep.probe_loss_end < rep.probe_loss_start
     assert not all(torch.equal(good.state_dict()[k], v) for k, v in student.state_dict().items())
+
+
+def test_average_returns_the_moving_average_of_the_weights_of_every_step() -> None:
+    """average=a: the returned weights are w̄₁ = w₁, w̄ₖ = a·w̄ₖ₋₁ + (1 − a)·wₖ over the
+    weights wₖ after each step (recorded from the training itself), not the last ones;
+    a warmup changes the steps, not that rule."""
+    teacher, student, data = _fair_student()
+    for warmup in (0.0, 0.25):
+        steps: list[list[torch.Tensor]] = []
+        model = copy.deepcopy(student)
+
+        def record(it: Any, model: nn.Module = model, steps: list[Any] = steps) -> Any:
+            for batch in it:
+                yield batch  # the loop trains on it before asking for the next one
+                steps.append([p.detach().clone() for p in model.parameters()])
+
+        cfg = {"epochs": 2, "lr": 0.05, "average": 0.8, "warmup": warmup}
+        _, rep = spectrim.repair(model, teacher, data, cfg, inplace=True, progress=record)
+        assert rep.kept == "repaired" and rep.steps == len(steps) == 16
+        mean = steps[0]
+        for w in steps[1:]:
+            mean = [0.8 * m + 0.2 * x for m, x in zip(mean, w, strict=True)]
+        for p, m, last in zip(model.parameters(), mean, steps[-1], strict=True):
+            torch.testing.assert_close(p.detach(), m, rtol=1e-6, atol=1e-7)
+            assert not torch.allclose(p.detach(), last)
+
+
+def test_warmup_raises_the_learning_rate_linearly_then_follows_the_cosine() -> None:
+    """The schedule's factor per step against its formula, brute force: with no warmup
+    it is the cosine from 1 to 0 of before; a warmup of a quarter starts at 1/4 of the
+    rise, reaches 1 at its end, and the cosine then runs over the remaining steps."""
+    from spectrim.repair import _schedule
+
+    total = 12
+    for s in range(total + 1):
+        assert _schedule(total, 0.0, s) == pytest.approx(0.5 * (1 + math.cos(math.pi * s / total)))
+    rise = 3
+    got = [_schedule(total, 0.25, s) for s in range(total + 1)]
+    assert got[:rise] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    for s in range(rise, total + 1):
+        want = 0.5 * (1 + math.cos(math.pi * (s - rise) / (total - rise)))
+        assert got[s] == pytest.approx(want)
+    # the first step of a warmup trains: the model moves
+    teacher, student, data = _fair_student()
+    moved, _ = spectrim.repair(student, teacher, data[:1], {"steps": 1, "warmup": 0.5})
+    assert not torch.equal(moved[0].weight, student[0].weight)
 
 
 def test_recalibrate_batch_norm_sees_the_variance_between_sorted_batches() -> None:

@@ -37,6 +37,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 from warnings import warn as _warn
 
@@ -64,6 +65,12 @@ class RepairConfig:
         epochs: passes over the data (fractions allowed); ignored when ``steps`` is set.
         steps: optimiser steps (one per batch).
         lr: peak learning rate, cosine to zero.
+        warmup: the fraction of the steps over which the learning rate rises linearly
+            from zero to ``lr`` before the cosine (``0``, default: none).
+        average: the decay of an exponential moving average of the student's weights,
+            updated after every step and returned instead of the last weights (``0``,
+            default: the last weights; ``0.99``–``0.999`` is the usual range).  Buffers
+            (BatchNorm statistics) are the last ones.
         optimizer: ``"sgd"`` (default; Nesterov momentum) or ``"adamw"`` (``momentum``
             is its ``β₁``; the usual choice for transformers, at ``lr`` about 1e-4).
         momentum: SGD momentum.
@@ -111,6 +118,8 @@ class RepairConfig:
     epochs: float = 1.0
     steps: int | None = None
     lr: float = 0.01
+    warmup: float = 0.0
+    average: float = 0.0
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -130,6 +139,10 @@ class RepairConfig:
             raise ValueError(f"repair: steps={self.steps!r} must be a positive integer")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"repair: lr={self.lr!r} must be a positive number")
+        if not (math.isfinite(self.warmup) and 0 <= self.warmup < 1):
+            raise ValueError(f"repair: warmup={self.warmup!r} must be in [0, 1)")
+        if not (math.isfinite(self.average) and 0 <= self.average < 1):
+            raise ValueError(f"repair: average={self.average!r} must be in [0, 1)")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"repair: optimizer={self.optimizer!r} must be 'sgd' or 'adamw'")
         if self.loss not in _LOSSES:
@@ -607,6 +620,22 @@ class _Blocks:
             h.remove()
 
 
+def _schedule(total: int, warmup: float, step: int) -> float:
+    """The learning rate's factor at ``step`` of ``total``: linear warmup, then cosine.
+
+    >>> [round(_schedule(10, 0.2, s), 3) for s in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    rise = round(warmup * total)
+    if step < rise:  # the first step already moves
+        return (step + 1) / rise
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - rise, total - rise) / max(1, total - rise)))
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def repair(
     model: nn.Module,
     original: nn.Module,
@@ -658,7 +687,7 @@ def repair(
         while True:
             yield from (data if pool is None else pool.epoch(g))
 
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = _trainable(student)
     opt: torch.optim.Optimizer
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(
@@ -669,9 +698,7 @@ def repair(
             params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )  # fmt: skip
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_schedule, total, cfg.warmup))
     it: Iterable[Any] = _Steps(total, stream())
     if progress is True:
         from tqdm.auto import tqdm
@@ -709,6 +736,14 @@ def repair(
     losses: list[float] = []
     examples = 0
     blocks: _Blocks | None = None
+    # the average of the weights only (the buffers of the last step are used with it)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.average)
+        )
+        if cfg.average > 0
+        else None
+    )
     t0 = time.perf_counter()
     try:
         for batch in it:
@@ -733,6 +768,8 @@ def repair(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(student)
             losses.append(float(loss.detach()))
             examples += int(t.shape[0]) if t.dim() else 1
     finally:
@@ -740,6 +777,10 @@ def repair(
             blocks.remove()
         student.train(was_training)
         teacher.train(teacher_training)
+    if ema is not None and losses:
+        with torch.no_grad():
+            for p, q in zip(params, _trainable(ema.module), strict=True):
+                p.copy_(q)
     student.eval()
     end = probe.loss(student) if probe is not None else math.nan
     warnings: list[str] = []

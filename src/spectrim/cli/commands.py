@@ -427,6 +427,8 @@ def _repair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "repair": {
             "epochs": args.repair_epochs,
             "lr": args.repair_lr,
+            "warmup": args.repair_warmup,
+            "average": args.repair_average,
             "augment": augment,
             "optimizer": args.repair_optimizer,
             "features": args.repair_features,

@@ -597,6 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="repair learning rate (cosine to 0; default: %(default)s; about 1e-4 for adamw)",
     )  # fmt: skip
     p.add_argument(
+        "--repair-warmup", type=float, default=0.0, metavar="F",
+        help="raise the repair learning rate linearly over the first fraction F of the "
+        "steps (default: 0, none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--repair-average", type=float, default=0.0, metavar="DECAY",
+        help="return the moving average of the repaired weights with this decay per step, "
+        "e.g. 0.99 (default: 0, the last weights)",
+    )  # fmt: skip
+    p.add_argument(
         "--repair-optimizer", choices=("sgd", "adamw"), default="sgd",
         help="repair optimiser: SGD with Nesterov momentum (default) or AdamW (transformers)",
     )  # fmt: skip
