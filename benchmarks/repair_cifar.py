@@ -103,6 +103,12 @@ def main() -> None:
     )
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument(
+        "--warmup", type=float, default=0.0, help="RepairConfig.warmup (fraction of the steps)"
+    )
+    ap.add_argument(
+        "--average", type=float, default=0.0, help="RepairConfig.average (EMA decay per step)"
+    )
     ap.add_argument("--loss", default="mse", choices=("mse", "kl"))
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     ap.add_argument("--weight-decay", type=float, default=0.0)
@@ -157,6 +163,8 @@ def main() -> None:
     recipe = spectrim.RepairConfig(
         epochs=args.epochs,
         lr=args.lr,
+        warmup=args.warmup,
+        average=args.average,
         optimizer=args.optimizer,
         weight_decay=args.weight_decay,
         loss=args.loss,
