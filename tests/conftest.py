@@ -18,7 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch.manual_seed(0)
-torch.set_num_threads(2)
+# The machine has two cores. Under pytest-xdist (the README's command runs two workers)
+# each worker and the processes it starts get one thread: two workers of two threads
+# each would oversubscribe the cores, and OpenMP's spinning threads then wait on each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(max(1, 2 // _WORKERS))
 
 # Property tests explore new random examples on every local run; under CI they replay a
 # fixed sequence, so a landing never turns red by the luck of the draw (a failure found
