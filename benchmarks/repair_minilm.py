@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--epochs", default="1,3", help="repair epochs, comma-separated")
     ap.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"))
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument(
+        "--warmup", type=float, default=0.0, help="RepairConfig.warmup (fraction of the steps)"
+    )
     ap.add_argument("--features", type=float, default=0.0, help="weight of the layers' term")
     ap.add_argument("--test-limit", type=int, help="score on N STS-B test pairs (spread)")
     ap.add_argument(
@@ -109,6 +112,7 @@ def main() -> None:
             cfg = spectrim.RepairConfig(
                 epochs=epochs,
                 lr=args.lr,
+                warmup=args.warmup,
                 optimizer=args.optimizer,
                 features=args.features,
                 shuffle=args.shuffle,
