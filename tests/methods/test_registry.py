@@ -13,8 +13,8 @@ from torch import nn
 import spectrim
 from spectrim.calibration import GramAccumulator
 from spectrim.graph import UnitGroup
-from spectrim.methods import available, get_method, register_method
-from spectrim.methods.base import _REGISTRY, GroupSolver, Method
+from spectrim.methods import available, get_method, register_method, unregister_method
+from spectrim.methods.base import GroupSolver, Method
 from spectrim.methods.interpolative import IDSolver
 
 
@@ -41,7 +41,7 @@ def probe() -> Iterator[type[Method]]:
             return IDSolver(group, {n: acc.gram_numpy() * self.scale for n, acc in stats.items()})
 
     yield Probe
-    _REGISTRY.pop(("test-probe", "channel"), None)
+    unregister_method("test-probe")
 
 
 def test_registered_method_runs_through_compress(probe: type[Method]) -> None:
@@ -58,6 +58,26 @@ def test_registered_method_runs_through_compress(probe: type[Method]) -> None:
         get_method("test-probe", sclae=2.0)
     with pytest.raises(ValueError, match="already registered"):
         register_method("id")(probe)
+
+
+def test_unregister_takes_a_method_out_and_names_a_missing_one() -> None:
+    """A plug-in (or a docstring example) leaves the process's registry as it found it:
+    unregistered, the name is gone from ``available`` and ``compress`` refuses it; the
+    same name can be registered again; an unknown name is refused by name."""
+
+    class First(Method):
+        needs_statistics = False
+
+    register_method("test-gone")(First)
+    assert "test-gone" in available()
+    unregister_method("test-gone")
+    assert "test-gone" not in available()
+    with pytest.raises(ValueError, match="test-gone"):
+        spectrim.compress(nn.Linear(4, 4), torch.randn(8, 4), method="test-gone")
+    register_method("test-gone")(First)  # no "already registered": it was removed
+    unregister_method("test-gone")
+    with pytest.raises(ValueError, match="no weight method named 'test-gone' is registered"):
+        unregister_method("test-gone", kind="weight")
 
 
 def test_compress_runs_numpy_blas_on_one_thread_and_restores_it(probe: Any) -> None:
@@ -97,4 +117,4 @@ def test_the_sequential_pass_uses_the_solvers_own_refit() -> None:
         assert calls == ["2"]
         torch.testing.assert_close(small[2].weight, 0.5 * ref[2].weight, rtol=1e-6, atol=1e-7)
     finally:
-        _REGISTRY.pop(("test-halved", "channel"), None)
+        unregister_method("test-halved")

@@ -10,6 +10,7 @@ from spectrim.methods.base import (
     method_kinds,
     method_pair,
     register_method,
+    unregister_method,
 )
 from spectrim.methods.weights import MatrixUnit, WeightMethod
 
@@ -24,4 +25,5 @@ __all__ = [
     "method_kinds",
     "method_pair",
     "register_method",
+    "unregister_method",
 ]

@@ -6,12 +6,21 @@ allocator and a :class:`~spectrim.graph.GroupPlan` for any kept width.  Register
 new method touches no core file::
 
     >>> import numpy as np
-    >>> from spectrim.methods import Method, register_method
+    >>> from spectrim.methods import Method, OrderSolver, available, register_method
     >>> @register_method("first-k")
     ... class FirstK(Method):
     ...     needs_statistics = False
     ...     def solver(self, group, stats, model):
     ...         return OrderSolver(group, np.arange(group.width))
+    >>> "first-k" in available()
+    True
+
+and :func:`unregister_method` takes it out again (the registry is global to the process)::
+
+    >>> from spectrim.methods import unregister_method
+    >>> unregister_method("first-k")
+    >>> "first-k" in available()
+    False
 """
 
 from __future__ import annotations
@@ -299,6 +308,17 @@ def register_method(name: str, kind: str = "channel") -> Callable[[M], M]:
         return cls
 
     return deco
+
+
+def unregister_method(name: str, kind: str = "channel") -> None:
+    """Remove the method registered under ``name`` for ``kind`` (a plug-in's or a test's:
+    every later :func:`get_method`, ``compress`` and ``available`` call no longer sees it).
+
+    Raises:
+        ValueError: no ``kind`` method is registered under ``name``.
+    """
+    if _REGISTRY.pop((name, kind), None) is None:
+        raise ValueError(f"no {kind} method named {name!r} is registered")
 
 
 def method_kinds(name: str) -> list[str]:
