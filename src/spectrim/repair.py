@@ -66,7 +66,8 @@ class RepairConfig:
         steps: optimiser steps (one per batch).
         lr: peak learning rate, cosine to zero.
         warmup: the fraction of the steps over which the learning rate rises linearly
-            from zero to ``lr`` before the cosine (``0``, default: none).
+            to ``lr`` (``lr/n`` at the first of those ``n`` steps) before the cosine
+            (``0``, default: none).
         average: the decay of an exponential moving average of the student's weights,
             updated after every step and returned instead of the last weights (``0``,
             default: the last weights; ``0.99``–``0.999`` is the usual range).  Buffers
