@@ -11,7 +11,9 @@ the cosine of each test sentence's embedding to the dense model's (mean, worst, 
 
 The sentences are a seeded sample of sts-train by default (``--sample random``: captions,
 news and forum posts); ``--sample first`` takes the first ones in file order (captions
-only: the runs before this option).  ``--method`` and ``--set KEY=VALUE`` choose the method
+only: the runs before this option); ``--pool dev`` draws them from sts-dev instead, whose
+forum posts are StackExchange answers like sts-test's (sts-train's are DEFT discussion
+threads).  ``--method`` and ``--set KEY=VALUE`` choose the method
 and any compress() option; ``--orders padded`` runs one batching only.
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/minilm_ffn.py --sample first \\
@@ -40,6 +42,7 @@ from sparsify_minilm import (
     parse_options,
     pick_sentences,
     read_genres,
+    read_pool,
     read_sts,
 )
 
@@ -58,6 +61,14 @@ def main() -> None:
         choices=("first", "random"),
         help="calibration sentences: a seeded sample of sts-train (captions, news, forums; "
         "default) or the first in file order (captions only, as before)",
+    )
+    ap.add_argument(
+        "--pool",
+        default="train",
+        choices=("train", "dev", "train+dev"),
+        help="the STS-B split(s) the calibration sentences are drawn from (never test): "
+        "sts-dev's forum posts are StackExchange answers like sts-test's, sts-train's are "
+        "DEFT discussion threads",
     )
     ap.add_argument("--target", default="width=0.5")
     ap.add_argument("--threads", type=int, default=2)
@@ -92,8 +103,12 @@ def main() -> None:
     args = ap.parse_args()
     root = data_root()
     torch.set_num_threads(args.threads)
-    model, tok, train_sents = load_minilm(root)
+    model, tok, _ = load_minilm(root)
+    genre_of = read_pool(root, args.pool)
+    train_sents = list(genre_of)
     sentences = pick_sentences(train_sents, args.calib, args.sample)
+    mix = {g: sum(genre_of[t] == g for t in sentences) for g in sorted(set(genre_of.values()))}
+    print(f"calibration: {len(sentences)} sentences of {args.pool}, by genre {mix}")
     every = {
         "padded": lambda: sentences,
         "bucketed": lambda: sorted(sentences, key=lambda s: len(tok(s)["input_ids"])),
@@ -162,6 +177,8 @@ def main() -> None:
         "dense_spearman": dense,
         "calibration_sentences": len(sentences),
         "sample": args.sample,
+        "pool": args.pool,
+        "calibration_genres": mix,
         "test_pairs": len(pairs),
         "spectrim": spectrim.__file__,
         "runs": runs,

@@ -136,6 +136,24 @@ def pick_sentences(sentences: list[str], n: int, sample: str, seed: int = 0) -> 
     return [sentences[int(i)] for i in order[:n]]
 
 
+def read_pool(root: Path, splits: str = "train") -> dict[str, str]:
+    """The unique sentences of the STS-B ``splits`` (``"train"``, ``"dev"`` or
+    ``"train+dev"``; never the test split) in file order, each with its genre.
+
+    sts-train's forum posts are DEFT discussion threads; sts-dev's, like sts-test's, are
+    StackExchange answers, so ``dev`` holds the kind of forum sentence the test scores."""
+    pool: dict[str, str] = {}
+    for split in splits.split("+"):
+        if split not in ("train", "dev"):
+            raise ValueError(f"splits={splits!r}: each must be 'train' or 'dev'")
+        path = root / "stsbenchmark" / f"sts-{split}.csv"
+        pairs, _ = read_sts(path)
+        for (a, b), genre in zip(pairs, read_genres(path), strict=True):
+            pool.setdefault(a, genre)
+            pool.setdefault(b, genre)
+    return pool
+
+
 def data_root() -> Path:
     """``$SPECTRIM_DATA`` (default: ``../shared/data`` next to the checkout), with the
     Hugging Face hub offline: the model is the installed package's copy."""
