@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument(
         "--average", type=float, default=0.0, help="RepairConfig.average (EMA decay per step)"
     )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="RepairConfig.seed (batch order, crops, flips)"
+    )
     ap.add_argument("--loss", default="mse", choices=("mse", "kl"))
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     ap.add_argument("--weight-decay", type=float, default=0.0)
@@ -171,6 +174,7 @@ def main() -> None:
         batch_norm=args.batch_norm,
         augment=None if args.augment == "none" else args.augment,
         features=args.features,
+        seed=args.seed,
     )
     for name, build in _variants(model, calib, args.variants.split(",")).items():
         t = time.perf_counter()
