@@ -106,15 +106,17 @@ def main() -> None:
         perm = id_from_rows(acts).perm
         for k in keeps:
             kept = perm[:k]
+            # the plain fold's normal equations, shared by its ridge rows
+            plain = np.hstack([acts[:, kept], np.ones((len(acts), 1))])
+            G, rhs = plain.T @ plain, plain.T @ y
             for bypass, ridge in [(False, 0.0), (True, 0.0)] + [(False, r) for r in ridges]:
                 fit = [acts[:, kept], np.ones((len(acts), 1))] + ([x] if bypass else [])
                 held = [acts_held[:, kept], np.ones((len(acts_held), 1))]
                 held += [x_held] if bypass else []
                 F, F_held = np.hstack(fit), np.hstack(held)
                 if ridge:
-                    G = F.T @ F
                     shrink = np.r_[np.full(k, ridge * np.trace(G[:k, :k]) / k), 0.0]
-                    C = np.linalg.solve(G + np.diag(shrink), F.T @ y)
+                    C = np.linalg.solve(G + np.diag(shrink), rhs)
                 else:
                     C = np.linalg.lstsq(F, y, rcond=None)[0]
                 params = k * (2 * d + 1) + d + (d * d if bypass else 0)

@@ -47,7 +47,7 @@ from sparsify_minilm import (
 )
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
-SMOKE = ["--calib", "16", "--orders", "padded", "--test-limit", "32"]  # fmt: skip
+SMOKE = ["--calib", "16", "--orders", "padded", "--test-limit", "32", "--pool", "train+dev"]  # fmt: skip
 
 
 def main() -> None:
@@ -105,8 +105,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok, _ = load_minilm(root)
     genre_of = read_pool(root, args.pool)
-    train_sents = list(genre_of)
-    sentences = pick_sentences(train_sents, args.calib, args.sample)
+    pool = list(genre_of)
+    sentences = pick_sentences(pool, args.calib, args.sample)
     mix = {g: sum(genre_of[t] == g for t in sentences) for g in sorted(set(genre_of.values()))}
     print(f"calibration: {len(sentences)} sentences of {args.pool}, by genre {mix}")
     every = {
@@ -116,7 +116,7 @@ def main() -> None:
     orders = {name: every[name]() for name in args.orders.split(",")}
     options = parse_options(args.set)
     if args.search_data:
-        held = pick_sentences(train_sents, args.calib + args.search_data, args.sample)
+        held = pick_sentences(pool, args.calib + args.search_data, args.sample)
         held = held[args.calib :]
         if args.search_score == "cosine":
             held_dense = embed(model, tok, held)

