@@ -88,6 +88,9 @@ def main() -> None:
     both = pick_sentences(train, 2 * args.calib, "random")
     layers = [int(v) for v in args.layers.split(",")]
     keeps = [int(v) for v in args.keep.split(",")]
+    width = model.config.intermediate_size
+    if not all(0 < k <= width for k in keeps):
+        ap.error(f"--keep {args.keep}: each count must be in 1..{width} (the FFN's width)")
     ridges = [float(v) for v in args.ridges.split(",") if v]
     t = time.perf_counter()
     xs = ffn_inputs(model, tok, both[: args.calib], layers)
