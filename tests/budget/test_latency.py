@@ -62,15 +62,17 @@ def test_module_latencies_sum_a_module_called_twice() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.lin = nn.Linear(512, 512)
+            self.other = nn.Linear(512, 512)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.lin(self.lin(x))
+            return self.other(self.lin(self.lin(x)))
 
     x = torch.randn(512, 512)
     per, total = module_latencies(Twice(), x, warmup=2, repeats=9)
-    once, _ = module_latencies(nn.Sequential(nn.Linear(512, 512)), x, warmup=2, repeats=9)
-    assert set(per) == {"lin"} and per["lin"] <= total
-    assert per["lin"] > 1.3 * once["0"]  # two calls' time, not the last one's
+    assert set(per) == {"lin", "other"} and per["lin"] + per["other"] <= total
+    # two calls' time, not the last one's: against a twin called once in the same passes,
+    # so a busy machine slows both alike
+    assert per["lin"] > 1.3 * per["other"]
 
 
 def test_compress_to_a_latency_target_on_a_matmul_bound_model() -> None:
