@@ -11,9 +11,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import os
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -215,6 +219,7 @@ def compress(
                 result = _then(result, batches, info, then, ctx, nonzeros0)
             if run_on is not None and home is not None and run_on != home:
                 result[0].to(home)
+        _say_if_unchanged(result[1], cfg)
         if rcfg is not None:
             data = as_batches(calibration if repair_data is None else repair_data)
             _, rrep = run_repair(result[0], model, data, rcfg, inplace=True, progress=progress)
@@ -227,6 +232,52 @@ def compress(
             if run_on is not None and home is not None and run_on != home:
                 model.to(home)
         raise
+
+
+#: target kinds that keep a fraction ``F`` of something: ``F < 1`` asks for a smaller model
+_SHRINKING = frozenset({"macs", "params", "latency", "width", "heads", "hidden", "experts"})
+
+
+def _say_if_unchanged(report: CompressionReport, cfg: CompressConfig) -> None:
+    """Warn (in Python, and first in ``report.warnings``) when a target that asked for a
+    smaller model got the model back whole: the reasons (pins, too few calibration rows)
+    are in the report, which a caller may never read."""
+    tgt = cfg.parsed_target
+    if tgt.kind == "sparsity":
+        asked = tgt.value > 0 and report.nonzeros_before > 0
+    else:
+        asked = tgt.kind in _SHRINKING and tgt.value < 1
+    changed = (
+        report.params_after < report.params_before
+        or report.macs_after < report.macs_before
+        or report.nonzeros_after < report.nonzeros_before
+    )
+    if not asked or changed:
+        return
+    free = [g for g in report.groups if g.pinned is None]
+    if free:  # e.g. width=0.96 of a 5-wide layer rounds back up to 5
+        why = (
+            f"the {len(free)} unit group(s) not pinned kept every channel at this target (a "
+            "fraction of a narrow width rounds up to all of it; round_to and min_width too)"
+        )
+    else:
+        why = report.warnings[0] if report.warnings else "no unit group could be narrowed"
+    message = (
+        f"compress: target {tgt} asked for a smaller model, but the model came back "
+        f"unchanged: {why}; report.warnings and report.groups[i].pinned give every reason"
+    )
+    report.warnings.insert(0, message)
+    warnings.warn(message, RuntimeWarning, stacklevel=_outside_stacklevel())
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: the first frame outside
+    this package and the decorators (contextlib) wrapped around its entry points."""
+    inside = (os.path.dirname(os.path.abspath(__file__)) + os.sep, contextlib.__file__)
+    frame, level = sys._getframe(1), 1  # level 1: the frame that calls warnings.warn
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _devices(

@@ -74,6 +74,27 @@ def test_compress_tabular_mlp(fmt: str, housing: dict[str, Path], tmp_path: Path
     assert r["fidelity"]["rel_l2"] < 0.2  # half of each hidden layer, corrected: outputs kept
 
 
+def test_too_few_rows_for_every_layer_is_said_once(
+    housing: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """20 rows for 64-wide layers: nothing is compressed, and the command says so first
+    among its warnings (not again as a Python RuntimeWarning on stderr)."""
+    argv = ["compress", "--model", str(housing["model"]), "--data", str(housing["npz"]),
+            "--calib", "20", "--target", "width=0.5", "--out", str(tmp_path / "small")]  # fmt: skip
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert not [w for w in seen if "came back unchanged" in str(w.message)]
+    lines = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert lines[0].startswith(
+        "warning: compress: target width=0.5 asked for a smaller model, but the model came "
+        "back unchanged: "
+    ), out
+    assert "too few calibration rows" in lines[0]
+    assert "RuntimeWarning" not in err and "came back unchanged" not in err
+
+
 def test_a_bad_csv_value_is_named(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("a,b,y\n1,2,0\n3,x,1\n")
     with pytest.raises(ValueError, match=r"line 3: 'x' is not a number"):

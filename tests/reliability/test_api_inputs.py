@@ -3,6 +3,7 @@ warning where the run can go on; never a deep traceback, never a silently wrong 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -211,3 +212,34 @@ def test_a_transformer_that_fails_by_itself_is_named_on_every_route(target: str)
     batches = [{"input_ids": torch.randint(60, 90, (4, 8))}]
     with pytest.raises(ValueError, match="fails on the first calibration batch by itself"):
         spectrim.compress(model, batches, "id", target)
+
+
+def test_a_smaller_model_asked_for_and_none_made_is_said_in_python_too() -> None:
+    """Every group pinned (8 rows for 64 channels, and the output layer): the model comes back whole, and a
+    caller who never reads the report hears it from a RuntimeWarning naming the reason."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(RuntimeWarning, match=r"target width=0.5 .* came back unchanged") as seen:
+        small, report = spectrim.compress(mlp, x, "id", "width=0.5")
+    assert "too few calibration rows" in str(seen[0].message)  # the reason, not only the fact
+    assert seen[0].filename == __file__  # points at the caller's line
+    assert report.warnings[0] == str(seen[0].message)
+    assert report.params_after == report.params_before
+    assert all(torch.equal(a, b) for a, b in zip(small.parameters(), mlp.parameters()))
+    # with enough rows the same call compresses, and says nothing of the kind
+    more = torch.randn(256, 16, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, done = spectrim.compress(mlp, more, "id", "width=0.5")
+    assert done.params_after < done.params_before
+    assert not any("came back unchanged" in w for w in done.warnings)
+    # a target that asks for nothing smaller is no reason to warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        spectrim.compress(mlp, x, "id", "width=1.0")
+    # nothing pinned but a width that rounds back up: that is the reason given
+    narrow = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.warns(RuntimeWarning, match=r"not pinned kept every channel") as seen:
+        _, same = spectrim.compress(narrow, more, "id", "width=0.9")
+    assert same.params_after == same.params_before and "too few" not in str(seen[0].message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,6 @@ def run_compress(args: argparse.Namespace) -> int:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
-    from spectrim.api import compress
     from spectrim.distributed import Team
     from spectrim.evaluation import evaluate
 
@@ -215,7 +215,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     )
     model = resolved.model.eval()
 
-    small, report = compress(model, calib_x, **_compress_kwargs(args, target, then))
+    small, report = _compress(model, calib_x, **_compress_kwargs(args, target, then))
     if not Team().is_root:
         return 0
     result = evaluate(
@@ -344,6 +344,16 @@ def _outcome(
         out["latency"] = latency
     out["report"] = report.to_dict()
     return out
+
+
+def _compress(model: Any, calibration: Any, **kwargs: Any) -> Any:
+    """``spectrim.compress``, its "came back unchanged" RuntimeWarning left to the report:
+    the command prints ``report.warnings``, where that message comes first."""
+    from spectrim.api import compress
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "compress: target .* came back unchanged", RuntimeWarning)
+        return compress(model, calibration, **kwargs)
 
 
 def _print_tail(out: Any, latency: dict[str, Any] | None, report: Any, saved: Any) -> None:
@@ -489,7 +499,6 @@ def _compress_text(
     keeps the file's), the first ``--calib`` calibrate, the rest (up to
     ``--eval-limit``) measure how close the compressed model's mean-pooled outputs stay
     to the original's (cosine)."""
-    from spectrim.api import compress
     from spectrim.calibration.text import text_batches
     from spectrim.distributed import Team
 
@@ -534,7 +543,7 @@ def _compress_text(
     kwargs = _compress_kwargs(args, target, then)
     if search_texts:
         kwargs["search_data"] = text_batches(search_texts, tok, args.text_batch, args.max_length)
-    small, report = compress(model, calib, **kwargs)
+    small, report = _compress(model, calib, **kwargs)
     if not Team().is_root:
         return 0
     fidelity, line = _text_fidelity(small, model, evaluation)
