@@ -18,9 +18,10 @@ by alternating least squares (no gradient descent, no labels):
    sampled tokens, kept at the largest of the step sizes 1, ½, ¼ that lowers the
    calibration error of step 1's fit; then step 1 again.
 
-The model is first compressed by ``spectrim.compress`` (``spectral``, ``theta=0``,
-``tau=none``, half of every FFN by default (``--target``): stop 46's best setting), then
-the FFNs (``--layers``, default all six) are stepped in order, each on its inputs in the already-stepped model, towards the dense model's FFN
+The model is first compressed by ``spectrim.compress`` (by default ``spectral`` with
+``theta=0``, ``tau=none``, half of every FFN: stop 46's best setting; ``--method``,
+``--target``), then the FFNs (``--layers``, default all six) are stepped in order, each on
+its inputs in the already-stepped model, towards the dense model's FFN
 output on the dense model's inputs (so each layer also corrects what reaches it).  Per
 layer: the relative squared error of the FFN output on the calibration tokens and on
 ``--held`` other sentences' tokens, before and after; then STS-B Spearman and the cosine of
@@ -55,7 +56,7 @@ from sparsify_minilm import (
 )
 
 # the few-second run of the test suite (tests/test_bench.py; spectrim bench --smoke)
-SMOKE = ["--calib", "128", "--held", "16", "--target", "width=0.1", "--layers", "0,5", "--steps", "1", "--tokens", "300", "--test-limit", "16"]  # fmt: skip
+SMOKE = ["--method", "id", "--calib", "128", "--held", "16", "--target", "width=0.1", "--layers", "5", "--steps", "1", "--tokens", "300", "--test-limit", "8"]  # fmt: skip
 
 
 def with_ones(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +123,11 @@ def main() -> None:
     ap.add_argument("--held", type=int, default=512, help="held-out sentences (same pool)")
     ap.add_argument("--pool", default="dev", choices=("train", "dev", "train+dev"))
     ap.add_argument("--target", default="width=0.5", help="spectrim.compress's target")
+    ap.add_argument(
+        "--method",
+        default="spectral",
+        help="spectrim.compress's method (spectral runs with theta=0, tau=none)",
+    )
     ap.add_argument("--layers", help="the layers to step, e.g. 0,5 (default: all)")
     ap.add_argument("--steps", type=int, default=2, help="Gauss–Newton steps per layer")
     ap.add_argument("--tokens", type=int, default=6000, help="tokens sampled per step")
@@ -154,8 +160,9 @@ def main() -> None:
     genres = read_genres(test, args.test_limit)
     dense_emb = (embed(model, tok, [a for a, _ in pairs]), embed(model, tok, [b for _, b in pairs]))
 
+    options = {"theta": 0, "tau": "none"} if args.method == "spectral" else {}
     t0 = time.perf_counter()
-    small, report = spectrim.compress(model, calib, "spectral", args.target, theta=0, tau="none")
+    small, report = spectrim.compress(model, calib, args.method, args.target, **options)
     compress_seconds = time.perf_counter() - t0
     before = fidelity(small, tok, pairs, gold, genres, dense_emb)
     print(f"spectrim: Spearman {before['spearman']:.2f} cosine {before['cosine_mean']:.4f}")
