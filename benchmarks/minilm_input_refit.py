@@ -196,19 +196,19 @@ def main() -> None:
         C = fold(act, X, W1, b1, Y)
         row["refit"] = errors(act, data, W1, b1, C)
         row["steps"] = []
+        now = row["refit"]  # (calibration, held-out) errors of the weights in hand
         for _ in range(args.steps):
             pick = torch.randperm(len(X), generator=g)[: args.tokens]
             step = input_step(act, X, Y, W1, b1, C, args.damping, pick)
-            now = errors(act, data, W1, b1, C)[0]
+            taken = 0.0
             for size in (1.0, 0.5, 0.25):
                 W1n, b1n = W1 + size * step[:, :-1], b1 + size * step[:, -1]
                 Cn = fold(act, X, W1n, b1n, Y)
-                if errors(act, data, W1n, b1n, Cn)[0] < now:
-                    W1, b1, C = W1n, b1n, Cn
-                    row["steps"].append({"size": size, "errors": errors(act, data, W1, b1, C)})
+                tried = errors(act, data, W1n, b1n, Cn)
+                if tried[0] < now[0]:
+                    W1, b1, C, now, taken = W1n, b1n, Cn, tried, size
                     break
-            else:
-                row["steps"].append({"size": 0.0, "errors": errors(act, data, W1, b1, C)})
+            row["steps"].append({"size": taken, "errors": now})
         k = W1.shape[0]
         with torch.no_grad():
             small_ffn.intermediate.dense.weight.copy_(W1)

@@ -215,8 +215,9 @@ def test_a_transformer_that_fails_by_itself_is_named_on_every_route(target: str)
 
 
 def test_a_smaller_model_asked_for_and_none_made_is_said_in_python_too() -> None:
-    """Every group pinned (8 rows for 64 channels, and the output layer): the model comes back whole, and a
-    caller who never reads the report hears it from a RuntimeWarning naming the reason."""
+    """Every group pinned (8 rows for 64 channels, and the output layer): the model comes
+    back whole, and a caller who never reads the report hears it from a RuntimeWarning
+    naming the reason."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
