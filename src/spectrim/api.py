@@ -219,7 +219,7 @@ def compress(
                 result = _then(result, batches, info, then, ctx, nonzeros0)
             if run_on is not None and home is not None and run_on != home:
                 result[0].to(home)
-        _say_if_unchanged(result[1], cfg)
+        _say_if_unchanged(result[1], cfg, loud=team.is_root)
         if rcfg is not None:
             data = as_batches(calibration if repair_data is None else repair_data)
             _, rrep = run_repair(result[0], model, data, rcfg, inplace=True, progress=progress)
@@ -238,10 +238,11 @@ def compress(
 _SHRINKING = frozenset({"macs", "params", "latency", "width", "heads", "hidden", "experts"})
 
 
-def _say_if_unchanged(report: CompressionReport, cfg: CompressConfig) -> None:
+def _say_if_unchanged(report: CompressionReport, cfg: CompressConfig, loud: bool = True) -> None:
     """Warn (in Python, and first in ``report.warnings``) when a target that asked for a
     smaller model got the model back whole: the reasons (pins, too few calibration rows)
-    are in the report, which a caller may never read."""
+    are in the report, which a caller may never read.  ``loud=False`` (every rank of a
+    team but rank 0) puts it in the report only: one process says it, not every one."""
     tgt = cfg.parsed_target
     if tgt.kind == "sparsity":
         asked = tgt.value > 0 and report.nonzeros_before > 0
@@ -255,7 +256,14 @@ def _say_if_unchanged(report: CompressionReport, cfg: CompressConfig) -> None:
     if not asked or changed:
         return
     free = [g for g in report.groups if g.pinned is None]
-    if free:  # e.g. width=0.96 of a 5-wide layer rounds back up to 5
+    unreachable = any(w.startswith(f"target {tgt} is unreachable") for w in report.warnings)
+    if unreachable and cfg.on_unreachable == "stop":  # the allocator stopped at the start
+        why = (
+            "the target is unreachable, and narrowing any group that could shrink would "
+            f"exceed max_error={cfg.max_error:g} (on_unreachable='stop'; the allocator's "
+            "message below says how far the target can go)"
+        )
+    elif free:  # e.g. width=0.96 of a 5-wide layer rounds back up to 5
         why = (
             f"the {len(free)} unit group(s) not pinned kept every channel at this target (a "
             "fraction of a narrow width rounds up to all of it; round_to and min_width too)"
@@ -267,7 +275,8 @@ def _say_if_unchanged(report: CompressionReport, cfg: CompressConfig) -> None:
         f"unchanged: {why}; report.warnings and report.groups[i].pinned give every reason"
     )
     report.warnings.insert(0, message)
-    warnings.warn(message, RuntimeWarning, stacklevel=_outside_stacklevel())
+    if loud:
+        warnings.warn(message, RuntimeWarning, stacklevel=_outside_stacklevel())
 
 
 def _outside_stacklevel() -> int:

@@ -244,3 +244,29 @@ def test_a_smaller_model_asked_for_and_none_made_is_said_in_python_too() -> None
     with pytest.warns(RuntimeWarning, match=r"not pinned kept every channel") as seen:
         _, same = spectrim.compress(narrow, more, "id", "width=0.9")
     assert same.params_after == same.params_before and "too few" not in str(seen[0].message)
+    # an unreachable target where max_error holds every group at its full width: the
+    # reason is the error bound, not a rounding
+    with pytest.warns(RuntimeWarning, match=r"exceed max_error=1e-06") as seen:
+        _, held = spectrim.compress(mlp, more, "id", "macs=0.01", max_error=1e-6)
+    assert held.params_after == held.params_before
+    assert "rounds up" not in str(seen[0].message)
+    assert "is unreachable" in held.warnings[-1] and "stopped at macs=1.000" in held.warnings[-1]
+
+
+def test_only_rank_0_of_a_team_warns_that_nothing_shrank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every rank computes the same report; the RuntimeWarning comes from
+    rank 0 alone (the others' reports still carry the message), so N processes do not
+    print it N times."""
+    from spectrim.distributed import Team
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(Team, "is_root", property(lambda self: False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, report = spectrim.compress(mlp, x, "id", "width=0.5")
+    assert "came back unchanged" in report.warnings[0]
+    monkeypatch.undo()
+    with pytest.warns(RuntimeWarning, match="came back unchanged"):
+        spectrim.compress(mlp, x, "id", "width=0.5")
