@@ -6,7 +6,8 @@ each variant is compressed, then repaired with ``spectrim.repair`` (the same rec
 all, by default: relative MSE to the original's logits, SGD lr 0.01 with a cosine
 schedule, batch 128, BatchNorm statistics re-estimated then kept, random flips and
 shifted crops; the
-``--loss``, ``--lr``, ``--batch-norm``, ``--augment`` and ``--features`` options change it) for ``--epochs`` passes over ``--train`` unlabelled JPEG train
+``--loss``, ``--lr``, ``--batch-norm``, ``--augment``, ``--mix`` and ``--features`` options
+change it) for ``--epochs`` passes over ``--train`` unlabelled JPEG train
 images. Accuracy and agreement with the dense model are measured on the 1000 lossless
 test images before and after, with the wall time of compression and of repair.
 
@@ -45,6 +46,7 @@ import spectrim
 from _results import compress
 from spectrim.evaluation import evaluate
 from spectrim.evaluation.flops import profile
+from spectrim.io import load_compressed, save_compressed
 from spectrim.zoo import load_dataset, load_pretrained
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
@@ -86,6 +88,31 @@ def _variants(model: nn.Module, calib: torch.Tensor, which: list[str]) -> dict[s
     return {k: table[k] for k in which}
 
 
+def _start(
+    args: argparse.Namespace, name: str, model: nn.Module, build: Any
+) -> tuple[nn.Module, float, str]:
+    """The variant's compressed model, its compression seconds and where it came from:
+    ``"compressed"``, or the ``--start`` folder it was read from (its seconds are those of
+    the run that compressed it)."""
+    key = {"model": args.model, "calib": args.calib, "variant": name}
+    folder = Path(args.start) if args.start else None
+    if folder is not None and (folder / "manifest.json").exists():
+        saved = json.loads((folder / "report.json").read_text())
+        found = {k: saved.get(k) for k in key}
+        if found != key:
+            raise SystemExit(f"--start {folder}: it holds {found}, not {key}")
+        small = load_compressed(folder)
+        print(f"{name}: read from {folder} (compressed in {saved['compress_s']:.0f} s)")
+        return small, float(saved["compress_s"]), str(folder)
+    t = time.perf_counter()
+    small = build()
+    compress_s = time.perf_counter() - t
+    if folder is not None:
+        report = key | {"compress_s": compress_s}
+        save_compressed(small, folder, report, arch={"zoo": args.model})
+    return small, compress_s, "compressed"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -124,6 +151,9 @@ def main() -> None:
     )
     ap.add_argument("--augment", default="flip-crop", choices=("none", "flip", "flip-crop"))
     ap.add_argument(
+        "--mix", type=float, default=0.0, help="RepairConfig.mix (mixup's Beta parameter)"
+    )
+    ap.add_argument(
         "--features", type=float, default=0.0, help="weight of the block outputs' term (repair)"
     )
     ap.add_argument("--calib", type=int, default=1000)
@@ -136,8 +166,17 @@ def main() -> None:
     ap.add_argument(
         "--jpeg-test", type=int, default=0, help="also score on N JPEG test images (10000: all)"
     )
+    ap.add_argument(
+        "--start",
+        metavar="DIR",
+        help="one variant's compressed model kept in DIR (spectrim.io.save_compressed): read "
+        "from there when an earlier run with the same --model, --calib and variant saved it, "
+        "else compressed and saved there (a repair sweep then skips the search's minutes)",
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "repair_cifar.json"))
     args = ap.parse_args()
+    if args.start and len(args.variants.split(",")) != 1:
+        ap.error("--start keeps one variant's model: name one in --variants")
     os.environ.setdefault("SPECTRIM_DATA", str(HERE.parents[1] / "shared" / "data"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -173,13 +212,12 @@ def main() -> None:
         loss=args.loss,
         batch_norm=args.batch_norm,
         augment=None if args.augment == "none" else args.augment,
+        mix=args.mix,
         features=args.features,
         seed=args.seed,
     )
     for name, build in _variants(model, calib, args.variants.split(",")).items():
-        t = time.perf_counter()
-        small = build()
-        compress_s = time.perf_counter() - t
+        small, compress_s, started = _start(args, name, model, build)
         before = evaluate(small, test, reference=model)
         try:
             fixed, rep = spectrim.repair(small, model, batches, recipe)
@@ -203,6 +241,7 @@ def main() -> None:
             "macs_ratio": cost.macs / cost0.macs,
             "params_ratio": cost.params / cost0.params,
             "compress_s": compress_s,
+            "start": started,
             "accuracy_before": before.accuracy,
             "agreement_before": before.agreement,
             "accuracy_after": after.accuracy,

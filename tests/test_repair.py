@@ -403,6 +403,70 @@ def test_flip_crop_shifts_and_flips_every_image_on_its_own() -> None:
     assert torch.equal(_augment(x, None, torch.Generator()), x)
 
 
+def test_mix_blends_each_example_with_another_and_both_models_see_the_blend() -> None:
+    """mix=α: every row of a batch is λ·x_i + (1 − λ)·x_j for some row j of the same
+    batch and λ in [0, 1] (found by brute force over j), one λ per example with
+    Beta(1, 1)'s mean of 1/2; teacher and student are given the same blended batch;
+    token ids are not blended, and the report says how many batches were not."""
+    from spectrim.repair import _mix
+
+    torch.manual_seed(0)
+    x = torch.randn(2000, 5, dtype=torch.float64)
+    y, done = _mix(x, 1.0, torch.Generator().manual_seed(0))
+    assert done and y.shape == x.shape
+    lams = []
+    for i in range(0, 2000, 7):  # a sample of rows, each against every partner
+        d = x - x[i]  # y_i - x_j = λ (x_i - x_j)  ⇔  y_i = λ x_i + (1 - λ) x_j
+        num = ((y[i] - x) * -d).sum(1)
+        den = (d * d).sum(1).clamp_min(1e-30)
+        lam = num / den
+        res = ((y[i] - x) + lam[:, None] * d).norm(dim=1)
+        j = int(res.argmin())
+        assert float(res[j]) < 1e-9 or torch.equal(y[i], x[i])
+        if j != i:
+            assert -1e-9 <= float(lam[j]) <= 1 + 1e-9
+            lams.append(float(lam[j]))
+    assert len(lams) > 250 and len({round(v, 6) for v in lams}) > 250  # one λ each
+    assert abs(sum(lams) / len(lams) - 0.5) < 0.06
+    assert _mix(x, 0.0, torch.Generator())[0] is x
+    ids = torch.arange(12).reshape(3, 4)
+    assert _mix(ids, 1.0, torch.Generator()) == (ids, False)
+
+    teacher, student, data = _fair_student()
+    seen: dict[str, list[torch.Tensor]] = {"t": [], "s": []}
+    training = [False]  # the probe's batches (unmixed) run before and after the steps
+
+    def steps(it: Any) -> Any:
+        training[0] = True
+        yield from it
+        training[0] = False
+
+    def keep(k: str) -> Any:
+        return lambda _m, a: seen[k].append(a[0].detach().clone()) if training[0] else None
+
+    hooks = [m[0].register_forward_pre_hook(keep(k)) for m, k in ((teacher, "t"), (student, "s"))]
+    cfg = {"steps": 4, "mix": 0.4}
+    try:
+        _, rep = spectrim.repair(student, teacher, data, cfg, inplace=True, progress=steps)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen["t"]) == len(seen["s"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(seen["t"], seen["s"], strict=True))
+    examples = torch.cat(data)
+    assert not any(any(torch.equal(r, e) for e in examples) for r in seen["s"][0][:4])
+    assert rep.config["mix"] == 0.4 and not rep.warnings
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).eval()
+    tokens = [torch.randint(0, 10, (8, 3)) for _ in range(3)]
+    _, rep = spectrim.repair(copy.deepcopy(emb), emb, tokens, {"steps": 3, "mix": 1.0})
+    assert rep.warnings == [
+        "repair: mix=1 left 3 of 3 batches unmixed: only floating-point tensor batches are blended"
+    ]
+    with pytest.raises(ValueError, match="mix=-1"):
+        spectrim.RepairConfig(mix=-1)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_text_batches_mix_into_what_the_tokenizer_gives(
     side: str, minilm: tuple[nn.Module, Any], sts_train_sentences: list[str]

@@ -41,6 +41,7 @@ from functools import partial
 from typing import Any
 from warnings import warn as _warn
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +81,13 @@ class RepairConfig:
             probabilities at ``temperature``).
         temperature: for ``"kl"``.
         augment: ``None``, ``"flip"`` or ``"flip-crop"`` (4-D image batches only).
+        mix: mixup on the inputs (``0``, default: off): each example of a floating-point
+            tensor batch (after ``augment``) is blended with another of the same batch,
+            ``λ·x + (1 − λ)·x'``, ``λ ~ Beta(mix, mix)`` per example, and the teacher and
+            the student see the same blend.  With no labels to mix, this is "function
+            matching" (Beyer et al. 2022): the student learns the teacher's outputs
+            between the examples too, not only on them.  Other batches (token ids,
+            dicts) are not mixed (the report's ``warnings`` say so).
         batch_norm: ``"recalibrate"``: every BatchNorm's running statistics
             are first re-estimated on up to 32 batches of the repair data, then kept
             (normalising as in evaluation; the affine weights still train);
@@ -127,6 +135,7 @@ class RepairConfig:
     loss: str = "mse"
     temperature: float = 4.0
     augment: str | None = None
+    mix: float = 0.0
     batch_norm: str = "auto"
     dropout: bool = False
     features: float = 0.0
@@ -152,6 +161,8 @@ class RepairConfig:
             raise ValueError(
                 f"repair: augment={self.augment!r} must be None, 'flip' or 'flip-crop'"
             )
+        if not (math.isfinite(self.mix) and self.mix >= 0):
+            raise ValueError(f"repair: mix={self.mix!r} must be a number >= 0")
         if self.batch_norm not in _BATCH_NORM:
             raise ValueError(
                 f"repair: batch_norm={self.batch_norm!r} must be one of {', '.join(_BATCH_NORM)}"
@@ -450,6 +461,26 @@ def _augment(x: Any, how: str | None, g: torch.Generator) -> Any:
     return x
 
 
+def _mix(x: Any, alpha: float, g: torch.Generator) -> tuple[Any, bool]:
+    """``x`` with each example blended with another of the batch (``λ ~ Beta(alpha,
+    alpha)`` per example, seeded by ``g``), and whether it was (floating-point tensors
+    only).
+
+    >>> x = torch.stack([torch.zeros(3), torch.ones(3)])
+    >>> y, done = _mix(x, 1.0, torch.Generator().manual_seed(0))
+    >>> done, bool(((y >= 0) & (y <= 1)).all()), bool((y[:, 0:1] == y).all())
+    (True, True, True)
+    """
+    if alpha <= 0 or not isinstance(x, torch.Tensor) or not x.is_floating_point() or not x.dim():
+        return x, False
+    n = int(x.shape[0])
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=n))
+    lam = lam.to(x.dtype).to(x.device).reshape(n, *([1] * (x.dim() - 1)))
+    other = x[torch.randperm(n, generator=g).to(x.device)]
+    return lam * x + (1 - lam) * other, True
+
+
 #: batches whose statistics ``batch_norm="recalibrate"`` averages
 RECALIBRATION_BATCHES = 32
 #: batches on which ``batch_norm="auto"`` compares the statistics kept and re-estimated
@@ -735,7 +766,7 @@ def repair(
     for m in norms:
         m.train(how == "train")
     losses: list[float] = []
-    examples = 0
+    examples = unmixed = 0
     blocks: _Blocks | None = None
     # the average of the weights only (the buffers of the last step are used with it)
     ema = (
@@ -749,6 +780,9 @@ def repair(
     try:
         for batch in it:
             x = _augment(split_batch(batch)[0] if pool is None else batch, cfg.augment, g)
+            if cfg.mix > 0:
+                x, done = _mix(x, cfg.mix, g)
+                unmixed += not done
             mask = token_mask(x)  # padded text positions stay out of the loss
             if cfg.features > 0 and blocks is None:
                 blocks = _Blocks(teacher, student, x)
@@ -785,6 +819,11 @@ def repair(
     student.eval()
     end = probe.loss(student) if probe is not None else math.nan
     warnings: list[str] = []
+    if unmixed:
+        warnings.append(
+            f"repair: mix={cfg.mix:g} left {unmixed} of {len(losses)} batches unmixed: "
+            "only floating-point tensor batches are blended"
+        )
     if end > start:  # NaN (no probe) compares False
         student.load_state_dict(initial)
         warnings.append(

@@ -440,6 +440,7 @@ def _repair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.repair_warmup,
             "average": args.repair_average,
             "augment": augment,
+            "mix": args.repair_mix,
             "optimizer": args.repair_optimizer,
             "features": args.repair_features,
         }

@@ -607,6 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 0.99 (default: 0, the last weights)",
     )  # fmt: skip
     p.add_argument(
+        "--repair-mix", type=float, default=0.0, metavar="ALPHA",
+        help="blend each repair image with another of its batch, λ ~ Beta(ALPHA, ALPHA), "
+        "teacher and student on the same blend (mixup; default: 0, off)",
+    )  # fmt: skip
+    p.add_argument(
         "--repair-optimizer", choices=("sgd", "adamw"), default="sgd",
         help="repair optimiser: SGD with Nesterov momentum (default) or AdamW (transformers)",
     )  # fmt: skip
