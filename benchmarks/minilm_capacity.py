@@ -37,6 +37,7 @@ import torch
 
 from _results import save_result
 from sparsify_minilm import data_root, load_minilm, pick_sentences
+from spectrim.calibration.text import text_batches
 from spectrim.linalg import id_from_rows
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
@@ -55,8 +56,7 @@ def ffn_inputs(model: Any, tok: Any, sentences: list[str], layers: list[int]) ->
     masks = []
     try:
         with torch.no_grad():
-            for j in range(0, len(sentences), 32):
-                batch = tok(sentences[j : j + 32], padding=True, return_tensors="pt")
+            for batch in text_batches(sentences, tok):
                 model(**batch)
                 masks.append(batch["attention_mask"].bool())
     finally:

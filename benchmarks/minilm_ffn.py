@@ -45,6 +45,7 @@ from sparsify_minilm import (
     read_pool,
     read_sts,
 )
+from spectrim.calibration.text import text_batches
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
 SMOKE = ["--calib", "16", "--orders", "padded", "--test-limit", "32", "--pool", "train+dev"]  # fmt: skip
@@ -126,10 +127,7 @@ def main() -> None:
 
             options["search_score"] = pooled_cosine_gap
         else:
-            options["search_data"] = [
-                dict(tok(held[i : i + 32], padding=True, return_tensors="pt"))
-                for i in range(0, len(held), 32)
-            ]
+            options["search_data"] = text_batches(held, tok)
     pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     genres = read_genres(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     left, right = [a for a, _ in pairs], [b for _, b in pairs]
@@ -138,10 +136,7 @@ def main() -> None:
     print(f"dense STS-B test Spearman {dense:.2f}")
     runs = []
     for name, sents in orders.items():
-        calib = [
-            dict(tok(sents[i : i + 32], padding=True, return_tensors="pt"))
-            for i in range(0, len(sents), 32)
-        ]
+        calib = text_batches(sents, tok)
         padding = 1 - sum(int(b["attention_mask"].sum()) for b in calib) / sum(
             b["attention_mask"].numel() for b in calib
         )

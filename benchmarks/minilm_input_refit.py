@@ -54,6 +54,7 @@ from sparsify_minilm import (
     read_pool,
     read_sts,
 )
+from spectrim.calibration.text import text_batches
 
 # the few-second run of the test suite (tests/test_bench.py; spectrim bench --smoke)
 SMOKE = ["--method", "id", "--calib", "128", "--held", "16", "--target", "width=0.1", "--layers", "5", "--steps", "1", "--tokens", "300", "--test-limit", "8"]  # fmt: skip
@@ -151,10 +152,7 @@ def main() -> None:
         ap.error(f"--calib + --held = {args.calib + args.held}: the pool has {len(pool)}")
     both = pick_sentences(pool, args.calib + args.held, "random")
     sents, held = both[: args.calib], both[args.calib :]
-    calib = [
-        dict(tok(sents[i : i + 32], padding=True, return_tensors="pt"))
-        for i in range(0, len(sents), 32)
-    ]
+    calib = text_batches(sents, tok)
     test = root / "stsbenchmark" / "sts-test.csv"
     pairs, gold = read_sts(test, args.test_limit)
     genres = read_genres(test, args.test_limit)

@@ -20,6 +20,7 @@ import torch
 
 from sparsify_minilm import data_root, load_minilm, pick_sentences
 from spectrim._hidden import stream_grams
+from spectrim.calibration.text import text_batches
 from spectrim.graph.stream import find_stream
 from spectrim.methods.stream import stream_weight_scores
 
@@ -40,10 +41,7 @@ def main() -> None:
     root = data_root()
     model, tok, train = load_minilm(root)
     sents = pick_sentences(train, args.calib, "random")
-    calib = [
-        dict(tok(sents[i : i + 32], padding=True, return_tensors="pt"))
-        for i in range(0, len(sents), 32)
-    ]
+    calib = text_batches(sents, tok)
     stream = find_stream(model)
     assert stream is not None
     with torch.no_grad():

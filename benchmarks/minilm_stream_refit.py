@@ -32,6 +32,7 @@ from sparsify_minilm import (
     read_sts,
 )
 from spectrim._hidden import convert_stream, refit_site, with_tied_embeddings
+from spectrim.calibration.text import text_batches
 from spectrim.graph.stream import find_stream
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
@@ -56,10 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok, train_sents = load_minilm(root)
     sentences = pick_sentences(train_sents, args.calib, "random")
-    calib = [
-        dict(tok(sentences[i : i + 32], padding=True, return_tensors="pt"))
-        for i in range(0, len(sentences), 32)
-    ]
+    calib = text_batches(sentences, tok)
     test_csv = root / "stsbenchmark" / "sts-test.csv"
     pairs, gold = read_sts(test_csv, args.test_limit)
     genres = read_genres(test_csv, args.test_limit)

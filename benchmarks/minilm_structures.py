@@ -38,6 +38,7 @@ from sparsify_minilm import (
     read_genres,
     read_sts,
 )
+from spectrim.calibration.text import text_batches
 from spectrim.config import RUN_FIELDS
 from spectrim.evaluation.latency import compare_latency
 
@@ -72,10 +73,7 @@ def main() -> None:
     options = parse_options(args.set)
     model, tok, train_sents = load_minilm(root)
     sentences = pick_sentences(train_sents, args.calib, args.sample)
-    calib = [
-        dict(tok(sentences[i : i + 32], padding=True, return_tensors="pt"))
-        for i in range(0, len(sentences), 32)
-    ]
+    calib = text_batches(sentences, tok)
     test_csv = root / "stsbenchmark" / "sts-test.csv"
     pairs, gold = read_sts(test_csv, args.test_limit)
     genres = read_genres(test_csv, args.test_limit)

@@ -37,6 +37,7 @@ from sparsify_minilm import (
     read_genres,
     read_sts,
 )
+from spectrim.calibration.text import text_batches
 
 # the few-second run of the test suite (tests/test_bench.py; spectrim bench --smoke)
 SMOKE = ["--calib", "32", "--extra", "0", "--epochs", "1", "--test-limit", "32"]  # fmt: skip
@@ -86,17 +87,11 @@ def main() -> None:
     model, tok, pool = load_minilm(root)
     sentences = pick_sentences(pool, args.calib + args.extra, "random")
 
-    def batches(texts: list[str]) -> list[dict[str, torch.Tensor]]:
-        return [
-            dict(tok(texts[i : i + 32], padding=True, return_tensors="pt"))
-            for i in range(0, len(texts), 32)
-        ]
-
-    calib = batches(sentences[: args.calib])
-    data = calib + batches(sentences[args.calib :])
+    calib = text_batches(sentences[: args.calib], tok)
+    data = calib + text_batches(sentences[args.calib :], tok)
     if args.repair_order == "file":  # the same sentences, sorted as the file holds them
         position = {s: i for i, s in enumerate(pool)}
-        data = batches(sorted(sentences, key=position.__getitem__))
+        data = text_batches(sorted(sentences, key=position.__getitem__), tok)
     options = parse_options(args.set)
     pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     genres = read_genres(root / "stsbenchmark" / "sts-test.csv", args.test_limit)

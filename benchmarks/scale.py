@@ -306,18 +306,15 @@ def _minilm(
     of 32, and 4 batches of sts-test sentences to compare outputs on."""
     sys.path.insert(0, str(HERE))
     from sparsify_minilm import load_minilm, pick_sentences, read_sts
+    from spectrim.calibration.text import text_batches
 
     root = Path(os.environ.get("SPECTRIM_DATA", HERE.parents[1] / "shared" / "data"))
     model, tok, pool = load_minilm(root)
     sents = pick_sentences(pool, calib, "random")
-    batches = [
-        dict(tok(sents[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, calib, 32)
-    ]
+    batches = text_batches(sents, tok)
     pairs, _ = read_sts(root / "stsbenchmark" / "sts-test.csv")
     test = [a for a, _ in pairs[:128]]
-    held = [
-        dict(tok(test[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, 128, 32)
-    ]
+    held = text_batches(test, tok)
     return model, batches, held
 
 

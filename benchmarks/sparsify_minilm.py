@@ -29,6 +29,7 @@ import torch
 from scipy.stats import spearmanr
 
 import spectrim
+from spectrim.calibration.text import text_batches
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
 SMOKE = ["--calib", "16", "--targets", "sparsity=0.5", "--methods", "wanda", "--test-limit", "32"]  # fmt: skip
@@ -200,10 +201,7 @@ def main() -> None:
     calib_sents = sorted(
         pick_sentences(train_sents, args.calib, args.sample), key=lambda s: len(tok(s)["input_ids"])
     )
-    calib = [
-        dict(tok(calib_sents[i : i + 32], padding=True, return_tensors="pt"))
-        for i in range(0, len(calib_sents), 32)
-    ]
+    calib = text_batches(calib_sents, tok)
     pairs, gold = read_sts(root / "stsbenchmark" / "sts-test.csv", args.test_limit)
     left, right = [a for a, _ in pairs], [b for _, b in pairs]
 
