@@ -50,7 +50,7 @@ from spectrim.io import load_compressed, save_compressed
 from spectrim.zoo import load_dataset, load_pretrained
 
 # the few-second run of the test suite (tests/benchmarks/test_smoke.py; spectrim bench --smoke)
-SMOKE = ["--model", "resnet20-cifar10", "--train", "256", "--calib", "64", "--test", "64", "--jpeg-test", "64", "--variants", "spectrim id width=0.5"]  # fmt: skip
+SMOKE = ["--model", "resnet20-cifar10", "--train", "256", "--calib", "64", "--test", "64", "--jpeg-test", "64", "--variants", "spectrim id width=0.5", "--mix", "0.5"]  # fmt: skip
 
 
 HERE = Path(__file__).resolve().parent
@@ -119,7 +119,12 @@ def main() -> None:
     )
     ap.add_argument("--model", default="resnet56-cifar10")
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--train", type=int, default=50000, help="JPEG train images to repair on")
+    ap.add_argument(
+        "--train",
+        type=int,
+        default=50000,
+        help="JPEG train images to repair on (0: none, with --lossless N: those alone)",
+    )
     ap.add_argument(
         "--lossless",
         type=int,
@@ -184,11 +189,15 @@ def main() -> None:
     calib = load_dataset("cifar10", "calib", limit=args.calib).tensors[0]
     test = load_dataset("cifar10", "eval", limit=args.test)
     t = time.perf_counter()
-    train = load_dataset("cifar10-jpeg", "train", limit=args.train).tensors[0]
-    load_s = time.perf_counter() - t
+    parts = []
+    if args.train:
+        parts.append(load_dataset("cifar10-jpeg", "train", limit=args.train).tensors[0])
     if args.lossless:
-        lossless = load_dataset("cifar10", "calib", limit=args.lossless).tensors[0]
-        train = torch.cat([train, lossless])
+        parts.append(load_dataset("cifar10", "calib", limit=args.lossless).tensors[0])
+    if not parts:
+        ap.error("--train 0 needs --lossless N: there is nothing to repair on")
+    train = torch.cat(parts)
+    load_s = time.perf_counter() - t
     batches = list(train.split(args.batch))  # spectrim.repair mixes them every epoch
     dense = evaluate(model, test).accuracy
     jpeg = None

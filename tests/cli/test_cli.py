@@ -549,7 +549,7 @@ def test_compress_repair_flags(
         str(tmp_path / "o"), "--json", str(json_path), "--repair-epochs", "2",
         "--repair-data", "digits", "--repair-limit", "512", "--repair-augment", "flip",
         "--repair-optimizer", "adamw", "--repair-lr", "1e-4", "--repair-features", "0.5",
-        "--repair-warmup", "0.25", "--repair-average", "0.9",
+        "--repair-warmup", "0.25", "--repair-average", "0.9", "--repair-mix", "0.4",
     )  # fmt: skip
     assert code == 0, err
     rep = _json(json_path)["report"]["repair"]
@@ -557,6 +557,7 @@ def test_compress_repair_flags(
     assert rep["config"]["augment"] == "flip" and rep["config"]["epochs"] == 2.0
     assert rep["config"]["optimizer"] == "adamw" and rep["config"]["features"] == 0.5
     assert rep["config"]["warmup"] == 0.25 and rep["config"]["average"] == 0.9
+    assert rep["config"]["mix"] == 0.4 and not rep["warnings"]  # digit images: all blended
     code, _, err = _run(
         capsys, "compress", "--model", str(model_files["pickle"]), "--trust-pickle",
         "--data", "digits", "--calib", "64", "--out", str(tmp_path / "p"),
