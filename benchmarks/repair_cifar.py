@@ -97,11 +97,11 @@ def _start(
     key = {"model": args.model, "calib": args.calib, "variant": name}
     folder = Path(args.start) if args.start else None
     if folder is not None and (folder / "manifest.json").exists():
+        small = load_compressed(folder)  # checks every file's sha256, report.json's too
         saved = json.loads((folder / "report.json").read_text())
         found = {k: saved.get(k) for k in key}
         if found != key:
             raise SystemExit(f"--start {folder}: it holds {found}, not {key}")
-        small = load_compressed(folder)
         print(f"{name}: read from {folder} (compressed in {saved['compress_s']:.0f} s)")
         return small, float(saved["compress_s"]), str(folder)
     t = time.perf_counter()
@@ -182,6 +182,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.start and len(args.variants.split(",")) != 1:
         ap.error("--start keeps one variant's model: name one in --variants")
+    if not args.train and not args.lossless:
+        ap.error("--train 0 needs --lossless N: there is nothing to repair on")
     os.environ.setdefault("SPECTRIM_DATA", str(HERE.parents[1] / "shared" / "data"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -194,8 +196,6 @@ def main() -> None:
         parts.append(load_dataset("cifar10-jpeg", "train", limit=args.train).tensors[0])
     if args.lossless:
         parts.append(load_dataset("cifar10", "calib", limit=args.lossless).tensors[0])
-    if not parts:
-        ap.error("--train 0 needs --lossless N: there is nothing to repair on")
     train = torch.cat(parts)
     load_s = time.perf_counter() - t
     batches = list(train.split(args.batch))  # spectrim.repair mixes them every epoch

@@ -476,7 +476,7 @@ def _mix(x: Any, alpha: float, g: torch.Generator) -> tuple[Any, bool]:
     n = int(x.shape[0])
     seed = int(torch.randint(0, 2**62, (1,), generator=g))
     lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, size=n))
-    lam = lam.to(x.dtype).to(x.device).reshape(n, *([1] * (x.dim() - 1)))
+    lam = lam.to(device=x.device, dtype=x.dtype).reshape(n, *([1] * (x.dim() - 1)))
     other = x[torch.randperm(n, generator=g).to(x.device)]
     return lam * x + (1 - lam) * other, True
 
