@@ -16,6 +16,7 @@ from torch import nn
 import spectrim
 from spectrim._joint import sparse_macs
 from spectrim.config import UnreachableTargetError
+from spectrim.report import CompressionReport
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,10 @@ def test_an_unreachable_budget_is_said_or_raised() -> None:
     )
     assert any("unreachable" in w and "non-zero weights" in w for w in report.warnings)
     assert report.config["joint"]["modelled"] > 0.0001  # the floor, not the target
+    alloc = report.allocation  # the same as data, through the report's JSON
+    assert alloc == CompressionReport.from_dict(json.loads(report.to_json())).allocation
+    assert alloc is not None and alloc["kind"] == "nonzeros" and not alloc["reachable"]
+    assert alloc["floor"] > alloc["target"] == pytest.approx(0.0001)
     assert small(x).shape == (128, 3)
     with pytest.raises(UnreachableTargetError, match="lowest density"):
         spectrim.compress(net, x, "id+magnitude", "sparsity=0.9999", on_unreachable="raise")

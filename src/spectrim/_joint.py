@@ -25,6 +25,7 @@ from torch import nn
 
 from spectrim._prune import (
     ChannelRun,
+    allocation_record,
     analyse_stage,
     apply_stage,
     collect_stage,
@@ -180,6 +181,7 @@ def joint_run(
         max_error=cfg.max_error if cfg.on_unreachable == "stop" else None,
     )
     alloc = ctx.team.broadcast(alloc)  # rank 0's widths and densities on every rank
+    report.allocation = allocation_record(alloc, state.analysis)
     if not alloc.reachable:
         message = _unreachable(cfg, alloc, kind)
         if cfg.on_unreachable == "raise":

@@ -114,6 +114,7 @@ __all__ = [
     "prune_run",
     "report_stage",
     "solve_curves_stage",
+    "allocation_record",
     "unreachable_message",
 ]
 
@@ -775,6 +776,7 @@ def allocate_stage(state: ChannelRun) -> None:
             )
             alloc.widths[HIDDEN_KEY] = cost_model.widths[HIDDEN_KEY]
         alloc.held = [g for g in alloc.held if g < HEAD_KEY]
+        state.report.allocation = allocation_record(alloc, analysis)
         if not alloc.reachable:
             message = unreachable_message(tgt, alloc, analysis, cfg)
             if cfg.on_unreachable == "raise":
@@ -1196,6 +1198,23 @@ def _pin_underdetermined(
             "distinct examples to compress it"
         )
     return keep
+
+
+def allocation_record(alloc: Allocation | JointAllocation, analysis: Any) -> dict[str, Any]:
+    """``alloc`` as :attr:`CompressionReport.allocation`: held units by name."""
+    groups = analysis.groups
+
+    def name(u: int | str) -> str:
+        return groups[u].name if isinstance(u, int) and 0 <= u < len(groups) else str(u)
+
+    return {
+        "kind": alloc.kind,
+        "target": float(alloc.target),
+        "reached": float(alloc.reached),
+        "floor": float(alloc.floor),
+        "reachable": bool(alloc.reachable),
+        "held": [name(u) for u in alloc.held],
+    }
 
 
 def unreachable_message(

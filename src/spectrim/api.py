@@ -256,12 +256,20 @@ def _say_if_unchanged(report: CompressionReport, cfg: CompressConfig, loud: bool
     if not asked or changed:
         return
     free = [g for g in report.groups if g.pinned is None]
-    unreachable = any(w.startswith(f"target {tgt} is unreachable") for w in report.warnings)
-    if unreachable and cfg.on_unreachable == "stop":  # the allocator stopped at the start
+    alloc = report.allocation
+    if alloc is not None and not alloc["reachable"] and cfg.on_unreachable == "stop":
+        # the allocator stopped at the start: max_error held every group it could narrow
+        held = alloc["held"]
+        which = (
+            f" ({', '.join(repr(h) for h in held[:3])}{', ...' if len(held) > 3 else ''})"
+            if held
+            else ""
+        )
         why = (
-            "the target is unreachable, and narrowing any group that could shrink would "
-            f"exceed max_error={cfg.max_error:g} (on_unreachable='stop'; the allocator's "
-            "message below says how far the target can go)"
+            f"the target is unreachable, and narrowing any of the {len(held)} group(s) that "
+            f"could shrink{which} would exceed max_error={cfg.max_error:g} "
+            "(on_unreachable='stop'; report.allocation and the allocator's message below "
+            "say how far the target can go)"
         )
     elif free:  # e.g. width=0.96 of a 5-wide layer rounds back up to 5
         why = (

@@ -104,6 +104,11 @@ class CompressionReport:
     """``refit_readers=True``: ``refitted`` (per reader, the relative error of its output
     to the original's on the fitted rows, ``[before, after]`` its fit) and ``skipped`` (per
     reader left as it was, why)"""
+    allocation: dict[str, Any] | None = None
+    """a ``macs``/``params``/``latency`` (or joint) budget's allocation: ``kind``, the
+    ``target`` asked for, the modelled fraction ``reached``, the ``floor`` with every
+    prunable unit at its smallest, ``reachable`` and the units ``max_error`` ``held``
+    (group or matrix names); ``None`` for the other targets"""
     search: dict[str, Any] | None = None
     """``search=N``: the groups searched (channel groups, attention layers' heads, the
     residual stream), each round's step and the candidates it kept, the output error on
@@ -228,4 +233,5 @@ def merge_reports(
         nonzeros_before=second.nonzeros_before if nonzeros_before is None else nonzeros_before,
         nonzeros_after=second.nonzeros_after,
         warnings=first.warnings + [w for w in second.warnings if w not in first.warnings],
+        allocation=first.allocation or second.allocation,
     )

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import spectrim
 from spectrim.calibration.checks import CalibrationError
-from spectrim.config import UnreachableTargetError
+from spectrim.api import _say_if_unchanged
+from spectrim.config import CompressConfig, UnreachableTargetError
 from spectrim.zoo import CifarResNet, train_digits_cnn
 
 
@@ -251,6 +252,19 @@ def test_a_smaller_model_asked_for_and_none_made_is_said_in_python_too() -> None
     assert held.params_after == held.params_before
     assert "rounds up" not in str(seen[0].message)
     assert "is unreachable" in held.warnings[-1] and "stopped at macs=1.000" in held.warnings[-1]
+    # the reason is read from the report's data, which names the group the bound held
+    assert held.allocation is not None and not held.allocation["reachable"]
+    assert held.allocation["held"] == ["0"] and held.allocation["reached"] == 1.0
+    assert "of the 1 group(s) that could shrink ('0')" in str(seen[0].message)
+    # reworded allocator text changes nothing: the check reads report.allocation
+    held.warnings = [w for w in held.warnings if "is unreachable" not in w]
+    held.warnings.pop(0)
+    with pytest.warns(RuntimeWarning, match=r"exceed max_error=1e-06"):
+        _say_if_unchanged(held, CompressConfig(method="id", target="macs=0.01", max_error=1e-6))
+    _, met = spectrim.compress(mlp, more, "id", "macs=0.5")  # a budget met: reachable, none held
+    assert met.allocation is not None and met.allocation["reachable"] and not met.allocation["held"]
+    assert met.allocation["reached"] == pytest.approx(met.macs_ratio, abs=0.02)
+    assert done.allocation is None  # a width target allocates nothing
 
 
 def test_only_rank_0_of_a_team_warns_that_nothing_shrank(monkeypatch: pytest.MonkeyPatch) -> None:
