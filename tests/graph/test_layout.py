@@ -109,3 +109,40 @@ def test_compress_warns_when_channels_last_was_asked_but_fails() -> None:
     assert any("channels_last=True" in w for w in report.warnings)
     with torch.no_grad():
         assert small(torch.randn(2, 3, 6, 6)).shape == (2, 2)
+
+
+class _HoldsA5DTable(nn.Module):
+    """A conv net with a 5-D parameter (as timm's LambdaLayer's position table):
+    ``model.to(memory_format=torch.channels_last)`` raises on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 4, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(1, 4, 2, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.conv1(x)))
+        return h.mean((2, 3)) + self.table.sum((2, 3, 4))
+
+
+def test_a_5d_parameter_stays_as_it_is_in_the_channels_last_passes() -> None:
+    """Found on timm's lambda_resnet26t (a crash in the calibration pass, stop 49)."""
+    torch.manual_seed(0)
+    net = _HoldsA5DTable().eval()
+    x = torch.randn(96, 3, 6, 6)
+    with pytest.raises(RuntimeError, match="rank 4"):  # what spectrim did before
+        copy.deepcopy(net).to(memory_format=torch.channels_last)
+    before = _strides(net)
+    small, report = spectrim.compress(
+        net, x, target="width=0.5", channels_last=True, sequential_fraction=1.0
+    )
+    assert report.config["channels_last"] is True
+    assert not any("channels_last" in w for w in report.warnings)  # it ran in that layout
+    assert small.conv1.out_channels == 8 and small.table.shape == (1, 4, 2, 3, 3)
+    assert _strides(net) == before
+    ref, _ = spectrim.compress(
+        net, x, target="width=0.5", channels_last=False, sequential_fraction=1.0
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref(x), rtol=1e-4, atol=1e-4)

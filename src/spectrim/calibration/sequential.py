@@ -49,7 +49,7 @@ from spectrim.calibration.outputs import (
 )
 from spectrim.distributed import SOLO, Team
 from spectrim.graph.channels import Analysis
-from spectrim.graph.layout import channels_last_batch
+from spectrim.graph.layout import channels_last_batch, make_channels_last
 from spectrim.graph.modules import input_channel_axis, module_kind
 from spectrim.graph.surgery import (
     GroupPlan,
@@ -489,7 +489,7 @@ def sequential_correct(
         only=within,
     )
     if channels_last:  # surgery leaves contiguous weights
-        model.to(memory_format=torch.channels_last)
+        make_channels_last(model)
     modules = dict(model.named_modules())
     folds: dict[int, dict[str, np.ndarray]] = {gi: {} for gi in keep}
     errors: dict[Key, float] = {}
@@ -705,7 +705,7 @@ def sequential_correct(
             finally:
                 quiet[0] = False
             if channels_last:
-                module.to(memory_format=torch.channels_last)
+                make_channels_last(module)
             return
         done.add(name)
         applied = []
@@ -798,7 +798,7 @@ def sequential_correct(
                 quiet[0] = False
             set_unfolded_weight(module, refitted, channels)
         if channels_last:
-            module.to(memory_format=torch.channels_last)
+            make_channels_last(module)
 
     batches = list(batches)
     # merged batches are cut back along the first axis: only when every stored consumer
@@ -873,5 +873,5 @@ def sequential_correct(
             only=within,
         )
         if channels_last:
-            model.to(memory_format=torch.channels_last)
+            make_channels_last(model)
     return folds, errors, keep

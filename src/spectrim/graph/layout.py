@@ -37,6 +37,7 @@ from spectrim.graph.verify import same_outputs
 
 __all__ = [
     "channels_last_batch",
+    "make_channels_last",
     "memory_formats",
     "restore_formats",
     "suits_channels_last",
@@ -85,6 +86,16 @@ def restore_formats(model: nn.Module, formats: dict[str, bool]) -> None:
             t.data = t.data.clone(memory_format=fmt)
 
 
+def make_channels_last(model: nn.Module) -> None:
+    """Give every 4-D parameter and buffer of ``model`` the ``channels_last`` layout, in
+    place.  ``model.to(memory_format=torch.channels_last)`` also converts the 5-D ones and
+    fails on them (timm's ``LambdaLayer`` holds a 5-D position table); these stay as
+    they are."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.dim() == 4 and t.stride() != _strides(t, torch.channels_last):
+            t.data = t.data.clone(memory_format=torch.channels_last)
+
+
 def channels_last_batch(batch: Any) -> Any:
     """A ``channels_last`` copy of a 4-D tensor batch; any other batch unchanged."""
     if isinstance(batch, torch.Tensor) and batch.dim() == 4:
@@ -108,7 +119,7 @@ def to_channels_last(
     formats = memory_formats(model)
     if not ref:
         ref = model_outputs(model, example)
-    model.to(memory_format=torch.channels_last)
+    make_channels_last(model)
     try:
         out = model_outputs(model, example.contiguous(memory_format=torch.channels_last))
         same = same_outputs(ref, out, rtol)
