@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import spectrim
-from spectrim.calibration.checks import CalibrationError
 from spectrim.api import _say_if_unchanged
+from spectrim.calibration.checks import CalibrationError
 from spectrim.config import CompressConfig, UnreachableTargetError
 from spectrim.zoo import CifarResNet, train_digits_cnn
 
