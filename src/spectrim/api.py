@@ -46,6 +46,7 @@ from spectrim.config import (
 from spectrim.context import RunContext
 from spectrim.distributed import Team
 from spectrim.graph import ModuleSnapshot, is_offloaded, onload
+from spectrim.graph.modules import make_plain
 from spectrim.methods import Method, WeightMethod, get_method, method_kinds, method_pair
 from spectrim.repair import RepairConfig
 from spectrim.repair import repair as run_repair
@@ -205,6 +206,7 @@ def compress(
     snapshot = ModuleSnapshot(work) if inplace else None
     try:
         with team.guard():
+            plain = make_plain(work)  # weights computed in forward: stored instead
             if run_on is not None and run_on != home:
                 work.to(run_on)
             nonzeros0 = weight_nonzeros(work) if then is not None else 0
@@ -219,6 +221,8 @@ def compress(
                 result = _then(result, batches, info, then, ctx, nonzeros0)
             if run_on is not None and home is not None and run_on != home:
                 result[0].to(home)
+        if plain:
+            result[1].warnings.append(_plain_note(plain))
         _say_if_unchanged(result[1], cfg, loud=team.is_root)
         if rcfg is not None:
             data = as_batches(calibration if repair_data is None else repair_data)
@@ -232,6 +236,17 @@ def compress(
             if run_on is not None and home is not None and run_on != home:
                 model.to(home)
         raise
+
+
+def _plain_note(paths: list[str]) -> str:
+    more = f", ... ({len(paths)} in all)" if len(paths) > 3 else ""
+    return (
+        f"{', '.join(paths[:3])}{more}: weights computed in forward (weight "
+        "standardisation, parametrizations such as weight_norm, weight-norm hooks) are now "
+        "stored as computed, to prune them (weight-standardised convs became "
+        "StandardisedConv2d); the outputs are the same, and training the result trains "
+        "those weights directly"
+    )
 
 
 #: target kinds that keep a fraction ``F`` of something: ``F < 1`` asks for a smaller model
@@ -257,7 +272,7 @@ def _say_if_unchanged(report: CompressionReport, cfg: CompressConfig, loud: bool
         return
     free = [g for g in report.groups if g.pinned is None]
     alloc = report.allocation
-    if alloc is not None and not alloc["reachable"] and cfg.on_unreachable == "stop":
+    if alloc is not None and alloc["held"] and not alloc["reachable"]:
         # the allocator stopped at the start: max_error held every group it could narrow
         held = alloc["held"]
         which = (

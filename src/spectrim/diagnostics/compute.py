@@ -43,7 +43,7 @@ from spectrim.diagnostics.report import (
 from spectrim.evaluation._common import extract_logits
 from spectrim.evaluation.metrics import accuracy_from_logits, agreement_from_logits
 from spectrim.graph import Analysis, UnitGroup, apply_plan, call_model
-from spectrim.graph.modules import weight_modules
+from spectrim.graph.modules import make_plain, weight_modules
 from spectrim.graph.trace import batch_len
 from spectrim.linalg import (
     degrees_of_freedom,
@@ -163,6 +163,7 @@ def analyze(
 
     t = time.perf_counter()
     work = copy.deepcopy(model).eval()
+    make_plain(work)  # weight-standardised convs: the weights their forward computes
     _, analysis, pinned_warnings = trace_stage(work, calib_batches, verify=verify)
     report.warnings.extend(info.warnings)
     report.warnings.extend(pinned_warnings)

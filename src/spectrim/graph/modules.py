@@ -27,7 +27,9 @@ zero padding and ``groups=1``), transposed convs, BatchNorm / InstanceNorm, ``nn
 ``nn.PReLU``, ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, activations, pooling,
 softmax, ``nn.Flatten``, a few opaque layers (attention, RNNs, shuffles) and Hugging Face
 ``transformers.pytorch_utils.Conv1D`` (GPT-2's transposed linear: channel-pruned and
-sparsified) once transformers is imported.
+sparsified) once transformers is imported, and timm's weight-standardised convolutions
+(``StdConv2d``, ``ScaledStdConv2d``: made plain ``Conv2d`` before the trace, see
+:func:`make_plain`) once timm is imported.
 """
 
 from __future__ import annotations
@@ -44,16 +46,20 @@ from torch import nn
 
 __all__ = [
     "ChannelRoles",
+    "PLAIN_MARK",
     "ModuleKind",
+    "StandardisedConv2d",
     "WeightKind",
     "input_channel_axis",
     "linear_channels",
+    "make_plain",
     "module_kind",
     "register_module_kind",
     "register_swap_class",
     "register_weight_kind",
     "size_attribute_names",
     "slice_outputs",
+    "store_computed",
     "swap_classes",
     "type_kind",
     "weight_kind",
@@ -120,6 +126,10 @@ class ModuleKind:
         input_axis: the channel axis of the module's input (``-1``: the last, as Linear).
         shape_args: ``(weight shape, known constructor args) -> constructor args`` the
             weight's shape implies (rebuilding a module from TorchScript).
+        plain: ``module -> module``: an equivalent module of a plainer registered type,
+            which :func:`make_plain` puts in its place before anything is traced (a
+            weight-standardised convolution becomes a ``Conv2d`` holding the weight its
+            forward computes).  ``None``: the module stays.
     """
 
     name: str
@@ -133,6 +143,7 @@ class ModuleKind:
     weight_dims: tuple[int, int] = (0, 1)
     input_axis: int = 1
     shape_args: Callable[[tuple[int, ...], Mapping[str, Any]], dict[str, Any]] | None = None
+    plain: Callable[[nn.Module], nn.Module] | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +209,82 @@ def weight_kind(module: nn.Module) -> WeightKind | None:
     """The kind of ``module`` if it carries a weight matrix spectrim can read, else ``None``."""
     kind = module_kind(module)
     return kind if isinstance(kind, WeightKind) else None
+
+
+def make_plain(model: nn.Module) -> list[str]:
+    """Store every weight ``model`` computes in its forward, in place, so surgery can
+    slice and fold it: a module whose type has a plain equivalent
+    (:attr:`ModuleKind.plain`, e.g. a weight-standardised conv) is replaced by it, and
+    parametrizations (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``,
+    ...) and the older weight-norm / spectral-norm hooks are removed, leaving the tensor
+    they computed (in eval mode: no power iteration).  Returns the paths changed.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)))
+        >>> make_plain(net), type(net[0]).__name__
+        (['0'], 'Linear')
+    """
+    training = model.training
+    model.eval()
+    done = [path for path, module in list(model.named_modules()) if store_computed(module)]
+    for path, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            kind = module_kind(child)
+            if kind is not None and kind.plain is not None:
+                setattr(module, name, kind.plain(child))
+                done.append(f"{path}.{name}" if path else name)
+    model.train(training)
+    return sorted(set(done), key=done.index)
+
+
+#: set (``True``) on a module whose parametrizations or norm hooks
+#: :func:`store_computed` removed: a saved manifest lists it, and loading makes the same
+#: module of a fresh model plain before its weights are read
+PLAIN_MARK = "_spectrim_stored_computed"
+
+
+def store_computed(module: nn.Module) -> bool:
+    """Remove ``module``'s own parametrizations and weight-/spectral-norm hooks, leaving
+    the tensors they computed (marked :data:`PLAIN_MARK`); whether there were any."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = False
+    if parametrize.is_parametrized(module):
+        # not parametrize.remove_parametrizations: it deletes the property from the class,
+        # which a deep copy shares with the user's model (that would lose its weight)
+        lists: Any = module.parametrizations
+        with torch.no_grad():
+            values = {name: getattr(module, name).detach().clone() for name in lists}
+        trained = {
+            name: any(isinstance(p, nn.Parameter) for p in lists[name].parameters(recurse=False))
+            for name in lists
+        }
+        module.__class__ = parametrize.type_before_parametrizations(module)
+        del module._modules["parametrizations"]
+        for name, value in values.items():
+            if trained[name]:
+                module.register_parameter(name, nn.Parameter(value))
+            else:
+                module.register_buffer(name, value)
+        found = True
+    for hook in list(module._forward_pre_hooks.values()):
+        if isinstance(hook, WeightNorm):
+            torch.nn.utils.remove_weight_norm(module, hook.name)
+            found = True
+        elif isinstance(hook, SpectralNorm):
+            torch.nn.utils.remove_spectral_norm(module, hook.name)
+            # it leaves its load hook when torch wrapped it (_WrappedHook): that hook would
+            # then ask a saved state for ``weight_orig``
+            for key, h in list(module._load_state_dict_pre_hooks.items()):
+                if isinstance(getattr(h, "hook", h), SpectralNormLoadStateDictPreHook):
+                    del module._load_state_dict_pre_hooks[key]
+            found = True
+    if found:
+        setattr(module, PLAIN_MARK, True)
+    return found
 
 
 def size_attribute_names() -> frozenset[str]:
@@ -571,18 +658,69 @@ for _o in (
 ):
     register_module_kind(_o, ModuleKind("opaque"))
 
-_optional_done = [False]
+
+@register_swap_class
+class StandardisedConv2d(nn.Conv2d):
+    """A plain ``Conv2d`` holding the weight a weight-standardised convolution computes in
+    its forward (timm's ``StdConv2d`` and ``ScaledStdConv2d``, in NF-ResNets, NFNets and
+    BiT): the same outputs, to the bit, and a conv whose channels can be sliced and folded.
+    Training it trains the standardised weight itself (no re-standardisation).
+
+    Example::
+
+        >>> conv = StandardisedConv2d(3, 4, [3, 3], padding=[1, 1])
+        >>> conv.spectrim_kwargs()["kernel_size"], conv(torch.randn(1, 3, 5, 5)).shape
+        ([3, 3], torch.Size([1, 4, 5, 5]))
+    """
+
+    def spectrim_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments (recorded in a saved manifest)."""
+        pad = self.padding
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": pad if isinstance(pad, str) else list(pad),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "padding_mode": self.padding_mode,
+        }
 
 
-def _register_optional() -> None:
-    """Types from optional packages, registered once their package is imported (a model
-    of that package cannot exist before), so spectrim never imports them itself."""
-    if _optional_done[0]:
-        return
-    utils = sys.modules.get("transformers.pytorch_utils")
-    if utils is None:
-        return
-    _optional_done[0] = True
+def _standardised(conv: nn.Module) -> nn.Module:
+    """timm's ``StdConv2d`` / ``ScaledStdConv2d`` as a :class:`StandardisedConv2d`: the
+    weight computed by the same expression as their forward (so the same bits)."""
+    assert isinstance(conv, nn.Conv2d)
+    w = conv.weight
+    gain = getattr(conv, "gain", None)
+    scale: Any = getattr(conv, "scale", 1.0)
+    affine = (gain * scale).view(-1) if isinstance(gain, torch.Tensor) else None
+    eps: Any = conv.eps
+    with torch.no_grad():
+        weight = F.batch_norm(
+            w.reshape(1, conv.out_channels, -1), None, None, weight=affine,
+            training=True, momentum=0.0, eps=float(eps),
+        ).reshape_as(w)  # fmt: skip
+    sizes: dict[str, Any] = {
+        k: getattr(conv, k) for k in ("kernel_size", "stride", "padding", "dilation")
+    }
+    plain = StandardisedConv2d(
+        conv.in_channels, conv.out_channels, **sizes, groups=conv.groups,
+        bias=conv.bias is not None, padding_mode=conv.padding_mode, device=w.device,
+        dtype=w.dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if conv.bias is not None:
+            plain.bias.copy_(conv.bias)  # type: ignore[union-attr]
+    plain.train(conv.training)
+    return plain
+
+
+def _register_hf_conv1d(utils: Any) -> None:
+    """Hugging Face ``Conv1D`` (GPT-2's transposed linear)."""
     conv1d = getattr(utils, "Conv1D", None)
     if conv1d is None:
         return
@@ -607,3 +745,40 @@ def _register_optional() -> None:
             shape_args=lambda s, h: {"nx": s[0], "nf": s[1]},
         ),
     )
+
+
+def _register_timm_std_conv(std_conv: Any) -> None:
+    """timm's weight-standardised convolutions: made plain before the trace
+    (:class:`StandardisedConv2d`).  Their "same"-padding variants pad in forward by the
+    input's size, which no plain ``Conv2d`` does: they stay opaque (pinned)."""
+    for name in ("StdConv2d", "ScaledStdConv2d"):
+        cls = getattr(std_conv, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Conv2d):
+            register_module_kind(
+                cls, ModuleKind("std-conv", size_attributes=_CONV_SIZES, plain=_standardised)
+            )
+    for name in ("StdConv2dSame", "ScaledStdConv2dSame"):
+        cls = getattr(std_conv, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            register_module_kind(cls, ModuleKind("opaque", size_attributes=_CONV_SIZES))
+
+
+#: optional packages' module types: module path -> its registration (run once, when the
+#: module is first seen imported)
+_OPTIONAL: dict[str, Callable[[Any], None]] = {
+    "transformers.pytorch_utils": _register_hf_conv1d,
+    "timm.layers.std_conv": _register_timm_std_conv,
+}
+_optional_done: set[str] = set()
+
+
+def _register_optional() -> None:
+    """Types from optional packages, registered once their package is imported (a model
+    of that package cannot exist before), so spectrim never imports them itself."""
+    if len(_optional_done) == len(_OPTIONAL):
+        return
+    for path, register in _OPTIONAL.items():
+        found = sys.modules.get(path) if path not in _optional_done else None
+        if found is not None:
+            _optional_done.add(path)
+            register(found)

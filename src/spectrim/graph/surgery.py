@@ -287,10 +287,12 @@ class ModuleSnapshot:
     """What surgery can change in a module tree, kept by reference, to undo it in place.
 
     Surgery (and a switch of memory layout) replaces parameters, buffers and their
-    ``.data`` and sets size attributes; it never writes into a tensor the model holds.
-    So references to every module's parameter and buffer tables, to each tensor's data
-    and to its plain attributes are enough to put the model back exactly, at no copy of
-    the weights. :func:`spectrim.compress` takes one with ``inplace=True`` and restores it
+    ``.data`` and sets size attributes; before it, modules may be swapped in, and
+    :func:`~spectrim.graph.modules.make_plain` may change a module's class and remove
+    its weight-norm hooks.  None of these writes into a tensor the model holds.  So
+    references to every module's class, parameter, buffer, child and hook tables, to each
+    tensor's data and to its plain attributes are enough to put the model back exactly,
+    at no copy of the weights. :func:`spectrim.compress` takes one with ``inplace=True`` and restores it
     when a run fails midway.
 
     Example::
@@ -313,11 +315,29 @@ class ModuleSnapshot:
             buffers = dict(module._buffers)
             data = [(t, t.data) for t in (*params.values(), *buffers.values()) if t is not None]
             attrs = {k: v for k, v in vars(module).items() if isinstance(v, _PLAIN)}
-            self._entries.append((module, params, buffers, data, attrs))
+            children = dict(module._modules)  # modules swapped in (attention, plain convs)
+            # and the class: make_plain turns a parametrized module back into its own type
+            hooks = [  # and its weight-norm hooks
+                (table, dict(table))
+                for table in (
+                    module._forward_pre_hooks,
+                    module._state_dict_hooks,
+                    module._load_state_dict_pre_hooks,
+                )
+            ]
+            self._entries.append(
+                (module, type(module), params, buffers, data, attrs, children, hooks)
+            )
 
     def restore(self) -> None:
         """Put every recorded module back as it was when the snapshot was taken."""
-        for module, params, buffers, data, attrs in self._entries:
+        for module, cls, params, buffers, data, attrs, children, hooks in self._entries:
+            module.__class__ = cls
+            for table, entries in hooks:
+                table.clear()
+                table.update(entries)
+            module._modules.clear()
+            module._modules.update(children)
             module._parameters.clear()
             module._parameters.update(params)
             module._buffers.clear()

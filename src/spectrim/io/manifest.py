@@ -74,7 +74,13 @@ from spectrim._files import atomic_directory, sha256_cached, sha256_file
 from spectrim.graph.attention import BIAS_HEADS, find_attention
 from spectrim.graph.channels import shared_tensors
 from spectrim.graph.experts import find_experts
-from spectrim.graph.modules import module_kind, size_attribute_names, swap_classes
+from spectrim.graph.modules import (
+    PLAIN_MARK,
+    module_kind,
+    size_attribute_names,
+    store_computed,
+    swap_classes,
+)
 from spectrim.graph.stream import sync_stream_views
 from spectrim.report import CompressionReport
 
@@ -192,6 +198,7 @@ def build_manifest(model: nn.Module, arch: Mapping[str, Any] | None = None) -> d
         "shapes": shapes,
         "modules": modules,
         "swapped": swapped,
+        "plain": [n for n, m in model.named_modules() if getattr(m, PLAIN_MARK, False)],
         "bias_heads": bias_heads,
         "tied": _tied_names(model, shapes),
         "arch": dict(arch) if arch is not None else None,
@@ -255,6 +262,9 @@ def _validate(manifest: Any, source: str | os.PathLike[str] | None) -> dict[str,
         raise ManifestError(
             f"{where}'bias_heads' must map attention layers to lists of distinct head indices"
         )
+    plain = manifest.get("plain", [])
+    if not isinstance(plain, list) or not all(isinstance(n, str) for n in plain):
+        raise ManifestError(f"{where}'plain' must be a list of module names, got {plain!r}")
     swapped = manifest.get("swapped", {})
     allowed = set(swap_classes())
     if not isinstance(swapped, dict) or not all(
@@ -397,6 +407,14 @@ def apply_manifest(
         except TypeError as exc:
             raise ManifestError(f"{where}swapped module {module_name!r}: {exc}") from None
         setattr(owner, leaf, swap)
+    for module_name in manifest.get("plain", []):  # its parametrizations went at compression
+        try:
+            store_computed(model.get_submodule(module_name) if module_name else model)
+        except AttributeError:
+            raise ManifestError(
+                f"{where}module {module_name!r} (made plain) is not in the model "
+                f"({type(model).__name__})"
+            ) from None
     for module_name, attrs in manifest.get("modules", {}).items():
         try:
             module = model.get_submodule(module_name)
