@@ -333,3 +333,37 @@ def test_a_failed_inplace_run_puts_swapped_modules_back(monkeypatch: pytest.Monk
     assert [type(m) for m in net] == classes and dict(net[9]._forward_pre_hooks) == hooks
     with torch.no_grad():
         assert torch.equal(net(x[:4]), ref)
+
+
+def test_timm_conv2d_same_rows_are_the_patches_of_its_padded_input() -> None:
+    """timm's ``Conv2dSame`` pads by the input's size in forward (its ``padding`` is 0):
+    read as a plain conv, its Gram rows missed the border patches (32 rows for 50
+    outputs here), so the statistics of what it computes were wrong.  Its rows now
+    reproduce its output, and weight sparsification gives it the same model as the
+    equivalent static-padded ``Conv2d``."""
+    conv2d_same = pytest.importorskip("timm.layers.conv2d_same")
+    import spectrim
+
+    torch.manual_seed(0)
+    conv = conv2d_same.Conv2dSame(16, 8, 3, stride=2, bias=False)
+    x = torch.randn(2, 16, 9, 9)
+    kind = weight_kind(conv)
+    assert kind is not None and kind.name == "conv2d-same"
+    rows = kind.input_rows(conv, x)
+    assert rows is not None and rows.shape == (2 * 5 * 5, 16 * 9)
+    with torch.no_grad():
+        out = conv(x).permute(0, 2, 3, 1).reshape(-1, 8)
+        torch.testing.assert_close(rows @ kind.matrix(conv).T, out, rtol=1e-5, atol=1e-5)
+    same = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), conv2d_same.Conv2dSame(32, 8, 3, stride=2),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+    static = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3, stride=2, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+    static.load_state_dict(same.state_dict())  # on 9² inputs both pad one pixel each side
+    xs = torch.randn(256, 3, 9, 9)
+    a, _ = spectrim.compress(same, xs, "obs", "sparsity=0.5")
+    b, _ = spectrim.compress(static, xs, "obs", "sparsity=0.5")
+    assert torch.equal(a[2].weight, b[2].weight)

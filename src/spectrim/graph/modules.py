@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -763,11 +763,39 @@ def _register_timm_std_conv(std_conv: Any) -> None:
             register_module_kind(cls, ModuleKind("opaque", size_attributes=_CONV_SIZES))
 
 
+def _register_timm_conv2d_same(conv2d_same: Any) -> None:
+    """timm's ``Conv2dSame`` (TensorFlow "same" padding, computed from the input's size in
+    forward: its ``padding`` attribute is unused): a ``Conv2d`` whose Gram rows are the
+    patches of the padded input.  Read as a plain conv, its rows missed the border
+    patches (2·4·4 rows for 2·5·5 outputs on a 9² input at stride 2), and the fits were
+    made on other rows than the layer computes."""
+    cls, pad_same = getattr(conv2d_same, "Conv2dSame", None), getattr(conv2d_same, "pad_same", None)
+    base = _KINDS.get(nn.Conv2d)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d)) or pad_same is None:
+        return
+    assert isinstance(base, WeightKind)
+
+    def rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        assert isinstance(module, nn.Conv2d)
+        if module.groups != 1:
+            return None
+        padded = pad_same(x, module.weight.shape[-2:], module.stride, module.dilation)
+        zero = 0 if isinstance(module.padding, str) else tuple(0 for _ in module.padding)
+        saved, module.padding = module.padding, zero  # type: ignore[assignment]
+        try:  # the padding is in ``padded`` already
+            return _conv_rows(module, padded)
+        finally:
+            module.padding = saved
+
+    register_module_kind(cls, replace(base, name="conv2d-same", input_rows=rows))
+
+
 #: optional packages' module types: module path -> its registration (run once, when the
 #: module is first seen imported)
 _OPTIONAL: dict[str, Callable[[Any], None]] = {
     "transformers.pytorch_utils": _register_hf_conv1d,
     "timm.layers.std_conv": _register_timm_std_conv,
+    "timm.layers.conv2d_same": _register_timm_conv2d_same,
 }
 _optional_done: set[str] = set()
 
