@@ -26,6 +26,13 @@ every expert's neurons copies of the first and compressing to half of them with 
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/held_out.py \\
         --out benchmarks/results/held_out.json                                  # ~3 min
+
+``--timm-more`` runs 55 other timm models instead (stop 49's sweep, which found the
+channels_last crash on a 5-D parameter, the weight-standardised convs of NF-ResNets and
+the wrong Gram rows of ``Conv2dSame``), with no Hugging Face families:
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/held_out.py --timm-more \\
+        --images 48 --out benchmarks/results/held_out_timm_more.json            # ~6 min
 """
 
 from __future__ import annotations
@@ -46,6 +53,22 @@ from _results import save_result
 from spectrim.graph.attention import find_attention
 from spectrim.graph.modules import module_kind
 from spectrim.io.manifest import load_compressed, save_compressed
+
+#: ``--timm-more``: families the first sweep did not try (stop 49)
+TIMM_MORE = [
+    "cspdarknet53", "cspresnet50", "levit_128s", "ghostnet_100", "xcit_nano_12_p16_224",
+    "coat_lite_tiny", "pit_ti_224", "nf_resnet26", "dm_nfnet_f0", "mixer_s16_224",
+    "resmlp_12_224", "gmlp_ti16_224", "ese_vovnet19b_dw", "selecsls42b", "edgenext_xx_small",
+    "lambda_resnet26t", "halonet26t", "eva02_tiny_patch14_224", "deit3_small_patch16_224",
+    "cait_xxs24_224", "twins_pcpvt_small", "pvt_v2_b0", "crossvit_tiny_240", "sequencer2d_s",
+    "nest_tiny", "visformer_tiny", "gcvit_xxtiny", "davit_tiny", "focalnet_tiny_srf",
+    "mvitv2_tiny", "hiera_tiny_224", "repghostnet_050", "efficientvit_m0", "tinynet_e",
+    "lcnet_050", "mixnet_s", "fbnetv3_b", "hardcorenas_a", "densenet121", "inception_v3",
+    "gernet_s", "resnest14d", "skresnet18", "sebotnet33ts_256", "cs3darknet_s",
+    "vit_tiny_patch16_224", "mobilenetv4_conv_small", "mobilenetv3_small_050", "rdnet_tiny",
+    "fasternet_t0", "shvit_s1", "vgg11", "xception41", "tf_efficientnet_b0",
+    "tf_mobilenetv3_small_100",
+]  # fmt: skip
 
 # the few-second run of the test suite (tests/test_bench.py; spectrim bench --smoke)
 SMOKE = ["--hf", "gpt_bigcode", "phi3", "--timm", "resnet10t", "--images", "48"]  # fmt: skip
@@ -259,11 +282,18 @@ def main() -> None:
                  "mobileone_s0", "hgnetv2_b0", "ghostnetv2_100", "inception_next_tiny",
                  "starnet_s1", "resnet10t"],
     )  # fmt: skip
+    ap.add_argument(
+        "--timm-more",
+        action="store_true",
+        help="the 55 timm models of TIMM_MORE instead of --timm, and no --hf families",
+    )
     ap.add_argument("--images", type=int, default=96, help="random calibration images (timm)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "held_out.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.timm_more:
+        args.timm, args.hf = TIMM_MORE, []
     runs = []
     for family in args.hf:
         calib, test = token_batches(4, 0), token_batches(1, 1)[0]

@@ -367,3 +367,48 @@ def test_timm_conv2d_same_rows_are_the_patches_of_its_padded_input() -> None:
     a, _ = spectrim.compress(same, xs, "obs", "sparsity=0.5")
     b, _ = spectrim.compress(static, xs, "obs", "sparsity=0.5")
     assert torch.equal(a[2].weight, b[2].weight)
+
+
+def test_same_padding_standardised_convs_become_plain_and_read_their_padded_rows() -> None:
+    """The DeepMind NFNets' ``ScaledStdConv2dSame`` (weight standardisation and
+    TensorFlow "same" padding, both in forward) becomes a ``StandardisedConv2dSame`` with
+    the same bits; its Gram rows are the patches of its padded input; plain
+    ``StandardisedConv2d`` keeps Conv2d's output fits, a conv that pads first does not."""
+    std_conv = pytest.importorskip("timm.layers.std_conv")
+    from spectrim.calibration.outputs import supports_output_fit
+    from spectrim.graph.modules import (
+        StandardisedConv2d,
+        StandardisedConv2dSame,
+        make_plain,
+        pad_same,
+    )
+
+    torch.manual_seed(0)
+    net = nn.Sequential(std_conv.ScaledStdConv2dSame(16, 8, 3, stride=2)).eval()
+    with torch.no_grad():
+        net[0].gain.uniform_(0.5, 1.5)
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        ref = net(x)
+    assert make_plain(net) == ["0"] and type(net[0]) is StandardisedConv2dSame
+    with torch.no_grad():
+        out = net(x)
+    assert torch.equal(out, ref) and out.shape == (2, 8, 5, 5)
+    kind = weight_kind(net[0])
+    assert kind is not None
+    rows = kind.input_rows(net[0], x)
+    assert rows is not None and rows.shape == (50, 144)
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 8) - net[0].bias
+    torch.testing.assert_close(rows @ kind.matrix(net[0]).T, flat, rtol=1e-5, atol=1e-5)
+    back = StandardisedConv2dSame(**net[0].spectrim_kwargs())
+    back.load_state_dict(net[0].state_dict())
+    with torch.no_grad():
+        assert torch.equal(back(x), out)
+    # timm's pad_same and spectrim's agree, odd and even sizes, strides 1 and 2
+    padding = pytest.importorskip("timm.layers.padding")
+    for size, stride in ((9, 2), (10, 2), (7, 1)):
+        y = torch.randn(1, 2, size, size + 1)
+        a = pad_same(y, (3, 5), (stride, stride), (1, 2))
+        assert torch.equal(a, padding.pad_same(y, (3, 5), (stride, stride), (1, 2)))
+    assert supports_output_fit(StandardisedConv2d(3, 4, 3))
+    assert not supports_output_fit(StandardisedConv2dSame(3, 4, 3))

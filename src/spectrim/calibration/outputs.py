@@ -135,8 +135,20 @@ _UNFOLD: dict[type[nn.Module], _Unfolding] = {
 }
 
 
+def _entry(module: nn.Module) -> _Unfolding | None:
+    """The nearest registered base type's entry, for a subclass that computes what that
+    base computes (it keeps its ``forward``: spectrim's ``StandardisedConv2d`` does, timm's
+    ``Conv2dSame``, which pads first, does not)."""
+    cls = type(module)
+    for base in cls.__mro__:
+        entry = _UNFOLD.get(base)
+        if entry is not None:
+            return entry if cls.forward is base.forward else None  # type: ignore[attr-defined]
+    return None
+
+
 def _unfolding(module: nn.Module) -> _Unfolding:
-    entry = _UNFOLD.get(type(module))
+    entry = _entry(module)
     if entry is None or not entry.supports(module):
         raise TypeError(f"{type(module).__name__} cannot be fitted on its unfolded inputs")
     return entry
@@ -144,8 +156,9 @@ def _unfolding(module: nn.Module) -> _Unfolding:
 
 def supports_output_fit(module: nn.Module) -> bool:
     """Whether ``module``'s weight can be fitted on its unfolded inputs (``Linear``,
-    ``Conv1d``/``Conv2d`` with ``groups=1``, zero padding of fixed size)."""
-    entry = _UNFOLD.get(type(module))
+    ``Conv1d``/``Conv2d`` with ``groups=1``, zero padding of fixed size, or a subclass
+    that keeps their ``forward``)."""
+    entry = _entry(module)
     return entry is not None and entry.supports(module)
 
 

@@ -35,7 +35,7 @@ sparsified) once transformers is imported, and timm's weight-standardised convol
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -49,11 +49,13 @@ __all__ = [
     "PLAIN_MARK",
     "ModuleKind",
     "StandardisedConv2d",
+    "StandardisedConv2dSame",
     "WeightKind",
     "input_channel_axis",
     "linear_channels",
     "make_plain",
     "module_kind",
+    "pad_same",
     "register_module_kind",
     "register_swap_class",
     "register_weight_kind",
@@ -689,9 +691,70 @@ class StandardisedConv2d(nn.Conv2d):
         }
 
 
+def pad_same(
+    x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> torch.Tensor:
+    """TensorFlow's "same" padding of a 2-D conv's input (the output has ``⌈size /
+    stride⌉`` positions; an odd total puts the extra row and column at the end), as
+    timm's ``pad_same`` computes it.
+
+    Example::
+
+        >>> pad_same(torch.ones(1, 1, 9, 9), (3, 3), (2, 2), (1, 1)).shape
+        torch.Size([1, 1, 11, 11])
+        >>> pad_same(torch.ones(1, 1, 8, 8), (3, 3), (2, 2), (1, 1))[0, 0, :, 0].tolist()[-2:]
+        [1.0, 0.0]
+    """
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation, strict=True):
+        total = max((-(-int(size) // s) - 1) * s + (k - 1) * d + 1 - int(size), 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return F.pad(x, (left, right, top, bottom))
+
+
+def _same_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A "same"-padding conv's Gram rows: the patches of its padded input."""
+    assert isinstance(module, nn.Conv2d)
+    if module.groups != 1:
+        return None
+    padded = pad_same(x, module.kernel_size, module.stride, module.dilation)
+    saved = module.padding
+    module.padding = (0, 0)  # type: ignore[assignment]  # the padding is in ``padded``
+    try:
+        return _conv_rows(module, padded)
+    finally:
+        module.padding = saved
+
+
+@register_swap_class
+class StandardisedConv2dSame(StandardisedConv2d):
+    """:class:`StandardisedConv2d` with TensorFlow's "same" padding computed from the
+    input's size in forward (timm's ``StdConv2dSame`` / ``ScaledStdConv2dSame``, in the
+    DeepMind NFNets); its ``padding`` is 0.
+
+    Example::
+
+        >>> StandardisedConv2dSame(3, 4, [3, 3], stride=[2, 2])(torch.randn(1, 3, 9, 9)).shape
+        torch.Size([1, 4, 5, 5])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+_CONV2D_KIND = _KINDS[nn.Conv2d]
+assert isinstance(_CONV2D_KIND, WeightKind)
+#: a conv with "same" padding computed in forward: a Conv2d whose rows are padded first
+_SAME_KIND = replace(_CONV2D_KIND, name="conv2d-same", input_rows=_same_rows)
+register_module_kind(StandardisedConv2dSame, _SAME_KIND)
+
+
 def _standardised(conv: nn.Module) -> nn.Module:
-    """timm's ``StdConv2d`` / ``ScaledStdConv2d`` as a :class:`StandardisedConv2d`: the
-    weight computed by the same expression as their forward (so the same bits)."""
+    """timm's ``StdConv2d`` / ``ScaledStdConv2d`` (``…Same``) as a
+    :class:`StandardisedConv2d` (``…Same``): the weight computed by the same expression
+    as their forward (so the same bits)."""
     assert isinstance(conv, nn.Conv2d)
     w = conv.weight
     gain = getattr(conv, "gain", None)
@@ -706,7 +769,10 @@ def _standardised(conv: nn.Module) -> nn.Module:
     sizes: dict[str, Any] = {
         k: getattr(conv, k) for k in ("kernel_size", "stride", "padding", "dilation")
     }
-    plain = StandardisedConv2d(
+    same = type(conv).__name__.endswith("Same")  # timm's "same"-padding variants
+    if same:
+        sizes["padding"] = 0
+    plain = (StandardisedConv2dSame if same else StandardisedConv2d)(
         conv.in_channels, conv.out_channels, **sizes, groups=conv.groups,
         bias=conv.bias is not None, padding_mode=conv.padding_mode, device=w.device,
         dtype=w.dtype,
@@ -749,45 +815,24 @@ def _register_hf_conv1d(utils: Any) -> None:
 
 def _register_timm_std_conv(std_conv: Any) -> None:
     """timm's weight-standardised convolutions: made plain before the trace
-    (:class:`StandardisedConv2d`).  Their "same"-padding variants pad in forward by the
-    input's size, which no plain ``Conv2d`` does: they stay opaque (pinned)."""
-    for name in ("StdConv2d", "ScaledStdConv2d"):
+    (:class:`StandardisedConv2d`, :class:`StandardisedConv2dSame`)."""
+    for name in ("StdConv2d", "ScaledStdConv2d", "StdConv2dSame", "ScaledStdConv2dSame"):
         cls = getattr(std_conv, name, None)
         if isinstance(cls, type) and issubclass(cls, nn.Conv2d):
             register_module_kind(
                 cls, ModuleKind("std-conv", size_attributes=_CONV_SIZES, plain=_standardised)
             )
-    for name in ("StdConv2dSame", "ScaledStdConv2dSame"):
-        cls = getattr(std_conv, name, None)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            register_module_kind(cls, ModuleKind("opaque", size_attributes=_CONV_SIZES))
 
 
 def _register_timm_conv2d_same(conv2d_same: Any) -> None:
     """timm's ``Conv2dSame`` (TensorFlow "same" padding, computed from the input's size in
-    forward: its ``padding`` attribute is unused): a ``Conv2d`` whose Gram rows are the
-    patches of the padded input.  Read as a plain conv, its rows missed the border
-    patches (2·4·4 rows for 2·5·5 outputs on a 9² input at stride 2), and the fits were
-    made on other rows than the layer computes."""
-    cls, pad_same = getattr(conv2d_same, "Conv2dSame", None), getattr(conv2d_same, "pad_same", None)
-    base = _KINDS.get(nn.Conv2d)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d)) or pad_same is None:
-        return
-    assert isinstance(base, WeightKind)
-
-    def rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        assert isinstance(module, nn.Conv2d)
-        if module.groups != 1:
-            return None
-        padded = pad_same(x, module.weight.shape[-2:], module.stride, module.dilation)
-        zero = 0 if isinstance(module.padding, str) else tuple(0 for _ in module.padding)
-        saved, module.padding = module.padding, zero  # type: ignore[assignment]
-        try:  # the padding is in ``padded`` already
-            return _conv_rows(module, padded)
-        finally:
-            module.padding = saved
-
-    register_module_kind(cls, replace(base, name="conv2d-same", input_rows=rows))
+    forward: its ``padding`` attribute is unused), a "same"-padding conv like
+    :class:`StandardisedConv2dSame`.  Read as a plain conv, its rows missed the border
+    patches (2·4·4 rows for 2·5·5 outputs on a 9² input at stride 2), and the statistics
+    were made on other rows than the layer computes."""
+    cls = getattr(conv2d_same, "Conv2dSame", None)
+    if isinstance(cls, type) and issubclass(cls, nn.Conv2d):
+        register_module_kind(cls, _SAME_KIND)
 
 
 #: optional packages' module types: module path -> its registration (run once, when the
