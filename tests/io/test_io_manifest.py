@@ -179,6 +179,9 @@ def test_wrong_shape_in_manifest_names_file_and_tensor(digits_pair, tmp_path: Pa
         (lambda m: m.update(bias_heads={"fc1": [0, 0]}), "'bias_heads' must map"),
         (lambda m: m.update(bias_heads={"fc1": "0"}), "'bias_heads' must map"),
         (lambda m: m.update(bias_heads={"nope": [1]}), "attention layer 'nope' is not"),
+        (lambda m: m.update(versions={"fc1": "2"}), "'versions' must map"),
+        (lambda m: m.update(plain="fc1"), "'plain' must be a list"),
+        (lambda m: m.update(plain=["nope"]), "module 'nope' \\(made plain\\) is not"),
     ],
 )
 def test_malformed_manifest_errors(digits_pair, tmp_path: Path, edit, pattern: str) -> None:
@@ -215,3 +218,20 @@ def test_unknown_arch(digits_pair, tmp_path: Path) -> None:
     save_compressed(small, tmp_path, arch={"recipe": "x"})
     with pytest.raises(ManifestError, match="names no 'zoo', 'torchvision', 'timm'"):
         load_compressed(tmp_path)
+
+
+def test_state_dict_versions_travel_with_the_weights(tmp_path: Path) -> None:
+    """A module whose ``_load_from_state_dict`` reads its version (torchvision's MNASNet
+    refuses ``None``) failed to reload: safetensors keeps no state-dict metadata.  The
+    manifest records every module's version and loading gives them back."""
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    net = models.mnasnet0_5(weights=None, num_classes=10).eval()
+    x = torch.randn(32, 3, 32, 32)
+    small, report = spectrim.compress(net, x, "id", "width=0.75")
+    save_compressed(small, tmp_path / "m", report)
+    manifest = json.loads((tmp_path / "m" / MANIFEST_FILE).read_text())
+    assert manifest["versions"][""] == 2  # MNASNet's own _version
+    back = load_compressed(tmp_path / "m", models.mnasnet0_5(weights=None, num_classes=10))
+    with torch.no_grad():
+        assert torch.equal(back(x[:4]), small(x[:4]))

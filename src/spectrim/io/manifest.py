@@ -62,6 +62,7 @@ import json
 import os
 import re
 import shutil
+from collections import OrderedDict
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -171,10 +172,9 @@ def build_manifest(model: nn.Module, arch: Mapping[str, Any] | None = None) -> d
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    state = model.state_dict(keep_vars=True)
     shapes = {
-        name: [int(s) for s in t.shape]
-        for name, t in model.state_dict(keep_vars=True).items()
-        if isinstance(t, torch.Tensor)
+        name: [int(s) for s in t.shape] for name, t in state.items() if isinstance(t, torch.Tensor)
     }
     modules = {}
     swapped: dict[str, dict[str, Any]] = {}
@@ -199,6 +199,7 @@ def build_manifest(model: nn.Module, arch: Mapping[str, Any] | None = None) -> d
         "modules": modules,
         "swapped": swapped,
         "plain": [n for n, m in model.named_modules() if getattr(m, PLAIN_MARK, False)],
+        "versions": _versions(state),
         "bias_heads": bias_heads,
         "tied": _tied_names(model, shapes),
         "arch": dict(arch) if arch is not None else None,
@@ -262,6 +263,11 @@ def _validate(manifest: Any, source: str | os.PathLike[str] | None) -> dict[str,
         raise ManifestError(
             f"{where}'bias_heads' must map attention layers to lists of distinct head indices"
         )
+    versions = manifest.get("versions", {})
+    if not isinstance(versions, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in versions.values()
+    ):
+        raise ManifestError(f"{where}'versions' must map module prefixes to ints")
     plain = manifest.get("plain", [])
     if not isinstance(plain, list) or not all(isinstance(n, str) for n in plain):
         raise ManifestError(f"{where}'plain' must be a list of module names, got {plain!r}")
@@ -790,6 +796,31 @@ def save_compressed(
     return Path(directory)
 
 
+def _versions(state: Mapping[str, Any]) -> dict[str, int]:
+    """The modules' state-dict versions (``_version``, kept in the state dict's
+    ``_metadata``), by module prefix: what ``_load_from_state_dict`` reads to convert
+    older layouts (torchvision's MNASNet refuses a state without one)."""
+    meta = getattr(state, "_metadata", None) or {}
+    return {
+        str(k): int(v["version"])
+        for k, v in meta.items()
+        if isinstance(v, Mapping) and isinstance(v.get("version"), int)
+    }
+
+
+def _with_versions(
+    state: Mapping[str, Any], manifest: Mapping[str, Any], model: nn.Module
+) -> OrderedDict[str, Any]:
+    """``state`` with the versions its modules were saved at (the manifest's, or for a
+    folder saved before they were recorded, the fresh model's own: the same code)."""
+    versions = manifest.get("versions")
+    if versions is None:
+        versions = _versions(model.state_dict())
+    out: OrderedDict[str, Any] = OrderedDict(state)
+    out._metadata = {k: {"version": v} for k, v in versions.items()}  # type: ignore[attr-defined]
+    return out
+
+
 def _read_weights(folder: Path, manifest: Mapping[str, Any], map_location: Any) -> dict[str, Any]:
     if manifest["format"] == LEGACY_FORMAT:
         path = folder / STATE_FILE
@@ -870,7 +901,7 @@ def load_compressed(
         )
     )
     apply_manifest(model, manifest, source=manifest_path)
-    state = _read_weights(folder, manifest, map_location)
+    state = _with_versions(_read_weights(folder, manifest, map_location), manifest, model)
     expected = model.state_dict(keep_vars=True)
     for name, tensor in state.items():
         if name in expected and isinstance(tensor, torch.Tensor):
