@@ -279,12 +279,23 @@ def heads_run(
     timings["solve"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    for b, s, k in zip(blocks, solvers, widths, strict=True):
-        units = b.units
-        if k < units:
-            apply_heads(work, b, s, k, batches, original, team)
-        report.groups.append(head_group_report(b, s, k, rows or None))
-    timings["apply"] = time.perf_counter() - t
-
-    end_run(report, work, example, cost0, info, timings, t0)
+    done: list[str] = []
+    try:
+        for b, s, k in zip(blocks, solvers, widths, strict=True):
+            units = b.units
+            if k < units:
+                apply_heads(work, b, s, k, batches, original, team)
+                done.append(b.name)
+            report.groups.append(head_group_report(b, s, k, rows or None))
+        timings["apply"] = time.perf_counter() - t
+        end_run(report, work, example, cost0, info, timings, t0)
+    except RuntimeError as e:  # the model no longer runs with fewer heads
+        if not done:
+            raise
+        raise ValueError(
+            f"target {tgt}: after removing heads of '{done[-1]}' the model no longer runs "
+            f"({type(e).__name__}: {str(e)[:200]}): its attention holds per-head state "
+            "spectrim does not cut (e.g. a relative-position bias shared by every layer), "
+            "so its heads cannot be removed"
+        ) from e
     return work, report

@@ -737,3 +737,66 @@ def test_codegen_heads_go_from_every_part_of_its_fused_projection(tmp_path: Any)
         torch.testing.assert_close(back(**batches[0]).logits, got)
     out = back.generate(batches[0]["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def _vision(family: str) -> torch.nn.Module:
+    t = transformers
+    torch.manual_seed(0)
+    if family in ("swin", "swinv2"):
+        cls, cfg_cls = (
+            (t.SwinModel, t.SwinConfig) if family == "swin" else (t.Swinv2Model, t.Swinv2Config)
+        )
+        cfg = cfg_cls(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                      window_size=4)  # fmt: skip
+        return cls(cfg).eval()
+    cfg = t.BeitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64,
+                       use_relative_position_bias=family == "beit",
+                       use_shared_relative_position_bias=family == "beit-shared")  # fmt: skip
+    return t.BeitModel(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["swin", "swinv2", "beit"])
+def test_per_head_position_tables_go_with_their_heads(family: str, tmp_path: Any) -> None:
+    """Swin's and BEiT's relative-position bias tables, and Swin-v2's logit scales and
+    position-bias MLP, hold one slice per head beside the projections: removing heads
+    crashed the next forward (stop 49's sweep of HF vision models).  They are now cut
+    with their heads: heads whose value rows are zero go exactly, and the result reloads."""
+    import spectrim
+    from spectrim.io import load_compressed, save_compressed
+
+    model = _vision(family)
+    blocks = find_attention(model)
+    assert blocks and all(b.head_tables for b in blocks)
+    assert all(b.head_outputs for b in blocks) == (family == "swinv2")
+    modules = dict(model.named_modules())
+    with torch.no_grad():  # the second half of every layer's heads outputs zeros
+        for b in blocks:
+            (v,) = [p for p in b.projections if p.role == "v"]
+            rows = torch.as_tensor(b.projection_rows(v, range(b.units // 2, b.units)))
+            modules[v.module].weight[rows] = 0.0
+            modules[v.module].bias[rows] = 0.0
+    g = torch.Generator().manual_seed(0)
+    calib = [{"pixel_values": torch.randn(16, 3, 32, 32, generator=g)} for _ in range(4)]
+    test = {"pixel_values": torch.randn(4, 3, 32, 32, generator=g)}
+    small, report = spectrim.compress(model, calib, "id", "heads=0.5", sequential=False)
+    assert [(r.width_before, r.width_after) for r in report.groups][-1] in ((4, 2), (2, 1))
+    with torch.no_grad():
+        a, b = model(**test).last_hidden_state, small(**test).last_hidden_state
+    assert float((a - b).norm() / a.norm()) < 1e-5
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", _vision(family))
+    with torch.no_grad():
+        assert torch.equal(back(**test).last_hidden_state, b)
+
+
+def test_a_bias_shared_by_every_layer_is_refused_by_name() -> None:
+    """BEiT's shared relative-position bias (one table for every layer, added from
+    outside the attention) cannot lose one layer's heads: the run stops with a message
+    naming the layer, not with the model's shape error."""
+    import spectrim
+
+    model = _vision("beit-shared")
+    calib = [{"pixel_values": torch.randn(8, 3, 32, 32)} for _ in range(2)]
+    with pytest.raises(ValueError, match=r"after removing heads of 'layers.0.attention'"):
+        spectrim.compress(model, calib, "id", "heads=0.5")

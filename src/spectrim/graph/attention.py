@@ -212,6 +212,11 @@ class AttentionBlock:
         blocks: the fused projection is cut in this many equal parts, each holding
             ``heads / blocks`` heads of every role (CodeGen's ``mp_num``): a unit is then
             one head of every part (the same place in each), so the parts stay equal.
+        head_tables: ``(parameter path, axis)`` of tensors inside the layer with one
+            slice per query head along ``axis`` (Swin's relative-position bias table,
+            Swin-v2's ``logit_scale``), indexed with the kept query heads.
+        head_outputs: modules inside the layer with one output per query head (Swin-v2's
+            position-bias MLP's last linear), sliced to the kept query heads.
 
     Units are KV groups, except under multi-query attention (one KV head shared by
     several query heads) or with :attr:`slots` set (:attr:`per_query`): there a unit is
@@ -232,6 +237,8 @@ class AttentionBlock:
     bias: HeadBias | None = None
     blocks: int = 1
     calls: int = 1
+    head_tables: list[tuple[str, int]] = field(default_factory=list)
+    head_outputs: list[str] = field(default_factory=list)
 
     @property
     def group_size(self) -> int:
@@ -349,6 +356,13 @@ class AttentionBlock:
             _keep_outputs(modules[path], np.sort(np.concatenate(parts)), path)
         cols = self.columns(keep)
         _fold_inputs(modules[self.out], cols, fold, self.out)
+        heads = self.query_heads(keep)
+        for path, axis in self.head_tables:  # per-head position tables and scales
+            owner, _, leaf = path.rpartition(".")
+            table = getattr(modules[owner], leaf)
+            set_param(modules[owner], leaf, index_along(table.data, axis, heads))
+        for path in self.head_outputs:
+            _keep_outputs(modules[path], heads, path)
         if self.bias is not None:  # the rows of the shared bias this layer still adds
             layer = modules[self.name]
             before = getattr(layer, BIAS_HEADS, None) or list(range(self.heads))
@@ -484,10 +498,41 @@ def find_attention(model: nn.Module) -> list[AttentionBlock]:
         for _, finder in _FINDERS:
             block = finder(path, module)
             if block is not None:
+                _find_head_state(block, module, model)
                 out.append(block)
                 inside.append(path)
                 break
     return out
+
+
+#: parameters inside an attention layer holding one slice per query head: name -> axis
+_HEAD_TABLES = {"relative_position_bias_table": -1, "logit_scale": 0}
+#: modules inside an attention layer with one output per query head (Swin-v2)
+_HEAD_OUTPUT_MODULES = ("continuous_position_bias_mlp",)
+
+
+def _find_head_state(block: AttentionBlock, layer: nn.Module, model: nn.Module) -> None:
+    """Per-head tensors of ``layer`` beside its projections (:attr:`AttentionBlock.
+    head_tables`, :attr:`~AttentionBlock.head_outputs`), by name and size: Swin's
+    relative-position bias tables, Swin-v2's ``logit_scale`` and position-bias MLP, and
+    BEiT's per-layer table, which its transformer layer holds beside the attention."""
+    h = block.heads
+    found = [(block.name, n, p) for n, p in layer.named_parameters()]
+    parent = block.name.rpartition(".")[0]
+    if block.name:
+        for name, child in model.get_submodule(parent).named_children():
+            if child is not layer and name.startswith("relative_position_bias"):
+                found += [(_join(parent, name), n, p) for n, p in child.named_parameters()]
+    for owner, name, p in found:
+        axis = _HEAD_TABLES.get(name.rpartition(".")[2])
+        if axis is not None and p.dim() >= 1 and p.shape[axis] == h:
+            block.head_tables.append((_join(owner, name), axis % p.dim()))
+    for name, child in layer.named_modules():
+        if name.rpartition(".")[2] in _HEAD_OUTPUT_MODULES and isinstance(child, nn.Sequential):
+            last = [m for m in child if isinstance(m, nn.Module) and _linear(m)]
+            if last and _outputs(last[-1]) == h:
+                index = next(i for i, m in enumerate(child) if m is last[-1])
+                block.head_outputs.append(_join(block.name, name, str(index)))
 
 
 def _join(*parts: str) -> str:
