@@ -800,3 +800,46 @@ def test_a_bias_shared_by_every_layer_is_refused_by_name() -> None:
     calib = [{"pixel_values": torch.randn(8, 3, 32, 32)} for _ in range(2)]
     with pytest.raises(ValueError, match=r"after removing heads of 'layers.0.attention'"):
         spectrim.compress(model, calib, "id", "heads=0.5")
+
+
+def test_timm_swin_window_attention_loses_heads_exactly() -> None:
+    """timm's Swin ``WindowAttention`` (fused ``qkv``, ``num_heads`` alone, a per-head
+    relative-position table) was not recognised: ``heads=F`` refused the model.  It is a
+    layer now, found from its table's columns (so a reloaded layer is found too); heads
+    whose value rows are zero go exactly, and the result reloads."""
+    timm = pytest.importorskip("timm")
+    import tempfile
+    from pathlib import Path
+
+    import spectrim
+    from spectrim.io import load_compressed, save_compressed
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model(
+            "swin_tiny_patch4_window7_224", img_size=56, embed_dim=16, depths=(1, 1),
+            num_heads=(2, 4), window_size=7, num_classes=10,
+        ).eval()  # fmt: skip
+
+    model = make()
+    blocks = find_attention(model)
+    assert [(b.heads, b.head_dim, len(b.head_tables)) for b in blocks] == [(2, 8, 1), (4, 8, 1)]
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for b in blocks:
+            (v,) = [p for p in b.projections if p.role == "v"]
+            rows = torch.as_tensor(b.projection_rows(v, range(b.units // 2, b.units)))
+            modules[v.module].weight[rows] = 0.0
+            modules[v.module].bias[rows] = 0.0
+    x = torch.randn(40, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    small, report = spectrim.compress(model, list(x[:32].split(16)), "id", "heads=0.5",
+                                      sequential=False)  # fmt: skip
+    assert [(g.width_before, g.width_after) for g in report.groups] == [(2, 1), (4, 2)]
+    with torch.no_grad():
+        a, b = model(x[32:]), small(x[32:])
+    assert float((a - b).norm() / a.norm()) < 1e-5
+    with tempfile.TemporaryDirectory() as d:
+        save_compressed(small, Path(d) / "m", report)
+        back = load_compressed(Path(d) / "m", make())
+        with torch.no_grad():
+            assert torch.equal(back(x[32:]), b)

@@ -1027,6 +1027,33 @@ def _timm(path: str, module: nn.Module) -> AttentionBlock | None:
     )
 
 
+@register_attention("timm-window")
+def _timm_window(path: str, module: nn.Module) -> AttentionBlock | None:
+    """timm's Swin ``WindowAttention``: fused ``qkv`` and ``proj`` like ``Attention``, the
+    head count in ``num_heads`` alone (the head size follows from ``qkv``), and a
+    relative-position bias table with one column per head (cut with its heads).  The
+    table's columns say how many heads are left (a reloaded layer's ``num_heads`` is the
+    fresh model's until :meth:`AttentionBlock.sync`)."""
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    table = getattr(module, "relative_position_bias_table", None)
+    if not isinstance(qkv, nn.Linear) or not _linear(proj) or _attr(module, "num_heads") is None:
+        return None
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        return None
+    h = int(table.shape[-1])
+    if _attr(module, "attn_dim", "head_dim") is not None or _outputs(qkv) % (3 * h):
+        return None  # timm's other layouts: not this finder's
+    return AttentionBlock(
+        name=path,
+        projections=_fused(_join(path, "qkv"), h, h, _outputs(qkv) // (3 * h)),
+        out=_join(path, "proj"),
+        heads=h,
+        kv_heads=h,
+        head_dim=_outputs(qkv) // (3 * h),
+        head_attrs=[(path, "num_heads")],
+    )
+
+
 @register_swap_class
 class HeadAttention(nn.Module):
     """``nn.MultiheadAttention``'s computation with its head count free of ``embed_dim``.
