@@ -275,14 +275,10 @@ def _say_if_unchanged(report: CompressionReport, cfg: CompressConfig, loud: bool
     if alloc is not None and alloc["held"] and not alloc["reachable"]:
         # the allocator stopped at the start: max_error held every group it could narrow
         held = alloc["held"]
-        which = (
-            f" ({', '.join(repr(h) for h in held[:3])}{', ...' if len(held) > 3 else ''})"
-            if held
-            else ""
-        )
+        which = ", ".join(repr(h) for h in held[:3]) + (", ..." if len(held) > 3 else "")
         why = (
             f"the target is unreachable, and narrowing any of the {len(held)} group(s) that "
-            f"could shrink{which} would exceed max_error={cfg.max_error:g} "
+            f"could shrink ({which}) would exceed max_error={cfg.max_error:g} "
             "(on_unreachable='stop'; report.allocation and the allocator's message below "
             "say how far the target can go)"
         )

@@ -292,8 +292,8 @@ class ModuleSnapshot:
     its weight-norm hooks.  None of these writes into a tensor the model holds.  So
     references to every module's class, parameter, buffer, child and hook tables, to each
     tensor's data and to its plain attributes are enough to put the model back exactly,
-    at no copy of the weights. :func:`spectrim.compress` takes one with ``inplace=True`` and restores it
-    when a run fails midway.
+    at no copy of the weights. :func:`spectrim.compress` takes one with ``inplace=True``
+    and restores it when a run fails midway.
 
     Example::
 
