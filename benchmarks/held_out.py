@@ -33,6 +33,15 @@ the wrong Gram rows of ``Conv2dSame``), with no Hugging Face families:
 
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/held_out.py --timm-more \\
         --images 48 --out benchmarks/results/held_out_timm_more.json            # ~6 min
+
+``--hf-vision`` runs tiny Hugging Face vision and audio families (``all``: the 15 of
+``hf_vision_configs``) at the ``--hf-targets``, ``--torchvision`` torchvision
+classification models at ``macs=0.7``:
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/held_out.py --hf --timm \\
+        --hf-vision all --torchvision alexnet squeezenet1_1 mnasnet0_5 efficientnet_v2_s \\
+        swin_t wide_resnet50_2 convnext_tiny shufflenet_v2_x0_5 regnet_y_400mf \\
+        --images 48 --out benchmarks/results/held_out_vision.json               # ~3 min
 """
 
 from __future__ import annotations
@@ -71,7 +80,8 @@ TIMM_MORE = [
 ]  # fmt: skip
 
 # the few-second run of the test suite (tests/test_bench.py; spectrim bench --smoke)
-SMOKE = ["--hf", "gpt_bigcode", "phi3", "--timm", "resnet10t", "--images", "48"]  # fmt: skip
+SMOKE = ["--hf", "gpt_bigcode", "phi3", "--hf-vision", "swin", "--timm", "resnet10t",
+         "--images", "48"]  # fmt: skip
 
 VOCAB = 100
 #: families with mixture-of-experts layers: ``experts=0.5`` is tried on them too
@@ -129,6 +139,60 @@ def hf_configs() -> dict[str, Callable[[], Any]]:
         "xlm-roberta": lambda: t.XLMRobertaConfig(**s),
         "mpnet": lambda: t.MPNetConfig(**s),
     }
+
+
+def hf_vision_configs() -> dict[str, tuple[Callable[[], nn.Module], str]]:
+    """Tiny Hugging Face vision and audio models (stop 49) and the input each takes:
+    ``"image"`` (32² pixels), ``"audio"`` (400 samples) or ``"mel"`` (16 bins × 32)."""
+    import transformers as t
+
+    v = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    win = dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+               window_size=4)  # fmt: skip
+    a = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)  # fmt: skip
+    return {
+        "vit": (lambda: t.ViTModel(t.ViTConfig(**v)), "image"),
+        "deit": (lambda: t.DeiTModel(t.DeiTConfig(**v)), "image"),
+        "dinov2": (lambda: t.Dinov2Model(t.Dinov2Config(
+            **{k: x for k, x in v.items() if k != "intermediate_size"}, mlp_ratio=2)), "image"),
+        "beit": (lambda: t.BeitModel(t.BeitConfig(**v, use_relative_position_bias=True)),
+                 "image"),
+        "beit-shared": (lambda: t.BeitModel(
+            t.BeitConfig(**v, use_shared_relative_position_bias=True)), "image"),
+        "clip-vision": (lambda: t.CLIPVisionModel(t.CLIPVisionConfig(**v)), "image"),
+        "siglip-vision": (lambda: t.SiglipVisionModel(t.SiglipVisionConfig(**v)), "image"),
+        "swin": (lambda: t.SwinModel(t.SwinConfig(**win)), "image"),
+        "swinv2": (lambda: t.Swinv2Model(t.Swinv2Config(**win)), "image"),
+        "resnet": (lambda: t.ResNetModel(t.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1])), "image"),
+        "mobilevit": (lambda: t.MobileViTModel(t.MobileViTConfig(
+            image_size=32, hidden_sizes=[16, 24, 32],
+            neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32])), "image"),
+        "segformer": (lambda: t.SegformerModel(t.SegformerConfig(
+            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+            num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2],
+            mlp_ratios=[2, 2])), "image"),
+        "wav2vec2": (lambda: t.Wav2Vec2Model(t.Wav2Vec2Config(**a)), "audio"),
+        "hubert": (lambda: t.HubertModel(t.HubertConfig(**a)), "audio"),
+        "whisper-classifier": (lambda: t.WhisperForAudioClassification(t.WhisperConfig(
+            d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+            decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, num_mel_bins=16,
+            max_source_positions=16)), "mel"),
+    }  # fmt: skip
+
+
+def signal_batches(kind: str, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` random batches of 16 for a vision or audio model's input ``kind``."""
+    g = torch.Generator().manual_seed(seed)
+    shape, key = {
+        "image": ((16, 3, 32, 32), "pixel_values"),
+        "audio": ((16, 400), "input_values"),
+        "mel": ((16, 16, 32), "input_features"),
+    }[kind]
+    return [{key: torch.randn(shape, generator=g)} for _ in range(n)]
 
 
 def hf_model(family: str) -> nn.Module:
@@ -283,6 +347,19 @@ def main() -> None:
                  "starnet_s1", "resnet10t"],
     )  # fmt: skip
     ap.add_argument(
+        "--hf-vision",
+        nargs="*",
+        default=[],
+        help="tiny Hugging Face vision/audio families (hf_vision_configs; 'all': every one) "
+        "at the --hf-targets",
+    )
+    ap.add_argument(
+        "--torchvision",
+        nargs="*",
+        default=[],
+        help="torchvision classification models (random weights, 64² images) at macs=0.7",
+    )
+    ap.add_argument(
         "--timm-more",
         action="store_true",
         help="the 55 timm models of TIMM_MORE instead of --timm, and no --hf families",
@@ -306,6 +383,34 @@ def main() -> None:
             rec = {"model": family, "source": "transformers", **rec}
             print(rec["model"], target, rec["status"], rec.get("macs_ratio", rec.get("message")))
             runs.append(rec)
+    vision = hf_vision_configs() if args.hf_vision else {}
+    for family in list(vision) if args.hf_vision == ["all"] else args.hf_vision:
+        make_v, kind = vision[family]
+        calib, test = signal_batches(kind, 8, 0), signal_batches(kind, 1, 1)[0]
+        for target in args.hf_targets:
+
+            def make_seeded(make_v: Callable[[], nn.Module] = make_v) -> nn.Module:
+                torch.manual_seed(0)
+                return make_v().eval()
+
+            rec = attempt(make_seeded, calib, test, target, causal=False)
+            rec = {"model": family, "source": "transformers-vision", **rec}
+            print(family, target, rec["status"], rec.get("macs_ratio", rec.get("message")))
+            runs.append(rec)
+    for name in args.torchvision:
+        from torchvision import models
+
+        def make_tv(name: str = name) -> nn.Module:
+            torch.manual_seed(0)
+            return getattr(models, name)(weights=None, num_classes=10).eval()  # type: ignore[no-any-return]
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.images, 3, 64, 64, generator=g)
+        test = torch.randn(4, 3, 64, 64, generator=g)
+        rec = {"model": name, "source": "torchvision",
+               **attempt(make_tv, list(x.split(16)), test, "macs=0.7", False)}  # fmt: skip
+        print(name, rec["status"], rec.get("macs_ratio", rec.get("message")))
+        runs.append(rec)
     if args.timm:
         import timm
 
