@@ -9,6 +9,7 @@ from _toy_models import ALL_MODELS, FlattenHead, build
 from torch import nn
 
 from spectrim.graph import Analysis, UnitGroup, analyze_channels, trace
+from spectrim.graph.verify import self_check
 
 
 def analyze(name: str) -> tuple[nn.Module, Analysis]:
@@ -152,12 +153,54 @@ def test_option_a_channel_padding_is_pinned() -> None:
 
 
 def test_view_with_literal_channel_count_is_pinned() -> None:
-    _, a = analyze("literal_view")
-    lit = a.group("a")
-    assert lit.pinned is not None and "view" in lit.pinned
+    """``a.view(N, 4, 36)`` names every size, the channel count among them: the analysis
+    follows it (the count is the channel axis's), and the shrink self-check pins it, since
+    a hard-coded 4 cannot hold 3 channels with no ``-1`` to absorb them."""
+    model, x = build("literal_view")
+    a = analyze_channels(model, x)
+    assert a.group("a").pinned is None
+    assert self_check(model, a, x) == [
+        ("a", "shrink self-check failed (hard-coded channel count?)")
+    ]
     ok = a.group("b")  # view(N, -1) is a flatten
     assert ok.pinned is None
     assert consumer(ok, "fb").shape == (5, 36)
+
+
+class _TokensToImage(nn.Module):
+    """PVT-v2's and SegFormer's Mix-FFN: tokens ``(B, N, C)`` through a Linear, back to an
+    image with ``x.transpose(1, 2).view(B, C, H, W)`` (every size read from the input)
+    for a depthwise conv, and to tokens again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.fc2 = nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.fc1(x)
+        c = h.shape[-1]
+        img = self.dw(h.transpose(1, 2).view(b, c, 4, n // 4))
+        return self.fc2(torch.relu(img.flatten(2).transpose(1, 2)))
+
+
+def test_a_view_that_names_the_channel_count_read_from_the_input_is_followed() -> None:
+    """Before stop 49 every such view pinned its channels ("reshapes the channel axis
+    with literal sizes"): PVT-v2 kept 51 of 51 groups.  Followed now, the FFN width is a
+    group that passes the self-checks and compresses."""
+    import spectrim
+
+    torch.manual_seed(0)
+    model = _TokensToImage().eval()
+    x = torch.randn(64, 16, 6)
+    a = analyze_channels(model, x[:2])
+    g = a.group("fc1")
+    assert g.pinned is None and self_check(model, a, x[:2]) == []
+    small, _ = spectrim.compress(model, x, "id", "width=0.5")
+    assert small.fc1.out_features == 6 and small.dw.groups == 6
+    assert small(x[:2]).shape == (2, 16, 6)
 
 
 def test_unknown_op_is_pinned_and_named() -> None:

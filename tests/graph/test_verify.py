@@ -44,7 +44,7 @@ def assert_same_outputs(m1: nn.Module, m2: nn.Module, x: torch.Tensor, rtol: flo
         assert float((a - b).abs().max()) <= rtol * float(a.abs().max())
 
 
-@pytest.mark.parametrize("name", sorted(set(ALL_MODELS) - {"shape_assert"}))
+@pytest.mark.parametrize("name", sorted(set(ALL_MODELS) - {"shape_assert", "literal_view"}))
 def test_self_check_passes_on_correct_graphs(name: str) -> None:
     model, x = build(name)
     a = analyze_channels(model, x)

@@ -489,7 +489,11 @@ class _Analyzer:
             j += 1
         if acc == pre and j < len(ys) and len(raw) == len(ys):
             given = raw[j]
-            if ys[j] == c and given == -1:
+            # the channel axis kept, its size given as -1, or as the count itself with
+            # every size explicit: a hard-coded count then cannot absorb a narrower width
+            # (no -1 elsewhere), so the shrink self-check pins it (PVT-v2's and SegFormer's
+            # ``x.transpose(1, 2).view(B, C, H, W)`` with ``C`` read from the input)
+            if ys[j] == c and (given == -1 or (given == c and -1 not in raw)):
                 self.passthrough(op, _Labels(j, lab.atoms))
                 return
             if given == -1 and ys[j] % c == 0 and _merges(xs, lab.dim, ys[j] // c):
