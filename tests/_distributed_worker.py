@@ -61,6 +61,9 @@ SCENARIOS = {
     "heads-query": {"method": "id", "target": "heads=0.5", "query_heads": True},
     # the neurons of a small Mixtral's experts (per-expert Grams summed over the ranks)
     "experts": {"method": "id", "target": "experts=0.5"},
+    # ... with 16 experts and 16 sequences: most experts get fewer tokens than neurons
+    # and are topped up by a sample of the layer's tokens, drawn the same on any sharding
+    "experts-few": {"method": "id", "target": "experts=0.5"},
     # ... and on a MACs budget with the heads and the residual width
     "experts-budget": {
         "method": "id",
@@ -99,19 +102,22 @@ def _llama() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
     return model, [{"input_ids": b} for b in ids.split(16)]
 
 
-def _mixtral() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
-    """A seeded 2-layer Mixtral (4 experts of 32 neurons, 2 per token) and 8 batches."""
+def _mixtral(
+    experts: int = 4, sequences: int = 128
+) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """A seeded 2-layer Mixtral (``experts`` experts of 32 neurons, 2 per token) and 8
+    batches of ``sequences / 8`` token sequences."""
     import transformers
 
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(
         vocab_size=101, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
         num_experts_per_tok=2, max_position_embeddings=32,
     )  # fmt: skip
     model = transformers.MixtralForCausalLM(cfg).eval()
-    ids = torch.randint(0, 101, (128, 12), generator=torch.Generator().manual_seed(1))
-    return model, [{"input_ids": b} for b in ids.split(16)]
+    ids = torch.randint(0, 101, (sequences, 12), generator=torch.Generator().manual_seed(1))
+    return model, [{"input_ids": b} for b in ids.split(sequences // 8)]
 
 
 def _bert() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
@@ -154,6 +160,8 @@ def _run(scenario: str, rank: str, path: Path) -> None:
     batches: list
     if scenario == "heads-query":
         model, batches = _llama()
+    elif scenario == "experts-few":
+        model, batches = _mixtral(experts=16, sequences=16)
     elif scenario.startswith("experts"):
         model, batches = _mixtral()
     elif scenario.startswith("heads"):

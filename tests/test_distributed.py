@@ -92,7 +92,8 @@ def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
 
 
 SCENARIOS = (
-    "id select residual obs joint heads heads-budget heads-query experts experts-budget hidden "
+    "id select residual obs joint heads heads-budget heads-query experts experts-few "
+    "experts-budget hidden "
     "sketch blocks "
     "blocks-span blocks-stats"
 ).split()
@@ -143,7 +144,11 @@ def test_two_processes_equal_one(scenario: str, launched: dict[str, Any]) -> Non
     for rank in two:
         assert _same_model(one["state"], rank["state"]) <= 1e-10
     r1, r2 = one["report"], two[0]["report"]
-    assert r2["calibration_rows"] == r1["calibration_rows"] == 128
+    assert (
+        r2["calibration_rows"]
+        == r1["calibration_rows"]
+        == (16 if scenario == "experts-few" else 128)
+    )
     if scenario == "hidden":
         assert r1["params_after"] == r2["params_after"] < r1["params_before"]
         (g1,) = r1["groups"]
@@ -165,6 +170,9 @@ def test_two_processes_equal_one(scenario: str, launched: dict[str, Any]) -> Non
         assert widths == [(g["name"], g["width_after"]) for g in r2["groups"]]
         assert [w for _, w in widths] == [16, 16]
         assert r2["groups"][0]["rows"] == r1["groups"][0]["rows"] == 128 * 12 * 2
+    elif scenario == "experts-few":  # 16 · 12 tokens, 2 each, over 16 experts of 32
+        assert [g["width_after"] for g in r1["groups"]] == [16, 16]
+        assert r2["groups"][0]["rows"] == r1["groups"][0]["rows"] == 16 * 12 * 2
     elif scenario == "sketch":  # Ω follows the batch, not the rank: the same sketches
         rows = [g["sketch_rows"] for g in r1["groups"]]
         assert rows == [g["sketch_rows"] for g in r2["groups"]]

@@ -326,3 +326,77 @@ def test_one_shot_experts_keep_what_the_original_model_s_statistics_chose() -> N
         assert lines[f"{b.name} (experts)"].rows == sum(a.count for a in accs[b.name])
         checked += 1
     assert checked >= 1
+
+
+def test_experts_with_fewer_tokens_than_neurons_still_fold_copies_exactly() -> None:
+    """PhiMoE with 16 experts and 2 per token (found by the held-out sweep): on 4 batches
+    some experts are sent fewer tokens than the 12 distinct neurons they hold, so on their
+    rows any 12 neurons reproduce the others.  Fitted on those rows alone the folds gave
+    the copies of kept neurons to unrelated ones (a relative logit error of 0.021 on new
+    tokens); topped up by the layer's other tokens, ``id`` keeps one neuron of each pair
+    and folds the copy back: float rounding."""
+    from spectrim._experts import expert_grams
+
+    torch.manual_seed(0)
+    cfg = transformers.PhimoeConfig(intermediate_size=24, num_local_experts=16,
+                                    num_experts_per_tok=2, **SMALL)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for block in find_experts(model):
+            gu = block.module(model).gate_up_proj
+            gu[:, 12:24] = gu[:, 0:12]
+            gu[:, 36:48] = gu[:, 24:36]
+    batches = _batches(2)
+    blocks = find_experts(model)
+    counts = [a.count for per in expert_grams(model, blocks, batches).values() for a in per]
+    assert min(counts) < 12  # the case: an expert with fewer rows than distinct neurons
+    small, _ = spectrim.compress(model, batches, "id", "experts=0.5", sequential=False)
+    test = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        want, got = model(**test).logits, small(**test).logits
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_top_up_adds_the_other_tokens_as_the_missing_rows() -> None:
+    """Brute force: an expert with ``n < m`` rows gains ``(m − n) · w̄² / s`` times the Gram
+    of its activations on the ``s`` sampled tokens (``w̄²``: its mean squared router weight,
+    the layer's for an expert never reached); one with ``n ≥ m`` rows is left; the row
+    counts stay."""
+    from spectrim._experts import _hidden, top_up
+    from spectrim.calibration.gram import GramAccumulator
+
+    model = _moe(duplicate=False)
+    mod = find_experts(model)[0].module(model)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(30, 32, generator=g)
+    accs = [GramAccumulator(24, sums=False) for _ in range(4)]
+    rows = [torch.randn(n, 24, dtype=torch.float64, generator=g) for n in (5, 40, 0, 23)]
+    for a, r in zip(accs, rows):
+        a.update(r)
+    before = [a.gram.clone() for a in accs]
+    weight2 = torch.tensor([5 * 0.25, 40 * 0.09, 0.0, 23 * 0.16], dtype=torch.float64)
+    top_up(mod, accs, weight2, sample)
+    mean_w2 = float(weight2.sum() / 68)
+    for e, (n, w2) in enumerate([(5, 0.25), (40, None), (0, mean_w2), (23, 0.16)]):
+        assert accs[e].count == n
+        if w2 is None:
+            assert torch.equal(accs[e].gram, before[e])
+            continue
+        with torch.no_grad():
+            h = _hidden(mod, sample, e).double()
+        want = before[e] + (h.T @ h) * ((24 - n) * w2 / 30)
+        torch.testing.assert_close(accs[e].gram, want)
+
+
+def test_the_top_up_sample_is_drawn_by_the_batch_s_place() -> None:
+    """Each batch gives the same number of distinct rows, drawn by a generator seeded with
+    the batch's place in the whole calibration set: so the sample does not depend on how
+    processes share the batches (``tests/test_distributed.py``, scenario ``experts``)."""
+    from spectrim._experts import _sample_rows
+
+    x = torch.arange(60, dtype=torch.float32).reshape(30, 2)
+    a, b, c = _sample_rows(x, 7, 3), _sample_rows(x, 7, 3), _sample_rows(x, 7, 4)
+    assert a.shape == (7, 2) and len(set(a[:, 0].tolist())) == 7
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert set(a[:, 0].tolist()) <= set(x[:, 0].tolist())
+    assert _sample_rows(x[:4], 7, 0).shape == (4, 2)  # fewer rows than asked: all of them

@@ -6,7 +6,10 @@
   (:func:`spectrim.graph.experts.find_experts`: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3,
   GraniteMoE, PhiMoE);
 * collect: per expert, the Gram of its hidden activations over the tokens the router sends
-  it, each row weighted by its router weight (padded positions left out), in float64;
+  it, each row weighted by its router weight (padded positions left out), in float64.  An
+  expert the router sent fewer tokens than it has neurons is topped up to that many rows
+  by its activations on a sample of the layer's tokens drawn evenly from every batch
+  (:func:`top_up`);
 * solve: one :class:`~spectrim.methods.experts.ExpertSolver` per layer, from the method's
   :meth:`~spectrim.methods.Method.expert_solver`;
 * allocate: ``experts=F`` keeps about ``F·width`` neurons in every expert, a multiple of 16
@@ -30,7 +33,7 @@ from torch import nn
 
 from spectrim.calibration.batches import token_mask
 from spectrim.calibration.checks import CalibrationInfo
-from spectrim.calibration.gram import GramAccumulator
+from spectrim.calibration.gram import GramAccumulator, Products
 from spectrim.config import CompressConfig
 from spectrim.context import RunContext
 from spectrim.distributed import SOLO, Team
@@ -49,6 +52,7 @@ __all__ = [
     "expert_width",
     "experts_run",
     "narrow_experts",
+    "top_up",
 ]
 
 #: the report names a MoE layer's group "<experts module> (experts)"
@@ -81,8 +85,15 @@ def expert_grams(
     accs = {
         b.name: [GramAccumulator(b.width, sums=False) for _ in range(b.experts)] for b in blocks
     }
+    # per layer: each expert's sum of squared router weights, and for top_up about
+    # ``width`` of the layer's real tokens, the same number from every batch
+    weight2 = {b.name: torch.zeros(b.experts, dtype=torch.float64) for b in blocks}
+    samples: dict[str, list[tuple[int, torch.Tensor]]] = {b.name: [] for b in blocks}
+    everywhere, mine = team.positions([1] * len(batches))
+    per_batch = {b.name: -(-b.width // max(1, len(everywhere))) for b in blocks}
     last = blocks[-1].name if stop else None
     mask: list[torch.Tensor | None] = [None]
+    place = [0]
 
     def hook(name: str) -> Any:
         def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -104,8 +115,11 @@ def expert_grams(
                         keep = real[tok]
                         tok, pos = tok[keep], pos[keep]
                     if len(tok):  # the module computes h again inside: it keeps no copy
-                        h = _hidden(module, x[tok], e) * weights[tok, pos, None].to(x.dtype)
-                        acc.update(h)
+                        w = weights[tok, pos, None]
+                        acc.update(_hidden(module, x[tok], e) * w.to(x.dtype))
+                        weight2[name][e] += float(w.double().square().sum())
+                rows = x if real is None else x[real]
+                samples[name].append((place[0], _sample_rows(rows, per_batch[name], place[0])))
             if name == last:
                 raise StopPass
 
@@ -117,21 +131,76 @@ def expert_grams(
     it = progress(batches) if progress is not None else batches
     try:
         with torch.no_grad():
-            for batch in it:
-                mask[0] = token_mask(batch)
+            for i, batch in enumerate(it):
+                mask[0], place[0] = token_mask(batch), mine[i]
                 call_until_stopped(model, batch)
     finally:
         for h in handles:
             h.remove()
     flat = {f"{n}#{e}": a for n, per in accs.items() for e, a in enumerate(per)}
     team.reduce(flat)
+    team.sum_(list(weight2.values()))
+    for b in blocks:  # every process the same sample, in the order of the whole set
+        drawn = sorted((d for part in team.gather(samples[b.name]) for d in part), key=_first)
+        if drawn:
+            top_up(modules[b.name], accs[b.name], weight2[b.name], torch.cat([t for _, t in drawn]))
     return accs
+
+
+def _first(item: tuple[int, torch.Tensor]) -> int:
+    return item[0]
+
+
+def _sample_rows(x: torch.Tensor, r: int, seed: int) -> torch.Tensor:
+    """``r`` of the rows of ``x`` (all of them if fewer), drawn without replacement by a
+    generator seeded with ``seed`` (the batch's place in the whole calibration set, so the
+    draw does not depend on how the batches are shared between processes), on the CPU."""
+    x = x.detach().reshape(-1, x.shape[-1])
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:r]
+    return x[pick.to(x.device)].cpu()
+
+
+def top_up(
+    module: nn.Module,
+    accs: Sequence[GramAccumulator],
+    weight2: torch.Tensor,
+    sample: torch.Tensor,
+) -> None:
+    """Add to the Gram of every expert of ``module`` that had fewer calibration rows ``n``
+    than neurons ``m`` the Gram of its activations on ``sample`` (tokens of the layer,
+    whichever expert they were sent to), scaled to count as ``m − n`` rows of its mean squared router weight; its row
+    count stays ``n``.
+
+    With fewer rows than neurons, any ``n`` neurons reproduce the others exactly on the
+    calibration rows: the order past the ``n``-th pivot would be arbitrary and the fold
+    fitted to noise (a copy of a kept neuron folded into unrelated ones; the dense
+    groups are pinned for this, but an expert cannot be: every expert of a layer keeps
+    the same number of neurons).  The layer's other tokens say how the expert's neurons
+    relate on the layer's inputs, which is what the fold needs on new ones.  An expert
+    the router never reached gets its whole Gram from them (the layer's mean squared
+    weight).
+    """
+    if not len(sample):
+        return
+    counts = torch.tensor([a.count for a in accs], dtype=torch.float64)
+    reached = counts > 0
+    mean_w2 = float(weight2[reached].sum() / counts[reached].sum()) if bool(reached.any()) else 1.0
+    gate_up: Any = module.gate_up_proj
+    for e, acc in enumerate(accs):
+        m, n = acc.dim, acc.count
+        if n >= m:
+            continue
+        w2 = float(weight2[e] / n) if n > 0 else float(mean_w2)
+        with torch.no_grad():
+            h = _hidden(module, sample.to(gate_up.device, gate_up.dtype), e).double()
+        acc.add(Products(0, (h.T @ h) * ((m - n) * w2 / len(h)), None))
 
 
 def gram_arrays(accs: Sequence[GramAccumulator]) -> list[np.ndarray | None]:
     """Each expert's Gram from :func:`expert_grams`' accumulators as a float64 array;
-    ``None`` for an expert that no calibration token was routed to."""
-    return [a.gram_numpy() if a.count > 0 else None for a in accs]
+    ``None`` for an expert without statistics (no calibration token at all)."""
+    grams = [a.gram_numpy() for a in accs]
+    return [g if a.count > 0 or np.any(g) else None for a, g in zip(accs, grams)]
 
 
 def expert_step(block: ExpertBlock, model: nn.Module, round_to: int = 1) -> int:

@@ -7,8 +7,10 @@ sends to it, each weighted by its router weight ``w_t`` (the expert's output is
 orders each expert's neurons and gives its error curve; keeping ``k`` neurons keeps the
 first ``k`` of every expert (the parameters are 3-D: one width per layer), with the
 least-squares fold ``B_e = G_e[:, S] G_e[S, S]⁻¹`` into the expert's down projection for
-a correcting method.  An expert the calibration never reached has no Gram: its neurons
-are ordered by their weights' norm and sliced without a fold.
+a correcting method.  An expert sent fewer calibration tokens than it has neurons is
+topped up to that many rows by its activations on other tokens of the layer
+(:func:`spectrim._experts.top_up`); only without any calibration token has it no Gram:
+its neurons are then ordered by their weights' norm and sliced without a fold.
 
 Each method provides :meth:`spectrim.methods.Method.expert_solver`.
 """
