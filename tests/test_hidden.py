@@ -594,3 +594,70 @@ def test_the_shared_budget_never_lands_above_its_target(family: str) -> None:
         _model(family), _batches(4), "id", "macs=0.5", heads=True, hidden=True
     )
     assert report.macs_ratio <= 0.5 + 1e-3, report.macs_ratio
+
+
+def _glm4_and_doge() -> list[nn.Module]:
+    """GLM-4 (a norm of each sublayer's output before it is added) and Doge (a learned
+    scale per coordinate of the residual): both have the LLaMA names the finder reads."""
+    t = transformers
+    small = dict(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    return [
+        t.Glm4ForCausalLM(t.Glm4Config(pad_token_id=0, **small)).eval(),
+        t.DogeForCausalLM(t.DogeConfig(**small)).eval(),
+    ]
+
+
+def test_a_stream_with_parts_outside_its_layout_is_refused_by_the_self_check() -> None:
+    """Both crashed with a shape error inside their own code (the held-out sweep): the
+    finder matched them, and the parts it did not know kept the full width.  The self-check
+    runs the exact rewrite, a full change of basis and a narrower stream on a copy first:
+    at initialisation (norms and scales of ones, which commute with a rotation) the
+    narrower stream stops the model; with trained-like scales the change of basis already
+    changes the outputs.  Either way the run is refused naming the model, and the user's
+    model is untouched."""
+    for model in _glm4_and_doge():
+        name = type(model).__name__
+        assert find_stream(model) is not None  # the names match: only the check tells
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(ValueError, match=f"{name}.*no longer runs after narrowing"):
+            spectrim.compress(model, _batches(), "id", "hidden=0.75")
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    for model in _glm4_and_doge():
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:  # trained norms and scales are not ones
+                    p.copy_(0.5 + torch.rand(p.shape, generator=g))
+        with pytest.raises(ValueError, match="change of basis of the stream changes"):
+            spectrim.compress(model, _batches(), "id", "hidden=0.75")
+
+
+def test_the_stream_self_check_passes_every_family_it_reads() -> None:
+    """With every norm's scale random (trained-like), the check finds nothing to refuse in
+    the families the finders were written for: its tolerance is above their rounding."""
+    from spectrim._hidden import stream_self_check
+
+    for family in (*FAMILIES, *MOE):
+        model = _model(family)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.copy_(0.5 + torch.rand(p.shape, generator=g))
+        found = find_stream(model)
+        assert found is not None, family
+        assert stream_self_check(model, found, _batches(1)[0]) is None, family
+
+
+def test_a_budget_with_hidden_true_keeps_a_stream_that_fails_the_check() -> None:
+    """On a shared budget the stream that fails the check is left whole with a warning
+    that says why; the heads are still narrowed, and the model runs."""
+    model = _glm4_and_doge()[0]
+    small, report = spectrim.compress(model, _batches(), "id", "macs=0.8", hidden=True, heads=True)
+    assert any("hidden=True" in w and "no longer runs" in w for w in report.warnings)
+    assert not any(g.name.endswith("(hidden)") for g in report.groups)
+    assert report.macs_ratio < 0.9  # the heads
+    with torch.no_grad():
+        assert torch.isfinite(small(**_batches(1)[0]).logits).all()

@@ -64,7 +64,7 @@ from spectrim.graph.stream import (
     width_step,
     write_rows,
 )
-from spectrim.graph.trace import StopPass, call_until_stopped
+from spectrim.graph.trace import StopPass, call_until_stopped, model_outputs
 from spectrim.linalg import fit_cross_reconstruction
 from spectrim.methods import Method
 from spectrim.methods.stream import StreamPlan, StreamSolver
@@ -494,6 +494,86 @@ def hidden_group_report(
     )
 
 
+#: the largest relative output change :func:`stream_self_check` takes for float rounding
+#: (float32 rounding through a dozen layers is about 1e-6; a misread norm or a per-coordinate
+#: scale the layout does not know gives 1e-2 and more)
+STREAM_CHECK_RTOL = 1e-4
+
+
+def stream_self_check(model: nn.Module, stream: ResidualStream, batch: Any) -> str | None:
+    """Whether ``stream`` is all there is to ``model``'s residual stream: on a copy, the
+    exact rewrite and a change of basis of all ``d`` coordinates (a random rotation of a
+    pre-LN stream, the reversed order of a post-LN one's) must give the model's outputs on
+    ``batch`` to float rounding.  ``None`` when they do, else what went wrong.
+
+    A module that reads or writes the stream outside the layout (GLM-4's norms of each
+    sublayer's output before it is added, Doge's per-coordinate residual scales) does not
+    follow the change of basis, so the outputs change (or the model stops running) here,
+    before anything is narrowed.  The copy runs in float32 at least."""
+    trial = copy.deepcopy(model)
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in trial.parameters()):
+        trial.float()
+    d = stream.width
+    if stream.kind == "pre":
+        g = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    else:
+        q = torch.eye(d, dtype=torch.float64).flip(1)
+    step = width_step(model, stream)
+    what = "the change of basis"
+    try:
+        want = model_outputs(trial, batch)
+        found, ties = with_tied_embeddings(trial, stream)
+        converted = convert_stream(trial, found)
+        narrow_stream(trial, converted, q)
+        _retie(trial, ties)
+        got = model_outputs(trial, batch)
+        if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(want, got)):
+            return "the model's outputs change shape after the change of basis"
+        worst = 0.0
+        for a, b in zip(want, got):
+            if a.is_floating_point() and a.numel():
+                scale = a.abs().max().double() + 1e-12
+                err = float((a.double() - b.double()).abs().max() / scale)
+                worst = max(worst, err if err == err else float("inf"))  # NaN: the worst
+        if worst > STREAM_CHECK_RTOL:
+            return (
+                f"a change of basis of the stream changes the model's outputs by {worst:.2g} "
+                "of their largest value"
+            )
+        if d > step:  # and a narrower stream must still run (a norm it does not know
+            what = f"narrowing it to {d - step}"  # of the full width would not)
+            narrow_stream(trial, converted, torch.eye(d, d - step, dtype=torch.float64))
+            _retie(trial, ties)
+            got = model_outputs(trial, batch)
+            if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(want, got)):
+                return f"the model's outputs change shape after {what}"
+    except (RuntimeError, ValueError, IndexError) as e:
+        return f"the model no longer runs after {what} ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
+def checked_stream(
+    model: nn.Module, batch: Any, team: Team = SOLO
+) -> tuple[ResidualStream | None, str | None]:
+    """:func:`find_stream` and :func:`stream_self_check` on ``batch`` (the root process's,
+    its verdict given to every process): ``(stream, None)``, ``(None, None)`` when no
+    stream is recognised, ``(None, reason)`` when one is found but fails the check (the
+    reason names the model and the layout that was read)."""
+    found = find_stream(model)
+    if found is None:
+        return None, None
+    why = team.broadcast(stream_self_check(model, found, batch) if team.is_root else None)
+    if why is None:
+        return found, None
+    return None, (
+        f"the residual stream spectrim read in {type(model).__name__} ({found.name!r}: "
+        f"{len(found.sites)} norms, {len(found.writers)} writers) is not all of it: {why}; "
+        "a module outside that layout reads or writes the stream (e.g. a norm of a "
+        "sublayer's output, a per-coordinate residual scale), so its width is not narrowed"
+    )
+
+
 def hidden_run(
     work: nn.Module,
     batches: list[Any],
@@ -508,7 +588,9 @@ def hidden_run(
     method, report = begin_run(work, cfg, method, info, ctx)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    found = find_stream(work)
+    found, why = checked_stream(work, batches[0], ctx.team)
+    if why is not None:
+        raise ValueError(f"target {tgt}: {why}")
     if found is None:
         raise ValueError(
             f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
