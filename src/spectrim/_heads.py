@@ -22,7 +22,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +60,26 @@ __all__ = [
 
 #: the report names an attention layer's group "<layer> (heads)" (``group_weights`` too)
 HEADS_SUFFIX = " (heads)"
+
+
+#: spectrim's own source folder: an error raised from a file under it is spectrim's
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _raised_by_the_model(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is outside spectrim (the model's
+    own code, or torch's on its behalf).
+
+    Example::
+
+        >>> try:
+        ...     int("x")
+        ... except ValueError as e:
+        ...     _raised_by_the_model(e)
+        True
+    """
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and _PACKAGE not in Path(frames[-1].filename).resolve().parents
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -289,8 +311,8 @@ def heads_run(
             report.groups.append(head_group_report(b, s, k, rows or None))
         timings["apply"] = time.perf_counter() - t
         end_run(report, work, example, cost0, info, timings, t0)
-    except RuntimeError as e:  # the model no longer runs with fewer heads
-        if not done:
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        if not done or not _raised_by_the_model(e):  # spectrim's own errors say enough
             raise
         raise ValueError(
             f"target {tgt}: after removing heads of '{done[-1]}' the model no longer runs "

@@ -802,6 +802,33 @@ def test_a_bias_shared_by_every_layer_is_refused_by_name() -> None:
         spectrim.compress(model, calib, "id", "heads=0.5")
 
 
+def test_an_error_of_the_model_s_own_code_after_heads_went_is_refused_by_name() -> None:
+    """DiffLlama's differential attention splits its value heads into two halves in its
+    own code; with heads removed that unpacking raised a bare ``ValueError: not enough
+    values to unpack`` (the held-out sweep of stop 50), which a user cannot place.  Any
+    error the model's own code raises after a layer lost heads (``ValueError``,
+    ``IndexError``, ``TypeError`` as well as ``RuntimeError``) is refused naming the layer;
+    spectrim's own errors pass through as they are, and the user's model is untouched."""
+    import spectrim
+    from spectrim._heads import _raised_by_the_model
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DiffLlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2)  # fmt: skip
+    model = transformers.DiffLlamaForCausalLM(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = [{"input_ids": torch.randint(3, 60, (4, 10))} for _ in range(2)]
+    with pytest.raises(ValueError, match=r"after removing heads of 'model.layers.0.self_attn' "
+                       r"the model no longer runs \(ValueError: not enough values"):  # fmt: skip
+        spectrim.compress(model, calib, "id", "heads=0.5")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError) as own:  # spectrim's own refusal (a bad target)
+        spectrim.compress(model, calib, "id", "heads=7")
+    assert not _raised_by_the_model(own.value)
+
+
 def test_timm_swin_window_attention_loses_heads_exactly() -> None:
     """timm's Swin ``WindowAttention`` (fused ``qkv``, ``num_heads`` alone, a per-head
     relative-position table) was not recognised: ``heads=F`` refused the model.  It is a
