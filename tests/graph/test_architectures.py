@@ -329,3 +329,37 @@ def test_phi3_fused_gate_up_projection_is_pruned_exactly(tmp_path: Any) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(**test).logits, got)
     assert [b.heads for b in find_attention(small)] == [4, 4]  # heads are their own plan
+
+
+def test_apertus_s_xielu_ffn_is_pruned_exactly(tmp_path: Any) -> None:
+    """Apertus's FFN is ``down(xIELU(up x))``; xIELU compares ``x > 0`` and takes
+    ``torch.min(x, eps)``, which pinned both FFNs ("passes through function 'gt'"; the
+    held-out sweep of stop 50).  Neurons whose up rows repeat the others' give the same
+    activations, so ``id`` at half width folds them back exactly, and the result reloads."""
+    transformers = pytest.importorskip("transformers")
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = transformers.ApertusConfig(
+            vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2,
+        )  # fmt: skip
+        return transformers.ApertusForCausalLM(cfg).eval()
+
+    model = make()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[24:] = layer.mlp.up_proj.weight[:24]
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, 60, (8, 12), generator=g)} for _ in range(4)]
+    small, report = spectrim.compress(model, batches, "id", "width=0.5")
+    assert [small.model.layers[i].mlp.down_proj.in_features for i in range(2)] == [24, 24]
+    test = {"input_ids": torch.randint(1, 60, (4, 12), generator=g)}
+    with torch.no_grad():
+        want, got = model(**test).logits, small(**test).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", make())
+    with torch.no_grad():
+        torch.testing.assert_close(back(**test).logits, got)

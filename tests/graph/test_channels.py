@@ -351,3 +351,35 @@ def test_a_channel_produced_unevenly_often_is_pinned_not_a_crash() -> None:
     analysis = analyze_channels(Net().eval(), torch.randn(2, 3, 8, 8))
     (group,) = [g for g in analysis.groups if g.producers == ["a"]]
     assert group.pinned is not None and not group.producer_copies
+
+
+class _XIELU(nn.Module):
+    """Linear → Apertus's xIELU (``where(x > 0, …, expm1(min(x, eps)) …)``, a 0-d
+    parameter ``eps``) → Linear; and, with ``reduce``, a ``max`` over the channel axis."""
+
+    def __init__(self, reduce: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.eps = nn.Parameter(torch.tensor(-1e-6))
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y = torch.where(y > 0, y * y + 0.5 * y, (torch.expm1(torch.min(y, self.eps)) - y) * 0.8)
+        if self.reduce:
+            y = y - y.max(dim=-1, keepdim=True).values
+        return self.b(y)
+
+
+def test_comparisons_and_a_two_tensor_min_are_element_by_element() -> None:
+    """``x > 0``, ``torch.where``, ``expm1`` and ``torch.min(x, eps)`` map each channel to
+    itself (Apertus's FFN was pinned on ``gt``); ``x.max(dim=-1)`` over the channels is
+    still a reduction and pins.  The permutation and shrink self-checks pass."""
+    x = torch.randn(16, 4)
+    model = _XIELU().eval()
+    ok = analyze_channels(model, x)
+    assert [g.name for g in ok.prunable] == ["a"]
+    assert self_check(model, ok, x) == []
+    pinned = analyze_channels(_XIELU(reduce=True).eval(), x)
+    assert not pinned.prunable
+    assert "reduces over channels" in (pinned.groups[0].pinned or "")

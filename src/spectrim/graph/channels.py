@@ -57,10 +57,17 @@ _UNARY = {
     "clamp_max", "contiguous", "clone", "detach", "to", "float", "half", "double",
     "bfloat16", "type_as", "sign", "square", "erf", "cos", "sin", "logsigmoid",
     "nan_to_num", "reciprocal", "threshold", "hardshrink", "softsign", "gelu_",
-    "requires_grad", "cpu", "cuda", "type",
+    "requires_grad", "cpu", "cuda", "type", "expm1", "log1p", "exp2", "log2", "log10",
+    "floor", "ceil", "round", "trunc", "frac", "tan", "atan", "sinh", "cosh", "asinh",
+    "logical_not", "bool", "int", "long", "isnan", "isinf", "isfinite",
 }  # fmt: skip
+#: element by element, broadcasting: arithmetic, comparisons (xIELU's ``x > 0`` in
+#: Apertus feeds a ``where``), and ``min`` / ``max`` of two tensors (not reductions)
 _BINARY = {"add", "sub", "rsub", "mul", "div", "rdiv", "maximum", "minimum", "pow", "where",
-           "lerp", "addcmul", "addcdiv", "fmod", "remainder", "floor_divide"}  # fmt: skip
+           "lerp", "addcmul", "addcdiv", "fmod", "remainder", "floor_divide", "gt", "lt",
+           "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal",
+           "logical_and", "logical_or", "logical_xor", "fmax", "fmin", "copysign",
+           "atan2", "hypot"}  # fmt: skip
 _POOL_FUNCS = {
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
     "adaptive_max_pool2d", "adaptive_max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -365,6 +372,8 @@ class _Analyzer:
         elif name in ("permute", "transpose", "swapaxes", "swapdims", "movedim", "t", "unsqueeze",
                       "squeeze"):  # fmt: skip
             self.move_dims(op, lab)
+        elif name in ("min", "max") and len(op.inputs) > 1:  # torch.min(x, y): per element
+            self.elementwise(op)
         elif name in _REDUCE:
             self.reduce(op, lab)
         elif name == "pad":
