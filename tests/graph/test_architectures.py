@@ -282,6 +282,27 @@ def test_a_partial_literal_channel_slice_is_mapped_and_pinned() -> None:
     assert by_producer["c"].pinned is not None  # reaches the output
 
 
+def _exact_and_reloads(
+    model: nn.Module,
+    small: nn.Module,
+    report: Any,
+    make: Callable[[], nn.Module],
+    test: dict[str, torch.Tensor],
+    where: Any,
+) -> None:
+    """``small`` gives ``model``'s logits on ``test`` (to 1e-4) and, saved under ``where``
+    and loaded onto ``make()``, its own exactly."""
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    with torch.no_grad():
+        want, got = model(**test).logits, small(**test).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    save_compressed(small, where / "m", report)
+    back = load_compressed(where / "m", make())
+    with torch.no_grad():
+        torch.testing.assert_close(back(**test).logits, got)
+
+
 def test_phi3_fused_gate_up_projection_is_pruned_exactly(tmp_path: Any) -> None:
     """Phi-3's MLP is one ``gate_up_proj`` whose output is ``chunk(2, dim=-1)``-ed into the
     gate and the up halves (then ``up * act(gate)``): neuron ``j`` is rows ``j`` and
@@ -291,7 +312,6 @@ def test_phi3_fused_gate_up_projection_is_pruned_exactly(tmp_path: Any) -> None:
     both rows of a neuron."""
     transformers = pytest.importorskip("transformers")
     from spectrim.graph.attention import find_attention
-    from spectrim.io.manifest import load_compressed, save_compressed
     from spectrim.methods.magnitude import filter_norms
 
     def make() -> nn.Module:
@@ -321,13 +341,7 @@ def test_phi3_fused_gate_up_projection_is_pruned_exactly(tmp_path: Any) -> None:
     mlp = small.model.layers[0].mlp
     assert mlp.gate_up_proj.out_features == 48 and mlp.down_proj.in_features == 24
     test = {"input_ids": torch.randint(1, 60, (4, 12), generator=g)}
-    with torch.no_grad():
-        want_out, got = model(**test).logits, small(**test).logits
-    torch.testing.assert_close(got, want_out, rtol=1e-4, atol=1e-4)
-    save_compressed(small, tmp_path / "m", report)
-    back = load_compressed(tmp_path / "m", make())
-    with torch.no_grad():
-        torch.testing.assert_close(back(**test).logits, got)
+    _exact_and_reloads(model, small, report, make, test, tmp_path)
     assert [b.heads for b in find_attention(small)] == [4, 4]  # heads are their own plan
 
 
@@ -337,7 +351,6 @@ def test_apertus_s_xielu_ffn_is_pruned_exactly(tmp_path: Any) -> None:
     held-out sweep of stop 50).  Neurons whose up rows repeat the others' give the same
     activations, so ``id`` at half width folds them back exactly, and the result reloads."""
     transformers = pytest.importorskip("transformers")
-    from spectrim.io.manifest import load_compressed, save_compressed
 
     def make() -> nn.Module:
         torch.manual_seed(0)
@@ -356,10 +369,4 @@ def test_apertus_s_xielu_ffn_is_pruned_exactly(tmp_path: Any) -> None:
     small, report = spectrim.compress(model, batches, "id", "width=0.5")
     assert [small.model.layers[i].mlp.down_proj.in_features for i in range(2)] == [24, 24]
     test = {"input_ids": torch.randint(1, 60, (4, 12), generator=g)}
-    with torch.no_grad():
-        want, got = model(**test).logits, small(**test).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    save_compressed(small, tmp_path / "m", report)
-    back = load_compressed(tmp_path / "m", make())
-    with torch.no_grad():
-        torch.testing.assert_close(back(**test).logits, got)
+    _exact_and_reloads(model, small, report, make, test, tmp_path)
