@@ -829,6 +829,35 @@ def test_an_error_of_the_model_s_own_code_after_heads_went_is_refused_by_name() 
     assert not _raised_by_the_model(own.value)
 
 
+@pytest.mark.parametrize("family", ["convbert", "big_bird"])
+def test_attention_whose_heads_are_not_all_of_it_is_refused_by_name(family: str) -> None:
+    """Two BERT-named layers whose heads cannot go alone (the held-out sweep of stop 50):
+    ConvBERT's output projection reads its convolution heads' outputs beside the attention
+    heads' (the run failed inside a Gram with "x must have shape (n, 16), got (80, 32)"),
+    and BigBird rebuilds its self-attention from the config whenever the sequence length
+    changes the attention type (the compressed model ran, the reloaded one crashed on its
+    first input).  Both are refused, naming the module and the reason."""
+    import spectrim
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    small = dict(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4)  # fmt: skip
+    model = transformers.AutoModel.from_config(
+        transformers.AutoConfig.for_model(family, **small)
+    ).eval()
+    assert not find_attention(model)
+    want = {
+        "convbert": r"'encoder.layer.0.attention.output.dense' reads 32 columns but the 2 "
+        r"heads of 'encoder.layer.0.attention' write 16",
+        "big_bird": r"'encoder.layer.0.attention' \(BigBirdAttention\) rebuilds its "
+        r"self-attention from the model's config",
+    }[family]
+    calib = [{"input_ids": torch.randint(3, 60, (4, 10))} for _ in range(2)]
+    with pytest.raises(ValueError, match=want):
+        spectrim.compress(model, calib, "id", "heads=0.5")
+
+
 def test_timm_swin_window_attention_loses_heads_exactly() -> None:
     """timm's Swin ``WindowAttention`` (fused ``qkv``, ``num_heads`` alone, a per-head
     relative-position table) was not recognised: ``heads=F`` refused the model.  It is a

@@ -497,6 +497,10 @@ def find_attention(model: nn.Module) -> list[AttentionBlock]:
             continue
         for _, finder in _FINDERS:
             block = finder(path, module)
+            if block is not None and (
+                _rebuilt_from_config(model, path) or _out_reads_more(model, block)
+            ):
+                break  # unmatched_reason says why
             if block is not None:
                 _find_head_state(block, module, model)
                 out.append(block)
@@ -550,10 +554,60 @@ def _norm_across_heads(module: nn.Module) -> bool:
     return False
 
 
+def _rebuilt_from_config(model: nn.Module, path: str) -> bool:
+    """Whether the module holding the layer at ``path`` replaces it by a new one built from
+    the model's config at run time: BigBird's ``set_attention_type``, called whenever the
+    sequence length changes the attention type (block-sparse or full), keeps the
+    projections but takes the head count from the config, which cannot say that one
+    layer has fewer heads."""
+    parent = path.rpartition(".")[0]
+    holder = model.get_submodule(parent) if parent else None
+    return holder is not None and callable(getattr(holder, "set_attention_type", None))
+
+
+def _out_columns(model: nn.Module, block: AttentionBlock) -> int | None:
+    """Input features of ``block``'s output projection (``None`` for a module without a
+    registered weight layout)."""
+    out = model.get_submodule(block.out)
+    kind = module_kind(out)
+    weight = getattr(out, "weight", None)
+    if kind is None or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    return int(weight.shape[kind.weight_dims[1]])
+
+
+def _out_reads_more(model: nn.Module, block: AttentionBlock) -> bool:
+    """Whether the output projection reads more than the heads write (``heads ·
+    head_dim`` columns): ConvBERT's reads its convolution heads' outputs too, so the
+    layer's heads are not all of its input and cutting them would misalign the rest."""
+    n = _out_columns(model, block)
+    return n is not None and n != block.heads * block.head_dim
+
+
 def unmatched_reason(model: nn.Module) -> str | None:
     """Why attention layers that look like a known family's were not matched, for the
     message of a refusal (``None`` when nothing is known)."""
-    for path, module in model.named_modules():
+    modules = dict(model.named_modules())
+    rebuilt = [p for p, m in modules.items() if callable(getattr(m, "set_attention_type", None))]
+    if rebuilt:
+        path = max(rebuilt, key=lambda p: (p.count("."), len(p)))  # the layer's own holder
+        return (
+            f"'{path}' ({type(modules[path]).__name__}) rebuilds its self-attention from the "
+            "model's config when the sequence length changes its attention type (BigBird's "
+            "set_attention_type), so a layer with fewer heads would not survive the next "
+            "long or short input"
+        )
+    for path, module in modules.items():
+        for _, finder in _FINDERS:
+            block = finder(path, module)
+            n = _out_columns(model, block) if block is not None else None
+            if block is not None and n is not None and n != block.heads * block.head_dim:
+                return (
+                    f"'{block.out}' reads {n} columns but the {block.heads} heads of "
+                    f"'{path}' write {block.heads * block.head_dim}: something besides the "
+                    "heads feeds it (ConvBERT's convolution heads), so its heads are not "
+                    "cut alone"
+                )
         if _norm_across_heads(module):
             return (
                 f"'{path}' normalises all its heads' queries or keys together (a q_norm/k_norm "
