@@ -159,6 +159,8 @@ def _norm_width(norm: nn.Module) -> int:
     if isinstance(norm, StreamRMSNorm):
         return norm.width
     shape = getattr(norm, "normalized_shape", None)
+    if isinstance(shape, int):  # I-BERT's IntLayerNorm keeps the int it was given
+        return shape
     if shape is not None:
         return int(shape[-1])
     w = getattr(norm, "weight", None)
