@@ -343,12 +343,43 @@ def _held_out(family: str) -> torch.nn.Module:
             multi_query=False,
         ),
         "gpt_neox": lambda: t.GPTNeoXConfig(**small),
-    }
+        # stop 50: XGLM reshapes the heads' output to ``embed_dim``; GPT-OSS has one
+        # attention sink per head (``sinks``)
+        "xglm": lambda: t.XGLMConfig(vocab_size=64, d_model=32, num_layers=2,
+                                     attention_heads=4, ffn_dim=48),
+        "gpt_oss": lambda: t.GptOssConfig(num_key_value_heads=2, head_dim=8,
+                                          num_local_experts=4, **small),
+    }  # fmt: skip
     return t.AutoModelForCausalLM.from_config(configs[family]()).eval()
 
 
 HELD_OUT = ["mistral", "qwen3", "gemma", "stablelm", "olmo", "mixtral", "gptj", "gpt_bigcode",
-            "phi", "phi3", "gpt_neox", "falcon", "falcon-mha"]  # fmt: skip
+            "phi", "phi3", "gpt_neox", "falcon", "falcon-mha", "xglm", "gpt_oss"]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["xglm", "gpt_oss"])
+def test_bart_style_widths_and_attention_sinks_follow_the_heads(family: str, tmp_path: Any) -> None:
+    """XGLM's attention reshapes its heads' output to its ``embed_dim`` attribute and
+    GPT-OSS adds one learned sink logit per head (``sinks``): with heads removed both
+    stopped running ("shape '[8, 12, 32]' is invalid", "Sizes of tensors must match").
+    ``embed_dim`` is now a width attribute (found again on the reloaded layer, where it
+    still holds the model's width) and ``sinks`` a per-head table; the result reloads
+    exactly and generates."""
+    import spectrim
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    model = _held_out(family)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 64, (8, 12), generator=g)} for _ in range(3)]
+    small, report = spectrim.compress(model, batches, "id", "heads=0.5")
+    assert [b.heads for b in find_attention(small)] == [2, 2]
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", _held_out(family))
+    with torch.no_grad():
+        got = small(**batches[0]).logits
+        torch.testing.assert_close(back(**batches[0]).logits, got)
+    out = back.generate(batches[0]["input_ids"][:1, :5], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
 
 
 @pytest.mark.parametrize("family", HELD_OUT)

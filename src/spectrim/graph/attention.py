@@ -510,7 +510,7 @@ def find_attention(model: nn.Module) -> list[AttentionBlock]:
 
 
 #: parameters inside an attention layer holding one slice per query head: name -> axis
-_HEAD_TABLES = {"relative_position_bias_table": -1, "logit_scale": 0}
+_HEAD_TABLES = {"relative_position_bias_table": -1, "logit_scale": 0, "sinks": 0}
 #: modules inside an attention layer with one output per query head (Swin-v2)
 _HEAD_OUTPUT_MODULES = ("continuous_position_bias_mlp",)
 
@@ -625,13 +625,22 @@ def unmatched_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _outputs(module: object) -> int:
-    """Output features of a registered weight module (Linear: rows; ``Conv1D``: columns)."""
+def _features(module: object, side: int) -> int:
+    """Output (``side=0``) or input (``1``) features of a registered weight module
+    (Linear: rows / columns; ``Conv1D``: columns / rows)."""
     assert isinstance(module, nn.Module)
     kind = module_kind(module)
     weight = getattr(module, "weight", None)
     assert kind is not None and isinstance(weight, torch.Tensor)
-    return int(weight.shape[kind.weight_dims[0]])
+    return int(weight.shape[kind.weight_dims[side]])
+
+
+def _outputs(module: object) -> int:
+    return _features(module, 0)
+
+
+def _inputs(module: object) -> int:
+    return _features(module, 1)
 
 
 def _linear(m: object) -> bool:
@@ -718,6 +727,12 @@ def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
     ]
     kv_attrs = [(path, "num_key_value_heads")] if _attr(module, "num_key_value_heads") else []
     groups = [(path, "num_key_value_groups")] if _attr(module, "num_key_value_groups") else []
+    # BART-style layers (XGLM) reshape the heads' output to ``embed_dim`` before out_proj:
+    # the heads' width, and the model's (q_proj's input) in a layer that already lost
+    # heads, as when it is found again on a model being reloaded
+    e = _attr(module, "embed_dim")
+    read = _inputs(module.q_proj)
+    width = [(path, "embed_dim")] if e == h * d or (e == read and e > h * d) else []
     return AttentionBlock(
         name=path,
         projections=[Projection(_join(path, f"{r}_proj"), r) for r in ("q", "k", "v")],
@@ -728,6 +743,7 @@ def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
         head_attrs=attrs,
         kv_attrs=kv_attrs,
         group_attrs=groups,
+        width_attrs=width,
     )
 
 
