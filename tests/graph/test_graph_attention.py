@@ -349,22 +349,32 @@ def _held_out(family: str) -> torch.nn.Module:
                                      attention_heads=4, ffn_dim=48),
         "gpt_oss": lambda: t.GptOssConfig(num_key_value_heads=2, head_dim=8,
                                           num_local_experts=4, **small),
+        # stop 50: OpenAI GPT (``n_head``, no ``head_dim``), ModernBERT's fused ``Wqkv``
+        # viewed with a -1 head count, and its decoder's ``Wo``
+        "openai-gpt": lambda: t.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2,
+                                                n_head=4),
+        "modernbert": lambda: t.ModernBertConfig(pad_token_id=0, **small),
+        "modernbert-decoder": lambda: t.ModernBertDecoderConfig(pad_token_id=0, **small),
     }  # fmt: skip
+    if family == "modernbert":  # an encoder: its masked-LM head gives the logits
+        return t.AutoModelForMaskedLM.from_config(configs[family]()).eval()
     return t.AutoModelForCausalLM.from_config(configs[family]()).eval()
 
 
 HELD_OUT = ["mistral", "qwen3", "gemma", "stablelm", "olmo", "mixtral", "gptj", "gpt_bigcode",
-            "phi", "phi3", "gpt_neox", "falcon", "falcon-mha", "xglm", "gpt_oss"]  # fmt: skip
+            "phi", "phi3", "gpt_neox", "falcon", "falcon-mha", "xglm", "gpt_oss", "openai-gpt",
+            "modernbert", "modernbert-decoder"]  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["xglm", "gpt_oss"])
+@pytest.mark.parametrize("family", ["xglm", "gpt_oss", "openai-gpt", "modernbert-decoder"])
 def test_bart_style_widths_and_attention_sinks_follow_the_heads(family: str, tmp_path: Any) -> None:
     """XGLM's attention reshapes its heads' output to its ``embed_dim`` attribute and
     GPT-OSS adds one learned sink logit per head (``sinks``): with heads removed both
     stopped running ("shape '[8, 12, 32]' is invalid", "Sizes of tensors must match").
     ``embed_dim`` is now a width attribute (found again on the reloaded layer, where it
     still holds the model's width) and ``sinks`` a per-head table; the result reloads
-    exactly and generates."""
+    exactly and generates.  OpenAI GPT's and ModernBERT's decoder's layers (new finders,
+    stop 50) reload and generate too."""
     import spectrim
     from spectrim.io.manifest import load_compressed, save_compressed
 

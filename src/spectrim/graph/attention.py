@@ -701,10 +701,11 @@ def _attr(module: nn.Module, *names: str) -> int | None:
 @register_attention("q_proj")
 def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
     """LLaMA / Mistral / Qwen2 / OPT / Phi: ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj``,
-    ``out_proj`` or (Phi) ``dense``; grouped-query attention from the projections' sizes.
+    ``out_proj``, (Phi) ``dense`` or (ModernBERT's decoder) ``Wo``; grouped-query attention
+    from the projections' sizes.
     A ``q_norm`` / ``k_norm`` must be per head (Qwen3): OLMo-2's and OLMoE's normalise all
     the heads' outputs together, so no head can go without changing the others."""
-    outs = ("o_proj", "out_proj", "dense")
+    outs = ("o_proj", "out_proj", "dense", "Wo")
     out_name = next((n for n in outs if _linear(getattr(module, n, None))), None)
     if out_name is None or not all(
         _linear(getattr(module, n, None)) for n in ("q_proj", "k_proj", "v_proj")
@@ -730,9 +731,12 @@ def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
     # BART-style layers (XGLM) reshape the heads' output to ``embed_dim`` before out_proj:
     # the heads' width, and the model's (q_proj's input) in a layer that already lost
     # heads, as when it is found again on a model being reloaded
-    e = _attr(module, "embed_dim")
     read = _inputs(module.q_proj)
-    width = [(path, "embed_dim")] if e == h * d or (e == read and e > h * d) else []
+    width = [
+        (path, n)
+        for n in ("embed_dim", "all_head_size")
+        if (e := _attr(module, n)) == h * d or (e == read and e > h * d)
+    ]
     return AttentionBlock(
         name=path,
         projections=[Projection(_join(path, f"{r}_proj"), r) for r in ("q", "k", "v")],
@@ -1046,24 +1050,53 @@ def _gpt2(path: str, module: nn.Module) -> AttentionBlock | None:
         return None
     if hasattr(module, "multi_query"):  # GPTBigCode: another layout (above)
         return None
-    d = _attr(module, "head_dim")
+    d, n = _attr(module, "head_dim"), _attr(module, "n_head")  # OpenAI GPT: n_head alone
+    split = _attr(module, "split_size")
+    if d is None and n and split and split % n == 0:
+        d = split // n
     if d is None:
         return None
-    width = _outputs(c_attn)
+    heads = [(path, a) for a in ("num_heads", "n_head") if _attr(module, a)]
+    return _thirds(path, module, "c_attn", "c_proj", d, heads, [(path, "split_size")])
+
+
+def _thirds(
+    path: str,
+    module: nn.Module,
+    qkv: str,
+    out: str,
+    d: int,
+    head_attrs: list[tuple[str, str]] | None = None,
+    width_attrs: list[tuple[str, str]] | None = None,
+) -> AttentionBlock | None:
+    """The layer at ``path`` whose fused ``qkv`` is ``[q | k | v]`` along its outputs,
+    ``d`` values per head, read by ``out`` (``None`` when its width is no multiple of
+    ``3·d``)."""
+    width = _outputs(getattr(module, qkv))
     if width % (3 * d):
         return None
     h = width // (3 * d)
-    me = _join(path, "c_attn")
     return AttentionBlock(
         name=path,
-        projections=_fused(me, h, h, d),
-        out=_join(path, "c_proj"),
+        projections=_fused(_join(path, qkv), h, h, d),
+        out=_join(path, out),
         heads=h,
         kv_heads=h,
         head_dim=d,
-        head_attrs=[(path, "num_heads")],
-        width_attrs=[(path, "split_size")],
+        head_attrs=head_attrs or [],
+        width_attrs=width_attrs or [],
     )
+
+
+@register_attention("modernbert")
+def _modernbert(path: str, module: nn.Module) -> AttentionBlock | None:
+    """ModernBERT: a fused ``Wqkv`` Linear, viewed as ``(…, 3, heads, head_dim)`` (so
+    ``[q | k | v]`` along its outputs; the head count is the view's ``-1``), and ``Wo``."""
+    qkv, out = getattr(module, "Wqkv", None), getattr(module, "Wo", None)
+    d = _attr(module, "head_dim")
+    if not _linear(qkv) or not _linear(out) or d is None:
+        return None
+    return _thirds(path, module, "Wqkv", "Wo", d)
 
 
 @register_attention("timm")
@@ -1081,20 +1114,7 @@ def _timm(path: str, module: nn.Module) -> AttentionBlock | None:
         return None
     if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
         return None
-    width = _outputs(qkv)
-    if width % (3 * d):
-        return None
-    h = width // (3 * d)
-    return AttentionBlock(
-        name=path,
-        projections=_fused(_join(path, "qkv"), h, h, d),
-        out=_join(path, "proj"),
-        heads=h,
-        kv_heads=h,
-        head_dim=d,
-        head_attrs=[(path, "num_heads")],
-        width_attrs=[(path, "attn_dim")],
-    )
+    return _thirds(path, module, "qkv", "proj", d, [(path, "num_heads")], [(path, "attn_dim")])
 
 
 @register_attention("timm-window")
