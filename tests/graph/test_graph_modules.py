@@ -412,3 +412,23 @@ def test_same_padding_standardised_convs_become_plain_and_read_their_padded_rows
         assert torch.equal(a, padding.pad_same(y, (3, 5), (stride, stride), (1, 2)))
     assert supports_output_fit(StandardisedConv2d(3, 4, 3))
     assert not supports_output_fit(StandardisedConv2dSame(3, 4, 3))
+
+
+def test_a_renamed_subclass_of_a_same_padding_standardised_conv_keeps_its_padding() -> None:
+    """Whether a standardised conv pads "same" in forward is decided by the timm class it
+    was registered as, not by its own name ending in "Same": a user's subclass named
+    otherwise was made a conv without the padding before (a smaller output)."""
+    std_conv = pytest.importorskip("timm.layers.std_conv")
+    from spectrim.graph.modules import StandardisedConv2dSame, make_plain
+
+    class Mine(std_conv.ScaledStdConv2dSame):  # type: ignore[misc, name-defined]
+        pass
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Mine(4, 6, 3, stride=2)).eval()
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        ref = net(x)
+    assert make_plain(net) == ["0"] and type(net[0]) is StandardisedConv2dSame
+    with torch.no_grad():
+        assert torch.equal(net(x), ref)

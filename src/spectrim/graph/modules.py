@@ -34,6 +34,7 @@ sparsified) once transformers is imported, and timm's weight-standardised convol
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -751,8 +752,9 @@ _SAME_KIND = replace(_CONV2D_KIND, name="conv2d-same", input_rows=_same_rows)
 register_module_kind(StandardisedConv2dSame, _SAME_KIND)
 
 
-def _standardised(conv: nn.Module) -> nn.Module:
-    """timm's ``StdConv2d`` / ``ScaledStdConv2d`` (``…Same``) as a
+def _standardised(conv: nn.Module, same: bool = False) -> nn.Module:
+    """timm's ``StdConv2d`` / ``ScaledStdConv2d`` (``…Same``, ``same=True``: the class
+    registered, so a subclass of any name keeps its padding) as a
     :class:`StandardisedConv2d` (``…Same``): the weight computed by the same expression
     as their forward (so the same bits)."""
     assert isinstance(conv, nn.Conv2d)
@@ -769,7 +771,6 @@ def _standardised(conv: nn.Module) -> nn.Module:
     sizes: dict[str, Any] = {
         k: getattr(conv, k) for k in ("kernel_size", "stride", "padding", "dilation")
     }
-    same = type(conv).__name__.endswith("Same")  # timm's "same"-padding variants
     if same:
         sizes["padding"] = 0
     plain = (StandardisedConv2dSame if same else StandardisedConv2d)(
@@ -819,8 +820,9 @@ def _register_timm_std_conv(std_conv: Any) -> None:
     for name in ("StdConv2d", "ScaledStdConv2d", "StdConv2dSame", "ScaledStdConv2dSame"):
         cls = getattr(std_conv, name, None)
         if isinstance(cls, type) and issubclass(cls, nn.Conv2d):
+            plain = functools.partial(_standardised, same=name.endswith("Same"))
             register_module_kind(
-                cls, ModuleKind("std-conv", size_attributes=_CONV_SIZES, plain=_standardised)
+                cls, ModuleKind("std-conv", size_attributes=_CONV_SIZES, plain=plain)
             )
 
 
