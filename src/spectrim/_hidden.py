@@ -594,7 +594,8 @@ def hidden_run(
     if found is None:
         raise ValueError(
             f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
-            "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2/Gemma/Phi-3, GPT-NeoX, GPT-J, "
+            "recognises (Hugging Face GPT-2, LLaMA/Mistral/Qwen2/Gemma/Phi-3 and the decoders "
+            "built alike (Arcee, Nemotron, StarCoder2, ...), GPT-NeoX, GPT-J, "
             "CodeGen, Phi, Falcon, BLOOM, OPT, Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE, T5 encoders, "
             "BERT-family (ELECTRA included), MPNet and DistilBERT models; register others with "
             "spectrim.graph.stream.register_stream)"

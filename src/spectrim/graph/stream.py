@@ -36,7 +36,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -562,8 +562,9 @@ def _router_sync(m: nn.Module) -> None:
 
 
 def _is_router(m: nn.Module) -> bool:
-    """A MoE router: a ``…Router`` module whose one parameter is a 2-D ``weight`` and
-    that reshapes its input by ``hidden_dim`` (Mixtral, Qwen2/3-MoE, OLMoE)."""
+    """A MoE router: a ``…Router`` module whose one parameter is a 2-D ``weight`` (it may
+    reshape its input by ``hidden_dim``, which narrowing sets: Mixtral, Qwen2/3-MoE,
+    OLMoE; GraniteMoE's and PhiMoE's have none)."""
     params = dict(m.named_parameters(recurse=False))
     w = params.get("weight")
     return (
@@ -572,7 +573,6 @@ def _is_router(m: nn.Module) -> bool:
         and w is not None
         and w.dim() == 2
         and not list(m.children())
-        and isinstance(getattr(m, "hidden_dim", None), int)
     )
 
 
@@ -806,24 +806,40 @@ def _gpt2(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | No
 _MOE_SHARED = ("shared_expert", "shared_expert_gate")
 
 
+#: the (readers, writer) of two-layer MLPs without a gate: Arcee / Nemotron / Apertus,
+#: NanoChat, StarCoder2, Persimmon
+_PLAIN_MLPS = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"),
+               ("dense_h_to_4h", "dense_4h_to_h"))  # fmt: skip
+
+
 def _mlp_parts(mlp: nn.Module) -> tuple[list[str], list[str]] | None:
     """The readers and writers of a LLaMA-style MLP, relative to it: ``gate_proj`` and
-    ``up_proj`` (Phi-3: ``gate_up_proj``) and ``down_proj``; or a MoE block's router
-    (``gate``, a :class:`StreamView`), ``experts`` (read and written through their 3-D
+    ``up_proj`` (Phi-3: ``gate_up_proj``) and ``down_proj``, or one of
+    :data:`_PLAIN_MLPS`; or a MoE block's router (``gate``, or ``router`` in GraniteMoE
+    and PhiMoE, a :class:`StreamView`), ``experts`` (read and written through their 3-D
     parameters) and a shared expert with its gate (Qwen2-MoE); ``None`` otherwise."""
-    if _has(mlp, "down_proj"):
-        if _has(mlp, "gate_proj", "up_proj"):
-            return ["gate_proj", "up_proj"], ["down_proj"]
-        return (["gate_up_proj"], ["down_proj"]) if _has(mlp, "gate_up_proj") else None
-    if not _has(mlp, "gate", "experts") or dict(mlp.named_parameters(recurse=False)):
+    if _has(mlp, "down_proj") and _has(mlp, "gate_proj", "up_proj"):
+        return ["gate_proj", "up_proj"], ["down_proj"]
+    if _has(mlp, "down_proj") and _has(mlp, "gate_up_proj"):
+        return ["gate_up_proj"], ["down_proj"]
+    for up, down in _PLAIN_MLPS:
+        if _has(mlp, up, down) and all(  # an activation may hold scalars (Apertus's xIELU)
+            p.numel() == 1
+            for n, c in mlp.named_children()
+            if n not in (up, down)
+            for p in c.parameters()
+        ):
+            return [up], [down]
+    route = next((n for n in ("gate", "router") if _has(mlp, n)), None)
+    if route is None or not _has(mlp, "experts") or dict(mlp.named_parameters(recurse=False)):
         return None
-    gate, experts = mlp.get_submodule("gate"), mlp.get_submodule("experts")
+    gate, experts = mlp.get_submodule(route), mlp.get_submodule("experts")
     if not (_is_router(gate) and is_experts_module(experts)):
         return None
     names = {n for n, _ in mlp.named_children()}
-    if not names <= {"gate", "experts", *_MOE_SHARED}:
+    if not names <= {route, "experts", *_MOE_SHARED}:
         return None  # another arrangement (e.g. a second router, a dense residual MLP)
-    readers, writers = ["gate", "experts"], ["experts"]
+    readers, writers = [route, "experts"], ["experts"]
     shared = getattr(mlp, "shared_expert", None)
     if shared is not None:
         parts = _mlp_parts(shared) if isinstance(shared, nn.Module) else None
@@ -834,49 +850,76 @@ def _mlp_parts(mlp: nn.Module) -> tuple[list[str], list[str]] | None:
     return readers, writers
 
 
+#: a LLaMA-style layer's names: the norm before the attention, the norm before the MLP
+#: (VaultGemma's ``pre_feedforward_layernorm`` alone; Gemma-2's sandwich, which has it
+#: beside ``post_attention_layernorm``, is not matched), the MLP, the attention's output
+_ATTN_NORMS = ("input_layernorm", "attention_layernorm")
+_MLP_NORMS = ("post_attention_layernorm", "feedforward_layernorm", "pre_feedforward_layernorm")
+_MLPS = ("mlp", "block_sparse_moe", "feed_forward")
+_ATTN_OUTS = ("o_proj", "dense")
+
+
+def _one_of(module: nn.Module, names: Sequence[str]) -> str | None:
+    """The one child of ``module`` named in ``names`` (``None`` for none or several)."""
+    found = [n for n in names if isinstance(getattr(module, n, None), nn.Module)]
+    return found[0] if len(found) == 1 else None
+
+
 @register_stream("llama")
 def _llama(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
-    """LLaMA / Mistral / Qwen2 / Gemma / Phi-3, and the MoE decoders built the same way
-    (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): ``embed_tokens``, ``layers.i`` with
-    ``input_layernorm → self_attn.{q,k,v}_proj`` (Phi-3: one ``qkv_proj``),
-    ``self_attn.o_proj``, ``post_attention_layernorm → mlp`` (:func:`_mlp_parts`), and
-    ``norm``.  Layers with more norms (Gemma-2's sandwich norms) are not matched."""
-    if not _has(module, "embed_tokens", "layers", "norm"):
+    """LLaMA / Mistral / Qwen2 / Gemma / Phi-3 and the decoders built the same way
+    (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, PhiMoE, MiniMax; Arcee, Nemotron, Apertus,
+    NanoChat, StarCoder2, Persimmon, VaultGemma with their own names): ``embed_tokens``,
+    ``layers.i`` with a norm (:data:`_ATTN_NORMS`) → ``self_attn.{q,k,v}_proj`` (Phi-3:
+    one ``qkv_proj``), ``self_attn.o_proj`` (Persimmon: ``dense``), a norm
+    (:data:`_MLP_NORMS`) → an MLP (:data:`_MLPS`, :func:`_mlp_parts`), and ``norm`` (or
+    ``final_layernorm``).  Layers with more norms (Gemma-2's sandwich norms) or another
+    part holding parameters are not matched; :func:`spectrim._hidden.stream_self_check`
+    catches what names cannot tell."""
+    final = _one_of(module, ("norm", "final_layernorm"))
+    if final is None or not _has(module, "embed_tokens", "layers"):
         return None
     blocks = _children(module, "layers")
-    extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-
+    names: list[tuple[str, str, str, str]] = []
     attn_in, mlp_parts = [], []
     for b in blocks:
-        if not _has(b, "input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+        a_norm, m_norm, mlp = _one_of(b, _ATTN_NORMS), _one_of(b, _MLP_NORMS), _one_of(b, _MLPS)
+        attn = getattr(b, "self_attn", None)
+        if a_norm is None or m_norm is None or mlp is None or not isinstance(attn, nn.Module):
             return None
-        if any(getattr(b, e, None) is not None for e in extra):
+        if any(  # a norm or a parameter the layout has no place for
+            list(c.parameters())
+            for n, c in b.named_children()
+            if n not in (a_norm, m_norm, mlp, "self_attn")
+        ) or list(b.parameters(recurse=False)):
             return None
-        if _has(b.self_attn, "q_proj", "k_proj", "v_proj"):
+        if _has(attn, "q_proj", "k_proj", "v_proj"):
             q = ["q_proj", "k_proj", "v_proj"]
-        elif _has(b.self_attn, "qkv_proj"):
+        elif _has(attn, "qkv_proj"):
             q = ["qkv_proj"]
         else:
             return None
-        parts = _mlp_parts(b.mlp)
-        if parts is None or not _has(b.self_attn, "o_proj"):
+        out = _one_of(attn, _ATTN_OUTS)
+        parts = _mlp_parts(getattr(b, mlp))
+        if parts is None or out is None:
             return None
         attn_in.append(q)
         mlp_parts.append(parts)
+        names.append((a_norm, m_norm, mlp, out))
     if not blocks:
         return None
     d = _width(module, "embed_tokens")
     sites, writers = [], []
-    for i in range(len(blocks)):
+    for i, (a_norm, m_norm, mlp, out) in enumerate(names):
         p = _join(path, f"layers.{i}")
-        a, m = _join(p, "self_attn"), _join(p, "mlp")
+        a, m = _join(p, "self_attn"), _join(p, mlp)
         reads, writes = mlp_parts[i]
         sites += [
-            NormSite(_join(p, "input_layernorm"), [_join(a, r) for r in attn_in[i]]),
-            NormSite(_join(p, "post_attention_layernorm"), [_join(m, r) for r in reads]),
+            NormSite(_join(p, a_norm), [_join(a, r) for r in attn_in[i]]),
+            NormSite(_join(p, m_norm), [_join(m, r) for r in reads]),
         ]
-        writers += [_join(a, "o_proj"), *(_join(m, w) for w in writes)]
-    sites.append(NormSite(_join(path, "norm"), _head(model, path, d)))
+        writers += [_join(a, out), *(_join(m, w) for w in writes)]
+    sites.append(NormSite(_join(path, final), _head(model, path, d)))
     return ResidualStream(path or "model", "pre", d, [_join(path, "embed_tokens")], writers, sites)
 
 
