@@ -29,8 +29,9 @@ transformers = pytest.importorskip("transformers")
 #: LLaMA-style decoders under their own names (stop 50): an MLP without a gate
 #: (``up_proj``/``down_proj``: Arcee, Nemotron with its 1 + weight LayerNorm, Apertus with
 #: xIELU's scalars; ``fc1``/``fc2``: NanoChat; ``c_fc``/``c_proj``: StarCoder2), other norm
-#: names (Apertus, VaultGemma's ``pre_feedforward_layernorm``)
-NAMED = ("arcee", "nemotron", "apertus", "nanochat", "starcoder2", "vaultgemma")
+#: names (Apertus, VaultGemma's ``pre_feedforward_layernorm``); Cohere's attention and
+#: MLP in parallel on one norm, its LM head tied
+NAMED = ("arcee", "nemotron", "apertus", "nanochat", "starcoder2", "vaultgemma", "cohere")
 FAMILIES = ("gpt2", "llama", "gemma", "phi3", "gpt_neox", "gptj", "codegen", "phi", "falcon",
             "opt", "bert", "distilbert", "t5", "mpnet", "mixtral", "qwen2_moe", "qwen3_moe",
             "olmoe", "bloom", "electra", *NAMED)  # fmt: skip

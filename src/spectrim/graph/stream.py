@@ -689,6 +689,12 @@ _LAYOUTS = {
                    (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj",
                                          "self_attn.v_proj", "mlp.fc1")),),
                    ("self_attn.dense", "mlp.fc2")),
+    # Cohere / Cohere2 (Command-R): attention and a gated MLP in parallel on one norm
+    "cohere": _Layout(("embed_tokens",), "layers", "norm",
+                      (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj",
+                                            "self_attn.v_proj", "mlp.gate_proj",
+                                            "mlp.up_proj")),),
+                      ("self_attn.o_proj", "mlp.down_proj")),
     "falcon-parallel": _Layout(("word_embeddings",), "h", "ln_f",
                                (("input_layernorm", ("self_attention.query_key_value",
                                                      "mlp.dense_h_to_4h")),),
