@@ -588,9 +588,7 @@ def hidden_run(
     method, report = begin_run(work, cfg, method, info, ctx)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    found, why = checked_stream(work, batches[0], ctx.team)
-    if why is not None:
-        raise ValueError(f"target {tgt}: {why}")
+    found = find_stream(work)
     if found is None:
         raise ValueError(
             f"target {tgt}: no residual stream in {type(work).__name__} that spectrim "
@@ -601,7 +599,10 @@ def hidden_run(
             "spectrim.graph.stream.register_stream)"
         )
     team = ctx.team
-    example, cost0 = example_cost(work, batches, team)
+    example, cost0 = example_cost(work, batches, team)  # a model failing by itself says so
+    found, why = checked_stream(work, batches[0], team)
+    if found is None:
+        raise ValueError(f"target {tgt}: {why}")
     d = found.width
     k = min(d, max(1, round(tgt.value * d)))
     step = math.lcm(cfg.round_to, width_step(work, found))  # MoE experts: 16-byte rows
