@@ -355,6 +355,10 @@ def _held_out(family: str) -> torch.nn.Module:
                                                 n_head=4),
         "modernbert": lambda: t.ModernBertConfig(pad_token_id=0, **small),
         "modernbert-decoder": lambda: t.ModernBertDecoderConfig(pad_token_id=0, **small),
+        # MPT: a fused ``Wqkv`` and the model's ALiBi slopes, ``(heads, 1, keys)``, handed
+        # to every layer
+        "mpt": lambda: t.MptConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2,
+                                   expansion_ratio=2),
     }  # fmt: skip
     if family == "modernbert":  # an encoder: its masked-LM head gives the logits
         return t.AutoModelForMaskedLM.from_config(configs[family]()).eval()
@@ -363,18 +367,19 @@ def _held_out(family: str) -> torch.nn.Module:
 
 HELD_OUT = ["mistral", "qwen3", "gemma", "stablelm", "olmo", "mixtral", "gptj", "gpt_bigcode",
             "phi", "phi3", "gpt_neox", "falcon", "falcon-mha", "xglm", "gpt_oss", "openai-gpt",
-            "modernbert", "modernbert-decoder"]  # fmt: skip
+            "modernbert", "modernbert-decoder", "mpt"]  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["xglm", "gpt_oss", "openai-gpt", "modernbert-decoder"])
+@pytest.mark.parametrize("family", ["xglm", "gpt_oss", "openai-gpt", "modernbert-decoder", "mpt"])
 def test_bart_style_widths_and_attention_sinks_follow_the_heads(family: str, tmp_path: Any) -> None:
     """XGLM's attention reshapes its heads' output to its ``embed_dim`` attribute and
     GPT-OSS adds one learned sink logit per head (``sinks``): with heads removed both
     stopped running ("shape '[8, 12, 32]' is invalid", "Sizes of tensors must match").
     ``embed_dim`` is now a width attribute (found again on the reloaded layer, where it
     still holds the model's width) and ``sinks`` a per-head table; the result reloads
-    exactly and generates.  OpenAI GPT's and ModernBERT's decoder's layers (new finders,
-    stop 50) reload and generate too."""
+    exactly and generates.  OpenAI GPT's, ModernBERT's decoder's and MPT's layers (new
+    finders, stop 50; MPT's with its ALiBi slopes cut to the kept heads, generating with a
+    cache) reload and generate too."""
     import spectrim
     from spectrim.io.manifest import load_compressed, save_compressed
 

@@ -46,6 +46,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -120,7 +121,9 @@ class HeadBias:
             bias itself when it is given none (T5's first layer).
         flat: the heads are flattened with the batch into the bias's first axis
             (BLOOM's ALiBi, ``(batch·heads, 1, keys)``; the batch is the layer's first
-            argument's); otherwise they are its second axis.
+            argument's); otherwise they are its ``axis``.
+        axis: the bias's head axis (1: ``(batch, heads, …)``; MPT's ALiBi has no batch,
+            ``(heads, 1, keys)``: 0).
     """
 
     index: int
@@ -128,6 +131,7 @@ class HeadBias:
     hands_on: int | None = None
     compute: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any] | None = None
     flat: bool = False
+    axis: int = 1
 
 
 def _slice_bias(
@@ -149,12 +153,13 @@ def _slice_bias(
     if spec.flat:  # (batch·heads, …) -> (batch, heads, …)
         batch = (args[0] if args else kwargs["hidden_states"]).shape[0]
         bias = bias.reshape(batch, bias.shape[0] // batch, *bias.shape[1:])
-    if bias.dim() < 2 or bias.shape[1] <= max(kept):
+    axis = 1 if spec.flat else spec.axis
+    if bias.dim() <= axis or bias.shape[axis] <= max(kept):
         raise ValueError(
             f"{type(module).__name__}: a position bias of shape {tuple(whole.shape)} cannot "
             f"hold the rows of the heads this layer kept ({BIAS_HEADS} = {kept})"
         )
-    rows = bias.index_select(1, torch.as_tensor(kept, device=bias.device))
+    rows = bias.index_select(axis, torch.as_tensor(kept, device=bias.device))
     if spec.flat:
         rows = rows.flatten(0, 1)
     if positional:
@@ -1097,6 +1102,23 @@ def _modernbert(path: str, module: nn.Module) -> AttentionBlock | None:
     if not _linear(qkv) or not _linear(out) or d is None:
         return None
     return _thirds(path, module, "Wqkv", "Wo", d)
+
+
+#: MptAttention(hidden_states, position_bias, …): the model's ALiBi slopes for every head,
+#: ``(heads, 1, keys)``
+_MPT_ALIBI = HeadBias(index=1, axis=0)
+
+
+@register_attention("mpt")
+def _mpt(path: str, module: nn.Module) -> AttentionBlock | None:
+    """MPT: a fused ``Wqkv`` Linear (``chunk(3)``: ``[q | k | v]``), ``out_proj`` and
+    ``n_heads``, with the model's ALiBi bias for every head handed to each layer."""
+    qkv, out = getattr(module, "Wqkv", None), getattr(module, "out_proj", None)
+    d = _attr(module, "head_dim")
+    if not _linear(qkv) or not _linear(out) or d is None or _attr(module, "n_heads") is None:
+        return None
+    block = _thirds(path, module, "Wqkv", "out_proj", d, [(path, "n_heads")])
+    return dataclasses.replace(block, bias=_MPT_ALIBI) if block is not None else None
 
 
 @register_attention("timm")
