@@ -30,8 +30,18 @@ transformers = pytest.importorskip("transformers")
 #: (``up_proj``/``down_proj``: Arcee, Nemotron with its 1 + weight LayerNorm, Apertus with
 #: xIELU's scalars; ``fc1``/``fc2``: NanoChat; ``c_fc``/``c_proj``: StarCoder2), other norm
 #: names (Apertus, VaultGemma's ``pre_feedforward_layernorm``); Cohere's attention and
-#: MLP in parallel on one norm, its LM head tied
-NAMED = ("arcee", "nemotron", "apertus", "nanochat", "starcoder2", "vaultgemma", "cohere")
+#: MLP in parallel on one norm, its LM head tied; GraniteMoE's block, which reshapes its
+#: output by a width of its own (``input_size``)
+NAMED = (
+    "arcee",
+    "nemotron",
+    "apertus",
+    "nanochat",
+    "starcoder2",
+    "vaultgemma",
+    "cohere",
+    "granitemoe",
+)
 FAMILIES = ("gpt2", "llama", "gemma", "phi3", "gpt_neox", "gptj", "codegen", "phi", "falcon",
             "opt", "bert", "distilbert", "t5", "mpnet", "mixtral", "qwen2_moe", "qwen3_moe",
             "olmoe", "bloom", "electra", *NAMED)  # fmt: skip
@@ -97,7 +107,7 @@ def _model(family: str) -> nn.Module:
         }[family]()
         m = t.AutoModelForCausalLM.from_config(cfg)
     elif family in NAMED:
-        extra = {"phimoe": dict(num_local_experts=4, num_experts_per_tok=2)}.get(family, {})
+        extra = {"granitemoe": dict(num_local_experts=4, num_experts_per_tok=2)}.get(family, {})
         cfg = t.AutoConfig.for_model(
             family, vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, **extra,
@@ -636,14 +646,18 @@ def test_a_stream_with_parts_outside_its_layout_is_not_matched() -> None:
 
 def test_the_self_check_refuses_what_the_names_cannot_tell() -> None:
     """Three streams the finder reads and the self-check refuses, each naming the model:
-    GraniteMoE's MoE block reshapes by a width attribute of its own (a narrower stream
-    stops it), PhiMoE's LayerNorms have a bias its experts cannot take, and a LLaMA whose
-    attention output a hook scales coordinate by coordinate (a part no name shows) changes
-    its outputs under the change of basis."""
-    granite = _tiny("granitemoe", num_local_experts=4, num_experts_per_tok=2)
-    assert find_stream(granite) is not None
-    with pytest.raises(ValueError, match=r"GraniteMoeForCausalLM.*narrowing it to 28 failed"):
-        spectrim.compress(granite, _batches(), "id", "hidden=0.75")
+    a LLaMA whose attention output a hook adds a full-width vector of zeros to (a part no
+    name shows; zeros commute with a rotation, as GLM-4's norms of ones did, so only the
+    narrower stream stops it), PhiMoE's LayerNorms with a bias its experts cannot take,
+    and a LLaMA whose attention output a hook scales coordinate by coordinate (its outputs
+    change under the change of basis)."""
+    zeros = _model("llama")
+    zeros.model.layers[0].self_attn.o_proj.register_forward_hook(
+        lambda m, a, o: o + torch.zeros(32)
+    )
+    assert find_stream(zeros) is not None
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*narrowing it to 31 failed"):
+        spectrim.compress(zeros, _batches(), "id", "hidden=0.75")
     phimoe = _tiny("phimoe", num_local_experts=4, num_experts_per_tok=2)
     with torch.no_grad():
         for layer in phimoe.model.layers:
@@ -677,7 +691,10 @@ def test_the_stream_self_check_passes_every_family_it_reads() -> None:
 def test_a_budget_with_hidden_true_keeps_a_stream_that_fails_the_check() -> None:
     """On a shared budget the stream that fails the check is left whole with a warning
     that says why; the heads are still narrowed, and the model runs."""
-    model = _tiny("granitemoe", num_local_experts=4, num_experts_per_tok=2)
+    model = _model("llama")
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(
+        lambda m, a, o: o + torch.zeros(32)
+    )
     small, report = spectrim.compress(model, _batches(), "id", "macs=0.8", hidden=True, heads=True)
     assert any("hidden=True" in w and "failed on a copy" in w for w in report.warnings)
     assert not any(g.name.endswith("(hidden)") for g in report.groups)
@@ -709,3 +726,18 @@ def test_bert_named_encoders_the_surgery_cannot_rewrite_are_refused(
     name = type(model).__name__
     with pytest.raises(ValueError, match=f"read in {name} .*{culprit}"):
         spectrim.compress(model, _batches(), "id", "hidden=0.75")
+
+
+def test_granitemoe_s_block_width_follows_the_stream_and_reloads(tmp_path: Path) -> None:
+    """GraniteMoE's MoE block reshapes its output by its own ``input_size``: the self-check
+    refused its stream until that width followed the narrowing (stop 50).  It is set with
+    the stream now, and again when a saved model is loaded onto a fresh one."""
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    small, report = spectrim.compress(_model("granitemoe"), _batches(), "id", "hidden=0.75")
+    assert small.model.layers[0].block_sparse_moe.input_size == 24
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", _model("granitemoe"))
+    assert back.model.layers[0].block_sparse_moe.input_size == 24
+    batch = _batches(1, seed=4)[0]
+    torch.testing.assert_close(_out(back, batch), _out(small, batch))

@@ -61,6 +61,7 @@ from spectrim.graph.stream import (
     norm_affine,
     read_columns,
     set_module,
+    sync_stream_views,
     width_step,
     write_rows,
 )
@@ -403,6 +404,7 @@ def narrow_stream(model: nn.Module, stream: ResidualStream, E: torch.Tensor) -> 
             norm.normalized_shape = (k,)  # type: ignore[assignment]
         for r in s.readers:
             read_columns(model.get_submodule(r), E, r)
+    sync_stream_views(model)  # widths held outside the modules read and written
 
 
 def refit_site(

@@ -460,6 +460,14 @@ def sync_stream_views(model: nn.Module) -> None:
         view = _view_of(module)
         if view is not None and view.sync is not None:
             view.sync(module)
+        experts = getattr(module, "experts", None)
+        if (  # GraniteMoE's MoE block reshapes its output by the stream width it keeps
+            isinstance(experts, nn.Module)
+            and is_experts_module(experts)
+            and isinstance(getattr(module, "input_size", None), int)
+        ):
+            gate_up: Any = experts.gate_up_proj
+            setattr(module, "input_size", int(gate_up.shape[2]))  # noqa: B010 (typed as a Tensor)
 
 
 _OUT_ATTR = {"linear": "out_features", "hf-conv1d": "nf", "embedding": "embedding_dim"}
