@@ -66,6 +66,7 @@ from spectrim.graph.stream import (
     write_rows,
 )
 from spectrim.graph.trace import StopPass, call_until_stopped, model_outputs
+from spectrim.graph.verify import output_change
 from spectrim.linalg import fit_cross_reconstruction
 from spectrim.methods import Method
 from spectrim.methods.stream import StreamPlan, StreamSolver
@@ -502,6 +503,10 @@ def hidden_group_report(
 STREAM_CHECK_RTOL = 1e-4
 
 
+def _reshaped(want: list[torch.Tensor], got: list[torch.Tensor]) -> bool:
+    return len(got) != len(want) or any(a.shape != b.shape for a, b in zip(want, got))
+
+
 def stream_self_check(model: nn.Module, stream: ResidualStream, batch: Any) -> str | None:
     """Whether ``stream`` is all there is to ``model``'s residual stream: on a copy, the
     exact rewrite and a change of basis of all ``d`` coordinates (a random rotation of a
@@ -530,17 +535,12 @@ def stream_self_check(model: nn.Module, stream: ResidualStream, batch: Any) -> s
         narrow_stream(trial, converted, q)
         _retie(trial, ties)
         got = model_outputs(trial, batch)
-        if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(want, got)):
+        if _reshaped(want, got):
             return "the model's outputs change shape after the change of basis"
-        worst = 0.0
-        for a, b in zip(want, got):
-            if a.is_floating_point() and a.numel():
-                scale = a.abs().max().double() + 1e-12
-                err = float((a.double() - b.double()).abs().max() / scale)
-                worst = max(worst, err if err == err else float("inf"))  # NaN: the worst
-        if worst > STREAM_CHECK_RTOL:
+        change = output_change(want, got)
+        if change > STREAM_CHECK_RTOL:
             return (
-                f"a change of basis of the stream changes the model's outputs by {worst:.2g} "
+                f"a change of basis of the stream changes the model's outputs by {change:.2g} "
                 "of their largest value"
             )
         if d > step:  # and a narrower stream must still run (a norm it does not know
@@ -548,27 +548,23 @@ def stream_self_check(model: nn.Module, stream: ResidualStream, batch: Any) -> s
             narrow_stream(trial, converted, torch.eye(d, d - step, dtype=torch.float64))
             _retie(trial, ties)
             got = model_outputs(trial, batch)
-            if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(want, got)):
+            if _reshaped(want, got):
                 return f"the model's outputs change shape after {what}"
     except Exception as e:  # the surgery or the model's own code: a probe, not the run
         return f"{what} failed on a copy ({type(e).__name__}: {str(e)[:200]})"
     return None
 
 
-def checked_stream(
-    model: nn.Module, batch: Any, team: Team = SOLO
-) -> tuple[ResidualStream | None, str | None]:
-    """:func:`find_stream` and :func:`stream_self_check` on ``batch`` (the root process's,
-    its verdict given to every process): ``(stream, None)``, ``(None, None)`` when no
-    stream is recognised, ``(None, reason)`` when one is found but fails the check (the
-    reason names the model and the layout that was read)."""
-    found = find_stream(model)
-    if found is None:
-        return None, None
+def stream_refusal(
+    model: nn.Module, found: ResidualStream, batch: Any, team: Team = SOLO
+) -> str | None:
+    """Why the stream ``found`` in ``model`` cannot be narrowed, from
+    :func:`stream_self_check` on ``batch`` (the root process's, its verdict given to every
+    process; the reason names the model and the layout that was read), or ``None``."""
     why = team.broadcast(stream_self_check(model, found, batch) if team.is_root else None)
     if why is None:
-        return found, None
-    return None, (
+        return None
+    return (
         f"the residual stream spectrim read in {type(model).__name__} ({found.name!r}: "
         f"{len(found.sites)} norms, {len(found.writers)} writers) is not all of it: {why}; "
         "a module outside that layout reads or writes the stream (e.g. a norm of a "
@@ -602,8 +598,8 @@ def hidden_run(
         )
     team = ctx.team
     example, cost0 = example_cost(work, batches, team)  # a model failing by itself says so
-    found, why = checked_stream(work, batches[0], team)
-    if found is None:
+    why = stream_refusal(work, found, batches[0], team)
+    if why is not None:
         raise ValueError(f"target {tgt}: {why}")
     d = found.width
     k = min(d, max(1, round(tgt.value * d)))

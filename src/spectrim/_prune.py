@@ -47,9 +47,9 @@ from spectrim._heads import (
 from spectrim._hidden import (
     HIDDEN_SUFFIX,
     apply_hidden,
-    checked_stream,
     hidden_group_report,
     stream_grams,
+    stream_refusal,
     tied_head,
 )
 from spectrim._threads import blas_threads_for
@@ -92,7 +92,7 @@ from spectrim.graph.layout import (
     to_channels_last,
 )
 from spectrim.graph.modules import module_kind, weight_kind
-from spectrim.graph.stream import ResidualStream, width_step
+from spectrim.graph.stream import ResidualStream, find_stream, width_step
 from spectrim.graph.trace import batch_len
 from spectrim.linalg import prediction_error_curve
 from spectrim.methods import GroupSolver, Method
@@ -555,7 +555,9 @@ def _collect_hidden(state: ChannelRun) -> None:
     """``hidden=True``: the residual stream and the Gram of its normalised values."""
     _needs_budget(state, "hidden", "the residual width",
                   "for a fraction of the width use target='hidden=F'")  # fmt: skip
-    state.stream, why = checked_stream(state.work, state.batches[0], state.ctx.team)
+    found = find_stream(state.work)
+    why = stream_refusal(state.work, found, state.batches[0], state.ctx.team) if found else None
+    state.stream = found if why is None else None
     if state.stream is None:
         state.report.warnings.append(
             f"hidden=True: {why or 'no residual stream spectrim recognises'}; the hidden size "

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,26 +33,41 @@ from spectrim.graph.channels import Analysis, UnitGroup, analyze_channels
 from spectrim.graph.surgery import GroupPlan, apply_plan
 from spectrim.graph.trace import model_outputs
 
-__all__ = ["check_runs", "same_outputs", "self_check", "trace_and_check"]
+__all__ = ["check_runs", "output_change", "same_outputs", "self_check", "trace_and_check"]
+
+
+def output_change(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The largest change from the outputs ``a`` (the reference) to ``b``: per float
+    output, the largest absolute difference over the reference's largest magnitude;
+    ``inf`` when the count or a shape differs, another dtype's values differ, or a
+    difference is NaN.
+
+    Example::
+
+        >>> import torch
+        >>> round(output_change([torch.tensor([2.0, 4.0])], [torch.tensor([2.0, 3.0])]), 6)
+        0.25
+    """
+    if len(a) != len(b):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return math.inf
+        if x.numel() == 0:
+            continue
+        if x.is_floating_point():
+            change = (x - y).abs().max().item() / (x.abs().max().item() + 1e-12)
+            worst = max(worst, change if change == change else math.inf)  # NaN: the worst
+        elif not torch.equal(x, y):
+            return math.inf
+    return worst
 
 
 def same_outputs(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float) -> bool:
     """Same count and shapes, floats within ``rtol`` of each reference's largest
     magnitude (``a`` is the reference), other dtypes equal."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if x.shape != y.shape:
-            return False
-        if x.numel() == 0:
-            continue
-        if x.is_floating_point():
-            scale = x.abs().max().item() + 1e-12
-            if not (x - y).abs().max().item() <= rtol * scale:  # NaN fails too
-                return False
-        elif not torch.equal(x, y):
-            return False
-    return True
+    return output_change(a, b) <= rtol
 
 
 def _bisect(
