@@ -570,23 +570,13 @@ def _rebuilt_from_config(model: nn.Module, path: str) -> bool:
     return holder is not None and callable(getattr(holder, "set_attention_type", None))
 
 
-def _out_columns(model: nn.Module, block: AttentionBlock) -> int | None:
-    """Input features of ``block``'s output projection (``None`` for a module without a
-    registered weight layout)."""
-    out = model.get_submodule(block.out)
-    kind = module_kind(out)
-    weight = getattr(out, "weight", None)
-    if kind is None or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-        return None
-    return int(weight.shape[kind.weight_dims[1]])
-
-
 def _out_reads_more(model: nn.Module, block: AttentionBlock) -> bool:
     """Whether the output projection reads more than the heads write (``heads ·
     head_dim`` columns): ConvBERT's reads its convolution heads' outputs too, so the
-    layer's heads are not all of its input and cutting them would misalign the rest."""
-    n = _out_columns(model, block)
-    return n is not None and n != block.heads * block.head_dim
+    layer's heads are not all of its input and cutting them would misalign the rest.
+    (An output module of no registered weight layout is taken as it is.)"""
+    out = model.get_submodule(block.out)
+    return _linear(out) and _inputs(out) != block.heads * block.head_dim
 
 
 def unmatched_reason(model: nn.Module) -> str | None:
@@ -605,8 +595,8 @@ def unmatched_reason(model: nn.Module) -> str | None:
     for path, module in modules.items():
         for _, finder in _FINDERS:
             block = finder(path, module)
-            n = _out_columns(model, block) if block is not None else None
-            if block is not None and n is not None and n != block.heads * block.head_dim:
+            if block is not None and _out_reads_more(model, block):
+                n = _inputs(model.get_submodule(block.out))
                 return (
                     f"'{block.out}' reads {n} columns but the {block.heads} heads of "
                     f"'{path}' write {block.heads * block.head_dim}: something besides the "
