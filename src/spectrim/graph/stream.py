@@ -821,7 +821,7 @@ _MOE_SHARED = ("shared_expert", "shared_expert_gate")
 
 
 #: the (readers, writer) of two-layer MLPs without a gate: Arcee / Nemotron / Apertus,
-#: NanoChat, StarCoder2, Persimmon
+#: NanoChat, StarCoder2, and GPT-NeoX's names
 _PLAIN_MLPS = (("up_proj", "down_proj"), ("fc1", "fc2"), ("c_fc", "c_proj"),
                ("dense_h_to_4h", "dense_4h_to_h"))  # fmt: skip
 
@@ -882,20 +882,20 @@ def _one_of(module: nn.Module, names: Sequence[str]) -> str | None:
 @register_stream("llama")
 def _llama(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | None:
     """LLaMA / Mistral / Qwen2 / Gemma / Phi-3 and the decoders built the same way
-    (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, PhiMoE, MiniMax; Arcee, Nemotron, Apertus,
-    NanoChat, StarCoder2, Persimmon, VaultGemma with their own names): ``embed_tokens``,
-    ``layers.i`` with a norm (:data:`_ATTN_NORMS`) → ``self_attn.{q,k,v}_proj`` (Phi-3:
-    one ``qkv_proj``), ``self_attn.o_proj`` (Persimmon: ``dense``), a norm
-    (:data:`_MLP_NORMS`) → an MLP (:data:`_MLPS`, :func:`_mlp_parts`), and ``norm`` (or
-    ``final_layernorm``).  Layers with more norms (Gemma-2's sandwich norms) or another
-    part holding parameters are not matched; :func:`spectrim._hidden.stream_self_check`
-    catches what names cannot tell."""
+    (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, PhiMoE; Arcee, Nemotron, Apertus, NanoChat,
+    StarCoder2, VaultGemma with their own names): ``embed_tokens``, ``layers.i`` with a
+    norm (:data:`_ATTN_NORMS`) → ``self_attn.{q,k,v}_proj`` (Phi-3: one ``qkv_proj``),
+    ``self_attn.o_proj`` (or ``dense``), a norm (:data:`_MLP_NORMS`) → an MLP
+    (:data:`_MLPS`, :func:`_mlp_parts`), and ``norm`` (or ``final_layernorm``).  Layers
+    with more norms (Gemma-2's sandwich norms) or another part holding parameters are not
+    matched; :func:`spectrim._hidden.stream_self_check` catches what names cannot tell."""
     final = _one_of(module, ("norm", "final_layernorm"))
     if final is None or not _has(module, "embed_tokens", "layers"):
         return None
     blocks = _children(module, "layers")
-    names: list[tuple[str, str, str, str]] = []
-    attn_in, mlp_parts = [], []
+    # per layer: its attention's norm, its MLP's norm, its MLP, the attention's readers
+    # and writer, the MLP's readers and writers
+    layers: list[tuple[str, str, str, list[str], str, tuple[list[str], list[str]]]] = []
     for b in blocks:
         a_norm, m_norm, mlp = _one_of(b, _ATTN_NORMS), _one_of(b, _MLP_NORMS), _one_of(b, _MLPS)
         attn = getattr(b, "self_attn", None)
@@ -917,19 +917,16 @@ def _llama(path: str, module: nn.Module, model: nn.Module) -> ResidualStream | N
         parts = _mlp_parts(getattr(b, mlp))
         if parts is None or out is None:
             return None
-        attn_in.append(q)
-        mlp_parts.append(parts)
-        names.append((a_norm, m_norm, mlp, out))
+        layers.append((a_norm, m_norm, mlp, q, out, parts))
     if not blocks:
         return None
     d = _width(module, "embed_tokens")
     sites, writers = [], []
-    for i, (a_norm, m_norm, mlp, out) in enumerate(names):
+    for i, (a_norm, m_norm, mlp, q, out, (reads, writes)) in enumerate(layers):
         p = _join(path, f"layers.{i}")
         a, m = _join(p, "self_attn"), _join(p, mlp)
-        reads, writes = mlp_parts[i]
         sites += [
-            NormSite(_join(p, a_norm), [_join(a, r) for r in attn_in[i]]),
+            NormSite(_join(p, a_norm), [_join(a, r) for r in q]),
             NormSite(_join(p, m_norm), [_join(m, r) for r in reads]),
         ]
         writers += [_join(a, out), *(_join(m, w) for w in writes)]
