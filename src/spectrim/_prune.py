@@ -93,7 +93,7 @@ from spectrim.graph.layout import (
 )
 from spectrim.graph.modules import module_kind, weight_kind
 from spectrim.graph.stream import ResidualStream, find_stream, width_step
-from spectrim.graph.trace import batch_len
+from spectrim.graph.trace import batch_len, routed_modules
 from spectrim.linalg import prediction_error_curve
 from spectrim.methods import GroupSolver, Method
 from spectrim.methods.experts import ExpertSolver
@@ -149,6 +149,9 @@ class ChannelRun:
     plans: dict[int, GroupPlan] = field(default_factory=dict)
     #: groups whose plan holds the kept channels only: the sequential pass fits their folds
     deferred: set[int] = field(default_factory=set)
+    #: modules whose input rows the model routes by its own activations (MoE experts held
+    #: as modules): the call that picks their rows (:func:`routed_modules`)
+    routed: dict[str, str] = field(default_factory=dict)
     seq_errors: dict[tuple[int, str], float] = field(default_factory=dict)
     #: attention heads on the same budget (``cfg.heads``), keyed HEAD_KEY + block index
     blocks: list[AttentionBlock] = field(default_factory=list)
@@ -190,7 +193,9 @@ class ChannelRun:
         for gi, k in widths.items():
             if gi >= HEAD_KEY or k >= self.analysis.groups[gi].width:
                 continue
-            keep = self.solvers[gi].kept(k) if self.sequential else None
+            routed = any(c.module in self.routed for c in self.analysis.groups[gi].consumers)
+            # a routed consumer keeps the correction fitted on the original model
+            keep = self.solvers[gi].kept(k) if self.sequential and not routed else None
             if keep is None:
                 self.plans[gi] = self.solvers[gi].plan(k)
             else:
@@ -335,6 +340,7 @@ def analyse_stage(state: ChannelRun) -> None:
         team=state.ctx.team,
     )
     state.example, state.analysis = example, analysis
+    state.routed = routed_modules(analysis.graph)
     group_factors(analysis, state.cfg)  # a name that is no group fails before the statistics
     state.kernels = _has_functional_products(analysis)
     state.cost0 = profile(state.work, example, kernels=state.kernels)
@@ -989,6 +995,21 @@ def apply_stage(state: ChannelRun) -> None:
             stored = state.batches[:1]
         state.report.fitted_examples = int(state.ctx.team.total(fitted))
         fallback: list[str] = []  # consumers whose output fit had too few rows
+        fixed = {
+            gi: {c.module: plans[gi].folds.get(c.module) for c in analysis.groups[gi].consumers
+                 if c.module in state.routed}
+            for gi in keep
+        }  # fmt: skip
+        fixed = {gi: f for gi, f in fixed.items() if f}
+        if fixed:
+            first = min(c for f in fixed.values() for c in f)
+            state.report.warnings.append(
+                f"sequential: {sum(len(f) for f in fixed.values())} consumer(s) run on rows "
+                f"the model routes by its own activations (the first: '{first}', its rows "
+                f"picked by {state.routed[first]}); the pruned layers before them change which "
+                "rows they get, so they keep the correction fitted on the original model, as "
+                "with sequential=False"
+            )
         if state.chain:
             plan = plan_blocks(state.chain, analysis, keep, *state.ends, whole=reselect)
             assert not isinstance(plan, str)  # checked on all groups before collecting
@@ -1010,6 +1031,8 @@ def apply_stage(state: ChannelRun) -> None:
                 warn=fallback.append,
                 block_cache=state.cfg.block_cache,
                 readers=readers,
+                routed=state.routed,
+                fixed=fixed,
             )
             state.report.blocks += readers.extra_blocks if readers is not None else 0
         else:
@@ -1028,6 +1051,8 @@ def apply_stage(state: ChannelRun) -> None:
                 original=original,
                 warn=fallback.append,
                 readers=readers,
+                routed=state.routed,
+                fixed=fixed,
             )
         if fallback:
             state.report.warnings.append(

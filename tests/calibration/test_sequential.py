@@ -551,3 +551,62 @@ def test_refit_readers_block_by_block_equals_the_whole_model_pass() -> None:
         )
         y = net(x)
         assert float((block(x) - y).norm()) < float((plain(x) - y).norm())
+
+
+def _switch() -> nn.Module:
+    """A tiny SwitchTransformers: one MoE layer of two expert FFNs (modules) in the
+    encoder and one in the decoder, top-1 routing."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=50, d_model=32, d_ff=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+        d_kv=8, num_experts=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, expert_capacity=1000,
+    )  # fmt: skip
+    return transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+
+
+def _text_batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 50, (8, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[:3, 7:] = 0
+        dec = torch.randint(3, 50, (8, 5), generator=g)
+        out.append({"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec})
+    return out
+
+
+def test_experts_the_model_routes_keep_the_original_fit_in_the_sequential_pass() -> None:
+    """The pruned layers before an MoE layer send some tokens to other experts, so an
+    expert's rows in the sequential pass are not those of the original pass: it crashed
+    ("got 19 rows where the original pass had 20") or, where the counts agreed, paired
+    other tokens' rows.  Its correction is now the original model's, as without the pass;
+    the dense layers are still fitted on the compressed prefix."""
+    model, calib = _switch(), _text_batches(6, 0)
+    seq, report = spectrim.compress(model, calib, "id", "width=0.5")
+    one, _ = spectrim.compress(model, calib, "id", "width=0.5", sequential=False)
+    a, b = seq.state_dict(), one.state_dict()
+    experts = [k for k in a if ".experts.expert_" in k and k.endswith("wo.weight")]
+    assert len(experts) == 4 and all(a[k].shape == (32, 8) for k in experts)
+    for k in experts:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    dense = "decoder.block.0.layer.2.mlp.wo.weight"  # after pruned layers: refitted
+    assert a[dense].shape == b[dense].shape and not torch.allclose(a[dense], b[dense])
+    assert any("route" in w and "experts.expert_" in w for w in report.warnings)
+
+
+def test_routed_experts_with_repeated_neurons_fold_exactly_in_the_sequential_pass() -> None:
+    model, calib = _switch(), _text_batches(6, 0)
+    with torch.no_grad():  # each FFN's second half of neurons copies its first
+        for name, mod in model.named_modules():
+            if name.endswith(".wi") and isinstance(mod, nn.Linear):
+                half = mod.weight.shape[0] // 2
+                mod.weight[half:] = mod.weight[:half]
+    small, _ = spectrim.compress(model, calib, "id", "width=0.5")
+    test = _text_batches(1, 1)[0]
+    with torch.no_grad():
+        y, y0 = small(**test).logits, model(**test).logits
+    assert float((y - y0).norm() / y0.norm()) < 1e-5
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())

@@ -461,6 +461,8 @@ def blockwise_correct(
     warn: Callable[[str], None] | None = None,
     block_cache: str | os.PathLike[str] | None = None,
     readers: ReaderFits | None = None,
+    routed: Collection[str] = (),
+    fixed: Mapping[int, Mapping[str, np.ndarray | None]] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction block by block.
 
@@ -486,6 +488,9 @@ def blockwise_correct(
             original outputs are kept on the block's original copy, with the consumers'
             inputs), in the blocks that hold a pruned group and in the modules after the
             chain (a block :data:`SUFFIX` of their own when no group reaches them).
+        routed, fixed: the modules whose rows the model routes and the corrections of
+            those that are consumers, as for
+            :func:`~spectrim.calibration.sequential.sequential_correct`.
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit and every group's
@@ -524,7 +529,7 @@ def blockwise_correct(
             model, modules, analysis, batches, keep, plan, names, masks, scrubbed, spill,
             model_batch, contributes=contributes, exact=exact, refit=refit, team=team,
             channels_last=channels_last, reselect=reselect, fit=fit, warn=warn,
-            readers=readers,
+            readers=readers, routed=routed, fixed=fixed,
         )  # fmt: skip
 
 
@@ -550,6 +555,8 @@ def _blocks(
     fit: str,
     warn: Callable[[str], None] | None,
     readers: ReaderFits | None = None,
+    routed: Collection[str] = (),
+    fixed: Mapping[int, Mapping[str, np.ndarray | None]] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[tuple[int, str], float], dict[int, np.ndarray]]:
     """:func:`blockwise_correct`'s pass, its boundaries kept by ``spill`` (each list
     holds a value or a handle per batch; ``spill.get`` reads either)."""
@@ -713,6 +720,8 @@ def _blocks(
             fetch=spill.get,
             readers=readers,
             reader_outputs=outputs if readers is not None else None,
+            routed=routed,
+            fixed={gi: fixed[gi] for gi in gis if gi in fixed} if fixed else None,
         )
         keep.update(k)
         for gi, at in f.items():  # a group spanning blocks has consumers in several

@@ -350,6 +350,8 @@ def sequential_correct(
     fetch: Callable[[Any], Any] | None = None,
     readers: ReaderFits | None = None,
     reader_outputs: Mapping[str, Sequence[Any]] | None = None,
+    routed: Collection[str] = (),
+    fixed: Mapping[int, Mapping[str, np.ndarray | None]] | None = None,
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[Key, float], dict[int, np.ndarray]]:
     """Prune ``model`` in place, fitting every consumer's correction sequentially.
 
@@ -434,6 +436,14 @@ def sequential_correct(
             ``batches`` (padding dropped; the block pass keeps them on its copy of each
             original block); default: every candidate of ``model``
             (:func:`reader_candidates`), their outputs read from ``original``.
+        routed: modules whose input rows the model picks by its own activations
+            (:func:`~spectrim.graph.trace.routed_modules`: the experts of an MoE layer).
+            Their rows in this pass are not those of the original pass (the pruned prefix
+            routes some tokens elsewhere), so none is fitted or refitted here: a consumer
+            among them needs its correction in ``fixed``, and its groups are not reselected.
+        fixed: per group, the corrections of its ``routed`` consumers (consumer -> ``B``,
+            or ``None`` to slice without one), folded before the pass as
+            :func:`~spectrim.graph.surgery.apply_plan` folds a plan's.
 
     Returns:
         ``folds[group][consumer] = B``, the relative error of each fit, and the kept
@@ -450,7 +460,19 @@ def sequential_correct(
         raise ValueError("fit='residual' with a block runner needs the partners (partners=)")
     modules = dict(model.named_modules())
     keep = {gi: np.sort(np.asarray(k, dtype=np.int64)) for gi, k in keep.items()}
-    chosen = {gi for gi in reselect if gi in keep}  # groups still to select
+    fixed = {gi: dict(f) for gi, f in (fixed or {}).items() if gi in keep and f}
+    missing_fix = sorted(
+        slot.module
+        for gi in keep
+        for slot in analysis.groups[gi].consumers
+        if slot.module in routed and slot.module not in fixed.get(gi, {})
+    )
+    if missing_fix:
+        raise ValueError(
+            f"sequential calibration: consumer(s) {missing_fix} run on routed rows and need "
+            "their corrections in fixed="
+        )
+    chosen = {gi for gi in reselect if gi in keep and gi not in fixed}  # groups still to select
     rules: Mapping[int, Select] = reselect if isinstance(reselect, Mapping) else {}
     width = {gi: len(keep[gi]) for gi in chosen}
     dropped: set[int] = set()  # classes sliced before the pass (groups not reselected)
@@ -464,7 +486,7 @@ def sequential_correct(
     per_module: dict[str, list[tuple[int, np.ndarray]]] = {}
     for gi in keep:
         for slot in analysis.groups[gi].consumers:
-            if within is None or within(slot.module):
+            if (within is None or within(slot.module)) and slot.module not in routed:
                 per_module.setdefault(slot.module, []).append((gi, slot.positions))
     newpos = {name: new_positions(analysis.in_labels[name], dropped) for name in per_module}
     orig_w: dict[str, torch.Tensor] = {}
@@ -482,16 +504,24 @@ def sequential_correct(
         and whole_axis(torch.as_tensor(slots[0][1]))
         and orig_w[name].shape[1] == len(slots[0][1])
     }
+    given = {gi: {c: b for c, b in f.items() if b is not None} for gi, f in fixed.items()}
     apply_plan(
         model,
         analysis,
-        {gi: GroupPlan(keep=k) for gi, k in keep.items() if gi not in chosen},
+        {
+            gi: GroupPlan(keep=k, folds=given.get(gi, {}))
+            for gi, k in keep.items()
+            if gi not in chosen
+        },
         only=within,
     )
     if channels_last:  # surgery leaves contiguous weights
         make_channels_last(model)
     modules = dict(model.named_modules())
-    folds: dict[int, dict[str, np.ndarray]] = {gi: {} for gi in keep}
+    folds: dict[int, dict[str, np.ndarray]] = {
+        gi: {c: b for c, b in given.get(gi, {}).items() if within is None or within(c)}
+        for gi in keep
+    }
     errors: dict[Key, float] = {}
     done: set[str] = set()
 
@@ -855,7 +885,7 @@ def sequential_correct(
         reading = team.broadcast(
             find_readers(candidates, on_original, run[0], fit, readers.skipped)
         )
-    reading = [n for n in reading if within is None or within(n)]
+    reading = [n for n in reading if (within is None or within(n)) and n not in routed]
     reader_set = set(reading)
     names = list(per_module) + [n for n in reading if n not in per_module]
     _run_lockstep(model, run, names, fold, runner, run_masks, quiet)

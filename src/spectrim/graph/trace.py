@@ -36,6 +36,7 @@ __all__ = [
     "call_model",
     "call_until_stopped",
     "model_outputs",
+    "routed_modules",
     "tensors_in",
     "trace",
 ]
@@ -340,6 +341,77 @@ def trace(
         tracer.module_names,
         [t.detach() for t in out_tensors],
     )
+
+
+#: functions that pick rows (or elements) of their first input at the places the tensors
+#: after it say
+_GATHERS = frozenset({"__getitem__", "index_select", "masked_select", "take", "gather",
+                      "take_along_dim"})  # fmt: skip
+#: functions that write into their first input at the places the tensors after it say: the
+#: result has the first input's rows, whichever rows were written
+_SCATTERS = frozenset({"index_add", "index_copy", "index_put", "index_fill", "index_reduce",
+                       "scatter", "scatter_add", "scatter_reduce", "masked_scatter",
+                       "masked_fill"})  # fmt: skip
+
+
+def routed_modules(graph: Graph) -> dict[str, str]:
+    """The recorded modules whose input rows the model picks by its own activations, each
+    with the call that picked them (e.g. a mixture-of-experts layer's experts: each runs on
+    the tokens its router sent it, ``hidden[top_x]``).
+
+    A gather (``x[i]``, ``index_select``, ``gather`` ...) whose index depends on the output
+    of a recorded module picks routed rows; what is computed from them is routed too, until
+    a scatter (``index_add_`` ...) writes them back into a tensor that is not.  Indices
+    computed from the model's inputs alone (an attention mask, the positions of a token)
+    pick the same rows whatever the weights are, so they route nothing.  An element-wise
+    op that combines routed values with a tensor of its output's shape that is not routed
+    (the residual stream an MoE layer's output is added to, after the layer put its rows
+    back in order however it routed them) gives values in the model's own order again.  Two runs of a
+    routed module on the same batch need not see the same rows when the weights before it
+    change (a pruned prefix): its rows cannot be paired between them.
+
+    Example::
+
+        >>> import torch, torch.nn as nn
+        >>> class TopHalf(nn.Module):  # rows chosen by a score the model computes
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.score, self.ffn = nn.Linear(4, 1), nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         keep = self.score(x).squeeze(-1) > 0
+        ...         out = torch.zeros_like(x)
+        ...         return out.index_add(0, keep.nonzero().squeeze(1), self.ffn(x[keep]))
+        >>> routed_modules(trace(TopHalf(), torch.randn(8, 4)))
+        {'ffn': "function '__getitem__'"}
+    """
+    depends: set[int] = set()  # values computed from some module's output
+    routed: dict[int, str] = {}  # value -> the call that picked its rows
+    out: dict[str, str] = {}
+    for op in graph.ops:
+        ins = op.inputs
+        why: str | None = None
+        if op.kind == "module":
+            why = next((routed[v.index] for v in ins if v.index in routed), None)
+            if why is not None:
+                out.setdefault(op.name, why)
+        elif op.name in _GATHERS and any(v.index in depends for v in ins[1:]):
+            why = op.describe()
+        elif op.name in _SCATTERS:
+            why = routed.get(ins[0].index) if ins else None
+        else:
+            why = next((routed[v.index] for v in ins if v.index in routed), None)
+            shape = op.outputs[0].shape if op.outputs else None
+            if why is not None and any(
+                v.index not in routed and v.kind != "param" and v.shape == shape for v in ins
+            ):  # combined with rows in the model's own order (a residual addition): aligned
+                why = None
+        dep = op.kind == "module" or any(v.index in depends for v in ins)
+        for v in op.outputs:
+            if dep:
+                depends.add(v.index)
+            if why is not None:
+                routed[v.index] = why
+    return out
 
 
 def _plain(out: Any) -> Any:
