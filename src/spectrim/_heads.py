@@ -41,6 +41,7 @@ from spectrim.graph.attention import (
     AttentionBlock,
     find_attention,
     prepare_attention,
+    unmatched_attention,
     unmatched_reason,
 )
 from spectrim.graph.trace import StopPass, call_until_stopped
@@ -56,6 +57,7 @@ __all__ = [
     "head_solver_of",
     "heads_run",
     "output_grams",
+    "unmatched_warning",
 ]
 
 #: the report names an attention layer's group "<layer> (heads)" (``group_weights`` too)
@@ -241,6 +243,20 @@ def head_group_report(
     )
 
 
+def unmatched_warning(model: nn.Module, blocks: list[AttentionBlock], what: str) -> str | None:
+    """The warning for ``what`` (a target) when attention layers of ``model`` that look
+    like attention are not among ``blocks``: they keep every head."""
+    left = unmatched_attention(model, blocks)
+    if not left:
+        return None
+    why = unmatched_reason(model)
+    return (
+        f"{what}: {len(left)} attention layer(s) that spectrim does not recognise keep every "
+        f"head: {', '.join(left[:3])}" + (", ..." if len(left) > 3 else "")
+        + (f" ({why})" if why else "")
+    )  # fmt: skip
+
+
 def heads_run(
     work: nn.Module,
     batches: list[Any],
@@ -263,8 +279,9 @@ def heads_run(
             f"target {tgt}: no attention layer in {type(work).__name__} that spectrim "
             + (f"can prune: {why}" if why else
                "recognises (Hugging Face BERT-family, DeBERTa, DistilBERT, GPT-2, GPTBigCode, "
-               "GPT-NeoX, Falcon, LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT, T5 encoder, "
-               "MPNet, BLOOM, ALBERT, CodeGen, ModernBERT, OpenAI GPT, XGLM, GPT-OSS, MPT and ViT "
+               "GPT-NeoX, Falcon, LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT, BART and its kin, "
+               "T5 encoder, UMT5, MPNet, BLOOM, ALBERT, CodeGen, ModernBERT, OpenAI GPT, XGLM, "
+               "GPT-OSS, MPT and ViT "
                "attention, timm ViT attention, nn.MultiheadAttention; "
                "register others with spectrim.graph.attention.register_attention)")
         )  # fmt: skip
@@ -288,6 +305,9 @@ def heads_run(
     ]
     widths = [min(b.units, max(1, round(tgt.value * b.units))) for b in blocks]
     whole = [b for b, k in zip(blocks, widths, strict=True) if k == b.units]
+    unmatched = unmatched_warning(work, blocks, str(tgt))
+    if unmatched:
+        report.warnings.append(unmatched)
     if whole and tgt.value < 1:
         b = whole[0]
         report.warnings.append(
@@ -317,8 +337,9 @@ def heads_run(
             raise
         raise ValueError(
             f"target {tgt}: after removing heads of '{done[-1]}' the model no longer runs "
-            f"({type(e).__name__}: {str(e)[:200]}): its attention holds per-head state "
-            "spectrim does not cut (e.g. a relative-position bias shared by every layer), "
-            "so its heads cannot be removed"
+            f"({type(e).__name__}: {str(e)[:200]}): its code ties the head count to "
+            "something spectrim does not change (e.g. a relative-position bias shared by "
+            "every layer, or the heads' output reshaped to the width of the layer's input, "
+            "as LED's decoder does), so its heads cannot be removed"
         ) from e
     return work, report

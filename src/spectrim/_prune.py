@@ -43,6 +43,7 @@ from spectrim._heads import (
     head_group_report,
     head_solver_of,
     output_grams,
+    unmatched_warning,
 )
 from spectrim._hidden import (
     HIDDEN_SUFFIX,
@@ -601,6 +602,9 @@ def _collect_heads(state: ChannelRun) -> None:
             "heads=True: no attention layer spectrim recognises; only channels were pruned"
         )
         return
+    unmatched = unmatched_warning(state.work, state.blocks, "heads=True")
+    if unmatched:
+        state.report.warnings.append(unmatched)
     if state.method.needs_statistics:
         grams = output_grams(state.work, state.blocks, state.batches, team=state.ctx.team)
         state.head_grams = {n: acc.gram_numpy() for n, (acc, _) in grams.items()}

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ __all__ = [
     "find_attention",
     "prepare_attention",
     "register_attention",
+    "unmatched_attention",
     "unmatched_reason",
 ]
 
@@ -524,7 +526,9 @@ def _find_head_state(block: AttentionBlock, layer: nn.Module, model: nn.Module) 
     """Per-head tensors of ``layer`` beside its projections (:attr:`AttentionBlock.
     head_tables`, :attr:`~AttentionBlock.head_outputs`), by name and size: Swin's
     relative-position bias tables, Swin-v2's ``logit_scale`` and position-bias MLP, and
-    BEiT's per-layer table, which its transformer layer holds beside the attention."""
+    BEiT's per-layer table, which its transformer layer holds beside the attention, and
+    UMT5's per-layer relative-position embedding (T5's first layer computes the bias that
+    every layer shares: a :class:`HeadBias`, its table whole)."""
     h = block.heads
     found = [(block.name, n, p) for n, p in layer.named_parameters()]
     parent = block.name.rpartition(".")[0]
@@ -534,6 +538,8 @@ def _find_head_state(block: AttentionBlock, layer: nn.Module, model: nn.Module) 
                 found += [(_join(parent, name), n, p) for n, p in child.named_parameters()]
     for owner, name, p in found:
         axis = _HEAD_TABLES.get(name.rpartition(".")[2])
+        if name == "relative_attention_bias.weight" and block.bias is None:
+            axis = 1  # UMT5: each layer's own (buckets, heads) table, not a shared bias
         if axis is not None and p.dim() >= 1 and p.shape[axis] == h:
             block.head_tables.append((_join(owner, name), axis % p.dim()))
     for name, child in layer.named_modules():
@@ -577,6 +583,43 @@ def _out_reads_more(model: nn.Module, block: AttentionBlock) -> bool:
     (An output module of no registered weight layout is taken as it is.)"""
     out = model.get_submodule(block.out)
     return _linear(out) and _inputs(out) != block.heads * block.head_dim
+
+
+def unmatched_attention(model: nn.Module, blocks: Sequence[AttentionBlock]) -> list[str]:
+    """The attention layers of ``model`` that no block in ``blocks`` covers: each outermost
+    module whose class is named for attention and that holds at least two linear layers
+    (of a registered weight layout), outside every block and holding none (T5's decoder
+    attention, a family's encoder that rebuilds its attention), as ``'path' (Class)``.
+
+    Example::
+
+        >>> import torch.nn as nn
+        >>> class CrossAttention(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.q, self.kv, self.out = nn.Linear(4, 4), nn.Linear(4, 8), nn.Linear(4, 4)
+        >>> unmatched_attention(nn.ModuleDict({"cross": CrossAttention()}), [])
+        ["'cross' (CrossAttention)"]
+    """
+    names = [b.name for b in blocks]
+
+    def covered(path: str) -> bool:
+        return any(
+            path == n or path.startswith(n + ".") or not path or n.startswith(path + ".")
+            for n in names
+        )
+
+    out: list[str] = []
+    outer: list[str] = []
+    for path, module in model.named_modules():
+        if "attention" not in type(module).__name__.lower() or covered(path):
+            continue
+        if any(path.startswith(p + ".") for p in outer):
+            continue
+        if sum(1 for m in module.modules() if _linear(m)) >= 2:
+            outer.append(path)
+            out.append(f"'{path}' ({type(module).__name__})")
+    return out
 
 
 def unmatched_reason(model: nn.Module) -> str | None:
@@ -801,11 +844,20 @@ def _qkvo(path: str, module: nn.Module) -> AttentionBlock | None:
     ``attention_head_size``, ``all_head_size``) and ALBERT (``query``, ``key``, ``value``,
     ``dense``; one layer that every depth runs, so its heads are chosen from all of its
     calls): the four projections in one module.  T5's and MPNet's layers add a
-    relative-position bias that every layer shares (:class:`HeadBias`).  T5's decoder
-    layers (a cache, cross-attention) are not matched."""
-    if getattr(module, "is_decoder", False):
+    relative-position bias that every layer shares (:class:`HeadBias`); UMT5's layers each
+    compute their own from a table of their own, so its decoder's self- and
+    cross-attention are matched too.  T5's decoder layers (a shared bias over a cache and
+    a cross-attention bias of zeros handed on) and LongT5's local and transient-global
+    attention (a bias per block) are not matched."""
+    own_bias = "position_bias" not in inspect.signature(module.forward).parameters
+    if getattr(module, "is_decoder", False) and not own_bias:
         return None
+    compute = getattr(module, "compute_bias", None)
+    if callable(compute) and "key_length" not in inspect.signature(compute).parameters:
+        return None  # LongT5's block-local bias
     for names, heads, size, width, bias in _SEPARATE:
+        if bias is _T5_BIAS and own_bias:
+            bias = None
         if not all(_linear(getattr(module, n, None)) for n in names):
             continue
         if _attr(module, heads) is None or _attr(module, size) is None:
