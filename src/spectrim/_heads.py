@@ -280,7 +280,7 @@ def heads_run(
             + (f"can prune: {why}" if why else
                "recognises (Hugging Face BERT-family, DeBERTa, DistilBERT, GPT-2, GPTBigCode, "
                "GPT-NeoX, Falcon, LLaMA/Mistral/Qwen2/Gemma, Phi, Phi-3, OPT, BART and its kin, "
-               "T5 encoder, UMT5, MPNet, BLOOM, ALBERT, CodeGen, ModernBERT, OpenAI GPT, XGLM, "
+               "T5, UMT5, MPNet, BLOOM, ALBERT, CodeGen, ModernBERT, OpenAI GPT, XGLM, "
                "GPT-OSS, MPT and ViT "
                "attention, timm ViT attention, nn.MultiheadAttention; "
                "register others with spectrim.graph.attention.register_attention)")

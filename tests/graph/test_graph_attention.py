@@ -572,8 +572,6 @@ def _shared_bias(family: str, layers: int = 2) -> torch.nn.Module:
     t5 = dict(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=layers)
     if family == "t5":
         return t.T5EncoderModel(t.T5Config(**t5)).eval()
-    if family == "t5-generation":
-        return t.T5ForConditionalGeneration(t.T5Config(decoder_start_token_id=0, **t5)).eval()
     cfg = t.MPNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers,
                         num_attention_heads=4, intermediate_size=48)  # fmt: skip
     return t.MPNetModel(cfg).eval()
@@ -586,10 +584,7 @@ def _bias_batches(family: str) -> list[dict[str, torch.Tensor]]:
         ids = torch.randint(3, 64, (8, 12), generator=g)
         mask = torch.ones_like(ids)
         mask[0, 9:] = 0
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if family == "t5-generation":
-            batch["decoder_input_ids"] = ids[:, :5]
-        out.append(batch)
+        out.append({"input_ids": ids, "attention_mask": mask})
     return out
 
 
@@ -597,7 +592,7 @@ def _first(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
 
 
-@pytest.mark.parametrize("family", ["t5", "t5-generation", "mpnet", "bloom", "falcon-alibi"])
+@pytest.mark.parametrize("family", ["t5", "mpnet", "bloom", "falcon-alibi"])
 def test_heads_of_layers_sharing_a_position_bias_are_removed_exactly(
     family: str, tmp_path: Any
 ) -> None:
@@ -606,7 +601,8 @@ def test_heads_of_layers_sharing_a_position_bias_are_removed_exactly(
     hand the whole bias on).  Each layer gets other dead heads (zero value rows), so
     ``id`` at half the heads keeps other heads per layer; the outputs must stay as they
     were, and so must a saved and reloaded copy.  Without the slicing the pruned model
-    does not run (4 bias rows added to 2 heads' scores)."""
+    does not run (4 bias rows added to 2 heads' scores).  (T5's encoder-decoder, with its
+    decoder's biases: ``test_encoder_decoder_heads_go_from_every_attention...``.)"""
     import spectrim
     from spectrim.graph.attention import BIAS_HEADS
     from spectrim.io.manifest import load_compressed, save_compressed
@@ -967,24 +963,31 @@ def _seq2seq_batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     ]  # fmt: skip
 
 
-def test_umt5_heads_go_from_its_encoder_and_decoder_with_their_own_position_tables(
-    tmp_path: Any,
+@pytest.mark.parametrize("family", ["t5", "umt5"])
+def test_encoder_decoder_heads_go_from_every_attention_and_generate_as_before(
+    family: str, tmp_path: Any
 ) -> None:
-    """UMT5 (the seq2seq sweep of stop 51): each layer computes its own relative-position
-    bias from a table of its own, so the T5 hook that hands one bias on misread it and the
-    model stopped with ``got multiple values`` after the first layer lost heads.  Now every
-    layer (the encoder's, the decoder's self- and cross-attention) is found, its table's
-    head columns go with its heads, and heads with zero value rows are removed exactly;
-    the result reloads and generates."""
+    """The seq2seq sweep of stop 51: T5's decoder attention was left whole under
+    ``heads=0.5`` without a word (its first layer's bias covers the tokens of the cache,
+    its cross-attention hands on a bias of zeros made for its heads), and UMT5 stopped
+    after the first layer lost heads (each of its layers computes its own bias from a
+    table of its own; T5's hook that hands one bias on misread it).  Now every attention
+    (the encoder's, the decoder's self- and cross-attention) loses its heads: with other
+    dead heads (zero value rows) in each layer the outputs stay as they were, and greedy
+    generation through the cache gives the same tokens and scores; the result reloads."""
     import spectrim
     from spectrim.io.manifest import load_compressed, save_compressed
 
-    model = _seq2seq("umt5")
+    model = _seq2seq(family)
     modules = dict(model.named_modules())
     blocks = find_attention(model)
-    assert len(blocks) == 6 and all(b.bias is None for b in blocks)
-    tables = [b.name for b in blocks if b.head_tables]  # cross-attention has no bias
-    assert len(tables) == 4 and not any("EncDecAttention" in n for n in tables)
+    assert len(blocks) == 6
+    if family == "t5":  # one bias shared by each stack's layers; zeros for cross-attention
+        assert all(b.bias is not None for b in blocks)
+        assert [b.bias.zeros for b in blocks if b.bias] == [False] * 3 + [True, False, True]
+    else:  # each layer's own table (cross-attention has none)
+        assert all(b.bias is None for b in blocks)
+        assert sum(1 for b in blocks if b.head_tables) == 4
     with torch.no_grad():  # other heads dead in each layer
         for i, b in enumerate(blocks):
             (v,) = [p for p in b.projections if p.role == "v"]
@@ -993,36 +996,35 @@ def test_umt5_heads_go_from_its_encoder_and_decoder_with_their_own_position_tabl
     batches = _seq2seq_batches(3, 0)
     small, report = spectrim.compress(model, batches, "id", "heads=0.5", sequential=False)
     assert [b.heads for b in find_attention(small)] == [2] * 6
+    assert not any("does not recognise" in w for w in report.warnings)
     with torch.no_grad():
         want, got = model(**batches[0]).logits, small(**batches[0]).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    ids = batches[0]["input_ids"][:3]
+    kw: dict[str, Any] = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                              output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    a, b = model.generate(ids, **kw), small.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.scores, b.scores, strict=True):  # -inf where min_new_tokens bans EOS
+        torch.testing.assert_close(y.clamp_min(-1e4), x.clamp_min(-1e4), rtol=1e-5, atol=1e-4)
     save_compressed(small, tmp_path / "m", report)
-    back = load_compressed(tmp_path / "m", _seq2seq("umt5"))
+    back = load_compressed(tmp_path / "m", _seq2seq(family))
     with torch.no_grad():
         torch.testing.assert_close(back(**batches[0]).logits, got)
-    out = back.generate(batches[0]["input_ids"][:2], max_new_tokens=3, min_new_tokens=3)
-    assert out.shape == (2, 4)
+    assert torch.equal(back.generate(ids, **kw).sequences, b.sequences)
 
 
-def test_attention_layers_left_whole_by_a_heads_target_are_named() -> None:
-    """T5's decoder attention (a position bias shared over a cache, a cross-attention bias
-    of zeros handed from layer to layer) is not matched: ``heads=0.5`` cut the encoder's
-    heads alone and said nothing of the decoder's.  The report names them now."""
-    import spectrim
-
-    small, report = spectrim.compress(_seq2seq("t5"), _seq2seq_batches(2, 0), "id", "heads=0.5")
-    (line,) = [w for w in report.warnings if "does not recognise" in w]
-    assert "4 attention layer(s)" in line and "'decoder.block.0.layer.0'" in line
-    assert [b.heads for b in find_attention(small)] == [2, 2]
-
-
-def test_longt5_local_attention_is_not_read_as_t5_s() -> None:
+def test_longt5_local_attention_is_not_read_as_t5_s_and_is_named() -> None:
     """LongT5's local attention has T5's projections but a bias per block: read as T5's, the
     run stopped inside spectrim with ``compute_bias() got an unexpected keyword argument
-    'device'``.  It is not matched, so the run is refused naming what spectrim knows."""
+    'device'``.  It is not matched now: its decoder (T5's attention) loses heads and the
+    report names the encoder's layers it left whole."""
     import spectrim
 
     model = _seq2seq("longt5")
-    assert find_attention(model) == []
-    with pytest.raises(ValueError, match="no attention layer in LongT5ForConditionalGeneration"):
-        spectrim.compress(model, _seq2seq_batches(2, 0), "id", "heads=0.5")
+    names = [b.name for b in find_attention(model)]
+    assert len(names) == 4 and all(n.startswith("decoder.") for n in names)
+    small, report = spectrim.compress(model, _seq2seq_batches(2, 0), "id", "heads=0.5")
+    (line,) = [w for w in report.warnings if "does not recognise" in w]
+    assert "2 attention layer(s)" in line and "'encoder.block.0.layer.0'" in line
+    assert [b.heads for b in find_attention(small)] == [2] * 4

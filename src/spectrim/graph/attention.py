@@ -126,6 +126,9 @@ class HeadBias:
             argument's); otherwise they are its ``axis``.
         axis: the bias's head axis (1: ``(batch, heads, …)``; MPT's ALiBi has no batch,
             ``(heads, 1, keys)``: 0).
+        zeros: the bias is zeros that the first layer makes for its heads and hands on
+            (T5's cross-attention): a layer that lost heads is handed none, so it makes
+            its own for the heads it has, and hands none on.
     """
 
     index: int
@@ -134,6 +137,7 @@ class HeadBias:
     compute: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any] | None = None
     flat: bool = False
     axis: int = 1
+    zeros: bool = False
 
 
 def _slice_bias(
@@ -144,6 +148,10 @@ def _slice_bias(
     if kept is None:
         return None
     positional = spec.name not in kwargs and len(args) > spec.index
+    if spec.zeros:  # the layer makes its own for the heads it has
+        if positional:
+            return (*args[: spec.index], None, *args[spec.index + 1 :]), kwargs
+        return args, {**kwargs, spec.name: None}
     bias = args[spec.index] if positional else kwargs.get(spec.name)
     if bias is None and spec.compute is not None:
         bias = spec.compute(module, args, kwargs)
@@ -174,6 +182,8 @@ def _slice_bias(
 def _hand_on_bias(spec: HeadBias, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     """Forward hook: the next layer is handed the whole bias, not this layer's rows."""
     whole = module.__dict__.pop("_spectrim_whole_bias", None)
+    if spec.zeros and spec.hands_on is not None and isinstance(output, tuple):
+        return (*output[: spec.hands_on], None, *output[spec.hands_on + 1 :])
     if whole is None or spec.hands_on is None or not isinstance(output, tuple):
         return None
     return (*output[: spec.hands_on], whole, *output[spec.hands_on + 1 :])
@@ -790,18 +800,27 @@ def _qkv_proj(path: str, module: nn.Module) -> AttentionBlock | None:
 
 
 def _t5_bias(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """T5's first encoder layer computes the relative-position bias when given none."""
+    """T5's first encoder or decoder layer computes the relative-position bias when given
+    none: over the tokens the decoder's cache already holds too, as the layer does."""
     if not getattr(module, "has_relative_attention_bias", False):
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
     n = hidden.shape[1]
-    return module.compute_bias(n, n, device=hidden.device)  # type: ignore[operator]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None or not getattr(module, "is_decoder", False):
+        return module.compute_bias(n, n, device=hidden.device)  # type: ignore[operator]
+    past = cache.get_seq_length(module.layer_idx)
+    return module.compute_bias(  # type: ignore[operator]
+        n, n + past, device=hidden.device, past_seen_tokens=past
+    )
 
 
 #: T5Attention(hidden_states, mask, key_value_states, position_bias, …) returns
 #: ``(output, position_bias, weights)``; MPNetSelfAttention(hidden_states, attention_mask,
 #: position_bias, …) is handed the encoder's bias and returns none
 _T5_BIAS = HeadBias(index=3, hands_on=1, compute=_t5_bias)
+#: T5's cross-attention: its first layer makes zeros for its heads and hands them on
+_T5_CROSS = HeadBias(index=3, hands_on=1, zeros=True)
 _MPNET_BIAS = HeadBias(index=2)
 
 
@@ -844,20 +863,24 @@ def _qkvo(path: str, module: nn.Module) -> AttentionBlock | None:
     ``attention_head_size``, ``all_head_size``) and ALBERT (``query``, ``key``, ``value``,
     ``dense``; one layer that every depth runs, so its heads are chosen from all of its
     calls): the four projections in one module.  T5's and MPNet's layers add a
-    relative-position bias that every layer shares (:class:`HeadBias`); UMT5's layers each
-    compute their own from a table of their own, so its decoder's self- and
-    cross-attention are matched too.  T5's decoder layers (a shared bias over a cache and
-    a cross-attention bias of zeros handed on) and LongT5's local and transient-global
-    attention (a bias per block) are not matched."""
+    relative-position bias that every layer shares (:class:`HeadBias`): in T5's decoder
+    over the tokens of its cache, and its cross-attention hands on a bias of zeros.
+    UMT5's layers each compute their own from a table of their own.  LongT5's local and
+    transient-global attention (a bias per block) is not matched, nor a T5 decoder whose
+    bias does not say how many tokens its cache holds (transformers before 5)."""
     own_bias = "position_bias" not in inspect.signature(module.forward).parameters
-    if getattr(module, "is_decoder", False) and not own_bias:
-        return None
     compute = getattr(module, "compute_bias", None)
-    if callable(compute) and "key_length" not in inspect.signature(compute).parameters:
+    takes = inspect.signature(compute).parameters if callable(compute) else {}
+    if callable(compute) and "key_length" not in takes:
         return None  # LongT5's block-local bias
+    cross = path.rpartition(".")[2] == "EncDecAttention"
+    if getattr(module, "is_decoder", False) and not own_bias and "past_seen_tokens" not in takes:
+        return None
     for names, heads, size, width, bias in _SEPARATE:
         if bias is _T5_BIAS and own_bias:
             bias = None
+        elif bias is _T5_BIAS and cross:
+            bias = _T5_CROSS
         if not all(_linear(getattr(module, n, None)) for n in names):
             continue
         if _attr(module, heads) is None or _attr(module, size) is None:
