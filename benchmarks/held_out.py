@@ -42,6 +42,20 @@ layers whose heads were not all of them), with no timm models:
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/held_out.py --hf-more \
         --out benchmarks/results/held_out_hf_more.json                          # ~5 min
 
+``--hf-seq2seq`` runs tiny Hugging Face encoder-decoder families (``all``: the 20 of
+``SEQ2SEQ``, stop 51's sweep: T5 and its kin, BART and its kin, LED, ProphetNet, ...) at the
+``--hf-targets``, calibrated on ``input_ids`` with ``decoder_input_ids``, with
+``generate()`` checked through the cache.  For the families whose experts are modules
+(SwitchTransformers, NLLB-MoE) ``repeated_neurons_error`` is measured at ``width=0.5`` with
+the sequential pass: every FFN's second half of neurons copies of the first, the experts'
+included, so the experts' folds (the original model's, since their rows are routed) must
+give float rounding.  (With copies the pruned prefix computes what the original did, so
+the router sends the same rows: this checks the folds, not the routing; the run at
+``width=0.5`` itself crashed on SwitchTransformers before the routed experts were read.)
+
+    SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/held_out.py --hf --timm \
+        --hf-seq2seq all --out benchmarks/results/held_out_seq2seq.json         # ~1 min
+
 ``--hf-vision`` runs tiny Hugging Face vision and audio families (``all``: the 15 of
 ``hf_vision_configs``) at the ``--hf-targets``, ``--torchvision`` torchvision
 classification models at ``macs=0.7``:
@@ -88,8 +102,8 @@ TIMM_MORE = [
 ]  # fmt: skip
 
 # the few-second run of the test suite (tests/test_bench.py; spectrim bench --smoke)
-SMOKE = ["--hf", "gpt_bigcode", "phi3", "--hf-vision", "swin", "--timm", "resnet10t",
-         "--images", "48"]  # fmt: skip
+SMOKE = ["--hf", "gpt_bigcode", "phi3", "--hf-vision", "swin", "--hf-seq2seq", "t5",
+         "--timm", "resnet10t", "--images", "48"]  # fmt: skip
 
 VOCAB = 100
 #: ``--hf-more`` (stop 50): more Hugging Face text families, each built with
@@ -174,6 +188,72 @@ def hf_configs() -> dict[str, Callable[[], Any]]:
         "xlm-roberta": lambda: t.XLMRobertaConfig(**s),
         "mpnet": lambda: t.MPNetConfig(**s),
     }
+
+
+#: ``--hf-seq2seq`` (stop 51): tiny encoder-decoders; BART-family configs share ``_BART``
+SEQ2SEQ = ["t5", "t5-gated", "mt5", "umt5", "longt5", "switch_transformers", "bart", "mbart",
+           "marian", "pegasus", "blenderbot", "blenderbot-small", "m2m_100", "plbart", "led",
+           "bigbird_pegasus", "mvp", "nllb-moe", "prophetnet", "pegasus_x"]  # fmt: skip
+#: encoder-decoders whose experts are modules the router feeds (rows routed per expert)
+ROUTED = {"switch_transformers", "nllb-moe"}
+
+
+def seq2seq_config(family: str) -> Any:
+    """The config of a tiny encoder-decoder of ``family`` (one of :data:`SEQ2SEQ`)."""
+    import transformers as t
+
+    bart = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=1,
+                bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)  # fmt: skip
+    t5 = dict(vocab_size=VOCAB, d_model=32, d_ff=48, num_layers=2, num_decoder_layers=2,
+              num_heads=4, d_kv=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    special: dict[str, Callable[[], Any]] = {
+        "t5-gated": lambda: t.T5Config(feed_forward_proj="gated-gelu", **t5),
+        "switch_transformers": lambda: t.SwitchTransformersConfig(
+            num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, **t5),
+        "marian": lambda: t.MarianConfig(**{**bart, "decoder_start_token_id": 1}),
+        "led": lambda: t.LEDConfig(**bart, attention_window=[4, 4],
+                                   max_encoder_position_embeddings=64,
+                                   max_decoder_position_embeddings=64),
+        "bigbird_pegasus": lambda: t.BigBirdPegasusConfig(**bart, attention_type="original_full"),
+        "nllb-moe": lambda: t.NllbMoeConfig(**bart, num_experts=4, expert_capacity=64,
+                                            encoder_sparse_step=2, decoder_sparse_step=2),
+        "prophetnet": lambda: t.ProphetNetConfig(
+            vocab_size=VOCAB, hidden_size=32, encoder_ffn_dim=48, decoder_ffn_dim=48,
+            num_encoder_layers=2, num_decoder_layers=2, num_encoder_attention_heads=4,
+            num_decoder_attention_heads=4, max_position_embeddings=64, ngram=2,
+            pad_token_id=0, decoder_start_token_id=0, eos_token_id=2),
+        "pegasus_x": lambda: t.PegasusXConfig(**bart, block_size=4, num_global_tokens=2),
+    }  # fmt: skip
+    if family in special:
+        return special[family]()
+    kind = t5 if family in ("t5", "mt5", "umt5", "longt5") else bart
+    return t.AutoConfig.for_model(family, **kind)
+
+
+def seq2seq_batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of 8 × 12 source tokens (half the rows end in 4 pads) and 8 × 6
+    decoder tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for batch in token_batches(n, seed):
+        batch["decoder_input_ids"] = torch.randint(3, VOCAB, (8, 6), generator=g)
+        out.append(batch)
+    return out
+
+
+def repeat_half_the_ffn_rows(model: nn.Module) -> None:
+    """In every FFN of a T5- or BART-family model, the experts held as modules
+    (``….experts.expert_i``) among them, make the second half of its first linear's rows
+    (its neurons) copies of the first half."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.rpartition(".")[2] in ("wi", "fc1") and isinstance(mod, nn.Linear):
+                half = mod.weight.shape[0] // 2
+                mod.weight[half:] = mod.weight[:half]
+                if mod.bias is not None:
+                    mod.bias[half:] = mod.bias[:half]
 
 
 def hf_vision_configs() -> dict[str, tuple[Callable[[], nn.Module], str]]:
@@ -321,9 +401,15 @@ def stream_rewrite_error(model: nn.Module, test: Any) -> float:
 
 
 def attempt(
-    make: Callable[[], nn.Module], calib: list[Any], test: Any, target: str, causal: bool
+    make: Callable[[], nn.Module],
+    calib: list[Any],
+    test: Any,
+    target: str,
+    causal: bool,
+    seq2seq: bool = False,
 ) -> dict[str, Any]:
-    """One compression as a user would run it, classified and checked."""
+    """One compression as a user would run it, classified and checked (``generate()``
+    for a causal LM and for an encoder-decoder, ``seq2seq``)."""
     rec: dict[str, Any] = {"target": target}
     model = make()
     t0 = time.perf_counter()
@@ -356,6 +442,10 @@ def attempt(
             ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0
         )
         rec["generate_ok"] = tuple(out.shape) == (1, 7)
+    if seq2seq:  # the decoder's start token and 3 more, through the cache
+        out = small.generate(test["input_ids"][:2], attention_mask=test["attention_mask"][:2],
+                             max_new_tokens=3, min_new_tokens=3, do_sample=False)  # fmt: skip
+        rec["generate_ok"] = tuple(out.shape) == (2, 4)
     if target.startswith("hidden"):
         rec["stream_rewrite_error"] = stream_rewrite_error(make(), test)
     if target.startswith("heads"):
@@ -411,6 +501,13 @@ def main() -> None:
         help=f"the {len(HF_MORE)} Hugging Face text families of HF_MORE instead of --hf, and "
         "no --timm",
     )
+    ap.add_argument(
+        "--hf-seq2seq",
+        nargs="*",
+        default=[],
+        help=f"tiny Hugging Face encoder-decoder families (SEQ2SEQ; 'all': its {len(SEQ2SEQ)}) "
+        "at the --hf-targets",
+    )
     ap.add_argument("--images", type=int, default=96, help="random calibration images (timm)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "held_out.json"))
@@ -421,6 +518,26 @@ def main() -> None:
     if args.hf_more:
         args.hf, args.timm = list(HF_MORE), []
     runs = []
+    for family in SEQ2SEQ if args.hf_seq2seq == ["all"] else args.hf_seq2seq:
+
+        def make_s2s(family: str = family) -> nn.Module:
+            import transformers as t
+
+            torch.manual_seed(0)
+            config = seq2seq_config(family)
+            return t.AutoModelForSeq2SeqLM.from_config(config).eval()  # type: ignore[no-any-return]
+
+        calib, test = seq2seq_batches(4, 0), seq2seq_batches(1, 1)[0]
+        for target in args.hf_targets:
+            rec = {"model": family, "source": "transformers-seq2seq",
+                   **attempt(make_s2s, calib, test, target, causal=False, seq2seq=True)}  # fmt: skip
+            if family in ROUTED and target.startswith("width") and rec["status"] == "compressed":
+                twice = make_s2s()
+                repeat_half_the_ffn_rows(twice)
+                cut, _ = spectrim.compress(twice, calib, "id", "width=0.5")
+                rec["repeated_neurons_error"] = relative(output(cut, test), output(twice, test))
+            print(family, target, rec["status"], rec.get("macs_ratio", rec.get("message")))
+            runs.append(rec)
     for family in args.hf:
         calib, test = token_batches(4, 0), token_batches(1, 1)[0]
         targets = args.hf_targets
