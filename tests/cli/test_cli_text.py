@@ -370,3 +370,27 @@ def test_moe_experts_from_the_command_line(
         assert back.get_input_embeddings().weight.shape[1] == hidden["width_after"]
     else:
         assert widths == [16, 16]
+
+
+def test_an_encoder_decoder_folder_is_refused_with_the_route_that_works(
+    minilm_dir: Path, sentences_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A T5 folder was loaded as its bare ``T5Model`` and calibrated on texts alone, which
+    gives its decoder no inputs: "the model fails on the first calibration batch by itself
+    ... You must specify exactly one of input_ids or inputs_embeds", which says nothing of
+    why.  Every command now refuses an encoder-decoder folder by name and says what works
+    (the Python API with ``decoder_input_ids``, as ``tests/graph`` and the seq2seq sweep
+    run it)."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    cfg = transformers.T5Config(vocab_size=len(tok), d_model=32, d_ff=48, num_layers=1,
+                                num_heads=4, d_kv=8, decoder_start_token_id=0)  # fmt: skip
+    folder = tmp_path / "t5"
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    common = ["--model", str(folder), "--data", str(sentences_csv), "--text-column", "sentence"]
+    for argv in (["compress", *common, "--target", "width=0.5", "--quiet"], ["eval", *common]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "T5ForConditionalGeneration is an encoder-decoder" in err
+        assert "decoder_input_ids" in err

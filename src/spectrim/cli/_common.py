@@ -504,6 +504,15 @@ def _hf_model(p: Path, option: str, offload_folder: str | None = None) -> Resolv
         raise CLIError(f"{option} {p}: not a Hugging Face model folder ({exc})") from None
     if getattr(config, "auto_map", None):
         raise CLIError(f"{option} {p}: the model needs its own code (auto_map); not supported")
+    if getattr(config, "is_encoder_decoder", False):
+        arch = ", ".join(config.architectures or [type(config).__name__])
+        raise CLIError(
+            f"{option} {p}: {arch} is an encoder-decoder; the command line calibrates encoders "
+            "and causal LMs on text, which gives no decoder inputs: compress it from Python, "
+            "spectrim.compress(AutoModelForSeq2SeqLM.from_pretrained(...), batches, ...), "
+            "with batches that hold decoder_input_ids (docs/architectures.md, "
+            "'Encoder-decoders')"
+        )
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     auto = "AutoModelForCausalLM" if causal else "AutoModel"
     where: dict[str, Any] = {}
