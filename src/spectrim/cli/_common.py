@@ -505,9 +505,9 @@ def _hf_model(p: Path, option: str, offload_folder: str | None = None) -> Resolv
     if getattr(config, "auto_map", None):
         raise CLIError(f"{option} {p}: the model needs its own code (auto_map); not supported")
     if getattr(config, "is_encoder_decoder", False):
-        arch = ", ".join(config.architectures or [type(config).__name__])
+        names = ", ".join(config.architectures or [type(config).__name__])
         raise CLIError(
-            f"{option} {p}: {arch} is an encoder-decoder; the command line calibrates encoders "
+            f"{option} {p}: {names} is an encoder-decoder; the command line calibrates encoders "
             "and causal LMs on text, which gives no decoder inputs: compress it from Python, "
             "spectrim.compress(AutoModelForSeq2SeqLM.from_pretrained(...), batches, ...), "
             "with batches that hold decoder_input_ids (docs/architectures.md, "
