@@ -42,9 +42,10 @@ layers whose heads were not all of them), with no timm models:
     SPECTRIM_DATA=../shared/data .venv/bin/python benchmarks/held_out.py --hf-more \
         --out benchmarks/results/held_out_hf_more.json                          # ~5 min
 
-``--hf-seq2seq`` runs tiny Hugging Face encoder-decoder families (``all``: the 20 of
-``SEQ2SEQ``, stop 51's sweep: T5 and its kin, BART and its kin, LED, ProphetNet, ...) at the
-``--hf-targets``, calibrated on ``input_ids`` with ``decoder_input_ids``, with
+``--hf-seq2seq`` runs tiny Hugging Face encoder-decoder families (``all``: the 24 of
+``SEQ2SEQ``, stop 51's sweep: T5 and its kin, BART and its kin, LED, ProphetNet, Whisper,
+Speech2Text, a ViT encoder with a GPT-2 decoder, BERT2BERT, ...) at the
+``--hf-targets``, calibrated on their encoder's input with ``decoder_input_ids``, with
 ``generate()`` checked through the cache.  For the families whose experts are modules
 (SwitchTransformers, NLLB-MoE) ``repeated_neurons_error`` is measured at ``width=0.5`` with
 the sequential pass: every FFN's second half of neurons copies of the first, the experts'
@@ -193,9 +194,36 @@ def hf_configs() -> dict[str, Callable[[], Any]]:
 #: ``--hf-seq2seq`` (stop 51): tiny encoder-decoders; BART-family configs share ``_BART``
 SEQ2SEQ = ["t5", "t5-gated", "mt5", "umt5", "longt5", "switch_transformers", "bart", "mbart",
            "marian", "pegasus", "blenderbot", "blenderbot-small", "m2m_100", "plbart", "led",
-           "bigbird_pegasus", "mvp", "nllb-moe", "prophetnet", "pegasus_x"]  # fmt: skip
+           "bigbird_pegasus", "mvp", "nllb-moe", "prophetnet", "pegasus_x", "whisper",
+           "speech_to_text", "vit-gpt2", "bert2bert"]  # fmt: skip
 #: encoder-decoders whose experts are modules the router feeds (rows routed per expert)
 ROUTED = {"switch_transformers", "nllb-moe"}
+
+
+def seq2seq_model(family: str) -> nn.Module:
+    """A tiny random-weight encoder-decoder of ``family`` (one of :data:`SEQ2SEQ`): from its
+    config, or for ``vit-gpt2`` (an image captioner) and ``bert2bert`` composed of two."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    if family in ("vit-gpt2", "bert2bert"):
+        bert = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=48)  # fmt: skip
+        if family == "vit-gpt2":
+            enc: Any = t.ViTConfig(image_size=32, patch_size=8, **{**bert, "vocab_size": None})
+            dec: Any = t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                    add_cross_attention=True, is_decoder=True)  # fmt: skip
+            config: Any = t.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+        else:
+            enc = t.BertConfig(**bert)
+            dec = t.BertConfig(**bert, is_decoder=True, add_cross_attention=True)
+            config = t.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+        config.decoder_start_token_id, config.pad_token_id = 1, 0
+        holder = t.VisionEncoderDecoderModel if family == "vit-gpt2" else t.EncoderDecoderModel
+        return holder(config).eval()  # type: ignore[no-any-return]
+    speech = family in ("whisper", "speech_to_text")
+    auto = t.AutoModelForSpeechSeq2Seq if speech else t.AutoModelForSeq2SeqLM
+    return auto.from_config(seq2seq_config(family)).eval()  # type: ignore[no-any-return]
 
 
 def seq2seq_config(family: str) -> Any:
@@ -225,6 +253,18 @@ def seq2seq_config(family: str) -> Any:
             num_decoder_attention_heads=4, max_position_embeddings=64, ngram=2,
             pad_token_id=0, decoder_start_token_id=0, eos_token_id=2),
         "pegasus_x": lambda: t.PegasusXConfig(**bart, block_size=4, num_global_tokens=2),
+        "whisper": lambda: t.WhisperConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+            decoder_ffn_dim=48, num_mel_bins=16, max_source_positions=16,
+            max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None),
+        "speech_to_text": lambda: t.Speech2TextConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+            decoder_ffn_dim=48, input_feat_per_channel=16, conv_channels=16,
+            max_source_positions=64, max_target_positions=32, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
     }  # fmt: skip
     if family in special:
         return special[family]()
@@ -232,12 +272,19 @@ def seq2seq_config(family: str) -> Any:
     return t.AutoConfig.for_model(family, **kind)
 
 
-def seq2seq_batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """``n`` batches of 8 × 12 source tokens (half the rows end in 4 pads) and 8 × 6
-    decoder tokens."""
+def seq2seq_batches(n: int, seed: int, family: str = "t5") -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of 8 × 6 decoder tokens, with 8 × 12 source tokens (half the rows end
+    in 4 pads), or for ``whisper`` / ``speech_to_text`` 8 log-mel inputs (16 bins), for
+    ``vit-gpt2`` 8 images of 32²."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for batch in token_batches(n, seed):
+        if family == "whisper":
+            batch = {"input_features": torch.randn(8, 16, 32, generator=g)}
+        elif family == "speech_to_text":
+            batch = {"input_features": torch.randn(8, 40, 16, generator=g)}
+        elif family == "vit-gpt2":
+            batch = {"pixel_values": torch.randn(8, 3, 32, 32, generator=g)}
         batch["decoder_input_ids"] = torch.randint(3, VOCAB, (8, 6), generator=g)
         out.append(batch)
     return out
@@ -442,10 +489,10 @@ def attempt(
             ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0
         )
         rec["generate_ok"] = tuple(out.shape) == (1, 7)
-    if seq2seq:  # the decoder's start token and 3 more, through the cache
-        out = small.generate(test["input_ids"][:2], attention_mask=test["attention_mask"][:2],
-                             max_new_tokens=3, min_new_tokens=3, do_sample=False)  # fmt: skip
-        rec["generate_ok"] = tuple(out.shape) == (2, 4)
+    if seq2seq:  # 3 new tokens through the cache (Whisper returns them without its start)
+        source = {k: v[:2] for k, v in test.items() if not k.startswith("decoder_")}
+        out = small.generate(**source, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        rec["generate_ok"] = out.shape[0] == 2 and out.shape[1] in (3, 4)
     if target.startswith("hidden"):
         rec["stream_rewrite_error"] = stream_rewrite_error(make(), test)
     if target.startswith("heads"):
@@ -521,13 +568,9 @@ def main() -> None:
     for family in SEQ2SEQ if args.hf_seq2seq == ["all"] else args.hf_seq2seq:
 
         def make_s2s(family: str = family) -> nn.Module:
-            import transformers as t
+            return seq2seq_model(family)
 
-            torch.manual_seed(0)
-            config = seq2seq_config(family)
-            return t.AutoModelForSeq2SeqLM.from_config(config).eval()  # type: ignore[no-any-return]
-
-        calib, test = seq2seq_batches(4, 0), seq2seq_batches(1, 1)[0]
+        calib, test = seq2seq_batches(4, 0, family), seq2seq_batches(1, 1, family)[0]
         for target in args.hf_targets:
             rec = {"model": family, "source": "transformers-seq2seq",
                    **attempt(make_s2s, calib, test, target, causal=False, seq2seq=True)}  # fmt: skip

@@ -741,3 +741,42 @@ def test_granitemoe_s_block_width_follows_the_stream_and_reloads(tmp_path: Path)
     assert back.model.layers[0].block_sparse_moe.input_size == 24
     batch = _batches(1, seed=4)[0]
     torch.testing.assert_close(_out(back, batch), _out(small, batch))
+
+
+def test_an_encoder_decoder_says_which_stack_s_stream_it_narrowed(tmp_path: Path) -> None:
+    """BERT2BERT (the seq2seq sweep of stop 51): the encoder's post-LN stream is read (its
+    output mapped back to the full width the decoder's cross-attention reads), and
+    ``hidden=0.75`` narrowed it without a word that the decoder's stream kept its width.
+    The report says so now; the result stays close, reloads exactly and generates."""
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        bert = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=48)  # fmt: skip
+        config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+            transformers.BertConfig(**bert),
+            transformers.BertConfig(**bert, is_decoder=True, add_cross_attention=True),
+        )
+        config.decoder_start_token_id, config.pad_token_id = 1, 0
+        return transformers.EncoderDecoderModel(config).eval()
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 100, (8, 12), generator=g),
+                "decoder_input_ids": torch.randint(3, 100, (8, 6), generator=g)}
+               for _ in range(4)]  # fmt: skip
+    model = make()
+    small, report = spectrim.compress(model, batches, "id", "hidden=0.75")
+    assert any("only the residual stream of 'encoder' is narrowed" in w for w in report.warnings)
+    assert small.encoder.encoder.layer[0].attention.self.query.in_features == 24
+    cross = small.decoder.bert.encoder.layer[0].crossattention.self
+    assert cross.key.in_features == cross.query.in_features == 32  # the decoder's stream
+    with torch.no_grad():
+        want, got = model(**batches[0]).logits, small(**batches[0]).logits
+    assert float((got - want).norm() / want.norm()) < 0.05
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", make())
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batches[0]).logits, got, atol=0, rtol=0)
+    ids = batches[0]["input_ids"][:2]
+    assert torch.equal(back.generate(ids, max_new_tokens=3), small.generate(ids, max_new_tokens=3))

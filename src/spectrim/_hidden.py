@@ -80,6 +80,7 @@ __all__ = [
     "hidden_group_report",
     "hidden_run",
     "narrow_stream",
+    "one_of_two_streams",
     "refit_site",
     "stream_grams",
     "tied_head",
@@ -555,6 +556,17 @@ def stream_self_check(model: nn.Module, stream: ResidualStream, batch: Any) -> s
     return None
 
 
+def one_of_two_streams(model: nn.Module, found: ResidualStream, what: str) -> str | None:
+    """The warning for ``what`` (a target) when ``model`` is an encoder-decoder: only the
+    stream ``found`` (one stack's) is narrowed, the other stack's keeps its width."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    return (
+        f"{what}: {type(model).__name__} is an encoder-decoder; only the residual stream of "
+        f"'{found.name}' is narrowed, the other stack's keeps its width"
+    )
+
+
 def stream_refusal(
     model: nn.Module, found: ResidualStream, batch: Any, team: Team = SOLO
 ) -> str | None:
@@ -624,5 +636,8 @@ def hidden_run(
     timings["apply"] = time.perf_counter() - t
 
     report.groups.append(hidden_group_report(found, solver, k, rows or None))
+    other = one_of_two_streams(work, found, str(tgt))
+    if other:
+        report.warnings.append(other)
     end_run(report, work, example, cost0, info, timings, t0)
     return work, report

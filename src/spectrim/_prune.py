@@ -49,6 +49,7 @@ from spectrim._hidden import (
     HIDDEN_SUFFIX,
     apply_hidden,
     hidden_group_report,
+    one_of_two_streams,
     stream_grams,
     stream_refusal,
     tied_head,
@@ -571,6 +572,9 @@ def _collect_hidden(state: ChannelRun) -> None:
             "is kept"
         )
         return
+    other = one_of_two_streams(state.work, state.stream, "hidden=True")
+    if other:
+        state.report.warnings.append(other)
     state.stream_gram, _ = stream_grams(
         state.work, state.stream, state.batches, team=state.ctx.team
     )

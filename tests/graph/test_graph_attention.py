@@ -1028,3 +1028,60 @@ def test_longt5_local_attention_is_not_read_as_t5_s_and_is_named() -> None:
     (line,) = [w for w in report.warnings if "does not recognise" in w]
     assert "2 attention layer(s)" in line and "'encoder.block.0.layer.0'" in line
     assert [b.heads for b in find_attention(small)] == [2] * 4
+
+
+def test_gpt2_cross_attention_of_a_vision_encoder_decoder_loses_heads_exactly(
+    tmp_path: Any,
+) -> None:
+    """A ViT encoder with a GPT-2 decoder (``VisionEncoderDecoderModel``, an image
+    captioner): GPT-2's cross-attention (queries in ``q_attn``, ``[k | v]`` of the image
+    in ``c_attn``) was left whole, and after the heads target's warning named it, it is
+    read now.  With other dead heads in each layer, the ViT's, the decoder's self- and
+    cross-attention lose theirs exactly, and greedy captions through the cache stay the
+    same; the result reloads."""
+    import spectrim
+    from spectrim.io.manifest import load_compressed, save_compressed
+
+    transformers = pytest.importorskip("transformers")
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        enc = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48)  # fmt: skip
+        dec = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                      add_cross_attention=True, is_decoder=True)  # fmt: skip
+        config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+        config.decoder_start_token_id, config.pad_token_id = 1, 0
+        return transformers.VisionEncoderDecoderModel(config).eval()
+
+    model = make()
+    modules = dict(model.named_modules())
+    blocks = find_attention(model)
+    cross = [b.name for b in blocks if b.name.endswith("crossattention")]
+    assert len(blocks) == 6 and len(cross) == 2
+    with torch.no_grad():
+        for i, b in enumerate(blocks):
+            (v,) = [p for p in b.projections if p.role == "v"]
+            rows = torch.as_tensor(b.projection_rows(v, [0, 3] if i % 2 else [1, 2]))
+            mod = modules[v.module]
+            mod.weight.index_fill_(module_kind(mod).weight_dims[0], rows, 0.0)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias[rows] = 0.0
+    g = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(8, 3, 32, 32, generator=g),
+                "decoder_input_ids": torch.randint(3, 64, (8, 6), generator=g)}
+               for _ in range(3)]  # fmt: skip
+    small, report = spectrim.compress(model, batches, "id", "heads=0.5", sequential=False)
+    assert [b.heads for b in find_attention(small)] == [2] * 6
+    assert not any("does not recognise" in w for w in report.warnings)
+    with torch.no_grad():
+        want, got = model(**batches[0]).logits, small(**batches[0]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    pixels = batches[0]["pixel_values"][:3]
+    kw: dict[str, Any] = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    captions = small.generate(pixels, **kw)
+    assert torch.equal(model.generate(pixels, **kw), captions)
+    save_compressed(small, tmp_path / "m", report)
+    back = load_compressed(tmp_path / "m", make())
+    assert torch.equal(back.generate(pixels, **kw), captions)

@@ -1114,9 +1114,11 @@ def _gpt_neox(path: str, module: nn.Module) -> AttentionBlock | None:
 @register_attention("gpt2")
 def _gpt2(path: str, module: nn.Module) -> AttentionBlock | None:
     """GPT-2: fused ``c_attn`` (``Conv1D``, ``[q | k | v]`` along its outputs) and ``c_proj``,
-    ``split_size`` the width of each part."""
+    ``split_size`` the width of each part.  Its cross-attention (a decoder of an
+    encoder-decoder, ``add_cross_attention``) has the queries in ``q_attn`` and ``[k | v]``
+    of the encoder's states in ``c_attn``."""
     c_attn, c_proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
-    if not _linear(c_attn) or not _linear(c_proj) or getattr(module, "q_attn", None) is not None:
+    if not _linear(c_attn) or not _linear(c_proj):
         return None
     if hasattr(module, "multi_query"):  # GPTBigCode: another layout (above)
         return None
@@ -1127,7 +1129,24 @@ def _gpt2(path: str, module: nn.Module) -> AttentionBlock | None:
     if d is None:
         return None
     heads = [(path, a) for a in ("num_heads", "n_head") if _attr(module, a)]
-    return _thirds(path, module, "c_attn", "c_proj", d, heads, [(path, "split_size")])
+    q_attn = getattr(module, "q_attn", None)
+    if q_attn is None:
+        return _thirds(path, module, "c_attn", "c_proj", d, heads, [(path, "split_size")])
+    h = _outputs(q_attn) // d if _linear(q_attn) else 0
+    if not h or _outputs(q_attn) != h * d or _outputs(c_attn) != 2 * h * d:
+        return None
+    kv = _join(path, "c_attn")
+    return AttentionBlock(
+        name=path,
+        projections=[Projection(_join(path, "q_attn"), "q"), Projection(kv, "k"),
+                     Projection(kv, "v", h * d)],
+        out=_join(path, "c_proj"),
+        heads=h,
+        kv_heads=h,
+        head_dim=d,
+        head_attrs=heads,
+        width_attrs=[(path, "split_size")],
+    )  # fmt: skip
 
 
 def _thirds(
