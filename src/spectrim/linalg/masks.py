@@ -622,6 +622,27 @@ def output_error(W: Any, W_new: Any, G: Any) -> float:
     return num / den if den > 0 else 0.0
 
 
+#: below this many singular values a dense SVD is as quick as the iterative one
+_DENSE_SVD_BELOW = 96
+
+
+def _top_singular(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` largest singular values of ``a`` (descending) and their left and right
+    vectors: a dense SVD for a small matrix, else ARPACK's Lanczos iteration to machine
+    precision from a fixed start (the same numbers every run): 4-5 times quicker for a
+    transformer's 384 × 1536 matrix, where the report computes three per matrix."""
+    n = min(a.shape)
+    if n <= max(_DENSE_SVD_BELOW, 2 * k + 1) or not np.any(a):
+        U, s, Vt = np.linalg.svd(a, full_matrices=False)
+        return U[:, :k], s[:k], Vt[:k]
+    import scipy.sparse.linalg
+
+    start = np.random.default_rng(0).standard_normal(n)
+    U, s, Vt = scipy.sparse.linalg.svds(a, k=k, tol=0, v0=start)
+    order = np.argsort(s)[::-1]
+    return U[:, order], s[order], Vt[order]
+
+
 def matrix_metrics(W: Any, W_new: Any, G: Any | None = None, k: int = 8) -> dict[str, float]:
     """What sparsification did to one matrix.
 
@@ -642,9 +663,9 @@ def matrix_metrics(W: Any, W_new: Any, G: Any | None = None, k: int = 8) -> dict
     if a.shape != b.shape:
         raise ValueError(f"W_new has shape {b.shape}, W has {a.shape}")
     out: dict[str, float] = {"density": float(np.count_nonzero(b)) / max(b.size, 1)}
-    Ua, sa, Vta = np.linalg.svd(a, full_matrices=False)
-    Ub, sb, Vtb = np.linalg.svd(b, full_matrices=False)
-    sd = np.linalg.svd(a - b, compute_uv=False)
+    Ua, sa, Vta = _top_singular(a, k)
+    Ub, sb, Vtb = _top_singular(b, k)
+    sd = _top_singular(a - b, 1)[1]
     norm2 = float(sa[0]) if sa.size else 0.0
     fro = float(np.linalg.norm(a))
     out["spectral_error"] = float(sd[0]) / norm2 if norm2 > 0 else 0.0
