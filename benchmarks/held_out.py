@@ -5,8 +5,9 @@ Tiny random-weight Hugging Face models of families spectrim's finders were not w
 against (``--hf``), each with three targets (``--hf-targets``: half of every FFN, half the
 heads, three quarters of the residual width), and timm image models (``--timm``) at
 ``macs=0.7`` on random 64² images (224² for a model that cannot take 64²).  For every run: ``compressed`` (with the MACs ratio, the groups pinned of all
-groups and ``report.warnings``' count), ``refused`` (a ``ValueError`` / ``TypeError`` whose
-message names the culprit, recorded) or ``crashed`` (anything else: a defect, with the
+groups and ``report.warnings``' count), ``refused`` (a ``ValueError`` / ``TypeError`` that
+a ``raise`` of spectrim's own gave, whose message names the culprit, recorded) or
+``crashed`` (anything else, a library's or Python's error included: a defect, with the
 last lines of its traceback).  A compressed model is saved and reloaded onto a fresh
 instance (``reload_max_diff``: the largest output difference, 0 when the round trip is
 exact), and a causal LM's ``generate()`` is run.
@@ -447,6 +448,16 @@ def stream_rewrite_error(model: nn.Module, test: Any) -> float:
     return relative(output(model, test), ref)
 
 
+def refused_by_spectrim(e: BaseException) -> bool:
+    """Whether ``e`` is one of spectrim's own refusals: raised by a ``raise`` statement in
+    spectrim's code, not by a library it called or by Python at a call whose arguments did
+    not fit (LongT5's ``compute_bias() got an unexpected keyword argument``, which the
+    first version of this sweep counted as a refusal)."""
+    last = traceback.extract_tb(e.__traceback__)[-1]
+    mine = Path(last.filename).resolve().is_relative_to(Path(spectrim.__file__).resolve().parent)
+    return mine and (last.line or "").lstrip().startswith("raise")
+
+
 def attempt(
     make: Callable[[], nn.Module],
     calib: list[Any],
@@ -462,8 +473,12 @@ def attempt(
     t0 = time.perf_counter()
     try:
         small, report = spectrim.compress(model, calib, "id", target)
-    except (ValueError, TypeError) as e:  # the documented refusals: the culprit is named
-        rec.update(status="refused", message=str(e)[:400])
+    except (ValueError, TypeError) as e:
+        if refused_by_spectrim(e):  # the documented refusals: the culprit is named
+            rec.update(status="refused", message=str(e)[:400])
+            return rec
+        tb = traceback.format_exc().splitlines()[-6:]  # raised elsewhere: a defect
+        rec.update(status="crashed", message=f"{type(e).__name__}: {e}"[:400], traceback=tb)
         return rec
     except Exception as e:  # a defect
         tb = traceback.format_exc().splitlines()[-6:]
