@@ -71,6 +71,7 @@ classification models at ``macs=0.7``:
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 import traceback
@@ -581,10 +582,7 @@ def main() -> None:
         args.hf, args.timm = list(HF_MORE), []
     runs = []
     for family in SEQ2SEQ if args.hf_seq2seq == ["all"] else args.hf_seq2seq:
-
-        def make_s2s(family: str = family) -> nn.Module:
-            return seq2seq_model(family)
-
+        make_s2s = functools.partial(seq2seq_model, family)
         calib, test = seq2seq_batches(4, 0, family), seq2seq_batches(1, 1, family)[0]
         for target in args.hf_targets:
             rec = {"model": family, "source": "transformers-seq2seq",

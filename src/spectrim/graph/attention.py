@@ -868,27 +868,36 @@ def _qkvo(path: str, module: nn.Module) -> AttentionBlock | None:
     UMT5's layers each compute their own from a table of their own.  LongT5's local and
     transient-global attention (a bias per block) is not matched, nor a T5 decoder whose
     bias does not say how many tokens its cache holds (transformers before 5)."""
-    own_bias = "position_bias" not in inspect.signature(module.forward).parameters
-    compute = getattr(module, "compute_bias", None)
-    takes = inspect.signature(compute).parameters if callable(compute) else {}
-    if callable(compute) and "key_length" not in takes:
-        return None  # LongT5's block-local bias
-    cross = path.rpartition(".")[2] == "EncDecAttention"
-    if getattr(module, "is_decoder", False) and not own_bias and "past_seen_tokens" not in takes:
-        return None
     for names, heads, size, width, bias in _SEPARATE:
-        if bias is _T5_BIAS and own_bias:
-            bias = None
-        elif bias is _T5_BIAS and cross:
-            bias = _T5_CROSS
         if not all(_linear(getattr(module, n, None)) for n in names):
             continue
         if _attr(module, heads) is None or _attr(module, size) is None:
             continue
+        if bias is _T5_BIAS:
+            matched, bias = _t5_bias_of(path, module)
+            if not matched:
+                return None
         return _separate(path, names, _attr(module, size), getattr(module, names[0]),
                          head_attrs=[(path, heads)], width_attrs=[(path, width)],
                          bias=bias)  # fmt: skip
     return None
+
+
+def _t5_bias_of(path: str, module: nn.Module) -> tuple[bool, HeadBias | None]:
+    """Whether a layer with T5's projections is matched, and the bias it shares: none for
+    UMT5's (each layer computes its own), zeros handed on for a cross-attention, else the
+    bias its stack's first layer computes.  LongT5's block-local bias and a decoder whose
+    bias does not take the cache's length are not matched."""
+    own_bias = "position_bias" not in inspect.signature(module.forward).parameters
+    compute = getattr(module, "compute_bias", None)
+    takes = inspect.signature(compute).parameters if callable(compute) else {}
+    if callable(compute) and "key_length" not in takes:
+        return False, None
+    if own_bias:
+        return True, None
+    if getattr(module, "is_decoder", False) and "past_seen_tokens" not in takes:
+        return False, None
+    return True, _T5_CROSS if path.rpartition(".")[2] == "EncDecAttention" else _T5_BIAS
 
 
 @register_attention("distilbert")
